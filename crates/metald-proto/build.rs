@@ -1,0 +1,14 @@
+//! Generates metald.v1 messages, the service trait and the client from `proto/`.
+
+fn main() {
+    let proto_root = concat!(env!("CARGO_MANIFEST_DIR"), "/../../proto");
+    if let Err(e) = connectrpc_build::Config::new()
+        .files(&[format!("{proto_root}/metald/v1/vm.proto")])
+        .includes(&[proto_root])
+        .include_file("_connectrpc.rs")
+        .compile()
+    {
+        // A build script reports failure by panicking; say what broke.
+        panic!("generating code from {proto_root}: {e}");
+    }
+}

@@ -1,0 +1,152 @@
+//! The ConnectRPC adapter: `metald.v1.VmService` over Connect (JSON and protobuf) and gRPC.
+
+use std::sync::Arc;
+
+use connectrpc::{ConnectError, RequestContext, Response, ServiceRequest, ServiceResult};
+use metald_proto::metald::v1 as pb;
+
+use super::auth::Caller;
+use super::handlers as h;
+use crate::domain::CustomerId;
+use crate::service::VmService;
+
+/// Serves `metald.v1.VmService`.
+pub struct ConnectApi {
+    svc: Arc<VmService>,
+}
+
+impl ConnectApi {
+    /// Wraps the lifecycle service.
+    pub fn new(svc: Arc<VmService>) -> Self {
+        Self { svc }
+    }
+}
+
+fn customer(ctx: &RequestContext) -> Result<CustomerId, ConnectError> {
+    match ctx.extensions().get::<Caller>() {
+        Some(caller) => caller.customer().cloned(),
+        // The auth layer wraps every route; reaching here without it is a wiring bug.
+        None => Err(ConnectError::unauthenticated("no credentials were checked")),
+    }
+}
+
+// Returning the concrete response types is simpler than the trait's `impl Encodable`.
+#[allow(refining_impl_trait)]
+impl pb::VmService for ConnectApi {
+    async fn create_vm(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, pb::CreateVmRequest>,
+    ) -> ServiceResult<pb::CreateVmResponse> {
+        let who = customer(&ctx)?;
+        Response::ok(h::create_vm(&self.svc, &who, request.to_owned_message()).await?)
+    }
+
+    async fn boot_vm(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, pb::BootVmRequest>,
+    ) -> ServiceResult<pb::BootVmResponse> {
+        let who = customer(&ctx)?;
+        let vm = h::boot_vm(&self.svc, &who, request.vm_id).await?;
+        Response::ok(pb::BootVmResponse {
+            vm: vm.into(),
+            ..Default::default()
+        })
+    }
+
+    async fn shutdown_vm(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, pb::ShutdownVmRequest>,
+    ) -> ServiceResult<pb::ShutdownVmResponse> {
+        let who = customer(&ctx)?;
+        let vm = h::shutdown_vm(&self.svc, &who, request.vm_id, request.force, request.timeout_seconds).await?;
+        Response::ok(pb::ShutdownVmResponse {
+            vm: vm.into(),
+            ..Default::default()
+        })
+    }
+
+    async fn pause_vm(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, pb::PauseVmRequest>,
+    ) -> ServiceResult<pb::PauseVmResponse> {
+        let who = customer(&ctx)?;
+        let vm = h::pause_vm(&self.svc, &who, request.vm_id).await?;
+        Response::ok(pb::PauseVmResponse {
+            vm: vm.into(),
+            ..Default::default()
+        })
+    }
+
+    async fn resume_vm(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, pb::ResumeVmRequest>,
+    ) -> ServiceResult<pb::ResumeVmResponse> {
+        let who = customer(&ctx)?;
+        let vm = h::resume_vm(&self.svc, &who, request.vm_id).await?;
+        Response::ok(pb::ResumeVmResponse {
+            vm: vm.into(),
+            ..Default::default()
+        })
+    }
+
+    async fn reboot_vm(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, pb::RebootVmRequest>,
+    ) -> ServiceResult<pb::RebootVmResponse> {
+        let who = customer(&ctx)?;
+        let vm = h::reboot_vm(&self.svc, &who, request.vm_id, request.force).await?;
+        Response::ok(pb::RebootVmResponse {
+            vm: vm.into(),
+            ..Default::default()
+        })
+    }
+
+    async fn delete_vm(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, pb::DeleteVmRequest>,
+    ) -> ServiceResult<pb::DeleteVmResponse> {
+        let who = customer(&ctx)?;
+        h::delete_vm(&self.svc, &who, request.vm_id, request.force).await?;
+        Response::ok(pb::DeleteVmResponse::default())
+    }
+
+    async fn get_vm_info(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, pb::GetVmInfoRequest>,
+    ) -> ServiceResult<pb::GetVmInfoResponse> {
+        let who = customer(&ctx)?;
+        let vm = h::get_vm(&self.svc, &who, request.vm_id).await?;
+        Response::ok(pb::GetVmInfoResponse {
+            vm: vm.into(),
+            ..Default::default()
+        })
+    }
+
+    async fn list_vms(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, pb::ListVmsRequest>,
+    ) -> ServiceResult<pb::ListVmsResponse> {
+        let who = customer(&ctx)?;
+        let req = request.to_owned_message();
+        let state = h::state_from_proto(&req.state_filter)?;
+        Response::ok(h::list_vms(&self.svc, &who, state, req.page_size, &req.page_token).await?)
+    }
+
+    async fn get_vm_console(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, pb::GetVmConsoleRequest>,
+    ) -> ServiceResult<pb::GetVmConsoleResponse> {
+        let who = customer(&ctx)?;
+        Response::ok(h::get_console(&self.svc, &who, request.vm_id, request.tail_bytes).await?)
+    }
+}

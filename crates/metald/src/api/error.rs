@@ -1,0 +1,99 @@
+//! The one mapping from service errors to Connect codes (and through them, HTTP statuses).
+
+use connectrpc::{ConnectError, ErrorCode};
+
+use crate::backend::BackendError;
+use crate::service::ServiceError;
+
+/// Maps a service error to what the caller sees. Internal details are logged, not returned.
+pub fn to_connect(err: &ServiceError) -> ConnectError {
+    let code = code_for(err);
+    let message = match code {
+        ErrorCode::Internal => {
+            tracing::error!(error = %error_chain(err), "internal error");
+            format!("internal error: {err}")
+        }
+        _ => error_chain(err),
+    };
+    ConnectError::new(code, message)
+}
+
+/// The Connect code for each error.
+pub fn code_for(err: &ServiceError) -> ErrorCode {
+    match err {
+        ServiceError::InvalidArgument { .. } => ErrorCode::InvalidArgument,
+        ServiceError::NotFound(_) => ErrorCode::NotFound,
+        ServiceError::FailedPrecondition(_) => ErrorCode::FailedPrecondition,
+        ServiceError::Backend { source, .. } => match source {
+            // The VMM is gone under us: the caller may retry after checking the state.
+            BackendError::NotRunning(_) => ErrorCode::FailedPrecondition,
+            BackendError::Unsupported(_) => ErrorCode::InvalidArgument,
+            _ => ErrorCode::Internal,
+        },
+        ServiceError::Asset(_) | ServiceError::Store(_) | ServiceError::Io { .. } => ErrorCode::Internal,
+    }
+}
+
+/// The error and its causes in one line ("a: b: c").
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::VmId;
+    use crate::state::{transition, Operation, VmState};
+
+    #[test]
+    fn each_error_maps_to_one_code_and_status() {
+        let vm = VmId::generate();
+        let cases: Vec<(ServiceError, ErrorCode, u16)> = vec![
+            (
+                ServiceError::InvalidArgument { field: "config.cpu.vcpu_count".into(), reason: "x".into() },
+                ErrorCode::InvalidArgument,
+                400,
+            ),
+            (ServiceError::NotFound(vm.clone()), ErrorCode::NotFound, 404),
+            (
+                transition(VmState::Shutdown, Operation::Pause).unwrap_err().into(),
+                ErrorCode::FailedPrecondition,
+                400,
+            ),
+            (
+                ServiceError::Backend { op: "pause", vm: vm.clone(), source: BackendError::NotRunning(vm.clone()) },
+                ErrorCode::FailedPrecondition,
+                400,
+            ),
+            (
+                ServiceError::Backend {
+                    op: "boot",
+                    vm: vm.clone(),
+                    source: BackendError::Api { request: "x".into(), reason: "y".into() },
+                },
+                ErrorCode::Internal,
+                500,
+            ),
+        ];
+        for (err, code, status) in cases {
+            let c = to_connect(&err);
+            assert_eq!(c.code, code, "{err}");
+            assert_eq!(c.http_status().as_u16(), status, "{err}");
+        }
+    }
+
+    #[test]
+    fn messages_name_field_and_state() {
+        let e = to_connect(&ServiceError::InvalidArgument { field: "config.memory.size_bytes".into(), reason: "too small".into() });
+        assert_eq!(e.message.as_deref(), Some("config.memory.size_bytes: too small"));
+        let e = to_connect(&transition(VmState::Shutdown, Operation::Pause).unwrap_err().into());
+        assert_eq!(e.message.as_deref(), Some("cannot pause a VM in state SHUTDOWN; boot it first"));
+    }
+}

@@ -1,0 +1,226 @@
+//! The API's operations on owned protobuf messages, shared by the Connect service and the REST
+//! routes: decode into domain types, call the service, encode the result.
+
+use std::sync::Arc;
+
+use connectrpc::ConnectError;
+use metald_proto::metald::v1 as pb;
+
+use super::error::to_connect;
+use crate::domain::{rfc3339, CustomerId, DriveConfig, VmConfig, VmId, VmRecord};
+use crate::service::{ShutdownRequest, VmService};
+use crate::state::VmState;
+
+/// Parses a VM id field.
+pub fn vm_id(field: &str, raw: &str) -> Result<VmId, ConnectError> {
+    raw.parse()
+        .map_err(|e| ConnectError::invalid_argument(format!("{field}: {e}")))
+}
+
+/// Domain state from the protobuf enum; `None` for UNSPECIFIED.
+pub fn state_from_proto(v: &buffa::EnumValue<pb::VmState>) -> Result<Option<VmState>, ConnectError> {
+    Ok(match v.as_known() {
+        Some(pb::VmState::VM_STATE_UNSPECIFIED) => None,
+        Some(pb::VmState::VM_STATE_CREATED) => Some(VmState::Created),
+        Some(pb::VmState::VM_STATE_RUNNING) => Some(VmState::Running),
+        Some(pb::VmState::VM_STATE_PAUSED) => Some(VmState::Paused),
+        Some(pb::VmState::VM_STATE_SHUTDOWN) => Some(VmState::Shutdown),
+        Some(pb::VmState::VM_STATE_FAILED) => Some(VmState::Failed),
+        None => {
+            return Err(ConnectError::invalid_argument(format!(
+                "state_filter: unknown state {}",
+                v.to_i32()
+            )))
+        }
+    })
+}
+
+/// The protobuf enum for a domain state.
+pub fn state_to_proto(s: VmState) -> pb::VmState {
+    match s {
+        VmState::Created => pb::VmState::VM_STATE_CREATED,
+        VmState::Running => pb::VmState::VM_STATE_RUNNING,
+        VmState::Paused => pb::VmState::VM_STATE_PAUSED,
+        VmState::Shutdown => pb::VmState::VM_STATE_SHUTDOWN,
+        VmState::Failed => pb::VmState::VM_STATE_FAILED,
+    }
+}
+
+/// Domain config from the protobuf message (the service validates values).
+pub fn config_from_proto(c: &pb::VmConfig) -> VmConfig {
+    VmConfig {
+        vcpu_count: c.cpu.vcpu_count,
+        memory_bytes: c.memory.size_bytes,
+        kernel_image_id: c.kernel.image_id.clone(),
+        rootfs_image_id: c.rootfs.image_id.clone(),
+        drives: c
+            .drives
+            .iter()
+            .map(|d| DriveConfig {
+                drive_id: d.drive_id.clone(),
+                image_id: d.image_id.clone(),
+                read_only: d.read_only,
+            })
+            .collect(),
+        kernel_args: c.kernel_args.clone(),
+        metadata: c.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+    }
+}
+
+/// The protobuf message for a domain config.
+pub fn config_to_proto(c: &VmConfig) -> pb::VmConfig {
+    pb::VmConfig {
+        cpu: pb::CpuConfig {
+            vcpu_count: c.vcpu_count,
+            ..Default::default()
+        }
+        .into(),
+        memory: pb::MemoryConfig {
+            size_bytes: c.memory_bytes,
+            ..Default::default()
+        }
+        .into(),
+        kernel: pb::KernelConfig {
+            image_id: c.kernel_image_id.clone(),
+            ..Default::default()
+        }
+        .into(),
+        rootfs: pb::RootfsConfig {
+            image_id: c.rootfs_image_id.clone(),
+            ..Default::default()
+        }
+        .into(),
+        drives: c
+            .drives
+            .iter()
+            .map(|d| pb::DriveConfig {
+                drive_id: d.drive_id.clone(),
+                image_id: d.image_id.clone(),
+                read_only: d.read_only,
+                ..Default::default()
+            })
+            .collect(),
+        kernel_args: c.kernel_args.clone(),
+        metadata: c.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        ..Default::default()
+    }
+}
+
+/// The protobuf message for a VM.
+pub fn vm_to_proto(vm: &VmRecord) -> pb::VmInfo {
+    pb::VmInfo {
+        vm_id: vm.id.to_string(),
+        state: state_to_proto(vm.state).into(),
+        config: config_to_proto(&vm.config).into(),
+        created_at: rfc3339(vm.created_at_ms),
+        updated_at: rfc3339(vm.updated_at_ms),
+        backend: vm.backend.clone(),
+        vmm_pid: vm.vmm_pid.unwrap_or(0),
+        failure: vm.failure.clone().unwrap_or_default(),
+        guest_ready: vm.guest_ready,
+        ..Default::default()
+    }
+}
+
+fn err(e: crate::service::ServiceError) -> ConnectError {
+    to_connect(&e)
+}
+
+/// CreateVm.
+pub async fn create_vm(
+    svc: &Arc<VmService>,
+    who: &CustomerId,
+    req: pb::CreateVmRequest,
+) -> Result<pb::CreateVmResponse, ConnectError> {
+    let Some(config) = req.config.as_option() else {
+        return Err(ConnectError::invalid_argument("config: required"));
+    };
+    let vm = svc.create(who, config_from_proto(config)).await.map_err(err)?;
+    Ok(pb::CreateVmResponse {
+        vm: vm_to_proto(&vm).into(),
+        ..Default::default()
+    })
+}
+
+/// BootVm.
+pub async fn boot_vm(svc: &Arc<VmService>, who: &CustomerId, id: &str) -> Result<pb::VmInfo, ConnectError> {
+    let vm = svc.boot(who, &vm_id("vm_id", id)?).await.map_err(err)?;
+    Ok(vm_to_proto(&vm))
+}
+
+/// ShutdownVm.
+pub async fn shutdown_vm(
+    svc: &Arc<VmService>,
+    who: &CustomerId,
+    id: &str,
+    force: bool,
+    timeout_seconds: u32,
+) -> Result<pb::VmInfo, ConnectError> {
+    let id = vm_id("vm_id", id)?;
+    let vm = svc
+        .shutdown(who, &id, ShutdownRequest { force, timeout_seconds })
+        .await
+        .map_err(err)?;
+    Ok(vm_to_proto(&vm))
+}
+
+/// PauseVm.
+pub async fn pause_vm(svc: &Arc<VmService>, who: &CustomerId, id: &str) -> Result<pb::VmInfo, ConnectError> {
+    let vm = svc.pause(who, &vm_id("vm_id", id)?).await.map_err(err)?;
+    Ok(vm_to_proto(&vm))
+}
+
+/// ResumeVm.
+pub async fn resume_vm(svc: &Arc<VmService>, who: &CustomerId, id: &str) -> Result<pb::VmInfo, ConnectError> {
+    let vm = svc.resume(who, &vm_id("vm_id", id)?).await.map_err(err)?;
+    Ok(vm_to_proto(&vm))
+}
+
+/// RebootVm.
+pub async fn reboot_vm(svc: &Arc<VmService>, who: &CustomerId, id: &str, force: bool) -> Result<pb::VmInfo, ConnectError> {
+    let vm = svc.reboot(who, &vm_id("vm_id", id)?, force).await.map_err(err)?;
+    Ok(vm_to_proto(&vm))
+}
+
+/// DeleteVm.
+pub async fn delete_vm(svc: &Arc<VmService>, who: &CustomerId, id: &str, force: bool) -> Result<(), ConnectError> {
+    svc.delete(who, &vm_id("vm_id", id)?, force).await.map_err(err)
+}
+
+/// GetVmInfo.
+pub async fn get_vm(svc: &Arc<VmService>, who: &CustomerId, id: &str) -> Result<pb::VmInfo, ConnectError> {
+    let vm = svc.get(who, &vm_id("vm_id", id)?).await.map_err(err)?;
+    Ok(vm_to_proto(&vm))
+}
+
+/// ListVms.
+pub async fn list_vms(
+    svc: &Arc<VmService>,
+    who: &CustomerId,
+    state: Option<VmState>,
+    page_size: u32,
+    page_token: &str,
+) -> Result<pb::ListVmsResponse, ConnectError> {
+    let page = svc.list(who, state, page_size, page_token).await.map_err(err)?;
+    Ok(pb::ListVmsResponse {
+        vms: page.vms.iter().map(vm_to_proto).collect(),
+        next_page_token: page.next_page_token,
+        ..Default::default()
+    })
+}
+
+/// GetVmConsole.
+pub async fn get_console(
+    svc: &Arc<VmService>,
+    who: &CustomerId,
+    id: &str,
+    tail_bytes: u32,
+) -> Result<pb::GetVmConsoleResponse, ConnectError> {
+    let tail = svc.console(who, &vm_id("vm_id", id)?, tail_bytes).await.map_err(err)?;
+    Ok(pb::GetVmConsoleResponse {
+        output: tail.output,
+        total_bytes: tail.total_bytes,
+        truncated: tail.truncated,
+        ..Default::default()
+    })
+}

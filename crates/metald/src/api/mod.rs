@@ -1,0 +1,58 @@
+//! The API layer: decodes requests, authenticates the caller and maps results. It never
+//! touches the OS; everything goes through [`crate::service::VmService`].
+
+pub mod auth;
+pub mod connect;
+pub mod error;
+pub mod handlers;
+pub mod rest;
+pub mod strict;
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use connectrpc::ConnectError;
+use metald_proto::metald::v1::VmServiceExt;
+
+use crate::service::VmService;
+
+/// Largest request body accepted (VM configs are small).
+const MAX_BODY: usize = 1 << 20;
+
+/// Connect path of CreateVm, whose JSON bodies are checked strictly.
+const CREATE_VM_PATH: &str = "/metald.v1.VmService/CreateVm";
+
+/// The whole HTTP surface: REST routes, Connect/gRPC as the fallback, health, all behind auth.
+pub fn router(svc: Arc<VmService>) -> axum::Router {
+    let connect = Arc::new(connect::ConnectApi::new(Arc::clone(&svc))).register(connectrpc::Router::new());
+    rest::router(svc)
+        .fallback_service(connect.into_axum_service())
+        .layer(axum::middleware::from_fn(strict_connect_json))
+        .layer(axum::middleware::from_fn(auth::layer))
+        .route("/healthz", axum::routing::get(|| async { "ok" }))
+}
+
+/// Applies the same unknown-field check as REST to Connect JSON CreateVm calls.
+async fn strict_connect_json(req: Request, next: Next) -> Response {
+    let is_json_create = req.uri().path() == CREATE_VM_PATH
+        && req
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.starts_with("application/json"));
+    if !is_json_create {
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = match axum::body::to_bytes(body, MAX_BODY).await {
+        Ok(b) => b,
+        Err(e) => return ConnectError::resource_exhausted(format!("body: {e}")).into_response(),
+    };
+    if let Err(e) = strict::check(&bytes, strict::CREATE_VM_REQUEST) {
+        return ConnectError::invalid_argument(e.to_string()).into_response();
+    }
+    next.run(Request::from_parts(parts, Body::from(bytes))).await
+}

@@ -1,0 +1,286 @@
+//! A typed client for Firecracker's REST API over its Unix socket.
+//!
+//! Written against Firecracker v1.16.1's `src/firecracker/swagger/firecracker.yaml`; only the
+//! endpoints metald uses are modelled. Each request uses a fresh HTTP/1.1 connection, which the
+//! API server handles cheaply and which keeps this client free of connection state.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use tokio::net::UnixStream;
+
+use crate::backend::BackendError;
+
+/// `PUT /boot-source`.
+#[derive(Debug, Clone, Serialize)]
+pub struct BootSource {
+    /// Host path of the ELF kernel.
+    pub kernel_image_path: String,
+    /// Kernel command line.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub boot_args: Option<String>,
+    /// Host path of the initrd.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub initrd_path: Option<String>,
+}
+
+/// `PUT /drives/{drive_id}`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Drive {
+    /// Drive name (also the path segment).
+    pub drive_id: String,
+    /// Host path of the image.
+    pub path_on_host: String,
+    /// The guest's root device.
+    pub is_root_device: bool,
+    /// Attached read-only.
+    pub is_read_only: bool,
+}
+
+/// `PUT /machine-config`.
+#[derive(Debug, Clone, Serialize)]
+pub struct MachineConfiguration {
+    /// vCPUs (1-32).
+    pub vcpu_count: u32,
+    /// Guest memory in MiB.
+    pub mem_size_mib: u64,
+    /// Simultaneous multithreading.
+    pub smt: bool,
+}
+
+/// `PUT /logger`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Logger {
+    /// Where Firecracker writes its log.
+    pub log_path: String,
+    /// "Error", "Warning", "Info" or "Debug".
+    pub level: String,
+    /// Prefix lines with their level.
+    pub show_level: bool,
+    /// Prefix lines with file and line.
+    pub show_log_origin: bool,
+}
+
+/// `PUT /actions`.
+#[derive(Debug, Clone, Serialize)]
+pub struct InstanceActionInfo {
+    /// The action.
+    pub action_type: ActionType,
+}
+
+/// Actions Firecracker accepts on `PUT /actions`.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub enum ActionType {
+    /// Boot the configured guest.
+    InstanceStart,
+    /// Press Ctrl-Alt-Del on the guest's i8042 keyboard.
+    SendCtrlAltDel,
+    /// Write metrics now.
+    FlushMetrics,
+}
+
+/// `PATCH /vm`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Vm {
+    /// Target state.
+    pub state: VmRunState,
+}
+
+/// States `PATCH /vm` moves to.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub enum VmRunState {
+    /// Freeze vCPUs.
+    Paused,
+    /// Unfreeze vCPUs.
+    Resumed,
+}
+
+/// `GET /`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct InstanceInfo {
+    /// Instance id given with `--id`.
+    pub id: String,
+    /// "Not started", "Running" or "Paused".
+    pub state: String,
+    /// Firecracker's version.
+    pub vmm_version: String,
+}
+
+/// Firecracker's error body.
+#[derive(Debug, Clone, Deserialize)]
+struct ApiError {
+    fault_message: String,
+}
+
+/// Client for one Firecracker API socket.
+#[derive(Debug, Clone)]
+pub struct FirecrackerApi {
+    socket: PathBuf,
+}
+
+impl FirecrackerApi {
+    /// A client for the socket at `socket`.
+    pub fn new(socket: &Path) -> Self {
+        Self {
+            socket: socket.to_path_buf(),
+        }
+    }
+
+    /// Waits until the API answers `GET /`, for at most `timeout`. The socket file can appear
+    /// before Firecracker listens on it (seen with 150+ VMs starting at once), so refused
+    /// connections are retried too.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<InstanceInfo, BackendError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.instance_info().await {
+                Ok(info) => return Ok(info),
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    }
+
+    /// `GET /`.
+    pub async fn instance_info(&self) -> Result<InstanceInfo, BackendError> {
+        let body = self.call(Method::GET, "/", None).await?;
+        serde_json::from_slice(&body).map_err(|e| api_err("GET /", e.to_string()))
+    }
+
+    /// `PUT /logger`.
+    pub async fn put_logger(&self, logger: &Logger) -> Result<(), BackendError> {
+        self.send(Method::PUT, "/logger", logger).await
+    }
+
+    /// `PUT /machine-config`.
+    pub async fn put_machine_config(&self, cfg: &MachineConfiguration) -> Result<(), BackendError> {
+        self.send(Method::PUT, "/machine-config", cfg).await
+    }
+
+    /// `PUT /boot-source`.
+    pub async fn put_boot_source(&self, src: &BootSource) -> Result<(), BackendError> {
+        self.send(Method::PUT, "/boot-source", src).await
+    }
+
+    /// `PUT /drives/{drive_id}`.
+    pub async fn put_drive(&self, drive: &Drive) -> Result<(), BackendError> {
+        self.send(Method::PUT, &format!("/drives/{}", drive.drive_id), drive)
+            .await
+    }
+
+    /// `PUT /actions`.
+    pub async fn action(&self, action_type: ActionType) -> Result<(), BackendError> {
+        self.send(Method::PUT, "/actions", &InstanceActionInfo { action_type })
+            .await
+    }
+
+    /// `PATCH /vm`.
+    pub async fn patch_vm(&self, state: VmRunState) -> Result<(), BackendError> {
+        self.send(Method::PATCH, "/vm", &Vm { state }).await
+    }
+
+    async fn send<T: Serialize>(&self, method: Method, path: &str, body: &T) -> Result<(), BackendError> {
+        let json = serde_json::to_vec(body).map_err(|e| api_err(path, e.to_string()))?;
+        self.call(method, path, Some(json)).await.map(drop)
+    }
+
+    async fn call(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<Bytes, BackendError> {
+        let what = format!("{method} {path}");
+        let stream = UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| api_err(&what, format!("connect {}: {e}", self.socket.display())))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| api_err(&what, e.to_string()))?;
+        let conn_task = tokio::spawn(conn);
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, "localhost")
+            .header(hyper::header::ACCEPT, "application/json");
+        if body.is_some() {
+            req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| api_err(&what, e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| api_err(&what, e.to_string()))?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| api_err(&what, e.to_string()))?
+            .to_bytes();
+        conn_task.abort();
+        if status.is_success() {
+            return Ok(bytes);
+        }
+        let reason = serde_json::from_slice::<ApiError>(&bytes)
+            .map(|e| e.fault_message)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+        Err(api_err(&what, format!("{}: {reason}", status_text(status))))
+    }
+}
+
+fn status_text(status: StatusCode) -> String {
+    format!("HTTP {}", status.as_u16())
+}
+
+fn api_err(request: &str, reason: String) -> BackendError {
+    BackendError::Api {
+        request: request.to_string(),
+        reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_match_the_swagger_shapes() {
+        let v = |x: &dyn erased::Ser| x.json();
+        assert_eq!(
+            v(&BootSource {
+                kernel_image_path: "/k".into(),
+                boot_args: Some("console=ttyS0".into()),
+                initrd_path: None
+            }),
+            r#"{"kernel_image_path":"/k","boot_args":"console=ttyS0"}"#
+        );
+        assert_eq!(
+            v(&InstanceActionInfo {
+                action_type: ActionType::SendCtrlAltDel
+            }),
+            r#"{"action_type":"SendCtrlAltDel"}"#
+        );
+        assert_eq!(v(&Vm { state: VmRunState::Paused }), r#"{"state":"Paused"}"#);
+        assert_eq!(
+            v(&MachineConfiguration {
+                vcpu_count: 2,
+                mem_size_mib: 256,
+                smt: false
+            }),
+            r#"{"vcpu_count":2,"mem_size_mib":256,"smt":false}"#
+        );
+    }
+
+    mod erased {
+        pub trait Ser {
+            fn json(&self) -> String;
+        }
+        impl<T: serde::Serialize> Ser for T {
+            fn json(&self) -> String {
+                serde_json::to_string(self).unwrap()
+            }
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! The Firecracker backend: one `firecracker` process per VM, configured and driven over its
+//! REST API on the VM's control socket. Pinned to Firecracker v1.16.1's API.
+
+pub mod api;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+
+use self::api::{ActionType, BootSource, Drive, FirecrackerApi, Logger, MachineConfiguration, VmRunState};
+use super::process::{ExitEvent, Supervised, VmmProcess};
+use super::registry::Registry;
+use super::{
+    file_tail, remove_vmm_files, touch_logs, Backend, BackendError, BackendKind, StopMode, StopOutcome,
+    VmLaunch, VmmInfo,
+};
+use crate::domain::VmId;
+
+/// Firecracker's vCPU limit.
+pub const MAX_VCPUS: u32 = 32;
+
+/// How long Firecracker may take to open its API socket.
+const API_READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Kernel arguments metald always gives Firecracker guests: serial console, reboot through the
+/// i8042 reset (which makes Firecracker exit), and the first drive as root.
+const BASE_KERNEL_ARGS: &str = "console=ttyS0 reboot=k panic=1 root=/dev/vda rw";
+
+/// Drives Firecracker.
+pub struct FirecrackerBackend {
+    binary: PathBuf,
+    registry: Registry,
+}
+
+impl FirecrackerBackend {
+    /// A backend running `binary`, reporting VMM exits on `events`.
+    pub fn new(binary: PathBuf, events: mpsc::UnboundedSender<ExitEvent>) -> Self {
+        Self {
+            binary,
+            registry: Registry::new(events),
+        }
+    }
+
+    async fn configure_and_start(&self, launch: &VmLaunch, api: &FirecrackerApi) -> Result<(), BackendError> {
+        api.wait_ready(API_READY_TIMEOUT).await?;
+        api.put_logger(&Logger {
+            log_path: path_str(&launch.vmm_log())?,
+            level: "Info".into(),
+            show_level: true,
+            show_log_origin: false,
+        })
+        .await?;
+        api.put_machine_config(&MachineConfiguration {
+            vcpu_count: launch.vcpu_count,
+            mem_size_mib: launch.memory_mib,
+            smt: false,
+        })
+        .await?;
+        let mut boot_args = BASE_KERNEL_ARGS.to_string();
+        if !launch.extra_kernel_args.is_empty() {
+            boot_args.push(' ');
+            boot_args.push_str(&launch.extra_kernel_args);
+        }
+        api.put_boot_source(&BootSource {
+            kernel_image_path: path_str(&launch.kernel)?,
+            boot_args: Some(boot_args),
+            initrd_path: launch.initrd.as_deref().map(path_str).transpose()?,
+        })
+        .await?;
+        for (i, disk) in launch.disks.iter().enumerate() {
+            api.put_drive(&Drive {
+                drive_id: disk.id.clone(),
+                path_on_host: path_str(&disk.path)?,
+                is_root_device: i == 0,
+                is_read_only: disk.read_only,
+            })
+            .await?;
+        }
+        api.action(ActionType::InstanceStart).await
+    }
+}
+
+fn path_str(p: &Path) -> Result<String, BackendError> {
+    p.to_str()
+        .map(str::to_string)
+        .ok_or_else(|| BackendError::Unsupported(format!("path {} is not UTF-8", p.display())))
+}
+
+#[async_trait]
+impl Backend for FirecrackerBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Firecracker
+    }
+
+    fn max_vcpus(&self) -> u32 {
+        MAX_VCPUS
+    }
+
+    async fn create(&self, launch: &VmLaunch) -> Result<(), BackendError> {
+        touch_logs(launch)
+    }
+
+    async fn boot(&self, launch: &VmLaunch) -> Result<VmmProcess, BackendError> {
+        touch_logs(launch)?;
+        let socket = launch.control_socket();
+        // A socket left by a VMM that was killed would make Firecracker refuse to start.
+        let _ignored = std::fs::remove_file(&socket);
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("--api-sock")
+            .arg(&socket)
+            .arg("--id")
+            .arg(launch.vm_id.as_str())
+            .current_dir(&launch.dir);
+        // The guest's serial console is Firecracker's stdout.
+        let process = Supervised::spawn(
+            cmd,
+            &launch.console_log(),
+            &launch.vmm_log(),
+            launch.vm_id.clone(),
+            self.registry.events(),
+        )?;
+        let api = FirecrackerApi::new(&socket);
+        if let Err(e) = self.configure_and_start(launch, &api).await {
+            let status = process.kill_and_wait().await.unwrap_or_default();
+            let _ignored = std::fs::remove_file(&socket);
+            let log_tail = file_tail(&launch.vmm_log(), 2048);
+            if status.starts_with("exit") {
+                return Err(BackendError::DiedDuringStart { status, log_tail });
+            }
+            return Err(e);
+        }
+        self.registry.insert(launch.vm_id.clone(), process.clone(), &socket);
+        Ok(process.process)
+    }
+
+    async fn pause(&self, vm: &VmId) -> Result<(), BackendError> {
+        self.api_for(vm)?.patch_vm(VmRunState::Paused).await
+    }
+
+    async fn resume(&self, vm: &VmId) -> Result<(), BackendError> {
+        self.api_for(vm)?.patch_vm(VmRunState::Resumed).await
+    }
+
+    async fn shutdown(&self, vm: &VmId, mode: StopMode) -> Result<StopOutcome, BackendError> {
+        let api = self.api_for(vm);
+        let ask = async move { api?.action(ActionType::SendCtrlAltDel).await };
+        self.registry.stop(vm, mode, ask).await
+    }
+
+    async fn delete(&self, vm: &VmId, dir: &Path) -> Result<(), BackendError> {
+        self.registry
+            .stop(vm, StopMode::Force, async { Ok(()) })
+            .await?;
+        remove_vmm_files(dir)
+    }
+
+    async fn info(&self, vm: &VmId) -> Option<VmmInfo> {
+        self.registry.info(vm)
+    }
+
+    async fn adopt(&self, launch: &VmLaunch, process: VmmProcess) -> Result<bool, BackendError> {
+        Ok(self
+            .registry
+            .adopt(&launch.vm_id, process, &launch.control_socket()))
+    }
+}
+
+impl FirecrackerBackend {
+    fn api_for(&self, vm: &VmId) -> Result<FirecrackerApi, BackendError> {
+        Ok(FirecrackerApi::new(&self.registry.control_socket(vm)?))
+    }
+}

@@ -1,0 +1,274 @@
+//! VMM backends: one VMM process per VM, behind one [`Backend`] trait.
+//!
+//! Backends own the VMM process (spawn, control API, signals) and the files the VMM makes in the
+//! VM's directory (sockets, logs). The service owns the directory itself, the disks in it, and
+//! every state decision. A VMM that exits without being asked is reported on the exit channel.
+
+pub mod firecracker;
+pub mod process;
+pub mod qemu;
+pub mod registry;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::domain::VmId;
+pub use process::{ExitEvent, VmmProcess};
+
+/// File names inside a VM's directory, shared by every backend.
+pub mod files {
+    /// The guest's serial console output.
+    pub const CONSOLE_LOG: &str = "console.log";
+    /// The VMM's own log (stderr and its logger).
+    pub const VMM_LOG: &str = "vmm.log";
+    /// The VMM's control socket (Firecracker API or QMP).
+    pub const CONTROL_SOCKET: &str = "control.sock";
+}
+
+/// Longest path a Unix socket can have (sun_path, with its NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// One disk given to the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    /// Name of the drive (the root disk is "rootfs").
+    pub id: String,
+    /// Image file on the host.
+    pub path: PathBuf,
+    /// Attached read-only.
+    pub read_only: bool,
+}
+
+/// Everything a backend needs to start a VM's VMM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmLaunch {
+    /// The VM.
+    pub vm_id: VmId,
+    /// The VM's own directory; the VMM runs with it as working directory.
+    pub dir: PathBuf,
+    /// vCPUs.
+    pub vcpu_count: u32,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// Kernel image.
+    pub kernel: PathBuf,
+    /// Initrd, if any.
+    pub initrd: Option<PathBuf>,
+    /// Caller's extra kernel arguments, appended to the backend's own.
+    pub extra_kernel_args: String,
+    /// Disks, root first.
+    pub disks: Vec<Disk>,
+}
+
+impl VmLaunch {
+    /// Path of the VMM's control socket.
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.join(files::CONTROL_SOCKET)
+    }
+
+    /// Path of the console log.
+    pub fn console_log(&self) -> PathBuf {
+        self.dir.join(files::CONSOLE_LOG)
+    }
+
+    /// Path of the VMM log.
+    pub fn vmm_log(&self) -> PathBuf {
+        self.dir.join(files::VMM_LOG)
+    }
+}
+
+/// How to stop a guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopMode {
+    /// Ask the guest (Ctrl-Alt-Del) and kill the VMM if it is not gone within the timeout.
+    Graceful(Duration),
+    /// Kill the VMM at once.
+    Force,
+}
+
+/// How a stop ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopOutcome {
+    /// The guest shut down by itself within the timeout.
+    Clean,
+    /// The VMM had to be killed.
+    Killed,
+    /// No VMM was running.
+    NotRunning,
+}
+
+/// What a backend knows about a running VMM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmmInfo {
+    /// The process.
+    pub process: VmmProcess,
+    /// Whether the VMM process is still alive.
+    pub alive: bool,
+}
+
+/// Which VMM a backend drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    /// Firecracker, over its REST API.
+    Firecracker,
+    /// QEMU, over QMP.
+    Qemu,
+}
+
+impl BackendKind {
+    /// Stable name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Firecracker => "firecracker",
+            BackendKind::Qemu => "qemu",
+        }
+    }
+}
+
+/// Errors from backends.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The VMM binary could not be started.
+    #[error("start {binary}")]
+    Spawn {
+        /// The binary.
+        binary: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file of the VM could not be prepared.
+    #[error("{op} {path}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The VMM's control API refused a request or did not answer.
+    #[error("VMM API {request}: {reason}")]
+    Api {
+        /// The request.
+        request: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The VMM exited while it was being set up.
+    #[error("VMM exited during start ({status}); its log ends: {log_tail}")]
+    DiedDuringStart {
+        /// Exit status.
+        status: String,
+        /// Last lines of the VMM log.
+        log_tail: String,
+    },
+    /// The operation needs a running VMM and there is none.
+    #[error("no VMM is running for {0}")]
+    NotRunning(VmId),
+    /// A process-level operation failed.
+    #[error("{op} VMM process {pid}")]
+    Process {
+        /// What was being done.
+        op: &'static str,
+        /// The process.
+        pid: u32,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The configuration is not possible for this VMM.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// A VMM driver. One VMM process per VM.
+#[async_trait]
+pub trait Backend: Send + Sync {
+    /// Which VMM this is.
+    fn kind(&self) -> BackendKind;
+
+    /// Most vCPUs one VM may have on this VMM.
+    fn max_vcpus(&self) -> u32;
+
+    /// Prepares the VMM's files in the VM's directory; starts nothing.
+    async fn create(&self, launch: &VmLaunch) -> Result<(), BackendError>;
+
+    /// Starts the VMM and boots the guest; returns once the guest's vCPUs run.
+    async fn boot(&self, launch: &VmLaunch) -> Result<VmmProcess, BackendError>;
+
+    /// Freezes the guest's vCPUs.
+    async fn pause(&self, vm: &VmId) -> Result<(), BackendError>;
+
+    /// Unfreezes the guest's vCPUs.
+    async fn resume(&self, vm: &VmId) -> Result<(), BackendError>;
+
+    /// Stops the guest and its VMM.
+    async fn shutdown(&self, vm: &VmId, mode: StopMode) -> Result<StopOutcome, BackendError>;
+
+    /// Stops the guest and boots it again in a fresh VMM process.
+    async fn reboot(&self, launch: &VmLaunch, mode: StopMode) -> Result<VmmProcess, BackendError> {
+        self.shutdown(&launch.vm_id, mode).await?;
+        self.boot(launch).await
+    }
+
+    /// Kills any VMM of the VM and removes the VMM's files from its directory.
+    async fn delete(&self, vm: &VmId, dir: &Path) -> Result<(), BackendError>;
+
+    /// What is known about the VM's VMM, if one was started or adopted.
+    async fn info(&self, vm: &VmId) -> Option<VmmInfo>;
+
+    /// Re-attaches to a VMM that outlived a previous metald; false if it is gone.
+    async fn adopt(&self, launch: &VmLaunch, process: VmmProcess) -> Result<bool, BackendError>;
+}
+
+/// Removes the VMM's files from a VM directory (missing ones are fine).
+pub fn remove_vmm_files(dir: &Path) -> Result<(), BackendError> {
+    for name in [files::CONTROL_SOCKET, files::CONSOLE_LOG, files::VMM_LOG] {
+        let path = dir.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(BackendError::Io {
+                    op: "remove",
+                    path,
+                    source,
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Creates (or keeps) the console and VMM log files so readers never race their creation.
+pub fn touch_logs(launch: &VmLaunch) -> Result<(), BackendError> {
+    for path in [launch.console_log(), launch.vmm_log()] {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|source| BackendError::Io {
+                op: "create",
+                path: path.clone(),
+                source,
+            })?;
+    }
+    Ok(())
+}
+
+/// The last `max` bytes of a file, lossily as text (for error messages).
+pub fn file_tail(path: &Path, max: u64) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ignored = f.seek(SeekFrom::Start(len.saturating_sub(max)));
+    let mut buf = Vec::new();
+    let _ignored = f.take(max).read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).trim().to_string()
+}

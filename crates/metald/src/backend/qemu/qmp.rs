@@ -1,0 +1,170 @@
+//! A minimal QMP (QEMU Machine Protocol) client.
+//!
+//! Hand-written because QMP is a few lines of newline-delimited JSON and the crates that model
+//! the whole QAPI schema (qapi-rs) pull in far more than metald's five commands need. One
+//! connection per command: QEMU's QMP socket serves one client at a time and accepts the next
+//! as soon as one leaves, so nothing stays connected while idle.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+use crate::backend::BackendError;
+
+/// How long one QMP exchange may take.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Client for one QMP socket.
+#[derive(Debug, Clone)]
+pub struct Qmp {
+    socket: PathBuf,
+}
+
+impl Qmp {
+    /// A client for the socket at `socket`.
+    pub fn new(socket: &Path) -> Self {
+        Self {
+            socket: socket.to_path_buf(),
+        }
+    }
+
+    /// Waits until QMP answers `query-status`, for at most `timeout`; returns the run status.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<String, BackendError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.query_status().await {
+                Ok(s) => return Ok(s),
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    }
+
+    /// `query-status`: "running", "paused", ...
+    pub async fn query_status(&self) -> Result<String, BackendError> {
+        let ret = self.execute("query-status", None).await?;
+        ret.get("status")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| qmp_err("query-status", format!("unexpected reply {ret}")))
+    }
+
+    /// Runs one command and returns its `return` value.
+    pub async fn execute(&self, command: &str, arguments: Option<Value>) -> Result<Value, BackendError> {
+        tokio::time::timeout(COMMAND_TIMEOUT, self.execute_inner(command, arguments))
+            .await
+            .map_err(|_| qmp_err(command, format!("no answer within {COMMAND_TIMEOUT:?}")))?
+    }
+
+    async fn execute_inner(&self, command: &str, arguments: Option<Value>) -> Result<Value, BackendError> {
+        let stream = UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| qmp_err(command, format!("connect {}: {e}", self.socket.display())))?;
+        let (read, mut write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        let greeting = next_message(&mut lines, command).await?;
+        if greeting.get("QMP").is_none() {
+            return Err(qmp_err(command, format!("not a QMP greeting: {greeting}")));
+        }
+        let mut request = json!({"execute": command});
+        if let Some(args) = arguments {
+            request["arguments"] = args;
+        }
+        let wire = format!("{}\n{request}\n", json!({"execute": "qmp_capabilities"}));
+        write
+            .write_all(wire.as_bytes())
+            .await
+            .map_err(|e| qmp_err(command, e.to_string()))?;
+        // Two replies follow (capabilities, then the command), with events interleaved.
+        let mut replies = 0;
+        loop {
+            let msg = next_message(&mut lines, command).await?;
+            if msg.get("event").is_some() {
+                continue;
+            }
+            if let Some(err) = msg.get("error") {
+                let desc = err.get("desc").and_then(Value::as_str).unwrap_or("error");
+                return Err(qmp_err(command, desc.to_string()));
+            }
+            replies += 1;
+            if replies == 2 {
+                return Ok(msg.get("return").cloned().unwrap_or(Value::Null));
+            }
+        }
+    }
+}
+
+async fn next_message(
+    lines: &mut tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+    command: &str,
+) -> Result<Value, BackendError> {
+    let line = lines
+        .next_line()
+        .await
+        .map_err(|e| qmp_err(command, e.to_string()))?
+        .ok_or_else(|| qmp_err(command, "connection closed".into()))?;
+    parse(command, &line)
+}
+
+fn parse(command: &str, line: &str) -> Result<Value, BackendError> {
+    serde_json::from_str(line).map_err(|e| qmp_err(command, format!("bad JSON {line:?}: {e}")))
+}
+
+fn qmp_err(command: &str, reason: String) -> BackendError {
+    BackendError::Api {
+        request: format!("QMP {command}"),
+        reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::UnixListener;
+
+    /// A scripted QMP server: greeting, then answers with events sprinkled in.
+    async fn fake_server(path: &Path, reply: Value) {
+        let listener = UnixListener::bind(path).unwrap();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (read, mut write) = stream.into_split();
+            let mut lines = BufReader::new(read).lines();
+            write
+                .write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
+                .await
+                .unwrap();
+            let caps = lines.next_line().await.unwrap().unwrap();
+            assert!(caps.contains("qmp_capabilities"));
+            write.write_all(b"{\"return\": {}}\n").await.unwrap();
+            let _cmd = lines.next_line().await.unwrap().unwrap();
+            write
+                .write_all(b"{\"event\": \"STOP\", \"timestamp\": {}}\n")
+                .await
+                .unwrap();
+            write
+                .write_all(format!("{reply}\n").as_bytes())
+                .await
+                .unwrap();
+        });
+    }
+
+    #[tokio::test]
+    async fn skips_events_and_reads_the_return() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("qmp.sock");
+        fake_server(&sock, json!({"return": {"status": "paused", "running": false}})).await;
+        assert_eq!(Qmp::new(&sock).query_status().await.unwrap(), "paused");
+    }
+
+    #[tokio::test]
+    async fn reports_qmp_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("qmp.sock");
+        fake_server(&sock, json!({"error": {"class": "GenericError", "desc": "nope"}})).await;
+        let err = Qmp::new(&sock).execute("stop", None).await.unwrap_err();
+        assert_eq!(err.to_string(), "VMM API QMP stop: nope");
+    }
+}

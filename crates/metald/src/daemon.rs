@@ -1,0 +1,160 @@
+//! Wiring: builds the store, asset store, backend and service from a [`Config`] and serves the
+//! API until SIGTERM or SIGINT. VMs keep running across a metald restart and are re-attached.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use crate::assets::AssetStore;
+use crate::backend::firecracker::FirecrackerBackend;
+use crate::backend::qemu::{Accel, QemuBackend};
+use crate::backend::{Backend, ExitEvent};
+use crate::config::{hardware_kvm, AccelChoice, BackendChoice, Config};
+use crate::service::{ServiceConfig, VmService};
+use crate::store::Store;
+
+/// Errors while starting the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// No usable VMM.
+    #[error("{0}")]
+    NoBackend(String),
+    /// A directory could not be made.
+    #[error("create {path}")]
+    Dir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The database failed to open.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// The asset store failed to open.
+    #[error(transparent)]
+    Assets(#[from] crate::assets::AssetError),
+    /// Reconciliation failed.
+    #[error("reconciling VMs at start")]
+    Reconcile(#[source] crate::service::ServiceError),
+    /// The listener failed.
+    #[error("listen on {addr}")]
+    Listen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Opens the database under the data directory.
+pub fn open_store(data_dir: &Path) -> Result<Arc<Store>, StartError> {
+    std::fs::create_dir_all(data_dir).map_err(|source| StartError::Dir {
+        path: data_dir.to_path_buf(),
+        source,
+    })?;
+    Ok(Arc::new(Store::open(&data_dir.join("metald.db"))?))
+}
+
+/// Opens the asset store under the data directory.
+pub fn open_assets(data_dir: &Path, store: Arc<Store>) -> Result<Arc<AssetStore>, StartError> {
+    Ok(Arc::new(AssetStore::open(data_dir.join("assets"), store)?))
+}
+
+/// Picks the backend the configuration asks for, saying why in the log.
+pub fn select_backend(
+    cfg: &Config,
+    events: mpsc::UnboundedSender<ExitEvent>,
+) -> Result<Arc<dyn Backend>, StartError> {
+    let (hw_kvm, kvm_why) = hardware_kvm(Path::new("/sys"), Path::new("/dev"));
+    let use_firecracker = match cfg.backend {
+        BackendChoice::Firecracker => true,
+        BackendChoice::Qemu => false,
+        BackendChoice::Auto => match (&cfg.firecracker_bin, hw_kvm) {
+            (Some(bin), true) => {
+                tracing::info!(binary = %bin.display(), "backend auto: firecracker (binary found, {kvm_why})");
+                true
+            }
+            (Some(bin), false) => {
+                tracing::info!(binary = %bin.display(), "backend auto: qemu, because firecracker needs hardware KVM for full guests and {kvm_why}");
+                false
+            }
+            (None, _) => {
+                tracing::info!("backend auto: qemu (no firecracker binary on PATH or in UNKEY_METALD_FIRECRACKER_BIN)");
+                false
+            }
+        },
+    };
+    if use_firecracker {
+        let bin = cfg.firecracker_bin.clone().ok_or_else(|| {
+            StartError::NoBackend("UNKEY_METALD_BACKEND=firecracker but no firecracker binary: set UNKEY_METALD_FIRECRACKER_BIN or put firecracker on PATH".into())
+        })?;
+        if !Path::new("/dev/kvm").exists() {
+            return Err(StartError::NoBackend("firecracker needs /dev/kvm, which does not exist".into()));
+        }
+        tracing::info!(binary = %bin.display(), "using firecracker");
+        return Ok(Arc::new(FirecrackerBackend::new(bin, events)));
+    }
+    let bin = cfg.qemu_bin.clone().ok_or_else(|| {
+        StartError::NoBackend("no qemu-system-x86_64 binary: install qemu-system-x86 or set UNKEY_METALD_QEMU_BIN".into())
+    })?;
+    let accel = match cfg.qemu_accel {
+        AccelChoice::Kvm => Accel::Kvm,
+        AccelChoice::Tcg => Accel::Tcg,
+        AccelChoice::Auto if hw_kvm => Accel::Kvm,
+        AccelChoice::Auto => Accel::Tcg,
+    };
+    tracing::info!(binary = %bin.display(), accel = accel.as_str(), reason = %kvm_why, "using qemu");
+    Ok(Arc::new(QemuBackend::new(bin, accel, events)))
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(cfg: Config) -> Result<(), StartError> {
+    tracing::warn!("DEV AUTH IS ON: any 'Bearer dev_customer_<id>' token acts as customer <id>; never expose this port to untrusted networks");
+    let store = open_store(&cfg.data_dir)?;
+    let assets = open_assets(&cfg.data_dir, Arc::clone(&store))?;
+    let vms_dir = cfg.data_dir.join("vms");
+    std::fs::create_dir_all(&vms_dir).map_err(|source| StartError::Dir {
+        path: vms_dir.clone(),
+        source,
+    })?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let backend = select_backend(&cfg, tx)?;
+    let svc = VmService::start(
+        store,
+        assets,
+        backend,
+        ServiceConfig {
+            vms_dir,
+            boot_timeout: cfg.boot_timeout,
+        },
+        rx,
+    );
+    svc.reconcile().await.map_err(StartError::Reconcile)?;
+    let addr = std::net::SocketAddr::new(cfg.address, cfg.port);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Listen { addr, source })?;
+    tracing::info!(%addr, data_dir = %cfg.data_dir.display(), backend = svc.backend_name(), "metald listening");
+    let app = crate::api::router(svc);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(|source| StartError::Listen { addr, source })?;
+    tracing::info!("metald stopped; running VMs keep running and are re-attached at next start");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers the daemon simply runs until killed.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}

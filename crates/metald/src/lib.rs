@@ -1,0 +1,18 @@
+//! metald: runs microVMs for customers behind a ConnectRPC/REST API.
+//!
+//! Layers, dependencies pointing down only:
+//! - [`api`]: Connect + REST adapters, auth, error mapping (no OS access)
+//! - [`service`]: validation and every state transition ([`state`])
+//! - [`store`] (SQLite), [`assets`] (image files), [`backend`] (VMM processes)
+//!
+//! [`config`] and [`daemon`] wire them together for the binary.
+
+pub mod api;
+pub mod assets;
+pub mod backend;
+pub mod config;
+pub mod daemon;
+pub mod domain;
+pub mod service;
+pub mod state;
+pub mod store;

@@ -1,0 +1,146 @@
+//! The `metald` binary: the daemon (`metald` or `metald serve`) and asset management
+//! (`metald assets import|list|remove`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use metald::config::{which, Config, LogFormat};
+use metald::store::AssetKind;
+
+#[derive(Parser)]
+#[command(name = "metald", version, about = "Runs microVMs for customers behind a ConnectRPC/REST API")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon (the default). Configured by UNKEY_METALD_* variables.
+    Serve,
+    /// Manage the asset store (kernels, initrds, disk images) under UNKEY_METALD_DATA_DIR.
+    Assets {
+        #[command(subcommand)]
+        command: AssetCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AssetCommand {
+    /// Copy a file into the store under an image id.
+    Import {
+        /// Image id callers will use.
+        #[arg(long)]
+        id: String,
+        /// What the file is.
+        #[arg(long, value_enum)]
+        kind: Kind,
+        /// The file.
+        #[arg(long)]
+        file: PathBuf,
+        /// For kernels: the initrd asset to boot with it.
+        #[arg(long)]
+        initrd: Option<String>,
+        /// For root filesystems: the console line that shows the guest is up.
+        #[arg(long)]
+        ready_marker: Option<String>,
+    },
+    /// List the assets.
+    List,
+    /// Remove an asset no VM uses.
+    Remove {
+        /// Image id.
+        id: String,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Kind {
+    Kernel,
+    Initrd,
+    Rootfs,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let cfg = match Config::from_env(|k| std::env::var(k).ok(), which) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("metald: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(cfg.log_format);
+    let result = match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(cfg),
+        Command::Assets { command } => assets(&cfg, command),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("metald: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("UNKEY_METALD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn serve(cfg: Config) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    rt.block_on(metald::daemon::run(cfg)).context("metald failed")
+}
+
+fn assets(cfg: &Config, command: AssetCommand) -> anyhow::Result<()> {
+    let store = metald::daemon::open_store(&cfg.data_dir)?;
+    let assets = metald::daemon::open_assets(&cfg.data_dir, store.clone())?;
+    match command {
+        AssetCommand::Import { id, kind, file, initrd, ready_marker } => {
+            let kind = match kind {
+                Kind::Kernel => AssetKind::Kernel,
+                Kind::Initrd => AssetKind::Initrd,
+                Kind::Rootfs => AssetKind::Rootfs,
+            };
+            let rec = assets
+                .import(&metald::assets::ImportRequest {
+                    id,
+                    kind,
+                    source: file.clone(),
+                    initrd_id: initrd,
+                    ready_marker,
+                })
+                .with_context(|| format!("importing {}", file.display()))?;
+            println!("{}\t{}\t{}\t{}", rec.id, rec.kind.as_str(), rec.size_bytes, rec.sha256);
+        }
+        AssetCommand::List => {
+            println!("ID\tKIND\tSIZE\tSHA256\tINITRD\tREADY_MARKER");
+            for a in assets.list()? {
+                println!(
+                    "{}\t{}\t{}\t{}\t{}\t{}",
+                    a.id,
+                    a.kind.as_str(),
+                    a.size_bytes,
+                    a.sha256,
+                    a.initrd_id.as_deref().unwrap_or("-"),
+                    a.ready_marker.as_deref().unwrap_or("-")
+                );
+            }
+        }
+        AssetCommand::Remove { id } => {
+            let users = metald::service::vms_using_asset(&store, &id)?;
+            assets.remove(&id, &users).with_context(|| format!("removing {id}"))?;
+            println!("removed {id}");
+        }
+    }
+    Ok(())
+}

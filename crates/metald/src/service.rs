@@ -1,0 +1,806 @@
+//! The VM lifecycle service: validates requests, owns every state transition, and drives the
+//! store, the asset store and the backend. Both API adapters (Connect and REST) call only this.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use crate::assets::{AssetError, AssetStore, BootFiles};
+use crate::backend::{file_tail, Backend, BackendError, Disk, ExitEvent, StopMode, VmLaunch};
+use crate::domain::{is_token, now_ms, CustomerId, DriveConfig, VmConfig, VmId, VmRecord, MIB};
+use crate::state::{transition, InvalidTransition, Operation, VmState};
+use crate::store::{AssetKind, Store, StoreError};
+
+/// Smallest guest memory metald accepts: the default guest (Debian cloud kernel, initrd,
+/// busybox rootfs) boots to its readiness line in 128 MiB; below that the kernel runs out of
+/// memory unpacking the initrd.
+pub const MIN_MEMORY_MIB: u64 = 128;
+/// Most extra drives one VM may have.
+pub const MAX_DRIVES: usize = 8;
+/// Longest kernel command line addition accepted.
+pub const MAX_KERNEL_ARGS: usize = 1024;
+/// Most metadata entries per VM.
+pub const MAX_METADATA: usize = 64;
+/// Default and largest ListVms page.
+pub const DEFAULT_PAGE: u32 = 100;
+/// Largest ListVms page.
+pub const MAX_PAGE: u32 = 1000;
+/// Default console tail.
+pub const DEFAULT_CONSOLE_TAIL: u32 = 64 * 1024;
+/// Largest console tail.
+pub const MAX_CONSOLE_TAIL: u32 = 1024 * 1024;
+/// Default graceful shutdown timeout.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest graceful shutdown timeout a caller may ask for.
+pub const MAX_SHUTDOWN_TIMEOUT_SECS: u32 = 600;
+/// File name of a VM's private root disk.
+const ROOTFS_FILE: &str = "rootfs.img";
+
+/// Errors from the service, each mapped to one API status in `api::error`.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// A request field is wrong.
+    #[error("{field}: {reason}")]
+    InvalidArgument {
+        /// The field, as a path like `config.cpu.vcpu_count`.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// No VM with this id belongs to the caller.
+    #[error("vm {0} not found")]
+    NotFound(VmId),
+    /// The VM's state does not allow the operation.
+    #[error(transparent)]
+    FailedPrecondition(#[from] InvalidTransition),
+    /// The VMM failed to do what was asked.
+    #[error("{op} {vm}")]
+    Backend {
+        /// The operation.
+        op: &'static str,
+        /// The VM.
+        vm: VmId,
+        /// The backend's error.
+        #[source]
+        source: BackendError,
+    },
+    /// The asset store failed.
+    #[error(transparent)]
+    Asset(AssetError),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A file operation failed.
+    #[error("{op} {path}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ServiceError {
+    ServiceError::InvalidArgument {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Tunables of the service.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// Directory holding one sub-directory per VM.
+    pub vms_dir: PathBuf,
+    /// How long a guest whose rootfs declares a readiness line may take to print it.
+    pub boot_timeout: Duration,
+}
+
+/// How to shut a VM down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownRequest {
+    /// Kill at once.
+    pub force: bool,
+    /// Seconds the guest may take; 0 means the default.
+    pub timeout_seconds: u32,
+}
+
+/// One page of VMs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmPage {
+    /// The VMs.
+    pub vms: Vec<VmRecord>,
+    /// Token for the next page; empty on the last one.
+    pub next_page_token: String,
+}
+
+/// The tail of a console log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsoleTail {
+    /// The text.
+    pub output: String,
+    /// Size of the whole log.
+    pub total_bytes: u64,
+    /// Only part of the log was returned.
+    pub truncated: bool,
+}
+
+/// The lifecycle service.
+pub struct VmService {
+    store: Arc<Store>,
+    assets: Arc<AssetStore>,
+    backend: Arc<dyn Backend>,
+    cfg: ServiceConfig,
+    locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl VmService {
+    /// Builds the service and starts handling VMM exits reported on `exits`.
+    pub fn start(
+        store: Arc<Store>,
+        assets: Arc<AssetStore>,
+        backend: Arc<dyn Backend>,
+        cfg: ServiceConfig,
+        mut exits: mpsc::UnboundedReceiver<ExitEvent>,
+    ) -> Arc<Self> {
+        let svc = Arc::new(Self {
+            store,
+            assets,
+            backend,
+            cfg,
+            locks: Mutex::new(HashMap::new()),
+        });
+        let weak = Arc::downgrade(&svc);
+        tokio::spawn(async move {
+            while let Some(ev) = exits.recv().await {
+                let Some(svc) = weak.upgrade() else { break };
+                svc.handle_exit(ev).await;
+            }
+        });
+        svc
+    }
+
+    /// The backend in use.
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.kind().as_str()
+    }
+
+    async fn lock(&self, id: &VmId) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            Arc::clone(locks.entry(id.clone()).or_default())
+        };
+        lock.lock_owned().await
+    }
+
+    fn vm_dir(&self, id: &VmId) -> PathBuf {
+        self.cfg.vms_dir.join(id.as_str())
+    }
+
+    /// Validates `config`, prepares the VM's disks and records it as CREATED. Nothing is left
+    /// behind if any step fails.
+    pub async fn create(&self, customer: &CustomerId, config: VmConfig) -> Result<VmRecord, ServiceError> {
+        self.validate(&config)?;
+        let id = VmId::generate();
+        let dir = self.vm_dir(&id);
+        std::fs::create_dir(&dir).map_err(|source| ServiceError::Io {
+            op: "create VM directory",
+            path: dir.clone(),
+            source,
+        })?;
+        let result = self.prepare(customer, &id, &dir, config).await;
+        if result.is_err() {
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::error!(vm_id = %id, error = %e, "rolling back a failed create left its directory");
+            }
+        }
+        result
+    }
+
+    async fn prepare(
+        &self,
+        customer: &CustomerId,
+        id: &VmId,
+        dir: &Path,
+        config: VmConfig,
+    ) -> Result<VmRecord, ServiceError> {
+        let rootfs = self
+            .assets
+            .get_kind(&config.rootfs_image_id, AssetKind::Rootfs)
+            .map_err(|e| asset_field_error("config.rootfs.image_id", e))?;
+        self.clone_disk(&self.assets.path_of(&rootfs), &dir.join(ROOTFS_FILE))?;
+        for d in config.drives.iter().filter(|d| !d.read_only) {
+            let asset = self
+                .assets
+                .get_kind(&d.image_id, AssetKind::Rootfs)
+                .map_err(ServiceError::Asset)?;
+            self.clone_disk(&self.assets.path_of(&asset), &dir.join(drive_file(d)))?;
+        }
+        let now = now_ms();
+        let record = VmRecord {
+            id: id.clone(),
+            customer: customer.clone(),
+            state: VmState::Created,
+            config,
+            backend: self.backend_name().to_string(),
+            created_at_ms: now,
+            updated_at_ms: now,
+            vmm_pid: None,
+            vmm_start_ticks: None,
+            failure: None,
+            guest_ready: false,
+            seq: 0,
+        };
+        let launch = self.launch(&record)?;
+        self.backend
+            .create(&launch)
+            .await
+            .map_err(|source| ServiceError::Backend {
+                op: "prepare",
+                vm: id.clone(),
+                source,
+            })?;
+        let saved = self.store.insert_vm(&record)?;
+        tracing::info!(vm_id = %id, customer = %customer, "vm created");
+        Ok(saved)
+    }
+
+    fn clone_disk(&self, src: &Path, dst: &Path) -> Result<(), ServiceError> {
+        let method = crate::assets::clone_file(src, dst).map_err(ServiceError::Asset)?;
+        tracing::debug!(src = %src.display(), dst = %dst.display(), ?method, "disk cloned");
+        Ok(())
+    }
+
+    /// Checks every field, naming the first bad one; also resolves image ids.
+    fn validate(&self, c: &VmConfig) -> Result<(), ServiceError> {
+        let max = self.backend.max_vcpus();
+        if c.vcpu_count == 0 || c.vcpu_count > max {
+            return Err(invalid(
+                "config.cpu.vcpu_count",
+                format!("must be between 1 and {max} ({} limit), got {}", self.backend_name(), c.vcpu_count),
+            ));
+        }
+        if c.memory_bytes % MIB != 0 {
+            return Err(invalid(
+                "config.memory.size_bytes",
+                format!("must be a whole number of MiB (multiple of 1048576), got {}", c.memory_bytes),
+            ));
+        }
+        if c.memory_bytes < MIN_MEMORY_MIB * MIB {
+            return Err(invalid(
+                "config.memory.size_bytes",
+                format!(
+                    "must be at least {} ({MIN_MEMORY_MIB} MiB), got {}",
+                    MIN_MEMORY_MIB * MIB,
+                    c.memory_bytes
+                ),
+            ));
+        }
+        self.assets
+            .boot_files(&c.kernel_image_id, &c.rootfs_image_id)
+            .map_err(|e| match &e {
+                AssetError::Unknown(id) | AssetError::WrongKind { id, .. } if *id == c.kernel_image_id => {
+                    asset_field_error("config.kernel.image_id", e)
+                }
+                _ => asset_field_error("config.rootfs.image_id", e),
+            })?;
+        if c.kernel_args.len() > MAX_KERNEL_ARGS {
+            return Err(invalid(
+                "config.kernel_args",
+                format!("at most {MAX_KERNEL_ARGS} bytes, got {}", c.kernel_args.len()),
+            ));
+        }
+        if c.kernel_args.chars().any(|ch| ch.is_control()) {
+            return Err(invalid("config.kernel_args", "must not contain control characters"));
+        }
+        if c.drives.len() > MAX_DRIVES {
+            return Err(invalid(
+                "config.drives",
+                format!("at most {MAX_DRIVES} drives, got {}", c.drives.len()),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, d) in c.drives.iter().enumerate() {
+            let field = format!("config.drives[{i}].drive_id");
+            if !is_token(&d.drive_id, 32) || d.drive_id.chars().any(|ch| ch.is_ascii_uppercase()) {
+                return Err(invalid(field, "1-32 of a-z 0-9 _ -"));
+            }
+            if d.drive_id == "rootfs" || !seen.insert(d.drive_id.as_str()) {
+                return Err(invalid(field, format!("'{}' is already used", d.drive_id)));
+            }
+            self.assets
+                .get_kind(&d.image_id, AssetKind::Rootfs)
+                .map_err(|e| asset_field_error(&format!("config.drives[{i}].image_id"), e))?;
+        }
+        validate_metadata(&c.metadata)
+    }
+
+    /// What the backend needs to start this VM.
+    fn launch(&self, vm: &VmRecord) -> Result<VmLaunch, ServiceError> {
+        let files = self.boot_files(vm)?;
+        let dir = self.vm_dir(&vm.id);
+        let mut disks = vec![Disk {
+            id: "rootfs".into(),
+            path: dir.join(ROOTFS_FILE),
+            read_only: false,
+        }];
+        for d in &vm.config.drives {
+            let path = if d.read_only {
+                let asset = self
+                    .assets
+                    .get_kind(&d.image_id, AssetKind::Rootfs)
+                    .map_err(ServiceError::Asset)?;
+                self.assets.path_of(&asset)
+            } else {
+                dir.join(drive_file(d))
+            };
+            disks.push(Disk {
+                id: d.drive_id.clone(),
+                path,
+                read_only: d.read_only,
+            });
+        }
+        Ok(VmLaunch {
+            vm_id: vm.id.clone(),
+            dir,
+            vcpu_count: vm.config.vcpu_count,
+            memory_mib: vm.config.memory_mib(),
+            kernel: files.kernel,
+            initrd: files.initrd,
+            extra_kernel_args: vm.config.kernel_args.clone(),
+            disks,
+        })
+    }
+
+    fn boot_files(&self, vm: &VmRecord) -> Result<BootFiles, ServiceError> {
+        self.assets
+            .boot_files(&vm.config.kernel_image_id, &vm.config.rootfs_image_id)
+            .map_err(ServiceError::Asset)
+    }
+
+    async fn load(&self, customer: &CustomerId, id: &VmId) -> Result<VmRecord, ServiceError> {
+        self.store
+            .get_vm(customer, id)?
+            .ok_or_else(|| ServiceError::NotFound(id.clone()))
+    }
+
+    fn save(&self, vm: &mut VmRecord) -> Result<(), ServiceError> {
+        vm.updated_at_ms = now_ms();
+        self.store.update_vm(vm)?;
+        Ok(())
+    }
+
+    /// Starts the VM's VMM and boots its guest.
+    pub async fn boot(self: &Arc<Self>, customer: &CustomerId, id: &VmId) -> Result<VmRecord, ServiceError> {
+        let _guard = self.lock(id).await;
+        let mut vm = self.load(customer, id).await?;
+        let next = next_state(vm.state, Operation::Boot)?;
+        let launch = self.launch(&vm)?;
+        let console_offset = file_len(&launch.console_log());
+        let process = self
+            .backend
+            .boot(&launch)
+            .await
+            .map_err(|source| ServiceError::Backend {
+                op: "boot",
+                vm: id.clone(),
+                source,
+            })?;
+        vm.state = next;
+        vm.vmm_pid = Some(process.pid);
+        vm.vmm_start_ticks = Some(process.start_ticks);
+        vm.failure = None;
+        vm.guest_ready = false;
+        vm.backend = self.backend_name().to_string();
+        self.save(&mut vm)?;
+        tracing::info!(vm_id = %id, pid = process.pid, "vm booted");
+        self.watch_readiness(&vm, &launch, console_offset);
+        Ok(vm)
+    }
+
+    /// Freezes the VM's vCPUs.
+    pub async fn pause(&self, customer: &CustomerId, id: &VmId) -> Result<VmRecord, ServiceError> {
+        self.simple_op(customer, id, Operation::Pause).await
+    }
+
+    /// Unfreezes the VM's vCPUs.
+    pub async fn resume(&self, customer: &CustomerId, id: &VmId) -> Result<VmRecord, ServiceError> {
+        self.simple_op(customer, id, Operation::Resume).await
+    }
+
+    async fn simple_op(&self, customer: &CustomerId, id: &VmId, op: Operation) -> Result<VmRecord, ServiceError> {
+        let _guard = self.lock(id).await;
+        let mut vm = self.load(customer, id).await?;
+        let next = next_state(vm.state, op)?;
+        let (name, result) = match op {
+            Operation::Pause => ("pause", self.backend.pause(id).await),
+            _ => ("resume", self.backend.resume(id).await),
+        };
+        result.map_err(|source| ServiceError::Backend {
+            op: name,
+            vm: id.clone(),
+            source,
+        })?;
+        vm.state = next;
+        self.save(&mut vm)?;
+        Ok(vm)
+    }
+
+    /// Shuts the VM down, gracefully unless forced.
+    pub async fn shutdown(
+        &self,
+        customer: &CustomerId,
+        id: &VmId,
+        req: ShutdownRequest,
+    ) -> Result<VmRecord, ServiceError> {
+        let mode = stop_mode(req.force, req.timeout_seconds)?;
+        let _guard = self.lock(id).await;
+        let mut vm = self.load(customer, id).await?;
+        let next = next_state(vm.state, Operation::Shutdown)?;
+        let outcome = self
+            .backend
+            .shutdown(id, mode)
+            .await
+            .map_err(|source| ServiceError::Backend {
+                op: "shut down",
+                vm: id.clone(),
+                source,
+            })?;
+        tracing::info!(vm_id = %id, ?outcome, "vm shut down");
+        vm.state = next;
+        vm.vmm_pid = None;
+        vm.vmm_start_ticks = None;
+        vm.guest_ready = false;
+        self.save(&mut vm)?;
+        Ok(vm)
+    }
+
+    /// Restarts the guest in a fresh VMM process.
+    pub async fn reboot(self: &Arc<Self>, customer: &CustomerId, id: &VmId, force: bool) -> Result<VmRecord, ServiceError> {
+        let mode = stop_mode(force, 0)?;
+        let _guard = self.lock(id).await;
+        let mut vm = self.load(customer, id).await?;
+        let next = next_state(vm.state, Operation::Reboot)?;
+        let launch = self.launch(&vm)?;
+        let console_offset = file_len(&launch.console_log());
+        let result = self.backend.reboot(&launch, mode).await;
+        let process = match result {
+            Ok(p) => p,
+            Err(source) => {
+                // The old VMM may be gone by now; record what is true before reporting.
+                if self.backend.info(id).await.is_none_or(|i| !i.alive) {
+                    vm.state = VmState::Failed;
+                    vm.vmm_pid = None;
+                    vm.vmm_start_ticks = None;
+                    vm.failure = Some(format!("reboot failed: {source}"));
+                    self.save(&mut vm)?;
+                }
+                return Err(ServiceError::Backend {
+                    op: "reboot",
+                    vm: id.clone(),
+                    source,
+                });
+            }
+        };
+        vm.state = next;
+        vm.vmm_pid = Some(process.pid);
+        vm.vmm_start_ticks = Some(process.start_ticks);
+        vm.guest_ready = false;
+        vm.failure = None;
+        self.save(&mut vm)?;
+        tracing::info!(vm_id = %id, pid = process.pid, "vm rebooted");
+        self.watch_readiness(&vm, &launch, console_offset);
+        Ok(vm)
+    }
+
+    /// Removes the VM and everything it owns.
+    pub async fn delete(&self, customer: &CustomerId, id: &VmId, force: bool) -> Result<(), ServiceError> {
+        let guard = self.lock(id).await;
+        let vm = self.load(customer, id).await?;
+        next_state(vm.state, Operation::Delete { force })?;
+        let dir = self.vm_dir(id);
+        self.backend
+            .delete(id, &dir)
+            .await
+            .map_err(|source| ServiceError::Backend {
+                op: "delete",
+                vm: id.clone(),
+                source,
+            })?;
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(ServiceError::Io {
+                    op: "remove VM directory",
+                    path: dir,
+                    source,
+                })
+            }
+        }
+        self.store.delete_vm(id)?;
+        drop(guard);
+        self.locks.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        tracing::info!(vm_id = %id, "vm deleted");
+        Ok(())
+    }
+
+    /// One of the caller's VMs.
+    pub async fn get(&self, customer: &CustomerId, id: &VmId) -> Result<VmRecord, ServiceError> {
+        self.load(customer, id).await
+    }
+
+    /// A page of the caller's VMs.
+    pub async fn list(
+        &self,
+        customer: &CustomerId,
+        state: Option<VmState>,
+        page_size: u32,
+        page_token: &str,
+    ) -> Result<VmPage, ServiceError> {
+        let limit = match page_size {
+            0 => DEFAULT_PAGE,
+            n if n <= MAX_PAGE => n,
+            n => return Err(invalid("page_size", format!("at most {MAX_PAGE}, got {n}"))),
+        };
+        let after = if page_token.is_empty() {
+            0
+        } else {
+            page_token
+                .strip_prefix("after:")
+                .and_then(|s| s.parse::<i64>().ok())
+                .filter(|n| *n > 0)
+                .ok_or_else(|| invalid("page_token", "not a token from a previous ListVms response"))?
+        };
+        // One extra row tells whether another page follows.
+        let mut vms = self.store.list_vms(customer, state, after, limit + 1)?;
+        let next_page_token = if vms.len() > limit as usize {
+            vms.truncate(limit as usize);
+            vms.last().map(|v| format!("after:{}", v.seq)).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(VmPage { vms, next_page_token })
+    }
+
+    /// The tail of the VM's serial console.
+    pub async fn console(&self, customer: &CustomerId, id: &VmId, tail_bytes: u32) -> Result<ConsoleTail, ServiceError> {
+        let tail = match tail_bytes {
+            0 => DEFAULT_CONSOLE_TAIL,
+            n if n <= MAX_CONSOLE_TAIL => n,
+            n => return Err(invalid("tail_bytes", format!("at most {MAX_CONSOLE_TAIL}, got {n}"))),
+        };
+        self.load(customer, id).await?;
+        let path = self.vm_dir(id).join(crate::backend::files::CONSOLE_LOG);
+        let mut file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(ConsoleTail {
+                    output: String::new(),
+                    total_bytes: 0,
+                    truncated: false,
+                })
+            }
+            Err(source) => return Err(ServiceError::Io { op: "open", path, source }),
+        };
+        let io = |op| {
+            let path = path.clone();
+            move |source| ServiceError::Io { op, path, source }
+        };
+        let total = file.metadata().map_err(io("stat"))?.len();
+        let start = total.saturating_sub(u64::from(tail));
+        file.seek(SeekFrom::Start(start)).map_err(io("seek"))?;
+        let mut buf = Vec::with_capacity((total - start) as usize);
+        file.take(u64::from(tail)).read_to_end(&mut buf).map_err(io("read"))?;
+        Ok(ConsoleTail {
+            output: String::from_utf8_lossy(&buf).into_owned(),
+            total_bytes: total,
+            truncated: start > 0,
+        })
+    }
+
+    /// Re-attaches to VMMs that outlived a previous metald; VMs whose VMM is gone become FAILED.
+    pub async fn reconcile(&self) -> Result<(), ServiceError> {
+        for mut vm in self.store.all_vms()? {
+            if !vm.state.has_vmm() {
+                continue;
+            }
+            let adopted = match (vm.vmm_pid, vm.vmm_start_ticks, self.launch(&vm)) {
+                (Some(pid), Some(start_ticks), Ok(launch)) if vm.backend == self.backend_name() => self
+                    .backend
+                    .adopt(&launch, crate::backend::VmmProcess { pid, start_ticks })
+                    .await
+                    .unwrap_or(false),
+                _ => false,
+            };
+            if adopted {
+                tracing::info!(vm_id = %vm.id, pid = ?vm.vmm_pid, "re-attached to running VMM");
+                continue;
+            }
+            tracing::warn!(vm_id = %vm.id, "VMM is gone after a metald restart; marking FAILED");
+            vm.state = VmState::Failed;
+            vm.vmm_pid = None;
+            vm.vmm_start_ticks = None;
+            vm.guest_ready = false;
+            vm.failure = Some("VMM process was gone when metald restarted".into());
+            self.save(&mut vm)?;
+        }
+        Ok(())
+    }
+
+    /// A VMM exited: if nobody asked for it, the VM is FAILED with the exit status.
+    async fn handle_exit(&self, ev: ExitEvent) {
+        if ev.requested {
+            return;
+        }
+        let _guard = self.lock(&ev.vm_id).await;
+        let Ok(Some(mut vm)) = self.store.get_vm_unscoped(&ev.vm_id) else {
+            return;
+        };
+        if vm.vmm_pid != Some(ev.pid) || transition(vm.state, Operation::Fail).is_err() {
+            return;
+        }
+        let console = file_tail(&self.vm_dir(&vm.id).join(crate::backend::files::CONSOLE_LOG), 512);
+        tracing::warn!(vm_id = %vm.id, pid = ev.pid, status = %ev.status, "VMM exited on its own");
+        vm.state = VmState::Failed;
+        vm.vmm_pid = None;
+        vm.vmm_start_ticks = None;
+        vm.guest_ready = false;
+        vm.failure = Some(format!("VMM exited on its own ({}); console ends: {console}", ev.status));
+        if let Err(e) = self.save(&mut vm) {
+            tracing::error!(vm_id = %vm.id, error = %e, "recording a VMM exit failed");
+        }
+    }
+
+    /// Watches the console for the rootfs's readiness line; a guest silent past the boot
+    /// timeout is killed and reported FAILED with its console tail.
+    fn watch_readiness(self: &Arc<Self>, vm: &VmRecord, launch: &VmLaunch, offset: u64) {
+        let Ok(files) = self.boot_files(vm) else { return };
+        let Some(marker) = files.ready_marker.filter(|m| !m.is_empty()) else {
+            return;
+        };
+        let svc = Arc::downgrade(self);
+        let id = vm.id.clone();
+        let pid = vm.vmm_pid;
+        let console = launch.console_log();
+        let timeout = self.cfg.boot_timeout;
+        tokio::spawn(async move {
+            let found = tokio::time::timeout(timeout, wait_for_line(&console, offset, marker.as_bytes())).await;
+            let Some(svc) = svc.upgrade() else { return };
+            let _guard = svc.lock(&id).await;
+            let Ok(Some(mut vm)) = svc.store.get_vm_unscoped(&id) else { return };
+            if vm.vmm_pid != pid || !vm.state.has_vmm() {
+                return;
+            }
+            match found {
+                Ok(()) => {
+                    vm.guest_ready = true;
+                    tracing::info!(vm_id = %id, "guest is ready");
+                }
+                Err(_) => {
+                    let tail = file_tail(&console, 1024);
+                    tracing::warn!(vm_id = %id, "guest printed no readiness line in time");
+                    if let Err(e) = svc.backend.shutdown(&id, StopMode::Force).await {
+                        tracing::error!(vm_id = %id, error = %e, "killing a guest that never became ready failed");
+                    }
+                    vm.state = VmState::Failed;
+                    vm.vmm_pid = None;
+                    vm.vmm_start_ticks = None;
+                    vm.failure = Some(format!(
+                        "guest printed no '{marker}' line within {}s; console ends: {tail}",
+                        timeout.as_secs()
+                    ));
+                }
+            }
+            if let Err(e) = svc.save(&mut vm) {
+                tracing::error!(vm_id = %id, error = %e, "recording readiness failed");
+            }
+        });
+    }
+
+    /// VM ids (of any customer) whose configuration names the asset.
+    pub fn vms_using_asset(&self, image_id: &str) -> Result<Vec<String>, ServiceError> {
+        Ok(vms_using_asset(&self.store, image_id)?)
+    }
+}
+
+/// VM ids (of any customer) whose configuration names the asset.
+pub fn vms_using_asset(store: &Store, image_id: &str) -> Result<Vec<String>, StoreError> {
+    Ok(store
+        .all_vms()?
+        .into_iter()
+        .filter(|vm| {
+            vm.config.kernel_image_id == image_id
+                || vm.config.rootfs_image_id == image_id
+                || vm.config.drives.iter().any(|d| d.image_id == image_id)
+        })
+        .map(|vm| vm.id.to_string())
+        .collect())
+}
+
+/// The state a legal operation leads to (Delete, which leads nowhere, keeps the current one).
+fn next_state(from: VmState, op: Operation) -> Result<VmState, ServiceError> {
+    Ok(transition(from, op)?.unwrap_or(from))
+}
+
+fn stop_mode(force: bool, timeout_seconds: u32) -> Result<StopMode, ServiceError> {
+    if timeout_seconds > MAX_SHUTDOWN_TIMEOUT_SECS {
+        return Err(invalid(
+            "timeout_seconds",
+            format!("at most {MAX_SHUTDOWN_TIMEOUT_SECS}, got {timeout_seconds}"),
+        ));
+    }
+    Ok(match (force, timeout_seconds) {
+        (true, _) => StopMode::Force,
+        (false, 0) => StopMode::Graceful(DEFAULT_SHUTDOWN_TIMEOUT),
+        (false, s) => StopMode::Graceful(Duration::from_secs(u64::from(s))),
+    })
+}
+
+fn drive_file(d: &DriveConfig) -> String {
+    format!("drive-{}.img", d.drive_id)
+}
+
+fn asset_field_error(field: &str, e: AssetError) -> ServiceError {
+    match e {
+        AssetError::Unknown(_) | AssetError::WrongKind { .. } => invalid(field, e.to_string()),
+        other => ServiceError::Asset(other),
+    }
+}
+
+fn validate_metadata(m: &BTreeMap<String, String>) -> Result<(), ServiceError> {
+    if m.len() > MAX_METADATA {
+        return Err(invalid("config.metadata", format!("at most {MAX_METADATA} entries, got {}", m.len())));
+    }
+    for (k, v) in m {
+        let key_ok = !k.is_empty()
+            && k.len() <= 63
+            && k.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'/'));
+        if !key_ok {
+            return Err(invalid(
+                "config.metadata",
+                format!("key '{}' must be 1-63 of A-Z a-z 0-9 _ - . /", crate::domain::truncate_for_message(k)),
+            ));
+        }
+        if v.len() > 256 {
+            return Err(invalid("config.metadata", format!("value of '{k}' is longer than 256 bytes")));
+        }
+    }
+    Ok(())
+}
+
+fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+/// Polls `path` from `offset` until `marker` appears (checks every 50 ms; reads only new bytes).
+async fn wait_for_line(path: &Path, mut offset: u64, marker: &[u8]) {
+    let mut window: Vec<u8> = Vec::new();
+    loop {
+        if let Ok(mut f) = std::fs::File::open(path) {
+            if f.seek(SeekFrom::Start(offset)).is_ok() {
+                let mut new = Vec::new();
+                if let Ok(n) = f.read_to_end(&mut new) {
+                    offset += n as u64;
+                    window.extend_from_slice(&new);
+                    if window.windows(marker.len()).any(|w| w == marker) {
+                        return;
+                    }
+                    // Keep just enough to catch a marker split across two reads.
+                    let keep = marker.len().saturating_sub(1);
+                    if window.len() > keep {
+                        window.drain(..window.len() - keep);
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,494 @@
+//! Durable state in one embedded SQLite file (WAL): VMs and the asset catalog.
+//!
+//! Migrations live in `crates/metald/migrations/` and are applied in order at open, tracked by
+//! SQLite's `user_version`.
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+use crate::domain::{CustomerId, VmConfig, VmId, VmRecord};
+use crate::state::VmState;
+
+/// Migrations in order; index + 1 is the schema version each one produces.
+const MIGRATIONS: &[&str] = &[include_str!("../../migrations/0001_init.sql")];
+
+/// Errors from the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite refused an operation.
+    #[error("database {op}")]
+    Sqlite {
+        /// What was being done.
+        op: &'static str,
+        /// SQLite's error.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// A stored row could not be understood.
+    #[error("stored row for {id} is corrupt: {reason}")]
+    Corrupt {
+        /// The row's id.
+        id: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The database was written by a newer metald.
+    #[error("database schema version {found} is newer than this metald knows ({known})")]
+    TooNew {
+        /// Version in the file.
+        found: i64,
+        /// Latest version this binary knows.
+        known: i64,
+    },
+}
+
+fn sql(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
+    move |source| StoreError::Sqlite { op, source }
+}
+
+/// Kinds of asset files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AssetKind {
+    /// A guest kernel (ELF vmlinux or bzImage).
+    Kernel,
+    /// An initial ramdisk.
+    Initrd,
+    /// A disk image (root filesystem or extra drive).
+    Rootfs,
+}
+
+impl AssetKind {
+    /// Stable name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AssetKind::Kernel => "kernel",
+            AssetKind::Initrd => "initrd",
+            AssetKind::Rootfs => "rootfs",
+        }
+    }
+
+    /// Parses a stable name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "kernel" => Some(AssetKind::Kernel),
+            "initrd" => Some(AssetKind::Initrd),
+            "rootfs" => Some(AssetKind::Rootfs),
+            _ => None,
+        }
+    }
+}
+
+/// One asset in the catalog.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AssetRecord {
+    /// The image id callers use.
+    pub id: String,
+    /// What it is.
+    pub kind: AssetKind,
+    /// File name under the asset directory.
+    pub file_name: String,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// Hex sha256 of the content.
+    pub sha256: String,
+    /// For kernels: the initrd booted with it.
+    pub initrd_id: Option<String>,
+    /// For root filesystems: the console line that shows the guest is up.
+    pub ready_marker: Option<String>,
+    /// Import time, Unix milliseconds.
+    pub created_at_ms: i64,
+}
+
+/// The SQLite-backed store. Calls are short and synchronous; one connection behind a mutex
+/// is plenty for a per-host daemon and keeps writes serialized.
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path` and applies pending migrations.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path).map_err(sql("open"))?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sql("enable WAL"))?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(sql("set synchronous"))?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(sql("enable foreign keys"))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(sql("set busy timeout"))?;
+        migrate(&conn)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite half-written (statements are
+        // atomic), so a poisoned lock is safe to keep using.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Inserts a new VM; returns it with its sequence number.
+    pub fn insert_vm(&self, vm: &VmRecord) -> Result<VmRecord, StoreError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO vms (id, customer_id, state, config_json, backend, created_at_ms,
+                              updated_at_ms, vmm_pid, vmm_start_ticks, failure, guest_ready)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![
+                vm.id.as_str(),
+                vm.customer.as_str(),
+                vm.state.as_str(),
+                config_json(vm)?,
+                vm.backend,
+                vm.created_at_ms,
+                vm.updated_at_ms,
+                vm.vmm_pid,
+                vm.vmm_start_ticks.map(|t| t as i64),
+                vm.failure,
+                vm.guest_ready,
+            ],
+        )
+        .map_err(sql("insert vm"))?;
+        let mut saved = vm.clone();
+        saved.seq = conn.last_insert_rowid();
+        Ok(saved)
+    }
+
+    /// Writes a VM's mutable fields (state, process, failure, readiness).
+    pub fn update_vm(&self, vm: &VmRecord) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "UPDATE vms SET state = ?2, updated_at_ms = ?3, vmm_pid = ?4, vmm_start_ticks = ?5,
+                            failure = ?6, guest_ready = ?7
+                 WHERE id = ?1",
+                params![
+                    vm.id.as_str(),
+                    vm.state.as_str(),
+                    vm.updated_at_ms,
+                    vm.vmm_pid,
+                    vm.vmm_start_ticks.map(|t| t as i64),
+                    vm.failure,
+                    vm.guest_ready,
+                ],
+            )
+            .map_err(sql("update vm"))?;
+        Ok(())
+    }
+
+    /// The customer's VM with this id, if it exists and is theirs.
+    pub fn get_vm(&self, customer: &CustomerId, id: &VmId) -> Result<Option<VmRecord>, StoreError> {
+        self.conn()
+            .query_row(
+                &format!("SELECT {VM_COLUMNS} FROM vms WHERE id = ?1 AND customer_id = ?2"),
+                params![id.as_str(), customer.as_str()],
+                read_vm_row,
+            )
+            .optional()
+            .map_err(sql("read vm"))?
+            .transpose()
+    }
+
+    /// A VM by id whoever owns it (for metald's own bookkeeping, never for API callers).
+    pub fn get_vm_unscoped(&self, id: &VmId) -> Result<Option<VmRecord>, StoreError> {
+        self.conn()
+            .query_row(
+                &format!("SELECT {VM_COLUMNS} FROM vms WHERE id = ?1"),
+                params![id.as_str()],
+                read_vm_row,
+            )
+            .optional()
+            .map_err(sql("read vm"))?
+            .transpose()
+    }
+
+    /// Up to `limit` of the customer's VMs after sequence number `after_seq`, oldest first.
+    pub fn list_vms(
+        &self,
+        customer: &CustomerId,
+        state: Option<VmState>,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<VmRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(&format!(
+                "SELECT {VM_COLUMNS} FROM vms
+                 WHERE customer_id = ?1 AND seq > ?2 AND (?3 IS NULL OR state = ?3)
+                 ORDER BY seq LIMIT ?4"
+            ))
+            .map_err(sql("list vms"))?;
+        let rows = stmt
+            .query_map(
+                params![customer.as_str(), after_seq, state.map(|s| s.as_str()), limit],
+                read_vm_row,
+            )
+            .map_err(sql("list vms"))?;
+        collect_vm_rows(rows)
+    }
+
+    /// Every VM on this host (start-up reconciliation).
+    pub fn all_vms(&self) -> Result<Vec<VmRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(&format!("SELECT {VM_COLUMNS} FROM vms ORDER BY seq"))
+            .map_err(sql("list all vms"))?;
+        let rows = stmt.query_map([], read_vm_row).map_err(sql("list all vms"))?;
+        collect_vm_rows(rows)
+    }
+
+    /// Removes a VM's row.
+    pub fn delete_vm(&self, id: &VmId) -> Result<(), StoreError> {
+        self.conn()
+            .execute("DELETE FROM vms WHERE id = ?1", params![id.as_str()])
+            .map_err(sql("delete vm"))?;
+        Ok(())
+    }
+
+    /// Adds an asset to the catalog.
+    pub fn insert_asset(&self, a: &AssetRecord) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "INSERT INTO assets (id, kind, file_name, size_bytes, sha256, initrd_id,
+                                     ready_marker, created_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    a.id,
+                    a.kind.as_str(),
+                    a.file_name,
+                    a.size_bytes as i64,
+                    a.sha256,
+                    a.initrd_id,
+                    a.ready_marker,
+                    a.created_at_ms
+                ],
+            )
+            .map_err(sql("insert asset"))?;
+        Ok(())
+    }
+
+    /// One asset by id.
+    pub fn get_asset(&self, id: &str) -> Result<Option<AssetRecord>, StoreError> {
+        self.conn()
+            .query_row(
+                &format!("SELECT {ASSET_COLUMNS} FROM assets WHERE id = ?1"),
+                params![id],
+                read_asset_row,
+            )
+            .optional()
+            .map_err(sql("read asset"))?
+            .transpose()
+    }
+
+    /// The whole catalog, by id.
+    pub fn list_assets(&self) -> Result<Vec<AssetRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(&format!("SELECT {ASSET_COLUMNS} FROM assets ORDER BY id"))
+            .map_err(sql("list assets"))?;
+        let rows = stmt
+            .query_map([], read_asset_row)
+            .map_err(sql("list assets"))?;
+        rows.map(|r| r.map_err(sql("list assets")).and_then(|x| x))
+            .collect()
+    }
+
+    /// Removes an asset row.
+    pub fn delete_asset(&self, id: &str) -> Result<(), StoreError> {
+        self.conn()
+            .execute("DELETE FROM assets WHERE id = ?1", params![id])
+            .map_err(sql("delete asset"))?;
+        Ok(())
+    }
+
+    /// Ids of assets (kernels) that name `id` as their initrd.
+    pub fn assets_using_initrd(&self, id: &str) -> Result<Vec<String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT id FROM assets WHERE initrd_id = ?1 ORDER BY id")
+            .map_err(sql("find initrd users"))?;
+        let rows = stmt
+            .query_map(params![id], |r| r.get::<_, String>(0))
+            .map_err(sql("find initrd users"))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(sql("find initrd users"))
+    }
+}
+
+const VM_COLUMNS: &str = "seq, id, customer_id, state, config_json, backend, created_at_ms, \
+                          updated_at_ms, vmm_pid, vmm_start_ticks, failure, guest_ready";
+const ASSET_COLUMNS: &str =
+    "id, kind, file_name, size_bytes, sha256, initrd_id, ready_marker, created_at_ms";
+
+fn config_json(vm: &VmRecord) -> Result<String, StoreError> {
+    serde_json::to_string(&vm.config).map_err(|e| StoreError::Corrupt {
+        id: vm.id.to_string(),
+        reason: format!("config does not serialize: {e}"),
+    })
+}
+
+/// Reads one row; the outer `Result` is SQLite's, the inner one is ours (row contents).
+fn read_vm_row(row: &Row<'_>) -> rusqlite::Result<Result<VmRecord, StoreError>> {
+    let id: String = row.get(1)?;
+    let customer: String = row.get(2)?;
+    let state: String = row.get(3)?;
+    let config: String = row.get(4)?;
+    let corrupt = |reason: String| StoreError::Corrupt {
+        id: id.clone(),
+        reason,
+    };
+    let parsed = (|| {
+        Ok(VmRecord {
+            seq: row.get(0).map_err(sql("read vm"))?,
+            id: id.parse().map_err(|e| corrupt(format!("{e}")))?,
+            customer: customer.parse().map_err(|e| corrupt(format!("{e}")))?,
+            state: VmState::parse(&state).ok_or_else(|| corrupt(format!("state {state}")))?,
+            config: serde_json::from_str::<VmConfig>(&config)
+                .map_err(|e| corrupt(format!("config: {e}")))?,
+            backend: row.get(5).map_err(sql("read vm"))?,
+            created_at_ms: row.get(6).map_err(sql("read vm"))?,
+            updated_at_ms: row.get(7).map_err(sql("read vm"))?,
+            vmm_pid: row.get(8).map_err(sql("read vm"))?,
+            vmm_start_ticks: row
+                .get::<_, Option<i64>>(9)
+                .map_err(sql("read vm"))?
+                .map(|t| t as u64),
+            failure: row.get(10).map_err(sql("read vm"))?,
+            guest_ready: row.get(11).map_err(sql("read vm"))?,
+        })
+    })();
+    Ok(parsed)
+}
+
+fn collect_vm_rows(
+    rows: impl Iterator<Item = rusqlite::Result<Result<VmRecord, StoreError>>>,
+) -> Result<Vec<VmRecord>, StoreError> {
+    rows.map(|r| r.map_err(sql("read vm")).and_then(|x| x))
+        .collect()
+}
+
+fn read_asset_row(row: &Row<'_>) -> rusqlite::Result<Result<AssetRecord, StoreError>> {
+    let id: String = row.get(0)?;
+    let kind: String = row.get(1)?;
+    let Some(kind) = AssetKind::parse(&kind) else {
+        return Ok(Err(StoreError::Corrupt {
+            id,
+            reason: format!("asset kind {kind}"),
+        }));
+    };
+    Ok(Ok(AssetRecord {
+        id,
+        kind,
+        file_name: row.get(2)?,
+        size_bytes: row.get::<_, i64>(3)? as u64,
+        sha256: row.get(4)?,
+        initrd_id: row.get(5)?,
+        ready_marker: row.get(6)?,
+        created_at_ms: row.get(7)?,
+    }))
+}
+
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(sql("read schema version"))?;
+    let known = MIGRATIONS.len() as i64;
+    if version > known {
+        return Err(StoreError::TooNew {
+            found: version,
+            known,
+        });
+    }
+    for (i, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        // Each migration and its version bump commit together, so a crash never half-applies one.
+        let batch = format!(
+            "BEGIN; {migration}\nPRAGMA user_version = {}; COMMIT;",
+            i + 1
+        );
+        conn.execute_batch(&batch).map_err(sql("migrate"))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn record(customer: &str, state: VmState) -> VmRecord {
+        VmRecord {
+            id: VmId::generate(),
+            customer: customer.parse().unwrap(),
+            state,
+            config: VmConfig {
+                vcpu_count: 1,
+                memory_bytes: 128 << 20,
+                kernel_image_id: "k".into(),
+                rootfs_image_id: "r".into(),
+                drives: vec![],
+                kernel_args: String::new(),
+                metadata: BTreeMap::from([("team".into(), "a".into())]),
+            },
+            backend: "qemu".into(),
+            created_at_ms: 1,
+            updated_at_ms: 1,
+            vmm_pid: None,
+            vmm_start_ticks: None,
+            failure: None,
+            guest_ready: false,
+            seq: 0,
+        }
+    }
+
+    #[test]
+    fn vms_are_scoped_paged_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metald.db");
+        let a: CustomerId = "a".parse().unwrap();
+        let b: CustomerId = "b".parse().unwrap();
+        let ids: Vec<VmRecord> = {
+            let store = Store::open(&path).unwrap();
+            let mut saved = vec![];
+            for _ in 0..3 {
+                saved.push(store.insert_vm(&record("a", VmState::Created)).unwrap());
+            }
+            store.insert_vm(&record("b", VmState::Running)).unwrap();
+            let mut running = saved[1].clone();
+            running.state = VmState::Running;
+            running.vmm_pid = Some(42);
+            store.update_vm(&running).unwrap();
+            saved[1] = running;
+            saved
+        };
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.get_vm(&a, &ids[1].id).unwrap().unwrap(), ids[1]);
+        assert_eq!(store.get_vm(&b, &ids[1].id).unwrap(), None);
+        let page1 = store.list_vms(&a, None, 0, 2).unwrap();
+        assert_eq!(page1.len(), 2);
+        let page2 = store.list_vms(&a, None, page1[1].seq, 2).unwrap();
+        assert_eq!(page2, vec![ids[2].clone()]);
+        let running = store.list_vms(&a, Some(VmState::Running), 0, 10).unwrap();
+        assert_eq!(running, vec![ids[1].clone()]);
+        assert_eq!(store.list_vms(&b, None, 0, 10).unwrap().len(), 1);
+        store.delete_vm(&ids[0].id).unwrap();
+        assert_eq!(store.get_vm(&a, &ids[0].id).unwrap(), None);
+        assert_eq!(store.all_vms().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn refuses_a_newer_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metald.db");
+        drop(Store::open(&path).unwrap());
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        assert!(matches!(
+            Store::open(&path),
+            Err(StoreError::TooNew { found: 99, .. })
+        ));
+    }
+}
