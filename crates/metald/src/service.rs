@@ -284,13 +284,11 @@ impl VmService {
             ));
         }
         self.assets
-            .boot_files(&c.kernel_image_id, &c.rootfs_image_id)
-            .map_err(|e| match &e {
-                AssetError::Unknown(id) | AssetError::WrongKind { id, .. } if *id == c.kernel_image_id => {
-                    asset_field_error("config.kernel.image_id", e)
-                }
-                _ => asset_field_error("config.rootfs.image_id", e),
-            })?;
+            .get_kind(&c.kernel_image_id, AssetKind::Kernel)
+            .map_err(|e| asset_field_error("config.kernel.image_id", e))?;
+        self.assets
+            .get_kind(&c.rootfs_image_id, AssetKind::Rootfs)
+            .map_err(|e| asset_field_error("config.rootfs.image_id", e))?;
         if c.kernel_args.len() > MAX_KERNEL_ARGS {
             return Err(invalid(
                 "config.kernel_args",

@@ -1,0 +1,447 @@
+//! End-to-end tests: the real metald binary, real QEMU VMs (TCG on hosts without hardware KVM),
+//! real SQLite files, real HTTP clients. Skipped with a printed reason when QEMU or the guest
+//! image is missing, unless METALD_REQUIRE_E2E=1 (as `make test` sets), where that fails.
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use connectrpc::client::{ClientConfig, HttpClient};
+use connectrpc::{ErrorCode, Protocol};
+use metald_proto::metald::v1 as pb;
+use serde_json::{json, Value};
+use support::*;
+
+/// The README's exact request (ids of the quick-start's assets): create, boot, see the guest's
+/// readiness line, pause, resume, reboot, shut down, delete; then nothing is left.
+#[test]
+fn rest_lifecycle_with_the_readme_request() {
+    let Some(guest) = qemu_guest() else { return };
+    let m = metald().start(&guest);
+    let api = Rest::new(&m, Some("test"));
+    let created = api.call("POST", "/v1/vms", Some(readme_request(2, 1_073_741_824)));
+    assert_eq!(created.status, 201, "{}", created.body);
+    let vm = &created.body["vm"];
+    assert_eq!(vm["state"], "VM_STATE_CREATED");
+    assert_eq!(vm["config"]["cpu"]["vcpuCount"], 2);
+    assert_eq!(vm["config"]["memory"]["sizeBytes"], "1073741824");
+    let id = vm["vmId"].as_str().unwrap().to_string();
+    let dir = m.data_dir.join("vms").join(&id);
+    assert!(dir.join("rootfs.img").exists());
+
+    let booted = api.call("POST", &format!("/v1/vms/{id}/boot"), None).ok();
+    assert_eq!(booted["vm"]["state"], "VM_STATE_RUNNING");
+    let pid = booted["vm"]["vmmPid"].as_u64().unwrap();
+    assert!(process_alive(pid));
+    assert!(dir.join("control.sock").exists());
+    api.wait_ready(&id);
+    let console = api.call("GET", &format!("/v1/vms/{id}/console"), None).ok();
+    let out = console["output"].as_str().unwrap();
+    assert!(out.contains(READY_MARKER), "console: {out}");
+    assert!(out.contains("cpus=2"), "the guest sees the configured vCPUs: {out}");
+    let tail = api.call("GET", &format!("/v1/vms/{id}/console?tail_bytes=10"), None).ok();
+    assert_eq!(tail["output"].as_str().unwrap().len(), 10);
+    assert_eq!(tail["truncated"], true);
+
+    let paused = api.call("POST", &format!("/v1/vms/{id}/pause"), None).ok();
+    assert_eq!(paused["vm"]["state"], "VM_STATE_PAUSED");
+    // A paused guest's vCPUs do not run: its console stays still.
+    let size = |api: &Rest| api.call("GET", &format!("/v1/vms/{id}/console?tail_bytes=1"), None).ok()["totalBytes"].clone();
+    let before = size(&api);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(size(&api), before);
+    assert_eq!(api.vm(&id)["state"], "VM_STATE_PAUSED");
+    let resumed = api.call("POST", &format!("/v1/vms/{id}/resume"), None).ok();
+    assert_eq!(resumed["vm"]["state"], "VM_STATE_RUNNING");
+
+    let rebooted = api.call("POST", &format!("/v1/vms/{id}/reboot"), Some(json!({}))).ok();
+    assert_eq!(rebooted["vm"]["state"], "VM_STATE_RUNNING");
+    let new_pid = rebooted["vm"]["vmmPid"].as_u64().unwrap();
+    assert_ne!(new_pid, pid, "reboot starts a fresh VMM");
+    assert!(!process_alive(pid));
+    api.wait_ready(&id);
+    let console = api.call("GET", &format!("/v1/vms/{id}/console"), None).ok();
+    assert_eq!(console["output"].as_str().unwrap().matches(READY_MARKER).count(), 2, "two boots, two readiness lines");
+
+    let down = api.call("POST", &format!("/v1/vms/{id}/shutdown"), Some(json!({"timeout_seconds": 30}))).ok();
+    assert_eq!(down["vm"]["state"], "VM_STATE_SHUTDOWN");
+    assert_eq!(down["vm"]["vmmPid"], Value::Null, "no pid once shut down (0 is omitted in JSON)");
+    assert!(!process_alive(new_pid));
+    assert!(m.log_text().contains("Clean"), "the guest shut down by itself on Ctrl-Alt-Del: {}", m.log_text());
+
+    api.call("DELETE", &format!("/v1/vms/{id}"), None).ok();
+    assert_eq!(api.call("GET", &format!("/v1/vms/{id}"), None).status, 404);
+    assert!(!dir.exists(), "VM directory (disk, console, socket) removed");
+    assert!(m.vmm_pids().is_empty(), "no VMM process left");
+    assert_eq!(api.call("GET", "/v1/vms", None).ok()["vms"], Value::Null);
+}
+
+/// One generated-client flavour: Connect+protobuf, Connect+JSON, or gRPC.
+fn client(m: &Metald, customer: &str, flavour: &str) -> pb::VmServiceClient<HttpClient> {
+    let mut cfg = ClientConfig::new(m.url.parse().unwrap())
+        .with_default_header("authorization", format!("Bearer dev_customer_{customer}"));
+    let http = match flavour {
+        "connect-proto" => HttpClient::plaintext(),
+        "connect-json" => {
+            cfg = cfg.json();
+            HttpClient::plaintext()
+        }
+        "grpc" => {
+            cfg = cfg.with_protocol(Protocol::Grpc);
+            HttpClient::plaintext_http2_only()
+        }
+        other => panic!("unknown flavour {other}"),
+    };
+    pb::VmServiceClient::new(http, cfg)
+}
+
+async fn wait_ready_rpc(c: &pb::VmServiceClient<HttpClient>, id: &str) -> pb::VmInfo {
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        let vm = c
+            .get_vm_info(pb::GetVmInfoRequest { vm_id: id.into(), ..Default::default() })
+            .await
+            .unwrap()
+            .into_owned()
+            .vm
+            .into_option()
+            .unwrap();
+        if vm.guest_ready {
+            return vm;
+        }
+        assert_ne!(vm.state, pb::VmState::VM_STATE_FAILED, "{vm:?}");
+        assert!(std::time::Instant::now() < deadline, "guest not ready: {vm:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn rpc_lifecycle(m: &Metald, flavour: &str) {
+    let c = client(m, "rpc", flavour);
+    let config = pb::VmConfig {
+        cpu: pb::CpuConfig { vcpu_count: 1, ..Default::default() }.into(),
+        memory: pb::MemoryConfig { size_bytes: 256 << 20, ..Default::default() }.into(),
+        kernel: pb::KernelConfig { image_id: KERNEL_ID.into(), ..Default::default() }.into(),
+        rootfs: pb::RootfsConfig { image_id: ROOTFS_ID.into(), ..Default::default() }.into(),
+        metadata: [("client".to_string(), flavour.to_string())].into_iter().collect(),
+        ..Default::default()
+    };
+    let created = c
+        .create_vm(pb::CreateVmRequest { config: config.into(), ..Default::default() })
+        .await
+        .unwrap_or_else(|e| panic!("{flavour} create: {e}"))
+        .into_owned();
+    let vm = created.vm.into_option().unwrap();
+    assert_eq!(vm.state, pb::VmState::VM_STATE_CREATED);
+    assert_eq!(vm.config.metadata.get("client").map(String::as_str), Some(flavour));
+    let id = vm.vm_id.clone();
+    let booted = c.boot_vm(pb::BootVmRequest { vm_id: id.clone(), ..Default::default() }).await.unwrap().into_owned();
+    assert_eq!(booted.vm.state, pb::VmState::VM_STATE_RUNNING);
+    wait_ready_rpc(&c, &id).await;
+    let console = c
+        .get_vm_console(pb::GetVmConsoleRequest { vm_id: id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_owned();
+    assert!(console.output.contains(READY_MARKER), "{flavour}: {}", console.output);
+    let paused = c.pause_vm(pb::PauseVmRequest { vm_id: id.clone(), ..Default::default() }).await.unwrap().into_owned();
+    assert_eq!(paused.vm.state, pb::VmState::VM_STATE_PAUSED);
+    // Illegal: pause a paused VM. FailedPrecondition naming the state, nothing changes.
+    let err = c.pause_vm(pb::PauseVmRequest { vm_id: id.clone(), ..Default::default() }).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::FailedPrecondition, "{flavour}");
+    assert!(err.message.as_deref().unwrap_or("").contains("PAUSED"), "{err:?}");
+    let resumed = c.resume_vm(pb::ResumeVmRequest { vm_id: id.clone(), ..Default::default() }).await.unwrap().into_owned();
+    assert_eq!(resumed.vm.state, pb::VmState::VM_STATE_RUNNING);
+    let rebooted = c
+        .reboot_vm(pb::RebootVmRequest { vm_id: id.clone(), force: true, ..Default::default() })
+        .await
+        .unwrap()
+        .into_owned();
+    assert_ne!(rebooted.vm.vmm_pid, booted.vm.vmm_pid);
+    wait_ready_rpc(&c, &id).await;
+    let list = c
+        .list_vms(pb::ListVmsRequest { state_filter: pb::VmState::VM_STATE_RUNNING.into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_owned();
+    assert_eq!(list.vms.iter().map(|v| v.vm_id.as_str()).collect::<Vec<_>>(), vec![id.as_str()]);
+    let down = c
+        .shutdown_vm(pb::ShutdownVmRequest { vm_id: id.clone(), force: true, ..Default::default() })
+        .await
+        .unwrap()
+        .into_owned();
+    assert_eq!(down.vm.state, pb::VmState::VM_STATE_SHUTDOWN);
+    assert!(!process_alive(u64::from(rebooted.vm.vmm_pid)));
+    c.delete_vm(pb::DeleteVmRequest { vm_id: id.clone(), ..Default::default() }).await.unwrap();
+    let err = c.get_vm_info(pb::GetVmInfoRequest { vm_id: id.clone(), ..Default::default() }).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::NotFound);
+    assert!(!m.data_dir.join("vms").join(&id).exists());
+}
+
+/// The generated Connect client (protobuf and JSON codecs) and gRPC each drive a VM's whole life.
+#[test]
+fn generated_clients_over_connect_and_grpc() {
+    let Some(guest) = qemu_guest() else { return };
+    let m = metald().start(&guest);
+    block_on(async {
+        for flavour in ["connect-proto", "connect-json", "grpc"] {
+            rpc_lifecycle(&m, flavour).await;
+        }
+    });
+    assert!(m.vmm_pids().is_empty());
+}
+
+fn buf_bin() -> Option<std::path::PathBuf> {
+    let p = std::env::var_os("METALD_BUF_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/tools/node_modules/.bin/buf"));
+    p.exists().then_some(p)
+}
+
+fn buf_curl(m: &Metald, protocol: &str, method: &str, data: Value) -> Value {
+    let buf = buf_bin().unwrap();
+    let proto = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    let mut cmd = std::process::Command::new(buf);
+    cmd.args(["curl", "--schema"]).arg(&proto).args([
+        "--protocol",
+        protocol,
+        "--http2-prior-knowledge",
+        "-H",
+        "Authorization: Bearer dev_customer_bufuser",
+        "-d",
+        &data.to_string(),
+        &format!("{}/metald.v1.VmService/{method}", m.url),
+    ]);
+    let out = cmd.output().expect("run buf");
+    assert!(out.status.success(), "buf curl {method}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
+/// A client nobody here wrote: `buf curl` (npm's @bufbuild/buf) with the repo's proto files,
+/// over Connect and gRPC.
+#[test]
+fn buf_curl_drives_a_vm() {
+    let Some(guest) = qemu_guest() else { return };
+    if buf_bin().is_none() && skip_or_fail("buf CLI not installed (npm install --prefix target/tools @bufbuild/buf, or `make test`)") {
+        return;
+    }
+    let m = metald().start(&guest);
+    let created = buf_curl(&m, "connect", "CreateVm", readme_request(1, 256 << 20));
+    let id = created["vm"]["vmId"].as_str().expect("vm id").to_string();
+    let booted = buf_curl(&m, "grpc", "BootVm", json!({"vm_id": id}));
+    assert_eq!(booted["vm"]["state"], "VM_STATE_RUNNING");
+    let api = Rest::new(&m, Some("bufuser"));
+    api.wait_ready(&id);
+    let console = buf_curl(&m, "grpc", "GetVmConsole", json!({"vm_id": id}));
+    assert!(console["output"].as_str().unwrap().contains(READY_MARKER));
+    let listed = buf_curl(&m, "connect", "ListVms", json!({"state_filter": "VM_STATE_RUNNING"}));
+    assert_eq!(listed["vms"][0]["vmId"], json!(id));
+    let down = buf_curl(&m, "connect", "ShutdownVm", json!({"vm_id": id, "force": true}));
+    assert_eq!(down["vm"]["state"], "VM_STATE_SHUTDOWN");
+    buf_curl(&m, "grpc", "DeleteVm", json!({"vm_id": id}));
+    assert!(m.vmm_pids().is_empty());
+}
+
+/// Customer B sees nothing of A's and gets NotFound on every action on A's VM, exactly as for
+/// an id that never existed.
+#[test]
+fn tenants_see_only_their_own_vms() {
+    let Some(guest) = qemu_guest() else { return };
+    let m = metald().start(&guest);
+    let a = Rest::new(&m, Some("alice"));
+    let b = Rest::new(&m, Some("bob"));
+    let id = a.create_default();
+    a.call("POST", &format!("/v1/vms/{id}/boot"), None).ok();
+    assert_eq!(b.call("GET", "/v1/vms", None).ok()["vms"], Value::Null);
+    let never = "vm-00000000-0000-4000-8000-000000000000";
+    for target in [id.as_str(), never] {
+        for (method, path) in [
+            ("GET", format!("/v1/vms/{target}")),
+            ("GET", format!("/v1/vms/{target}/console")),
+            ("POST", format!("/v1/vms/{target}/boot")),
+            ("POST", format!("/v1/vms/{target}/pause")),
+            ("POST", format!("/v1/vms/{target}/resume")),
+            ("POST", format!("/v1/vms/{target}/reboot")),
+            ("POST", format!("/v1/vms/{target}/shutdown")),
+            ("DELETE", format!("/v1/vms/{target}?force=true")),
+        ] {
+            let r = b.call(method, &path, None);
+            assert_eq!((r.status, r.code()), (404, "not_found"), "{method} {path}: {}", r.body);
+            assert_eq!(r.message(), format!("vm {target} not found"));
+        }
+    }
+    // Over gRPC too.
+    block_on(async {
+        let c = client(&m, "bob", "grpc");
+        let err = c.get_vm_info(pb::GetVmInfoRequest { vm_id: id.clone(), ..Default::default() }).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::NotFound);
+    });
+    // A's VM is untouched by all of that.
+    let vm = a.vm(&id);
+    assert_eq!(vm["state"], "VM_STATE_RUNNING");
+    a.call("DELETE", &format!("/v1/vms/{id}?force=true"), None).ok();
+}
+
+/// Every kind of bad input gets its code, names its field, and changes nothing.
+#[test]
+fn bad_input_is_refused_precisely_and_changes_nothing() {
+    let Some(guest) = qemu_guest() else { return };
+    let m = metald().start(&guest);
+    let api = Rest::new(&m, Some("picky"));
+    let existing = api.create_default();
+    let snapshot = |api: &Rest| {
+        let list = api.call("GET", "/v1/vms", None).ok();
+        let dirs: Vec<_> = std::fs::read_dir(m.data_dir.join("vms")).unwrap().flatten().map(|e| e.file_name()).collect();
+        (list, dirs)
+    };
+    let before = snapshot(&api);
+    let with = |f: &dyn Fn(&mut Value)| {
+        let mut v = readme_request(1, 256 << 20);
+        f(&mut v);
+        v.to_string()
+    };
+    let cases: Vec<(String, u16, &str, &str)> = vec![
+        (with(&|v| v["config"]["cpu"]["vcpu_count"] = json!(0)), 400, "invalid_argument", "config.cpu.vcpu_count: must be between 1 and 255"),
+        (with(&|v| v["config"]["cpu"]["vcpu_count"] = json!(256)), 400, "invalid_argument", "config.cpu.vcpu_count"),
+        (with(&|v| v["config"]["memory"]["size_bytes"] = json!(64 << 20)), 400, "invalid_argument", "config.memory.size_bytes: must be at least 134217728 (128 MiB)"),
+        (with(&|v| v["config"]["memory"]["size_bytes"] = json!((256 << 20) + 1)), 400, "invalid_argument", "config.memory.size_bytes: must be a whole number of MiB"),
+        (with(&|v| v["config"]["kernel"]["image_id"] = json!("vmlinux-5.10")), 400, "invalid_argument", "config.kernel.image_id: unknown image id 'vmlinux-5.10'"),
+        (with(&|v| v["config"]["rootfs"]["image_id"] = json!("alpine-rootfs")), 400, "invalid_argument", "config.rootfs.image_id: unknown image id 'alpine-rootfs'"),
+        (with(&|v| v["config"]["rootfs"]["image_id"] = json!(KERNEL_ID)), 400, "invalid_argument", "config.rootfs.image_id: image 'vmlinux-6.1' is a kernel image, not a rootfs image"),
+        (with(&|v| v["config"]["cpu"] = json!({"vcpus": 2})), 400, "invalid_argument", "config.cpu.vcpus: unknown field"),
+        (with(&|v| v["config"]["drives"] = json!([{"drive_id": "Data!", "image_id": ROOTFS_ID}])), 400, "invalid_argument", "config.drives[0].drive_id"),
+        (with(&|v| v["config"]["kernel_args"] = json!("a\nb")), 400, "invalid_argument", "config.kernel_args"),
+        (r#"{"config": {"cpu": "#.to_string(), 400, "invalid_argument", "body: malformed JSON"),
+        ("{}".to_string(), 400, "invalid_argument", "config: required"),
+    ];
+    for (body, status, code, needle) in &cases {
+        let r = api.raw("POST", "/v1/vms", Some(body));
+        assert_eq!((r.status, r.code()), (*status, *code), "{body}: {}", r.body);
+        assert!(r.message().starts_with(needle) || r.message().contains(needle), "{body}: {}", r.message());
+    }
+    // The same strictness for Connect JSON.
+    let r = api.raw("POST", "/metald.v1.VmService/CreateVm", Some(&with(&|v| v["config"]["memory"]["sizebytes"] = json!(1))));
+    assert_eq!((r.status, r.code()), (400, "invalid_argument"), "{}", r.body);
+    assert!(r.message().contains("config.memory.sizebytes: unknown field"), "{}", r.body);
+    // Ids that are not ids.
+    for bad in ["abc", "vm-1", "VM-00000000-0000-4000-8000-000000000000"] {
+        let r = api.call("GET", &format!("/v1/vms/{bad}"), None);
+        assert_eq!((r.status, r.code()), (400, "invalid_argument"), "{bad}: {}", r.body);
+        assert!(r.message().starts_with("vm_id: "), "{}", r.message());
+    }
+    // Illegal transitions name the current state.
+    for (action, needle) in [
+        ("pause", "cannot pause a VM in state CREATED; boot it first"),
+        ("shutdown", "cannot shut down a VM in state CREATED; boot it first"),
+        ("resume", "cannot resume a VM in state CREATED"),
+    ] {
+        let r = api.call("POST", &format!("/v1/vms/{existing}/{action}"), None);
+        assert_eq!((r.status, r.code()), (400, "failed_precondition"), "{action}: {}", r.body);
+        assert_eq!(r.message(), needle);
+    }
+    // Unknown options and bad paging.
+    let r = api.call("POST", &format!("/v1/vms/{existing}/shutdown"), Some(json!({"forse": true})));
+    assert_eq!(r.code(), "invalid_argument", "{}", r.body);
+    let r = api.call("GET", "/v1/vms?page_token=garbage", None);
+    assert!(r.message().starts_with("page_token:"), "{}", r.body);
+    let r = api.call("GET", "/v1/vms?state=sleeping", None);
+    assert!(r.message().starts_with("state:"), "{}", r.body);
+    let r = api.call("GET", &format!("/v1/vms/{existing}/console?tail_bytes=99999999"), None);
+    assert!(r.message().starts_with("tail_bytes:"), "{}", r.body);
+    // Missing or malformed credentials.
+    for token in [None, Some("Basic x"), Some("Bearer nope")] {
+        let mut req = ::reqwest::Client::new().get(format!("{}/v1/vms", m.url));
+        if let Some(t) = token {
+            req = req.header("authorization", t);
+        }
+        let (status, body) = block_on(async {
+            let r = req.send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        });
+        assert_eq!(status, 401, "{token:?}");
+        assert_eq!(body["code"], "unauthenticated");
+        assert!(body["message"].as_str().unwrap().contains("Bearer dev_customer_<id>"), "{body}");
+    }
+    assert_eq!(snapshot(&api), before, "nothing changed");
+    assert_eq!(api.vm(&existing)["state"], "VM_STATE_CREATED");
+}
+
+/// Stop metald with VMs in several states and start it again on the same data dir: the list
+/// and states are intact, and the running VM's VMM is re-attached (it can be paused and shut down).
+#[test]
+fn state_survives_a_restart_and_running_vms_are_reattached() {
+    let Some(guest) = qemu_guest() else { return };
+    let mut m = metald().start(&guest);
+    let api = Rest::new(&m, Some("durable"));
+    let created = api.create_default();
+    let running = api.create_default();
+    api.call("POST", &format!("/v1/vms/{running}/boot"), None).ok();
+    api.wait_ready(&running);
+    let before = api.call("GET", "/v1/vms", None).ok();
+    m.stop();
+    m.spawn();
+    let api = Rest::new(&m, Some("durable"));
+    let after = api.call("GET", "/v1/vms", None).ok();
+    assert_eq!(after, before);
+    assert_eq!(api.vm(&created)["state"], "VM_STATE_CREATED");
+    assert_eq!(api.vm(&running)["state"], "VM_STATE_RUNNING");
+    assert!(m.log_text().contains("re-attached to running VMM"), "{}", m.log_text());
+    assert_eq!(api.call("POST", &format!("/v1/vms/{running}/pause"), None).ok()["vm"]["state"], "VM_STATE_PAUSED");
+    let down = api.call("POST", &format!("/v1/vms/{running}/shutdown"), Some(json!({"force": true}))).ok();
+    assert_eq!(down["vm"]["state"], "VM_STATE_SHUTDOWN");
+    assert!(m.vmm_pids().is_empty());
+}
+
+/// A VMM killed from outside is noticed: the VM is FAILED with the exit status, and it can be
+/// booted again or deleted.
+#[test]
+fn a_vmm_that_dies_on_its_own_marks_the_vm_failed() {
+    let Some(guest) = qemu_guest() else { return };
+    let m = metald().start(&guest);
+    let api = Rest::new(&m, Some("crashy"));
+    let id = api.create_default();
+    let pid = api.call("POST", &format!("/v1/vms/{id}/boot"), None).ok()["vm"]["vmmPid"].as_u64().unwrap();
+    std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
+    let vm = api.wait_state(&id, "VM_STATE_FAILED", Duration::from_secs(10));
+    assert!(vm["failure"].as_str().unwrap().contains("killed by signal 9"), "{vm}");
+    api.call("DELETE", &format!("/v1/vms/{id}"), None).ok();
+    assert!(!m.data_dir.join("vms").join(&id).exists());
+}
+
+/// A guest that never prints its readiness line is reported FAILED with its console tail, and
+/// its VMM is stopped.
+#[test]
+fn a_guest_that_never_becomes_ready_is_failed_with_its_console() {
+    let Some(guest) = qemu_guest() else { return };
+    let m = metald().env("UNKEY_METALD_BOOT_TIMEOUT_SECONDS", "2").start(&guest);
+    let out = m.assets(&["import", "--id", "silent", "--kind", "rootfs", "--file", &guest.join("rootfs.ext4").display().to_string(), "--ready-marker", "NEVER_PRINTED"]);
+    assert!(out.status.success());
+    let api = Rest::new(&m, Some("slow"));
+    let mut body = readme_request(1, 256 << 20);
+    body["config"]["rootfs"]["image_id"] = json!("silent");
+    let id = api.call("POST", "/v1/vms", Some(body)).ok()["vm"]["vmId"].as_str().unwrap().to_string();
+    api.call("POST", &format!("/v1/vms/{id}/boot"), None).ok();
+    let vm = api.wait_state(&id, "VM_STATE_FAILED", Duration::from_secs(30));
+    let failure = vm["failure"].as_str().unwrap();
+    assert!(failure.contains("no 'NEVER_PRINTED' line within 2s; console ends:"), "{failure}");
+    assert!(m.vmm_pids().is_empty(), "the silent guest's VMM was stopped");
+}
+
+/// A create that fails half way (the rootfs file vanished behind the catalog's back) leaves
+/// no VM, no directory, no disk.
+#[test]
+fn a_create_that_fails_half_way_rolls_back() {
+    let Some(guest) = qemu_guest() else { return };
+    let m = metald().start(&guest);
+    let out = m.assets(&["import", "--id", "doomed", "--kind", "rootfs", "--file", &guest.join("rootfs.ext4").display().to_string()]);
+    assert!(out.status.success());
+    std::fs::remove_file(m.data_dir.join("assets/doomed")).unwrap();
+    let api = Rest::new(&m, Some("unlucky"));
+    let mut body = readme_request(1, 256 << 20);
+    body["config"]["rootfs"]["image_id"] = json!("doomed");
+    let r = api.call("POST", "/v1/vms", Some(body));
+    assert_eq!((r.status, r.code()), (500, "internal"), "{}", r.body);
+    assert_eq!(api.call("GET", "/v1/vms", None).ok()["vms"], Value::Null);
+    let left: Vec<_> = std::fs::read_dir(m.data_dir.join("vms")).unwrap().collect();
+    assert!(left.is_empty(), "nothing left in vms/: {left:?}");
+}

@@ -1,0 +1,386 @@
+//! Test harness: runs the real `metald` binary on a free loopback port with a temporary data
+//! directory, the default guest image imported, and removes every process and file it made.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// Image ids the default guest is imported under (the same ids the README uses).
+pub const KERNEL_ID: &str = "vmlinux-6.1";
+/// Root filesystem id.
+pub const ROOTFS_ID: &str = "busybox-rootfs";
+/// The line the default guest prints once it is up.
+pub const READY_MARKER: &str = "METALD_GUEST_READY";
+
+/// Why a prerequisite is missing; under `METALD_REQUIRE_E2E=1` (as `make test` sets) that is a
+/// failure, otherwise the test is skipped with this reason printed.
+pub fn skip_or_fail(reason: &str) -> bool {
+    if std::env::var("METALD_REQUIRE_E2E").is_ok_and(|v| v == "1") {
+        panic!("required prerequisite missing: {reason}");
+    }
+    eprintln!("SKIPPED: {reason}");
+    true
+}
+
+/// Directory holding the built guest image (scripts/build-guest-image.sh output).
+pub fn guest_dir() -> Option<PathBuf> {
+    let dir = std::env::var_os("METALD_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/guest"));
+    ["vmlinux", "initrd.img", "rootfs.ext4"]
+        .iter()
+        .all(|f| dir.join(f).exists())
+        .then_some(dir)
+}
+
+/// The QEMU binary, if installed.
+pub fn qemu_bin() -> Option<PathBuf> {
+    find_exe("UNKEY_METALD_QEMU_BIN", "qemu-system-x86_64")
+}
+
+/// The Firecracker binary, if installed.
+pub fn firecracker_bin() -> Option<PathBuf> {
+    find_exe("UNKEY_METALD_FIRECRACKER_BIN", "firecracker")
+}
+
+fn find_exe(var: &str, name: &str) -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(var) {
+        return Some(PathBuf::from(p));
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Prerequisites for booting the default guest with QEMU, or `None` after printing why not.
+pub fn qemu_guest() -> Option<PathBuf> {
+    let Some(dir) = guest_dir() else {
+        skip_or_fail("guest image not built (run scripts/build-guest-image.sh target/guest or `make test`)");
+        return None;
+    };
+    if qemu_bin().is_none() {
+        skip_or_fail("qemu-system-x86_64 not installed (apt-get install qemu-system-x86, or `make test`)");
+        return None;
+    }
+    Some(dir)
+}
+
+/// A running metald.
+pub struct Metald {
+    /// Base URL, e.g. http://127.0.0.1:40123
+    pub url: String,
+    /// Port.
+    pub port: u16,
+    /// The data directory.
+    pub data_dir: PathBuf,
+    child: Option<Child>,
+    env: Vec<(String, String)>,
+    _tmp: Option<tempfile::TempDir>,
+    /// Where metald's stderr goes.
+    pub log: PathBuf,
+}
+
+/// Builds a metald.
+pub struct Builder {
+    env: Vec<(String, String)>,
+}
+
+impl Builder {
+    /// Sets an environment variable for metald.
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.env.push((k.into(), v.into()));
+        self
+    }
+
+    /// Starts metald with the default guest imported (`guest` = the image directory).
+    pub fn start(self, guest: &Path) -> Metald {
+        // Short path: VM sockets live under the data dir and Unix socket paths are short.
+        let tmp = tempfile::Builder::new().prefix("md").tempdir_in("/tmp").expect("temp dir");
+        let data_dir = tmp.path().to_path_buf();
+        let mut env = self.env;
+        env.push(("UNKEY_METALD_DATA_DIR".into(), data_dir.display().to_string()));
+        env.push(("UNKEY_METALD_LOG_FORMAT".into(), "text".into()));
+        let mut m = Metald {
+            url: String::new(),
+            port: 0,
+            data_dir,
+            child: None,
+            env,
+            _tmp: Some(tmp),
+            log: PathBuf::new(),
+        };
+        m.log = m.data_dir.join("metald.log");
+        m.import_default_guest(guest);
+        m.spawn();
+        m
+    }
+}
+
+/// A builder with QEMU as the backend.
+pub fn metald() -> Builder {
+    Builder { env: vec![("UNKEY_METALD_BACKEND".into(), "qemu".into())] }
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+impl Metald {
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_metald"));
+        cmd.env_clear();
+        for (k, v) in std::env::vars() {
+            if !k.starts_with("UNKEY_METALD_") {
+                cmd.env(k, v);
+            }
+        }
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    /// Runs `metald assets ...` against this data dir.
+    pub fn assets(&self, args: &[&str]) -> std::process::Output {
+        self.command().arg("assets").args(args).output().expect("run metald assets")
+    }
+
+    fn import_default_guest(&self, guest: &Path) {
+        let g = |f: &str| guest.join(f).display().to_string();
+        for args in [
+            vec!["import", "--id", "initrd-6.1", "--kind", "initrd", "--file", &g("initrd.img")],
+            vec!["import", "--id", KERNEL_ID, "--kind", "kernel", "--file", &g("vmlinux"), "--initrd", "initrd-6.1"],
+            vec!["import", "--id", ROOTFS_ID, "--kind", "rootfs", "--file", &g("rootfs.ext4"), "--ready-marker", READY_MARKER],
+        ] {
+            let out = self.assets(&args);
+            assert!(out.status.success(), "metald assets {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+
+    /// Starts (or restarts) the daemon and waits for /healthz.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        self.port = free_port();
+        self.url = format!("http://127.0.0.1:{}", self.port);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
+        let child = self
+            .command()
+            .env("UNKEY_METALD_PORT", self.port.to_string())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn metald");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(r) = reqwest::blocking_get(&format!("{}/healthz", self.url)) {
+                if r == 200 {
+                    return;
+                }
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("metald exited at start ({status}): {}", self.log_text());
+            }
+            assert!(Instant::now() < deadline, "metald did not answer /healthz: {}", self.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the daemon with SIGTERM (VMs keep running) and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().ok().flatten().is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// metald's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Pids of processes whose command line mentions this data dir (the VMMs).
+    pub fn vmm_pids(&self) -> Vec<u32> {
+        let needle = self.data_dir.display().to_string();
+        let mut pids = vec![];
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+            let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if text.contains(&needle) && !text.contains("metald") {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+}
+
+impl Drop for Metald {
+    fn drop(&mut self) {
+        self.stop();
+        // VMMs outlive metald by design; a test's VMs must not outlive the test.
+        for pid in self.vmm_pids() {
+            let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
+        }
+        if std::thread::panicking() {
+            eprintln!("---- metald log ----\n{}", self.log_text());
+        }
+    }
+}
+
+/// Minimal blocking HTTP helpers on reqwest's async client (one runtime per call keeps tests
+/// plain synchronous code).
+pub mod reqwest {
+    /// GET and return the status code.
+    pub fn blocking_get(url: &str) -> Result<u16, String> {
+        super::block_on(async {
+            let r = ::reqwest::get(url).await.map_err(|e| e.to_string())?;
+            Ok(r.status().as_u16())
+        })
+    }
+}
+
+/// Runs a future to completion on a fresh current-thread runtime.
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(f)
+}
+
+/// A REST client for one customer.
+pub struct Rest {
+    base: String,
+    token: Option<String>,
+    client: ::reqwest::Client,
+}
+
+/// An HTTP answer: status and JSON body.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// HTTP status.
+    pub status: u16,
+    /// JSON body (Null if none).
+    pub body: Value,
+}
+
+impl Answer {
+    /// The Connect error code of an error answer.
+    pub fn code(&self) -> &str {
+        self.body["code"].as_str().unwrap_or("")
+    }
+
+    /// The error message of an error answer.
+    pub fn message(&self) -> &str {
+        self.body["message"].as_str().unwrap_or("")
+    }
+
+    /// Asserts success and returns the body.
+    pub fn ok(self) -> Value {
+        assert!((200..300).contains(&self.status), "expected success, got {} {}", self.status, self.body);
+        self.body
+    }
+}
+
+impl Rest {
+    /// A client acting as `customer` (None: no Authorization header).
+    pub fn new(m: &Metald, customer: Option<&str>) -> Self {
+        Self {
+            base: m.url.clone(),
+            token: customer.map(|c| format!("Bearer dev_customer_{c}")),
+            client: ::reqwest::Client::new(),
+        }
+    }
+
+    /// Sends a request with a raw body.
+    pub fn raw(&self, method: &str, path: &str, body: Option<&str>) -> Answer {
+        let method: ::reqwest::Method = method.parse().expect("method");
+        let mut req = self.client.request(method, format!("{}{}", self.base, path));
+        if let Some(t) = &self.token {
+            req = req.header("authorization", t);
+        }
+        if let Some(b) = body {
+            req = req.header("content-type", "application/json").body(b.to_string());
+        }
+        block_on(async {
+            let resp = req.send().await.expect("request");
+            let status = resp.status().as_u16();
+            let text = resp.text().await.expect("body");
+            let body = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+            Answer { status, body }
+        })
+    }
+
+    /// Sends a JSON body.
+    pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> Answer {
+        self.raw(method, path, body.map(|b| b.to_string()).as_deref())
+    }
+
+    /// Creates a VM with the README's request (ids of the imported default guest); its id.
+    pub fn create_default(&self) -> String {
+        let body = self.call("POST", "/v1/vms", Some(readme_request(1, 256 << 20))).ok();
+        body["vm"]["vmId"].as_str().expect("vm id").to_string()
+    }
+
+    /// GET /v1/vms/{id}'s vm.
+    pub fn vm(&self, id: &str) -> Value {
+        self.call("GET", &format!("/v1/vms/{id}"), None).ok()["vm"].clone()
+    }
+
+    /// Waits until the VM reports its guest ready (or panics with its console).
+    pub fn wait_ready(&self, id: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let vm = self.vm(id);
+            if vm["guestReady"] == json!(true) {
+                return vm;
+            }
+            let console = self.call("GET", &format!("/v1/vms/{id}/console"), None).body;
+            assert!(vm["state"] != json!("VM_STATE_FAILED"), "vm failed: {vm}\nconsole: {console}");
+            assert!(Instant::now() < deadline, "guest not ready in time: {vm}\nconsole: {}", console["output"]);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Waits for a VM state.
+    pub fn wait_state(&self, id: &str, state: &str, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let vm = self.vm(id);
+            if vm["state"] == json!(state) {
+                return vm;
+            }
+            assert!(Instant::now() < deadline, "vm never reached {state}: {vm}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// The README's CreateVm body with the default guest's ids.
+pub fn readme_request(vcpus: u32, memory: u64) -> Value {
+    json!({"config": {"cpu": {"vcpu_count": vcpus}, "memory": {"size_bytes": memory},
+        "kernel": {"image_id": KERNEL_ID}, "rootfs": {"image_id": ROOTFS_ID}}})
+}
+
+/// True while a process exists (and is not a zombie).
+pub fn process_alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+        .unwrap_or(false)
+}
