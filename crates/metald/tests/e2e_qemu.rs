@@ -303,7 +303,7 @@ fn bad_input_is_refused_precisely_and_changes_nothing() {
     let cases: Vec<(String, u16, &str, &str)> = vec![
         (with(&|v| v["config"]["cpu"]["vcpu_count"] = json!(0)), 400, "invalid_argument", "config.cpu.vcpu_count: must be between 1 and 255"),
         (with(&|v| v["config"]["cpu"]["vcpu_count"] = json!(256)), 400, "invalid_argument", "config.cpu.vcpu_count"),
-        (with(&|v| v["config"]["memory"]["size_bytes"] = json!(64 << 20)), 400, "invalid_argument", "config.memory.size_bytes: must be at least 134217728 (128 MiB)"),
+        (with(&|v| v["config"]["memory"]["size_bytes"] = json!(64 << 20)), 400, "invalid_argument", "config.memory.size_bytes: must be at least 100663296 (96 MiB)"),
         (with(&|v| v["config"]["memory"]["size_bytes"] = json!((256 << 20) + 1)), 400, "invalid_argument", "config.memory.size_bytes: must be a whole number of MiB"),
         (with(&|v| v["config"]["kernel"]["image_id"] = json!("vmlinux-5.10")), 400, "invalid_argument", "config.kernel.image_id: unknown image id 'vmlinux-5.10'"),
         (with(&|v| v["config"]["rootfs"]["image_id"] = json!("alpine-rootfs")), 400, "invalid_argument", "config.rootfs.image_id: unknown image id 'alpine-rootfs'"),

@@ -1,0 +1,32 @@
+# metald: `make demo` boots a real VM through the API; `make test` runs the whole suite.
+# Both install what is missing first (apt, npm) and build the guest image from Debian packages.
+
+GUEST_DIR ?= $(CURDIR)/target/guest
+CARGO ?= cargo
+
+.PHONY: deps guest build demo test lint unit bench
+
+deps:
+	scripts/install-deps.sh
+
+guest: deps
+	scripts/build-guest-image.sh $(GUEST_DIR)
+
+build: deps
+	$(CARGO) build --workspace --bins
+
+demo: guest build
+	GUEST_DIR=$(GUEST_DIR) scripts/demo.sh
+
+lint: deps
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# The whole suite: unit tests, then end-to-end tests that boot real VMs (QEMU here; Firecracker
+# too when its binary is installed). METALD_REQUIRE_E2E turns a missing prerequisite into a failure.
+test: guest lint
+	METALD_GUEST_DIR=$(GUEST_DIR) METALD_REQUIRE_E2E=1 \
+		$(CARGO) test --workspace -- --test-threads=2
+
+bench: guest build
+	METALD_GUEST_DIR=$(GUEST_DIR) $(CARGO) bench -p metald --bench boot
