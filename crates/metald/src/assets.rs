@@ -287,7 +287,9 @@ fn sparse_copy(input: &File, output: &File, src: &Path, dst: &Path) -> Result<()
             .min(len);
         let mut off = data;
         while off < hole {
-            let want = usize::try_from(hole - off).unwrap_or(usize::MAX).min(buf.len());
+            let want = usize::try_from(hole - off)
+                .unwrap_or(usize::MAX)
+                .min(buf.len());
             let n = input
                 .read_at(&mut buf[..want], off)
                 .map_err(io_err("read", src))?;
@@ -331,7 +333,10 @@ mod tests {
         assert_eq!(fs::read(&src).unwrap(), fs::read(&dst).unwrap());
         use std::os::unix::fs::MetadataExt;
         let blocks = fs::metadata(&dst).unwrap().blocks() * 512;
-        assert!(blocks < 4 << 20, "copy used {blocks} bytes for 8 bytes of data");
+        assert!(
+            blocks < 4 << 20,
+            "copy used {blocks} bytes for 8 bytes of data"
+        );
         assert!(clone_file(&src, &dst).is_err(), "never overwrites");
     }
 
@@ -348,7 +353,9 @@ mod tests {
             ready_marker: Some("READY".into()),
         };
         assets.import(&req("ird", AssetKind::Initrd, None)).unwrap();
-        let k = assets.import(&req("k", AssetKind::Kernel, Some("ird"))).unwrap();
+        let k = assets
+            .import(&req("k", AssetKind::Kernel, Some("ird")))
+            .unwrap();
         assert_eq!(k.size_bytes, 3);
         assert_eq!(
             k.sha256,
@@ -367,10 +374,16 @@ mod tests {
         assert!(files.initrd.unwrap().ends_with("ird"));
         assert_eq!(files.ready_marker.as_deref(), Some("READY"));
         let err = assets.boot_files("r", "r").unwrap_err();
-        assert_eq!(err.to_string(), "image 'r' is a rootfs image, not a kernel image");
+        assert_eq!(
+            err.to_string(),
+            "image 'r' is a rootfs image, not a kernel image"
+        );
         let err = assets.boot_files("nope", "r").unwrap_err();
         assert_eq!(err.to_string(), "unknown image id 'nope'");
-        assert!(matches!(assets.remove("ird", &[]), Err(AssetError::InUse { .. })));
+        assert!(matches!(
+            assets.remove("ird", &[]),
+            Err(AssetError::InUse { .. })
+        ));
         assert!(matches!(
             assets.remove("r", &["vm-1".into()]),
             Err(AssetError::InUse { .. })

@@ -73,11 +73,15 @@ pub struct ConfigError {
 
 /// Longest data directory path: VM control sockets live at
 /// `<data dir>/vms/vm-<uuid>/control.sock` and a Unix socket path has at most 107 bytes.
-pub const MAX_DATA_DIR_LEN: usize = crate::backend::MAX_SOCKET_PATH - "/vms/vm-00000000-0000-0000-0000-000000000000/control.sock".len();
+pub const MAX_DATA_DIR_LEN: usize = crate::backend::MAX_SOCKET_PATH
+    - "/vms/vm-00000000-0000-0000-0000-000000000000/control.sock".len();
 
 impl Config {
     /// Reads the configuration through `var` (the process environment in production).
-    pub fn from_env(var: impl Fn(&str) -> Option<String>, path_lookup: impl Fn(&str) -> Option<PathBuf>) -> Result<Self, ConfigError> {
+    pub fn from_env(
+        var: impl Fn(&str) -> Option<String>,
+        path_lookup: impl Fn(&str) -> Option<PathBuf>,
+    ) -> Result<Self, ConfigError> {
         let get = |name: &'static str| var(name).filter(|v| !v.is_empty()).map(|v| (name, v));
         let bad = |var: &'static str, value: &str, allowed: &str| ConfigError {
             var,
@@ -86,7 +90,13 @@ impl Config {
         };
         let address = match get("UNKEY_METALD_ADDRESS") {
             None => IpAddr::from([127, 0, 0, 1]),
-            Some((n, v)) => v.parse().map_err(|_| bad(n, &v, "expected an IPv4 or IPv6 address such as 127.0.0.1 or ::"))?,
+            Some((n, v)) => v.parse().map_err(|_| {
+                bad(
+                    n,
+                    &v,
+                    "expected an IPv4 or IPv6 address such as 127.0.0.1 or ::",
+                )
+            })?,
         };
         let port = match get("UNKEY_METALD_PORT") {
             None => 8080,
@@ -200,7 +210,10 @@ pub fn which(name: &str) -> Option<PathBuf> {
 /// stock guest kernels crash under), judged from `<sys>/module` and `<dev>/kvm`.
 pub fn hardware_kvm(sys: &Path, dev: &Path) -> (bool, String) {
     if !dev.join("kvm").exists() {
-        return (false, format!("{} does not exist", dev.join("kvm").display()));
+        return (
+            false,
+            format!("{} does not exist", dev.join("kvm").display()),
+        );
     }
     for module in ["kvm_intel", "kvm_amd"] {
         if sys.join("module").join(module).exists() {
@@ -208,7 +221,10 @@ pub fn hardware_kvm(sys: &Path, dev: &Path) -> (bool, String) {
         }
     }
     if sys.join("module/kvm_pvm").exists() {
-        return (false, "/dev/kvm is kvm_pvm (software nested virtualization), not hardware KVM".into());
+        return (
+            false,
+            "/dev/kvm is kvm_pvm (software nested virtualization), not hardware KVM".into(),
+        );
     }
     (false, "neither kvm_intel nor kvm_amd is loaded".into())
 }
@@ -219,7 +235,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn parse(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         Config::from_env(|k| map.get(k).cloned(), |_| None)
     }
 
@@ -235,13 +254,37 @@ mod tests {
     #[test]
     fn bad_values_name_the_variable_and_what_is_allowed() {
         let cases = [
-            ("UNKEY_METALD_PORT", "http", "expected a port number 1-65535"),
+            (
+                "UNKEY_METALD_PORT",
+                "http",
+                "expected a port number 1-65535",
+            ),
             ("UNKEY_METALD_PORT", "0", "expected a port number"),
-            ("UNKEY_METALD_ADDRESS", "localhost:1", "expected an IPv4 or IPv6 address"),
-            ("UNKEY_METALD_BACKEND", "kvm", "expected firecracker, qemu or auto"),
-            ("UNKEY_METALD_QEMU_ACCEL", "hvf", "expected kvm, tcg or auto"),
-            ("UNKEY_METALD_DATA_DIR", "rel/dir", "expected an absolute path"),
-            ("UNKEY_METALD_FIRECRACKER_BIN", "/nonexistent/fc", "expected the path of an executable"),
+            (
+                "UNKEY_METALD_ADDRESS",
+                "localhost:1",
+                "expected an IPv4 or IPv6 address",
+            ),
+            (
+                "UNKEY_METALD_BACKEND",
+                "kvm",
+                "expected firecracker, qemu or auto",
+            ),
+            (
+                "UNKEY_METALD_QEMU_ACCEL",
+                "hvf",
+                "expected kvm, tcg or auto",
+            ),
+            (
+                "UNKEY_METALD_DATA_DIR",
+                "rel/dir",
+                "expected an absolute path",
+            ),
+            (
+                "UNKEY_METALD_FIRECRACKER_BIN",
+                "/nonexistent/fc",
+                "expected the path of an executable",
+            ),
             ("UNKEY_METALD_BOOT_TIMEOUT_SECONDS", "0", "1-3600"),
             ("UNKEY_METALD_AUTH_MODE", "jwt", "expected dev"),
         ];
@@ -253,7 +296,10 @@ mod tests {
             assert!(!line.contains('\n'));
         }
         let long = format!("/{}", "d".repeat(MAX_DATA_DIR_LEN));
-        assert!(parse(&[("UNKEY_METALD_DATA_DIR", &long)]).unwrap_err().allowed.contains("Unix socket"));
+        assert!(parse(&[("UNKEY_METALD_DATA_DIR", &long)])
+            .unwrap_err()
+            .allowed
+            .contains("Unix socket"));
     }
 
     #[test]

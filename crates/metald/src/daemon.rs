@@ -92,13 +92,18 @@ pub fn select_backend(
             StartError::NoBackend("UNKEY_METALD_BACKEND=firecracker but no firecracker binary: set UNKEY_METALD_FIRECRACKER_BIN or put firecracker on PATH".into())
         })?;
         if !Path::new("/dev/kvm").exists() {
-            return Err(StartError::NoBackend("firecracker needs /dev/kvm, which does not exist".into()));
+            return Err(StartError::NoBackend(
+                "firecracker needs /dev/kvm, which does not exist".into(),
+            ));
         }
         tracing::info!(binary = %bin.display(), "using firecracker");
         return Ok(Arc::new(FirecrackerBackend::new(bin, events)));
     }
     let bin = cfg.qemu_bin.clone().ok_or_else(|| {
-        StartError::NoBackend("no qemu-system-x86_64 binary: install qemu-system-x86 or set UNKEY_METALD_QEMU_BIN".into())
+        StartError::NoBackend(
+            "no qemu-system-x86_64 binary: install qemu-system-x86 or set UNKEY_METALD_QEMU_BIN"
+                .into(),
+        )
     })?;
     let accel = match cfg.qemu_accel {
         AccelChoice::Kvm => Accel::Kvm,
@@ -149,7 +154,10 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         // Without signal handlers the daemon simply runs until killed.
         return std::future::pending().await;
     };

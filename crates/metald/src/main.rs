@@ -10,7 +10,11 @@ use metald::config::{which, Config, LogFormat};
 use metald::store::AssetKind;
 
 #[derive(Parser)]
-#[command(name = "metald", version, about = "Runs microVMs for customers behind a ConnectRPC/REST API")]
+#[command(
+    name = "metald",
+    version,
+    about = "Runs microVMs for customers behind a ConnectRPC/REST API"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -89,7 +93,9 @@ fn main() -> ExitCode {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("UNKEY_METALD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
@@ -98,14 +104,21 @@ fn init_logging(format: LogFormat) {
 
 fn serve(cfg: Config) -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    rt.block_on(metald::daemon::run(cfg)).context("metald failed")
+    rt.block_on(metald::daemon::run(cfg))
+        .context("metald failed")
 }
 
 fn assets(cfg: &Config, command: AssetCommand) -> anyhow::Result<()> {
     let store = metald::daemon::open_store(&cfg.data_dir)?;
     let assets = metald::daemon::open_assets(&cfg.data_dir, store.clone())?;
     match command {
-        AssetCommand::Import { id, kind, file, initrd, ready_marker } => {
+        AssetCommand::Import {
+            id,
+            kind,
+            file,
+            initrd,
+            ready_marker,
+        } => {
             let kind = match kind {
                 Kind::Kernel => AssetKind::Kernel,
                 Kind::Initrd => AssetKind::Initrd,
@@ -120,7 +133,13 @@ fn assets(cfg: &Config, command: AssetCommand) -> anyhow::Result<()> {
                     ready_marker,
                 })
                 .with_context(|| format!("importing {}", file.display()))?;
-            println!("{}\t{}\t{}\t{}", rec.id, rec.kind.as_str(), rec.size_bytes, rec.sha256);
+            println!(
+                "{}\t{}\t{}\t{}",
+                rec.id,
+                rec.kind.as_str(),
+                rec.size_bytes,
+                rec.sha256
+            );
         }
         AssetCommand::List => {
             println!("ID\tKIND\tSIZE\tSHA256\tINITRD\tREADY_MARKER");
@@ -138,7 +157,9 @@ fn assets(cfg: &Config, command: AssetCommand) -> anyhow::Result<()> {
         }
         AssetCommand::Remove { id } => {
             let users = metald::service::vms_using_asset(&store, &id)?;
-            assets.remove(&id, &users).with_context(|| format!("removing {id}"))?;
+            assets
+                .remove(&id, &users)
+                .with_context(|| format!("removing {id}"))?;
             println!("removed {id}");
         }
     }

@@ -187,7 +187,11 @@ impl VmService {
 
     /// Validates `config`, prepares the VM's disks and records it as CREATED. Nothing is left
     /// behind if any step fails.
-    pub async fn create(&self, customer: &CustomerId, config: VmConfig) -> Result<VmRecord, ServiceError> {
+    pub async fn create(
+        &self,
+        customer: &CustomerId,
+        config: VmConfig,
+    ) -> Result<VmRecord, ServiceError> {
         self.validate(&config)?;
         let id = VmId::generate();
         let dir = self.vm_dir(&id);
@@ -265,13 +269,20 @@ impl VmService {
         if c.vcpu_count == 0 || c.vcpu_count > max {
             return Err(invalid(
                 "config.cpu.vcpu_count",
-                format!("must be between 1 and {max} ({} limit), got {}", self.backend_name(), c.vcpu_count),
+                format!(
+                    "must be between 1 and {max} ({} limit), got {}",
+                    self.backend_name(),
+                    c.vcpu_count
+                ),
             ));
         }
-        if c.memory_bytes % MIB != 0 {
+        if !c.memory_bytes.is_multiple_of(MIB) {
             return Err(invalid(
                 "config.memory.size_bytes",
-                format!("must be a whole number of MiB (multiple of 1048576), got {}", c.memory_bytes),
+                format!(
+                    "must be a whole number of MiB (multiple of 1048576), got {}",
+                    c.memory_bytes
+                ),
             ));
         }
         if c.memory_bytes < MIN_MEMORY_MIB * MIB {
@@ -293,11 +304,17 @@ impl VmService {
         if c.kernel_args.len() > MAX_KERNEL_ARGS {
             return Err(invalid(
                 "config.kernel_args",
-                format!("at most {MAX_KERNEL_ARGS} bytes, got {}", c.kernel_args.len()),
+                format!(
+                    "at most {MAX_KERNEL_ARGS} bytes, got {}",
+                    c.kernel_args.len()
+                ),
             ));
         }
         if c.kernel_args.chars().any(|ch| ch.is_control()) {
-            return Err(invalid("config.kernel_args", "must not contain control characters"));
+            return Err(invalid(
+                "config.kernel_args",
+                "must not contain control characters",
+            ));
         }
         if c.drives.len() > MAX_DRIVES {
             return Err(invalid(
@@ -377,7 +394,11 @@ impl VmService {
     }
 
     /// Starts the VM's VMM and boots its guest.
-    pub async fn boot(self: &Arc<Self>, customer: &CustomerId, id: &VmId) -> Result<VmRecord, ServiceError> {
+    pub async fn boot(
+        self: &Arc<Self>,
+        customer: &CustomerId,
+        id: &VmId,
+    ) -> Result<VmRecord, ServiceError> {
         let _guard = self.lock(id).await;
         let mut vm = self.load(customer, id).await?;
         let next = next_state(vm.state, Operation::Boot)?;
@@ -414,7 +435,12 @@ impl VmService {
         self.simple_op(customer, id, Operation::Resume).await
     }
 
-    async fn simple_op(&self, customer: &CustomerId, id: &VmId, op: Operation) -> Result<VmRecord, ServiceError> {
+    async fn simple_op(
+        &self,
+        customer: &CustomerId,
+        id: &VmId,
+        op: Operation,
+    ) -> Result<VmRecord, ServiceError> {
         let _guard = self.lock(id).await;
         let mut vm = self.load(customer, id).await?;
         let next = next_state(vm.state, op)?;
@@ -443,15 +469,15 @@ impl VmService {
         let _guard = self.lock(id).await;
         let mut vm = self.load(customer, id).await?;
         let next = next_state(vm.state, Operation::Shutdown)?;
-        let outcome = self
-            .backend
-            .shutdown(id, mode)
-            .await
-            .map_err(|source| ServiceError::Backend {
-                op: "shut down",
-                vm: id.clone(),
-                source,
-            })?;
+        let outcome =
+            self.backend
+                .shutdown(id, mode)
+                .await
+                .map_err(|source| ServiceError::Backend {
+                    op: "shut down",
+                    vm: id.clone(),
+                    source,
+                })?;
         tracing::info!(vm_id = %id, ?outcome, "vm shut down");
         vm.state = next;
         vm.vmm_pid = None;
@@ -462,7 +488,12 @@ impl VmService {
     }
 
     /// Restarts the guest in a fresh VMM process.
-    pub async fn reboot(self: &Arc<Self>, customer: &CustomerId, id: &VmId, force: bool) -> Result<VmRecord, ServiceError> {
+    pub async fn reboot(
+        self: &Arc<Self>,
+        customer: &CustomerId,
+        id: &VmId,
+        force: bool,
+    ) -> Result<VmRecord, ServiceError> {
         let mode = stop_mode(force, 0)?;
         let _guard = self.lock(id).await;
         let mut vm = self.load(customer, id).await?;
@@ -500,7 +531,12 @@ impl VmService {
     }
 
     /// Removes the VM and everything it owns.
-    pub async fn delete(&self, customer: &CustomerId, id: &VmId, force: bool) -> Result<(), ServiceError> {
+    pub async fn delete(
+        &self,
+        customer: &CustomerId,
+        id: &VmId,
+        force: bool,
+    ) -> Result<(), ServiceError> {
         let guard = self.lock(id).await;
         let vm = self.load(customer, id).await?;
         next_state(vm.state, Operation::Delete { force })?;
@@ -526,7 +562,10 @@ impl VmService {
         }
         self.store.delete_vm(id)?;
         drop(guard);
-        self.locks.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        self.locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
         tracing::info!(vm_id = %id, "vm deleted");
         Ok(())
     }
@@ -556,25 +595,42 @@ impl VmService {
                 .strip_prefix("after:")
                 .and_then(|s| s.parse::<i64>().ok())
                 .filter(|n| *n > 0)
-                .ok_or_else(|| invalid("page_token", "not a token from a previous ListVms response"))?
+                .ok_or_else(|| {
+                    invalid("page_token", "not a token from a previous ListVms response")
+                })?
         };
         // One extra row tells whether another page follows.
         let mut vms = self.store.list_vms(customer, state, after, limit + 1)?;
         let next_page_token = if vms.len() > limit as usize {
             vms.truncate(limit as usize);
-            vms.last().map(|v| format!("after:{}", v.seq)).unwrap_or_default()
+            vms.last()
+                .map(|v| format!("after:{}", v.seq))
+                .unwrap_or_default()
         } else {
             String::new()
         };
-        Ok(VmPage { vms, next_page_token })
+        Ok(VmPage {
+            vms,
+            next_page_token,
+        })
     }
 
     /// The tail of the VM's serial console.
-    pub async fn console(&self, customer: &CustomerId, id: &VmId, tail_bytes: u32) -> Result<ConsoleTail, ServiceError> {
+    pub async fn console(
+        &self,
+        customer: &CustomerId,
+        id: &VmId,
+        tail_bytes: u32,
+    ) -> Result<ConsoleTail, ServiceError> {
         let tail = match tail_bytes {
             0 => DEFAULT_CONSOLE_TAIL,
             n if n <= MAX_CONSOLE_TAIL => n,
-            n => return Err(invalid("tail_bytes", format!("at most {MAX_CONSOLE_TAIL}, got {n}"))),
+            n => {
+                return Err(invalid(
+                    "tail_bytes",
+                    format!("at most {MAX_CONSOLE_TAIL}, got {n}"),
+                ))
+            }
         };
         self.load(customer, id).await?;
         let path = self.vm_dir(id).join(crate::backend::files::CONSOLE_LOG);
@@ -587,7 +643,13 @@ impl VmService {
                     truncated: false,
                 })
             }
-            Err(source) => return Err(ServiceError::Io { op: "open", path, source }),
+            Err(source) => {
+                return Err(ServiceError::Io {
+                    op: "open",
+                    path,
+                    source,
+                })
+            }
         };
         let io = |op| {
             let path = path.clone();
@@ -597,7 +659,9 @@ impl VmService {
         let start = total.saturating_sub(u64::from(tail));
         file.seek(SeekFrom::Start(start)).map_err(io("seek"))?;
         let mut buf = Vec::with_capacity((total - start) as usize);
-        file.take(u64::from(tail)).read_to_end(&mut buf).map_err(io("read"))?;
+        file.take(u64::from(tail))
+            .read_to_end(&mut buf)
+            .map_err(io("read"))?;
         Ok(ConsoleTail {
             output: String::from_utf8_lossy(&buf).into_owned(),
             total_bytes: total,
@@ -612,11 +676,12 @@ impl VmService {
                 continue;
             }
             let adopted = match (vm.vmm_pid, vm.vmm_start_ticks, self.launch(&vm)) {
-                (Some(pid), Some(start_ticks), Ok(launch)) if vm.backend == self.backend_name() => self
-                    .backend
-                    .adopt(&launch, crate::backend::VmmProcess { pid, start_ticks })
-                    .await
-                    .unwrap_or(false),
+                (Some(pid), Some(start_ticks), Ok(launch)) if vm.backend == self.backend_name() => {
+                    self.backend
+                        .adopt(&launch, crate::backend::VmmProcess { pid, start_ticks })
+                        .await
+                        .unwrap_or(false)
+                }
                 _ => false,
             };
             if adopted {
@@ -646,13 +711,19 @@ impl VmService {
         if vm.vmm_pid != Some(ev.pid) || transition(vm.state, Operation::Fail).is_err() {
             return;
         }
-        let console = file_tail(&self.vm_dir(&vm.id).join(crate::backend::files::CONSOLE_LOG), 512);
+        let console = file_tail(
+            &self.vm_dir(&vm.id).join(crate::backend::files::CONSOLE_LOG),
+            512,
+        );
         tracing::warn!(vm_id = %vm.id, pid = ev.pid, status = %ev.status, "VMM exited on its own");
         vm.state = VmState::Failed;
         vm.vmm_pid = None;
         vm.vmm_start_ticks = None;
         vm.guest_ready = false;
-        vm.failure = Some(format!("VMM exited on its own ({}); console ends: {console}", ev.status));
+        vm.failure = Some(format!(
+            "VMM exited on its own ({}); console ends: {console}",
+            ev.status
+        ));
         if let Err(e) = self.save(&mut vm) {
             tracing::error!(vm_id = %vm.id, error = %e, "recording a VMM exit failed");
         }
@@ -661,7 +732,9 @@ impl VmService {
     /// Watches the console for the rootfs's readiness line; a guest silent past the boot
     /// timeout is killed and reported FAILED with its console tail.
     fn watch_readiness(self: &Arc<Self>, vm: &VmRecord, launch: &VmLaunch, offset: u64) {
-        let Ok(files) = self.boot_files(vm) else { return };
+        let Ok(files) = self.boot_files(vm) else {
+            return;
+        };
         let Some(marker) = files.ready_marker.filter(|m| !m.is_empty()) else {
             return;
         };
@@ -671,10 +744,14 @@ impl VmService {
         let console = launch.console_log();
         let timeout = self.cfg.boot_timeout;
         tokio::spawn(async move {
-            let found = tokio::time::timeout(timeout, wait_for_line(&console, offset, marker.as_bytes())).await;
+            let found =
+                tokio::time::timeout(timeout, wait_for_line(&console, offset, marker.as_bytes()))
+                    .await;
             let Some(svc) = svc.upgrade() else { return };
             let _guard = svc.lock(&id).await;
-            let Ok(Some(mut vm)) = svc.store.get_vm_unscoped(&id) else { return };
+            let Ok(Some(mut vm)) = svc.store.get_vm_unscoped(&id) else {
+                return;
+            };
             if vm.vmm_pid != pid || !vm.state.has_vmm() {
                 return;
             }
@@ -756,20 +833,30 @@ fn asset_field_error(field: &str, e: AssetError) -> ServiceError {
 
 fn validate_metadata(m: &BTreeMap<String, String>) -> Result<(), ServiceError> {
     if m.len() > MAX_METADATA {
-        return Err(invalid("config.metadata", format!("at most {MAX_METADATA} entries, got {}", m.len())));
+        return Err(invalid(
+            "config.metadata",
+            format!("at most {MAX_METADATA} entries, got {}", m.len()),
+        ));
     }
     for (k, v) in m {
         let key_ok = !k.is_empty()
             && k.len() <= 63
-            && k.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'/'));
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'/'));
         if !key_ok {
             return Err(invalid(
                 "config.metadata",
-                format!("key '{}' must be 1-63 of A-Z a-z 0-9 _ - . /", crate::domain::truncate_for_message(k)),
+                format!(
+                    "key '{}' must be 1-63 of A-Z a-z 0-9 _ - . /",
+                    crate::domain::truncate_for_message(k)
+                ),
             ));
         }
         if v.len() > 256 {
-            return Err(invalid("config.metadata", format!("value of '{k}' is longer than 256 bytes")));
+            return Err(invalid(
+                "config.metadata",
+                format!("value of '{k}' is longer than 256 bytes"),
+            ));
         }
     }
     Ok(())

@@ -184,9 +184,15 @@ mod tests {
     #[test]
     fn messages_name_the_state() {
         let e = transition(VmState::Shutdown, Operation::Pause).unwrap_err();
-        assert_eq!(e.to_string(), "cannot pause a VM in state SHUTDOWN; boot it first");
+        assert_eq!(
+            e.to_string(),
+            "cannot pause a VM in state SHUTDOWN; boot it first"
+        );
         let e = transition(VmState::Running, Operation::Boot).unwrap_err();
-        assert_eq!(e.to_string(), "cannot boot a VM in state RUNNING; it is already up");
+        assert_eq!(
+            e.to_string(),
+            "cannot boot a VM in state RUNNING; it is already up"
+        );
     }
 
     #[test]

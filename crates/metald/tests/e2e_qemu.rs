@@ -2,6 +2,9 @@
 //! real SQLite files, real HTTP clients. Skipped with a printed reason when QEMU or the guest
 //! image is missing, unless METALD_REQUIRE_E2E=1 (as `make test` sets), where that fails.
 
+// Tests: a failed step should panic with its reason.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::path::Path;
@@ -39,15 +42,24 @@ fn rest_lifecycle_with_the_readme_request() {
     let console = api.call("GET", &format!("/v1/vms/{id}/console"), None).ok();
     let out = console["output"].as_str().unwrap();
     assert!(out.contains(READY_MARKER), "console: {out}");
-    assert!(out.contains("cpus=2"), "the guest sees the configured vCPUs: {out}");
-    let tail = api.call("GET", &format!("/v1/vms/{id}/console?tail_bytes=10"), None).ok();
+    assert!(
+        out.contains("cpus=2"),
+        "the guest sees the configured vCPUs: {out}"
+    );
+    let tail = api
+        .call("GET", &format!("/v1/vms/{id}/console?tail_bytes=10"), None)
+        .ok();
     assert_eq!(tail["output"].as_str().unwrap().len(), 10);
     assert_eq!(tail["truncated"], true);
 
     let paused = api.call("POST", &format!("/v1/vms/{id}/pause"), None).ok();
     assert_eq!(paused["vm"]["state"], "VM_STATE_PAUSED");
     // A paused guest's vCPUs do not run: its console stays still.
-    let size = |api: &Rest| api.call("GET", &format!("/v1/vms/{id}/console?tail_bytes=1"), None).ok()["totalBytes"].clone();
+    let size = |api: &Rest| {
+        api.call("GET", &format!("/v1/vms/{id}/console?tail_bytes=1"), None)
+            .ok()["totalBytes"]
+            .clone()
+    };
     let before = size(&api);
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(size(&api), before);
@@ -55,24 +67,51 @@ fn rest_lifecycle_with_the_readme_request() {
     let resumed = api.call("POST", &format!("/v1/vms/{id}/resume"), None).ok();
     assert_eq!(resumed["vm"]["state"], "VM_STATE_RUNNING");
 
-    let rebooted = api.call("POST", &format!("/v1/vms/{id}/reboot"), Some(json!({}))).ok();
+    let rebooted = api
+        .call("POST", &format!("/v1/vms/{id}/reboot"), Some(json!({})))
+        .ok();
     assert_eq!(rebooted["vm"]["state"], "VM_STATE_RUNNING");
     let new_pid = rebooted["vm"]["vmmPid"].as_u64().unwrap();
     assert_ne!(new_pid, pid, "reboot starts a fresh VMM");
     assert!(!process_alive(pid));
     api.wait_ready(&id);
     let console = api.call("GET", &format!("/v1/vms/{id}/console"), None).ok();
-    assert_eq!(console["output"].as_str().unwrap().matches(READY_MARKER).count(), 2, "two boots, two readiness lines");
+    assert_eq!(
+        console["output"]
+            .as_str()
+            .unwrap()
+            .matches(READY_MARKER)
+            .count(),
+        2,
+        "two boots, two readiness lines"
+    );
 
-    let down = api.call("POST", &format!("/v1/vms/{id}/shutdown"), Some(json!({"timeout_seconds": 30}))).ok();
+    let down = api
+        .call(
+            "POST",
+            &format!("/v1/vms/{id}/shutdown"),
+            Some(json!({"timeout_seconds": 30})),
+        )
+        .ok();
     assert_eq!(down["vm"]["state"], "VM_STATE_SHUTDOWN");
-    assert_eq!(down["vm"]["vmmPid"], Value::Null, "no pid once shut down (0 is omitted in JSON)");
+    assert_eq!(
+        down["vm"]["vmmPid"],
+        Value::Null,
+        "no pid once shut down (0 is omitted in JSON)"
+    );
     assert!(!process_alive(new_pid));
-    assert!(m.log_text().contains("Clean"), "the guest shut down by itself on Ctrl-Alt-Del: {}", m.log_text());
+    assert!(
+        m.log_text().contains("Clean"),
+        "the guest shut down by itself on Ctrl-Alt-Del: {}",
+        m.log_text()
+    );
 
     api.call("DELETE", &format!("/v1/vms/{id}"), None).ok();
     assert_eq!(api.call("GET", &format!("/v1/vms/{id}"), None).status, 404);
-    assert!(!dir.exists(), "VM directory (disk, console, socket) removed");
+    assert!(
+        !dir.exists(),
+        "VM directory (disk, console, socket) removed"
+    );
     assert!(m.vmm_pids().is_empty(), "no VMM process left");
     assert_eq!(api.call("GET", "/v1/vms", None).ok()["vms"], Value::Null);
 }
@@ -100,7 +139,10 @@ async fn wait_ready_rpc(c: &pb::VmServiceClient<HttpClient>, id: &str) -> pb::Vm
     let deadline = std::time::Instant::now() + Duration::from_secs(180);
     loop {
         let vm = c
-            .get_vm_info(pb::GetVmInfoRequest { vm_id: id.into(), ..Default::default() })
+            .get_vm_info(pb::GetVmInfoRequest {
+                vm_id: id.into(),
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_owned()
@@ -111,7 +153,10 @@ async fn wait_ready_rpc(c: &pb::VmServiceClient<HttpClient>, id: &str) -> pb::Vm
             return vm;
         }
         assert_ne!(vm.state, pb::VmState::VM_STATE_FAILED, "{vm:?}");
-        assert!(std::time::Instant::now() < deadline, "guest not ready: {vm:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "guest not ready: {vm:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -119,61 +164,150 @@ async fn wait_ready_rpc(c: &pb::VmServiceClient<HttpClient>, id: &str) -> pb::Vm
 async fn rpc_lifecycle(m: &Metald, flavour: &str) {
     let c = client(m, "rpc", flavour);
     let config = pb::VmConfig {
-        cpu: pb::CpuConfig { vcpu_count: 1, ..Default::default() }.into(),
-        memory: pb::MemoryConfig { size_bytes: 256 << 20, ..Default::default() }.into(),
-        kernel: pb::KernelConfig { image_id: KERNEL_ID.into(), ..Default::default() }.into(),
-        rootfs: pb::RootfsConfig { image_id: ROOTFS_ID.into(), ..Default::default() }.into(),
-        metadata: [("client".to_string(), flavour.to_string())].into_iter().collect(),
+        cpu: pb::CpuConfig {
+            vcpu_count: 1,
+            ..Default::default()
+        }
+        .into(),
+        memory: pb::MemoryConfig {
+            size_bytes: 256 << 20,
+            ..Default::default()
+        }
+        .into(),
+        kernel: pb::KernelConfig {
+            image_id: KERNEL_ID.into(),
+            ..Default::default()
+        }
+        .into(),
+        rootfs: pb::RootfsConfig {
+            image_id: ROOTFS_ID.into(),
+            ..Default::default()
+        }
+        .into(),
+        metadata: [("client".to_string(), flavour.to_string())]
+            .into_iter()
+            .collect(),
         ..Default::default()
     };
     let created = c
-        .create_vm(pb::CreateVmRequest { config: config.into(), ..Default::default() })
+        .create_vm(pb::CreateVmRequest {
+            config: config.into(),
+            ..Default::default()
+        })
         .await
         .unwrap_or_else(|e| panic!("{flavour} create: {e}"))
         .into_owned();
     let vm = created.vm.into_option().unwrap();
     assert_eq!(vm.state, pb::VmState::VM_STATE_CREATED);
-    assert_eq!(vm.config.metadata.get("client").map(String::as_str), Some(flavour));
+    assert_eq!(
+        vm.config.metadata.get("client").map(String::as_str),
+        Some(flavour)
+    );
     let id = vm.vm_id.clone();
-    let booted = c.boot_vm(pb::BootVmRequest { vm_id: id.clone(), ..Default::default() }).await.unwrap().into_owned();
-    assert_eq!(booted.vm.state, pb::VmState::VM_STATE_RUNNING);
-    wait_ready_rpc(&c, &id).await;
-    let console = c
-        .get_vm_console(pb::GetVmConsoleRequest { vm_id: id.clone(), ..Default::default() })
+    let booted = c
+        .boot_vm(pb::BootVmRequest {
+            vm_id: id.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_owned();
-    assert!(console.output.contains(READY_MARKER), "{flavour}: {}", console.output);
-    let paused = c.pause_vm(pb::PauseVmRequest { vm_id: id.clone(), ..Default::default() }).await.unwrap().into_owned();
+    assert_eq!(booted.vm.state, pb::VmState::VM_STATE_RUNNING);
+    wait_ready_rpc(&c, &id).await;
+    let console = c
+        .get_vm_console(pb::GetVmConsoleRequest {
+            vm_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_owned();
+    assert!(
+        console.output.contains(READY_MARKER),
+        "{flavour}: {}",
+        console.output
+    );
+    let paused = c
+        .pause_vm(pb::PauseVmRequest {
+            vm_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_owned();
     assert_eq!(paused.vm.state, pb::VmState::VM_STATE_PAUSED);
     // Illegal: pause a paused VM. FailedPrecondition naming the state, nothing changes.
-    let err = c.pause_vm(pb::PauseVmRequest { vm_id: id.clone(), ..Default::default() }).await.unwrap_err();
+    let err = c
+        .pause_vm(pb::PauseVmRequest {
+            vm_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code, ErrorCode::FailedPrecondition, "{flavour}");
-    assert!(err.message.as_deref().unwrap_or("").contains("PAUSED"), "{err:?}");
-    let resumed = c.resume_vm(pb::ResumeVmRequest { vm_id: id.clone(), ..Default::default() }).await.unwrap().into_owned();
+    assert!(
+        err.message.as_deref().unwrap_or("").contains("PAUSED"),
+        "{err:?}"
+    );
+    let resumed = c
+        .resume_vm(pb::ResumeVmRequest {
+            vm_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_owned();
     assert_eq!(resumed.vm.state, pb::VmState::VM_STATE_RUNNING);
     let rebooted = c
-        .reboot_vm(pb::RebootVmRequest { vm_id: id.clone(), force: true, ..Default::default() })
+        .reboot_vm(pb::RebootVmRequest {
+            vm_id: id.clone(),
+            force: true,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_owned();
     assert_ne!(rebooted.vm.vmm_pid, booted.vm.vmm_pid);
     wait_ready_rpc(&c, &id).await;
     let list = c
-        .list_vms(pb::ListVmsRequest { state_filter: pb::VmState::VM_STATE_RUNNING.into(), ..Default::default() })
+        .list_vms(pb::ListVmsRequest {
+            state_filter: pb::VmState::VM_STATE_RUNNING.into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_owned();
-    assert_eq!(list.vms.iter().map(|v| v.vm_id.as_str()).collect::<Vec<_>>(), vec![id.as_str()]);
+    assert_eq!(
+        list.vms
+            .iter()
+            .map(|v| v.vm_id.as_str())
+            .collect::<Vec<_>>(),
+        vec![id.as_str()]
+    );
     let down = c
-        .shutdown_vm(pb::ShutdownVmRequest { vm_id: id.clone(), force: true, ..Default::default() })
+        .shutdown_vm(pb::ShutdownVmRequest {
+            vm_id: id.clone(),
+            force: true,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_owned();
     assert_eq!(down.vm.state, pb::VmState::VM_STATE_SHUTDOWN);
     assert!(!process_alive(u64::from(rebooted.vm.vmm_pid)));
-    c.delete_vm(pb::DeleteVmRequest { vm_id: id.clone(), ..Default::default() }).await.unwrap();
-    let err = c.get_vm_info(pb::GetVmInfoRequest { vm_id: id.clone(), ..Default::default() }).await.unwrap_err();
+    c.delete_vm(pb::DeleteVmRequest {
+        vm_id: id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let err = c
+        .get_vm_info(pb::GetVmInfoRequest {
+            vm_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code, ErrorCode::NotFound);
     assert!(!m.data_dir.join("vms").join(&id).exists());
 }
@@ -194,7 +328,9 @@ fn generated_clients_over_connect_and_grpc() {
 fn buf_bin() -> Option<std::path::PathBuf> {
     let p = std::env::var_os("METALD_BUF_BIN")
         .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/tools/node_modules/.bin/buf"));
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/tools/node_modules/.bin/buf")
+        });
     p.exists().then_some(p)
 }
 
@@ -213,7 +349,12 @@ fn buf_curl(m: &Metald, protocol: &str, method: &str, data: Value) -> Value {
         &format!("{}/metald.v1.VmService/{method}", m.url),
     ]);
     let out = cmd.output().expect("run buf");
-    assert!(out.status.success(), "buf curl {method}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "buf curl {method}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
 }
 
@@ -234,9 +375,19 @@ fn buf_curl_drives_a_vm() {
     api.wait_ready(&id);
     let console = buf_curl(&m, "grpc", "GetVmConsole", json!({"vm_id": id}));
     assert!(console["output"].as_str().unwrap().contains(READY_MARKER));
-    let listed = buf_curl(&m, "connect", "ListVms", json!({"state_filter": "VM_STATE_RUNNING"}));
+    let listed = buf_curl(
+        &m,
+        "connect",
+        "ListVms",
+        json!({"state_filter": "VM_STATE_RUNNING"}),
+    );
     assert_eq!(listed["vms"][0]["vmId"], json!(id));
-    let down = buf_curl(&m, "connect", "ShutdownVm", json!({"vm_id": id, "force": true}));
+    let down = buf_curl(
+        &m,
+        "connect",
+        "ShutdownVm",
+        json!({"vm_id": id, "force": true}),
+    );
     assert_eq!(down["vm"]["state"], "VM_STATE_SHUTDOWN");
     buf_curl(&m, "grpc", "DeleteVm", json!({"vm_id": id}));
     assert!(m.vmm_pids().is_empty());
@@ -266,20 +417,32 @@ fn tenants_see_only_their_own_vms() {
             ("DELETE", format!("/v1/vms/{target}?force=true")),
         ] {
             let r = b.call(method, &path, None);
-            assert_eq!((r.status, r.code()), (404, "not_found"), "{method} {path}: {}", r.body);
+            assert_eq!(
+                (r.status, r.code()),
+                (404, "not_found"),
+                "{method} {path}: {}",
+                r.body
+            );
             assert_eq!(r.message(), format!("vm {target} not found"));
         }
     }
     // Over gRPC too.
     block_on(async {
         let c = client(&m, "bob", "grpc");
-        let err = c.get_vm_info(pb::GetVmInfoRequest { vm_id: id.clone(), ..Default::default() }).await.unwrap_err();
+        let err = c
+            .get_vm_info(pb::GetVmInfoRequest {
+                vm_id: id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
         assert_eq!(err.code, ErrorCode::NotFound);
     });
     // A's VM is untouched by all of that.
     let vm = a.vm(&id);
     assert_eq!(vm["state"], "VM_STATE_RUNNING");
-    a.call("DELETE", &format!("/v1/vms/{id}?force=true"), None).ok();
+    a.call("DELETE", &format!("/v1/vms/{id}?force=true"), None)
+        .ok();
 }
 
 /// Every kind of bad input gets its code, names its field, and changes nothing.
@@ -291,7 +454,11 @@ fn bad_input_is_refused_precisely_and_changes_nothing() {
     let existing = api.create_default();
     let snapshot = |api: &Rest| {
         let list = api.call("GET", "/v1/vms", None).ok();
-        let dirs: Vec<_> = std::fs::read_dir(m.data_dir.join("vms")).unwrap().flatten().map(|e| e.file_name()).collect();
+        let dirs: Vec<_> = std::fs::read_dir(m.data_dir.join("vms"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
         (list, dirs)
     };
     let before = snapshot(&api);
@@ -301,52 +468,153 @@ fn bad_input_is_refused_precisely_and_changes_nothing() {
         v.to_string()
     };
     let cases: Vec<(String, u16, &str, &str)> = vec![
-        (with(&|v| v["config"]["cpu"]["vcpu_count"] = json!(0)), 400, "invalid_argument", "config.cpu.vcpu_count: must be between 1 and 255"),
-        (with(&|v| v["config"]["cpu"]["vcpu_count"] = json!(256)), 400, "invalid_argument", "config.cpu.vcpu_count"),
-        (with(&|v| v["config"]["memory"]["size_bytes"] = json!(64 << 20)), 400, "invalid_argument", "config.memory.size_bytes: must be at least 100663296 (96 MiB)"),
-        (with(&|v| v["config"]["memory"]["size_bytes"] = json!((256 << 20) + 1)), 400, "invalid_argument", "config.memory.size_bytes: must be a whole number of MiB"),
-        (with(&|v| v["config"]["kernel"]["image_id"] = json!("vmlinux-5.10")), 400, "invalid_argument", "config.kernel.image_id: unknown image id 'vmlinux-5.10'"),
-        (with(&|v| v["config"]["rootfs"]["image_id"] = json!("alpine-rootfs")), 400, "invalid_argument", "config.rootfs.image_id: unknown image id 'alpine-rootfs'"),
-        (with(&|v| v["config"]["rootfs"]["image_id"] = json!(KERNEL_ID)), 400, "invalid_argument", "config.rootfs.image_id: image 'vmlinux-6.1' is a kernel image, not a rootfs image"),
-        (with(&|v| v["config"]["cpu"] = json!({"vcpus": 2})), 400, "invalid_argument", "config.cpu.vcpus: unknown field"),
-        (with(&|v| v["config"]["drives"] = json!([{"drive_id": "Data!", "image_id": ROOTFS_ID}])), 400, "invalid_argument", "config.drives[0].drive_id"),
-        (with(&|v| v["config"]["kernel_args"] = json!("a\nb")), 400, "invalid_argument", "config.kernel_args"),
-        (r#"{"config": {"cpu": "#.to_string(), 400, "invalid_argument", "body: malformed JSON"),
-        ("{}".to_string(), 400, "invalid_argument", "config: required"),
+        (
+            with(&|v| v["config"]["cpu"]["vcpu_count"] = json!(0)),
+            400,
+            "invalid_argument",
+            "config.cpu.vcpu_count: must be between 1 and 255",
+        ),
+        (
+            with(&|v| v["config"]["cpu"]["vcpu_count"] = json!(256)),
+            400,
+            "invalid_argument",
+            "config.cpu.vcpu_count",
+        ),
+        (
+            with(&|v| v["config"]["memory"]["size_bytes"] = json!(64 << 20)),
+            400,
+            "invalid_argument",
+            "config.memory.size_bytes: must be at least 100663296 (96 MiB)",
+        ),
+        (
+            with(&|v| v["config"]["memory"]["size_bytes"] = json!((256 << 20) + 1)),
+            400,
+            "invalid_argument",
+            "config.memory.size_bytes: must be a whole number of MiB",
+        ),
+        (
+            with(&|v| v["config"]["kernel"]["image_id"] = json!("vmlinux-5.10")),
+            400,
+            "invalid_argument",
+            "config.kernel.image_id: unknown image id 'vmlinux-5.10'",
+        ),
+        (
+            with(&|v| v["config"]["rootfs"]["image_id"] = json!("alpine-rootfs")),
+            400,
+            "invalid_argument",
+            "config.rootfs.image_id: unknown image id 'alpine-rootfs'",
+        ),
+        (
+            with(&|v| v["config"]["rootfs"]["image_id"] = json!(KERNEL_ID)),
+            400,
+            "invalid_argument",
+            "config.rootfs.image_id: image 'vmlinux-6.1' is a kernel image, not a rootfs image",
+        ),
+        (
+            with(&|v| v["config"]["cpu"] = json!({"vcpus": 2})),
+            400,
+            "invalid_argument",
+            "config.cpu.vcpus: unknown field",
+        ),
+        (
+            with(&|v| {
+                v["config"]["drives"] = json!([{"drive_id": "Data!", "image_id": ROOTFS_ID}])
+            }),
+            400,
+            "invalid_argument",
+            "config.drives[0].drive_id",
+        ),
+        (
+            with(&|v| v["config"]["kernel_args"] = json!("a\nb")),
+            400,
+            "invalid_argument",
+            "config.kernel_args",
+        ),
+        (
+            r#"{"config": {"cpu": "#.to_string(),
+            400,
+            "invalid_argument",
+            "body: malformed JSON",
+        ),
+        (
+            "{}".to_string(),
+            400,
+            "invalid_argument",
+            "config: required",
+        ),
     ];
     for (body, status, code, needle) in &cases {
         let r = api.raw("POST", "/v1/vms", Some(body));
         assert_eq!((r.status, r.code()), (*status, *code), "{body}: {}", r.body);
-        assert!(r.message().starts_with(needle) || r.message().contains(needle), "{body}: {}", r.message());
+        assert!(
+            r.message().starts_with(needle) || r.message().contains(needle),
+            "{body}: {}",
+            r.message()
+        );
     }
     // The same strictness for Connect JSON.
-    let r = api.raw("POST", "/metald.v1.VmService/CreateVm", Some(&with(&|v| v["config"]["memory"]["sizebytes"] = json!(1))));
-    assert_eq!((r.status, r.code()), (400, "invalid_argument"), "{}", r.body);
-    assert!(r.message().contains("config.memory.sizebytes: unknown field"), "{}", r.body);
+    let r = api.raw(
+        "POST",
+        "/metald.v1.VmService/CreateVm",
+        Some(&with(&|v| v["config"]["memory"]["sizebytes"] = json!(1))),
+    );
+    assert_eq!(
+        (r.status, r.code()),
+        (400, "invalid_argument"),
+        "{}",
+        r.body
+    );
+    assert!(
+        r.message()
+            .contains("config.memory.sizebytes: unknown field"),
+        "{}",
+        r.body
+    );
     // Ids that are not ids.
     for bad in ["abc", "vm-1", "VM-00000000-0000-4000-8000-000000000000"] {
         let r = api.call("GET", &format!("/v1/vms/{bad}"), None);
-        assert_eq!((r.status, r.code()), (400, "invalid_argument"), "{bad}: {}", r.body);
+        assert_eq!(
+            (r.status, r.code()),
+            (400, "invalid_argument"),
+            "{bad}: {}",
+            r.body
+        );
         assert!(r.message().starts_with("vm_id: "), "{}", r.message());
     }
     // Illegal transitions name the current state.
     for (action, needle) in [
         ("pause", "cannot pause a VM in state CREATED; boot it first"),
-        ("shutdown", "cannot shut down a VM in state CREATED; boot it first"),
+        (
+            "shutdown",
+            "cannot shut down a VM in state CREATED; boot it first",
+        ),
         ("resume", "cannot resume a VM in state CREATED"),
     ] {
         let r = api.call("POST", &format!("/v1/vms/{existing}/{action}"), None);
-        assert_eq!((r.status, r.code()), (400, "failed_precondition"), "{action}: {}", r.body);
+        assert_eq!(
+            (r.status, r.code()),
+            (400, "failed_precondition"),
+            "{action}: {}",
+            r.body
+        );
         assert_eq!(r.message(), needle);
     }
     // Unknown options and bad paging.
-    let r = api.call("POST", &format!("/v1/vms/{existing}/shutdown"), Some(json!({"forse": true})));
+    let r = api.call(
+        "POST",
+        &format!("/v1/vms/{existing}/shutdown"),
+        Some(json!({"forse": true})),
+    );
     assert_eq!(r.code(), "invalid_argument", "{}", r.body);
     let r = api.call("GET", "/v1/vms?page_token=garbage", None);
     assert!(r.message().starts_with("page_token:"), "{}", r.body);
     let r = api.call("GET", "/v1/vms?state=sleeping", None);
     assert!(r.message().starts_with("state:"), "{}", r.body);
-    let r = api.call("GET", &format!("/v1/vms/{existing}/console?tail_bytes=99999999"), None);
+    let r = api.call(
+        "GET",
+        &format!("/v1/vms/{existing}/console?tail_bytes=99999999"),
+        None,
+    );
     assert!(r.message().starts_with("tail_bytes:"), "{}", r.body);
     // Missing or malformed credentials.
     for token in [None, Some("Basic x"), Some("Bearer nope")] {
@@ -360,7 +628,13 @@ fn bad_input_is_refused_precisely_and_changes_nothing() {
         });
         assert_eq!(status, 401, "{token:?}");
         assert_eq!(body["code"], "unauthenticated");
-        assert!(body["message"].as_str().unwrap().contains("Bearer dev_customer_<id>"), "{body}");
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap()
+                .contains("Bearer dev_customer_<id>"),
+            "{body}"
+        );
     }
     assert_eq!(snapshot(&api), before, "nothing changed");
     assert_eq!(api.vm(&existing)["state"], "VM_STATE_CREATED");
@@ -375,7 +649,8 @@ fn state_survives_a_restart_and_running_vms_are_reattached() {
     let api = Rest::new(&m, Some("durable"));
     let created = api.create_default();
     let running = api.create_default();
-    api.call("POST", &format!("/v1/vms/{running}/boot"), None).ok();
+    api.call("POST", &format!("/v1/vms/{running}/boot"), None)
+        .ok();
     api.wait_ready(&running);
     let before = api.call("GET", "/v1/vms", None).ok();
     m.stop();
@@ -385,9 +660,23 @@ fn state_survives_a_restart_and_running_vms_are_reattached() {
     assert_eq!(after, before);
     assert_eq!(api.vm(&created)["state"], "VM_STATE_CREATED");
     assert_eq!(api.vm(&running)["state"], "VM_STATE_RUNNING");
-    assert!(m.log_text().contains("re-attached to running VMM"), "{}", m.log_text());
-    assert_eq!(api.call("POST", &format!("/v1/vms/{running}/pause"), None).ok()["vm"]["state"], "VM_STATE_PAUSED");
-    let down = api.call("POST", &format!("/v1/vms/{running}/shutdown"), Some(json!({"force": true}))).ok();
+    assert!(
+        m.log_text().contains("re-attached to running VMM"),
+        "{}",
+        m.log_text()
+    );
+    assert_eq!(
+        api.call("POST", &format!("/v1/vms/{running}/pause"), None)
+            .ok()["vm"]["state"],
+        "VM_STATE_PAUSED"
+    );
+    let down = api
+        .call(
+            "POST",
+            &format!("/v1/vms/{running}/shutdown"),
+            Some(json!({"force": true})),
+        )
+        .ok();
     assert_eq!(down["vm"]["state"], "VM_STATE_SHUTDOWN");
     assert!(m.vmm_pids().is_empty());
 }
@@ -400,10 +689,21 @@ fn a_vmm_that_dies_on_its_own_marks_the_vm_failed() {
     let m = metald().start(&guest);
     let api = Rest::new(&m, Some("crashy"));
     let id = api.create_default();
-    let pid = api.call("POST", &format!("/v1/vms/{id}/boot"), None).ok()["vm"]["vmmPid"].as_u64().unwrap();
-    std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
+    let pid = api.call("POST", &format!("/v1/vms/{id}/boot"), None).ok()["vm"]["vmmPid"]
+        .as_u64()
+        .unwrap();
+    std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
     let vm = api.wait_state(&id, "VM_STATE_FAILED", Duration::from_secs(10));
-    assert!(vm["failure"].as_str().unwrap().contains("killed by signal 9"), "{vm}");
+    assert!(
+        vm["failure"]
+            .as_str()
+            .unwrap()
+            .contains("killed by signal 9"),
+        "{vm}"
+    );
     api.call("DELETE", &format!("/v1/vms/{id}"), None).ok();
     assert!(!m.data_dir.join("vms").join(&id).exists());
 }
@@ -413,18 +713,39 @@ fn a_vmm_that_dies_on_its_own_marks_the_vm_failed() {
 #[test]
 fn a_guest_that_never_becomes_ready_is_failed_with_its_console() {
     let Some(guest) = qemu_guest() else { return };
-    let m = metald().env("UNKEY_METALD_BOOT_TIMEOUT_SECONDS", "2").start(&guest);
-    let out = m.assets(&["import", "--id", "silent", "--kind", "rootfs", "--file", &guest.join("rootfs.ext4").display().to_string(), "--ready-marker", "NEVER_PRINTED"]);
+    let m = metald()
+        .env("UNKEY_METALD_BOOT_TIMEOUT_SECONDS", "2")
+        .start(&guest);
+    let out = m.assets(&[
+        "import",
+        "--id",
+        "silent",
+        "--kind",
+        "rootfs",
+        "--file",
+        &guest.join("rootfs.ext4").display().to_string(),
+        "--ready-marker",
+        "NEVER_PRINTED",
+    ]);
     assert!(out.status.success());
     let api = Rest::new(&m, Some("slow"));
     let mut body = readme_request(1, 256 << 20);
     body["config"]["rootfs"]["image_id"] = json!("silent");
-    let id = api.call("POST", "/v1/vms", Some(body)).ok()["vm"]["vmId"].as_str().unwrap().to_string();
+    let id = api.call("POST", "/v1/vms", Some(body)).ok()["vm"]["vmId"]
+        .as_str()
+        .unwrap()
+        .to_string();
     api.call("POST", &format!("/v1/vms/{id}/boot"), None).ok();
     let vm = api.wait_state(&id, "VM_STATE_FAILED", Duration::from_secs(30));
     let failure = vm["failure"].as_str().unwrap();
-    assert!(failure.contains("no 'NEVER_PRINTED' line within 2s; console ends:"), "{failure}");
-    assert!(m.vmm_pids().is_empty(), "the silent guest's VMM was stopped");
+    assert!(
+        failure.contains("no 'NEVER_PRINTED' line within 2s; console ends:"),
+        "{failure}"
+    );
+    assert!(
+        m.vmm_pids().is_empty(),
+        "the silent guest's VMM was stopped"
+    );
 }
 
 /// A create that fails half way (the rootfs file vanished behind the catalog's back) leaves
@@ -433,7 +754,15 @@ fn a_guest_that_never_becomes_ready_is_failed_with_its_console() {
 fn a_create_that_fails_half_way_rolls_back() {
     let Some(guest) = qemu_guest() else { return };
     let m = metald().start(&guest);
-    let out = m.assets(&["import", "--id", "doomed", "--kind", "rootfs", "--file", &guest.join("rootfs.ext4").display().to_string()]);
+    let out = m.assets(&[
+        "import",
+        "--id",
+        "doomed",
+        "--kind",
+        "rootfs",
+        "--file",
+        &guest.join("rootfs.ext4").display().to_string(),
+    ]);
     assert!(out.status.success());
     std::fs::remove_file(m.data_dir.join("assets/doomed")).unwrap();
     let api = Rest::new(&m, Some("unlucky"));

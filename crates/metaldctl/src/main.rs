@@ -105,7 +105,9 @@ fn parse_state(s: &str) -> anyhow::Result<pb::VmState> {
         "paused" => pb::VmState::VM_STATE_PAUSED,
         "shutdown" => pb::VmState::VM_STATE_SHUTDOWN,
         "failed" => pb::VmState::VM_STATE_FAILED,
-        other => anyhow::bail!("unknown state '{other}' (created, running, paused, shutdown, failed)"),
+        other => {
+            anyhow::bail!("unknown state '{other}' (created, running, paused, shutdown, failed)")
+        }
     })
 }
 
@@ -126,50 +128,139 @@ fn print<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let uri = cli.endpoint.parse().with_context(|| format!("--endpoint {}", cli.endpoint))?;
-    let config = ClientConfig::new(uri).with_default_header("authorization", format!("Bearer {}", cli.token));
+    let uri = cli
+        .endpoint
+        .parse()
+        .with_context(|| format!("--endpoint {}", cli.endpoint))?;
+    let config = ClientConfig::new(uri)
+        .with_default_header("authorization", format!("Bearer {}", cli.token));
     let client = pb::VmServiceClient::new(HttpClient::plaintext(), config);
     match cli.command {
-        Command::Create { vcpus, memory_mib, kernel, rootfs, kernel_args, metadata } => {
+        Command::Create {
+            vcpus,
+            memory_mib,
+            kernel,
+            rootfs,
+            kernel_args,
+            metadata,
+        } => {
             let config = pb::VmConfig {
-                cpu: pb::CpuConfig { vcpu_count: vcpus, ..Default::default() }.into(),
-                memory: pb::MemoryConfig { size_bytes: memory_mib * 1024 * 1024, ..Default::default() }.into(),
-                kernel: pb::KernelConfig { image_id: kernel, ..Default::default() }.into(),
-                rootfs: pb::RootfsConfig { image_id: rootfs, ..Default::default() }.into(),
+                cpu: pb::CpuConfig {
+                    vcpu_count: vcpus,
+                    ..Default::default()
+                }
+                .into(),
+                memory: pb::MemoryConfig {
+                    size_bytes: memory_mib * 1024 * 1024,
+                    ..Default::default()
+                }
+                .into(),
+                kernel: pb::KernelConfig {
+                    image_id: kernel,
+                    ..Default::default()
+                }
+                .into(),
+                rootfs: pb::RootfsConfig {
+                    image_id: rootfs,
+                    ..Default::default()
+                }
+                .into(),
                 kernel_args,
-                metadata: metadata.into_iter().collect::<HashMap<_, _>>().into_iter().collect(),
+                metadata: metadata
+                    .into_iter()
+                    .collect::<HashMap<_, _>>()
+                    .into_iter()
+                    .collect(),
                 ..Default::default()
             };
-            let req = pb::CreateVmRequest { config: config.into(), ..Default::default() };
+            let req = pb::CreateVmRequest {
+                config: config.into(),
+                ..Default::default()
+            };
             print(&client.create_vm(req).await?.into_owned())
         }
-        Command::Boot { vm_id } => {
-            print(&client.boot_vm(pb::BootVmRequest { vm_id, ..Default::default() }).await?.into_owned())
-        }
-        Command::Shutdown { vm_id, force, timeout } => {
-            let req = pb::ShutdownVmRequest { vm_id, force, timeout_seconds: timeout, ..Default::default() };
+        Command::Boot { vm_id } => print(
+            &client
+                .boot_vm(pb::BootVmRequest {
+                    vm_id,
+                    ..Default::default()
+                })
+                .await?
+                .into_owned(),
+        ),
+        Command::Shutdown {
+            vm_id,
+            force,
+            timeout,
+        } => {
+            let req = pb::ShutdownVmRequest {
+                vm_id,
+                force,
+                timeout_seconds: timeout,
+                ..Default::default()
+            };
             print(&client.shutdown_vm(req).await?.into_owned())
         }
-        Command::Pause { vm_id } => {
-            print(&client.pause_vm(pb::PauseVmRequest { vm_id, ..Default::default() }).await?.into_owned())
-        }
-        Command::Resume { vm_id } => {
-            print(&client.resume_vm(pb::ResumeVmRequest { vm_id, ..Default::default() }).await?.into_owned())
-        }
-        Command::Reboot { vm_id, force } => {
-            print(&client.reboot_vm(pb::RebootVmRequest { vm_id, force, ..Default::default() }).await?.into_owned())
-        }
-        Command::Delete { vm_id, force } => {
-            print(&client.delete_vm(pb::DeleteVmRequest { vm_id, force, ..Default::default() }).await?.into_owned())
-        }
-        Command::Get { vm_id } => {
-            print(&client.get_vm_info(pb::GetVmInfoRequest { vm_id, ..Default::default() }).await?.into_owned())
-        }
+        Command::Pause { vm_id } => print(
+            &client
+                .pause_vm(pb::PauseVmRequest {
+                    vm_id,
+                    ..Default::default()
+                })
+                .await?
+                .into_owned(),
+        ),
+        Command::Resume { vm_id } => print(
+            &client
+                .resume_vm(pb::ResumeVmRequest {
+                    vm_id,
+                    ..Default::default()
+                })
+                .await?
+                .into_owned(),
+        ),
+        Command::Reboot { vm_id, force } => print(
+            &client
+                .reboot_vm(pb::RebootVmRequest {
+                    vm_id,
+                    force,
+                    ..Default::default()
+                })
+                .await?
+                .into_owned(),
+        ),
+        Command::Delete { vm_id, force } => print(
+            &client
+                .delete_vm(pb::DeleteVmRequest {
+                    vm_id,
+                    force,
+                    ..Default::default()
+                })
+                .await?
+                .into_owned(),
+        ),
+        Command::Get { vm_id } => print(
+            &client
+                .get_vm_info(pb::GetVmInfoRequest {
+                    vm_id,
+                    ..Default::default()
+                })
+                .await?
+                .into_owned(),
+        ),
         Command::List { state } => {
-            let state_filter = state.as_deref().map(parse_state).transpose()?.unwrap_or(pb::VmState::VM_STATE_UNSPECIFIED);
+            let state_filter = state
+                .as_deref()
+                .map(parse_state)
+                .transpose()?
+                .unwrap_or(pb::VmState::VM_STATE_UNSPECIFIED);
             let mut page_token = String::new();
             loop {
-                let req = pb::ListVmsRequest { state_filter: state_filter.into(), page_token, ..Default::default() };
+                let req = pb::ListVmsRequest {
+                    state_filter: state_filter.into(),
+                    page_token,
+                    ..Default::default()
+                };
                 let page = client.list_vms(req).await?.into_owned();
                 for vm in &page.vms {
                     print(vm)?;
@@ -182,7 +273,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Console { vm_id, tail } => {
             let resp = client
-                .get_vm_console(pb::GetVmConsoleRequest { vm_id, tail_bytes: tail, ..Default::default() })
+                .get_vm_console(pb::GetVmConsoleRequest {
+                    vm_id,
+                    tail_bytes: tail,
+                    ..Default::default()
+                })
                 .await?
                 .into_owned();
             print!("{}", resp.output);

@@ -27,7 +27,8 @@ impl Caller {
     }
 }
 
-const EXPECTED: &str = "expected header 'Authorization: Bearer dev_customer_<id>' (id: 1-64 of A-Z a-z 0-9 _ -)";
+const EXPECTED: &str =
+    "expected header 'Authorization: Bearer dev_customer_<id>' (id: 1-64 of A-Z a-z 0-9 _ -)";
 
 /// Decides who the caller is from the Authorization header.
 pub fn authenticate(header: Option<&[u8]>) -> Caller {
@@ -43,7 +44,11 @@ pub fn authenticate(header: Option<&[u8]>) -> Caller {
     else {
         return Caller::Rejected(format!("Authorization is not a Bearer token; {EXPECTED}"));
     };
-    match token.trim().strip_prefix("dev_customer_").map(str::parse::<CustomerId>) {
+    match token
+        .trim()
+        .strip_prefix("dev_customer_")
+        .map(str::parse::<CustomerId>)
+    {
         Some(Ok(c)) => Caller::Customer(c),
         Some(Err(e)) => Caller::Rejected(format!("bad token: {e}; {EXPECTED}")),
         None => Caller::Rejected(format!("unknown token kind; {EXPECTED}")),
@@ -81,9 +86,19 @@ mod tests {
 
     #[test]
     fn bad_credentials_say_what_is_expected() {
-        for h in ["", "Basic abc", "Bearer", "Bearer abc", "Bearer dev_customer_", "Bearer dev_customer_a/b"] {
+        for h in [
+            "",
+            "Basic abc",
+            "Bearer",
+            "Bearer abc",
+            "Bearer dev_customer_",
+            "Bearer dev_customer_a/b",
+        ] {
             let err = customer(h).unwrap_err();
-            assert!(err.contains("expected header 'Authorization: Bearer dev_customer_<id>'"), "{h}: {err}");
+            assert!(
+                err.contains("expected header 'Authorization: Bearer dev_customer_<id>'"),
+                "{h}: {err}"
+            );
         }
         match authenticate(None) {
             Caller::Rejected(m) => assert!(m.starts_with("missing Authorization header")),

@@ -61,7 +61,14 @@ impl pb::VmService for ConnectApi {
         request: ServiceRequest<'_, pb::ShutdownVmRequest>,
     ) -> ServiceResult<pb::ShutdownVmResponse> {
         let who = customer(&ctx)?;
-        let vm = h::shutdown_vm(&self.svc, &who, request.vm_id, request.force, request.timeout_seconds).await?;
+        let vm = h::shutdown_vm(
+            &self.svc,
+            &who,
+            request.vm_id,
+            request.force,
+            request.timeout_seconds,
+        )
+        .await?;
         Response::ok(pb::ShutdownVmResponse {
             vm: vm.into(),
             ..Default::default()

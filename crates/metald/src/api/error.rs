@@ -30,7 +30,9 @@ pub fn code_for(err: &ServiceError) -> ErrorCode {
             BackendError::Unsupported(_) => ErrorCode::InvalidArgument,
             _ => ErrorCode::Internal,
         },
-        ServiceError::Asset(_) | ServiceError::Store(_) | ServiceError::Io { .. } => ErrorCode::Internal,
+        ServiceError::Asset(_) | ServiceError::Store(_) | ServiceError::Io { .. } => {
+            ErrorCode::Internal
+        }
     }
 }
 
@@ -57,18 +59,27 @@ mod tests {
         let vm = VmId::generate();
         let cases: Vec<(ServiceError, ErrorCode, u16)> = vec![
             (
-                ServiceError::InvalidArgument { field: "config.cpu.vcpu_count".into(), reason: "x".into() },
+                ServiceError::InvalidArgument {
+                    field: "config.cpu.vcpu_count".into(),
+                    reason: "x".into(),
+                },
                 ErrorCode::InvalidArgument,
                 400,
             ),
             (ServiceError::NotFound(vm.clone()), ErrorCode::NotFound, 404),
             (
-                transition(VmState::Shutdown, Operation::Pause).unwrap_err().into(),
+                transition(VmState::Shutdown, Operation::Pause)
+                    .unwrap_err()
+                    .into(),
                 ErrorCode::FailedPrecondition,
                 400,
             ),
             (
-                ServiceError::Backend { op: "pause", vm: vm.clone(), source: BackendError::NotRunning(vm.clone()) },
+                ServiceError::Backend {
+                    op: "pause",
+                    vm: vm.clone(),
+                    source: BackendError::NotRunning(vm.clone()),
+                },
                 ErrorCode::FailedPrecondition,
                 400,
             ),
@@ -76,7 +87,10 @@ mod tests {
                 ServiceError::Backend {
                     op: "boot",
                     vm: vm.clone(),
-                    source: BackendError::Api { request: "x".into(), reason: "y".into() },
+                    source: BackendError::Api {
+                        request: "x".into(),
+                        reason: "y".into(),
+                    },
                 },
                 ErrorCode::Internal,
                 500,
@@ -91,9 +105,22 @@ mod tests {
 
     #[test]
     fn messages_name_field_and_state() {
-        let e = to_connect(&ServiceError::InvalidArgument { field: "config.memory.size_bytes".into(), reason: "too small".into() });
-        assert_eq!(e.message.as_deref(), Some("config.memory.size_bytes: too small"));
-        let e = to_connect(&transition(VmState::Shutdown, Operation::Pause).unwrap_err().into());
-        assert_eq!(e.message.as_deref(), Some("cannot pause a VM in state SHUTDOWN; boot it first"));
+        let e = to_connect(&ServiceError::InvalidArgument {
+            field: "config.memory.size_bytes".into(),
+            reason: "too small".into(),
+        });
+        assert_eq!(
+            e.message.as_deref(),
+            Some("config.memory.size_bytes: too small")
+        );
+        let e = to_connect(
+            &transition(VmState::Shutdown, Operation::Pause)
+                .unwrap_err()
+                .into(),
+        );
+        assert_eq!(
+            e.message.as_deref(),
+            Some("cannot pause a VM in state SHUTDOWN; boot it first")
+        );
     }
 }

@@ -18,7 +18,9 @@ pub fn vm_id(field: &str, raw: &str) -> Result<VmId, ConnectError> {
 }
 
 /// Domain state from the protobuf enum; `None` for UNSPECIFIED.
-pub fn state_from_proto(v: &buffa::EnumValue<pb::VmState>) -> Result<Option<VmState>, ConnectError> {
+pub fn state_from_proto(
+    v: &buffa::EnumValue<pb::VmState>,
+) -> Result<Option<VmState>, ConnectError> {
     Ok(match v.as_known() {
         Some(pb::VmState::VM_STATE_UNSPECIFIED) => None,
         Some(pb::VmState::VM_STATE_CREATED) => Some(VmState::Created),
@@ -63,7 +65,11 @@ pub fn config_from_proto(c: &pb::VmConfig) -> VmConfig {
             })
             .collect(),
         kernel_args: c.kernel_args.clone(),
-        metadata: c.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        metadata: c
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     }
 }
 
@@ -101,7 +107,11 @@ pub fn config_to_proto(c: &VmConfig) -> pb::VmConfig {
             })
             .collect(),
         kernel_args: c.kernel_args.clone(),
-        metadata: c.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        metadata: c
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         ..Default::default()
     }
 }
@@ -135,7 +145,10 @@ pub async fn create_vm(
     let Some(config) = req.config.as_option() else {
         return Err(ConnectError::invalid_argument("config: required"));
     };
-    let vm = svc.create(who, config_from_proto(config)).await.map_err(err)?;
+    let vm = svc
+        .create(who, config_from_proto(config))
+        .await
+        .map_err(err)?;
     Ok(pb::CreateVmResponse {
         vm: vm_to_proto(&vm).into(),
         ..Default::default()
@@ -143,7 +156,11 @@ pub async fn create_vm(
 }
 
 /// BootVm.
-pub async fn boot_vm(svc: &Arc<VmService>, who: &CustomerId, id: &str) -> Result<pb::VmInfo, ConnectError> {
+pub async fn boot_vm(
+    svc: &Arc<VmService>,
+    who: &CustomerId,
+    id: &str,
+) -> Result<pb::VmInfo, ConnectError> {
     let vm = svc.boot(who, &vm_id("vm_id", id)?).await.map_err(err)?;
     Ok(vm_to_proto(&vm))
 }
@@ -158,37 +175,71 @@ pub async fn shutdown_vm(
 ) -> Result<pb::VmInfo, ConnectError> {
     let id = vm_id("vm_id", id)?;
     let vm = svc
-        .shutdown(who, &id, ShutdownRequest { force, timeout_seconds })
+        .shutdown(
+            who,
+            &id,
+            ShutdownRequest {
+                force,
+                timeout_seconds,
+            },
+        )
         .await
         .map_err(err)?;
     Ok(vm_to_proto(&vm))
 }
 
 /// PauseVm.
-pub async fn pause_vm(svc: &Arc<VmService>, who: &CustomerId, id: &str) -> Result<pb::VmInfo, ConnectError> {
+pub async fn pause_vm(
+    svc: &Arc<VmService>,
+    who: &CustomerId,
+    id: &str,
+) -> Result<pb::VmInfo, ConnectError> {
     let vm = svc.pause(who, &vm_id("vm_id", id)?).await.map_err(err)?;
     Ok(vm_to_proto(&vm))
 }
 
 /// ResumeVm.
-pub async fn resume_vm(svc: &Arc<VmService>, who: &CustomerId, id: &str) -> Result<pb::VmInfo, ConnectError> {
+pub async fn resume_vm(
+    svc: &Arc<VmService>,
+    who: &CustomerId,
+    id: &str,
+) -> Result<pb::VmInfo, ConnectError> {
     let vm = svc.resume(who, &vm_id("vm_id", id)?).await.map_err(err)?;
     Ok(vm_to_proto(&vm))
 }
 
 /// RebootVm.
-pub async fn reboot_vm(svc: &Arc<VmService>, who: &CustomerId, id: &str, force: bool) -> Result<pb::VmInfo, ConnectError> {
-    let vm = svc.reboot(who, &vm_id("vm_id", id)?, force).await.map_err(err)?;
+pub async fn reboot_vm(
+    svc: &Arc<VmService>,
+    who: &CustomerId,
+    id: &str,
+    force: bool,
+) -> Result<pb::VmInfo, ConnectError> {
+    let vm = svc
+        .reboot(who, &vm_id("vm_id", id)?, force)
+        .await
+        .map_err(err)?;
     Ok(vm_to_proto(&vm))
 }
 
 /// DeleteVm.
-pub async fn delete_vm(svc: &Arc<VmService>, who: &CustomerId, id: &str, force: bool) -> Result<(), ConnectError> {
-    svc.delete(who, &vm_id("vm_id", id)?, force).await.map_err(err)
+pub async fn delete_vm(
+    svc: &Arc<VmService>,
+    who: &CustomerId,
+    id: &str,
+    force: bool,
+) -> Result<(), ConnectError> {
+    svc.delete(who, &vm_id("vm_id", id)?, force)
+        .await
+        .map_err(err)
 }
 
 /// GetVmInfo.
-pub async fn get_vm(svc: &Arc<VmService>, who: &CustomerId, id: &str) -> Result<pb::VmInfo, ConnectError> {
+pub async fn get_vm(
+    svc: &Arc<VmService>,
+    who: &CustomerId,
+    id: &str,
+) -> Result<pb::VmInfo, ConnectError> {
     let vm = svc.get(who, &vm_id("vm_id", id)?).await.map_err(err)?;
     Ok(vm_to_proto(&vm))
 }
@@ -201,7 +252,10 @@ pub async fn list_vms(
     page_size: u32,
     page_token: &str,
 ) -> Result<pb::ListVmsResponse, ConnectError> {
-    let page = svc.list(who, state, page_size, page_token).await.map_err(err)?;
+    let page = svc
+        .list(who, state, page_size, page_token)
+        .await
+        .map_err(err)?;
     Ok(pb::ListVmsResponse {
         vms: page.vms.iter().map(vm_to_proto).collect(),
         next_page_token: page.next_page_token,
@@ -216,7 +270,10 @@ pub async fn get_console(
     id: &str,
     tail_bytes: u32,
 ) -> Result<pb::GetVmConsoleResponse, ConnectError> {
-    let tail = svc.console(who, &vm_id("vm_id", id)?, tail_bytes).await.map_err(err)?;
+    let tail = svc
+        .console(who, &vm_id("vm_id", id)?, tail_bytes)
+        .await
+        .map_err(err)?;
     Ok(pb::GetVmConsoleResponse {
         output: tail.output,
         total_bytes: tail.total_bytes,

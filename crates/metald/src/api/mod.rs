@@ -27,7 +27,8 @@ const CREATE_VM_PATH: &str = "/metald.v1.VmService/CreateVm";
 
 /// The whole HTTP surface: REST routes, Connect/gRPC as the fallback, health, all behind auth.
 pub fn router(svc: Arc<VmService>) -> axum::Router {
-    let connect = Arc::new(connect::ConnectApi::new(Arc::clone(&svc))).register(connectrpc::Router::new());
+    let connect =
+        Arc::new(connect::ConnectApi::new(Arc::clone(&svc))).register(connectrpc::Router::new());
     rest::router(svc)
         .fallback_service(connect.into_axum_service())
         .layer(axum::middleware::from_fn(strict_connect_json))
@@ -54,5 +55,6 @@ async fn strict_connect_json(req: Request, next: Next) -> Response {
     if let Err(e) = strict::check(&bytes, strict::CREATE_VM_REQUEST) {
         return ConnectError::invalid_argument(e.to_string()).into_response();
     }
-    next.run(Request::from_parts(parts, Body::from(bytes))).await
+    next.run(Request::from_parts(parts, Body::from(bytes)))
+        .await
 }

@@ -53,7 +53,8 @@ fn body<T: Default + serde::de::DeserializeOwned>(bytes: &Bytes) -> Result<T, Co
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(bytes).map_err(|e| ConnectError::invalid_argument(format!("body: malformed JSON: {e}")))
+    serde_json::from_slice(bytes)
+        .map_err(|e| ConnectError::invalid_argument(format!("body: malformed JSON: {e}")))
 }
 
 /// The routes, to be wrapped by the auth layer.
@@ -90,15 +91,27 @@ struct ListQuery {
     page_token: Option<String>,
 }
 
-async fn list(State(svc): Svc, Extension(caller): Extension<Caller>, query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>) -> Reply {
+async fn list(
+    State(svc): Svc,
+    Extension(caller): Extension<Caller>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Reply {
     let run = async {
         let who = caller.customer()?.clone();
-        let Query(q) = query.map_err(|e| ConnectError::invalid_argument(format!("query: {}", e.body_text())))?;
+        let Query(q) = query
+            .map_err(|e| ConnectError::invalid_argument(format!("query: {}", e.body_text())))?;
         let state = match q.state.as_deref() {
             None | Some("") => None,
             Some(s) => Some(parse_state(s)?),
         };
-        h::list_vms(&svc, &who, state, q.page_size.unwrap_or(0), q.page_token.as_deref().unwrap_or("")).await
+        h::list_vms(
+            &svc,
+            &who,
+            state,
+            q.page_size.unwrap_or(0),
+            q.page_token.as_deref().unwrap_or(""),
+        )
+        .await
     };
     done(StatusCode::OK, run.await)
 }
@@ -114,7 +127,11 @@ fn parse_state(s: &str) -> Result<VmState, ConnectError> {
     })
 }
 
-async fn info(State(svc): Svc, Extension(caller): Extension<Caller>, Path(id): Path<String>) -> Reply {
+async fn info(
+    State(svc): Svc,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Reply {
     let run = async { h::get_vm(&svc, caller.customer()?, &id).await };
     done(StatusCode::OK, run.await.map(wrap_vm))
 }
@@ -140,23 +157,39 @@ async fn delete(
 ) -> Reply {
     let run = async {
         let who = caller.customer()?.clone();
-        let Query(q) = query.map_err(|e| ConnectError::invalid_argument(format!("query: {}", e.body_text())))?;
+        let Query(q) = query
+            .map_err(|e| ConnectError::invalid_argument(format!("query: {}", e.body_text())))?;
         h::delete_vm(&svc, &who, &id, q.force.unwrap_or(false)).await
     };
-    done(StatusCode::OK, run.await.map(|()| pb::DeleteVmResponse::default()))
+    done(
+        StatusCode::OK,
+        run.await.map(|()| pb::DeleteVmResponse::default()),
+    )
 }
 
-async fn boot(State(svc): Svc, Extension(caller): Extension<Caller>, Path(id): Path<String>) -> Reply {
+async fn boot(
+    State(svc): Svc,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Reply {
     let run = async { h::boot_vm(&svc, caller.customer()?, &id).await };
     done(StatusCode::OK, run.await.map(wrap_vm))
 }
 
-async fn pause(State(svc): Svc, Extension(caller): Extension<Caller>, Path(id): Path<String>) -> Reply {
+async fn pause(
+    State(svc): Svc,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Reply {
     let run = async { h::pause_vm(&svc, caller.customer()?, &id).await };
     done(StatusCode::OK, run.await.map(wrap_vm))
 }
 
-async fn resume(State(svc): Svc, Extension(caller): Extension<Caller>, Path(id): Path<String>) -> Reply {
+async fn resume(
+    State(svc): Svc,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Reply {
     let run = async { h::resume_vm(&svc, caller.customer()?, &id).await };
     done(StatusCode::OK, run.await.map(wrap_vm))
 }
@@ -171,7 +204,12 @@ struct ShutdownBody {
     timeout_seconds: u32,
 }
 
-async fn shutdown(State(svc): Svc, Extension(caller): Extension<Caller>, Path(id): Path<String>, bytes: Bytes) -> Reply {
+async fn shutdown(
+    State(svc): Svc,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> Reply {
     let run = async {
         let who = caller.customer()?.clone();
         let b: ShutdownBody = body(&bytes)?;
@@ -188,7 +226,12 @@ struct RebootBody {
     force: bool,
 }
 
-async fn reboot(State(svc): Svc, Extension(caller): Extension<Caller>, Path(id): Path<String>, bytes: Bytes) -> Reply {
+async fn reboot(
+    State(svc): Svc,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> Reply {
     let run = async {
         let who = caller.customer()?.clone();
         let b: RebootBody = body(&bytes)?;
@@ -211,7 +254,8 @@ async fn console(
 ) -> Reply {
     let run = async {
         let who = caller.customer()?.clone();
-        let Query(q) = query.map_err(|e| ConnectError::invalid_argument(format!("query: {}", e.body_text())))?;
+        let Query(q) = query
+            .map_err(|e| ConnectError::invalid_argument(format!("query: {}", e.body_text())))?;
         h::get_console(&svc, &who, &id, q.tail_bytes.unwrap_or(0)).await
     };
     done(StatusCode::OK, run.await)

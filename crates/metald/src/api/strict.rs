@@ -20,7 +20,11 @@ enum Inner {
 }
 
 const fn f(name: &'static str, json_name: &'static str, inner: Inner) -> Field {
-    Field { name, json_name, inner }
+    Field {
+        name,
+        json_name,
+        inner,
+    }
 }
 
 const CPU: &[Field] = &[f("vcpu_count", "vcpuCount", Inner::Scalar)];
@@ -142,7 +146,11 @@ mod tests {
         let err = check(br#"{"config": {"cpu": {"vcpus": 2}}}"#, CREATE_VM_REQUEST).unwrap_err();
         assert_eq!(err.field, "config.cpu.vcpus");
         assert!(err.reason.contains("known here: vcpu_count"));
-        let err = check(br#"{"config": {"drives": [{}, {"size": 1}]}}"#, CREATE_VM_REQUEST).unwrap_err();
+        let err = check(
+            br#"{"config": {"drives": [{}, {"size": 1}]}}"#,
+            CREATE_VM_REQUEST,
+        )
+        .unwrap_err();
         assert_eq!(err.field, "config.drives[1].size");
         let err = check(br#"{"cfg": {}}"#, CREATE_VM_REQUEST).unwrap_err();
         assert_eq!(err.field, "cfg");
@@ -151,8 +159,16 @@ mod tests {
     #[test]
     fn rejects_malformed_json_and_wrong_shapes() {
         assert_eq!(check(b"{", CREATE_VM_REQUEST).unwrap_err().field, "body");
-        assert!(check(b"{", CREATE_VM_REQUEST).unwrap_err().reason.starts_with("malformed JSON"));
+        assert!(check(b"{", CREATE_VM_REQUEST)
+            .unwrap_err()
+            .reason
+            .starts_with("malformed JSON"));
         assert_eq!(check(b"[]", CREATE_VM_REQUEST).unwrap_err().field, "body");
-        assert_eq!(check(br#"{"config": 3}"#, CREATE_VM_REQUEST).unwrap_err().field, "config");
+        assert_eq!(
+            check(br#"{"config": 3}"#, CREATE_VM_REQUEST)
+                .unwrap_err()
+                .field,
+            "config"
+        );
     }
 }

@@ -205,15 +205,19 @@ fn open_pidfd(pid: u32) -> Result<OwnedFd, BackendError> {
         pid,
         source,
     };
-    let raw = i32::try_from(pid).map_err(|_| process_err(std::io::ErrorKind::InvalidInput.into()))?;
-    let pid_t = Pid::from_raw(raw).ok_or_else(|| process_err(std::io::ErrorKind::InvalidInput.into()))?;
+    let raw =
+        i32::try_from(pid).map_err(|_| process_err(std::io::ErrorKind::InvalidInput.into()))?;
+    let pid_t =
+        Pid::from_raw(raw).ok_or_else(|| process_err(std::io::ErrorKind::InvalidInput.into()))?;
     pidfd_open(pid_t, PidfdFlags::NONBLOCK).map_err(|e| process_err(e.into()))
 }
 
 /// Waits for the pidfd to become readable (the process exited) and describes how it ended.
 async fn wait_for_exit(pidfd: Arc<OwnedFd>, is_child: bool) -> String {
     // SAFETY: PidFdRef owns an Arc of the OwnedFd, so the fd stays open and unchanged for as long as the AsyncFd lives.
-    let registered = unsafe { AsyncFd::register_with_interest(PidFdRef(Arc::clone(&pidfd)), tokio::io::Interest::READABLE) };
+    let registered = unsafe {
+        AsyncFd::register_with_interest(PidFdRef(Arc::clone(&pidfd)), tokio::io::Interest::READABLE)
+    };
     match registered {
         Ok(async_fd) => {
             // Readable exactly once the process has exited. An error here means the fd is
@@ -225,7 +229,10 @@ async fn wait_for_exit(pidfd: Arc<OwnedFd>, is_child: bool) -> String {
             // blocking poll on a worker thread rather than losing the exit.
             let fd = Arc::clone(&pidfd);
             let _ignored = tokio::task::spawn_blocking(move || {
-                let mut fds = [rustix::event::PollFd::new(&*fd, rustix::event::PollFlags::IN)];
+                let mut fds = [rustix::event::PollFd::new(
+                    &*fd,
+                    rustix::event::PollFlags::IN,
+                )];
                 rustix::event::poll(&mut fds, None)
             })
             .await;
@@ -288,7 +295,8 @@ mod tests {
 
     #[test]
     fn parses_start_time_past_odd_names() {
-        let stat = "123 (qemu (x) y) S 1 123 123 0 -1 4194560 100 0 0 0 5 3 0 0 20 0 3 0 98765 1000 10";
+        let stat =
+            "123 (qemu (x) y) S 1 123 123 0 -1 4194560 100 0 0 0 5 3 0 0 20 0 3 0 98765 1000 10";
         assert_eq!(parse_start_ticks(stat), Some(98765));
         assert_eq!(parse_start_ticks("garbage"), None);
         assert!(start_ticks(std::process::id()).is_some());

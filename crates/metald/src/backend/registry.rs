@@ -88,7 +88,12 @@ impl Registry {
 
     /// Stops the VM's VMM: for a graceful stop, `ask_guest` asks the guest to shut down and the
     /// VMM is killed if it is still there after the timeout.
-    pub async fn stop<F>(&self, vm: &VmId, mode: StopMode, ask_guest: F) -> Result<StopOutcome, BackendError>
+    pub async fn stop<F>(
+        &self,
+        vm: &VmId,
+        mode: StopMode,
+        ask_guest: F,
+    ) -> Result<StopOutcome, BackendError>
     where
         F: Future<Output = Result<(), BackendError>>,
     {

@@ -223,7 +223,12 @@ impl Store {
             .map_err(sql("list vms"))?;
         let rows = stmt
             .query_map(
-                params![customer.as_str(), after_seq, state.map(|s| s.as_str()), limit],
+                params![
+                    customer.as_str(),
+                    after_seq,
+                    state.map(|s| s.as_str()),
+                    limit
+                ],
                 read_vm_row,
             )
             .map_err(sql("list vms"))?;
@@ -236,7 +241,9 @@ impl Store {
         let mut stmt = conn
             .prepare(&format!("SELECT {VM_COLUMNS} FROM vms ORDER BY seq"))
             .map_err(sql("list all vms"))?;
-        let rows = stmt.query_map([], read_vm_row).map_err(sql("list all vms"))?;
+        let rows = stmt
+            .query_map([], read_vm_row)
+            .map_err(sql("list all vms"))?;
         collect_vm_rows(rows)
     }
 

@@ -1,6 +1,8 @@
 //! Test harness: runs the real `metald` binary on a free loopback port with a temporary data
 //! directory, the default guest image imported, and removes every process and file it made.
 #![allow(dead_code)]
+// Test support code: a failed set-up step should panic with its reason.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -59,11 +61,15 @@ fn find_exe(var: &str, name: &str) -> Option<PathBuf> {
 /// Prerequisites for booting the default guest with QEMU, or `None` after printing why not.
 pub fn qemu_guest() -> Option<PathBuf> {
     let Some(dir) = guest_dir() else {
-        skip_or_fail("guest image not built (run scripts/build-guest-image.sh target/guest or `make test`)");
+        skip_or_fail(
+            "guest image not built (run scripts/build-guest-image.sh target/guest or `make test`)",
+        );
         return None;
     };
     if qemu_bin().is_none() {
-        skip_or_fail("qemu-system-x86_64 not installed (apt-get install qemu-system-x86, or `make test`)");
+        skip_or_fail(
+            "qemu-system-x86_64 not installed (apt-get install qemu-system-x86, or `make test`)",
+        );
         return None;
     }
     Some(dir)
@@ -99,10 +105,16 @@ impl Builder {
     /// Starts metald with the default guest imported (`guest` = the image directory).
     pub fn start(self, guest: &Path) -> Metald {
         // Short path: VM sockets live under the data dir and Unix socket paths are short.
-        let tmp = tempfile::Builder::new().prefix("md").tempdir_in("/tmp").expect("temp dir");
+        let tmp = tempfile::Builder::new()
+            .prefix("md")
+            .tempdir_in("/tmp")
+            .expect("temp dir");
         let data_dir = tmp.path().to_path_buf();
         let mut env = self.env;
-        env.push(("UNKEY_METALD_DATA_DIR".into(), data_dir.display().to_string()));
+        env.push((
+            "UNKEY_METALD_DATA_DIR".into(),
+            data_dir.display().to_string(),
+        ));
         env.push(("UNKEY_METALD_LOG_FORMAT".into(), "text".into()));
         let mut m = Metald {
             url: String::new(),
@@ -122,7 +134,9 @@ impl Builder {
 
 /// A builder with QEMU as the backend.
 pub fn metald() -> Builder {
-    Builder { env: vec![("UNKEY_METALD_BACKEND".into(), "qemu".into())] }
+    Builder {
+        env: vec![("UNKEY_METALD_BACKEND".into(), "qemu".into())],
+    }
 }
 
 /// A free loopback port.
@@ -150,18 +164,54 @@ impl Metald {
 
     /// Runs `metald assets ...` against this data dir.
     pub fn assets(&self, args: &[&str]) -> std::process::Output {
-        self.command().arg("assets").args(args).output().expect("run metald assets")
+        self.command()
+            .arg("assets")
+            .args(args)
+            .output()
+            .expect("run metald assets")
     }
 
     fn import_default_guest(&self, guest: &Path) {
         let g = |f: &str| guest.join(f).display().to_string();
         for args in [
-            vec!["import", "--id", "initrd-6.1", "--kind", "initrd", "--file", &g("initrd.img")],
-            vec!["import", "--id", KERNEL_ID, "--kind", "kernel", "--file", &g("vmlinux"), "--initrd", "initrd-6.1"],
-            vec!["import", "--id", ROOTFS_ID, "--kind", "rootfs", "--file", &g("rootfs.ext4"), "--ready-marker", READY_MARKER],
+            vec![
+                "import",
+                "--id",
+                "initrd-6.1",
+                "--kind",
+                "initrd",
+                "--file",
+                &g("initrd.img"),
+            ],
+            vec![
+                "import",
+                "--id",
+                KERNEL_ID,
+                "--kind",
+                "kernel",
+                "--file",
+                &g("vmlinux"),
+                "--initrd",
+                "initrd-6.1",
+            ],
+            vec![
+                "import",
+                "--id",
+                ROOTFS_ID,
+                "--kind",
+                "rootfs",
+                "--file",
+                &g("rootfs.ext4"),
+                "--ready-marker",
+                READY_MARKER,
+            ],
         ] {
             let out = self.assets(&args);
-            assert!(out.status.success(), "metald assets {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "metald assets {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
     }
 
@@ -170,7 +220,11 @@ impl Metald {
         assert!(self.child.is_none(), "already running");
         self.port = free_port();
         self.url = format!("http://127.0.0.1:{}", self.port);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log");
         let child = self
             .command()
             .env("UNKEY_METALD_PORT", self.port.to_string())
@@ -190,7 +244,11 @@ impl Metald {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
                 panic!("metald exited at start ({status}): {}", self.log_text());
             }
-            assert!(Instant::now() < deadline, "metald did not answer /healthz: {}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "metald did not answer /healthz: {}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -198,7 +256,10 @@ impl Metald {
     /// Stops the daemon with SIGTERM (VMs keep running) and waits for it.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
             let deadline = Instant::now() + Duration::from_secs(10);
             while child.try_wait().ok().flatten().is_none() {
                 if Instant::now() > deadline {
@@ -219,8 +280,12 @@ impl Metald {
         let needle = self.data_dir.display().to_string();
         let mut pids = vec![];
         for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
             let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
             if text.contains(&needle) && !text.contains("metald") {
                 pids.push(pid);
@@ -235,7 +300,10 @@ impl Drop for Metald {
         self.stop();
         // VMMs outlive metald by design; a test's VMs must not outlive the test.
         for pid in self.vmm_pids() {
-            let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-KILL")
+                .arg(pid.to_string())
+                .status();
         }
         if std::thread::panicking() {
             eprintln!("---- metald log ----\n{}", self.log_text());
@@ -293,7 +361,12 @@ impl Answer {
 
     /// Asserts success and returns the body.
     pub fn ok(self) -> Value {
-        assert!((200..300).contains(&self.status), "expected success, got {} {}", self.status, self.body);
+        assert!(
+            (200..300).contains(&self.status),
+            "expected success, got {} {}",
+            self.status,
+            self.body
+        );
         self.body
     }
 }
@@ -311,18 +384,26 @@ impl Rest {
     /// Sends a request with a raw body.
     pub fn raw(&self, method: &str, path: &str, body: Option<&str>) -> Answer {
         let method: ::reqwest::Method = method.parse().expect("method");
-        let mut req = self.client.request(method, format!("{}{}", self.base, path));
+        let mut req = self
+            .client
+            .request(method, format!("{}{}", self.base, path));
         if let Some(t) = &self.token {
             req = req.header("authorization", t);
         }
         if let Some(b) = body {
-            req = req.header("content-type", "application/json").body(b.to_string());
+            req = req
+                .header("content-type", "application/json")
+                .body(b.to_string());
         }
         block_on(async {
             let resp = req.send().await.expect("request");
             let status = resp.status().as_u16();
             let text = resp.text().await.expect("body");
-            let body = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+            let body = if text.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_str(&text).unwrap_or(Value::String(text))
+            };
             Answer { status, body }
         })
     }
@@ -334,7 +415,9 @@ impl Rest {
 
     /// Creates a VM with the README's request (ids of the imported default guest); its id.
     pub fn create_default(&self) -> String {
-        let body = self.call("POST", "/v1/vms", Some(readme_request(1, 256 << 20))).ok();
+        let body = self
+            .call("POST", "/v1/vms", Some(readme_request(1, 256 << 20)))
+            .ok();
         body["vm"]["vmId"].as_str().expect("vm id").to_string()
     }
 
@@ -351,9 +434,18 @@ impl Rest {
             if vm["guestReady"] == json!(true) {
                 return vm;
             }
-            let console = self.call("GET", &format!("/v1/vms/{id}/console"), None).body;
-            assert!(vm["state"] != json!("VM_STATE_FAILED"), "vm failed: {vm}\nconsole: {console}");
-            assert!(Instant::now() < deadline, "guest not ready in time: {vm}\nconsole: {}", console["output"]);
+            let console = self
+                .call("GET", &format!("/v1/vms/{id}/console"), None)
+                .body;
+            assert!(
+                vm["state"] != json!("VM_STATE_FAILED"),
+                "vm failed: {vm}\nconsole: {console}"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "guest not ready in time: {vm}\nconsole: {}",
+                console["output"]
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }
@@ -381,6 +473,12 @@ pub fn readme_request(vcpus: u32, memory: u64) -> Value {
 /// True while a process exists (and is not a zombie).
 pub fn process_alive(pid: u64) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+        .map(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
         .unwrap_or(false)
 }

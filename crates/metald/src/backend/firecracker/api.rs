@@ -183,12 +183,22 @@ impl FirecrackerApi {
         self.send(Method::PATCH, "/vm", &Vm { state }).await
     }
 
-    async fn send<T: Serialize>(&self, method: Method, path: &str, body: &T) -> Result<(), BackendError> {
+    async fn send<T: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: &T,
+    ) -> Result<(), BackendError> {
         let json = serde_json::to_vec(body).map_err(|e| api_err(path, e.to_string()))?;
         self.call(method, path, Some(json)).await.map(drop)
     }
 
-    async fn call(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<Bytes, BackendError> {
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Bytes, BackendError> {
         let what = format!("{method} {path}");
         let stream = UnixStream::connect(&self.socket)
             .await
@@ -262,7 +272,12 @@ mod tests {
             }),
             r#"{"action_type":"SendCtrlAltDel"}"#
         );
-        assert_eq!(v(&Vm { state: VmRunState::Paused }), r#"{"state":"Paused"}"#);
+        assert_eq!(
+            v(&Vm {
+                state: VmRunState::Paused
+            }),
+            r#"{"state":"Paused"}"#
+        );
         assert_eq!(
             v(&MachineConfiguration {
                 vcpu_count: 2,

@@ -10,12 +10,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
-use self::api::{ActionType, BootSource, Drive, FirecrackerApi, Logger, MachineConfiguration, VmRunState};
+use self::api::{
+    ActionType, BootSource, Drive, FirecrackerApi, Logger, MachineConfiguration, VmRunState,
+};
 use super::process::{ExitEvent, Supervised, VmmProcess};
 use super::registry::Registry;
 use super::{
-    file_tail, remove_vmm_files, touch_logs, Backend, BackendError, BackendKind, StopMode, StopOutcome,
-    VmLaunch, VmmInfo,
+    file_tail, remove_vmm_files, touch_logs, Backend, BackendError, BackendKind, StopMode,
+    StopOutcome, VmLaunch, VmmInfo,
 };
 use crate::domain::VmId;
 
@@ -44,7 +46,11 @@ impl FirecrackerBackend {
         }
     }
 
-    async fn configure_and_start(&self, launch: &VmLaunch, api: &FirecrackerApi) -> Result<(), BackendError> {
+    async fn configure_and_start(
+        &self,
+        launch: &VmLaunch,
+        api: &FirecrackerApi,
+    ) -> Result<(), BackendError> {
         api.wait_ready(API_READY_TIMEOUT).await?;
         api.put_logger(&Logger {
             log_path: path_str(&launch.vmm_log())?,
@@ -132,7 +138,8 @@ impl Backend for FirecrackerBackend {
             }
             return Err(e);
         }
-        self.registry.insert(launch.vm_id.clone(), process.clone(), &socket);
+        self.registry
+            .insert(launch.vm_id.clone(), process.clone(), &socket);
         Ok(process.process)
     }
 

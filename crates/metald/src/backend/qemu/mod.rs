@@ -19,8 +19,8 @@ use self::qmp::Qmp;
 use super::process::{ExitEvent, Supervised, VmmProcess};
 use super::registry::Registry;
 use super::{
-    file_tail, remove_vmm_files, touch_logs, Backend, BackendError, BackendKind, StopMode, StopOutcome,
-    VmLaunch, VmmInfo,
+    file_tail, remove_vmm_files, touch_logs, Backend, BackendError, BackendKind, StopMode,
+    StopOutcome, VmLaunch, VmmInfo,
 };
 use crate::domain::VmId;
 
@@ -80,7 +80,13 @@ impl QemuBackend {
 pub fn command_args(launch: &VmLaunch, accel: Accel) -> Vec<String> {
     let (machine, cpu, blk, root, extra_args) = match accel {
         // acpi=on so the guest finds the virtio-mmio devices through ACPI, as on Firecracker.
-        Accel::Kvm => ("microvm,acpi=on", "host", "virtio-blk-device", "/dev/vda", ""),
+        Accel::Kvm => (
+            "microvm,acpi=on",
+            "host",
+            "virtio-blk-device",
+            "/dev/vda",
+            "",
+        ),
         Accel::Tcg => ("q35", "max", "virtio-blk-pci", "/dev/vda", ""),
     };
     let mut kernel_args = format!("console=ttyS0 root={root} rw panic=-1{extra_args}");
@@ -120,12 +126,18 @@ pub fn command_args(launch: &VmLaunch, accel: Accel) -> Vec<String> {
     // The serial console goes to the console log, appended across reboots.
     push(
         "-chardev",
-        format!("file,id=console,path={},append=on", launch.console_log().display()),
+        format!(
+            "file,id=console,path={},append=on",
+            launch.console_log().display()
+        ),
     );
     push("-serial", "chardev:console".into());
     push(
         "-qmp",
-        format!("unix:{},server=on,wait=off", launch.control_socket().display()),
+        format!(
+            "unix:{},server=on,wait=off",
+            launch.control_socket().display()
+        ),
     );
     for disk in &launch.disks {
         let ro = if disk.read_only { ",readonly=on" } else { "" };
@@ -166,7 +178,8 @@ impl Backend for QemuBackend {
         let socket = launch.control_socket();
         let _ignored = std::fs::remove_file(&socket);
         let mut cmd = Command::new(&self.binary);
-        cmd.args(command_args(launch, self.accel)).current_dir(&launch.dir);
+        cmd.args(command_args(launch, self.accel))
+            .current_dir(&launch.dir);
         let process = Supervised::spawn(
             cmd,
             &launch.vmm_log(),
@@ -197,7 +210,8 @@ impl Backend for QemuBackend {
             }
             return Err(e);
         }
-        self.registry.insert(launch.vm_id.clone(), process.clone(), &socket);
+        self.registry
+            .insert(launch.vm_id.clone(), process.clone(), &socket);
         Ok(process.process)
     }
 
@@ -278,10 +292,22 @@ mod tests {
     fn tcg_uses_q35_and_pci_virtio() {
         let args = command_args(&launch(), Accel::Tcg).join(" ");
         assert!(args.contains("-machine q35 -accel tcg"), "{args}");
-        assert!(args.contains("-device virtio-blk-pci,drive=rootfs"), "{args}");
-        assert!(args.contains("file=/data/vms/x/rootfs,,1.img,format=raw"), "{args}");
-        assert!(args.contains("id=data,cache=none,aio=threads,readonly=on"), "{args}");
-        assert!(args.contains("-append console=ttyS0 root=/dev/vda rw panic=-1 quiet"), "{args}");
+        assert!(
+            args.contains("-device virtio-blk-pci,drive=rootfs"),
+            "{args}"
+        );
+        assert!(
+            args.contains("file=/data/vms/x/rootfs,,1.img,format=raw"),
+            "{args}"
+        );
+        assert!(
+            args.contains("id=data,cache=none,aio=threads,readonly=on"),
+            "{args}"
+        );
+        assert!(
+            args.contains("-append console=ttyS0 root=/dev/vda rw panic=-1 quiet"),
+            "{args}"
+        );
         assert!(args.contains("-no-reboot"), "{args}");
         assert!(args.contains("-smp 2 -m 256M"), "{args}");
     }
@@ -289,7 +315,13 @@ mod tests {
     #[test]
     fn kvm_uses_microvm_with_acpi() {
         let args = command_args(&launch(), Accel::Kvm).join(" ");
-        assert!(args.contains("-machine microvm,acpi=on -accel kvm -cpu host"), "{args}");
-        assert!(args.contains("-device virtio-blk-device,drive=rootfs"), "{args}");
+        assert!(
+            args.contains("-machine microvm,acpi=on -accel kvm -cpu host"),
+            "{args}"
+        );
+        assert!(
+            args.contains("-device virtio-blk-device,drive=rootfs"),
+            "{args}"
+        );
     }
 }

@@ -53,13 +53,21 @@ impl Qmp {
     }
 
     /// Runs one command and returns its `return` value.
-    pub async fn execute(&self, command: &str, arguments: Option<Value>) -> Result<Value, BackendError> {
+    pub async fn execute(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, BackendError> {
         tokio::time::timeout(COMMAND_TIMEOUT, self.execute_inner(command, arguments))
             .await
             .map_err(|_| qmp_err(command, format!("no answer within {COMMAND_TIMEOUT:?}")))?
     }
 
-    async fn execute_inner(&self, command: &str, arguments: Option<Value>) -> Result<Value, BackendError> {
+    async fn execute_inner(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, BackendError> {
         let stream = UnixStream::connect(&self.socket)
             .await
             .map_err(|e| qmp_err(command, format!("connect {}: {e}", self.socket.display())))?;
@@ -155,7 +163,11 @@ mod tests {
     async fn skips_events_and_reads_the_return() {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("qmp.sock");
-        fake_server(&sock, json!({"return": {"status": "paused", "running": false}})).await;
+        fake_server(
+            &sock,
+            json!({"return": {"status": "paused", "running": false}}),
+        )
+        .await;
         assert_eq!(Qmp::new(&sock).query_status().await.unwrap(), "paused");
     }
 
@@ -163,7 +175,11 @@ mod tests {
     async fn reports_qmp_errors() {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("qmp.sock");
-        fake_server(&sock, json!({"error": {"class": "GenericError", "desc": "nope"}})).await;
+        fake_server(
+            &sock,
+            json!({"error": {"class": "GenericError", "desc": "nope"}}),
+        )
+        .await;
         let err = Qmp::new(&sock).execute("stop", None).await.unwrap_err();
         assert_eq!(err.to_string(), "VMM API QMP stop: nope");
     }
