@@ -478,7 +478,7 @@ impl VmService {
                     vm: id.clone(),
                     source,
                 })?;
-        tracing::info!(vm_id = %id, ?outcome, "vm shut down");
+        tracing::info!(vm_id = %id, "vm shut down");
         vm.state = next;
         vm.vmm_pid = None;
         vm.vmm_start_ticks = None;

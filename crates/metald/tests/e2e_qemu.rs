@@ -101,7 +101,7 @@ fn rest_lifecycle_with_the_readme_request() {
     );
     assert!(!process_alive(new_pid));
     assert!(
-        m.log_text().contains("Clean"),
+        m.log_text().contains("outcome=Clean"),
         "the guest shut down by itself on Ctrl-Alt-Del: {}",
         m.log_text()
     );

@@ -115,16 +115,18 @@ impl Registry {
                 }
             },
         };
-        match outcome {
-            Some(_) => Ok(StopOutcome::Clean),
+        let outcome = match outcome {
+            Some(_) => StopOutcome::Clean,
             None => {
                 if let Err(e) = process.kill_and_wait().await {
                     // Keep tracking a VMM that would not die, so a later delete can retry.
                     self.map().insert(vm.clone(), entry);
                     return Err(e);
                 }
-                Ok(StopOutcome::Killed)
+                StopOutcome::Killed
             }
-        }
+        };
+        tracing::info!(vm_id = %vm, pid = process.process.pid, ?mode, ?outcome, "VMM stopped");
+        Ok(outcome)
     }
 }

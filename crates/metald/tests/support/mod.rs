@@ -104,6 +104,11 @@ impl Builder {
 
     /// Starts metald with the default guest imported (`guest` = the image directory).
     pub fn start(self, guest: &Path) -> Metald {
+        self.start_with(|m| m.import_default_guest(guest))
+    }
+
+    /// Starts metald after `import` put assets into its (empty) data dir.
+    pub fn start_with(self, import: impl FnOnce(&Metald)) -> Metald {
         // Short path: VM sockets live under the data dir and Unix socket paths are short.
         let tmp = tempfile::Builder::new()
             .prefix("md")
@@ -119,14 +124,13 @@ impl Builder {
         let mut m = Metald {
             url: String::new(),
             port: 0,
+            log: data_dir.join("metald.log"),
             data_dir,
             child: None,
             env,
             _tmp: Some(tmp),
-            log: PathBuf::new(),
         };
-        m.log = m.data_dir.join("metald.log");
-        m.import_default_guest(guest);
+        import(&m);
         m.spawn();
         m
     }
@@ -136,6 +140,13 @@ impl Builder {
 pub fn metald() -> Builder {
     Builder {
         env: vec![("UNKEY_METALD_BACKEND".into(), "qemu".into())],
+    }
+}
+
+/// A builder with the given backend.
+pub fn metald_with_backend(backend: &str) -> Builder {
+    Builder {
+        env: vec![("UNKEY_METALD_BACKEND".into(), backend.into())],
     }
 }
 
@@ -171,7 +182,7 @@ impl Metald {
             .expect("run metald assets")
     }
 
-    fn import_default_guest(&self, guest: &Path) {
+    pub fn import_default_guest(&self, guest: &Path) {
         let g = |f: &str| guest.join(f).display().to_string();
         for args in [
             vec![

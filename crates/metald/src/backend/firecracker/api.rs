@@ -53,19 +53,6 @@ pub struct MachineConfiguration {
     pub smt: bool,
 }
 
-/// `PUT /logger`.
-#[derive(Debug, Clone, Serialize)]
-pub struct Logger {
-    /// Where Firecracker writes its log.
-    pub log_path: String,
-    /// "Error", "Warning", "Info" or "Debug".
-    pub level: String,
-    /// Prefix lines with their level.
-    pub show_level: bool,
-    /// Prefix lines with file and line.
-    pub show_log_origin: bool,
-}
-
 /// `PUT /actions`.
 #[derive(Debug, Clone, Serialize)]
 pub struct InstanceActionInfo {
@@ -149,11 +136,6 @@ impl FirecrackerApi {
     pub async fn instance_info(&self) -> Result<InstanceInfo, BackendError> {
         let body = self.call(Method::GET, "/", None).await?;
         serde_json::from_slice(&body).map_err(|e| api_err("GET /", e.to_string()))
-    }
-
-    /// `PUT /logger`.
-    pub async fn put_logger(&self, logger: &Logger) -> Result<(), BackendError> {
-        self.send(Method::PUT, "/logger", logger).await
     }
 
     /// `PUT /machine-config`.

@@ -10,9 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
-use self::api::{
-    ActionType, BootSource, Drive, FirecrackerApi, Logger, MachineConfiguration, VmRunState,
-};
+use self::api::{ActionType, BootSource, Drive, FirecrackerApi, MachineConfiguration, VmRunState};
 use super::process::{ExitEvent, Supervised, VmmProcess};
 use super::registry::Registry;
 use super::{
@@ -23,6 +21,9 @@ use crate::domain::VmId;
 
 /// Firecracker's vCPU limit.
 pub const MAX_VCPUS: u32 = 32;
+
+/// The previous boot's Firecracker log.
+const PREVIOUS_LOG: &str = "vmm.log.prev";
 
 /// How long Firecracker may take to open its API socket.
 const API_READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -52,13 +53,6 @@ impl FirecrackerBackend {
         api: &FirecrackerApi,
     ) -> Result<(), BackendError> {
         api.wait_ready(API_READY_TIMEOUT).await?;
-        api.put_logger(&Logger {
-            log_path: path_str(&launch.vmm_log())?,
-            level: "Info".into(),
-            show_level: true,
-            show_log_origin: false,
-        })
-        .await?;
         api.put_machine_config(&MachineConfiguration {
             vcpu_count: launch.vcpu_count,
             mem_size_mib: launch.memory_mib,
@@ -110,15 +104,26 @@ impl Backend for FirecrackerBackend {
     }
 
     async fn boot(&self, launch: &VmLaunch) -> Result<VmmProcess, BackendError> {
-        touch_logs(launch)?;
         let socket = launch.control_socket();
-        // A socket left by a VMM that was killed would make Firecracker refuse to start.
+        // Firecracker leaves its socket behind on every exit, and refuses to start on one.
         let _ignored = std::fs::remove_file(&socket);
+        // Firecracker's logger writes from offset 0 of an existing file; keep the previous
+        // boot's log beside the new one instead of interleaving them.
+        let log = launch.vmm_log();
+        let _ignored = std::fs::rename(&log, launch.dir.join(PREVIOUS_LOG));
+        touch_logs(launch)?;
         let mut cmd = Command::new(&self.binary);
+        // The logger is set on the command line, not with PUT /logger: until a logger exists,
+        // Firecracker logs to stdout, which is the guest's serial console file.
         cmd.arg("--api-sock")
             .arg(&socket)
             .arg("--id")
             .arg(launch.vm_id.as_str())
+            .arg("--log-path")
+            .arg(&log)
+            .arg("--level")
+            .arg("Info")
+            .arg("--show-level")
             .current_dir(&launch.dir);
         // The guest's serial console is Firecracker's stdout.
         let process = Supervised::spawn(
@@ -153,7 +158,12 @@ impl Backend for FirecrackerBackend {
 
     async fn shutdown(&self, vm: &VmId, mode: StopMode) -> Result<StopOutcome, BackendError> {
         let api = self.api_for(vm);
-        let ask = async move { api?.action(ActionType::SendCtrlAltDel).await };
+        let ask = async move {
+            let api = api?;
+            // A paused guest cannot react to the key press.
+            api.patch_vm(VmRunState::Resumed).await?;
+            api.action(ActionType::SendCtrlAltDel).await
+        };
         self.registry.stop(vm, mode, ask).await
     }
 
@@ -161,6 +171,7 @@ impl Backend for FirecrackerBackend {
         self.registry
             .stop(vm, StopMode::Force, async { Ok(()) })
             .await?;
+        let _ignored = std::fs::remove_file(dir.join(PREVIOUS_LOG));
         remove_vmm_files(dir)
     }
 
