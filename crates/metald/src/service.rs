@@ -469,15 +469,14 @@ impl VmService {
         let _guard = self.lock(id).await;
         let mut vm = self.load(customer, id).await?;
         let next = next_state(vm.state, Operation::Shutdown)?;
-        let outcome =
-            self.backend
-                .shutdown(id, mode)
-                .await
-                .map_err(|source| ServiceError::Backend {
-                    op: "shut down",
-                    vm: id.clone(),
-                    source,
-                })?;
+        self.backend
+            .shutdown(id, mode)
+            .await
+            .map_err(|source| ServiceError::Backend {
+                op: "shut down",
+                vm: id.clone(),
+                source,
+            })?;
         tracing::info!(vm_id = %id, "vm shut down");
         vm.state = next;
         vm.vmm_pid = None;
