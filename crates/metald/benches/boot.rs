@@ -1,0 +1,291 @@
+//! Boot latency: `CreateVm` + `BootVm` through metald's REST API until the guest's readiness
+//! line is readable through `GetVmConsole`, against the same guest started by hand with the bare
+//! VMM and the same command line, until the line appears in its console file. Prints a table.
+//!
+//! `make bench` (or `METALD_GUEST_DIR=target/guest cargo bench -p metald --bench boot`);
+//! `BENCH_RUNS=n` changes the number of runs (default 10).
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use metald::backend::qemu::{command_args, Accel};
+use metald::backend::{Disk, VmLaunch};
+use metald::domain::VmId;
+use support::*;
+
+fn main() {
+    let Some(guest) = guest_dir() else {
+        eprintln!(
+            "no guest image: run `make bench` (or scripts/build-guest-image.sh target/guest)"
+        );
+        std::process::exit(2);
+    };
+    let Some(qemu) = qemu_bin() else {
+        eprintln!("qemu-system-x86_64 not installed");
+        std::process::exit(2);
+    };
+    let runs: usize = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let (hw, why) = metald::config::hardware_kvm(Path::new("/sys"), Path::new("/dev"));
+    let accel = if hw { Accel::Kvm } else { Accel::Tcg };
+    println!(
+        "guest: {}; QEMU accel {} ({why}); {runs} runs each, interleaved",
+        guest.display(),
+        accel.as_str()
+    );
+
+    let m = metald().start(&guest);
+    let api = Rest::new(&m, Some("bench"));
+    let mut via_metald = vec![];
+    let mut create_ms = vec![];
+    let mut boot_call_ms = vec![];
+    let mut bare = vec![];
+    for i in 0..runs {
+        // Interleaved so both paths see the same machine load.
+        let t0 = Instant::now();
+        let id = api.create_default();
+        create_ms.push(t0.elapsed());
+        let t1 = Instant::now();
+        api.call("POST", &format!("/v1/vms/{id}/boot"), None).ok();
+        boot_call_ms.push(t1.elapsed());
+        loop {
+            let c = api
+                .call(
+                    "GET",
+                    &format!("/v1/vms/{id}/console?tail_bytes=4096"),
+                    None,
+                )
+                .ok();
+            if c["output"].as_str().unwrap_or("").contains(READY_MARKER) {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(120), "guest not ready");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        via_metald.push(t0.elapsed());
+        api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None)
+            .ok();
+
+        bare.push(bare_qemu(&qemu, &guest, accel, i));
+    }
+    println!();
+    println!(
+        "| path (memory 256 MiB, 1 vCPU)                         | median ms | min ms | max ms |"
+    );
+    println!(
+        "|-------------------------------------------------------|-----------|--------|--------|"
+    );
+    row("metald: CreateVm (disk clone, SQLite insert)", &create_ms);
+    row("metald: BootVm call (spawn + QMP ready)", &boot_call_ms);
+    row(
+        "metald: CreateVm + BootVm -> readiness line (API)",
+        &via_metald,
+    );
+    row("bare qemu: spawn -> readiness line (console file)", &bare);
+    drop(m);
+    if let Some(fc) = firecracker_bin() {
+        firecracker_rows(&fc, runs);
+    } else {
+        println!("\n(firecracker not installed: its rows are skipped)");
+    }
+}
+
+/// The tiny test guest under Firecracker: through metald, and by hand with the same API calls.
+fn firecracker_rows(fc: &Path, runs: usize) {
+    let m = metald_with_backend("firecracker").start_with(|m| {
+        let kernel = m.data_dir.join("tiny.elf");
+        std::fs::write(&kernel, tiny_guest_elf()).unwrap();
+        let disk = m.data_dir.join("tiny.img");
+        std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+        let k = kernel.to_str().unwrap();
+        let d = disk.to_str().unwrap();
+        assert!(m
+            .assets(&["import", "--id", "tiny", "--kind", "kernel", "--file", k])
+            .status
+            .success());
+        assert!(m
+            .assets(&[
+                "import",
+                "--id",
+                "tiny-disk",
+                "--kind",
+                "rootfs",
+                "--file",
+                d,
+                "--ready-marker",
+                TINY_MARKER
+            ])
+            .status
+            .success());
+    });
+    let api = Rest::new(&m, Some("bench"));
+    let body = serde_json::json!({"config": {"cpu": {"vcpu_count": 1}, "memory": {"size_bytes": 128 << 20},
+        "kernel": {"image_id": "tiny"}, "rootfs": {"image_id": "tiny-disk"}}});
+    let mut via = vec![];
+    let mut bare = vec![];
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for _ in 0..runs {
+        let t0 = Instant::now();
+        let id = api.call("POST", "/v1/vms", Some(body.clone())).ok()["vm"]["vmId"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        api.call("POST", &format!("/v1/vms/{id}/boot"), None).ok();
+        loop {
+            let c = api
+                .call(
+                    "GET",
+                    &format!("/v1/vms/{id}/console?tail_bytes=4096"),
+                    None,
+                )
+                .ok();
+            if c["output"].as_str().unwrap_or("").contains(TINY_MARKER) {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "tiny guest not ready"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        via.push(t0.elapsed());
+        api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None)
+            .ok();
+        bare.push(rt.block_on(bare_firecracker(fc, &m.data_dir)));
+    }
+    println!();
+    println!(
+        "| tiny guest under firecracker (128 MiB, 1 vCPU)        | median ms | min ms | max ms |"
+    );
+    println!(
+        "|-------------------------------------------------------|-----------|--------|--------|"
+    );
+    row("metald: CreateVm + BootVm -> banner (API)", &via);
+    row("bare firecracker: spawn + 4 API calls -> banner", &bare);
+}
+
+async fn bare_firecracker(fc: &Path, assets: &Path) -> Duration {
+    use metald::backend::firecracker::api::{
+        ActionType, BootSource, Drive, FirecrackerApi, MachineConfiguration,
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("mdf")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let sock = dir.path().join("api.sock");
+    let console = dir.path().join("console.log");
+    let t0 = Instant::now();
+    let mut child = Command::new(fc)
+        .arg("--api-sock")
+        .arg(&sock)
+        .arg("--log-path")
+        .arg("/dev/null")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&console).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let api = FirecrackerApi::new(&sock);
+    api.wait_ready(Duration::from_secs(10)).await.unwrap();
+    api.put_machine_config(&MachineConfiguration {
+        vcpu_count: 1,
+        mem_size_mib: 128,
+        smt: false,
+    })
+    .await
+    .unwrap();
+    api.put_boot_source(&BootSource {
+        kernel_image_path: assets.join("tiny.elf").display().to_string(),
+        boot_args: None,
+        initrd_path: None,
+    })
+    .await
+    .unwrap();
+    api.put_drive(&Drive {
+        drive_id: "rootfs".into(),
+        path_on_host: assets.join("tiny.img").display().to_string(),
+        is_root_device: true,
+        is_read_only: false,
+    })
+    .await
+    .unwrap();
+    api.action(ActionType::InstanceStart).await.unwrap();
+    while !std::fs::read_to_string(&console).is_ok_and(|c| c.contains(TINY_MARKER)) {
+        assert!(t0.elapsed() < Duration::from_secs(30));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let took = t0.elapsed();
+    let _ = child.kill();
+    let _ = child.wait();
+    took
+}
+
+fn row(name: &str, samples: &[Duration]) {
+    let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+    ms.sort_by(f64::total_cmp);
+    let median = if ms.len() % 2 == 1 {
+        ms[ms.len() / 2]
+    } else {
+        (ms[ms.len() / 2 - 1] + ms[ms.len() / 2]) / 2.0
+    };
+    println!(
+        "| {name:<53} | {median:>9.1} | {:>6.1} | {:>6.1} |",
+        ms[0],
+        ms[ms.len() - 1]
+    );
+}
+
+/// The same guest with metald's QEMU command line, started by hand.
+fn bare_qemu(qemu: &Path, guest: &Path, accel: Accel, i: usize) -> Duration {
+    let dir = tempfile::Builder::new()
+        .prefix("mdb")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let rootfs = dir.path().join("rootfs.img");
+    metald::assets::clone_file(&guest.join("rootfs.ext4"), &rootfs).unwrap();
+    let launch = VmLaunch {
+        vm_id: VmId::generate(),
+        dir: dir.path().to_path_buf(),
+        vcpu_count: 1,
+        memory_mib: 256,
+        kernel: guest.join("vmlinux"),
+        initrd: Some(guest.join("initrd.img")),
+        extra_kernel_args: String::new(),
+        disks: vec![Disk {
+            id: "rootfs".into(),
+            path: rootfs,
+            read_only: false,
+        }],
+    };
+    let console = launch.console_log();
+    let t0 = Instant::now();
+    let mut child = Command::new(qemu)
+        .args(command_args(&launch, accel))
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    loop {
+        if std::fs::read_to_string(&console).is_ok_and(|c| c.contains(READY_MARKER)) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "bare run {i}: guest not ready"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let took = t0.elapsed();
+    let _ = child.kill();
+    let _ = child.wait();
+    took
+}
