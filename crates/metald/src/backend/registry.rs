@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
 use super::process::{ExitEvent, Supervised, VmmProcess};
-use super::{BackendError, StopMode, StopOutcome, VmmInfo};
+use super::{file_tail, BackendError, StopMode, StopOutcome, VmLaunch, VmmInfo};
 use crate::domain::VmId;
 
 /// A VMM process and the socket it is controlled through.
@@ -75,6 +75,36 @@ impl Registry {
         })
     }
 
+    /// Ends a VMM start: on success the VMM is recorded; if `setup` failed, the VMM is killed,
+    /// its socket removed, and the error says whether the VMM had died by itself (with the
+    /// end of its log) or setup failed.
+    pub async fn finish_start(
+        &self,
+        launch: &VmLaunch,
+        process: Arc<Supervised>,
+        setup: Result<(), BackendError>,
+    ) -> Result<VmmProcess, BackendError> {
+        let socket = launch.control_socket();
+        match setup {
+            Ok(()) => {
+                let started = process.process;
+                self.insert(launch.vm_id.clone(), process, &socket);
+                Ok(started)
+            }
+            Err(e) => {
+                let status = process.kill_and_wait().await.unwrap_or_default();
+                let _ignored = std::fs::remove_file(&socket);
+                if status.starts_with("exit") {
+                    return Err(BackendError::DiedDuringStart {
+                        status,
+                        log_tail: file_tail(&launch.vmm_log(), 2048),
+                    });
+                }
+                Err(e)
+            }
+        }
+    }
+
     /// Re-attaches to a recorded process if it still runs.
     pub fn adopt(&self, vm: &VmId, process: VmmProcess, control: &Path) -> bool {
         match Supervised::adopt(process, vm.clone(), self.events()) {
@@ -128,5 +158,110 @@ impl Registry {
         };
         tracing::info!(vm_id = %vm, pid = process.process.pid, ?mode, ?outcome, "VMM stopped");
         Ok(outcome)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+    use std::time::Duration;
+
+    fn launch(dir: &Path) -> VmLaunch {
+        VmLaunch {
+            vm_id: VmId::generate(),
+            dir: dir.to_path_buf(),
+            vcpu_count: 1,
+            memory_mib: 128,
+            kernel: "/k".into(),
+            initrd: None,
+            extra_kernel_args: String::new(),
+            disks: vec![],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_vmm_that_dies_during_start_is_reported_with_its_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = launch(dir.path());
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let reg = Registry::new(tx);
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo 'qemu: could not load kernel' >&2; exit 1"]);
+        let p = Supervised::spawn(
+            cmd,
+            &l.vmm_log(),
+            &l.vmm_log(),
+            l.vm_id.clone(),
+            reg.events(),
+        )
+        .unwrap();
+        p.wait(Duration::from_secs(5)).await;
+        std::fs::write(l.control_socket(), "").unwrap();
+        let setup = Err(BackendError::NotRunning(l.vm_id.clone()));
+        let err = reg.finish_start(&l, p, setup).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "VMM exited during start (exit status 1); its log ends: qemu: could not load kernel"
+        );
+        assert!(!l.control_socket().exists());
+        assert!(reg.get(&l.vm_id).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_failed_setup_kills_the_vmm_and_a_good_one_records_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = launch(dir.path());
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let reg = Registry::new(tx);
+        let sleeper = || {
+            let mut cmd = Command::new("sleep");
+            cmd.arg("60");
+            cmd
+        };
+        let p = Supervised::spawn(
+            sleeper(),
+            &l.vmm_log(),
+            &l.vmm_log(),
+            l.vm_id.clone(),
+            reg.events(),
+        )
+        .unwrap();
+        let setup = Err(BackendError::Unsupported("bad config".into()));
+        let err = reg
+            .finish_start(&l, Arc::clone(&p), setup)
+            .await
+            .unwrap_err();
+        assert_eq!(err.to_string(), "bad config");
+        assert!(!p.alive());
+
+        let p = Supervised::spawn(
+            sleeper(),
+            &l.vmm_log(),
+            &l.vmm_log(),
+            l.vm_id.clone(),
+            reg.events(),
+        )
+        .unwrap();
+        let started = reg.finish_start(&l, Arc::clone(&p), Ok(())).await.unwrap();
+        assert_eq!(started, p.process);
+        assert_eq!(reg.control_socket(&l.vm_id).unwrap(), l.control_socket());
+        // A graceful stop whose request fails falls back to killing.
+        let outcome = reg
+            .stop(
+                &l.vm_id,
+                StopMode::Graceful(Duration::from_secs(5)),
+                async { Err(BackendError::NotRunning(l.vm_id.clone())) },
+            )
+            .await
+            .unwrap();
+        assert_eq!(outcome, StopOutcome::Killed);
+        assert!(!p.alive());
+        assert_eq!(
+            reg.stop(&l.vm_id, StopMode::Force, async { Ok(()) })
+                .await
+                .unwrap(),
+            StopOutcome::NotRunning
+        );
     }
 }

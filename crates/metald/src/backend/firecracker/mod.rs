@@ -14,8 +14,8 @@ use self::api::{ActionType, BootSource, Drive, FirecrackerApi, MachineConfigurat
 use super::process::{ExitEvent, Supervised, VmmProcess};
 use super::registry::Registry;
 use super::{
-    file_tail, remove_vmm_files, touch_logs, Backend, BackendError, BackendKind, StopMode,
-    StopOutcome, VmLaunch, VmmInfo,
+    remove_vmm_files, touch_logs, Backend, BackendError, BackendKind, StopMode, StopOutcome,
+    VmLaunch, VmmInfo,
 };
 use crate::domain::VmId;
 
@@ -134,18 +134,8 @@ impl Backend for FirecrackerBackend {
             self.registry.events(),
         )?;
         let api = FirecrackerApi::new(&socket);
-        if let Err(e) = self.configure_and_start(launch, &api).await {
-            let status = process.kill_and_wait().await.unwrap_or_default();
-            let _ignored = std::fs::remove_file(&socket);
-            let log_tail = file_tail(&launch.vmm_log(), 2048);
-            if status.starts_with("exit") {
-                return Err(BackendError::DiedDuringStart { status, log_tail });
-            }
-            return Err(e);
-        }
-        self.registry
-            .insert(launch.vm_id.clone(), process.clone(), &socket);
-        Ok(process.process)
+        let setup = self.configure_and_start(launch, &api).await;
+        self.registry.finish_start(launch, process, setup).await
     }
 
     async fn pause(&self, vm: &VmId) -> Result<(), BackendError> {

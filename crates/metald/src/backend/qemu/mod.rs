@@ -19,8 +19,8 @@ use self::qmp::Qmp;
 use super::process::{ExitEvent, Supervised, VmmProcess};
 use super::registry::Registry;
 use super::{
-    file_tail, remove_vmm_files, touch_logs, Backend, BackendError, BackendKind, StopMode,
-    StopOutcome, VmLaunch, VmmInfo,
+    remove_vmm_files, touch_logs, Backend, BackendError, BackendKind, StopMode, StopOutcome,
+    VmLaunch, VmmInfo,
 };
 use crate::domain::VmId;
 
@@ -199,20 +199,8 @@ impl Backend for QemuBackend {
                 })
             }
         };
-        if let Err(e) = ready.await {
-            let status = process.kill_and_wait().await.unwrap_or_default();
-            let _ignored = std::fs::remove_file(&socket);
-            if status.starts_with("exit") {
-                return Err(BackendError::DiedDuringStart {
-                    status,
-                    log_tail: file_tail(&launch.vmm_log(), 2048),
-                });
-            }
-            return Err(e);
-        }
-        self.registry
-            .insert(launch.vm_id.clone(), process.clone(), &socket);
-        Ok(process.process)
+        let setup = ready.await;
+        self.registry.finish_start(launch, process, setup).await
     }
 
     async fn pause(&self, vm: &VmId) -> Result<(), BackendError> {
