@@ -1098,7 +1098,8 @@ mod tests {
     #[tokio::test]
     async fn invalid_configs_name_the_field_and_create_nothing() {
         let f = fixture();
-        let cases: Vec<(Box<dyn Fn(&mut VmConfig)>, &str)> = vec![
+        type Mutation = Box<dyn Fn(&mut VmConfig)>;
+        let cases: Vec<(Mutation, &str)> = vec![
             (Box::new(|c| c.vcpu_count = 0), "config.cpu.vcpu_count"),
             (Box::new(|c| c.vcpu_count = 5), "config.cpu.vcpu_count"),
             (
