@@ -743,23 +743,26 @@ impl VmService {
         let console = launch.console_log();
         let timeout = self.cfg.boot_timeout;
         tokio::spawn(async move {
-            let found =
-                tokio::time::timeout(timeout, wait_for_line(&console, offset, marker.as_bytes()))
-                    .await;
-            let Some(svc) = svc.upgrade() else { return };
-            let _guard = svc.lock(&id).await;
-            let Ok(Some(mut vm)) = svc.store.get_vm_unscoped(&id) else {
-                return;
-            };
-            if vm.vmm_pid != pid || !vm.state.has_vmm() {
-                return;
-            }
-            match found {
-                Ok(()) => {
+            let wait = wait_for_line(&console, offset, marker.as_bytes());
+            tokio::pin!(wait);
+            loop {
+                let found = tokio::time::timeout(timeout, &mut wait).await.is_ok();
+                let Some(svc) = svc.upgrade() else { return };
+                let _guard = svc.lock(&id).await;
+                let Ok(Some(mut vm)) = svc.store.get_vm_unscoped(&id) else {
+                    return;
+                };
+                if vm.vmm_pid != pid || !vm.state.has_vmm() {
+                    return;
+                }
+                if !found && vm.state == VmState::Paused {
+                    // A paused guest cannot make progress: give it another period.
+                    continue;
+                }
+                if found {
                     vm.guest_ready = true;
                     tracing::info!(vm_id = %id, "guest is ready");
-                }
-                Err(_) => {
+                } else {
                     let tail = file_tail(&console, 1024);
                     tracing::warn!(vm_id = %id, "guest printed no readiness line in time");
                     if let Err(e) = svc.backend.shutdown(&id, StopMode::Force).await {
@@ -769,13 +772,13 @@ impl VmService {
                     vm.vmm_pid = None;
                     vm.vmm_start_ticks = None;
                     vm.failure = Some(format!(
-                        "guest printed no '{marker}' line within {}s; console ends: {tail}",
-                        timeout.as_secs()
+                        "guest printed no '{marker}' line within {timeout:?}; console ends: {tail}"
                     ));
                 }
-            }
-            if let Err(e) = svc.save(&mut vm) {
-                tracing::error!(vm_id = %id, error = %e, "recording readiness failed");
+                if let Err(e) = svc.save(&mut vm) {
+                    tracing::error!(vm_id = %id, error = %e, "recording readiness failed");
+                }
+                return;
             }
         });
     }
@@ -971,20 +974,28 @@ mod tests {
     }
 
     fn fixture() -> Fixture {
+        fixture_with_timeout(Duration::from_secs(5))
+    }
+
+    fn fixture_with_timeout(boot_timeout: Duration) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(&dir.path().join("db")).unwrap());
         let assets =
             Arc::new(AssetStore::open(dir.path().join("assets"), Arc::clone(&store)).unwrap());
         let file = dir.path().join("img");
         std::fs::write(&file, b"image").unwrap();
-        for (id, kind) in [("k", AssetKind::Kernel), ("r", AssetKind::Rootfs)] {
+        for (id, kind, marker) in [
+            ("k", AssetKind::Kernel, None),
+            ("r", AssetKind::Rootfs, None),
+            ("ready", AssetKind::Rootfs, Some("READY".to_string())),
+        ] {
             assets
                 .import(&ImportRequest {
                     id: id.into(),
                     kind,
                     source: file.clone(),
                     initrd_id: None,
-                    ready_marker: None,
+                    ready_marker: marker,
                 })
                 .unwrap();
         }
@@ -994,7 +1005,7 @@ mod tests {
         let (tx, rx) = mpsc::unbounded_channel();
         let cfg = ServiceConfig {
             vms_dir: vms_dir.clone(),
-            boot_timeout: Duration::from_secs(5),
+            boot_timeout,
         };
         let svc = VmService::start(store, assets, backend.clone(), cfg, rx);
         Fixture {
@@ -1237,5 +1248,46 @@ mod tests {
             f.svc.list(&f.who, None, 0, "after:x").await,
             Err(ServiceError::InvalidArgument { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn readiness_is_seen_on_the_console_and_silence_fails_the_vm_but_not_while_paused() {
+        let f = fixture_with_timeout(Duration::from_millis(300));
+        let mut c = config();
+        c.rootfs_image_id = "ready".into();
+        let quiet = f.svc.create(&f.who, c.clone()).await.unwrap().id;
+        let chatty = f.svc.create(&f.who, c).await.unwrap().id;
+        let console = |id: &VmId| {
+            f.vms_dir
+                .join(id.as_str())
+                .join(crate::backend::files::CONSOLE_LOG)
+        };
+        std::fs::write(console(&chatty), "old boot: READY\n").unwrap();
+        f.svc.boot(&f.who, &chatty).await.unwrap();
+        f.svc.boot(&f.who, &quiet).await.unwrap();
+        std::fs::write(console(&quiet), "booting...\n").unwrap();
+        f.svc.pause(&f.who, &quiet).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Only output after this boot counts; the marker is split across two writes.
+        let mut out = std::fs::OpenOptions::new()
+            .append(true)
+            .open(console(&chatty))
+            .unwrap();
+        std::io::Write::write_all(&mut out, b"kernel... REA").unwrap();
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        assert!(!f.svc.get(&f.who, &chatty).await.unwrap().guest_ready);
+        std::io::Write::write_all(&mut out, b"DY\n").unwrap();
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert!(f.svc.get(&f.who, &chatty).await.unwrap().guest_ready);
+        let paused = f.svc.get(&f.who, &quiet).await.unwrap();
+        assert_eq!(paused.state, VmState::Paused, "pause time does not count");
+        f.svc.resume(&f.who, &quiet).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let failed = f.svc.get(&f.who, &quiet).await.unwrap();
+        assert_eq!(failed.state, VmState::Failed);
+        assert_eq!(
+            failed.failure.as_deref(),
+            Some("guest printed no 'READY' line within 300ms; console ends: booting...")
+        );
     }
 }
