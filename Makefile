@@ -19,6 +19,7 @@ demo: guest build
 	GUEST_DIR=$(GUEST_DIR) scripts/demo.sh
 
 lint: deps
+	target/tools/node_modules/.bin/buf lint
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
