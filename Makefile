@@ -26,8 +26,16 @@ lint: deps
 # The whole suite: unit tests, then end-to-end tests that boot real VMs (QEMU here; Firecracker
 # too when its binary is installed). METALD_REQUIRE_E2E turns a missing prerequisite into a failure.
 test: guest lint
-	METALD_GUEST_DIR=$(GUEST_DIR) METALD_REQUIRE_E2E=1 \
-		$(CARGO) test --workspace -- --test-threads=2
+	@if command -v firecracker >/dev/null 2>&1 || [ -x "$${UNKEY_METALD_FIRECRACKER_BIN:-}" ]; then \
+		echo "test: firecracker found: the Firecracker backend tests run (tiny test guest)"; \
+	else \
+		echo "test: SKIPPING the Firecracker backend tests: no firecracker binary (not in any package registry; put one on PATH or set UNKEY_METALD_FIRECRACKER_BIN)"; \
+	fi
+	if $(CARGO) nextest --version >/dev/null 2>&1; then \
+		METALD_GUEST_DIR=$(GUEST_DIR) METALD_REQUIRE_E2E=1 $(CARGO) nextest run --workspace --test-threads 2 --no-fail-fast; \
+	else \
+		METALD_GUEST_DIR=$(GUEST_DIR) METALD_REQUIRE_E2E=1 $(CARGO) test --workspace -- --test-threads=2; \
+	fi
 
 bench: guest build
 	METALD_GUEST_DIR=$(GUEST_DIR) $(CARGO) bench -p metald --bench boot

@@ -51,7 +51,7 @@ pub fn firecracker_bin() -> Option<PathBuf> {
 
 fn find_exe(var: &str, name: &str) -> Option<PathBuf> {
     if let Some(p) = std::env::var_os(var) {
-        return Some(PathBuf::from(p));
+        return Some(PathBuf::from(p)).filter(|p| p.is_file());
     }
     std::env::split_paths(&std::env::var_os("PATH")?)
         .map(|d| d.join(name))
