@@ -636,6 +636,18 @@ fn bad_input_is_refused_precisely_and_changes_nothing() {
             "{body}"
         );
     }
+    block_on(async {
+        let c = pb::VmServiceClient::new(
+            HttpClient::plaintext_http2_only(),
+            ClientConfig::new(m.url.parse().unwrap()).with_protocol(Protocol::Grpc),
+        );
+        let err = c.list_vms(pb::ListVmsRequest::default()).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::Unauthenticated, "gRPC without a token");
+        assert!(err
+            .message
+            .unwrap_or_default()
+            .contains("Bearer dev_customer_<id>"));
+    });
     assert_eq!(snapshot(&api), before, "nothing changed");
     assert_eq!(api.vm(&existing)["state"], "VM_STATE_CREATED");
 }
@@ -649,15 +661,34 @@ fn state_survives_a_restart_and_running_vms_are_reattached() {
     let api = Rest::new(&m, Some("durable"));
     let created = api.create_default();
     let running = api.create_default();
-    api.call("POST", &format!("/v1/vms/{running}/boot"), None)
-        .ok();
+    let orphan = api.create_default();
+    for id in [&running, &orphan] {
+        api.call("POST", &format!("/v1/vms/{id}/boot"), None).ok();
+    }
     api.wait_ready(&running);
+    let orphan_pid = api.vm(&orphan)["vmmPid"].as_u64().unwrap();
     let before = api.call("GET", "/v1/vms", None).ok();
     m.stop();
+    // While metald is down, one VMM dies.
+    std::process::Command::new("kill")
+        .args(["-KILL", &orphan_pid.to_string()])
+        .status()
+        .unwrap();
+    while process_alive(orphan_pid) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     m.spawn();
     let api = Rest::new(&m, Some("durable"));
-    let after = api.call("GET", "/v1/vms", None).ok();
-    assert_eq!(after, before);
+    let mut after = api.call("GET", "/v1/vms", None).ok();
+    let failed = after["vms"][2].clone();
+    assert_eq!(failed["vmId"], json!(orphan));
+    assert_eq!(failed["state"], "VM_STATE_FAILED");
+    assert_eq!(
+        failed["failure"],
+        "VMM process was gone when metald restarted"
+    );
+    after["vms"][2] = before["vms"][2].clone();
+    assert_eq!(after, before, "everything else is exactly as it was");
     assert_eq!(api.vm(&created)["state"], "VM_STATE_CREATED");
     assert_eq!(api.vm(&running)["state"], "VM_STATE_RUNNING");
     assert!(
@@ -665,11 +696,10 @@ fn state_survives_a_restart_and_running_vms_are_reattached() {
         "{}",
         m.log_text()
     );
-    assert_eq!(
-        api.call("POST", &format!("/v1/vms/{running}/pause"), None)
-            .ok()["vm"]["state"],
-        "VM_STATE_PAUSED"
-    );
+    let paused = api
+        .call("POST", &format!("/v1/vms/{running}/pause"), None)
+        .ok();
+    assert_eq!(paused["vm"]["state"], "VM_STATE_PAUSED");
     let down = api
         .call(
             "POST",
@@ -679,6 +709,101 @@ fn state_survives_a_restart_and_running_vms_are_reattached() {
         .ok();
     assert_eq!(down["vm"]["state"], "VM_STATE_SHUTDOWN");
     assert!(m.vmm_pids().is_empty());
+}
+
+/// Extra drives (a private writable copy and a shared read-only one) and kernel arguments reach
+/// the guest; an asset in use cannot be removed.
+#[test]
+fn extra_drives_and_kernel_args_reach_the_guest() {
+    let Some(guest) = qemu_guest() else { return };
+    let m = metald().start(&guest);
+    let api = Rest::new(&m, Some("disks"));
+    let mut body = readme_request(1, 256 << 20);
+    body["config"]["drives"] = json!([
+        {"drive_id": "scratch", "image_id": ROOTFS_ID},
+        {"drive_id": "shared", "image_id": ROOTFS_ID, "read_only": true}
+    ]);
+    body["config"]["kernel_args"] = json!("metald.hostname=disks-test");
+    let created = api.call("POST", "/v1/vms", Some(body)).ok();
+    let id = created["vm"]["vmId"].as_str().unwrap().to_string();
+    assert_eq!(created["vm"]["config"]["drives"][1]["readOnly"], true);
+    let dir = m.data_dir.join("vms").join(&id);
+    assert!(
+        dir.join("drive-scratch.img").exists(),
+        "writable drive is the VM's own copy"
+    );
+    assert!(
+        !dir.join("drive-shared.img").exists(),
+        "read-only drive is shared with the asset"
+    );
+    api.call("POST", &format!("/v1/vms/{id}/boot"), None).ok();
+    api.wait_ready(&id);
+    let console = api.call("GET", &format!("/v1/vms/{id}/console"), None).ok();
+    let out = console["output"].as_str().unwrap();
+    assert!(out.contains("hostname=disks-test"), "{out}");
+    assert!(
+        out.contains("[vdb]") && out.contains("[vdc]"),
+        "three disks seen: {out}"
+    );
+    let out = m.assets(&["remove", ROOTFS_ID]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("used by {id}")));
+    api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None)
+        .ok();
+    let out = m.assets(&["remove", ROOTFS_ID]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!m.data_dir.join("assets").join(ROOTFS_ID).exists());
+}
+
+/// The CLI, against the real daemon.
+#[test]
+fn metaldctl_manages_vms() {
+    let Some(guest) = qemu_guest() else { return };
+    let ctl = Path::new(env!("CARGO_BIN_EXE_metald")).with_file_name("metaldctl");
+    if !ctl.exists() && skip_or_fail("metaldctl not built (cargo build --workspace)") {
+        return;
+    }
+    let m = metald().start(&guest);
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(&ctl)
+            .args(["--endpoint", &m.url, "--token", "dev_customer_cli"])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, out, err) = run(&[
+        "create",
+        "--kernel",
+        KERNEL_ID,
+        "--rootfs",
+        ROOTFS_ID,
+        "--metadata",
+        "team=cli",
+    ]);
+    assert!(ok, "{err}");
+    let created: Value = serde_json::from_str(&out).unwrap();
+    let id = created["vm"]["vmId"].as_str().unwrap().to_string();
+    assert_eq!(created["vm"]["config"]["metadata"]["team"], "cli");
+    let (ok, out, _) = run(&["list"]);
+    assert!(ok && out.contains(&id), "{out}");
+    let (ok, _, err) = run(&["pause", &id]);
+    assert!(!ok);
+    assert!(err.contains("cannot pause a VM in state CREATED"), "{err}");
+    let (ok, _, err) = run(&["get", "vm-nope"]);
+    assert!(!ok && err.contains("is not a VM id"), "{err}");
+    let (ok, _, err) = run(&["delete", &id]);
+    assert!(ok, "{err}");
+    let (_, out, _) = run(&["list"]);
+    assert!(!out.contains(&id));
 }
 
 /// A VMM killed from outside is noticed: the VM is FAILED with the exit status, and it can be

@@ -100,8 +100,9 @@ impl Supervised {
     ) -> Option<Arc<Self>> {
         let pidfd = open_pidfd(process.pid).ok()?;
         // Checked after opening the pidfd: if the start time matches now, the fd refers to the
-        // recorded process for good.
-        if start_ticks(process.pid)? != process.start_ticks {
+        // recorded process for good. A zombie (dead, not yet reaped by its new parent) is gone.
+        let (state, started) = proc_stat(process.pid)?;
+        if started != process.start_ticks || state == 'Z' {
             return None;
         }
         Some(Self::watch(process, pidfd, false, vm_id, events))
@@ -278,15 +279,23 @@ impl std::os::fd::AsRawFd for PidFdRef {
 
 /// Start time of a process in clock ticks since boot, from `/proc/<pid>/stat`.
 pub fn start_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    parse_start_ticks(&stat)
+    proc_stat(pid).map(|(_, start)| start)
 }
 
-fn parse_start_ticks(stat: &str) -> Option<u64> {
+/// State letter and start time of a process, from `/proc/<pid>/stat`.
+fn proc_stat(pid: u32) -> Option<(char, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&stat)
+}
+
+fn parse_stat(stat: &str) -> Option<(char, u64)> {
     // The command name (field 2) may contain spaces and parentheses; fields resume after the
-    // last ')'. starttime is field 22, i.e. the 20th after the name.
+    // last ')'. state is field 3 and starttime field 22, i.e. the 1st and 20th after the name.
     let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let start = fields.nth(18)?.parse().ok()?;
+    Some((state, start))
 }
 
 #[cfg(test)]
@@ -297,8 +306,8 @@ mod tests {
     fn parses_start_time_past_odd_names() {
         let stat =
             "123 (qemu (x) y) S 1 123 123 0 -1 4194560 100 0 0 0 5 3 0 0 20 0 3 0 98765 1000 10";
-        assert_eq!(parse_start_ticks(stat), Some(98765));
-        assert_eq!(parse_start_ticks("garbage"), None);
+        assert_eq!(parse_stat(stat), Some(('S', 98765)));
+        assert_eq!(parse_stat("garbage"), None);
         assert!(start_ticks(std::process::id()).is_some());
     }
 
