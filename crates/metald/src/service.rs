@@ -220,13 +220,13 @@ impl VmService {
             .assets
             .get_kind(&config.rootfs_image_id, AssetKind::Rootfs)
             .map_err(|e| asset_field_error("config.rootfs.image_id", e))?;
-        self.clone_disk(&self.assets.path_of(&rootfs), &dir.join(ROOTFS_FILE))?;
+        clone_disk(self.assets.path_of(&rootfs), dir.join(ROOTFS_FILE)).await?;
         for d in config.drives.iter().filter(|d| !d.read_only) {
             let asset = self
                 .assets
                 .get_kind(&d.image_id, AssetKind::Rootfs)
                 .map_err(ServiceError::Asset)?;
-            self.clone_disk(&self.assets.path_of(&asset), &dir.join(drive_file(d)))?;
+            clone_disk(self.assets.path_of(&asset), dir.join(drive_file(d))).await?;
         }
         let now = now_ms();
         let record = VmRecord {
@@ -255,12 +255,6 @@ impl VmService {
         let saved = self.store.insert_vm(&record)?;
         tracing::info!(vm_id = %id, customer = %customer, "vm created");
         Ok(saved)
-    }
-
-    fn clone_disk(&self, src: &Path, dst: &Path) -> Result<(), ServiceError> {
-        let method = crate::assets::clone_file(src, dst).map_err(ServiceError::Asset)?;
-        tracing::debug!(src = %src.display(), dst = %dst.display(), ?method, "disk cloned");
-        Ok(())
     }
 
     /// Checks every field, naming the first bad one; also resolves image ids.
@@ -801,6 +795,24 @@ pub fn vms_using_asset(store: &Store, image_id: &str) -> Result<Vec<String>, Sto
         })
         .map(|vm| vm.id.to_string())
         .collect())
+}
+
+/// Makes a VM's private copy of a disk image. A copy without reflink support can take seconds
+/// for a large image, so it runs on the blocking pool, never on an async worker.
+async fn clone_disk(src: PathBuf, dst: PathBuf) -> Result<(), ServiceError> {
+    let copy = tokio::task::spawn_blocking(move || {
+        let method = crate::assets::clone_file(&src, &dst);
+        tracing::debug!(src = %src.display(), dst = %dst.display(), ?method, "disk cloned");
+        method
+    });
+    match copy.await {
+        Ok(result) => result.map(drop).map_err(ServiceError::Asset),
+        Err(join) => Err(ServiceError::Io {
+            op: "copy disk (task failed)",
+            path: PathBuf::new(),
+            source: std::io::Error::other(join),
+        }),
+    }
 }
 
 /// The state a legal operation leads to (Delete, which leads nowhere, keeps the current one).
