@@ -25,7 +25,7 @@ lint: deps
 
 # The whole suite: unit tests, then end-to-end tests that boot real VMs (QEMU here; Firecracker
 # too when its binary is installed). METALD_REQUIRE_E2E turns a missing prerequisite into a failure.
-test: guest lint
+test: guest lint build
 	@if command -v firecracker >/dev/null 2>&1 || [ -x "$${UNKEY_METALD_FIRECRACKER_BIN:-}" ]; then \
 		echo "test: firecracker found: the Firecracker backend tests run (tiny test guest)"; \
 	else \
