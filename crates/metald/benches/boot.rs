@@ -99,35 +99,10 @@ fn main() {
 
 /// The tiny test guest under Firecracker: through metald, and by hand with the same API calls.
 fn firecracker_rows(fc: &Path, runs: usize) {
-    let m = metald_with_backend("firecracker").start_with(|m| {
-        let kernel = m.data_dir.join("tiny.elf");
-        std::fs::write(&kernel, tiny_guest_elf()).unwrap();
-        let disk = m.data_dir.join("tiny.img");
-        std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
-        let k = kernel.to_str().unwrap();
-        let d = disk.to_str().unwrap();
-        assert!(m
-            .assets(&["import", "--id", "tiny", "--kind", "kernel", "--file", k])
-            .status
-            .success());
-        assert!(m
-            .assets(&[
-                "import",
-                "--id",
-                "tiny-disk",
-                "--kind",
-                "rootfs",
-                "--file",
-                d,
-                "--ready-marker",
-                TINY_MARKER
-            ])
-            .status
-            .success());
-    });
+    let m = metald_with_backend("firecracker").start_with(Metald::import_tiny_guest);
     let api = Rest::new(&m, Some("bench"));
     let body = serde_json::json!({"config": {"cpu": {"vcpu_count": 1}, "memory": {"size_bytes": 128 << 20},
-        "kernel": {"image_id": "tiny"}, "rootfs": {"image_id": "tiny-disk"}}});
+        "kernel": {"image_id": "tiny-elf"}, "rootfs": {"image_id": "tiny-disk"}}});
     let mut via = vec![];
     let mut bare = vec![];
     let rt = tokio::runtime::Runtime::new().unwrap();

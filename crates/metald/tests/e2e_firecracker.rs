@@ -9,7 +9,6 @@
 mod support;
 
 use std::path::Path;
-use std::time::Duration;
 
 use serde_json::{json, Value};
 
@@ -26,42 +25,6 @@ fn firecracker_ready() -> bool {
         return false;
     }
     true
-}
-
-fn import_tiny_guest(m: &Metald) {
-    let kernel = m.data_dir.join("tiny.elf");
-    std::fs::write(&kernel, tiny_guest_elf()).unwrap();
-    let disk = m.data_dir.join("tiny.img");
-    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
-    for args in [
-        vec![
-            "import",
-            "--id",
-            "tiny-elf",
-            "--kind",
-            "kernel",
-            "--file",
-            kernel.to_str().unwrap(),
-        ],
-        vec![
-            "import",
-            "--id",
-            "tiny-disk",
-            "--kind",
-            "rootfs",
-            "--file",
-            disk.to_str().unwrap(),
-            "--ready-marker",
-            TINY_MARKER,
-        ],
-    ] {
-        let out = m.assets(&args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
 }
 
 /// Asks Firecracker itself (GET / on the VM's API socket) what state it is in.
@@ -85,7 +48,7 @@ fn firecracker_lifecycle_with_the_tiny_guest() {
     if !firecracker_ready() {
         return;
     }
-    let m = metald_with_backend("firecracker").start_with(import_tiny_guest);
+    let m = metald_with_backend("firecracker").start_with(Metald::import_tiny_guest);
     assert!(
         m.log_text().contains("using firecracker"),
         "{}",
@@ -164,18 +127,7 @@ fn firecracker_lifecycle_with_the_tiny_guest() {
     // Boot again after shutdown, then a VMM killed from outside is noticed.
     let again = api.call("POST", &format!("/v1/vms/{id}/boot"), None).ok();
     let pid3 = again["vm"]["vmmPid"].as_u64().unwrap();
-    std::process::Command::new("kill")
-        .args(["-KILL", &pid3.to_string()])
-        .status()
-        .unwrap();
-    let failed = api.wait_state(&id, "VM_STATE_FAILED", Duration::from_secs(10));
-    assert!(
-        failed["failure"]
-            .as_str()
-            .unwrap()
-            .contains("killed by signal 9"),
-        "{failed}"
-    );
+    kill_vmm_and_expect_failed(&api, &id, pid3);
 
     api.call("DELETE", &format!("/v1/vms/{id}"), None).ok();
     assert!(!m.data_dir.join("vms").join(&id).exists());

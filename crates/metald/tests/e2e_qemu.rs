@@ -817,18 +817,7 @@ fn a_vmm_that_dies_on_its_own_marks_the_vm_failed() {
     let pid = api.call("POST", &format!("/v1/vms/{id}/boot"), None).ok()["vm"]["vmmPid"]
         .as_u64()
         .unwrap();
-    std::process::Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status()
-        .unwrap();
-    let vm = api.wait_state(&id, "VM_STATE_FAILED", Duration::from_secs(10));
-    assert!(
-        vm["failure"]
-            .as_str()
-            .unwrap()
-            .contains("killed by signal 9"),
-        "{vm}"
-    );
+    kill_vmm_and_expect_failed(&api, &id, pid);
     api.call("DELETE", &format!("/v1/vms/{id}"), None).ok();
     assert!(!m.data_dir.join("vms").join(&id).exists());
 }

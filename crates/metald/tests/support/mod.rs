@@ -226,6 +226,39 @@ impl Metald {
         }
     }
 
+    /// Imports the tiny Firecracker test guest as `tiny-elf` (kernel) and `tiny-disk` (a 1 MiB
+    /// blank root disk whose readiness line is the guest's banner).
+    pub fn import_tiny_guest(&self) {
+        let kernel = self.data_dir.join("tiny.elf");
+        std::fs::write(&kernel, tiny_guest_elf()).unwrap();
+        let disk = self.data_dir.join("tiny.img");
+        std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+        let (k, d) = (kernel.display().to_string(), disk.display().to_string());
+        for args in [
+            vec![
+                "import", "--id", "tiny-elf", "--kind", "kernel", "--file", &k,
+            ],
+            vec![
+                "import",
+                "--id",
+                "tiny-disk",
+                "--kind",
+                "rootfs",
+                "--file",
+                &d,
+                "--ready-marker",
+                TINY_MARKER,
+            ],
+        ] {
+            let out = self.assets(&args);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
     /// Starts (or restarts) the daemon and waits for /healthz.
     pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "already running");
@@ -473,6 +506,17 @@ impl Rest {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// Kills a VM's VMM from outside (SIGKILL) and checks metald reports the VM FAILED with the signal.
+pub fn kill_vmm_and_expect_failed(api: &Rest, id: &str, pid: u64) {
+    std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    let vm = api.wait_state(id, "VM_STATE_FAILED", Duration::from_secs(10));
+    let failure = vm["failure"].as_str().unwrap_or_default();
+    assert!(failure.contains("killed by signal 9"), "{vm}");
 }
 
 /// The README's CreateVm body with the default guest's ids.
