@@ -55,20 +55,14 @@ fn main() {
         let t1 = Instant::now();
         api.call("POST", &format!("/v1/vms/{id}/boot"), None).ok();
         boot_call_ms.push(t1.elapsed());
-        loop {
-            let c = api
-                .call(
-                    "GET",
-                    &format!("/v1/vms/{id}/console?tail_bytes=4096"),
-                    None,
-                )
-                .ok();
-            if c["output"].as_str().unwrap_or("").contains(READY_MARKER) {
-                break;
-            }
-            assert!(t0.elapsed() < Duration::from_secs(120), "guest not ready");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_for_console(
+            &api,
+            &id,
+            READY_MARKER,
+            t0,
+            Duration::from_secs(120),
+            Duration::from_millis(5),
+        );
         via_metald.push(t0.elapsed());
         api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None)
             .ok();
@@ -113,23 +107,14 @@ fn firecracker_rows(fc: &Path, runs: usize) {
             .unwrap()
             .to_string();
         api.call("POST", &format!("/v1/vms/{id}/boot"), None).ok();
-        loop {
-            let c = api
-                .call(
-                    "GET",
-                    &format!("/v1/vms/{id}/console?tail_bytes=4096"),
-                    None,
-                )
-                .ok();
-            if c["output"].as_str().unwrap_or("").contains(TINY_MARKER) {
-                break;
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(30),
-                "tiny guest not ready"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_for_console(
+            &api,
+            &id,
+            TINY_MARKER,
+            t0,
+            Duration::from_secs(30),
+            Duration::from_millis(1),
+        );
         via.push(t0.elapsed());
         api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None)
             .ok();
@@ -200,6 +185,34 @@ async fn bare_firecracker(fc: &Path, assets: &Path) -> Duration {
     let _ = child.kill();
     let _ = child.wait();
     took
+}
+
+/// Polls the VM's console through the API every `every` until `marker` shows up.
+fn wait_for_console(
+    api: &Rest,
+    id: &str,
+    marker: &str,
+    t0: Instant,
+    limit: Duration,
+    every: Duration,
+) {
+    loop {
+        let c = api
+            .call(
+                "GET",
+                &format!("/v1/vms/{id}/console?tail_bytes=4096"),
+                None,
+            )
+            .ok();
+        if c["output"].as_str().unwrap_or("").contains(marker) {
+            return;
+        }
+        assert!(
+            t0.elapsed() < limit,
+            "guest printed no {marker} within {limit:?}"
+        );
+        std::thread::sleep(every);
+    }
 }
 
 fn row(name: &str, samples: &[Duration]) {

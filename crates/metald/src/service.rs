@@ -776,11 +776,6 @@ impl VmService {
             }
         });
     }
-
-    /// VM ids (of any customer) whose configuration names the asset.
-    pub fn vms_using_asset(&self, image_id: &str) -> Result<Vec<String>, ServiceError> {
-        Ok(vms_using_asset(&self.store, image_id)?)
-    }
 }
 
 /// VM ids (of any customer) whose configuration names the asset.

@@ -41,7 +41,6 @@ pub struct ExitEvent {
 pub struct Supervised {
     /// The process.
     pub process: VmmProcess,
-    vm_id: VmId,
     pidfd: Arc<OwnedFd>,
     requested: Arc<AtomicBool>,
     exited: watch::Receiver<Option<String>>,
@@ -120,13 +119,12 @@ impl Supervised {
         let (tx, rx) = watch::channel(None);
         let task_fd = Arc::clone(&pidfd);
         let task_requested = Arc::clone(&requested);
-        let task_vm = vm_id.clone();
         tokio::spawn(async move {
             let status = wait_for_exit(task_fd, is_child).await;
             let _ignored = tx.send(Some(status.clone()));
             // The receiver is gone only when metald is shutting down; nothing to tell then.
             let _ignored = events.send(ExitEvent {
-                vm_id: task_vm,
+                vm_id,
                 pid: process.pid,
                 status,
                 requested: task_requested.load(Ordering::SeqCst),
@@ -134,7 +132,6 @@ impl Supervised {
         });
         Arc::new(Self {
             process,
-            vm_id,
             pidfd,
             requested,
             exited: rx,
@@ -192,11 +189,6 @@ impl Supervised {
                 pid: self.process.pid,
                 source: std::io::Error::from(std::io::ErrorKind::TimedOut),
             })
-    }
-
-    /// The VM this process belongs to.
-    pub fn vm_id(&self) -> &VmId {
-        &self.vm_id
     }
 }
 

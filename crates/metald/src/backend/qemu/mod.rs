@@ -66,11 +66,6 @@ impl QemuBackend {
         }
     }
 
-    /// The accelerator in use.
-    pub fn accel(&self) -> Accel {
-        self.accel
-    }
-
     fn qmp_for(&self, vm: &VmId) -> Result<Qmp, BackendError> {
         Ok(Qmp::new(&self.registry.control_socket(vm)?))
     }
