@@ -5,9 +5,10 @@
 #   vmlinux      the same kernel as an uncompressed ELF (PVH entry): Firecracker, and QEMU too
 #   initrd.img   gzip'd newc cpio: busybox-static + virtio modules; /init mounts /dev/vda and
 #                switch_roots into it
-#   rootfs.ext4  small sparse ext4 image: busybox init, prints one "METALD_GUEST_READY ..." line
-#                on the console when booted, reboots (-> VMM exits) on Ctrl-Alt-Del, powers off
-#                on the ACPI power button
+#   rootfs.ext4  small sparse ext4 image: busybox init, sets up eth0 from the kernel command line,
+#                prints one "METALD_GUEST_READY ..." line on the console when booted, reboots
+#                (-> VMM exits) on Ctrl-Alt-Del, powers off on the ACPI power button; optionally
+#                pings targets in a loop and runs a shell script from an extra drive
 #   manifest.txt kernel package + version, sizes and sha256 of the files above
 #
 # Usage: scripts/build-guest-image.sh [OUT_DIR]        (default OUT_DIR: ./target/guest)
@@ -25,10 +26,30 @@
 #                                in its .deb, so rebuilds from the same packages are identical)
 #
 # Guest kernel command line (verified with QEMU q35 + TCG, -kernel vmlinuz or vmlinux):
-#   console=ttyS0 root=/dev/vda rw panic=-1        optional: metald.hostname=NAME
-# Console lines for the host to match (each starts a line):
-#   METALD_GUEST_READY kernel=<uname -r> cpus=N mem_kb=N hostname=H root=/dev/vda net=eth0,..|none uptime_s=S.SS
+#   console=ttyS0 root=/dev/vda rw panic=-1
+# optional (all verified the same way, eth0 = virtio-net on a TAP):
+#   metald.hostname=NAME
+#   metald.ip6=ADDR metald.gw6=GW   before the ready line: eth0 up, ADDR/128 on eth0, route GW/128
+#                                   dev eth0, default via GW; duplicate address detection is off
+#                                   for eth0 (busybox ip has no "nodad") and the ready line waits
+#                                   (~3 s at most) until eth0's operstate is up and no address on
+#                                   it is tentative
+#   metald.ip4=ADDR metald.gw4=GW   the same for IPv4: ADDR/32, route GW/32 dev eth0, default via GW
+#                                   (v6 and v4 each optional, GW too; no eth0: both are ignored)
+#   metald.ping=T1,T2,...           after the ready line, in the background: up to 600 rounds, 1 s
+#                                   apart, each pinging every target (IPv6 or IPv4 literal) once
+#                                   (ping -c 1 -W 1; ping6 for IPv6) and printing one line per target
+#   metald.script=/dev/vdX          after the ready line, in the background: sh /dev/vdX (waits up
+#                                   to 5 s for the device; stdin /dev/null, stdout+stderr to the
+#                                   console line by line), then one exit line; for a raw drive, pad
+#                                   the script (e.g. with NULs) to a multiple of 512 bytes and end
+#                                   it with "exit"
+# Console lines for the host to match (each starts a line and is written with one write()):
+#   METALD_GUEST_READY kernel=<uname -r> cpus=N mem_kb=N hostname=H root=/dev/vda net=eth0,..|none uptime_s=S.SS ip6=ADDR|none ip4=ADDR|none
+#   METALD_PING round=N target=T result=ok|fail
+#   METALD_SCRIPT_EXIT code=N
 #   METALD_GUEST_SHUTDOWN reason=ctrlaltdel|powerbutton|shutdown
+# (Kernel messages go to the serial port by another path and could still cut into a line.)
 set -euo pipefail
 
 usage() {
@@ -249,6 +270,18 @@ is_elf "$BUSYBOX" || die "$BUSYBOX is not an ELF binary"
 if elf_has_interp "$BUSYBOX"; then
 	die "$BUSYBOX is dynamically linked; busybox-static is required"
 fi
+# Applets the initrd and rootfs scripts use, plus what tests run from a metald.script drive.
+REQUIRED_APPLETS=(sh awk sed grep cut tr cat printf mount umount switch_root insmod findfs
+	hostname uname nproc sync reboot poweroff acpid ip ping ping6 nc dd head sleep seq)
+declare -A HAVE_APPLET=()
+while read -r a; do
+	HAVE_APPLET[$a]=1
+done < <("$BUSYBOX" --list)
+missing_applets=()
+for a in "${REQUIRED_APPLETS[@]}"; do
+	[ -n "${HAVE_APPLET[$a]:-}" ] || missing_applets+=("$a")
+done
+[ "${#missing_applets[@]}" = 0 ] || die "$BUSYBOX lacks applets: ${missing_applets[*]}"
 
 # install_busybox DIR: /bin/busybox plus relative applet symlinks at busybox's own paths.
 install_busybox() {
@@ -436,7 +469,9 @@ EOF
 
 cat >"$RF/etc/init.d/rcS" <<'EOF'
 #!/bin/sh
-# metald guest system start: mounts, hostname, then one METALD_GUEST_READY line on the console.
+# metald guest system start: mounts, hostname, static network from the kernel command line, then
+# one METALD_GUEST_READY line on the console; after it, in the background, the metald.ping loop
+# and the metald.script drive. Command line and console lines: scripts/build-guest-image.sh.
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 
 # (Debian's busybox has no "mountpoint" applet.) The initrd normally hands over /dev /proc /sys.
@@ -449,15 +484,81 @@ mounted /dev/pts || mount -t devpts -o gid=5,mode=0620 devpts /dev/pts
 mounted /tmp || mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
 mounted /run || mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
 
-name=''
+# say LINE: one line to /dev/console, which is the last console= on the kernel command line, and
+# to the serial port too when that is not the same. Each copy is a single write(), and the tty
+# layer never splits one write, so lines from the ping loop and the script never mix mid-line.
+also=''
+active=$(cat /sys/class/tty/console/active 2>/dev/null)
+if [ "${active##* }" != ttyS0 ] && [ -c /dev/ttyS0 ]; then
+	also=/dev/ttyS0
+fi
+say() {
+	printf '%s\n' "$1" >/dev/console
+	[ -z "$also" ] || printf '%s\n' "$1" >"$also" 2>/dev/null
+}
+
+name='' ip6='' gw6='' ip4='' gw4='' ping='' script=''
 read -r cmdline </proc/cmdline
 for arg in $cmdline; do
 	case "$arg" in
 	metald.hostname=*) name=${arg#metald.hostname=} ;;
+	metald.ip6=*) ip6=${arg#metald.ip6=} ;;
+	metald.gw6=*) gw6=${arg#metald.gw6=} ;;
+	metald.ip4=*) ip4=${arg#metald.ip4=} ;;
+	metald.gw4=*) gw4=${arg#metald.gw4=} ;;
+	metald.ping=*) ping=${arg#metald.ping=} ;;
+	metald.script=*) script=${arg#metald.script=} ;;
 	esac
 done
 if [ -n "$name" ]; then hostname "$name"; else hostname -F /etc/hostname; fi
 ip link set lo up 2>/dev/null
+
+# Static addresses on eth0: <ip6>/128 and <ip4>/32, an on-link host route to each gateway (the
+# host end of the TAP) and the default routes through them. Done before the ready line.
+ip6_set='' ip4_set=''
+ip6=${ip6%%/*}
+ip4=${ip4%%/*}
+if [ -n "$ip6$ip4" ] && [ ! -e /sys/class/net/eth0 ]; then
+	say "metald: no eth0: metald.ip6/metald.ip4 ignored"
+elif [ -n "$ip6$ip4" ]; then
+	# The host hands out the addresses: no duplicate address detection (busybox ip has no
+	# "nodad"), so the v6 addresses are usable at once instead of "tentative" for ~1-2 s.
+	echo 0 >/proc/sys/net/ipv6/conf/eth0/accept_dad 2>/dev/null
+	ip link set eth0 up
+	if [ -n "$ip6" ] && ip -6 addr add "$ip6/128" dev eth0; then
+		ip6_set=$ip6
+		if [ -n "$gw6" ]; then
+			ip -6 route add "$gw6/128" dev eth0 && ip -6 route add default via "$gw6" dev eth0
+		fi
+	fi
+	if [ -n "$ip4" ] && ip addr add "$ip4/32" dev eth0; then
+		ip4_set=$ip4
+		if [ -n "$gw4" ]; then
+			ip route add "$gw4/32" dev eth0 && ip route add default via "$gw4" dev eth0
+		fi
+	fi
+	# Wait (60 polls 50 ms apart, ~3 s at most) until no eth0 address is tentative (flag 0x40 in
+	# if_inet6; in case DAD could not be turned off) and the kernel has seen the link come up
+	# (operstate up, or unknown for a driver that doesn't report it). Traffic would flow before
+	# the latter, but the kernel's "eth0: link becomes ready" line would then come after the
+	# ready line, up to ~1 s late (link events are rate-limited), and could cut into our lines.
+	i=0
+	while :; do
+		read -r state </sys/class/net/eth0/operstate
+		case "$state" in
+		up | unknown)
+			[ -z "$ip6_set" ] && break
+			awk '$6 == "eth0" && $5 ~ /^[4-7c-f]/ { t = 1 } END { exit !t }' /proc/net/if_inet6 || break
+			;;
+		esac
+		i=$((i + 1))
+		if [ "$i" -gt 60 ]; then
+			say "metald: eth0 not ready after 3 s (operstate $state)"
+			break
+		fi
+		sleep 0.05
+	done
+fi
 
 # ACPI power button (QEMU system_powerdown) -> /etc/acpi/PWRF/00000080
 if [ -d /dev/input ]; then
@@ -472,14 +573,53 @@ for n in /sys/class/net/*; do
 done
 root=$(awk '$2 == "/" && $1 != "rootfs" { d = $1 } END { print d }' /proc/mounts)
 up=$(cut -d' ' -f1 /proc/uptime)
-line="METALD_GUEST_READY kernel=$(uname -r) cpus=$(nproc) mem_kb=$mem_kb hostname=$(hostname) root=$root net=${nics:-none} uptime_s=$up"
+say "METALD_GUEST_READY kernel=$(uname -r) cpus=$(nproc) mem_kb=$mem_kb hostname=$(hostname) root=$root net=${nics:-none} uptime_s=$up ip6=${ip6_set:-none} ip4=${ip4_set:-none}"
 
-echo "$line" >/dev/console
-# /dev/console is the last console= on the kernel command line; make sure the serial port sees
-# the line too.
-active=$(cat /sys/class/tty/console/active 2>/dev/null)
-if [ "${active##* }" != ttyS0 ] && [ -c /dev/ttyS0 ]; then
-	echo "$line" >/dev/ttyS0 2>/dev/null
+# metald.ping=T1,T2,...: up to 600 rounds, 1 s apart; each pings every target once.
+if [ -n "$ping" ]; then
+	(
+		targets=$(printf '%s\n' "$ping" | tr ',' ' ')
+		n=1
+		while [ "$n" -le 600 ]; do
+			for t in $targets; do
+				case "$t" in
+				*:*) p=ping6 ;;
+				*) p=ping ;;
+				esac
+				if "$p" -c 1 -W 1 "$t" >/dev/null 2>&1; then r=ok; else r=fail; fi
+				say "METALD_PING round=$n target=$t result=$r"
+			done
+			n=$((n + 1))
+			sleep 1
+		done
+	) </dev/null >/dev/null 2>&1 &
+fi
+
+# metald.script=/dev/vdX: "sh /dev/vdX", its output line by line to the console (so a partial
+# line of it can't swallow the start of a METALD_PING line), then METALD_SCRIPT_EXIT code=N.
+# The exit line travels through the same pipe behind the script's output, after a \001 that
+# tells it from the script's own lines; processes the script leaves running don't delay it.
+if [ -n "$script" ]; then
+	(
+		soh=$(printf '\001')
+		i=0
+		while [ ! -e "$script" ] && [ "$i" -lt 50 ]; do
+			i=$((i + 1))
+			sleep 0.1
+		done
+		{
+			sh "$script" </dev/null 2>&1
+			printf '\001METALD_SCRIPT_EXIT code=%s\n' "$?"
+		} | while IFS= read -r l || [ -n "$l" ]; do
+			case "$l" in
+			*"$soh"METALD_SCRIPT_EXIT\ *)
+				[ -z "${l%%"$soh"*}" ] || say "${l%%"$soh"*}"
+				say "${l#*"$soh"}"
+				;;
+			*) say "$l" ;;
+			esac
+		done
+	) </dev/null >/dev/null 2>&1 &
 fi
 exit 0
 EOF

@@ -251,6 +251,8 @@ fn bare_qemu(qemu: &Path, guest: &Path, accel: Accel, i: usize) -> Duration {
             path: rootfs,
             read_only: false,
         }],
+        net: None,
+        jail: None,
     };
     let console = launch.console_log();
     let t0 = Instant::now();

@@ -5,6 +5,8 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::network::ipam::{Ipv4Subnet, Ipv6Prefix};
+
 /// Which VMM to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendChoice {
@@ -36,6 +38,42 @@ pub enum LogFormat {
     Text,
 }
 
+/// How VMMs are isolated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Isolation {
+    /// Every VMM in its own jail and network namespace (production).
+    Jail(IsolationConfig),
+    /// VMMs run directly as metald's user with no network (development and benchmarks only).
+    None,
+}
+
+/// Jailer and network settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IsolationConfig {
+    /// First uid of the per-VM range.
+    pub uid_base: u32,
+    /// First gid of the per-VM range.
+    pub gid_base: u32,
+    /// Number of per-VM ids (and so of VMs) available.
+    pub id_count: u32,
+    /// Where jail roots live.
+    pub chroot_dir: PathBuf,
+    /// Runtime state (network namespace files).
+    pub run_dir: PathBuf,
+    /// Parent cgroup of every VM's cgroup.
+    pub cgroup_parent: String,
+    /// VM IPv6 addresses come from here.
+    pub ipv6_prefix: Ipv6Prefix,
+    /// VM IPv4 addresses come from here; IPv4 is off without it.
+    pub ipv4_subnet: Option<Ipv4Subnet>,
+    /// The interface VMs reach the outside world through; none (no outbound access) by default.
+    pub outbound_interface: Option<String>,
+    /// The `nft` binary.
+    pub nft_bin: PathBuf,
+    /// The `tc` binary.
+    pub tc_bin: PathBuf,
+}
+
 /// metald's configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -57,6 +95,8 @@ pub struct Config {
     pub boot_timeout: Duration,
     /// Log format.
     pub log_format: LogFormat,
+    /// VMM isolation.
+    pub isolation: Isolation,
 }
 
 /// A bad environment variable.
@@ -178,6 +218,14 @@ impl Config {
                 return Err(bad(n, &v, "expected dev (the only mode so far)"));
             }
         }
+        let isolation = match get("UNKEY_METALD_ISOLATION") {
+            None => Isolation::Jail(isolation_config(&get, &path_lookup)?),
+            Some((n, v)) => match v.as_str() {
+                "jail" => Isolation::Jail(isolation_config(&get, &path_lookup)?),
+                "none" => Isolation::None,
+                _ => return Err(bad(n, &v, "expected jail or none")),
+            },
+        };
         Ok(Self {
             address,
             port,
@@ -188,8 +236,145 @@ impl Config {
             qemu_accel,
             boot_timeout,
             log_format,
+            isolation,
         })
     }
+}
+
+/// Reads the jailer and network variables.
+fn isolation_config(
+    get: &impl Fn(&'static str) -> Option<(&'static str, String)>,
+    path_lookup: &impl Fn(&str) -> Option<PathBuf>,
+) -> Result<IsolationConfig, ConfigError> {
+    let bad = |var: &'static str, value: &str, allowed: &str| ConfigError {
+        var,
+        value: value.to_string(),
+        allowed: allowed.to_string(),
+    };
+    let number = |name: &'static str, default: u32, min: u32| -> Result<u32, ConfigError> {
+        match get(name) {
+            None => Ok(default),
+            Some((n, v)) => v
+                .parse::<u32>()
+                .ok()
+                .filter(|x| *x >= min)
+                .ok_or_else(|| bad(n, &v, &format!("expected a whole number >= {min}"))),
+        }
+    };
+    // Above every regular and system account on common distributions (and below 2^31).
+    let uid_base = number("UNKEY_METALD_JAILER_UID", 900_000, 1)?;
+    let gid_base = number("UNKEY_METALD_JAILER_GID", 900_000, 1)?;
+    let id_count = number("UNKEY_METALD_JAILER_ID_COUNT", 65_536, 1)?;
+    for (n, base) in [
+        ("UNKEY_METALD_JAILER_UID", uid_base),
+        ("UNKEY_METALD_JAILER_GID", gid_base),
+    ] {
+        if base
+            .checked_add(id_count)
+            .is_none_or(|end| end > i32::MAX as u32)
+        {
+            return Err(bad(
+                n,
+                &base.to_string(),
+                "the range base + UNKEY_METALD_JAILER_ID_COUNT must stay below 2^31",
+            ));
+        }
+    }
+    let abs_dir = |name: &'static str, default: &str| -> Result<PathBuf, ConfigError> {
+        match get(name) {
+            None => Ok(PathBuf::from(default)),
+            Some((_, v)) if Path::new(&v).is_absolute() => Ok(PathBuf::from(v)),
+            Some((n, v)) => Err(bad(n, &v, "expected an absolute path")),
+        }
+    };
+    let chroot_dir = abs_dir("UNKEY_METALD_JAILER_CHROOT_DIR", "/srv/jailer")?;
+    let run_dir = abs_dir("UNKEY_METALD_RUN_DIR", "/run/metald")?;
+    let cgroup_parent = match get("UNKEY_METALD_CGROUP_PARENT") {
+        None => "metald".to_string(),
+        Some((n, v)) => {
+            let ok = v.split('/').filter(|p| !p.is_empty()).all(|p| {
+                p != ".."
+                    && p != "."
+                    && p.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            }) && !v.trim_matches('/').is_empty();
+            if !ok {
+                return Err(bad(
+                    n,
+                    &v,
+                    "expected a relative cgroup path like metald or machine/metald",
+                ));
+            }
+            v
+        }
+    };
+    let ipv6_prefix = match get("UNKEY_METALD_IPV6_PREFIX") {
+        // A unique local prefix ("metal" in ASCII); set one per host where VMs of several hosts
+        // share a network.
+        None => Ipv6Prefix {
+            addr: std::net::Ipv6Addr::new(0xfd6d, 0x6574, 0x616c, 0, 0, 0, 0, 0),
+            len: 64,
+        },
+        Some((n, v)) => v.parse().map_err(|e: crate::network::ipam::PrefixError| {
+            bad(
+                n,
+                &v,
+                &format!("expected an IPv6 prefix such as fd6d:6574:616c::/64 ({e})"),
+            )
+        })?,
+    };
+    let ipv4_subnet = match get("UNKEY_METALD_IPV4_SUBNET") {
+        None => None,
+        Some((n, v)) => Some(v.parse().map_err(|e: crate::network::ipam::PrefixError| {
+            bad(
+                n,
+                &v,
+                &format!("expected an IPv4 subnet such as 10.200.0.0/24 ({e})"),
+            )
+        })?),
+    };
+    let outbound_interface = match get("UNKEY_METALD_OUTBOUND_INTERFACE") {
+        None => None,
+        Some((n, v)) => {
+            if v.is_empty()
+                || v.len() > 15
+                || !v
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            {
+                return Err(bad(
+                    n,
+                    &v,
+                    "expected an interface name (1-15 of A-Z a-z 0-9 . _ -)",
+                ));
+            }
+            Some(v)
+        }
+    };
+    let tool = |name: &'static str, var: &'static str, pkg: &str| -> Result<PathBuf, ConfigError> {
+        match get(var) {
+            Some((_, v)) if is_executable(Path::new(&v)) => Ok(PathBuf::from(v)),
+            Some((n, v)) => Err(bad(n, &v, "expected the path of an executable file")),
+            None => path_lookup(name).ok_or_else(|| {
+                bad(var, "", &format!("{name} is not on PATH: install {pkg} or set {var} (or UNKEY_METALD_ISOLATION=none for unisolated development runs)"))
+            }),
+        }
+    };
+    let nft_bin = tool("nft", "UNKEY_METALD_NFT_BIN", "nftables")?;
+    let tc_bin = tool("tc", "UNKEY_METALD_TC_BIN", "iproute2")?;
+    Ok(IsolationConfig {
+        uid_base,
+        gid_base,
+        id_count,
+        chroot_dir,
+        run_dir,
+        cgroup_parent,
+        ipv6_prefix,
+        ipv4_subnet,
+        outbound_interface,
+        nft_bin,
+        tc_bin,
+    })
 }
 
 /// True for a regular file with an execute bit.
@@ -239,7 +424,10 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        Config::from_env(|k| map.get(k).cloned(), |_| None)
+        Config::from_env(
+            |k| map.get(k).cloned(),
+            |name| matches!(name, "nft" | "tc").then(|| PathBuf::from(format!("/usr/sbin/{name}"))),
+        )
     }
 
     #[test]
@@ -249,6 +437,17 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("/var/lib/metald"));
         assert_eq!(c.backend, BackendChoice::Auto);
         assert_eq!(c.qemu_accel, AccelChoice::Auto);
+        let Isolation::Jail(iso) = c.isolation else {
+            panic!("isolation is on by default")
+        };
+        assert_eq!(iso.uid_base, 900_000);
+        assert_eq!(iso.chroot_dir, PathBuf::from("/srv/jailer"));
+        assert_eq!(iso.ipv6_prefix.to_string(), "fd6d:6574:616c::/64");
+        assert_eq!(iso.ipv4_subnet, None);
+        assert_eq!(
+            iso.outbound_interface, None,
+            "no outbound access unless asked"
+        );
     }
 
     #[test]
@@ -287,6 +486,24 @@ mod tests {
             ),
             ("UNKEY_METALD_BOOT_TIMEOUT_SECONDS", "0", "1-3600"),
             ("UNKEY_METALD_AUTH_MODE", "jwt", "expected dev"),
+            ("UNKEY_METALD_ISOLATION", "off", "expected jail or none"),
+            ("UNKEY_METALD_JAILER_UID", "-1", "whole number"),
+            ("UNKEY_METALD_JAILER_UID", "2147480000", "below 2^31"),
+            ("UNKEY_METALD_JAILER_CHROOT_DIR", "srv", "absolute path"),
+            ("UNKEY_METALD_CGROUP_PARENT", "../x", "relative cgroup path"),
+            ("UNKEY_METALD_IPV6_PREFIX", "fd00::1/64", "host bits"),
+            (
+                "UNKEY_METALD_IPV6_PREFIX",
+                "10.0.0.0/8",
+                "not an IPv6 address",
+            ),
+            ("UNKEY_METALD_IPV4_SUBNET", "10.0.0.0/31", "8-29"),
+            (
+                "UNKEY_METALD_OUTBOUND_INTERFACE",
+                "eth0; rm",
+                "interface name",
+            ),
+            ("UNKEY_METALD_NFT_BIN", "/nonexistent/nft", "executable"),
         ];
         for (var, value, allowed) in cases {
             let err = parse(&[(var, value)]).unwrap_err();

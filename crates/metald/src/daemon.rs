@@ -9,8 +9,12 @@ use tokio::sync::mpsc;
 use crate::assets::AssetStore;
 use crate::backend::firecracker::FirecrackerBackend;
 use crate::backend::qemu::{Accel, QemuBackend};
-use crate::backend::{Backend, ExitEvent};
-use crate::config::{hardware_kvm, AccelChoice, BackendChoice, Config};
+use crate::backend::{Backend, BackendKind, ExitEvent};
+use crate::config::{hardware_kvm, AccelChoice, BackendChoice, Config, Isolation, IsolationConfig};
+use crate::jailer::{Jailer, JailerConfig};
+use crate::network::ipam::AllocationPlan;
+use crate::network::{Network, NetworkConfig};
+use crate::sandbox::Sandboxes;
 use crate::service::{ServiceConfig, VmService};
 use crate::store::Store;
 
@@ -35,6 +39,12 @@ pub enum StartError {
     /// The asset store failed to open.
     #[error(transparent)]
     Assets(#[from] crate::assets::AssetError),
+    /// The jailer could not be set up.
+    #[error("jailer")]
+    Isolation(#[source] crate::jailer::JailError),
+    /// The network could not be set up.
+    #[error("network")]
+    Network(#[source] crate::network::NetworkError),
     /// Reconciliation failed.
     #[error("reconciling VMs at start")]
     Reconcile(#[source] crate::service::ServiceError),
@@ -115,6 +125,57 @@ pub fn select_backend(
     Ok(Arc::new(QemuBackend::new(bin, accel, events)))
 }
 
+/// The jailer and network for `kind` VMMs.
+pub fn sandboxes(
+    cfg: &Config,
+    iso: &IsolationConfig,
+    kind: BackendKind,
+) -> Result<Sandboxes, StartError> {
+    let binary = match kind {
+        BackendKind::Firecracker => cfg.firecracker_bin.clone(),
+        BackendKind::Qemu => cfg.qemu_bin.clone(),
+    }
+    .ok_or_else(|| StartError::NoBackend(format!("no {} binary", kind.as_str())))?;
+    let metald_exe = std::env::current_exe().map_err(|source| StartError::Dir {
+        path: "/proc/self/exe".into(),
+        source,
+    })?;
+    let jailer = Jailer::new(
+        JailerConfig {
+            uid_base: iso.uid_base,
+            gid_base: iso.gid_base,
+            id_count: iso.id_count,
+            chroot_dir: iso.chroot_dir.clone(),
+            cgroup_root: "/sys/fs/cgroup".into(),
+            cgroup_parent: iso.cgroup_parent.clone(),
+            metald_exe,
+            tc_bin: iso.tc_bin.clone(),
+        },
+        kind,
+        &binary,
+    )
+    .map_err(StartError::Isolation)?;
+    tracing::info!(cgroups = ?jailer.cgroups().hierarchy(), chroot_dir = %iso.chroot_dir.display(), "jailer ready");
+    let network = Network::new(NetworkConfig {
+        ipv6_prefix: iso.ipv6_prefix,
+        ipv4_subnet: iso.ipv4_subnet,
+        outbound_interface: iso.outbound_interface.clone(),
+        netns_dir: iso.run_dir.join("netns"),
+        nft_bin: iso.nft_bin.clone(),
+    })
+    .map_err(StartError::Network)?;
+    tracing::info!(ipv6_prefix = %iso.ipv6_prefix, ipv4_subnet = ?iso.ipv4_subnet.map(|s| s.to_string()), outbound = ?iso.outbound_interface, "network ready");
+    Ok(Sandboxes::new(
+        jailer,
+        network,
+        AllocationPlan {
+            slots: iso.id_count,
+            ipv6: iso.ipv6_prefix,
+            ipv4: iso.ipv4_subnet,
+        },
+    ))
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(cfg: Config) -> Result<(), StartError> {
     tracing::warn!("DEV AUTH IS ON: any 'Bearer dev_customer_<id>' token acts as customer <id>; never expose this port to untrusted networks");
@@ -127,10 +188,18 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
     })?;
     let (tx, rx) = mpsc::unbounded_channel();
     let backend = select_backend(&cfg, tx)?;
+    let sandboxes = match &cfg.isolation {
+        Isolation::Jail(iso) => Some(Arc::new(sandboxes(&cfg, iso, backend.kind())?)),
+        Isolation::None => {
+            tracing::warn!("ISOLATION IS OFF (UNKEY_METALD_ISOLATION=none): VMMs run as metald's own user, unjailed and without network; for development and benchmarks only");
+            None
+        }
+    };
     let svc = VmService::start(
         store,
         assets,
         backend,
+        sandboxes,
         ServiceConfig {
             vms_dir,
             boot_timeout: cfg.boot_timeout,

@@ -129,6 +129,41 @@ pub struct VmConfig {
     pub kernel_args: String,
     /// Caller-owned labels.
     pub metadata: BTreeMap<String, String>,
+    /// Network interface settings (rate limits).
+    #[serde(default)]
+    pub network: NetworkSettings,
+}
+
+/// A token-bucket limit on one direction of a VM's network interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RateLimit {
+    /// Sustained rate in bytes per second.
+    pub bandwidth_bytes_per_sec: u64,
+    /// Bytes that may pass at once above the sustained rate.
+    pub burst_bytes: u64,
+}
+
+/// The caller's settings for the VM's network interface.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NetworkSettings {
+    /// Limit on traffic to the guest.
+    pub rx_rate_limit: Option<RateLimit>,
+    /// Limit on traffic from the guest.
+    pub tx_rate_limit: Option<RateLimit>,
+}
+
+/// What metald allocated for a VM at create: its jail id slot and its network identity.
+/// Persisted, unique among live VMs, freed on delete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmNet {
+    /// Index into the jailer's uid/gid range.
+    pub slot: u32,
+    /// The guest's IPv6 address.
+    pub ipv6: std::net::Ipv6Addr,
+    /// The guest's IPv4 address, when IPv4 is on.
+    pub ipv4: Option<std::net::Ipv4Addr>,
+    /// The guest's MAC address, derived from the VM id.
+    pub mac: String,
 }
 
 impl VmConfig {
@@ -168,6 +203,8 @@ pub struct VmRecord {
     pub guest_ready: bool,
     /// Insertion order, used for stable paging.
     pub seq: i64,
+    /// Jail slot and addresses, allocated at create.
+    pub net: Option<VmNet>,
 }
 
 /// Current wall-clock time in Unix milliseconds.

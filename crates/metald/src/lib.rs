@@ -4,6 +4,8 @@
 //! - [`api`]: Connect + REST adapters, auth, error mapping (no OS access)
 //! - [`service`]: validation and every state transition ([`state`])
 //! - [`store`] (SQLite), [`assets`] (image files), [`backend`] (VMM processes)
+//! - [`jailer`] (chroot, namespaces, cgroups, privilege drop) and [`network`] (namespaces,
+//!   veths, addresses, firewall) isolate each VMM
 //!
 //! [`config`] and [`daemon`] wire them together for the binary.
 
@@ -13,6 +15,9 @@ pub mod backend;
 pub mod config;
 pub mod daemon;
 pub mod domain;
+pub mod jailer;
+pub mod network;
+pub mod sandbox;
 pub mod service;
 pub mod state;
 pub mod store;

@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use crate::assets::{AssetError, AssetStore, BootFiles};
 use crate::backend::{file_tail, Backend, BackendError, Disk, ExitEvent, StopMode, VmLaunch};
 use crate::domain::{is_token, now_ms, CustomerId, DriveConfig, VmConfig, VmId, VmRecord, MIB};
+use crate::sandbox::{SandboxError, Sandboxes};
 use crate::state::{transition, InvalidTransition, Operation, VmState};
 use crate::store::{AssetKind, Store, StoreError};
 
@@ -75,6 +76,18 @@ pub enum ServiceError {
     /// The database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The VM's sandbox (network, jail) could not be set up.
+    #[error("isolate {vm}")]
+    Sandbox {
+        /// The VM.
+        vm: VmId,
+        /// What failed.
+        #[source]
+        source: SandboxError,
+    },
+    /// Removing leftovers of earlier runs at start failed.
+    #[error("remove leftovers of earlier runs")]
+    Sweep(#[source] SandboxError),
     /// A file operation failed.
     #[error("{op} {path}")]
     Io {
@@ -138,6 +151,7 @@ pub struct VmService {
     store: Arc<Store>,
     assets: Arc<AssetStore>,
     backend: Arc<dyn Backend>,
+    sandboxes: Option<Arc<Sandboxes>>,
     cfg: ServiceConfig,
     locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -148,6 +162,7 @@ impl VmService {
         store: Arc<Store>,
         assets: Arc<AssetStore>,
         backend: Arc<dyn Backend>,
+        sandboxes: Option<Arc<Sandboxes>>,
         cfg: ServiceConfig,
         mut exits: mpsc::UnboundedReceiver<ExitEvent>,
     ) -> Arc<Self> {
@@ -155,6 +170,7 @@ impl VmService {
             store,
             assets,
             backend,
+            sandboxes,
             cfg,
             locks: Mutex::new(HashMap::new()),
         });
@@ -166,6 +182,11 @@ impl VmService {
             }
         });
         svc
+    }
+
+    /// The VM's network identity, when metald isolates VMs.
+    pub fn network_of(&self, vm: &VmRecord) -> Option<crate::network::VmNetworkPlan> {
+        self.sandboxes.as_ref()?.network().plan(vm).ok()
     }
 
     /// The backend in use.
@@ -242,6 +263,7 @@ impl VmService {
             failure: None,
             guest_ready: false,
             seq: 0,
+            net: None,
         };
         let launch = self.launch(&record)?;
         self.backend
@@ -252,7 +274,8 @@ impl VmService {
                 vm: id.clone(),
                 source,
             })?;
-        let saved = self.store.insert_vm(&record)?;
+        let plan = self.sandboxes.as_ref().map(|s| *s.allocation());
+        let saved = self.store.insert_vm(&record, plan.as_ref())?;
         tracing::info!(vm_id = %id, customer = %customer, "vm created");
         Ok(saved)
     }
@@ -366,6 +389,8 @@ impl VmService {
             initrd: files.initrd,
             extra_kernel_args: vm.config.kernel_args.clone(),
             disks,
+            net: None,
+            jail: None,
         })
     }
 
@@ -396,17 +421,27 @@ impl VmService {
         let _guard = self.lock(id).await;
         let mut vm = self.load(customer, id).await?;
         let next = next_state(vm.state, Operation::Boot)?;
-        let launch = self.launch(&vm)?;
+        let mut launch = self.launch(&vm)?;
+        if let Some(sb) = &self.sandboxes {
+            sb.setup(&vm, &mut launch)
+                .await
+                .map_err(|source| ServiceError::Sandbox {
+                    vm: id.clone(),
+                    source,
+                })?;
+        }
         let console_offset = file_len(&launch.console_log());
-        let process = self
-            .backend
-            .boot(&launch)
-            .await
-            .map_err(|source| ServiceError::Backend {
-                op: "boot",
-                vm: id.clone(),
-                source,
-            })?;
+        let process = match self.backend.boot(&launch).await {
+            Ok(p) => p,
+            Err(source) => {
+                self.release_sandbox(&vm).await;
+                return Err(ServiceError::Backend {
+                    op: "boot",
+                    vm: id.clone(),
+                    source,
+                });
+            }
+        };
         vm.state = next;
         vm.vmm_pid = Some(process.pid);
         vm.vmm_start_ticks = Some(process.start_ticks);
@@ -471,6 +506,7 @@ impl VmService {
                 vm: id.clone(),
                 source,
             })?;
+        self.release_sandbox(&vm).await;
         tracing::info!(vm_id = %id, "vm shut down");
         vm.state = next;
         vm.vmm_pid = None;
@@ -491,7 +527,15 @@ impl VmService {
         let _guard = self.lock(id).await;
         let mut vm = self.load(customer, id).await?;
         let next = next_state(vm.state, Operation::Reboot)?;
-        let launch = self.launch(&vm)?;
+        let mut launch = self.launch(&vm)?;
+        if let Some(sb) = &self.sandboxes {
+            // The namespace and veth stay across a reboot; only a new jail is made.
+            sb.attach(&vm, &mut launch)
+                .map_err(|source| ServiceError::Sandbox {
+                    vm: id.clone(),
+                    source,
+                })?;
+        }
         let console_offset = file_len(&launch.console_log());
         let result = self.backend.reboot(&launch, mode).await;
         let process = match result {
@@ -504,6 +548,7 @@ impl VmService {
                     vm.vmm_start_ticks = None;
                     vm.failure = Some(format!("reboot failed: {source}"));
                     self.save(&mut vm)?;
+                    self.release_sandbox(&vm).await;
                 }
                 return Err(ServiceError::Backend {
                     op: "reboot",
@@ -542,6 +587,7 @@ impl VmService {
                 vm: id.clone(),
                 source,
             })?;
+        self.release_sandbox(&vm).await;
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -664,6 +710,7 @@ impl VmService {
 
     /// Re-attaches to VMMs that outlived a previous metald; VMs whose VMM is gone become FAILED.
     pub async fn reconcile(&self) -> Result<(), ServiceError> {
+        let mut keep = std::collections::HashSet::new();
         for mut vm in self.store.all_vms()? {
             if !vm.state.has_vmm() {
                 continue;
@@ -679,8 +726,15 @@ impl VmService {
             };
             if adopted {
                 tracing::info!(vm_id = %vm.id, pid = ?vm.vmm_pid, "re-attached to running VMM");
+                if let Some(sb) = &self.sandboxes {
+                    if let Err(e) = sb.adopt(&vm).await {
+                        tracing::error!(vm_id = %vm.id, error = %e, "re-attaching the VM's network failed");
+                    }
+                }
+                keep.insert(vm.id.clone());
                 continue;
             }
+            self.release_sandbox(&vm).await;
             tracing::warn!(vm_id = %vm.id, "VMM is gone after a metald restart; marking FAILED");
             vm.state = VmState::Failed;
             vm.vmm_pid = None;
@@ -689,7 +743,18 @@ impl VmService {
             vm.failure = Some("VMM process was gone when metald restarted".into());
             self.save(&mut vm)?;
         }
+        // Whatever isolation is left of VMs that are not running (metald crashed mid-create
+        // or mid-delete, or the records are gone) is removed.
+        if let Some(sb) = &self.sandboxes {
+            sb.sweep(&keep).await.map_err(ServiceError::Sweep)?;
+        }
         Ok(())
+    }
+
+    async fn release_sandbox(&self, vm: &VmRecord) {
+        if let Some(sb) = &self.sandboxes {
+            sb.release(vm).await;
+        }
     }
 
     /// A VMM exited: if nobody asked for it, the VM is FAILED with the exit status.
@@ -709,6 +774,7 @@ impl VmService {
             512,
         );
         tracing::warn!(vm_id = %vm.id, pid = ev.pid, status = %ev.status, "VMM exited on its own");
+        self.release_sandbox(&vm).await;
         vm.state = VmState::Failed;
         vm.vmm_pid = None;
         vm.vmm_start_ticks = None;
@@ -762,6 +828,7 @@ impl VmService {
                     if let Err(e) = svc.backend.shutdown(&id, StopMode::Force).await {
                         tracing::error!(vm_id = %id, error = %e, "killing a guest that never became ready failed");
                     }
+                    svc.release_sandbox(&vm).await;
                     vm.state = VmState::Failed;
                     vm.vmm_pid = None;
                     vm.vmm_start_ticks = None;
@@ -1014,7 +1081,7 @@ mod tests {
             vms_dir: vms_dir.clone(),
             boot_timeout,
         };
-        let svc = VmService::start(store, assets, backend.clone(), cfg, rx);
+        let svc = VmService::start(store, assets, backend.clone(), None, cfg, rx);
         Fixture {
             _dir: dir,
             vms_dir,
@@ -1034,6 +1101,7 @@ mod tests {
             drives: vec![],
             kernel_args: String::new(),
             metadata: BTreeMap::new(),
+            network: Default::default(),
         }
     }
 

@@ -30,9 +30,13 @@ pub fn code_for(err: &ServiceError) -> ErrorCode {
             BackendError::Unsupported(_) => ErrorCode::InvalidArgument,
             _ => ErrorCode::Internal,
         },
-        ServiceError::Asset(_) | ServiceError::Store(_) | ServiceError::Io { .. } => {
-            ErrorCode::Internal
-        }
+        // Every address or jail slot is taken: the host is full, not broken.
+        ServiceError::Store(crate::store::StoreError::Exhausted(_)) => ErrorCode::ResourceExhausted,
+        ServiceError::Asset(_)
+        | ServiceError::Store(_)
+        | ServiceError::Io { .. }
+        | ServiceError::Sandbox { .. }
+        | ServiceError::Sweep(_) => ErrorCode::Internal,
     }
 }
 

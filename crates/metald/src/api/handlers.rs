@@ -7,7 +7,9 @@ use connectrpc::ConnectError;
 use metald_proto::metald::v1 as pb;
 
 use super::error::to_connect;
-use crate::domain::{rfc3339, CustomerId, DriveConfig, VmConfig, VmId, VmRecord};
+use crate::domain::{
+    rfc3339, CustomerId, DriveConfig, NetworkSettings, RateLimit, VmConfig, VmId, VmRecord,
+};
 use crate::service::{ShutdownRequest, VmService};
 use crate::state::VmState;
 
@@ -70,6 +72,33 @@ pub fn config_from_proto(c: &pb::VmConfig) -> VmConfig {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
+        network: NetworkSettings {
+            rx_rate_limit: c
+                .network
+                .as_option()
+                .and_then(|n| n.rx_rate_limit.as_option())
+                .map(rate_from_proto),
+            tx_rate_limit: c
+                .network
+                .as_option()
+                .and_then(|n| n.tx_rate_limit.as_option())
+                .map(rate_from_proto),
+        },
+    }
+}
+
+fn rate_from_proto(r: &pb::RateLimit) -> RateLimit {
+    RateLimit {
+        bandwidth_bytes_per_sec: r.bandwidth_bytes_per_sec,
+        burst_bytes: r.burst_bytes,
+    }
+}
+
+fn rate_to_proto(r: &RateLimit) -> pb::RateLimit {
+    pb::RateLimit {
+        bandwidth_bytes_per_sec: r.bandwidth_bytes_per_sec,
+        burst_bytes: r.burst_bytes,
+        ..Default::default()
     }
 }
 
@@ -112,6 +141,16 @@ pub fn config_to_proto(c: &VmConfig) -> pb::VmConfig {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
+        network: if c.network == NetworkSettings::default() {
+            Default::default()
+        } else {
+            pb::NetworkConfig {
+                rx_rate_limit: c.network.rx_rate_limit.as_ref().map(rate_to_proto).into(),
+                tx_rate_limit: c.network.tx_rate_limit.as_ref().map(rate_to_proto).into(),
+                ..Default::default()
+            }
+            .into()
+        },
         ..Default::default()
     }
 }
@@ -132,6 +171,26 @@ pub fn vm_to_proto(vm: &VmRecord) -> pb::VmInfo {
     }
 }
 
+/// The API view of a VM, with its network identity.
+fn vm_info(svc: &VmService, vm: &VmRecord) -> pb::VmInfo {
+    let mut info = vm_to_proto(vm);
+    if let Some(n) = svc.network_of(vm) {
+        info.network = pb::VmNetworkInfo {
+            ipv6_address: n.ipv6.to_string(),
+            ipv4_address: n.ipv4.map(|a| a.to_string()).unwrap_or_default(),
+            mac_address: n.mac,
+            gateway_ipv6: n.gateway6.to_string(),
+            gateway_ipv4: n.gateway4.map(|a| a.to_string()).unwrap_or_default(),
+            tap_device: n.tap,
+            network_namespace: n.netns.display().to_string(),
+            host_interface: n.host_if,
+            ..Default::default()
+        }
+        .into();
+    }
+    info
+}
+
 fn err(e: crate::service::ServiceError) -> ConnectError {
     to_connect(&e)
 }
@@ -150,7 +209,7 @@ pub async fn create_vm(
         .await
         .map_err(err)?;
     Ok(pb::CreateVmResponse {
-        vm: vm_to_proto(&vm).into(),
+        vm: vm_info(svc, &vm).into(),
         ..Default::default()
     })
 }
@@ -162,7 +221,7 @@ pub async fn boot_vm(
     id: &str,
 ) -> Result<pb::VmInfo, ConnectError> {
     let vm = svc.boot(who, &vm_id("vm_id", id)?).await.map_err(err)?;
-    Ok(vm_to_proto(&vm))
+    Ok(vm_info(svc, &vm))
 }
 
 /// ShutdownVm.
@@ -185,7 +244,7 @@ pub async fn shutdown_vm(
         )
         .await
         .map_err(err)?;
-    Ok(vm_to_proto(&vm))
+    Ok(vm_info(svc, &vm))
 }
 
 /// PauseVm.
@@ -195,7 +254,7 @@ pub async fn pause_vm(
     id: &str,
 ) -> Result<pb::VmInfo, ConnectError> {
     let vm = svc.pause(who, &vm_id("vm_id", id)?).await.map_err(err)?;
-    Ok(vm_to_proto(&vm))
+    Ok(vm_info(svc, &vm))
 }
 
 /// ResumeVm.
@@ -205,7 +264,7 @@ pub async fn resume_vm(
     id: &str,
 ) -> Result<pb::VmInfo, ConnectError> {
     let vm = svc.resume(who, &vm_id("vm_id", id)?).await.map_err(err)?;
-    Ok(vm_to_proto(&vm))
+    Ok(vm_info(svc, &vm))
 }
 
 /// RebootVm.
@@ -219,7 +278,7 @@ pub async fn reboot_vm(
         .reboot(who, &vm_id("vm_id", id)?, force)
         .await
         .map_err(err)?;
-    Ok(vm_to_proto(&vm))
+    Ok(vm_info(svc, &vm))
 }
 
 /// DeleteVm.
@@ -241,7 +300,7 @@ pub async fn get_vm(
     id: &str,
 ) -> Result<pb::VmInfo, ConnectError> {
     let vm = svc.get(who, &vm_id("vm_id", id)?).await.map_err(err)?;
-    Ok(vm_to_proto(&vm))
+    Ok(vm_info(svc, &vm))
 }
 
 /// ListVms.
@@ -257,7 +316,7 @@ pub async fn list_vms(
         .await
         .map_err(err)?;
     Ok(pb::ListVmsResponse {
-        vms: page.vms.iter().map(vm_to_proto).collect(),
+        vms: page.vms.iter().map(|vm| vm_info(svc, vm)).collect(),
         next_page_token: page.next_page_token,
         ..Default::default()
     })

@@ -35,6 +35,18 @@ const DRIVE: &[Field] = &[
     f("image_id", "imageId", Inner::Scalar),
     f("read_only", "readOnly", Inner::Scalar),
 ];
+const RATE_LIMIT: &[Field] = &[
+    f(
+        "bandwidth_bytes_per_sec",
+        "bandwidthBytesPerSec",
+        Inner::Scalar,
+    ),
+    f("burst_bytes", "burstBytes", Inner::Scalar),
+];
+const NETWORK: &[Field] = &[
+    f("rx_rate_limit", "rxRateLimit", Inner::Message(RATE_LIMIT)),
+    f("tx_rate_limit", "txRateLimit", Inner::Message(RATE_LIMIT)),
+];
 const VM_CONFIG: &[Field] = &[
     f("cpu", "cpu", Inner::Message(CPU)),
     f("memory", "memory", Inner::Message(MEMORY)),
@@ -43,6 +55,7 @@ const VM_CONFIG: &[Field] = &[
     f("drives", "drives", Inner::Repeated(DRIVE)),
     f("kernel_args", "kernelArgs", Inner::Scalar),
     f("metadata", "metadata", Inner::Map),
+    f("network", "network", Inner::Message(NETWORK)),
 ];
 /// `CreateVmRequest`.
 pub const CREATE_VM_REQUEST: &[Field] = &[f("config", "config", Inner::Message(VM_CONFIG))];

@@ -10,11 +10,14 @@ pub mod qemu;
 pub mod registry;
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 use async_trait::async_trait;
 
 use crate::domain::VmId;
+use crate::jailer::JailPlan;
+use crate::network::VmNetworkPlan;
 pub use process::{ExitEvent, VmmProcess};
 
 /// File names inside a VM's directory, shared by every backend.
@@ -60,6 +63,10 @@ pub struct VmLaunch {
     pub extra_kernel_args: String,
     /// Disks, root first.
     pub disks: Vec<Disk>,
+    /// The guest's network interface, if it has one.
+    pub net: Option<VmNetworkPlan>,
+    /// The jail the VMM runs in; `None` runs it directly (isolation off).
+    pub jail: Option<JailPlan>,
 }
 
 impl VmLaunch {
@@ -76,6 +83,21 @@ impl VmLaunch {
     /// Path of the VMM log.
     pub fn vmm_log(&self) -> PathBuf {
         self.dir.join(files::VMM_LOG)
+    }
+
+    /// The command that starts `binary args…` for this VM: through the jailer when the VM has
+    /// a jail, directly otherwise. Runs in the VM's directory either way.
+    pub fn command(&self, binary: &Path, args: Vec<String>) -> Command {
+        let mut cmd = match &self.jail {
+            Some(jail) => jail.command(binary, args),
+            None => {
+                let mut c = Command::new(binary);
+                c.args(args);
+                c
+            }
+        };
+        cmd.current_dir(&self.dir);
+        cmd
     }
 }
 

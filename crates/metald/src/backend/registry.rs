@@ -177,6 +177,8 @@ mod tests {
             initrd: None,
             extra_kernel_args: String::new(),
             disks: vec![],
+            net: None,
+            jail: None,
         }
     }
 

@@ -8,11 +8,15 @@ use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
-use crate::domain::{CustomerId, VmConfig, VmId, VmRecord};
+use crate::domain::{CustomerId, VmConfig, VmId, VmNet, VmRecord};
+use crate::network::ipam::{lowest_free, mac_for, AllocationPlan, FIRST_VM_INDEX};
 use crate::state::VmState;
 
 /// Migrations in order; index + 1 is the schema version each one produces.
-const MIGRATIONS: &[&str] = &[include_str!("../../migrations/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/0001_init.sql"),
+    include_str!("../../migrations/0002_network.sql"),
+];
 
 /// Errors from the store.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +46,9 @@ pub enum StoreError {
         /// Latest version this binary knows.
         known: i64,
     },
+    /// Every slot or address of a pool is taken by a live VM.
+    #[error("no free {0} left on this host")]
+    Exhausted(&'static str),
 }
 
 fn sql(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
@@ -131,10 +138,16 @@ impl Store {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Inserts a new VM; returns it with its sequence number.
-    pub fn insert_vm(&self, vm: &VmRecord) -> Result<VmRecord, StoreError> {
-        let conn = self.conn();
-        conn.execute(
+    /// Inserts a new VM; returns it with its sequence number. With a `plan`, the VM also gets
+    /// the lowest free jail slot, IPv6 (and IPv4) address, in the same transaction.
+    pub fn insert_vm(
+        &self,
+        vm: &VmRecord,
+        plan: Option<&AllocationPlan>,
+    ) -> Result<VmRecord, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(sql("begin"))?;
+        tx.execute(
             "INSERT INTO vms (id, customer_id, state, config_json, backend, created_at_ms,
                               updated_at_ms, vmm_pid, vmm_start_ticks, failure, guest_ready)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
@@ -154,7 +167,11 @@ impl Store {
         )
         .map_err(sql("insert vm"))?;
         let mut saved = vm.clone();
-        saved.seq = conn.last_insert_rowid();
+        saved.seq = tx.last_insert_rowid();
+        if let Some(plan) = plan {
+            saved.net = Some(allocate(&tx, &vm.id, plan)?);
+        }
+        tx.commit().map_err(sql("commit vm"))?;
         Ok(saved)
     }
 
@@ -183,7 +200,7 @@ impl Store {
     pub fn get_vm(&self, customer: &CustomerId, id: &VmId) -> Result<Option<VmRecord>, StoreError> {
         self.conn()
             .query_row(
-                &format!("SELECT {VM_COLUMNS} FROM vms WHERE id = ?1 AND customer_id = ?2"),
+                &format!("SELECT {VM_COLUMNS} FROM {VMS} WHERE id = ?1 AND customer_id = ?2"),
                 params![id.as_str(), customer.as_str()],
                 read_vm_row,
             )
@@ -196,7 +213,7 @@ impl Store {
     pub fn get_vm_unscoped(&self, id: &VmId) -> Result<Option<VmRecord>, StoreError> {
         self.conn()
             .query_row(
-                &format!("SELECT {VM_COLUMNS} FROM vms WHERE id = ?1"),
+                &format!("SELECT {VM_COLUMNS} FROM {VMS} WHERE id = ?1"),
                 params![id.as_str()],
                 read_vm_row,
             )
@@ -216,7 +233,7 @@ impl Store {
         let conn = self.conn();
         let mut stmt = conn
             .prepare_cached(&format!(
-                "SELECT {VM_COLUMNS} FROM vms
+                "SELECT {VM_COLUMNS} FROM {VMS}
                  WHERE customer_id = ?1 AND seq > ?2 AND (?3 IS NULL OR state = ?3)
                  ORDER BY seq LIMIT ?4"
             ))
@@ -239,7 +256,7 @@ impl Store {
     pub fn all_vms(&self) -> Result<Vec<VmRecord>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn
-            .prepare(&format!("SELECT {VM_COLUMNS} FROM vms ORDER BY seq"))
+            .prepare(&format!("SELECT {VM_COLUMNS} FROM {VMS} ORDER BY seq"))
             .map_err(sql("list all vms"))?;
         let rows = stmt
             .query_map([], read_vm_row)
@@ -326,7 +343,64 @@ impl Store {
 }
 
 const VM_COLUMNS: &str = "seq, id, customer_id, state, config_json, backend, created_at_ms, \
-                          updated_at_ms, vmm_pid, vmm_start_ticks, failure, guest_ready";
+                          updated_at_ms, vmm_pid, vmm_start_ticks, failure, guest_ready, \
+                          slot, ipv6, ipv4, mac";
+/// Every VM query reads its allocation with it.
+const VMS: &str = "vms LEFT JOIN vm_network ON vm_network.vm_id = vms.id";
+
+/// Picks the lowest free slot and addresses for `vm` and records them (inside the caller's
+/// transaction, under the store's lock, so nobody else can pick the same ones).
+fn allocate(
+    tx: &rusqlite::Transaction<'_>,
+    vm: &VmId,
+    plan: &AllocationPlan,
+) -> Result<VmNet, StoreError> {
+    let used = |column: &str| -> Result<Vec<u64>, StoreError> {
+        let mut stmt = tx
+            .prepare_cached(&format!(
+                "SELECT {column} FROM vm_network WHERE {column} IS NOT NULL ORDER BY {column}"
+            ))
+            .map_err(sql("read allocations"))?;
+        let rows = stmt
+            .query_map([], |r| r.get::<_, i64>(0))
+            .map_err(sql("read allocations"))?;
+        rows.map(|r| r.map(|v| v as u64).map_err(sql("read allocations")))
+            .collect()
+    };
+    let exhausted = |what: &'static str| StoreError::Exhausted(what);
+    let slot = lowest_free(&used("slot")?, 0, u64::from(plan.slots).saturating_sub(1))
+        .ok_or(exhausted("jail uid/gid slots"))?;
+    let ip6_index = lowest_free(&used("ip6_index")?, FIRST_VM_INDEX, plan.ipv6.last_index())
+        .ok_or(exhausted("IPv6 addresses"))?;
+    let ip4_index = match &plan.ipv4 {
+        Some(s) => Some(
+            lowest_free(&used("ip4_index")?, FIRST_VM_INDEX, s.last_index())
+                .ok_or(exhausted("IPv4 addresses"))?,
+        ),
+        None => None,
+    };
+    let net = VmNet {
+        slot: slot as u32,
+        ipv6: plan.ipv6.at(ip6_index),
+        ipv4: plan.ipv4.zip(ip4_index).map(|(s, i)| s.at(i)),
+        mac: mac_for(vm),
+    };
+    tx.execute(
+        "INSERT INTO vm_network (vm_id, slot, ip6_index, ipv6, ip4_index, ipv4, mac)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            vm.as_str(),
+            slot as i64,
+            ip6_index as i64,
+            net.ipv6.to_string(),
+            ip4_index.map(|i| i as i64),
+            net.ipv4.map(|a| a.to_string()),
+            net.mac,
+        ],
+    )
+    .map_err(sql("record allocation"))?;
+    Ok(net)
+}
 const ASSET_COLUMNS: &str =
     "id, kind, file_name, size_bytes, sha256, initrd_id, ready_marker, created_at_ms";
 
@@ -365,9 +439,25 @@ fn read_vm_row(row: &Row<'_>) -> rusqlite::Result<Result<VmRecord, StoreError>> 
                 .map(|t| t as u64),
             failure: row.get(10).map_err(sql("read vm"))?,
             guest_ready: row.get(11).map_err(sql("read vm"))?,
+            net: read_net(row).map_err(|e| corrupt(format!("network: {e}")))?,
         })
     })();
     Ok(parsed)
+}
+
+fn read_net(row: &Row<'_>) -> Result<Option<VmNet>, String> {
+    let slot: Option<i64> = row.get(12).map_err(|e| e.to_string())?;
+    let Some(slot) = slot else { return Ok(None) };
+    let ipv6: String = row.get(13).map_err(|e| e.to_string())?;
+    let ipv4: Option<String> = row.get(14).map_err(|e| e.to_string())?;
+    Ok(Some(VmNet {
+        slot: u32::try_from(slot).map_err(|e| e.to_string())?,
+        ipv6: ipv6.parse().map_err(|_| format!("ipv6 {ipv6}"))?,
+        ipv4: ipv4
+            .map(|a| a.parse().map_err(|_| format!("ipv4 {a}")))
+            .transpose()?,
+        mac: row.get(15).map_err(|e| e.to_string())?,
+    }))
 }
 
 fn collect_vm_rows(
@@ -438,6 +528,7 @@ mod tests {
                 drives: vec![],
                 kernel_args: String::new(),
                 metadata: BTreeMap::from([("team".into(), "a".into())]),
+                network: Default::default(),
             },
             backend: "qemu".into(),
             created_at_ms: 1,
@@ -447,7 +538,65 @@ mod tests {
             failure: None,
             guest_ready: false,
             seq: 0,
+            net: None,
         }
+    }
+
+    #[test]
+    fn allocations_are_unique_lowest_free_freed_on_delete_and_persistent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let plan = AllocationPlan {
+            slots: 3,
+            ipv6: "fd00:1::/64".parse().unwrap(),
+            ipv4: Some("10.9.0.0/29".parse().unwrap()),
+        };
+        let store = Store::open(&path).unwrap();
+        let a = store
+            .insert_vm(&record("a", VmState::Created), Some(&plan))
+            .unwrap();
+        let b = store
+            .insert_vm(&record("b", VmState::Created), Some(&plan))
+            .unwrap();
+        let (na, nb) = (a.net.clone().unwrap(), b.net.clone().unwrap());
+        assert_eq!(
+            (na.slot, na.ipv6.to_string(), na.ipv4.unwrap().to_string()),
+            (0, "fd00:1::2".into(), "10.9.0.2".into())
+        );
+        assert_eq!(
+            (nb.slot, nb.ipv6.to_string(), nb.ipv4.unwrap().to_string()),
+            (1, "fd00:1::3".into(), "10.9.0.3".into())
+        );
+        assert_eq!(na.mac, mac_for(&a.id));
+        // Read back with the VM, scoped or not.
+        assert_eq!(
+            store.get_vm(&a.customer, &a.id).unwrap().unwrap().net,
+            Some(na.clone())
+        );
+        // Deleting frees the lowest slot and addresses for the next VM.
+        store.delete_vm(&a.id).unwrap();
+        let c = store
+            .insert_vm(&record("c", VmState::Created), Some(&plan))
+            .unwrap();
+        assert_eq!(c.net.as_ref().unwrap().ipv6, na.ipv6);
+        assert_eq!(c.net.as_ref().unwrap().slot, 0);
+        drop(store);
+        // Survives a restart; a full pool is an error and records nothing.
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.get_vm_unscoped(&b.id).unwrap().unwrap().net, Some(nb));
+        store
+            .insert_vm(&record("d", VmState::Created), Some(&plan))
+            .unwrap();
+        let full = record("e", VmState::Created);
+        let err = store.insert_vm(&full, Some(&plan)).unwrap_err();
+        assert!(
+            matches!(err, StoreError::Exhausted("jail uid/gid slots")),
+            "{err}"
+        );
+        assert!(
+            store.get_vm_unscoped(&full.id).unwrap().is_none(),
+            "rolled back"
+        );
     }
 
     #[test]
@@ -460,9 +609,15 @@ mod tests {
             let store = Store::open(&path).unwrap();
             let mut saved = vec![];
             for _ in 0..3 {
-                saved.push(store.insert_vm(&record("a", VmState::Created)).unwrap());
+                saved.push(
+                    store
+                        .insert_vm(&record("a", VmState::Created), None)
+                        .unwrap(),
+                );
             }
-            store.insert_vm(&record("b", VmState::Running)).unwrap();
+            store
+                .insert_vm(&record("b", VmState::Running), None)
+                .unwrap();
             let mut running = saved[1].clone();
             running.state = VmState::Running;
             running.vmm_pid = Some(42);

@@ -42,6 +42,59 @@ pub struct Drive {
     pub is_read_only: bool,
 }
 
+/// `PUT /network-interfaces/{iface_id}`.
+#[derive(Debug, Clone, Serialize)]
+pub struct NetworkInterface {
+    /// Interface name (also the path segment).
+    pub iface_id: String,
+    /// The TAP on the host (inside the VM's namespace).
+    pub host_dev_name: String,
+    /// The guest's MAC.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_mac: Option<String>,
+    /// Limit on traffic to the guest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimiter>,
+    /// Limit on traffic from the guest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimiter>,
+}
+
+/// Firecracker's rate limiter (only its bandwidth bucket is used).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RateLimiter {
+    /// Bytes.
+    pub bandwidth: TokenBucket,
+}
+
+/// A token bucket: `size` tokens refilled every `refill_time` ms, plus a one-time burst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct TokenBucket {
+    /// Bucket size.
+    pub size: u64,
+    /// Extra tokens available once, at the start.
+    pub one_time_burst: u64,
+    /// Milliseconds to refill `size` tokens.
+    pub refill_time: u64,
+}
+
+/// Refill period used for metald's limits: short enough to keep the rate smooth.
+const REFILL_MS: u64 = 100;
+
+impl From<crate::domain::RateLimit> for RateLimiter {
+    /// A sustained rate of `bandwidth_bytes_per_sec` (a bucket refilled every 100 ms) plus
+    /// `burst_bytes` once.
+    fn from(l: crate::domain::RateLimit) -> Self {
+        Self {
+            bandwidth: TokenBucket {
+                size: (l.bandwidth_bytes_per_sec * REFILL_MS / 1000).max(1),
+                one_time_burst: l.burst_bytes,
+                refill_time: REFILL_MS,
+            },
+        }
+    }
+}
+
 /// `PUT /machine-config`.
 #[derive(Debug, Clone, Serialize)]
 pub struct MachineConfiguration {
@@ -152,6 +205,16 @@ impl FirecrackerApi {
     pub async fn put_drive(&self, drive: &Drive) -> Result<(), BackendError> {
         self.send(Method::PUT, &format!("/drives/{}", drive.drive_id), drive)
             .await
+    }
+
+    /// `PUT /network-interfaces/{iface_id}`.
+    pub async fn put_network_interface(&self, nic: &NetworkInterface) -> Result<(), BackendError> {
+        self.send(
+            Method::PUT,
+            &format!("/network-interfaces/{}", nic.iface_id),
+            nic,
+        )
+        .await
     }
 
     /// `PUT /actions`.

@@ -4,13 +4,15 @@
 pub mod api;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
-use self::api::{ActionType, BootSource, Drive, FirecrackerApi, MachineConfiguration, VmRunState};
+use self::api::{
+    ActionType, BootSource, Drive, FirecrackerApi, MachineConfiguration, NetworkInterface,
+    RateLimiter, VmRunState,
+};
 use super::process::{ExitEvent, Supervised, VmmProcess};
 use super::registry::Registry;
 use super::{
@@ -79,6 +81,16 @@ impl FirecrackerBackend {
             })
             .await?;
         }
+        if let Some(net) = &launch.net {
+            api.put_network_interface(&NetworkInterface {
+                iface_id: "eth0".into(),
+                host_dev_name: net.tap.clone(),
+                guest_mac: Some(net.mac.clone()),
+                rx_rate_limiter: net.rx_rate_limit.map(RateLimiter::from),
+                tx_rate_limiter: net.tx_rate_limit.map(RateLimiter::from),
+            })
+            .await?;
+        }
         api.action(ActionType::InstanceStart).await
     }
 }
@@ -112,19 +124,20 @@ impl Backend for FirecrackerBackend {
         let log = launch.vmm_log();
         let _ignored = std::fs::rename(&log, launch.dir.join(PREVIOUS_LOG));
         touch_logs(launch)?;
-        let mut cmd = Command::new(&self.binary);
         // The logger is set on the command line, not with PUT /logger: until a logger exists,
         // Firecracker logs to stdout, which is the guest's serial console file.
-        cmd.arg("--api-sock")
-            .arg(&socket)
-            .arg("--id")
-            .arg(launch.vm_id.as_str())
-            .arg("--log-path")
-            .arg(&log)
-            .arg("--level")
-            .arg("Info")
-            .arg("--show-level")
-            .current_dir(&launch.dir);
+        let args = vec![
+            "--api-sock".to_string(),
+            path_str(&socket)?,
+            "--id".into(),
+            launch.vm_id.to_string(),
+            "--log-path".into(),
+            path_str(&log)?,
+            "--level".into(),
+            "Info".into(),
+            "--show-level".into(),
+        ];
+        let cmd = launch.command(&self.binary, args);
         // The guest's serial console is Firecracker's stdout.
         let process = Supervised::spawn(
             cmd,

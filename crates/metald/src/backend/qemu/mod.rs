@@ -8,7 +8,6 @@
 pub mod qmp;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -146,6 +145,22 @@ pub fn command_args(launch: &VmLaunch, accel: Accel) -> Vec<String> {
         );
         push("-device", format!("{blk},drive={}", disk.id));
     }
+    if let Some(net) = &launch.net {
+        // The TAP was made by the jailer, owned by the VM's uid; QEMU only attaches to it.
+        push(
+            "-netdev",
+            format!(
+                "tap,id=net0,ifname={},script=no,downscript=no,vhost=off",
+                net.tap
+            ),
+        );
+        let nic = match accel {
+            Accel::Kvm => "virtio-net-device",
+            // No option ROM: the guest boots from -kernel, never from the network.
+            Accel::Tcg => "virtio-net-pci,romfile=",
+        };
+        push("-device", format!("{nic},netdev=net0,mac={}", net.mac));
+    }
     args
 }
 
@@ -172,9 +187,7 @@ impl Backend for QemuBackend {
         touch_logs(launch)?;
         let socket = launch.control_socket();
         let _ignored = std::fs::remove_file(&socket);
-        let mut cmd = Command::new(&self.binary);
-        cmd.args(command_args(launch, self.accel))
-            .current_dir(&launch.dir);
+        let cmd = launch.command(&self.binary, command_args(launch, self.accel));
         let process = Supervised::spawn(
             cmd,
             &launch.vmm_log(),
@@ -268,6 +281,8 @@ mod tests {
                     read_only: true,
                 },
             ],
+            net: None,
+            jail: None,
         }
     }
 

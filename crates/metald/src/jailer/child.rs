@@ -1,0 +1,320 @@
+//! What `metald jail SPEC` does: runs in a fresh single-threaded process (metald re-executed)
+//! and turns itself into the jailed VMM, one step after another, each of which needs the
+//! privileges the next one drops. Any failure ends the process with the step's name and the
+//! OS error on stderr, which is the VM's VMM log.
+
+use std::convert::Infallible;
+use std::fs::File;
+use std::io;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{FileType, Mode};
+use rustix::mount::{
+    mount, mount_bind, mount_change, mount_remount, unmount, MountFlags, MountPropagationFlags,
+    UnmountFlags,
+};
+use rustix::process::{Resource, Rlimit};
+use rustix::thread::{LinkNameSpaceType, UnshareFlags};
+
+use super::{tap, JailSpec};
+
+/// A step of the jail set-up failed.
+#[derive(Debug, thiserror::Error)]
+#[error("metald jail: {step}: {source}")]
+pub struct StepError {
+    /// The step.
+    pub step: String,
+    /// The OS error.
+    #[source]
+    pub source: io::Error,
+}
+
+fn step<T>(name: impl Into<String>, r: io::Result<T>) -> Result<T, StepError> {
+    r.map_err(|source| StepError {
+        step: name.into(),
+        source,
+    })
+}
+
+/// Builds the jail described by `spec` and execs the VMM in it; returns only on failure.
+pub fn run(spec: &JailSpec) -> Result<Infallible, StepError> {
+    // 1. Nothing inherited but stdin/stdout/stderr, and no environment.
+    // SAFETY: close_range only closes descriptors; nothing in this single-threaded process holds
+    // descriptors above 2 that it still needs.
+    let closed = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    step("close inherited descriptors", check(closed))?;
+    for (key, _) in std::env::vars_os() {
+        std::env::remove_var(key);
+    }
+    // 2. The VM's network namespace, and its TAP made inside it.
+    if let Some(net) = &spec.net {
+        let ns = step(
+            format!("open {}", net.netns.display()),
+            File::open(&net.netns),
+        )?;
+        step(
+            "enter the network namespace",
+            rustix::thread::move_into_link_name_space(ns.as_fd(), Some(LinkNameSpaceType::Network))
+                .map_err(io::Error::from),
+        )?;
+        step(
+            format!("create TAP {}", net.tap),
+            tap::create_tap(&net.tap, spec.uid, spec.gid),
+        )?;
+        step(
+            format!("bridge {} and {}", net.tap, net.peer_if),
+            tap::bridge(&net.bridge, &[&net.tap, &net.peer_if]),
+        )?;
+        for args in &net.tc {
+            run_tool(&net.tc_bin, args)?;
+        }
+    }
+    // 3. Resource limits.
+    let nofile = Rlimit {
+        current: Some(spec.nofile),
+        maximum: Some(spec.nofile),
+    };
+    step(
+        "set RLIMIT_NOFILE",
+        rustix::process::setrlimit(Resource::Nofile, nofile).map_err(io::Error::from),
+    )?;
+    let none = Rlimit {
+        current: Some(0),
+        maximum: Some(0),
+    };
+    step(
+        "set RLIMIT_CORE",
+        rustix::process::setrlimit(Resource::Core, none).map_err(io::Error::from),
+    )?;
+    // 4. The VM's cgroup(s).
+    let pid = std::process::id().to_string();
+    for procs in &spec.cgroup_procs {
+        step(
+            format!("join cgroup {}", procs.display()),
+            std::fs::write(procs, &pid),
+        )?;
+    }
+    // The VM's directory and files belong to the VM's uid from here on; the group stays
+    // metald's (setgid directory, so files the VMM makes inherit it) so metald can still read
+    // logs and use the sockets in it.
+    let metald_gid = rustix::process::getegid().as_raw();
+    own(&spec.owned_dir, spec.uid, metald_gid, 0o2770)?;
+    for f in spec.owned_files.iter().filter(|f| f.exists()) {
+        own(f, spec.uid, metald_gid, 0o660)?;
+    }
+    // 5. The chroot: a private mount namespace whose root is a small tmpfs holding only the
+    // files the VMM needs, bind-mounted at their host paths.
+    build_root(spec)?;
+    // 6. The VM's own uid/gid, no capabilities, no way to gain any.
+    drop_privileges(spec.uid, spec.gid)?;
+    // Files the VMM makes (sockets, logs) stay readable by metald's group, nobody else's.
+    rustix::process::umask(Mode::from_raw_mode(0o007));
+    step(
+        format!("chdir {}", spec.workdir.display()),
+        std::env::set_current_dir(&spec.workdir),
+    )?;
+    // 7. The VMM.
+    use std::os::unix::process::CommandExt;
+    let err = std::process::Command::new(&spec.exec)
+        .args(&spec.args)
+        .env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .exec();
+    Err(StepError {
+        step: format!("exec {}", spec.exec.display()),
+        source: err,
+    })
+}
+
+fn own(path: &Path, uid: u32, gid: u32, mode: u32) -> Result<(), StepError> {
+    use std::os::unix::fs::PermissionsExt;
+    // Mode first: once the file belongs to the VM, changing it would need CAP_FOWNER.
+    match std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)) {
+        // Already handed over on an earlier boot.
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {}
+        r => step(format!("chmod {}", path.display()), r)?,
+    }
+    step(
+        format!("chown {}", path.display()),
+        rustix::fs::chown(
+            path,
+            Some(rustix::fs::Uid::from_raw(uid)),
+            Some(rustix::fs::Gid::from_raw(gid)),
+        )
+        .map_err(io::Error::from),
+    )
+}
+
+fn check(ret: libc::c_long) -> io::Result<()> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn run_tool(bin: &Path, args: &[String]) -> Result<(), StepError> {
+    let name = format!("{} {}", bin.display(), args.join(" "));
+    let out = step(
+        name.clone(),
+        std::process::Command::new(bin).args(args).output(),
+    )?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(StepError {
+        step: name,
+        source: io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+    })
+}
+
+fn inside(root: &Path, host_path: &Path) -> PathBuf {
+    root.join(host_path.strip_prefix("/").unwrap_or(host_path))
+}
+
+fn build_root(spec: &JailSpec) -> Result<(), StepError> {
+    let root = &spec.root;
+    // SAFETY: NEWNS only gives this (single-threaded) process its own mount table.
+    step(
+        "new mount namespace",
+        unsafe { rustix::thread::unshare_unsafe(UnshareFlags::NEWNS) }.map_err(io::Error::from),
+    )?;
+    // Nothing mounted here may propagate back to the host.
+    step(
+        "make mounts private",
+        mount_change(
+            "/",
+            MountPropagationFlags::REC | MountPropagationFlags::PRIVATE,
+        )
+        .map_err(io::Error::from),
+    )?;
+    step(
+        format!("mount tmpfs on {}", root.display()),
+        mount(
+            "tmpfs",
+            root,
+            "tmpfs",
+            MountFlags::NOSUID,
+            c"mode=0755,size=1m",
+        )
+        .map_err(io::Error::from),
+    )?;
+    for m in &spec.mounts {
+        let target = inside(root, &m.path);
+        let is_dir = m.path.is_dir();
+        let made = if is_dir {
+            std::fs::create_dir_all(&target)
+        } else {
+            target
+                .parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .and_then(|()| File::create(&target).map(drop))
+        };
+        step(format!("create mount point {}", target.display()), made)?;
+        step(
+            format!("bind {}", m.path.display()),
+            mount_bind(&m.path, &target).map_err(io::Error::from),
+        )?;
+        let mut flags = MountFlags::BIND | MountFlags::NOSUID | MountFlags::NODEV;
+        if !m.writable {
+            flags |= MountFlags::RDONLY;
+        }
+        step(
+            format!("restrict {}", m.path.display()),
+            mount_remount(&target, flags, "").map_err(io::Error::from),
+        )?;
+    }
+    let dev = root.join("dev");
+    step("create /dev", std::fs::create_dir_all(&dev))?;
+    for d in &spec.devices {
+        let target = inside(root, &d.path);
+        if let Some(parent) = target.parent() {
+            step(
+                format!("create {}", parent.display()),
+                std::fs::create_dir_all(parent),
+            )?;
+        }
+        step(
+            format!("mknod {}", d.path.display()),
+            rustix::fs::mknodat(
+                rustix::fs::CWD,
+                &target,
+                FileType::CharacterDevice,
+                Mode::from_raw_mode(0o600),
+                rustix::fs::makedev(d.major, d.minor),
+            )
+            .map_err(io::Error::from),
+        )?;
+        step(
+            format!("chown {}", d.path.display()),
+            rustix::fs::chown(
+                &target,
+                Some(rustix::fs::Uid::from_raw(spec.uid)),
+                Some(rustix::fs::Gid::from_raw(spec.gid)),
+            )
+            .map_err(io::Error::from),
+        )?;
+    }
+    step(
+        format!("chdir {}", root.display()),
+        std::env::set_current_dir(root),
+    )?;
+    // pivot_root(".", "."): the old root ends up stacked on the new one and is then detached,
+    // leaving no path back to the host's file system.
+    step(
+        "pivot_root",
+        rustix::process::pivot_root(".", ".").map_err(io::Error::from),
+    )?;
+    step(
+        "detach the host root",
+        unmount(".", UnmountFlags::DETACH).map_err(io::Error::from),
+    )?;
+    step("chdir /", std::env::set_current_dir("/"))?;
+    step(
+        "make the jail root read-only",
+        mount_remount("/", MountFlags::RDONLY | MountFlags::NOSUID, "").map_err(io::Error::from),
+    )?;
+    Ok(())
+}
+
+fn drop_privileges(uid: u32, gid: u32) -> Result<(), StepError> {
+    use caps::{CapSet, Capability};
+    // The bounding set can only shrink while CAP_SETPCAP is effective; without it (metald
+    // runs without that capability) no_new_privs below closes the same door.
+    if caps::has_cap(None, CapSet::Effective, Capability::CAP_SETPCAP).unwrap_or(false) {
+        for cap in caps::all() {
+            let _ignored = caps::drop(None, CapSet::Bounding, cap);
+        }
+    }
+    let gid_ = rustix::fs::Gid::from_raw(gid);
+    let uid_ = rustix::fs::Uid::from_raw(uid);
+    step(
+        "setgroups",
+        rustix::thread::set_thread_groups(&[]).map_err(io::Error::from),
+    )?;
+    step(
+        format!("setresgid {gid}"),
+        rustix::thread::set_thread_res_gid(gid_, gid_, gid_).map_err(io::Error::from),
+    )?;
+    step(
+        format!("setresuid {uid}"),
+        rustix::thread::set_thread_res_uid(uid_, uid_, uid_).map_err(io::Error::from),
+    )?;
+    for set in [
+        CapSet::Ambient,
+        CapSet::Inheritable,
+        CapSet::Effective,
+        CapSet::Permitted,
+    ] {
+        step(
+            format!("clear {set:?} capabilities"),
+            caps::clear(None, set).map_err(|e| io::Error::other(e.to_string())),
+        )?;
+    }
+    step(
+        "set no_new_privs",
+        rustix::thread::set_no_new_privs(true).map_err(io::Error::from),
+    )?;
+    Ok(())
+}

@@ -1,0 +1,520 @@
+//! The integrated jailer: every VMM runs in its own chroot, network namespace and cgroup, as
+//! its own uid/gid, with no capabilities.
+//!
+//! metald (host side, [`Jailer`]) prepares what outlives one process: the cgroup with its
+//! limits, the chroot directory, the ownership of the VM's files. Then the backend starts
+//! `metald jail SPEC` instead of the VMM: a fresh single-threaded process ([`child`]) that
+//! enters the namespace, makes the TAP, joins the cgroup, pivots into the chroot, drops to the
+//! VM's uid/gid and execs the VMM. Namespace changes never happen on a tokio thread, and
+//! nothing runs after a fork of the async runtime except the exec of `metald jail` itself.
+//!
+//! Inside the chroot every file sits at its host path (bind-mounted, read-only unless it is
+//! the VM's own directory), so the VMM's command line is the same jailed or not.
+
+pub mod cgroup;
+pub mod child;
+pub mod tap;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::{Deserialize, Serialize};
+
+use self::cgroup::{CgroupError, Cgroups, Limits};
+use crate::backend::BackendKind;
+use crate::domain::{RateLimit, VmId};
+use crate::network::VmNetworkPlan;
+
+/// A file or directory bind-mounted into the jail at its host path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JailMount {
+    /// Host path (and path inside the jail).
+    pub path: PathBuf,
+    /// Mounted read-write (only the VM's own directory).
+    pub writable: bool,
+}
+
+/// A character device node made inside the jail, owned by the VM's uid.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JailDevice {
+    /// Path inside the jail.
+    pub path: PathBuf,
+    /// Major number.
+    pub major: u32,
+    /// Minor number.
+    pub minor: u32,
+}
+
+/// Network set-up the jailer does inside the VM's namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JailNet {
+    /// The namespace file to enter.
+    pub netns: PathBuf,
+    /// TAP to create.
+    pub tap: String,
+    /// Bridge joining the TAP and the veth end.
+    pub bridge: String,
+    /// The veth end already moved into the namespace.
+    pub peer_if: String,
+    /// The `tc` binary, for rate limits.
+    pub tc_bin: PathBuf,
+    /// `tc` invocations (rate limits for VMMs without their own limiter).
+    pub tc: Vec<Vec<String>>,
+}
+
+/// Everything `metald jail` needs, passed as one JSON argument.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JailSpec {
+    /// The VM (for messages).
+    pub vm_id: String,
+    /// The VM's uid.
+    pub uid: u32,
+    /// The VM's gid.
+    pub gid: u32,
+    /// Host directory the jail's root is mounted on.
+    pub root: PathBuf,
+    /// Network set-up, if the VM has a network.
+    pub net: Option<JailNet>,
+    /// `cgroup.procs` files to join.
+    pub cgroup_procs: Vec<PathBuf>,
+    /// RLIMIT_NOFILE.
+    pub nofile: u64,
+    /// Bind mounts.
+    pub mounts: Vec<JailMount>,
+    /// Device nodes.
+    pub devices: Vec<JailDevice>,
+    /// The VMM binary (a host path, mounted at the same path).
+    pub exec: PathBuf,
+    /// Its arguments.
+    pub args: Vec<String>,
+    /// Its environment (nothing else is inherited).
+    pub env: Vec<(String, String)>,
+    /// Working directory inside the jail.
+    pub workdir: PathBuf,
+    /// The VM's directory, handed to the VM's uid (group: metald's, setgid) before the pivot.
+    pub owned_dir: PathBuf,
+    /// The VM's own files in it (disk copies, logs), handed to the VM's uid.
+    pub owned_files: Vec<PathBuf>,
+}
+
+/// Errors preparing or removing a jail.
+#[derive(Debug, thiserror::Error)]
+pub enum JailError {
+    /// cgroup set-up failed.
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    /// A file operation failed.
+    #[error("{op} {path}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The VMM binary's libraries could not be resolved.
+    #[error("resolve the shared libraries of {binary}: {reason}")]
+    Libraries {
+        /// The binary.
+        binary: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> JailError {
+    let path = path.to_path_buf();
+    move |source| JailError::Io { op, path, source }
+}
+
+/// Host-wide jailer settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JailerConfig {
+    /// First uid of the per-VM range.
+    pub uid_base: u32,
+    /// First gid of the per-VM range.
+    pub gid_base: u32,
+    /// Size of the range (VM slots).
+    pub id_count: u32,
+    /// Where jail roots live: `<dir>/<vmm>/<vm id>/root`.
+    pub chroot_dir: PathBuf,
+    /// cgroupfs root (normally /sys/fs/cgroup).
+    pub cgroup_root: PathBuf,
+    /// Parent cgroup of all VM cgroups.
+    pub cgroup_parent: String,
+    /// The metald binary to re-execute as `metald jail`.
+    pub metald_exe: PathBuf,
+    /// The `tc` binary (QEMU rate limits).
+    pub tc_bin: PathBuf,
+}
+
+/// One VM run's jail, prepared by [`Jailer::prepare`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JailPlan {
+    spec: JailSpec,
+    metald_exe: PathBuf,
+}
+
+impl JailPlan {
+    /// The command that starts `binary args…` inside this jail.
+    pub fn command(&self, binary: &Path, args: Vec<String>) -> Command {
+        let mut spec = self.spec.clone();
+        spec.exec = binary.to_path_buf();
+        spec.args = args;
+        // The spec is plain data built by metald; serializing it cannot fail.
+        let json = serde_json::to_string(&spec).unwrap_or_default();
+        let mut cmd = Command::new(&self.metald_exe);
+        cmd.arg("jail").arg(json).env_clear();
+        cmd
+    }
+
+    /// The VM's uid.
+    pub fn uid(&self) -> u32 {
+        self.spec.uid
+    }
+
+    /// The VM's gid.
+    pub fn gid(&self) -> u32 {
+        self.spec.gid
+    }
+
+    /// Where the jail's root is mounted (as seen from the host before the pivot).
+    pub fn root(&self) -> &Path {
+        &self.spec.root
+    }
+}
+
+/// What the jailer needs to know about one VM run.
+#[derive(Debug, Clone)]
+pub struct JailRequest<'a> {
+    /// The VM.
+    pub vm_id: &'a VmId,
+    /// Its slot in the uid/gid range.
+    pub slot: u32,
+    /// vCPUs (CPU quota).
+    pub vcpu_count: u32,
+    /// Guest memory (memory limit).
+    pub memory_mib: u64,
+    /// The VM's own directory (mounted read-write, owned by the VM).
+    pub dir: &'a Path,
+    /// Read-only files: kernel, initrd, shared drives.
+    pub read_only: Vec<PathBuf>,
+    /// The VM's own files in `dir` the VMM writes (disk copies, logs).
+    pub owned: Vec<PathBuf>,
+    /// The network, if any.
+    pub net: Option<&'a VmNetworkPlan>,
+}
+
+/// Prepares and removes jails.
+#[derive(Debug)]
+pub struct Jailer {
+    cfg: JailerConfig,
+    kind: BackendKind,
+    cgroups: Cgroups,
+    vmm_files: Vec<PathBuf>,
+}
+
+/// VMM memory overhead allowed above guest memory in the cgroup limit: Firecracker needs a few
+/// MiB; QEMU (and TCG's translation cache) much more.
+fn memory_headroom_mib(kind: BackendKind) -> u64 {
+    match kind {
+        BackendKind::Firecracker => 64,
+        BackendKind::Qemu => 384,
+    }
+}
+
+/// Tasks per VM: vCPU threads plus the VMM's I/O and worker threads (QEMU's pool alone may
+/// use 64).
+const PIDS_MAX: u64 = 512;
+/// Open files per VMM.
+const NOFILE: u64 = 4096;
+/// CFS period for the CPU quota.
+const CPU_PERIOD_US: u64 = 100_000;
+
+impl Jailer {
+    /// A jailer for VMMs of `kind` run from `vmm_binary`; resolves the binary's libraries once.
+    pub fn new(cfg: JailerConfig, kind: BackendKind, vmm_binary: &Path) -> Result<Self, JailError> {
+        let cgroups = Cgroups::detect(&cfg.cgroup_root, &cfg.cgroup_parent)?;
+        let vmm_files = vmm_files(kind, vmm_binary)?;
+        std::fs::create_dir_all(cfg.chroot_dir.join(kind.as_str()))
+            .map_err(io("create", &cfg.chroot_dir))?;
+        Ok(Self {
+            cfg,
+            kind,
+            cgroups,
+            vmm_files,
+        })
+    }
+
+    /// The cgroups in use.
+    pub fn cgroups(&self) -> &Cgroups {
+        &self.cgroups
+    }
+
+    /// The VM's uid and gid for its slot.
+    pub fn ids(&self, slot: u32) -> (u32, u32) {
+        (
+            self.cfg.uid_base.saturating_add(slot),
+            self.cfg.gid_base.saturating_add(slot),
+        )
+    }
+
+    /// The host directory holding the VM's jail.
+    pub fn jail_dir(&self, vm: &VmId) -> PathBuf {
+        self.cfg
+            .chroot_dir
+            .join(self.kind.as_str())
+            .join(vm.as_str())
+    }
+
+    /// Creates the VM's cgroup and jail directory and hands its files to its uid.
+    pub fn prepare(&self, req: &JailRequest<'_>) -> Result<JailPlan, JailError> {
+        let (uid, gid) = self.ids(req.slot);
+        let vm = req.vm_id.as_str();
+        self.cgroups.create(
+            vm,
+            &Limits {
+                cpu_quota_us: u64::from(req.vcpu_count) * CPU_PERIOD_US,
+                cpu_period_us: CPU_PERIOD_US,
+                memory_bytes: (req.memory_mib + memory_headroom_mib(self.kind)) << 20,
+                pids_max: PIDS_MAX,
+            },
+        )?;
+        let root = self.jail_dir(req.vm_id).join("root");
+        std::fs::create_dir_all(&root).map_err(io("create", &root))?;
+        let mut mounts: Vec<JailMount> = self
+            .vmm_files
+            .iter()
+            .chain(req.read_only.iter())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .map(|p| JailMount {
+                path: p.clone(),
+                writable: false,
+            })
+            .collect();
+        mounts.push(JailMount {
+            path: req.dir.to_path_buf(),
+            writable: true,
+        });
+        let mut devices = vec![
+            JailDevice {
+                path: "/dev/null".into(),
+                major: 1,
+                minor: 3,
+            },
+            JailDevice {
+                path: "/dev/urandom".into(),
+                major: 1,
+                minor: 9,
+            },
+            JailDevice {
+                path: "/dev/net/tun".into(),
+                major: 10,
+                minor: 200,
+            },
+        ];
+        if Path::new("/dev/kvm").exists() {
+            devices.push(JailDevice {
+                path: "/dev/kvm".into(),
+                major: 10,
+                minor: 232,
+            });
+        }
+        let net = req.net.map(|n| JailNet {
+            netns: n.netns.clone(),
+            tap: n.tap.clone(),
+            bridge: n.bridge.clone(),
+            peer_if: n.peer_if.clone(),
+            tc_bin: self.cfg.tc_bin.clone(),
+            tc: match self.kind {
+                // Firecracker limits in its own token buckets.
+                BackendKind::Firecracker => Vec::new(),
+                BackendKind::Qemu => tc_commands(n),
+            },
+        });
+        Ok(JailPlan {
+            spec: JailSpec {
+                vm_id: vm.to_string(),
+                uid,
+                gid,
+                root,
+                net,
+                cgroup_procs: self.cgroups.procs_files(vm),
+                nofile: NOFILE,
+                mounts,
+                devices,
+                exec: PathBuf::new(),
+                args: Vec::new(),
+                env: Vec::new(),
+                workdir: req.dir.to_path_buf(),
+                owned_dir: req.dir.to_path_buf(),
+                owned_files: req.owned.clone(),
+            },
+            metald_exe: self.cfg.metald_exe.clone(),
+        })
+    }
+
+    /// Removes the VM's cgroup (killing anything left in it) and jail directory.
+    pub fn release(&self, vm: &VmId) -> Result<(), JailError> {
+        self.cgroups.remove(vm.as_str())?;
+        let dir = self.jail_dir(vm);
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io("remove", &dir)(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// At start: removes cgroups and jail directories of VMs not in `keep`, logging each.
+    pub fn sweep(&self, keep: &std::collections::HashSet<VmId>) {
+        let known = |name: &str| name.parse::<VmId>().is_ok_and(|id| keep.contains(&id));
+        for name in self.cgroups.list() {
+            if !known(&name) {
+                tracing::warn!(cgroup = %name, "removing leftover VM cgroup");
+                if let Err(e) = self.cgroups.remove(&name) {
+                    tracing::warn!(cgroup = %name, error = %e, "removing leftover VM cgroup failed");
+                }
+            }
+        }
+        let base = self.cfg.chroot_dir.join(self.kind.as_str());
+        for entry in std::fs::read_dir(&base).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if !known(&name) {
+                tracing::warn!(path = %entry.path().display(), "removing leftover jail directory");
+                if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+                    tracing::warn!(path = %entry.path().display(), error = %e, "removing leftover jail directory failed");
+                }
+            }
+        }
+    }
+}
+
+/// `tc` rate limits for a VMM without its own limiter: traffic to the guest is shaped as it
+/// leaves the TAP, traffic from the guest as it leaves the namespace's veth end.
+pub fn tc_commands(n: &VmNetworkPlan) -> Vec<Vec<String>> {
+    let tbf = |dev: &str, l: &RateLimit| -> Vec<String> {
+        // tc's "bps" unit is bytes per second. The burst must hold at least one full frame.
+        let burst = l.burst_bytes.max(16 * 1024);
+        format!(
+            "qdisc replace dev {dev} root tbf rate {}bps burst {burst} latency 100ms",
+            l.bandwidth_bytes_per_sec
+        )
+        .split(' ')
+        .map(str::to_string)
+        .collect()
+    };
+    let mut out = Vec::new();
+    if let Some(l) = &n.rx_rate_limit {
+        out.push(tbf(&n.tap, l));
+    }
+    if let Some(l) = &n.tx_rate_limit {
+        out.push(tbf(&n.peer_if, l));
+    }
+    out
+}
+
+/// Files the VMM binary needs inside the jail: itself, its dynamic loader and libraries (none
+/// for a static build), and for QEMU its firmware and module directories.
+fn vmm_files(kind: BackendKind, binary: &Path) -> Result<Vec<PathBuf>, JailError> {
+    let binary = binary.canonicalize().map_err(io("resolve", binary))?;
+    let deps = lddtree::DependencyAnalyzer::new(PathBuf::from("/"))
+        .analyze(&binary)
+        .map_err(|e| JailError::Libraries {
+            binary: binary.clone(),
+            reason: e.to_string(),
+        })?;
+    let mut files = vec![binary.clone()];
+    if let Some(interp) = &deps.interpreter {
+        files.push(PathBuf::from(interp));
+    }
+    for lib in deps.libraries.values() {
+        if lib.found() {
+            // The loader looks libraries up by the path it searched, which may be a symlink.
+            files.push(lib.path.clone());
+            files.push(lib.realpath.clone().unwrap_or_else(|| lib.path.clone()));
+        }
+    }
+    if deps.interpreter.is_some() {
+        files.push("/etc/ld.so.cache".into());
+    }
+    if kind == BackendKind::Qemu {
+        for dir in [
+            "/usr/share/qemu",
+            "/usr/share/seabios",
+            "/usr/lib/ipxe/qemu",
+            "/usr/share/ipxe",
+            "/usr/lib/x86_64-linux-gnu/qemu",
+        ] {
+            files.push(dir.into());
+        }
+    }
+    files.retain(|p| p.exists());
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv6Addr;
+
+    #[test]
+    fn qemu_rate_limits_shape_both_directions_in_bytes() {
+        let plan = VmNetworkPlan {
+            netns: "/run/metald/netns/x".into(),
+            tap: "tap0".into(),
+            bridge: "br0".into(),
+            peer_if: "mp1".into(),
+            host_if: "mv1".into(),
+            mac: "02:00:00:00:00:01".into(),
+            ipv6: Ipv6Addr::LOCALHOST,
+            ipv4: None,
+            gateway6: Ipv6Addr::LOCALHOST,
+            gateway4: None,
+            rx_rate_limit: Some(RateLimit {
+                bandwidth_bytes_per_sec: 1_000_000,
+                burst_bytes: 100_000,
+            }),
+            tx_rate_limit: Some(RateLimit {
+                bandwidth_bytes_per_sec: 500_000,
+                burst_bytes: 0,
+            }),
+        };
+        let cmds = tc_commands(&plan);
+        assert_eq!(
+            cmds[0].join(" "),
+            "qdisc replace dev tap0 root tbf rate 1000000bps burst 100000 latency 100ms"
+        );
+        assert_eq!(
+            cmds[1].join(" "),
+            "qdisc replace dev mp1 root tbf rate 500000bps burst 16384 latency 100ms"
+        );
+        let none = VmNetworkPlan {
+            rx_rate_limit: None,
+            tx_rate_limit: None,
+            ..plan
+        };
+        assert!(tc_commands(&none).is_empty());
+    }
+
+    #[test]
+    fn a_dynamic_binary_brings_its_loader_and_libraries() {
+        let files = vmm_files(BackendKind::Firecracker, Path::new("/bin/sh")).unwrap();
+        assert!(
+            files
+                .iter()
+                .any(|f| f.to_string_lossy().contains("libc.so")),
+            "{files:?}"
+        );
+        assert!(
+            files
+                .iter()
+                .any(|f| f.to_string_lossy().contains("ld-linux")),
+            "{files:?}"
+        );
+    }
+}

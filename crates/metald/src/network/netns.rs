@@ -1,0 +1,64 @@
+//! Persistent network namespaces, each bind-mounted on a file (as `ip netns add` does), so a
+//! VM's namespace outlives the process that made it and can be entered by path.
+//!
+//! Namespaces are per thread: creating one moves the calling thread into it. That is done on a
+//! dedicated OS thread that exits right after, never on a tokio worker.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use rustix::mount::{mount_bind, unmount, UnmountFlags};
+use rustix::thread::UnshareFlags;
+
+/// Creates a new network namespace and pins it on `path` (a new empty file).
+pub fn create(path: &Path) -> io::Result<()> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)?;
+    let target = path.to_path_buf();
+    let made = std::thread::Builder::new()
+        .name("metald-netns".into())
+        .spawn(move || -> io::Result<()> {
+            // SAFETY: NEWNET only changes this thread's network namespace; no file descriptor
+            // table is unshared, so no fd is hidden from other threads.
+            unsafe { rustix::thread::unshare_unsafe(UnshareFlags::NEWNET) }?;
+            mount_bind("/proc/thread-self/ns/net", &target)?;
+            Ok(())
+        })?
+        .join()
+        .map_err(|_| io::Error::other("netns thread panicked"))?;
+    if let Err(e) = made {
+        let _ignored = std::fs::remove_file(path);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Unpins and removes a namespace file; the namespace itself goes when its last process does.
+/// A missing or never-mounted file is fine.
+pub fn remove(path: &Path) -> io::Result<()> {
+    match unmount(path, UnmountFlags::DETACH) {
+        Ok(()) => {}
+        // EINVAL: not a mount point; ENOENT: no file.
+        Err(e) if e == rustix::io::Errno::INVAL || e == rustix::io::Errno::NOENT => {}
+        Err(e) => return Err(e.into()),
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// The namespace files in `dir` (for the start-up sweep).
+pub fn list(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|entries| entries.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+/// The inode of the network namespace pinned at `path` (compare with `/proc/PID/ns/net`).
+pub fn inode(path: &Path) -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata(path)?.ino())
+}
