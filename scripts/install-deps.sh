@@ -7,7 +7,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(qemu-system-x86 protobuf-compiler busybox-static e2fsprogs cpio lz4 kmod iproute2 curl file)
+# nftables, iproute2 (tc) and util-linux (nsenter, setpriv) for VM isolation and its tests;
+# systemd for `systemd-analyze verify` of the unit.
+packages=(qemu-system-x86 protobuf-compiler busybox-static e2fsprogs cpio lz4 kmod iproute2 curl file
+	nftables util-linux systemd)
 missing=()
 for p in "${packages[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -114,6 +114,7 @@ fn rest_lifecycle_with_the_readme_request() {
     );
     assert!(m.vmm_pids().is_empty(), "no VMM process left");
     assert_eq!(api.call("GET", "/v1/vms", None).ok()["vms"], Value::Null);
+    m.assert_clean();
 }
 
 /// One generated-client flavour: Connect+protobuf, Connect+JSON, or gRPC.
@@ -818,6 +819,8 @@ fn a_vmm_that_dies_on_its_own_marks_the_vm_failed() {
         .as_u64()
         .unwrap();
     kill_vmm_and_expect_failed(&api, &id, pid);
+    // The crash alone removes the VM's namespace, veth, rules, cgroup and jail.
+    m.assert_clean();
     api.call("DELETE", &format!("/v1/vms/{id}"), None).ok();
     assert!(!m.data_dir.join("vms").join(&id).exists());
 }
@@ -860,6 +863,7 @@ fn a_guest_that_never_becomes_ready_is_failed_with_its_console() {
         m.vmm_pids().is_empty(),
         "the silent guest's VMM was stopped"
     );
+    m.assert_clean();
 }
 
 /// A create that fails half way (the rootfs file vanished behind the catalog's back) leaves
@@ -887,4 +891,5 @@ fn a_create_that_fails_half_way_rolls_back() {
     assert_eq!(api.call("GET", "/v1/vms", None).ok()["vms"], Value::Null);
     let left: Vec<_> = std::fs::read_dir(m.data_dir.join("vms")).unwrap().collect();
     assert!(left.is_empty(), "nothing left in vms/: {left:?}");
+    m.assert_clean();
 }

@@ -103,11 +103,12 @@ impl Firewall {
             s,
             "    iifname {vm_if} drop\n    oifname {vm_if} drop\n  }}"
         );
-        // To the host itself, guests get ICMP (ping, neighbour discovery) only: metald's API
-        // and every other host service stay out of their reach.
+        // To the host itself, guests get ICMP (ping, neighbour discovery) and answers to
+        // connections the host opened, nothing else: metald's API and every other host service
+        // stay out of their reach.
         let _ = writeln!(
             s,
-            "  chain input {{\n    type filter hook input priority filter; policy accept;\n    iifname {vm_if} meta l4proto {{ icmp, ipv6-icmp }} accept\n    iifname {vm_if} drop\n  }}"
+            "  chain input {{\n    type filter hook input priority filter; policy accept;\n    iifname {vm_if} meta l4proto {{ icmp, ipv6-icmp }} accept\n    iifname {vm_if} ct state established,related accept\n    iifname {vm_if} drop\n  }}"
         );
         if let (Some(out), Some(subnet)) = (&self.outbound_interface, &self.ipv4_subnet) {
             let _ = writeln!(

@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+pub mod netns;
+use netns::{Relay, TestNetns};
+
 /// Image ids the default guest is imported under (the same ids the README uses).
 pub const KERNEL_ID: &str = "vmlinux-6.1";
 /// Root filesystem id.
@@ -85,20 +88,51 @@ pub struct Metald {
     pub data_dir: PathBuf,
     child: Option<Child>,
     env: Vec<(String, String)>,
-    _tmp: Option<tempfile::TempDir>,
     /// Where metald's stderr goes.
     pub log: PathBuf,
+    /// The isolation set-up, when metald jails its VMMs (the default).
+    pub iso: Option<Isolated>,
+    // Last: the data dir goes after everything in it is unmounted and killed.
+    _tmp: Option<tempfile::TempDir>,
 }
+
+/// Where an isolating metald keeps its per-VM state, and the namespace its host side runs in.
+pub struct Isolated {
+    /// metald's own network namespace (made by the test).
+    pub netns: TestNetns,
+    relay: Relay,
+    /// UNKEY_METALD_JAILER_CHROOT_DIR.
+    pub jail_dir: PathBuf,
+    /// UNKEY_METALD_RUN_DIR.
+    pub run_dir: PathBuf,
+    /// UNKEY_METALD_CGROUP_PARENT.
+    pub cgroup_parent: String,
+    /// UNKEY_METALD_JAILER_UID (and _GID).
+    pub uid_base: u32,
+}
+
+/// The IPv4 subnet test metalds use (inside their own namespace only).
+pub const TEST_IPV4_SUBNET: &str = "10.213.0.0/24";
+/// The IPv6 prefix test metalds use (inside their own namespace only).
+pub const TEST_IPV6_PREFIX: &str = "fd6d:7465:7374::/64";
 
 /// Builds a metald.
 pub struct Builder {
     env: Vec<(String, String)>,
+    isolated: bool,
 }
 
 impl Builder {
     /// Sets an environment variable for metald.
     pub fn env(mut self, k: &str, v: &str) -> Self {
         self.env.push((k.into(), v.into()));
+        self
+    }
+
+    /// Runs VMMs unjailed and without network (UNKEY_METALD_ISOLATION=none).
+    pub fn unisolated(mut self) -> Self {
+        self.isolated = false;
+        self.env.push(("UNKEY_METALD_ISOLATION".into(), "none".into()));
         self
     }
 
@@ -109,6 +143,13 @@ impl Builder {
 
     /// Starts metald after `import` put assets into its (empty) data dir.
     pub fn start_with(self, import: impl FnOnce(&Metald)) -> Metald {
+        let mut m = self.prepare(import);
+        m.spawn();
+        m
+    }
+
+    /// Prepares the data dir like [`Builder::start_with`] but starts nothing.
+    pub fn prepare(self, import: impl FnOnce(&Metald)) -> Metald {
         // Short path: VM sockets live under the data dir and Unix socket paths are short.
         let tmp = tempfile::Builder::new()
             .prefix("md")
@@ -121,32 +162,61 @@ impl Builder {
             data_dir.display().to_string(),
         ));
         env.push(("UNKEY_METALD_LOG_FORMAT".into(), "text".into()));
-        let mut m = Metald {
-            url: String::new(),
+        let iso = self.isolated.then(|| {
+            let netns = TestNetns::new();
+            let relay = Relay::start(&netns.path());
+            let iso = Isolated {
+                relay,
+                jail_dir: data_dir.join("jail"),
+                run_dir: data_dir.join("run"),
+                cgroup_parent: format!("metald-test-{}", netns.name),
+                // Per test, so VMs of tests running side by side never share a uid.
+                uid_base: 1_000_000
+                    + 1000 * (u32::from_str_radix(&netns::uuid_hex()[..4], 16).unwrap() % 1000),
+                netns,
+            };
+            for (k, v) in [
+                ("UNKEY_METALD_JAILER_CHROOT_DIR", iso.jail_dir.display().to_string()),
+                ("UNKEY_METALD_RUN_DIR", iso.run_dir.display().to_string()),
+                ("UNKEY_METALD_CGROUP_PARENT", iso.cgroup_parent.clone()),
+                ("UNKEY_METALD_JAILER_UID", iso.uid_base.to_string()),
+                ("UNKEY_METALD_JAILER_GID", iso.uid_base.to_string()),
+                ("UNKEY_METALD_JAILER_ID_COUNT", "1000".into()),
+                ("UNKEY_METALD_IPV6_PREFIX", TEST_IPV6_PREFIX.into()),
+                ("UNKEY_METALD_IPV4_SUBNET", TEST_IPV4_SUBNET.into()),
+            ] {
+                env.push((k.into(), v));
+            }
+            iso
+        });
+        let m = Metald {
+            url: iso
+                .as_ref()
+                .map(|i| format!("http://127.0.0.1:{}", i.relay.port))
+                .unwrap_or_default(),
             port: 0,
             log: data_dir.join("metald.log"),
             data_dir,
             child: None,
             env,
+            iso,
             _tmp: Some(tmp),
         };
         import(&m);
-        m.spawn();
         m
     }
 }
 
 /// A builder with QEMU as the backend.
 pub fn metald() -> Builder {
-    Builder {
-        env: vec![("UNKEY_METALD_BACKEND".into(), "qemu".into())],
-    }
+    metald_with_backend("qemu")
 }
 
 /// A builder with the given backend.
 pub fn metald_with_backend(backend: &str) -> Builder {
     Builder {
         env: vec![("UNKEY_METALD_BACKEND".into(), backend.into())],
+        isolated: true,
     }
 }
 
@@ -160,7 +230,11 @@ pub fn free_port() -> u16 {
 
 impl Metald {
     fn command(&self) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_metald"));
+        self.command_for(Command::new(env!("CARGO_BIN_EXE_metald")))
+    }
+
+    /// `cmd` with metald's environment (and nothing else of UNKEY_METALD_*).
+    pub fn command_for(&self, mut cmd: Command) -> Command {
         cmd.env_clear();
         for (k, v) in std::env::vars() {
             if !k.starts_with("UNKEY_METALD_") {
@@ -261,16 +335,42 @@ impl Metald {
 
     /// Starts (or restarts) the daemon and waits for /healthz.
     pub fn spawn(&mut self) {
+        self.spawn_wrapped(&[]);
+    }
+
+    /// Starts the daemon as `wrapper… metald serve` (e.g. under setpriv).
+    pub fn spawn_wrapped(&mut self, wrapper: &[String]) {
         assert!(self.child.is_none(), "already running");
         self.port = free_port();
-        self.url = format!("http://127.0.0.1:{}", self.port);
+        let metald = env!("CARGO_BIN_EXE_metald").to_string();
+        let mut argv: Vec<String> = wrapper.to_vec();
+        argv.push(metald);
+        let mut serve = match &self.iso {
+            Some(iso) => {
+                // Its host side lives in the test's namespace; the relay reaches its port.
+                iso.relay
+                    .target
+                    .store(self.port, std::sync::atomic::Ordering::SeqCst);
+                let mut c = self.command_for(iso.netns.command(&argv[0]));
+                c.args(&argv[1..]).arg("serve");
+                c
+            }
+            None => {
+                self.url = format!("http://127.0.0.1:{}", self.port);
+                self.command()
+            }
+        };
+        self.spawn_command(&mut serve);
+    }
+
+    /// Starts `cmd` as the daemon (it must serve on `self.port`) and waits for /healthz.
+    pub fn spawn_command(&mut self, cmd: &mut Command) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .expect("log");
-        let child = self
-            .command()
+        let child = cmd
             .env("UNKEY_METALD_PORT", self.port.to_string())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -349,9 +449,112 @@ impl Drop for Metald {
                 .arg(pid.to_string())
                 .status();
         }
+        if let Some(iso) = &self.iso {
+            iso.force_cleanup();
+        }
         if std::thread::panicking() {
             eprintln!("---- metald log ----\n{}", self.log_text());
         }
+    }
+}
+
+impl Isolated {
+    fn cgroup_dirs(&self) -> Vec<PathBuf> {
+        let root = Path::new("/sys/fs/cgroup");
+        if root.join("cgroup.controllers").exists() {
+            vec![root.join(&self.cgroup_parent)]
+        } else {
+            ["cpu", "memory", "pids"]
+                .iter()
+                .map(|c| root.join(c).join(&self.cgroup_parent))
+                .collect()
+        }
+    }
+
+    /// Removes whatever a (failed) test left: namespace pins, cgroups, jail directories. The
+    /// test namespace itself (with every veth in it) goes when `netns` drops.
+    fn force_cleanup(&self) {
+        for f in std::fs::read_dir(self.run_dir.join("netns")).into_iter().flatten().flatten() {
+            let _ = Command::new("umount").arg("-l").arg(f.path()).status();
+            let _ = std::fs::remove_file(f.path());
+        }
+        for parent in self.cgroup_dirs() {
+            for vm in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
+                if vm.path().is_dir() {
+                    if let Ok(procs) = std::fs::read_to_string(vm.path().join("cgroup.procs")) {
+                        for pid in procs.lines() {
+                            let _ = Command::new("kill").args(["-KILL", pid]).status();
+                        }
+                    }
+                    for _ in 0..50 {
+                        if std::fs::remove_dir(vm.path()).is_ok() {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+            }
+            let _ = std::fs::remove_dir(&parent);
+        }
+    }
+
+    /// Everything metald made for VMs that is still there (empty when clean).
+    pub fn leftovers(&self, data_dir: &Path) -> Vec<String> {
+        let mut out = vec![];
+        for f in std::fs::read_dir(self.run_dir.join("netns")).into_iter().flatten().flatten() {
+            out.push(format!("netns file {}", f.path().display()));
+        }
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        for line in mounts.lines() {
+            if line.contains(&data_dir.display().to_string()) {
+                out.push(format!("mount {line}"));
+            }
+        }
+        for kind in std::fs::read_dir(&self.jail_dir).into_iter().flatten().flatten() {
+            for vm in std::fs::read_dir(kind.path()).into_iter().flatten().flatten() {
+                out.push(format!("jail dir {}", vm.path().display()));
+            }
+        }
+        for parent in self.cgroup_dirs() {
+            for vm in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
+                if vm.path().is_dir() {
+                    out.push(format!("cgroup {}", vm.path().display()));
+                }
+            }
+        }
+        for line in self.netns.output("ip", &["-br", "link"]).lines() {
+            if !line.starts_with("lo ") {
+                out.push(format!("interface {line}"));
+            }
+        }
+        let rules = self.netns.output("nft", &["list", "table", "inet", "metald"]);
+        if rules.contains("set customer_") || rules.contains("saddr") {
+            out.push(format!("nft rules for VMs:\n{rules}"));
+        }
+        out
+    }
+}
+
+impl Metald {
+    /// Fails the test if any namespace, interface, nft rule, cgroup, mount, jail directory or
+    /// VMM process of a VM is left.
+    pub fn assert_clean(&self) {
+        let Some(iso) = &self.iso else { return };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut left = iso.leftovers(&self.data_dir);
+            left.extend(self.vmm_pids().iter().map(|p| format!("VMM process {p}")));
+            if left.is_empty() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "left behind:\n{}", left.join("\n"));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// metald's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 }
 

@@ -1,0 +1,416 @@
+//! VM isolation, checked from outside running VMs (QEMU with TCG here, real guests): the VMM's
+//! uid, capabilities, root, namespaces and cgroup; who can reach whom; rate limits; metald as a
+//! plain user with only the documented capabilities; and that nothing is left behind.
+//!
+//! metald's host side runs in a namespace each test makes; no packet touches the machine's own.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::netns::connect_in;
+use support::*;
+
+fn status(pid: u64) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap()
+}
+
+fn status_field(status: &str, name: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .unwrap_or_else(|| panic!("{name} not in status"))
+        .trim()
+        .to_string()
+}
+
+fn inode(path: impl AsRef<Path>) -> u64 {
+    std::fs::metadata(path).unwrap().ino()
+}
+
+fn console(m: &Metald, id: &str) -> String {
+    std::fs::read_to_string(m.data_dir.join("vms").join(id).join("console.log")).unwrap_or_default()
+}
+
+fn create(api: &Rest, body: Value) -> String {
+    api.call("POST", "/v1/vms", Some(body)).ok()["vm"]["vmId"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn boot_ready(api: &Rest, id: &str) -> Value {
+    api.call("POST", &format!("/v1/vms/{id}/boot"), None).ok();
+    api.wait_ready(id)
+}
+
+fn with_args(args: &str) -> Value {
+    let mut body = readme_request(1, 256 << 20);
+    body["config"]["kernel_args"] = json!(args);
+    body
+}
+
+#[test]
+fn a_jailed_vmm_runs_as_its_own_user_without_privileges_in_its_own_namespace_and_cgroup() {
+    let Some(guest) = qemu_guest() else { return };
+    let m = metald().start(&guest);
+    let iso = m.iso.as_ref().unwrap();
+    let api = Rest::new(&m, Some("acme"));
+    let id = create(&api, readme_request(2, 256 << 20));
+    let vm = boot_ready(&api, &id);
+    let pid = vm["vmmPid"].as_u64().unwrap();
+    let net = &vm["network"];
+
+    // Its own uid/gid (the first slot of this metald's range), no capabilities, no way back.
+    let st = status(pid);
+    let uid = iso.uid_base.to_string();
+    assert_eq!(status_field(&st, "Uid"), [uid.as_str(); 4].join("\t"), "{st}");
+    assert_eq!(status_field(&st, "Gid"), [uid.as_str(); 4].join("\t"), "{st}");
+    assert_eq!(status_field(&st, "Groups"), "");
+    for set in ["CapEff", "CapPrm", "CapInh", "CapAmb"] {
+        assert_eq!(status_field(&st, set), "0000000000000000", "{set}");
+    }
+    assert_eq!(status_field(&st, "NoNewPrivs"), "1");
+
+    // Its root is the jail: a tmpfs holding only what QEMU needs, the VM's files at their host
+    // paths, device nodes it owns; nothing of the host's /etc or /home.
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    assert!(root.join("dev/net/tun").exists());
+    assert!(!root.join("etc/passwd").exists(), "no host /etc in the jail");
+    assert!(!root.join("home").exists() && !root.join("root").exists());
+    let vm_dir = m.data_dir.join("vms").join(&id);
+    assert!(root.join(vm_dir.strip_prefix("/").unwrap()).join("rootfs.img").exists());
+    assert_eq!(std::fs::metadata(root.join("dev/net/tun")).unwrap().uid(), iso.uid_base);
+    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let root_mount = mounts.lines().find(|l| l.split(' ').nth(4) == Some("/")).unwrap();
+    assert!(root_mount.contains(" - tmpfs "), "{root_mount}");
+    assert!(root_mount.split(' ').nth(5).unwrap().contains("ro"), "read-only root: {root_mount}");
+    let kernel_mount = mounts
+        .lines()
+        .find(|l| l.contains("/assets/vmlinux-6.1"))
+        .expect("kernel mounted in the jail");
+    assert!(kernel_mount.split(' ').nth(5).unwrap().starts_with("ro"), "{kernel_mount}");
+
+    // Its own network namespace (not metald's), pinned where GetVmInfo says, holding the TAP
+    // owned by its uid and bridged to its veth.
+    let metald_ns = inode(format!("/proc/{}/ns/net", m.pid().unwrap()));
+    let vmm_ns = inode(format!("/proc/{pid}/ns/net"));
+    assert_ne!(vmm_ns, metald_ns);
+    assert_eq!(metald_ns, inode(iso.netns.path()), "metald runs in the test's namespace");
+    let ns_file = net["networkNamespace"].as_str().unwrap();
+    assert_eq!(inode(ns_file), vmm_ns);
+    let tap = std::process::Command::new("nsenter")
+        .args([&format!("--net={ns_file}"), "ip", "-d", "link", "show", "tap0"])
+        .output()
+        .unwrap();
+    let tap = String::from_utf8_lossy(&tap.stdout);
+    assert!(tap.contains("tun type tap") && tap.contains(&format!("user {uid}")), "{tap}");
+    assert!(tap.contains("master br0"), "{tap}");
+    assert_eq!(net["tapDevice"], json!("tap0"));
+    let host_links = iso.netns.output("ip", &["-br", "link"]);
+    assert!(host_links.contains(net["hostInterface"].as_str().unwrap()), "{host_links}");
+
+    // Its cgroup, with limits from its config: 2 vCPUs, 256 MiB + the VMM's headroom.
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let mine = format!("/{}/{id}", iso.cgroup_parent);
+    let cg = Path::new("/sys/fs/cgroup");
+    if cg.join("cgroup.controllers").exists() {
+        assert!(cgroups.contains(&format!("0::{mine}")), "{cgroups}");
+        let dir = cg.join(mine.trim_start_matches('/'));
+        assert_eq!(std::fs::read_to_string(dir.join("cpu.max")).unwrap().trim(), "200000 100000");
+        assert_eq!(std::fs::read_to_string(dir.join("memory.max")).unwrap().trim(), ((256 + 384) << 20).to_string());
+    } else {
+        for c in ["cpu", "memory", "pids"] {
+            assert!(cgroups.lines().any(|l| l.contains(c) && l.ends_with(&mine)), "{c}: {cgroups}");
+        }
+        let read = |c: &str, f: &str| {
+            std::fs::read_to_string(cg.join(c).join(mine.trim_start_matches('/')).join(f)).unwrap()
+        };
+        assert_eq!(read("cpu", "cpu.cfs_quota_us").trim(), "200000");
+        assert_eq!(read("cpu", "cpu.cfs_period_us").trim(), "100000");
+        assert_eq!(read("memory", "memory.limit_in_bytes").trim(), ((256u64 + 384) << 20).to_string());
+        assert_eq!(read("pids", "pids.max").trim(), "512");
+    }
+
+    // The guest got its addresses from metald, and metald's side reaches it.
+    let (v6, v4) = (net["ipv6Address"].as_str().unwrap(), net["ipv4Address"].as_str().unwrap());
+    assert!(v6.starts_with(TEST_IPV6_PREFIX.trim_end_matches("/64").trim_end_matches(':')));
+    assert!(console(&m, &id).contains(&format!("ip6={v6} ip4={v4}")), "{}", console(&m, &id));
+    for addr in [v6, v4] {
+        let out = iso.netns.command("ping").args(["-c1", "-W5", addr]).output().unwrap();
+        assert!(out.status.success(), "ping {addr}: {}", String::from_utf8_lossy(&out.stdout));
+    }
+
+    api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None).ok();
+    m.assert_clean();
+}
+
+/// Ping results a guest printed (`METALD_PING round=N target=T result=R`): target → results.
+fn ping_results(console: &str) -> std::collections::HashMap<String, Vec<String>> {
+    let mut out: std::collections::HashMap<String, Vec<String>> = Default::default();
+    for line in console.lines() {
+        let Some(rest) = line.trim().strip_prefix("METALD_PING ") else { continue };
+        let field = |k: &str| rest.split(' ').find_map(|f| f.strip_prefix(k)).map(str::to_string);
+        if let (Some(t), Some(r)) = (field("target="), field("result=")) {
+            out.entry(t).or_default().push(r);
+        }
+    }
+    out
+}
+
+#[test]
+fn customers_reach_their_own_vms_and_the_gateway_but_never_another_customers() {
+    let Some(guest) = qemu_guest() else { return };
+    let m = metald().start(&guest);
+    let (a, b) = (Rest::new(&m, Some("alpha")), Rest::new(&m, Some("bravo")));
+    // First one VM per customer to be pinged ...
+    let a1 = create(&a, readme_request(1, 256 << 20));
+    let b1 = create(&b, readme_request(1, 256 << 20));
+    let (a1vm, b1vm) = (boot_ready(&a, &a1), boot_ready(&b, &b1));
+    let addrs = |vm: &Value| {
+        [
+            vm["network"]["ipv6Address"].as_str().unwrap().to_string(),
+            vm["network"]["ipv4Address"].as_str().unwrap().to_string(),
+        ]
+    };
+    let (a1addr, b1addr) = (addrs(&a1vm), addrs(&b1vm));
+    let gw = [
+        a1vm["network"]["gatewayIpv6"].as_str().unwrap().to_string(),
+        a1vm["network"]["gatewayIpv4"].as_str().unwrap().to_string(),
+    ];
+    // ... then one per customer that pings its peer, the gateway and the other customer's VM.
+    let pinger = |api: &Rest, own: &[String; 2], other: &[String; 2]| {
+        let targets = [own.as_slice(), gw.as_slice(), other.as_slice()].concat().join(",");
+        let id = create(api, with_args(&format!("metald.ping={targets}")));
+        boot_ready(api, &id);
+        id
+    };
+    let a2 = pinger(&a, &a1addr, &b1addr);
+    let b2 = pinger(&b, &b1addr, &a1addr);
+
+    for (id, own, other) in [(&a2, &a1addr, &b1addr), (&b2, &b1addr, &a1addr)] {
+        // Wait until every reachable target answered, then for three more rounds.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let results = loop {
+            let r = ping_results(&console(&m, id));
+            let reached = own.iter().chain(gw.iter()).all(|t| r.get(t).is_some_and(|v| v.contains(&"ok".to_string())));
+            let rounds = other.iter().map(|t| r.get(t).map_or(0, Vec::len)).min().unwrap_or(0);
+            if reached && rounds >= 4 {
+                break r;
+            }
+            assert!(Instant::now() < deadline, "pings never settled: {r:?}\n{}", console(&m, id));
+            std::thread::sleep(Duration::from_millis(500));
+        };
+        for t in own.iter().chain(gw.iter()) {
+            assert_eq!(results[t].last().map(String::as_str), Some("ok"), "{id} → {t}: {results:?}");
+        }
+        for t in other {
+            assert!(results[t].iter().all(|r| r == "fail"), "{id} reached another customer's VM {t}: {results:?}");
+        }
+    }
+    for (api, id) in [(&a, &a1), (&a, &a2), (&b, &b1), (&b, &b2)] {
+        api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None).ok();
+    }
+    m.assert_clean();
+}
+
+/// A raw disk holding a shell script the guest runs after boot (`metald.script=/dev/vdb`).
+fn import_script(m: &Metald, id: &str, script: &str) {
+    let mut bytes = script.as_bytes().to_vec();
+    bytes.resize(bytes.len().div_ceil(4096) * 4096, b'\n');
+    let path = m.data_dir.join(format!("{id}.sh.img"));
+    std::fs::write(&path, bytes).unwrap();
+    let out = m.assets(&["import", "--id", id, "--kind", "rootfs", "--file", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Connects from metald's namespace to the guest, retrying until its listener is up.
+fn connect_guest(m: &Metald, addr: SocketAddr) -> TcpStream {
+    let ns = m.iso.as_ref().unwrap().netns.path();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match connect_in(&ns, addr) {
+            Ok(s) => return s,
+            Err(e) => assert!(Instant::now() < deadline, "connect {addr}: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Bytes per second into the guest (rx) and out of it (tx), `BYTES` each way.
+fn transfer_rates(m: &Metald, guest: IpAddr) -> (f64, f64) {
+    let payload = vec![0x5au8; BYTES];
+    let mut s = connect_guest(m, SocketAddr::new(guest, 5001));
+    let t0 = Instant::now();
+    s.write_all(&payload).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    // The guest answers with the byte count once it has read everything.
+    let mut count = String::new();
+    s.read_to_string(&mut count).unwrap();
+    let rx = BYTES as f64 / t0.elapsed().as_secs_f64();
+    assert_eq!(count.trim(), BYTES.to_string(), "the guest received everything");
+    let mut s = connect_guest(m, SocketAddr::new(guest, 5002));
+    let t0 = Instant::now();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    let tx = got.len() as f64 / t0.elapsed().as_secs_f64();
+    assert_eq!(got.len(), BYTES, "the guest sent everything");
+    (rx, tx)
+}
+
+const BYTES: usize = 768 * 1024;
+const LIMIT: u64 = 192_000;
+const BURST: u64 = 32 * 1024;
+
+#[test]
+fn a_rate_limited_vm_stays_under_its_limit_and_an_unlimited_one_does_not() {
+    let Some(guest) = qemu_guest() else { return };
+    let m = metald().start(&guest);
+    import_script(
+        &m,
+        "transfer",
+        &format!(
+            "nc -l -p 5001 -e /bin/busybox wc -c\ndd if=/dev/zero bs=65536 count={} 2>/dev/null | nc -l -p 5002\nexit 0\n",
+            BYTES / 65536
+        ),
+    );
+    let api = Rest::new(&m, Some("metered"));
+    let body = |limited: bool| {
+        let mut b = with_args("metald.script=/dev/vdb");
+        b["config"]["drives"] = json!([{"drive_id": "script", "image_id": "transfer", "read_only": true}]);
+        if limited {
+            let l = json!({"bandwidth_bytes_per_sec": LIMIT, "burst_bytes": BURST});
+            b["config"]["network"] = json!({"rx_rate_limit": l, "tx_rate_limit": l});
+        }
+        b
+    };
+    let mut rates = vec![];
+    for limited in [true, false] {
+        let id = create(&api, body(limited));
+        let vm = boot_ready(&api, &id);
+        let limits = &vm["config"]["network"];
+        assert_eq!(limits["rxRateLimit"]["bandwidthBytesPerSec"].as_str().map(|_| true), limited.then_some(true), "{vm}");
+        let ip: IpAddr = vm["network"]["ipv6Address"].as_str().unwrap().parse().unwrap();
+        rates.push((limited, transfer_rates(&m, ip)));
+        api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None).ok();
+    }
+    eprintln!("rates (bytes/s, rx tx): {rates:?}; limit {LIMIT}");
+    let (_, (rx, tx)) = rates[0];
+    // The burst may pass at once; the rest at the limit. 10 % tolerance for timing.
+    let bound = |rate: f64| {
+        let secs = BYTES as f64 / rate;
+        (BYTES as f64 - BURST as f64) / secs
+    };
+    assert!(bound(rx) <= LIMIT as f64 * 1.1, "rx {rx:.0} B/s over the limit {LIMIT}");
+    assert!(bound(tx) <= LIMIT as f64 * 1.1, "tx {tx:.0} B/s over the limit {LIMIT}");
+    let (_, (rx, tx)) = rates[1];
+    assert!(rx > 2.0 * LIMIT as f64 && tx > 2.0 * LIMIT as f64, "unlimited VM moved only rx {rx:.0} tx {tx:.0} B/s");
+    m.assert_clean();
+}
+
+/// The capabilities the systemd unit grants (its `AmbientCapabilities=` lines).
+fn documented_capabilities() -> Vec<String> {
+    let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/systemd/metald.service");
+    let text = std::fs::read_to_string(unit).unwrap();
+    let caps: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("AmbientCapabilities="))
+        .flat_map(|v| v.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+        .collect();
+    assert!(!caps.is_empty());
+    caps
+}
+
+#[test]
+fn metald_as_a_plain_user_with_only_the_documented_capabilities_runs_vms() {
+    let Some(guest) = qemu_guest() else { return };
+    let mut m = metald().prepare(|m| m.import_default_guest(&guest));
+    // A uid and gid no account uses; metald's files belong to it, as `make install` arranges.
+    let user = "4242";
+    let out = std::process::Command::new("chown")
+        .args(["-R", &format!("{user}:{user}"), m.data_dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let caps = documented_capabilities();
+    let list = caps
+        .iter()
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+        .collect::<Vec<_>>()
+        .join(",");
+    m.spawn_wrapped(&[
+        "setpriv".into(),
+        format!("--reuid={user}"),
+        format!("--regid={user}"),
+        "--clear-groups".into(),
+        format!("--inh-caps=-all,{list}"),
+        format!("--ambient-caps=-all,{list}"),
+        format!("--bounding-set=-all,{list}"),
+        "--".into(),
+    ]);
+    let st = status(u64::from(m.pid().unwrap()));
+    assert_eq!(status_field(&st, "Uid"), [user; 4].join("\t"));
+    let eff = u64::from_str_radix(&status_field(&st, "CapEff"), 16).unwrap();
+    assert_eq!(eff.count_ones() as usize, caps.len(), "exactly the documented set: {caps:?}");
+
+    let api = Rest::new(&m, Some("plain"));
+    let id = create(&api, readme_request(1, 256 << 20));
+    let vm = boot_ready(&api, &id);
+    let pid = vm["vmmPid"].as_u64().unwrap();
+    assert_eq!(status_field(&status(pid), "CapEff"), "0000000000000000");
+    let c = api.call("GET", &format!("/v1/vms/{id}/console"), None).ok();
+    assert!(c["output"].as_str().unwrap().contains("METALD_GUEST_READY"));
+    api.call("POST", &format!("/v1/vms/{id}/shutdown"), Some(json!({"force": true}))).ok();
+    api.call("DELETE", &format!("/v1/vms/{id}"), None).ok();
+    m.assert_clean();
+}
+
+#[test]
+fn leftovers_are_removed_after_a_vmm_crash_a_failed_boot_and_at_start() {
+    let Some(guest) = qemu_guest() else { return };
+    let mut m = metald().start(&guest);
+    let api = Rest::new(&m, Some("sweeper"));
+
+    // A boot that fails after its network and jail were made (the kernel vanished).
+    let out = m.assets(&["import", "--id", "gone", "--kind", "kernel", "--file", guest.join("vmlinux").to_str().unwrap(), "--initrd", "initrd-6.1"]);
+    assert!(out.status.success());
+    let mut body = readme_request(1, 256 << 20);
+    body["config"]["kernel"]["image_id"] = json!("gone");
+    let doomed = create(&api, body);
+    std::fs::remove_file(m.data_dir.join("assets/gone")).unwrap();
+    let r = api.call("POST", &format!("/v1/vms/{doomed}/boot"), None);
+    assert_eq!(r.status, 500, "{}", r.body);
+    assert_eq!(api.vm(&doomed)["state"], json!("VM_STATE_CREATED"), "a failed boot changes nothing");
+    m.assert_clean();
+
+    // metald dies hard with a VM running, the VM's VMM dies while it is down, and an unknown
+    // VM's namespace pin, cgroup and jail directory are lying around: the next start removes
+    // all of it and marks the VM FAILED.
+    let id = create(&api, readme_request(1, 256 << 20));
+    let pid = boot_ready(&api, &id)["vmmPid"].as_u64().unwrap();
+    let metald_pid = m.pid().unwrap();
+    std::process::Command::new("kill").args(["-KILL", &metald_pid.to_string()]).status().unwrap();
+    m.stop();
+    std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
+    let iso = m.iso.as_ref().unwrap();
+    let stray = "vm-00000000-0000-4000-8000-000000000001";
+    std::fs::create_dir_all(iso.run_dir.join("netns")).unwrap();
+    std::fs::write(iso.run_dir.join("netns").join(stray), "").unwrap();
+    std::fs::create_dir_all(iso.jail_dir.join("qemu").join(stray).join("root")).unwrap();
+    assert!(!iso.leftovers(&m.data_dir).is_empty());
+    m.spawn();
+    let vm = api.vm(&id);
+    assert_eq!(vm["state"], json!("VM_STATE_FAILED"), "{vm}");
+    m.assert_clean();
+    assert!(m.log_text().contains("removing leftover network namespace"), "each removal is logged");
+    assert!(m.log_text().contains("removing leftover jail directory"));
+    api.call("DELETE", &format!("/v1/vms/{id}"), None).ok();
+    api.call("DELETE", &format!("/v1/vms/{doomed}"), None).ok();
+    m.assert_clean();
+}
