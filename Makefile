@@ -4,7 +4,7 @@
 GUEST_DIR ?= $(CURDIR)/target/guest
 CARGO ?= cargo
 
-.PHONY: deps guest build demo test lint unit bench
+.PHONY: deps guest build demo test lint unit bench install
 
 deps:
 	scripts/install-deps.sh
@@ -20,6 +20,7 @@ demo: guest build
 
 lint: deps
 	target/tools/node_modules/.bin/buf lint
+	scripts/verify-unit.sh
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
@@ -38,4 +39,8 @@ test: guest lint build
 	fi
 
 bench: guest build
-	METALD_GUEST_DIR=$(GUEST_DIR) $(CARGO) bench -p metald --bench boot
+	METALD_GUEST_DIR=$(GUEST_DIR) $(CARGO) bench -p metald --bench boot --bench isolation
+
+# Release binaries, the metald user and directories, and the systemd unit (see deploy/).
+install: deps
+	scripts/install.sh

@@ -187,49 +187,6 @@ async fn bare_firecracker(fc: &Path, assets: &Path) -> Duration {
     took
 }
 
-/// Polls the VM's console through the API every `every` until `marker` shows up.
-fn wait_for_console(
-    api: &Rest,
-    id: &str,
-    marker: &str,
-    t0: Instant,
-    limit: Duration,
-    every: Duration,
-) {
-    loop {
-        let c = api
-            .call(
-                "GET",
-                &format!("/v1/vms/{id}/console?tail_bytes=4096"),
-                None,
-            )
-            .ok();
-        if c["output"].as_str().unwrap_or("").contains(marker) {
-            return;
-        }
-        assert!(
-            t0.elapsed() < limit,
-            "guest printed no {marker} within {limit:?}"
-        );
-        std::thread::sleep(every);
-    }
-}
-
-fn row(name: &str, samples: &[Duration]) {
-    let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
-    ms.sort_by(f64::total_cmp);
-    let median = if ms.len() % 2 == 1 {
-        ms[ms.len() / 2]
-    } else {
-        (ms[ms.len() / 2 - 1] + ms[ms.len() / 2]) / 2.0
-    };
-    println!(
-        "| {name:<53} | {median:>9.1} | {:>6.1} | {:>6.1} |",
-        ms[0],
-        ms[ms.len() - 1]
-    );
-}
-
 /// The same guest with metald's QEMU command line, started by hand.
 fn bare_qemu(qemu: &Path, guest: &Path, accel: Accel, i: usize) -> Duration {
     let dir = tempfile::Builder::new()

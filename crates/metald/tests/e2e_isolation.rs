@@ -70,8 +70,16 @@ fn a_jailed_vmm_runs_as_its_own_user_without_privileges_in_its_own_namespace_and
     // Its own uid/gid (the first slot of this metald's range), no capabilities, no way back.
     let st = status(pid);
     let uid = iso.uid_base.to_string();
-    assert_eq!(status_field(&st, "Uid"), [uid.as_str(); 4].join("\t"), "{st}");
-    assert_eq!(status_field(&st, "Gid"), [uid.as_str(); 4].join("\t"), "{st}");
+    assert_eq!(
+        status_field(&st, "Uid"),
+        [uid.as_str(); 4].join("\t"),
+        "{st}"
+    );
+    assert_eq!(
+        status_field(&st, "Gid"),
+        [uid.as_str(); 4].join("\t"),
+        "{st}"
+    );
     assert_eq!(status_field(&st, "Groups"), "");
     for set in ["CapEff", "CapPrm", "CapInh", "CapAmb"] {
         assert_eq!(status_field(&st, set), "0000000000000000", "{set}");
@@ -82,39 +90,74 @@ fn a_jailed_vmm_runs_as_its_own_user_without_privileges_in_its_own_namespace_and
     // paths, device nodes it owns; nothing of the host's /etc or /home.
     let root = PathBuf::from(format!("/proc/{pid}/root"));
     assert!(root.join("dev/net/tun").exists());
-    assert!(!root.join("etc/passwd").exists(), "no host /etc in the jail");
+    assert!(
+        !root.join("etc/passwd").exists(),
+        "no host /etc in the jail"
+    );
     assert!(!root.join("home").exists() && !root.join("root").exists());
     let vm_dir = m.data_dir.join("vms").join(&id);
-    assert!(root.join(vm_dir.strip_prefix("/").unwrap()).join("rootfs.img").exists());
-    assert_eq!(std::fs::metadata(root.join("dev/net/tun")).unwrap().uid(), iso.uid_base);
+    assert!(root
+        .join(vm_dir.strip_prefix("/").unwrap())
+        .join("rootfs.img")
+        .exists());
+    assert_eq!(
+        std::fs::metadata(root.join("dev/net/tun")).unwrap().uid(),
+        iso.uid_base
+    );
     let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
-    let root_mount = mounts.lines().find(|l| l.split(' ').nth(4) == Some("/")).unwrap();
+    let root_mount = mounts
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some("/"))
+        .unwrap();
     assert!(root_mount.contains(" - tmpfs "), "{root_mount}");
-    assert!(root_mount.split(' ').nth(5).unwrap().contains("ro"), "read-only root: {root_mount}");
+    assert!(
+        root_mount.split(' ').nth(5).unwrap().contains("ro"),
+        "read-only root: {root_mount}"
+    );
     let kernel_mount = mounts
         .lines()
         .find(|l| l.contains("/assets/vmlinux-6.1"))
         .expect("kernel mounted in the jail");
-    assert!(kernel_mount.split(' ').nth(5).unwrap().starts_with("ro"), "{kernel_mount}");
+    assert!(
+        kernel_mount.split(' ').nth(5).unwrap().starts_with("ro"),
+        "{kernel_mount}"
+    );
 
     // Its own network namespace (not metald's), pinned where GetVmInfo says, holding the TAP
     // owned by its uid and bridged to its veth.
     let metald_ns = inode(format!("/proc/{}/ns/net", m.pid().unwrap()));
     let vmm_ns = inode(format!("/proc/{pid}/ns/net"));
     assert_ne!(vmm_ns, metald_ns);
-    assert_eq!(metald_ns, inode(iso.netns.path()), "metald runs in the test's namespace");
+    assert_eq!(
+        metald_ns,
+        inode(iso.netns.path()),
+        "metald runs in the test's namespace"
+    );
     let ns_file = net["networkNamespace"].as_str().unwrap();
     assert_eq!(inode(ns_file), vmm_ns);
     let tap = std::process::Command::new("nsenter")
-        .args([&format!("--net={ns_file}"), "ip", "-d", "link", "show", "tap0"])
+        .args([
+            &format!("--net={ns_file}"),
+            "ip",
+            "-d",
+            "link",
+            "show",
+            "tap0",
+        ])
         .output()
         .unwrap();
     let tap = String::from_utf8_lossy(&tap.stdout);
-    assert!(tap.contains("tun type tap") && tap.contains(&format!("user {uid}")), "{tap}");
+    assert!(
+        tap.contains("tun type tap") && tap.contains(&format!("user {uid}")),
+        "{tap}"
+    );
     assert!(tap.contains("master br0"), "{tap}");
     assert_eq!(net["tapDevice"], json!("tap0"));
     let host_links = iso.netns.output("ip", &["-br", "link"]);
-    assert!(host_links.contains(net["hostInterface"].as_str().unwrap()), "{host_links}");
+    assert!(
+        host_links.contains(net["hostInterface"].as_str().unwrap()),
+        "{host_links}"
+    );
 
     // Its cgroup, with limits from its config: 2 vCPUs, 256 MiB + the VMM's headroom.
     let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
@@ -123,31 +166,66 @@ fn a_jailed_vmm_runs_as_its_own_user_without_privileges_in_its_own_namespace_and
     if cg.join("cgroup.controllers").exists() {
         assert!(cgroups.contains(&format!("0::{mine}")), "{cgroups}");
         let dir = cg.join(mine.trim_start_matches('/'));
-        assert_eq!(std::fs::read_to_string(dir.join("cpu.max")).unwrap().trim(), "200000 100000");
-        assert_eq!(std::fs::read_to_string(dir.join("memory.max")).unwrap().trim(), ((256 + 384) << 20).to_string());
+        assert_eq!(
+            std::fs::read_to_string(dir.join("cpu.max")).unwrap().trim(),
+            "200000 100000"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.join("memory.max"))
+                .unwrap()
+                .trim(),
+            ((256 + 384) << 20).to_string()
+        );
     } else {
         for c in ["cpu", "memory", "pids"] {
-            assert!(cgroups.lines().any(|l| l.contains(c) && l.ends_with(&mine)), "{c}: {cgroups}");
+            assert!(
+                cgroups.lines().any(|l| l.contains(c) && l.ends_with(&mine)),
+                "{c}: {cgroups}"
+            );
         }
         let read = |c: &str, f: &str| {
             std::fs::read_to_string(cg.join(c).join(mine.trim_start_matches('/')).join(f)).unwrap()
         };
         assert_eq!(read("cpu", "cpu.cfs_quota_us").trim(), "200000");
         assert_eq!(read("cpu", "cpu.cfs_period_us").trim(), "100000");
-        assert_eq!(read("memory", "memory.limit_in_bytes").trim(), ((256u64 + 384) << 20).to_string());
+        assert_eq!(
+            read("memory", "memory.limit_in_bytes").trim(),
+            ((256u64 + 384) << 20).to_string()
+        );
         assert_eq!(read("pids", "pids.max").trim(), "512");
     }
 
     // The guest got its addresses from metald, and metald's side reaches it.
-    let (v6, v4) = (net["ipv6Address"].as_str().unwrap(), net["ipv4Address"].as_str().unwrap());
-    assert!(v6.starts_with(TEST_IPV6_PREFIX.trim_end_matches("/64").trim_end_matches(':')));
-    assert!(console(&m, &id).contains(&format!("ip6={v6} ip4={v4}")), "{}", console(&m, &id));
+    let (v6, v4) = (
+        net["ipv6Address"].as_str().unwrap(),
+        net["ipv4Address"].as_str().unwrap(),
+    );
+    assert!(v6.starts_with(
+        TEST_IPV6_PREFIX
+            .trim_end_matches("/64")
+            .trim_end_matches(':')
+    ));
+    assert!(
+        console(&m, &id).contains(&format!("ip6={v6} ip4={v4}")),
+        "{}",
+        console(&m, &id)
+    );
     for addr in [v6, v4] {
-        let out = iso.netns.command("ping").args(["-c1", "-W5", addr]).output().unwrap();
-        assert!(out.status.success(), "ping {addr}: {}", String::from_utf8_lossy(&out.stdout));
+        let out = iso
+            .netns
+            .command("ping")
+            .args(["-c1", "-W5", addr])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ping {addr}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
     }
 
-    api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None).ok();
+    api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None)
+        .ok();
     m.assert_clean();
 }
 
@@ -155,8 +233,14 @@ fn a_jailed_vmm_runs_as_its_own_user_without_privileges_in_its_own_namespace_and
 fn ping_results(console: &str) -> std::collections::HashMap<String, Vec<String>> {
     let mut out: std::collections::HashMap<String, Vec<String>> = Default::default();
     for line in console.lines() {
-        let Some(rest) = line.trim().strip_prefix("METALD_PING ") else { continue };
-        let field = |k: &str| rest.split(' ').find_map(|f| f.strip_prefix(k)).map(str::to_string);
+        let Some(rest) = line.trim().strip_prefix("METALD_PING ") else {
+            continue;
+        };
+        let field = |k: &str| {
+            rest.split(' ')
+                .find_map(|f| f.strip_prefix(k))
+                .map(str::to_string)
+        };
         if let (Some(t), Some(r)) = (field("target="), field("result=")) {
             out.entry(t).or_default().push(r);
         }
@@ -186,7 +270,9 @@ fn customers_reach_their_own_vms_and_the_gateway_but_never_another_customers() {
     ];
     // ... then one per customer that pings its peer, the gateway and the other customer's VM.
     let pinger = |api: &Rest, own: &[String; 2], other: &[String; 2]| {
-        let targets = [own.as_slice(), gw.as_slice(), other.as_slice()].concat().join(",");
+        let targets = [own.as_slice(), gw.as_slice(), other.as_slice()]
+            .concat()
+            .join(",");
         let id = create(api, with_args(&format!("metald.ping={targets}")));
         boot_ready(api, &id);
         id
@@ -199,23 +285,42 @@ fn customers_reach_their_own_vms_and_the_gateway_but_never_another_customers() {
         let deadline = Instant::now() + Duration::from_secs(120);
         let results = loop {
             let r = ping_results(&console(&m, id));
-            let reached = own.iter().chain(gw.iter()).all(|t| r.get(t).is_some_and(|v| v.contains(&"ok".to_string())));
-            let rounds = other.iter().map(|t| r.get(t).map_or(0, Vec::len)).min().unwrap_or(0);
+            let reached = own
+                .iter()
+                .chain(gw.iter())
+                .all(|t| r.get(t).is_some_and(|v| v.contains(&"ok".to_string())));
+            let rounds = other
+                .iter()
+                .map(|t| r.get(t).map_or(0, Vec::len))
+                .min()
+                .unwrap_or(0);
             if reached && rounds >= 4 {
                 break r;
             }
-            assert!(Instant::now() < deadline, "pings never settled: {r:?}\n{}", console(&m, id));
+            assert!(
+                Instant::now() < deadline,
+                "pings never settled: {r:?}\n{}",
+                console(&m, id)
+            );
             std::thread::sleep(Duration::from_millis(500));
         };
         for t in own.iter().chain(gw.iter()) {
-            assert_eq!(results[t].last().map(String::as_str), Some("ok"), "{id} → {t}: {results:?}");
+            assert_eq!(
+                results[t].last().map(String::as_str),
+                Some("ok"),
+                "{id} → {t}: {results:?}"
+            );
         }
         for t in other {
-            assert!(results[t].iter().all(|r| r == "fail"), "{id} reached another customer's VM {t}: {results:?}");
+            assert!(
+                results[t].iter().all(|r| r == "fail"),
+                "{id} reached another customer's VM {t}: {results:?}"
+            );
         }
     }
     for (api, id) in [(&a, &a1), (&a, &a2), (&b, &b1), (&b, &b2)] {
-        api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None).ok();
+        api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None)
+            .ok();
     }
     m.assert_clean();
 }
@@ -226,8 +331,20 @@ fn import_script(m: &Metald, id: &str, script: &str) {
     bytes.resize(bytes.len().div_ceil(4096) * 4096, b'\n');
     let path = m.data_dir.join(format!("{id}.sh.img"));
     std::fs::write(&path, bytes).unwrap();
-    let out = m.assets(&["import", "--id", id, "--kind", "rootfs", "--file", path.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = m.assets(&[
+        "import",
+        "--id",
+        id,
+        "--kind",
+        "rootfs",
+        "--file",
+        path.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Connects from metald's namespace to the guest, retrying until its listener is up.
@@ -254,7 +371,11 @@ fn transfer_rates(m: &Metald, guest: IpAddr) -> (f64, f64) {
     let mut count = String::new();
     s.read_to_string(&mut count).unwrap();
     let rx = BYTES as f64 / t0.elapsed().as_secs_f64();
-    assert_eq!(count.trim(), BYTES.to_string(), "the guest received everything");
+    assert_eq!(
+        count.trim(),
+        BYTES.to_string(),
+        "the guest received everything"
+    );
     let mut s = connect_guest(m, SocketAddr::new(guest, 5002));
     let t0 = Instant::now();
     let mut got = Vec::new();
@@ -283,7 +404,8 @@ fn a_rate_limited_vm_stays_under_its_limit_and_an_unlimited_one_does_not() {
     let api = Rest::new(&m, Some("metered"));
     let body = |limited: bool| {
         let mut b = with_args("metald.script=/dev/vdb");
-        b["config"]["drives"] = json!([{"drive_id": "script", "image_id": "transfer", "read_only": true}]);
+        b["config"]["drives"] =
+            json!([{"drive_id": "script", "image_id": "transfer", "read_only": true}]);
         if limited {
             let l = json!({"bandwidth_bytes_per_sec": LIMIT, "burst_bytes": BURST});
             b["config"]["network"] = json!({"rx_rate_limit": l, "tx_rate_limit": l});
@@ -295,10 +417,21 @@ fn a_rate_limited_vm_stays_under_its_limit_and_an_unlimited_one_does_not() {
         let id = create(&api, body(limited));
         let vm = boot_ready(&api, &id);
         let limits = &vm["config"]["network"];
-        assert_eq!(limits["rxRateLimit"]["bandwidthBytesPerSec"].as_str().map(|_| true), limited.then_some(true), "{vm}");
-        let ip: IpAddr = vm["network"]["ipv6Address"].as_str().unwrap().parse().unwrap();
+        assert_eq!(
+            limits["rxRateLimit"]["bandwidthBytesPerSec"]
+                .as_str()
+                .map(|_| true),
+            limited.then_some(true),
+            "{vm}"
+        );
+        let ip: IpAddr = vm["network"]["ipv6Address"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
         rates.push((limited, transfer_rates(&m, ip)));
-        api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None).ok();
+        api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None)
+            .ok();
     }
     eprintln!("rates (bytes/s, rx tx): {rates:?}; limit {LIMIT}");
     let (_, (rx, tx)) = rates[0];
@@ -307,10 +440,19 @@ fn a_rate_limited_vm_stays_under_its_limit_and_an_unlimited_one_does_not() {
         let secs = BYTES as f64 / rate;
         (BYTES as f64 - BURST as f64) / secs
     };
-    assert!(bound(rx) <= LIMIT as f64 * 1.1, "rx {rx:.0} B/s over the limit {LIMIT}");
-    assert!(bound(tx) <= LIMIT as f64 * 1.1, "tx {tx:.0} B/s over the limit {LIMIT}");
+    assert!(
+        bound(rx) <= LIMIT as f64 * 1.1,
+        "rx {rx:.0} B/s over the limit {LIMIT}"
+    );
+    assert!(
+        bound(tx) <= LIMIT as f64 * 1.1,
+        "tx {tx:.0} B/s over the limit {LIMIT}"
+    );
     let (_, (rx, tx)) = rates[1];
-    assert!(rx > 2.0 * LIMIT as f64 && tx > 2.0 * LIMIT as f64, "unlimited VM moved only rx {rx:.0} tx {tx:.0} B/s");
+    assert!(
+        rx > 2.0 * LIMIT as f64 && tx > 2.0 * LIMIT as f64,
+        "unlimited VM moved only rx {rx:.0} tx {tx:.0} B/s"
+    );
     m.assert_clean();
 }
 
@@ -334,7 +476,11 @@ fn metald_as_a_plain_user_with_only_the_documented_capabilities_runs_vms() {
     // A uid and gid no account uses; metald's files belong to it, as `make install` arranges.
     let user = "4242";
     let out = std::process::Command::new("chown")
-        .args(["-R", &format!("{user}:{user}"), m.data_dir.to_str().unwrap()])
+        .args([
+            "-R",
+            &format!("{user}:{user}"),
+            m.data_dir.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     assert!(out.status.success());
@@ -357,7 +503,11 @@ fn metald_as_a_plain_user_with_only_the_documented_capabilities_runs_vms() {
     let st = status(u64::from(m.pid().unwrap()));
     assert_eq!(status_field(&st, "Uid"), [user; 4].join("\t"));
     let eff = u64::from_str_radix(&status_field(&st, "CapEff"), 16).unwrap();
-    assert_eq!(eff.count_ones() as usize, caps.len(), "exactly the documented set: {caps:?}");
+    assert_eq!(
+        eff.count_ones() as usize,
+        caps.len(),
+        "exactly the documented set: {caps:?}"
+    );
 
     let api = Rest::new(&m, Some("plain"));
     let id = create(&api, readme_request(1, 256 << 20));
@@ -366,7 +516,12 @@ fn metald_as_a_plain_user_with_only_the_documented_capabilities_runs_vms() {
     assert_eq!(status_field(&status(pid), "CapEff"), "0000000000000000");
     let c = api.call("GET", &format!("/v1/vms/{id}/console"), None).ok();
     assert!(c["output"].as_str().unwrap().contains("METALD_GUEST_READY"));
-    api.call("POST", &format!("/v1/vms/{id}/shutdown"), Some(json!({"force": true}))).ok();
+    api.call(
+        "POST",
+        &format!("/v1/vms/{id}/shutdown"),
+        Some(json!({"force": true})),
+    )
+    .ok();
     api.call("DELETE", &format!("/v1/vms/{id}"), None).ok();
     m.assert_clean();
 }
@@ -378,7 +533,17 @@ fn leftovers_are_removed_after_a_vmm_crash_a_failed_boot_and_at_start() {
     let api = Rest::new(&m, Some("sweeper"));
 
     // A boot that fails after its network and jail were made (the kernel vanished).
-    let out = m.assets(&["import", "--id", "gone", "--kind", "kernel", "--file", guest.join("vmlinux").to_str().unwrap(), "--initrd", "initrd-6.1"]);
+    let out = m.assets(&[
+        "import",
+        "--id",
+        "gone",
+        "--kind",
+        "kernel",
+        "--file",
+        guest.join("vmlinux").to_str().unwrap(),
+        "--initrd",
+        "initrd-6.1",
+    ]);
     assert!(out.status.success());
     let mut body = readme_request(1, 256 << 20);
     body["config"]["kernel"]["image_id"] = json!("gone");
@@ -386,7 +551,11 @@ fn leftovers_are_removed_after_a_vmm_crash_a_failed_boot_and_at_start() {
     std::fs::remove_file(m.data_dir.join("assets/gone")).unwrap();
     let r = api.call("POST", &format!("/v1/vms/{doomed}/boot"), None);
     assert_eq!(r.status, 500, "{}", r.body);
-    assert_eq!(api.vm(&doomed)["state"], json!("VM_STATE_CREATED"), "a failed boot changes nothing");
+    assert_eq!(
+        api.vm(&doomed)["state"],
+        json!("VM_STATE_CREATED"),
+        "a failed boot changes nothing"
+    );
     m.assert_clean();
 
     // metald dies hard with a VM running, the VM's VMM dies while it is down, and an unknown
@@ -395,9 +564,15 @@ fn leftovers_are_removed_after_a_vmm_crash_a_failed_boot_and_at_start() {
     let id = create(&api, readme_request(1, 256 << 20));
     let pid = boot_ready(&api, &id)["vmmPid"].as_u64().unwrap();
     let metald_pid = m.pid().unwrap();
-    std::process::Command::new("kill").args(["-KILL", &metald_pid.to_string()]).status().unwrap();
+    std::process::Command::new("kill")
+        .args(["-KILL", &metald_pid.to_string()])
+        .status()
+        .unwrap();
     m.stop();
-    std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
+    std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
     let iso = m.iso.as_ref().unwrap();
     let stray = "vm-00000000-0000-4000-8000-000000000001";
     std::fs::create_dir_all(iso.run_dir.join("netns")).unwrap();
@@ -408,7 +583,10 @@ fn leftovers_are_removed_after_a_vmm_crash_a_failed_boot_and_at_start() {
     let vm = api.vm(&id);
     assert_eq!(vm["state"], json!("VM_STATE_FAILED"), "{vm}");
     m.assert_clean();
-    assert!(m.log_text().contains("removing leftover network namespace"), "each removal is logged");
+    assert!(
+        m.log_text().contains("removing leftover network namespace"),
+        "each removal is logged"
+    );
     assert!(m.log_text().contains("removing leftover jail directory"));
     api.call("DELETE", &format!("/v1/vms/{id}"), None).ok();
     api.call("DELETE", &format!("/v1/vms/{doomed}"), None).ok();

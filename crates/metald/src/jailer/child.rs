@@ -175,11 +175,10 @@ fn inside(root: &Path, host_path: &Path) -> PathBuf {
 
 fn build_root(spec: &JailSpec) -> Result<(), StepError> {
     let root = &spec.root;
-    // SAFETY: NEWNS only gives this (single-threaded) process its own mount table.
-    step(
-        "new mount namespace",
-        unsafe { rustix::thread::unshare_unsafe(UnshareFlags::NEWNS) }.map_err(io::Error::from),
-    )?;
+    // SAFETY: NEWNS only gives this (single-threaded) process its own mount table; no file
+    // descriptor table is unshared.
+    let unshared = unsafe { rustix::thread::unshare_unsafe(UnshareFlags::NEWNS) };
+    step("new mount namespace", unshared.map_err(io::Error::from))?;
     // Nothing mounted here may propagate back to the host.
     step(
         "make mounts private",

@@ -132,7 +132,8 @@ impl Builder {
     /// Runs VMMs unjailed and without network (UNKEY_METALD_ISOLATION=none).
     pub fn unisolated(mut self) -> Self {
         self.isolated = false;
-        self.env.push(("UNKEY_METALD_ISOLATION".into(), "none".into()));
+        self.env
+            .push(("UNKEY_METALD_ISOLATION".into(), "none".into()));
         self
     }
 
@@ -176,7 +177,10 @@ impl Builder {
                 netns,
             };
             for (k, v) in [
-                ("UNKEY_METALD_JAILER_CHROOT_DIR", iso.jail_dir.display().to_string()),
+                (
+                    "UNKEY_METALD_JAILER_CHROOT_DIR",
+                    iso.jail_dir.display().to_string(),
+                ),
                 ("UNKEY_METALD_RUN_DIR", iso.run_dir.display().to_string()),
                 ("UNKEY_METALD_CGROUP_PARENT", iso.cgroup_parent.clone()),
                 ("UNKEY_METALD_JAILER_UID", iso.uid_base.to_string()),
@@ -474,7 +478,11 @@ impl Isolated {
     /// Removes whatever a (failed) test left: namespace pins, cgroups, jail directories. The
     /// test namespace itself (with every veth in it) goes when `netns` drops.
     fn force_cleanup(&self) {
-        for f in std::fs::read_dir(self.run_dir.join("netns")).into_iter().flatten().flatten() {
+        for f in std::fs::read_dir(self.run_dir.join("netns"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let _ = Command::new("umount").arg("-l").arg(f.path()).status();
             let _ = std::fs::remove_file(f.path());
         }
@@ -501,7 +509,11 @@ impl Isolated {
     /// Everything metald made for VMs that is still there (empty when clean).
     pub fn leftovers(&self, data_dir: &Path) -> Vec<String> {
         let mut out = vec![];
-        for f in std::fs::read_dir(self.run_dir.join("netns")).into_iter().flatten().flatten() {
+        for f in std::fs::read_dir(self.run_dir.join("netns"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             out.push(format!("netns file {}", f.path().display()));
         }
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
@@ -510,8 +522,16 @@ impl Isolated {
                 out.push(format!("mount {line}"));
             }
         }
-        for kind in std::fs::read_dir(&self.jail_dir).into_iter().flatten().flatten() {
-            for vm in std::fs::read_dir(kind.path()).into_iter().flatten().flatten() {
+        for kind in std::fs::read_dir(&self.jail_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            for vm in std::fs::read_dir(kind.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
                 out.push(format!("jail dir {}", vm.path().display()));
             }
         }
@@ -527,7 +547,9 @@ impl Isolated {
                 out.push(format!("interface {line}"));
             }
         }
-        let rules = self.netns.output("nft", &["list", "table", "inet", "metald"]);
+        let rules = self
+            .netns
+            .output("nft", &["list", "table", "inet", "metald"]);
         if rules.contains("set customer_") || rules.contains("saddr") {
             out.push(format!("nft rules for VMs:\n{rules}"));
         }
@@ -547,7 +569,11 @@ impl Metald {
             if left.is_empty() {
                 return;
             }
-            assert!(Instant::now() < deadline, "left behind:\n{}", left.join("\n"));
+            assert!(
+                Instant::now() < deadline,
+                "left behind:\n{}",
+                left.join("\n")
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -793,4 +819,48 @@ pub fn tiny_guest_elf() -> Vec<u8> {
     assert_eq!(elf.len() as u64, HEADERS);
     elf.extend(code);
     elf
+}
+
+/// Polls the VM's console through the API every `every` until `marker` shows up.
+pub fn wait_for_console(
+    api: &Rest,
+    id: &str,
+    marker: &str,
+    t0: Instant,
+    limit: Duration,
+    every: Duration,
+) {
+    loop {
+        let c = api
+            .call(
+                "GET",
+                &format!("/v1/vms/{id}/console?tail_bytes=4096"),
+                None,
+            )
+            .ok();
+        if c["output"].as_str().unwrap_or("").contains(marker) {
+            return;
+        }
+        assert!(
+            t0.elapsed() < limit,
+            "guest printed no {marker} within {limit:?}"
+        );
+        std::thread::sleep(every);
+    }
+}
+
+/// Prints one benchmark table row: median, min and max in milliseconds.
+pub fn row(name: &str, samples: &[Duration]) {
+    let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+    ms.sort_by(f64::total_cmp);
+    let median = if ms.len() % 2 == 1 {
+        ms[ms.len() / 2]
+    } else {
+        (ms[ms.len() / 2 - 1] + ms[ms.len() / 2]) / 2.0
+    };
+    println!(
+        "| {name:<53} | {median:>9.1} | {:>6.1} | {:>6.1} |",
+        ms[0],
+        ms[ms.len() - 1]
+    );
 }
