@@ -163,3 +163,87 @@ fn full_guest_boots_where_hardware_kvm_exists() {
     api.call("DELETE", &format!("/v1/vms/{id}"), None).ok();
     assert!(m.vmm_pids().is_empty());
 }
+
+/// The jailed Firecracker seen from outside, and its network interface (with token-bucket rate
+/// limits) as Firecracker itself reports it.
+#[test]
+fn firecracker_runs_jailed_with_its_tap_and_rate_limits() {
+    if !firecracker_ready() {
+        return;
+    }
+    let m = metald_with_backend("firecracker").start_with(Metald::import_tiny_guest);
+    let iso = m.iso.as_ref().unwrap();
+    let api = Rest::new(&m, Some("fcjail"));
+    let limit = json!({"bandwidth_bytes_per_sec": 1_000_000, "burst_bytes": 65536});
+    let body = json!({"config": {"cpu": {"vcpu_count": 1}, "memory": {"size_bytes": 128 << 20},
+        "kernel": {"image_id": "tiny-elf"}, "rootfs": {"image_id": "tiny-disk"},
+        "network": {"rx_rate_limit": limit, "tx_rate_limit": limit}}});
+    let id = api.call("POST", "/v1/vms", Some(body)).ok()["vm"]["vmId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let vm = api.call("POST", &format!("/v1/vms/{id}/boot"), None).ok()["vm"].clone();
+    api.wait_ready(&id);
+    let pid = vm["vmmPid"].as_u64().unwrap();
+
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}:")))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    assert!(
+        field("Uid").starts_with(&iso.uid_base.to_string()),
+        "{status}"
+    );
+    assert_eq!(field("CapEff"), "0000000000000000");
+    assert_eq!(field("NoNewPrivs"), "1");
+    let root = format!("/proc/{pid}/root");
+    assert!(Path::new(&root).join("dev/kvm").exists());
+    assert!(!Path::new(&root).join("etc/passwd").exists());
+    let ns = |p: String| std::fs::read_link(p).unwrap();
+    assert_ne!(
+        ns(format!("/proc/{pid}/ns/net")),
+        ns(format!("/proc/{}/ns/net", m.pid().unwrap()))
+    );
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert!(
+        cgroups.contains(&format!("/{}/{id}", iso.cgroup_parent)),
+        "{cgroups}"
+    );
+
+    // Firecracker's own view of the interface: the TAP in the VM's namespace, the MAC and the
+    // token buckets metald derived (100 ms refills of a tenth of the rate, the burst once).
+    let sock = m.data_dir.join("vms").join(&id).join("control.sock");
+    let out = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "--unix-socket",
+            sock.to_str().unwrap(),
+            "http://localhost/vm/config",
+        ])
+        .output()
+        .unwrap();
+    let cfg: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let nic = &cfg["network-interfaces"][0];
+    assert_eq!(nic["host_dev_name"], json!("tap0"), "{cfg}");
+    assert_eq!(nic["guest_mac"], vm["network"]["macAddress"], "{cfg}");
+    for dir in ["rx_rate_limiter", "tx_rate_limiter"] {
+        let b = &nic[dir]["bandwidth"];
+        assert_eq!(
+            (
+                b["size"].as_u64(),
+                b["refill_time"].as_u64(),
+                b["one_time_burst"].as_u64()
+            ),
+            (Some(100_000), Some(100), Some(65536)),
+            "{dir}: {cfg}"
+        );
+    }
+    api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None)
+        .ok();
+    m.assert_clean();
+}

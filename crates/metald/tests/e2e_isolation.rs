@@ -578,6 +578,9 @@ fn leftovers_are_removed_after_a_vmm_crash_a_failed_boot_and_at_start() {
     std::fs::create_dir_all(iso.run_dir.join("netns")).unwrap();
     std::fs::write(iso.run_dir.join("netns").join(stray), "").unwrap();
     std::fs::create_dir_all(iso.jail_dir.join("qemu").join(stray).join("root")).unwrap();
+    for parent in iso.cgroup_dirs() {
+        std::fs::create_dir_all(parent.join(stray)).unwrap();
+    }
     assert!(!iso.leftovers(&m.data_dir).is_empty());
     m.spawn();
     let vm = api.vm(&id);
@@ -588,6 +591,7 @@ fn leftovers_are_removed_after_a_vmm_crash_a_failed_boot_and_at_start() {
         "each removal is logged"
     );
     assert!(m.log_text().contains("removing leftover jail directory"));
+    assert!(m.log_text().contains("removing leftover VM cgroup"));
     api.call("DELETE", &format!("/v1/vms/{id}"), None).ok();
     api.call("DELETE", &format!("/v1/vms/{doomed}"), None).ok();
     m.assert_clean();

@@ -225,16 +225,13 @@ impl Network {
     pub async fn setup(&self, vm: &VmRecord) -> Result<VmNetworkPlan, NetworkError> {
         let plan = self.plan(vm)?;
         // Leftovers of an earlier run of this VM (metald killed mid-way) are replaced.
-        self.remove_plumbing(&plan).await;
-        match self.make_plumbing(&plan).await {
-            Ok(()) => {}
-            Err(e) => {
-                self.remove_plumbing(&plan).await;
-                return Err(e);
-            }
-        }
-        if let Err(e) = self.allow(vm, &plan).await {
-            self.remove_plumbing(&plan).await;
+        self.remove_plumbing(&vm.id).await;
+        let made = match self.make_plumbing(&plan).await {
+            Ok(()) => self.allow(vm, &plan).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = made {
+            self.remove_plumbing(&vm.id).await;
             return Err(e);
         }
         Ok(plan)
@@ -348,8 +345,9 @@ impl Network {
     }
 
     /// Removes the veth pair (its routes and addresses go with it) and the namespace file.
-    async fn remove_plumbing(&self, plan: &VmNetworkPlan) {
-        for name in [&plan.host_if, &plan.peer_if] {
+    async fn remove_plumbing(&self, vm: &VmId) {
+        let (host_if, peer_if) = interface_names(vm);
+        for name in [&host_if, &peer_if] {
             match self.find(name).await {
                 Ok(Some(index)) => {
                     if let Err(e) = self.handle.link().del(index).execute().await {
@@ -360,8 +358,9 @@ impl Network {
                 Err(e) => tracing::warn!(interface = %name, error = %e, "looking up veth failed"),
             }
         }
-        if let Err(e) = netns::remove(&plan.netns) {
-            tracing::warn!(path = %plan.netns.display(), error = %e, "removing network namespace failed");
+        let ns = self.netns_path(vm);
+        if let Err(e) = netns::remove(&ns) {
+            tracing::warn!(path = %ns.display(), error = %e, "removing network namespace failed");
         }
     }
 
@@ -393,14 +392,7 @@ impl Network {
                 *fw = next;
             }
         }
-        let (host_if, peer_if) = interface_names(&vm.id);
-        let plan = VmNetworkPlan {
-            netns: self.netns_path(&vm.id),
-            host_if,
-            peer_if,
-            ..self.plan(vm).unwrap_or_else(|_| empty_plan())
-        };
-        self.remove_plumbing(&plan).await;
+        self.remove_plumbing(&vm.id).await;
         Ok(())
     }
 
@@ -473,23 +465,6 @@ pub fn is_vm_interface(name: &str) -> bool {
         .strip_prefix(HOST_IF_PREFIX)
         .or_else(|| name.strip_prefix(PEER_IF_PREFIX));
     hex.is_some_and(|h| h.len() == 12 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-}
-
-fn empty_plan() -> VmNetworkPlan {
-    VmNetworkPlan {
-        netns: PathBuf::new(),
-        tap: TAP_NAME.into(),
-        bridge: BRIDGE_NAME.into(),
-        peer_if: String::new(),
-        host_if: String::new(),
-        mac: String::new(),
-        ipv6: Ipv6Addr::UNSPECIFIED,
-        ipv4: None,
-        gateway6: Ipv6Addr::UNSPECIFIED,
-        gateway4: None,
-        rx_rate_limit: None,
-        tx_rate_limit: None,
-    }
 }
 
 #[cfg(test)]

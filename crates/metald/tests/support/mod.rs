@@ -463,7 +463,8 @@ impl Drop for Metald {
 }
 
 impl Isolated {
-    fn cgroup_dirs(&self) -> Vec<PathBuf> {
+    /// The parent cgroup directories of this metald's VMs.
+    pub fn cgroup_dirs(&self) -> Vec<PathBuf> {
         let root = Path::new("/sys/fs/cgroup");
         if root.join("cgroup.controllers").exists() {
             vec![root.join(&self.cgroup_parent)]
