@@ -60,12 +60,15 @@ impl Sandboxes {
     /// Makes the VM's network and jail and puts them into `launch`. Nothing is left behind on
     /// failure.
     pub async fn setup(&self, vm: &VmRecord, launch: &mut VmLaunch) -> Result<(), SandboxError> {
+        let t0 = std::time::Instant::now();
         let net = self.network.setup(vm).await?;
+        let network_ms = t0.elapsed().as_secs_f64() * 1000.0;
         launch.net = Some(net);
         if let Err(e) = self.attach_jail(vm, launch) {
             self.release(vm).await;
             return Err(e);
         }
+        tracing::debug!(vm_id = %vm.id, network_ms, jail_ms = t0.elapsed().as_secs_f64() * 1000.0 - network_ms, "sandbox ready");
         Ok(())
     }
 

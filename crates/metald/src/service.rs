@@ -422,6 +422,7 @@ impl VmService {
         let mut vm = self.load(customer, id).await?;
         let next = next_state(vm.state, Operation::Boot)?;
         let mut launch = self.launch(&vm)?;
+        let t0 = std::time::Instant::now();
         if let Some(sb) = &self.sandboxes {
             sb.setup(&vm, &mut launch)
                 .await
@@ -430,7 +431,9 @@ impl VmService {
                     source,
                 })?;
         }
+        let sandbox_ms = t0.elapsed().as_secs_f64() * 1000.0;
         let console_offset = file_len(&launch.console_log());
+        let t1 = std::time::Instant::now();
         let process = match self.backend.boot(&launch).await {
             Ok(p) => p,
             Err(source) => {
@@ -449,7 +452,13 @@ impl VmService {
         vm.guest_ready = false;
         vm.backend = self.backend_name().to_string();
         self.save(&mut vm)?;
-        tracing::info!(vm_id = %id, pid = process.pid, "vm booted");
+        tracing::info!(
+            vm_id = %id,
+            pid = process.pid,
+            sandbox_ms,
+            vmm_ms = t1.elapsed().as_secs_f64() * 1000.0,
+            "vm booted"
+        );
         self.watch_readiness(&vm, &launch, console_offset);
         Ok(vm)
     }

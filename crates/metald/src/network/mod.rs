@@ -24,7 +24,8 @@ use std::path::PathBuf;
 
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags};
-use rtnetlink::{LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth};
+use rtnetlink::{LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 use tokio::sync::Mutex;
 
 use self::ipam::{Ipv4Subnet, Ipv6Prefix};
@@ -243,30 +244,32 @@ impl Network {
             path: plan.netns.clone(),
             source,
         })?;
-        let links = self.handle.link();
-        links
-            .add(LinkVeth::new(&plan.host_if, &plan.peer_if).build())
-            .execute()
-            .await
-            .map_err(nl(format!("create veth {}", plan.host_if)))?;
-        let peer = self.index_of(&plan.peer_if).await?;
         let ns = std::fs::File::open(&plan.netns).map_err(|source| NetworkError::Io {
             op: "open network namespace",
             path: plan.netns.clone(),
             source,
         })?;
-        {
+        // The peer is born inside the VM's namespace: moving an interface between namespaces
+        // afterwards costs 30-50 ms of RCU synchronisation, creating it there about 3 ms.
+        let peer = {
             use std::os::fd::AsRawFd;
-            links
-                .set(
-                    LinkUnspec::new_with_index(peer)
-                        .setns_by_fd(ns.as_raw_fd())
-                        .build(),
-                )
-                .execute()
-                .await
-                .map_err(nl(format!("move {} into the VM namespace", plan.peer_if)))?;
-        }
+            LinkMessageBuilder::<LinkUnspec>::new()
+                .name(plan.peer_if.clone())
+                .setns_by_fd(ns.as_raw_fd())
+                .build()
+        };
+        let links = self.handle.link();
+        links
+            .add(
+                LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+                    .name(plan.host_if.clone())
+                    .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(nl(format!("create veth {}", plan.host_if)))?;
+        drop(ns);
         let host = self.index_of(&plan.host_if).await?;
         self.add_address(host, IpAddr::V6(plan.gateway6), 128)
             .await?;
