@@ -596,3 +596,79 @@ fn leftovers_are_removed_after_a_vmm_crash_a_failed_boot_and_at_start() {
     api.call("DELETE", &format!("/v1/vms/{doomed}"), None).ok();
     m.assert_clean();
 }
+
+/// Outbound access: a host outside metald's namespace (in a namespace the test makes, linked
+/// to metald's by a veth) is unreachable from guests by default, and reachable (IPv4
+/// masqueraded, IPv6 routed) only when UNKEY_METALD_OUTBOUND_INTERFACE names the link.
+#[test]
+fn guests_reach_the_outside_only_through_an_explicitly_configured_interface() {
+    let Some(guest) = qemu_guest() else { return };
+    for outbound in [false, true] {
+        let mut b = metald();
+        if outbound {
+            b = b.env("UNKEY_METALD_OUTBOUND_INTERFACE", "uplink0");
+        }
+        let m = b.prepare(|m| m.import_default_guest(&guest));
+        let iso = m.iso.as_ref().unwrap();
+        // The "outside": 198.51.100.2 and 2001:db8:1::2 (documentation ranges), in a namespace of
+        // the test's own, whose only route back to the VMs goes through metald's namespace.
+        let outside = support::netns::TestNetns::new();
+        let sh = |cmd: &str| {
+            let out = std::process::Command::new("sh")
+                .args(["-c", cmd])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{cmd}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let (mns, ons) = (&iso.netns.name, &outside.name);
+        sh(&format!(
+            "ip -n {mns} link add uplink0 type veth peer name eth0 netns {ons}"
+        ));
+        sh(&format!("ip -n {mns} addr add 198.51.100.1/24 dev uplink0 && ip -n {mns} addr add 2001:db8:1::1/64 dev uplink0 nodad && ip -n {mns} link set uplink0 up"));
+        sh(&format!("ip -n {ons} addr add 198.51.100.2/24 dev eth0 && ip -n {ons} addr add 2001:db8:1::2/64 dev eth0 nodad && ip -n {ons} link set eth0 up"));
+        sh(&format!(
+            "ip -n {ons} -6 route add {TEST_IPV6_PREFIX} via 2001:db8:1::1"
+        ));
+        let mut m = m;
+        m.spawn();
+        let api = Rest::new(&m, Some("outbound"));
+        let id = create(&api, with_args("metald.ping=198.51.100.2,2001:db8:1::2"));
+        boot_ready(&api, &id);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let results = loop {
+            let r = ping_results(&console(&m, &id));
+            let rounds = ["198.51.100.2", "2001:db8:1::2"]
+                .iter()
+                .map(|t| r.get(*t).map_or(0, Vec::len))
+                .min()
+                .unwrap();
+            let reached = r.values().all(|v| v.contains(&"ok".to_string())) && !r.is_empty();
+            if (outbound && reached && rounds >= 2) || (!outbound && rounds >= 4) {
+                break r;
+            }
+            assert!(Instant::now() < deadline, "outbound={outbound}: {r:?}");
+            std::thread::sleep(Duration::from_millis(500));
+        };
+        for (target, res) in &results {
+            if outbound {
+                assert_eq!(
+                    res.last().map(String::as_str),
+                    Some("ok"),
+                    "{target}: {results:?}"
+                );
+            } else {
+                assert!(
+                    res.iter().all(|r| r == "fail"),
+                    "reached {target} without outbound access: {results:?}"
+                );
+            }
+        }
+        api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None)
+            .ok();
+        m.assert_clean();
+    }
+}

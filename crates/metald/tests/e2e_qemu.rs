@@ -697,6 +697,34 @@ fn state_survives_a_restart_and_running_vms_are_reattached() {
         "{}",
         m.log_text()
     );
+    // The re-attached VM keeps its addresses, its plumbing and its place in the firewall, which
+    // metald rewrote at start; the dead VM's namespace and veth are gone.
+    let iso = m.iso.as_ref().unwrap();
+    let net = api.vm(&running)["network"].clone();
+    let ping = iso
+        .netns
+        .command("ping")
+        .args(["-c1", "-W5", net["ipv6Address"].as_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        ping.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
+    let rules = iso
+        .netns
+        .output("nft", &["list", "table", "inet", "metald"]);
+    assert!(
+        rules.contains(net["hostInterface"].as_str().unwrap()),
+        "{rules}"
+    );
+    let orphan_if = api.vm(&orphan)["network"]["hostInterface"].clone();
+    assert!(!rules.contains(orphan_if.as_str().unwrap()), "{rules}");
+    assert!(!iso
+        .netns
+        .output("ip", &["-br", "link"])
+        .contains(orphan_if.as_str().unwrap()));
     let paused = api
         .call("POST", &format!("/v1/vms/{running}/pause"), None)
         .ok();
@@ -710,6 +738,7 @@ fn state_survives_a_restart_and_running_vms_are_reattached() {
         .ok();
     assert_eq!(down["vm"]["state"], "VM_STATE_SHUTDOWN");
     assert!(m.vmm_pids().is_empty());
+    m.assert_clean();
 }
 
 /// Extra drives (a private writable copy and a shared read-only one) and kernel arguments reach

@@ -544,14 +544,19 @@ impl Isolated {
             }
         }
         for line in self.netns.output("ip", &["-br", "link"]).lines() {
-            if !line.starts_with("lo ") {
+            // metald names VM interfaces mv<hex> (host side) and mp<hex> (VM side).
+            if line.starts_with("mv") || line.starts_with("mp") {
                 out.push(format!("interface {line}"));
             }
         }
         let rules = self
             .netns
             .output("nft", &["list", "table", "inet", "metald"]);
-        if rules.contains("set customer_") || rules.contains("saddr") {
+        // Rules naming a VM's interface (`"mv<hex>"`), not the `"mv*"` wildcards.
+        let names_a_vm = rules
+            .match_indices("\"mv")
+            .any(|(i, _)| rules[i + 3..].starts_with(|c: char| c.is_ascii_hexdigit()));
+        if rules.contains("set customer_") || names_a_vm {
             out.push(format!("nft rules for VMs:\n{rules}"));
         }
         out
