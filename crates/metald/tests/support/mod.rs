@@ -458,6 +458,15 @@ impl Drop for Metald {
         }
         if std::thread::panicking() {
             eprintln!("---- metald log ----\n{}", self.log_text());
+        } else if let Some(iso) = &self.iso {
+            // Whatever the test did, the machine is left as it was: no namespace pin, mount or
+            // cgroup outlives it (the test's namespace, with every veth in it, goes next).
+            let left: Vec<String> = iso
+                .leftovers(&self.data_dir)
+                .into_iter()
+                .filter(|l| !l.starts_with("interface") && !l.starts_with("nft"))
+                .collect();
+            assert!(left.is_empty(), "test left behind:\n{}", left.join("\n"));
         }
     }
 }
@@ -479,6 +488,7 @@ impl Isolated {
     /// Removes whatever a (failed) test left: namespace pins, cgroups, jail directories. The
     /// test namespace itself (with every veth in it) goes when `netns` drops.
     fn force_cleanup(&self) {
+        let _ = std::fs::remove_dir_all(&self.jail_dir);
         for f in std::fs::read_dir(self.run_dir.join("netns"))
             .into_iter()
             .flatten()
