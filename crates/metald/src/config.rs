@@ -97,6 +97,33 @@ pub struct Config {
     pub log_format: LogFormat,
     /// VMM isolation.
     pub isolation: Isolation,
+    /// How often every running VM is sampled.
+    pub metrics_interval: Duration,
+    /// How long samples are kept in memory.
+    pub metrics_retention: Duration,
+}
+
+impl Config {
+    /// Samples kept per VM.
+    pub fn metrics_retained_samples(&self) -> usize {
+        let n = self.metrics_retention.as_millis() / self.metrics_interval.as_millis().max(1);
+        usize::try_from(n).unwrap_or(usize::MAX).max(1)
+    }
+}
+
+/// `100ms`, `2s` or a bare number of milliseconds.
+fn parse_duration(v: &str) -> Option<Duration> {
+    let (num, unit) = match v.strip_suffix("ms") {
+        Some(n) => (n, 1),
+        None => match v.strip_suffix('s') {
+            Some(n) => (n, 1000),
+            None => (v, 1),
+        },
+    };
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .map(|n| Duration::from_millis(n * unit))
 }
 
 /// A bad environment variable.
@@ -226,6 +253,21 @@ impl Config {
                 _ => return Err(bad(n, &v, "expected jail or none")),
             },
         };
+        let metrics_interval = match get("UNKEY_METALD_METRICS_INTERVAL") {
+            None => Duration::from_millis(100),
+            Some((n, v)) => parse_duration(&v)
+                .filter(|d| (Duration::from_millis(10)..=Duration::from_secs(60)).contains(d))
+                .ok_or_else(|| bad(n, &v, "expected a duration such as 100ms or 1s, 10ms-60s"))?,
+        };
+        let metrics_retention = match get("UNKEY_METALD_METRICS_RETENTION_SECONDS") {
+            None => Duration::from_secs(300),
+            Some((n, v)) => v
+                .parse::<u64>()
+                .ok()
+                .filter(|s| (1..=86_400).contains(s))
+                .map(Duration::from_secs)
+                .ok_or_else(|| bad(n, &v, "expected whole seconds, 1-86400"))?,
+        };
         Ok(Self {
             address,
             port,
@@ -237,6 +279,8 @@ impl Config {
             boot_timeout,
             log_format,
             isolation,
+            metrics_interval,
+            metrics_retention,
         })
     }
 }
@@ -504,6 +548,9 @@ mod tests {
                 "interface name",
             ),
             ("UNKEY_METALD_NFT_BIN", "/nonexistent/nft", "executable"),
+            ("UNKEY_METALD_METRICS_INTERVAL", "5ms", "10ms-60s"),
+            ("UNKEY_METALD_METRICS_INTERVAL", "fast", "duration"),
+            ("UNKEY_METALD_METRICS_RETENTION_SECONDS", "0", "1-86400"),
         ];
         for (var, value, allowed) in cases {
             let err = parse(&[(var, value)]).unwrap_err();

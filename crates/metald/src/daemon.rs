@@ -12,6 +12,7 @@ use crate::backend::qemu::{Accel, QemuBackend};
 use crate::backend::{Backend, BackendKind, ExitEvent};
 use crate::config::{hardware_kvm, AccelChoice, BackendChoice, Config, Isolation, IsolationConfig};
 use crate::jailer::{Jailer, JailerConfig};
+use crate::metering::{Meter, MeterConfig};
 use crate::network::ipam::AllocationPlan;
 use crate::network::{Network, NetworkConfig};
 use crate::sandbox::Sandboxes;
@@ -195,11 +196,20 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
             None
         }
     };
+    let meter = Meter::start(MeterConfig {
+        interval: cfg.metrics_interval,
+        retained_samples: cfg.metrics_retained_samples(),
+    });
+    tracing::info!(
+        interval_ms = cfg.metrics_interval.as_millis() as u64,
+        "metering every running VM"
+    );
     let svc = VmService::start(
         store,
         assets,
         backend,
         sandboxes,
+        Some(meter),
         ServiceConfig {
             vms_dir,
             boot_timeout: cfg.boot_timeout,

@@ -16,6 +16,7 @@ pub mod config;
 pub mod daemon;
 pub mod domain;
 pub mod jailer;
+pub mod metering;
 pub mod network;
 pub mod sandbox;
 pub mod service;

@@ -12,6 +12,8 @@ use tokio::sync::mpsc;
 use crate::assets::{AssetError, AssetStore, BootFiles};
 use crate::backend::{file_tail, Backend, BackendError, Disk, ExitEvent, StopMode, VmLaunch};
 use crate::domain::{is_token, now_ms, CustomerId, DriveConfig, VmConfig, VmId, VmRecord, MIB};
+use crate::metering::sources::Sources;
+use crate::metering::{Counters, Meter, VmUsage};
 use crate::sandbox::{SandboxError, Sandboxes};
 use crate::state::{transition, InvalidTransition, Operation, VmState};
 use crate::store::{AssetKind, Store, StoreError};
@@ -152,6 +154,7 @@ pub struct VmService {
     assets: Arc<AssetStore>,
     backend: Arc<dyn Backend>,
     sandboxes: Option<Arc<Sandboxes>>,
+    meter: Option<Arc<Meter>>,
     cfg: ServiceConfig,
     locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -163,6 +166,7 @@ impl VmService {
         assets: Arc<AssetStore>,
         backend: Arc<dyn Backend>,
         sandboxes: Option<Arc<Sandboxes>>,
+        meter: Option<Arc<Meter>>,
         cfg: ServiceConfig,
         mut exits: mpsc::UnboundedReceiver<ExitEvent>,
     ) -> Arc<Self> {
@@ -171,6 +175,7 @@ impl VmService {
             assets,
             backend,
             sandboxes,
+            meter,
             cfg,
             locks: Mutex::new(HashMap::new()),
         });
@@ -182,6 +187,83 @@ impl VmService {
             }
         });
         svc
+    }
+
+    /// Starts counting a VM's new VMM run.
+    fn track(&self, vm: &VmRecord, pid: u32) {
+        let Some(meter) = &self.meter else { return };
+        let (sources, host_if) = match &self.sandboxes {
+            Some(sb) => (
+                Sources::for_cgroup(&sb.jailer().cgroups().files(vm.id.as_str()), pid),
+                sb.network().plan(vm).ok().map(|p| p.host_if),
+            ),
+            None => (Sources::for_process(pid), None),
+        };
+        meter.track(
+            &vm.id,
+            &vm.customer,
+            vm.config.memory_bytes,
+            sources,
+            host_if,
+            Default::default(),
+        );
+    }
+
+    /// The metering interval (zero when metering is off).
+    pub fn metering_interval(&self) -> Duration {
+        self.meter.as_ref().map_or(Duration::ZERO, |m| m.interval())
+    }
+
+    /// A VM's usage: totals and the samples after `since_ms`.
+    pub async fn usage(
+        &self,
+        customer: &CustomerId,
+        id: &VmId,
+        since_ms: i64,
+    ) -> Result<VmUsage, ServiceError> {
+        let vm = self.load(customer, id).await?;
+        Ok(self
+            .meter
+            .as_ref()
+            .and_then(|m| m.usage(id, since_ms))
+            .unwrap_or(VmUsage {
+                total: Counters::default(),
+                memory_configured: vm.config.memory_bytes,
+                samples: Vec::new(),
+            }))
+    }
+
+    /// What each of the customer's VMs used in `(start_ms, end_ms]`, from the samples held.
+    pub async fn customer_usage(
+        &self,
+        customer: &CustomerId,
+        start_ms: i64,
+        end_ms: i64,
+    ) -> Result<Vec<(VmId, Counters)>, ServiceError> {
+        if end_ms < start_ms {
+            return Err(invalid("end", "must not be before start"));
+        }
+        let Some(meter) = &self.meter else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for id in meter.customer_vms(customer) {
+            let Some(u) = meter.usage(&id, i64::MIN) else {
+                continue;
+            };
+            let at = |t: i64| {
+                u.samples
+                    .iter()
+                    .rev()
+                    .find(|p| p.wall_ms <= t)
+                    .map(|p| p.total)
+            };
+            // Before its first sample a VM had used nothing.
+            let before = at(start_ms).unwrap_or_default();
+            let Some(after) = at(end_ms) else { continue };
+            out.push((id, after.since(&before)));
+        }
+        Ok(out)
     }
 
     /// The VM's network identity, when metald isolates VMs.
@@ -452,6 +534,7 @@ impl VmService {
         vm.guest_ready = false;
         vm.backend = self.backend_name().to_string();
         self.save(&mut vm)?;
+        self.track(&vm, process.pid);
         tracing::info!(
             vm_id = %id,
             pid = process.pid,
@@ -572,6 +655,10 @@ impl VmService {
         vm.guest_ready = false;
         vm.failure = None;
         self.save(&mut vm)?;
+        if let Some(meter) = &self.meter {
+            meter.stop(id);
+        }
+        self.track(&vm, process.pid);
         tracing::info!(vm_id = %id, pid = process.pid, "vm rebooted");
         self.watch_readiness(&vm, &launch, console_offset);
         Ok(vm)
@@ -609,6 +696,9 @@ impl VmService {
             }
         }
         self.store.delete_vm(id)?;
+        if let Some(meter) = &self.meter {
+            meter.forget(id);
+        }
         drop(guard);
         self.locks
             .lock()
@@ -741,6 +831,10 @@ impl VmService {
                     }
                 }
                 keep.insert(vm.id.clone());
+                if let Some(pid) = vm.vmm_pid {
+                    // Counting resumes from here: what ran while metald was down is not seen.
+                    self.track(&vm, pid);
+                }
                 continue;
             }
             self.release_sandbox(&vm).await;
@@ -760,7 +854,11 @@ impl VmService {
         Ok(())
     }
 
+    /// The VM's VMM is gone: its last sample is taken, then its sandbox removed.
     async fn release_sandbox(&self, vm: &VmRecord) {
+        if let Some(meter) = &self.meter {
+            meter.stop(&vm.id);
+        }
         if let Some(sb) = &self.sandboxes {
             sb.release(vm).await;
         }
@@ -1090,7 +1188,7 @@ mod tests {
             vms_dir: vms_dir.clone(),
             boot_timeout,
         };
-        let svc = VmService::start(store, assets, backend.clone(), None, cfg, rx);
+        let svc = VmService::start(store, assets, backend.clone(), None, None, cfg, rx);
         Fixture {
             _dir: dir,
             vms_dir,

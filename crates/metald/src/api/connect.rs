@@ -156,4 +156,22 @@ impl pb::VmService for ConnectApi {
         let who = customer(&ctx)?;
         Response::ok(h::get_console(&self.svc, &who, request.vm_id, request.tail_bytes).await?)
     }
+
+    async fn get_vm_usage(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, pb::GetVmUsageRequest>,
+    ) -> ServiceResult<pb::GetVmUsageResponse> {
+        let who = customer(&ctx)?;
+        Response::ok(h::get_usage(&self.svc, &who, request.vm_id, request.since).await?)
+    }
+
+    async fn list_customer_usage(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, pb::ListCustomerUsageRequest>,
+    ) -> ServiceResult<pb::ListCustomerUsageResponse> {
+        let who = customer(&ctx)?;
+        Response::ok(h::list_customer_usage(&self.svc, &who, request.start, request.end).await?)
+    }
 }

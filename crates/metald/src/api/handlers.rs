@@ -10,6 +10,7 @@ use super::error::to_connect;
 use crate::domain::{
     rfc3339, CustomerId, DriveConfig, NetworkSettings, RateLimit, VmConfig, VmId, VmRecord,
 };
+use crate::metering::Counters;
 use crate::service::{ShutdownRequest, VmService};
 use crate::state::VmState;
 
@@ -337,6 +338,89 @@ pub async fn get_console(
         output: tail.output,
         total_bytes: tail.total_bytes,
         truncated: tail.truncated,
+        ..Default::default()
+    })
+}
+
+/// An RFC 3339 request field as Unix milliseconds; empty gives `default`.
+fn time_ms(field: &str, raw: &str, default: i64) -> Result<i64, ConnectError> {
+    if raw.is_empty() {
+        return Ok(default);
+    }
+    time::OffsetDateTime::parse(raw, &time::format_description::well_known::Rfc3339)
+        .map(|t| i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX))
+        .map_err(|e| {
+            ConnectError::invalid_argument(format!(
+                "{field}: '{}' is not an RFC 3339 time ({e})",
+                crate::domain::truncate_for_message(raw)
+            ))
+        })
+}
+
+fn usage_to_proto(c: &Counters, memory_configured: u64) -> pb::Usage {
+    pb::Usage {
+        cpu_time_nanos: c.cpu_ns,
+        memory_usage_bytes: c.memory_bytes,
+        memory_configured_bytes: memory_configured,
+        disk_read_bytes: c.disk_read_bytes,
+        disk_write_bytes: c.disk_write_bytes,
+        disk_read_ops: c.disk_read_ops,
+        disk_write_ops: c.disk_write_ops,
+        network_rx_bytes: c.net_rx_bytes,
+        network_tx_bytes: c.net_tx_bytes,
+        network_rx_packets: c.net_rx_packets,
+        network_tx_packets: c.net_tx_packets,
+        ..Default::default()
+    }
+}
+
+/// GetVmUsage.
+pub async fn get_usage(
+    svc: &Arc<VmService>,
+    who: &CustomerId,
+    id: &str,
+    since: &str,
+) -> Result<pb::GetVmUsageResponse, ConnectError> {
+    let id = vm_id("vm_id", id)?;
+    let since = time_ms("since", since, i64::MIN)?;
+    let u = svc.usage(who, &id, since).await.map_err(err)?;
+    Ok(pb::GetVmUsageResponse {
+        vm_id: id.to_string(),
+        total: usage_to_proto(&u.total, u.memory_configured).into(),
+        samples: u
+            .samples
+            .iter()
+            .map(|p| pb::UsageSample {
+                timestamp: rfc3339(p.wall_ms),
+                monotonic_nanos: p.mono_ns,
+                usage: usage_to_proto(&p.total, u.memory_configured).into(),
+                ..Default::default()
+            })
+            .collect(),
+        interval_millis: u32::try_from(svc.metering_interval().as_millis()).unwrap_or(u32::MAX),
+        ..Default::default()
+    })
+}
+
+/// ListCustomerUsage.
+pub async fn list_customer_usage(
+    svc: &Arc<VmService>,
+    who: &CustomerId,
+    start: &str,
+    end: &str,
+) -> Result<pb::ListCustomerUsageResponse, ConnectError> {
+    let start = time_ms("start", start, i64::MIN)?;
+    let end = time_ms("end", end, i64::MAX)?;
+    let vms = svc.customer_usage(who, start, end).await.map_err(err)?;
+    Ok(pb::ListCustomerUsageResponse {
+        vms: vms
+            .iter()
+            .map(|(id, c)| pb::VmUsage {
+                vm_id: id.to_string(),
+                usage: usage_to_proto(c, 0).into(),
+                ..Default::default()
+            })
+            .collect(),
         ..Default::default()
     })
 }

@@ -68,6 +68,8 @@ pub fn router(svc: Arc<VmService>) -> Router {
         .route("/v1/vms/{id}/resume", post(resume))
         .route("/v1/vms/{id}/reboot", post(reboot))
         .route("/v1/vms/{id}/console", get(console))
+        .route("/v1/vms/{id}/usage", get(usage))
+        .route("/v1/usage", get(customer_usage))
         .with_state(svc)
 }
 
@@ -257,6 +259,52 @@ async fn console(
         let Query(q) = query
             .map_err(|e| ConnectError::invalid_argument(format!("query: {}", e.body_text())))?;
         h::get_console(&svc, &who, &id, q.tail_bytes.unwrap_or(0)).await
+    };
+    done(StatusCode::OK, run.await)
+}
+
+#[derive(serde::Deserialize)]
+struct UsageQuery {
+    since: Option<String>,
+}
+
+async fn usage(
+    State(svc): Svc,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    query: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Reply {
+    let run = async {
+        let who = caller.customer()?.clone();
+        let Query(q) = query
+            .map_err(|e| ConnectError::invalid_argument(format!("query: {}", e.body_text())))?;
+        h::get_usage(&svc, &who, &id, q.since.as_deref().unwrap_or("")).await
+    };
+    done(StatusCode::OK, run.await)
+}
+
+#[derive(serde::Deserialize)]
+struct WindowQuery {
+    start: Option<String>,
+    end: Option<String>,
+}
+
+async fn customer_usage(
+    State(svc): Svc,
+    Extension(caller): Extension<Caller>,
+    query: Result<Query<WindowQuery>, axum::extract::rejection::QueryRejection>,
+) -> Reply {
+    let run = async {
+        let who = caller.customer()?.clone();
+        let Query(q) = query
+            .map_err(|e| ConnectError::invalid_argument(format!("query: {}", e.body_text())))?;
+        h::list_customer_usage(
+            &svc,
+            &who,
+            q.start.as_deref().unwrap_or(""),
+            q.end.as_deref().unwrap_or(""),
+        )
+        .await
     };
     done(StatusCode::OK, run.await)
 }

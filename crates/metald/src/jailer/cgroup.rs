@@ -54,8 +54,23 @@ fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CgroupErr
     move |source| CgroupError::Io { op, path, source }
 }
 
-/// v1 controllers metald limits (cpuacct comes along for metering where it is co-mounted).
+/// v1 controllers metald limits.
 const V1_CONTROLLERS: [&str; 3] = ["cpu", "memory", "pids"];
+/// v1 controllers metald only reads (CPU time, block I/O operations), used where mounted.
+const V1_ACCOUNTING: [&str; 2] = ["cpuacct", "blkio"];
+
+/// The files metering reads in a VM's cgroup(s).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CgroupFiles {
+    /// Unified hierarchy (v2 file formats).
+    pub v2: bool,
+    /// CPU time: `cpuacct.usage` (v1) or `cpu.stat` (v2).
+    pub cpu: PathBuf,
+    /// Memory in use: `memory.usage_in_bytes` (v1) or `memory.current` (v2).
+    pub memory: PathBuf,
+    /// Block I/O operations: `blkio.throttle.io_serviced` (v1) or `io.stat` (v2), if available.
+    pub block_ops: Option<PathBuf>,
+}
 
 /// The per-VM cgroups under one parent.
 #[derive(Debug, Clone)]
@@ -91,8 +106,43 @@ impl Cgroups {
             Hierarchy::V2(root) => vec![root.join(&self.parent)],
             Hierarchy::V1(root) => V1_CONTROLLERS
                 .iter()
+                .chain(V1_ACCOUNTING.iter())
+                .filter(|c| root.join(c).is_dir())
                 .map(|c| root.join(c).join(&self.parent))
                 .collect(),
+        }
+    }
+
+    /// The files metering reads for the VM.
+    pub fn files(&self, vm: &str) -> CgroupFiles {
+        match &self.hierarchy {
+            Hierarchy::V2(root) => {
+                let dir = root.join(&self.parent).join(vm);
+                CgroupFiles {
+                    v2: true,
+                    cpu: dir.join("cpu.stat"),
+                    memory: dir.join("memory.current"),
+                    block_ops: Some(dir.join("io.stat")),
+                }
+            }
+            Hierarchy::V1(root) => {
+                let dir = |c: &str| root.join(c).join(&self.parent).join(vm);
+                // Where cpu and cpuacct are co-mounted, both names lead to the same directory.
+                let cpu = if root.join("cpuacct").is_dir() {
+                    dir("cpuacct").join("cpuacct.usage")
+                } else {
+                    dir("cpu").join("cpuacct.usage")
+                };
+                CgroupFiles {
+                    v2: false,
+                    cpu,
+                    memory: dir("memory").join("memory.usage_in_bytes"),
+                    block_ops: root
+                        .join("blkio")
+                        .is_dir()
+                        .then(|| dir("blkio").join("blkio.throttle.io_serviced")),
+                }
+            }
         }
     }
 
@@ -120,6 +170,12 @@ impl Cgroups {
                     let f = dir.join("cgroup.subtree_control");
                     std::fs::write(&f, "+cpu +memory +pids")
                         .map_err(io("enable controllers in", &f))?;
+                    // I/O accounting is for metering only: a host without the io controller
+                    // still runs VMs, just without disk operation counts.
+                    let available = std::fs::read_to_string(root.join("cgroup.controllers"));
+                    if available.is_ok_and(|c| c.split_whitespace().any(|x| x == "io")) {
+                        let _ignored = std::fs::write(&f, "+io");
+                    }
                 }
                 let dir = parent.join(vm);
                 mkdir(&dir)?;
@@ -133,8 +189,7 @@ impl Cgroups {
                 write(&dir, "pids.max", &limits.pids_max.to_string())?;
             }
             Hierarchy::V1(root) => {
-                for c in V1_CONTROLLERS {
-                    let parent = root.join(c).join(&self.parent);
+                for parent in self.parents() {
                     std::fs::create_dir_all(&parent).map_err(io("create", &parent))?;
                     mkdir(&parent.join(vm))?;
                 }
@@ -289,7 +344,17 @@ mod tests {
             (512u64 << 20).to_string()
         );
         assert_eq!(read("pids", "pids.max"), "256");
-        assert_eq!(cg.procs_files("vm-1").len(), 3);
+        assert_eq!(
+            cg.procs_files("vm-1").len(),
+            3,
+            "accounting controllers only where mounted"
+        );
+        std::fs::create_dir(root.path().join("cpuacct")).unwrap();
+        assert_eq!(cg.procs_files("vm-1").len(), 4);
+        assert!(cg
+            .files("vm-1")
+            .cpu
+            .ends_with("cpuacct/metald/vm-1/cpuacct.usage"));
     }
 
     #[test]
