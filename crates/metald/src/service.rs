@@ -209,6 +209,35 @@ impl VmService {
         );
     }
 
+    /// Number of VMs in each state.
+    pub fn vm_counts(&self) -> Vec<(VmState, u64)> {
+        self.store.count_by_state().unwrap_or_else(|e| {
+            tracing::error!(error = %e, "counting VMs failed");
+            Vec::new()
+        })
+    }
+
+    /// Every metered VM's totals (for exporting).
+    pub fn usage_snapshot(&self) -> Vec<(VmId, CustomerId, Counters)> {
+        self.meter
+            .as_ref()
+            .map(|m| m.snapshot())
+            .unwrap_or_default()
+    }
+
+    /// Seconds the sampler spent sampling and its rounds.
+    pub fn meter_cost(&self) -> Option<(f64, u64)> {
+        self.meter.as_ref().map(|m| m.cost())
+    }
+
+    /// Whether metald can serve: the database answers and the VMM binary can be run.
+    pub fn ready(&self) -> Result<(), String> {
+        self.store
+            .count_by_state()
+            .map_err(|e| format!("database: {e}"))?;
+        self.backend.ready().map_err(|e| format!("backend: {e}"))
+    }
+
     /// The metering interval (zero when metering is off).
     pub fn metering_interval(&self) -> Duration {
         self.meter.as_ref().map_or(Duration::ZERO, |m| m.interval())

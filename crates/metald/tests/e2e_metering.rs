@@ -314,3 +314,83 @@ fn disk_and_network_bytes_are_counted_and_usage_is_sampled_every_100_ms_per_cust
         .ok();
     m.assert_clean();
 }
+
+#[test]
+fn prometheus_metrics_parse_and_readiness_reports_ok() {
+    let Some(guest) = qemu_guest() else { return };
+    let m = metald().start(&guest);
+    let api = Rest::new(&m, Some("scraped"));
+    let id = create_boot(&api, with_script(None));
+    assert_eq!(api.call("GET", "/v1/vms/vm-nope", None).status, 400);
+    std::thread::sleep(Duration::from_millis(500));
+    let get = |path: &str| {
+        block_on(async {
+            let r = ::reqwest::get(format!("{}{path}", m.url)).await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        })
+    };
+    assert_eq!(get("/readyz"), (200, "ready".to_string()));
+    let (status, text) = get("/metrics");
+    assert_eq!(status, 200);
+    let scrape =
+        prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("parses");
+    let value = |name: &str, want: &[(&str, &str)]| -> Option<f64> {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && want.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) => v,
+                prometheus_parse::Value::Untyped(v) => v,
+                _ => f64::NAN,
+            })
+    };
+    assert_eq!(
+        value("metald_vms", &[("state", "RUNNING")]),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(
+            "metald_api_requests_total",
+            &[("method", "POST /v1/vms"), ("code", "201")]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(
+            "metald_api_requests_total",
+            &[("method", "GET /v1/vms/:id"), ("code", "400")]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        value(
+            "metald_vm_cpu_nanoseconds_total",
+            &[("vm_id", &id), ("customer", "scraped")]
+        )
+        .unwrap()
+            > 0.0,
+        "{text}"
+    );
+    assert!(value("metald_vm_memory_bytes", &[("vm_id", &id)]).unwrap() > 0.0);
+    assert!(value("metald_meter_ticks_total", &[]).unwrap() > 5.0);
+    assert!(
+        text.contains("metald_api_request_duration_seconds_bucket{le=")
+            || text.contains(
+                "metald_api_request_duration_seconds_bucket{method=\"POST /v1/vms/:id/boot\""
+            ),
+        "{text}"
+    );
+    // Ids never become labels of request metrics: one series per route template.
+    assert!(!scrape.samples.iter().any(
+        |s| s.metric.starts_with("metald_api") && s.labels.values().any(|v| v.contains("vm-"))
+    ));
+    api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None)
+        .ok();
+    let (_, text) = get("/metrics");
+    assert!(!text.contains(&id), "a deleted VM's series are gone");
+    m.assert_clean();
+}

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod connect;
 pub mod error;
 pub mod handlers;
+pub mod metrics;
 pub mod rest;
 pub mod strict;
 
@@ -27,13 +28,35 @@ const CREATE_VM_PATH: &str = "/metald.v1.VmService/CreateVm";
 
 /// The whole HTTP surface: REST routes, Connect/gRPC as the fallback, health, all behind auth.
 pub fn router(svc: Arc<VmService>) -> axum::Router {
+    let metrics = metrics::ApiMetrics::new(Arc::clone(&svc));
     let connect =
         Arc::new(connect::ConnectApi::new(Arc::clone(&svc))).register(connectrpc::Router::new());
+    let ready_svc = Arc::clone(&svc);
     rest::router(svc)
         .fallback_service(connect.into_axum_service())
         .layer(axum::middleware::from_fn(strict_connect_json))
         .layer(axum::middleware::from_fn(auth::layer))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&metrics),
+            metrics::track,
+        ))
         .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            axum::routing::get(move || readyz(Arc::clone(&ready_svc))),
+        )
+        .route(
+            "/metrics",
+            axum::routing::get(metrics::serve).with_state(metrics),
+        )
+}
+
+/// Readiness: the store answers and the backend can start VMMs (503 with the reason if not).
+async fn readyz(svc: Arc<VmService>) -> Response {
+    match svc.ready() {
+        Ok(()) => "ready".into_response(),
+        Err(why) => (http::StatusCode::SERVICE_UNAVAILABLE, why).into_response(),
+    }
 }
 
 /// Applies the same unknown-field check as REST to Connect JSON CreateVm calls.

@@ -216,6 +216,11 @@ pub trait Backend: Send + Sync {
     /// Most vCPUs one VM may have on this VMM.
     fn max_vcpus(&self) -> u32;
 
+    /// Whether VMMs can be started now (the binary is still there and executable).
+    fn ready(&self) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Prepares the VMM's files in the VM's directory; starts nothing.
     async fn create(&self, launch: &VmLaunch) -> Result<(), BackendError>;
 

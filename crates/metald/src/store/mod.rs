@@ -264,6 +264,27 @@ impl Store {
         collect_vm_rows(rows)
     }
 
+    /// Number of VMs per state (states with none are left out).
+    pub fn count_by_state(&self) -> Result<Vec<(VmState, u64)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached("SELECT state, COUNT(*) FROM vms GROUP BY state")
+            .map_err(sql("count vms"))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(sql("count vms"))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (state, n) = row.map_err(sql("count vms"))?;
+            let state = VmState::parse(&state).ok_or_else(|| StoreError::Corrupt {
+                id: "vms".into(),
+                reason: format!("state {state}"),
+            })?;
+            out.push((state, n as u64));
+        }
+        Ok(out)
+    }
+
     /// Removes a VM's row.
     pub fn delete_vm(&self, id: &VmId) -> Result<(), StoreError> {
         self.conn()

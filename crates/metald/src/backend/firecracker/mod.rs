@@ -111,6 +111,17 @@ impl Backend for FirecrackerBackend {
         MAX_VCPUS
     }
 
+    fn ready(&self) -> Result<(), String> {
+        if crate::config::is_executable(&self.binary) {
+            Ok(())
+        } else {
+            Err(format!(
+                "Firecracker binary {} is not executable",
+                self.binary.display()
+            ))
+        }
+    }
+
     async fn create(&self, launch: &VmLaunch) -> Result<(), BackendError> {
         touch_logs(launch)
     }

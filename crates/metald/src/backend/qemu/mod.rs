@@ -179,6 +179,17 @@ impl Backend for QemuBackend {
         MAX_VCPUS
     }
 
+    fn ready(&self) -> Result<(), String> {
+        if crate::config::is_executable(&self.binary) {
+            Ok(())
+        } else {
+            Err(format!(
+                "QEMU binary {} is not executable",
+                self.binary.display()
+            ))
+        }
+    }
+
     async fn create(&self, launch: &VmLaunch) -> Result<(), BackendError> {
         touch_logs(launch)
     }
