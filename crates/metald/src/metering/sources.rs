@@ -153,23 +153,34 @@ impl Sources {
         net: &HashMap<String, NetDev>,
         last: &Counters,
     ) -> Counters {
+        self.read_some(host_if, net, last, true)
+    }
+
+    /// Like [`Sources::read`]; without `all`, the memory gauge and the disk operation counts
+    /// (which cost a syscall each and change slowly) keep their values from `last`.
+    pub fn read_some(
+        &self,
+        host_if: Option<&str>,
+        net: &HashMap<String, NetDev>,
+        last: &Counters,
+        all: bool,
+    ) -> Counters {
         let mut c = *last;
         if let Some(v) = self.cpu.as_ref().and_then(read_cpu) {
             c.cpu_ns = v;
         }
-        match self.memory.as_ref().and_then(read_memory) {
-            Some(v) => c.memory_bytes = v,
-            None => c.memory_bytes = 0,
+        if all {
+            c.memory_bytes = self.memory.as_ref().and_then(read_memory).unwrap_or(0);
+            if let Some((r, w)) = self.ops.as_ref().and_then(read_ops) {
+                c.disk_read_ops = r;
+                c.disk_write_ops = w;
+            }
         }
         if let Some(t) = self.io.as_ref().and_then(read) {
             if let (Some(r), Some(w)) = (keyed(&t, "read_bytes"), keyed(&t, "write_bytes")) {
                 c.disk_read_bytes = r;
                 c.disk_write_bytes = w;
             }
-        }
-        if let Some((r, w)) = self.ops.as_ref().and_then(read_ops) {
-            c.disk_read_ops = r;
-            c.disk_write_ops = w;
         }
         if let Some(n) = host_if.and_then(|i| net.get(i)) {
             // The host side sends what the guest receives.
