@@ -13,7 +13,7 @@ use crate::assets::{AssetError, AssetStore, BootFiles};
 use crate::backend::{file_tail, Backend, BackendError, Disk, ExitEvent, StopMode, VmLaunch};
 use crate::domain::{is_token, now_ms, CustomerId, DriveConfig, VmConfig, VmId, VmRecord, MIB};
 use crate::metering::sources::Sources;
-use crate::metering::{Counters, Meter, VmUsage};
+use crate::metering::{Counters, Meter, RunStart, VmUsage};
 use crate::sandbox::{SandboxError, Sandboxes};
 use crate::state::{transition, InvalidTransition, Operation, VmState};
 use crate::store::{AssetKind, Store, StoreError};
@@ -189,9 +189,17 @@ impl VmService {
         svc
     }
 
-    /// Starts counting a VM's new VMM run.
-    fn track(&self, vm: &VmRecord, pid: u32) {
+    /// Starts counting a VM's VMM run: a new one (`adopted` false) from its current counter
+    /// readings, a re-adopted one from where its counting started, so the totals stay
+    /// continuous across a metald restart (the kernel kept counting meanwhile).
+    fn track(&self, vm: &VmRecord, pid: u32, adopted: bool) {
         let Some(meter) = &self.meter else { return };
+        let saved = self.store.load_usage(&vm.id).unwrap_or_else(|e| {
+            tracing::error!(vm_id = %vm.id, error = %e, "reading saved usage failed");
+            None
+        });
+        let (carried, base) = saved.unwrap_or_default();
+        let base = if adopted { base } else { None };
         let (sources, host_if) = match &self.sandboxes {
             Some(sb) => (
                 Sources::for_cgroup(&sb.jailer().cgroups().files(vm.id.as_str()), pid),
@@ -199,14 +207,30 @@ impl VmService {
             ),
             None => (Sources::for_process(pid), None),
         };
-        meter.track(
+        let base = meter.track(
             &vm.id,
-            &vm.customer,
-            vm.config.memory_bytes,
-            sources,
-            host_if,
-            Default::default(),
+            RunStart {
+                customer: vm.customer.clone(),
+                memory_configured: vm.config.memory_bytes,
+                sources,
+                host_if,
+                carried,
+                base,
+            },
         );
+        if let Err(e) = self.store.save_usage(&vm.id, &carried, Some(&base)) {
+            tracing::error!(vm_id = %vm.id, error = %e, "saving usage failed");
+        }
+    }
+
+    /// Takes the VM's last sample and saves its totals.
+    fn untrack(&self, vm: &VmId) {
+        let Some(total) = self.meter.as_ref().and_then(|m| m.stop(vm)) else {
+            return;
+        };
+        if let Err(e) = self.store.save_usage(vm, &total, None) {
+            tracing::error!(vm_id = %vm, error = %e, "saving usage failed");
+        }
     }
 
     /// Number of VMs in each state.
@@ -563,7 +587,7 @@ impl VmService {
         vm.guest_ready = false;
         vm.backend = self.backend_name().to_string();
         self.save(&mut vm)?;
-        self.track(&vm, process.pid);
+        self.track(&vm, process.pid, false);
         tracing::info!(
             vm_id = %id,
             pid = process.pid,
@@ -684,10 +708,8 @@ impl VmService {
         vm.guest_ready = false;
         vm.failure = None;
         self.save(&mut vm)?;
-        if let Some(meter) = &self.meter {
-            meter.stop(id);
-        }
-        self.track(&vm, process.pid);
+        self.untrack(id);
+        self.track(&vm, process.pid, false);
         tracing::info!(vm_id = %id, pid = process.pid, "vm rebooted");
         self.watch_readiness(&vm, &launch, console_offset);
         Ok(vm)
@@ -861,8 +883,7 @@ impl VmService {
                 }
                 keep.insert(vm.id.clone());
                 if let Some(pid) = vm.vmm_pid {
-                    // Counting resumes from here: what ran while metald was down is not seen.
-                    self.track(&vm, pid);
+                    self.track(&vm, pid, true);
                 }
                 continue;
             }
@@ -885,9 +906,7 @@ impl VmService {
 
     /// The VM's VMM is gone: its last sample is taken, then its sandbox removed.
     async fn release_sandbox(&self, vm: &VmRecord) {
-        if let Some(meter) = &self.meter {
-            meter.stop(&vm.id);
-        }
+        self.untrack(&vm.id);
         if let Some(sb) = &self.sandboxes {
             sb.release(vm).await;
         }

@@ -394,3 +394,39 @@ fn prometheus_metrics_parse_and_readiness_reports_ok() {
     assert!(!text.contains(&id), "a deleted VM's series are gone");
     m.assert_clean();
 }
+
+/// A VM keeps running while metald restarts; its totals go on from where they were and include
+/// what it used while metald was down (the kernel's counters kept counting).
+#[test]
+fn usage_totals_survive_a_metald_restart_including_the_downtime() {
+    let Some(guest) = qemu_guest() else { return };
+    let mut m = metald().start(&guest);
+    import_script(
+        &m,
+        "spin",
+        "echo METALD_SPIN > /dev/console\nend=$(( $(cut -d. -f1 /proc/uptime) + 600 ))\nwhile [ $(cut -d. -f1 /proc/uptime) -lt $end ]; do :; done\nexit 0\n",
+    );
+    let api = Rest::new(&m, Some("durable"));
+    let id = create_boot(&api, with_script(Some("spin")));
+    wait_marker(&m, &id, "METALD_SPIN", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(500));
+    let before = num(&usage(&api, &id)["total"]["cpuTimeNanos"]);
+    m.stop();
+    let down = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    m.spawn();
+    let downtime = down.elapsed().as_secs_f64();
+    let after = num(&usage(&api, &id)["total"]["cpuTimeNanos"]);
+    let gained = after.saturating_sub(before) as f64 / 1e9;
+    eprintln!(
+        "before {before} ns, after {after} ns: +{gained:.2} s over {downtime:.2} s of downtime"
+    );
+    assert!(after > before, "totals went backwards over a restart");
+    assert!(
+        gained >= 0.4 * downtime,
+        "the spinning VM's downtime CPU was not counted: +{gained} s"
+    );
+    api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None)
+        .ok();
+    m.assert_clean();
+}

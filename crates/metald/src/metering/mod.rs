@@ -122,6 +122,23 @@ impl VmMeter {
     }
 }
 
+/// A VMM run to count.
+#[derive(Debug)]
+pub struct RunStart {
+    /// The VM's owner.
+    pub customer: CustomerId,
+    /// Guest memory configured, bytes.
+    pub memory_configured: u64,
+    /// Where its counters are read.
+    pub sources: Sources,
+    /// Its host-side interface, for network counters.
+    pub host_if: Option<String>,
+    /// What earlier runs used.
+    pub carried: Counters,
+    /// Readings the run's counting started from (a re-adopted VMM); `None`: from now.
+    pub base: Option<Counters>,
+}
+
 /// Sampler settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MeterConfig {
@@ -194,33 +211,37 @@ impl Meter {
         )
     }
 
-    /// Starts counting a VMM run. `carried` is what earlier runs used.
-    pub fn track(
-        &self,
-        vm: &VmId,
-        customer: &CustomerId,
-        memory_configured: u64,
-        sources: Sources,
-        host_if: Option<String>,
-        carried: Counters,
-    ) {
+    /// Starts counting a VMM run; returns the readings its counting starts from, for the
+    /// caller to persist.
+    pub fn track(&self, vm: &VmId, start: RunStart) -> Counters {
+        let RunStart {
+            customer,
+            memory_configured,
+            sources,
+            host_if,
+            carried,
+            base,
+        } = start;
         let net = read_net_dev();
-        let base = sources.read(host_if.as_deref(), &net, &Counters::default());
+        let now = sources.read(host_if.as_deref(), &net, &Counters::default());
+        let base = base.unwrap_or(now);
         let mut map = self.map();
         let entry = map.entry(vm.clone()).or_insert_with(|| VmMeter {
-            customer: customer.clone(),
+            customer,
             memory_configured,
             carried,
             run: None,
             series: VecDeque::new(),
         });
         entry.memory_configured = memory_configured;
+        entry.carried = carried;
         entry.run = Some(Run {
             sources,
             host_if,
             base,
-            last: base,
+            last: now,
         });
+        base
     }
 
     /// Takes a last sample of the VM's run and stops counting it; returns the VM's totals.

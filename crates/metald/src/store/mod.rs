@@ -9,6 +9,7 @@ use std::sync::{Mutex, MutexGuard};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use crate::domain::{CustomerId, VmConfig, VmId, VmNet, VmRecord};
+use crate::metering::Counters;
 use crate::network::ipam::{lowest_free, mac_for, AllocationPlan, FIRST_VM_INDEX};
 use crate::state::VmState;
 
@@ -16,6 +17,7 @@ use crate::state::VmState;
 const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0001_init.sql"),
     include_str!("../../migrations/0002_network.sql"),
+    include_str!("../../migrations/0003_usage.sql"),
 ];
 
 /// Errors from the store.
@@ -262,6 +264,57 @@ impl Store {
             .query_map([], read_vm_row)
             .map_err(sql("list all vms"))?;
         collect_vm_rows(rows)
+    }
+
+    /// Records a VM's usage totals of finished runs and, while a run is counted, where its
+    /// counters started.
+    pub fn save_usage(
+        &self,
+        id: &VmId,
+        carried: &Counters,
+        base: Option<&Counters>,
+    ) -> Result<(), StoreError> {
+        let json = |c: &Counters| {
+            serde_json::to_string(c).map_err(|e| StoreError::Corrupt {
+                id: id.to_string(),
+                reason: format!("usage does not serialize: {e}"),
+            })
+        };
+        let base = base.map(json).transpose()?;
+        self.conn()
+            .execute(
+                "INSERT INTO vm_usage (vm_id, carried_json, base_json) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (vm_id) DO UPDATE SET carried_json = ?2, base_json = ?3",
+                params![id.as_str(), json(carried)?, base],
+            )
+            .map_err(sql("save usage"))?;
+        Ok(())
+    }
+
+    /// A VM's saved usage: (carried, base of the running VMM's run).
+    pub fn load_usage(
+        &self,
+        id: &VmId,
+    ) -> Result<Option<(Counters, Option<Counters>)>, StoreError> {
+        let row: Option<(String, Option<String>)> = self
+            .conn()
+            .query_row(
+                "SELECT carried_json, base_json FROM vm_usage WHERE vm_id = ?1",
+                params![id.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(sql("load usage"))?;
+        let parse = |t: &str| {
+            serde_json::from_str::<Counters>(t).map_err(|e| StoreError::Corrupt {
+                id: id.to_string(),
+                reason: format!("usage: {e}"),
+            })
+        };
+        match row {
+            None => Ok(None),
+            Some((c, b)) => Ok(Some((parse(&c)?, b.as_deref().map(parse).transpose()?))),
+        }
     }
 
     /// Number of VMs per state (states with none are left out).
