@@ -101,6 +101,17 @@ pub struct Config {
     pub metrics_interval: Duration,
     /// How long samples are kept in memory.
     pub metrics_retention: Duration,
+    /// Where usage is sent, if billing is on.
+    pub billing: Option<BillingSettings>,
+}
+
+/// Billing delivery settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BillingSettings {
+    /// The billing service's base URL.
+    pub endpoint: http::Uri,
+    /// How often samples are batched.
+    pub batch_interval: Duration,
 }
 
 impl Config {
@@ -268,6 +279,48 @@ impl Config {
                 .map(Duration::from_secs)
                 .ok_or_else(|| bad(n, &v, "expected whole seconds, 1-86400"))?,
         };
+        let billing = match get("UNKEY_METALD_BILLING_ENABLED") {
+            None => None,
+            Some((_, v)) if v == "false" => None,
+            Some((_, v)) if v == "true" => {
+                let endpoint = match get("UNKEY_METALD_BILLING_ENDPOINT") {
+                    Some((n, e)) => e
+                        .parse::<http::Uri>()
+                        .ok()
+                        .filter(|u| {
+                            u.scheme_str().is_some_and(|s| s == "http" || s == "https")
+                                && u.host().is_some()
+                        })
+                        .ok_or_else(|| {
+                            bad(
+                                n,
+                                &e,
+                                "expected an http(s) URL such as http://127.0.0.1:9090",
+                            )
+                        })?,
+                    None => {
+                        return Err(bad(
+                            "UNKEY_METALD_BILLING_ENDPOINT",
+                            "",
+                            "required when UNKEY_METALD_BILLING_ENABLED=true",
+                        ))
+                    }
+                };
+                let batch_interval = match get("UNKEY_METALD_BILLING_BATCH_INTERVAL") {
+                    None => Duration::from_secs(1),
+                    Some((n, v)) => parse_duration(&v)
+                        .filter(|d| {
+                            (Duration::from_millis(100)..=Duration::from_secs(300)).contains(d)
+                        })
+                        .ok_or_else(|| bad(n, &v, "expected a duration such as 1s, 100ms-300s"))?,
+                };
+                Some(BillingSettings {
+                    endpoint,
+                    batch_interval,
+                })
+            }
+            Some((n, v)) => return Err(bad(n, &v, "expected true or false")),
+        };
         Ok(Self {
             address,
             port,
@@ -281,6 +334,7 @@ impl Config {
             isolation,
             metrics_interval,
             metrics_retention,
+            billing,
         })
     }
 }
@@ -551,6 +605,8 @@ mod tests {
             ("UNKEY_METALD_METRICS_INTERVAL", "5ms", "10ms-60s"),
             ("UNKEY_METALD_METRICS_INTERVAL", "fast", "duration"),
             ("UNKEY_METALD_METRICS_RETENTION_SECONDS", "0", "1-86400"),
+            ("UNKEY_METALD_BILLING_ENABLED", "yes", "true or false"),
+            ("UNKEY_METALD_BILLING_ENABLED", "true", "required when"),
         ];
         for (var, value, allowed) in cases {
             let err = parse(&[(var, value)]).unwrap_err();

@@ -10,6 +10,7 @@ use crate::assets::AssetStore;
 use crate::backend::firecracker::FirecrackerBackend;
 use crate::backend::qemu::{Accel, QemuBackend};
 use crate::backend::{Backend, BackendKind, ExitEvent};
+use crate::billing::{Billing, BillingConfig};
 use crate::config::{hardware_kvm, AccelChoice, BackendChoice, Config, Isolation, IsolationConfig};
 use crate::jailer::{Jailer, JailerConfig};
 use crate::metering::{Meter, MeterConfig};
@@ -204,18 +205,33 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         interval_ms = cfg.metrics_interval.as_millis() as u64,
         "metering every running VM"
     );
+    let billing = cfg.billing.as_ref().map(|b| {
+        tracing::info!(endpoint = %b.endpoint, batch_ms = b.batch_interval.as_millis() as u64, "sending usage to the billing service");
+        Billing::start(
+            Arc::clone(&store),
+            Arc::clone(&meter),
+            BillingConfig {
+                endpoint: b.endpoint.clone(),
+                batch_interval: b.batch_interval,
+                instance_id: format!("metald@{}", cfg.data_dir.display()),
+            },
+        )
+    });
     let svc = VmService::start(
         store,
         assets,
         backend,
         sandboxes,
-        Some(meter),
+        Some(Arc::clone(&meter)),
         ServiceConfig {
             vms_dir,
             boot_timeout: cfg.boot_timeout,
         },
         rx,
     );
+    if let Some(b) = billing {
+        svc.set_billing(b);
+    }
     svc.reconcile().await.map_err(StartError::Reconcile)?;
     let addr = std::net::SocketAddr::new(cfg.address, cfg.port);
     let listener = tokio::net::TcpListener::bind(addr)

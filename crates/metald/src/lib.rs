@@ -12,6 +12,7 @@
 pub mod api;
 pub mod assets;
 pub mod backend;
+pub mod billing;
 pub mod config;
 pub mod daemon;
 pub mod domain;

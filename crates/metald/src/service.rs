@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 
 use crate::assets::{AssetError, AssetStore, BootFiles};
 use crate::backend::{file_tail, Backend, BackendError, Disk, ExitEvent, StopMode, VmLaunch};
+use crate::billing::Billing;
 use crate::domain::{is_token, now_ms, CustomerId, DriveConfig, VmConfig, VmId, VmRecord, MIB};
 use crate::metering::sources::Sources;
 use crate::metering::{Counters, Meter, RunStart, VmUsage};
@@ -155,6 +156,7 @@ pub struct VmService {
     backend: Arc<dyn Backend>,
     sandboxes: Option<Arc<Sandboxes>>,
     meter: Option<Arc<Meter>>,
+    billing: std::sync::OnceLock<Arc<Billing>>,
     cfg: ServiceConfig,
     locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -176,6 +178,7 @@ impl VmService {
             backend,
             sandboxes,
             meter,
+            billing: std::sync::OnceLock::new(),
             cfg,
             locks: Mutex::new(HashMap::new()),
         });
@@ -187,6 +190,19 @@ impl VmService {
             }
         });
         svc
+    }
+
+    /// Sends usage to the billing service from now on (set once, at start, before
+    /// [`VmService::reconcile`]).
+    pub fn set_billing(&self, billing: Arc<Billing>) {
+        if self.billing.set(billing).is_err() {
+            tracing::error!("billing was set twice; keeping the first");
+        }
+    }
+
+    /// Rows waiting for the billing service, when billing is on.
+    pub fn outbox_depth(&self) -> Option<u64> {
+        self.billing.get().map(|b| b.outbox_depth())
     }
 
     /// Starts counting a VM's VMM run: a new one (`adopted` false) from its current counter
@@ -221,15 +237,25 @@ impl VmService {
         if let Err(e) = self.store.save_usage(&vm.id, &carried, Some(&base)) {
             tracing::error!(vm_id = %vm.id, error = %e, "saving usage failed");
         }
+        if let Some(b) = self.billing.get() {
+            if adopted {
+                b.resumed(&vm.id);
+            } else {
+                b.vm_started(&vm.id, &vm.customer);
+            }
+        }
     }
 
-    /// Takes the VM's last sample and saves its totals.
-    fn untrack(&self, vm: &VmId) {
-        let Some(total) = self.meter.as_ref().and_then(|m| m.stop(vm)) else {
+    /// Takes the VM's last sample, saves its totals and queues its last usage for billing.
+    fn untrack(&self, vm: &VmRecord) {
+        let Some(total) = self.meter.as_ref().and_then(|m| m.stop(&vm.id)) else {
             return;
         };
-        if let Err(e) = self.store.save_usage(vm, &total, None) {
-            tracing::error!(vm_id = %vm, error = %e, "saving usage failed");
+        if let Err(e) = self.store.save_usage(&vm.id, &total, None) {
+            tracing::error!(vm_id = %vm.id, error = %e, "saving usage failed");
+        }
+        if let Some(b) = self.billing.get() {
+            b.vm_stopped(&vm.id, &vm.customer);
         }
     }
 
@@ -708,7 +734,7 @@ impl VmService {
         vm.guest_ready = false;
         vm.failure = None;
         self.save(&mut vm)?;
-        self.untrack(id);
+        self.untrack(&vm);
         self.track(&vm, process.pid, false);
         tracing::info!(vm_id = %id, pid = process.pid, "vm rebooted");
         self.watch_readiness(&vm, &launch, console_offset);
@@ -906,7 +932,7 @@ impl VmService {
 
     /// The VM's VMM is gone: its last sample is taken, then its sandbox removed.
     async fn release_sandbox(&self, vm: &VmRecord) {
-        self.untrack(&vm.id);
+        self.untrack(vm);
         if let Some(sb) = &self.sandboxes {
             sb.release(vm).await;
         }

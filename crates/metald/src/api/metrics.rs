@@ -87,6 +87,15 @@ impl Collector for ServiceCollector {
             )?;
             ConstCounter::new(ticks).encode(m)?;
         }
+        if let Some(depth) = svc.outbox_depth() {
+            let m = encoder.encode_descriptor(
+                "metald_billing_outbox_rows",
+                "Usage batches and events waiting for the billing service",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(i64::try_from(depth).unwrap_or(i64::MAX)).encode(m)?;
+        }
         let usage = svc.usage_snapshot();
         type Pick = fn(&crate::metering::Counters) -> u64;
         let counters: [(&str, &str, Pick); 7] = [

@@ -435,7 +435,7 @@ impl Metald {
                 continue;
             };
             let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if text.contains(&needle) && !text.contains("metald") {
+            if text.contains(&needle) && !text.contains("metald") && !text.contains("billaged") {
                 pids.push(pid);
             }
         }

@@ -1,0 +1,396 @@
+//! Billing delivery: usage reaches the billing service (`billing.v1.BillingService`) exactly
+//! once in effect, through billing outages and metald crashes.
+//!
+//! Every batch interval the samples each VM gathered since its cursor become per-interval
+//! usage (what was used within each sampling interval) and are written to the outbox in
+//! SQLite, in the same transaction that moves the cursor. A sender delivers outbox rows oldest
+//! first, each with a unique idempotency key, retrying with backoff while the service is down,
+//! and deletes a row only once it is acknowledged. A VM metald re-adopted after a restart gets a
+//! `NotifyPossibleGap` for the time it could not see, and its usage resumes from the first new
+//! sample: downtime is reported, never invented.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use connectrpc::client::{ClientConfig, HttpClient};
+use metald_proto::billing::v1 as pb;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{now_ms, CustomerId, VmId};
+use crate::metering::{Counters, Meter};
+use crate::store::{OutboxRow, Store, StoreError};
+
+/// Billing settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BillingConfig {
+    /// The billing service's base URL.
+    pub endpoint: http::Uri,
+    /// How often samples are batched into the outbox.
+    pub batch_interval: Duration,
+    /// This metald's name in heartbeats.
+    pub instance_id: String,
+}
+
+/// One interval's usage as queued (mirrors `billing.v1.VMMetrics`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IntervalUsage {
+    /// End of the interval, Unix milliseconds.
+    pub timestamp: i64,
+    /// Used within the interval.
+    pub usage: Counters,
+}
+
+/// A queued message's fields.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+enum Payload {
+    Metrics(Vec<IntervalUsage>),
+    Started { at: i64 },
+    Stopped { at: i64 },
+    Gap { last_sent: i64, resume_time: i64 },
+}
+
+impl Payload {
+    fn kind(&self) -> &'static str {
+        match self {
+            Payload::Metrics(_) => "metrics",
+            Payload::Started { .. } => "started",
+            Payload::Stopped { .. } => "stopped",
+            Payload::Gap { .. } => "gap",
+        }
+    }
+}
+
+/// Batches usage into the outbox and delivers it.
+pub struct Billing {
+    store: Arc<Store>,
+    meter: Arc<Meter>,
+    cfg: BillingConfig,
+    /// VMs re-adopted after a restart whose next batch starts with a gap notice.
+    resumed: Mutex<HashSet<VmId>>,
+    wake: tokio::sync::Notify,
+}
+
+/// Per-interval usage from cumulative samples, starting after `prev`.
+pub fn intervals(prev: &Counters, points: &[(i64, Counters)]) -> Vec<IntervalUsage> {
+    let mut last = *prev;
+    points
+        .iter()
+        .map(|(ms, total)| {
+            let usage = total.since(&last);
+            last = *total;
+            IntervalUsage {
+                timestamp: *ms,
+                usage,
+            }
+        })
+        .collect()
+}
+
+impl Billing {
+    /// Starts batching and delivery.
+    pub fn start(store: Arc<Store>, meter: Arc<Meter>, cfg: BillingConfig) -> Arc<Self> {
+        let b = Arc::new(Self {
+            store,
+            meter,
+            cfg,
+            resumed: Mutex::new(HashSet::new()),
+            wake: tokio::sync::Notify::new(),
+        });
+        let batcher = Arc::downgrade(&b);
+        tokio::spawn(async move {
+            loop {
+                let Some(b) = batcher.upgrade() else { return };
+                let every = b.cfg.batch_interval;
+                if let Err(e) = b.batch_all() {
+                    tracing::error!(error = %e, "batching usage failed");
+                }
+                b.wake.notify_one();
+                drop(b);
+                tokio::time::sleep(every).await;
+            }
+        });
+        let sender = Arc::downgrade(&b);
+        tokio::spawn(async move { send_loop(sender).await });
+        let beat = Arc::downgrade(&b);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                let Some(b) = beat.upgrade() else { return };
+                b.heartbeat().await;
+            }
+        });
+        b
+    }
+
+    fn client(&self) -> pb::BillingServiceClient<HttpClient> {
+        pb::BillingServiceClient::new(
+            HttpClient::plaintext(),
+            ClientConfig::new(self.cfg.endpoint.clone()),
+        )
+    }
+
+    /// A VMM run started.
+    pub fn vm_started(&self, vm: &VmId, customer: &CustomerId) {
+        self.enqueue(vm, customer, Payload::Started { at: now_ms() });
+    }
+
+    /// A VMM run ended; its last samples are queued first.
+    pub fn vm_stopped(&self, vm: &VmId, customer: &CustomerId) {
+        if let Err(e) = self.batch_vm(vm, customer) {
+            tracing::error!(vm_id = %vm, error = %e, "batching a stopped VM's usage failed");
+        }
+        self.enqueue(vm, customer, Payload::Stopped { at: now_ms() });
+    }
+
+    /// metald re-adopted the VM after a restart: what ran meanwhile was not sampled.
+    pub fn resumed(&self, vm: &VmId) {
+        self.resumed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(vm.clone());
+    }
+
+    /// Rows waiting in the outbox.
+    pub fn outbox_depth(&self) -> u64 {
+        self.store.outbox_depth().unwrap_or(0)
+    }
+
+    fn enqueue(&self, vm: &VmId, customer: &CustomerId, payload: Payload) {
+        let row = match row(
+            vm,
+            customer,
+            &format!("{vm}:{}:{}", payload.kind(), now_ms()),
+            &payload,
+        ) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(vm_id = %vm, error = %e, "queueing a billing event failed");
+                return;
+            }
+        };
+        if let Err(e) = self.store.enqueue_billing(&[row], None) {
+            tracing::error!(vm_id = %vm, error = %e, "queueing a billing event failed");
+        }
+        self.wake.notify_one();
+    }
+
+    fn batch_all(&self) -> Result<(), StoreError> {
+        for (vm, customer, _) in self.meter.snapshot() {
+            self.batch_vm(&vm, &customer)?;
+        }
+        Ok(())
+    }
+
+    /// Moves the VM's samples since its cursor into the outbox as one batch.
+    fn batch_vm(&self, vm: &VmId, customer: &CustomerId) -> Result<(), StoreError> {
+        let cursor = self.store.billing_cursor(vm)?;
+        let (last_ms, mut prev, seq) = cursor.unwrap_or((i64::MIN, Counters::default(), 0));
+        let Some(u) = self.meter.usage(vm, last_ms) else {
+            return Ok(());
+        };
+        let mut points: Vec<(i64, Counters)> =
+            u.samples.iter().map(|p| (p.wall_ms, p.total)).collect();
+        let mut rows = Vec::new();
+        let gap = self
+            .resumed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(vm);
+        if gap && cursor.is_some() {
+            if let Some(&(first_ms, first_total)) = points.first() {
+                // The first sample after the restart holds the downtime's usage: it becomes the
+                // new baseline, and the hole is reported instead.
+                let payload = Payload::Gap {
+                    last_sent: last_ms,
+                    resume_time: first_ms,
+                };
+                rows.push(row(
+                    vm,
+                    customer,
+                    &format!("{vm}:gap:{first_ms}"),
+                    &payload,
+                )?);
+                prev = first_total;
+                points.remove(0);
+                if points.is_empty() {
+                    self.store
+                        .enqueue_billing(&rows, Some((vm, first_ms, &prev, seq)))?;
+                    return Ok(());
+                }
+            }
+        } else if gap {
+            // Nothing was ever sent for it; keep the mark until samples arrive.
+            self.resumed(vm);
+        }
+        let Some(&(end_ms, end_total)) = points.last() else {
+            return Ok(());
+        };
+        let seq = seq + 1;
+        let payload = Payload::Metrics(intervals(&prev, &points));
+        rows.push(row(vm, customer, &format!("{vm}:{seq}"), &payload)?);
+        self.store
+            .enqueue_billing(&rows, Some((vm, end_ms, &end_total, seq)))
+    }
+
+    async fn heartbeat(&self) {
+        let active: Vec<String> = self
+            .meter
+            .snapshot()
+            .into_iter()
+            .map(|(vm, _, _)| vm.to_string())
+            .collect();
+        let req = pb::SendHeartbeatRequest {
+            instance_id: self.cfg.instance_id.clone(),
+            active_vms: active,
+            ..Default::default()
+        };
+        if let Err(e) = self.client().send_heartbeat(req).await {
+            tracing::debug!(error = %e, "heartbeat to the billing service failed");
+        }
+    }
+
+    /// Delivers one outbox row.
+    async fn deliver(&self, r: &OutboxRow) -> Result<(), String> {
+        let payload: Payload = serde_json::from_str(&r.payload_json).map_err(|e| e.to_string())?;
+        let client = self.client();
+        let key = r.key.clone();
+        let res = match payload {
+            Payload::Metrics(list) => client
+                .send_metrics_batch(pb::SendMetricsBatchRequest {
+                    vm_id: r.vm_id.clone(),
+                    customer_id: r.customer_id.clone(),
+                    idempotency_key: key,
+                    metrics: list
+                        .iter()
+                        .map(|m| pb::VMMetrics {
+                            timestamp: m.timestamp,
+                            cpu_time_nanos: m.usage.cpu_ns,
+                            memory_usage_bytes: m.usage.memory_bytes,
+                            disk_read_bytes: m.usage.disk_read_bytes,
+                            disk_write_bytes: m.usage.disk_write_bytes,
+                            network_rx_bytes: m.usage.net_rx_bytes,
+                            network_tx_bytes: m.usage.net_tx_bytes,
+                            ..Default::default()
+                        })
+                        .collect(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+            Payload::Started { at } => client
+                .notify_vm_started(pb::NotifyVmStartedRequest {
+                    vm_id: r.vm_id.clone(),
+                    customer_id: r.customer_id.clone(),
+                    start_time: at,
+                    idempotency_key: key,
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+            Payload::Stopped { at } => client
+                .notify_vm_stopped(pb::NotifyVmStoppedRequest {
+                    vm_id: r.vm_id.clone(),
+                    stop_time: at,
+                    idempotency_key: key,
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+            Payload::Gap {
+                last_sent,
+                resume_time,
+            } => client
+                .notify_possible_gap(pb::NotifyPossibleGapRequest {
+                    vm_id: r.vm_id.clone(),
+                    last_sent,
+                    resume_time,
+                    idempotency_key: key,
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+        };
+        res.map_err(|e| e.to_string())
+    }
+}
+
+fn row(vm: &VmId, customer: &CustomerId, key: &str, p: &Payload) -> Result<OutboxRow, StoreError> {
+    Ok(OutboxRow {
+        key: key.to_string(),
+        kind: p.kind().to_string(),
+        vm_id: vm.to_string(),
+        customer_id: customer.to_string(),
+        payload_json: serde_json::to_string(p).map_err(|e| StoreError::Corrupt {
+            id: key.to_string(),
+            reason: e.to_string(),
+        })?,
+    })
+}
+
+/// Delivers the outbox oldest first; while the service fails, retries the same row with
+/// exponential backoff (100 ms up to 5 s). Nothing is dropped.
+async fn send_loop(billing: std::sync::Weak<Billing>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let Some(b) = billing.upgrade() else { return };
+        let rows = match b.store.outbox_peek(100) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "reading the billing outbox failed");
+                Vec::new()
+            }
+        };
+        if rows.is_empty() {
+            // Holding the Arc for at most a second only delays shutdown by that much.
+            let _ = tokio::time::timeout(Duration::from_secs(1), b.wake.notified()).await;
+            continue;
+        }
+        let mut failed = false;
+        for (id, r) in &rows {
+            match b.deliver(r).await {
+                Ok(()) => {
+                    backoff = Duration::from_millis(100);
+                    if let Err(e) = b.store.outbox_delete(*id) {
+                        tracing::error!(error = %e, "removing a delivered outbox row failed");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(key = %r.key, error = %e, retry_in_ms = backoff.as_millis() as u64, "billing service unreachable; keeping the batch");
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        drop(b);
+        if failed {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intervals_are_differences_of_cumulative_samples() {
+        let c = |cpu: u64, mem: u64| Counters {
+            cpu_ns: cpu,
+            memory_bytes: mem,
+            ..Counters::default()
+        };
+        let got = intervals(
+            &c(100, 0),
+            &[(1, c(150, 7)), (2, c(150, 8)), (3, c(400, 9))],
+        );
+        let cpu: Vec<u64> = got.iter().map(|i| i.usage.cpu_ns).collect();
+        assert_eq!(cpu, vec![50, 0, 250]);
+        assert_eq!(
+            got[2].usage.memory_bytes, 9,
+            "memory is the reading, not a difference"
+        );
+        assert_eq!(got.iter().map(|i| i.usage.cpu_ns).sum::<u64>(), 400 - 100);
+    }
+}

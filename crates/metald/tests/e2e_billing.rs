@@ -1,0 +1,283 @@
+//! Billing delivery against the real `billaged` (over loopback inside metald's test namespace)
+//! with a real, busy guest: a billing outage loses and doubles nothing, and a metald killed
+//! with SIGKILL drains its outbox after restart and reports its downtime as a possible gap,
+//! not as usage.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::*;
+
+/// `billaged` sits beside `metald` in the target directory (`cargo build --workspace --bins`).
+fn billaged_bin() -> Option<PathBuf> {
+    let p = PathBuf::from(env!("CARGO_BIN_EXE_metald")).with_file_name("billaged");
+    if p.exists() {
+        Some(p)
+    } else {
+        skip_or_fail("billaged not built (cargo build --workspace --bins, or `make test`)");
+        None
+    }
+}
+
+struct Billaged {
+    child: Child,
+}
+
+impl Billaged {
+    fn start(m: &Metald, bin: &PathBuf, port: u16) -> Self {
+        let iso = m.iso.as_ref().unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(m.data_dir.join("billaged.log"))
+            .unwrap();
+        let child = iso
+            .netns
+            .command(bin.to_str().unwrap())
+            .args(["--address", &format!("127.0.0.1:{port}")])
+            .args(["--db", m.data_dir.join("billaged.db").to_str().unwrap()])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        Self { child }
+    }
+
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Billaged {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn import_spin(m: &Metald) {
+    let mut script = b"echo METALD_SPIN > /dev/console\nend=$(( $(cut -d. -f1 /proc/uptime) + 900 ))\nwhile [ $(cut -d. -f1 /proc/uptime) -lt $end ]; do :; done\nexit 0\n".to_vec();
+    script.resize(4096, b'\n');
+    let path = m.data_dir.join("spin.img");
+    std::fs::write(&path, script).unwrap();
+    assert!(m
+        .assets(&[
+            "import",
+            "--id",
+            "spin",
+            "--kind",
+            "rootfs",
+            "--file",
+            path.to_str().unwrap()
+        ])
+        .status
+        .success());
+}
+
+fn spinning_vm(api: &Rest) -> String {
+    let mut body = readme_request(1, 256 << 20);
+    body["config"]["kernel_args"] = json!("metald.script=/dev/vdb");
+    body["config"]["drives"] =
+        json!([{"drive_id": "script", "image_id": "spin", "read_only": true}]);
+    let id = api.call("POST", "/v1/vms", Some(body)).ok()["vm"]["vmId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    api.call("POST", &format!("/v1/vms/{id}/boot"), None).ok();
+    api.wait_ready(&id);
+    id
+}
+
+fn metald_with_billing(port: u16) -> Builder {
+    metald()
+        .env("UNKEY_METALD_BILLING_ENABLED", "true")
+        .env(
+            "UNKEY_METALD_BILLING_ENDPOINT",
+            &format!("http://127.0.0.1:{port}"),
+        )
+        .env("UNKEY_METALD_BILLING_BATCH_INTERVAL", "500ms")
+}
+
+fn num(v: &Value) -> u64 {
+    v.as_str()
+        .map(|s| s.parse().unwrap())
+        .or(v.as_u64())
+        .unwrap_or(0)
+}
+
+/// Waits until metald's outbox is empty and billaged recorded the VM's stop.
+fn wait_delivered(m: &Metald, db: &rusqlite::Connection, vm: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = block_on(async {
+            ::reqwest::get(format!("{}/metrics", m.url))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        });
+        let depth = text
+            .lines()
+            .find_map(|l| l.strip_prefix("metald_billing_outbox_rows "))
+            .map(|v| v.trim().to_string());
+        let stopped: i64 = db
+            .query_row(
+                "SELECT COUNT(*) FROM events WHERE vm_id = ?1 AND kind = 'stopped'",
+                [vm],
+                |r| r.get(0),
+            )
+            .unwrap_or(0);
+        if depth.as_deref() == Some("0") && stopped == 1 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "outbox never drained (depth {depth:?}, stopped {stopped})"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// (sum of CPU ns, intervals, distinct timestamps, sorted timestamps) billaged stored for `vm`.
+fn billed(db: &rusqlite::Connection, vm: &str) -> (u64, i64, i64, Vec<i64>) {
+    let (sum, n, distinct): (i64, i64, i64) = db
+        .query_row(
+            "SELECT COALESCE(SUM(cpu_time_nanos), 0), COUNT(*), COUNT(DISTINCT timestamp) FROM metrics WHERE vm_id = ?1",
+            [vm],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    let mut stmt = db
+        .prepare("SELECT timestamp FROM metrics WHERE vm_id = ?1 ORDER BY timestamp")
+        .unwrap();
+    let ts: Vec<i64> = stmt
+        .query_map([vm], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    (sum as u64, n, distinct, ts)
+}
+
+#[test]
+fn a_billing_outage_loses_and_doubles_nothing() {
+    let Some(guest) = qemu_guest() else { return };
+    let Some(bin) = billaged_bin() else { return };
+    let port = free_port();
+    let mut m = metald_with_billing(port).prepare(|m| {
+        m.import_default_guest(&guest);
+        import_spin(m);
+    });
+    m.spawn();
+    let billaged = Billaged::start(&m, &bin, port);
+    let api = Rest::new(&m, Some("billed"));
+    let id = spinning_vm(&api);
+    std::thread::sleep(Duration::from_secs(2));
+    // The billing service goes away for a while; the VM keeps running and metald keeps sampling.
+    billaged.kill();
+    std::thread::sleep(Duration::from_secs(3));
+    let _billaged = Billaged::start(&m, &bin, port);
+    std::thread::sleep(Duration::from_secs(1));
+    api.call(
+        "POST",
+        &format!("/v1/vms/{id}/shutdown"),
+        Some(json!({"force": true})),
+    )
+    .ok();
+    let db = rusqlite::Connection::open(m.data_dir.join("billaged.db")).unwrap();
+    wait_delivered(&m, &db, &id);
+    assert!(
+        m.log_text()
+            .contains("billing service unreachable; keeping the batch"),
+        "the outage was seen and retried"
+    );
+
+    let total =
+        num(&api.call("GET", &format!("/v1/vms/{id}/usage"), None).ok()["total"]["cpuTimeNanos"]);
+    let (sum, n, distinct, ts) = billed(&db, &id);
+    eprintln!("metald total {total} ns; billaged {sum} ns in {n} intervals");
+    assert_eq!(n, distinct, "an interval arrived twice");
+    assert_eq!(sum, total, "billaged's sum equals metald's total");
+    let max_gap = ts.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+    assert!(
+        max_gap <= 300,
+        "an interval is missing: {max_gap} ms between two"
+    );
+    let gaps: i64 = db
+        .query_row("SELECT COUNT(*) FROM gaps", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        gaps, 0,
+        "an outage of the billing service is not a gap in usage"
+    );
+    api.call("DELETE", &format!("/v1/vms/{id}"), None).ok();
+    m.assert_clean();
+}
+
+#[test]
+fn a_metald_killed_mid_run_drains_its_outbox_and_reports_the_downtime_as_a_gap() {
+    let Some(guest) = qemu_guest() else { return };
+    let Some(bin) = billaged_bin() else { return };
+    let port = free_port();
+    let mut m = metald_with_billing(port).prepare(|m| {
+        m.import_default_guest(&guest);
+        import_spin(m);
+    });
+    m.spawn();
+    let _billaged = Billaged::start(&m, &bin, port);
+    let api = Rest::new(&m, Some("crashy"));
+    let id = spinning_vm(&api);
+    std::thread::sleep(Duration::from_secs(2));
+    let pid = m.pid().unwrap();
+    std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    m.stop();
+    std::thread::sleep(Duration::from_secs(3));
+    m.spawn();
+    std::thread::sleep(Duration::from_secs(2));
+    api.call(
+        "POST",
+        &format!("/v1/vms/{id}/shutdown"),
+        Some(json!({"force": true})),
+    )
+    .ok();
+    let db = rusqlite::Connection::open(m.data_dir.join("billaged.db")).unwrap();
+    wait_delivered(&m, &db, &id);
+
+    let total =
+        num(&api.call("GET", &format!("/v1/vms/{id}/usage"), None).ok()["total"]["cpuTimeNanos"]);
+    let (sum, n, distinct, ts) = billed(&db, &id);
+    let (last_sent, resume): (i64, i64) = db
+        .query_row(
+            "SELECT last_sent, resume_time FROM gaps WHERE vm_id = ?1",
+            [&id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .expect("one gap notice for the VM");
+    eprintln!("metald total {total} ns; billaged {sum} ns in {n} intervals; gap {last_sent}..{resume} ({} ms)", resume - last_sent);
+    assert_eq!(n, distinct, "an interval arrived twice");
+    assert!(resume - last_sent >= 2500, "the gap covers the downtime");
+    assert!(
+        !ts.iter().any(|t| *t > last_sent && *t <= resume),
+        "no usage was invented inside the gap"
+    );
+    // The downtime's CPU (a spinning guest: about a core) is in metald's total but was not billed.
+    let unbilled = total as f64 / 1e9 - sum as f64 / 1e9;
+    assert!(
+        unbilled > 0.3 * (resume - last_sent) as f64 / 1000.0,
+        "unbilled {unbilled} s"
+    );
+    assert!(sum < total);
+    api.call("DELETE", &format!("/v1/vms/{id}"), None).ok();
+    m.assert_clean();
+}
