@@ -29,7 +29,7 @@ struct Billaged {
 }
 
 impl Billaged {
-    fn start(m: &Metald, bin: &PathBuf, port: u16) -> Self {
+    fn start(m: &Metald, bin: &std::path::Path, port: u16) -> Self {
         let iso = m.iso.as_ref().unwrap();
         let log = std::fs::OpenOptions::new()
             .create(true)
