@@ -103,6 +103,8 @@ pub struct Config {
     pub metrics_retention: Duration,
     /// Where usage is sent, if billing is on.
     pub billing: Option<BillingSettings>,
+    /// OTLP/HTTP collector base URL, if trace export is on.
+    pub otel_endpoint: Option<String>,
 }
 
 /// Billing delivery settings.
@@ -321,6 +323,28 @@ impl Config {
             }
             Some((n, v)) => return Err(bad(n, &v, "expected true or false")),
         };
+        let otel_endpoint = match get("UNKEY_METALD_OTEL_ENABLED") {
+            None => None,
+            Some((_, v)) if v == "false" => None,
+            Some((_, v)) if v == "true" => Some(match get("UNKEY_METALD_OTEL_ENDPOINT") {
+                None => "http://127.0.0.1:4318".to_string(),
+                Some((n, e)) => {
+                    let ok = e.parse::<http::Uri>().ok().is_some_and(|u| {
+                        u.scheme_str().is_some_and(|s| s == "http" || s == "https")
+                            && u.host().is_some()
+                    });
+                    if !ok {
+                        return Err(bad(
+                            n,
+                            &e,
+                            "expected an OTLP/HTTP base URL such as http://127.0.0.1:4318",
+                        ));
+                    }
+                    e
+                }
+            }),
+            Some((n, v)) => return Err(bad(n, &v, "expected true or false")),
+        };
         Ok(Self {
             address,
             port,
@@ -335,6 +359,7 @@ impl Config {
             metrics_interval,
             metrics_retention,
             billing,
+            otel_endpoint,
         })
     }
 }
@@ -607,6 +632,7 @@ mod tests {
             ("UNKEY_METALD_METRICS_RETENTION_SECONDS", "0", "1-86400"),
             ("UNKEY_METALD_BILLING_ENABLED", "yes", "true or false"),
             ("UNKEY_METALD_BILLING_ENABLED", "true", "required when"),
+            ("UNKEY_METALD_OTEL_ENABLED", "1", "true or false"),
         ];
         for (var, value, allowed) in cases {
             let err = parse(&[(var, value)]).unwrap_err();

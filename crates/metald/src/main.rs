@@ -106,12 +106,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(cfg.log_format);
+    let traces = init_logging(cfg.log_format, cfg.otel_endpoint.as_deref());
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(cfg),
         Command::Assets { command } => assets(&cfg, command),
         Command::Jail { .. } => Ok(()),
     };
+    if let Some(p) = traces {
+        // Flushes spans still in the batch processor.
+        if let Err(e) = p.shutdown() {
+            eprintln!("metald: flushing traces: {e}");
+        }
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -121,17 +127,42 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs to stderr (JSON or text); with an OTLP endpoint, spans are exported as traces too.
+/// Returns the tracer provider to flush at exit.
+fn init_logging(
+    format: LogFormat,
+    otel: Option<&str>,
+) -> Option<opentelemetry_sdk::trace::SdkTracerProvider> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
     let filter = tracing_subscriber::EnvFilter::try_from_env("UNKEY_METALD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
+    let fmt = match format {
+        LogFormat::Json => fmt
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .boxed(),
+        LogFormat::Text => fmt.boxed(),
+    };
+    let (provider, otel_error) = match otel.map(metald::telemetry::tracer_provider) {
+        Some(Ok(p)) => (Some(p), None),
+        Some(Err(e)) => (None, Some(e)),
+        None => (None, None),
+    };
+    let otel_layer = provider.as_ref().map(metald::telemetry::layer);
+    tracing_subscriber::registry()
+        .with(otel_layer)
+        .with(fmt.with_filter(filter))
+        .init();
+    if let Some(e) = otel_error {
+        tracing::error!(error = %e, "trace export is off");
     }
+    provider
 }
 
 fn serve(cfg: Config) -> anyhow::Result<()> {

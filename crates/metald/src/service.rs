@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use crate::assets::{AssetError, AssetStore, BootFiles};
 use crate::backend::{file_tail, Backend, BackendError, Disk, ExitEvent, StopMode, VmLaunch};
@@ -402,7 +403,9 @@ impl VmService {
             .assets
             .get_kind(&config.rootfs_image_id, AssetKind::Rootfs)
             .map_err(|e| asset_field_error("config.rootfs.image_id", e))?;
-        clone_disk(self.assets.path_of(&rootfs), dir.join(ROOTFS_FILE)).await?;
+        clone_disk(self.assets.path_of(&rootfs), dir.join(ROOTFS_FILE))
+            .instrument(tracing::info_span!("disk.clone", vm_id = %id))
+            .await?;
         for d in config.drives.iter().filter(|d| !d.read_only) {
             let asset = self
                 .assets
@@ -586,6 +589,7 @@ impl VmService {
         let t0 = std::time::Instant::now();
         if let Some(sb) = &self.sandboxes {
             sb.setup(&vm, &mut launch)
+                .instrument(tracing::info_span!("sandbox.setup", vm_id = %id))
                 .await
                 .map_err(|source| ServiceError::Sandbox {
                     vm: id.clone(),
@@ -595,7 +599,12 @@ impl VmService {
         let sandbox_ms = t0.elapsed().as_secs_f64() * 1000.0;
         let console_offset = file_len(&launch.console_log());
         let t1 = std::time::Instant::now();
-        let process = match self.backend.boot(&launch).await {
+        let started = self.backend.boot(&launch).instrument(tracing::info_span!(
+            "backend.boot",
+            vm_id = %id,
+            backend = self.backend_name()
+        ));
+        let process = match started.await {
             Ok(p) => p,
             Err(source) => {
                 self.release_sandbox(&vm).await;

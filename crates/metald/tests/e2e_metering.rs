@@ -430,3 +430,112 @@ fn usage_totals_survive_a_metald_restart_including_the_downtime() {
         .ok();
     m.assert_clean();
 }
+
+/// A minimal OTLP/HTTP receiver inside metald's namespace: stores every JSON body POSTed.
+fn otlp_receiver(ns: &std::path::Path) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
+    use std::io::Write;
+    use std::os::fd::AsFd;
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (ns, store) = (ns.to_path_buf(), got.clone());
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(&ns).unwrap();
+        rustix::thread::move_into_link_name_space(
+            f.as_fd(),
+            Some(rustix::thread::LinkNameSpaceType::Network),
+        )
+        .unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        tx.send(l.local_addr().unwrap().port()).unwrap();
+        for mut s in l.incoming().flatten() {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 65536];
+            let body = loop {
+                let n = s.read(&mut chunk).unwrap_or(0);
+                if n == 0 {
+                    break None;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    continue;
+                };
+                let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                if buf.len() >= end + 4 + len {
+                    break Some(buf[end + 4..end + 4 + len].to_vec());
+                }
+            };
+            if let Some(b) = body.and_then(|b| serde_json::from_slice::<Value>(&b).ok()) {
+                store.lock().unwrap().push(b);
+            }
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}");
+        }
+    });
+    (rx.recv().unwrap(), got)
+}
+
+fn spans(bodies: &[Value]) -> Vec<Value> {
+    bodies
+        .iter()
+        .flat_map(|b| b["resourceSpans"].as_array().cloned().unwrap_or_default())
+        .flat_map(|r| r["scopeSpans"].as_array().cloned().unwrap_or_default())
+        .flat_map(|s| s["spans"].as_array().cloned().unwrap_or_default())
+        .collect()
+}
+
+fn attr(span: &Value, key: &str) -> Option<String> {
+    span["attributes"]
+        .as_array()?
+        .iter()
+        .find(|a| a["key"] == json!(key))
+        .and_then(|a| a["value"]["stringValue"].as_str().map(str::to_string))
+}
+
+#[test]
+fn api_calls_are_traced_to_an_otlp_receiver_with_child_spans_for_the_boot_steps() {
+    let Some(guest) = qemu_guest() else { return };
+    let mut m = metald().prepare(|m| m.import_default_guest(&guest));
+    // The receiver lives in metald's namespace, so metald reaches it on its loopback.
+    let (port, got) = otlp_receiver(&m.iso.as_ref().unwrap().netns.path());
+    let endpoint = format!("http://127.0.0.1:{port}");
+    m.spawn_with_env(&[
+        ("UNKEY_METALD_OTEL_ENABLED", "true"),
+        ("UNKEY_METALD_OTEL_ENDPOINT", &endpoint),
+    ]);
+    let api = Rest::new(&m, Some("traced"));
+    let id = create_boot(&api, with_script(None));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (boot, children) = loop {
+        let all = spans(&got.lock().unwrap());
+        let boot = all.iter().find(|s| {
+            s["name"] == json!("POST /v1/vms/:id/boot")
+                && attr(s, "customer").as_deref() == Some("traced")
+        });
+        if let Some(boot) = boot {
+            let kids: Vec<Value> = all
+                .iter()
+                .filter(|s| s["parentSpanId"] == boot["spanId"] && s["traceId"] == boot["traceId"])
+                .cloned()
+                .collect();
+            if kids.len() >= 2 {
+                break (boot.clone(), kids);
+            }
+        }
+        assert!(Instant::now() < deadline, "spans so far: {all:#?}");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(attr(&boot, "vm_id").as_deref(), Some(id.as_str()));
+    let names: Vec<&str> = children.iter().filter_map(|s| s["name"].as_str()).collect();
+    assert!(
+        names.contains(&"sandbox.setup") && names.contains(&"backend.boot"),
+        "{names:?}"
+    );
+    api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None)
+        .ok();
+    m.stop();
+    m.assert_clean();
+}

@@ -8,6 +8,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use tracing::Instrument;
+
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -206,8 +208,33 @@ pub async fn track(State(m): State<Arc<ApiMetrics>>, req: Request, next: Next) -
         }
         None => "other".to_string(),
     };
+    // One span per API call, named by its method, with who called and for which VM.
+    let customer = match super::auth::authenticate(
+        req.headers()
+            .get(http::header::AUTHORIZATION)
+            .map(|v| v.as_bytes()),
+    ) {
+        super::auth::Caller::Customer(c) => c.to_string(),
+        super::auth::Caller::Rejected(_) => String::new(),
+    };
+    let vm_id = req
+        .uri()
+        .path()
+        .split('/')
+        .find(|s| s.starts_with("vm-"))
+        .unwrap_or("")
+        .to_string();
+    let span = tracing::info_span!(
+        "api",
+        otel.name = %method,
+        rpc.method = %method,
+        customer = %customer,
+        vm_id = %vm_id,
+        http.status_code = tracing::field::Empty,
+    );
     let t0 = Instant::now();
-    let resp = next.run(req).await;
+    let resp = next.run(req).instrument(span.clone()).await;
+    span.record("http.status_code", resp.status().as_u16());
     m.latency
         .get_or_create(&MethodLabel {
             method: method.clone(),

@@ -342,6 +342,14 @@ impl Metald {
         self.spawn_wrapped(&[]);
     }
 
+    /// Starts the daemon with extra environment variables.
+    pub fn spawn_with_env(&mut self, vars: &[(&str, &str)]) {
+        for (k, v) in vars {
+            self.env.push((k.to_string(), v.to_string()));
+        }
+        self.spawn();
+    }
+
     /// Starts the daemon as `wrapper… metald serve` (e.g. under setpriv).
     pub fn spawn_wrapped(&mut self, wrapper: &[String]) {
         assert!(self.child.is_none(), "already running");
