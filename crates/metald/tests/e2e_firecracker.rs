@@ -243,6 +243,29 @@ fn firecracker_runs_jailed_with_its_tap_and_rate_limits() {
             "{dir}: {cfg}"
         );
     }
+
+    // metald reads Firecracker's own metrics (FlushMetrics into a FIFO in the jail) once a
+    // second and keeps the raw record: per-device objects for the root drive and eth0.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let raw = loop {
+        let u = api.call("GET", &format!("/v1/vms/{id}/usage"), None).ok();
+        if let Some(raw) = u["vmmMetricsRaw"].as_str().filter(|r| !r.is_empty()) {
+            break raw.to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no Firecracker metrics: {u}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    eprintln!("one Firecracker metrics flush:\n{raw}");
+    let flush: Value = serde_json::from_str(&raw).unwrap();
+    assert!(flush["block_rootfs"].is_object(), "{raw}");
+    assert!(flush["net_eth0"].is_object(), "{raw}");
+    assert!(
+        flush["vcpu"].is_object() || flush["vmm"].is_object(),
+        "{raw}"
+    );
     api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None)
         .ok();
     m.assert_clean();

@@ -398,6 +398,7 @@ pub async fn get_usage(
             })
             .collect(),
         interval_millis: u32::try_from(svc.metering_interval().as_millis()).unwrap_or(u32::MAX),
+        vmm_metrics_raw: u.vmm_metrics_raw.unwrap_or_default(),
         ..Default::default()
     })
 }

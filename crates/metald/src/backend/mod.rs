@@ -242,6 +242,13 @@ pub trait Backend: Send + Sync {
         self.boot(launch).await
     }
 
+    /// Has the VMM write its own metrics now and returns them as it wrote them (one JSON
+    /// record); `None` for VMMs without a metrics channel.
+    async fn flush_metrics(&self, vm: &VmId) -> Result<Option<String>, BackendError> {
+        let _ = vm;
+        Ok(None)
+    }
+
     /// Kills any VMM of the VM and removes the VMM's files from its directory.
     async fn delete(&self, vm: &VmId, dir: &Path) -> Result<(), BackendError>;
 

@@ -92,6 +92,8 @@ pub struct VmUsage {
     pub memory_configured: u64,
     /// Samples still held, oldest first.
     pub samples: Vec<UsagePoint>,
+    /// The VMM's last own metrics record (Firecracker), as it wrote it.
+    pub vmm_metrics_raw: Option<String>,
 }
 
 /// One VMM run being sampled.
@@ -102,6 +104,17 @@ struct Run {
     /// a re-adopted VMM's do not).
     base: Counters,
     last: Counters,
+    /// Disk operations the VMM itself counted (Firecracker's metrics), when it reports them.
+    vmm_ops: Option<(u64, u64)>,
+}
+
+impl Run {
+    fn apply_vmm_ops(&mut self) {
+        if let Some((r, w)) = self.vmm_ops {
+            self.last.disk_read_ops = self.base.disk_read_ops + r;
+            self.last.disk_write_ops = self.base.disk_write_ops + w;
+        }
+    }
 }
 
 struct VmMeter {
@@ -111,6 +124,8 @@ struct VmMeter {
     carried: Counters,
     run: Option<Run>,
     series: VecDeque<UsagePoint>,
+    /// The VMM's last own metrics record, as it wrote it.
+    vmm_raw: Option<String>,
 }
 
 impl VmMeter {
@@ -232,6 +247,7 @@ impl Meter {
             carried,
             run: None,
             series: VecDeque::new(),
+            vmm_raw: None,
         });
         entry.memory_configured = memory_configured;
         entry.carried = carried;
@@ -240,8 +256,33 @@ impl Meter {
             host_if,
             base,
             last: now,
+            vmm_ops: None,
         });
         base
+    }
+
+    /// Adds what the VMM itself reported in one metrics flush (Firecracker: deltas since the
+    /// previous flush) and keeps the raw record.
+    pub fn add_vmm_metrics(
+        &self,
+        vm: &VmId,
+        raw: String,
+        block_read_ops: u64,
+        block_write_ops: u64,
+    ) {
+        let mut map = self.map();
+        let Some(m) = map.get_mut(vm) else { return };
+        m.vmm_raw = Some(raw);
+        if let Some(run) = m.run.as_mut() {
+            let (r, w) = run.vmm_ops.unwrap_or((0, 0));
+            run.vmm_ops = Some((r + block_read_ops, w + block_write_ops));
+            run.apply_vmm_ops();
+        }
+    }
+
+    /// Whether the VM has a VMM run being counted.
+    pub fn is_running(&self, vm: &VmId) -> bool {
+        self.map().get(vm).is_some_and(|m| m.run.is_some())
     }
 
     /// Takes a last sample of the VM's run and stops counting it; returns the VM's totals.
@@ -251,6 +292,7 @@ impl Meter {
         let m = map.get_mut(vm)?;
         if let Some(run) = m.run.as_mut() {
             run.last = run.sources.read(run.host_if.as_deref(), &net, &run.last);
+            run.apply_vmm_ops();
         }
         let mut total = m.total();
         total.memory_bytes = 0;
@@ -283,6 +325,7 @@ impl Meter {
                 .filter(|p| p.wall_ms > since_ms)
                 .copied()
                 .collect(),
+            vmm_metrics_raw: m.vmm_raw.clone(),
         })
     }
 
@@ -327,6 +370,7 @@ impl Meter {
             run.last = run
                 .sources
                 .read_some(run.host_if.as_deref(), &net, &run.last, all);
+            run.apply_vmm_ops();
             let total = m.carried.advanced(&run.base, &run.last);
             push(
                 &mut m.series,

@@ -2,8 +2,10 @@
 //! REST API on the VM's control socket. Pinned to Firecracker v1.16.1's API.
 
 pub mod api;
+pub mod metrics;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -38,6 +40,14 @@ const BASE_KERNEL_ARGS: &str = "console=ttyS0 reboot=k panic=1 root=/dev/vda rw"
 pub struct FirecrackerBackend {
     binary: PathBuf,
     registry: Registry,
+    /// Read ends of each running VM's metrics FIFO.
+    fifos: std::sync::Mutex<std::collections::HashMap<VmId, Arc<tokio::sync::Mutex<FifoReader>>>>,
+}
+
+/// The read end of a metrics FIFO and what is buffered of a partial line.
+struct FifoReader {
+    rx: tokio::net::unix::pipe::Receiver,
+    buf: Vec<u8>,
 }
 
 impl FirecrackerBackend {
@@ -46,6 +56,7 @@ impl FirecrackerBackend {
         Self {
             binary,
             registry: Registry::new(events),
+            fifos: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
     }
 
@@ -91,6 +102,7 @@ impl FirecrackerBackend {
             })
             .await?;
         }
+        api.put_metrics(&launch.dir.join(metrics::FIFO)).await?;
         api.action(ActionType::InstanceStart).await
     }
 }
@@ -135,6 +147,49 @@ impl Backend for FirecrackerBackend {
         let log = launch.vmm_log();
         let _ignored = std::fs::rename(&log, launch.dir.join(PREVIOUS_LOG));
         touch_logs(launch)?;
+        // The metrics FIFO: its read end is opened first, so Firecracker's open for writing
+        // never blocks and nothing it writes is lost.
+        let fifo_path = launch.dir.join(metrics::FIFO);
+        let _ignored = std::fs::remove_file(&fifo_path);
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo_path,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o660),
+            0,
+        )
+        .map_err(|e| BackendError::Io {
+            op: "create metrics FIFO",
+            path: fifo_path.clone(),
+            source: e.into(),
+        })?;
+        if let Some(jail) = &launch.jail {
+            // The jailed Firecracker writes it as the VM's uid.
+            rustix::fs::chown(
+                &fifo_path,
+                Some(rustix::fs::Uid::from_raw(jail.uid())),
+                None,
+            )
+            .map_err(|e| BackendError::Io {
+                op: "chown metrics FIFO",
+                path: fifo_path.clone(),
+                source: e.into(),
+            })?;
+        }
+        let rx = tokio::net::unix::pipe::OpenOptions::new()
+            .open_receiver(&fifo_path)
+            .map_err(|source| BackendError::Io {
+                op: "open metrics FIFO",
+                path: fifo_path.clone(),
+                source,
+            })?;
+        self.fifos_map().insert(
+            launch.vm_id.clone(),
+            Arc::new(tokio::sync::Mutex::new(FifoReader {
+                rx,
+                buf: Vec::new(),
+            })),
+        );
         // The logger is set on the command line, not with PUT /logger: until a logger exists,
         // Firecracker logs to stdout, which is the guest's serial console file.
         let args = vec![
@@ -181,10 +236,48 @@ impl Backend for FirecrackerBackend {
         self.registry.stop(vm, mode, ask).await
     }
 
+    async fn flush_metrics(&self, vm: &VmId) -> Result<Option<String>, BackendError> {
+        let Some(reader) = self.fifos_map().get(vm).cloned() else {
+            return Ok(None);
+        };
+        self.api_for(vm)?.action(ActionType::FlushMetrics).await?;
+        let mut r = reader.lock().await;
+        // Firecracker has written the line by the time the action returns; read until its end.
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+        loop {
+            if let Some(end) = r.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = r.buf.drain(..=end).collect();
+                return Ok(Some(String::from_utf8_lossy(&line).trim().to_string()));
+            }
+            let mut chunk = [0u8; 16384];
+            let read = tokio::time::timeout_at(deadline, async {
+                r.rx.readable().await?;
+                match r.rx.try_read(&mut chunk) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(0),
+                    other => other,
+                }
+            })
+            .await;
+            match read {
+                Ok(Ok(n)) => r.buf.extend_from_slice(&chunk[..n]),
+                Ok(Err(source)) => {
+                    return Err(BackendError::Io {
+                        op: "read metrics FIFO",
+                        path: metrics::FIFO.into(),
+                        source,
+                    })
+                }
+                Err(_) => return Ok(None),
+            }
+        }
+    }
+
     async fn delete(&self, vm: &VmId, dir: &Path) -> Result<(), BackendError> {
+        self.fifos_map().remove(vm);
         self.registry
             .stop(vm, StopMode::Force, async { Ok(()) })
             .await?;
+        let _ignored = std::fs::remove_file(dir.join(metrics::FIFO));
         let _ignored = std::fs::remove_file(dir.join(PREVIOUS_LOG));
         remove_vmm_files(dir)
     }
@@ -201,6 +294,16 @@ impl Backend for FirecrackerBackend {
 }
 
 impl FirecrackerBackend {
+    fn fifos_map(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        std::collections::HashMap<VmId, Arc<tokio::sync::Mutex<FifoReader>>>,
+    > {
+        // Map operations cannot leave it inconsistent.
+        self.fifos.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn api_for(&self, vm: &VmId) -> Result<FirecrackerApi, BackendError> {
         Ok(FirecrackerApi::new(&self.registry.control_socket(vm)?))
     }
