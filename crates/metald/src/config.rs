@@ -631,7 +631,6 @@ mod tests {
             ("UNKEY_METALD_METRICS_INTERVAL", "fast", "duration"),
             ("UNKEY_METALD_METRICS_RETENTION_SECONDS", "0", "1-86400"),
             ("UNKEY_METALD_BILLING_ENABLED", "yes", "true or false"),
-            ("UNKEY_METALD_BILLING_ENABLED", "true", "required when"),
             ("UNKEY_METALD_OTEL_ENABLED", "1", "true or false"),
         ];
         for (var, value, allowed) in cases {
@@ -641,6 +640,15 @@ mod tests {
             assert!(line.contains(allowed), "{line}");
             assert!(!line.contains('\n'));
         }
+        let no_endpoint = parse(&[("UNKEY_METALD_BILLING_ENABLED", "true")]).unwrap_err();
+        assert_eq!(no_endpoint.var, "UNKEY_METALD_BILLING_ENDPOINT");
+        assert!(no_endpoint.allowed.contains("required when UNKEY_METALD_BILLING_ENABLED=true"));
+        let bad_endpoint = parse(&[
+            ("UNKEY_METALD_BILLING_ENABLED", "true"),
+            ("UNKEY_METALD_BILLING_ENDPOINT", "billing:9090"),
+        ])
+        .unwrap_err();
+        assert!(bad_endpoint.allowed.contains("http(s) URL"), "{bad_endpoint}");
         let long = format!("/{}", "d".repeat(MAX_DATA_DIR_LEN));
         assert!(parse(&[("UNKEY_METALD_DATA_DIR", &long)])
             .unwrap_err()

