@@ -642,13 +642,18 @@ mod tests {
         }
         let no_endpoint = parse(&[("UNKEY_METALD_BILLING_ENABLED", "true")]).unwrap_err();
         assert_eq!(no_endpoint.var, "UNKEY_METALD_BILLING_ENDPOINT");
-        assert!(no_endpoint.allowed.contains("required when UNKEY_METALD_BILLING_ENABLED=true"));
+        assert!(no_endpoint
+            .allowed
+            .contains("required when UNKEY_METALD_BILLING_ENABLED=true"));
         let bad_endpoint = parse(&[
             ("UNKEY_METALD_BILLING_ENABLED", "true"),
             ("UNKEY_METALD_BILLING_ENDPOINT", "billing:9090"),
         ])
         .unwrap_err();
-        assert!(bad_endpoint.allowed.contains("http(s) URL"), "{bad_endpoint}");
+        assert!(
+            bad_endpoint.allowed.contains("http(s) URL"),
+            "{bad_endpoint}"
+        );
         let long = format!("/{}", "d".repeat(MAX_DATA_DIR_LEN));
         assert!(parse(&[("UNKEY_METALD_DATA_DIR", &long)])
             .unwrap_err()
