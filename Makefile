@@ -39,7 +39,8 @@ test: guest lint build
 	fi
 
 bench: guest build
-	METALD_GUEST_DIR=$(GUEST_DIR) $(CARGO) bench -p metald --bench boot --bench isolation --bench metering
+	$(CARGO) build --release -p billaged
+	METALD_GUEST_DIR=$(GUEST_DIR) $(CARGO) bench -p metald --bench boot --bench isolation --bench metering --bench billing
 
 # Release binaries, the metald user and directories, and the systemd unit (see deploy/).
 install: deps
