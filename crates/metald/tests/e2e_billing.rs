@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::json;
 use support::*;
 
 /// `billaged` sits beside `metald` in the target directory (`cargo build --workspace --bins`).
@@ -63,54 +63,24 @@ impl Drop for Billaged {
     }
 }
 
-fn import_spin(m: &Metald) {
-    let mut script = b"echo METALD_SPIN > /dev/console\nend=$(( $(cut -d. -f1 /proc/uptime) + 900 ))\nwhile [ $(cut -d. -f1 /proc/uptime) -lt $end ]; do :; done\nexit 0\n".to_vec();
-    script.resize(4096, b'\n');
-    let path = m.data_dir.join("spin.img");
-    std::fs::write(&path, script).unwrap();
-    assert!(m
-        .assets(&[
-            "import",
-            "--id",
-            "spin",
-            "--kind",
-            "rootfs",
-            "--file",
-            path.to_str().unwrap()
-        ])
-        .status
-        .success());
-}
-
-fn spinning_vm(api: &Rest) -> String {
-    let mut body = readme_request(1, 256 << 20);
-    body["config"]["kernel_args"] = json!("metald.script=/dev/vdb");
-    body["config"]["drives"] =
-        json!([{"drive_id": "script", "image_id": "spin", "read_only": true}]);
-    let id = api.call("POST", "/v1/vms", Some(body)).ok()["vm"]["vmId"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    api.call("POST", &format!("/v1/vms/{id}/boot"), None).ok();
-    api.wait_ready(&id);
-    id
-}
-
-fn metald_with_billing(port: u16) -> Builder {
-    metald()
+/// A running metald batching every 500 ms into a running billaged (on `port`), with the spin
+/// script imported.
+fn billed_metald(guest: &std::path::Path, bin: &std::path::Path) -> (Metald, u16, Billaged) {
+    let port = free_port();
+    let mut m = metald()
         .env("UNKEY_METALD_BILLING_ENABLED", "true")
         .env(
             "UNKEY_METALD_BILLING_ENDPOINT",
             &format!("http://127.0.0.1:{port}"),
         )
         .env("UNKEY_METALD_BILLING_BATCH_INTERVAL", "500ms")
-}
-
-fn num(v: &Value) -> u64 {
-    v.as_str()
-        .map(|s| s.parse().unwrap())
-        .or(v.as_u64())
-        .unwrap_or(0)
+        .prepare(|m| {
+            m.import_default_guest(guest);
+            m.import_script("spin", SPIN_SCRIPT);
+        });
+    m.spawn();
+    let billaged = Billaged::start(&m, bin, port);
+    (m, port, billaged)
 }
 
 /// Waits until metald's outbox is empty and billaged recorded the VM's stop.
@@ -171,15 +141,9 @@ fn billed(db: &rusqlite::Connection, vm: &str) -> (u64, i64, i64, Vec<i64>) {
 fn a_billing_outage_loses_and_doubles_nothing() {
     let Some(guest) = qemu_guest() else { return };
     let Some(bin) = billaged_bin() else { return };
-    let port = free_port();
-    let mut m = metald_with_billing(port).prepare(|m| {
-        m.import_default_guest(&guest);
-        import_spin(m);
-    });
-    m.spawn();
-    let billaged = Billaged::start(&m, &bin, port);
+    let (m, port, billaged) = billed_metald(&guest, &bin);
     let api = Rest::new(&m, Some("billed"));
-    let id = spinning_vm(&api);
+    let id = api.create_booted(script_request(Some("spin")));
     std::thread::sleep(Duration::from_secs(2));
     // The billing service goes away for a while; the VM keeps running and metald keeps sampling.
     billaged.kill();
@@ -226,15 +190,9 @@ fn a_billing_outage_loses_and_doubles_nothing() {
 fn a_metald_killed_mid_run_drains_its_outbox_and_reports_the_downtime_as_a_gap() {
     let Some(guest) = qemu_guest() else { return };
     let Some(bin) = billaged_bin() else { return };
-    let port = free_port();
-    let mut m = metald_with_billing(port).prepare(|m| {
-        m.import_default_guest(&guest);
-        import_spin(m);
-    });
-    m.spawn();
-    let _billaged = Billaged::start(&m, &bin, port);
+    let (mut m, _, _billaged) = billed_metald(&guest, &bin);
     let api = Rest::new(&m, Some("crashy"));
-    let id = spinning_vm(&api);
+    let id = api.create_booted(script_request(Some("spin")));
     std::thread::sleep(Duration::from_secs(2));
     let pid = m.pid().unwrap();
     std::process::Command::new("kill")

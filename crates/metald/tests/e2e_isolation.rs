@@ -34,22 +34,6 @@ fn inode(path: impl AsRef<Path>) -> u64 {
     std::fs::metadata(path).unwrap().ino()
 }
 
-fn console(m: &Metald, id: &str) -> String {
-    std::fs::read_to_string(m.data_dir.join("vms").join(id).join("console.log")).unwrap_or_default()
-}
-
-fn create(api: &Rest, body: Value) -> String {
-    api.call("POST", "/v1/vms", Some(body)).ok()["vm"]["vmId"]
-        .as_str()
-        .unwrap()
-        .to_string()
-}
-
-fn boot_ready(api: &Rest, id: &str) -> Value {
-    api.call("POST", &format!("/v1/vms/{id}/boot"), None).ok();
-    api.wait_ready(id)
-}
-
 fn with_args(args: &str) -> Value {
     let mut body = readme_request(1, 256 << 20);
     body["config"]["kernel_args"] = json!(args);
@@ -62,8 +46,8 @@ fn a_jailed_vmm_runs_as_its_own_user_without_privileges_in_its_own_namespace_and
     let m = metald().start(&guest);
     let iso = m.iso.as_ref().unwrap();
     let api = Rest::new(&m, Some("acme"));
-    let id = create(&api, readme_request(2, 256 << 20));
-    let vm = boot_ready(&api, &id);
+    let id = api.create(readme_request(2, 256 << 20));
+    let vm = api.boot_ready(&id);
     let pid = vm["vmmPid"].as_u64().unwrap();
     let net = &vm["network"];
 
@@ -206,9 +190,9 @@ fn a_jailed_vmm_runs_as_its_own_user_without_privileges_in_its_own_namespace_and
             .trim_end_matches(':')
     ));
     assert!(
-        console(&m, &id).contains(&format!("ip6={v6} ip4={v4}")),
+        m.console(&id).contains(&format!("ip6={v6} ip4={v4}")),
         "{}",
-        console(&m, &id)
+        m.console(&id)
     );
     for addr in [v6, v4] {
         let out = iso
@@ -254,9 +238,9 @@ fn customers_reach_their_own_vms_and_the_gateway_but_never_another_customers() {
     let m = metald().start(&guest);
     let (a, b) = (Rest::new(&m, Some("alpha")), Rest::new(&m, Some("bravo")));
     // First one VM per customer to be pinged ...
-    let a1 = create(&a, readme_request(1, 256 << 20));
-    let b1 = create(&b, readme_request(1, 256 << 20));
-    let (a1vm, b1vm) = (boot_ready(&a, &a1), boot_ready(&b, &b1));
+    let a1 = a.create(readme_request(1, 256 << 20));
+    let b1 = b.create(readme_request(1, 256 << 20));
+    let (a1vm, b1vm) = (a.boot_ready(&a1), b.boot_ready(&b1));
     let addrs = |vm: &Value| {
         [
             vm["network"]["ipv6Address"].as_str().unwrap().to_string(),
@@ -273,8 +257,8 @@ fn customers_reach_their_own_vms_and_the_gateway_but_never_another_customers() {
         let targets = [own.as_slice(), gw.as_slice(), other.as_slice()]
             .concat()
             .join(",");
-        let id = create(api, with_args(&format!("metald.ping={targets}")));
-        boot_ready(api, &id);
+        let id = api.create(with_args(&format!("metald.ping={targets}")));
+        api.boot_ready(&id);
         id
     };
     let a2 = pinger(&a, &a1addr, &b1addr);
@@ -284,7 +268,7 @@ fn customers_reach_their_own_vms_and_the_gateway_but_never_another_customers() {
         // Wait until every reachable target answered, then for three more rounds.
         let deadline = Instant::now() + Duration::from_secs(120);
         let results = loop {
-            let r = ping_results(&console(&m, id));
+            let r = ping_results(&m.console(id));
             let reached = own
                 .iter()
                 .chain(gw.iter())
@@ -300,7 +284,7 @@ fn customers_reach_their_own_vms_and_the_gateway_but_never_another_customers() {
             assert!(
                 Instant::now() < deadline,
                 "pings never settled: {r:?}\n{}",
-                console(&m, id)
+                m.console(id)
             );
             std::thread::sleep(Duration::from_millis(500));
         };
@@ -323,28 +307,6 @@ fn customers_reach_their_own_vms_and_the_gateway_but_never_another_customers() {
             .ok();
     }
     m.assert_clean();
-}
-
-/// A raw disk holding a shell script the guest runs after boot (`metald.script=/dev/vdb`).
-fn import_script(m: &Metald, id: &str, script: &str) {
-    let mut bytes = script.as_bytes().to_vec();
-    bytes.resize(bytes.len().div_ceil(4096) * 4096, b'\n');
-    let path = m.data_dir.join(format!("{id}.sh.img"));
-    std::fs::write(&path, bytes).unwrap();
-    let out = m.assets(&[
-        "import",
-        "--id",
-        id,
-        "--kind",
-        "rootfs",
-        "--file",
-        path.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Connects from metald's namespace to the guest, retrying until its listener is up.
@@ -393,9 +355,7 @@ const BURST: u64 = 32 * 1024;
 fn a_rate_limited_vm_stays_under_its_limit_and_an_unlimited_one_does_not() {
     let Some(guest) = qemu_guest() else { return };
     let m = metald().start(&guest);
-    import_script(
-        &m,
-        "transfer",
+    m.import_script("transfer",
         &format!(
             "nc -l -p 5001 -e /bin/busybox wc -c\ndd if=/dev/zero bs=65536 count={} 2>/dev/null | nc -l -p 5002\nexit 0\n",
             BYTES / 65536
@@ -403,9 +363,7 @@ fn a_rate_limited_vm_stays_under_its_limit_and_an_unlimited_one_does_not() {
     );
     let api = Rest::new(&m, Some("metered"));
     let body = |limited: bool| {
-        let mut b = with_args("metald.script=/dev/vdb");
-        b["config"]["drives"] =
-            json!([{"drive_id": "script", "image_id": "transfer", "read_only": true}]);
+        let mut b = script_request(Some("transfer"));
         if limited {
             let l = json!({"bandwidth_bytes_per_sec": LIMIT, "burst_bytes": BURST});
             b["config"]["network"] = json!({"rx_rate_limit": l, "tx_rate_limit": l});
@@ -414,8 +372,8 @@ fn a_rate_limited_vm_stays_under_its_limit_and_an_unlimited_one_does_not() {
     };
     let mut rates = vec![];
     for limited in [true, false] {
-        let id = create(&api, body(limited));
-        let vm = boot_ready(&api, &id);
+        let id = api.create(body(limited));
+        let vm = api.boot_ready(&id);
         let limits = &vm["config"]["network"];
         assert_eq!(
             limits["rxRateLimit"]["bandwidthBytesPerSec"]
@@ -510,8 +468,8 @@ fn metald_as_a_plain_user_with_only_the_documented_capabilities_runs_vms() {
     );
 
     let api = Rest::new(&m, Some("plain"));
-    let id = create(&api, readme_request(1, 256 << 20));
-    let vm = boot_ready(&api, &id);
+    let id = api.create(readme_request(1, 256 << 20));
+    let vm = api.boot_ready(&id);
     let pid = vm["vmmPid"].as_u64().unwrap();
     assert_eq!(status_field(&status(pid), "CapEff"), "0000000000000000");
     let c = api.call("GET", &format!("/v1/vms/{id}/console"), None).ok();
@@ -547,7 +505,7 @@ fn leftovers_are_removed_after_a_vmm_crash_a_failed_boot_and_at_start() {
     assert!(out.status.success());
     let mut body = readme_request(1, 256 << 20);
     body["config"]["kernel"]["image_id"] = json!("gone");
-    let doomed = create(&api, body);
+    let doomed = api.create(body);
     std::fs::remove_file(m.data_dir.join("assets/gone")).unwrap();
     let r = api.call("POST", &format!("/v1/vms/{doomed}/boot"), None);
     assert_eq!(r.status, 500, "{}", r.body);
@@ -561,8 +519,8 @@ fn leftovers_are_removed_after_a_vmm_crash_a_failed_boot_and_at_start() {
     // metald dies hard with a VM running, the VM's VMM dies while it is down, and an unknown
     // VM's namespace pin, cgroup and jail directory are lying around: the next start removes
     // all of it and marks the VM FAILED.
-    let id = create(&api, readme_request(1, 256 << 20));
-    let pid = boot_ready(&api, &id)["vmmPid"].as_u64().unwrap();
+    let id = api.create(readme_request(1, 256 << 20));
+    let pid = api.boot_ready(&id)["vmmPid"].as_u64().unwrap();
     let metald_pid = m.pid().unwrap();
     std::process::Command::new("kill")
         .args(["-KILL", &metald_pid.to_string()])
@@ -636,11 +594,11 @@ fn guests_reach_the_outside_only_through_an_explicitly_configured_interface() {
         let mut m = m;
         m.spawn();
         let api = Rest::new(&m, Some("outbound"));
-        let id = create(&api, with_args("metald.ping=198.51.100.2,2001:db8:1::2"));
-        boot_ready(&api, &id);
+        let id = api.create(with_args("metald.ping=198.51.100.2,2001:db8:1::2"));
+        api.boot_ready(&id);
         let deadline = Instant::now() + Duration::from_secs(60);
         let results = loop {
-            let r = ping_results(&console(&m, &id));
+            let r = ping_results(&m.console(&id));
             let rounds = ["198.51.100.2", "2001:db8:1::2"]
                 .iter()
                 .map(|t| r.get(*t).map_or(0, Vec::len))

@@ -13,18 +13,14 @@ use serde_json::{json, Value};
 use support::netns::connect_in;
 use support::*;
 
-fn console(m: &Metald, id: &str) -> String {
-    std::fs::read_to_string(m.data_dir.join("vms").join(id).join("console.log")).unwrap_or_default()
-}
-
 /// Host wall-clock time (Unix ms) at which `marker` showed up on the VM's console.
 fn wait_marker(m: &Metald, id: &str, marker: &str, within: Duration) -> i64 {
     let deadline = Instant::now() + within;
     loop {
-        if console(m, id).contains(marker) {
+        if m.console(id).contains(marker) {
             return metald::domain::now_ms();
         }
-        assert!(Instant::now() < deadline, "no {marker}: {}", console(m, id));
+        assert!(Instant::now() < deadline, "no {marker}: {}", m.console(id));
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -40,55 +36,8 @@ fn blkio_counts() -> bool {
     }
 }
 
-fn import_script(m: &Metald, id: &str, script: &str) {
-    let mut bytes = script.as_bytes().to_vec();
-    bytes.resize(bytes.len().div_ceil(4096) * 4096, b'\n');
-    let path = m.data_dir.join(format!("{id}.sh.img"));
-    std::fs::write(&path, bytes).unwrap();
-    let out = m.assets(&[
-        "import",
-        "--id",
-        id,
-        "--kind",
-        "rootfs",
-        "--file",
-        path.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn with_script(script_id: Option<&str>) -> Value {
-    let mut b = readme_request(1, 256 << 20);
-    if let Some(s) = script_id {
-        b["config"]["kernel_args"] = json!("metald.script=/dev/vdb");
-        b["config"]["drives"] = json!([{"drive_id": "script", "image_id": s, "read_only": true}]);
-    }
-    b
-}
-
-fn create_boot(api: &Rest, body: Value) -> String {
-    let id = api.call("POST", "/v1/vms", Some(body)).ok()["vm"]["vmId"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    api.call("POST", &format!("/v1/vms/{id}/boot"), None).ok();
-    api.wait_ready(&id);
-    id
-}
-
 fn usage(api: &Rest, id: &str) -> Value {
     api.call("GET", &format!("/v1/vms/{id}/usage"), None).ok()
-}
-
-fn num(v: &Value) -> u64 {
-    v.as_str()
-        .map(|s| s.parse().unwrap())
-        .or(v.as_u64())
-        .unwrap_or(0)
 }
 
 /// The cumulative counter `field` at host time `t` (the last sample at or before it).
@@ -118,16 +67,14 @@ fn a_busy_guest_uses_cpu_time_an_idle_one_does_not_and_pause_time_is_free() {
     // Spins for 12 s of guest time, announcing start and end. Under TCG here the guest's clock
     // runs several times faster than the host's, so the host's own times of the two markers
     // define the busy window.
-    import_script(
-        &m,
-        "busy",
+    m.import_script("busy",
         // Markers go straight to the console device, not through the script's output relay,
         // which a spinning vCPU would delay.
         "sleep 1\necho METALD_BUSY_START > /dev/console\nend=$(( $(cut -d. -f1 /proc/uptime) + 12 ))\nwhile [ $(cut -d. -f1 /proc/uptime) -lt $end ]; do :; done\necho METALD_BUSY_END > /dev/console\nexit 0\n",
     );
     let api = Rest::new(&m, Some("meter"));
-    let busy = create_boot(&api, with_script(Some("busy")));
-    let idle = create_boot(&api, with_script(None));
+    let busy = api.create_booted(script_request(Some("busy")));
+    let idle = api.create_booted(script_request(None));
     let t0 = wait_marker(&m, &busy, "METALD_BUSY_START", Duration::from_secs(60));
     let t1 = wait_marker(&m, &busy, "METALD_BUSY_END", Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(300));
@@ -146,9 +93,8 @@ fn a_busy_guest_uses_cpu_time_an_idle_one_does_not_and_pause_time_is_free() {
     assert!(idle_cpu <= 0.2 * window, "idle {idle_cpu} in {window}");
 
     // Paused, the busy guest's vCPU does not run: no CPU time.
-    let spin = "end=$(( $(cut -d. -f1 /proc/uptime) + 600 ))\nwhile [ $(cut -d. -f1 /proc/uptime) -lt $end ]; do :; done\n";
-    import_script(&m, "spin", &format!("echo METALD_SPIN\n{spin}exit 0\n"));
-    let spinner = create_boot(&api, with_script(Some("spin")));
+    m.import_script("spin", SPIN_SCRIPT);
+    let spinner = api.create_booted(script_request(Some("spin")));
     wait_marker(&m, &spinner, "METALD_SPIN", Duration::from_secs(60));
     api.call("POST", &format!("/v1/vms/{spinner}/pause"), None)
         .ok();
@@ -175,9 +121,7 @@ fn disk_and_network_bytes_are_counted_and_usage_is_sampled_every_100_ms_per_cust
     let m = metald().start(&guest);
     const DISK: u64 = 8 << 20;
     const NET: usize = 1 << 20;
-    import_script(
-        &m,
-        "io",
+    m.import_script("io",
         &format!(
             "sleep 1\necho METALD_DISK_START\ndd if=/dev/zero of=/dev/vdc bs=1048576 count={} conv=fsync 2>/dev/null\necho METALD_DISK_END\ndd if=/dev/zero bs=65536 count={} 2>/dev/null | nc -l -p 5002\necho METALD_NET_END\nexit 0\n",
             DISK >> 20,
@@ -200,12 +144,12 @@ fn disk_and_network_bytes_are_counted_and_usage_is_sampled_every_100_ms_per_cust
         .status
         .success());
     let api = Rest::new(&m, Some("io"));
-    let mut body = with_script(Some("io"));
+    let mut body = script_request(Some("io"));
     body["config"]["drives"]
         .as_array_mut()
         .unwrap()
         .push(json!({"drive_id": "scratch", "image_id": "scratch", "read_only": false}));
-    let id = create_boot(&api, body);
+    let id = api.create_booted(body);
     let d0 = wait_marker(&m, &id, "METALD_DISK_START", Duration::from_secs(60));
     let d1 = wait_marker(&m, &id, "METALD_DISK_END", Duration::from_secs(120));
     std::thread::sleep(Duration::from_millis(300));
@@ -320,7 +264,7 @@ fn prometheus_metrics_parse_and_readiness_reports_ok() {
     let Some(guest) = qemu_guest() else { return };
     let m = metald().start(&guest);
     let api = Rest::new(&m, Some("scraped"));
-    let id = create_boot(&api, with_script(None));
+    let id = api.create_booted(script_request(None));
     assert_eq!(api.call("GET", "/v1/vms/vm-nope", None).status, 400);
     std::thread::sleep(Duration::from_millis(500));
     let get = |path: &str| {
@@ -401,13 +345,9 @@ fn prometheus_metrics_parse_and_readiness_reports_ok() {
 fn usage_totals_survive_a_metald_restart_including_the_downtime() {
     let Some(guest) = qemu_guest() else { return };
     let mut m = metald().start(&guest);
-    import_script(
-        &m,
-        "spin",
-        "echo METALD_SPIN > /dev/console\nend=$(( $(cut -d. -f1 /proc/uptime) + 600 ))\nwhile [ $(cut -d. -f1 /proc/uptime) -lt $end ]; do :; done\nexit 0\n",
-    );
+    m.import_script("spin", SPIN_SCRIPT);
     let api = Rest::new(&m, Some("durable"));
-    let id = create_boot(&api, with_script(Some("spin")));
+    let id = api.create_booted(script_request(Some("spin")));
     wait_marker(&m, &id, "METALD_SPIN", Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(500));
     let before = num(&usage(&api, &id)["total"]["cpuTimeNanos"]);
@@ -507,7 +447,7 @@ fn api_calls_are_traced_to_an_otlp_receiver_with_child_spans_for_the_boot_steps(
         ("UNKEY_METALD_OTEL_ENDPOINT", &endpoint),
     ]);
     let api = Rest::new(&m, Some("traced"));
-    let id = create_boot(&api, with_script(None));
+    let id = api.create_booted(script_request(None));
     let deadline = Instant::now() + Duration::from_secs(30);
     let (boot, children) = loop {
         let all = spans(&got.lock().unwrap());

@@ -602,6 +602,35 @@ impl Metald {
         }
     }
 
+    /// The VM's console log as written so far.
+    pub fn console(&self, id: &str) -> String {
+        std::fs::read_to_string(self.data_dir.join("vms").join(id).join("console.log"))
+            .unwrap_or_default()
+    }
+
+    /// Imports a raw disk holding a shell script the guest runs after boot
+    /// (`metald.script=/dev/vdb`, see [`script_request`]) as rootfs asset `id`.
+    pub fn import_script(&self, id: &str, script: &str) {
+        let mut bytes = script.as_bytes().to_vec();
+        bytes.resize(bytes.len().div_ceil(4096) * 4096, b'\n');
+        let path = self.data_dir.join(format!("{id}.sh.img"));
+        std::fs::write(&path, bytes).unwrap();
+        let out = self.assets(&[
+            "import",
+            "--id",
+            id,
+            "--kind",
+            "rootfs",
+            "--file",
+            path.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// metald's process id.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
@@ -712,10 +741,26 @@ impl Rest {
 
     /// Creates a VM with the README's request (ids of the imported default guest); its id.
     pub fn create_default(&self) -> String {
-        let body = self
-            .call("POST", "/v1/vms", Some(readme_request(1, 256 << 20)))
-            .ok();
-        body["vm"]["vmId"].as_str().expect("vm id").to_string()
+        self.create(readme_request(1, 256 << 20))
+    }
+
+    /// POST /v1/vms with `body`; the new VM's id.
+    pub fn create(&self, body: Value) -> String {
+        let created = self.call("POST", "/v1/vms", Some(body)).ok();
+        created["vm"]["vmId"].as_str().expect("vm id").to_string()
+    }
+
+    /// Boots the VM and waits until its guest is ready; the VM as it is then.
+    pub fn boot_ready(&self, id: &str) -> Value {
+        self.call("POST", &format!("/v1/vms/{id}/boot"), None).ok();
+        self.wait_ready(id)
+    }
+
+    /// Creates and boots a VM, waiting until its guest is ready; its id.
+    pub fn create_booted(&self, body: Value) -> String {
+        let id = self.create(body);
+        self.boot_ready(&id);
+        id
     }
 
     /// GET /v1/vms/{id}'s vm.
@@ -773,6 +818,28 @@ pub fn kill_vmm_and_expect_failed(api: &Rest, id: &str, pid: u64) {
 }
 
 /// The README's CreateVm body with the default guest's ids.
+/// The default VM (1 vCPU, 256 MiB) running the script in rootfs asset `script_id` after boot.
+pub fn script_request(script_id: Option<&str>) -> Value {
+    let mut b = readme_request(1, 256 << 20);
+    if let Some(s) = script_id {
+        b["config"]["kernel_args"] = json!("metald.script=/dev/vdb");
+        b["config"]["drives"] = json!([{"drive_id": "script", "image_id": s, "read_only": true}]);
+    }
+    b
+}
+
+/// A guest script that spins its vCPU for 900 guest seconds, announcing `METALD_SPIN` straight
+/// on the console (not through the script output relay a spinning vCPU would delay).
+pub const SPIN_SCRIPT: &str = "echo METALD_SPIN > /dev/console\nend=$(( $(cut -d. -f1 /proc/uptime) + 900 ))\nwhile [ $(cut -d. -f1 /proc/uptime) -lt $end ]; do :; done\nexit 0\n";
+
+/// A JSON number that protobuf JSON may have written as a string (64-bit integers).
+pub fn num(v: &Value) -> u64 {
+    v.as_str()
+        .map(|s| s.parse().unwrap())
+        .or(v.as_u64())
+        .unwrap_or(0)
+}
+
 pub fn readme_request(vcpus: u32, memory: u64) -> Value {
     json!({"config": {"cpu": {"vcpu_count": vcpus}, "memory": {"size_bytes": memory},
         "kernel": {"image_id": KERNEL_ID}, "rootfs": {"image_id": ROOTFS_ID}}})
