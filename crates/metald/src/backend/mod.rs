@@ -259,6 +259,18 @@ pub trait Backend: Send + Sync {
     async fn adopt(&self, launch: &VmLaunch, process: VmmProcess) -> Result<bool, BackendError>;
 }
 
+/// Readiness of a backend whose VMM is the executable at `binary` (`name` for the message).
+pub fn binary_ready(name: &str, binary: &Path) -> Result<(), String> {
+    if crate::config::is_executable(binary) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name} binary {} is not executable",
+            binary.display()
+        ))
+    }
+}
+
 /// Removes the VMM's files from a VM directory (missing ones are fine).
 pub fn remove_vmm_files(dir: &Path) -> Result<(), BackendError> {
     for name in [files::CONTROL_SOCKET, files::CONSOLE_LOG, files::VMM_LOG] {

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::domain::{now_ms, CustomerId, VmId};
-use sources::{read_net_dev, NetDev, Sources};
+use sources::{read_net_dev, Sources};
 
 /// Cumulative usage counters (and the latest memory reading).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -400,9 +400,6 @@ fn push(series: &mut VecDeque<UsagePoint>, p: UsagePoint, cap: usize) {
     }
     series.push_back(p);
 }
-
-/// Network counters of one interface, as `/proc/net/dev` gives them (host side).
-pub type NetCounters = NetDev;
 
 #[cfg(test)]
 mod tests {

@@ -124,14 +124,7 @@ impl Backend for FirecrackerBackend {
     }
 
     fn ready(&self) -> Result<(), String> {
-        if crate::config::is_executable(&self.binary) {
-            Ok(())
-        } else {
-            Err(format!(
-                "Firecracker binary {} is not executable",
-                self.binary.display()
-            ))
-        }
+        super::binary_ready("Firecracker", &self.binary)
     }
 
     async fn create(&self, launch: &VmLaunch) -> Result<(), BackendError> {

@@ -180,14 +180,7 @@ impl Backend for QemuBackend {
     }
 
     fn ready(&self) -> Result<(), String> {
-        if crate::config::is_executable(&self.binary) {
-            Ok(())
-        } else {
-            Err(format!(
-                "QEMU binary {} is not executable",
-                self.binary.display()
-            ))
-        }
+        super::binary_ready("QEMU", &self.binary)
     }
 
     async fn create(&self, launch: &VmLaunch) -> Result<(), BackendError> {
