@@ -3,7 +3,7 @@
 //! never count anything twice. metald's tests run it; operators can read it as the contract.
 //!
 //! Tables: `batches` (one row per key) and `metrics` (one row per interval), `gaps`, `events`,
-//! `heartbeats`.
+//! `heartbeats` and `heartbeat_vms` (which VMs each heartbeat listed as running).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -46,6 +46,8 @@ CREATE TABLE IF NOT EXISTS events (
     key TEXT PRIMARY KEY, kind TEXT NOT NULL, vm_id TEXT NOT NULL, at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS heartbeats (
     instance_id TEXT NOT NULL, active_vms INTEGER NOT NULL, at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS heartbeat_vms (
+    instance_id TEXT NOT NULL, at INTEGER NOT NULL, vm_id TEXT NOT NULL);
 ";
 
 struct Billing {
@@ -126,12 +128,22 @@ impl pb::BillingService for Billing {
         _ctx: RequestContext,
         req: ServiceRequest<'_, pb::SendHeartbeatRequest>,
     ) -> ServiceResult<pb::SendHeartbeatResponse> {
-        self.db()
-            .execute(
-                "INSERT INTO heartbeats VALUES (?1, ?2, ?3)",
-                params![req.instance_id, req.active_vms.len() as i64, now_ms()],
+        let mut db = self.db();
+        let tx = db.transaction().map_err(internal)?;
+        let at = now_ms();
+        tx.execute(
+            "INSERT INTO heartbeats VALUES (?1, ?2, ?3)",
+            params![req.instance_id, req.active_vms.len() as i64, at],
+        )
+        .map_err(internal)?;
+        for vm in req.active_vms.iter() {
+            tx.execute(
+                "INSERT INTO heartbeat_vms VALUES (?1, ?2, ?3)",
+                params![req.instance_id, at, vm],
             )
             .map_err(internal)?;
+        }
+        tx.commit().map_err(internal)?;
         Response::ok(pb::SendHeartbeatResponse::default())
     }
 

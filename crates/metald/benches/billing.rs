@@ -68,6 +68,7 @@ fn main() {
         let meter = Meter::start(MeterConfig {
             interval: Duration::from_millis(100),
             retained_samples: 10,
+            vmm_metrics_interval: Duration::from_secs(10),
         });
         let t0 = Instant::now();
         let _billing = Billing::start(
@@ -76,6 +77,7 @@ fn main() {
             BillingConfig {
                 endpoint: format!("http://127.0.0.1:{port}").parse().unwrap(),
                 batch_interval: Duration::from_secs(1),
+                heartbeat_interval: Duration::from_secs(10),
                 instance_id: "bench".into(),
             },
         );

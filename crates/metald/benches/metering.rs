@@ -1,6 +1,9 @@
 //! What the usage sampler costs: with N real running (jailed) VMs, the CPU time metald's
 //! sampler spends per second (its own `metald_meter_busy_seconds` counter, over a measured
-//! window), per VM, and extrapolated to 1000 VMs at the 100 ms interval. Prints a table.
+//! window), per VM, and extrapolated to 1000 VMs at the 100 ms interval. Beside it, the whole
+//! metald process's CPU over the same window (`/proc/<pid>/stat`): that includes everything
+//! else metering costs (Firecracker's once-a-second metrics flush round trips, the billing
+//! batcher) and the idle daemon. Prints a table.
 //!
 //! `cargo bench -p metald --bench metering` (`BENCH_SIZES=10,50,100`, `BENCH_WINDOW_SECS=10`).
 //! Firecracker's tiny guest when a firecracker binary is installed, else QEMU's default guest
@@ -28,6 +31,16 @@ fn scrape(m: &Metald, name: &str) -> f64 {
         .find_map(|l| l.strip_prefix(&format!("{name} ")))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0)
+}
+
+/// utime + stime of a process, seconds.
+fn process_cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = stat.rsplit_once(')').unwrap().1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    // USER_HZ is 100 on every Linux ABI metald runs on.
+    ticks / 100.0
 }
 
 fn main() {
@@ -71,12 +84,12 @@ fn main() {
         },
         window.as_secs()
     );
-    println!("\n| running VMs | sampler CPU (% of one core) | per VM per tick (µs) | extrapolated: 1000 VMs (% of one core) |");
-    println!("|---|---|---|---|");
+    println!("\n| running VMs | sampler CPU (% of one core) | per VM per tick (µs) | extrapolated: 1000 VMs (% of one core) | whole metald process (% of one core) | whole process per VM per tick (µs) |");
+    println!("|---|---|---|---|---|---|");
     let mut ids: Vec<String> = vec![];
     for n in sizes {
         if !fc && n > 20 {
-            println!("| {n} | skipped (QEMU TCG guests) | | |");
+            println!("| {n} | skipped (QEMU TCG guests) | | | | |");
             continue;
         }
         while ids.len() < n {
@@ -100,24 +113,31 @@ fn main() {
         }
         // Settle, then measure over the window.
         std::thread::sleep(Duration::from_secs(1));
-        let (b0, k0, t0) = (
+        let pid = m.pid().unwrap();
+        let (b0, k0, p0, t0) = (
             scrape(&m, "metald_meter_busy_seconds_total"),
             scrape(&m, "metald_meter_ticks_total"),
+            process_cpu_secs(pid),
             Instant::now(),
         );
         std::thread::sleep(window);
-        let (b1, k1, secs) = (
+        let (b1, k1, p1, secs) = (
             scrape(&m, "metald_meter_busy_seconds_total"),
             scrape(&m, "metald_meter_ticks_total"),
+            process_cpu_secs(pid),
             t0.elapsed().as_secs_f64(),
         );
+        let ticks = (k1 - k0).max(1.0);
         let share = (b1 - b0) / secs;
-        let per_vm_tick_us = (b1 - b0) / (k1 - k0).max(1.0) / n as f64 * 1e6;
+        let per_vm_tick_us = (b1 - b0) / ticks / n as f64 * 1e6;
+        let process_share = (p1 - p0) / secs;
+        let process_per_vm_tick_us = (p1 - p0) / ticks / n as f64 * 1e6;
         let at_1000 = per_vm_tick_us * 1e-6 * 1000.0 * 10.0;
         println!(
-            "| {n} | {:.3} | {per_vm_tick_us:.2} | {:.2} |",
+            "| {n} | {:.3} | {per_vm_tick_us:.2} | {:.2} | {:.2} | {process_per_vm_tick_us:.2} |",
             share * 100.0,
-            at_1000 * 100.0
+            at_1000 * 100.0,
+            process_share * 100.0,
         );
     }
     for id in &ids {

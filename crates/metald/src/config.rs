@@ -101,6 +101,8 @@ pub struct Config {
     pub metrics_interval: Duration,
     /// How long samples are kept in memory.
     pub metrics_retention: Duration,
+    /// How often VMMs that keep their own metrics (Firecracker) are asked to flush them.
+    pub vmm_metrics_interval: Duration,
     /// Where usage is sent, if billing is on.
     pub billing: Option<BillingSettings>,
     /// OTLP/HTTP collector base URL, if trace export is on.
@@ -114,6 +116,8 @@ pub struct BillingSettings {
     pub endpoint: http::Uri,
     /// How often samples are batched.
     pub batch_interval: Duration,
+    /// How often the running VMs are reported as a heartbeat.
+    pub heartbeat_interval: Duration,
 }
 
 impl Config {
@@ -272,8 +276,16 @@ impl Config {
                 .filter(|d| (Duration::from_millis(10)..=Duration::from_secs(60)).contains(d))
                 .ok_or_else(|| bad(n, &v, "expected a duration such as 100ms or 1s, 10ms-60s"))?,
         };
+        let vmm_metrics_interval = match get("UNKEY_METALD_VMM_METRICS_INTERVAL") {
+            None => Duration::from_secs(10),
+            Some((n, v)) => parse_duration(&v)
+                .filter(|d| (Duration::from_secs(1)..=Duration::from_secs(600)).contains(d))
+                .ok_or_else(|| bad(n, &v, "expected a duration such as 10s, 1s-600s"))?,
+        };
+        // 96 bytes per sample: 600 samples (60 s at 100 ms) are 56 KiB per VM. The billing
+        // service holds the history; this is the live view.
         let metrics_retention = match get("UNKEY_METALD_METRICS_RETENTION_SECONDS") {
-            None => Duration::from_secs(300),
+            None => Duration::from_secs(60),
             Some((n, v)) => v
                 .parse::<u64>()
                 .ok()
@@ -316,9 +328,16 @@ impl Config {
                         })
                         .ok_or_else(|| bad(n, &v, "expected a duration such as 1s, 100ms-300s"))?,
                 };
+                let heartbeat_interval = match get("UNKEY_METALD_BILLING_HEARTBEAT_INTERVAL") {
+                    None => Duration::from_secs(10),
+                    Some((n, v)) => parse_duration(&v)
+                        .filter(|d| (Duration::from_secs(1)..=Duration::from_secs(600)).contains(d))
+                        .ok_or_else(|| bad(n, &v, "expected a duration such as 10s, 1s-600s"))?,
+                };
                 Some(BillingSettings {
                     endpoint,
                     batch_interval,
+                    heartbeat_interval,
                 })
             }
             Some((n, v)) => return Err(bad(n, &v, "expected true or false")),
@@ -357,6 +376,7 @@ impl Config {
             log_format,
             isolation,
             metrics_interval,
+            vmm_metrics_interval,
             metrics_retention,
             billing,
             otel_endpoint,
@@ -629,6 +649,7 @@ mod tests {
             ("UNKEY_METALD_NFT_BIN", "/nonexistent/nft", "executable"),
             ("UNKEY_METALD_METRICS_INTERVAL", "5ms", "10ms-60s"),
             ("UNKEY_METALD_METRICS_INTERVAL", "fast", "duration"),
+            ("UNKEY_METALD_VMM_METRICS_INTERVAL", "500ms", "1s-600s"),
             ("UNKEY_METALD_METRICS_RETENTION_SECONDS", "0", "1-86400"),
             ("UNKEY_METALD_BILLING_ENABLED", "yes", "true or false"),
             ("UNKEY_METALD_OTEL_ENABLED", "1", "true or false"),

@@ -200,6 +200,7 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
     let meter = Meter::start(MeterConfig {
         interval: cfg.metrics_interval,
         retained_samples: cfg.metrics_retained_samples(),
+        vmm_metrics_interval: cfg.vmm_metrics_interval,
     });
     tracing::info!(
         interval_ms = cfg.metrics_interval.as_millis() as u64,
@@ -213,6 +214,7 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
             BillingConfig {
                 endpoint: b.endpoint.clone(),
                 batch_interval: b.batch_interval,
+                heartbeat_interval: b.heartbeat_interval,
                 instance_id: format!("metald@{}", cfg.data_dir.display()),
             },
         )

@@ -138,21 +138,24 @@ fn init_logging(
     use tracing_subscriber::Layer;
     let filter = tracing_subscriber::EnvFilter::try_from_env("UNKEY_METALD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
     let fmt = match format {
-        LogFormat::Json => fmt
-            .json()
+        // json-subscriber rather than tracing-subscriber's JSON: it adds the OpenTelemetry
+        // trace and span ids to every line logged inside a span.
+        LogFormat::Json => json_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
             .flatten_event(true)
             .with_current_span(true)
+            .with_opentelemetry_ids(true)
             .boxed(),
-        LogFormat::Text => fmt.boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(std::io::stderr)
+            .boxed(),
     };
-    let (provider, otel_error) = match otel.map(metald::telemetry::tracer_provider) {
-        Some(Ok(p)) => (Some(p), None),
-        Some(Err(e)) => (None, Some(e)),
-        None => (None, None),
+    let (provider, otel_error) = match metald::telemetry::tracer_provider(otel) {
+        Ok(p) => (Some(p), None),
+        // Export is off, but ids still go into the logs.
+        Err(e) => (metald::telemetry::tracer_provider(None).ok(), Some(e)),
     };
     let otel_layer = provider.as_ref().map(metald::telemetry::layer);
     tracing_subscriber::registry()

@@ -150,6 +150,18 @@ pub struct ConsoleTail {
     pub truncated: bool,
 }
 
+/// What one VM used within a window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowUsage {
+    /// The VM.
+    pub vm: VmId,
+    /// Used within the window.
+    pub usage: Counters,
+    /// Set when the window started before the VM's oldest sample held: usage counts from
+    /// this time (Unix milliseconds) instead.
+    pub covered_from_ms: Option<i64>,
+}
+
 /// The lifecycle service.
 pub struct VmService {
     store: Arc<Store>,
@@ -248,8 +260,11 @@ impl VmService {
         }
     }
 
-    /// While the VM runs, asks its VMM for its own metrics once a second (Firecracker's
-    /// FlushMetrics; each costs an API round trip, so not at the 100 ms sampling rate).
+    /// While the VM runs, asks its VMM for its own metrics every
+    /// `UNKEY_METALD_VMM_METRICS_INTERVAL` (Firecracker's FlushMetrics). Each flush costs an
+    /// API round trip and a 5 KB JSON record, a few hundred µs of metald's CPU on a slow host,
+    /// so this is not done at the 100 ms sampling rate: billing comes from the kernel's counters,
+    /// and these records add Firecracker's own view (disk operations, device errors).
     fn poll_vmm_metrics(&self, vm: &VmId) {
         let Some(meter) = self.meter.clone() else {
             return;
@@ -257,18 +272,14 @@ impl VmService {
         let backend = Arc::clone(&self.backend);
         let vm = vm.clone();
         tokio::spawn(async move {
-            let mut every = tokio::time::interval(Duration::from_secs(1));
+            let mut every = tokio::time::interval(meter.vmm_metrics_interval());
             loop {
                 every.tick().await;
                 if !meter.is_running(&vm) {
                     return;
                 }
-                match backend.flush_metrics(&vm).await {
-                    Ok(Some(line)) => {
-                        let d = crate::backend::firecracker::metrics::parse_flush(&line)
-                            .unwrap_or_default();
-                        meter.add_vmm_metrics(&vm, line, d.block_read_ops, d.block_write_ops);
-                    }
+                match backend.vmm_metrics(&vm).await {
+                    Ok(Some(m)) => meter.add_vmm_metrics(&vm, m),
                     // This VMM has no metrics channel.
                     Ok(None) => return,
                     Err(BackendError::NotRunning(_)) => return,
@@ -341,17 +352,21 @@ impl VmService {
                 total: Counters::default(),
                 memory_configured: vm.config.memory_bytes,
                 samples: Vec::new(),
+                known_from_ms: None,
                 vmm_metrics_raw: None,
             }))
     }
 
     /// What each of the customer's VMs used in `(start_ms, end_ms]`, from the samples held.
+    /// Where a VM's samples don't reach back to `start_ms` (they age out after the retention
+    /// time, and a restarted metald starts a new series) its usage counts from its oldest
+    /// sample, whose time comes back beside it.
     pub async fn customer_usage(
         &self,
         customer: &CustomerId,
         start_ms: i64,
         end_ms: i64,
-    ) -> Result<Vec<(VmId, Counters)>, ServiceError> {
+    ) -> Result<Vec<WindowUsage>, ServiceError> {
         if end_ms < start_ms {
             return Err(invalid("end", "must not be before start"));
         }
@@ -370,10 +385,22 @@ impl VmService {
                     .find(|p| p.wall_ms <= t)
                     .map(|p| p.total)
             };
-            // Before its first sample a VM had used nothing.
-            let before = at(start_ms).unwrap_or_default();
+            let (before, covered_from_ms) = match (at(start_ms), u.known_from_ms) {
+                (Some(p), _) => (p, None),
+                // Before its first sample a new VM had used nothing.
+                (None, None) => (Counters::default(), None),
+                // Usage from before the oldest sample is not known by time: count from it.
+                (None, Some(from)) => (
+                    u.samples.first().map(|p| p.total).unwrap_or_default(),
+                    Some(from),
+                ),
+            };
             let Some(after) = at(end_ms) else { continue };
-            out.push((id, after.since(&before)));
+            out.push(WindowUsage {
+                vm: id,
+                usage: after.since(&before),
+                covered_from_ms,
+            });
         }
         Ok(out)
     }

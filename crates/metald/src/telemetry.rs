@@ -1,7 +1,12 @@
-//! OpenTelemetry traces over OTLP/HTTP (JSON), when `UNKEY_METALD_OTEL_ENABLED` is set: every
-//! API call is a span (method, customer, VM) with child spans for the lifecycle's steps
-//! (network and jail set-up, VMM start). Spans go through the SDK's batch processor on its own
-//! thread; a collector that is down costs nothing but the lost spans.
+//! OpenTelemetry traces: every API call is a span (method, customer, VM) with child spans for
+//! the lifecycle's steps (network and jail set-up, VMM start). A caller's W3C `traceparent`
+//! header makes the call's span a child of the caller's.
+//!
+//! Trace and span ids exist whether or not they are exported, so JSON log lines always carry
+//! them (`openTelemetry.traceId`/`spanId`) and a log line can be matched to its request. With
+//! `UNKEY_METALD_OTEL_ENABLED` the spans are exported over OTLP/HTTP (JSON) through the SDK's
+//! batch processor on its own thread; a collector that is down costs nothing but the lost
+//! spans.
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::{Protocol, WithExportConfig};
@@ -17,9 +22,16 @@ pub struct TelemetryError {
     pub reason: String,
 }
 
-/// A tracer provider exporting to `<endpoint>/v1/traces`; keep it alive, and shut it down at
-/// exit to flush.
-pub fn tracer_provider(endpoint: &str) -> Result<SdkTracerProvider, TelemetryError> {
+/// A tracer provider, exporting to `<endpoint>/v1/traces` when an endpoint is given (without
+/// one, spans get ids but go nowhere); keep it alive, and shut it down at exit to flush.
+pub fn tracer_provider(endpoint: Option<&str>) -> Result<SdkTracerProvider, TelemetryError> {
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name("metald")
+        .build();
+    let builder = SdkTracerProvider::builder().with_resource(resource);
+    let Some(endpoint) = endpoint else {
+        return Ok(builder.build());
+    };
     let url = format!("{}/v1/traces", endpoint.trim_end_matches('/'));
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
@@ -30,13 +42,16 @@ pub fn tracer_provider(endpoint: &str) -> Result<SdkTracerProvider, TelemetryErr
             endpoint: endpoint.to_string(),
             reason: e.to_string(),
         })?;
-    let resource = opentelemetry_sdk::Resource::builder()
-        .with_service_name("metald")
-        .build();
-    Ok(SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
-        .with_resource(resource)
-        .build())
+    Ok(builder.with_batch_exporter(exporter).build())
+}
+
+/// The caller's trace context from a W3C `traceparent` header, if it sent one.
+pub fn remote_parent(headers: &http::HeaderMap) -> Option<opentelemetry::Context> {
+    use opentelemetry::propagation::TextMapPropagator;
+    use opentelemetry::trace::TraceContextExt;
+    let cx = opentelemetry_sdk::propagation::TraceContextPropagator::new()
+        .extract(&opentelemetry_http::HeaderExtractor(headers));
+    cx.span().span_context().is_valid().then_some(cx)
 }
 
 /// The `tracing` layer that turns spans into OpenTelemetry spans.

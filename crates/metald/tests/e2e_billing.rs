@@ -74,6 +74,7 @@ fn billed_metald(guest: &std::path::Path, bin: &std::path::Path) -> (Metald, u16
             &format!("http://127.0.0.1:{port}"),
         )
         .env("UNKEY_METALD_BILLING_BATCH_INTERVAL", "500ms")
+        .env("UNKEY_METALD_BILLING_HEARTBEAT_INTERVAL", "1s")
         .prepare(|m| {
             m.import_default_guest(guest);
             m.import_script("spin", SPIN_SCRIPT);
@@ -115,6 +116,26 @@ fn wait_delivered(m: &Metald, db: &rusqlite::Connection, vm: &str) {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// When billaged was told the VM's VMM started and stopped (each exactly once).
+fn lifecycle_events(db: &rusqlite::Connection, vm: &str) -> (i64, i64) {
+    let at = |kind: &str| -> Vec<i64> {
+        let mut stmt = db
+            .prepare("SELECT at FROM events WHERE vm_id = ?1 AND kind = ?2")
+            .unwrap();
+        stmt.query_map([vm, kind], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    let (started, stopped) = (at("started"), at("stopped"));
+    assert_eq!(
+        (started.len(), stopped.len()),
+        (1, 1),
+        "started {started:?}, stopped {stopped:?}"
+    );
+    (started[0], stopped[0])
 }
 
 /// (sum of CPU ns, intervals, distinct timestamps, sorted timestamps) billaged stored for `vm`.
@@ -182,6 +203,41 @@ fn a_billing_outage_loses_and_doubles_nothing() {
         gaps, 0,
         "an outage of the billing service is not a gap in usage"
     );
+    // The VMM's start and stop bracket every billed interval.
+    let (started, stopped) = lifecycle_events(&db, &id);
+    assert!(
+        started <= ts[0] && stopped >= *ts.last().unwrap(),
+        "started {started}, stopped {stopped}, intervals {}..{}",
+        ts[0],
+        ts.last().unwrap()
+    );
+    // Heartbeats (every second here) named this metald and listed the VM while it ran; one
+    // after the stop lists nothing.
+    let instance = format!("metald@{}", m.data_dir.display());
+    let listed: i64 = db
+        .query_row(
+            "SELECT COUNT(*) FROM heartbeat_vms WHERE instance_id = ?1 AND vm_id = ?2 AND at > ?3 AND at < ?4",
+            rusqlite::params![instance, id, started, stopped],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(listed >= 2, "{listed} heartbeats listed the running VM");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (after, empty): (i64, i64) = db
+            .query_row(
+                "SELECT COUNT(*), COALESCE(SUM(active_vms = 0), 0) FROM heartbeats WHERE instance_id = ?1 AND at > ?2",
+                rusqlite::params![instance, stopped + 100],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        if after > 0 {
+            assert_eq!(after, empty, "a heartbeat after the stop still listed a VM");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no heartbeat after the stop");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     api.call("DELETE", &format!("/v1/vms/{id}"), None).ok();
     m.assert_clean();
 }
@@ -236,6 +292,8 @@ fn a_metald_killed_mid_run_drains_its_outbox_and_reports_the_downtime_as_a_gap()
         "unbilled {unbilled} s"
     );
     assert!(sum < total);
+    // A re-attached VMM did not start again: one start, one stop.
+    lifecycle_events(&db, &id);
     api.call("DELETE", &format!("/v1/vms/{id}"), None).ok();
     m.assert_clean();
 }

@@ -416,9 +416,13 @@ pub async fn list_customer_usage(
     Ok(pb::ListCustomerUsageResponse {
         vms: vms
             .iter()
-            .map(|(id, c)| pb::VmUsage {
-                vm_id: id.to_string(),
-                usage: usage_to_proto(c, 0).into(),
+            .map(|w| pb::VmUsage {
+                vm_id: w.vm.to_string(),
+                usage: usage_to_proto(&w.usage, 0).into(),
+                covered_start: w
+                    .covered_from_ms
+                    .map(crate::domain::rfc3339)
+                    .unwrap_or_default(),
                 ..Default::default()
             })
             .collect(),

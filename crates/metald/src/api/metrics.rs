@@ -232,6 +232,12 @@ pub async fn track(State(m): State<Arc<ApiMetrics>>, req: Request, next: Next) -
         vm_id = %vm_id,
         http.status_code = tracing::field::Empty,
     );
+    if let Some(parent) = crate::telemetry::remote_parent(req.headers()) {
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
+        if let Err(e) = span.set_parent(parent) {
+            tracing::debug!(error = %e, "ignoring the caller's trace context");
+        }
+    }
     let t0 = Instant::now();
     let resp = next.run(req).instrument(span.clone()).await;
     span.record("http.status_code", resp.status().as_u16());

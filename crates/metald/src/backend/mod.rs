@@ -207,6 +207,18 @@ pub enum BackendError {
     Unsupported(String),
 }
 
+/// What a VMM reported about its own VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmmMetrics {
+    /// The record as the VMM gave it (JSON), kept for operators.
+    pub raw: String,
+    /// Disk read requests the guest made: since the VMM started (QEMU), or since metald began
+    /// reading its metrics (Firecracker, whose flushes carry deltas).
+    pub block_read_ops: u64,
+    /// Disk write requests, likewise.
+    pub block_write_ops: u64,
+}
+
 /// A VMM driver. One VMM process per VM.
 #[async_trait]
 pub trait Backend: Send + Sync {
@@ -242,9 +254,9 @@ pub trait Backend: Send + Sync {
         self.boot(launch).await
     }
 
-    /// Has the VMM write its own metrics now and returns them as it wrote them (one JSON
-    /// record); `None` for VMMs without a metrics channel.
-    async fn flush_metrics(&self, vm: &VmId) -> Result<Option<String>, BackendError> {
+    /// The VMM's own view of its VM, read now (Firecracker: a metrics flush; QEMU: its block
+    /// statistics); `None` for VMMs without one.
+    async fn vmm_metrics(&self, vm: &VmId) -> Result<Option<VmmMetrics>, BackendError> {
         let _ = vm;
         Ok(None)
     }

@@ -28,6 +28,8 @@ pub struct BillingConfig {
     pub endpoint: http::Uri,
     /// How often samples are batched into the outbox.
     pub batch_interval: Duration,
+    /// How often the running VMs are reported (`SendHeartbeat`).
+    pub heartbeat_interval: Duration,
     /// This metald's name in heartbeats.
     pub instance_id: String,
 }
@@ -115,7 +117,10 @@ impl Billing {
         let beat = Arc::downgrade(&b);
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(Duration::from_secs(10)).await;
+                let Some(every) = beat.upgrade().map(|b| b.cfg.heartbeat_interval) else {
+                    return;
+                };
+                tokio::time::sleep(every).await;
                 let Some(b) = beat.upgrade() else { return };
                 b.heartbeat().await;
             }
@@ -234,11 +239,12 @@ impl Billing {
     }
 
     async fn heartbeat(&self) {
+        // The VMs whose VMM is running now: what the billing service should expect usage for.
         let active: Vec<String> = self
             .meter
-            .snapshot()
+            .running()
             .into_iter()
-            .map(|(vm, _, _)| vm.to_string())
+            .map(|vm| vm.to_string())
             .collect();
         let req = pb::SendHeartbeatRequest {
             instance_id: self.cfg.instance_id.clone(),

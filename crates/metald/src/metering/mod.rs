@@ -1,22 +1,24 @@
 //! Metering: every running VM is sampled at a fixed interval (100 ms by default) from the
 //! kernel's own counters: CPU time and memory from the VM's cgroup, disk bytes from
 //! `/proc/<pid>/io`, disk operations from the cgroup's block-I/O statistics, network bytes and
-//! packets of the VM's host-side veth from `/proc/net/dev`.
+//! packets of the VM's host-side veth from one netlink statistics dump.
 //!
 //! Cheap at scale: one dedicated thread, every file opened once per VM run and re-read with
-//! `pread` at offset 0, one `/proc/net/dev` read per tick for all VMs, no process spawned.
+//! `pread` at offset 0 into a stack buffer, one netlink dump per tick for all VMs' interfaces,
+//! slow-moving values once a second, no process spawned.
 //! A VM is counted from the instant its VMM started to the instant it stopped; while paused its
 //! vCPU threads do not run, so pause time is not CPU time.
 
 pub mod sources;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::backend::VmmMetrics;
 use crate::domain::{now_ms, CustomerId, VmId};
-use sources::{read_net_dev, Sources};
+use sources::{NetStats, NetTable, Sources};
 
 /// Cumulative usage counters (and the latest memory reading).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -92,6 +94,10 @@ pub struct VmUsage {
     pub memory_configured: u64,
     /// Samples still held, oldest first.
     pub samples: Vec<UsagePoint>,
+    /// `None` when the samples cover the VM's whole life (before the first, it had used
+    /// nothing); otherwise the time of the oldest sample held, before which usage is only known
+    /// as a total (older samples aged out, or metald restarted).
+    pub known_from_ms: Option<i64>,
     /// The VMM's last own metrics record (Firecracker), as it wrote it.
     pub vmm_metrics_raw: Option<String>,
 }
@@ -100,11 +106,13 @@ pub struct VmUsage {
 struct Run {
     sources: Sources,
     host_if: Option<String>,
+    /// `host_if`'s index, once it is found.
+    ifindex: Option<u32>,
     /// Readings when the run was first sampled (counters of a fresh cgroup/veth start at 0;
     /// a re-adopted VMM's do not).
     base: Counters,
     last: Counters,
-    /// Disk operations the VMM itself counted (Firecracker's metrics), when it reports them.
+    /// Disk operations the VMM itself counted since counting began, when it reports them.
     vmm_ops: Option<(u64, u64)>,
 }
 
@@ -124,11 +132,24 @@ struct VmMeter {
     carried: Counters,
     run: Option<Run>,
     series: VecDeque<UsagePoint>,
+    /// Whether `series` holds the VM's whole history: it began with the VM's first run in
+    /// this metald and nothing aged out since. Otherwise usage before its oldest sample is
+    /// not known by time.
+    complete: bool,
     /// The VMM's last own metrics record, as it wrote it.
     vmm_raw: Option<String>,
 }
 
 impl VmMeter {
+    /// Adds a sample, dropping the oldest beyond `cap`.
+    fn record(&mut self, p: UsagePoint, cap: usize) {
+        if self.series.len() >= cap {
+            self.series.pop_front();
+            self.complete = false;
+        }
+        self.series.push_back(p);
+    }
+
     fn total(&self) -> Counters {
         match &self.run {
             Some(r) => self.carried.advanced(&r.base, &r.last),
@@ -161,12 +182,17 @@ pub struct MeterConfig {
     pub interval: Duration,
     /// How many samples per VM are kept in memory.
     pub retained_samples: usize,
+    /// How often a VMM that keeps its own metrics (Firecracker) is asked to flush them.
+    pub vmm_metrics_interval: Duration,
 }
 
 /// The sampler and the usage it collected.
 pub struct Meter {
     cfg: MeterConfig,
     vms: Mutex<HashMap<VmId, VmMeter>>,
+    /// Interface counters; `None` if the netlink socket could not be opened (logged).
+    net: Mutex<Option<NetStats>>,
+    net_failing: AtomicBool,
     epoch: Instant,
     /// CPU time spent sampling, nanoseconds (its own cost, exported as a metric).
     busy_ns: AtomicU64,
@@ -179,6 +205,14 @@ impl Meter {
         let meter = Arc::new(Self {
             cfg,
             vms: Mutex::new(HashMap::new()),
+            net: Mutex::new(match NetStats::open() {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    tracing::error!(error = %e, "opening the netlink socket for interface counters failed; network usage is not counted");
+                    None
+                }
+            }),
+            net_failing: AtomicBool::new(false),
             epoch: Instant::now(),
             busy_ns: AtomicU64::new(0),
             ticks: AtomicU64::new(0),
@@ -213,9 +247,32 @@ impl Meter {
         self.vms.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The interface counters, refreshed now; `None` when they can't be read.
+    fn net(&self) -> MutexGuard<'_, Option<NetStats>> {
+        let mut guard = self.net.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = guard.as_mut() {
+            let failed = n.refresh().err();
+            // Logged when reading starts failing and when it recovers, not on every tick.
+            let was_failing = self.net_failing.swap(failed.is_some(), Ordering::Relaxed);
+            match failed {
+                Some(e) if !was_failing => {
+                    tracing::warn!(error = %e, "reading interface counters failed; network usage stands still until it works again");
+                }
+                None if was_failing => tracing::info!("reading interface counters works again"),
+                _ => {}
+            }
+        }
+        guard
+    }
+
     /// The sampling interval.
     pub fn interval(&self) -> Duration {
         self.cfg.interval
+    }
+
+    /// How often VMMs are asked for their own metrics.
+    pub fn vmm_metrics_interval(&self) -> Duration {
+        self.cfg.vmm_metrics_interval
     }
 
     /// Seconds spent sampling so far, and the number of ticks.
@@ -237,8 +294,16 @@ impl Meter {
             carried,
             base,
         } = start;
-        let net = read_net_dev();
-        let now = sources.read(host_if.as_deref(), &net, &Counters::default());
+        // A new VM's series starts from nothing; one with usage from before (a restart, an
+        // adopted VMM) does not.
+        let fresh = base.is_none() && carried == Counters::default();
+        let mut sources = sources;
+        let (ifindex, now) = {
+            let net = self.net();
+            let ifindex = resolve(net.as_ref(), host_if.as_deref());
+            let now = sources.read(ifindex, table(net.as_ref()), &Counters::default());
+            (ifindex, now)
+        };
         let base = base.unwrap_or(now);
         let mut map = self.map();
         let entry = map.entry(vm.clone()).or_insert_with(|| VmMeter {
@@ -246,7 +311,8 @@ impl Meter {
             memory_configured,
             carried,
             run: None,
-            series: VecDeque::new(),
+            series: VecDeque::with_capacity(self.cfg.retained_samples),
+            complete: fresh,
             vmm_raw: None,
         });
         entry.memory_configured = memory_configured;
@@ -254,6 +320,7 @@ impl Meter {
         entry.run = Some(Run {
             sources,
             host_if,
+            ifindex,
             base,
             last: now,
             vmm_ops: None,
@@ -261,21 +328,19 @@ impl Meter {
         base
     }
 
-    /// Adds what the VMM itself reported in one metrics flush (Firecracker: deltas since the
-    /// previous flush) and keeps the raw record.
-    pub fn add_vmm_metrics(
-        &self,
-        vm: &VmId,
-        raw: String,
-        block_read_ops: u64,
-        block_write_ops: u64,
-    ) {
+    /// Takes what the VMM itself reported: its disk operations replace the cgroup's (which
+    /// many hosts don't count), and the raw record is kept.
+    pub fn add_vmm_metrics(&self, vm: &VmId, m: VmmMetrics) {
         let mut map = self.map();
-        let Some(m) = map.get_mut(vm) else { return };
-        m.vmm_raw = Some(raw);
-        if let Some(run) = m.run.as_mut() {
-            let (r, w) = run.vmm_ops.unwrap_or((0, 0));
-            run.vmm_ops = Some((r + block_read_ops, w + block_write_ops));
+        let Some(meter) = map.get_mut(vm) else { return };
+        meter.vmm_raw = Some(m.raw);
+        if let Some(run) = meter.run.as_mut() {
+            if run.vmm_ops.is_none() {
+                // The VMM counts its disk operations itself from now on: stop reading the
+                // cgroup's (a syscall per VM per second saved).
+                run.sources.close_block_ops();
+            }
+            run.vmm_ops = Some((m.block_read_ops, m.block_write_ops));
             run.apply_vmm_ops();
         }
     }
@@ -287,11 +352,13 @@ impl Meter {
 
     /// Takes a last sample of the VM's run and stops counting it; returns the VM's totals.
     pub fn stop(&self, vm: &VmId) -> Option<Counters> {
-        let net = read_net_dev();
+        let net = self.net();
         let mut map = self.map();
         let m = map.get_mut(vm)?;
         if let Some(run) = m.run.as_mut() {
-            run.last = run.sources.read(run.host_if.as_deref(), &net, &run.last);
+            run.last = run
+                .sources
+                .read(run.ifindex, table(net.as_ref()), &run.last);
             run.apply_vmm_ops();
         }
         let mut total = m.total();
@@ -303,7 +370,7 @@ impl Meter {
             mono_ns: self.mono_ns(),
             total,
         };
-        push(&mut m.series, point, self.cfg.retained_samples);
+        m.record(point, self.cfg.retained_samples);
         Some(total)
     }
 
@@ -325,8 +392,25 @@ impl Meter {
                 .filter(|p| p.wall_ms > since_ms)
                 .copied()
                 .collect(),
+            known_from_ms: if m.complete {
+                None
+            } else {
+                m.series.front().map(|p| p.wall_ms)
+            },
             vmm_metrics_raw: m.vmm_raw.clone(),
         })
+    }
+
+    /// The VMs with a VMM run being counted, sorted.
+    pub fn running(&self) -> Vec<VmId> {
+        let mut ids: Vec<VmId> = self
+            .map()
+            .iter()
+            .filter(|(_, m)| m.run.is_some())
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.sort();
+        ids
     }
 
     /// Every VM of `customer` that metald has usage for.
@@ -356,7 +440,7 @@ impl Meter {
     fn tick(&self) {
         // The sampler's own CPU time (not wall time, which would count being preempted).
         let t0 = thread_cpu_ns();
-        let net = read_net_dev();
+        let net = self.net();
         let wall_ms = now_ms();
         let mono_ns = self.mono_ns();
         // Memory and disk operations are read on every SLOW_EVERY-th tick only.
@@ -367,13 +451,15 @@ impl Meter {
         let mut map = self.map();
         for m in map.values_mut() {
             let Some(run) = m.run.as_mut() else { continue };
+            if run.ifindex.is_none() {
+                run.ifindex = resolve(net.as_ref(), run.host_if.as_deref());
+            }
             run.last = run
                 .sources
-                .read_some(run.host_if.as_deref(), &net, &run.last, all);
+                .read_some(run.ifindex, table(net.as_ref()), &run.last, all);
             run.apply_vmm_ops();
             let total = m.carried.advanced(&run.base, &run.last);
-            push(
-                &mut m.series,
+            m.record(
                 UsagePoint {
                     wall_ms,
                     mono_ns,
@@ -383,10 +469,22 @@ impl Meter {
             );
         }
         drop(map);
+        drop(net);
         let spent = thread_cpu_ns().saturating_sub(t0);
         self.busy_ns.fetch_add(spent, Ordering::Relaxed);
         self.ticks.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// The interface table to read from (empty when interface counters are unavailable).
+fn table(net: Option<&NetStats>) -> &NetTable {
+    static EMPTY: std::sync::LazyLock<NetTable> = std::sync::LazyLock::new(NetTable::new);
+    net.map_or(&EMPTY, NetStats::table)
+}
+
+/// The index of a run's host-side interface (absent until the interface exists).
+fn resolve(net: Option<&NetStats>, host_if: Option<&str>) -> Option<u32> {
+    net?.index(host_if?)
 }
 
 fn thread_cpu_ns() -> u64 {
@@ -394,16 +492,55 @@ fn thread_cpu_ns() -> u64 {
     u64::try_from(t.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(t.tv_nsec).unwrap_or(0)
 }
 
-fn push(series: &mut VecDeque<UsagePoint>, p: UsagePoint, cap: usize) {
-    if series.len() >= cap {
-        series.pop_front();
-    }
-    series.push_back(p);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn run_start(carried: Counters) -> RunStart {
+        RunStart {
+            customer: "c".parse().unwrap(),
+            memory_configured: 1 << 20,
+            sources: Sources::for_process(std::process::id()),
+            host_if: None,
+            carried,
+            base: None,
+        }
+    }
+
+    #[test]
+    fn a_series_knows_whether_it_covers_the_vms_whole_life() {
+        let meter = Meter::start(MeterConfig {
+            interval: Duration::from_millis(10),
+            retained_samples: 5,
+            vmm_metrics_interval: Duration::from_secs(10),
+        });
+        let (fresh, old) = (VmId::generate(), VmId::generate());
+        meter.track(&fresh, run_start(Counters::default()));
+        // A VM with usage from before this metald's samples.
+        let earlier = Counters {
+            cpu_ns: 5,
+            ..Counters::default()
+        };
+        meter.track(&old, run_start(earlier));
+        assert_eq!(meter.usage(&fresh, i64::MIN).unwrap().known_from_ms, None);
+        std::thread::sleep(Duration::from_millis(30));
+        let u = meter.usage(&old, i64::MIN).unwrap();
+        assert_eq!(u.known_from_ms, Some(u.samples[0].wall_ms));
+        // Once samples age out, the fresh VM's series no longer reaches back to its start.
+        std::thread::sleep(Duration::from_millis(150));
+        let u = meter.usage(&fresh, i64::MIN).unwrap();
+        assert_eq!(u.samples.len(), 5);
+        assert_eq!(u.known_from_ms, Some(u.samples[0].wall_ms));
+        assert_eq!(meter.running(), {
+            let mut v = vec![fresh.clone(), old.clone()];
+            v.sort();
+            v
+        });
+        meter.stop(&old);
+        assert_eq!(meter.running(), vec![fresh]);
+        // What the retention setting's documentation says a sample costs.
+        assert_eq!(std::mem::size_of::<UsagePoint>(), 96);
+    }
 
     #[test]
     fn runs_add_up_and_memory_is_the_latest_reading() {

@@ -662,6 +662,8 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
 pub struct Rest {
     base: String,
     token: Option<String>,
+    /// Extra headers on every request.
+    headers: Vec<(String, String)>,
     client: ::reqwest::Client,
 }
 
@@ -703,8 +705,15 @@ impl Rest {
         Self {
             base: m.url.clone(),
             token: customer.map(|c| format!("Bearer dev_customer_{c}")),
+            headers: Vec::new(),
             client: ::reqwest::Client::new(),
         }
+    }
+
+    /// The same client, sending `name: value` on every request too.
+    pub fn with_header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.to_string(), value.to_string()));
+        self
     }
 
     /// Sends a request with a raw body.
@@ -715,6 +724,9 @@ impl Rest {
             .request(method, format!("{}{}", self.base, path));
         if let Some(t) = &self.token {
             req = req.header("authorization", t);
+        }
+        for (k, v) in &self.headers {
+            req = req.header(k, v);
         }
         if let Some(b) = body {
             req = req

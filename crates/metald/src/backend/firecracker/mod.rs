@@ -19,7 +19,7 @@ use super::process::{ExitEvent, Supervised, VmmProcess};
 use super::registry::Registry;
 use super::{
     remove_vmm_files, touch_logs, Backend, BackendError, BackendKind, StopMode, StopOutcome,
-    VmLaunch, VmmInfo,
+    VmLaunch, VmmInfo, VmmMetrics,
 };
 use crate::domain::VmId;
 
@@ -44,10 +44,13 @@ pub struct FirecrackerBackend {
     fifos: std::sync::Mutex<std::collections::HashMap<VmId, Arc<tokio::sync::Mutex<FifoReader>>>>,
 }
 
-/// The read end of a metrics FIFO and what is buffered of a partial line.
+/// The read end of a metrics FIFO, what is buffered of a partial line, and the disk operations
+/// its flushes added up to (each flush carries deltas since the previous one).
 struct FifoReader {
     rx: tokio::net::unix::pipe::Receiver,
     buf: Vec<u8>,
+    read_ops: u64,
+    write_ops: u64,
 }
 
 impl FirecrackerBackend {
@@ -181,6 +184,8 @@ impl Backend for FirecrackerBackend {
             Arc::new(tokio::sync::Mutex::new(FifoReader {
                 rx,
                 buf: Vec::new(),
+                read_ops: 0,
+                write_ops: 0,
             })),
         );
         // The logger is set on the command line, not with PUT /logger: until a logger exists,
@@ -229,7 +234,7 @@ impl Backend for FirecrackerBackend {
         self.registry.stop(vm, mode, ask).await
     }
 
-    async fn flush_metrics(&self, vm: &VmId) -> Result<Option<String>, BackendError> {
+    async fn vmm_metrics(&self, vm: &VmId) -> Result<Option<VmmMetrics>, BackendError> {
         let Some(reader) = self.fifos_map().get(vm).cloned() else {
             return Ok(None);
         };
@@ -240,7 +245,16 @@ impl Backend for FirecrackerBackend {
         loop {
             if let Some(end) = r.buf.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = r.buf.drain(..=end).collect();
-                return Ok(Some(String::from_utf8_lossy(&line).trim().to_string()));
+                let raw = String::from_utf8_lossy(&line).trim().to_string();
+                // A line that doesn't parse adds nothing but is still kept for operators.
+                let d = metrics::parse_flush(&raw).unwrap_or_default();
+                r.read_ops += d.block_read_ops;
+                r.write_ops += d.block_write_ops;
+                return Ok(Some(VmmMetrics {
+                    raw,
+                    block_read_ops: r.read_ops,
+                    block_write_ops: r.write_ops,
+                }));
             }
             let mut chunk = [0u8; 16384];
             let read = tokio::time::timeout_at(deadline, async {
