@@ -562,6 +562,25 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
+    #[test]
+    fn the_env_file_example_lists_every_variable_metald_reads() {
+        let example = include_str!("../../../deploy/metald.env.example");
+        let source = include_str!("config.rs");
+        let vars: std::collections::BTreeSet<&str> = source
+            .split('"')
+            .filter(|w| w.starts_with("UNKEY_METALD_") && w.len() > 13 && !w.contains(' '))
+            .collect();
+        assert!(vars.len() > 25, "{vars:?}");
+        let missing: Vec<&&str> = vars
+            .iter()
+            .filter(|v| !example.contains(&format!("#{v}=")))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "not in deploy/metald.env.example: {missing:?}"
+        );
+    }
+
     fn parse(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let map: HashMap<String, String> = vars
             .iter()
