@@ -81,6 +81,9 @@ pub struct Config {
     pub address: IpAddr,
     /// Listen port.
     pub port: u16,
+    /// A separate port for `/metrics` (and the health checks), on the same address; `None`:
+    /// `/metrics` is served on the API port.
+    pub metrics_port: Option<u16>,
     /// Where the database, assets and VM directories live.
     pub data_dir: PathBuf,
     /// Which VMM.
@@ -189,6 +192,21 @@ impl Config {
                 .ok()
                 .filter(|p| *p != 0)
                 .ok_or_else(|| bad(n, &v, "expected a port number 1-65535"))?,
+        };
+        let metrics_port = match get("UNKEY_METALD_OTEL_PROMETHEUS_PORT") {
+            None => None,
+            Some((n, v)) => Some(
+                v.parse::<u16>()
+                    .ok()
+                    .filter(|p| *p != 0 && *p != port)
+                    .ok_or_else(|| {
+                        bad(
+                            n,
+                            &v,
+                            "expected a port number 1-65535 other than the API port",
+                        )
+                    })?,
+            ),
         };
         let data_dir = match get("UNKEY_METALD_DATA_DIR") {
             None => PathBuf::from("/var/lib/metald"),
@@ -367,6 +385,7 @@ impl Config {
         Ok(Self {
             address,
             port,
+            metrics_port,
             data_dir,
             backend,
             firecracker_bin,
@@ -621,6 +640,11 @@ mod tests {
                 "expected a port number 1-65535",
             ),
             ("UNKEY_METALD_PORT", "0", "expected a port number"),
+            (
+                "UNKEY_METALD_OTEL_PROMETHEUS_PORT",
+                "8080",
+                "other than the API port",
+            ),
             (
                 "UNKEY_METALD_ADDRESS",
                 "localhost:1",

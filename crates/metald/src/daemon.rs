@@ -239,9 +239,25 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| StartError::Listen { addr, source })?;
+    let routers = crate::api::routers(Arc::clone(&svc), cfg.metrics_port.is_some());
+    if let (Some(port), Some(app)) = (cfg.metrics_port, routers.metrics) {
+        let maddr = std::net::SocketAddr::new(cfg.address, port);
+        let mlistener = tokio::net::TcpListener::bind(maddr)
+            .await
+            .map_err(|source| StartError::Listen {
+                addr: maddr,
+                source,
+            })?;
+        tracing::info!(addr = %maddr, "serving /metrics on its own port");
+        // Ends with the runtime when the API server has shut down.
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(mlistener, app).await {
+                tracing::error!(error = %e, "the metrics port stopped serving");
+            }
+        });
+    }
     tracing::info!(%addr, data_dir = %cfg.data_dir.display(), backend = svc.backend_name(), "metald listening");
-    let app = crate::api::router(svc);
-    axum::serve(listener, app)
+    axum::serve(listener, routers.api)
         .with_graceful_shutdown(shutdown_signal())
         .await
         .map_err(|source| StartError::Listen { addr, source })?;

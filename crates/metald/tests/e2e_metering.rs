@@ -558,3 +558,43 @@ fn log_lines_carry_trace_ids_even_when_traces_are_not_exported() {
     );
     m.assert_clean();
 }
+
+#[test]
+fn metrics_can_have_a_port_of_their_own() {
+    let Some(guest) = qemu_guest() else { return };
+    let mut m = metald().prepare(|m| m.import_default_guest(&guest));
+    let port = free_port();
+    m.spawn_with_env(&[("UNKEY_METALD_OTEL_PROMETHEUS_PORT", &port.to_string())]);
+    // The API port no longer serves /metrics (nor needs to), but still answers health checks.
+    let on_api = |path: &str| {
+        block_on(async {
+            ::reqwest::get(format!("{}{path}", m.url))
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        })
+    };
+    assert_eq!((on_api("/metrics"), on_api("/readyz")), (404, 200));
+    // The metrics port, inside metald's namespace, serves the scrape and the health checks.
+    let fetch = |path: &str| {
+        use std::io::Write;
+        let ns = m.iso.as_ref().unwrap().netns.path();
+        let mut s = connect_in(&ns, SocketAddr::from(([127, 0, 0, 1], port))).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    let scraped = fetch("/metrics");
+    assert!(scraped.starts_with("HTTP/1.1 200"), "{scraped}");
+    assert!(scraped.contains("metald_meter_ticks_total"), "{scraped}");
+    assert!(fetch("/readyz").starts_with("HTTP/1.1 200"));
+    // The API itself is not on the metrics port.
+    assert!(fetch("/v1/vms").starts_with("HTTP/1.1 404"));
+    m.assert_clean();
+}

@@ -26,29 +26,55 @@ const MAX_BODY: usize = 1 << 20;
 /// Connect path of CreateVm, whose JSON bodies are checked strictly.
 const CREATE_VM_PATH: &str = "/metald.v1.VmService/CreateVm";
 
-/// The whole HTTP surface: REST routes, Connect/gRPC as the fallback, health, all behind auth.
-pub fn router(svc: Arc<VmService>) -> axum::Router {
+/// The HTTP surfaces: the API port's, and the metrics port's when `/metrics` has its own.
+pub struct Routers {
+    /// REST, Connect and gRPC behind auth, plus health checks (and `/metrics` when it has no
+    /// port of its own).
+    pub api: axum::Router,
+    /// `/metrics` and the health checks, for a separate port; `None` when `/metrics` is on
+    /// the API port.
+    pub metrics: Option<axum::Router>,
+}
+
+/// Builds the routers; `separate_metrics` puts `/metrics` on a router of its own.
+pub fn routers(svc: Arc<VmService>, separate_metrics: bool) -> Routers {
     let metrics = metrics::ApiMetrics::new(Arc::clone(&svc));
+    let scrape = axum::routing::get(metrics::serve).with_state(Arc::clone(&metrics));
+    let api = health(router(svc.clone(), metrics), svc.clone());
+    if separate_metrics {
+        Routers {
+            api,
+            metrics: Some(health(axum::Router::new().route("/metrics", scrape), svc)),
+        }
+    } else {
+        Routers {
+            api: api.route("/metrics", scrape),
+            metrics: None,
+        }
+    }
+}
+
+/// `/healthz` (liveness) and `/readyz` (readiness) on `r`.
+fn health(r: axum::Router, svc: Arc<VmService>) -> axum::Router {
+    r.route("/healthz", axum::routing::get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            axum::routing::get(move || readyz(Arc::clone(&svc))),
+        )
+}
+
+/// REST routes and Connect/gRPC as the fallback, all behind auth, every call counted.
+fn router(svc: Arc<VmService>, metrics: Arc<metrics::ApiMetrics>) -> axum::Router {
     let connect =
         Arc::new(connect::ConnectApi::new(Arc::clone(&svc))).register(connectrpc::Router::new());
-    let ready_svc = Arc::clone(&svc);
     rest::router(svc)
         .fallback_service(connect.into_axum_service())
         .layer(axum::middleware::from_fn(strict_connect_json))
         .layer(axum::middleware::from_fn(auth::layer))
         .layer(axum::middleware::from_fn_with_state(
-            Arc::clone(&metrics),
+            metrics,
             metrics::track,
         ))
-        .route("/healthz", axum::routing::get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            axum::routing::get(move || readyz(Arc::clone(&ready_svc))),
-        )
-        .route(
-            "/metrics",
-            axum::routing::get(metrics::serve).with_state(metrics),
-        )
 }
 
 /// Readiness: the store answers and the backend can start VMMs (503 with the reason if not).
