@@ -19,6 +19,7 @@ use crate::metering::{Counters, Meter, RunStart, VmUsage};
 use crate::sandbox::{SandboxError, Sandboxes};
 use crate::state::{transition, InvalidTransition, Operation, VmState};
 use crate::store::{AssetKind, Store, StoreError};
+use crate::timings::{Step, Timings};
 
 /// Smallest guest memory metald accepts. Measured with the default guest (Debian 6.1 cloud
 /// kernel, initrd, busybox rootfs) under QEMU: 80 MiB booted to the readiness line in 12 of 12
@@ -172,6 +173,7 @@ pub struct VmService {
     billing: std::sync::OnceLock<Arc<Billing>>,
     cfg: ServiceConfig,
     locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
+    timings: Timings,
 }
 
 impl VmService {
@@ -194,6 +196,7 @@ impl VmService {
             billing: std::sync::OnceLock::new(),
             cfg,
             locks: Mutex::new(HashMap::new()),
+            timings: Timings::default(),
         });
         let weak = Arc::downgrade(&svc);
         tokio::spawn(async move {
@@ -316,6 +319,11 @@ impl VmService {
             .as_ref()
             .map(|m| m.snapshot())
             .unwrap_or_default()
+    }
+
+    /// Durations of lifecycle steps.
+    pub fn timings(&self) -> &Timings {
+        &self.timings
     }
 
     /// Seconds the sampler spent sampling and its rounds.
@@ -656,6 +664,9 @@ impl VmService {
                 })?;
         }
         let sandbox_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        if self.sandboxes.is_some() {
+            self.timings.observe(Step::Sandbox, sandbox_ms / 1000.0);
+        }
         let console_offset = file_len(&launch.console_log());
         let t1 = std::time::Instant::now();
         let started = self.backend.boot(&launch).instrument(tracing::info_span!(
@@ -682,6 +693,8 @@ impl VmService {
         vm.backend = self.backend_name().to_string();
         self.save(&mut vm)?;
         self.track(&vm, process.pid, false);
+        self.timings
+            .observe(Step::VmmStart, t1.elapsed().as_secs_f64());
         tracing::info!(
             vm_id = %id,
             pid = process.pid,
@@ -1051,6 +1064,7 @@ impl VmService {
         let pid = vm.vmm_pid;
         let console = launch.console_log();
         let timeout = self.cfg.boot_timeout;
+        let started = std::time::Instant::now();
         tokio::spawn(async move {
             let wait = wait_for_line(&console, offset, marker.as_bytes());
             tokio::pin!(wait);
@@ -1070,7 +1084,9 @@ impl VmService {
                 }
                 if found {
                     vm.guest_ready = true;
-                    tracing::info!(vm_id = %id, "guest is ready");
+                    let secs = started.elapsed().as_secs_f64();
+                    svc.timings.observe(Step::GuestReady, secs);
+                    tracing::info!(vm_id = %id, ready_ms = secs * 1000.0, "guest is ready");
                 } else {
                     let tail = file_tail(&console, 1024);
                     tracing::warn!(vm_id = %id, "guest printed no readiness line in time");

@@ -325,6 +325,19 @@ fn prometheus_metrics_parse_and_readiness_reports_ok() {
     );
     assert!(value("metald_vm_memory_bytes", &[("vm_id", &id)]).unwrap() > 0.0);
     assert!(value("metald_meter_ticks_total", &[]).unwrap() > 5.0);
+    assert!(value("metald_vm_disk_read_ops_total", &[("vm_id", &id)]).is_some());
+    // The boot's steps, each timed once: the sandbox, the VMM start, the guest getting ready.
+    for step in ["sandbox", "vmm_start", "guest_ready"] {
+        let count = text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!(
+                    "metald_vm_step_duration_seconds_count{{step=\"{step}\"}} "
+                ))
+            })
+            .and_then(|v| v.trim().parse::<f64>().ok());
+        assert_eq!(count, Some(1.0), "{step}: {text}");
+    }
     assert!(
         text.contains("metald_api_request_duration_seconds_bucket{le=")
             || text.contains(

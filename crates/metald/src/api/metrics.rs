@@ -100,7 +100,7 @@ impl Collector for ServiceCollector {
         }
         let usage = svc.usage_snapshot();
         type Pick = fn(&crate::metering::Counters) -> u64;
-        let counters: [(&str, &str, Pick); 7] = [
+        let counters: [(&str, &str, Pick); 9] = [
             (
                 "metald_vm_cpu_nanoseconds",
                 "CPU time of the VM's VMM",
@@ -115,6 +115,16 @@ impl Collector for ServiceCollector {
                 "metald_vm_disk_write_bytes",
                 "Bytes the VM wrote to disk",
                 |c| c.disk_write_bytes,
+            ),
+            (
+                "metald_vm_disk_read_ops",
+                "Read requests the VM made to its disks",
+                |c| c.disk_read_ops,
+            ),
+            (
+                "metald_vm_disk_write_ops",
+                "Write requests the VM made to its disks",
+                |c| c.disk_write_ops,
             ),
             (
                 "metald_vm_network_rx_bytes",
@@ -176,6 +186,7 @@ impl ApiMetrics {
             "API request latency by method; CreateVm and BootVm are the lifecycle durations",
             latency.clone(),
         );
+        svc.timings().register(&mut registry);
         registry.register_collector(Box::new(ServiceCollector(svc)));
         Arc::new(Self {
             registry,
