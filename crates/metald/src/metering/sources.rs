@@ -58,6 +58,13 @@ impl NetStats {
     pub fn open() -> std::io::Result<Self> {
         let mut socket = rtnetlink::sys::Socket::new(rtnetlink::sys::protocols::NETLINK_ROUTE)?;
         socket.bind_auto()?;
+        // The kernel answers a dump at once; a bound on the wait keeps a misbehaving socket from
+        // stalling the sampler.
+        rustix::net::sockopt::set_socket_timeout(
+            &socket,
+            rustix::net::sockopt::Timeout::Recv,
+            Some(std::time::Duration::from_secs(1)),
+        )?;
         let ioctl = rustix::net::socket(
             rustix::net::AddressFamily::INET6,
             rustix::net::SocketType::DGRAM,
@@ -109,14 +116,14 @@ impl NetStats {
                 let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buf[off..n])
                     .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
                 let len = msg.header.length as usize;
+                // Parts of an earlier dump that failed half way are skipped, their end too.
+                let ours = msg.header.sequence_number == self.seq;
                 match msg.payload {
-                    NetlinkPayload::Done(_) => return Ok(()),
-                    NetlinkPayload::Error(e) => {
+                    NetlinkPayload::Done(_) if ours => return Ok(()),
+                    NetlinkPayload::Error(e) if ours => {
                         return Err(e.to_io());
                     }
-                    NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewStats(m))
-                        if msg.header.sequence_number == self.seq =>
-                    {
+                    NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewStats(m)) if ours => {
                         for a in m.attributes {
                             if let StatsAttribute::Link64(s) = a {
                                 self.table.insert(
