@@ -203,31 +203,33 @@ impl Billing {
             .unwrap_or_else(|p| p.into_inner())
             .remove(vm);
         if gap && cursor.is_some() {
-            if let Some(&(first_ms, first_total)) = points.first() {
-                // The first sample after the restart holds the downtime's usage: it becomes the
-                // new baseline, and the hole is reported instead.
-                let payload = Payload::Gap {
-                    last_sent: last_ms,
-                    resume_time: first_ms,
-                };
-                rows.push(row(
-                    vm,
-                    customer,
-                    &format!("{vm}:gap:{first_ms}"),
-                    &payload,
-                )?);
-                prev = first_total;
-                points.remove(0);
-                if points.is_empty() {
-                    self.store
-                        .enqueue_billing(&rows, Some((vm, first_ms, &prev, seq)))?;
-                    return Ok(());
-                }
+            let Some(&(first_ms, first_total)) = points.first() else {
+                // No sample since the re-adoption yet: keep the mark for the next batch.
+                self.resumed(vm);
+                return Ok(());
+            };
+            // The first sample after the restart holds the downtime's usage: it becomes the new
+            // baseline, and the hole is reported instead.
+            let payload = Payload::Gap {
+                last_sent: last_ms,
+                resume_time: first_ms,
+            };
+            rows.push(row(
+                vm,
+                customer,
+                &format!("{vm}:gap:{first_ms}"),
+                &payload,
+            )?);
+            prev = first_total;
+            points.remove(0);
+            if points.is_empty() {
+                self.store
+                    .enqueue_billing(&rows, Some((vm, first_ms, &prev, seq)))?;
+                return Ok(());
             }
-        } else if gap {
-            // Nothing was ever sent for it; keep the mark until samples arrive.
-            self.resumed(vm);
         }
+        // Without a cursor nothing was ever sent for the VM: its first batch counts from the
+        // VMM's start, which the counters cover, so there is no hole to report.
         let Some(&(end_ms, end_total)) = points.last() else {
             return Ok(());
         };
@@ -379,6 +381,83 @@ async fn send_loop(billing: std::sync::Weak<Billing>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metering::{sources::Sources, MeterConfig, RunStart};
+    use crate::state::VmState;
+
+    fn meter(interval: Duration) -> Arc<Meter> {
+        Meter::start(MeterConfig {
+            interval,
+            retained_samples: 100,
+            vmm_metrics_interval: Duration::from_secs(600),
+        })
+    }
+
+    fn run(base: Option<Counters>) -> RunStart {
+        RunStart {
+            customer: "c".parse().unwrap(),
+            memory_configured: 1 << 20,
+            sources: Sources::for_process(std::process::id()),
+            host_if: None,
+            carried: Counters::default(),
+            base,
+        }
+    }
+
+    fn kinds(store: &Store) -> Vec<String> {
+        store
+            .outbox_peek(100)
+            .unwrap()
+            .into_iter()
+            .map(|(_, r)| r.kind)
+            .collect()
+    }
+
+    /// A restarted metald re-adopts a VM and its batcher runs before the first sample: the gap
+    /// is reported with the first sample that comes, not lost.
+    #[tokio::test]
+    async fn a_gap_waits_for_the_first_sample_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("m.db")).unwrap());
+        let vm = store
+            .insert_vm(&crate::store::testing::record("c", VmState::Running), None)
+            .unwrap();
+        let cfg = |meter: Arc<Meter>| {
+            Billing::start(
+                Arc::clone(&store),
+                meter,
+                BillingConfig {
+                    // Nothing listens there: rows stay in the outbox for the test to read.
+                    endpoint: "http://127.0.0.1:9".parse().unwrap(),
+                    batch_interval: Duration::from_secs(600),
+                    heartbeat_interval: Duration::from_secs(600),
+                    instance_id: "test".into(),
+                },
+            )
+        };
+        // Before the restart: samples batched, so the VM has a cursor.
+        let before = meter(Duration::from_millis(10));
+        before.track(&vm.id, run(None));
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let b = cfg(Arc::clone(&before));
+        b.batch_vm(&vm.id, &vm.customer).unwrap();
+        assert!(store.billing_cursor(&vm.id).unwrap().is_some());
+        drop(b);
+        // After the restart: no sample yet when the batcher runs.
+        let after = meter(Duration::from_secs(600));
+        let b = cfg(Arc::clone(&after));
+        after.track(&vm.id, run(Some(Counters::default())));
+        b.resumed(&vm.id);
+        b.batch_vm(&vm.id, &vm.customer).unwrap();
+        assert!(!kinds(&store).contains(&"gap".to_string()));
+        // The first sample arrives (here: the run's last); now the hole is reported.
+        after.stop(&vm.id);
+        b.batch_vm(&vm.id, &vm.customer).unwrap();
+        assert!(
+            kinds(&store).contains(&"gap".to_string()),
+            "{:?}",
+            kinds(&store)
+        );
+    }
 
     #[test]
     fn intervals_are_differences_of_cumulative_samples() {

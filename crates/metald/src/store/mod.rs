@@ -695,12 +695,14 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Records for other modules' tests.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
     use std::collections::BTreeMap;
 
-    fn record(customer: &str, state: VmState) -> VmRecord {
+    /// A VM record owned by `customer`, in `state`.
+    pub(crate) fn record(customer: &str, state: VmState) -> VmRecord {
         VmRecord {
             id: VmId::generate(),
             customer: customer.parse().unwrap(),
@@ -726,6 +728,12 @@ mod tests {
             net: None,
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::record;
+    use super::*;
 
     #[test]
     fn allocations_are_unique_lowest_free_freed_on_delete_and_persistent() {
