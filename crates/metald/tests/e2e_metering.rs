@@ -206,7 +206,13 @@ fn disk_and_network_bytes_are_counted_and_usage_is_sampled_every_100_ms_per_cust
         sent >= NET as u64 && sent <= NET as u64 + NET as u64 / 10,
         "tx bytes {sent} for {NET}"
     );
-    assert!(packets >= (NET / 1500) as u64, "tx packets {packets}");
+    // Packets are what the host's veth counted: with the guest's TCP segmentation offload one
+    // can carry up to 64 KiB, so the count lies between that and one per minimal frame
+    // (684-969 seen for 1 MiB).
+    assert!(
+        packets >= (NET / 65536) as u64 && packets <= sent / 54,
+        "tx packets {packets} for {sent} bytes"
+    );
 
     // Samples every 100 ms (the default), each with wall and monotonic time.
     let samples = u["samples"].as_array().unwrap();
