@@ -244,8 +244,9 @@ fn firecracker_runs_jailed_with_its_tap_and_rate_limits() {
         );
     }
 
-    // metald reads Firecracker's own metrics (FlushMetrics into a FIFO in the jail) once a
-    // second and keeps the raw record: per-device objects for the root drive and eth0.
+    // metald reads Firecracker's own metrics (FlushMetrics into a FIFO in the jail) when the
+    // VMM starts and every UNKEY_METALD_VMM_METRICS_INTERVAL after, and keeps the raw record:
+    // per-device objects for the root drive and eth0.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let raw = loop {
         let u = api.call("GET", &format!("/v1/vms/{id}/usage"), None).ok();
