@@ -141,8 +141,13 @@ struct VmMeter {
 }
 
 impl VmMeter {
-    /// Adds a sample, dropping the oldest beyond `cap`.
-    fn record(&mut self, p: UsagePoint, cap: usize) {
+    /// Adds a sample, dropping the oldest beyond `cap`. Wall-clock times are kept strictly
+    /// increasing (a stop's last sample can fall in the same millisecond as a tick's): each
+    /// billed interval is then named by a time of its own.
+    fn record(&mut self, mut p: UsagePoint, cap: usize) {
+        if let Some(last) = self.series.back() {
+            p.wall_ms = p.wall_ms.max(last.wall_ms + 1);
+        }
         if self.series.len() >= cap {
             self.series.pop_front();
             self.complete = false;
@@ -540,6 +545,29 @@ mod tests {
         assert_eq!(meter.running(), vec![fresh]);
         // What the retention setting's documentation says a sample costs.
         assert_eq!(std::mem::size_of::<UsagePoint>(), 96);
+    }
+
+    #[test]
+    fn sample_times_strictly_increase() {
+        let mut m = VmMeter {
+            customer: "c".parse().unwrap(),
+            memory_configured: 0,
+            carried: Counters::default(),
+            run: None,
+            series: VecDeque::new(),
+            complete: true,
+            vmm_raw: None,
+        };
+        let at = |wall_ms| UsagePoint {
+            wall_ms,
+            mono_ns: 0,
+            total: Counters::default(),
+        };
+        for t in [100, 100, 99, 250] {
+            m.record(at(t), 10);
+        }
+        let times: Vec<i64> = m.series.iter().map(|p| p.wall_ms).collect();
+        assert_eq!(times, vec![100, 101, 102, 250]);
     }
 
     #[test]
