@@ -1,5 +1,6 @@
 //! Metering: every running VM is sampled at a fixed interval (100 ms by default) from the
-//! kernel's own counters: CPU time and memory from the VM's cgroup, disk bytes from
+//! kernel's own counters: CPU time and memory from the VM's cgroup (CPU time refined between
+//! its once-a-second readings by the VMM's process CPU clock), disk bytes from
 //! `/proc/<pid>/io`, disk operations from the cgroup's block-I/O statistics, network bytes and
 //! packets of the VM's host-side veth from one netlink statistics dump.
 //!
