@@ -28,8 +28,15 @@ curl() { in_ns "$curl_bin" "$@"; }
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 field() { sed -n "s/.*\"$1\": *\"\{0,1\}\([^\",}]*\)\"\{0,1\}.*/\1/p" | head -1; }
 
-# Removes what an earlier (interrupted) demo left: VMMs, namespace pins, cgroups, the namespace.
+# Removes what an earlier (interrupted) demo left: metald, VMMs, namespace pins, cgroups, the
+# namespace.
 teardown() {
+	local old
+	old=$(cat "$data/metald.pid" 2>/dev/null || true)
+	# Only if that pid is still a metald (pids get reused).
+	if [ -n "$old" ] && [ "$(readlink "/proc/$old/exe" 2>/dev/null)" = "$(readlink -f "$metald")" ]; then
+		kill -KILL "$old" 2>/dev/null || true
+	fi
 	pkill -KILL -f -- "$data/" 2>/dev/null || true
 	for f in "$data"/run/netns/*; do [ -e "$f" ] && umount -l "$f" 2>/dev/null; done
 	for c in /sys/fs/cgroup/metald-demo /sys/fs/cgroup/{cpu,memory,pids}/metald-demo; do
@@ -54,8 +61,11 @@ $metald assets import --id busybox-rootfs --kind rootfs --file "$guest/rootfs.ex
 $metald assets list
 
 say "Starting metald on 127.0.0.1:$port in network namespace $ns (log: $data/metald.log)"
-in_ns "$metald" >"$data/metald.log" 2>&1 &
+# nsenter execs metald, so $! is metald itself (a backgrounded shell function would be a
+# subshell, and killing it would leave metald running).
+nsenter --net=/run/netns/$ns -- "$metald" >"$data/metald.log" 2>&1 &
 pid=$!
+echo "$pid" >"$data/metald.pid"
 cleanup() {
 	if [ "${METALD_DEMO_KEEP:-0}" != 1 ]; then
 		kill "$pid" 2>/dev/null || true
