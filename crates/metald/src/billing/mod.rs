@@ -381,7 +381,8 @@ async fn send_loop(billing: std::sync::Weak<Billing>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metering::{sources::Sources, MeterConfig, RunStart};
+    use crate::metering::testing::run_start;
+    use crate::metering::MeterConfig;
     use crate::state::VmState;
 
     fn meter(interval: Duration) -> Arc<Meter> {
@@ -390,17 +391,6 @@ mod tests {
             retained_samples: 100,
             vmm_metrics_interval: Duration::from_secs(600),
         })
-    }
-
-    fn run(base: Option<Counters>) -> RunStart {
-        RunStart {
-            customer: "c".parse().unwrap(),
-            memory_configured: 1 << 20,
-            sources: Sources::for_process(std::process::id()),
-            host_if: None,
-            carried: Counters::default(),
-            base,
-        }
     }
 
     fn kinds(store: &Store) -> Vec<String> {
@@ -436,7 +426,7 @@ mod tests {
         };
         // Before the restart: samples batched, so the VM has a cursor.
         let before = meter(Duration::from_millis(10));
-        before.track(&vm.id, run(None));
+        before.track(&vm.id, run_start(Counters::default(), None));
         tokio::time::sleep(Duration::from_millis(60)).await;
         let b = cfg(Arc::clone(&before));
         b.batch_vm(&vm.id, &vm.customer).unwrap();
@@ -445,7 +435,10 @@ mod tests {
         // After the restart: no sample yet when the batcher runs.
         let after = meter(Duration::from_secs(600));
         let b = cfg(Arc::clone(&after));
-        after.track(&vm.id, run(Some(Counters::default())));
+        after.track(
+            &vm.id,
+            run_start(Counters::default(), Some(Counters::default())),
+        );
         b.resumed(&vm.id);
         b.batch_vm(&vm.id, &vm.customer).unwrap();
         assert!(!kinds(&store).contains(&"gap".to_string()));

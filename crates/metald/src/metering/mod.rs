@@ -13,7 +13,7 @@
 pub mod sources;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -198,7 +198,6 @@ pub struct Meter {
     vms: Mutex<HashMap<VmId, VmMeter>>,
     /// Interface counters; `None` if the netlink socket could not be opened (logged).
     net: Mutex<Option<NetStats>>,
-    net_failing: AtomicBool,
     epoch: Instant,
     /// CPU time spent sampling, nanoseconds (its own cost, exported as a metric).
     busy_ns: AtomicU64,
@@ -218,7 +217,6 @@ impl Meter {
                     None
                 }
             }),
-            net_failing: AtomicBool::new(false),
             epoch: Instant::now(),
             busy_ns: AtomicU64::new(0),
             ticks: AtomicU64::new(0),
@@ -257,10 +255,9 @@ impl Meter {
     fn net(&self) -> MutexGuard<'_, Option<NetStats>> {
         let mut guard = self.net.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(n) = guard.as_mut() {
-            let failed = n.refresh().err();
             // Logged when reading starts failing and when it recovers, not on every tick.
-            let was_failing = self.net_failing.swap(failed.is_some(), Ordering::Relaxed);
-            match failed {
+            let was_failing = n.failing();
+            match n.refresh().err() {
                 Some(e) if !was_failing => {
                     tracing::warn!(error = %e, "reading interface counters failed; network usage stands still until it works again");
                 }
@@ -295,7 +292,7 @@ impl Meter {
         let RunStart {
             customer,
             memory_configured,
-            sources,
+            mut sources,
             host_if,
             carried,
             base,
@@ -303,7 +300,6 @@ impl Meter {
         // A new VM's series starts from nothing; one with usage from before (a restart, an
         // adopted VMM) does not.
         let fresh = base.is_none() && carried == Counters::default();
-        let mut sources = sources;
         let (ifindex, now) = {
             let net = self.net();
             let ifindex = resolve(net.as_ref(), host_if.as_deref());
@@ -409,22 +405,19 @@ impl Meter {
 
     /// The VMs with a VMM run being counted, sorted.
     pub fn running(&self) -> Vec<VmId> {
-        let mut ids: Vec<VmId> = self
-            .map()
-            .iter()
-            .filter(|(_, m)| m.run.is_some())
-            .map(|(id, _)| id.clone())
-            .collect();
-        ids.sort();
-        ids
+        self.ids_where(|m| m.run.is_some())
     }
 
-    /// Every VM of `customer` that metald has usage for.
+    /// Every VM of `customer` that metald has usage for, sorted.
     pub fn customer_vms(&self, customer: &CustomerId) -> Vec<VmId> {
+        self.ids_where(|m| &m.customer == customer)
+    }
+
+    fn ids_where(&self, keep: impl Fn(&VmMeter) -> bool) -> Vec<VmId> {
         let mut ids: Vec<VmId> = self
             .map()
             .iter()
-            .filter(|(_, m)| &m.customer == customer)
+            .filter(|(_, m)| keep(m))
             .map(|(id, _)| id.clone())
             .collect();
         ids.sort();
@@ -498,20 +491,29 @@ fn thread_cpu_ns() -> u64 {
     u64::try_from(t.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(t.tv_nsec).unwrap_or(0)
 }
 
+/// Runs for other modules' tests.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
 
-    fn run_start(carried: Counters) -> RunStart {
+    /// A run of this test process (standing in for a VMM) owned by customer `c`, with `carried`
+    /// usage from earlier runs and, for a re-adopted VMM, the `base` its counting started from.
+    pub(crate) fn run_start(carried: Counters, base: Option<Counters>) -> RunStart {
         RunStart {
             customer: "c".parse().unwrap(),
             memory_configured: 1 << 20,
             sources: Sources::for_process(std::process::id()),
             host_if: None,
             carried,
-            base: None,
+            base,
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::run_start;
+    use super::*;
 
     #[test]
     fn a_series_knows_whether_it_covers_the_vms_whole_life() {
@@ -521,13 +523,13 @@ mod tests {
             vmm_metrics_interval: Duration::from_secs(10),
         });
         let (fresh, old) = (VmId::generate(), VmId::generate());
-        meter.track(&fresh, run_start(Counters::default()));
+        meter.track(&fresh, run_start(Counters::default(), None));
         // A VM with usage from before this metald's samples.
         let earlier = Counters {
             cpu_ns: 5,
             ..Counters::default()
         };
-        meter.track(&old, run_start(earlier));
+        meter.track(&old, run_start(earlier, None));
         assert_eq!(meter.usage(&fresh, i64::MIN).unwrap().known_from_ms, None);
         std::thread::sleep(Duration::from_millis(30));
         let u = meter.usage(&old, i64::MIN).unwrap();

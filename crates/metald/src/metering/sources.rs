@@ -44,6 +44,8 @@ pub struct NetStats {
     buf: Vec<u8>,
     seq: u32,
     table: NetTable,
+    /// The last refresh failed.
+    failing: bool,
 }
 
 impl std::fmt::Debug for NetStats {
@@ -78,6 +80,7 @@ impl NetStats {
             buf: Vec::with_capacity(64 * 1024),
             seq: 0,
             table: HashMap::new(),
+            failing: false,
         })
     }
 
@@ -86,15 +89,27 @@ impl NetStats {
         rustix::net::netdevice::name_to_index(&self.ioctl, name).ok()
     }
 
+    /// Whether the last [`NetStats::refresh`] failed.
+    pub fn failing(&self) -> bool {
+        self.failing
+    }
+
     /// The counters of the last [`NetStats::refresh`].
     pub fn table(&self) -> &NetTable {
         &self.table
     }
 
-    /// Re-reads every interface's counters. On a netlink error the table is left empty (the
-    /// VMs' network counters keep their last values) and the error is returned.
+    /// Re-reads every interface's counters. On a netlink error the table holds only what was
+    /// read before it (the other VMs' network counters keep their last values) and the error is
+    /// returned.
     pub fn refresh(&mut self) -> Result<(), std::io::Error> {
         self.table.clear();
+        let result = self.dump();
+        self.failing = result.is_err();
+        result
+    }
+
+    fn dump(&mut self) -> Result<(), std::io::Error> {
         self.seq = self.seq.wrapping_add(1);
         let mut header = NetlinkHeader::default();
         header.flags = NLM_F_REQUEST | NLM_F_DUMP;
