@@ -153,10 +153,7 @@ fn main() {
     let t0 = Instant::now();
     let mut ids = vec![];
     for _ in 0..vms {
-        let id = api.call("POST", "/v1/vms", Some(body.clone())).ok()["vm"]["vmId"]
-            .as_str()
-            .unwrap()
-            .to_string();
+        let id = api.create(body.clone());
         api.call("POST", &format!("/v1/vms/{id}/boot"), None).ok();
         ids.push(id);
     }

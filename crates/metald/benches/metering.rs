@@ -19,18 +19,7 @@ use serde_json::json;
 use support::*;
 
 fn scrape(m: &Metald, name: &str) -> f64 {
-    let text = block_on(async {
-        ::reqwest::get(format!("{}/metrics", m.url))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    });
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
+    m.metric(name).unwrap_or(0.0)
 }
 
 /// utime + stime of a process, seconds.
@@ -93,10 +82,7 @@ fn main() {
             continue;
         }
         while ids.len() < n {
-            let id = api.call("POST", "/v1/vms", Some(body.clone())).ok()["vm"]["vmId"]
-                .as_str()
-                .unwrap()
-                .to_string();
+            let id = api.create(body.clone());
             api.call("POST", &format!("/v1/vms/{id}/boot"), None).ok();
             ids.push(id);
         }

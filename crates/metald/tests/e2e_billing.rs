@@ -84,22 +84,25 @@ fn billed_metald(guest: &std::path::Path, bin: &std::path::Path) -> (Metald, u16
     (m, port, billaged)
 }
 
+/// Shuts the VM down and waits until everything about it reached billaged; billaged's
+/// database.
+fn shut_down_and_deliver(m: &Metald, api: &Rest, id: &str) -> rusqlite::Connection {
+    api.call(
+        "POST",
+        &format!("/v1/vms/{id}/shutdown"),
+        Some(json!({"force": true})),
+    )
+    .ok();
+    let db = rusqlite::Connection::open(m.data_dir.join("billaged.db")).unwrap();
+    wait_delivered(m, &db, id);
+    db
+}
+
 /// Waits until metald's outbox is empty and billaged recorded the VM's stop.
 fn wait_delivered(m: &Metald, db: &rusqlite::Connection, vm: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let text = block_on(async {
-            ::reqwest::get(format!("{}/metrics", m.url))
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap()
-        });
-        let depth = text
-            .lines()
-            .find_map(|l| l.strip_prefix("metald_billing_outbox_rows "))
-            .map(|v| v.trim().to_string());
+        let depth = m.metric("metald_billing_outbox_rows");
         let stopped: i64 = db
             .query_row(
                 "SELECT COUNT(*) FROM events WHERE vm_id = ?1 AND kind = 'stopped'",
@@ -107,7 +110,7 @@ fn wait_delivered(m: &Metald, db: &rusqlite::Connection, vm: &str) {
                 |r| r.get(0),
             )
             .unwrap_or(0);
-        if depth.as_deref() == Some("0") && stopped == 1 {
+        if depth == Some(0.0) && stopped == 1 {
             return;
         }
         assert!(
@@ -171,14 +174,7 @@ fn a_billing_outage_loses_and_doubles_nothing() {
     std::thread::sleep(Duration::from_secs(3));
     let _billaged = Billaged::start(&m, &bin, port);
     std::thread::sleep(Duration::from_secs(1));
-    api.call(
-        "POST",
-        &format!("/v1/vms/{id}/shutdown"),
-        Some(json!({"force": true})),
-    )
-    .ok();
-    let db = rusqlite::Connection::open(m.data_dir.join("billaged.db")).unwrap();
-    wait_delivered(&m, &db, &id);
+    let db = shut_down_and_deliver(&m, &api, &id);
     assert!(
         m.log_text()
             .contains("billing service unreachable; keeping the batch"),
@@ -259,14 +255,7 @@ fn a_metald_killed_mid_run_drains_its_outbox_and_reports_the_downtime_as_a_gap()
     std::thread::sleep(Duration::from_secs(3));
     m.spawn();
     std::thread::sleep(Duration::from_secs(2));
-    api.call(
-        "POST",
-        &format!("/v1/vms/{id}/shutdown"),
-        Some(json!({"force": true})),
-    )
-    .ok();
-    let db = rusqlite::Connection::open(m.data_dir.join("billaged.db")).unwrap();
-    wait_delivered(&m, &db, &id);
+    let db = shut_down_and_deliver(&m, &api, &id);
 
     let total =
         num(&api.call("GET", &format!("/v1/vms/{id}/usage"), None).ok()["total"]["cpuTimeNanos"]);

@@ -431,6 +431,21 @@ impl Metald {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The value of the unlabelled series `name` on metald's `/metrics`, if it is there.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let text = block_on(async {
+            ::reqwest::get(format!("{}/metrics", self.url))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        });
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
     /// Pids of processes whose command line mentions this data dir (the VMMs).
     pub fn vmm_pids(&self) -> Vec<u32> {
         let needle = self.data_dir.display().to_string();
