@@ -138,10 +138,29 @@ fn a_jailed_vmm_runs_as_its_own_user_without_privileges_in_its_own_namespace_and
     assert!(tap.contains("master br0"), "{tap}");
     assert_eq!(net["tapDevice"], json!("tap0"));
     let host_links = iso.netns.output("ip", &["-br", "link"]);
+    let host_if = net["hostInterface"].as_str().unwrap();
+    assert!(host_links.contains(host_if), "{host_links}");
+    // Both veth ends have one queue each way (the sampler reads their counters every tick,
+    // and the kernel visits every receive queue of both ends to do so).
+    let host_veth = iso.netns.output("ip", &["-d", "link", "show", host_if]);
     assert!(
-        host_links.contains(net["hostInterface"].as_str().unwrap()),
-        "{host_links}"
+        host_veth.contains("numtxqueues 1 numrxqueues 1"),
+        "{host_veth}"
     );
+    let peer = std::process::Command::new("nsenter")
+        .args([
+            &format!("--net={ns_file}"),
+            "ip",
+            "-d",
+            "link",
+            "show",
+            "type",
+            "veth",
+        ])
+        .output()
+        .unwrap();
+    let peer = String::from_utf8_lossy(&peer.stdout);
+    assert!(peer.contains("numtxqueues 1 numrxqueues 1"), "{peer}");
 
     // Its cgroup, with limits from its config: 2 vCPUs, 256 MiB + the VMM's headroom.
     let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();

@@ -1,12 +1,13 @@
 //! Metering: every running VM is sampled at a fixed interval (100 ms by default) from the
-//! kernel's own counters: CPU time and memory from the VM's cgroup (CPU time refined between
-//! its once-a-second readings by the VMM's process CPU clock), disk bytes from
+//! kernel's own counters: CPU time and memory from the VM's cgroup (CPU time followed between
+//! its readings every 10 s by the VMM's process CPU clock), disk bytes from
 //! `/proc/<pid>/io`, disk operations from the cgroup's block-I/O statistics, network bytes and
 //! packets of the VM's host-side veth from one netlink statistics dump.
 //!
 //! Cheap at scale: one dedicated thread, every file opened once per VM run and re-read with
 //! `pread` at offset 0 into a stack buffer, one netlink dump per tick for all VMs' interfaces,
-//! slow-moving values once a second, no process spawned.
+//! slow-moving values once a second (spread over the ticks), the cgroup's CPU counter every
+//! 10 s, no process spawned.
 //! A VM is counted from the instant its VMM started to the instant it stopped; while paused its
 //! vCPU threads do not run, so pause time is not CPU time.
 
@@ -19,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use crate::backend::VmmMetrics;
 use crate::domain::{now_ms, CustomerId, VmId};
-use sources::{NetStats, NetTable, Sources};
+use sources::{Depth, NetStats, NetTable, Sources};
 
 /// Cumulative usage counters (and the latest memory reading).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -75,6 +76,25 @@ impl Counters {
 /// default interval): they change slowly and each costs a syscall per VM.
 const SLOW_EVERY: u64 = 10;
 
+/// The cgroup's CPU counter, the authority the process clock is checked against, is read every
+/// this many ticks (10 s at the default interval) besides a run's start and stop: for a jailed
+/// VMM, the only process in its cgroup, the two count the same scheduler time, and the file
+/// read costs twice the clock read.
+const FULL_EVERY: u64 = 100;
+
+/// What tick `tick` reads of a run in slow-read phase `phase`. Runs are spread over the phases
+/// so that the slower reads of 1000 VMs don't all land in one tick.
+fn depth(tick: u64, phase: u64) -> Depth {
+    let t = tick.wrapping_add(phase);
+    if t.is_multiple_of(FULL_EVERY) {
+        Depth::Full
+    } else if t.is_multiple_of(SLOW_EVERY) {
+        Depth::Second
+    } else {
+        Depth::Tick
+    }
+}
+
 /// One sample: cumulative usage since the VM was created, at an instant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UsagePoint {
@@ -115,6 +135,8 @@ struct Run {
     last: Counters,
     /// Disk operations the VMM itself counted since counting began, when it reports them.
     vmm_ops: Option<(u64, u64)>,
+    /// Which ticks read its slower sources (see [`depth`]).
+    phase: u64,
 }
 
 impl Run {
@@ -133,6 +155,9 @@ struct VmMeter {
     carried: Counters,
     run: Option<Run>,
     series: VecDeque<UsagePoint>,
+    /// The newest sample's time, kept beside `series`: reading it back from there costs the
+    /// sampler a cache miss per VM per tick.
+    last_wall_ms: i64,
     /// Whether `series` holds the VM's whole history: it began with the VM's first run in
     /// this metald and nothing aged out since. Otherwise usage before its oldest sample is
     /// not known by time.
@@ -146,9 +171,10 @@ impl VmMeter {
     /// increasing (a stop's last sample can fall in the same millisecond as a tick's): each
     /// billed interval is then named by a time of its own.
     fn record(&mut self, mut p: UsagePoint, cap: usize) {
-        if let Some(last) = self.series.back() {
-            p.wall_ms = p.wall_ms.max(last.wall_ms + 1);
+        if !self.series.is_empty() {
+            p.wall_ms = p.wall_ms.max(self.last_wall_ms.saturating_add(1));
         }
+        self.last_wall_ms = p.wall_ms;
         if self.series.len() >= cap {
             self.series.pop_front();
             self.complete = false;
@@ -202,6 +228,8 @@ pub struct Meter {
     /// CPU time spent sampling, nanoseconds (its own cost, exported as a metric).
     busy_ns: AtomicU64,
     ticks: AtomicU64,
+    /// The next run's slow-read phase.
+    phases: AtomicU64,
 }
 
 impl Meter {
@@ -220,6 +248,7 @@ impl Meter {
             epoch: Instant::now(),
             busy_ns: AtomicU64::new(0),
             ticks: AtomicU64::new(0),
+            phases: AtomicU64::new(0),
         });
         let weak = Arc::downgrade(&meter);
         let spawned = std::thread::Builder::new()
@@ -314,6 +343,7 @@ impl Meter {
             carried,
             run: None,
             series: VecDeque::with_capacity(self.cfg.retained_samples),
+            last_wall_ms: i64::MIN,
             complete: fresh,
             vmm_raw: None,
         });
@@ -326,6 +356,7 @@ impl Meter {
             base,
             last: now,
             vmm_ops: None,
+            phase: self.phases.fetch_add(1, Ordering::Relaxed),
         });
         base
     }
@@ -442,22 +473,30 @@ impl Meter {
         let net = self.net();
         let wall_ms = now_ms();
         let mono_ns = self.mono_ns();
-        // Memory and disk operations are read on every SLOW_EVERY-th tick only.
-        let all = self
-            .ticks
-            .load(Ordering::Relaxed)
-            .is_multiple_of(SLOW_EVERY);
+        let tick = self.ticks.load(Ordering::Relaxed);
         let mut map = self.map();
+        // Two passes: the reads first, then the samples. A sample is a store to a cold line of
+        // the VM's series: between syscalls (whose entry waits for pending stores where it
+        // switches page tables) each one costs its whole miss; in a loop of their own the
+        // misses overlap.
+        let mut totals = Vec::with_capacity(map.len());
         for m in map.values_mut() {
             let Some(run) = m.run.as_mut() else { continue };
             if run.ifindex.is_none() {
                 run.ifindex = resolve(net.as_ref(), run.host_if.as_deref());
             }
-            run.last = run
-                .sources
-                .read_some(run.ifindex, table(net.as_ref()), &run.last, all);
+            run.last = run.sources.read_some(
+                run.ifindex,
+                table(net.as_ref()),
+                &run.last,
+                depth(tick, run.phase),
+            );
             run.apply_vmm_ops();
-            let total = m.carried.advanced(&run.base, &run.last);
+            totals.push(m.carried.advanced(&run.base, &run.last));
+        }
+        // The map is locked: it iterates in the same order.
+        let running = map.values_mut().filter(|m| m.run.is_some());
+        for (m, total) in running.zip(totals) {
             m.record(
                 UsagePoint {
                     wall_ms,
@@ -551,6 +590,23 @@ mod tests {
     }
 
     #[test]
+    fn slower_reads_come_once_a_second_and_the_authority_every_ten_spread_over_the_ticks() {
+        for phase in [0, 1, 37] {
+            let seen: Vec<Depth> = (0..FULL_EVERY).map(|t| depth(t, phase)).collect();
+            let count = |d| seen.iter().filter(|&&x| x == d).count() as u64;
+            assert_eq!(count(Depth::Full), 1);
+            assert_eq!(count(Depth::Second), FULL_EVERY / SLOW_EVERY - 1);
+        }
+        // Ten runs in a row: each tick does the slower reads of one of them.
+        for tick in 0..SLOW_EVERY {
+            let slow = (0..SLOW_EVERY)
+                .filter(|&phase| depth(tick, phase) >= Depth::Second)
+                .count();
+            assert_eq!(slow, 1);
+        }
+    }
+
+    #[test]
     fn sample_times_strictly_increase() {
         let mut m = VmMeter {
             customer: "c".parse().unwrap(),
@@ -558,6 +614,7 @@ mod tests {
             carried: Counters::default(),
             run: None,
             series: VecDeque::new(),
+            last_wall_ms: i64::MIN,
             complete: true,
             vmm_raw: None,
         };

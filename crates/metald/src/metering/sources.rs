@@ -10,9 +10,10 @@ use std::path::Path;
 
 use nix::time::ClockId;
 use rtnetlink::packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
+    DecodeError, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NlasIterator,
+    Parseable, NLMSG_DONE, NLMSG_ERROR, NLM_F_DUMP, NLM_F_REQUEST,
 };
-use rtnetlink::packet_route::stats::{StatsAttribute, StatsFilterMask, StatsMessage};
+use rtnetlink::packet_route::stats::{StatsAttribute, StatsFilterMask, StatsHeader, StatsMessage};
 use rtnetlink::packet_route::RouteNetlinkMessage;
 
 use super::Counters;
@@ -129,32 +130,29 @@ impl NetStats {
             let n = self.socket.recv(&mut self.buf, 0)?.min(self.buf.len());
             let mut off = 0;
             while off < n {
-                let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buf[off..n])
-                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-                let len = msg.header.length as usize;
+                // The messages are read in place through the crate's buffer views: the stats
+                // messages (all but the dump's last) are not built into owned messages, which
+                // allocate a vector each (a tenth of the sampler's user-space time).
+                let msg = NetlinkBuffer::new_checked(&self.buf[off..n]).map_err(invalid)?;
+                let len = msg.length() as usize;
                 // Parts of an earlier dump that failed half way are skipped, their end too.
-                let ours = msg.header.sequence_number == self.seq;
-                match msg.payload {
-                    NetlinkPayload::Done(_) if ours => return Ok(()),
-                    NetlinkPayload::Error(e) if ours => {
-                        return Err(e.to_io());
-                    }
-                    NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewStats(m)) if ours => {
-                        for a in m.attributes {
-                            if let StatsAttribute::Link64(s) = a {
-                                self.table.insert(
-                                    m.header.ifindex,
-                                    NetDev {
-                                        rx_bytes: s.rx_bytes,
-                                        rx_packets: s.rx_packets,
-                                        tx_bytes: s.tx_bytes,
-                                        tx_packets: s.tx_packets,
-                                    },
-                                );
+                if msg.sequence_number() == self.seq {
+                    match msg.message_type() {
+                        libc::RTM_NEWSTATS => {
+                            add(&mut self.table, msg.payload()).map_err(invalid)?
+                        }
+                        NLMSG_DONE => return Ok(()),
+                        NLMSG_ERROR => {
+                            let m = NetlinkMessage::<RouteNetlinkMessage>::deserialize(
+                                &self.buf[off..n],
+                            )
+                            .map_err(invalid)?;
+                            if let NetlinkPayload::Error(e) = m.payload {
+                                return Err(e.to_io());
                             }
                         }
+                        _ => {}
                     }
-                    _ => {}
                 }
                 if len == 0 {
                     break;
@@ -163,6 +161,33 @@ impl NetStats {
             }
         }
     }
+}
+
+/// Takes the counters of one `RTM_NEWSTATS` message into `table`.
+fn add(table: &mut NetTable, payload: &[u8]) -> Result<(), DecodeError> {
+    let header = StatsHeader::parse(payload)?;
+    let attrs = payload.get(STATS_HEADER_LEN..).unwrap_or_default();
+    for nla in NlasIterator::new(attrs) {
+        if let StatsAttribute::Link64(s) = StatsAttribute::parse(&nla?)? {
+            table.insert(
+                header.ifindex,
+                NetDev {
+                    rx_bytes: s.rx_bytes,
+                    rx_packets: s.rx_packets,
+                    tx_bytes: s.tx_bytes,
+                    tx_packets: s.tx_packets,
+                },
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The `struct if_stats_msg` before a stats message's attributes (linux/if_link.h).
+const STATS_HEADER_LEN: usize = 12;
+
+fn invalid(e: impl std::error::Error + Send + Sync + 'static) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, e)
 }
 
 #[derive(Debug)]
@@ -191,11 +216,23 @@ enum BlockOps {
     V2(File),
 }
 
+/// How much of a VM's sources a read covers; each level includes the ones below it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Depth {
+    /// A sampling tick: CPU time by the process clock, disk bytes while they move, network.
+    Tick,
+    /// Once a second: also the memory gauge, disk operations and idle disk byte counters.
+    Second,
+    /// Also CPU time from the cgroup, the authority (at a run's start and stop, and now and
+    /// then to check the clock against it).
+    Full,
+}
+
 /// The open files of one VMM run.
 #[derive(Debug)]
 pub struct Sources {
-    /// The authority for CPU time (the cgroup's counter), read once a second and whenever
-    /// `clock` can't be.
+    /// The authority for CPU time (the cgroup's counter), read on [`Depth::Full`] reads and
+    /// whenever `clock` can't be.
     cpu: Option<Cpu>,
     /// The VMM process's CPU clock (all its threads, exact to the nanosecond), read on the ticks
     /// in between: one `clock_gettime` with no file behind it. Measured among 50 busy VMs it
@@ -275,15 +312,16 @@ impl Sources {
         self.ops = None;
     }
 
-    /// Current counters (network from `net`, by the host-side interface's index); anything
-    /// unreadable keeps its value from `last`.
+    /// Current counters, every source read (network from `net`, by the host-side interface's
+    /// index); anything unreadable keeps its value from `last`.
     pub fn read(&mut self, ifindex: Option<u32>, net: &NetTable, last: &Counters) -> Counters {
-        self.read_some(ifindex, net, last, true)
+        self.read_some(ifindex, net, last, Depth::Full)
     }
 
-    /// Like [`Sources::read`], for a sampling tick. Without `all`, CPU time is the last cgroup
-    /// reading plus what the VMM's process clock advanced since; the memory gauge and the disk
-    /// operation counts (which change slowly) keep their values from `last`, and so do the disk
+    /// Like [`Sources::read`], for a sampling tick that reads only what `depth` asks for.
+    /// Between authoritative readings CPU time is the last cgroup reading plus what the VMM's
+    /// process clock advanced since; the memory gauge and the disk operation counts (which
+    /// change slowly) keep their values from `last` below [`Depth::Second`], and so do the disk
     /// byte counts unless they moved at the previous read: a VM that is not doing disk I/O
     /// costs one clock read per tick, and one doing I/O is followed at full resolution from the
     /// tick after its I/O is first seen. Totals are exact either way.
@@ -292,7 +330,7 @@ impl Sources {
         ifindex: Option<u32>,
         net: &NetTable,
         last: &Counters,
-        all: bool,
+        depth: Depth,
     ) -> Counters {
         // Counter files are short (`cpuacct.usage` is one number, `/proc/<pid>/io` seven
         // lines); the per-device block statistics and `/proc/<pid>/stat` get a page.
@@ -300,7 +338,7 @@ impl Sources {
         let mut c = *last;
         let clock = self.clock.and_then(read_clock);
         match (clock, self.cpu_anchor) {
-            (Some(now), Some((total, at))) if !all => {
+            (Some(now), Some((total, at))) if depth != Depth::Full => {
                 c.cpu_ns = total + now.saturating_sub(at);
             }
             _ => {
@@ -319,7 +357,8 @@ impl Sources {
                 self.cpu_anchor = clock.map(|k| (c.cpu_ns, k));
             }
         }
-        if all {
+        let slow = depth >= Depth::Second;
+        if slow {
             let mut buf = [0u8; 4096];
             c.memory_bytes = self
                 .memory
@@ -331,7 +370,7 @@ impl Sources {
                 c.disk_write_ops = w;
             }
         }
-        if all || self.io_active {
+        if slow || self.io_active {
             if let Some(t) = self.io.as_ref().and_then(|f| read(f, &mut small)) {
                 if let (Some(r), Some(w)) = (keyed(t, "read_bytes"), keyed(t, "write_bytes")) {
                     c.disk_read_bytes = r;
@@ -480,19 +519,22 @@ mod tests {
         while t.elapsed() < std::time::Duration::from_millis(50) {
             std::hint::black_box(t.elapsed());
         }
-        let c1 = s.read_some(None, &net, &c0, false);
+        let c1 = s.read_some(None, &net, &c0, Depth::Second);
         let gained = c1.cpu_ns - c0.cpu_ns;
         assert!(gained >= 40_000_000, "{gained} ns");
-        // The once-a-second read goes back to the cgroup, and never behind the clock's lead.
+        // An authoritative read goes back to the cgroup, and never behind the clock's lead.
         std::fs::write(&usage, "1000000001\n").unwrap();
-        assert_eq!(s.read_some(None, &net, &c1, true).cpu_ns, c1.cpu_ns);
+        assert_eq!(s.read_some(None, &net, &c1, Depth::Full).cpu_ns, c1.cpu_ns);
         std::fs::write(&usage, "9000000000\n").unwrap();
-        let c2 = s.read_some(None, &net, &c1, true);
+        let c2 = s.read_some(None, &net, &c1, Depth::Full);
         assert_eq!(c2.cpu_ns, 9_000_000_000);
         // Without a clock (the process is gone), every tick reads the cgroup.
         s.clock = None;
         std::fs::write(&usage, "9500000000\n").unwrap();
-        assert_eq!(s.read_some(None, &net, &c2, false).cpu_ns, 9_500_000_000);
+        assert_eq!(
+            s.read_some(None, &net, &c2, Depth::Tick).cpu_ns,
+            9_500_000_000
+        );
     }
 
     #[test]
@@ -515,17 +557,17 @@ mod tests {
         assert_eq!((c.disk_read_bytes, c.disk_write_bytes), (100, 200));
         // Moved at that read: the next tick reads again and sees them stand still.
         w("rchar: 1\nread_bytes: 100\nwrite_bytes: 200\n");
-        let c = s.read_some(None, &net, &c, false);
+        let c = s.read_some(None, &net, &c, Depth::Tick);
         assert!(!s.io_active);
         // Standing still: ticks skip the file until the next full read finds it moved.
         w("rchar: 1\nread_bytes: 150\nwrite_bytes: 900\n");
-        let c = s.read_some(None, &net, &c, false);
+        let c = s.read_some(None, &net, &c, Depth::Tick);
         assert_eq!((c.disk_read_bytes, c.disk_write_bytes), (100, 200));
-        let c = s.read_some(None, &net, &c, true);
+        let c = s.read_some(None, &net, &c, Depth::Second);
         assert_eq!((c.disk_read_bytes, c.disk_write_bytes), (150, 900));
         assert!(s.io_active);
         w("rchar: 1\nread_bytes: 151\nwrite_bytes: 901\n");
-        let c = s.read_some(None, &net, &c, false);
+        let c = s.read_some(None, &net, &c, Depth::Tick);
         assert_eq!((c.disk_read_bytes, c.disk_write_bytes), (151, 901));
     }
 

@@ -24,7 +24,7 @@ use std::path::PathBuf;
 
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags};
-use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth};
+use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute};
 use rtnetlink::{LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 use tokio::sync::Mutex;
 
@@ -126,6 +126,15 @@ pub enum NetworkError {
     /// The VM has no allocated addresses (created before networking existed).
     #[error("VM {0} has no network allocation")]
     NotAllocated(VmId),
+}
+
+/// One transmit and one receive queue for a veth end. The kernel's default is one of each per
+/// possible CPU, and reading a veth's counters (the sampler does, every tick, for every VM)
+/// visits each receive queue of both ends; the queues only matter for XDP, which metald does
+/// not use.
+fn single_queue<T>(b: LinkMessageBuilder<T>) -> LinkMessageBuilder<T> {
+    b.append_extra_attribute(LinkAttribute::NumTxQueues(1))
+        .append_extra_attribute(LinkAttribute::NumRxQueues(1))
 }
 
 fn nl(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetworkError {
@@ -253,7 +262,7 @@ impl Network {
         // afterwards costs 30-50 ms of RCU synchronisation, creating it there about 3 ms.
         let peer = {
             use std::os::fd::AsRawFd;
-            LinkMessageBuilder::<LinkUnspec>::new()
+            single_queue(LinkMessageBuilder::<LinkUnspec>::new())
                 .name(plan.peer_if.clone())
                 .setns_by_fd(ns.as_raw_fd())
                 .build()
@@ -261,10 +270,12 @@ impl Network {
         let links = self.handle.link();
         links
             .add(
-                LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
-                    .name(plan.host_if.clone())
-                    .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
-                    .build(),
+                single_queue(LinkMessageBuilder::<LinkVeth>::new_with_info_kind(
+                    InfoKind::Veth,
+                ))
+                .name(plan.host_if.clone())
+                .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+                .build(),
             )
             .execute()
             .await

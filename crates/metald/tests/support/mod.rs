@@ -189,7 +189,10 @@ impl Builder {
                 ("UNKEY_METALD_IPV6_PREFIX", TEST_IPV6_PREFIX.into()),
                 ("UNKEY_METALD_IPV4_SUBNET", TEST_IPV4_SUBNET.into()),
             ] {
-                env.push((k.into(), v));
+                // What the builder set wins (a bench needing more addresses, say).
+                if !env.iter().any(|(e, _)| e == k) {
+                    env.push((k.into(), v));
+                }
             }
             iso
         });
@@ -304,17 +307,33 @@ impl Metald {
         }
     }
 
-    /// Imports the tiny Firecracker test guest as `tiny-elf` (kernel) and `tiny-disk` (a 1 MiB
-    /// blank root disk whose readiness line is the guest's banner).
+    /// Imports the tiny Firecracker test guests as kernels `tiny-elf` (polling, see
+    /// [`TinyGuest::Polling`]) and `tiny-idle-elf` ([`TinyGuest::Halted`]), and `tiny-disk` (a
+    /// 1 MiB blank root disk whose readiness line is the guests' banner).
     pub fn import_tiny_guest(&self) {
         let kernel = self.data_dir.join("tiny.elf");
-        std::fs::write(&kernel, tiny_guest_elf()).unwrap();
+        std::fs::write(&kernel, tiny_guest_elf(TinyGuest::Polling)).unwrap();
+        let idle = self.data_dir.join("tiny-idle.elf");
+        std::fs::write(&idle, tiny_guest_elf(TinyGuest::Halted)).unwrap();
         let disk = self.data_dir.join("tiny.img");
         std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
-        let (k, d) = (kernel.display().to_string(), disk.display().to_string());
+        let (k, i, d) = (
+            kernel.display().to_string(),
+            idle.display().to_string(),
+            disk.display().to_string(),
+        );
         for args in [
             vec![
                 "import", "--id", "tiny-elf", "--kind", "kernel", "--file", &k,
+            ],
+            vec![
+                "import",
+                "--id",
+                "tiny-idle-elf",
+                "--kind",
+                "kernel",
+                "--file",
+                &i,
             ],
             vec![
                 "import",
@@ -893,19 +912,35 @@ pub const TINY_MARKER: &str = "METALD_TINY_GUEST_READY";
 const LOAD_ADDR: u64 = 0x10_0000;
 const HEADERS: u64 = 64 + 56;
 
+/// What the tiny guest does after its banner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TinyGuest {
+    /// Polls the keyboard controller until a key arrives (Ctrl-Alt-Del from a graceful stop),
+    /// then resets: its vCPU is always busy, every poll an exit to the VMM.
+    Polling,
+    /// Halts with interrupts off: an idle vCPU that no stop request wakes (stop it by force).
+    Halted,
+}
+
 /// The tiny Firecracker test guest: an ELF64 executable with one PT_LOAD segment.
-pub fn tiny_guest_elf() -> Vec<u8> {
+pub fn tiny_guest_elf(kind: TinyGuest) -> Vec<u8> {
     let mut code: Vec<u8> = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8 (COM1)
     for b in format!("{TINY_MARKER}\n").bytes() {
         code.extend([0xb0, b, 0xee]); // mov al, b; out dx, al
     }
+    if kind == TinyGuest::Halted {
+        code.push(0xfa); // cli
+    } else {
+        code.extend([
+            0xf3, 0x90, // wait: pause
+            0xe4, 0x64, //       in al, 0x64   (i8042 status)
+            0xa8, 0x01, //       test al, 1    (output buffer full: a key was pressed)
+            0x74, 0xf8, //       jz wait
+            0xb0, 0xfe, //       mov al, 0xfe
+            0xe6, 0x64, //       out 0x64, al  (i8042 reset: Firecracker exits)
+        ]);
+    }
     code.extend([
-        0xf3, 0x90, // wait: pause
-        0xe4, 0x64, //       in al, 0x64   (i8042 status)
-        0xa8, 0x01, //       test al, 1    (output buffer full: a key was pressed)
-        0x74, 0xf8, //       jz wait
-        0xb0, 0xfe, //       mov al, 0xfe
-        0xe6, 0x64, //       out 0x64, al  (i8042 reset: Firecracker exits)
         0xf4, //       halt: hlt
         0xeb, 0xfd, //       jmp halt
     ]);
