@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::netns::connect_in;
+use support::netns::{connect_in, output_in};
 use support::*;
 
 fn status(pid: u64) -> String {
@@ -119,18 +119,7 @@ fn a_jailed_vmm_runs_as_its_own_user_without_privileges_in_its_own_namespace_and
     );
     let ns_file = net["networkNamespace"].as_str().unwrap();
     assert_eq!(inode(ns_file), vmm_ns);
-    let tap = std::process::Command::new("nsenter")
-        .args([
-            &format!("--net={ns_file}"),
-            "ip",
-            "-d",
-            "link",
-            "show",
-            "tap0",
-        ])
-        .output()
-        .unwrap();
-    let tap = String::from_utf8_lossy(&tap.stdout);
+    let tap = output_in(Path::new(ns_file), "ip", &["-d", "link", "show", "tap0"]);
     assert!(
         tap.contains("tun type tap") && tap.contains(&format!("user {uid}")),
         "{tap}"
@@ -147,19 +136,11 @@ fn a_jailed_vmm_runs_as_its_own_user_without_privileges_in_its_own_namespace_and
         host_veth.contains("numtxqueues 1 numrxqueues 1"),
         "{host_veth}"
     );
-    let peer = std::process::Command::new("nsenter")
-        .args([
-            &format!("--net={ns_file}"),
-            "ip",
-            "-d",
-            "link",
-            "show",
-            "type",
-            "veth",
-        ])
-        .output()
-        .unwrap();
-    let peer = String::from_utf8_lossy(&peer.stdout);
+    let peer = output_in(
+        Path::new(ns_file),
+        "ip",
+        &["-d", "link", "show", "type", "veth"],
+    );
     assert!(peer.contains("numtxqueues 1 numrxqueues 1"), "{peer}");
 
     // Its cgroup, with limits from its config: 2 vCPUs, 256 MiB + the VMM's headroom.

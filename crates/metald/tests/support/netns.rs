@@ -33,18 +33,28 @@ impl TestNetns {
 
     /// A command run inside the namespace (network only; same mounts).
     pub fn command(&self, program: &str) -> Command {
-        let mut c = Command::new("nsenter");
-        c.arg(format!("--net={}", self.path().display()))
-            .arg("--")
-            .arg(program);
-        c
+        command_in(&self.path(), program)
     }
 
     /// Output of a command run in the namespace.
     pub fn output(&self, program: &str, args: &[&str]) -> String {
-        let out = self.command(program).args(args).output().expect(program);
-        String::from_utf8_lossy(&out.stdout).to_string()
+        output_in(&self.path(), program, args)
     }
+}
+
+/// A command run inside the network namespace of file `ns` (same mounts).
+pub fn command_in(ns: &Path, program: &str) -> Command {
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--net={}", ns.display()))
+        .arg("--")
+        .arg(program);
+    c
+}
+
+/// Standard output of a command run inside the network namespace of file `ns`.
+pub fn output_in(ns: &Path, program: &str, args: &[&str]) -> String {
+    let out = command_in(ns, program).args(args).output().expect(program);
+    String::from_utf8_lossy(&out.stdout).to_string()
 }
 
 impl Drop for TestNetns {
