@@ -280,21 +280,9 @@ impl Meter {
         self.vms.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The interface counters, refreshed now; `None` when they can't be read.
+    /// The interface counters; `None` when they can't be read.
     fn net(&self) -> MutexGuard<'_, Option<NetStats>> {
-        let mut guard = self.net.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = guard.as_mut() {
-            // Logged when reading starts failing and when it recovers, not on every tick.
-            let was_failing = n.failing();
-            match n.refresh().err() {
-                Some(e) if !was_failing => {
-                    tracing::warn!(error = %e, "reading interface counters failed; network usage stands still until it works again");
-                }
-                None if was_failing => tracing::info!("reading interface counters works again"),
-                _ => {}
-            }
-        }
-        guard
+        self.net.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The sampling interval.
@@ -330,8 +318,11 @@ impl Meter {
         // adopted VMM) does not.
         let fresh = base.is_none() && carried == Counters::default();
         let (ifindex, now) = {
-            let net = self.net();
+            let mut net = self.net();
             let ifindex = resolve(net.as_ref(), host_if.as_deref());
+            if let Some(i) = ifindex {
+                refresh(&mut net, Some(i));
+            }
             let now = sources.read(ifindex, table(net.as_ref()), &Counters::default());
             (ifindex, now)
         };
@@ -385,10 +376,13 @@ impl Meter {
 
     /// Takes a last sample of the VM's run and stops counting it; returns the VM's totals.
     pub fn stop(&self, vm: &VmId) -> Option<Counters> {
-        let net = self.net();
+        let mut net = self.net();
         let mut map = self.map();
         let m = map.get_mut(vm)?;
         if let Some(run) = m.run.as_mut() {
+            if let Some(i) = run.ifindex {
+                refresh(&mut net, Some(i));
+            }
             run.last = run
                 .sources
                 .read(run.ifindex, table(net.as_ref()), &run.last);
@@ -470,7 +464,8 @@ impl Meter {
     fn tick(&self) {
         // The sampler's own CPU time (not wall time, which would count being preempted).
         let t0 = thread_cpu_ns();
-        let net = self.net();
+        let mut net = self.net();
+        refresh(&mut net, None);
         let wall_ms = now_ms();
         let mono_ns = self.mono_ns();
         let tick = self.ticks.load(Ordering::Relaxed);
@@ -511,6 +506,21 @@ impl Meter {
         let spent = thread_cpu_ns().saturating_sub(t0);
         self.busy_ns.fetch_add(spent, Ordering::Relaxed);
         self.ticks.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Re-reads interface counters: every interface's, or only those of `only` (see
+/// [`NetStats::refresh`]). Failures are logged when they start and when they end, not on every
+/// tick.
+fn refresh(net: &mut Option<NetStats>, only: Option<u32>) {
+    let Some(n) = net.as_mut() else { return };
+    let was_failing = n.failing();
+    match n.refresh(only).err() {
+        Some(e) if !was_failing => {
+            tracing::warn!(error = %e, "reading interface counters failed; network usage stands still until it works again");
+        }
+        None if was_failing => tracing::info!("reading interface counters works again"),
+        _ => {}
     }
 }
 
