@@ -288,18 +288,28 @@ impl Config {
                 _ => return Err(bad(n, &v, "expected jail or none")),
             },
         };
-        let metrics_interval = match get("UNKEY_METALD_METRICS_INTERVAL") {
-            None => Duration::from_millis(100),
+        // A duration variable: `default` when unset, otherwise a value within `range`.
+        let duration = |name: &'static str,
+                        default: Duration,
+                        range: std::ops::RangeInclusive<Duration>,
+                        allowed: &str| match get(name) {
+            None => Ok(default),
             Some((n, v)) => parse_duration(&v)
-                .filter(|d| (Duration::from_millis(10)..=Duration::from_secs(60)).contains(d))
-                .ok_or_else(|| bad(n, &v, "expected a duration such as 100ms or 1s, 10ms-60s"))?,
+                .filter(|d| range.contains(d))
+                .ok_or_else(|| bad(n, &v, allowed)),
         };
-        let vmm_metrics_interval = match get("UNKEY_METALD_VMM_METRICS_INTERVAL") {
-            None => Duration::from_secs(10),
-            Some((n, v)) => parse_duration(&v)
-                .filter(|d| (Duration::from_secs(1)..=Duration::from_secs(600)).contains(d))
-                .ok_or_else(|| bad(n, &v, "expected a duration such as 10s, 1s-600s"))?,
-        };
+        let metrics_interval = duration(
+            "UNKEY_METALD_METRICS_INTERVAL",
+            Duration::from_millis(100),
+            Duration::from_millis(10)..=Duration::from_secs(60),
+            "expected a duration such as 100ms or 1s, 10ms-60s",
+        )?;
+        let vmm_metrics_interval = duration(
+            "UNKEY_METALD_VMM_METRICS_INTERVAL",
+            Duration::from_secs(10),
+            Duration::from_secs(1)..=Duration::from_secs(600),
+            "expected a duration such as 10s, 1s-600s",
+        )?;
         // 96 bytes per sample: 600 samples (60 s at 100 ms) are 56 KiB per VM. The billing
         // service holds the history; this is the live view.
         let metrics_retention = match get("UNKEY_METALD_METRICS_RETENTION_SECONDS") {
@@ -338,20 +348,18 @@ impl Config {
                         ))
                     }
                 };
-                let batch_interval = match get("UNKEY_METALD_BILLING_BATCH_INTERVAL") {
-                    None => Duration::from_secs(1),
-                    Some((n, v)) => parse_duration(&v)
-                        .filter(|d| {
-                            (Duration::from_millis(100)..=Duration::from_secs(300)).contains(d)
-                        })
-                        .ok_or_else(|| bad(n, &v, "expected a duration such as 1s, 100ms-300s"))?,
-                };
-                let heartbeat_interval = match get("UNKEY_METALD_BILLING_HEARTBEAT_INTERVAL") {
-                    None => Duration::from_secs(10),
-                    Some((n, v)) => parse_duration(&v)
-                        .filter(|d| (Duration::from_secs(1)..=Duration::from_secs(600)).contains(d))
-                        .ok_or_else(|| bad(n, &v, "expected a duration such as 10s, 1s-600s"))?,
-                };
+                let batch_interval = duration(
+                    "UNKEY_METALD_BILLING_BATCH_INTERVAL",
+                    Duration::from_secs(1),
+                    Duration::from_millis(100)..=Duration::from_secs(300),
+                    "expected a duration such as 1s, 100ms-300s",
+                )?;
+                let heartbeat_interval = duration(
+                    "UNKEY_METALD_BILLING_HEARTBEAT_INTERVAL",
+                    Duration::from_secs(10),
+                    Duration::from_secs(1)..=Duration::from_secs(600),
+                    "expected a duration such as 10s, 1s-600s",
+                )?;
                 Some(BillingSettings {
                     endpoint,
                     batch_interval,
