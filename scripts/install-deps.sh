@@ -1,22 +1,67 @@
 #!/usr/bin/env bash
-# Installs what metald's build, demo and tests need and this machine lacks:
-#   Debian packages: QEMU (the VMM that runs anywhere), protoc (API code generation), and the
-#   tools the guest image build uses (busybox-static, e2fsprogs, cpio, lz4, kmod).
+# Installs every program that metald, its scripts, its tests and its benches run on the host, and
+# that this machine lacks, then checks that each one resolves on PATH: a missing package fails
+# here, at the start of `make`, not in the middle of a test.
+#   Debian packages: the table below (program -> package).
 #   npm: the buf CLI (@bufbuild/buf) into target/tools, a Connect/gRPC client nobody here wrote.
+# Not installed here: the Rust toolchain (rustup; checked), and Firecracker, which is in no
+# package registry (its tests are skipped, with why, when no binary is on PATH).
 # Safe to run again: it only installs what is missing. Needs root for apt-get.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# nftables, iproute2 (tc) and util-linux (nsenter, setpriv) for VM isolation and its tests;
-# systemd for `systemd-analyze verify` of the unit.
-packages=(qemu-system-x86 protobuf-compiler busybox-static e2fsprogs cpio lz4 kmod iproute2 curl file
-	nftables util-linux systemd)
+# Every host program run by code (Command::new, and programs run through nsenter or sh -c),
+# scripts/, the Makefile, tests and benches, with the Debian 12 package that provides it.
+# Programs that only run inside the guest are not here; the guest image build brings those.
+programs=(
+	# VMM for full guests anywhere (TCG) and on hardware KVM.
+	qemu-system-x86_64:qemu-system-x86
+	# API code generation (metald-proto's build script).
+	protoc:protobuf-compiler
+	# Building Rust code: the linker, and C in libsqlite3-sys and zstd-sys.
+	cc:gcc
+	make:make
+	# Guest image build (scripts/build-guest-image.sh).
+	busybox:busybox-static
+	mkfs.ext4:e2fsprogs
+	debugfs:e2fsprogs
+	cpio:cpio
+	lz4:lz4
+	modinfo:kmod
+	flock:util-linux
+	# Isolation: namespaces, links, rate limits, firewall (metald), and the tests that look at them.
+	ip:iproute2
+	tc:iproute2
+	nft:nftables
+	nsenter:util-linux
+	setpriv:util-linux
+	umount:mount
+	# Tests and demo: reachability, processes, Firecracker's API socket.
+	ping:iputils-ping
+	kill:procps
+	pkill:procps
+	curl:curl
+	# `systemd-analyze verify` of the unit (make lint), and scripts/install.sh.
+	systemd-analyze:systemd
+	# The buf CLI's installer and its interpreter.
+	npm:npm
+	node:nodejs
+)
+
+has() { type -P "$1" >/dev/null 2>&1; }
+
 missing=()
-for p in "${packages[@]}"; do
-	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+for entry in "${programs[@]}"; do
+	program=${entry%%:*} package=${entry#*:}
+	if ! has "$program" && [[ " ${missing[*]} " != *" $package "* ]]; then
+		missing+=("$package")
+	fi
 done
-if ! command -v npm >/dev/null 2>&1; then
-	missing+=(nodejs npm)
+# A Node.js from elsewhere (nodesource) brings its own npm and conflicts with Debian's npm.
+if has npm && has node; then
+	filtered=()
+	for p in "${missing[@]}"; do [[ $p == npm || $p == nodejs ]] || filtered+=("$p"); done
+	missing=("${filtered[@]}")
 fi
 if [ "${#missing[@]}" -gt 0 ]; then
 	echo "install-deps: apt-get install ${missing[*]}"
@@ -30,12 +75,23 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 
 buf=target/tools/node_modules/.bin/buf
-if [ ! -x "$buf" ]; then
+if [ ! -x "$buf" ] && has npm; then
 	echo "install-deps: npm install @bufbuild/buf into target/tools"
 	mkdir -p target/tools
 	npm install --silent --no-audit --no-fund --prefix target/tools @bufbuild/buf@1 >/dev/null
 fi
-"$buf" --version >/dev/null
 
-command -v cargo >/dev/null || { echo "install-deps: cargo (Rust toolchain) is required" >&2; exit 1; }
-echo "install-deps: ok ($(qemu-system-x86_64 --version | head -1); protoc $(protoc --version | cut -d' ' -f2); buf $("$buf" --version))"
+# The one check: every program resolves on PATH (and buf and cargo where they are expected).
+absent=()
+for entry in "${programs[@]}"; do
+	program=${entry%%:*} package=${entry#*:}
+	has "$program" || absent+=("$program (Debian package $package)")
+done
+[ -x "$buf" ] && "$buf" --version >/dev/null 2>&1 || absent+=("$buf (npm package @bufbuild/buf)")
+has cargo || absent+=("cargo (the Rust toolchain, from rustup)")
+if [ "${#absent[@]}" -gt 0 ]; then
+	echo "install-deps: still missing after install:" >&2
+	printf '  %s\n' "${absent[@]}" >&2
+	exit 1
+fi
+echo "install-deps: ok: ${#programs[@]} programs on PATH ($(qemu-system-x86_64 --version | head -1); protoc $(protoc --version | cut -d' ' -f2); buf $("$buf" --version))"

@@ -21,16 +21,6 @@ pub const ROOTFS_ID: &str = "busybox-rootfs";
 /// The line the default guest prints once it is up.
 pub const READY_MARKER: &str = "METALD_GUEST_READY";
 
-/// Why a prerequisite is missing; under `METALD_REQUIRE_E2E=1` (as `make test` sets) that is a
-/// failure, otherwise the test is skipped with this reason printed.
-pub fn skip_or_fail(reason: &str) -> bool {
-    if std::env::var("METALD_REQUIRE_E2E").is_ok_and(|v| v == "1") {
-        panic!("required prerequisite missing: {reason}");
-    }
-    eprintln!("SKIPPED: {reason}");
-    true
-}
-
 /// Directory holding the built guest image (scripts/build-guest-image.sh output).
 pub fn guest_dir() -> Option<PathBuf> {
     let dir = std::env::var_os("METALD_GUEST_DIR")
@@ -61,21 +51,38 @@ fn find_exe(var: &str, name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Prerequisites for booting the default guest with QEMU, or `None` after printing why not.
-pub fn qemu_guest() -> Option<PathBuf> {
-    let Some(dir) = guest_dir() else {
-        skip_or_fail(
-            "guest image not built (run scripts/build-guest-image.sh target/guest or `make test`)",
-        );
-        return None;
-    };
-    if qemu_bin().is_none() {
-        skip_or_fail(
-            "qemu-system-x86_64 not installed (apt-get install qemu-system-x86, or `make test`)",
-        );
-        return None;
-    }
-    Some(dir)
+/// Why the guest image is missing (the e2e harness's skip reason and a required test's failure).
+pub const NO_GUEST: &str =
+    "guest image not built (scripts/build-guest-image.sh target/guest, or `make test`)";
+/// Why QEMU is missing.
+pub const NO_QEMU: &str =
+    "qemu-system-x86_64 not installed (scripts/install-deps.sh, or `make test`)";
+
+/// The guest image directory for a test that boots it with QEMU. The e2e harness skips such a
+/// test when either is missing, unless METALD_REQUIRE_E2E=1: then the test runs and this fails.
+pub fn qemu_guest() -> PathBuf {
+    assert!(
+        qemu_bin().is_some(),
+        "required prerequisite missing: {NO_QEMU}"
+    );
+    guest_dir().unwrap_or_else(|| panic!("required prerequisite missing: {NO_GUEST}"))
+}
+
+/// A binary of this workspace (`metaldctl`, `billaged`), built beside `metald` by
+/// `cargo build --workspace --bins` (as `make test` does).
+pub fn workspace_bin(name: &str) -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_BIN_EXE_metald")).with_file_name(name);
+    p.is_file().then_some(p)
+}
+
+/// The buf CLI (`METALD_BUF_BIN`, or what scripts/install-deps.sh put in target/tools).
+pub fn buf_bin() -> Option<PathBuf> {
+    let p = std::env::var_os("METALD_BUF_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/tools/node_modules/.bin/buf")
+        });
+    p.exists().then_some(p)
 }
 
 /// A running metald.

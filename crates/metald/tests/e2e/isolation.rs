@@ -3,9 +3,6 @@
 //! plain user with only the documented capabilities; and that nothing is left behind.
 //!
 //! metald's host side runs in a namespace each test makes; no packet touches the machine's own.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod support;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
@@ -13,9 +10,21 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::support::netns::{connect_in, output_in};
+use crate::support::*;
 use serde_json::{json, Value};
-use support::netns::{connect_in, output_in};
-use support::*;
+
+/// This module's tests: each boots the default guest under QEMU.
+pub fn tests() -> Vec<crate::E2e> {
+    crate::e2e![crate::QEMU_GUEST;
+        a_jailed_vmm_runs_as_its_own_user_without_privileges_in_its_own_namespace_and_cgroup,
+        customers_reach_their_own_vms_and_the_gateway_but_never_another_customers,
+        a_rate_limited_vm_stays_under_its_limit_and_an_unlimited_one_does_not,
+        metald_as_a_plain_user_with_only_the_documented_capabilities_runs_vms,
+        leftovers_are_removed_after_a_vmm_crash_a_failed_boot_and_at_start,
+        guests_reach_the_outside_only_through_an_explicitly_configured_interface,
+    ]
+}
 
 fn status(pid: u64) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap()
@@ -40,9 +49,8 @@ fn with_args(args: &str) -> Value {
     body
 }
 
-#[test]
 fn a_jailed_vmm_runs_as_its_own_user_without_privileges_in_its_own_namespace_and_cgroup() {
-    let Some(guest) = qemu_guest() else { return };
+    let guest = qemu_guest();
     let m = metald().start(&guest);
     let iso = m.iso.as_ref().unwrap();
     let api = Rest::new(&m, Some("acme"));
@@ -232,9 +240,8 @@ fn ping_results(console: &str) -> std::collections::HashMap<String, Vec<String>>
     out
 }
 
-#[test]
 fn customers_reach_their_own_vms_and_the_gateway_but_never_another_customers() {
-    let Some(guest) = qemu_guest() else { return };
+    let guest = qemu_guest();
     let m = metald().start(&guest);
     let (a, b) = (Rest::new(&m, Some("alpha")), Rest::new(&m, Some("bravo")));
     // First one VM per customer to be pinged ...
@@ -351,9 +358,8 @@ const BYTES: usize = 768 * 1024;
 const LIMIT: u64 = 192_000;
 const BURST: u64 = 32 * 1024;
 
-#[test]
 fn a_rate_limited_vm_stays_under_its_limit_and_an_unlimited_one_does_not() {
-    let Some(guest) = qemu_guest() else { return };
+    let guest = qemu_guest();
     let m = metald().start(&guest);
     m.import_script("transfer",
         &format!(
@@ -427,9 +433,8 @@ fn documented_capabilities() -> Vec<String> {
     caps
 }
 
-#[test]
 fn metald_as_a_plain_user_with_only_the_documented_capabilities_runs_vms() {
-    let Some(guest) = qemu_guest() else { return };
+    let guest = qemu_guest();
     let mut m = metald().prepare(|m| m.import_default_guest(&guest));
     // A uid and gid no account uses; metald's files belong to it, as `make install` arranges.
     let user = "4242";
@@ -484,9 +489,8 @@ fn metald_as_a_plain_user_with_only_the_documented_capabilities_runs_vms() {
     m.assert_clean();
 }
 
-#[test]
 fn leftovers_are_removed_after_a_vmm_crash_a_failed_boot_and_at_start() {
-    let Some(guest) = qemu_guest() else { return };
+    let guest = qemu_guest();
     let mut m = metald().start(&guest);
     let api = Rest::new(&m, Some("sweeper"));
 
@@ -558,9 +562,8 @@ fn leftovers_are_removed_after_a_vmm_crash_a_failed_boot_and_at_start() {
 /// Outbound access: a host outside metald's namespace (in a namespace the test makes, linked
 /// to metald's by a veth) is unreachable from guests by default, and reachable (IPv4
 /// masqueraded, IPv6 routed) only when UNKEY_METALD_OUTBOUND_INTERFACE names the link.
-#[test]
 fn guests_reach_the_outside_only_through_an_explicitly_configured_interface() {
-    let Some(guest) = qemu_guest() else { return };
+    let guest = qemu_guest();
     for outbound in [false, true] {
         let mut b = metald();
         if outbound {
@@ -570,7 +573,7 @@ fn guests_reach_the_outside_only_through_an_explicitly_configured_interface() {
         let iso = m.iso.as_ref().unwrap();
         // The "outside": 198.51.100.2 and 2001:db8:1::2 (documentation ranges), in a namespace of
         // the test's own, whose only route back to the VMs goes through metald's namespace.
-        let outside = support::netns::TestNetns::new();
+        let outside = crate::support::netns::TestNetns::new();
         let sh = |cmd: &str| {
             let out = std::process::Command::new("sh")
                 .args(["-c", cmd])

@@ -2,25 +2,42 @@
 //! real SQLite files, real HTTP clients. Skipped with a printed reason when QEMU or the guest
 //! image is missing, unless METALD_REQUIRE_E2E=1 (as `make test` sets), where that fails.
 
-// Tests: a failed step should panic with its reason.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod support;
-
 use std::path::Path;
 use std::time::Duration;
 
+use crate::support::*;
+use crate::Need;
 use connectrpc::client::{ClientConfig, HttpClient};
 use connectrpc::{ErrorCode, Protocol};
 use metald_proto::metald::v1 as pb;
 use serde_json::{json, Value};
-use support::*;
+
+/// The lifecycle and API tests: each boots the default guest under QEMU; two also need a client.
+pub fn tests() -> Vec<crate::E2e> {
+    let mut tests = crate::e2e![crate::QEMU_GUEST;
+        rest_lifecycle_with_the_readme_request,
+        generated_clients_over_connect_and_grpc,
+        tenants_see_only_their_own_vms,
+        bad_input_is_refused_precisely_and_changes_nothing,
+        state_survives_a_restart_and_running_vms_are_reattached,
+        extra_drives_and_kernel_args_reach_the_guest,
+        a_vmm_that_dies_on_its_own_marks_the_vm_failed,
+        a_guest_that_never_becomes_ready_is_failed_with_its_console,
+        a_create_that_fails_half_way_rolls_back,
+    ];
+    tests.extend(
+        crate::e2e![&[Need::Root, Need::Qemu, Need::Guest, Need::Buf]; buf_curl_drives_a_vm],
+    );
+    tests.extend(
+        crate::e2e![&[Need::Root, Need::Qemu, Need::Guest, Need::Metaldctl]; metaldctl_manages_vms],
+    );
+    tests
+}
 
 /// The README's exact request (ids of the quick-start's assets): create, boot, see the guest's
 /// readiness line, pause, resume, reboot, shut down, delete; then nothing is left.
-#[test]
 fn rest_lifecycle_with_the_readme_request() {
-    let Some(guest) = qemu_guest() else { return };
+    let guest = qemu_guest();
     let m = metald().start(&guest);
     let api = Rest::new(&m, Some("test"));
     let created = api.call("POST", "/v1/vms", Some(readme_request(2, 1_073_741_824)));
@@ -314,9 +331,8 @@ async fn rpc_lifecycle(m: &Metald, flavour: &str) {
 }
 
 /// The generated Connect client (protobuf and JSON codecs) and gRPC each drive a VM's whole life.
-#[test]
 fn generated_clients_over_connect_and_grpc() {
-    let Some(guest) = qemu_guest() else { return };
+    let guest = qemu_guest();
     let m = metald().start(&guest);
     block_on(async {
         for flavour in ["connect-proto", "connect-json", "grpc"] {
@@ -326,17 +342,8 @@ fn generated_clients_over_connect_and_grpc() {
     assert!(m.vmm_pids().is_empty());
 }
 
-fn buf_bin() -> Option<std::path::PathBuf> {
-    let p = std::env::var_os("METALD_BUF_BIN")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/tools/node_modules/.bin/buf")
-        });
-    p.exists().then_some(p)
-}
-
 fn buf_curl(m: &Metald, protocol: &str, method: &str, data: Value) -> Value {
-    let buf = buf_bin().unwrap();
+    let buf = buf_bin().expect("required prerequisite missing: the buf CLI");
     let proto = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
     let mut cmd = std::process::Command::new(buf);
     cmd.args(["curl", "--schema"]).arg(&proto).args([
@@ -361,12 +368,8 @@ fn buf_curl(m: &Metald, protocol: &str, method: &str, data: Value) -> Value {
 
 /// A client nobody here wrote: `buf curl` (npm's @bufbuild/buf) with the repo's proto files,
 /// over Connect and gRPC.
-#[test]
 fn buf_curl_drives_a_vm() {
-    let Some(guest) = qemu_guest() else { return };
-    if buf_bin().is_none() && skip_or_fail("buf CLI not installed (npm install --prefix target/tools @bufbuild/buf, or `make test`)") {
-        return;
-    }
+    let guest = qemu_guest();
     let m = metald().start(&guest);
     let created = buf_curl(&m, "connect", "CreateVm", readme_request(1, 256 << 20));
     let id = created["vm"]["vmId"].as_str().expect("vm id").to_string();
@@ -396,9 +399,8 @@ fn buf_curl_drives_a_vm() {
 
 /// Customer B sees nothing of A's and gets NotFound on every action on A's VM, exactly as for
 /// an id that never existed.
-#[test]
 fn tenants_see_only_their_own_vms() {
-    let Some(guest) = qemu_guest() else { return };
+    let guest = qemu_guest();
     let m = metald().start(&guest);
     let a = Rest::new(&m, Some("alice"));
     let b = Rest::new(&m, Some("bob"));
@@ -447,9 +449,8 @@ fn tenants_see_only_their_own_vms() {
 }
 
 /// Every kind of bad input gets its code, names its field, and changes nothing.
-#[test]
 fn bad_input_is_refused_precisely_and_changes_nothing() {
-    let Some(guest) = qemu_guest() else { return };
+    let guest = qemu_guest();
     let m = metald().start(&guest);
     let api = Rest::new(&m, Some("picky"));
     let existing = api.create_default();
@@ -655,9 +656,8 @@ fn bad_input_is_refused_precisely_and_changes_nothing() {
 
 /// Stop metald with VMs in several states and start it again on the same data dir: the list
 /// and states are intact, and the running VM's VMM is re-attached (it can be paused and shut down).
-#[test]
 fn state_survives_a_restart_and_running_vms_are_reattached() {
-    let Some(guest) = qemu_guest() else { return };
+    let guest = qemu_guest();
     let mut m = metald().start(&guest);
     let api = Rest::new(&m, Some("durable"));
     let created = api.create_default();
@@ -743,9 +743,8 @@ fn state_survives_a_restart_and_running_vms_are_reattached() {
 
 /// Extra drives (a private writable copy and a shared read-only one) and kernel arguments reach
 /// the guest; an asset in use cannot be removed.
-#[test]
 fn extra_drives_and_kernel_args_reach_the_guest() {
-    let Some(guest) = qemu_guest() else { return };
+    let guest = qemu_guest();
     let m = metald().start(&guest);
     let api = Rest::new(&m, Some("disks"));
     let mut body = readme_request(1, 256 << 20);
@@ -790,13 +789,9 @@ fn extra_drives_and_kernel_args_reach_the_guest() {
 }
 
 /// The CLI, against the real daemon.
-#[test]
 fn metaldctl_manages_vms() {
-    let Some(guest) = qemu_guest() else { return };
-    let ctl = Path::new(env!("CARGO_BIN_EXE_metald")).with_file_name("metaldctl");
-    if !ctl.exists() && skip_or_fail("metaldctl not built (cargo build --workspace)") {
-        return;
-    }
+    let guest = qemu_guest();
+    let ctl = workspace_bin("metaldctl").expect("required prerequisite missing: metaldctl");
     let m = metald().start(&guest);
     let run = |args: &[&str]| {
         let out = std::process::Command::new(&ctl)
@@ -838,9 +833,8 @@ fn metaldctl_manages_vms() {
 
 /// A VMM killed from outside is noticed: the VM is FAILED with the exit status, and it can be
 /// booted again or deleted.
-#[test]
 fn a_vmm_that_dies_on_its_own_marks_the_vm_failed() {
-    let Some(guest) = qemu_guest() else { return };
+    let guest = qemu_guest();
     let m = metald().start(&guest);
     let api = Rest::new(&m, Some("crashy"));
     let id = api.create_default();
@@ -856,9 +850,8 @@ fn a_vmm_that_dies_on_its_own_marks_the_vm_failed() {
 
 /// A guest that never prints its readiness line is reported FAILED with its console tail, and
 /// its VMM is stopped.
-#[test]
 fn a_guest_that_never_becomes_ready_is_failed_with_its_console() {
-    let Some(guest) = qemu_guest() else { return };
+    let guest = qemu_guest();
     let m = metald()
         .env("UNKEY_METALD_BOOT_TIMEOUT_SECONDS", "2")
         .start(&guest);
@@ -897,9 +890,8 @@ fn a_guest_that_never_becomes_ready_is_failed_with_its_console() {
 
 /// A create that fails half way (the rootfs file vanished behind the catalog's back) leaves
 /// no VM, no directory, no disk.
-#[test]
 fn a_create_that_fails_half_way_rolls_back() {
-    let Some(guest) = qemu_guest() else { return };
+    let guest = qemu_guest();
     let m = metald().start(&guest);
     let out = m.assets(&[
         "import",

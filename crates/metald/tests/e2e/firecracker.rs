@@ -3,28 +3,26 @@
 //! the i8042 keyboard and resets, which makes Firecracker exit). It proves the whole control path
 //! for real on any host with /dev/kvm; full Linux guests under Firecracker need hardware KVM
 //! (see `full_guest_boots_where_hardware_kvm_exists`).
-// Tests: a failed step should panic with its reason.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod support;
 
 use std::path::Path;
 
 use serde_json::{json, Value};
 
-use support::*;
+use crate::support::*;
+use crate::Need;
 
-fn firecracker_ready() -> bool {
-    if firecracker_bin().is_none() {
-        // Firecracker is in no package registry; it is optional even under METALD_REQUIRE_E2E.
-        eprintln!("SKIPPED: no firecracker binary (PATH or UNKEY_METALD_FIRECRACKER_BIN); Firecracker backend tests did not run");
-        return false;
-    }
-    if !Path::new("/dev/kvm").exists() {
-        eprintln!("SKIPPED: /dev/kvm missing; Firecracker needs KVM");
-        return false;
-    }
-    true
+/// The Firecracker tests: the tiny guest needs KVM, the full guest hardware KVM.
+pub fn tests() -> Vec<crate::E2e> {
+    let mut tests = crate::e2e![&[Need::Root, Need::Firecracker, Need::Kvm];
+        firecracker_lifecycle_with_the_tiny_guest,
+        firecracker_runs_jailed_with_its_tap_and_rate_limits,
+    ];
+    tests.extend(
+        crate::e2e![&[Need::Root, Need::Firecracker, Need::HardwareKvm, Need::Guest];
+            full_guest_boots_where_hardware_kvm_exists,
+        ],
+    );
+    tests
 }
 
 /// Asks Firecracker itself (GET / on the VM's API socket) what state it is in.
@@ -43,11 +41,7 @@ fn firecracker_state(m: &Metald, id: &str) -> String {
     v["state"].as_str().unwrap_or("").to_string()
 }
 
-#[test]
 fn firecracker_lifecycle_with_the_tiny_guest() {
-    if !firecracker_ready() {
-        return;
-    }
     let m = metald_with_backend("firecracker").start_with(Metald::import_tiny_guest);
     assert!(
         m.log_text().contains("using firecracker"),
@@ -136,17 +130,8 @@ fn firecracker_lifecycle_with_the_tiny_guest() {
 
 /// The default Debian guest under Firecracker. Needs hardware KVM: on kvm-pvm hosts stock
 /// kernels crash (KVM_EXIT_INTERNAL_ERROR), so this is skipped there with the reason.
-#[test]
 fn full_guest_boots_where_hardware_kvm_exists() {
-    if !firecracker_ready() {
-        return;
-    }
-    let (hw, why) = metald::config::hardware_kvm(Path::new("/sys"), Path::new("/dev"));
-    if !hw {
-        eprintln!("SKIPPED: full Debian guest under Firecracker needs hardware KVM: {why}");
-        return;
-    }
-    let Some(guest) = qemu_guest() else { return };
+    let guest = guest_dir().unwrap_or_else(|| panic!("required prerequisite missing: {NO_GUEST}"));
     let m = metald_with_backend("firecracker").start(&guest);
     let api = Rest::new(&m, Some("fcfull"));
     let id = api.create_default();
@@ -166,11 +151,7 @@ fn full_guest_boots_where_hardware_kvm_exists() {
 
 /// The jailed Firecracker seen from outside, and its network interface (with token-bucket rate
 /// limits) as Firecracker itself reports it.
-#[test]
 fn firecracker_runs_jailed_with_its_tap_and_rate_limits() {
-    if !firecracker_ready() {
-        return;
-    }
     let m = metald_with_backend("firecracker").start_with(Metald::import_tiny_guest);
     let iso = m.iso.as_ref().unwrap();
     let api = Rest::new(&m, Some("fcjail"));

@@ -1,17 +1,27 @@
 //! Metering against real guests (QEMU with TCG here): CPU time of a busy guest versus an idle
 //! one (and none while paused), disk and network bytes of known transfers, the sampling
 //! resolution, and the usage API's customer scoping.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod support;
 
 use std::io::Read;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use crate::support::netns::connect_in;
+use crate::support::*;
 use serde_json::{json, Value};
-use support::netns::connect_in;
-use support::*;
+
+/// This module's tests: each boots the default guest under QEMU.
+pub fn tests() -> Vec<crate::E2e> {
+    crate::e2e![crate::QEMU_GUEST;
+        a_busy_guest_uses_cpu_time_an_idle_one_does_not_and_pause_time_is_free,
+        disk_and_network_bytes_are_counted_and_usage_is_sampled_every_100_ms_per_customer,
+        prometheus_metrics_parse_and_readiness_reports_ok,
+        usage_totals_survive_a_metald_restart_including_the_downtime,
+        api_calls_are_traced_to_an_otlp_receiver_with_child_spans_for_the_boot_steps,
+        log_lines_carry_trace_ids_even_when_traces_are_not_exported,
+        metrics_can_have_a_port_of_their_own,
+    ]
+}
 
 /// Host wall-clock time (Unix ms) at which `marker` showed up on the VM's console.
 fn wait_marker(m: &Metald, id: &str, marker: &str, within: Duration) -> i64 {
@@ -49,9 +59,8 @@ fn at(u: &Value, field: &str, t: i64) -> u64 {
         .unwrap_or(0)
 }
 
-#[test]
 fn a_busy_guest_uses_cpu_time_an_idle_one_does_not_and_pause_time_is_free() {
-    let Some(guest) = qemu_guest() else { return };
+    let guest = qemu_guest();
     let m = metald().start(&guest);
     // Spins for 12 s of guest time, announcing start and end. Under TCG here the guest's clock
     // runs several times faster than the host's, so the host's own times of the two markers
@@ -104,9 +113,8 @@ fn a_busy_guest_uses_cpu_time_an_idle_one_does_not_and_pause_time_is_free() {
     m.assert_clean();
 }
 
-#[test]
 fn disk_and_network_bytes_are_counted_and_usage_is_sampled_every_100_ms_per_customer() {
-    let Some(guest) = qemu_guest() else { return };
+    let guest = qemu_guest();
     let mut m = metald().prepare(|m| m.import_default_guest(&guest));
     // QEMU's own block statistics (QMP) once a second rather than every 10 s.
     m.spawn_with_env(&[("UNKEY_METALD_VMM_METRICS_INTERVAL", "1s")]);
@@ -269,9 +277,8 @@ fn disk_and_network_bytes_are_counted_and_usage_is_sampled_every_100_ms_per_cust
     m.assert_clean();
 }
 
-#[test]
 fn prometheus_metrics_parse_and_readiness_reports_ok() {
-    let Some(guest) = qemu_guest() else { return };
+    let guest = qemu_guest();
     let m = metald().start(&guest);
     let api = Rest::new(&m, Some("scraped"));
     let id = api.create_booted(script_request(None));
@@ -364,9 +371,8 @@ fn prometheus_metrics_parse_and_readiness_reports_ok() {
 
 /// A VM keeps running while metald restarts; its totals go on from where they were and include
 /// what it used while metald was down (the kernel's counters kept counting).
-#[test]
 fn usage_totals_survive_a_metald_restart_including_the_downtime() {
-    let Some(guest) = qemu_guest() else { return };
+    let guest = qemu_guest();
     let mut m = metald().start(&guest);
     m.import_script("spin", SPIN_SCRIPT);
     let api = Rest::new(&m, Some("durable"));
@@ -472,9 +478,8 @@ fn attr(span: &Value, key: &str) -> Option<String> {
         .and_then(|a| a["value"]["stringValue"].as_str().map(str::to_string))
 }
 
-#[test]
 fn api_calls_are_traced_to_an_otlp_receiver_with_child_spans_for_the_boot_steps() {
-    let Some(guest) = qemu_guest() else { return };
+    let guest = qemu_guest();
     let mut m = metald().prepare(|m| m.import_default_guest(&guest));
     // The receiver lives in metald's namespace, so metald reaches it on its loopback.
     let (port, got) = otlp_receiver(&m.iso.as_ref().unwrap().netns.path());
@@ -543,9 +548,8 @@ fn api_calls_are_traced_to_an_otlp_receiver_with_child_spans_for_the_boot_steps(
     m.assert_clean();
 }
 
-#[test]
 fn log_lines_carry_trace_ids_even_when_traces_are_not_exported() {
-    let Some(guest) = qemu_guest() else { return };
+    let guest = qemu_guest();
     let mut m = metald().prepare(|m| m.import_default_guest(&guest));
     m.spawn_with_env(&[("UNKEY_METALD_LOG_FORMAT", "json")]);
     let trace = "5bf92f3577b34da6a3ce929d0e0e4737";
@@ -578,9 +582,8 @@ fn log_lines_carry_trace_ids_even_when_traces_are_not_exported() {
     m.assert_clean();
 }
 
-#[test]
 fn metrics_can_have_a_port_of_their_own() {
-    let Some(guest) = qemu_guest() else { return };
+    let guest = qemu_guest();
     let mut m = metald().prepare(|m| m.import_default_guest(&guest));
     let port = free_port();
     m.spawn_with_env(&[("UNKEY_METALD_OTEL_PROMETHEUS_PORT", &port.to_string())]);

@@ -2,26 +2,20 @@
 //! with a real, busy guest: a billing outage loses and doubles nothing, and a metald killed
 //! with SIGKILL drains its outbox after restart and reports its downtime as a possible gap,
 //! not as usage.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
-use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::*;
+use crate::Need;
 use serde_json::json;
-use support::*;
 
-/// `billaged` sits beside `metald` in the target directory (`cargo build --workspace --bins`).
-fn billaged_bin() -> Option<PathBuf> {
-    let p = PathBuf::from(env!("CARGO_BIN_EXE_metald")).with_file_name("billaged");
-    if p.exists() {
-        Some(p)
-    } else {
-        skip_or_fail("billaged not built (cargo build --workspace --bins, or `make test`)");
-        None
-    }
+/// The billing tests: QEMU guests and a real billaged.
+pub fn tests() -> Vec<crate::E2e> {
+    crate::e2e![&[Need::Root, Need::Qemu, Need::Guest, Need::Billaged];
+        a_billing_outage_loses_and_doubles_nothing,
+        a_metald_killed_mid_run_drains_its_outbox_and_reports_the_downtime_as_a_gap,
+    ]
 }
 
 struct Billaged {
@@ -161,10 +155,9 @@ fn billed(db: &rusqlite::Connection, vm: &str) -> (u64, i64, i64, Vec<i64>) {
     (sum as u64, n, distinct, ts)
 }
 
-#[test]
 fn a_billing_outage_loses_and_doubles_nothing() {
-    let Some(guest) = qemu_guest() else { return };
-    let Some(bin) = billaged_bin() else { return };
+    let guest = qemu_guest();
+    let bin = workspace_bin("billaged").expect("required prerequisite missing: billaged");
     let (m, port, billaged) = billed_metald(&guest, &bin);
     let api = Rest::new(&m, Some("billed"));
     let id = api.create_booted(script_request(Some("spin")));
@@ -238,10 +231,9 @@ fn a_billing_outage_loses_and_doubles_nothing() {
     m.assert_clean();
 }
 
-#[test]
 fn a_metald_killed_mid_run_drains_its_outbox_and_reports_the_downtime_as_a_gap() {
-    let Some(guest) = qemu_guest() else { return };
-    let Some(bin) = billaged_bin() else { return };
+    let guest = qemu_guest();
+    let bin = workspace_bin("billaged").expect("required prerequisite missing: billaged");
     let (mut m, _, _billaged) = billed_metald(&guest, &bin);
     let api = Rest::new(&m, Some("crashy"));
     let id = api.create_booted(script_request(Some("spin")));
