@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
-use crate::state::VmState;
+use crate::state::{VmLife, VmState};
 
 /// Why an id string was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -183,8 +183,6 @@ pub struct VmRecord {
     pub id: VmId,
     /// Its owner.
     pub customer: CustomerId,
-    /// Where it is in its life.
-    pub state: VmState,
     /// What it is made of.
     pub config: VmConfig,
     /// Backend that runs it ("qemu" or "firecracker").
@@ -193,18 +191,19 @@ pub struct VmRecord {
     pub created_at_ms: i64,
     /// Last change, Unix milliseconds.
     pub updated_at_ms: i64,
-    /// VMM process id while one runs.
-    pub vmm_pid: Option<u32>,
-    /// The VMM process's start time (clock ticks since boot) so a reused pid is never mistaken for it.
-    pub vmm_start_ticks: Option<u64>,
-    /// Why the VM is FAILED.
-    pub failure: Option<String>,
-    /// The guest printed its readiness line since the last boot.
-    pub guest_ready: bool,
+    /// Its state and VMM, changed only through [`VmLife::apply`].
+    pub life: VmLife,
     /// Insertion order, used for stable paging.
     pub seq: i64,
     /// Jail slot and addresses, allocated at create.
     pub net: Option<VmNet>,
+}
+
+impl VmRecord {
+    /// Where the VM is in its life.
+    pub fn state(&self) -> VmState {
+        self.life.state()
+    }
 }
 
 /// Current wall-clock time in Unix milliseconds.

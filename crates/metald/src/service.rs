@@ -17,7 +17,7 @@ use crate::domain::{is_token, now_ms, CustomerId, DriveConfig, VmConfig, VmId, V
 use crate::metering::sources::Sources;
 use crate::metering::{Counters, Meter, RunStart, VmUsage};
 use crate::sandbox::{SandboxError, Sandboxes};
-use crate::state::{transition, InvalidTransition, Operation, VmState};
+use crate::state::{transition, Change, InvalidTransition, Operation, VmLife, VmState};
 use crate::store::{AssetKind, Store, StoreError};
 use crate::timings::{Step, Timings};
 
@@ -484,15 +484,11 @@ impl VmService {
         let record = VmRecord {
             id: id.clone(),
             customer: customer.clone(),
-            state: VmState::Created,
+            life: VmLife::created(),
             config,
             backend: self.backend_name().to_string(),
             created_at_ms: now,
             updated_at_ms: now,
-            vmm_pid: None,
-            vmm_start_ticks: None,
-            failure: None,
-            guest_ready: false,
             seq: 0,
             net: None,
         };
@@ -651,7 +647,7 @@ impl VmService {
     ) -> Result<VmRecord, ServiceError> {
         let _guard = self.lock(id).await;
         let mut vm = self.load(customer, id).await?;
-        let next = next_state(vm.state, Operation::Boot)?;
+        next_state(vm.state(), Operation::Boot)?;
         let mut launch = self.launch(&vm)?;
         let t0 = std::time::Instant::now();
         if let Some(sb) = &self.sandboxes {
@@ -685,11 +681,10 @@ impl VmService {
                 });
             }
         };
-        vm.state = next;
-        vm.vmm_pid = Some(process.pid);
-        vm.vmm_start_ticks = Some(process.start_ticks);
-        vm.failure = None;
-        vm.guest_ready = false;
+        vm.life.apply(Change::Booted {
+            pid: process.pid,
+            start_ticks: process.start_ticks,
+        })?;
         vm.backend = self.backend_name().to_string();
         self.save(&mut vm)?;
         self.track(&vm, process.pid, false);
@@ -708,33 +703,37 @@ impl VmService {
 
     /// Freezes the VM's vCPUs.
     pub async fn pause(&self, customer: &CustomerId, id: &VmId) -> Result<VmRecord, ServiceError> {
-        self.simple_op(customer, id, Operation::Pause).await
+        self.vcpus(customer, id, Vcpus::Freeze).await
     }
 
     /// Unfreezes the VM's vCPUs.
     pub async fn resume(&self, customer: &CustomerId, id: &VmId) -> Result<VmRecord, ServiceError> {
-        self.simple_op(customer, id, Operation::Resume).await
+        self.vcpus(customer, id, Vcpus::Thaw).await
     }
 
-    async fn simple_op(
+    async fn vcpus(
         &self,
         customer: &CustomerId,
         id: &VmId,
-        op: Operation,
+        op: Vcpus,
     ) -> Result<VmRecord, ServiceError> {
         let _guard = self.lock(id).await;
         let mut vm = self.load(customer, id).await?;
-        let next = next_state(vm.state, op)?;
-        let (name, result) = match op {
-            Operation::Pause => ("pause", self.backend.pause(id).await),
-            _ => ("resume", self.backend.resume(id).await),
+        let (name, change) = match op {
+            Vcpus::Freeze => ("pause", Change::Paused),
+            Vcpus::Thaw => ("resume", Change::Resumed),
+        };
+        next_state(vm.state(), change.operation())?;
+        let result = match op {
+            Vcpus::Freeze => self.backend.pause(id).await,
+            Vcpus::Thaw => self.backend.resume(id).await,
         };
         result.map_err(|source| ServiceError::Backend {
             op: name,
             vm: id.clone(),
             source,
         })?;
-        vm.state = next;
+        vm.life.apply(change)?;
         self.save(&mut vm)?;
         Ok(vm)
     }
@@ -749,7 +748,7 @@ impl VmService {
         let mode = stop_mode(req.force, req.timeout_seconds)?;
         let _guard = self.lock(id).await;
         let mut vm = self.load(customer, id).await?;
-        let next = next_state(vm.state, Operation::Shutdown)?;
+        next_state(vm.state(), Operation::Shutdown)?;
         self.backend
             .shutdown(id, mode)
             .await
@@ -760,10 +759,7 @@ impl VmService {
             })?;
         self.release_sandbox(&vm).await;
         tracing::info!(vm_id = %id, "vm shut down");
-        vm.state = next;
-        vm.vmm_pid = None;
-        vm.vmm_start_ticks = None;
-        vm.guest_ready = false;
+        vm.life.apply(Change::ShutDown)?;
         self.save(&mut vm)?;
         Ok(vm)
     }
@@ -778,7 +774,7 @@ impl VmService {
         let mode = stop_mode(force, 0)?;
         let _guard = self.lock(id).await;
         let mut vm = self.load(customer, id).await?;
-        let next = next_state(vm.state, Operation::Reboot)?;
+        next_state(vm.state(), Operation::Reboot)?;
         let mut launch = self.launch(&vm)?;
         if let Some(sb) = &self.sandboxes {
             // The namespace and veth stay across a reboot; only a new jail is made.
@@ -795,10 +791,8 @@ impl VmService {
             Err(source) => {
                 // The old VMM may be gone by now; record what is true before reporting.
                 if self.backend.info(id).await.is_none_or(|i| !i.alive) {
-                    vm.state = VmState::Failed;
-                    vm.vmm_pid = None;
-                    vm.vmm_start_ticks = None;
-                    vm.failure = Some(format!("reboot failed: {source}"));
+                    vm.life
+                        .apply(Change::Failed(format!("reboot failed: {source}")))?;
                     self.save(&mut vm)?;
                     self.release_sandbox(&vm).await;
                 }
@@ -809,11 +803,10 @@ impl VmService {
                 });
             }
         };
-        vm.state = next;
-        vm.vmm_pid = Some(process.pid);
-        vm.vmm_start_ticks = Some(process.start_ticks);
-        vm.guest_ready = false;
-        vm.failure = None;
+        vm.life.apply(Change::Rebooted {
+            pid: process.pid,
+            start_ticks: process.start_ticks,
+        })?;
         self.save(&mut vm)?;
         self.untrack(&vm);
         self.track(&vm, process.pid, false);
@@ -831,7 +824,7 @@ impl VmService {
     ) -> Result<(), ServiceError> {
         let guard = self.lock(id).await;
         let vm = self.load(customer, id).await?;
-        next_state(vm.state, Operation::Delete { force })?;
+        next_state(vm.state(), Operation::Delete { force })?;
         let dir = self.vm_dir(id);
         self.backend
             .delete(id, &dir)
@@ -969,10 +962,14 @@ impl VmService {
     pub async fn reconcile(&self) -> Result<(), ServiceError> {
         let mut keep = std::collections::HashSet::new();
         for mut vm in self.store.all_vms()? {
-            if !vm.state.has_vmm() {
+            if !vm.state().has_vmm() {
                 continue;
             }
-            let adopted = match (vm.vmm_pid, vm.vmm_start_ticks, self.launch(&vm)) {
+            let adopted = match (
+                vm.life.vmm_pid(),
+                vm.life.vmm_start_ticks(),
+                self.launch(&vm),
+            ) {
                 (Some(pid), Some(start_ticks), Ok(launch)) if vm.backend == self.backend_name() => {
                     self.backend
                         .adopt(&launch, crate::backend::VmmProcess { pid, start_ticks })
@@ -982,25 +979,23 @@ impl VmService {
                 _ => false,
             };
             if adopted {
-                tracing::info!(vm_id = %vm.id, pid = ?vm.vmm_pid, "re-attached to running VMM");
+                tracing::info!(vm_id = %vm.id, pid = ?vm.life.vmm_pid(), "re-attached to running VMM");
                 if let Some(sb) = &self.sandboxes {
                     if let Err(e) = sb.adopt(&vm).await {
                         tracing::error!(vm_id = %vm.id, error = %e, "re-attaching the VM's network failed");
                     }
                 }
                 keep.insert(vm.id.clone());
-                if let Some(pid) = vm.vmm_pid {
+                if let Some(pid) = vm.life.vmm_pid() {
                     self.track(&vm, pid, true);
                 }
                 continue;
             }
             self.release_sandbox(&vm).await;
             tracing::warn!(vm_id = %vm.id, "VMM is gone after a metald restart; marking FAILED");
-            vm.state = VmState::Failed;
-            vm.vmm_pid = None;
-            vm.vmm_start_ticks = None;
-            vm.guest_ready = false;
-            vm.failure = Some("VMM process was gone when metald restarted".into());
+            vm.life.apply(Change::Failed(
+                "VMM process was gone when metald restarted".into(),
+            ))?;
             self.save(&mut vm)?;
         }
         // Whatever isolation is left of VMs that are not running (metald crashed mid-create
@@ -1028,7 +1023,7 @@ impl VmService {
         let Ok(Some(mut vm)) = self.store.get_vm_unscoped(&ev.vm_id) else {
             return;
         };
-        if vm.vmm_pid != Some(ev.pid) || transition(vm.state, Operation::Fail).is_err() {
+        if vm.life.vmm_pid() != Some(ev.pid) || transition(vm.state(), Operation::Fail).is_err() {
             return;
         }
         let console = file_tail(
@@ -1037,15 +1032,14 @@ impl VmService {
         );
         tracing::warn!(vm_id = %vm.id, pid = ev.pid, status = %ev.status, "VMM exited on its own");
         self.release_sandbox(&vm).await;
-        vm.state = VmState::Failed;
-        vm.vmm_pid = None;
-        vm.vmm_start_ticks = None;
-        vm.guest_ready = false;
-        vm.failure = Some(format!(
+        let failed = vm.life.apply(Change::Failed(format!(
             "VMM exited on its own ({}); console ends: {console}",
             ev.status
-        ));
-        if let Err(e) = self.save(&mut vm) {
+        )));
+        if let Err(e) = failed
+            .map_err(ServiceError::from)
+            .and_then(|()| self.save(&mut vm))
+        {
             tracing::error!(vm_id = %vm.id, error = %e, "recording a VMM exit failed");
         }
     }
@@ -1061,7 +1055,7 @@ impl VmService {
         };
         let svc = Arc::downgrade(self);
         let id = vm.id.clone();
-        let pid = vm.vmm_pid;
+        let pid = vm.life.vmm_pid();
         let console = launch.console_log();
         let timeout = self.cfg.boot_timeout;
         let started = std::time::Instant::now();
@@ -1075,15 +1069,15 @@ impl VmService {
                 let Ok(Some(mut vm)) = svc.store.get_vm_unscoped(&id) else {
                     return;
                 };
-                if vm.vmm_pid != pid || !vm.state.has_vmm() {
+                if vm.life.vmm_pid() != pid || !vm.state().has_vmm() {
                     return;
                 }
-                if !found && vm.state == VmState::Paused {
+                if !found && vm.state() == VmState::Paused {
                     // A paused guest cannot make progress: give it another period.
                     continue;
                 }
                 if found {
-                    vm.guest_ready = true;
+                    vm.life.mark_guest_ready();
                     let secs = started.elapsed().as_secs_f64();
                     svc.timings.observe(Step::GuestReady, secs);
                     tracing::info!(vm_id = %id, ready_ms = secs * 1000.0, "guest is ready");
@@ -1094,12 +1088,13 @@ impl VmService {
                         tracing::error!(vm_id = %id, error = %e, "killing a guest that never became ready failed");
                     }
                     svc.release_sandbox(&vm).await;
-                    vm.state = VmState::Failed;
-                    vm.vmm_pid = None;
-                    vm.vmm_start_ticks = None;
-                    vm.failure = Some(format!(
+                    let failed = vm.life.apply(Change::Failed(format!(
                         "guest printed no '{marker}' line within {timeout:?}; console ends: {tail}"
-                    ));
+                    )));
+                    if let Err(e) = failed {
+                        tracing::error!(vm_id = %id, error = %e, "recording a readiness timeout failed");
+                        return;
+                    }
                 }
                 if let Err(e) = svc.save(&mut vm) {
                     tracing::error!(vm_id = %id, error = %e, "recording readiness failed");
@@ -1140,6 +1135,13 @@ async fn clone_disk(src: PathBuf, dst: PathBuf) -> Result<(), ServiceError> {
             source: std::io::Error::other(join),
         }),
     }
+}
+
+/// Pause and resume: the VMM stays, its vCPUs freeze or run again.
+#[derive(Clone, Copy)]
+enum Vcpus {
+    Freeze,
+    Thaw,
 }
 
 /// The state a legal operation leads to (Delete, which leads nowhere, keeps the current one).
@@ -1378,29 +1380,35 @@ mod tests {
     async fn lifecycle_drives_the_backend_in_order() {
         let f = fixture();
         let vm = f.svc.create(&f.who, config()).await.unwrap();
-        assert_eq!(vm.state, VmState::Created);
+        assert_eq!(vm.state(), VmState::Created);
         assert_eq!(
             std::fs::read(f.vms_dir.join(vm.id.as_str()).join(ROOTFS_FILE)).unwrap(),
             b"image"
         );
         let id = vm.id;
-        assert_eq!(f.svc.boot(&f.who, &id).await.unwrap().vmm_pid, Some(1000));
         assert_eq!(
-            f.svc.pause(&f.who, &id).await.unwrap().state,
+            f.svc.boot(&f.who, &id).await.unwrap().life.vmm_pid(),
+            Some(1000)
+        );
+        assert_eq!(
+            f.svc.pause(&f.who, &id).await.unwrap().state(),
             VmState::Paused
         );
         assert_eq!(
-            f.svc.resume(&f.who, &id).await.unwrap().state,
+            f.svc.resume(&f.who, &id).await.unwrap().state(),
             VmState::Running
         );
         let rebooted = f.svc.reboot(&f.who, &id, true).await.unwrap();
-        assert_eq!(rebooted.vmm_pid, Some(1001));
+        assert_eq!(rebooted.life.vmm_pid(), Some(1001));
         let req = ShutdownRequest {
             force: false,
             timeout_seconds: 3,
         };
         let down = f.svc.shutdown(&f.who, &id, req).await.unwrap();
-        assert_eq!((down.state, down.vmm_pid), (VmState::Shutdown, None));
+        assert_eq!(
+            (down.state(), down.life.vmm_pid()),
+            (VmState::Shutdown, None)
+        );
         f.svc.delete(&f.who, &id, false).await.unwrap();
         assert_eq!(dirs(&f), 0);
         assert_eq!(
@@ -1525,11 +1533,47 @@ mod tests {
             .is_empty());
     }
 
+    /// The adopt-failure path: VMMs that did not outlive metald leave their VMs FAILED with
+    /// no process, no readiness and the reason; VMs without a VMM are left as they were.
+    #[tokio::test]
+    async fn vmms_gone_after_a_restart_fail_their_vms_with_the_vmm_fields_cleared() {
+        let f = fixture();
+        let running = f.svc.create(&f.who, config()).await.unwrap().id;
+        let paused = f.svc.create(&f.who, config()).await.unwrap().id;
+        let created = f.svc.create(&f.who, config()).await.unwrap().id;
+        f.svc.boot(&f.who, &running).await.unwrap();
+        f.svc.boot(&f.who, &paused).await.unwrap();
+        f.svc.pause(&f.who, &paused).await.unwrap();
+        f.svc.reconcile().await.unwrap();
+        for id in [&running, &paused] {
+            let vm = f.svc.get(&f.who, id).await.unwrap();
+            assert_eq!(
+                vm.life,
+                VmLife::restore(
+                    VmState::Failed,
+                    None,
+                    None,
+                    Some("VMM process was gone when metald restarted".into()),
+                    false
+                )
+            );
+        }
+        let vm = f.svc.get(&f.who, &created).await.unwrap();
+        assert_eq!(vm.life, VmLife::created());
+    }
+
     #[tokio::test]
     async fn only_an_unrequested_exit_of_the_current_vmm_fails_the_vm() {
         let f = fixture();
         let id = f.svc.create(&f.who, config()).await.unwrap().id;
-        let pid = f.svc.boot(&f.who, &id).await.unwrap().vmm_pid.unwrap();
+        let pid = f
+            .svc
+            .boot(&f.who, &id)
+            .await
+            .unwrap()
+            .life
+            .vmm_pid()
+            .unwrap();
         let send = |pid, requested| {
             f.exits
                 .send(ExitEvent {
@@ -1544,20 +1588,21 @@ mod tests {
         send(pid + 99, false);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(
-            f.svc.get(&f.who, &id).await.unwrap().state,
+            f.svc.get(&f.who, &id).await.unwrap().state(),
             VmState::Running
         );
         send(pid, false);
         tokio::time::sleep(Duration::from_millis(50)).await;
         let vm = f.svc.get(&f.who, &id).await.unwrap();
-        assert_eq!(vm.state, VmState::Failed);
+        assert_eq!(vm.state(), VmState::Failed);
         assert!(vm
-            .failure
+            .life
+            .failure()
             .unwrap()
             .starts_with("VMM exited on its own (exit status 0)"));
         // A FAILED VM boots again.
         assert_eq!(
-            f.svc.boot(&f.who, &id).await.unwrap().state,
+            f.svc.boot(&f.who, &id).await.unwrap().state(),
             VmState::Running
         );
     }
@@ -1615,18 +1660,18 @@ mod tests {
             .unwrap();
         std::io::Write::write_all(&mut out, b"kernel... REA").unwrap();
         tokio::time::sleep(Duration::from_millis(120)).await;
-        assert!(!f.svc.get(&f.who, &chatty).await.unwrap().guest_ready);
+        assert!(!f.svc.get(&f.who, &chatty).await.unwrap().life.guest_ready());
         std::io::Write::write_all(&mut out, b"DY\n").unwrap();
         tokio::time::sleep(Duration::from_millis(800)).await;
-        assert!(f.svc.get(&f.who, &chatty).await.unwrap().guest_ready);
+        assert!(f.svc.get(&f.who, &chatty).await.unwrap().life.guest_ready());
         let paused = f.svc.get(&f.who, &quiet).await.unwrap();
-        assert_eq!(paused.state, VmState::Paused, "pause time does not count");
+        assert_eq!(paused.state(), VmState::Paused, "pause time does not count");
         f.svc.resume(&f.who, &quiet).await.unwrap();
         tokio::time::sleep(Duration::from_millis(800)).await;
         let failed = f.svc.get(&f.who, &quiet).await.unwrap();
-        assert_eq!(failed.state, VmState::Failed);
+        assert_eq!(failed.state(), VmState::Failed);
         assert_eq!(
-            failed.failure.as_deref(),
+            failed.life.failure(),
             Some("guest printed no 'READY' line within 300ms; console ends: booting...")
         );
     }

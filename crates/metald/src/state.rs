@@ -136,6 +136,147 @@ fn invalid(from: VmState, op: Operation, hint: &'static str) -> InvalidTransitio
     InvalidTransition { from, op, hint }
 }
 
+/// What an operation did to a VM's VMM, applied to its record by [`VmLife::apply`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A new VMM runs the guest (boot).
+    Booted {
+        /// The VMM's pid.
+        pid: u32,
+        /// Its start time in clock ticks since host boot (tells a reused pid apart).
+        start_ticks: u64,
+    },
+    /// The guest runs again in a new VMM (reboot).
+    Rebooted {
+        /// The new VMM's pid.
+        pid: u32,
+        /// Its start time in clock ticks since host boot.
+        start_ticks: u64,
+    },
+    /// The vCPUs were frozen; the VMM stays.
+    Paused,
+    /// The vCPUs run again; the VMM stays.
+    Resumed,
+    /// The guest and its VMM were stopped on request.
+    ShutDown,
+    /// The VMM is gone without a request (exit, crash, readiness timeout, failed reboot, gone
+    /// after a metald restart), for this reason.
+    Failed(String),
+}
+
+impl Change {
+    /// The state-machine operation this change is the outcome of.
+    pub fn operation(&self) -> Operation {
+        match self {
+            Change::Booted { .. } => Operation::Boot,
+            Change::Rebooted { .. } => Operation::Reboot,
+            Change::Paused => Operation::Pause,
+            Change::Resumed => Operation::Resume,
+            Change::ShutDown => Operation::Shutdown,
+            Change::Failed(_) => Operation::Fail,
+        }
+    }
+}
+
+/// A VM's life as recorded: its state and the VMM facts that go with it. The fields are private
+/// so that they change together, only through [`VmLife::apply`] (the store restores what it
+/// saved with [`VmLife::restore`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmLife {
+    state: VmState,
+    vmm_pid: Option<u32>,
+    vmm_start_ticks: Option<u64>,
+    failure: Option<String>,
+    guest_ready: bool,
+}
+
+impl VmLife {
+    /// A VM just created: no VMM yet.
+    pub fn created() -> Self {
+        Self::restore(VmState::Created, None, None, None, false)
+    }
+
+    /// What the store saved, as it saved it.
+    pub fn restore(
+        state: VmState,
+        vmm_pid: Option<u32>,
+        vmm_start_ticks: Option<u64>,
+        failure: Option<String>,
+        guest_ready: bool,
+    ) -> Self {
+        Self {
+            state,
+            vmm_pid,
+            vmm_start_ticks,
+            failure,
+            guest_ready,
+        }
+    }
+
+    /// Applies an operation's outcome: the state through [`transition`], and with it the VMM's
+    /// process, readiness and failure. Nothing changes when the transition is not legal.
+    pub fn apply(&mut self, change: Change) -> Result<(), InvalidTransition> {
+        let op = change.operation();
+        let Some(next) = transition(self.state, op)? else {
+            // Only Delete removes a VM, and no Change is a delete.
+            return Err(invalid(self.state, op, ""));
+        };
+        self.state = next;
+        match change {
+            Change::Booted { pid, start_ticks } | Change::Rebooted { pid, start_ticks } => {
+                self.vmm_pid = Some(pid);
+                self.vmm_start_ticks = Some(start_ticks);
+                self.failure = None;
+                self.guest_ready = false;
+            }
+            Change::Paused | Change::Resumed => {}
+            Change::ShutDown => self.vmm_gone(None),
+            Change::Failed(reason) => self.vmm_gone(Some(reason)),
+        }
+        Ok(())
+    }
+
+    fn vmm_gone(&mut self, failure: Option<String>) {
+        self.vmm_pid = None;
+        self.vmm_start_ticks = None;
+        self.guest_ready = false;
+        self.failure = failure;
+    }
+
+    /// The guest printed its readiness line; false (and no change) when no VMM runs it.
+    pub fn mark_guest_ready(&mut self) -> bool {
+        if self.state.has_vmm() {
+            self.guest_ready = true;
+        }
+        self.guest_ready
+    }
+
+    /// Where the VM is in its life.
+    pub fn state(&self) -> VmState {
+        self.state
+    }
+
+    /// The VMM's pid while one runs.
+    pub fn vmm_pid(&self) -> Option<u32> {
+        self.vmm_pid
+    }
+
+    /// The VMM's start time (clock ticks since host boot) while one runs.
+    pub fn vmm_start_ticks(&self) -> Option<u64> {
+        self.vmm_start_ticks
+    }
+
+    /// Why the VM is FAILED.
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.as_deref()
+    }
+
+    /// The guest printed its readiness line since its VMM started.
+    pub fn guest_ready(&self) -> bool {
+        self.guest_ready
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,6 +334,95 @@ mod tests {
             e.to_string(),
             "cannot boot a VM in state RUNNING; it is already up"
         );
+    }
+
+    /// Every outcome sets the record's fields together: a started VMM clears an old failure and
+    /// readiness, every ending (shutdown, exit, crash, timeout, failed reboot, adopt failure:
+    /// all `Failed`) clears the process, and an illegal change leaves everything as it was.
+    #[test]
+    fn a_change_sets_state_process_readiness_and_failure_together() {
+        let mut life = VmLife::restore(VmState::Failed, None, None, Some("old".into()), false);
+        life.apply(Change::Booted {
+            pid: 7,
+            start_ticks: 70,
+        })
+        .unwrap();
+        assert_eq!(
+            life,
+            VmLife::restore(VmState::Running, Some(7), Some(70), None, false)
+        );
+        assert!(life.mark_guest_ready());
+        life.apply(Change::Paused).unwrap();
+        assert_eq!(
+            life,
+            VmLife::restore(VmState::Paused, Some(7), Some(70), None, true)
+        );
+        life.apply(Change::Resumed).unwrap();
+        life.apply(Change::Rebooted {
+            pid: 8,
+            start_ticks: 80,
+        })
+        .unwrap();
+        assert_eq!(
+            life,
+            VmLife::restore(VmState::Running, Some(8), Some(80), None, false)
+        );
+        let running = life.clone();
+
+        let mut down = running.clone();
+        down.apply(Change::ShutDown).unwrap();
+        assert_eq!(
+            down,
+            VmLife::restore(VmState::Shutdown, None, None, None, false)
+        );
+
+        let mut ready = running.clone();
+        ready.mark_guest_ready();
+        for from in [ready.clone(), {
+            let mut p = ready.clone();
+            p.apply(Change::Paused).unwrap();
+            p
+        }] {
+            let mut failed = from;
+            failed.apply(Change::Failed("VMM exited".into())).unwrap();
+            assert_eq!(
+                failed,
+                VmLife::restore(
+                    VmState::Failed,
+                    None,
+                    None,
+                    Some("VMM exited".into()),
+                    false
+                )
+            );
+        }
+
+        // Illegal: nothing changes.
+        for change in [
+            Change::Paused,
+            Change::Resumed,
+            Change::ShutDown,
+            Change::Failed("x".into()),
+            Change::Rebooted {
+                pid: 9,
+                start_ticks: 90,
+            },
+        ] {
+            let mut d = down.clone();
+            assert!(d.apply(change.clone()).is_err(), "{change:?}");
+            assert_eq!(d, down, "{change:?}");
+        }
+        let mut r = running.clone();
+        assert!(r
+            .apply(Change::Booted {
+                pid: 1,
+                start_ticks: 1
+            })
+            .is_err());
+        assert_eq!(r, running);
+        let mut d = down.clone();
+        assert!(!d.mark_guest_ready());
+        assert_eq!(d, down);
     }
 
     #[test]

@@ -160,14 +160,14 @@ pub fn config_to_proto(c: &VmConfig) -> pb::VmConfig {
 pub fn vm_to_proto(vm: &VmRecord) -> pb::VmInfo {
     pb::VmInfo {
         vm_id: vm.id.to_string(),
-        state: state_to_proto(vm.state).into(),
+        state: state_to_proto(vm.state()).into(),
         config: config_to_proto(&vm.config).into(),
         created_at: rfc3339(vm.created_at_ms),
         updated_at: rfc3339(vm.updated_at_ms),
         backend: vm.backend.clone(),
-        vmm_pid: vm.vmm_pid.unwrap_or(0),
-        failure: vm.failure.clone().unwrap_or_default(),
-        guest_ready: vm.guest_ready,
+        vmm_pid: vm.life.vmm_pid().unwrap_or(0),
+        failure: vm.life.failure().unwrap_or_default().to_string(),
+        guest_ready: vm.life.guest_ready(),
         ..Default::default()
     }
 }

@@ -11,7 +11,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use crate::domain::{CustomerId, VmConfig, VmId, VmNet, VmRecord};
 use crate::metering::Counters;
 use crate::network::ipam::{lowest_free, mac_for, AllocationPlan, FIRST_VM_INDEX};
-use crate::state::VmState;
+use crate::state::{VmLife, VmState};
 
 /// Migrations in order; index + 1 is the schema version each one produces.
 const MIGRATIONS: &[&str] = &[
@@ -172,15 +172,15 @@ impl Store {
             params![
                 vm.id.as_str(),
                 vm.customer.as_str(),
-                vm.state.as_str(),
+                vm.life.state().as_str(),
                 config_json(vm)?,
                 vm.backend,
                 vm.created_at_ms,
                 vm.updated_at_ms,
-                vm.vmm_pid,
-                vm.vmm_start_ticks.map(|t| t as i64),
-                vm.failure,
-                vm.guest_ready,
+                vm.life.vmm_pid(),
+                vm.life.vmm_start_ticks().map(|t| t as i64),
+                vm.life.failure(),
+                vm.life.guest_ready(),
             ],
         )
         .map_err(sql("insert vm"))?;
@@ -202,12 +202,12 @@ impl Store {
                  WHERE id = ?1",
                 params![
                     vm.id.as_str(),
-                    vm.state.as_str(),
+                    vm.life.state().as_str(),
                     vm.updated_at_ms,
-                    vm.vmm_pid,
-                    vm.vmm_start_ticks.map(|t| t as i64),
-                    vm.failure,
-                    vm.guest_ready,
+                    vm.life.vmm_pid(),
+                    vm.life.vmm_start_ticks().map(|t| t as i64),
+                    vm.life.failure(),
+                    vm.life.guest_ready(),
                 ],
             )
             .map_err(sql("update vm"))?;
@@ -611,19 +611,20 @@ fn read_vm_row(row: &Row<'_>) -> rusqlite::Result<Result<VmRecord, StoreError>> 
             seq: row.get(0).map_err(sql("read vm"))?,
             id: id.parse().map_err(|e| corrupt(format!("{e}")))?,
             customer: customer.parse().map_err(|e| corrupt(format!("{e}")))?,
-            state: VmState::parse(&state).ok_or_else(|| corrupt(format!("state {state}")))?,
             config: serde_json::from_str::<VmConfig>(&config)
                 .map_err(|e| corrupt(format!("config: {e}")))?,
             backend: row.get(5).map_err(sql("read vm"))?,
             created_at_ms: row.get(6).map_err(sql("read vm"))?,
             updated_at_ms: row.get(7).map_err(sql("read vm"))?,
-            vmm_pid: row.get(8).map_err(sql("read vm"))?,
-            vmm_start_ticks: row
-                .get::<_, Option<i64>>(9)
-                .map_err(sql("read vm"))?
-                .map(|t| t as u64),
-            failure: row.get(10).map_err(sql("read vm"))?,
-            guest_ready: row.get(11).map_err(sql("read vm"))?,
+            life: VmLife::restore(
+                VmState::parse(&state).ok_or_else(|| corrupt(format!("state {state}")))?,
+                row.get(8).map_err(sql("read vm"))?,
+                row.get::<_, Option<i64>>(9)
+                    .map_err(sql("read vm"))?
+                    .map(|t| t as u64),
+                row.get(10).map_err(sql("read vm"))?,
+                row.get(11).map_err(sql("read vm"))?,
+            ),
             net: read_net(row).map_err(|e| corrupt(format!("network: {e}")))?,
         })
     })();
@@ -706,7 +707,7 @@ pub(crate) mod testing {
         VmRecord {
             id: VmId::generate(),
             customer: customer.parse().unwrap(),
-            state,
+            life: VmLife::restore(state, None, None, None, false),
             config: VmConfig {
                 vcpu_count: 1,
                 memory_bytes: 128 << 20,
@@ -720,10 +721,6 @@ pub(crate) mod testing {
             backend: "qemu".into(),
             created_at_ms: 1,
             updated_at_ms: 1,
-            vmm_pid: None,
-            vmm_start_ticks: None,
-            failure: None,
-            guest_ready: false,
             seq: 0,
             net: None,
         }
@@ -812,8 +809,7 @@ mod tests {
                 .insert_vm(&record("b", VmState::Running), None)
                 .unwrap();
             let mut running = saved[1].clone();
-            running.state = VmState::Running;
-            running.vmm_pid = Some(42);
+            running.life = VmLife::restore(VmState::Running, Some(42), None, None, false);
             store.update_vm(&running).unwrap();
             saved[1] = running;
             saved
