@@ -16,6 +16,7 @@ use crate::jailer::{Jailer, JailerConfig};
 use crate::metering::{Meter, MeterConfig};
 use crate::network::ipam::AllocationPlan;
 use crate::network::{Network, NetworkConfig};
+use crate::report::Chain;
 use crate::sandbox::Sandboxes;
 use crate::service::{ServiceConfig, VmService};
 use crate::store::Store;
@@ -252,7 +253,7 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         // Ends with the runtime when the API server has shut down.
         tokio::spawn(async move {
             if let Err(e) = axum::serve(mlistener, app).await {
-                tracing::error!(error = %e, "the metrics port stopped serving");
+                tracing::error!(error = %Chain(&e), "the metrics port stopped serving");
             }
         });
     }

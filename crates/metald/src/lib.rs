@@ -19,6 +19,7 @@ pub mod domain;
 pub mod jailer;
 pub mod metering;
 pub mod network;
+pub mod report;
 pub mod sandbox;
 pub mod service;
 pub mod state;

@@ -80,7 +80,7 @@ fn jail(spec: &str) -> ExitCode {
     match metald::jailer::child::run(&spec) {
         Ok(never) => match never {},
         Err(e) => {
-            eprintln!("{e} (VM {})", spec.vm_id);
+            eprintln!("{} (VM {})", metald::report::chain(&e), spec.vm_id);
             ExitCode::from(1)
         }
     }
@@ -163,7 +163,7 @@ fn init_logging(
         .with(fmt.with_filter(filter))
         .init();
     if let Some(e) = otel_error {
-        tracing::error!(error = %e, "trace export is off");
+        tracing::error!(error = %metald::report::Chain(&e), "trace export is off");
     }
     provider
 }

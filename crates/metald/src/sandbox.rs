@@ -10,15 +10,16 @@ use crate::domain::{VmId, VmRecord};
 use crate::jailer::{JailError, JailRequest, Jailer};
 use crate::network::ipam::AllocationPlan;
 use crate::network::{Network, NetworkError};
+use crate::report::Chain;
 
 /// Errors setting up a sandbox.
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
     /// Networking failed.
-    #[error("network: {0}")]
+    #[error("network")]
     Network(#[from] NetworkError),
     /// The jail failed.
-    #[error("jail: {0}")]
+    #[error("jail")]
     Jail(#[from] JailError),
     /// The VM has no jail slot (made before isolation was on).
     #[error("VM {0} has no jail slot; delete and re-create it")]
@@ -126,10 +127,10 @@ impl Sandboxes {
     /// still removed.
     pub async fn release(&self, vm: &VmRecord) {
         if let Err(e) = self.network.teardown(vm).await {
-            tracing::error!(vm_id = %vm.id, error = %e, "removing the VM's network failed");
+            tracing::error!(vm_id = %vm.id, error = %Chain(&e), "removing the VM's network failed");
         }
         if let Err(e) = self.jailer.release(&vm.id) {
-            tracing::error!(vm_id = %vm.id, error = %e, "removing the VM's jail failed");
+            tracing::error!(vm_id = %vm.id, error = %Chain(&e), "removing the VM's jail failed");
         }
     }
 

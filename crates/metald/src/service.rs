@@ -16,6 +16,7 @@ use crate::billing::Billing;
 use crate::domain::{is_token, now_ms, CustomerId, DriveConfig, VmConfig, VmId, VmRecord, MIB};
 use crate::metering::sources::Sources;
 use crate::metering::{Counters, Meter, RunStart, VmUsage};
+use crate::report::Chain;
 use crate::sandbox::{SandboxError, Sandboxes};
 use crate::state::{transition, Change, InvalidTransition, Operation, VmLife, VmState};
 use crate::store::{AssetKind, Store, StoreError};
@@ -227,7 +228,7 @@ impl VmService {
     fn track(&self, vm: &VmRecord, pid: u32, adopted: bool) {
         let Some(meter) = &self.meter else { return };
         let saved = self.store.load_usage(&vm.id).unwrap_or_else(|e| {
-            tracing::error!(vm_id = %vm.id, error = %e, "reading saved usage failed");
+            tracing::error!(vm_id = %vm.id, error = %Chain(&e), "reading saved usage failed");
             None
         });
         let (carried, base) = saved.unwrap_or_default();
@@ -251,7 +252,7 @@ impl VmService {
             },
         );
         if let Err(e) = self.store.save_usage(&vm.id, &carried, Some(&base)) {
-            tracing::error!(vm_id = %vm.id, error = %e, "saving usage failed");
+            tracing::error!(vm_id = %vm.id, error = %Chain(&e), "saving usage failed");
         }
         self.poll_vmm_metrics(&vm.id);
         if let Some(b) = self.billing.get() {
@@ -286,7 +287,9 @@ impl VmService {
                     // This VMM has no metrics channel.
                     Ok(None) => return,
                     Err(BackendError::NotRunning(_)) => return,
-                    Err(e) => tracing::debug!(vm_id = %vm, error = %e, "VMM metrics flush failed"),
+                    Err(e) => {
+                        tracing::debug!(vm_id = %vm, error = %Chain(&e), "VMM metrics flush failed")
+                    }
                 }
             }
         });
@@ -298,7 +301,7 @@ impl VmService {
             return;
         };
         if let Err(e) = self.store.save_usage(&vm.id, &total, None) {
-            tracing::error!(vm_id = %vm.id, error = %e, "saving usage failed");
+            tracing::error!(vm_id = %vm.id, error = %Chain(&e), "saving usage failed");
         }
         if let Some(b) = self.billing.get() {
             b.vm_stopped(&vm.id, &vm.customer);
@@ -308,7 +311,7 @@ impl VmService {
     /// Number of VMs in each state.
     pub fn vm_counts(&self) -> Vec<(VmState, u64)> {
         self.store.count_by_state().unwrap_or_else(|e| {
-            tracing::error!(error = %e, "counting VMs failed");
+            tracing::error!(error = %Chain(&e), "counting VMs failed");
             Vec::new()
         })
     }
@@ -332,11 +335,9 @@ impl VmService {
     }
 
     /// Whether metald can serve: the database answers and the VMM binary can be run.
-    pub fn ready(&self) -> Result<(), String> {
-        self.store
-            .count_by_state()
-            .map_err(|e| format!("database: {e}"))?;
-        self.backend.ready().map_err(|e| format!("backend: {e}"))
+    pub fn ready(&self) -> Result<(), Unready> {
+        self.store.count_by_state().map_err(Unready::Database)?;
+        self.backend.ready().map_err(Unready::Backend)
     }
 
     /// The metering interval (zero when metering is off).
@@ -453,7 +454,7 @@ impl VmService {
         let result = self.prepare(customer, &id, &dir, config).await;
         if result.is_err() {
             if let Err(e) = std::fs::remove_dir_all(&dir) {
-                tracing::error!(vm_id = %id, error = %e, "rolling back a failed create left its directory");
+                tracing::error!(vm_id = %id, error = %Chain(&e), "rolling back a failed create left its directory");
             }
         }
         result
@@ -982,7 +983,7 @@ impl VmService {
                 tracing::info!(vm_id = %vm.id, pid = ?vm.life.vmm_pid(), "re-attached to running VMM");
                 if let Some(sb) = &self.sandboxes {
                     if let Err(e) = sb.adopt(&vm).await {
-                        tracing::error!(vm_id = %vm.id, error = %e, "re-attaching the VM's network failed");
+                        tracing::error!(vm_id = %vm.id, error = %Chain(&e), "re-attaching the VM's network failed");
                     }
                 }
                 keep.insert(vm.id.clone());
@@ -1040,7 +1041,7 @@ impl VmService {
             .map_err(ServiceError::from)
             .and_then(|()| self.save(&mut vm))
         {
-            tracing::error!(vm_id = %vm.id, error = %e, "recording a VMM exit failed");
+            tracing::error!(vm_id = %vm.id, error = %Chain(&e), "recording a VMM exit failed");
         }
     }
 
@@ -1085,19 +1086,19 @@ impl VmService {
                     let tail = file_tail(&console, 1024);
                     tracing::warn!(vm_id = %id, "guest printed no readiness line in time");
                     if let Err(e) = svc.backend.shutdown(&id, StopMode::Force).await {
-                        tracing::error!(vm_id = %id, error = %e, "killing a guest that never became ready failed");
+                        tracing::error!(vm_id = %id, error = %Chain(&e), "killing a guest that never became ready failed");
                     }
                     svc.release_sandbox(&vm).await;
                     let failed = vm.life.apply(Change::Failed(format!(
                         "guest printed no '{marker}' line within {timeout:?}; console ends: {tail}"
                     )));
                     if let Err(e) = failed {
-                        tracing::error!(vm_id = %id, error = %e, "recording a readiness timeout failed");
+                        tracing::error!(vm_id = %id, error = %Chain(&e), "recording a readiness timeout failed");
                         return;
                     }
                 }
                 if let Err(e) = svc.save(&mut vm) {
-                    tracing::error!(vm_id = %id, error = %e, "recording readiness failed");
+                    tracing::error!(vm_id = %id, error = %Chain(&e), "recording readiness failed");
                 }
                 return;
             }
@@ -1142,6 +1143,17 @@ async fn clone_disk(src: PathBuf, dst: PathBuf) -> Result<(), ServiceError> {
 enum Vcpus {
     Freeze,
     Thaw,
+}
+
+/// Why metald cannot serve now (the readiness check's answer).
+#[derive(Debug, thiserror::Error)]
+pub enum Unready {
+    /// The database does not answer.
+    #[error("database")]
+    Database(#[source] StoreError),
+    /// The backend cannot start VMMs.
+    #[error("backend")]
+    Backend(#[source] crate::backend::NotReady),
 }
 
 /// The state a legal operation leads to (Delete, which leads nowhere, keeps the current one).

@@ -45,6 +45,23 @@ pub fn tracer_provider(endpoint: Option<&str>) -> Result<SdkTracerProvider, Tele
     Ok(builder.with_batch_exporter(exporter).build())
 }
 
+/// An id that ties an answer to metald's log lines: the current trace id (which every JSON log
+/// line inside the API call carries), or a fresh random id outside a trace.
+pub fn request_id() -> String {
+    use opentelemetry::trace::{TraceContextExt, TraceId};
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let trace = tracing::Span::current()
+        .context()
+        .span()
+        .span_context()
+        .trace_id();
+    if trace == TraceId::INVALID {
+        uuid::Uuid::new_v4().simple().to_string()
+    } else {
+        trace.to_string()
+    }
+}
+
 /// The caller's trace context from a W3C `traceparent` header, if it sent one.
 pub fn remote_parent(headers: &http::HeaderMap) -> Option<opentelemetry::Context> {
     use opentelemetry::propagation::TextMapPropagator;

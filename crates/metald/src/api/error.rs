@@ -5,13 +5,15 @@ use connectrpc::{ConnectError, ErrorCode};
 use crate::backend::BackendError;
 use crate::service::ServiceError;
 
-/// Maps a service error to what the caller sees. Internal details are logged, not returned.
+/// Maps a service error to what the caller sees. An internal error's details (host paths, OS
+/// errors) are logged with a request id, and the caller gets only that id.
 pub fn to_connect(err: &ServiceError) -> ConnectError {
     let code = code_for(err);
     let message = match code {
         ErrorCode::Internal => {
-            tracing::error!(error = %error_chain(err), "internal error");
-            format!("internal error: {err}")
+            let id = crate::telemetry::request_id();
+            tracing::error!(request_id = %id, error = %error_chain(err), "internal error");
+            format!("internal error (request id {id}); the details are in metald's log")
         }
         _ => error_chain(err),
     };
@@ -40,17 +42,7 @@ pub fn code_for(err: &ServiceError) -> ErrorCode {
     }
 }
 
-/// The error and its causes in one line ("a: b: c").
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
+pub use crate::report::chain as error_chain;
 
 #[cfg(test)]
 mod tests {
@@ -104,6 +96,21 @@ mod tests {
             let c = to_connect(&err);
             assert_eq!(c.code, code, "{err}");
             assert_eq!(c.http_status().as_u16(), status, "{err}");
+        }
+    }
+
+    #[test]
+    fn internal_errors_reach_the_caller_as_a_request_id_without_details() {
+        let e = to_connect(&ServiceError::Io {
+            op: "open",
+            path: "/var/lib/metald/vms/vm-1/console.log".into(),
+            source: std::io::Error::other("permission denied"),
+        });
+        assert_eq!(e.code, ErrorCode::Internal);
+        let message = e.message.unwrap();
+        assert!(message.starts_with("internal error (request id "), "{message}");
+        for detail in ["/var/lib", "console.log", "permission denied", "open"] {
+            assert!(!message.contains(detail), "{message} shows {detail}");
         }
     }
 

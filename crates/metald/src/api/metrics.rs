@@ -22,6 +22,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
+use crate::report::Chain;
 use crate::service::VmService;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -199,7 +200,7 @@ impl ApiMetrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
-            tracing::error!(error = %e, "encoding metrics failed");
+            tracing::error!(error = %Chain(&e), "encoding metrics failed");
         }
         out
     }
@@ -246,7 +247,7 @@ pub async fn track(State(m): State<Arc<ApiMetrics>>, req: Request, next: Next) -
     if let Some(parent) = crate::telemetry::remote_parent(req.headers()) {
         use tracing_opentelemetry::OpenTelemetrySpanExt;
         if let Err(e) = span.set_parent(parent) {
-            tracing::debug!(error = %e, "ignoring the caller's trace context");
+            tracing::debug!(error = %Chain(&e), "ignoring the caller's trace context");
         }
     }
     let t0 = Instant::now();

@@ -81,7 +81,11 @@ fn router(svc: Arc<VmService>, metrics: Arc<metrics::ApiMetrics>) -> axum::Route
 async fn readyz(svc: Arc<VmService>) -> Response {
     match svc.ready() {
         Ok(()) => "ready".into_response(),
-        Err(why) => (http::StatusCode::SERVICE_UNAVAILABLE, why).into_response(),
+        Err(why) => (
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            crate::report::chain(&why),
+        )
+            .into_response(),
     }
 }
 

@@ -229,7 +229,7 @@ pub trait Backend: Send + Sync {
     fn max_vcpus(&self) -> u32;
 
     /// Whether VMMs can be started now (the binary is still there and executable).
-    fn ready(&self) -> Result<(), String> {
+    fn ready(&self) -> Result<(), NotReady> {
         Ok(())
     }
 
@@ -271,15 +271,28 @@ pub trait Backend: Send + Sync {
     async fn adopt(&self, launch: &VmLaunch, process: VmmProcess) -> Result<bool, BackendError>;
 }
 
+/// Why a backend cannot start VMMs now.
+#[derive(Debug, thiserror::Error)]
+pub enum NotReady {
+    /// The VMM binary is missing or not executable.
+    #[error("{name} binary {} is not executable", path.display())]
+    NotExecutable {
+        /// The VMM ("QEMU", "Firecracker").
+        name: &'static str,
+        /// Where its binary should be.
+        path: PathBuf,
+    },
+}
+
 /// Readiness of a backend whose VMM is the executable at `binary` (`name` for the message).
-pub fn binary_ready(name: &str, binary: &Path) -> Result<(), String> {
+pub fn binary_ready(name: &'static str, binary: &Path) -> Result<(), NotReady> {
     if crate::config::is_executable(binary) {
         Ok(())
     } else {
-        Err(format!(
-            "{name} binary {} is not executable",
-            binary.display()
-        ))
+        Err(NotReady::NotExecutable {
+            name,
+            path: binary.to_path_buf(),
+        })
     }
 }
 

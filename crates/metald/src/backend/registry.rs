@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use super::process::{ExitEvent, Supervised, VmmProcess};
 use super::{file_tail, BackendError, StopMode, StopOutcome, VmLaunch, VmmInfo};
 use crate::domain::VmId;
+use crate::report::Chain;
 
 /// A VMM process and the socket it is controlled through.
 #[derive(Clone)]
@@ -140,7 +141,7 @@ impl Registry {
             StopMode::Graceful(timeout) => match ask_guest.await {
                 Ok(()) => process.wait(timeout).await,
                 Err(e) => {
-                    tracing::warn!(vm_id = %vm, error = %e, "asking the guest to stop failed; killing its VMM");
+                    tracing::warn!(vm_id = %vm, error = %Chain(&e), "asking the guest to stop failed; killing its VMM");
                     None
                 }
             },

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::{now_ms, CustomerId, VmId};
 use crate::metering::{Counters, Meter};
+use crate::report::Chain;
 use crate::store::{OutboxRow, Store, StoreError};
 
 /// Billing settings.
@@ -105,7 +106,7 @@ impl Billing {
                 let Some(b) = batcher.upgrade() else { return };
                 let every = b.cfg.batch_interval;
                 if let Err(e) = b.batch_all() {
-                    tracing::error!(error = %e, "batching usage failed");
+                    tracing::error!(error = %Chain(&e), "batching usage failed");
                 }
                 b.wake.notify_one();
                 drop(b);
@@ -143,7 +144,7 @@ impl Billing {
     /// A VMM run ended; its last samples are queued first.
     pub fn vm_stopped(&self, vm: &VmId, customer: &CustomerId) {
         if let Err(e) = self.batch_vm(vm, customer) {
-            tracing::error!(vm_id = %vm, error = %e, "batching a stopped VM's usage failed");
+            tracing::error!(vm_id = %vm, error = %Chain(&e), "batching a stopped VM's usage failed");
         }
         self.enqueue(vm, customer, Payload::Stopped { at: now_ms() });
     }
@@ -170,12 +171,12 @@ impl Billing {
         ) {
             Ok(r) => r,
             Err(e) => {
-                tracing::error!(vm_id = %vm, error = %e, "queueing a billing event failed");
+                tracing::error!(vm_id = %vm, error = %Chain(&e), "queueing a billing event failed");
                 return;
             }
         };
         if let Err(e) = self.store.enqueue_billing(&[row], None) {
-            tracing::error!(vm_id = %vm, error = %e, "queueing a billing event failed");
+            tracing::error!(vm_id = %vm, error = %Chain(&e), "queueing a billing event failed");
         }
         self.wake.notify_one();
     }
@@ -254,13 +255,14 @@ impl Billing {
             ..Default::default()
         };
         if let Err(e) = self.client().send_heartbeat(req).await {
-            tracing::debug!(error = %e, "heartbeat to the billing service failed");
+            tracing::debug!(error = %Chain(&e), "heartbeat to the billing service failed");
         }
     }
 
     /// Delivers one outbox row.
-    async fn deliver(&self, r: &OutboxRow) -> Result<(), String> {
-        let payload: Payload = serde_json::from_str(&r.payload_json).map_err(|e| e.to_string())?;
+    async fn deliver(&self, r: &OutboxRow) -> Result<(), DeliveryError> {
+        let payload: Payload =
+            serde_json::from_str(&r.payload_json).map_err(DeliveryError::Payload)?;
         let client = self.client();
         let key = r.key.clone();
         let res = match payload {
@@ -319,8 +321,19 @@ impl Billing {
                 .await
                 .map(drop),
         };
-        res.map_err(|e| e.to_string())
+        res.map_err(DeliveryError::Refused)
     }
+}
+
+/// Why an outbox row was not delivered (it stays, and is tried again).
+#[derive(Debug, thiserror::Error)]
+enum DeliveryError {
+    /// The row's payload does not parse (written by another metald version).
+    #[error("outbox payload")]
+    Payload(#[source] serde_json::Error),
+    /// The billing service did not take it.
+    #[error("billing service")]
+    Refused(#[source] connectrpc::ConnectError),
 }
 
 fn row(vm: &VmId, customer: &CustomerId, key: &str, p: &Payload) -> Result<OutboxRow, StoreError> {
@@ -345,7 +358,7 @@ async fn send_loop(billing: std::sync::Weak<Billing>) {
         let rows = match b.store.outbox_peek(100) {
             Ok(r) => r,
             Err(e) => {
-                tracing::error!(error = %e, "reading the billing outbox failed");
+                tracing::error!(error = %Chain(&e), "reading the billing outbox failed");
                 Vec::new()
             }
         };
@@ -360,11 +373,11 @@ async fn send_loop(billing: std::sync::Weak<Billing>) {
                 Ok(()) => {
                     backoff = Duration::from_millis(100);
                     if let Err(e) = b.store.outbox_delete(*id) {
-                        tracing::error!(error = %e, "removing a delivered outbox row failed");
+                        tracing::error!(error = %Chain(&e), "removing a delivered outbox row failed");
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(key = %r.key, error = %e, retry_in_ms = backoff.as_millis() as u64, "billing service unreachable; keeping the batch");
+                    tracing::warn!(key = %r.key, error = %Chain(&e), retry_in_ms = backoff.as_millis() as u64, "billing service unreachable; keeping the batch");
                     failed = true;
                     break;
                 }

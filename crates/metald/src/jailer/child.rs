@@ -21,7 +21,7 @@ use super::{tap, JailSpec};
 
 /// A step of the jail set-up failed.
 #[derive(Debug, thiserror::Error)]
-#[error("metald jail: {step}: {source}")]
+#[error("metald jail: {step}")]
 pub struct StepError {
     /// The step.
     pub step: String,

@@ -25,6 +25,7 @@ use self::cgroup::{CgroupError, Cgroups, Limits};
 use crate::backend::BackendKind;
 use crate::domain::{RateLimit, VmId};
 use crate::network::VmNetworkPlan;
+use crate::report::Chain;
 
 /// A file or directory bind-mounted into the jail at its host path.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -375,7 +376,7 @@ impl Jailer {
             if !known(&name) {
                 tracing::warn!(cgroup = %name, "removing leftover VM cgroup");
                 if let Err(e) = self.cgroups.remove(&name) {
-                    tracing::warn!(cgroup = %name, error = %e, "removing leftover VM cgroup failed");
+                    tracing::warn!(cgroup = %name, error = %Chain(&e), "removing leftover VM cgroup failed");
                 }
             }
         }
@@ -385,7 +386,7 @@ impl Jailer {
             if !known(&name) {
                 tracing::warn!(path = %entry.path().display(), "removing leftover jail directory");
                 if let Err(e) = std::fs::remove_dir_all(entry.path()) {
-                    tracing::warn!(path = %entry.path().display(), error = %e, "removing leftover jail directory failed");
+                    tracing::warn!(path = %entry.path().display(), error = %Chain(&e), "removing leftover jail directory failed");
                 }
             }
         }

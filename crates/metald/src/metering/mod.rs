@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use crate::backend::VmmMetrics;
 use crate::domain::{now_ms, CustomerId, VmId};
+use crate::report::Chain;
 use sources::{Depth, NetStats, NetTable, Sources};
 
 /// Cumulative usage counters (and the latest memory reading).
@@ -241,7 +242,7 @@ impl Meter {
             net: Mutex::new(match NetStats::open() {
                 Ok(n) => Some(n),
                 Err(e) => {
-                    tracing::error!(error = %e, "opening the netlink socket for interface counters failed; network usage is not counted");
+                    tracing::error!(error = %Chain(&e), "opening the netlink socket for interface counters failed; network usage is not counted");
                     None
                 }
             }),
@@ -270,7 +271,7 @@ impl Meter {
                 }
             });
         if let Err(e) = spawned {
-            tracing::error!(error = %e, "starting the metering thread failed; no usage is sampled");
+            tracing::error!(error = %Chain(&e), "starting the metering thread failed; no usage is sampled");
         }
         meter
     }
@@ -517,7 +518,7 @@ fn refresh(net: &mut Option<NetStats>, only: Option<u32>) {
     let was_failing = n.failing();
     match n.refresh(only).err() {
         Some(e) if !was_failing => {
-            tracing::warn!(error = %e, "reading interface counters failed; network usage stands still until it works again");
+            tracing::warn!(error = %Chain(&e), "reading interface counters failed; network usage stands still until it works again");
         }
         None if was_failing => tracing::info!("reading interface counters works again"),
         _ => {}

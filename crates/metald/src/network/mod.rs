@@ -31,6 +31,7 @@ use tokio::sync::Mutex;
 use self::ipam::{Ipv4Subnet, Ipv6Prefix};
 use self::nft::{Firewall, FirewallVm, HOST_IF_PREFIX};
 use crate::domain::{RateLimit, VmId, VmRecord};
+use crate::report::Chain;
 
 /// Name of the VM's TAP inside its namespace.
 pub const TAP_NAME: &str = "tap0";
@@ -365,16 +366,18 @@ impl Network {
             match self.find(name).await {
                 Ok(Some(index)) => {
                     if let Err(e) = self.handle.link().del(index).execute().await {
-                        tracing::warn!(interface = %name, error = %e, "removing veth failed");
+                        tracing::warn!(interface = %name, error = %Chain(&e), "removing veth failed");
                     }
                 }
                 Ok(None) => {}
-                Err(e) => tracing::warn!(interface = %name, error = %e, "looking up veth failed"),
+                Err(e) => {
+                    tracing::warn!(interface = %name, error = %Chain(&e), "looking up veth failed")
+                }
             }
         }
         let ns = self.netns_path(vm);
         if let Err(e) = netns::remove(&ns) {
-            tracing::warn!(path = %ns.display(), error = %e, "removing network namespace failed");
+            tracing::warn!(path = %ns.display(), error = %Chain(&e), "removing network namespace failed");
         }
     }
 
@@ -437,7 +440,7 @@ impl Network {
             if !known {
                 tracing::warn!(path = %path.display(), "removing leftover network namespace");
                 if let Err(e) = netns::remove(&path) {
-                    tracing::warn!(path = %path.display(), error = %e, "removing leftover network namespace failed");
+                    tracing::warn!(path = %path.display(), error = %Chain(&e), "removing leftover network namespace failed");
                 }
             }
         }
@@ -464,7 +467,7 @@ impl Network {
         for (index, name) in stale {
             tracing::warn!(interface = %name, "removing leftover VM interface");
             if let Err(e) = self.handle.link().del(index).execute().await {
-                tracing::warn!(interface = %name, error = %e, "removing leftover VM interface failed");
+                tracing::warn!(interface = %name, error = %Chain(&e), "removing leftover VM interface failed");
             }
         }
         let fw = self.firewall.lock().await;

@@ -909,6 +909,21 @@ fn a_create_that_fails_half_way_rolls_back() {
     body["config"]["rootfs"]["image_id"] = json!("doomed");
     let r = api.call("POST", "/v1/vms", Some(body));
     assert_eq!((r.status, r.code()), (500, "internal"), "{}", r.body);
+    // The caller gets a request id; the host path is only in metald's log, under that id.
+    let id = r
+        .message()
+        .strip_prefix("internal error (request id ")
+        .and_then(|rest| rest.split(')').next())
+        .unwrap_or_else(|| panic!("no request id: {}", r.body))
+        .to_string();
+    assert!(!r.message().contains("/"), "{}", r.body);
+    let logged = m.log_text();
+    assert!(
+        logged
+            .lines()
+            .any(|l| l.contains(&id) && l.contains("doomed")),
+        "request id {id} not in the log with its details: {logged}"
+    );
     assert_eq!(api.call("GET", "/v1/vms", None).ok()["vms"], Value::Null);
     let left: Vec<_> = std::fs::read_dir(m.data_dir.join("vms")).unwrap().collect();
     assert!(left.is_empty(), "nothing left in vms/: {left:?}");

@@ -126,7 +126,7 @@ impl Backend for FirecrackerBackend {
         MAX_VCPUS
     }
 
-    fn ready(&self) -> Result<(), String> {
+    fn ready(&self) -> Result<(), super::NotReady> {
         super::binary_ready("Firecracker", &self.binary)
     }
 

@@ -191,7 +191,7 @@ impl Backend for QemuBackend {
         MAX_VCPUS
     }
 
-    fn ready(&self) -> Result<(), String> {
+    fn ready(&self) -> Result<(), super::NotReady> {
         super::binary_ready("QEMU", &self.binary)
     }
 
