@@ -108,7 +108,10 @@ mod tests {
         });
         assert_eq!(e.code, ErrorCode::Internal);
         let message = e.message.unwrap();
-        assert!(message.starts_with("internal error (request id "), "{message}");
+        assert!(
+            message.starts_with("internal error (request id "),
+            "{message}"
+        );
         for detail in ["/var/lib", "console.log", "permission denied", "open"] {
             assert!(!message.contains(detail), "{message} shows {detail}");
         }

@@ -4,6 +4,8 @@
 //! VM's directory (sockets, logs). The service owns the directory itself, the disks in it, and
 //! every state decision. A VMM that exits without being asked is reported on the exit channel.
 
+pub mod console;
+pub use console::file_tail;
 pub mod firecracker;
 pub mod process;
 pub mod qemu;
@@ -329,17 +331,4 @@ pub fn touch_logs(launch: &VmLaunch) -> Result<(), BackendError> {
             })?;
     }
     Ok(())
-}
-
-/// The last `max` bytes of a file, lossily as text (for error messages).
-pub fn file_tail(path: &Path, max: u64) -> String {
-    use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut f) = std::fs::File::open(path) else {
-        return String::new();
-    };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let _ignored = f.seek(SeekFrom::Start(len.saturating_sub(max)));
-    let mut buf = Vec::new();
-    let _ignored = f.take(max).read_to_end(&mut buf);
-    String::from_utf8_lossy(&buf).trim().to_string()
 }

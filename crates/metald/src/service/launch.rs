@@ -1,0 +1,122 @@
+//! What a VM is made of on the host: its private disk copies (made at create) and the launch
+//! description its VMM is started with.
+
+use super::validate::asset_field_error;
+use super::*;
+
+impl VmService {
+    pub(super) async fn prepare(
+        &self,
+        customer: &CustomerId,
+        id: &VmId,
+        dir: &Path,
+        config: VmConfig,
+    ) -> Result<VmRecord, ServiceError> {
+        let rootfs = self
+            .assets
+            .get_kind(&config.rootfs_image_id, AssetKind::Rootfs)
+            .map_err(|e| asset_field_error("config.rootfs.image_id", e))?;
+        clone_disk(self.assets.path_of(&rootfs), dir.join(ROOTFS_FILE))
+            .instrument(tracing::info_span!("disk.clone", vm_id = %id))
+            .await?;
+        for d in config.drives.iter().filter(|d| !d.read_only) {
+            let asset = self
+                .assets
+                .get_kind(&d.image_id, AssetKind::Rootfs)
+                .map_err(ServiceError::Asset)?;
+            clone_disk(self.assets.path_of(&asset), dir.join(drive_file(d))).await?;
+        }
+        let now = now_ms();
+        let record = VmRecord {
+            id: id.clone(),
+            customer: customer.clone(),
+            life: VmLife::created(),
+            config,
+            backend: self.backend_name().to_string(),
+            created_at_ms: now,
+            updated_at_ms: now,
+            seq: 0,
+            net: None,
+        };
+        let launch = self.launch(&record)?;
+        self.backend
+            .create(&launch)
+            .await
+            .map_err(|source| ServiceError::Backend {
+                op: "prepare",
+                vm: id.clone(),
+                source,
+            })?;
+        let plan = self.sandboxes.as_ref().map(|s| *s.allocation());
+        let saved = self.store.insert_vm(&record, plan.as_ref())?;
+        tracing::info!(vm_id = %id, customer = %customer, "vm created");
+        Ok(saved)
+    }
+
+    /// What the backend needs to start this VM.
+    pub(super) fn launch(&self, vm: &VmRecord) -> Result<VmLaunch, ServiceError> {
+        let files = self.boot_files(vm)?;
+        let dir = self.vm_dir(&vm.id);
+        let mut disks = vec![Disk {
+            id: "rootfs".into(),
+            path: dir.join(ROOTFS_FILE),
+            read_only: false,
+        }];
+        for d in &vm.config.drives {
+            let path = if d.read_only {
+                let asset = self
+                    .assets
+                    .get_kind(&d.image_id, AssetKind::Rootfs)
+                    .map_err(ServiceError::Asset)?;
+                self.assets.path_of(&asset)
+            } else {
+                dir.join(drive_file(d))
+            };
+            disks.push(Disk {
+                id: d.drive_id.clone(),
+                path,
+                read_only: d.read_only,
+            });
+        }
+        Ok(VmLaunch {
+            vm_id: vm.id.clone(),
+            dir,
+            vcpu_count: vm.config.vcpu_count,
+            memory_mib: vm.config.memory_mib(),
+            kernel: files.kernel,
+            initrd: files.initrd,
+            extra_kernel_args: vm.config.kernel_args.clone(),
+            disks,
+            net: None,
+            jail: None,
+        })
+    }
+
+    pub(super) fn boot_files(&self, vm: &VmRecord) -> Result<BootFiles, ServiceError> {
+        self.assets
+            .boot_files(&vm.config.kernel_image_id, &vm.config.rootfs_image_id)
+            .map_err(ServiceError::Asset)
+    }
+}
+
+/// Makes a VM's private copy of a disk image. A copy without reflink support can take seconds
+/// for a large image, so it runs on the blocking pool, never on an async worker.
+pub(super) async fn clone_disk(src: PathBuf, dst: PathBuf) -> Result<(), ServiceError> {
+    let copy = tokio::task::spawn_blocking(move || {
+        let method = crate::assets::clone_file(&src, &dst);
+        tracing::debug!(src = %src.display(), dst = %dst.display(), ?method, "disk cloned");
+        method
+    });
+    match copy.await {
+        Ok(result) => result.map(drop).map_err(ServiceError::Asset),
+        Err(join) => Err(ServiceError::Io {
+            op: "copy disk (task failed)",
+            path: PathBuf::new(),
+            source: std::io::Error::other(join),
+        }),
+    }
+}
+
+pub(super) fn drive_file(d: &DriveConfig) -> String {
+    format!("drive-{}.img", d.drive_id)
+}

@@ -1,0 +1,153 @@
+//! Watching VMMs metald did not just start or stop itself: exits nobody asked for, guests that
+//! never print their readiness line, and VMMs that outlived a metald restart.
+
+use super::*;
+use crate::backend::console::wait_for_line;
+
+impl VmService {
+    /// Re-attaches to VMMs that outlived a previous metald; VMs whose VMM is gone become FAILED.
+    pub async fn reconcile(&self) -> Result<(), ServiceError> {
+        let mut keep = std::collections::HashSet::new();
+        for mut vm in self.store.all_vms()? {
+            if !vm.state().has_vmm() {
+                continue;
+            }
+            let adopted = match (
+                vm.life.vmm_pid(),
+                vm.life.vmm_start_ticks(),
+                self.launch(&vm),
+            ) {
+                (Some(pid), Some(start_ticks), Ok(launch)) if vm.backend == self.backend_name() => {
+                    self.backend
+                        .adopt(&launch, crate::backend::VmmProcess { pid, start_ticks })
+                        .await
+                        .unwrap_or(false)
+                }
+                _ => false,
+            };
+            if adopted {
+                tracing::info!(vm_id = %vm.id, pid = ?vm.life.vmm_pid(), "re-attached to running VMM");
+                if let Some(sb) = &self.sandboxes {
+                    if let Err(e) = sb.adopt(&vm).await {
+                        tracing::error!(vm_id = %vm.id, error = %Chain(&e), "re-attaching the VM's network failed");
+                    }
+                }
+                keep.insert(vm.id.clone());
+                if let Some(pid) = vm.life.vmm_pid() {
+                    self.track(&vm, pid, true);
+                }
+                continue;
+            }
+            self.release_sandbox(&vm).await;
+            tracing::warn!(vm_id = %vm.id, "VMM is gone after a metald restart; marking FAILED");
+            vm.life.apply(Change::Failed(
+                "VMM process was gone when metald restarted".into(),
+            ))?;
+            self.save(&mut vm)?;
+        }
+        // Whatever isolation is left of VMs that are not running (metald crashed mid-create
+        // or mid-delete, or the records are gone) is removed.
+        if let Some(sb) = &self.sandboxes {
+            sb.sweep(&keep).await.map_err(ServiceError::Sweep)?;
+        }
+        Ok(())
+    }
+
+    /// The VM's VMM is gone: its last sample is taken, then its sandbox removed.
+    pub(super) async fn release_sandbox(&self, vm: &VmRecord) {
+        self.untrack(vm);
+        if let Some(sb) = &self.sandboxes {
+            sb.release(vm).await;
+        }
+    }
+
+    /// A VMM exited: if nobody asked for it, the VM is FAILED with the exit status.
+    pub(super) async fn handle_exit(&self, ev: ExitEvent) {
+        if ev.requested {
+            return;
+        }
+        let _guard = self.lock(&ev.vm_id).await;
+        let Ok(Some(mut vm)) = self.store.get_vm_unscoped(&ev.vm_id) else {
+            return;
+        };
+        if vm.life.vmm_pid() != Some(ev.pid) || transition(vm.state(), Operation::Fail).is_err() {
+            return;
+        }
+        let console = file_tail(
+            &self.vm_dir(&vm.id).join(crate::backend::files::CONSOLE_LOG),
+            512,
+        );
+        tracing::warn!(vm_id = %vm.id, pid = ev.pid, status = %ev.status, "VMM exited on its own");
+        self.release_sandbox(&vm).await;
+        let failed = vm.life.apply(Change::Failed(format!(
+            "VMM exited on its own ({}); console ends: {console}",
+            ev.status
+        )));
+        if let Err(e) = failed
+            .map_err(ServiceError::from)
+            .and_then(|()| self.save(&mut vm))
+        {
+            tracing::error!(vm_id = %vm.id, error = %Chain(&e), "recording a VMM exit failed");
+        }
+    }
+
+    /// Watches the console for the rootfs's readiness line; a guest silent past the boot
+    /// timeout is killed and reported FAILED with its console tail.
+    pub(super) fn watch_readiness(self: &Arc<Self>, vm: &VmRecord, launch: &VmLaunch, offset: u64) {
+        let Ok(files) = self.boot_files(vm) else {
+            return;
+        };
+        let Some(marker) = files.ready_marker.filter(|m| !m.is_empty()) else {
+            return;
+        };
+        let svc = Arc::downgrade(self);
+        let id = vm.id.clone();
+        let pid = vm.life.vmm_pid();
+        let console = launch.console_log();
+        let timeout = self.cfg.boot_timeout;
+        let started = std::time::Instant::now();
+        tokio::spawn(async move {
+            let wait = wait_for_line(&console, offset, marker.as_bytes());
+            tokio::pin!(wait);
+            loop {
+                let found = tokio::time::timeout(timeout, &mut wait).await.is_ok();
+                let Some(svc) = svc.upgrade() else { return };
+                let _guard = svc.lock(&id).await;
+                let Ok(Some(mut vm)) = svc.store.get_vm_unscoped(&id) else {
+                    return;
+                };
+                if vm.life.vmm_pid() != pid || !vm.state().has_vmm() {
+                    return;
+                }
+                if !found && vm.state() == VmState::Paused {
+                    // A paused guest cannot make progress: give it another period.
+                    continue;
+                }
+                if found {
+                    vm.life.mark_guest_ready();
+                    let secs = started.elapsed().as_secs_f64();
+                    svc.timings.observe(Step::GuestReady, secs);
+                    tracing::info!(vm_id = %id, ready_ms = secs * 1000.0, "guest is ready");
+                } else {
+                    let tail = file_tail(&console, 1024);
+                    tracing::warn!(vm_id = %id, "guest printed no readiness line in time");
+                    if let Err(e) = svc.backend.shutdown(&id, StopMode::Force).await {
+                        tracing::error!(vm_id = %id, error = %Chain(&e), "killing a guest that never became ready failed");
+                    }
+                    svc.release_sandbox(&vm).await;
+                    let failed = vm.life.apply(Change::Failed(format!(
+                        "guest printed no '{marker}' line within {timeout:?}; console ends: {tail}"
+                    )));
+                    if let Err(e) = failed {
+                        tracing::error!(vm_id = %id, error = %Chain(&e), "recording a readiness timeout failed");
+                        return;
+                    }
+                }
+                if let Err(e) = svc.save(&mut vm) {
+                    tracing::error!(vm_id = %id, error = %Chain(&e), "recording readiness failed");
+                }
+                return;
+            }
+        });
+    }
+}

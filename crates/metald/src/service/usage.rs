@@ -1,0 +1,198 @@
+//! Metering and billing hooks of a VMM's run, and usage as the API reports it.
+
+use super::*;
+
+/// What one VM used within a window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowUsage {
+    /// The VM.
+    pub vm: VmId,
+    /// Used within the window.
+    pub usage: Counters,
+    /// Set when the window started before the VM's oldest sample held: usage counts from
+    /// this time (Unix milliseconds) instead.
+    pub covered_from_ms: Option<i64>,
+}
+
+impl VmService {
+    /// Starts counting a VM's VMM run: a new one (`adopted` false) from its current counter
+    /// readings, a re-adopted one from where its counting started, so the totals stay
+    /// continuous across a metald restart (the kernel kept counting meanwhile).
+    pub(super) fn track(&self, vm: &VmRecord, pid: u32, adopted: bool) {
+        let Some(meter) = &self.meter else { return };
+        let saved = self.store.load_usage(&vm.id).unwrap_or_else(|e| {
+            tracing::error!(vm_id = %vm.id, error = %Chain(&e), "reading saved usage failed");
+            None
+        });
+        let (carried, base) = saved.unwrap_or_default();
+        let base = if adopted { base } else { None };
+        let (sources, host_if) = match &self.sandboxes {
+            Some(sb) => (
+                Sources::for_cgroup(&sb.jailer().cgroups().files(vm.id.as_str()), pid),
+                sb.network().plan(vm).ok().map(|p| p.host_if),
+            ),
+            None => (Sources::for_process(pid), None),
+        };
+        let base = meter.track(
+            &vm.id,
+            RunStart {
+                customer: vm.customer.clone(),
+                memory_configured: vm.config.memory_bytes,
+                sources,
+                host_if,
+                carried,
+                base,
+            },
+        );
+        if let Err(e) = self.store.save_usage(&vm.id, &carried, Some(&base)) {
+            tracing::error!(vm_id = %vm.id, error = %Chain(&e), "saving usage failed");
+        }
+        self.poll_vmm_metrics(&vm.id);
+        if let Some(b) = self.billing.get() {
+            if adopted {
+                b.resumed(&vm.id);
+            } else {
+                b.vm_started(&vm.id, &vm.customer);
+            }
+        }
+    }
+
+    /// While the VM runs, asks its VMM for its own metrics every
+    /// `UNKEY_METALD_VMM_METRICS_INTERVAL` (Firecracker's FlushMetrics). Each flush costs an
+    /// API round trip and a 5 KB JSON record, a few hundred µs of metald's CPU on a slow host,
+    /// so this is not done at the 100 ms sampling rate: billing comes from the kernel's counters,
+    /// and these records add Firecracker's own view (disk operations, device errors).
+    pub(super) fn poll_vmm_metrics(&self, vm: &VmId) {
+        let Some(meter) = self.meter.clone() else {
+            return;
+        };
+        let backend = Arc::clone(&self.backend);
+        let vm = vm.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(meter.vmm_metrics_interval());
+            loop {
+                every.tick().await;
+                if !meter.is_running(&vm) {
+                    return;
+                }
+                match backend.vmm_metrics(&vm).await {
+                    Ok(Some(m)) => meter.add_vmm_metrics(&vm, m),
+                    // This VMM has no metrics channel.
+                    Ok(None) => return,
+                    Err(BackendError::NotRunning(_)) => return,
+                    Err(e) => {
+                        tracing::debug!(vm_id = %vm, error = %Chain(&e), "VMM metrics flush failed")
+                    }
+                }
+            }
+        });
+    }
+
+    /// Takes the VM's last sample, saves its totals and queues its last usage for billing.
+    pub(super) fn untrack(&self, vm: &VmRecord) {
+        let Some(total) = self.meter.as_ref().and_then(|m| m.stop(&vm.id)) else {
+            return;
+        };
+        if let Err(e) = self.store.save_usage(&vm.id, &total, None) {
+            tracing::error!(vm_id = %vm.id, error = %Chain(&e), "saving usage failed");
+        }
+        if let Some(b) = self.billing.get() {
+            b.vm_stopped(&vm.id, &vm.customer);
+        }
+    }
+
+    /// Number of VMs in each state.
+    pub fn vm_counts(&self) -> Vec<(VmState, u64)> {
+        self.store.count_by_state().unwrap_or_else(|e| {
+            tracing::error!(error = %Chain(&e), "counting VMs failed");
+            Vec::new()
+        })
+    }
+
+    /// Every metered VM's totals (for exporting).
+    pub fn usage_snapshot(&self) -> Vec<(VmId, CustomerId, Counters)> {
+        self.meter
+            .as_ref()
+            .map(|m| m.snapshot())
+            .unwrap_or_default()
+    }
+
+    /// Seconds the sampler spent sampling and its rounds.
+    pub fn meter_cost(&self) -> Option<(f64, u64)> {
+        self.meter.as_ref().map(|m| m.cost())
+    }
+
+    /// The metering interval (zero when metering is off).
+    pub fn metering_interval(&self) -> Duration {
+        self.meter.as_ref().map_or(Duration::ZERO, |m| m.interval())
+    }
+
+    /// A VM's usage: totals and the samples after `since_ms`.
+    pub async fn usage(
+        &self,
+        customer: &CustomerId,
+        id: &VmId,
+        since_ms: i64,
+    ) -> Result<VmUsage, ServiceError> {
+        let vm = self.load(customer, id).await?;
+        Ok(self
+            .meter
+            .as_ref()
+            .and_then(|m| m.usage(id, since_ms))
+            .unwrap_or(VmUsage {
+                total: Counters::default(),
+                memory_configured: vm.config.memory_bytes,
+                samples: Vec::new(),
+                known_from_ms: None,
+                vmm_metrics_raw: None,
+            }))
+    }
+
+    /// What each of the customer's VMs used in `(start_ms, end_ms]`, from the samples held.
+    /// Where a VM's samples don't reach back to `start_ms` (they age out after the retention
+    /// time, and a restarted metald starts a new series) its usage counts from its oldest
+    /// sample, whose time comes back beside it.
+    pub async fn customer_usage(
+        &self,
+        customer: &CustomerId,
+        start_ms: i64,
+        end_ms: i64,
+    ) -> Result<Vec<WindowUsage>, ServiceError> {
+        if end_ms < start_ms {
+            return Err(invalid("end", "must not be before start"));
+        }
+        let Some(meter) = &self.meter else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for id in meter.customer_vms(customer) {
+            let Some(u) = meter.usage(&id, i64::MIN) else {
+                continue;
+            };
+            let at = |t: i64| {
+                u.samples
+                    .iter()
+                    .rev()
+                    .find(|p| p.wall_ms <= t)
+                    .map(|p| p.total)
+            };
+            let (before, covered_from_ms) = match (at(start_ms), u.known_from_ms) {
+                (Some(p), _) => (p, None),
+                // Before its first sample a new VM had used nothing.
+                (None, None) => (Counters::default(), None),
+                // Usage from before the oldest sample is not known by time: count from it.
+                (None, Some(from)) => (
+                    u.samples.first().map(|p| p.total).unwrap_or_default(),
+                    Some(from),
+                ),
+            };
+            let Some(after) = at(end_ms) else { continue };
+            out.push(WindowUsage {
+                vm: id,
+                usage: after.since(&before),
+                covered_from_ms,
+            });
+        }
+        Ok(out)
+    }
+}

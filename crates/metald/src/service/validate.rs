@@ -1,0 +1,119 @@
+//! Request validation: every field of a VM's configuration checked against metald's and the
+//! backend's limits, naming the field, before anything is made.
+
+use super::*;
+
+impl VmService {
+    /// Checks every field, naming the first bad one; also resolves image ids.
+    pub(super) fn validate(&self, c: &VmConfig) -> Result<(), ServiceError> {
+        let max = self.backend.max_vcpus();
+        if c.vcpu_count == 0 || c.vcpu_count > max {
+            return Err(invalid(
+                "config.cpu.vcpu_count",
+                format!(
+                    "must be between 1 and {max} ({} limit), got {}",
+                    self.backend_name(),
+                    c.vcpu_count
+                ),
+            ));
+        }
+        if !c.memory_bytes.is_multiple_of(MIB) {
+            return Err(invalid(
+                "config.memory.size_bytes",
+                format!(
+                    "must be a whole number of MiB (multiple of 1048576), got {}",
+                    c.memory_bytes
+                ),
+            ));
+        }
+        if c.memory_bytes < MIN_MEMORY_MIB * MIB {
+            return Err(invalid(
+                "config.memory.size_bytes",
+                format!(
+                    "must be at least {} ({MIN_MEMORY_MIB} MiB), got {}",
+                    MIN_MEMORY_MIB * MIB,
+                    c.memory_bytes
+                ),
+            ));
+        }
+        self.assets
+            .get_kind(&c.kernel_image_id, AssetKind::Kernel)
+            .map_err(|e| asset_field_error("config.kernel.image_id", e))?;
+        self.assets
+            .get_kind(&c.rootfs_image_id, AssetKind::Rootfs)
+            .map_err(|e| asset_field_error("config.rootfs.image_id", e))?;
+        if c.kernel_args.len() > MAX_KERNEL_ARGS {
+            return Err(invalid(
+                "config.kernel_args",
+                format!(
+                    "at most {MAX_KERNEL_ARGS} bytes, got {}",
+                    c.kernel_args.len()
+                ),
+            ));
+        }
+        if c.kernel_args.chars().any(|ch| ch.is_control()) {
+            return Err(invalid(
+                "config.kernel_args",
+                "must not contain control characters",
+            ));
+        }
+        if c.drives.len() > MAX_DRIVES {
+            return Err(invalid(
+                "config.drives",
+                format!("at most {MAX_DRIVES} drives, got {}", c.drives.len()),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, d) in c.drives.iter().enumerate() {
+            let field = format!("config.drives[{i}].drive_id");
+            if !is_token(&d.drive_id, 32) || d.drive_id.chars().any(|ch| ch.is_ascii_uppercase()) {
+                return Err(invalid(field, "1-32 of a-z 0-9 _ -"));
+            }
+            if d.drive_id == "rootfs" || !seen.insert(d.drive_id.as_str()) {
+                return Err(invalid(field, format!("'{}' is already used", d.drive_id)));
+            }
+            self.assets
+                .get_kind(&d.image_id, AssetKind::Rootfs)
+                .map_err(|e| asset_field_error(&format!("config.drives[{i}].image_id"), e))?;
+        }
+        validate_metadata(&c.metadata)
+    }
+}
+
+pub(super) fn asset_field_error(field: &str, e: AssetError) -> ServiceError {
+    match e {
+        AssetError::Unknown(_) | AssetError::WrongKind { .. } => invalid(field, e.to_string()),
+        other => ServiceError::Asset(other),
+    }
+}
+
+pub(super) fn validate_metadata(m: &BTreeMap<String, String>) -> Result<(), ServiceError> {
+    if m.len() > MAX_METADATA {
+        return Err(invalid(
+            "config.metadata",
+            format!("at most {MAX_METADATA} entries, got {}", m.len()),
+        ));
+    }
+    for (k, v) in m {
+        let key_ok = !k.is_empty()
+            && k.len() <= 63
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'/'));
+        if !key_ok {
+            return Err(invalid(
+                "config.metadata",
+                format!(
+                    "key '{}' must be 1-63 of A-Z a-z 0-9 _ - . /",
+                    crate::domain::truncate_for_message(k)
+                ),
+            ));
+        }
+        if v.len() > 256 {
+            return Err(invalid(
+                "config.metadata",
+                format!("value of '{k}' is longer than 256 bytes"),
+            ));
+        }
+    }
+    Ok(())
+}
