@@ -18,7 +18,12 @@ build: deps
 demo: guest build
 	GUEST_DIR=$(GUEST_DIR) scripts/demo.sh
 
+# Shell: the host scripts (bash) and every guest file that is a shell script (#!/bin/sh: busybox
+# sh in the guest, so checked as POSIX sh; guest/README.md is the guest contract).
 lint: deps
+	shellcheck scripts/*.sh
+	find guest -type f -exec sh -c 'head -n 1 "$$1" | grep -q "^#!/bin/sh"' sh {} \; -print0 | \
+		sort -z | xargs -0 shellcheck -s sh
 	target/tools/node_modules/.bin/buf lint
 	scripts/verify-unit.sh
 	$(CARGO) fmt --all --check

@@ -3,19 +3,21 @@
 #
 #   vmlinuz      Debian cloud kernel (bzImage) for QEMU -kernel
 #   vmlinux      the same kernel as an uncompressed ELF (PVH entry): Firecracker, and QEMU too
-#   initrd.img   gzip'd newc cpio: busybox-static + virtio modules; /init mounts /dev/vda and
-#                switch_roots into it
-#   rootfs.ext4  small sparse ext4 image: busybox init, sets up eth0 from the kernel command line,
-#                prints one "METALD_GUEST_READY ..." line on the console when booted, reboots
-#                (-> VMM exits) on Ctrl-Alt-Del, powers off on the ACPI power button; optionally
-#                pings targets in a loop and runs a shell script from an extra drive
+#   initrd.img   gzip'd newc cpio: busybox-static + virtio modules + guest/initramfs/init, which
+#                mounts /dev/vda and switch_roots into it
+#   rootfs.ext4  small sparse ext4 image: busybox-static + guest/rootfs (busybox init and the
+#                scripts that set up eth0 from the kernel command line and print the ready line)
 #   manifest.txt kernel package + version, sizes and sha256 of the files above
+#
+# This script only fetches (Debian packages) and packs (cpio, ext4). What the guest does, the
+# kernel arguments it reads and the console lines it prints are in guest/ and its README.md, the
+# guest contract.
 #
 # Usage: scripts/build-guest-image.sh [OUT_DIR]        (default OUT_DIR: ./target/guest)
 #
 # Runs as root on Debian 12 (bookworm). Missing tools are installed with apt-get; the kernel and,
 # when needed, busybox-static are only downloaded and unpacked (never installed on the host).
-# Nothing is rebuilt when all outputs exist and are newer than this script.
+# Nothing is rebuilt when all outputs exist and are newer than this script and the guest files.
 #
 # Environment:
 #   METALD_GUEST_FORCE=1         rebuild even if the outputs are up to date
@@ -24,32 +26,6 @@
 #   METALD_GUEST_CACHE=DIR       where downloaded .debs are kept (default OUT_DIR/.cache)
 #   SOURCE_DATE_EPOCH=N          timestamp inside the images (default: the kernel image's mtime
 #                                in its .deb, so rebuilds from the same packages are identical)
-#
-# Guest kernel command line (verified with QEMU q35 + TCG, -kernel vmlinuz or vmlinux):
-#   console=ttyS0 root=/dev/vda rw panic=-1
-# optional (all verified the same way, eth0 = virtio-net on a TAP):
-#   metald.hostname=NAME
-#   metald.ip6=ADDR metald.gw6=GW   before the ready line: eth0 up, ADDR/128 on eth0, route GW/128
-#                                   dev eth0, default via GW; duplicate address detection is off
-#                                   for eth0 (busybox ip has no "nodad") and the ready line waits
-#                                   (~3 s at most) until eth0's operstate is up and no address on
-#                                   it is tentative
-#   metald.ip4=ADDR metald.gw4=GW   the same for IPv4: ADDR/32, route GW/32 dev eth0, default via GW
-#                                   (v6 and v4 each optional, GW too; no eth0: both are ignored)
-#   metald.ping=T1,T2,...           after the ready line, in the background: up to 600 rounds, 1 s
-#                                   apart, each pinging every target (IPv6 or IPv4 literal) once
-#                                   (ping -c 1 -W 1; ping6 for IPv6) and printing one line per target
-#   metald.script=/dev/vdX          after the ready line, in the background: sh /dev/vdX (waits up
-#                                   to 5 s for the device; stdin /dev/null, stdout+stderr to the
-#                                   console line by line), then one exit line; for a raw drive, pad
-#                                   the script (e.g. with NULs) to a multiple of 512 bytes and end
-#                                   it with "exit"
-# Console lines for the host to match (each starts a line and is written with one write()):
-#   METALD_GUEST_READY kernel=<uname -r> cpus=N mem_kb=N hostname=H root=/dev/vda net=eth0,..|none uptime_s=S.SS ip6=ADDR|none ip4=ADDR|none
-#   METALD_PING round=N target=T result=ok|fail
-#   METALD_SCRIPT_EXIT code=N
-#   METALD_GUEST_SHUTDOWN reason=ctrlaltdel|powerbutton|shutdown
-# (Kernel messages go to the serial port by another path and could still cut into a line.)
 set -euo pipefail
 
 usage() {
@@ -77,6 +53,24 @@ OUT_DIR=${1:-./target/guest}
 KERNEL_META_PKG=${METALD_GUEST_KERNEL_PKG:-linux-image-cloud-amd64}
 ROOTFS_MIB=${METALD_GUEST_ROOTFS_MIB:-64}
 OUTPUTS=(vmlinuz vmlinux initrd.img rootfs.ext4 manifest.txt)
+# The guest's own files, copied as they are: MODE:PATH under guest/, where initramfs/X goes to
+# /X in initrd.img and rootfs/X to /X in rootfs.ext4. Listed in the order they are created,
+# which fixes their place in the ext4 directories. Every file under guest/initramfs and
+# guest/rootfs must be listed here (checked).
+GUEST_SRC=$(cd "$(dirname "$SCRIPT")/../guest" && pwd)
+GUEST_FILES=(
+	0755:initramfs/init
+	0644:rootfs/etc/hostname
+	0644:rootfs/etc/hosts
+	0644:rootfs/etc/passwd
+	0644:rootfs/etc/group
+	0644:rootfs/etc/fstab
+	0644:rootfs/etc/inittab
+	0755:rootfs/etc/init.d/rcS
+	0755:rootfs/etc/init.d/rcK
+	0644:rootfs/etc/acpid.conf
+	0755:rootfs/etc/acpi/PWRF/00000080
+)
 # Load order matters (no modprobe/depmod in the guest). Dependencies found with modinfo are
 # added in front of each module automatically; built-in ones are skipped.
 #   button + evdev: ACPI power button as an input device, for acpid (QEMU system_powerdown).
@@ -95,12 +89,22 @@ OUT_DIR=$(cd "$OUT_DIR" && pwd)
 CACHE_DIR=${METALD_GUEST_CACHE:-$OUT_DIR/.cache}
 
 up_to_date() {
-	local f
+	local f g
 	[ "${METALD_GUEST_FORCE:-0}" = 1 ] && return 1
 	for f in "${OUTPUTS[@]}"; do
 		[ -s "$OUT_DIR/$f" ] && [ "$OUT_DIR/$f" -nt "$SCRIPT" ] || return 1
+		for g in "${GUEST_FILES[@]}"; do
+			[ "$OUT_DIR/$f" -nt "$GUEST_SRC/${g#*:}" ] || return 1
+		done
 	done
 }
+
+# Every file under guest/initramfs and guest/rootfs is in GUEST_FILES, and every entry exists.
+listed=$(printf '%s\n' "${GUEST_FILES[@]#*:}" | LC_ALL=C sort)
+found=$(cd "$GUEST_SRC" && find initramfs rootfs ! -type d | LC_ALL=C sort)
+[ "$listed" = "$found" ] ||
+	die "GUEST_FILES in $SCRIPT and the files in $GUEST_SRC differ:
+$(diff <(echo "$listed") <(echo "$found") | grep '^[<>]' || true)"
 
 if up_to_date; then
 	log "up to date: $OUT_DIR (METALD_GUEST_FORCE=1 to rebuild)"
@@ -304,6 +308,17 @@ install_busybox() {
 	done < <("$BUSYBOX" --list-full)
 }
 
+# install_guest_files initramfs|rootfs DIR: the GUEST_FILES under guest/<first argument>/ into
+# DIR, each with its mode (DIR's subdirectories exist already).
+install_guest_files() {
+	local entry mode path
+	for entry in "${GUEST_FILES[@]}"; do
+		mode=${entry%%:*} path=${entry#*:}
+		[[ $path == "$1"/* ]] || continue
+		install -m "$mode" "$GUEST_SRC/$path" "$2/${path#"$1"/}"
+	done
+}
+
 make_dev_nodes() {
 	mkdir -p "$1/dev"
 	mknod -m 0600 "$1/dev/console" c 5 1
@@ -372,71 +387,7 @@ for m in "${ORDER[@]}"; do
 done
 log "initrd modules: ${ORDER[*]}"
 
-cat >"$IR/init" <<'EOF'
-#!/bin/sh
-# metald initrd: load the virtio drivers, mount the root disk, switch_root into it.
-# Kernel command line: root=/dev/vda (or LABEL=/UUID=) rootfstype=ext4 rootflags= ro|rw
-# rootdelay=SECONDS init=/sbin/init
-export PATH=/bin:/sbin:/usr/bin:/usr/sbin
-
-msg() { echo "initrd: $*" >/dev/console 2>/dev/null || echo "initrd: $*"; }
-rescue() {
-	msg "$*"
-	msg "dropping to a shell"
-	exec sh </dev/console >/dev/console 2>&1
-}
-
-mount -t devtmpfs devtmpfs /dev 2>/dev/null || [ -c /dev/console ] || rescue "cannot mount devtmpfs on /dev"
-mount -t proc proc /proc || rescue "cannot mount /proc"
-mount -t sysfs sysfs /sys || rescue "cannot mount /sys"
-
-root=/dev/vda fstype=ext4 flags='' mode=rw init=/sbin/init delay=5
-read -r cmdline </proc/cmdline
-for arg in $cmdline; do
-	case "$arg" in
-	root=*) root=${arg#root=} ;;
-	rootfstype=*) fstype=${arg#rootfstype=} ;;
-	rootflags=*) flags=${arg#rootflags=} ;;
-	rootdelay=*) delay=${arg#rootdelay=} ;;
-	init=*) init=${arg#init=} ;;
-	ro) mode=ro ;;
-	rw) mode=rw ;;
-	esac
-done
-
-while read -r m; do
-	[ -f "/lib/modules/$m.ko" ] || continue
-	grep -q "^$m " /proc/modules && continue
-	out=$(insmod "/lib/modules/$m.ko" 2>&1) || case "$out" in
-		*"File exists"*) ;;
-		*) msg "warning: insmod $m: $out" ;;
-	esac
-done </etc/modules.order
-
-dev=
-tries=$((delay * 10))
-while :; do
-	case "$root" in
-	LABEL=* | UUID=*) dev=$(findfs "$root" 2>/dev/null) || dev= ;;
-	*) dev=$root ;;
-	esac
-	[ -n "$dev" ] && [ -b "$dev" ] && break
-	tries=$((tries - 1))
-	[ "$tries" -gt 0 ] || rescue "root device $root did not appear within ${delay}s (loaded: $(cut -d' ' -f1 /proc/modules | tr '\n' ' ' | sed 's/ $//'))"
-	sleep 0.1
-done
-
-mount -t "$fstype" -o "$mode${flags:+,$flags}" "$dev" /newroot || rescue "cannot mount $dev ($fstype,$mode) on /newroot"
-[ -e "/newroot$init" ] || [ -L "/newroot$init" ] || rescue "$init not found on $dev"
-for d in dev proc sys; do
-	[ -d "/newroot/$d" ] || rescue "/$d missing on $dev"
-done
-mount --move /dev /newroot/dev || rescue "cannot move /dev to the new root"
-mount --move /proc /newroot/proc || rescue "cannot move /proc to the new root"
-mount --move /sys /newroot/sys || rescue "cannot move /sys to the new root"
-exec switch_root /newroot "$init"
-EOF
-chmod 0755 "$IR/init"
+install_guest_files initramfs "$IR"
 
 # --- rootfs -----------------------------------------------------------------------------------
 
@@ -448,203 +399,7 @@ chmod 0700 "$RF/root"
 make_dev_nodes "$RF"
 ln -s ../run "$RF/var/run"
 
-echo metald-guest >"$RF/etc/hostname"
-printf '127.0.0.1\tlocalhost\n::1\tlocalhost\n' >"$RF/etc/hosts"
-echo 'root::0:0:root:/root:/bin/sh' >"$RF/etc/passwd"
-printf 'root:x:0:\ntty:x:5:\n' >"$RF/etc/group"
-: >"$RF/etc/fstab"
-
-cat >"$RF/etc/inittab" <<'EOF'
-# metald guest (busybox init)
-::sysinit:/etc/init.d/rcS
-# Keeps init busy with something harmless; there is no login on the console.
-::respawn:/bin/sh -c 'while true; do sleep 3600; done'
-# The host asks for shutdown with Ctrl-Alt-Del. The VMM runs with -no-reboot (QEMU) or exits on
-# reboot (Firecracker), so rebooting ends the VMM process.
-# (busybox init merges entries with the same command text, so the rcK lines differ in arguments.)
-::ctrlaltdel:/etc/init.d/rcK ctrlaltdel
-::ctrlaltdel:/sbin/reboot -f
-::shutdown:/etc/init.d/rcK shutdown
-EOF
-
-cat >"$RF/etc/init.d/rcS" <<'EOF'
-#!/bin/sh
-# metald guest system start: mounts, hostname, static network from the kernel command line, then
-# one METALD_GUEST_READY line on the console; after it, in the background, the metald.ping loop
-# and the metald.script drive. Command line and console lines: scripts/build-guest-image.sh.
-export PATH=/bin:/sbin:/usr/bin:/usr/sbin
-
-# (Debian's busybox has no "mountpoint" applet.) The initrd normally hands over /dev /proc /sys.
-mounted() { awk -v m="$1" '$2 == m { f = 1 } END { exit !f }' /proc/mounts; }
-[ -e /proc/mounts ] || mount -t proc proc /proc
-mounted /sys || mount -t sysfs sysfs /sys
-mounted /dev || mount -t devtmpfs devtmpfs /dev
-mkdir -p /dev/pts /dev/shm
-mounted /dev/pts || mount -t devpts -o gid=5,mode=0620 devpts /dev/pts
-mounted /tmp || mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
-mounted /run || mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
-
-# say LINE: one line to /dev/console, which is the last console= on the kernel command line, and
-# to the serial port too when that is not the same. Each copy is a single write(), and the tty
-# layer never splits one write, so lines from the ping loop and the script never mix mid-line.
-also=''
-active=$(cat /sys/class/tty/console/active 2>/dev/null)
-if [ "${active##* }" != ttyS0 ] && [ -c /dev/ttyS0 ]; then
-	also=/dev/ttyS0
-fi
-say() {
-	printf '%s\n' "$1" >/dev/console
-	[ -z "$also" ] || printf '%s\n' "$1" >"$also" 2>/dev/null
-}
-
-name='' ip6='' gw6='' ip4='' gw4='' ping='' script=''
-read -r cmdline </proc/cmdline
-for arg in $cmdline; do
-	case "$arg" in
-	metald.hostname=*) name=${arg#metald.hostname=} ;;
-	metald.ip6=*) ip6=${arg#metald.ip6=} ;;
-	metald.gw6=*) gw6=${arg#metald.gw6=} ;;
-	metald.ip4=*) ip4=${arg#metald.ip4=} ;;
-	metald.gw4=*) gw4=${arg#metald.gw4=} ;;
-	metald.ping=*) ping=${arg#metald.ping=} ;;
-	metald.script=*) script=${arg#metald.script=} ;;
-	esac
-done
-if [ -n "$name" ]; then hostname "$name"; else hostname -F /etc/hostname; fi
-ip link set lo up 2>/dev/null
-
-# Static addresses on eth0: <ip6>/128 and <ip4>/32, an on-link host route to each gateway (the
-# host end of the TAP) and the default routes through them. Done before the ready line.
-ip6_set='' ip4_set=''
-ip6=${ip6%%/*}
-ip4=${ip4%%/*}
-if [ -n "$ip6$ip4" ] && [ ! -e /sys/class/net/eth0 ]; then
-	say "metald: no eth0: metald.ip6/metald.ip4 ignored"
-elif [ -n "$ip6$ip4" ]; then
-	# The host hands out the addresses: no duplicate address detection (busybox ip has no
-	# "nodad"), so the v6 addresses are usable at once instead of "tentative" for ~1-2 s.
-	echo 0 >/proc/sys/net/ipv6/conf/eth0/accept_dad 2>/dev/null
-	ip link set eth0 up
-	if [ -n "$ip6" ] && ip -6 addr add "$ip6/128" dev eth0; then
-		ip6_set=$ip6
-		if [ -n "$gw6" ]; then
-			ip -6 route add "$gw6/128" dev eth0 && ip -6 route add default via "$gw6" dev eth0
-		fi
-	fi
-	if [ -n "$ip4" ] && ip addr add "$ip4/32" dev eth0; then
-		ip4_set=$ip4
-		if [ -n "$gw4" ]; then
-			ip route add "$gw4/32" dev eth0 && ip route add default via "$gw4" dev eth0
-		fi
-	fi
-	# Wait (60 polls 50 ms apart, ~3 s at most) until no eth0 address is tentative (flag 0x40 in
-	# if_inet6; in case DAD could not be turned off) and the kernel has seen the link come up
-	# (operstate up, or unknown for a driver that doesn't report it). Traffic would flow before
-	# the latter, but the kernel's "eth0: link becomes ready" line would then come after the
-	# ready line, up to ~1 s late (link events are rate-limited), and could cut into our lines.
-	i=0
-	while :; do
-		read -r state </sys/class/net/eth0/operstate
-		case "$state" in
-		up | unknown)
-			[ -z "$ip6_set" ] && break
-			awk '$6 == "eth0" && $5 ~ /^[4-7c-f]/ { t = 1 } END { exit !t }' /proc/net/if_inet6 || break
-			;;
-		esac
-		i=$((i + 1))
-		if [ "$i" -gt 60 ]; then
-			say "metald: eth0 not ready after 3 s (operstate $state)"
-			break
-		fi
-		sleep 0.05
-	done
-fi
-
-# ACPI power button (QEMU system_powerdown) -> /etc/acpi/PWRF/00000080
-if [ -d /dev/input ]; then
-	acpid -c /etc/acpi -a /etc/acpid.conf -l /run/acpid.log -p /run/acpid.pid
-fi
-
-mem_kb=$(sed -n 's/^MemTotal: *\([0-9]*\) kB$/\1/p' /proc/meminfo)
-nics=''
-for n in /sys/class/net/*; do
-	n=${n##*/}
-	[ "$n" = lo ] || [ "$n" = '*' ] || nics="$nics${nics:+,}$n"
-done
-root=$(awk '$2 == "/" && $1 != "rootfs" { d = $1 } END { print d }' /proc/mounts)
-up=$(cut -d' ' -f1 /proc/uptime)
-say "METALD_GUEST_READY kernel=$(uname -r) cpus=$(nproc) mem_kb=$mem_kb hostname=$(hostname) root=$root net=${nics:-none} uptime_s=$up ip6=${ip6_set:-none} ip4=${ip4_set:-none}"
-
-# metald.ping=T1,T2,...: up to 600 rounds, 1 s apart; each pings every target once.
-if [ -n "$ping" ]; then
-	(
-		targets=$(printf '%s\n' "$ping" | tr ',' ' ')
-		n=1
-		while [ "$n" -le 600 ]; do
-			for t in $targets; do
-				case "$t" in
-				*:*) p=ping6 ;;
-				*) p=ping ;;
-				esac
-				if "$p" -c 1 -W 1 "$t" >/dev/null 2>&1; then r=ok; else r=fail; fi
-				say "METALD_PING round=$n target=$t result=$r"
-			done
-			n=$((n + 1))
-			sleep 1
-		done
-	) </dev/null >/dev/null 2>&1 &
-fi
-
-# metald.script=/dev/vdX: "sh /dev/vdX", its output line by line to the console (so a partial
-# line of it can't swallow the start of a METALD_PING line), then METALD_SCRIPT_EXIT code=N.
-# The exit line travels through the same pipe behind the script's output, after a \001 that
-# tells it from the script's own lines; processes the script leaves running don't delay it.
-if [ -n "$script" ]; then
-	(
-		soh=$(printf '\001')
-		i=0
-		while [ ! -e "$script" ] && [ "$i" -lt 50 ]; do
-			i=$((i + 1))
-			sleep 0.1
-		done
-		{
-			sh "$script" </dev/null 2>&1
-			printf '\001METALD_SCRIPT_EXIT code=%s\n' "$?"
-		} | while IFS= read -r l || [ -n "$l" ]; do
-			case "$l" in
-			*"$soh"METALD_SCRIPT_EXIT\ *)
-				[ -z "${l%%"$soh"*}" ] || say "${l%%"$soh"*}"
-				say "${l#*"$soh"}"
-				;;
-			*) say "$l" ;;
-			esac
-		done
-	) </dev/null >/dev/null 2>&1 &
-fi
-exit 0
-EOF
-
-cat >"$RF/etc/init.d/rcK" <<'EOF'
-#!/bin/sh
-# metald guest shutdown: flush and make the root file system clean before reboot/poweroff.
-# $1: why (ctrlaltdel, powerbutton, shutdown).
-export PATH=/bin:/sbin:/usr/bin:/usr/sbin
-echo "METALD_GUEST_SHUTDOWN reason=${1:-unknown}" >/dev/console 2>/dev/null
-sync
-umount -a -r 2>/dev/null
-mount -o remount,ro / 2>/dev/null
-sync
-exit 0
-EOF
-
-echo 'PWRF PWRF/00000080' >"$RF/etc/acpid.conf"
-cat >"$RF/etc/acpi/PWRF/00000080" <<'EOF'
-#!/bin/sh
-# ACPI power button: clean up and power off now (the VMM exits on poweroff).
-/etc/init.d/rcK powerbutton
-exec /sbin/poweroff -f
-EOF
-chmod 0755 "$RF/etc/init.d/rcS" "$RF/etc/init.d/rcK" "$RF/etc/acpi/PWRF/00000080"
+install_guest_files rootfs "$RF"
 
 # --- pack -------------------------------------------------------------------------------------
 

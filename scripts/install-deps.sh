@@ -41,6 +41,8 @@ programs=(
 	kill:procps
 	pkill:procps
 	curl:curl
+	# Shell script lint (make lint): scripts/*.sh and the guest's scripts under guest/.
+	shellcheck:shellcheck
 	# `systemd-analyze verify` of the unit (make lint), and scripts/install.sh.
 	systemd-analyze:systemd
 	# The buf CLI's installer and its interpreter.

@@ -12,7 +12,8 @@
 //! `UNKEY_METALD_IPV4_SUBNET` is set. The guest learns them from its kernel command line
 //! (`metald.ip6=`, `metald.gw6=`, `metald.ip4=`, `metald.gw4=`), so no DHCP server runs. The
 //! guest's addresses are host routes (/128, /32), so every packet goes through the host, where
-//! metald's nftables table keeps customers apart (see [`nft`]).
+//! metald's nftables table keeps customers apart (see [`nft`]). These arguments are part of the
+//! guest contract, written down in `guest/README.md`, which the default guest's scripts follow.
 
 pub mod ipam;
 pub mod netns;
@@ -85,7 +86,7 @@ pub struct VmNetworkPlan {
 }
 
 impl VmNetworkPlan {
-    /// Kernel arguments telling the guest its addresses.
+    /// Kernel arguments telling the guest its addresses (the guest contract: `guest/README.md`).
     pub fn kernel_args(&self) -> String {
         let mut a = format!("metald.ip6={} metald.gw6={}", self.ipv6, self.gateway6);
         if let (Some(ip), Some(gw)) = (self.ipv4, self.gateway4) {

@@ -18,7 +18,7 @@ use netns::{Relay, TestNetns};
 pub const KERNEL_ID: &str = "vmlinux-6.1";
 /// Root filesystem id.
 pub const ROOTFS_ID: &str = "busybox-rootfs";
-/// The line the default guest prints once it is up.
+/// The line the default guest prints once it is up (the guest contract: `guest/README.md`).
 pub const READY_MARKER: &str = "METALD_GUEST_READY";
 
 /// Directory holding the built guest image (scripts/build-guest-image.sh output).

@@ -33,7 +33,8 @@ const PREVIOUS_LOG: &str = "vmm.log.prev";
 const API_READY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Kernel arguments metald always gives Firecracker guests: serial console, reboot through the
-/// i8042 reset (which makes Firecracker exit), and the first drive as root.
+/// i8042 reset (which makes Firecracker exit), and the first drive as root. The guest contract,
+/// these included: `guest/README.md`.
 const BASE_KERNEL_ARGS: &str = "console=ttyS0 reboot=k panic=1 root=/dev/vda rw";
 
 /// Drives Firecracker.

@@ -82,7 +82,8 @@ pub fn block_ops(stats: &serde_json::Value) -> (u64, u64) {
     })
 }
 
-/// QEMU's command line for a VM (without the binary).
+/// QEMU's command line for a VM (without the binary). The guest's kernel arguments are part of
+/// the guest contract, `guest/README.md`.
 pub fn command_args(launch: &VmLaunch, accel: Accel) -> Vec<String> {
     let (machine, cpu, blk, root, extra_args) = match accel {
         // acpi=on so the guest finds the virtio-mmio devices through ACPI, as on Firecracker.
