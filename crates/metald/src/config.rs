@@ -5,6 +5,8 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use metald_host::probe::{hardware_kvm, is_executable};
+
 use crate::network::ipam::{Ipv4Subnet, Ipv6Prefix};
 
 /// Which VMM to use.
@@ -547,41 +549,12 @@ fn isolation_config(
     })
 }
 
-/// True for a regular file with an execute bit.
-pub fn is_executable(p: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
 /// Finds an executable on `PATH`.
 pub fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|dir| dir.join(name))
         .find(|p| is_executable(p))
-}
-
-/// Whether the host has hardware KVM (not the software kvm-pvm many nested hosts have, which
-/// stock guest kernels crash under), judged from `<sys>/module` and `<dev>/kvm`.
-pub fn hardware_kvm(sys: &Path, dev: &Path) -> (bool, String) {
-    if !dev.join("kvm").exists() {
-        return (
-            false,
-            format!("{} does not exist", dev.join("kvm").display()),
-        );
-    }
-    for module in ["kvm_intel", "kvm_amd"] {
-        if sys.join("module").join(module).exists() {
-            return (true, format!("{module} is loaded"));
-        }
-    }
-    if sys.join("module/kvm_pvm").exists() {
-        return (
-            false,
-            "/dev/kvm is kvm_pvm (software nested virtualization), not hardware KVM".into(),
-        );
-    }
-    (false, "neither kvm_intel nor kvm_amd is loaded".into())
 }
 
 #[cfg(test)]
@@ -731,21 +704,5 @@ mod tests {
             .unwrap_err()
             .allowed
             .contains("Unix socket"));
-    }
-
-    #[test]
-    fn hardware_kvm_is_told_apart_from_kvm_pvm() {
-        let root = tempfile::tempdir().unwrap();
-        let sys = root.path().join("sys");
-        let dev = root.path().join("dev");
-        std::fs::create_dir_all(sys.join("module/kvm_pvm")).unwrap();
-        std::fs::create_dir_all(&dev).unwrap();
-        assert!(!hardware_kvm(&sys, &dev).0);
-        std::fs::write(dev.join("kvm"), "").unwrap();
-        let (hw, why) = hardware_kvm(&sys, &dev);
-        assert!(!hw);
-        assert!(why.contains("kvm_pvm"), "{why}");
-        std::fs::create_dir_all(sys.join("module/kvm_intel")).unwrap();
-        assert!(hardware_kvm(&sys, &dev).0);
     }
 }

@@ -1,28 +1,30 @@
-//! metald: runs microVMs for customers behind a ConnectRPC/REST API.
+//! metald: runs microVMs for customers behind a ConnectRPC/REST API. This crate is the daemon:
+//! the API, the lifecycle service, metering and billing, wired together by [`daemon`].
 //!
-//! Layers, dependencies pointing down only:
-//! - [`api`]: Connect + REST adapters, auth, error mapping (no OS access)
-//! - [`service`]: validation and every state transition ([`state`])
-//! - [`store`] (SQLite), [`assets`] (image files), [`backend`] (VMM processes)
-//! - [`jailer`] (chroot, namespaces, cgroups, privilege drop) and [`network`] (namespaces,
-//!   veths, addresses, firewall) isolate each VMM
+//! The workspace's crates are its layers; each depends only on the ones below it, so an upward
+//! import does not compile:
+//! - `metald` (this crate): [`api`] (Connect + REST adapters, auth, error mapping) →
+//!   [`service`] (validation and every state transition) → [`metering`], [`billing`],
+//!   [`sandbox`] (a VM's jail and network together); [`config`] and [`daemon`] for the binary
+//! - `metald-store` ([`store`], [`assets`]): SQLite and image files
+//! - `metald-vmm` ([`backend`]): one Firecracker or QEMU process per VM
+//! - `metald-host` ([`jailer`], [`network`], [`probe`]): isolation on the host
+//! - `metald-domain` ([`domain`], [`state`], [`report`]): the nouns, the state machine
 //!
-//! [`config`] and [`daemon`] wire them together for the binary.
+//! The lower crates are re-exported under their layer's name, so paths read the same from here.
+
+pub use metald_domain::{domain, report, state};
+pub use metald_host::{jailer, network, probe};
+pub use metald_store as store;
+pub use metald_store::assets;
+pub use metald_vmm as backend;
 
 pub mod api;
-pub mod assets;
-pub mod backend;
 pub mod billing;
 pub mod config;
 pub mod daemon;
-pub mod domain;
-pub mod jailer;
 pub mod metering;
-pub mod network;
-pub mod report;
 pub mod sandbox;
 pub mod service;
-pub mod state;
-pub mod store;
 pub mod telemetry;
 pub mod timings;

@@ -1,6 +1,6 @@
 //! Durable state in one embedded SQLite file (WAL): VMs and the asset catalog.
 //!
-//! Migrations live in `crates/metald/migrations/` and are applied in order at open, tracked by
+//! Migrations live in `crates/metald-store/migrations/` and are applied in order at open, tracked by
 //! SQLite's `user_version`.
 
 use std::path::Path;
@@ -9,16 +9,19 @@ use std::sync::{Mutex, MutexGuard};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use crate::domain::{CustomerId, VmConfig, VmId, VmNet, VmRecord};
-use crate::metering::Counters;
-use crate::network::ipam::{lowest_free, mac_for, AllocationPlan, FIRST_VM_INDEX};
 use crate::state::{VmLife, VmState};
+use metald_domain::ipam::{lowest_free, mac_for, AllocationPlan, FIRST_VM_INDEX};
+use metald_domain::usage::Counters;
+use metald_domain::{domain, state};
+
+pub mod assets;
 
 /// Migrations in order; index + 1 is the schema version each one produces.
 const MIGRATIONS: &[&str] = &[
-    include_str!("../../migrations/0001_init.sql"),
-    include_str!("../../migrations/0002_network.sql"),
-    include_str!("../../migrations/0003_usage.sql"),
-    include_str!("../../migrations/0004_billing.sql"),
+    include_str!("../migrations/0001_init.sql"),
+    include_str!("../migrations/0002_network.sql"),
+    include_str!("../migrations/0003_usage.sql"),
+    include_str!("../migrations/0004_billing.sql"),
 ];
 
 /// Errors from the store.
@@ -697,13 +700,16 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
 }
 
 /// Records for other modules' tests.
-#[cfg(test)]
-pub(crate) mod testing {
+/// Records for other crates' unit tests (feature `testing`).
+#[cfg(any(test, feature = "testing"))]
+// Test builders: a literal that does not parse is a bug in the calling test.
+#[allow(clippy::unwrap_used)]
+pub mod testing {
     use super::*;
     use std::collections::BTreeMap;
 
     /// A VM record owned by `customer`, in `state`.
-    pub(crate) fn record(customer: &str, state: VmState) -> VmRecord {
+    pub fn record(customer: &str, state: VmState) -> VmRecord {
         VmRecord {
             id: VmId::generate(),
             customer: customer.parse().unwrap(),

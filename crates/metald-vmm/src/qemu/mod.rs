@@ -285,7 +285,7 @@ impl Backend for QemuBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::Disk;
+    use crate::Disk;
 
     fn launch() -> VmLaunch {
         VmLaunch {

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
-use crate::backend::BackendError;
+use crate::BackendError;
 
 /// How long one QMP exchange may take.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);

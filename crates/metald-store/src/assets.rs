@@ -13,7 +13,7 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 use crate::domain::now_ms;
-use crate::store::{AssetKind, AssetRecord, Store, StoreError};
+use crate::{AssetKind, AssetRecord, Store, StoreError};
 
 /// Errors from the asset store.
 #[derive(Debug, thiserror::Error)]

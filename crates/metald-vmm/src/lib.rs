@@ -20,6 +20,9 @@ use async_trait::async_trait;
 use crate::domain::VmId;
 use crate::jailer::JailPlan;
 use crate::network::VmNetworkPlan;
+pub use metald_domain::domain::BackendKind;
+use metald_domain::{domain, report};
+use metald_host::{jailer, network};
 pub use process::{ExitEvent, VmmProcess};
 
 /// File names inside a VM's directory, shared by every backend.
@@ -130,25 +133,6 @@ pub struct VmmInfo {
     pub process: VmmProcess,
     /// Whether the VMM process is still alive.
     pub alive: bool,
-}
-
-/// Which VMM a backend drives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BackendKind {
-    /// Firecracker, over its REST API.
-    Firecracker,
-    /// QEMU, over QMP.
-    Qemu,
-}
-
-impl BackendKind {
-    /// Stable name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BackendKind::Firecracker => "firecracker",
-            BackendKind::Qemu => "qemu",
-        }
-    }
 }
 
 /// Errors from backends.
@@ -288,7 +272,7 @@ pub enum NotReady {
 
 /// Readiness of a backend whose VMM is the executable at `binary` (`name` for the message).
 pub fn binary_ready(name: &'static str, binary: &Path) -> Result<(), NotReady> {
-    if crate::config::is_executable(binary) {
+    if metald_host::probe::is_executable(binary) {
         Ok(())
     } else {
         Err(NotReady::NotExecutable {

@@ -14,7 +14,7 @@ use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use tokio::net::UnixStream;
 
-use crate::backend::BackendError;
+use crate::BackendError;
 
 /// `PUT /boot-source`.
 #[derive(Debug, Clone, Serialize)]

@@ -15,7 +15,7 @@
 //! metald's nftables table keeps customers apart (see [`nft`]). These arguments are part of the
 //! guest contract, written down in `guest/README.md`, which the default guest's scripts follow.
 
-pub mod ipam;
+pub use metald_domain::ipam;
 pub mod netns;
 pub mod nft;
 

@@ -22,7 +22,7 @@ use std::process::Command;
 use serde::{Deserialize, Serialize};
 
 use self::cgroup::{CgroupError, Cgroups, Limits};
-use crate::backend::BackendKind;
+use crate::domain::BackendKind;
 use crate::domain::{RateLimit, VmId};
 use crate::network::VmNetworkPlan;
 use crate::report::Chain;

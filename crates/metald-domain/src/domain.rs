@@ -223,6 +223,25 @@ pub fn rfc3339(ms: i64) -> String {
         .unwrap_or_default()
 }
 
+/// Which VMM a backend drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    /// Firecracker, over its REST API.
+    Firecracker,
+    /// QEMU, over QMP.
+    Qemu,
+}
+
+impl BackendKind {
+    /// Stable name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Firecracker => "firecracker",
+            BackendKind::Qemu => "qemu",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
