@@ -191,11 +191,11 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
     })?;
     let (tx, rx) = mpsc::unbounded_channel();
     let backend = select_backend(&cfg, tx)?;
-    let sandboxes = match &cfg.isolation {
-        Isolation::Jail(iso) => Some(Arc::new(sandboxes(&cfg, iso, backend.kind())?)),
+    let isolation: Arc<dyn crate::sandbox::Isolation> = match &cfg.isolation {
+        Isolation::Jail(iso) => Arc::new(sandboxes(&cfg, iso, backend.kind())?),
         Isolation::None => {
             tracing::warn!("ISOLATION IS OFF (UNKEY_METALD_ISOLATION=none): VMMs run as metald's own user, unjailed and without network; for development and benchmarks only");
-            None
+            Arc::new(crate::sandbox::Unisolated)
         }
     };
     let meter = Meter::start(MeterConfig {
@@ -224,8 +224,8 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         store,
         assets,
         backend,
-        sandboxes,
-        Some(Arc::clone(&meter)),
+        isolation,
+        Arc::clone(&meter),
         ServiceConfig {
             vms_dir,
             boot_timeout: cfg.boot_timeout,

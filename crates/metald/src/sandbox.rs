@@ -1,6 +1,10 @@
 //! A VM run's sandbox: its network ([`crate::network`]) and its jail ([`crate::jailer`]),
 //! set up before the VMM starts and removed once it is gone, whatever the reason (shutdown,
 //! crash, failed boot, delete).
+//!
+//! The service sees isolation only through the [`Isolation`] trait, as it sees VMMs through
+//! the backend trait: [`Sandboxes`] is the real one, [`Unisolated`] the development mode
+//! (`UNKEY_METALD_ISOLATION=none`), and the service's unit tests use a recording fake.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -8,8 +12,9 @@ use std::path::PathBuf;
 use crate::backend::VmLaunch;
 use crate::domain::{VmId, VmRecord};
 use crate::jailer::{JailError, JailRequest, Jailer};
+use crate::metering::sources::Sources;
 use crate::network::ipam::AllocationPlan;
-use crate::network::{Network, NetworkError};
+use crate::network::{Network, NetworkError, VmNetworkPlan};
 use crate::report::Chain;
 
 /// Errors setting up a sandbox.
@@ -26,7 +31,66 @@ pub enum SandboxError {
     NotAllocated(VmId),
 }
 
-/// Sets up and removes sandboxes.
+/// What the lifecycle service asks of isolation, at each step of a VM's life.
+#[async_trait::async_trait]
+pub trait Isolation: Send + Sync {
+    /// What each new VM is allocated (jail slot, addresses); `None` when VMs get neither.
+    fn allocation(&self) -> Option<AllocationPlan>;
+
+    /// Makes the VM's network and jail and puts them into `launch`, before its VMM starts.
+    /// Nothing is left behind on failure.
+    async fn setup(&self, vm: &VmRecord, launch: &mut VmLaunch) -> Result<(), SandboxError>;
+
+    /// For a VM whose network is already up (a reboot): fills `launch` with it and a new jail.
+    fn attach(&self, vm: &VmRecord, launch: &mut VmLaunch) -> Result<(), SandboxError>;
+
+    /// Removes everything the VM's run had (best effort, each failure logged).
+    async fn release(&self, vm: &VmRecord);
+
+    /// Takes over the sandbox of a VMM that outlived a metald restart.
+    async fn adopt(&self, vm: &VmRecord) -> Result<(), SandboxError>;
+
+    /// At start: removes every sandbox left of VMs not in `keep`.
+    async fn sweep(&self, keep: &HashSet<VmId>) -> Result<(), SandboxError>;
+
+    /// Where the usage of the VM's VMM `pid` is read: its cgroup and host-side interface.
+    fn meter_sources(&self, vm: &VmRecord, pid: u32) -> (Sources, Option<String>);
+
+    /// The VM's network identity, if it has one.
+    fn network_of(&self, vm: &VmRecord) -> Option<VmNetworkPlan>;
+}
+
+/// No isolation: VMMs run as metald's own user, unjailed and without network. Every step is
+/// a no-op and usage comes from the VMM process alone.
+pub struct Unisolated;
+
+#[async_trait::async_trait]
+impl Isolation for Unisolated {
+    fn allocation(&self) -> Option<AllocationPlan> {
+        None
+    }
+    async fn setup(&self, _: &VmRecord, _: &mut VmLaunch) -> Result<(), SandboxError> {
+        Ok(())
+    }
+    fn attach(&self, _: &VmRecord, _: &mut VmLaunch) -> Result<(), SandboxError> {
+        Ok(())
+    }
+    async fn release(&self, _: &VmRecord) {}
+    async fn adopt(&self, _: &VmRecord) -> Result<(), SandboxError> {
+        Ok(())
+    }
+    async fn sweep(&self, _: &HashSet<VmId>) -> Result<(), SandboxError> {
+        Ok(())
+    }
+    fn meter_sources(&self, _: &VmRecord, pid: u32) -> (Sources, Option<String>) {
+        (Sources::for_process(pid), None)
+    }
+    fn network_of(&self, _: &VmRecord) -> Option<VmNetworkPlan> {
+        None
+    }
+}
+
+/// Sets up and removes sandboxes: the jailer and the network together.
 pub struct Sandboxes {
     jailer: Jailer,
     network: Network,
@@ -41,42 +105,6 @@ impl Sandboxes {
             network,
             plan,
         }
-    }
-
-    /// What each new VM is allocated.
-    pub fn allocation(&self) -> &AllocationPlan {
-        &self.plan
-    }
-
-    /// The jailer.
-    pub fn jailer(&self) -> &Jailer {
-        &self.jailer
-    }
-
-    /// The network.
-    pub fn network(&self) -> &Network {
-        &self.network
-    }
-
-    /// Makes the VM's network and jail and puts them into `launch`. Nothing is left behind on
-    /// failure.
-    pub async fn setup(&self, vm: &VmRecord, launch: &mut VmLaunch) -> Result<(), SandboxError> {
-        let t0 = std::time::Instant::now();
-        let net = self.network.setup(vm).await?;
-        let network_ms = t0.elapsed().as_secs_f64() * 1000.0;
-        launch.net = Some(net);
-        if let Err(e) = self.attach_jail(vm, launch) {
-            self.release(vm).await;
-            return Err(e);
-        }
-        tracing::debug!(vm_id = %vm.id, network_ms, jail_ms = t0.elapsed().as_secs_f64() * 1000.0 - network_ms, "sandbox ready");
-        Ok(())
-    }
-
-    /// For a VM whose network is already up (a reboot): fills `launch` with it and a new jail.
-    pub fn attach(&self, vm: &VmRecord, launch: &mut VmLaunch) -> Result<(), SandboxError> {
-        launch.net = Some(self.network.plan(vm)?);
-        self.attach_jail(vm, launch)
     }
 
     fn attach_jail(&self, vm: &VmRecord, launch: &mut VmLaunch) -> Result<(), SandboxError> {
@@ -122,10 +150,38 @@ impl Sandboxes {
         launch.jail = Some(jail);
         Ok(())
     }
+}
+
+#[async_trait::async_trait]
+impl Isolation for Sandboxes {
+    fn allocation(&self) -> Option<AllocationPlan> {
+        Some(self.plan)
+    }
+
+    /// Makes the VM's network and jail and puts them into `launch`. Nothing is left behind on
+    /// failure.
+    async fn setup(&self, vm: &VmRecord, launch: &mut VmLaunch) -> Result<(), SandboxError> {
+        let t0 = std::time::Instant::now();
+        let net = self.network.setup(vm).await?;
+        let network_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        launch.net = Some(net);
+        if let Err(e) = self.attach_jail(vm, launch) {
+            self.release(vm).await;
+            return Err(e);
+        }
+        tracing::debug!(vm_id = %vm.id, network_ms, jail_ms = t0.elapsed().as_secs_f64() * 1000.0 - network_ms, "sandbox ready");
+        Ok(())
+    }
+
+    /// For a VM whose network is already up (a reboot): fills `launch` with it and a new jail.
+    fn attach(&self, vm: &VmRecord, launch: &mut VmLaunch) -> Result<(), SandboxError> {
+        launch.net = Some(self.network.plan(vm)?);
+        self.attach_jail(vm, launch)
+    }
 
     /// Removes everything the VM's run had. Best effort: each failure is logged, the rest is
     /// still removed.
-    pub async fn release(&self, vm: &VmRecord) {
+    async fn release(&self, vm: &VmRecord) {
         if let Err(e) = self.network.teardown(vm).await {
             tracing::error!(vm_id = %vm.id, error = %Chain(&e), "removing the VM's network failed");
         }
@@ -135,13 +191,24 @@ impl Sandboxes {
     }
 
     /// Takes over the sandbox of a VMM that outlived a metald restart.
-    pub async fn adopt(&self, vm: &VmRecord) -> Result<(), SandboxError> {
+    async fn adopt(&self, vm: &VmRecord) -> Result<(), SandboxError> {
         Ok(self.network.adopt(vm).await?)
     }
 
     /// At start: removes every namespace, interface, cgroup and jail of VMs not in `keep`.
-    pub async fn sweep(&self, keep: &HashSet<VmId>) -> Result<(), SandboxError> {
+    async fn sweep(&self, keep: &HashSet<VmId>) -> Result<(), SandboxError> {
         self.jailer.sweep(keep);
         Ok(self.network.sweep(keep).await?)
+    }
+
+    fn meter_sources(&self, vm: &VmRecord, pid: u32) -> (Sources, Option<String>) {
+        (
+            Sources::for_cgroup(&self.jailer.cgroups().files(vm.id.as_str()), pid),
+            self.network.plan(vm).ok().map(|p| p.host_if),
+        )
+    }
+
+    fn network_of(&self, vm: &VmRecord) -> Option<VmNetworkPlan> {
+        self.network.plan(vm).ok()
     }
 }

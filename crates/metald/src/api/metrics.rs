@@ -74,7 +74,8 @@ impl Collector for ServiceCollector {
                 ConstGauge::new(n as i64).encode(m.encode_family(&l)?)?;
             }
         }
-        if let Some((secs, ticks)) = svc.meter_cost() {
+        {
+            let (secs, ticks) = svc.meter_cost();
             let m = encoder.encode_descriptor(
                 "metald_meter_busy_seconds",
                 "Time the usage sampler spent sampling",

@@ -47,7 +47,7 @@ impl VmService {
                 vm: id.clone(),
                 source,
             })?;
-        let plan = self.sandboxes.as_ref().map(|s| *s.allocation());
+        let plan = self.isolation.allocation();
         let saved = self.store.insert_vm(&record, plan.as_ref())?;
         tracing::info!(vm_id = %id, customer = %customer, "vm created");
         Ok(saved)

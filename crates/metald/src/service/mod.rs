@@ -27,10 +27,9 @@ use crate::backend::console::file_len;
 use crate::backend::{file_tail, Backend, BackendError, Disk, ExitEvent, StopMode, VmLaunch};
 use crate::billing::Billing;
 use crate::domain::{is_token, now_ms, CustomerId, DriveConfig, VmConfig, VmId, VmRecord, MIB};
-use crate::metering::sources::Sources;
 use crate::metering::{Counters, Meter, RunStart, VmUsage};
 use crate::report::Chain;
-use crate::sandbox::{SandboxError, Sandboxes};
+use crate::sandbox::{Isolation, SandboxError};
 use crate::state::{transition, Change, InvalidTransition, Operation, VmLife, VmState};
 use crate::store::{AssetKind, Store, StoreError};
 use crate::timings::{Step, Timings};
@@ -159,8 +158,8 @@ pub struct VmService {
     store: Arc<Store>,
     assets: Arc<AssetStore>,
     backend: Arc<dyn Backend>,
-    sandboxes: Option<Arc<Sandboxes>>,
-    meter: Option<Arc<Meter>>,
+    isolation: Arc<dyn Isolation>,
+    meter: Arc<Meter>,
     billing: std::sync::OnceLock<Arc<Billing>>,
     cfg: ServiceConfig,
     locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
@@ -172,8 +171,8 @@ impl VmService {
         store: Arc<Store>,
         assets: Arc<AssetStore>,
         backend: Arc<dyn Backend>,
-        sandboxes: Option<Arc<Sandboxes>>,
-        meter: Option<Arc<Meter>>,
+        isolation: Arc<dyn Isolation>,
+        meter: Arc<Meter>,
         cfg: ServiceConfig,
         mut exits: mpsc::UnboundedReceiver<ExitEvent>,
     ) -> Arc<Self> {
@@ -181,7 +180,7 @@ impl VmService {
             store,
             assets,
             backend,
-            sandboxes,
+            isolation,
             meter,
             billing: std::sync::OnceLock::new(),
             cfg,
@@ -224,7 +223,7 @@ impl VmService {
 
     /// The VM's network identity, when metald isolates VMs.
     pub fn network_of(&self, vm: &VmRecord) -> Option<crate::network::VmNetworkPlan> {
-        self.sandboxes.as_ref()?.network().plan(vm).ok()
+        self.isolation.network_of(vm)
     }
 
     /// The backend in use.
@@ -291,19 +290,16 @@ impl VmService {
         next_state(vm.state(), Operation::Boot)?;
         let mut launch = self.launch(&vm)?;
         let t0 = std::time::Instant::now();
-        if let Some(sb) = &self.sandboxes {
-            sb.setup(&vm, &mut launch)
-                .instrument(tracing::info_span!("sandbox.setup", vm_id = %id))
-                .await
-                .map_err(|source| ServiceError::Sandbox {
-                    vm: id.clone(),
-                    source,
-                })?;
-        }
+        self.isolation
+            .setup(&vm, &mut launch)
+            .instrument(tracing::info_span!("sandbox.setup", vm_id = %id))
+            .await
+            .map_err(|source| ServiceError::Sandbox {
+                vm: id.clone(),
+                source,
+            })?;
         let sandbox_ms = t0.elapsed().as_secs_f64() * 1000.0;
-        if self.sandboxes.is_some() {
-            self.timings.observe(Step::Sandbox, sandbox_ms / 1000.0);
-        }
+        self.timings.observe(Step::Sandbox, sandbox_ms / 1000.0);
         let console_offset = file_len(&launch.console_log());
         let t1 = std::time::Instant::now();
         let started = self.backend.boot(&launch).instrument(tracing::info_span!(
@@ -417,14 +413,13 @@ impl VmService {
         let mut vm = self.load(customer, id).await?;
         next_state(vm.state(), Operation::Reboot)?;
         let mut launch = self.launch(&vm)?;
-        if let Some(sb) = &self.sandboxes {
-            // The namespace and veth stay across a reboot; only a new jail is made.
-            sb.attach(&vm, &mut launch)
-                .map_err(|source| ServiceError::Sandbox {
-                    vm: id.clone(),
-                    source,
-                })?;
-        }
+        // The namespace and veth stay across a reboot; only a new jail is made.
+        self.isolation
+            .attach(&vm, &mut launch)
+            .map_err(|source| ServiceError::Sandbox {
+                vm: id.clone(),
+                source,
+            })?;
         let console_offset = file_len(&launch.console_log());
         let result = self.backend.reboot(&launch, mode).await;
         let process = match result {
@@ -488,9 +483,7 @@ impl VmService {
             }
         }
         self.store.delete_vm(id)?;
-        if let Some(meter) = &self.meter {
-            meter.forget(id);
-        }
+        self.meter.forget(id);
         drop(guard);
         self.locks
             .lock()

@@ -27,10 +27,8 @@ impl VmService {
             };
             if adopted {
                 tracing::info!(vm_id = %vm.id, pid = ?vm.life.vmm_pid(), "re-attached to running VMM");
-                if let Some(sb) = &self.sandboxes {
-                    if let Err(e) = sb.adopt(&vm).await {
-                        tracing::error!(vm_id = %vm.id, error = %Chain(&e), "re-attaching the VM's network failed");
-                    }
+                if let Err(e) = self.isolation.adopt(&vm).await {
+                    tracing::error!(vm_id = %vm.id, error = %Chain(&e), "re-attaching the VM's network failed");
                 }
                 keep.insert(vm.id.clone());
                 if let Some(pid) = vm.life.vmm_pid() {
@@ -47,18 +45,17 @@ impl VmService {
         }
         // Whatever isolation is left of VMs that are not running (metald crashed mid-create
         // or mid-delete, or the records are gone) is removed.
-        if let Some(sb) = &self.sandboxes {
-            sb.sweep(&keep).await.map_err(ServiceError::Sweep)?;
-        }
+        self.isolation
+            .sweep(&keep)
+            .await
+            .map_err(ServiceError::Sweep)?;
         Ok(())
     }
 
     /// The VM's VMM is gone: its last sample is taken, then its sandbox removed.
     pub(super) async fn release_sandbox(&self, vm: &VmRecord) {
         self.untrack(vm);
-        if let Some(sb) = &self.sandboxes {
-            sb.release(vm).await;
-        }
+        self.isolation.release(vm).await;
     }
 
     /// A VMM exited: if nobody asked for it, the VM is FAILED with the exit status.

@@ -3,6 +3,12 @@
 use super::*;
 use crate::assets::ImportRequest;
 use crate::backend::{BackendKind, StopOutcome, VmmInfo, VmmProcess};
+use crate::metering::sources::Sources;
+use crate::metering::MeterConfig;
+use crate::network::ipam::AllocationPlan;
+use crate::network::VmNetworkPlan;
+use crate::sandbox::SandboxError;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 /// A backend double that records calls and hands out fake pids.
@@ -11,6 +17,67 @@ struct FakeBackend {
     calls: Mutex<Vec<String>>,
     next_pid: AtomicU32,
     fail_boot: AtomicBool,
+    /// Pids whose VMM "outlived" a metald restart: adopt answers true for them.
+    survivors: Mutex<HashSet<u32>>,
+    /// While set, boot waits for a permit after recording "boot".
+    hold_boot: Mutex<Option<Arc<tokio::sync::Semaphore>>>,
+}
+
+/// An isolation double in the style of youki's recording fakes: every call is recorded as
+/// "step vm-id", and setup can be made to fail.
+#[derive(Default)]
+struct FakeIsolation {
+    calls: Mutex<Vec<String>>,
+    fail_setup: AtomicBool,
+}
+
+impl FakeIsolation {
+    fn record(&self, step: &str, vm: &VmId) {
+        self.calls.lock().unwrap().push(format!("{step} {vm}"));
+    }
+    fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+#[async_trait::async_trait]
+impl Isolation for FakeIsolation {
+    fn allocation(&self) -> Option<AllocationPlan> {
+        None
+    }
+    async fn setup(&self, vm: &VmRecord, _: &mut VmLaunch) -> Result<(), SandboxError> {
+        self.record("setup", &vm.id);
+        if self.fail_setup.load(Ordering::SeqCst) {
+            return Err(SandboxError::NotAllocated(vm.id.clone()));
+        }
+        Ok(())
+    }
+    fn attach(&self, vm: &VmRecord, _: &mut VmLaunch) -> Result<(), SandboxError> {
+        self.record("attach", &vm.id);
+        Ok(())
+    }
+    async fn release(&self, vm: &VmRecord) {
+        self.record("release", &vm.id);
+    }
+    async fn adopt(&self, vm: &VmRecord) -> Result<(), SandboxError> {
+        self.record("adopt", &vm.id);
+        Ok(())
+    }
+    async fn sweep(&self, keep: &HashSet<VmId>) -> Result<(), SandboxError> {
+        let mut kept: Vec<&str> = keep.iter().map(|k| k.as_str()).collect();
+        kept.sort();
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("sweep keeping [{}]", kept.join(",")));
+        Ok(())
+    }
+    fn meter_sources(&self, _: &VmRecord, pid: u32) -> (Sources, Option<String>) {
+        (Sources::for_process(pid), None)
+    }
+    fn network_of(&self, _: &VmRecord) -> Option<VmNetworkPlan> {
+        None
+    }
 }
 
 #[async_trait::async_trait]
@@ -27,6 +94,11 @@ impl Backend for FakeBackend {
     }
     async fn boot(&self, l: &VmLaunch) -> Result<VmmProcess, BackendError> {
         self.record("boot");
+        let gate = self.hold_boot.lock().unwrap().clone();
+        if let Some(gate) = gate {
+            gate.acquire().await.unwrap().forget();
+            self.record("boot done");
+        }
         if self.fail_boot.load(Ordering::SeqCst) {
             return Err(BackendError::Unsupported("boot refused".into()));
         }
@@ -55,8 +127,9 @@ impl Backend for FakeBackend {
     async fn info(&self, _: &VmId) -> Option<VmmInfo> {
         None
     }
-    async fn adopt(&self, _: &VmLaunch, _: VmmProcess) -> Result<bool, BackendError> {
-        Ok(false)
+    async fn adopt(&self, _: &VmLaunch, p: VmmProcess) -> Result<bool, BackendError> {
+        self.record(&format!("adopt {}", p.pid));
+        Ok(self.survivors.lock().unwrap().contains(&p.pid))
     }
 }
 
@@ -74,6 +147,7 @@ struct Fixture {
     vms_dir: PathBuf,
     svc: Arc<VmService>,
     backend: Arc<FakeBackend>,
+    isolation: Arc<FakeIsolation>,
     exits: mpsc::UnboundedSender<ExitEvent>,
     who: CustomerId,
 }
@@ -111,12 +185,27 @@ fn fixture_with_timeout(boot_timeout: Duration) -> Fixture {
         vms_dir: vms_dir.clone(),
         boot_timeout,
     };
-    let svc = VmService::start(store, assets, backend.clone(), None, None, cfg, rx);
+    let isolation = Arc::new(FakeIsolation::default());
+    let meter = Meter::start(MeterConfig {
+        interval: Duration::from_millis(100),
+        retained_samples: 100,
+        vmm_metrics_interval: Duration::from_secs(10),
+    });
+    let svc = VmService::start(
+        store,
+        assets,
+        backend.clone(),
+        isolation.clone(),
+        meter,
+        cfg,
+        rx,
+    );
     Fixture {
         _dir: dir,
         vms_dir,
         svc,
         backend,
+        isolation,
         exits: tx,
         who: "acme".parse().unwrap(),
     }
@@ -437,4 +526,136 @@ async fn readiness_is_seen_on_the_console_and_silence_fails_the_vm_but_not_while
         failed.life.failure(),
         Some("guest printed no 'READY' line within 300ms; console ends: booting...")
     );
+}
+
+#[tokio::test]
+async fn a_failed_boot_rolls_back_isolation_and_leaves_the_vm_created() {
+    let f = fixture();
+    let id = f.svc.create(&f.who, config()).await.unwrap().id;
+    f.backend.fail_boot.store(true, Ordering::SeqCst);
+    assert!(f.svc.boot(&f.who, &id).await.is_err());
+    assert_eq!(
+        f.isolation.calls(),
+        [format!("setup {id}"), format!("release {id}")]
+    );
+    let vm = f.svc.get(&f.who, &id).await.unwrap();
+    assert_eq!(vm.life, VmLife::created());
+    // Isolation that cannot be set up never reaches the backend.
+    f.backend.fail_boot.store(false, Ordering::SeqCst);
+    f.isolation.fail_setup.store(true, Ordering::SeqCst);
+    let boots = f.backend.calls().len();
+    assert!(matches!(
+        f.svc.boot(&f.who, &id).await,
+        Err(ServiceError::Sandbox { .. })
+    ));
+    assert_eq!(f.backend.calls().len(), boots);
+    assert_eq!(
+        f.svc.get(&f.who, &id).await.unwrap().state(),
+        VmState::Created
+    );
+}
+
+#[tokio::test]
+async fn a_reboot_makes_a_new_jail_in_the_same_network_and_a_shutdown_releases_it() {
+    let f = fixture();
+    let id = f.svc.create(&f.who, config()).await.unwrap().id;
+    let first = f.svc.boot(&f.who, &id).await.unwrap();
+    let again = f.svc.reboot(&f.who, &id, false).await.unwrap();
+    assert_ne!(again.life.vmm_pid(), first.life.vmm_pid());
+    assert_eq!(
+        f.isolation.calls(),
+        [format!("setup {id}"), format!("attach {id}")]
+    );
+    f.svc
+        .shutdown(
+            &f.who,
+            &id,
+            ShutdownRequest {
+                force: true,
+                timeout_seconds: 0,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        f.isolation.calls().last().unwrap(),
+        &format!("release {id}")
+    );
+}
+
+#[tokio::test]
+async fn start_up_adopts_surviving_vmms_and_sweeps_everything_else() {
+    let f = fixture();
+    let alive = f.svc.create(&f.who, config()).await.unwrap().id;
+    let dead = f.svc.create(&f.who, config()).await.unwrap().id;
+    let idle = f.svc.create(&f.who, config()).await.unwrap().id;
+    let pid = f
+        .svc
+        .boot(&f.who, &alive)
+        .await
+        .unwrap()
+        .life
+        .vmm_pid()
+        .unwrap();
+    f.svc.boot(&f.who, &dead).await.unwrap();
+    f.backend.survivors.lock().unwrap().insert(pid);
+    f.isolation.calls.lock().unwrap().clear();
+
+    f.svc.reconcile().await.unwrap();
+
+    let kept = f.svc.get(&f.who, &alive).await.unwrap();
+    assert_eq!(kept.state(), VmState::Running);
+    assert_eq!(kept.life.vmm_pid(), Some(pid));
+    assert_eq!(
+        f.svc.get(&f.who, &dead).await.unwrap().state(),
+        VmState::Failed
+    );
+    assert_eq!(
+        f.svc.get(&f.who, &idle).await.unwrap().state(),
+        VmState::Created
+    );
+    let mut calls = f.isolation.calls();
+    let sweep = calls.pop().unwrap();
+    calls.sort();
+    let mut want = vec![format!("adopt {alive}"), format!("release {dead}")];
+    want.sort();
+    assert_eq!(calls, want);
+    assert_eq!(sweep, format!("sweep keeping [{alive}]"));
+}
+
+#[tokio::test]
+async fn a_delete_during_a_boot_waits_for_it_then_removes_the_vm_and_its_sandbox() {
+    let f = fixture();
+    let id = f.svc.create(&f.who, config()).await.unwrap().id;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    *f.backend.hold_boot.lock().unwrap() = Some(Arc::clone(&gate));
+    let booting = {
+        let (svc, who, id) = (Arc::clone(&f.svc), f.who.clone(), id.clone());
+        tokio::spawn(async move { svc.boot(&who, &id).await })
+    };
+    while !f.backend.calls().iter().any(|c| c == "boot") {
+        tokio::task::yield_now().await;
+    }
+    let deleting = {
+        let (svc, who, id) = (Arc::clone(&f.svc), f.who.clone(), id.clone());
+        tokio::spawn(async move { svc.delete(&who, &id, true).await })
+    };
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+    assert!(!deleting.is_finished(), "delete went ahead of the boot");
+    gate.add_permits(1);
+    assert_eq!(booting.await.unwrap().unwrap().state(), VmState::Running);
+    deleting.await.unwrap().unwrap();
+    let calls = f.backend.calls();
+    assert_eq!(&calls[calls.len() - 3..], ["boot", "boot done", "delete"]);
+    assert_eq!(
+        f.isolation.calls(),
+        [format!("setup {id}"), format!("release {id}")]
+    );
+    assert!(matches!(
+        f.svc.get(&f.who, &id).await,
+        Err(ServiceError::NotFound(_))
+    ));
+    assert_eq!(dirs(&f), 0);
 }

@@ -19,21 +19,14 @@ impl VmService {
     /// readings, a re-adopted one from where its counting started, so the totals stay
     /// continuous across a metald restart (the kernel kept counting meanwhile).
     pub(super) fn track(&self, vm: &VmRecord, pid: u32, adopted: bool) {
-        let Some(meter) = &self.meter else { return };
         let saved = self.store.load_usage(&vm.id).unwrap_or_else(|e| {
             tracing::error!(vm_id = %vm.id, error = %Chain(&e), "reading saved usage failed");
             None
         });
         let (carried, base) = saved.unwrap_or_default();
         let base = if adopted { base } else { None };
-        let (sources, host_if) = match &self.sandboxes {
-            Some(sb) => (
-                Sources::for_cgroup(&sb.jailer().cgroups().files(vm.id.as_str()), pid),
-                sb.network().plan(vm).ok().map(|p| p.host_if),
-            ),
-            None => (Sources::for_process(pid), None),
-        };
-        let base = meter.track(
+        let (sources, host_if) = self.isolation.meter_sources(vm, pid);
+        let base = self.meter.track(
             &vm.id,
             RunStart {
                 customer: vm.customer.clone(),
@@ -63,9 +56,7 @@ impl VmService {
     /// so this is not done at the 100 ms sampling rate: billing comes from the kernel's counters,
     /// and these records add Firecracker's own view (disk operations, device errors).
     pub(super) fn poll_vmm_metrics(&self, vm: &VmId) {
-        let Some(meter) = self.meter.clone() else {
-            return;
-        };
+        let meter = Arc::clone(&self.meter);
         let backend = Arc::clone(&self.backend);
         let vm = vm.clone();
         tokio::spawn(async move {
@@ -90,7 +81,7 @@ impl VmService {
 
     /// Takes the VM's last sample, saves its totals and queues its last usage for billing.
     pub(super) fn untrack(&self, vm: &VmRecord) {
-        let Some(total) = self.meter.as_ref().and_then(|m| m.stop(&vm.id)) else {
+        let Some(total) = self.meter.stop(&vm.id) else {
             return;
         };
         if let Err(e) = self.store.save_usage(&vm.id, &total, None) {
@@ -111,20 +102,17 @@ impl VmService {
 
     /// Every metered VM's totals (for exporting).
     pub fn usage_snapshot(&self) -> Vec<(VmId, CustomerId, Counters)> {
-        self.meter
-            .as_ref()
-            .map(|m| m.snapshot())
-            .unwrap_or_default()
+        self.meter.snapshot()
     }
 
     /// Seconds the sampler spent sampling and its rounds.
-    pub fn meter_cost(&self) -> Option<(f64, u64)> {
-        self.meter.as_ref().map(|m| m.cost())
+    pub fn meter_cost(&self) -> (f64, u64) {
+        self.meter.cost()
     }
 
-    /// The metering interval (zero when metering is off).
+    /// The metering interval.
     pub fn metering_interval(&self) -> Duration {
-        self.meter.as_ref().map_or(Duration::ZERO, |m| m.interval())
+        self.meter.interval()
     }
 
     /// A VM's usage: totals and the samples after `since_ms`.
@@ -135,17 +123,13 @@ impl VmService {
         since_ms: i64,
     ) -> Result<VmUsage, ServiceError> {
         let vm = self.load(customer, id).await?;
-        Ok(self
-            .meter
-            .as_ref()
-            .and_then(|m| m.usage(id, since_ms))
-            .unwrap_or(VmUsage {
-                total: Counters::default(),
-                memory_configured: vm.config.memory_bytes,
-                samples: Vec::new(),
-                known_from_ms: None,
-                vmm_metrics_raw: None,
-            }))
+        Ok(self.meter.usage(id, since_ms).unwrap_or(VmUsage {
+            total: Counters::default(),
+            memory_configured: vm.config.memory_bytes,
+            samples: Vec::new(),
+            known_from_ms: None,
+            vmm_metrics_raw: None,
+        }))
     }
 
     /// What each of the customer's VMs used in `(start_ms, end_ms]`, from the samples held.
@@ -161,9 +145,7 @@ impl VmService {
         if end_ms < start_ms {
             return Err(invalid("end", "must not be before start"));
         }
-        let Some(meter) = &self.meter else {
-            return Ok(Vec::new());
-        };
+        let meter = &self.meter;
         let mut out = Vec::new();
         for id in meter.customer_vms(customer) {
             let Some(u) = meter.usage(&id, i64::MIN) else {
