@@ -28,3 +28,6 @@ pub mod sandbox;
 pub mod service;
 pub mod telemetry;
 pub mod timings;
+
+#[cfg(test)]
+pub(crate) mod testing;

@@ -9,6 +9,9 @@ pub mod metrics;
 pub mod rest;
 pub mod strict;
 
+#[cfg(test)]
+mod tests;
+
 use std::sync::Arc;
 
 use axum::body::Body;

@@ -1,0 +1,355 @@
+//! The API in-process: the real router served on a loopback port and called with a real HTTP
+//! client, over the lifecycle service with a fake backend and isolation. Routes, auth, tenancy
+//! and error mapping need neither root nor a VMM.
+
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use super::routers;
+use crate::testing::{fixture, Fixture};
+
+/// The router `routers` builds, listening on a free loopback port until the test ends.
+struct Served {
+    base: String,
+    client: reqwest::Client,
+    _server: tokio::task::JoinHandle<()>,
+}
+
+async fn serve(app: axum::Router) -> Served {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    Served {
+        base,
+        client: reqwest::Client::new(),
+        _server: server,
+    }
+}
+
+/// One answer: status, Connect error code (if any) and body.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    body: Value,
+}
+
+impl Answer {
+    fn code(&self) -> &str {
+        self.body["code"].as_str().unwrap_or("")
+    }
+    fn message(&self) -> &str {
+        self.body["message"].as_str().unwrap_or("")
+    }
+}
+
+impl Served {
+    async fn call(
+        &self,
+        who: Option<&str>,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> Answer {
+        let mut req = self.client.request(
+            reqwest::Method::from_bytes(method.as_bytes()).unwrap(),
+            format!("{}{path}", self.base),
+        );
+        if let Some(who) = who {
+            req = req.header("Authorization", format!("Bearer dev_customer_{who}"));
+        }
+        if path.starts_with("/metald.v1.VmService/") {
+            req = req.header("Content-Type", "application/json");
+        }
+        if let Some(body) = body {
+            req = req.body(body.to_string());
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        let body = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        Answer { status, body }
+    }
+
+    async fn rest(&self, who: &str, method: &str, path: &str, body: Option<Value>) -> Answer {
+        self.call(
+            Some(who),
+            method,
+            path,
+            body.map(|b| b.to_string()).as_deref(),
+        )
+        .await
+    }
+
+    async fn create(&self, who: &str) -> String {
+        let r = self.rest(who, "POST", "/v1/vms", Some(request())).await;
+        assert_eq!(r.status, 201, "{r:?}");
+        r.body["vm"]["vmId"].as_str().unwrap().to_string()
+    }
+}
+
+/// A valid CreateVm body for the fixture's images.
+fn request() -> Value {
+    json!({"config": {"cpu": {"vcpu_count": 1}, "memory": {"size_bytes": 128 << 20},
+        "kernel": {"image_id": "k"}, "rootfs": {"image_id": "r"}}})
+}
+
+async fn api(f: &Fixture) -> Served {
+    serve(routers(Arc::clone(&f.svc), false).api).await
+}
+
+#[tokio::test]
+async fn every_rest_route_and_connect_answers_through_the_router() {
+    let f = fixture();
+    let s = api(&f).await;
+    let id = s.create("acme").await;
+    let state = |r: &Answer| r.body["vm"]["state"].as_str().unwrap_or("").to_string();
+    for (method, path, want) in [
+        ("GET", format!("/v1/vms/{id}"), "VM_STATE_CREATED"),
+        ("POST", format!("/v1/vms/{id}/boot"), "VM_STATE_RUNNING"),
+        ("POST", format!("/v1/vms/{id}/pause"), "VM_STATE_PAUSED"),
+        ("POST", format!("/v1/vms/{id}/resume"), "VM_STATE_RUNNING"),
+        ("POST", format!("/v1/vms/{id}/reboot"), "VM_STATE_RUNNING"),
+        (
+            "POST",
+            format!("/v1/vms/{id}/shutdown"),
+            "VM_STATE_SHUTDOWN",
+        ),
+    ] {
+        let r = s.rest("acme", method, &path, None).await;
+        assert_eq!(
+            (r.status, state(&r).as_str()),
+            (200, want),
+            "{method} {path}: {r:?}"
+        );
+    }
+    let listed = s.rest("acme", "GET", "/v1/vms", None).await;
+    assert_eq!(listed.body["vms"][0]["vmId"], json!(id), "{listed:?}");
+    let console = s
+        .rest("acme", "GET", &format!("/v1/vms/{id}/console"), None)
+        .await;
+    assert_eq!(console.status, 200, "{console:?}");
+    let usage = s
+        .rest("acme", "GET", &format!("/v1/vms/{id}/usage"), None)
+        .await;
+    assert_eq!(usage.status, 200, "{usage:?}");
+    let window = s.rest("acme", "GET", "/v1/usage", None).await;
+    assert_eq!(window.status, 200, "{window:?}");
+    // The same service over Connect JSON, on the same port.
+    let body = json!({"vm_id": id}).to_string();
+    let r = s
+        .call(
+            Some("acme"),
+            "POST",
+            "/metald.v1.VmService/GetVmInfo",
+            Some(&body),
+        )
+        .await;
+    assert_eq!(
+        (r.status, state(&r).as_str()),
+        (200, "VM_STATE_SHUTDOWN"),
+        "{r:?}"
+    );
+    let r = s
+        .rest("acme", "DELETE", &format!("/v1/vms/{id}"), None)
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        f.backend.calls(),
+        [
+            "create",
+            "boot",
+            "pause",
+            "resume",
+            "shutdown Graceful(10s)",
+            "boot",
+            "shutdown Graceful(10s)",
+            "delete"
+        ]
+        .map(String::from)
+    );
+    // Unknown routes and methods.
+    assert_eq!(s.rest("acme", "GET", "/v1/nothing", None).await.status, 404);
+    assert_eq!(s.rest("acme", "PUT", "/v1/vms", None).await.status, 405);
+}
+
+#[tokio::test]
+async fn callers_without_valid_credentials_are_refused_and_health_needs_none() {
+    let f = fixture();
+    let s = api(&f).await;
+    let body = json!({"vm_id": "vm-00000000-0000-4000-8000-000000000000"}).to_string();
+    for header in [
+        None,
+        Some("Basic YWxpY2U6eA=="),
+        Some("Bearer dev_customer_"),
+        Some("Bearer dev_customer_a/b"),
+        Some("Bearer eyJhbGciOiJub25lIn0.e30."),
+    ] {
+        let mut checks = Vec::new();
+        for (method, path, body) in [
+            ("GET", "/v1/vms", None),
+            ("POST", "/v1/vms", Some(request().to_string())),
+            ("POST", "/metald.v1.VmService/GetVmInfo", Some(body.clone())),
+        ] {
+            let mut req = s.client.request(
+                reqwest::Method::from_bytes(method.as_bytes()).unwrap(),
+                format!("{}{path}", s.base),
+            );
+            if let Some(h) = header {
+                req = req.header("Authorization", h);
+            }
+            if path.starts_with("/metald") {
+                req = req.header("Content-Type", "application/json");
+            }
+            if let Some(b) = body {
+                req = req.body(b);
+            }
+            let resp = req.send().await.unwrap();
+            let status = resp.status().as_u16();
+            let v: Value = resp.json().await.unwrap();
+            checks.push((path, status, v["code"].as_str().unwrap_or("").to_string()));
+        }
+        for (path, status, code) in checks {
+            assert_eq!(
+                (status, code.as_str()),
+                (401, "unauthenticated"),
+                "{header:?} {path}"
+            );
+        }
+    }
+    assert!(f.backend.calls().is_empty(), "nothing reached the backend");
+    for path in ["/healthz", "/readyz"] {
+        assert_eq!(s.call(None, "GET", path, None).await.status, 200, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn another_customers_vm_is_indistinguishable_from_one_that_never_existed() {
+    let f = fixture();
+    let s = api(&f).await;
+    let id = s.create("alice").await;
+    s.rest("alice", "POST", &format!("/v1/vms/{id}/boot"), None)
+        .await;
+    let never = "vm-00000000-0000-4000-8000-000000000000";
+    for target in [id.as_str(), never] {
+        for (method, path) in [
+            ("GET", format!("/v1/vms/{target}")),
+            ("GET", format!("/v1/vms/{target}/console")),
+            ("GET", format!("/v1/vms/{target}/usage")),
+            ("POST", format!("/v1/vms/{target}/boot")),
+            ("POST", format!("/v1/vms/{target}/pause")),
+            ("POST", format!("/v1/vms/{target}/resume")),
+            ("POST", format!("/v1/vms/{target}/reboot")),
+            ("POST", format!("/v1/vms/{target}/shutdown")),
+            ("DELETE", format!("/v1/vms/{target}?force=true")),
+        ] {
+            let r = s.rest("bob", method, &path, None).await;
+            assert_eq!(
+                (r.status, r.code()),
+                (404, "not_found"),
+                "{method} {path}: {r:?}"
+            );
+            assert_eq!(r.message(), format!("vm {target} not found"));
+        }
+        let body = json!({"vm_id": target}).to_string();
+        let r = s
+            .call(
+                Some("bob"),
+                "POST",
+                "/metald.v1.VmService/PauseVm",
+                Some(&body),
+            )
+            .await;
+        assert_eq!((r.status, r.code()), (404, "not_found"), "{r:?}");
+    }
+    let listed = s.rest("bob", "GET", "/v1/vms", None).await;
+    assert_eq!(listed.body["vms"], Value::Null, "{listed:?}");
+    let window = s.rest("bob", "GET", "/v1/usage", None).await;
+    assert_eq!(window.body["vms"], Value::Null, "{window:?}");
+    let vm = s.rest("alice", "GET", &format!("/v1/vms/{id}"), None).await;
+    assert_eq!(vm.body["vm"]["state"], "VM_STATE_RUNNING");
+    assert_eq!(f.backend.calls(), ["create", "boot"]);
+}
+
+#[tokio::test]
+async fn errors_keep_their_codes_and_internal_details_stay_in_the_log() {
+    let f = fixture();
+    let s = api(&f).await;
+    let mut zero = request();
+    zero["config"]["cpu"]["vcpu_count"] = json!(0);
+    let r = s.rest("acme", "POST", "/v1/vms", Some(zero)).await;
+    assert_eq!((r.status, r.code()), (400, "invalid_argument"), "{r:?}");
+    assert!(r.message().starts_with("config.cpu.vcpu_count: "), "{r:?}");
+    let mut unknown = request();
+    unknown["config"]["gpu"] = json!(1);
+    let r = s.rest("acme", "POST", "/v1/vms", Some(unknown)).await;
+    assert_eq!((r.status, r.code()), (400, "invalid_argument"), "{r:?}");
+    assert!(r.message().contains("gpu"), "{r:?}");
+    let r = s
+        .call(Some("acme"), "POST", "/v1/vms", Some("{not json"))
+        .await;
+    assert_eq!((r.status, r.code()), (400, "invalid_argument"), "{r:?}");
+    let id = s.create("acme").await;
+    let r = s
+        .rest("acme", "POST", &format!("/v1/vms/{id}/pause"), None)
+        .await;
+    assert_eq!((r.status, r.code()), (400, "failed_precondition"), "{r:?}");
+    assert_eq!(
+        r.message(),
+        "cannot pause a VM in state CREATED; boot it first"
+    );
+    // A create whose rootfs image file vanished fails inside metald: the caller learns a
+    // request id and nothing of the host; the half-made VM is rolled back.
+    let image = f._dir.path().join("assets").join("r");
+    std::fs::remove_file(&image).unwrap();
+    let r = s.rest("acme", "POST", "/v1/vms", Some(request())).await;
+    assert_eq!((r.status, r.code()), (500, "internal"), "{r:?}");
+    assert!(
+        r.message().starts_with("internal error (request id "),
+        "{r:?}"
+    );
+    assert!(
+        !r.message().contains('/'),
+        "a host path reached the caller: {r:?}"
+    );
+    let listed = s.rest("acme", "GET", "/v1/vms", None).await;
+    assert_eq!(
+        listed.body["vms"].as_array().map(Vec::len),
+        Some(1),
+        "{listed:?}"
+    );
+    assert_eq!(std::fs::read_dir(&f.vms_dir).unwrap().count(), 1);
+}
+
+#[tokio::test]
+async fn metrics_move_to_a_router_of_their_own_when_asked() {
+    let f = fixture();
+    let together = serve(routers(Arc::clone(&f.svc), false).api).await;
+    let r = together.call(None, "GET", "/metrics", None).await;
+    assert_eq!(r.status, 200);
+    assert!(
+        r.body.as_str().unwrap().contains("# TYPE metald_vms gauge"),
+        "{r:?}"
+    );
+    let split = routers(Arc::clone(&f.svc), true);
+    let api = serve(split.api).await;
+    let metrics = serve(split.metrics.unwrap()).await;
+    // The API port no longer has it.
+    assert_eq!(api.call(None, "GET", "/metrics", None).await.status, 404);
+    let r = metrics.call(None, "GET", "/metrics", None).await;
+    assert_eq!(r.status, 200);
+    assert!(
+        r.body.as_str().unwrap().contains("# TYPE metald_vms gauge"),
+        "{r:?}"
+    );
+    for s in [&api, &metrics] {
+        assert_eq!(s.call(None, "GET", "/healthz", None).await.status, 200);
+        assert_eq!(s.call(None, "GET", "/readyz", None).await.status, 200);
+    }
+}

@@ -1,0 +1,238 @@
+//! Test doubles shared by the daemon's unit tests: a backend and an isolation that record
+//! their calls (in the style of youki's recording fakes), and a lifecycle service over a real
+//! SQLite file and asset store in a temporary directory, with a real meter.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use crate::assets::{AssetStore, ImportRequest};
+use crate::backend::{
+    Backend, BackendError, BackendKind, ExitEvent, StopMode, StopOutcome, VmLaunch, VmmInfo,
+    VmmProcess,
+};
+use crate::domain::{CustomerId, VmConfig, VmId, VmRecord, MIB};
+use crate::metering::sources::Sources;
+use crate::metering::{Meter, MeterConfig};
+use crate::network::ipam::AllocationPlan;
+use crate::network::VmNetworkPlan;
+use crate::sandbox::{Isolation, SandboxError};
+use crate::service::{ServiceConfig, VmService};
+use crate::store::{AssetKind, Store};
+
+/// A backend double that records calls and hands out fake pids.
+#[derive(Default)]
+pub(crate) struct FakeBackend {
+    pub(crate) calls: Mutex<Vec<String>>,
+    pub(crate) next_pid: AtomicU32,
+    pub(crate) fail_boot: AtomicBool,
+    /// Pids whose VMM "outlived" a metald restart: adopt answers true for them.
+    pub(crate) survivors: Mutex<HashSet<u32>>,
+    /// While set, boot waits for a permit after recording "boot".
+    pub(crate) hold_boot: Mutex<Option<Arc<tokio::sync::Semaphore>>>,
+}
+
+/// An isolation double in the style of youki's recording fakes: every call is recorded as
+/// "step vm-id", and setup can be made to fail.
+#[derive(Default)]
+pub(crate) struct FakeIsolation {
+    pub(crate) calls: Mutex<Vec<String>>,
+    pub(crate) fail_setup: AtomicBool,
+}
+
+impl FakeIsolation {
+    fn record(&self, step: &str, vm: &VmId) {
+        self.calls.lock().unwrap().push(format!("{step} {vm}"));
+    }
+    pub(crate) fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+#[async_trait::async_trait]
+impl Isolation for FakeIsolation {
+    fn allocation(&self) -> Option<AllocationPlan> {
+        None
+    }
+    async fn setup(&self, vm: &VmRecord, _: &mut VmLaunch) -> Result<(), SandboxError> {
+        self.record("setup", &vm.id);
+        if self.fail_setup.load(Ordering::SeqCst) {
+            return Err(SandboxError::NotAllocated(vm.id.clone()));
+        }
+        Ok(())
+    }
+    fn attach(&self, vm: &VmRecord, _: &mut VmLaunch) -> Result<(), SandboxError> {
+        self.record("attach", &vm.id);
+        Ok(())
+    }
+    async fn release(&self, vm: &VmRecord) {
+        self.record("release", &vm.id);
+    }
+    async fn adopt(&self, vm: &VmRecord) -> Result<(), SandboxError> {
+        self.record("adopt", &vm.id);
+        Ok(())
+    }
+    async fn sweep(&self, keep: &HashSet<VmId>) -> Result<(), SandboxError> {
+        let mut kept: Vec<&str> = keep.iter().map(|k| k.as_str()).collect();
+        kept.sort();
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("sweep keeping [{}]", kept.join(",")));
+        Ok(())
+    }
+    fn meter_sources(&self, _: &VmRecord, pid: u32) -> (Sources, Option<String>) {
+        (Sources::for_process(pid), None)
+    }
+    fn network_of(&self, _: &VmRecord) -> Option<VmNetworkPlan> {
+        None
+    }
+}
+
+#[async_trait::async_trait]
+impl Backend for FakeBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Qemu
+    }
+    fn max_vcpus(&self) -> u32 {
+        4
+    }
+    async fn create(&self, _: &VmLaunch) -> Result<(), BackendError> {
+        self.record("create");
+        Ok(())
+    }
+    async fn boot(&self, l: &VmLaunch) -> Result<VmmProcess, BackendError> {
+        self.record("boot");
+        let gate = self.hold_boot.lock().unwrap().clone();
+        if let Some(gate) = gate {
+            gate.acquire().await.unwrap().forget();
+            self.record("boot done");
+        }
+        if self.fail_boot.load(Ordering::SeqCst) {
+            return Err(BackendError::Unsupported("boot refused".into()));
+        }
+        assert!(l.disks[0].path.exists(), "rootfs copy exists at boot");
+        Ok(VmmProcess {
+            pid: 1000 + self.next_pid.fetch_add(1, Ordering::SeqCst),
+            start_ticks: 7,
+        })
+    }
+    async fn pause(&self, _: &VmId) -> Result<(), BackendError> {
+        self.record("pause");
+        Ok(())
+    }
+    async fn resume(&self, _: &VmId) -> Result<(), BackendError> {
+        self.record("resume");
+        Ok(())
+    }
+    async fn shutdown(&self, _: &VmId, mode: StopMode) -> Result<StopOutcome, BackendError> {
+        self.record(&format!("shutdown {mode:?}"));
+        Ok(StopOutcome::Clean)
+    }
+    async fn delete(&self, _: &VmId, _: &Path) -> Result<(), BackendError> {
+        self.record("delete");
+        Ok(())
+    }
+    async fn info(&self, _: &VmId) -> Option<VmmInfo> {
+        None
+    }
+    async fn adopt(&self, _: &VmLaunch, p: VmmProcess) -> Result<bool, BackendError> {
+        self.record(&format!("adopt {}", p.pid));
+        Ok(self.survivors.lock().unwrap().contains(&p.pid))
+    }
+}
+
+impl FakeBackend {
+    pub(crate) fn record(&self, call: &str) {
+        self.calls.lock().unwrap().push(call.to_string());
+    }
+    pub(crate) fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+pub(crate) struct Fixture {
+    pub(crate) _dir: tempfile::TempDir,
+    pub(crate) vms_dir: PathBuf,
+    pub(crate) svc: Arc<VmService>,
+    pub(crate) backend: Arc<FakeBackend>,
+    pub(crate) isolation: Arc<FakeIsolation>,
+    pub(crate) exits: mpsc::UnboundedSender<ExitEvent>,
+    pub(crate) who: CustomerId,
+}
+
+pub(crate) fn fixture() -> Fixture {
+    fixture_with_timeout(Duration::from_secs(5))
+}
+
+pub(crate) fn fixture_with_timeout(boot_timeout: Duration) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("db")).unwrap());
+    let assets = Arc::new(AssetStore::open(dir.path().join("assets"), Arc::clone(&store)).unwrap());
+    let file = dir.path().join("img");
+    std::fs::write(&file, b"image").unwrap();
+    for (id, kind, marker) in [
+        ("k", AssetKind::Kernel, None),
+        ("r", AssetKind::Rootfs, None),
+        ("ready", AssetKind::Rootfs, Some("READY".to_string())),
+    ] {
+        assets
+            .import(&ImportRequest {
+                id: id.into(),
+                kind,
+                source: file.clone(),
+                initrd_id: None,
+                ready_marker: marker,
+            })
+            .unwrap();
+    }
+    let vms_dir = dir.path().join("vms");
+    std::fs::create_dir(&vms_dir).unwrap();
+    let backend = Arc::new(FakeBackend::default());
+    let (tx, rx) = mpsc::unbounded_channel();
+    let cfg = ServiceConfig {
+        vms_dir: vms_dir.clone(),
+        boot_timeout,
+    };
+    let isolation = Arc::new(FakeIsolation::default());
+    let meter = Meter::start(MeterConfig {
+        interval: Duration::from_millis(100),
+        retained_samples: 100,
+        vmm_metrics_interval: Duration::from_secs(10),
+    });
+    let svc = VmService::start(
+        store,
+        assets,
+        backend.clone(),
+        isolation.clone(),
+        meter,
+        cfg,
+        rx,
+    );
+    Fixture {
+        _dir: dir,
+        vms_dir,
+        svc,
+        backend,
+        isolation,
+        exits: tx,
+        who: "acme".parse().unwrap(),
+    }
+}
+
+pub(crate) fn config() -> VmConfig {
+    VmConfig {
+        vcpu_count: 2,
+        memory_bytes: 128 * MIB,
+        kernel_image_id: "k".into(),
+        rootfs_image_id: "r".into(),
+        drives: vec![],
+        kernel_args: String::new(),
+        metadata: BTreeMap::new(),
+        network: Default::default(),
+    }
+}
