@@ -16,6 +16,7 @@
 //! guest contract, written down in `guest/README.md`, which the default guest's scripts follow.
 
 pub use metald_domain::ipam;
+pub mod kernel;
 pub mod netns;
 pub mod nft;
 
@@ -23,13 +24,10 @@ use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 
-use futures_util::TryStreamExt;
-use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags};
-use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute};
-use rtnetlink::{LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 use tokio::sync::Mutex;
 
 use self::ipam::{Ipv4Subnet, Ipv6Prefix};
+use self::kernel::{Links, Namespaces, Rules};
 use self::nft::{Firewall, FirewallVm, HOST_IF_PREFIX};
 use crate::domain::{RateLimit, VmId, VmRecord};
 use crate::report::Chain;
@@ -130,20 +128,6 @@ pub enum NetworkError {
     NotAllocated(VmId),
 }
 
-/// One transmit and one receive queue for a veth end. The kernel's default is one of each per
-/// possible CPU, and reading a veth's counters (the sampler does, every tick, for every VM)
-/// visits each receive queue of both ends; the queues only matter for XDP, which metald does
-/// not use.
-fn single_queue<T>(b: LinkMessageBuilder<T>) -> LinkMessageBuilder<T> {
-    b.append_extra_attribute(LinkAttribute::NumTxQueues(1))
-        .append_extra_attribute(LinkAttribute::NumRxQueues(1))
-}
-
-fn nl(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetworkError {
-    let op = op.into();
-    move |source| NetworkError::Netlink { op, source }
-}
-
 /// Host-side interface names of a VM: `mv`/`mp` plus 12 hex digits of its UUID (IFNAMSIZ is 16).
 pub fn interface_names(vm: &VmId) -> (String, String) {
     let hex: String = vm
@@ -162,7 +146,9 @@ pub fn interface_names(vm: &VmId) -> (String, String) {
 /// Sets up and tears down VM networks in metald's own namespace.
 pub struct Network {
     cfg: NetworkConfig,
-    handle: rtnetlink::Handle,
+    links: Box<dyn Links>,
+    rules: Box<dyn Rules>,
+    namespaces: Box<dyn Namespaces>,
     firewall: Mutex<Firewall>,
 }
 
@@ -186,22 +172,37 @@ impl Network {
                 source,
             })?;
         }
-        let (conn, handle, _) = rtnetlink::new_connection().map_err(|source| NetworkError::Io {
-            op: "open netlink socket",
-            path: PathBuf::new(),
-            source,
-        })?;
-        tokio::spawn(conn);
+        let links = Box::new(kernel::Rtnetlink::connect()?);
+        let rules = Box::new(kernel::Nft {
+            binary: cfg.nft_bin.clone(),
+        });
+        Ok(Self::with_kernel(
+            cfg,
+            links,
+            rules,
+            Box::new(kernel::PinnedNamespaces),
+        ))
+    }
+
+    /// A network over the given kernel interfaces (fakes in tests); touches nothing itself.
+    pub fn with_kernel(
+        cfg: NetworkConfig,
+        links: Box<dyn Links>,
+        rules: Box<dyn Rules>,
+        namespaces: Box<dyn Namespaces>,
+    ) -> Self {
         let firewall = Firewall {
             outbound_interface: cfg.outbound_interface.clone(),
             ipv4_subnet: cfg.ipv4_subnet.map(|s| s.to_string()),
             ..Firewall::default()
         };
-        Ok(Self {
+        Self {
             cfg,
-            handle,
+            links,
+            rules,
+            namespaces,
             firewall: Mutex::new(firewall),
-        })
+        }
     }
 
     /// The VM's namespace file.
@@ -250,123 +251,44 @@ impl Network {
     }
 
     async fn make_plumbing(&self, plan: &VmNetworkPlan) -> Result<(), NetworkError> {
-        netns::create(&plan.netns).map_err(|source| NetworkError::Io {
-            op: "create network namespace",
-            path: plan.netns.clone(),
-            source,
-        })?;
-        let ns = std::fs::File::open(&plan.netns).map_err(|source| NetworkError::Io {
-            op: "open network namespace",
-            path: plan.netns.clone(),
-            source,
-        })?;
-        // The peer is born inside the VM's namespace: moving an interface between namespaces
-        // afterwards costs 30-50 ms of RCU synchronisation, creating it there about 3 ms.
-        let peer = {
-            use std::os::fd::AsRawFd;
-            single_queue(LinkMessageBuilder::<LinkUnspec>::new())
-                .name(plan.peer_if.clone())
-                .setns_by_fd(ns.as_raw_fd())
-                .build()
-        };
-        let links = self.handle.link();
-        links
-            .add(
-                single_queue(LinkMessageBuilder::<LinkVeth>::new_with_info_kind(
-                    InfoKind::Veth,
-                ))
-                .name(plan.host_if.clone())
-                .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
-                .build(),
-            )
-            .execute()
-            .await
-            .map_err(nl(format!("create veth {}", plan.host_if)))?;
-        drop(ns);
-        let host = self.index_of(&plan.host_if).await?;
-        self.add_address(host, IpAddr::V6(plan.gateway6), 128)
+        self.namespaces
+            .create(&plan.netns)
+            .map_err(|source| NetworkError::Io {
+                op: "create network namespace",
+                path: plan.netns.clone(),
+                source,
+            })?;
+        self.links
+            .add_veth(&plan.host_if, &plan.peer_if, &plan.netns)
+            .await?;
+        let host = self
+            .links
+            .index_of(&plan.host_if)
+            .await?
+            .ok_or_else(|| NetworkError::NoInterface(plan.host_if.clone()))?;
+        self.links
+            .add_address(host, IpAddr::V6(plan.gateway6), 128)
             .await?;
         if let Some(gw4) = plan.gateway4 {
-            self.add_address(host, IpAddr::V4(gw4), 32).await?;
+            self.links.add_address(host, IpAddr::V4(gw4), 32).await?;
         }
-        links
-            .set(LinkUnspec::new_with_index(host).up().build())
-            .execute()
-            .await
-            .map_err(nl(format!("set {} up", plan.host_if)))?;
-        let routes = self.handle.route();
-        routes
-            .add(
-                RouteMessageBuilder::<Ipv6Addr>::new()
-                    .destination_prefix(plan.ipv6, 128)
-                    .output_interface(host)
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(nl(format!("route {}", plan.ipv6)))?;
+        self.links.set_up(host).await?;
+        self.links
+            .add_route(IpAddr::V6(plan.ipv6), 128, host)
+            .await?;
         if let Some(v4) = plan.ipv4 {
-            routes
-                .add(
-                    RouteMessageBuilder::<Ipv4Addr>::new()
-                        .destination_prefix(v4, 32)
-                        .output_interface(host)
-                        .build(),
-                )
-                .execute()
-                .await
-                .map_err(nl(format!("route {v4}")))?;
+            self.links.add_route(IpAddr::V4(v4), 32, host).await?;
         }
         Ok(())
-    }
-
-    async fn add_address(&self, index: u32, addr: IpAddr, len: u8) -> Result<(), NetworkError> {
-        let mut req = self.handle.address().add(index, addr, len);
-        // The gateway address sits on every VM's veth; duplicate detection would only delay it.
-        req.message_mut()
-            .attributes
-            .push(AddressAttribute::Flags(AddressFlags::Nodad));
-        req.execute()
-            .await
-            .map_err(nl(format!("add address {addr}/{len}")))
-    }
-
-    async fn index_of(&self, name: &str) -> Result<u32, NetworkError> {
-        self.find(name)
-            .await?
-            .ok_or_else(|| NetworkError::NoInterface(name.to_string()))
-    }
-
-    async fn find(&self, name: &str) -> Result<Option<u32>, NetworkError> {
-        let mut links = self
-            .handle
-            .link()
-            .get()
-            .match_name(name.to_string())
-            .execute();
-        match links.try_next().await {
-            Ok(Some(msg)) => Ok(Some(msg.header.index)),
-            Ok(None) => Ok(None),
-            // ENODEV: no such interface.
-            Err(rtnetlink::Error::NetlinkError(e))
-                if e.code.map(|c| c.get()) == Some(-libc::ENODEV) =>
-            {
-                Ok(None)
-            }
-            Err(source) => Err(NetworkError::Netlink {
-                op: format!("look up {name}"),
-                source,
-            }),
-        }
     }
 
     /// Removes the veth pair (its routes and addresses go with it) and the namespace file.
     async fn remove_plumbing(&self, vm: &VmId) {
         let (host_if, peer_if) = interface_names(vm);
         for name in [&host_if, &peer_if] {
-            match self.find(name).await {
+            match self.links.index_of(name).await {
                 Ok(Some(index)) => {
-                    if let Err(e) = self.handle.link().del(index).execute().await {
+                    if let Err(e) = self.links.delete(index).await {
                         tracing::warn!(interface = %name, error = %Chain(&e), "removing veth failed");
                     }
                 }
@@ -377,7 +299,7 @@ impl Network {
             }
         }
         let ns = self.netns_path(vm);
-        if let Err(e) = netns::remove(&ns) {
+        if let Err(e) = self.namespaces.remove(&ns) {
             tracing::warn!(path = %ns.display(), error = %Chain(&e), "removing network namespace failed");
         }
     }
@@ -394,7 +316,7 @@ impl Network {
                 ipv4: plan.ipv4,
             },
         );
-        nft::apply(&self.cfg.nft_bin, &next.render()).await?;
+        self.rules.load(&next.render()).await?;
         *fw = next;
         Ok(())
     }
@@ -406,7 +328,7 @@ impl Network {
             if fw.vms.contains_key(vm.id.as_str()) {
                 let mut next = fw.clone();
                 next.vms.remove(vm.id.as_str());
-                nft::apply(&self.cfg.nft_bin, &next.render()).await?;
+                self.rules.load(&next.render()).await?;
                 *fw = next;
             }
         }
@@ -432,7 +354,7 @@ impl Network {
     /// At start: removes namespaces and veths of VMs not in `keep` (logging each), and writes
     /// the firewall for the VMs that are.
     pub async fn sweep(&self, keep: &HashSet<VmId>) -> Result<(), NetworkError> {
-        for path in netns::list(&self.cfg.netns_dir) {
+        for path in self.namespaces.list(&self.cfg.netns_dir) {
             let known = path
                 .file_name()
                 .and_then(|n| n.to_str())
@@ -440,7 +362,7 @@ impl Network {
                 .is_some_and(|id| keep.contains(&id));
             if !known {
                 tracing::warn!(path = %path.display(), "removing leftover network namespace");
-                if let Err(e) = netns::remove(&path) {
+                if let Err(e) = self.namespaces.remove(&path) {
                     tracing::warn!(path = %path.display(), error = %Chain(&e), "removing leftover network namespace failed");
                 }
             }
@@ -452,27 +374,20 @@ impl Network {
                 [h, p]
             })
             .collect();
-        let mut links = self.handle.link().get().execute();
-        let mut stale = Vec::new();
-        while let Some(msg) = links.try_next().await.map_err(nl("list interfaces"))? {
-            let name = msg.attributes.iter().find_map(|a| match a {
-                rtnetlink::packet_route::link::LinkAttribute::IfName(n) => Some(n.clone()),
-                _ => None,
-            });
-            if let Some(name) = name {
-                if is_vm_interface(&name) && !keep_ifs.contains(&name) {
-                    stale.push((msg.header.index, name));
-                }
-            }
-        }
+        let stale = self
+            .links
+            .list()
+            .await?
+            .into_iter()
+            .filter(|(_, name)| is_vm_interface(name) && !keep_ifs.contains(name));
         for (index, name) in stale {
             tracing::warn!(interface = %name, "removing leftover VM interface");
-            if let Err(e) = self.handle.link().del(index).execute().await {
+            if let Err(e) = self.links.delete(index).await {
                 tracing::warn!(interface = %name, error = %Chain(&e), "removing leftover VM interface failed");
             }
         }
         let fw = self.firewall.lock().await;
-        nft::apply(&self.cfg.nft_bin, &fw.render()).await?;
+        self.rules.load(&fw.render()).await?;
         Ok(())
     }
 }
@@ -488,6 +403,258 @@ pub fn is_vm_interface(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
+    use std::path::Path;
+    use std::sync::{Arc, Mutex as StdMutex};
+
+    use crate::domain::{VmConfig, VmNet};
+    use metald_domain::state::VmLife;
+
+    /// A kernel double: interfaces and namespaces live in maps, every call is recorded, and a
+    /// call whose record starts with `fail_on` fails.
+    #[derive(Default)]
+    struct FakeKernel {
+        calls: StdMutex<Vec<String>>,
+        links: StdMutex<BTreeMap<String, u32>>,
+        namespaces: StdMutex<Vec<PathBuf>>,
+        fail_on: StdMutex<Option<String>>,
+        next_index: StdMutex<u32>,
+    }
+
+    impl FakeKernel {
+        fn record(&self, call: String) -> Result<(), NetworkError> {
+            let fail = self
+                .fail_on
+                .lock()
+                .unwrap()
+                .as_ref()
+                .is_some_and(|f| call.starts_with(f.as_str()));
+            self.calls.lock().unwrap().push(call.clone());
+            if fail {
+                return Err(NetworkError::NoInterface(format!("injected: {call}")));
+            }
+            Ok(())
+        }
+        fn name_of(&self, index: u32) -> String {
+            let links = self.links.lock().unwrap();
+            links
+                .iter()
+                .find(|(_, i)| **i == index)
+                .map(|(n, _)| n.clone())
+                .unwrap_or_else(|| format!("#{index}"))
+        }
+        fn calls(&self) -> Vec<String> {
+            std::mem::take(&mut *self.calls.lock().unwrap())
+        }
+    }
+
+    /// The fake shared three ways, as the network owns its three kernel parts.
+    struct Shared(Arc<FakeKernel>);
+
+    #[async_trait::async_trait]
+    impl Links for Shared {
+        async fn add_veth(&self, host: &str, peer: &str, ns: &Path) -> Result<(), NetworkError> {
+            self.0
+                .record(format!("veth {host} {peer} in {}", ns.display()))?;
+            // The peer is born in the VM's namespace: only the host end is seen here.
+            let mut next = self.0.next_index.lock().unwrap();
+            *next += 1;
+            self.0.links.lock().unwrap().insert(host.to_string(), *next);
+            Ok(())
+        }
+        async fn index_of(&self, name: &str) -> Result<Option<u32>, NetworkError> {
+            Ok(self.0.links.lock().unwrap().get(name).copied())
+        }
+        async fn add_address(&self, i: u32, addr: IpAddr, len: u8) -> Result<(), NetworkError> {
+            self.0
+                .record(format!("address {addr}/{len} on {}", self.0.name_of(i)))
+        }
+        async fn set_up(&self, i: u32) -> Result<(), NetworkError> {
+            self.0.record(format!("up {}", self.0.name_of(i)))
+        }
+        async fn add_route(&self, dest: IpAddr, len: u8, i: u32) -> Result<(), NetworkError> {
+            self.0
+                .record(format!("route {dest}/{len} to {}", self.0.name_of(i)))
+        }
+        async fn delete(&self, i: u32) -> Result<(), NetworkError> {
+            let name = self.0.name_of(i);
+            self.0.record(format!("delete {name}"))?;
+            self.0.links.lock().unwrap().remove(&name);
+            Ok(())
+        }
+        async fn list(&self) -> Result<Vec<(u32, String)>, NetworkError> {
+            let links = self.0.links.lock().unwrap();
+            Ok(links.iter().map(|(n, i)| (*i, n.clone())).collect())
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Rules for Shared {
+        async fn load(&self, script: &str) -> Result<(), nft::NftError> {
+            let hosts: Vec<&str> = script
+                .split(|c: char| !c.is_ascii_alphanumeric())
+                .filter(|w| w.starts_with("mv") && is_vm_interface(w))
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            self.0
+                .record(format!("nft with [{}]", hosts.join(",")))
+                .map_err(|e| nft::NftError::Refused(e.to_string()))
+        }
+    }
+
+    impl Namespaces for Shared {
+        fn create(&self, path: &Path) -> std::io::Result<()> {
+            self.0
+                .record(format!("netns create {}", path.display()))
+                .map_err(std::io::Error::other)?;
+            self.0.namespaces.lock().unwrap().push(path.to_path_buf());
+            Ok(())
+        }
+        fn remove(&self, path: &Path) -> std::io::Result<()> {
+            let mut ns = self.0.namespaces.lock().unwrap();
+            if ns.iter().any(|p| p == path) {
+                ns.retain(|p| p != path);
+                drop(ns);
+                self.0
+                    .record(format!("netns remove {}", path.display()))
+                    .map_err(std::io::Error::other)?;
+            }
+            Ok(())
+        }
+        fn list(&self, _: &Path) -> Vec<PathBuf> {
+            self.0.namespaces.lock().unwrap().clone()
+        }
+    }
+
+    fn network(kernel: &Arc<FakeKernel>) -> Network {
+        Network::with_kernel(
+            NetworkConfig {
+                ipv6_prefix: "fd00:1::/64".parse().unwrap(),
+                ipv4_subnet: Some("10.9.0.0/24".parse().unwrap()),
+                outbound_interface: None,
+                netns_dir: "/run/test-netns".into(),
+                nft_bin: "/nonexistent/nft".into(),
+            },
+            Box::new(Shared(Arc::clone(kernel))),
+            Box::new(Shared(Arc::clone(kernel))),
+            Box::new(Shared(Arc::clone(kernel))),
+        )
+    }
+
+    fn vm(n: u8) -> VmRecord {
+        VmRecord {
+            id: format!("vm-0000000{n}-0000-4000-8000-000000000000")
+                .parse()
+                .unwrap(),
+            customer: "acme".parse().unwrap(),
+            config: VmConfig {
+                vcpu_count: 1,
+                memory_bytes: 128 << 20,
+                kernel_image_id: "k".into(),
+                rootfs_image_id: "r".into(),
+                drives: vec![],
+                kernel_args: String::new(),
+                metadata: Default::default(),
+                network: Default::default(),
+            },
+            backend: "qemu".into(),
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            seq: n.into(),
+            life: VmLife::created(),
+            net: Some(VmNet {
+                slot: n.into(),
+                ipv6: format!("fd00:1::{n}").parse().unwrap(),
+                ipv4: Some(format!("10.9.0.{n}").parse().unwrap()),
+                mac: format!("02:00:00:00:00:0{n}"),
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn setup_makes_namespace_veth_gateway_routes_and_firewall_in_order() {
+        let k = Arc::new(FakeKernel::default());
+        let net = network(&k);
+        let a = vm(1);
+        let plan = net.setup(&a).await.unwrap();
+        let (host, peer) = interface_names(&a.id);
+        let ns = format!("/run/test-netns/{}", a.id);
+        assert_eq!(plan.netns, Path::new(&ns));
+        assert_eq!(
+            k.calls(),
+            [
+                format!("netns create {ns}"),
+                format!("veth {host} {peer} in {ns}"),
+                format!("address fd00:1::1/128 on {host}"),
+                format!("address 10.9.0.1/32 on {host}"),
+                format!("up {host}"),
+                format!("route fd00:1::1/128 to {host}"),
+                format!("route 10.9.0.1/32 to {host}"),
+                format!("nft with [{host}]"),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failure_half_way_removes_what_was_made_and_keeps_the_firewall() {
+        let k = Arc::new(FakeKernel::default());
+        let net = network(&k);
+        let (a, b) = (vm(1), vm(2));
+        net.setup(&a).await.unwrap();
+        k.calls();
+        *k.fail_on.lock().unwrap() = Some("route 10.9.0.2".into());
+        assert!(net.setup(&b).await.is_err());
+        let (host_b, _) = interface_names(&b.id);
+        let calls = k.calls();
+        assert!(!calls.iter().any(|c| c.starts_with("nft")), "{calls:?}");
+        assert_eq!(
+            &calls[calls.len() - 2..],
+            [
+                format!("delete {host_b}"),
+                format!("netns remove /run/test-netns/{}", b.id)
+            ]
+        );
+        assert_eq!(k.links.lock().unwrap().len(), 1, "only a's veth is left");
+        // The firewall still holds a alone: the next change renders a, not b.
+        *k.fail_on.lock().unwrap() = None;
+        net.teardown(&a).await.unwrap();
+        let (host_a, _) = interface_names(&a.id);
+        assert_eq!(
+            k.calls(),
+            [
+                "nft with []".to_string(),
+                format!("delete {host_a}"),
+                format!("netns remove /run/test-netns/{}", a.id)
+            ]
+        );
+        assert!(k.links.lock().unwrap().is_empty());
+        assert!(k.namespaces.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_start_up_sweep_keeps_adopted_vms_and_removes_every_other_leftover() {
+        let k = Arc::new(FakeKernel::default());
+        let net = network(&k);
+        let (kept, gone) = (vm(1), vm(2));
+        net.setup(&kept).await.unwrap();
+        net.setup(&gone).await.unwrap();
+        // A restarted metald: a new network over the same kernel state.
+        let net = network(&k);
+        net.adopt(&kept).await.unwrap();
+        k.calls();
+        net.sweep(&HashSet::from([kept.id.clone()])).await.unwrap();
+        let (host_kept, _) = interface_names(&kept.id);
+        let (host_gone, _) = interface_names(&gone.id);
+        assert_eq!(
+            k.calls(),
+            [
+                format!("netns remove /run/test-netns/{}", gone.id),
+                format!("delete {host_gone}"),
+                format!("nft with [{host_kept}]"),
+            ]
+        );
+    }
 
     #[test]
     fn interface_names_fit_ifnamsiz_and_are_recognised() {
