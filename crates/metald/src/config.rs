@@ -171,267 +171,299 @@ impl Config {
         var: impl Fn(&str) -> Option<String>,
         path_lookup: impl Fn(&str) -> Option<PathBuf>,
     ) -> Result<Self, ConfigError> {
-        let get = |name: &'static str| var(name).filter(|v| !v.is_empty()).map(|v| (name, v));
-        let bad = |var: &'static str, value: &str, allowed: &str| ConfigError {
-            var,
-            value: value.to_string(),
-            allowed: allowed.to_string(),
+        let env = Env {
+            var: &var,
+            path_lookup: &path_lookup,
         };
-        let address = match get("UNKEY_METALD_ADDRESS") {
-            None => IpAddr::from([127, 0, 0, 1]),
-            Some((n, v)) => v.parse().map_err(|_| {
-                bad(
-                    n,
-                    &v,
-                    "expected an IPv4 or IPv6 address such as 127.0.0.1 or ::",
-                )
-            })?,
-        };
-        let port = match get("UNKEY_METALD_PORT") {
-            None => 8080,
-            Some((n, v)) => v
-                .parse::<u16>()
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| bad(n, &v, "expected a port number 1-65535"))?,
-        };
-        let metrics_port = match get("UNKEY_METALD_OTEL_PROMETHEUS_PORT") {
-            None => None,
-            Some((n, v)) => Some(
-                v.parse::<u16>()
-                    .ok()
-                    .filter(|p| *p != 0 && *p != port)
-                    .ok_or_else(|| {
-                        bad(
-                            n,
-                            &v,
-                            "expected a port number 1-65535 other than the API port",
-                        )
-                    })?,
-            ),
-        };
-        let data_dir = match get("UNKEY_METALD_DATA_DIR") {
-            None => PathBuf::from("/var/lib/metald"),
-            Some((n, v)) => {
-                let p = PathBuf::from(&v);
-                if !p.is_absolute() {
-                    return Err(bad(n, &v, "expected an absolute path"));
-                }
-                if v.len() > MAX_DATA_DIR_LEN {
-                    return Err(bad(
-                        n,
-                        &v,
-                        &format!("at most {MAX_DATA_DIR_LEN} bytes long (VM sockets inside it must fit a Unix socket path)"),
-                    ));
-                }
-                p
-            }
-        };
-        let backend = match get("UNKEY_METALD_BACKEND") {
-            None => BackendChoice::Auto,
-            Some((n, v)) => match v.as_str() {
-                "firecracker" => BackendChoice::Firecracker,
-                "qemu" => BackendChoice::Qemu,
-                "auto" => BackendChoice::Auto,
-                _ => return Err(bad(n, &v, "expected firecracker, qemu or auto")),
-            },
-        };
-        let binary = |name: &'static str, default: &str| -> Result<Option<PathBuf>, ConfigError> {
-            match get(name) {
-                None => Ok(path_lookup(default)),
-                Some((n, v)) => {
-                    let p = PathBuf::from(&v);
-                    if is_executable(&p) {
-                        Ok(Some(p))
-                    } else {
-                        Err(bad(n, &v, "expected the path of an executable file"))
-                    }
-                }
-            }
-        };
-        let firecracker_bin = binary("UNKEY_METALD_FIRECRACKER_BIN", "firecracker")?;
-        let qemu_bin = binary("UNKEY_METALD_QEMU_BIN", "qemu-system-x86_64")?;
-        let qemu_accel = match get("UNKEY_METALD_QEMU_ACCEL") {
-            None => AccelChoice::Auto,
-            Some((n, v)) => match v.as_str() {
-                "kvm" => AccelChoice::Kvm,
-                "tcg" => AccelChoice::Tcg,
-                "auto" => AccelChoice::Auto,
-                _ => return Err(bad(n, &v, "expected kvm, tcg or auto")),
-            },
-        };
-        let boot_timeout = match get("UNKEY_METALD_BOOT_TIMEOUT_SECONDS") {
-            None => Duration::from_secs(120),
-            Some((n, v)) => v
-                .parse::<u64>()
-                .ok()
-                .filter(|s| (1..=3600).contains(s))
-                .map(Duration::from_secs)
-                .ok_or_else(|| bad(n, &v, "expected whole seconds, 1-3600"))?,
-        };
-        let log_format = match get("UNKEY_METALD_LOG_FORMAT") {
-            None => LogFormat::Json,
-            Some((n, v)) => match v.as_str() {
-                "json" => LogFormat::Json,
-                "text" => LogFormat::Text,
-                _ => return Err(bad(n, &v, "expected json or text")),
-            },
-        };
-        if let Some((n, v)) = get("UNKEY_METALD_AUTH_MODE") {
+        let port = env.parsed("UNKEY_METALD_PORT", 8080, PORT, |v| {
+            v.parse::<u16>().ok().filter(|p| *p != 0)
+        })?;
+        if let Some((n, v)) = env.get("UNKEY_METALD_AUTH_MODE") {
             if v != "dev" {
                 return Err(bad(n, &v, "expected dev (the only mode so far)"));
             }
         }
-        let isolation = match get("UNKEY_METALD_ISOLATION") {
-            None => Isolation::Jail(isolation_config(&get, &path_lookup)?),
-            Some((n, v)) => match v.as_str() {
-                "jail" => Isolation::Jail(isolation_config(&get, &path_lookup)?),
-                "none" => Isolation::None,
-                _ => return Err(bad(n, &v, "expected jail or none")),
-            },
-        };
-        // A duration variable: `default` when unset, otherwise a value within `range`.
-        let duration = |name: &'static str,
-                        default: Duration,
-                        range: std::ops::RangeInclusive<Duration>,
-                        allowed: &str| match get(name) {
-            None => Ok(default),
-            Some((n, v)) => parse_duration(&v)
-                .filter(|d| range.contains(d))
-                .ok_or_else(|| bad(n, &v, allowed)),
-        };
-        let metrics_interval = duration(
-            "UNKEY_METALD_METRICS_INTERVAL",
-            Duration::from_millis(100),
-            Duration::from_millis(10)..=Duration::from_secs(60),
-            "expected a duration such as 100ms or 1s, 10ms-60s",
-        )?;
-        let vmm_metrics_interval = duration(
-            "UNKEY_METALD_VMM_METRICS_INTERVAL",
-            Duration::from_secs(10),
-            Duration::from_secs(1)..=Duration::from_secs(600),
-            "expected a duration such as 10s, 1s-600s",
-        )?;
         // 96 bytes per sample: 600 samples (60 s at 100 ms) are 56 KiB per VM. The billing
         // service holds the history; this is the live view.
-        let metrics_retention = match get("UNKEY_METALD_METRICS_RETENTION_SECONDS") {
-            None => Duration::from_secs(60),
-            Some((n, v)) => v
-                .parse::<u64>()
-                .ok()
-                .filter(|s| (1..=86_400).contains(s))
-                .map(Duration::from_secs)
-                .ok_or_else(|| bad(n, &v, "expected whole seconds, 1-86400"))?,
-        };
-        let billing = match get("UNKEY_METALD_BILLING_ENABLED") {
-            None => None,
-            Some((_, v)) if v == "false" => None,
-            Some((_, v)) if v == "true" => {
-                let endpoint = match get("UNKEY_METALD_BILLING_ENDPOINT") {
-                    Some((n, e)) => e
-                        .parse::<http::Uri>()
-                        .ok()
-                        .filter(|u| {
-                            u.scheme_str().is_some_and(|s| s == "http" || s == "https")
-                                && u.host().is_some()
-                        })
-                        .ok_or_else(|| {
-                            bad(
-                                n,
-                                &e,
-                                "expected an http(s) URL such as http://127.0.0.1:9090",
-                            )
-                        })?,
-                    None => {
-                        return Err(bad(
-                            "UNKEY_METALD_BILLING_ENDPOINT",
-                            "",
-                            "required when UNKEY_METALD_BILLING_ENABLED=true",
-                        ))
-                    }
-                };
-                let batch_interval = duration(
-                    "UNKEY_METALD_BILLING_BATCH_INTERVAL",
-                    Duration::from_secs(1),
-                    Duration::from_millis(100)..=Duration::from_secs(300),
-                    "expected a duration such as 1s, 100ms-300s",
-                )?;
-                let heartbeat_interval = duration(
-                    "UNKEY_METALD_BILLING_HEARTBEAT_INTERVAL",
-                    Duration::from_secs(10),
-                    Duration::from_secs(1)..=Duration::from_secs(600),
-                    "expected a duration such as 10s, 1s-600s",
-                )?;
-                Some(BillingSettings {
-                    endpoint,
-                    batch_interval,
-                    heartbeat_interval,
-                })
-            }
-            Some((n, v)) => return Err(bad(n, &v, "expected true or false")),
-        };
-        let otel_endpoint = match get("UNKEY_METALD_OTEL_ENABLED") {
-            None => None,
-            Some((_, v)) if v == "false" => None,
-            Some((_, v)) if v == "true" => Some(match get("UNKEY_METALD_OTEL_ENDPOINT") {
-                None => "http://127.0.0.1:4318".to_string(),
-                Some((n, e)) => {
-                    let ok = e.parse::<http::Uri>().ok().is_some_and(|u| {
-                        u.scheme_str().is_some_and(|s| s == "http" || s == "https")
-                            && u.host().is_some()
-                    });
-                    if !ok {
-                        return Err(bad(
-                            n,
-                            &e,
-                            "expected an OTLP/HTTP base URL such as http://127.0.0.1:4318",
-                        ));
-                    }
-                    e
-                }
-            }),
-            Some((n, v)) => return Err(bad(n, &v, "expected true or false")),
-        };
+        let metrics_retention =
+            env.seconds("UNKEY_METALD_METRICS_RETENTION_SECONDS", 60, 1..=86_400)?;
         Ok(Self {
-            address,
+            address: env.parsed(
+                "UNKEY_METALD_ADDRESS",
+                IpAddr::from([127, 0, 0, 1]),
+                "expected an IPv4 or IPv6 address such as 127.0.0.1 or ::",
+                |v| v.parse().ok(),
+            )?,
             port,
-            metrics_port,
-            data_dir,
-            backend,
-            firecracker_bin,
-            qemu_bin,
-            qemu_accel,
-            boot_timeout,
-            log_format,
-            isolation,
-            metrics_interval,
-            vmm_metrics_interval,
+            metrics_port: env.optional(
+                "UNKEY_METALD_OTEL_PROMETHEUS_PORT",
+                "expected a port number 1-65535 other than the API port",
+                |v| v.parse::<u16>().ok().filter(|p| *p != 0 && *p != port),
+            )?,
+            data_dir: data_dir(&env)?,
+            backend: env.choice(
+                "UNKEY_METALD_BACKEND",
+                BackendChoice::Auto,
+                &[
+                    ("firecracker", BackendChoice::Firecracker),
+                    ("qemu", BackendChoice::Qemu),
+                    ("auto", BackendChoice::Auto),
+                ],
+            )?,
+            firecracker_bin: env.executable("UNKEY_METALD_FIRECRACKER_BIN", "firecracker")?,
+            qemu_bin: env.executable("UNKEY_METALD_QEMU_BIN", "qemu-system-x86_64")?,
+            qemu_accel: env.choice(
+                "UNKEY_METALD_QEMU_ACCEL",
+                AccelChoice::Auto,
+                &[
+                    ("kvm", AccelChoice::Kvm),
+                    ("tcg", AccelChoice::Tcg),
+                    ("auto", AccelChoice::Auto),
+                ],
+            )?,
+            boot_timeout: env.seconds("UNKEY_METALD_BOOT_TIMEOUT_SECONDS", 120, 1..=3600)?,
+            log_format: env.choice(
+                "UNKEY_METALD_LOG_FORMAT",
+                LogFormat::Json,
+                &[("json", LogFormat::Json), ("text", LogFormat::Text)],
+            )?,
+            isolation: match env.choice(
+                "UNKEY_METALD_ISOLATION",
+                true,
+                &[("jail", true), ("none", false)],
+            )? {
+                true => Isolation::Jail(isolation_config(&env)?),
+                false => Isolation::None,
+            },
+            metrics_interval: env.duration(
+                "UNKEY_METALD_METRICS_INTERVAL",
+                Duration::from_millis(100),
+                Duration::from_millis(10)..=Duration::from_secs(60),
+                "expected a duration such as 100ms or 1s, 10ms-60s",
+            )?,
+            vmm_metrics_interval: env.duration(
+                "UNKEY_METALD_VMM_METRICS_INTERVAL",
+                Duration::from_secs(10),
+                Duration::from_secs(1)..=Duration::from_secs(600),
+                "expected a duration such as 10s, 1s-600s",
+            )?,
             metrics_retention,
-            billing,
-            otel_endpoint,
+            billing: billing_settings(&env)?,
+            otel_endpoint: otel_endpoint(&env)?,
         })
     }
 }
 
-/// Reads the jailer and network variables.
-fn isolation_config(
-    get: &impl Fn(&'static str) -> Option<(&'static str, String)>,
-    path_lookup: &impl Fn(&str) -> Option<PathBuf>,
-) -> Result<IsolationConfig, ConfigError> {
-    let bad = |var: &'static str, value: &str, allowed: &str| ConfigError {
+const PORT: &str = "expected a port number 1-65535";
+
+fn bad(var: &'static str, value: &str, allowed: &str) -> ConfigError {
+    ConfigError {
         var,
         value: value.to_string(),
         allowed: allowed.to_string(),
-    };
-    let number = |name: &'static str, default: u32, min: u32| -> Result<u32, ConfigError> {
-        match get(name) {
-            None => Ok(default),
-            Some((n, v)) => v
-                .parse::<u32>()
-                .ok()
-                .filter(|x| *x >= min)
-                .ok_or_else(|| bad(n, &v, &format!("expected a whole number >= {min}"))),
+    }
+}
+
+/// Reads variables one at a time: an unset or empty variable is its default, anything else
+/// must parse or becomes a [`ConfigError`] naming the variable and what is allowed.
+struct Env<'a> {
+    var: &'a dyn Fn(&str) -> Option<String>,
+    path_lookup: &'a dyn Fn(&str) -> Option<PathBuf>,
+}
+
+impl Env<'_> {
+    fn get(&self, name: &'static str) -> Option<(&'static str, String)> {
+        (self.var)(name)
+            .filter(|v| !v.is_empty())
+            .map(|v| (name, v))
+    }
+
+    fn optional<T>(
+        &self,
+        name: &'static str,
+        allowed: &str,
+        parse: impl Fn(&str) -> Option<T>,
+    ) -> Result<Option<T>, ConfigError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some((n, v)) => parse(&v).map(Some).ok_or_else(|| bad(n, &v, allowed)),
         }
+    }
+
+    fn parsed<T>(
+        &self,
+        name: &'static str,
+        default: T,
+        allowed: &str,
+        parse: impl Fn(&str) -> Option<T>,
+    ) -> Result<T, ConfigError> {
+        Ok(self.optional(name, allowed, parse)?.unwrap_or(default))
+    }
+
+    /// One of `options` by name ("expected a, b or c" otherwise).
+    fn choice<T: Copy>(
+        &self,
+        name: &'static str,
+        default: T,
+        options: &[(&str, T)],
+    ) -> Result<T, ConfigError> {
+        let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
+        let allowed = match names.split_last() {
+            Some((last, rest)) if !rest.is_empty() => {
+                format!("expected {} or {last}", rest.join(", "))
+            }
+            _ => format!("expected {}", names.join("")),
+        };
+        self.parsed(name, default, &allowed, |v| {
+            options.iter().find(|(n, _)| *n == v).map(|(_, t)| *t)
+        })
+    }
+
+    /// Whole seconds within `range`.
+    fn seconds(
+        &self,
+        name: &'static str,
+        default: u64,
+        range: std::ops::RangeInclusive<u64>,
+    ) -> Result<Duration, ConfigError> {
+        let allowed = format!("expected whole seconds, {}-{}", range.start(), range.end());
+        let secs = self.parsed(name, default, &allowed, |v| {
+            v.parse::<u64>().ok().filter(|s| range.contains(s))
+        })?;
+        Ok(Duration::from_secs(secs))
+    }
+
+    /// A duration such as `100ms` or `2s` within `range`.
+    fn duration(
+        &self,
+        name: &'static str,
+        default: Duration,
+        range: std::ops::RangeInclusive<Duration>,
+        allowed: &str,
+    ) -> Result<Duration, ConfigError> {
+        self.parsed(name, default, allowed, |v| {
+            parse_duration(v).filter(|d| range.contains(d))
+        })
+    }
+
+    /// `true` or `false`; unset is false.
+    fn flag(&self, name: &'static str) -> Result<bool, ConfigError> {
+        self.choice(name, false, &[("true", true), ("false", false)])
+    }
+
+    /// An http(s) URL with a host, parsed and as written.
+    fn http_url(
+        &self,
+        name: &'static str,
+        allowed: &str,
+    ) -> Result<Option<(http::Uri, String)>, ConfigError> {
+        self.optional(name, allowed, |v| {
+            v.parse::<http::Uri>()
+                .ok()
+                .filter(|u| {
+                    u.scheme_str().is_some_and(|s| s == "http" || s == "https")
+                        && u.host().is_some()
+                })
+                .map(|u| (u, v.to_string()))
+        })
+    }
+
+    /// An absolute path.
+    fn abs_path(&self, name: &'static str, default: &str) -> Result<PathBuf, ConfigError> {
+        self.parsed(
+            name,
+            PathBuf::from(default),
+            "expected an absolute path",
+            |v| Path::new(v).is_absolute().then(|| PathBuf::from(v)),
+        )
+    }
+
+    /// An executable named by `name`, or `program` found on PATH (`None` if neither).
+    fn executable(
+        &self,
+        name: &'static str,
+        program: &str,
+    ) -> Result<Option<PathBuf>, ConfigError> {
+        match self.optional(name, "expected the path of an executable file", |v| {
+            is_executable(Path::new(v)).then(|| PathBuf::from(v))
+        })? {
+            Some(p) => Ok(Some(p)),
+            None => Ok((self.path_lookup)(program)),
+        }
+    }
+}
+
+/// UNKEY_METALD_DATA_DIR: absolute, and short enough for the VM sockets inside it.
+fn data_dir(env: &Env<'_>) -> Result<PathBuf, ConfigError> {
+    let name = "UNKEY_METALD_DATA_DIR";
+    let dir = env.abs_path(name, "/var/lib/metald")?;
+    let len = dir.as_os_str().len();
+    if len > MAX_DATA_DIR_LEN {
+        return Err(bad(
+            name,
+            &dir.display().to_string(),
+            &format!("at most {MAX_DATA_DIR_LEN} bytes long (VM sockets inside it must fit a Unix socket path)"),
+        ));
+    }
+    Ok(dir)
+}
+
+/// The billing service, when UNKEY_METALD_BILLING_ENABLED=true.
+fn billing_settings(env: &Env<'_>) -> Result<Option<BillingSettings>, ConfigError> {
+    if !env.flag("UNKEY_METALD_BILLING_ENABLED")? {
+        return Ok(None);
+    }
+    let (endpoint, _) = env
+        .http_url(
+            "UNKEY_METALD_BILLING_ENDPOINT",
+            "expected an http(s) URL such as http://127.0.0.1:9090",
+        )?
+        .ok_or_else(|| {
+            bad(
+                "UNKEY_METALD_BILLING_ENDPOINT",
+                "",
+                "required when UNKEY_METALD_BILLING_ENABLED=true",
+            )
+        })?;
+    Ok(Some(BillingSettings {
+        endpoint,
+        batch_interval: env.duration(
+            "UNKEY_METALD_BILLING_BATCH_INTERVAL",
+            Duration::from_secs(1),
+            Duration::from_millis(100)..=Duration::from_secs(300),
+            "expected a duration such as 1s, 100ms-300s",
+        )?,
+        heartbeat_interval: env.duration(
+            "UNKEY_METALD_BILLING_HEARTBEAT_INTERVAL",
+            Duration::from_secs(10),
+            Duration::from_secs(1)..=Duration::from_secs(600),
+            "expected a duration such as 10s, 1s-600s",
+        )?,
+    }))
+}
+
+/// Where traces go, when UNKEY_METALD_OTEL_ENABLED=true.
+fn otel_endpoint(env: &Env<'_>) -> Result<Option<String>, ConfigError> {
+    if !env.flag("UNKEY_METALD_OTEL_ENABLED")? {
+        return Ok(None);
+    }
+    Ok(Some(
+        env.http_url(
+            "UNKEY_METALD_OTEL_ENDPOINT",
+            "expected an OTLP/HTTP base URL such as http://127.0.0.1:4318",
+        )?
+        .map_or_else(|| "http://127.0.0.1:4318".to_string(), |(_, raw)| raw),
+    ))
+}
+
+fn isolation_config(env: &Env<'_>) -> Result<IsolationConfig, ConfigError> {
+    let number = |name: &'static str, default: u32, min: u32| {
+        env.parsed(
+            name,
+            default,
+            &format!("expected a whole number >= {min}"),
+            |v| v.parse::<u32>().ok().filter(|x| *x >= min),
+        )
     };
     // Above every regular and system account on common distributions (and below 2^31).
     let uid_base = number("UNKEY_METALD_JAILER_UID", 900_000, 1)?;
@@ -452,100 +484,75 @@ fn isolation_config(
             ));
         }
     }
-    let abs_dir = |name: &'static str, default: &str| -> Result<PathBuf, ConfigError> {
-        match get(name) {
-            None => Ok(PathBuf::from(default)),
-            Some((_, v)) if Path::new(&v).is_absolute() => Ok(PathBuf::from(v)),
-            Some((n, v)) => Err(bad(n, &v, "expected an absolute path")),
-        }
-    };
-    let chroot_dir = abs_dir("UNKEY_METALD_JAILER_CHROOT_DIR", "/srv/jailer")?;
-    let run_dir = abs_dir("UNKEY_METALD_RUN_DIR", "/run/metald")?;
-    let cgroup_parent = match get("UNKEY_METALD_CGROUP_PARENT") {
-        None => "metald".to_string(),
-        Some((n, v)) => {
+    let cgroup_parent = env.parsed(
+        "UNKEY_METALD_CGROUP_PARENT",
+        "metald".to_string(),
+        "expected a relative cgroup path like metald or machine/metald",
+        |v| {
             let ok = v.split('/').filter(|p| !p.is_empty()).all(|p| {
                 p != ".."
                     && p != "."
                     && p.bytes()
                         .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
             }) && !v.trim_matches('/').is_empty();
-            if !ok {
-                return Err(bad(
-                    n,
-                    &v,
-                    "expected a relative cgroup path like metald or machine/metald",
-                ));
-            }
-            v
-        }
-    };
-    let ipv6_prefix = match get("UNKEY_METALD_IPV6_PREFIX") {
-        // A unique local prefix ("metal" in ASCII); set one per host where VMs of several hosts
-        // share a network.
-        None => Ipv6Prefix {
-            addr: std::net::Ipv6Addr::new(0xfd6d, 0x6574, 0x616c, 0, 0, 0, 0, 0),
-            len: 64,
+            ok.then(|| v.to_string())
         },
-        Some((n, v)) => v.parse().map_err(|e: crate::network::ipam::PrefixError| {
-            bad(
-                n,
-                &v,
-                &format!("expected an IPv6 prefix such as fd6d:6574:616c::/64 ({e})"),
-            )
-        })?,
-    };
-    let ipv4_subnet = match get("UNKEY_METALD_IPV4_SUBNET") {
-        None => None,
-        Some((n, v)) => Some(v.parse().map_err(|e: crate::network::ipam::PrefixError| {
-            bad(
-                n,
-                &v,
-                &format!("expected an IPv4 subnet such as 10.200.0.0/24 ({e})"),
-            )
-        })?),
-    };
-    let outbound_interface = match get("UNKEY_METALD_OUTBOUND_INTERFACE") {
-        None => None,
-        Some((n, v)) => {
-            if v.is_empty()
-                || v.len() > 15
-                || !v
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-            {
-                return Err(bad(
-                    n,
-                    &v,
-                    "expected an interface name (1-15 of A-Z a-z 0-9 . _ -)",
-                ));
-            }
-            Some(v)
-        }
-    };
+    )?;
+    // A unique local prefix ("metal" in ASCII); set one per host where VMs of several hosts
+    // share a network.
+    fn prefix<T: std::str::FromStr<Err = crate::network::ipam::PrefixError>>(
+        env: &Env<'_>,
+        name: &'static str,
+        example: &str,
+    ) -> Result<Option<T>, ConfigError> {
+        env.get(name)
+            .map(|(n, v)| {
+                v.parse()
+                    .map_err(|e| bad(n, &v, &format!("expected {example} ({e})")))
+            })
+            .transpose()
+    }
+    let ipv6_prefix = prefix(
+        env,
+        "UNKEY_METALD_IPV6_PREFIX",
+        "an IPv6 prefix such as fd6d:6574:616c::/64",
+    )?
+    .unwrap_or(Ipv6Prefix {
+        addr: std::net::Ipv6Addr::new(0xfd6d, 0x6574, 0x616c, 0, 0, 0, 0, 0),
+        len: 64,
+    });
+    let ipv4_subnet = prefix(
+        env,
+        "UNKEY_METALD_IPV4_SUBNET",
+        "an IPv4 subnet such as 10.200.0.0/24",
+    )?;
+    let outbound_interface = env.optional(
+        "UNKEY_METALD_OUTBOUND_INTERFACE",
+        "expected an interface name (1-15 of A-Z a-z 0-9 . _ -)",
+        |v| {
+            (v.len() <= 15
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)))
+            .then(|| v.to_string())
+        },
+    )?;
     let tool = |name: &'static str, var: &'static str, pkg: &str| -> Result<PathBuf, ConfigError> {
-        match get(var) {
-            Some((_, v)) if is_executable(Path::new(&v)) => Ok(PathBuf::from(v)),
-            Some((n, v)) => Err(bad(n, &v, "expected the path of an executable file")),
-            None => path_lookup(name).ok_or_else(|| {
-                bad(var, "", &format!("{name} is not on PATH: install {pkg} or set {var} (or UNKEY_METALD_ISOLATION=none for unisolated development runs)"))
-            }),
-        }
+        env.executable(var, name)?.ok_or_else(|| {
+            bad(var, "", &format!("{name} is not on PATH: install {pkg} or set {var} (or UNKEY_METALD_ISOLATION=none for unisolated development runs)"))
+        })
     };
-    let nft_bin = tool("nft", "UNKEY_METALD_NFT_BIN", "nftables")?;
-    let tc_bin = tool("tc", "UNKEY_METALD_TC_BIN", "iproute2")?;
     Ok(IsolationConfig {
         uid_base,
         gid_base,
         id_count,
-        chroot_dir,
-        run_dir,
+        chroot_dir: env.abs_path("UNKEY_METALD_JAILER_CHROOT_DIR", "/srv/jailer")?,
+        run_dir: env.abs_path("UNKEY_METALD_RUN_DIR", "/run/metald")?,
         cgroup_parent,
         ipv6_prefix,
         ipv4_subnet,
         outbound_interface,
-        nft_bin,
-        tc_bin,
+        nft_bin: tool("nft", "UNKEY_METALD_NFT_BIN", "nftables")?,
+        tc_bin: tool("tc", "UNKEY_METALD_TC_BIN", "iproute2")?,
     })
 }
 
