@@ -1,6 +1,45 @@
 //! What the host offers, checked without changing it: executables and hardware KVM.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// Where the host's kernel interfaces are mounted. Always `/proc`, `/sys` and `/dev` in
+/// production; a test points them at a directory it made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostRoots {
+    /// procfs.
+    pub proc: PathBuf,
+    /// sysfs.
+    pub sys: PathBuf,
+    /// devtmpfs.
+    pub dev: PathBuf,
+}
+
+impl Default for HostRoots {
+    fn default() -> Self {
+        Self {
+            proc: "/proc".into(),
+            sys: "/sys".into(),
+            dev: "/dev".into(),
+        }
+    }
+}
+
+impl HostRoots {
+    /// The KVM device.
+    pub fn kvm(&self) -> PathBuf {
+        self.dev.join("kvm")
+    }
+
+    /// The cgroup filesystem.
+    pub fn cgroup(&self) -> PathBuf {
+        self.sys.join("fs/cgroup")
+    }
+
+    /// Whether the host has hardware KVM, and why (see [`hardware_kvm`]).
+    pub fn hardware_kvm(&self) -> (bool, String) {
+        hardware_kvm(&self.sys, &self.dev)
+    }
+}
 
 /// True for a regular file with an execute bit.
 pub fn is_executable(p: &Path) -> bool {

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use metald_host::probe::{hardware_kvm, is_executable};
+pub use metald_host::probe::{hardware_kvm, is_executable, HostRoots};
 
 use crate::network::ipam::{Ipv4Subnet, Ipv6Prefix};
 
@@ -112,6 +112,8 @@ pub struct Config {
     pub billing: Option<BillingSettings>,
     /// OTLP/HTTP collector base URL, if trace export is on.
     pub otel_endpoint: Option<String>,
+    /// Where the host's /proc, /sys and /dev are (not from the environment: tests set it).
+    pub roots: HostRoots,
 }
 
 /// Billing delivery settings.
@@ -250,6 +252,7 @@ impl Config {
             metrics_retention,
             billing: billing_settings(&env)?,
             otel_endpoint: otel_endpoint(&env)?,
+            roots: HostRoots::default(),
         })
     }
 }

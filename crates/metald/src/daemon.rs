@@ -11,7 +11,7 @@ use crate::backend::firecracker::FirecrackerBackend;
 use crate::backend::qemu::{Accel, QemuBackend};
 use crate::backend::{Backend, BackendKind, ExitEvent};
 use crate::billing::{Billing, BillingConfig};
-use crate::config::{hardware_kvm, AccelChoice, BackendChoice, Config, Isolation, IsolationConfig};
+use crate::config::{AccelChoice, BackendChoice, Config, Isolation, IsolationConfig};
 use crate::jailer::{Jailer, JailerConfig};
 use crate::metering::{Meter, MeterConfig};
 use crate::network::ipam::AllocationPlan;
@@ -81,7 +81,7 @@ pub fn select_backend(
     cfg: &Config,
     events: mpsc::UnboundedSender<ExitEvent>,
 ) -> Result<Arc<dyn Backend>, StartError> {
-    let (hw_kvm, kvm_why) = hardware_kvm(Path::new("/sys"), Path::new("/dev"));
+    let (hw_kvm, kvm_why) = cfg.roots.hardware_kvm();
     let use_firecracker = match cfg.backend {
         BackendChoice::Firecracker => true,
         BackendChoice::Qemu => false,
@@ -104,7 +104,7 @@ pub fn select_backend(
         let bin = cfg.firecracker_bin.clone().ok_or_else(|| {
             StartError::NoBackend("UNKEY_METALD_BACKEND=firecracker but no firecracker binary: set UNKEY_METALD_FIRECRACKER_BIN or put firecracker on PATH".into())
         })?;
-        if !Path::new("/dev/kvm").exists() {
+        if !cfg.roots.kvm().exists() {
             return Err(StartError::NoBackend(
                 "firecracker needs /dev/kvm, which does not exist".into(),
             ));
@@ -149,7 +149,7 @@ pub fn sandboxes(
             gid_base: iso.gid_base,
             id_count: iso.id_count,
             chroot_dir: iso.chroot_dir.clone(),
-            cgroup_root: "/sys/fs/cgroup".into(),
+            roots: cfg.roots.clone(),
             cgroup_parent: iso.cgroup_parent.clone(),
             metald_exe,
             tc_bin: iso.tc_bin.clone(),
@@ -165,6 +165,7 @@ pub fn sandboxes(
         outbound_interface: iso.outbound_interface.clone(),
         netns_dir: iso.run_dir.join("netns"),
         nft_bin: iso.nft_bin.clone(),
+        proc_root: cfg.roots.proc.clone(),
     })
     .map_err(StartError::Network)?;
     tracing::info!(ipv6_prefix = %iso.ipv6_prefix, ipv4_subnet = ?iso.ipv4_subnet.map(|s| s.to_string()), outbound = ?iso.outbound_interface, "network ready");

@@ -142,8 +142,8 @@ pub struct JailerConfig {
     pub id_count: u32,
     /// Where jail roots live: `<dir>/<vmm>/<vm id>/root`.
     pub chroot_dir: PathBuf,
-    /// cgroupfs root (normally /sys/fs/cgroup).
-    pub cgroup_root: PathBuf,
+    /// Where the host's /proc, /sys and /dev are (cgroupfs is under sys).
+    pub roots: crate::probe::HostRoots,
     /// Parent cgroup of all VM cgroups.
     pub cgroup_parent: String,
     /// The metald binary to re-execute as `metald jail`.
@@ -238,7 +238,7 @@ const CPU_PERIOD_US: u64 = 100_000;
 impl Jailer {
     /// A jailer for VMMs of `kind` run from `vmm_binary`; resolves the binary's libraries once.
     pub fn new(cfg: JailerConfig, kind: BackendKind, vmm_binary: &Path) -> Result<Self, JailError> {
-        let cgroups = Cgroups::detect(&cfg.cgroup_root, &cfg.cgroup_parent)?;
+        let cgroups = Cgroups::detect(&cfg.roots.cgroup(), &cfg.cgroup_parent)?;
         let vmm_files = vmm_files(kind, vmm_binary)?;
         std::fs::create_dir_all(cfg.chroot_dir.join(kind.as_str()))
             .map_err(io("create", &cfg.chroot_dir))?;
@@ -318,7 +318,7 @@ impl Jailer {
                 minor: 200,
             },
         ];
-        if Path::new("/dev/kvm").exists() {
+        if self.cfg.roots.kvm().exists() {
             devices.push(JailDevice {
                 path: "/dev/kvm".into(),
                 major: 10,

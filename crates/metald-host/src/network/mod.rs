@@ -52,6 +52,8 @@ pub struct NetworkConfig {
     pub netns_dir: PathBuf,
     /// The `nft` binary.
     pub nft_bin: PathBuf,
+    /// procfs (for the forwarding switches).
+    pub proc_root: PathBuf,
 }
 
 /// The network of one VM run, as the jailer and the backends need it.
@@ -163,12 +165,13 @@ impl Network {
         })?;
         // Routing between VMs (and to the gateway) happens in this namespace.
         for knob in [
-            "/proc/sys/net/ipv6/conf/all/forwarding",
-            "/proc/sys/net/ipv4/ip_forward",
+            "sys/net/ipv6/conf/all/forwarding",
+            "sys/net/ipv4/ip_forward",
         ] {
-            std::fs::write(knob, "1").map_err(|source| NetworkError::Io {
+            let path = cfg.proc_root.join(knob);
+            std::fs::write(&path, "1").map_err(|source| NetworkError::Io {
                 op: "enable forwarding",
-                path: knob.into(),
+                path,
                 source,
             })?;
         }
@@ -535,6 +538,7 @@ mod tests {
                 outbound_interface: None,
                 netns_dir: "/run/test-netns".into(),
                 nft_bin: "/nonexistent/nft".into(),
+                proc_root: "/nonexistent/proc".into(),
             },
             Box::new(Shared(Arc::clone(kernel))),
             Box::new(Shared(Arc::clone(kernel))),
