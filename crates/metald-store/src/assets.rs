@@ -1,5 +1,5 @@
 //! The local asset store: kernels, initrds and disk images by `image_id`, under
-//! `<data dir>/assets/`, with their kind, size and sha256 in the SQLite catalog.
+//! `<data dir>/assets/`, with their kind, size and sha256 in the catalog ([`AssetCatalog`]).
 //!
 //! VMs get their own writable disks as reflinks where the filesystem supports them (btrfs, xfs)
 //! and as sparse copies elsewhere, so a mostly empty image costs only its used blocks.
@@ -13,7 +13,7 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 use crate::domain::now_ms;
-use crate::{AssetKind, AssetRecord, Store, StoreError};
+use crate::{AssetCatalog, AssetKind, AssetRecord, StoreError};
 
 /// Errors from the asset store.
 #[derive(Debug, thiserror::Error)]
@@ -98,12 +98,13 @@ pub struct BootFiles {
 /// The asset store.
 pub struct AssetStore {
     dir: PathBuf,
-    store: Arc<Store>,
+    // Only the catalog: the file store works the same over any store implementation.
+    store: Arc<dyn AssetCatalog>,
 }
 
 impl AssetStore {
     /// Opens the store rooted at `dir` (created if missing), with its catalog in `store`.
-    pub fn open(dir: PathBuf, store: Arc<Store>) -> Result<Self, AssetError> {
+    pub fn open(dir: PathBuf, store: Arc<dyn AssetCatalog>) -> Result<Self, AssetError> {
         fs::create_dir_all(&dir).map_err(io_err("create asset dir", &dir))?;
         Ok(Self { dir, store })
     }
@@ -310,6 +311,7 @@ fn sparse_copy(input: &File, output: &File, src: &Path, dst: &Path) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Store;
     use std::io::{Seek, Write};
 
     fn stores() -> (tempfile::TempDir, AssetStore) {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use metald::billing::{Billing, BillingConfig};
 use metald::domain::{CustomerId, VmId};
 use metald::metering::{Meter, MeterConfig};
-use metald::store::{OutboxRow, Store};
+use metald::store::{BillingStore, OutboxRow, Store};
 
 fn main() {
     let batches: usize = std::env::var("BENCH_BATCHES")

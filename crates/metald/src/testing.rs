@@ -172,7 +172,7 @@ pub(crate) fn fixture() -> Fixture {
 pub(crate) fn fixture_with_timeout(boot_timeout: Duration) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(&dir.path().join("db")).unwrap());
-    let assets = Arc::new(AssetStore::open(dir.path().join("assets"), Arc::clone(&store)).unwrap());
+    let assets = Arc::new(AssetStore::open(dir.path().join("assets"), store.clone()).unwrap());
     let file = dir.path().join("img");
     std::fs::write(&file, b"image").unwrap();
     for (id, kind, marker) in [

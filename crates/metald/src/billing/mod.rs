@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::domain::{now_ms, CustomerId, VmId};
 use crate::metering::{Counters, Meter};
 use crate::report::Chain;
-use crate::store::{OutboxRow, Store, StoreError};
+use crate::store::{BillingStore, OutboxRow, Store, StoreError};
 
 /// Billing settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -397,6 +397,7 @@ mod tests {
     use crate::metering::testing::run_start;
     use crate::metering::MeterConfig;
     use crate::state::VmState;
+    use crate::store::VmStore;
 
     fn meter(interval: Duration) -> Arc<Meter> {
         Meter::start(MeterConfig {

@@ -31,7 +31,7 @@ use crate::metering::{Counters, Meter, RunStart, VmUsage};
 use crate::report::Chain;
 use crate::sandbox::{Isolation, SandboxError};
 use crate::state::{transition, Change, InvalidTransition, Operation, VmLife, VmState};
-use crate::store::{AssetKind, Store, StoreError};
+use crate::store::{AssetKind, Store, StoreError, UsageStore, VmStore};
 use crate::timings::{Step, Timings};
 
 /// Smallest guest memory metald accepts. Measured with the default guest (Debian 6.1 cloud

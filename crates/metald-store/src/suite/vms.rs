@@ -1,0 +1,247 @@
+//! VM records: round trips, updates, customer scoping, paging, counts.
+
+use super::{customer, vm, Harness};
+use crate::domain::{DriveConfig, VmId, VmRecord};
+use crate::state::{VmLife, VmState};
+use crate::VmStore;
+
+/// Every field of an inserted VM (in any state) reads back as insert returned it; the sequence
+/// number is positive, grows with each insert and is not reused after a delete.
+pub fn inserted_vms_read_back_as_saved<H: Harness>(h: &H) {
+    let store = h.open();
+    let mut rich = vm("a");
+    rich.life = VmLife::restore(
+        VmState::Running,
+        Some(4242),
+        Some(9_876_543_210),
+        Some("earlier boot failed".into()),
+        true,
+    );
+    rich.config.kernel_args = "console=ttyS0 quiet".into();
+    rich.config.drives = vec![DriveConfig {
+        drive_id: "data".into(),
+        image_id: "disk".into(),
+        read_only: true,
+    }];
+    rich.backend = "firecracker".into();
+    rich.created_at_ms = 1_700_000_000_000;
+    rich.updated_at_ms = 1_700_000_000_500;
+    let mut last_seq = 0;
+    let every_state = VmState::ALL.map(|s| crate::testing::record("c", s));
+    for input in [vm("a"), rich, vm("b")].into_iter().chain(every_state) {
+        let saved = store.insert_vm(&input, None).unwrap();
+        assert!(saved.seq > last_seq, "seq {} after {last_seq}", saved.seq);
+        last_seq = saved.seq;
+        assert_eq!(
+            VmRecord {
+                seq: 0,
+                ..saved.clone()
+            },
+            input
+        );
+        assert_eq!(
+            store.get_vm(&input.customer, &input.id).unwrap(),
+            Some(saved.clone())
+        );
+        assert_eq!(store.get_vm_unscoped(&input.id).unwrap(), Some(saved));
+    }
+    let all = store.all_vms().unwrap();
+    let newest = all.last().unwrap();
+    store.delete_vm(&newest.id).unwrap();
+    let next = store.insert_vm(&vm("a"), None).unwrap();
+    assert!(next.seq > newest.seq, "seq {} reused", next.seq);
+}
+
+/// An update writes state, process, failure, readiness and update time; the owner, config,
+/// backend and creation time stay as inserted.
+pub fn update_writes_only_the_mutable_fields<H: Harness>(h: &H) {
+    let store = h.open();
+    let saved = store.insert_vm(&vm("a"), None).unwrap();
+    let mut changed = saved.clone();
+    changed.life = VmLife::restore(VmState::Running, Some(7), Some(99), Some("x".into()), true);
+    changed.updated_at_ms = 5_000;
+    changed.config.vcpu_count = 8;
+    changed.backend = "firecracker".into();
+    changed.created_at_ms = 4_000;
+    store.update_vm(&changed).unwrap();
+    let read = store.get_vm_unscoped(&saved.id).unwrap().unwrap();
+    assert_eq!(
+        read,
+        VmRecord {
+            life: changed.life.clone(),
+            updated_at_ms: 5_000,
+            ..saved.clone()
+        }
+    );
+    // Back to nothing: cleared fields are cleared, not kept.
+    changed.life = VmLife::restore(VmState::Shutdown, None, None, None, false);
+    store.update_vm(&changed).unwrap();
+    let read = store.get_vm_unscoped(&saved.id).unwrap().unwrap();
+    assert_eq!(read.life, changed.life);
+}
+
+/// Updating or deleting a VM that is not stored is not an error and stores nothing (a delete
+/// can race the end of a boot).
+pub fn a_missing_vm_updates_and_deletes_without_error<H: Harness>(h: &H) {
+    let store = h.open();
+    let ghost = vm("a");
+    store.update_vm(&ghost).unwrap();
+    store.delete_vm(&ghost.id).unwrap();
+    assert_eq!(store.get_vm_unscoped(&ghost.id).unwrap(), None);
+    assert!(store.all_vms().unwrap().is_empty());
+}
+
+/// Scoped reads of another customer's VM look exactly like reads of a VM that does not exist;
+/// only the unscoped read (metald's own) sees it.
+pub fn another_customers_vm_is_indistinguishable_from_a_missing_one<H: Harness>(h: &H) {
+    let store = h.open();
+    let theirs = store.insert_vm(&vm("b"), None).unwrap();
+    let (a, b) = (customer("a"), customer("b"));
+    let missing = VmId::generate();
+    assert_eq!(store.get_vm(&a, &theirs.id).unwrap(), None);
+    assert_eq!(store.get_vm(&a, &missing).unwrap(), None);
+    assert!(store.list_vms(&a, None, 0, 100).unwrap().is_empty());
+    assert!(store
+        .list_vms(&a, Some(VmState::Created), 0, 100)
+        .unwrap()
+        .is_empty());
+    assert_eq!(store.get_vm(&b, &theirs.id).unwrap(), Some(theirs.clone()));
+    assert_eq!(store.get_vm_unscoped(&theirs.id).unwrap(), Some(theirs));
+}
+
+/// Listing pages through one customer's VMs by sequence number, oldest first, skipping other
+/// customers' VMs in between.
+pub fn list_pages_by_seq_oldest_first<H: Harness>(h: &H) {
+    let store = h.open();
+    let a = customer("a");
+    let mut mine = vec![];
+    for i in 0..5 {
+        mine.push(store.insert_vm(&vm("a"), None).unwrap());
+        if i % 2 == 0 {
+            store.insert_vm(&vm("b"), None).unwrap();
+        }
+    }
+    let page1 = store.list_vms(&a, None, 0, 2).unwrap();
+    assert_eq!(page1, mine[0..2]);
+    let page2 = store.list_vms(&a, None, page1[1].seq, 2).unwrap();
+    assert_eq!(page2, mine[2..4]);
+    let page3 = store.list_vms(&a, None, page2[1].seq, 2).unwrap();
+    assert_eq!(page3, mine[4..5]);
+    assert!(store
+        .list_vms(&a, None, page3[0].seq, 2)
+        .unwrap()
+        .is_empty());
+    assert_eq!(store.list_vms(&a, None, 0, 100).unwrap(), mine);
+    assert_eq!(
+        store.list_vms(&customer("b"), None, 0, 100).unwrap().len(),
+        3
+    );
+}
+
+/// A state filter lists only the customer's VMs in that state, still oldest first.
+pub fn list_filters_by_state<H: Harness>(h: &H) {
+    let store = h.open();
+    let a = customer("a");
+    let mut saved = vec![];
+    for _ in 0..4 {
+        saved.push(store.insert_vm(&vm("a"), None).unwrap());
+    }
+    store
+        .insert_vm(&crate::testing::record("b", VmState::Running), None)
+        .unwrap();
+    for i in [1, 3] {
+        saved[i].life = VmLife::restore(VmState::Running, Some(42), None, None, false);
+        store.update_vm(&saved[i]).unwrap();
+    }
+    let running = store.list_vms(&a, Some(VmState::Running), 0, 10).unwrap();
+    assert_eq!(running, vec![saved[1].clone(), saved[3].clone()]);
+    let after = store
+        .list_vms(&a, Some(VmState::Running), saved[1].seq, 10)
+        .unwrap();
+    assert_eq!(after, vec![saved[3].clone()]);
+    let created = store.list_vms(&a, Some(VmState::Created), 0, 10).unwrap();
+    assert_eq!(created, vec![saved[0].clone(), saved[2].clone()]);
+    assert!(store
+        .list_vms(&a, Some(VmState::Paused), 0, 10)
+        .unwrap()
+        .is_empty());
+}
+
+/// `all_vms` lists every customer's VMs, oldest first.
+pub fn all_vms_lists_every_customer_oldest_first<H: Harness>(h: &H) {
+    let store = h.open();
+    assert!(store.all_vms().unwrap().is_empty());
+    let saved: Vec<VmRecord> = ["a", "b", "a", "c"]
+        .into_iter()
+        .map(|c| store.insert_vm(&vm(c), None).unwrap())
+        .collect();
+    assert_eq!(store.all_vms().unwrap(), saved);
+}
+
+/// Counting by state covers every VM and leaves out states no VM is in.
+pub fn count_by_state_leaves_out_empty_states<H: Harness>(h: &H) {
+    let store = h.open();
+    assert!(store.count_by_state().unwrap().is_empty());
+    for (c, state) in [
+        ("a", VmState::Running),
+        ("b", VmState::Running),
+        ("a", VmState::Created),
+        ("c", VmState::Running),
+    ] {
+        store
+            .insert_vm(&crate::testing::record(c, state), None)
+            .unwrap();
+    }
+    let mut counts = store.count_by_state().unwrap();
+    counts.sort_by_key(|(s, _)| s.as_str());
+    assert_eq!(counts, vec![(VmState::Created, 1), (VmState::Running, 3)]);
+}
+
+/// A second insert with a stored VM's id is refused and leaves the first as it was.
+pub fn a_duplicate_vm_id_is_refused<H: Harness>(h: &H) {
+    let store = h.open();
+    let first = store.insert_vm(&vm("a"), None).unwrap();
+    let mut again = vm("b");
+    again.id = first.id.clone();
+    assert!(store.insert_vm(&again, None).is_err());
+    assert_eq!(store.all_vms().unwrap(), vec![first]);
+}
+
+/// A deleted VM is gone from every read; the others stay.
+pub fn delete_removes_the_vm<H: Harness>(h: &H) {
+    let store = h.open();
+    let gone = store.insert_vm(&vm("a"), None).unwrap();
+    let kept = store.insert_vm(&vm("a"), None).unwrap();
+    store.delete_vm(&gone.id).unwrap();
+    assert_eq!(store.get_vm(&gone.customer, &gone.id).unwrap(), None);
+    assert_eq!(store.get_vm_unscoped(&gone.id).unwrap(), None);
+    assert_eq!(
+        store.list_vms(&gone.customer, None, 0, 10).unwrap(),
+        vec![kept.clone()]
+    );
+    assert_eq!(store.all_vms().unwrap(), vec![kept]);
+    assert_eq!(store.count_by_state().unwrap(), vec![(VmState::Created, 1)]);
+}
+
+/// VMs, their updates and deletes are still there after a restart.
+pub fn vms_survive_reopen<H: Harness>(h: &H) {
+    let (kept, gone) = {
+        let store = h.open();
+        let mut kept = store.insert_vm(&vm("a"), None).unwrap();
+        let gone = store.insert_vm(&vm("a"), None).unwrap();
+        kept.life = VmLife::restore(VmState::Running, Some(42), Some(7), None, true);
+        kept.updated_at_ms = 2;
+        store.update_vm(&kept).unwrap();
+        store.delete_vm(&gone.id).unwrap();
+        (kept, gone)
+    };
+    let store = h.open();
+    assert_eq!(
+        store.get_vm(&kept.customer, &kept.id).unwrap(),
+        Some(kept.clone())
+    );
+    assert_eq!(store.get_vm_unscoped(&gone.id).unwrap(), None);
+    assert_eq!(store.all_vms().unwrap(), vec![kept.clone()]);
+    let next = store.insert_vm(&vm("a"), None).unwrap();
+    assert!(next.seq > gone.seq, "seq {} reused after reopen", next.seq);
+}

@@ -1,0 +1,250 @@
+//! The SQLite store's tests: the shared [`crate::suite`] on real files, then what only SQLite
+//! has (migrations, WAL, rows it cannot parse).
+
+use std::path::PathBuf;
+
+use rusqlite::Connection;
+
+use crate::domain::{VmId, VmRecord};
+use crate::state::VmState;
+use crate::suite::Harness;
+use crate::testing::record;
+use crate::*;
+
+/// A fresh database file in a temporary directory of its own.
+struct Sqlite {
+    dir: tempfile::TempDir,
+}
+
+impl Sqlite {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().join("metald.db")
+    }
+
+    /// A second connection, for what the store's interface cannot do (breaking rows).
+    fn raw(&self) -> Connection {
+        Connection::open(self.path()).unwrap()
+    }
+}
+
+impl Harness for Sqlite {
+    type Store = Store;
+
+    fn open(&self) -> Store {
+        Store::open(&self.path()).unwrap()
+    }
+}
+
+mod suite {
+    use super::Sqlite;
+
+    crate::store_suite!(Sqlite::new());
+}
+
+fn schema_version(conn: &Connection) -> i64 {
+    conn.pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap()
+}
+
+#[test]
+fn a_new_database_is_at_the_latest_schema_in_wal_mode() {
+    let h = Sqlite::new();
+    drop(h.open());
+    // Opening again applies nothing twice.
+    let _store = h.open();
+    let raw = h.raw();
+    assert_eq!(schema_version(&raw), MIGRATIONS.len() as i64);
+    let mode: String = raw
+        .pragma_query_value(None, "journal_mode", |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+}
+
+#[test]
+fn refuses_a_newer_schema() {
+    let h = Sqlite::new();
+    drop(h.open());
+    h.raw().pragma_update(None, "user_version", 99).unwrap();
+    assert!(matches!(
+        Store::open(&h.path()),
+        Err(StoreError::TooNew { found: 99, .. })
+    ));
+}
+
+#[test]
+fn an_old_database_is_migrated_forward_keeping_its_rows() {
+    let h = Sqlite::new();
+    let vm = record("a", VmState::Created);
+    {
+        let raw = h.raw();
+        raw.execute_batch(MIGRATIONS[0]).unwrap();
+        raw.pragma_update(None, "user_version", 1).unwrap();
+        raw.execute(
+            "INSERT INTO vms (id, customer_id, state, config_json, backend, created_at_ms,
+                              updated_at_ms)
+             VALUES (?1, ?2, 'CREATED', ?3, 'qemu', 1, 1)",
+            rusqlite::params![
+                vm.id.as_str(),
+                vm.customer.as_str(),
+                serde_json::to_string(&vm.config).unwrap()
+            ],
+        )
+        .unwrap();
+    }
+    let store = h.open();
+    assert_eq!(schema_version(&h.raw()), MIGRATIONS.len() as i64);
+    let read = store.get_vm_unscoped(&vm.id).unwrap().unwrap();
+    assert_eq!(
+        VmRecord {
+            seq: vm.seq,
+            ..read
+        },
+        vm
+    );
+    // The later migrations' tables are there for the old VM.
+    store.save_usage(&vm.id, &Default::default(), None).unwrap();
+    store
+        .enqueue_billing(&[], Some((&vm.id, 1, &Default::default(), 1)))
+        .unwrap();
+}
+
+#[test]
+fn a_corrupt_vm_row_is_reported_with_its_id() {
+    let h = Sqlite::new();
+    let store = h.open();
+    let vm = store
+        .insert_vm(&record("a", VmState::Created), None)
+        .unwrap();
+    let raw = h.raw();
+    let break_with = |set: &str| {
+        raw.execute(&format!("UPDATE vms SET {set}"), []).unwrap();
+    };
+    let corrupt_reason = |r: Result<Option<VmRecord>, StoreError>| match r {
+        Err(StoreError::Corrupt { id, reason }) => {
+            assert_eq!(id, vm.id.as_str());
+            reason
+        }
+        other => panic!("expected corrupt, got {other:?}"),
+    };
+
+    break_with("state = 'LOST'");
+    let err = store.get_vm(&vm.customer, &vm.id).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("stored row for {} is corrupt: state LOST", vm.id)
+    );
+    assert!(store.list_vms(&vm.customer, None, 0, 10).is_err());
+    assert!(store.all_vms().is_err());
+    assert!(matches!(
+        store.count_by_state(),
+        Err(StoreError::Corrupt { id, .. }) if id == "vms"
+    ));
+
+    break_with("state = 'CREATED', config_json = '{\"vcpu_count\":'");
+    let reason = corrupt_reason(store.get_vm_unscoped(&vm.id));
+    assert!(reason.starts_with("config: "), "{reason}");
+
+    break_with("config_json = '{}', customer_id = 'not a customer'");
+    corrupt_reason(store.get_vm_unscoped(&vm.id));
+    // Unscoped only: no customer can name the broken one.
+    assert_eq!(store.count_by_state().unwrap(), vec![(VmState::Created, 1)]);
+}
+
+#[test]
+fn a_corrupt_address_is_reported_with_its_vm() {
+    let h = Sqlite::new();
+    let store = h.open();
+    let plan = metald_domain::ipam::AllocationPlan {
+        slots: 2,
+        ipv6: "fd00:1::/64".parse().unwrap(),
+        ipv4: None,
+    };
+    let vm = store
+        .insert_vm(&record("a", VmState::Created), Some(&plan))
+        .unwrap();
+    h.raw()
+        .execute("UPDATE vm_network SET ipv6 = 'fd00::zz'", [])
+        .unwrap();
+    match store.get_vm_unscoped(&vm.id) {
+        Err(StoreError::Corrupt { id, reason }) => {
+            assert_eq!(
+                (id.as_str(), reason.as_str()),
+                (vm.id.as_str(), "network: ipv6 fd00::zz")
+            );
+        }
+        other => panic!("expected corrupt, got {other:?}"),
+    }
+}
+
+#[test]
+fn corrupt_usage_and_billing_cursor_are_reported_with_their_vm() {
+    let h = Sqlite::new();
+    let store = h.open();
+    let vm = store
+        .insert_vm(&record("a", VmState::Created), None)
+        .unwrap();
+    store.save_usage(&vm.id, &Default::default(), None).unwrap();
+    store
+        .enqueue_billing(&[], Some((&vm.id, 1, &Default::default(), 1)))
+        .unwrap();
+    let raw = h.raw();
+    raw.execute("UPDATE vm_usage SET carried_json = 'nope'", [])
+        .unwrap();
+    raw.execute("UPDATE billing_cursor SET last_total_json = '{'", [])
+        .unwrap();
+    let is_vm = |e: StoreError| matches!(e, StoreError::Corrupt { id, .. } if id == vm.id.as_str());
+    assert!(is_vm(store.load_usage(&vm.id).unwrap_err()));
+    assert!(is_vm(store.billing_cursor(&vm.id).unwrap_err()));
+}
+
+#[test]
+fn a_corrupt_asset_kind_is_reported_with_its_id() {
+    let h = Sqlite::new();
+    let store = h.open();
+    store
+        .insert_asset(&AssetRecord {
+            id: "r".into(),
+            kind: AssetKind::Rootfs,
+            file_name: "r".into(),
+            size_bytes: 1,
+            sha256: String::new(),
+            initrd_id: None,
+            ready_marker: None,
+            created_at_ms: 1,
+        })
+        .unwrap();
+    // The schema's CHECK keeps bad kinds out; only a hand edit gets one in.
+    let raw = h.raw();
+    raw.pragma_update(None, "ignore_check_constraints", true)
+        .unwrap();
+    raw.execute("UPDATE assets SET kind = 'floppy'", [])
+        .unwrap();
+    let err = store.get_asset("r").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "stored row for r is corrupt: asset kind floppy"
+    );
+    assert!(store.list_assets().is_err());
+}
+
+#[test]
+fn sqlite_errors_name_the_operation_and_keep_the_cause_as_source() {
+    let h = Sqlite::new();
+    let store = h.open();
+    let vm = store
+        .insert_vm(&record("a", VmState::Created), None)
+        .unwrap();
+    let err = store.insert_vm(&vm, None).unwrap_err();
+    assert_eq!(err.to_string(), "database insert vm");
+    let source = std::error::Error::source(&err).unwrap().to_string();
+    assert!(source.contains("UNIQUE"), "{source}");
+    // The refused insert left no trace.
+    assert_eq!(store.all_vms().unwrap().len(), 1);
+    assert_eq!(store.get_vm_unscoped(&VmId::generate()).unwrap(), None);
+}

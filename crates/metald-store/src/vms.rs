@@ -1,0 +1,277 @@
+//! The `vms` table (read with its `vm_network` allocation): VM records, scoped by customer
+//! for API callers.
+
+use rusqlite::{params, OptionalExtension, Row};
+
+use crate::domain::{CustomerId, VmConfig, VmId, VmNet, VmRecord};
+use crate::ipam::allocate;
+use crate::state::{VmLife, VmState};
+use crate::{sql, Store, StoreError};
+use metald_domain::ipam::AllocationPlan;
+
+/// VM records and, with them, each VM's jail slot and addresses.
+///
+/// Allocation is part of [`VmStore::insert_vm`] rather than a trait of its own: the addresses
+/// must commit with the VM and go with its delete, so no caller ever holds an address without
+/// a VM or races another create for one.
+pub trait VmStore: Send + Sync {
+    /// Inserts a new VM; returns it with its sequence number, greater than any VM's before it
+    /// and never reused. With a `plan`, the VM also gets the lowest free jail slot, IPv6 (and
+    /// IPv4) address, atomically with the insert: no two stored VMs share one, and a full pool
+    /// is [`StoreError::Exhausted`] with nothing stored. A VM id already stored is refused.
+    fn insert_vm(
+        &self,
+        vm: &VmRecord,
+        plan: Option<&AllocationPlan>,
+    ) -> Result<VmRecord, StoreError>;
+
+    /// Writes a VM's mutable fields (state, process, failure, readiness, update time); the
+    /// rest is fixed at insert. A VM that is not stored stays not stored, without error.
+    fn update_vm(&self, vm: &VmRecord) -> Result<(), StoreError>;
+
+    /// The customer's VM with this id, if it exists and is theirs (another customer's VM is
+    /// indistinguishable from a missing one).
+    fn get_vm(&self, customer: &CustomerId, id: &VmId) -> Result<Option<VmRecord>, StoreError>;
+
+    /// A VM by id whoever owns it (for metald's own bookkeeping, never for API callers).
+    fn get_vm_unscoped(&self, id: &VmId) -> Result<Option<VmRecord>, StoreError>;
+
+    /// Up to `limit` of the customer's VMs (in `state`, if given) after sequence number
+    /// `after_seq`, oldest first.
+    fn list_vms(
+        &self,
+        customer: &CustomerId,
+        state: Option<VmState>,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<VmRecord>, StoreError>;
+
+    /// Every VM on this host, oldest first (start-up reconciliation).
+    fn all_vms(&self) -> Result<Vec<VmRecord>, StoreError>;
+
+    /// Number of VMs per state (states with none are left out).
+    fn count_by_state(&self) -> Result<Vec<(VmState, u64)>, StoreError>;
+
+    /// Removes a VM with its allocation (free for the next VM), usage and billing cursor; its
+    /// outbox rows stay, as the usage in them is still owed. A missing VM is not an error.
+    fn delete_vm(&self, id: &VmId) -> Result<(), StoreError>;
+}
+
+impl VmStore for Store {
+    fn insert_vm(
+        &self,
+        vm: &VmRecord,
+        plan: Option<&AllocationPlan>,
+    ) -> Result<VmRecord, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(sql("begin"))?;
+        tx.execute(
+            "INSERT INTO vms (id, customer_id, state, config_json, backend, created_at_ms,
+                              updated_at_ms, vmm_pid, vmm_start_ticks, failure, guest_ready)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![
+                vm.id.as_str(),
+                vm.customer.as_str(),
+                vm.life.state().as_str(),
+                config_json(vm)?,
+                vm.backend,
+                vm.created_at_ms,
+                vm.updated_at_ms,
+                vm.life.vmm_pid(),
+                vm.life.vmm_start_ticks().map(|t| t as i64),
+                vm.life.failure(),
+                vm.life.guest_ready(),
+            ],
+        )
+        .map_err(sql("insert vm"))?;
+        let mut saved = vm.clone();
+        saved.seq = tx.last_insert_rowid();
+        if let Some(plan) = plan {
+            saved.net = Some(allocate(&tx, &vm.id, plan)?);
+        }
+        tx.commit().map_err(sql("commit vm"))?;
+        Ok(saved)
+    }
+
+    fn update_vm(&self, vm: &VmRecord) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "UPDATE vms SET state = ?2, updated_at_ms = ?3, vmm_pid = ?4, vmm_start_ticks = ?5,
+                            failure = ?6, guest_ready = ?7
+                 WHERE id = ?1",
+                params![
+                    vm.id.as_str(),
+                    vm.life.state().as_str(),
+                    vm.updated_at_ms,
+                    vm.life.vmm_pid(),
+                    vm.life.vmm_start_ticks().map(|t| t as i64),
+                    vm.life.failure(),
+                    vm.life.guest_ready(),
+                ],
+            )
+            .map_err(sql("update vm"))?;
+        Ok(())
+    }
+
+    fn get_vm(&self, customer: &CustomerId, id: &VmId) -> Result<Option<VmRecord>, StoreError> {
+        self.conn()
+            .query_row(
+                &format!("SELECT {VM_COLUMNS} FROM {VMS} WHERE id = ?1 AND customer_id = ?2"),
+                params![id.as_str(), customer.as_str()],
+                read_vm_row,
+            )
+            .optional()
+            .map_err(sql("read vm"))?
+            .transpose()
+    }
+
+    fn get_vm_unscoped(&self, id: &VmId) -> Result<Option<VmRecord>, StoreError> {
+        self.conn()
+            .query_row(
+                &format!("SELECT {VM_COLUMNS} FROM {VMS} WHERE id = ?1"),
+                params![id.as_str()],
+                read_vm_row,
+            )
+            .optional()
+            .map_err(sql("read vm"))?
+            .transpose()
+    }
+
+    fn list_vms(
+        &self,
+        customer: &CustomerId,
+        state: Option<VmState>,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<VmRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(&format!(
+                "SELECT {VM_COLUMNS} FROM {VMS}
+                 WHERE customer_id = ?1 AND seq > ?2 AND (?3 IS NULL OR state = ?3)
+                 ORDER BY seq LIMIT ?4"
+            ))
+            .map_err(sql("list vms"))?;
+        let rows = stmt
+            .query_map(
+                params![
+                    customer.as_str(),
+                    after_seq,
+                    state.map(|s| s.as_str()),
+                    limit
+                ],
+                read_vm_row,
+            )
+            .map_err(sql("list vms"))?;
+        collect_vm_rows(rows)
+    }
+
+    fn all_vms(&self) -> Result<Vec<VmRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(&format!("SELECT {VM_COLUMNS} FROM {VMS} ORDER BY seq"))
+            .map_err(sql("list all vms"))?;
+        let rows = stmt
+            .query_map([], read_vm_row)
+            .map_err(sql("list all vms"))?;
+        collect_vm_rows(rows)
+    }
+
+    fn count_by_state(&self) -> Result<Vec<(VmState, u64)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached("SELECT state, COUNT(*) FROM vms GROUP BY state")
+            .map_err(sql("count vms"))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(sql("count vms"))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (state, n) = row.map_err(sql("count vms"))?;
+            let state = VmState::parse(&state).ok_or_else(|| StoreError::Corrupt {
+                id: "vms".into(),
+                reason: format!("state {state}"),
+            })?;
+            out.push((state, n as u64));
+        }
+        Ok(out)
+    }
+
+    fn delete_vm(&self, id: &VmId) -> Result<(), StoreError> {
+        self.conn()
+            .execute("DELETE FROM vms WHERE id = ?1", params![id.as_str()])
+            .map_err(sql("delete vm"))?;
+        Ok(())
+    }
+}
+
+const VM_COLUMNS: &str = "seq, id, customer_id, state, config_json, backend, created_at_ms, \
+                          updated_at_ms, vmm_pid, vmm_start_ticks, failure, guest_ready, \
+                          slot, ipv6, ipv4, mac";
+/// Every VM query reads its allocation with it.
+const VMS: &str = "vms LEFT JOIN vm_network ON vm_network.vm_id = vms.id";
+
+fn config_json(vm: &VmRecord) -> Result<String, StoreError> {
+    serde_json::to_string(&vm.config).map_err(|e| StoreError::Corrupt {
+        id: vm.id.to_string(),
+        reason: format!("config does not serialize: {e}"),
+    })
+}
+
+/// Reads one row; the outer `Result` is SQLite's, the inner one is ours (row contents).
+fn read_vm_row(row: &Row<'_>) -> rusqlite::Result<Result<VmRecord, StoreError>> {
+    let id: String = row.get(1)?;
+    let customer: String = row.get(2)?;
+    let state: String = row.get(3)?;
+    let config: String = row.get(4)?;
+    let corrupt = |reason: String| StoreError::Corrupt {
+        id: id.clone(),
+        reason,
+    };
+    let parsed = (|| {
+        Ok(VmRecord {
+            seq: row.get(0).map_err(sql("read vm"))?,
+            id: id.parse().map_err(|e| corrupt(format!("{e}")))?,
+            customer: customer.parse().map_err(|e| corrupt(format!("{e}")))?,
+            config: serde_json::from_str::<VmConfig>(&config)
+                .map_err(|e| corrupt(format!("config: {e}")))?,
+            backend: row.get(5).map_err(sql("read vm"))?,
+            created_at_ms: row.get(6).map_err(sql("read vm"))?,
+            updated_at_ms: row.get(7).map_err(sql("read vm"))?,
+            life: VmLife::restore(
+                VmState::parse(&state).ok_or_else(|| corrupt(format!("state {state}")))?,
+                row.get(8).map_err(sql("read vm"))?,
+                row.get::<_, Option<i64>>(9)
+                    .map_err(sql("read vm"))?
+                    .map(|t| t as u64),
+                row.get(10).map_err(sql("read vm"))?,
+                row.get(11).map_err(sql("read vm"))?,
+            ),
+            net: read_net(row).map_err(|e| corrupt(format!("network: {e}")))?,
+        })
+    })();
+    Ok(parsed)
+}
+
+/// The allocation columns of a VM row (`None` for a VM created without a plan).
+fn read_net(row: &Row<'_>) -> Result<Option<VmNet>, String> {
+    let slot: Option<i64> = row.get(12).map_err(|e| e.to_string())?;
+    let Some(slot) = slot else { return Ok(None) };
+    let ipv6: String = row.get(13).map_err(|e| e.to_string())?;
+    let ipv4: Option<String> = row.get(14).map_err(|e| e.to_string())?;
+    Ok(Some(VmNet {
+        slot: u32::try_from(slot).map_err(|e| e.to_string())?,
+        ipv6: ipv6.parse().map_err(|_| format!("ipv6 {ipv6}"))?,
+        ipv4: ipv4
+            .map(|a| a.parse().map_err(|_| format!("ipv4 {a}")))
+            .transpose()?,
+        mac: row.get(15).map_err(|e| e.to_string())?,
+    }))
+}
+
+fn collect_vm_rows(
+    rows: impl Iterator<Item = rusqlite::Result<Result<VmRecord, StoreError>>>,
+) -> Result<Vec<VmRecord>, StoreError> {
+    rows.map(|r| r.map_err(sql("read vm")).and_then(|x| x))
+        .collect()
+}
