@@ -177,6 +177,7 @@ pub fn sandboxes(
             ipv6: iso.ipv6_prefix,
             ipv4: iso.ipv4_subnet,
         },
+        cfg.roots.proc.clone(),
     ))
 }
 
@@ -196,7 +197,9 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         Isolation::Jail(iso) => Arc::new(sandboxes(&cfg, iso, backend.kind())?),
         Isolation::None => {
             tracing::warn!("ISOLATION IS OFF (UNKEY_METALD_ISOLATION=none): VMMs run as metald's own user, unjailed and without network; for development and benchmarks only");
-            Arc::new(crate::sandbox::Unisolated)
+            Arc::new(crate::sandbox::Unisolated {
+                proc: cfg.roots.proc.clone(),
+            })
         }
     };
     let meter = Meter::start(MeterConfig {

@@ -62,7 +62,10 @@ pub trait Isolation: Send + Sync {
 
 /// No isolation: VMMs run as metald's own user, unjailed and without network. Every step is
 /// a no-op and usage comes from the VMM process alone.
-pub struct Unisolated;
+pub struct Unisolated {
+    /// procfs, where the VMM's usage is read.
+    pub proc: PathBuf,
+}
 
 #[async_trait::async_trait]
 impl Isolation for Unisolated {
@@ -83,7 +86,7 @@ impl Isolation for Unisolated {
         Ok(())
     }
     fn meter_sources(&self, _: &VmRecord, pid: u32) -> (Sources, Option<String>) {
-        (Sources::for_process(pid), None)
+        (Sources::for_process(&self.proc, pid), None)
     }
     fn network_of(&self, _: &VmRecord) -> Option<VmNetworkPlan> {
         None
@@ -95,15 +98,18 @@ pub struct Sandboxes {
     jailer: Jailer,
     network: Network,
     plan: AllocationPlan,
+    proc: PathBuf,
 }
 
 impl Sandboxes {
-    /// Sandboxes from a jailer and a network, allocating by `plan`.
-    pub fn new(jailer: Jailer, network: Network, plan: AllocationPlan) -> Self {
+    /// Sandboxes from a jailer and a network, allocating by `plan`; usage is read from the
+    /// cgroups and from procfs at `proc`.
+    pub fn new(jailer: Jailer, network: Network, plan: AllocationPlan, proc: PathBuf) -> Self {
         Self {
             jailer,
             network,
             plan,
+            proc,
         }
     }
 
@@ -203,7 +209,11 @@ impl Isolation for Sandboxes {
 
     fn meter_sources(&self, vm: &VmRecord, pid: u32) -> (Sources, Option<String>) {
         (
-            Sources::for_cgroup(&self.jailer.cgroups().files(vm.id.as_str()), pid),
+            Sources::for_cgroup(
+                &self.jailer.cgroups().files(vm.id.as_str()),
+                &self.proc,
+                pid,
+            ),
             self.network.plan(vm).ok().map(|p| p.host_if),
         )
     }

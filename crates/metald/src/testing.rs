@@ -86,7 +86,7 @@ impl Isolation for FakeIsolation {
         Ok(())
     }
     fn meter_sources(&self, _: &VmRecord, pid: u32) -> (Sources, Option<String>) {
-        (Sources::for_process(pid), None)
+        (Sources::for_process(Path::new("/proc"), pid), None)
     }
     fn network_of(&self, _: &VmRecord) -> Option<VmNetworkPlan> {
         None

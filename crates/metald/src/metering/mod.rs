@@ -504,7 +504,7 @@ pub(crate) mod testing {
         RunStart {
             customer: "c".parse().unwrap(),
             memory_configured: 1 << 20,
-            sources: Sources::for_process(std::process::id()),
+            sources: Sources::for_process(std::path::Path::new("/proc"), std::process::id()),
             host_if: None,
             carried,
             base,

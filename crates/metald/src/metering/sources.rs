@@ -293,8 +293,9 @@ fn keyed(text: &str, key: &str) -> Option<u64> {
 }
 
 impl Sources {
-    /// Sources of a jailed VMM: its cgroup, plus its process for disk bytes.
-    pub fn for_cgroup(files: &CgroupFiles, pid: u32) -> Self {
+    /// Sources of a jailed VMM: its cgroup, plus its process (under procfs `proc`) for disk
+    /// bytes.
+    pub fn for_cgroup(files: &CgroupFiles, proc: &Path, pid: u32) -> Self {
         Self {
             cpu: if files.v2 {
                 open(&files.cpu).map(Cpu::V2)
@@ -304,7 +305,7 @@ impl Sources {
             clock: process_clock(pid),
             cpu_anchor: None,
             memory: open(&files.memory).map(Memory::Cgroup),
-            io: open(Path::new(&format!("/proc/{pid}/io"))),
+            io: open(&proc.join(pid.to_string()).join("io")),
             ops: files.block_ops.as_deref().and_then(open).map(|f| {
                 if files.v2 {
                     BlockOps::V2(f)
@@ -316,9 +317,9 @@ impl Sources {
         }
     }
 
-    /// Sources of an unjailed VMM (isolation off): its process only.
-    pub fn for_process(pid: u32) -> Self {
-        let p = |f: &str| open(Path::new(&format!("/proc/{pid}/{f}")));
+    /// Sources of an unjailed VMM (isolation off): its process (under procfs `proc`) only.
+    pub fn for_process(proc: &Path, pid: u32) -> Self {
+        let p = |f: &str| open(&proc.join(pid.to_string()).join(f));
         Self {
             cpu: p("stat").map(Cpu::Proc),
             clock: process_clock(pid),
@@ -628,7 +629,7 @@ mod tests {
             memory: d.path().join("memory.usage_in_bytes"),
             block_ops: Some(d.path().join("blkio.throttle.io_serviced")),
         };
-        let mut s = Sources::for_cgroup(&files, std::process::id());
+        let mut s = Sources::for_cgroup(&files, Path::new("/proc"), std::process::id());
         let mut net = NetTable::new();
         net.insert(
             7,
@@ -669,6 +670,7 @@ mod tests {
                 memory: d.path().join("memory.usage_in_bytes"),
                 block_ops: Some(d.path().join("io.stat")),
             },
+            Path::new("/proc"),
             std::process::id(),
         );
         let c2 = v2.read(None, &net, &Counters::default());
@@ -677,7 +679,11 @@ mod tests {
             (1_500_000, 2, 7)
         );
         // This test process's own /proc files work without a cgroup.
-        let p = Sources::for_process(std::process::id()).read(None, &net, &Counters::default());
+        let p = Sources::for_process(Path::new("/proc"), std::process::id()).read(
+            None,
+            &net,
+            &Counters::default(),
+        );
         assert!(p.memory_bytes > 0);
     }
 }
