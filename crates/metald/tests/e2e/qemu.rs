@@ -153,6 +153,11 @@ async fn rpc_lifecycle(m: &Metald, flavour: &str) {
         .unwrap()
         .into_owned();
     assert_eq!(paused.vm.state, pb::VmState::VM_STATE_PAUSED);
+    assert_eq!(
+        m.qemu_status(&id),
+        "paused",
+        "{flavour}: QEMU itself is paused"
+    );
     // Illegal: pause a paused VM. FailedPrecondition naming the state, nothing changes.
     let err = c
         .pause_vm(pb::PauseVmRequest {
@@ -175,6 +180,7 @@ async fn rpc_lifecycle(m: &Metald, flavour: &str) {
         .unwrap()
         .into_owned();
     assert_eq!(resumed.vm.state, pb::VmState::VM_STATE_RUNNING);
+    assert_eq!(m.qemu_status(&id), "running", "{flavour}");
     let rebooted = c
         .reboot_vm(pb::RebootVmRequest {
             vm_id: id.clone(),
@@ -262,7 +268,12 @@ fn buf_curl(m: &Metald, protocol: &str, method: &str, data: Value) -> Value {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "buf curl {method} printed non-JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
 }
 
 /// A client nobody here wrote: `buf curl` (npm's @bufbuild/buf) with the repo's proto files,
@@ -292,8 +303,10 @@ fn buf_curl_drives_a_vm() {
         json!({"vm_id": id, "force": true}),
     );
     assert_eq!(down["vm"]["state"], "VM_STATE_SHUTDOWN");
-    buf_curl(&m, "grpc", "DeleteVm", json!({"vm_id": id}));
-    assert!(m.vmm_pids().is_empty());
+    let deleted = buf_curl(&m, "grpc", "DeleteVm", json!({"vm_id": id}));
+    assert!(deleted.is_object(), "{deleted}");
+    assert_eq!(api.call("GET", &format!("/v1/vms/{id}"), None).status, 404);
+    m.assert_clean();
 }
 
 /// Customer B sees nothing of A's and gets NotFound on every action on A's VM, exactly as for
@@ -717,17 +730,40 @@ fn metaldctl_manages_vms() {
     let created: Value = serde_json::from_str(&out).unwrap();
     let id = created["vm"]["vmId"].as_str().unwrap().to_string();
     assert_eq!(created["vm"]["config"]["metadata"]["team"], "cli");
-    let (ok, out, _) = run(&["list"]);
-    assert!(ok && out.contains(&id), "{out}");
+    // `list` prints one JSON object per VM.
+    let listed = |out: &str| -> Vec<String> {
+        serde_json::Deserializer::from_str(out)
+            .into_iter::<Value>()
+            .map(|v| {
+                let v = v.unwrap_or_else(|e| panic!("list printed non-JSON ({e}): {out}"));
+                v["vmId"].as_str().expect("vm id in list").to_string()
+            })
+            .collect()
+    };
+    let (ok, out, err) = run(&["list"]);
+    assert!(ok, "{err}");
+    assert_eq!(listed(&out), [id.clone()]);
     let (ok, _, err) = run(&["pause", &id]);
     assert!(!ok);
     assert!(err.contains("cannot pause a VM in state CREATED"), "{err}");
     let (ok, _, err) = run(&["get", "vm-nope"]);
     assert!(!ok && err.contains("is not a VM id"), "{err}");
-    let (ok, _, err) = run(&["delete", &id]);
+    let (ok, out, err) = run(&["delete", &id]);
     assert!(ok, "{err}");
-    let (_, out, _) = run(&["list"]);
-    assert!(!out.contains(&id));
+    let deleted: Value = serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("delete printed non-JSON ({e}): {out}"));
+    assert!(deleted.is_object(), "{out}");
+    let (ok, out, err) = run(&["list"]);
+    assert!(ok, "{err}");
+    assert!(listed(&out).is_empty(), "{out}");
+    let (ok, _, err) = run(&["get", &id]);
+    assert!(!ok && err.contains("not found"), "{err}");
+    assert_eq!(
+        Rest::new(&m, Some("cli"))
+            .call("GET", &format!("/v1/vms/{id}"), None)
+            .status,
+        404
+    );
 }
 
 /// A VMM killed from outside is noticed: the VM is FAILED with the exit status, and it can be
