@@ -1102,6 +1102,43 @@ pub fn readme_request(vcpus: u32, memory: u64) -> Value {
         "kernel": {"image_id": KERNEL_ID}, "rootfs": {"image_id": ROOTFS_ID}}})
 }
 
+/// A usage sample's host wall-clock time, Unix ms.
+pub fn sample_ms(s: &Value) -> i64 {
+    let t = s["timestamp"].as_str().expect("sample timestamp");
+    let t = time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|e| panic!("sample timestamp {t}: {e}"));
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap()
+}
+
+/// utime + stime of process `pid` (all its threads) in seconds, as the kernel counts it.
+pub fn process_cpu_secs(pid: u64) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/stat: {e}"));
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // USER_HZ is 100 on every Linux ABI metald runs on.
+    ticks as f64 / 100.0
+}
+
+/// Waits until process `pid` used `secs` more CPU than `from` (a VMM of a spinning guest
+/// keeps running whatever metald does), however long the machine takes to give it that.
+pub fn wait_process_cpu(pid: u64, from: f64, secs: f64) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let now = process_cpu_secs(pid);
+        if now >= from + secs {
+            return now;
+        }
+        assert!(Instant::now() < deadline, "process {pid} got no CPU");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// True while a process exists (and is not a zombie).
 pub fn process_alive(pid: u64) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
