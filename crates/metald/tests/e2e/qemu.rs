@@ -742,7 +742,7 @@ fn metaldctl_manages_vms() {
     };
     let (ok, out, err) = run(&["list"]);
     assert!(ok, "{err}");
-    assert_eq!(listed(&out), [id.clone()]);
+    assert_eq!(listed(&out), std::slice::from_ref(&id));
     let (ok, _, err) = run(&["pause", &id]);
     assert!(!ok);
     assert!(err.contains("cannot pause a VM in state CREATED"), "{err}");
