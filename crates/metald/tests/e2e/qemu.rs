@@ -637,10 +637,16 @@ fn state_survives_a_restart_and_running_vms_are_reattached() {
         .netns
         .output("ip", &["-br", "link"])
         .contains(orphan_if.as_str().unwrap()));
+    assert_eq!(m.qemu_status(&running), "running");
     let paused = api
         .call("POST", &format!("/v1/vms/{running}/pause"), None)
         .ok();
     assert_eq!(paused["vm"]["state"], "VM_STATE_PAUSED");
+    assert_eq!(
+        m.qemu_status(&running),
+        "paused",
+        "the re-attached QEMU obeyed"
+    );
     let down = api
         .call(
             "POST",
