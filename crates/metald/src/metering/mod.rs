@@ -533,12 +533,10 @@ mod tests {
         };
         meter.track(&old, run_start(earlier, None));
         assert_eq!(meter.usage(&fresh, i64::MIN).unwrap().known_from_ms, None);
-        std::thread::sleep(Duration::from_millis(30));
-        let u = meter.usage(&old, i64::MIN).unwrap();
+        let u = wait_usage(&meter, &old, |u| !u.samples.is_empty());
         assert_eq!(u.known_from_ms, Some(u.samples[0].wall_ms));
         // Once samples age out, the fresh VM's series no longer reaches back to its start.
-        std::thread::sleep(Duration::from_millis(150));
-        let u = meter.usage(&fresh, i64::MIN).unwrap();
+        let u = wait_usage(&meter, &fresh, |u| u.known_from_ms.is_some());
         assert_eq!(u.samples.len(), 5);
         assert_eq!(u.known_from_ms, Some(u.samples[0].wall_ms));
         assert_eq!(meter.running(), {
@@ -550,6 +548,20 @@ mod tests {
         assert_eq!(meter.running(), vec![fresh]);
         // What the retention setting's documentation says a sample costs.
         assert_eq!(std::mem::size_of::<UsagePoint>(), 96);
+    }
+
+    /// The VM's usage once `done` holds: the sampler's ticks are events to wait for, whatever
+    /// the machine's speed.
+    fn wait_usage(meter: &Meter, vm: &VmId, done: impl Fn(&VmUsage) -> bool) -> VmUsage {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let u = meter.usage(vm, i64::MIN).unwrap();
+            if done(&u) {
+                return u;
+            }
+            assert!(std::time::Instant::now() < deadline, "never came: {u:?}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     #[test]

@@ -194,7 +194,9 @@ async fn vmms_gone_after_a_restart_fail_their_vms_with_the_vmm_fields_cleared() 
     assert_eq!(vm.life, VmLife::created());
 }
 
-#[tokio::test]
+// On tokio's paused clock a sleep ends only once every task is idle: the exit events sent
+// before it have been handled, however slow the machine.
+#[tokio::test(start_paused = true)]
 async fn only_an_unrequested_exit_of_the_current_vmm_fails_the_vm() {
     let f = fixture();
     let id = f.svc.create(&f.who, config()).await.unwrap().id;
@@ -206,24 +208,25 @@ async fn only_an_unrequested_exit_of_the_current_vmm_fails_the_vm() {
         .life
         .vmm_pid()
         .unwrap();
-    let send = |pid, requested| {
+    // Each event with a status of its own, so a failure names the event that caused it.
+    let send = |pid, requested, status: &str| {
         f.exits
             .send(ExitEvent {
                 vm_id: id.clone(),
                 pid,
-                status: "exit status 0".into(),
+                status: status.into(),
                 requested,
             })
             .unwrap()
     };
-    send(pid, true);
-    send(pid + 99, false);
+    send(pid, true, "exit status 1");
+    send(pid + 99, false, "exit status 2");
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(
         f.svc.get(&f.who, &id).await.unwrap().state(),
         VmState::Running
     );
-    send(pid, false);
+    send(pid, false, "exit status 0");
     tokio::time::sleep(Duration::from_millis(50)).await;
     let vm = f.svc.get(&f.who, &id).await.unwrap();
     assert_eq!(vm.state(), VmState::Failed);
@@ -267,7 +270,10 @@ async fn listing_pages_through_everything_once() {
     ));
 }
 
-#[tokio::test]
+// On tokio's paused clock: the boot timeout, the watcher's polls and the test's sleeps all run
+// on one clock that only moves when every task is idle, so the order of events is the test's,
+// not the machine's speed.
+#[tokio::test(start_paused = true)]
 async fn readiness_is_seen_on_the_console_and_silence_fails_the_vm_but_not_while_paused() {
     let f = fixture_with_timeout(Duration::from_millis(300));
     let mut c = config();

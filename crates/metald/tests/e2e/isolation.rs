@@ -394,6 +394,30 @@ fn a_rate_limited_vm_stays_under_its_limit_and_an_unlimited_one_does_not() {
             .parse()
             .unwrap();
         rates.push((limited, transfer_rates(&m, ip)));
+        // The kernel's own view: the token buckets metald set up in the VM's namespace (on the
+        // TAP towards the guest, on the veth end out of it) and the bytes that went through
+        // them; an unlimited VM has none.
+        let ns = vm["network"]["networkNamespace"]
+            .as_str()
+            .expect("network namespace");
+        let shown = output_in(Path::new(ns), "tc", &["-s", "-j", "qdisc", "show"]);
+        let qdiscs: Value = serde_json::from_str(&shown)
+            .unwrap_or_else(|e| panic!("tc printed non-JSON ({e}): {shown}"));
+        let tbf: Vec<&Value> = qdiscs
+            .as_array()
+            .expect("qdisc list")
+            .iter()
+            .filter(|q| q["kind"] == "tbf")
+            .collect();
+        if limited {
+            assert_eq!(tbf.len(), 2, "one bucket each way: {qdiscs}");
+            for q in tbf {
+                assert_eq!(q["options"]["rate"].as_u64(), Some(LIMIT), "{q}");
+                assert!(num(&q["bytes"]) >= BYTES as u64, "all traffic shaped: {q}");
+            }
+        } else {
+            assert!(tbf.is_empty(), "an unlimited VM is not shaped: {qdiscs}");
+        }
         api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None)
             .ok();
     }
@@ -412,11 +436,8 @@ fn a_rate_limited_vm_stays_under_its_limit_and_an_unlimited_one_does_not() {
         bound(tx) <= LIMIT as f64 * 1.1,
         "tx {tx:.0} B/s over the limit {LIMIT}"
     );
-    let (_, (rx, tx)) = rates[1];
-    assert!(
-        rx > 2.0 * LIMIT as f64 && tx > 2.0 * LIMIT as f64,
-        "unlimited VM moved only rx {rx:.0} tx {tx:.0} B/s"
-    );
+    // How fast the unlimited VM goes depends on the machine, so it is only printed above; that
+    // nothing slows it is what its namespace's qdiscs showed.
     m.assert_clean();
 }
 

@@ -18,6 +18,7 @@ mod support;
 mod billing;
 mod firecracker;
 mod isolation;
+mod lifecycle;
 mod metering;
 mod qemu;
 
@@ -120,6 +121,7 @@ fn main() {
     }));
     let require = std::env::var("METALD_REQUIRE_E2E").is_ok_and(|v| v == "1");
     let modules = [
+        ("lifecycle", lifecycle::tests()),
         ("qemu", qemu::tests()),
         ("isolation", isolation::tests()),
         ("metering", metering::tests()),

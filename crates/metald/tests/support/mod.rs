@@ -494,6 +494,14 @@ impl Metald {
 
 impl Drop for Metald {
     fn drop(&mut self) {
+        let panicking = std::thread::panicking();
+        // Judged before anything is removed by force, so whatever metald left counts; after a
+        // failure the first panic is the report.
+        let left = if panicking {
+            vec![]
+        } else {
+            self.left_at_end()
+        };
         self.stop();
         // VMMs outlive metald by design; a test's VMs must not outlive the test.
         for pid in self.vmm_pids() {
@@ -505,18 +513,86 @@ impl Drop for Metald {
         if let Some(iso) = &self.iso {
             iso.force_cleanup();
         }
-        if std::thread::panicking() {
+        if panicking {
             eprintln!("---- metald log ----\n{}", self.log_text());
-        } else if let Some(iso) = &self.iso {
-            // Whatever the test did, the machine is left as it was: no namespace pin, mount or
-            // cgroup outlives it (the test's namespace, with every veth in it, goes next).
-            let left: Vec<String> = iso
-                .leftovers(&self.data_dir)
-                .into_iter()
-                .filter(|l| !l.starts_with("interface") && !l.starts_with("nft"))
-                .collect();
-            assert!(left.is_empty(), "test left behind:\n{}", left.join("\n"));
+        } else {
+            assert!(
+                left.is_empty(),
+                "test left behind:\n{}\n---- metald log ----\n{}",
+                left.join("\n"),
+                self.log_text()
+            );
         }
+    }
+}
+
+impl Metald {
+    /// (id, customer, VMM pid) of every VM in metald's own database.
+    pub fn stored_vms(&self) -> Vec<(String, String, Option<i64>)> {
+        let db = self.data_dir.join("metald.db");
+        if !db.exists() {
+            return vec![];
+        }
+        let db = rusqlite::Connection::open(&db).expect("open metald.db");
+        let mut stmt = db
+            .prepare("SELECT id, customer_id, vmm_pid FROM vms ORDER BY seq")
+            .expect("query metald.db");
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .expect("read metald.db")
+            .map(Result::unwrap)
+            .collect()
+    }
+
+    /// What a test leaves once metald deleted every VM it still has (as their customers would):
+    /// namespaces, interfaces, nft rules, cgroups, mounts, jails, VMM processes. Empty when
+    /// metald cleans up after itself.
+    fn left_at_end(&self) -> Vec<String> {
+        let mut left = vec![];
+        let vms = self.stored_vms();
+        if self.child.is_some() {
+            for (id, customer, _) in &vms {
+                let r = Rest::new(self, Some(customer)).call(
+                    "DELETE",
+                    &format!("/v1/vms/{id}?force=true"),
+                    None,
+                );
+                if r.status != 200 {
+                    left.push(format!("VM {id}: delete answered {} {}", r.status, r.body));
+                }
+            }
+        } else {
+            // Stopped, metald cannot delete; a VM that still has a VMM keeps what it was given.
+            left.extend(
+                vms.iter()
+                    .filter(|(_, _, pid)| pid.is_some())
+                    .map(|(id, _, pid)| {
+                        format!("VM {id} with VMM {pid:?} while metald is stopped")
+                    }),
+            );
+            if !left.is_empty() {
+                return left;
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut now = self.leftovers();
+            if now.is_empty() || Instant::now() > deadline {
+                left.append(&mut now);
+                return left;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Everything of a VM still on the machine: [`Isolated::leftovers`] and VMM processes.
+    pub fn leftovers(&self) -> Vec<String> {
+        let mut left = self
+            .iso
+            .as_ref()
+            .map(|iso| iso.leftovers(&self.data_dir))
+            .unwrap_or_default();
+        left.extend(self.vmm_pids().iter().map(|p| format!("VMM process {p}")));
+        left
     }
 }
 
@@ -626,11 +702,9 @@ impl Metald {
     /// Fails the test if any namespace, interface, nft rule, cgroup, mount, jail directory or
     /// VMM process of a VM is left.
     pub fn assert_clean(&self) {
-        let Some(iso) = &self.iso else { return };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let mut left = iso.leftovers(&self.data_dir);
-            left.extend(self.vmm_pids().iter().map(|p| format!("VMM process {p}")));
+            let left = self.leftovers();
             if left.is_empty() {
                 return;
             }
@@ -647,6 +721,90 @@ impl Metald {
     pub fn console(&self, id: &str) -> String {
         std::fs::read_to_string(self.data_dir.join("vms").join(id).join("console.log"))
             .unwrap_or_default()
+    }
+
+    /// How many bytes the VM's console log holds (an offset for [`Metald::console_from`]).
+    pub fn console_len(&self, id: &str) -> u64 {
+        let path = self.data_dir.join("vms").join(id).join("console.log");
+        std::fs::metadata(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .len()
+    }
+
+    /// The VM's console output from byte `offset` on: what the guest printed since then.
+    pub fn console_from(&self, id: &str, offset: u64) -> String {
+        let path = self.data_dir.join("vms").join(id).join("console.log");
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let from = usize::try_from(offset).unwrap();
+        assert!(from <= bytes.len(), "console shrank below {offset}");
+        String::from_utf8_lossy(&bytes[from..]).into_owned()
+    }
+
+    /// How many bytes metald's log holds (an offset for [`Metald::log_from`]).
+    pub fn log_len(&self) -> usize {
+        self.log_text().len()
+    }
+
+    /// metald's log from byte `offset` on.
+    pub fn log_from(&self, offset: usize) -> String {
+        self.log_text()[offset..].to_string()
+    }
+
+    /// The `VMM stopped` lines metald logged for `id` from log byte `offset` on.
+    pub fn vmm_stops_since(&self, id: &str, offset: usize) -> Vec<String> {
+        self.log_from(offset)
+            .lines()
+            .filter(|l| l.contains("VMM stopped") && l.contains(id))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The VM's control socket: QEMU's QMP, Firecracker's API.
+    pub fn control_socket(&self, id: &str) -> PathBuf {
+        self.data_dir.join("vms").join(id).join("control.sock")
+    }
+
+    /// QEMU's own run state (`query-status` over QMP on the VM's control socket): "running",
+    /// "paused", ...
+    pub fn qemu_status(&self, id: &str) -> String {
+        let ret = qmp(&self.control_socket(id), "query-status");
+        ret["status"]
+            .as_str()
+            .unwrap_or_else(|| panic!("query-status without a status: {ret}"))
+            .to_string()
+    }
+
+    /// Firecracker's answer to `GET path` on its API socket (the VM's control socket).
+    pub fn firecracker_get(&self, id: &str, path: &str) -> Value {
+        let sock = self.control_socket(id);
+        let out = Command::new("curl")
+            .args(["-sS", "--fail-with-body", "--unix-socket"])
+            .arg(&sock)
+            .arg(format!("http://localhost{path}"))
+            .output()
+            .expect("curl (installed by scripts/install-deps.sh)");
+        assert!(
+            out.status.success(),
+            "GET {path} on {}: {}{}",
+            sock.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "GET {path}: not JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// Firecracker's own state (`GET /`): "Running", "Paused", ...
+    pub fn firecracker_state(&self, id: &str) -> String {
+        let info = self.firecracker_get(id, "/");
+        info["state"]
+            .as_str()
+            .unwrap_or_else(|| panic!("GET / without a state: {info}"))
+            .to_string()
     }
 
     /// Imports a raw disk holding a shell script the guest runs after boot
@@ -697,6 +855,48 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
         .build()
         .expect("runtime")
         .block_on(f)
+}
+
+/// Runs one QMP command on QEMU's socket at `socket` and returns its `return` value. Written
+/// here rather than borrowed from metald, so the test asks QEMU with a client of its own.
+pub fn qmp(socket: &Path, command: &str) -> Value {
+    use std::io::{BufRead, BufReader, Write};
+    let stream = std::os::unix::net::UnixStream::connect(socket)
+        .unwrap_or_else(|e| panic!("QMP connect {}: {e}", socket.display()));
+    // A deadline, not a speed: QEMU serves one QMP client at a time and metald may be one.
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut lines = BufReader::new(stream).lines();
+    let mut next = |what: &str| -> Value {
+        let line = lines
+            .next()
+            .unwrap_or_else(|| panic!("QMP closed before {what}"))
+            .unwrap_or_else(|e| panic!("QMP read ({what}): {e}"));
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("QMP sent non-JSON ({e}): {line}"))
+    };
+    let greeting = next("the greeting");
+    assert!(
+        greeting.get("QMP").is_some(),
+        "not a QMP greeting: {greeting}"
+    );
+    let mut answer = |cmd: &str| -> Value {
+        writeln!(writer, "{}", json!({ "execute": cmd })).unwrap();
+        loop {
+            let msg = next(cmd);
+            // Events (STOP, RESUME, ...) may come before the answer.
+            if msg.get("event").is_some() {
+                continue;
+            }
+            return msg
+                .get("return")
+                .cloned()
+                .unwrap_or_else(|| panic!("QMP {cmd} failed: {msg}"));
+        }
+    };
+    answer("qmp_capabilities");
+    answer(command)
 }
 
 /// A REST client for one customer.
@@ -885,17 +1085,58 @@ pub fn script_request(script_id: Option<&str>) -> Value {
 /// on the console (not through the script output relay a spinning vCPU would delay).
 pub const SPIN_SCRIPT: &str = "echo METALD_SPIN > /dev/console\nend=$(( $(cut -d. -f1 /proc/uptime) + 900 ))\nwhile [ $(cut -d. -f1 /proc/uptime) -lt $end ]; do :; done\nexit 0\n";
 
-/// A JSON number that protobuf JSON may have written as a string (64-bit integers).
+/// A JSON number that protobuf JSON may have written as a string (64-bit integers). Absent is
+/// 0 (proto3 JSON omits zeros); anything else that is not a count fails the test.
 pub fn num(v: &Value) -> u64 {
-    v.as_str()
-        .map(|s| s.parse().unwrap())
-        .or(v.as_u64())
-        .unwrap_or(0)
+    match v {
+        Value::Null => 0,
+        Value::String(s) => s
+            .parse()
+            .unwrap_or_else(|e| panic!("not a count ({e}): {v}")),
+        _ => v.as_u64().unwrap_or_else(|| panic!("not a count: {v}")),
+    }
 }
 
 pub fn readme_request(vcpus: u32, memory: u64) -> Value {
     json!({"config": {"cpu": {"vcpu_count": vcpus}, "memory": {"size_bytes": memory},
         "kernel": {"image_id": KERNEL_ID}, "rootfs": {"image_id": ROOTFS_ID}}})
+}
+
+/// A usage sample's host wall-clock time, Unix ms.
+pub fn sample_ms(s: &Value) -> i64 {
+    let t = s["timestamp"].as_str().expect("sample timestamp");
+    let t = time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|e| panic!("sample timestamp {t}: {e}"));
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap()
+}
+
+/// utime + stime of process `pid` (all its threads) in seconds, as the kernel counts it.
+pub fn process_cpu_secs(pid: u64) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/stat: {e}"));
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // USER_HZ is 100 on every Linux ABI metald runs on.
+    ticks as f64 / 100.0
+}
+
+/// Waits until process `pid` used `secs` more CPU than `from` (a VMM of a spinning guest
+/// keeps running whatever metald does), however long the machine takes to give it that.
+pub fn wait_process_cpu(pid: u64, from: f64, secs: f64) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let now = process_cpu_secs(pid);
+        if now >= from + secs {
+            return now;
+        }
+        assert!(Instant::now() < deadline, "process {pid} got no CPU");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// True while a process exists (and is not a zombie).
