@@ -441,13 +441,21 @@ mod tests {
         // Before the restart: samples batched, so the VM has a cursor.
         let before = meter(Duration::from_millis(10));
         before.track(&vm.id, run_start(Counters::default(), None));
-        tokio::time::sleep(Duration::from_millis(60)).await;
+        wait_for("a sample before the restart", || {
+            before
+                .usage(&vm.id, i64::MIN)
+                .is_some_and(|u| !u.samples.is_empty())
+        })
+        .await;
         let b = cfg(Arc::clone(&before));
         b.batch_vm(&vm.id, &vm.customer).unwrap();
         assert!(store.billing_cursor(&vm.id).unwrap().is_some());
         drop(b);
         // After the restart: no sample yet when the batcher runs.
         let after = meter(Duration::from_secs(600));
+        // The sampler ticks once as it starts, then not for 600 s: let that tick pass first,
+        // so that no sample exists when the batcher runs.
+        wait_for("the new meter's first tick", || after.cost().1 >= 1).await;
         let b = cfg(Arc::clone(&after));
         after.track(
             &vm.id,
@@ -464,6 +472,15 @@ mod tests {
             "{:?}",
             kinds(&store)
         );
+    }
+
+    /// Waits for `done`, however slow the machine (a minute at most).
+    async fn wait_for(what: &str, done: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "never came: {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     #[test]
