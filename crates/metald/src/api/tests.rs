@@ -4,6 +4,9 @@
 
 use std::sync::Arc;
 
+use connectrpc::client::{ClientConfig, HttpClient};
+use connectrpc::{ErrorCode, Protocol};
+use metald_proto::metald::v1 as pb;
 use serde_json::{json, Value};
 
 use super::routers;
@@ -267,6 +270,25 @@ async fn another_customers_vm_is_indistinguishable_from_one_that_never_existed()
             )
             .await;
         assert_eq!((r.status, r.code()), (404, "not_found"), "{r:?}");
+    }
+    // Over gRPC and Connect's protobuf encoding too, with the generated client.
+    for protocol in [Protocol::Grpc, Protocol::Connect] {
+        let cfg = ClientConfig::new(s.base.parse().unwrap())
+            .with_default_header("authorization", "Bearer dev_customer_bob")
+            .with_protocol(protocol);
+        let http = match protocol {
+            Protocol::Grpc => HttpClient::plaintext_http2_only(),
+            _ => HttpClient::plaintext(),
+        };
+        let c = pb::VmServiceClient::new(http, cfg);
+        let err = c
+            .get_vm_info(pb::GetVmInfoRequest {
+                vm_id: id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::NotFound, "{protocol:?}");
     }
     let listed = s.rest("bob", "GET", "/v1/vms", None).await;
     assert_eq!(listed.body["vms"], Value::Null, "{listed:?}");
