@@ -1,0 +1,19 @@
+//! Benchmark tables.
+
+use std::time::Duration;
+
+/// Prints one benchmark table row: median, min and max in milliseconds.
+pub fn row(name: &str, samples: &[Duration]) {
+    let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+    ms.sort_by(f64::total_cmp);
+    let median = if ms.len() % 2 == 1 {
+        ms[ms.len() / 2]
+    } else {
+        (ms[ms.len() / 2 - 1] + ms[ms.len() / 2]) / 2.0
+    };
+    println!(
+        "| {name:<53} | {median:>9.1} | {:>6.1} | {:>6.1} |",
+        ms[0],
+        ms[ms.len() - 1]
+    );
+}
