@@ -185,17 +185,26 @@ impl Config {
                 return Err(bad(n, &v, "expected dev (the only mode so far)"));
             }
         }
+        let address = env.parsed(
+            "UNKEY_METALD_ADDRESS",
+            IpAddr::from([127, 0, 0, 1]),
+            "expected an IPv4 or IPv6 address such as 127.0.0.1 or ::",
+            |v| v.parse().ok(),
+        )?;
+        // Dev tokens name their customer in clear: anyone who can reach the port can be anyone.
+        if !address.to_canonical().is_loopback() {
+            return Err(bad(
+                "UNKEY_METALD_ADDRESS",
+                &address.to_string(),
+                "UNKEY_METALD_AUTH_MODE=dev serves loopback addresses only (127.0.0.0/8, ::1): dev tokens let any caller act as any customer",
+            ));
+        }
         // 96 bytes per sample: 600 samples (60 s at 100 ms) are 56 KiB per VM. The billing
         // service holds the history; this is the live view.
         let metrics_retention =
             env.seconds("UNKEY_METALD_METRICS_RETENTION_SECONDS", 60, 1..=86_400)?;
         Ok(Self {
-            address: env.parsed(
-                "UNKEY_METALD_ADDRESS",
-                IpAddr::from([127, 0, 0, 1]),
-                "expected an IPv4 or IPv6 address such as 127.0.0.1 or ::",
-                |v| v.parse().ok(),
-            )?,
+            address,
             port,
             metrics_port: env.optional(
                 "UNKEY_METALD_OTEL_PROMETHEUS_PORT",
@@ -663,6 +672,13 @@ mod tests {
             ),
             ("UNKEY_METALD_BOOT_TIMEOUT_SECONDS", "0", "1-3600"),
             ("UNKEY_METALD_AUTH_MODE", "jwt", "expected dev"),
+            ("UNKEY_METALD_ADDRESS", "0.0.0.0", "loopback addresses only"),
+            ("UNKEY_METALD_ADDRESS", "::", "loopback addresses only"),
+            (
+                "UNKEY_METALD_ADDRESS",
+                "192.0.2.1",
+                "loopback addresses only",
+            ),
             ("UNKEY_METALD_ISOLATION", "off", "expected jail or none"),
             ("UNKEY_METALD_JAILER_UID", "-1", "whole number"),
             ("UNKEY_METALD_JAILER_UID", "2147480000", "below 2^31"),

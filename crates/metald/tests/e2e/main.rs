@@ -21,6 +21,7 @@ mod isolation;
 mod lifecycle;
 mod metering;
 mod qemu;
+mod startup;
 
 use std::path::Path;
 
@@ -127,6 +128,7 @@ fn main() {
         ("metering", metering::tests()),
         ("billing", billing::tests()),
         ("firecracker", firecracker::tests()),
+        ("startup", startup::tests()),
     ];
     // Why → the tests skipped for it, in the order they are listed.
     let mut skipped: Vec<(String, Vec<String>)> = Vec::new();
