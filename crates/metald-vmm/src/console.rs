@@ -1,11 +1,41 @@
 //! A VM's serial console as metald reads it: tails for callers and error messages, and the
 //! readiness line a guest prints.
 
-use std::io::{Read, Seek, SeekFrom};
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
 use std::path::Path;
 use std::time::Duration;
 
+use rustix::fs::{FileType, Mode, OFlags};
+
 use super::{files, BackendError};
+
+/// Opens, for reading, a file in a VM's directory, which the VMM (running as the VM's uid, and
+/// possibly taken over by its guest) can write: without following a symlink it may have put
+/// there, and only if it is a regular file, since a FIFO would block the reader and a device
+/// such as `/dev/zero` would never end. The directory itself is looked up without following a
+/// symlink either; its parent belongs to metald.
+pub fn open_vm_file(path: &Path) -> io::Result<File> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    };
+    let dir = rustix::fs::open(
+        dir,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let fd = rustix::fs::openat(
+        &dir,
+        name,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let stat = rustix::fs::fstat(&fd)?;
+    if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
+        return Err(io::Error::other("not a regular file"));
+    }
+    Ok(File::from(fd))
+}
 
 /// The tail of a console log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,7 +51,7 @@ pub struct ConsoleTail {
 /// The last `max` bytes of the console log in the VM directory `dir`; empty when there is none.
 pub fn tail(dir: &Path, max: u64) -> Result<ConsoleTail, BackendError> {
     let path = dir.join(files::CONSOLE_LOG);
-    let mut file = match std::fs::File::open(&path) {
+    let mut file = match open_vm_file(&path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Ok(ConsoleTail {
@@ -56,14 +86,17 @@ pub fn tail(dir: &Path, max: u64) -> Result<ConsoleTail, BackendError> {
 
 /// The file's size (0 when it does not exist yet): where new console output will start.
 pub fn file_len(path: &Path) -> u64 {
-    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+    open_vm_file(path)
+        .and_then(|f| f.metadata())
+        .map(|m| m.len())
+        .unwrap_or(0)
 }
 
 /// Polls `path` from `offset` until `marker` appears (checks every 50 ms; reads only new bytes).
 pub async fn wait_for_line(path: &Path, mut offset: u64, marker: &[u8]) {
     let mut window: Vec<u8> = Vec::new();
     loop {
-        if let Ok(mut f) = std::fs::File::open(path) {
+        if let Ok(mut f) = open_vm_file(path) {
             if f.seek(SeekFrom::Start(offset)).is_ok() {
                 let mut new = Vec::new();
                 if let Ok(n) = f.read_to_end(&mut new) {
@@ -86,7 +119,7 @@ pub async fn wait_for_line(path: &Path, mut offset: u64, marker: &[u8]) {
 
 /// The last `max` bytes of a file, lossily as text (for error messages).
 pub fn file_tail(path: &Path, max: u64) -> String {
-    let Ok(mut f) = std::fs::File::open(path) else {
+    let Ok(mut f) = open_vm_file(path) else {
         return String::new();
     };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
@@ -94,4 +127,45 @@ pub fn file_tail(path: &Path, max: u64) -> String {
     let mut buf = Vec::new();
     let _ignored = f.take(max).read_to_end(&mut buf);
     String::from_utf8_lossy(&buf).trim().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_console_replaced_by_a_symlink_a_fifo_or_a_device_is_never_read() {
+        let root = tempfile::tempdir().unwrap();
+        let secret = root.path().join("host-secret");
+        std::fs::write(&secret, "root-only host data").unwrap();
+        let vm = root.path().join("vm");
+        std::fs::create_dir(&vm).unwrap();
+        let console = vm.join(files::CONSOLE_LOG);
+
+        std::os::unix::fs::symlink(&secret, &console).unwrap();
+        assert!(tail(&vm, 1024).is_err());
+        assert_eq!(file_tail(&console, 1024), "");
+        assert_eq!(file_len(&console), 0);
+
+        // A FIFO would block a reader that opened it; this one is refused at once.
+        std::fs::remove_file(&console).unwrap();
+        rustix::fs::mkfifoat(rustix::fs::CWD, &console, Mode::from_raw_mode(0o600)).unwrap();
+        assert!(tail(&vm, 1024).is_err());
+
+        std::fs::remove_file(&console).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", &console).unwrap();
+        assert!(tail(&vm, 1024).is_err());
+
+        // A regular console is read, its tail only.
+        std::fs::remove_file(&console).unwrap();
+        std::fs::write(&console, "boot\nMETALD_GUEST_READY\n").unwrap();
+        let t = tail(&vm, 19).unwrap();
+        assert_eq!(t.output, "METALD_GUEST_READY\n");
+        assert_eq!((t.total_bytes, t.truncated), (24, true));
+
+        // The VM directory itself is not followed through a symlink either.
+        let link = root.path().join("vm-link");
+        std::os::unix::fs::symlink(&vm, &link).unwrap();
+        assert!(tail(&link, 1024).is_err());
+    }
 }
