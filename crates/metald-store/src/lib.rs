@@ -72,6 +72,16 @@ pub enum StoreError {
     /// Every slot or address of a pool is taken by a live VM.
     #[error("no free {0} left on this host")]
     Exhausted(&'static str),
+    /// The customer is at a quota's limit; nothing was stored.
+    #[error("quota {quota} reached: {used} in use, limit {limit}")]
+    QuotaExceeded {
+        /// The quota's name, as its variable says it.
+        quota: &'static str,
+        /// What the customer holds now.
+        used: u64,
+        /// The limit.
+        limit: u64,
+    },
 }
 
 fn sql(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {

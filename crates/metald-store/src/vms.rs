@@ -23,6 +23,18 @@ pub trait VmStore: Send + Sync {
         &self,
         vm: &VmRecord,
         plan: Option<&AllocationPlan>,
+    ) -> Result<VmRecord, StoreError> {
+        self.insert_vm_within(vm, plan, None)
+    }
+
+    /// [`VmStore::insert_vm`], refused with [`StoreError::QuotaExceeded`] (nothing stored) when
+    /// the customer already has `max_vms` VMs. The count and the insert are one transaction:
+    /// concurrent inserts never take a customer past the limit.
+    fn insert_vm_within(
+        &self,
+        vm: &VmRecord,
+        plan: Option<&AllocationPlan>,
+        max_vms: Option<u64>,
     ) -> Result<VmRecord, StoreError>;
 
     /// Writes a VM's mutable fields (state, process, failure, readiness, update time); the
@@ -58,13 +70,35 @@ pub trait VmStore: Send + Sync {
 }
 
 impl VmStore for Store {
-    fn insert_vm(
+    fn insert_vm_within(
         &self,
         vm: &VmRecord,
         plan: Option<&AllocationPlan>,
+        max_vms: Option<u64>,
     ) -> Result<VmRecord, StoreError> {
         let mut conn = self.conn();
-        let tx = conn.transaction().map_err(sql("begin"))?;
+        // IMMEDIATE: the write lock is taken before the count, so no other writer (another
+        // process on this file included) can insert between the count and this insert.
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(sql("begin"))?;
+        if let Some(limit) = max_vms {
+            let used: i64 = tx
+                .query_row(
+                    "SELECT COUNT(*) FROM vms WHERE customer_id = ?1",
+                    params![vm.customer.as_str()],
+                    |r| r.get(0),
+                )
+                .map_err(sql("count vms"))?;
+            let used = u64::try_from(used).unwrap_or(u64::MAX);
+            if used >= limit {
+                return Err(StoreError::QuotaExceeded {
+                    quota: "UNKEY_METALD_QUOTA_VMS",
+                    used,
+                    limit,
+                });
+            }
+        }
         tx.execute(
             "INSERT INTO vms (id, customer_id, state, config_json, backend, created_at_ms,
                               updated_at_ms, vmm_pid, vmm_start_ticks, failure, guest_ready)

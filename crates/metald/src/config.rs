@@ -114,6 +114,8 @@ pub struct Config {
     pub otel_endpoint: Option<String>,
     /// Where the host's /proc, /sys and /dev are (not from the environment: tests set it).
     pub roots: HostRoots,
+    /// Most VMs one customer may have stored.
+    pub quota_vms: u64,
 }
 
 /// Billing delivery settings.
@@ -262,6 +264,17 @@ impl Config {
             billing: billing_settings(&env)?,
             otel_endpoint: otel_endpoint(&env)?,
             roots: HostRoots::default(),
+            // Each stored VM holds a jail slot and addresses from pools every customer shares.
+            quota_vms: env.parsed(
+                "UNKEY_METALD_QUOTA_VMS",
+                100,
+                "expected a whole number, 1-1000000",
+                |v| {
+                    v.parse::<u64>()
+                        .ok()
+                        .filter(|n| (1..=1_000_000).contains(n))
+                },
+            )?,
         })
     }
 }
@@ -673,6 +686,7 @@ mod tests {
             ("UNKEY_METALD_BOOT_TIMEOUT_SECONDS", "0", "1-3600"),
             ("UNKEY_METALD_AUTH_MODE", "jwt", "expected dev"),
             ("UNKEY_METALD_ADDRESS", "0.0.0.0", "loopback addresses only"),
+            ("UNKEY_METALD_QUOTA_VMS", "0", "1-1000000"),
             ("UNKEY_METALD_ADDRESS", "::", "loopback addresses only"),
             (
                 "UNKEY_METALD_ADDRESS",

@@ -233,6 +233,7 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         ServiceConfig {
             vms_dir,
             boot_timeout: cfg.boot_timeout,
+            max_vms_per_customer: cfg.quota_vms,
         },
         rx,
     );

@@ -24,6 +24,9 @@ use crate::sandbox::{Isolation, SandboxError};
 use crate::service::{ServiceConfig, VmService};
 use crate::store::{AssetKind, Store};
 
+/// The fixture's stored-VM quota per customer.
+pub(crate) const QUOTA_VMS: u64 = 10;
+
 /// A backend double that records calls and hands out fake pids.
 #[derive(Default)]
 pub(crate) struct FakeBackend {
@@ -197,6 +200,7 @@ pub(crate) fn fixture_with_timeout(boot_timeout: Duration) -> Fixture {
     let cfg = ServiceConfig {
         vms_dir: vms_dir.clone(),
         boot_timeout,
+        max_vms_per_customer: QUOTA_VMS,
     };
     let isolation = Arc::new(FakeIsolation::default());
     let meter = Meter::start(MeterConfig {

@@ -71,6 +71,7 @@ macro_rules! store_suite {
             vms::a_duplicate_vm_id_is_refused,
             vms::delete_removes_the_vm,
             vms::vms_survive_reopen,
+            vms::the_stored_vm_quota_is_never_overshot,
             ipam::allocation_takes_the_lowest_free_slot_and_addresses,
             ipam::without_a_plan_nothing_is_allocated,
             ipam::an_ipv6_only_plan_gives_no_ipv4,

@@ -3,7 +3,7 @@
 use super::{customer, vm, Harness};
 use crate::domain::{DriveConfig, VmId, VmRecord};
 use crate::state::{VmLife, VmState};
-use crate::VmStore;
+use crate::{StoreError, VmStore};
 
 /// Every field of an inserted VM (in any state) reads back as insert returned it; the sequence
 /// number is positive, grows with each insert and is not reused after a delete.
@@ -244,4 +244,49 @@ pub fn vms_survive_reopen<H: Harness>(h: &H) {
     assert_eq!(store.all_vms().unwrap(), vec![kept.clone()]);
     let next = store.insert_vm(&vm("a"), None).unwrap();
     assert!(next.seq > gone.seq, "seq {} reused after reopen", next.seq);
+}
+
+/// A customer's stored-VM limit holds under concurrent inserts: exactly the limit succeeds,
+/// every other insert is refused with the quota's numbers and stores nothing, and another
+/// customer is not affected.
+pub fn the_stored_vm_quota_is_never_overshot<H: Harness>(h: &H) {
+    let store = h.open();
+    let results: Vec<Result<VmRecord, StoreError>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..5)
+            .map(|_| {
+                s.spawn(|| {
+                    (0..10)
+                        .map(|_| store.insert_vm_within(&vm("a"), None, Some(10)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    });
+    let stored = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(stored, 10);
+    for r in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert!(
+            matches!(
+                r,
+                StoreError::QuotaExceeded {
+                    used: 10,
+                    limit: 10,
+                    ..
+                }
+            ),
+            "{r}"
+        );
+    }
+    let a = customer("a");
+    assert_eq!(store.list_vms(&a, None, 0, 100).unwrap().len(), 10);
+    assert!(store.insert_vm_within(&vm("b"), None, Some(10)).is_ok());
+    // Deleting one makes room for one.
+    let first = store.list_vms(&a, None, 0, 1).unwrap().remove(0);
+    store.delete_vm(&first.id).unwrap();
+    assert!(store.insert_vm_within(&vm("a"), None, Some(10)).is_ok());
+    assert!(store.insert_vm_within(&vm("a"), None, Some(10)).is_err());
 }

@@ -34,6 +34,10 @@ pub fn code_for(err: &ServiceError) -> ErrorCode {
         },
         // Every address or jail slot is taken: the host is full, not broken.
         ServiceError::Store(crate::store::StoreError::Exhausted(_)) => ErrorCode::ResourceExhausted,
+        // A customer at a quota: HTTP 429, with the quota, its use and its limit.
+        ServiceError::Store(crate::store::StoreError::QuotaExceeded { .. }) => {
+            ErrorCode::ResourceExhausted
+        }
         ServiceError::Asset(_)
         | ServiceError::Store(_)
         | ServiceError::Io { .. }

@@ -10,7 +10,7 @@ use metald_proto::metald::v1 as pb;
 use serde_json::{json, Value};
 
 use super::routers;
-use crate::testing::{fixture, Fixture};
+use crate::testing::{fixture, Fixture, QUOTA_VMS};
 
 /// The router `routers` builds, listening on a free loopback port until the test ends.
 struct Served {
@@ -374,4 +374,41 @@ async fn metrics_move_to_a_router_of_their_own_when_asked() {
         assert_eq!(s.call(None, "GET", "/healthz", None).await.status, 200);
         assert_eq!(s.call(None, "GET", "/readyz", None).await.status, 200);
     }
+}
+
+#[tokio::test]
+async fn fifty_parallel_creates_against_a_quota_of_ten_store_exactly_ten() {
+    let f = fixture();
+    let s = Arc::new(api(&f).await);
+    let calls: Vec<_> = (0..50)
+        .map(|_| {
+            let s = Arc::clone(&s);
+            tokio::spawn(async move { s.rest("acme", "POST", "/v1/vms", Some(request())).await })
+        })
+        .collect();
+    let mut created = 0;
+    for call in calls {
+        let r = call.await.unwrap();
+        match r.status {
+            201 => created += 1,
+            _ => {
+                assert_eq!((r.status, r.code()), (429, "resource_exhausted"), "{r:?}");
+                assert_eq!(
+                    r.message(),
+                    format!("quota UNKEY_METALD_QUOTA_VMS reached: {QUOTA_VMS} in use, limit {QUOTA_VMS}")
+                );
+            }
+        }
+    }
+    assert_eq!(created, QUOTA_VMS);
+    let listed = s.rest("acme", "GET", "/v1/vms", None).await;
+    assert_eq!(
+        listed.body["vms"].as_array().map(Vec::len),
+        Some(10),
+        "{listed:?}"
+    );
+    // The refused creates left no disk copies behind.
+    assert_eq!(std::fs::read_dir(&f.vms_dir).unwrap().count(), 10);
+    // Another customer has a quota of their own.
+    s.create("other").await;
 }

@@ -48,7 +48,11 @@ impl VmService {
                 source,
             })?;
         let plan = self.isolation.allocation();
-        let saved = self.store.insert_vm(&record, plan.as_ref())?;
+        let saved = self.store.insert_vm_within(
+            &record,
+            plan.as_ref(),
+            Some(self.cfg.max_vms_per_customer),
+        )?;
         tracing::info!(vm_id = %id, customer = %customer, "vm created");
         Ok(saved)
     }

@@ -133,6 +133,8 @@ pub struct ServiceConfig {
     pub vms_dir: PathBuf,
     /// How long a guest whose rootfs declares a readiness line may take to print it.
     pub boot_timeout: Duration,
+    /// Most VMs one customer may have stored (any state).
+    pub max_vms_per_customer: u64,
 }
 
 /// How to shut a VM down.

@@ -154,7 +154,11 @@ pub fn metald() -> Builder {
 /// A builder with the given backend.
 pub fn metald_with_backend(backend: &str) -> Builder {
     Builder {
-        env: vec![("UNKEY_METALD_BACKEND".into(), backend.into())],
+        env: vec![
+            ("UNKEY_METALD_BACKEND".into(), backend.into()),
+            // The metering bench stores 1000 VMs of one customer (the default quota is 100).
+            ("UNKEY_METALD_QUOTA_VMS".into(), "4000".into()),
+        ],
         isolated: true,
     }
 }
