@@ -39,7 +39,37 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0002_network.sql"),
     include_str!("../migrations/0003_usage.sql"),
     include_str!("../migrations/0004_billing.sql"),
+    include_str!("../migrations/0005_run_reservations.sql"),
 ];
+
+/// Per-customer limits on what runs at once (`None`: no limit).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunLimits {
+    /// VMs running or paused.
+    pub vms: Option<u64>,
+    /// Their vCPUs.
+    pub vcpus: Option<u64>,
+    /// Their guest memory, in bytes.
+    pub memory_bytes: Option<u64>,
+}
+
+/// `used + asked` against `limit`, as a quota error naming `quota`.
+fn within(
+    quota: &'static str,
+    used: u64,
+    asked: u64,
+    limit: Option<u64>,
+) -> Result<(), StoreError> {
+    match limit {
+        Some(limit) if used.saturating_add(asked) > limit => Err(StoreError::QuotaExceeded {
+            quota,
+            used,
+            asked,
+            limit,
+        }),
+        _ => Ok(()),
+    }
+}
 
 /// Errors from the store.
 #[derive(Debug, thiserror::Error)]
@@ -72,13 +102,15 @@ pub enum StoreError {
     /// Every slot or address of a pool is taken by a live VM.
     #[error("no free {0} left on this host")]
     Exhausted(&'static str),
-    /// The customer is at a quota's limit; nothing was stored.
-    #[error("quota {quota} reached: {used} in use, limit {limit}")]
+    /// The customer would exceed a quota; nothing was stored.
+    #[error("quota {quota} exceeded: {used} in use, {asked} more asked, limit {limit}")]
     QuotaExceeded {
         /// The quota's name, as its variable says it.
         quota: &'static str,
         /// What the customer holds now.
         used: u64,
+        /// What the refused call would have added.
+        asked: u64,
         /// The limit.
         limit: u64,
     },

@@ -3,10 +3,10 @@
 
 use rusqlite::{params, OptionalExtension, Row};
 
-use crate::domain::{CustomerId, VmConfig, VmId, VmNet, VmRecord};
+use crate::domain::{CustomerId, VmConfig, VmId, VmNet, VmRecord, MIB};
 use crate::ipam::allocate;
 use crate::state::{VmLife, VmState};
-use crate::{sql, Store, StoreError};
+use crate::{sql, within, RunLimits, Store, StoreError};
 use metald_domain::ipam::AllocationPlan;
 
 /// VM records and, with them, each VM's jail slot and addresses.
@@ -64,6 +64,19 @@ pub trait VmStore: Send + Sync {
     /// Number of VMs per state (states with none are left out).
     fn count_by_state(&self) -> Result<Vec<(VmState, u64)>, StoreError>;
 
+    /// Admits a boot of `vm` against the customer's running quotas: with it, the customer's
+    /// VMs that run, are paused or are being booted, their vCPUs and their memory must stay
+    /// within `limits`. Admitted, the VM counts as being booted until [`VmStore::update_vm`]
+    /// saves it or [`VmStore::release_run`] drops it. Count and mark are one transaction:
+    /// concurrent boots never take a customer past a limit.
+    fn reserve_run(&self, vm: &VmRecord, limits: &RunLimits) -> Result<(), StoreError>;
+
+    /// Drops a boot's reservation (the boot failed).
+    fn release_run(&self, id: &VmId) -> Result<(), StoreError>;
+
+    /// Drops every reservation (at start: no boot outlives metald).
+    fn release_all_runs(&self) -> Result<(), StoreError>;
+
     /// Removes a VM with its allocation (free for the next VM), usage and billing cursor; its
     /// outbox rows stay, as the usage in them is still owed. A missing VM is not an error.
     fn delete_vm(&self, id: &VmId) -> Result<(), StoreError>;
@@ -91,13 +104,7 @@ impl VmStore for Store {
                 )
                 .map_err(sql("count vms"))?;
             let used = u64::try_from(used).unwrap_or(u64::MAX);
-            if used >= limit {
-                return Err(StoreError::QuotaExceeded {
-                    quota: "UNKEY_METALD_QUOTA_VMS",
-                    used,
-                    limit,
-                });
-            }
+            within("UNKEY_METALD_QUOTA_VMS", used, 1, Some(limit))?;
         }
         tx.execute(
             "INSERT INTO vms (id, customer_id, state, config_json, backend, created_at_ms,
@@ -131,7 +138,7 @@ impl VmStore for Store {
         self.conn()
             .execute(
                 "UPDATE vms SET state = ?2, updated_at_ms = ?3, vmm_pid = ?4, vmm_start_ticks = ?5,
-                            failure = ?6, guest_ready = ?7
+                            failure = ?6, guest_ready = ?7, run_reserved = 0
                  WHERE id = ?1",
                 params![
                     vm.id.as_str(),
@@ -229,6 +236,62 @@ impl VmStore for Store {
             out.push((state, n as u64));
         }
         Ok(out)
+    }
+
+    fn reserve_run(&self, vm: &VmRecord, limits: &RunLimits) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(sql("begin"))?;
+        let (vms, vcpus, memory): (i64, i64, i64) = tx
+            .query_row(
+                "SELECT COUNT(*),
+                        COALESCE(SUM(json_extract(config_json, '$.vcpu_count')), 0),
+                        COALESCE(SUM(json_extract(config_json, '$.memory_bytes')), 0)
+                 FROM vms
+                 WHERE customer_id = ?1 AND id != ?2
+                   AND (state IN ('RUNNING', 'PAUSED') OR run_reserved = 1)",
+                params![vm.customer.as_str(), vm.id.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .map_err(sql("count running vms"))?;
+        let n = |v: i64| u64::try_from(v).unwrap_or(0);
+        within("UNKEY_METALD_QUOTA_RUNNING_VMS", n(vms), 1, limits.vms)?;
+        within(
+            "UNKEY_METALD_QUOTA_RUNNING_VCPUS",
+            n(vcpus),
+            u64::from(vm.config.vcpu_count),
+            limits.vcpus,
+        )?;
+        within(
+            "UNKEY_METALD_QUOTA_RUNNING_MEMORY_MIB",
+            n(memory) / MIB,
+            vm.config.memory_bytes / MIB,
+            limits.memory_bytes.map(|b| b / MIB),
+        )?;
+        tx.execute(
+            "UPDATE vms SET run_reserved = 1 WHERE id = ?1",
+            params![vm.id.as_str()],
+        )
+        .map_err(sql("reserve run"))?;
+        tx.commit().map_err(sql("commit run reservation"))
+    }
+
+    fn release_run(&self, id: &VmId) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "UPDATE vms SET run_reserved = 0 WHERE id = ?1",
+                params![id.as_str()],
+            )
+            .map_err(sql("release run"))?;
+        Ok(())
+    }
+
+    fn release_all_runs(&self) -> Result<(), StoreError> {
+        self.conn()
+            .execute("UPDATE vms SET run_reserved = 0 WHERE run_reserved = 1", [])
+            .map_err(sql("release runs"))?;
+        Ok(())
     }
 
     fn delete_vm(&self, id: &VmId) -> Result<(), StoreError> {

@@ -116,6 +116,8 @@ pub struct Config {
     pub roots: HostRoots,
     /// Most VMs one customer may have stored.
     pub quota_vms: u64,
+    /// What one customer may run at once.
+    pub run_limits: crate::store::RunLimits,
 }
 
 /// Billing delivery settings.
@@ -275,6 +277,7 @@ impl Config {
                         .filter(|n| (1..=1_000_000).contains(n))
                 },
             )?,
+            run_limits: run_limits(&env)?,
         })
     }
 }
@@ -416,6 +419,29 @@ impl Env<'_> {
             None => Ok((self.path_lookup)(program)),
         }
     }
+}
+
+/// UNKEY_METALD_QUOTA_RUNNING_*: what one customer may run at once; unset is no limit (the
+/// host's own capacity still applies).
+fn run_limits(env: &Env<'_>) -> Result<crate::store::RunLimits, ConfigError> {
+    let count = |name: &'static str| {
+        env.optional(name, "expected a whole number, 1-1000000", |v| {
+            v.parse::<u64>()
+                .ok()
+                .filter(|n| (1..=1_000_000).contains(n))
+        })
+    };
+    Ok(crate::store::RunLimits {
+        vms: count("UNKEY_METALD_QUOTA_RUNNING_VMS")?,
+        vcpus: count("UNKEY_METALD_QUOTA_RUNNING_VCPUS")?,
+        memory_bytes: env
+            .optional(
+                "UNKEY_METALD_QUOTA_RUNNING_MEMORY_MIB",
+                "expected whole MiB, 1-1073741824 (1 PiB)",
+                |v| v.parse::<u64>().ok().filter(|n| (1..=1 << 30).contains(n)),
+            )?
+            .map(|mib| mib * 1024 * 1024),
+    })
 }
 
 /// UNKEY_METALD_DATA_DIR: absolute, and short enough for the VM sockets inside it.
@@ -687,6 +713,8 @@ mod tests {
             ("UNKEY_METALD_AUTH_MODE", "jwt", "expected dev"),
             ("UNKEY_METALD_ADDRESS", "0.0.0.0", "loopback addresses only"),
             ("UNKEY_METALD_QUOTA_VMS", "0", "1-1000000"),
+            ("UNKEY_METALD_QUOTA_RUNNING_VCPUS", "many", "1-1000000"),
+            ("UNKEY_METALD_QUOTA_RUNNING_MEMORY_MIB", "-1", "whole MiB"),
             ("UNKEY_METALD_ADDRESS", "::", "loopback addresses only"),
             (
                 "UNKEY_METALD_ADDRESS",

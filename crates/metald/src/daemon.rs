@@ -234,6 +234,7 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
             vms_dir,
             boot_timeout: cfg.boot_timeout,
             max_vms_per_customer: cfg.quota_vms,
+            run_limits: cfg.run_limits,
         },
         rx,
     );

@@ -22,10 +22,16 @@ use crate::network::ipam::AllocationPlan;
 use crate::network::VmNetworkPlan;
 use crate::sandbox::{Isolation, SandboxError};
 use crate::service::{ServiceConfig, VmService};
-use crate::store::{AssetKind, Store};
+use crate::store::{AssetKind, RunLimits, Store};
 
 /// The fixture's stored-VM quota per customer.
 pub(crate) const QUOTA_VMS: u64 = 10;
+/// The fixture's running quotas per customer: the memory of four default VMs.
+pub(crate) const RUN_LIMITS: RunLimits = RunLimits {
+    vms: None,
+    vcpus: None,
+    memory_bytes: Some(4 * 128 * MIB),
+};
 
 /// A backend double that records calls and hands out fake pids.
 #[derive(Default)]
@@ -201,6 +207,7 @@ pub(crate) fn fixture_with_timeout(boot_timeout: Duration) -> Fixture {
         vms_dir: vms_dir.clone(),
         boot_timeout,
         max_vms_per_customer: QUOTA_VMS,
+        run_limits: RUN_LIMITS,
     };
     let isolation = Arc::new(FakeIsolation::default());
     let meter = Meter::start(MeterConfig {

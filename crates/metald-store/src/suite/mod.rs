@@ -72,6 +72,8 @@ macro_rules! store_suite {
             vms::delete_removes_the_vm,
             vms::vms_survive_reopen,
             vms::the_stored_vm_quota_is_never_overshot,
+            vms::running_quotas_admit_exactly_the_limit_and_count_every_running_vm,
+            vms::running_vcpu_and_memory_quotas_add_the_boots_own_size,
             ipam::allocation_takes_the_lowest_free_slot_and_addresses,
             ipam::without_a_plan_nothing_is_allocated,
             ipam::an_ipv6_only_plan_gives_no_ipv4,

@@ -3,7 +3,7 @@
 use super::{customer, vm, Harness};
 use crate::domain::{DriveConfig, VmId, VmRecord};
 use crate::state::{VmLife, VmState};
-use crate::{StoreError, VmStore};
+use crate::{RunLimits, StoreError, VmStore};
 
 /// Every field of an inserted VM (in any state) reads back as insert returned it; the sequence
 /// number is positive, grows with each insert and is not reused after a delete.
@@ -289,4 +289,124 @@ pub fn the_stored_vm_quota_is_never_overshot<H: Harness>(h: &H) {
     store.delete_vm(&first.id).unwrap();
     assert!(store.insert_vm_within(&vm("a"), None, Some(10)).is_ok());
     assert!(store.insert_vm_within(&vm("a"), None, Some(10)).is_err());
+}
+
+/// Running quotas under concurrent boots: exactly the limit is admitted, each refusal names
+/// its quota, and paused, saved-running and reserved VMs all count while stopped ones do not.
+pub fn running_quotas_admit_exactly_the_limit_and_count_every_running_vm<H: Harness>(h: &H) {
+    let store = h.open();
+    let vms: Vec<VmRecord> = (0..30)
+        .map(|_| store.insert_vm(&vm("a"), None).unwrap())
+        .collect();
+    let limits = RunLimits {
+        vms: Some(10),
+        ..RunLimits::default()
+    };
+    let admitted: usize = std::thread::scope(|s| {
+        let workers: Vec<_> = vms
+            .chunks(6)
+            .map(|chunk| {
+                let (store, limits) = (&store, &limits);
+                s.spawn(move || {
+                    chunk
+                        .iter()
+                        .filter(|v| match store.reserve_run(v, limits) {
+                            Ok(()) => true,
+                            Err(StoreError::QuotaExceeded {
+                                quota: "UNKEY_METALD_QUOTA_RUNNING_VMS",
+                                used: 10,
+                                asked: 1,
+                                limit: 10,
+                            }) => false,
+                            Err(e) => panic!("{e}"),
+                        })
+                        .count()
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).sum()
+    });
+    assert_eq!(admitted, 10);
+    // Reserved VMs saved as running or paused keep counting; a released one frees its place.
+    let reserved: Vec<&VmRecord> = vms
+        .iter()
+        .filter(|v| store.reserve_run(v, &RunLimits::default()).is_ok())
+        .collect();
+    assert_eq!(reserved.len(), 30, "no limit admits everything");
+    store.release_all_runs().unwrap();
+    let mut running = vms[0].clone();
+    running.life = VmLife::restore(VmState::Running, Some(1), Some(1), None, false);
+    store.update_vm(&running).unwrap();
+    let mut paused = vms[1].clone();
+    paused.life = VmLife::restore(VmState::Paused, Some(2), Some(2), None, false);
+    store.update_vm(&paused).unwrap();
+    let two = RunLimits {
+        vms: Some(3),
+        ..RunLimits::default()
+    };
+    store.reserve_run(&vms[2], &two).unwrap();
+    assert!(store.reserve_run(&vms[3], &two).is_err());
+    store.release_run(&vms[2].id).unwrap();
+    store.reserve_run(&vms[3], &two).unwrap();
+    // Saving the booted VM ends its reservation; it counts through its state.
+    let mut booted = vms[3].clone();
+    booted.life = VmLife::restore(VmState::Running, Some(4), Some(4), None, false);
+    store.update_vm(&booted).unwrap();
+    assert!(store.reserve_run(&vms[4], &two).is_err());
+    let mut stopped = booted.clone();
+    stopped.life = VmLife::restore(VmState::Shutdown, None, None, None, false);
+    store.update_vm(&stopped).unwrap();
+    store.reserve_run(&vms[4], &two).unwrap();
+    // Another customer's running VMs count for them only.
+    let b = store.insert_vm(&vm("b"), None).unwrap();
+    store
+        .reserve_run(
+            &b,
+            &RunLimits {
+                vms: Some(1),
+                ..RunLimits::default()
+            },
+        )
+        .unwrap();
+}
+
+/// The vCPU and memory quotas add what the boot asks to what runs.
+pub fn running_vcpu_and_memory_quotas_add_the_boots_own_size<H: Harness>(h: &H) {
+    let store = h.open();
+    let mut big = vm("a");
+    big.config.vcpu_count = 4;
+    big.config.memory_bytes = 1024 << 20;
+    let big = store.insert_vm(&big, None).unwrap();
+    let small = store.insert_vm(&vm("a"), None).unwrap(); // 1 vCPU, 128 MiB
+    let limits = RunLimits {
+        vms: None,
+        vcpus: Some(4),
+        memory_bytes: Some(2048 << 20),
+    };
+    store.reserve_run(&big, &limits).unwrap();
+    match store.reserve_run(&small, &limits) {
+        Err(StoreError::QuotaExceeded {
+            quota: "UNKEY_METALD_QUOTA_RUNNING_VCPUS",
+            used: 4,
+            asked: 1,
+            limit: 4,
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    let memory = RunLimits {
+        vms: None,
+        vcpus: None,
+        memory_bytes: Some(1100 << 20),
+    };
+    match store.reserve_run(&small, &memory) {
+        Err(StoreError::QuotaExceeded {
+            quota: "UNKEY_METALD_QUOTA_RUNNING_MEMORY_MIB",
+            used: 1024,
+            asked: 128,
+            limit: 1100,
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    // The same VM asking again does not count itself twice.
+    store.reserve_run(&big, &limits).unwrap();
 }

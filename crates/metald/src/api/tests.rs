@@ -395,7 +395,9 @@ async fn fifty_parallel_creates_against_a_quota_of_ten_store_exactly_ten() {
                 assert_eq!((r.status, r.code()), (429, "resource_exhausted"), "{r:?}");
                 assert_eq!(
                     r.message(),
-                    format!("quota UNKEY_METALD_QUOTA_VMS reached: {QUOTA_VMS} in use, limit {QUOTA_VMS}")
+                    format!(
+                        "quota UNKEY_METALD_QUOTA_VMS exceeded: {QUOTA_VMS} in use, 1 more asked, limit {QUOTA_VMS}"
+                    )
                 );
             }
         }
@@ -411,4 +413,71 @@ async fn fifty_parallel_creates_against_a_quota_of_ten_store_exactly_ten() {
     assert_eq!(std::fs::read_dir(&f.vms_dir).unwrap().count(), 10);
     // Another customer has a quota of their own.
     s.create("other").await;
+}
+
+#[tokio::test]
+async fn parallel_boots_against_a_running_memory_quota_admit_exactly_what_fits() {
+    let f = fixture();
+    let s = Arc::new(api(&f).await);
+    let mut ids = Vec::new();
+    for _ in 0..8 {
+        ids.push(s.create("acme").await);
+    }
+    let boots: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let (s, path) = (Arc::clone(&s), format!("/v1/vms/{id}/boot"));
+            tokio::spawn(async move { s.rest("acme", "POST", &path, None).await })
+        })
+        .collect();
+    let mut running = 0;
+    for boot in boots {
+        let r = boot.await.unwrap();
+        match r.status {
+            200 => running += 1,
+            _ => {
+                assert_eq!((r.status, r.code()), (429, "resource_exhausted"), "{r:?}");
+                assert_eq!(
+                    r.message(),
+                    "quota UNKEY_METALD_QUOTA_RUNNING_MEMORY_MIB exceeded: 512 in use, 128 more asked, limit 512"
+                );
+            }
+        }
+    }
+    // The fixture's limit is the memory of four 128 MiB VMs.
+    assert_eq!(running, 4);
+    let boots = f.backend.calls().iter().filter(|c| *c == "boot").count();
+    assert_eq!(boots, 4, "refused boots never reached the backend");
+    assert_eq!(f.isolation.calls().len(), 4, "nor isolation");
+    // A paused VM still holds its memory; a stopped one frees it for another boot.
+    let up: Vec<String> = {
+        let listed = s
+            .rest("acme", "GET", "/v1/vms?state=VM_STATE_RUNNING", None)
+            .await;
+        listed.body["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["vmId"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let down: Vec<&String> = ids.iter().filter(|id| !up.contains(id)).collect();
+    s.rest("acme", "POST", &format!("/v1/vms/{}/pause", up[0]), None)
+        .await;
+    let r = s
+        .rest("acme", "POST", &format!("/v1/vms/{}/boot", down[0]), None)
+        .await;
+    assert_eq!(r.status, 429, "{r:?}");
+    let body = json!({"force": true});
+    s.rest(
+        "acme",
+        "POST",
+        &format!("/v1/vms/{}/shutdown", up[1]),
+        Some(body),
+    )
+    .await;
+    let r = s
+        .rest("acme", "POST", &format!("/v1/vms/{}/boot", down[0]), None)
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
 }

@@ -31,7 +31,7 @@ use crate::metering::{Counters, Meter, RunStart, VmUsage};
 use crate::report::Chain;
 use crate::sandbox::{Isolation, SandboxError};
 use crate::state::{transition, Change, InvalidTransition, Operation, VmLife, VmState};
-use crate::store::{AssetKind, Store, StoreError, UsageStore, VmStore};
+use crate::store::{AssetKind, RunLimits, Store, StoreError, UsageStore, VmStore};
 use crate::timings::{Step, Timings};
 
 /// Smallest guest memory metald accepts. Measured with the default guest (Debian 6.1 cloud
@@ -135,6 +135,8 @@ pub struct ServiceConfig {
     pub boot_timeout: Duration,
     /// Most VMs one customer may have stored (any state).
     pub max_vms_per_customer: u64,
+    /// What one customer may run at once.
+    pub run_limits: RunLimits,
 }
 
 /// How to shut a VM down.
@@ -290,14 +292,31 @@ impl VmService {
         let _guard = self.lock(id).await;
         let mut vm = self.load(customer, id).await?;
         next_state(vm.state(), Operation::Boot)?;
-        let mut launch = self.launch(&vm)?;
+        // Admitted against the customer's running quotas before anything starts. The
+        // reservation ends when the VM is saved running, or below when the boot fails.
+        self.store.reserve_run(&vm, &self.cfg.run_limits)?;
+        match self.start_vmm(&mut vm).await {
+            Ok(()) => Ok(vm),
+            Err(e) => {
+                if let Err(r) = self.store.release_run(id) {
+                    tracing::error!(vm_id = %id, error = %Chain(&r), "releasing a failed boot's quota reservation failed");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// A boot's effects: the sandbox, the VMM, the record saved running, metering and the
+    /// readiness watch. What fails half way is undone here.
+    async fn start_vmm(self: &Arc<Self>, vm: &mut VmRecord) -> Result<(), ServiceError> {
+        let mut launch = self.launch(vm)?;
         let t0 = std::time::Instant::now();
         self.isolation
-            .setup(&vm, &mut launch)
-            .instrument(tracing::info_span!("sandbox.setup", vm_id = %id))
+            .setup(vm, &mut launch)
+            .instrument(tracing::info_span!("sandbox.setup", vm_id = %vm.id))
             .await
             .map_err(|source| ServiceError::Sandbox {
-                vm: id.clone(),
+                vm: vm.id.clone(),
                 source,
             })?;
         let sandbox_ms = t0.elapsed().as_secs_f64() * 1000.0;
@@ -306,16 +325,16 @@ impl VmService {
         let t1 = std::time::Instant::now();
         let started = self.backend.boot(&launch).instrument(tracing::info_span!(
             "backend.boot",
-            vm_id = %id,
+            vm_id = %vm.id,
             backend = self.backend_name()
         ));
         let process = match started.await {
             Ok(p) => p,
             Err(source) => {
-                self.release_sandbox(&vm).await;
+                self.release_sandbox(vm).await;
                 return Err(ServiceError::Backend {
                     op: "boot",
-                    vm: id.clone(),
+                    vm: vm.id.clone(),
                     source,
                 });
             }
@@ -325,19 +344,19 @@ impl VmService {
             start_ticks: process.start_ticks,
         })?;
         vm.backend = self.backend_name().to_string();
-        self.save(&mut vm)?;
-        self.track(&vm, process.pid, false);
+        self.save(vm)?;
+        self.track(vm, process.pid, false);
         self.timings
             .observe(Step::VmmStart, t1.elapsed().as_secs_f64());
         tracing::info!(
-            vm_id = %id,
+            vm_id = %vm.id,
             pid = process.pid,
             sandbox_ms,
             vmm_ms = t1.elapsed().as_secs_f64() * 1000.0,
             "vm booted"
         );
-        self.watch_readiness(&vm, &launch, console_offset);
-        Ok(vm)
+        self.watch_readiness(vm, &launch, console_offset);
+        Ok(())
     }
 
     /// Freezes the VM's vCPUs.

@@ -7,6 +7,8 @@ use crate::backend::console::wait_for_line;
 impl VmService {
     /// Re-attaches to VMMs that outlived a previous metald; VMs whose VMM is gone become FAILED.
     pub async fn reconcile(&self) -> Result<(), ServiceError> {
+        // No boot outlives metald: what a killed one reserved is free again.
+        self.store.release_all_runs()?;
         let mut keep = std::collections::HashSet::new();
         for mut vm in self.store.all_vms()? {
             if !vm.state().has_vmm() {
