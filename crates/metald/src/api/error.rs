@@ -12,10 +12,10 @@ pub fn to_connect(err: &ServiceError) -> ConnectError {
     let message = match code {
         ErrorCode::Internal => {
             let id = crate::telemetry::request_id();
-            tracing::error!(request_id = %id, error = %error_chain(err), "internal error");
+            tracing::error!(request_id = %id, error = %crate::report::Chain(err), "internal error");
             format!("internal error (request id {id}); the details are in metald's log")
         }
-        _ => error_chain(err),
+        _ => crate::report::chain(err),
     };
     ConnectError::new(code, message)
 }
@@ -45,8 +45,6 @@ pub fn code_for(err: &ServiceError) -> ErrorCode {
         | ServiceError::Sweep(_) => ErrorCode::Internal,
     }
 }
-
-pub use crate::report::chain as error_chain;
 
 #[cfg(test)]
 mod tests {
