@@ -267,16 +267,7 @@ impl Config {
             otel_endpoint: otel_endpoint(&env)?,
             roots: HostRoots::default(),
             // Each stored VM holds a jail slot and addresses from pools every customer shares.
-            quota_vms: env.parsed(
-                "UNKEY_METALD_QUOTA_VMS",
-                100,
-                "expected a whole number, 1-1000000",
-                |v| {
-                    v.parse::<u64>()
-                        .ok()
-                        .filter(|n| (1..=1_000_000).contains(n))
-                },
-            )?,
+            quota_vms: env.count("UNKEY_METALD_QUOTA_VMS")?.unwrap_or(100),
             run_limits: run_limits(&env)?,
         })
     }
@@ -344,6 +335,15 @@ impl Env<'_> {
         };
         self.parsed(name, default, &allowed, |v| {
             options.iter().find(|(n, _)| *n == v).map(|(_, t)| *t)
+        })
+    }
+
+    /// A count limit, 1 to a million (a quota); unset is `None`.
+    fn count(&self, name: &'static str) -> Result<Option<u64>, ConfigError> {
+        self.optional(name, "expected a whole number, 1-1000000", |v| {
+            v.parse::<u64>()
+                .ok()
+                .filter(|n| (1..=1_000_000).contains(n))
         })
     }
 
@@ -424,16 +424,9 @@ impl Env<'_> {
 /// UNKEY_METALD_QUOTA_RUNNING_*: what one customer may run at once; unset is no limit (the
 /// host's own capacity still applies).
 fn run_limits(env: &Env<'_>) -> Result<crate::store::RunLimits, ConfigError> {
-    let count = |name: &'static str| {
-        env.optional(name, "expected a whole number, 1-1000000", |v| {
-            v.parse::<u64>()
-                .ok()
-                .filter(|n| (1..=1_000_000).contains(n))
-        })
-    };
     Ok(crate::store::RunLimits {
-        vms: count("UNKEY_METALD_QUOTA_RUNNING_VMS")?,
-        vcpus: count("UNKEY_METALD_QUOTA_RUNNING_VCPUS")?,
+        vms: env.count("UNKEY_METALD_QUOTA_RUNNING_VMS")?,
+        vcpus: env.count("UNKEY_METALD_QUOTA_RUNNING_VCPUS")?,
         memory_bytes: env
             .optional(
                 "UNKEY_METALD_QUOTA_RUNNING_MEMORY_MIB",
