@@ -118,6 +118,74 @@ pub struct Config {
     pub quota_vms: u64,
     /// What one customer may run at once.
     pub run_limits: crate::store::RunLimits,
+    /// Who callers are.
+    pub auth: AuthSettings,
+    /// HTTPS (and client certificates), if configured; plain HTTP otherwise.
+    pub tls: Option<TlsSettings>,
+    /// Per-customer request rate and deadline caps.
+    pub requests: RequestLimits,
+}
+
+/// How callers are authenticated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthSettings {
+    /// Which credentials are accepted.
+    pub mode: AuthMode,
+    /// SPIFFE IDs of services (client certificates) that may act for the customer named in
+    /// the `metald-customer` header.
+    pub trusted_services: Vec<String>,
+    /// Whether a trusted service must also present a JWT for that customer (`jwt` mode).
+    pub services_need_token: bool,
+}
+
+/// The credentials metald accepts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthMode {
+    /// `Bearer dev_customer_<id>`: loopback development only.
+    Dev,
+    /// Bearer JWTs verified against a JWKS.
+    Jwt(JwtSettings),
+    /// Client certificates of trusted services only.
+    Mtls,
+}
+
+/// Where JWT keys come from and what tokens must say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwtSettings {
+    /// A JWKS document on disk.
+    pub jwks_file: Option<PathBuf>,
+    /// A JWKS document fetched over HTTP(S).
+    pub jwks_url: Option<http::Uri>,
+    /// The required `iss`.
+    pub issuer: String,
+    /// The required `aud`.
+    pub audience: String,
+    /// The claim naming the customer.
+    pub customer_claim: String,
+    /// Clock skew allowed on `exp`, `nbf` and `iat`.
+    pub leeway: Duration,
+}
+
+/// Server certificate files, and the CA client certificates must chain to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// PEM private key.
+    pub key_file: PathBuf,
+    /// PEM CA certificates; when set, every client must present a certificate.
+    pub client_ca_file: Option<PathBuf>,
+}
+
+/// Per-customer request rate and server-side deadline caps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestLimits {
+    /// Sustained requests per second per customer.
+    pub rate_per_second: u32,
+    /// Requests a customer may send at once above the rate.
+    pub burst: u32,
+    /// The longest a call may run, whatever deadline the client sent.
+    pub max_deadline: Duration,
 }
 
 /// Billing delivery settings.
@@ -184,19 +252,16 @@ impl Config {
         let port = env.parsed("UNKEY_METALD_PORT", 8080, PORT, |v| {
             v.parse::<u16>().ok().filter(|p| *p != 0)
         })?;
-        if let Some((n, v)) = env.get("UNKEY_METALD_AUTH_MODE") {
-            if v != "dev" {
-                return Err(bad(n, &v, "expected dev (the only mode so far)"));
-            }
-        }
         let address = env.parsed(
             "UNKEY_METALD_ADDRESS",
             IpAddr::from([127, 0, 0, 1]),
             "expected an IPv4 or IPv6 address such as 127.0.0.1 or ::",
             |v| v.parse().ok(),
         )?;
+        let tls = tls_settings(&env)?;
+        let auth = auth_settings(&env, tls.as_ref())?;
         // Dev tokens name their customer in clear: anyone who can reach the port can be anyone.
-        if !address.to_canonical().is_loopback() {
+        if matches!(auth.mode, AuthMode::Dev) && !address.to_canonical().is_loopback() {
             return Err(bad(
                 "UNKEY_METALD_ADDRESS",
                 &address.to_string(),
@@ -269,6 +334,9 @@ impl Config {
             // Each stored VM holds a jail slot and addresses from pools every customer shares.
             quota_vms: env.count("UNKEY_METALD_QUOTA_VMS")?.unwrap_or(100),
             run_limits: run_limits(&env)?,
+            auth,
+            tls,
+            requests: request_limits(&env)?,
         })
     }
 }
@@ -600,6 +668,150 @@ fn isolation_config(env: &Env<'_>) -> Result<IsolationConfig, ConfigError> {
     })
 }
 
+/// UNKEY_METALD_TLS_*: all three files are absolute paths; cert and key come together.
+fn tls_settings(env: &Env<'_>) -> Result<Option<TlsSettings>, ConfigError> {
+    let file = |name| {
+        env.optional(name, "expected an absolute path", |v| {
+            Path::new(v).is_absolute().then(|| PathBuf::from(v))
+        })
+    };
+    let cert = file("UNKEY_METALD_TLS_CERT_FILE")?;
+    let key = file("UNKEY_METALD_TLS_KEY_FILE")?;
+    let client_ca_file = file("UNKEY_METALD_TLS_CLIENT_CA_FILE")?;
+    match (cert, key, client_ca_file) {
+        (Some(cert_file), Some(key_file), client_ca_file) => Ok(Some(TlsSettings {
+            cert_file,
+            key_file,
+            client_ca_file,
+        })),
+        (None, None, None) => Ok(None),
+        (Some(c), None, _) => Err(bad(
+            "UNKEY_METALD_TLS_CERT_FILE",
+            &c.display().to_string(),
+            "needs UNKEY_METALD_TLS_KEY_FILE too",
+        )),
+        (_, Some(k), _) => Err(bad(
+            "UNKEY_METALD_TLS_KEY_FILE",
+            &k.display().to_string(),
+            "needs UNKEY_METALD_TLS_CERT_FILE too",
+        )),
+        (None, None, Some(ca)) => Err(bad(
+            "UNKEY_METALD_TLS_CLIENT_CA_FILE",
+            &ca.display().to_string(),
+            "needs UNKEY_METALD_TLS_CERT_FILE and UNKEY_METALD_TLS_KEY_FILE",
+        )),
+    }
+}
+
+/// UNKEY_METALD_AUTH_*: the mode and what it needs.
+fn auth_settings(env: &Env<'_>, tls: Option<&TlsSettings>) -> Result<AuthSettings, ConfigError> {
+    let mode = env.choice(
+        "UNKEY_METALD_AUTH_MODE",
+        "dev",
+        &[("dev", "dev"), ("jwt", "jwt"), ("mtls", "mtls")],
+    )?;
+    let trusted_services =
+        match env.get("UNKEY_METALD_AUTH_TRUSTED_SERVICES") {
+            None => Vec::new(),
+            Some((n, v)) => {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| {
+                        crate::api::auth::spiffe_id(s).map(str::to_string).ok_or_else(|| {
+                    bad(n, &v, "expected comma-separated SPIFFE IDs (spiffe://trust-domain/path)")
+                })
+                    })
+                    .collect::<Result<_, _>>()?
+            }
+        };
+    let mtls = tls.is_some_and(|t| t.client_ca_file.is_some());
+    if !trusted_services.is_empty() && !mtls {
+        return Err(bad(
+            "UNKEY_METALD_AUTH_TRUSTED_SERVICES",
+            &trusted_services.join(","),
+            "services are known by client certificate: set UNKEY_METALD_TLS_CLIENT_CA_FILE (and the server's certificate and key)",
+        ));
+    }
+    let mode =
+        match mode {
+            "jwt" => AuthMode::Jwt(jwt_settings(env)?),
+            "mtls" if trusted_services.is_empty() => return Err(bad(
+                "UNKEY_METALD_AUTH_MODE",
+                "mtls",
+                "needs UNKEY_METALD_AUTH_TRUSTED_SERVICES (and UNKEY_METALD_TLS_CLIENT_CA_FILE)",
+            )),
+            "mtls" => AuthMode::Mtls,
+            _ => AuthMode::Dev,
+        };
+    Ok(AuthSettings {
+        mode,
+        trusted_services,
+        services_need_token: env.flag("UNKEY_METALD_AUTH_TRUSTED_SERVICES_NEED_TOKEN")?,
+    })
+}
+
+/// UNKEY_METALD_AUTH_JWKS_* and the claims a token must carry.
+fn jwt_settings(env: &Env<'_>) -> Result<JwtSettings, ConfigError> {
+    let jwks_file = env.optional(
+        "UNKEY_METALD_AUTH_JWKS_FILE",
+        "expected an absolute path",
+        |v| Path::new(v).is_absolute().then(|| PathBuf::from(v)),
+    )?;
+    let jwks_url = env
+        .http_url(
+            "UNKEY_METALD_AUTH_JWKS_URL",
+            "expected an http(s) URL such as https://issuer.example/.well-known/jwks.json",
+        )?
+        .map(|(u, _)| u);
+    if jwks_file.is_none() && jwks_url.is_none() {
+        return Err(bad(
+            "UNKEY_METALD_AUTH_MODE",
+            "jwt",
+            "needs UNKEY_METALD_AUTH_JWKS_FILE and/or UNKEY_METALD_AUTH_JWKS_URL",
+        ));
+    }
+    let required = |name: &'static str| {
+        env.get(name)
+            .map(|(_, v)| v)
+            .ok_or_else(|| bad(name, "", "required with UNKEY_METALD_AUTH_MODE=jwt"))
+    };
+    Ok(JwtSettings {
+        jwks_file,
+        jwks_url,
+        issuer: required("UNKEY_METALD_AUTH_ISSUER")?,
+        audience: required("UNKEY_METALD_AUTH_AUDIENCE")?,
+        customer_claim: env.parsed(
+            "UNKEY_METALD_AUTH_CUSTOMER_CLAIM",
+            "customer_id".to_string(),
+            "expected a claim name (1-64 characters)",
+            |v| (v.len() <= 64).then(|| v.to_string()),
+        )?,
+        leeway: env.seconds("UNKEY_METALD_AUTH_LEEWAY_SECONDS", 30, 0..=300)?,
+    })
+}
+
+/// UNKEY_METALD_RATE_LIMIT_* and UNKEY_METALD_MAX_DEADLINE.
+fn request_limits(env: &Env<'_>) -> Result<RequestLimits, ConfigError> {
+    let per_second = |name, default| {
+        env.parsed(name, default, "expected a whole number, 1-1000000", |v| {
+            v.parse::<u32>()
+                .ok()
+                .filter(|n| (1..=1_000_000).contains(n))
+        })
+    };
+    Ok(RequestLimits {
+        rate_per_second: per_second("UNKEY_METALD_RATE_LIMIT_PER_SECOND", 100)?,
+        burst: per_second("UNKEY_METALD_RATE_LIMIT_BURST", 200)?,
+        max_deadline: env.duration(
+            "UNKEY_METALD_MAX_DEADLINE",
+            Duration::from_secs(300),
+            Duration::from_secs(1)..=Duration::from_secs(3600),
+            "expected a duration such as 300s, 1s-3600s",
+        )?,
+    })
+}
+
 /// Finds an executable on `PATH`.
 pub fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
@@ -703,7 +915,39 @@ mod tests {
                 "expected the path of an executable",
             ),
             ("UNKEY_METALD_BOOT_TIMEOUT_SECONDS", "0", "1-3600"),
-            ("UNKEY_METALD_AUTH_MODE", "jwt", "expected dev"),
+            (
+                "UNKEY_METALD_AUTH_MODE",
+                "oauth",
+                "expected dev, jwt or mtls",
+            ),
+            (
+                "UNKEY_METALD_AUTH_MODE",
+                "jwt",
+                "needs UNKEY_METALD_AUTH_JWKS_FILE",
+            ),
+            (
+                "UNKEY_METALD_AUTH_MODE",
+                "mtls",
+                "needs UNKEY_METALD_AUTH_TRUSTED_SERVICES",
+            ),
+            (
+                "UNKEY_METALD_TLS_CERT_FILE",
+                "/c.pem",
+                "needs UNKEY_METALD_TLS_KEY_FILE",
+            ),
+            (
+                "UNKEY_METALD_TLS_CLIENT_CA_FILE",
+                "/ca.pem",
+                "needs UNKEY_METALD_TLS_CERT_FILE",
+            ),
+            ("UNKEY_METALD_TLS_KEY_FILE", "k.pem", "absolute path"),
+            (
+                "UNKEY_METALD_AUTH_TRUSTED_SERVICES",
+                "spiffe://x/y",
+                "UNKEY_METALD_TLS_CLIENT_CA_FILE",
+            ),
+            ("UNKEY_METALD_RATE_LIMIT_PER_SECOND", "0", "1-1000000"),
+            ("UNKEY_METALD_MAX_DEADLINE", "2h", "1s-3600s"),
             ("UNKEY_METALD_ADDRESS", "0.0.0.0", "loopback addresses only"),
             ("UNKEY_METALD_QUOTA_VMS", "0", "1-1000000"),
             ("UNKEY_METALD_QUOTA_RUNNING_VCPUS", "many", "1-1000000"),

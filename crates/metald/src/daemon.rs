@@ -13,6 +13,7 @@ use crate::backend::{Backend, BackendKind, ExitEvent};
 use crate::billing::{Billing, BillingConfig};
 use crate::config::{AccelChoice, BackendChoice, Config, Isolation, IsolationConfig};
 use crate::jailer::{Jailer, JailerConfig};
+use crate::listener::tls::ReloadingTls;
 use crate::metering::{Meter, MeterConfig};
 use crate::network::ipam::AllocationPlan;
 use crate::network::{Network, NetworkConfig};
@@ -48,6 +49,12 @@ pub enum StartError {
     /// The network could not be set up.
     #[error("network")]
     Network(#[source] crate::network::NetworkError),
+    /// Authentication could not be set up.
+    #[error("authentication")]
+    Auth(#[source] crate::api::auth::AuthError),
+    /// The TLS files did not load.
+    #[error("TLS")]
+    Tls(#[source] crate::listener::tls::TlsError),
     /// Reconciliation failed.
     #[error("reconciling VMs at start")]
     Reconcile(#[source] crate::service::ServiceError),
@@ -246,7 +253,26 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| StartError::Listen { addr, source })?;
-    let routers = crate::api::routers(Arc::clone(&svc), cfg.metrics_port.is_some());
+    let auth = crate::api::auth::Authenticator::new(&cfg.auth)
+        .await
+        .map_err(StartError::Auth)?;
+    let tls = match &cfg.tls {
+        Some(t) => {
+            let tls = ReloadingTls::load(t.clone()).map_err(StartError::Tls)?;
+            // Ends with the runtime; the task holds only a weak reference.
+            let _watch = tls.watch();
+            Some(tls)
+        }
+        None => None,
+    };
+    let routers = crate::api::routers(
+        Arc::clone(&svc),
+        crate::api::ApiSettings {
+            auth: Arc::new(auth),
+            limits: cfg.requests,
+            separate_metrics: cfg.metrics_port.is_some(),
+        },
+    );
     if let (Some(port), Some(app)) = (cfg.metrics_port, routers.metrics) {
         let maddr = std::net::SocketAddr::new(cfg.address, port);
         let mlistener = tokio::net::TcpListener::bind(maddr)
@@ -263,9 +289,8 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
             }
         });
     }
-    tracing::info!(%addr, data_dir = %cfg.data_dir.display(), backend = svc.backend_name(), "metald listening");
-    axum::serve(listener, routers.api)
-        .with_graceful_shutdown(shutdown_signal())
+    tracing::info!(%addr, data_dir = %cfg.data_dir.display(), backend = svc.backend_name(), tls = tls.is_some(), "metald listening");
+    crate::listener::serve(listener, routers.api, tls, shutdown_signal())
         .await
         .map_err(|source| StartError::Listen { addr, source })?;
     tracing::info!("metald stopped; running VMs keep running and are re-attached at next start");

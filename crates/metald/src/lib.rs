@@ -23,6 +23,7 @@ pub mod api;
 pub mod billing;
 pub mod config;
 pub mod daemon;
+pub mod listener;
 pub mod metering;
 pub mod sandbox;
 pub mod service;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use connectrpc::{ConnectError, RequestContext, Response, ServiceRequest, ServiceResult};
 use metald_proto::metald::v1 as pb;
 
-use super::auth::Caller;
+use super::auth::{Caller, Identity};
 use super::handlers as h;
 use crate::domain::CustomerId;
 use crate::service::VmService;
@@ -30,6 +30,13 @@ fn customer(ctx: &RequestContext) -> Result<CustomerId, ConnectError> {
     }
 }
 
+fn identity(ctx: &RequestContext) -> Result<Arc<Identity>, ConnectError> {
+    match ctx.extensions().get::<Caller>() {
+        Some(caller) => caller.identity().cloned(),
+        None => Err(ConnectError::unauthenticated("no credentials were checked")),
+    }
+}
+
 // Returning the concrete response types is simpler than the trait's `impl Encodable`.
 #[allow(refining_impl_trait)]
 impl pb::VmService for ConnectApi {
@@ -38,7 +45,7 @@ impl pb::VmService for ConnectApi {
         ctx: RequestContext,
         request: ServiceRequest<'_, pb::CreateVmRequest>,
     ) -> ServiceResult<pb::CreateVmResponse> {
-        let who = customer(&ctx)?;
+        let who = identity(&ctx)?;
         Response::ok(h::create_vm(&self.svc, &who, request.to_owned_message()).await?)
     }
 
@@ -47,7 +54,7 @@ impl pb::VmService for ConnectApi {
         ctx: RequestContext,
         request: ServiceRequest<'_, pb::BootVmRequest>,
     ) -> ServiceResult<pb::BootVmResponse> {
-        let who = customer(&ctx)?;
+        let who = identity(&ctx)?;
         let vm = h::boot_vm(&self.svc, &who, request.vm_id).await?;
         Response::ok(pb::BootVmResponse {
             vm: vm.into(),
@@ -60,7 +67,7 @@ impl pb::VmService for ConnectApi {
         ctx: RequestContext,
         request: ServiceRequest<'_, pb::ShutdownVmRequest>,
     ) -> ServiceResult<pb::ShutdownVmResponse> {
-        let who = customer(&ctx)?;
+        let who = identity(&ctx)?;
         let vm = h::shutdown_vm(
             &self.svc,
             &who,
@@ -80,7 +87,7 @@ impl pb::VmService for ConnectApi {
         ctx: RequestContext,
         request: ServiceRequest<'_, pb::PauseVmRequest>,
     ) -> ServiceResult<pb::PauseVmResponse> {
-        let who = customer(&ctx)?;
+        let who = identity(&ctx)?;
         let vm = h::pause_vm(&self.svc, &who, request.vm_id).await?;
         Response::ok(pb::PauseVmResponse {
             vm: vm.into(),
@@ -93,7 +100,7 @@ impl pb::VmService for ConnectApi {
         ctx: RequestContext,
         request: ServiceRequest<'_, pb::ResumeVmRequest>,
     ) -> ServiceResult<pb::ResumeVmResponse> {
-        let who = customer(&ctx)?;
+        let who = identity(&ctx)?;
         let vm = h::resume_vm(&self.svc, &who, request.vm_id).await?;
         Response::ok(pb::ResumeVmResponse {
             vm: vm.into(),
@@ -106,7 +113,7 @@ impl pb::VmService for ConnectApi {
         ctx: RequestContext,
         request: ServiceRequest<'_, pb::RebootVmRequest>,
     ) -> ServiceResult<pb::RebootVmResponse> {
-        let who = customer(&ctx)?;
+        let who = identity(&ctx)?;
         let vm = h::reboot_vm(&self.svc, &who, request.vm_id, request.force).await?;
         Response::ok(pb::RebootVmResponse {
             vm: vm.into(),
@@ -119,7 +126,7 @@ impl pb::VmService for ConnectApi {
         ctx: RequestContext,
         request: ServiceRequest<'_, pb::DeleteVmRequest>,
     ) -> ServiceResult<pb::DeleteVmResponse> {
-        let who = customer(&ctx)?;
+        let who = identity(&ctx)?;
         h::delete_vm(&self.svc, &who, request.vm_id, request.force).await?;
         Response::ok(pb::DeleteVmResponse::default())
     }

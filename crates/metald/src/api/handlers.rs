@@ -6,6 +6,8 @@ use std::sync::Arc;
 use connectrpc::ConnectError;
 use metald_proto::metald::v1 as pb;
 
+use super::audit::effect;
+use super::auth::Identity;
 use super::error::to_connect;
 use crate::domain::{
     rfc3339, CustomerId, DriveConfig, NetworkSettings, RateLimit, VmConfig, VmId, VmRecord,
@@ -199,16 +201,18 @@ fn err(e: crate::service::ServiceError) -> ConnectError {
 /// CreateVm.
 pub async fn create_vm(
     svc: &Arc<VmService>,
-    who: &CustomerId,
+    who: &Arc<Identity>,
     req: pb::CreateVmRequest,
 ) -> Result<pb::CreateVmResponse, ConnectError> {
     let Some(config) = req.config.as_option() else {
         return Err(ConnectError::invalid_argument("config: required"));
     };
-    let vm = svc
-        .create(who, config_from_proto(config))
-        .await
-        .map_err(err)?;
+    let config = config_from_proto(config);
+    let (s, customer) = (Arc::clone(svc), who.customer.clone());
+    let vm = effect(who, "CreateVm", None, async move {
+        s.create(&customer, config).await
+    })
+    .await?;
     Ok(pb::CreateVmResponse {
         vm: vm_info(svc, &vm).into(),
         ..Default::default()
@@ -218,80 +222,98 @@ pub async fn create_vm(
 /// BootVm.
 pub async fn boot_vm(
     svc: &Arc<VmService>,
-    who: &CustomerId,
+    who: &Arc<Identity>,
     id: &str,
 ) -> Result<pb::VmInfo, ConnectError> {
-    let vm = svc.boot(who, &vm_id("vm_id", id)?).await.map_err(err)?;
+    let id = vm_id("vm_id", id)?;
+    let (s, customer, vm) = (Arc::clone(svc), who.customer.clone(), id.clone());
+    let vm = effect(who, "BootVm", Some(id), async move {
+        s.boot(&customer, &vm).await
+    })
+    .await?;
     Ok(vm_info(svc, &vm))
 }
 
 /// ShutdownVm.
 pub async fn shutdown_vm(
     svc: &Arc<VmService>,
-    who: &CustomerId,
+    who: &Arc<Identity>,
     id: &str,
     force: bool,
     timeout_seconds: u32,
 ) -> Result<pb::VmInfo, ConnectError> {
     let id = vm_id("vm_id", id)?;
-    let vm = svc
-        .shutdown(
-            who,
-            &id,
-            ShutdownRequest {
-                force,
-                timeout_seconds,
-            },
-        )
-        .await
-        .map_err(err)?;
+    let (s, customer, vm) = (Arc::clone(svc), who.customer.clone(), id.clone());
+    let request = ShutdownRequest {
+        force,
+        timeout_seconds,
+    };
+    let vm = effect(who, "ShutdownVm", Some(id), async move {
+        s.shutdown(&customer, &vm, request).await
+    })
+    .await?;
     Ok(vm_info(svc, &vm))
 }
 
 /// PauseVm.
 pub async fn pause_vm(
     svc: &Arc<VmService>,
-    who: &CustomerId,
+    who: &Arc<Identity>,
     id: &str,
 ) -> Result<pb::VmInfo, ConnectError> {
-    let vm = svc.pause(who, &vm_id("vm_id", id)?).await.map_err(err)?;
+    let id = vm_id("vm_id", id)?;
+    let (s, customer, vm) = (Arc::clone(svc), who.customer.clone(), id.clone());
+    let vm = effect(who, "PauseVm", Some(id), async move {
+        s.pause(&customer, &vm).await
+    })
+    .await?;
     Ok(vm_info(svc, &vm))
 }
 
 /// ResumeVm.
 pub async fn resume_vm(
     svc: &Arc<VmService>,
-    who: &CustomerId,
+    who: &Arc<Identity>,
     id: &str,
 ) -> Result<pb::VmInfo, ConnectError> {
-    let vm = svc.resume(who, &vm_id("vm_id", id)?).await.map_err(err)?;
+    let id = vm_id("vm_id", id)?;
+    let (s, customer, vm) = (Arc::clone(svc), who.customer.clone(), id.clone());
+    let vm = effect(who, "ResumeVm", Some(id), async move {
+        s.resume(&customer, &vm).await
+    })
+    .await?;
     Ok(vm_info(svc, &vm))
 }
 
 /// RebootVm.
 pub async fn reboot_vm(
     svc: &Arc<VmService>,
-    who: &CustomerId,
+    who: &Arc<Identity>,
     id: &str,
     force: bool,
 ) -> Result<pb::VmInfo, ConnectError> {
-    let vm = svc
-        .reboot(who, &vm_id("vm_id", id)?, force)
-        .await
-        .map_err(err)?;
+    let id = vm_id("vm_id", id)?;
+    let (s, customer, vm) = (Arc::clone(svc), who.customer.clone(), id.clone());
+    let vm = effect(who, "RebootVm", Some(id), async move {
+        s.reboot(&customer, &vm, force).await
+    })
+    .await?;
     Ok(vm_info(svc, &vm))
 }
 
 /// DeleteVm.
 pub async fn delete_vm(
     svc: &Arc<VmService>,
-    who: &CustomerId,
+    who: &Arc<Identity>,
     id: &str,
     force: bool,
 ) -> Result<(), ConnectError> {
-    svc.delete(who, &vm_id("vm_id", id)?, force)
-        .await
-        .map_err(err)
+    let id = vm_id("vm_id", id)?;
+    let (s, customer, vm) = (Arc::clone(svc), who.customer.clone(), id.clone());
+    effect(who, "DeleteVm", Some(id), async move {
+        s.delete(&customer, &vm, force).await
+    })
+    .await
 }
 
 /// GetVmInfo.

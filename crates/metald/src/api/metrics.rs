@@ -216,20 +216,13 @@ pub async fn track(State(m): State<Arc<ApiMetrics>>, req: Request, next: Next) -
             req.method(),
             p.as_str().replace('{', ":").replace('}', "")
         ),
-        None if req.uri().path().starts_with("/metald.v1.VmService/") => {
-            req.uri().path().to_string()
-        }
-        None => "other".to_string(),
+        None => match req.uri().path().strip_prefix(super::SERVICE_PATH) {
+            Some(rpc) if super::RPCS.contains(&rpc) => req.uri().path().to_string(),
+            _ => "other".to_string(),
+        },
     };
-    // One span per API call, named by its method, with who called and for which VM.
-    let customer = match super::auth::authenticate(
-        req.headers()
-            .get(http::header::AUTHORIZATION)
-            .map(|v| v.as_bytes()),
-    ) {
-        super::auth::Caller::Customer(c) => c.to_string(),
-        super::auth::Caller::Rejected(_) => String::new(),
-    };
+    // One span per API call, named by its method, with who called (recorded by the auth
+    // layer) and for which VM.
     let vm_id = req
         .uri()
         .path()
@@ -241,7 +234,7 @@ pub async fn track(State(m): State<Arc<ApiMetrics>>, req: Request, next: Next) -
         "api",
         otel.name = %method,
         rpc.method = %method,
-        customer = %customer,
+        customer = tracing::field::Empty,
         vm_id = %vm_id,
         http.status_code = tracing::field::Empty,
     );

@@ -1,10 +1,12 @@
 //! The API layer: decodes requests, authenticates the caller and maps results. It never
 //! touches the OS; everything goes through [`crate::service::VmService`].
 
+pub mod audit;
 pub mod auth;
 pub mod connect;
 pub mod error;
 pub mod handlers;
+pub mod limits;
 pub mod metrics;
 pub mod rest;
 pub mod strict;
@@ -29,6 +31,37 @@ const MAX_BODY: usize = 1 << 20;
 /// Connect path of CreateVm, whose JSON bodies are checked strictly.
 const CREATE_VM_PATH: &str = "/metald.v1.VmService/CreateVm";
 
+/// Connect path prefix of `metald.v1.VmService`.
+pub const SERVICE_PATH: &str = "/metald.v1.VmService/";
+
+/// Every RPC of `metald.v1.VmService`: metrics label only these, so made-up paths cannot grow
+/// the label set.
+pub const RPCS: &[&str] = &[
+    "CreateVm",
+    "BootVm",
+    "ShutdownVm",
+    "PauseVm",
+    "ResumeVm",
+    "RebootVm",
+    "DeleteVm",
+    "GetVmInfo",
+    "ListVms",
+    "GetVmConsole",
+    "GetVmUsage",
+    "ListCustomerUsage",
+    "GetHostCapacity",
+];
+
+/// What the API needs besides the service.
+pub struct ApiSettings {
+    /// Checks credentials.
+    pub auth: Arc<auth::Authenticator>,
+    /// Request rates and deadline caps.
+    pub limits: crate::config::RequestLimits,
+    /// Whether `/metrics` has a port of its own.
+    pub separate_metrics: bool,
+}
+
 /// The HTTP surfaces: the API port's, and the metrics port's when `/metrics` has its own.
 pub struct Routers {
     /// REST, Connect and gRPC behind auth, plus health checks (and `/metrics` when it has no
@@ -40,10 +73,11 @@ pub struct Routers {
 }
 
 /// Builds the routers; `separate_metrics` puts `/metrics` on a router of its own.
-pub fn routers(svc: Arc<VmService>, separate_metrics: bool) -> Routers {
+pub fn routers(svc: Arc<VmService>, settings: ApiSettings) -> Routers {
     let metrics = metrics::ApiMetrics::new(Arc::clone(&svc));
     let scrape = axum::routing::get(metrics::serve).with_state(Arc::clone(&metrics));
-    let api = health(router(svc.clone(), metrics), svc.clone());
+    let separate_metrics = settings.separate_metrics;
+    let api = health(router(svc.clone(), metrics, settings), svc.clone());
     if separate_metrics {
         Routers {
             api,
@@ -66,14 +100,35 @@ fn health(r: axum::Router, svc: Arc<VmService>) -> axum::Router {
         )
 }
 
-/// REST routes and Connect/gRPC as the fallback, all behind auth, every call counted.
-fn router(svc: Arc<VmService>, metrics: Arc<metrics::ApiMetrics>) -> axum::Router {
+/// REST routes and Connect/gRPC as the fallback, all behind auth and the customer's rate,
+/// every call counted and capped in time.
+fn router(
+    svc: Arc<VmService>,
+    metrics: Arc<metrics::ApiMetrics>,
+    settings: ApiSettings,
+) -> axum::Router {
     let connect =
         Arc::new(connect::ConnectApi::new(Arc::clone(&svc))).register(connectrpc::Router::new());
+    let max = settings.limits.max_deadline;
     rest::router(svc)
-        .fallback_service(connect.into_axum_service())
+        .layer(axum::middleware::from_fn_with_state(
+            max,
+            limits::rest_deadline,
+        ))
+        .fallback_service(
+            connect
+                .into_axum_service()
+                .with_deadline_policy(limits::deadline_policy(max)),
+        )
         .layer(axum::middleware::from_fn(strict_connect_json))
-        .layer(axum::middleware::from_fn(auth::layer))
+        .layer(axum::middleware::from_fn_with_state(
+            limits::RateLimiter::start(&settings.limits),
+            limits::throttle,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            settings.auth,
+            auth::layer,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             metrics,
             metrics::track,

@@ -75,7 +75,7 @@ pub fn router(svc: Arc<VmService>) -> Router {
 
 async fn create(State(svc): Svc, Extension(caller): Extension<Caller>, bytes: Bytes) -> Reply {
     let run = async {
-        let who = caller.customer()?.clone();
+        let who = caller.identity()?.clone();
         strict::check(&bytes, strict::CREATE_VM_REQUEST)
             .map_err(|e| ConnectError::invalid_argument(e.to_string()))?;
         let req: pb::CreateVmRequest = serde_json::from_slice(&bytes)
@@ -158,7 +158,7 @@ async fn delete(
     query: Result<Query<ForceQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Reply {
     let run = async {
-        let who = caller.customer()?.clone();
+        let who = caller.identity()?.clone();
         let Query(q) = query
             .map_err(|e| ConnectError::invalid_argument(format!("query: {}", e.body_text())))?;
         h::delete_vm(&svc, &who, &id, q.force.unwrap_or(false)).await
@@ -174,7 +174,7 @@ async fn boot(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Reply {
-    let run = async { h::boot_vm(&svc, caller.customer()?, &id).await };
+    let run = async { h::boot_vm(&svc, caller.identity()?, &id).await };
     done(StatusCode::OK, run.await.map(wrap_vm))
 }
 
@@ -183,7 +183,7 @@ async fn pause(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Reply {
-    let run = async { h::pause_vm(&svc, caller.customer()?, &id).await };
+    let run = async { h::pause_vm(&svc, caller.identity()?, &id).await };
     done(StatusCode::OK, run.await.map(wrap_vm))
 }
 
@@ -192,7 +192,7 @@ async fn resume(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Reply {
-    let run = async { h::resume_vm(&svc, caller.customer()?, &id).await };
+    let run = async { h::resume_vm(&svc, caller.identity()?, &id).await };
     done(StatusCode::OK, run.await.map(wrap_vm))
 }
 
@@ -213,7 +213,7 @@ async fn shutdown(
     bytes: Bytes,
 ) -> Reply {
     let run = async {
-        let who = caller.customer()?.clone();
+        let who = caller.identity()?.clone();
         let b: ShutdownBody = body(&bytes)?;
         h::shutdown_vm(&svc, &who, &id, b.force, b.timeout_seconds).await
     };
@@ -235,7 +235,7 @@ async fn reboot(
     bytes: Bytes,
 ) -> Reply {
     let run = async {
-        let who = caller.customer()?.clone();
+        let who = caller.identity()?.clone();
         let b: RebootBody = body(&bytes)?;
         h::reboot_vm(&svc, &who, &id, b.force).await
     };

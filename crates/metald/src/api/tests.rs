@@ -9,7 +9,9 @@ use connectrpc::{ErrorCode, Protocol};
 use metald_proto::metald::v1 as pb;
 use serde_json::{json, Value};
 
-use super::routers;
+use super::auth::Authenticator;
+use super::{routers, ApiSettings};
+use crate::config::RequestLimits;
 use crate::testing::{fixture, Fixture, QUOTA_VMS};
 
 /// The router `routers` builds, listening on a free loopback port until the test ends.
@@ -23,7 +25,9 @@ async fn serve(app: axum::Router) -> Served {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let server = tokio::spawn(async move {
-        axum::serve(listener, app).await.unwrap();
+        crate::listener::serve(listener, app, None, std::future::pending())
+            .await
+            .unwrap();
     });
     Served {
         base,
@@ -109,8 +113,21 @@ fn request() -> Value {
         "kernel": {"image_id": "k"}, "rootfs": {"image_id": "r"}}})
 }
 
+/// Dev auth, a rate no test reaches, and `/metrics` on the API port unless `separate`.
+fn settings(separate_metrics: bool) -> ApiSettings {
+    ApiSettings {
+        auth: Arc::new(Authenticator::dev()),
+        limits: RequestLimits {
+            rate_per_second: 100_000,
+            burst: 100_000,
+            max_deadline: std::time::Duration::from_secs(60),
+        },
+        separate_metrics,
+    }
+}
+
 async fn api(f: &Fixture) -> Served {
-    serve(routers(Arc::clone(&f.svc), false).api).await
+    serve(routers(Arc::clone(&f.svc), settings(false)).api).await
 }
 
 #[tokio::test]
@@ -339,14 +356,14 @@ async fn errors_keep_their_codes_and_internal_details_stay_in_the_log() {
 #[tokio::test]
 async fn metrics_move_to_a_router_of_their_own_when_asked() {
     let f = fixture();
-    let together = serve(routers(Arc::clone(&f.svc), false).api).await;
+    let together = serve(routers(Arc::clone(&f.svc), settings(false)).api).await;
     let r = together.call(None, "GET", "/metrics", None).await;
     assert_eq!(r.status, 200);
     assert!(
         r.body.as_str().unwrap().contains("# TYPE metald_vms gauge"),
         "{r:?}"
     );
-    let split = routers(Arc::clone(&f.svc), true);
+    let split = routers(Arc::clone(&f.svc), settings(true));
     let api = serve(split.api).await;
     let metrics = serve(split.metrics.unwrap()).await;
     // The API port no longer has it.

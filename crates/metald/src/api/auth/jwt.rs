@@ -1,0 +1,381 @@
+//! Bearer JWTs verified locally against a JWKS, with the `jsonwebtoken` crate doing every
+//! signature check. Only EdDSA, ES256 and RS256 are accepted: `none` and HMAC never, whatever
+//! the header says (HMAC with a public key as the secret is the classic forgery).
+//!
+//! Keys come from a file and/or a URL. An unknown `kid` re-reads both, at most once per
+//! [`REFRESH_EVERY`], so a rotated issuer key is picked up without a restart while a flood of
+//! made-up `kid`s costs one fetch a minute.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet, KeyAlgorithm, PublicKeyUse};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use tokio::sync::Mutex;
+
+use super::Scopes;
+use crate::config::JwtSettings;
+use crate::domain::CustomerId;
+
+/// Longest token accepted; real ones are well under 2 KiB.
+pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
+/// Largest JWKS document read, from the file or the URL.
+pub const MAX_JWKS_BYTES: u64 = 1 << 20;
+/// Least time between two refreshes caused by unknown `kid`s.
+pub const REFRESH_EVERY: Duration = Duration::from_secs(60);
+/// How long a JWKS fetch may take.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a verified token says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claims {
+    /// The customer, from the configured claim.
+    pub customer: CustomerId,
+    /// `sub`, if present.
+    pub subject: Option<String>,
+    /// From the `scope` claim.
+    pub scopes: Scopes,
+}
+
+/// Why a token was refused: short, about the token, never about other customers.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// Longer than [`MAX_TOKEN_BYTES`].
+    #[error("token longer than {MAX_TOKEN_BYTES} bytes")]
+    TooLong,
+    /// Not three base64url parts with a JSON header.
+    #[error("malformed token")]
+    Malformed,
+    /// `alg` is not one metald accepts.
+    #[error("algorithm not allowed (allowed: EdDSA, ES256, RS256)")]
+    Algorithm,
+    /// No `kid`, or one no key has.
+    #[error("unknown key")]
+    UnknownKey,
+    /// The key is for another algorithm than the header names.
+    #[error("key and algorithm do not match")]
+    KeyMismatch,
+    /// The signature does not verify.
+    #[error("bad signature")]
+    BadSignature,
+    /// `exp` has passed.
+    #[error("expired")]
+    Expired,
+    /// `nbf` is in the future.
+    #[error("not yet valid")]
+    NotYetValid,
+    /// `iat` is in the future.
+    #[error("issued in the future")]
+    IssuedInFuture,
+    /// `iss` is not the configured issuer.
+    #[error("wrong issuer")]
+    WrongIssuer,
+    /// `aud` does not include the configured audience.
+    #[error("wrong audience")]
+    WrongAudience,
+    /// A required claim is missing.
+    #[error("missing claim {0}")]
+    MissingClaim(String),
+    /// The customer claim is absent or not a customer id.
+    #[error("no valid customer in claim {0}")]
+    NoCustomer(String),
+}
+
+/// Errors loading a JWKS.
+#[derive(Debug, thiserror::Error)]
+pub enum JwksError {
+    /// The file could not be read.
+    #[error("read {path}")]
+    Read {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The document is larger than [`MAX_JWKS_BYTES`].
+    #[error("{0}: JWKS larger than {MAX_JWKS_BYTES} bytes")]
+    TooLarge(String),
+    /// The URL could not be fetched.
+    #[error("fetch {url}")]
+    Fetch {
+        /// The URL.
+        url: String,
+        /// What failed.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The document is not a JWKS.
+    #[error("{0}: not a JWKS document")]
+    Parse(String, #[source] serde_json::Error),
+    /// The document holds no usable key.
+    #[error("{0}: no usable EdDSA, ES256 or RS256 key with a kid")]
+    NoKeys(String),
+}
+
+/// One verification key.
+struct Key {
+    alg: Algorithm,
+    key: DecodingKey,
+}
+
+/// Verifies bearer JWTs.
+pub struct JwtVerifier {
+    settings: JwtSettings,
+    keys: ArcSwap<HashMap<String, Arc<Key>>>,
+    /// When unknown `kid`s last caused a refresh.
+    last_refresh: Mutex<Option<Instant>>,
+    http: reqwest::Client,
+}
+
+impl JwtVerifier {
+    /// Loads the keys. A bad file is an error; an unreachable URL is logged, and the first
+    /// unknown `kid` tries it again.
+    pub async fn start(settings: JwtSettings) -> Result<Self, JwksError> {
+        let http = reqwest::Client::builder()
+            .timeout(FETCH_TIMEOUT)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|source| JwksError::Fetch {
+                url: String::new(),
+                source,
+            })?;
+        let v = Self {
+            settings,
+            keys: ArcSwap::from_pointee(HashMap::new()),
+            last_refresh: Mutex::new(None),
+            http,
+        };
+        let mut keys = HashMap::new();
+        if let Some(path) = &v.settings.jwks_file {
+            keys.extend(read_file(path)?);
+        }
+        if v.settings.jwks_url.is_some() {
+            match v.fetch().await {
+                Ok(k) => keys.extend(k),
+                Err(e) => {
+                    tracing::warn!(error = %crate::report::Chain(&e), "JWKS URL unavailable at start; retrying on the first unknown key")
+                }
+            }
+        }
+        tracing::info!(keys = keys.len(), "JWT keys loaded");
+        v.keys.store(Arc::new(keys));
+        Ok(v)
+    }
+
+    /// Checks `token` and returns what it says.
+    pub async fn verify(&self, token: &str) -> Result<Claims, Refusal> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(Refusal::TooLong);
+        }
+        let header = jsonwebtoken::decode_header(token).map_err(|e| match e.kind() {
+            // `none` and names jsonwebtoken does not know fail here.
+            ErrorKind::InvalidAlgorithmName => Refusal::Algorithm,
+            _ => Refusal::Malformed,
+        })?;
+        if !matches!(
+            header.alg,
+            Algorithm::EdDSA | Algorithm::ES256 | Algorithm::RS256
+        ) {
+            return Err(Refusal::Algorithm);
+        }
+        let kid = header.kid.ok_or(Refusal::UnknownKey)?;
+        let key = match self.key(&kid) {
+            Some(k) => k,
+            None => {
+                self.refresh().await;
+                self.key(&kid).ok_or(Refusal::UnknownKey)?
+            }
+        };
+        if key.alg != header.alg {
+            return Err(Refusal::KeyMismatch);
+        }
+        let mut validation = Validation::new(key.alg);
+        validation.leeway = self.settings.leeway.as_secs();
+        validation.validate_nbf = true;
+        validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+        validation.set_issuer(&[&self.settings.issuer]);
+        validation.set_audience(&[&self.settings.audience]);
+        let data = jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(
+            token,
+            &key.key,
+            &validation,
+        )
+        .map_err(|e| match e.into_kind() {
+            ErrorKind::InvalidSignature => Refusal::BadSignature,
+            ErrorKind::ExpiredSignature => Refusal::Expired,
+            ErrorKind::ImmatureSignature => Refusal::NotYetValid,
+            ErrorKind::InvalidIssuer => Refusal::WrongIssuer,
+            ErrorKind::InvalidAudience => Refusal::WrongAudience,
+            ErrorKind::MissingRequiredClaim(c) => Refusal::MissingClaim(c),
+            ErrorKind::InvalidAlgorithm => Refusal::KeyMismatch,
+            _ => Refusal::Malformed,
+        })?;
+        let claims = data.claims;
+        // jsonwebtoken leaves `iat` alone; a token from the future is a clock or forgery issue.
+        if let Some(iat) = claims.get("iat") {
+            let iat = iat.as_u64().ok_or(Refusal::Malformed)?;
+            let now = jsonwebtoken::get_current_timestamp();
+            if iat > now.saturating_add(self.settings.leeway.as_secs()) {
+                return Err(Refusal::IssuedInFuture);
+            }
+        }
+        let claim = &self.settings.customer_claim;
+        let customer = claims
+            .get(claim)
+            .and_then(|v| v.as_str())
+            .and_then(|s| s.parse::<CustomerId>().ok())
+            .ok_or_else(|| Refusal::NoCustomer(claim.clone()))?;
+        let scopes = match claims.get("scope") {
+            Some(serde_json::Value::String(s)) => Scopes::parse(s.split_ascii_whitespace()),
+            _ => Scopes::default(),
+        };
+        Ok(Claims {
+            customer,
+            subject: claims
+                .get("sub")
+                .and_then(|v| v.as_str())
+                .map(str::to_string),
+            scopes,
+        })
+    }
+
+    fn key(&self, kid: &str) -> Option<Arc<Key>> {
+        self.keys.load().get(kid).cloned()
+    }
+
+    /// Re-reads the file and the URL, unless that was done less than [`REFRESH_EVERY`] ago.
+    /// Concurrent callers wait for one refresh. Sources that fail keep their old keys out of
+    /// the new set only if another source succeeded; if all fail the old set stays.
+    async fn refresh(&self) {
+        let mut last = self.last_refresh.lock().await;
+        if last.is_some_and(|t| t.elapsed() < REFRESH_EVERY) {
+            return;
+        }
+        *last = Some(Instant::now());
+        let mut keys = HashMap::new();
+        let mut loaded = false;
+        if let Some(path) = &self.settings.jwks_file {
+            match read_file(path) {
+                Ok(k) => {
+                    keys.extend(k);
+                    loaded = true;
+                }
+                Err(e) => {
+                    tracing::error!(error = %crate::report::Chain(&e), "JWKS file refresh failed")
+                }
+            }
+        }
+        if self.settings.jwks_url.is_some() {
+            match self.fetch().await {
+                Ok(k) => {
+                    keys.extend(k);
+                    loaded = true;
+                }
+                Err(e) => {
+                    tracing::error!(error = %crate::report::Chain(&e), "JWKS URL refresh failed")
+                }
+            }
+        }
+        if loaded {
+            tracing::info!(keys = keys.len(), "JWT keys refreshed after an unknown kid");
+            self.keys.store(Arc::new(keys));
+        }
+    }
+
+    /// Fetches the URL's JWKS, size- and time-capped.
+    async fn fetch(&self) -> Result<HashMap<String, Arc<Key>>, JwksError> {
+        let Some(uri) = &self.settings.jwks_url else {
+            return Ok(HashMap::new());
+        };
+        let url = uri.to_string();
+        let fetch = |source| JwksError::Fetch {
+            url: url.clone(),
+            source,
+        };
+        let mut resp = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .map_err(fetch)?;
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(fetch)? {
+            if body.len() as u64 + chunk.len() as u64 > MAX_JWKS_BYTES {
+                return Err(JwksError::TooLarge(url));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        parse(&url, &body)
+    }
+}
+
+fn read_file(path: &std::path::Path) -> Result<HashMap<String, Arc<Key>>, JwksError> {
+    use std::io::Read;
+    let err = |source| JwksError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut body = Vec::new();
+    std::fs::File::open(path)
+        .map_err(err)?
+        .take(MAX_JWKS_BYTES + 1)
+        .read_to_end(&mut body)
+        .map_err(err)?;
+    let name = path.display().to_string();
+    if body.len() as u64 > MAX_JWKS_BYTES {
+        return Err(JwksError::TooLarge(name));
+    }
+    parse(&name, &body)
+}
+
+/// The usable keys of a JWKS document: with a `kid`, for signing, of an accepted algorithm.
+fn parse(source: &str, body: &[u8]) -> Result<HashMap<String, Arc<Key>>, JwksError> {
+    let set: JwkSet =
+        serde_json::from_slice(body).map_err(|e| JwksError::Parse(source.to_string(), e))?;
+    let mut keys = HashMap::new();
+    for jwk in &set.keys {
+        let Some(kid) = &jwk.common.key_id else {
+            continue;
+        };
+        if matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)) {
+            continue;
+        }
+        let natural = match &jwk.algorithm {
+            AlgorithmParameters::OctetKeyPair(p) if p.curve == EllipticCurve::Ed25519 => {
+                Some(Algorithm::EdDSA)
+            }
+            AlgorithmParameters::EllipticCurve(p) if p.curve == EllipticCurve::P256 => {
+                Some(Algorithm::ES256)
+            }
+            AlgorithmParameters::RSA(_) => Some(Algorithm::RS256),
+            // HMAC secrets ("oct") and other curves are never verification keys here.
+            _ => None,
+        };
+        let declared = jwk.common.key_algorithm;
+        let alg = match (natural, declared) {
+            (Some(a), None) => a,
+            (Some(Algorithm::EdDSA), Some(KeyAlgorithm::EdDSA)) => Algorithm::EdDSA,
+            (Some(Algorithm::ES256), Some(KeyAlgorithm::ES256)) => Algorithm::ES256,
+            (Some(Algorithm::RS256), Some(KeyAlgorithm::RS256)) => Algorithm::RS256,
+            _ => {
+                tracing::warn!(kid, source, "JWKS key skipped: not EdDSA, ES256 or RS256");
+                continue;
+            }
+        };
+        match DecodingKey::from_jwk(jwk) {
+            Ok(key) => {
+                keys.insert(kid.clone(), Arc::new(Key { alg, key }));
+            }
+            Err(e) => tracing::warn!(kid, source, error = %e, "JWKS key skipped"),
+        }
+    }
+    if keys.is_empty() {
+        return Err(JwksError::NoKeys(source.to_string()));
+    }
+    Ok(keys)
+}
