@@ -40,6 +40,7 @@ async fn serve(app: axum::Router) -> Served {
 #[derive(Debug)]
 struct Answer {
     status: u16,
+    headers: reqwest::header::HeaderMap,
     body: Value,
 }
 
@@ -76,13 +77,18 @@ impl Served {
         }
         let resp = req.send().await.unwrap();
         let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
         let text = resp.text().await.unwrap();
         let body = if text.is_empty() {
             Value::Null
         } else {
             serde_json::from_str(&text).unwrap_or(Value::String(text))
         };
-        Answer { status, body }
+        Answer {
+            status,
+            headers,
+            body,
+        }
     }
 
     async fn rest(&self, who: &str, method: &str, path: &str, body: Option<Value>) -> Answer {
@@ -484,4 +490,175 @@ async fn parallel_boots_against_a_running_memory_quota_admit_exactly_what_fits()
         .rest("acme", "POST", &format!("/v1/vms/{}/boot", down[0]), None)
         .await;
     assert_eq!(r.status, 200, "{r:?}");
+}
+
+/// A router in `jwt` mode trusting `issuer`'s keys from a JWKS file.
+async fn jwt_api(f: &Fixture, issuer: &crate::testing::Issuer, limits: RequestLimits) -> Served {
+    use crate::config::{AuthMode, AuthSettings, JwtSettings};
+    let path = f._dir.path().join("jwks.json");
+    std::fs::write(&path, issuer.jwks().to_string()).unwrap();
+    let auth = Authenticator::new(&AuthSettings {
+        mode: AuthMode::Jwt(JwtSettings {
+            jwks_file: Some(path),
+            jwks_url: None,
+            issuer: crate::testing::ISSUER.into(),
+            audience: crate::testing::AUDIENCE.into(),
+            customer_claim: "customer_id".into(),
+            leeway: std::time::Duration::from_secs(30),
+        }),
+        trusted_services: Vec::new(),
+        services_need_token: false,
+    })
+    .await
+    .unwrap();
+    let mut s = settings(false);
+    s.auth = Arc::new(auth);
+    s.limits = limits;
+    serve(routers(Arc::clone(&f.svc), s).api).await
+}
+
+#[tokio::test]
+async fn jwt_callers_act_as_their_customer_within_their_scopes() {
+    use crate::testing::Issuer;
+    let f = fixture();
+    let issuer = Issuer::generate("k");
+    let s = jwt_api(&f, &issuer, settings(false).limits).await;
+    let writer = format!(
+        "Bearer {}",
+        issuer.sign("k-ed", &Issuer::claims("acme", "vms:read vms:write"))
+    );
+    let reader = format!(
+        "Bearer {}",
+        issuer.sign("k-rs", &Issuer::claims("acme", "vms:read"))
+    );
+    let body = request().to_string();
+    let r = s.call(Some(&writer), "POST", "/v1/vms", Some(&body)).await;
+    assert_eq!(r.status, 201, "{r:?}");
+    let id = r.body["vm"]["vmId"].as_str().unwrap().to_string();
+    let r = s
+        .call(Some(&reader), "GET", &format!("/v1/vms/{id}"), None)
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    // Read scope only: 403 on REST and Connect, and nothing changes.
+    let r = s.call(Some(&reader), "POST", "/v1/vms", Some(&body)).await;
+    assert_eq!((r.status, r.code()), (403, "permission_denied"), "{r:?}");
+    assert!(r.message().contains("vms:write"), "{r:?}");
+    let r = s
+        .call(
+            Some(&reader),
+            "POST",
+            "/metald.v1.VmService/DeleteVm",
+            Some(&json!({ "vmId": id }).to_string()),
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (403, "permission_denied"), "{r:?}");
+    let r = s.call(Some(&reader), "GET", "/v1/host", None).await;
+    assert_ne!(r.status, 200, "host capacity needs host:read: {r:?}");
+    // Refusals: 401 with the reason, and another customer's VM stays invisible.
+    let stranger = format!(
+        "Bearer {}",
+        issuer.sign("k-es", &Issuer::claims("other", "vms:read vms:write"))
+    );
+    let r = s
+        .call(Some(&stranger), "GET", &format!("/v1/vms/{id}"), None)
+        .await;
+    assert_eq!(r.status, 404, "{r:?}");
+    let expired = {
+        let mut c = Issuer::claims("acme", "vms:write");
+        c["exp"] = json!(1);
+        format!("Bearer {}", issuer.sign("k-ed", &c))
+    };
+    for (auth, reason) in [
+        (expired.as_str(), "expired"),
+        ("Bearer dev_customer_acme", "malformed token"),
+        ("Bearer a.b.c", "malformed token"),
+    ] {
+        let r = s.call(Some(auth), "POST", "/v1/vms", Some(&body)).await;
+        assert_eq!((r.status, r.code()), (401, "unauthenticated"), "{r:?}");
+        assert_eq!(r.message(), reason);
+    }
+    let listed = s.call(Some(&reader), "GET", "/v1/vms", None).await;
+    assert_eq!(listed.body["vms"].as_array().map(Vec::len), Some(1));
+}
+
+#[tokio::test]
+async fn a_customer_over_its_rate_gets_429_with_retry_after_and_others_do_not() {
+    let f = fixture();
+    let mut s = settings(false);
+    s.limits.rate_per_second = 1;
+    s.limits.burst = 2;
+    let s = serve(routers(Arc::clone(&f.svc), s).api).await;
+    for _ in 0..2 {
+        assert_eq!(s.rest("acme", "GET", "/v1/vms", None).await.status, 200);
+    }
+    let r = s.rest("acme", "POST", "/v1/vms", Some(request())).await;
+    assert_eq!((r.status, r.code()), (429, "resource_exhausted"), "{r:?}");
+    assert!(r.message().contains("retry after 1 s"), "{r:?}");
+    assert_eq!(r.headers["retry-after"], "1");
+    assert_eq!(s.rest("other", "GET", "/v1/vms", None).await.status, 200);
+    assert_eq!(std::fs::read_dir(&f.vms_dir).unwrap().count(), 0);
+}
+
+/// A log sink for one test's tracing events.
+#[derive(Clone, Default)]
+struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn every_mutating_call_writes_one_audit_event() {
+    let logs = Logs::default();
+    let sink = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .with_writer(move || sink.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let f = fixture();
+    let s = api(&f).await;
+    let id = s.create("acme").await;
+    s.rest("acme", "POST", &format!("/v1/vms/{id}/boot"), None)
+        .await;
+    s.rest("acme", "GET", &format!("/v1/vms/{id}"), None).await;
+    s.rest("other", "DELETE", &format!("/v1/vms/{id}"), None)
+        .await;
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let audits: Vec<Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["target"] == "metald::audit")
+        .map(|v| v["fields"].clone())
+        .collect();
+    let seen: Vec<(&str, &str, &str, &str)> = audits
+        .iter()
+        .map(|a| {
+            (
+                a["method"].as_str().unwrap(),
+                a["customer"].as_str().unwrap(),
+                a["vm_id"].as_str().unwrap(),
+                a["outcome"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("CreateVm", "acme", id.as_str(), "ok"),
+            ("BootVm", "acme", id.as_str(), "ok"),
+            ("DeleteVm", "other", id.as_str(), "not_found"),
+        ],
+        "{text}"
+    );
+    for a in &audits {
+        assert!(a["peer"].as_str().unwrap().starts_with("127.0.0.1:"), "{a}");
+        assert!(!a["request_id"].as_str().unwrap().is_empty(), "{a}");
+    }
 }

@@ -171,11 +171,11 @@ impl JwtVerifier {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(Refusal::TooLong);
         }
-        let header = jsonwebtoken::decode_header(token).map_err(|e| match e.kind() {
-            // `none` and names jsonwebtoken does not know fail here.
-            ErrorKind::InvalidAlgorithmName => Refusal::Algorithm,
-            _ => Refusal::Malformed,
-        })?;
+        // Named before parsing: jsonwebtoken knows no `none`, and the reason should say so.
+        if !matches!(header_alg(token)?.as_str(), "EdDSA" | "ES256" | "RS256") {
+            return Err(Refusal::Algorithm);
+        }
+        let header = jsonwebtoken::decode_header(token).map_err(|_| Refusal::Malformed)?;
         if !matches!(
             header.alg,
             Algorithm::EdDSA | Algorithm::ES256 | Algorithm::RS256
@@ -314,6 +314,21 @@ impl JwtVerifier {
     }
 }
 
+/// The `alg` a token's header names.
+fn header_alg(token: &str) -> Result<String, Refusal> {
+    use base64::Engine;
+    let (head, _) = token.split_once('.').ok_or(Refusal::Malformed)?;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(head)
+        .map_err(|_| Refusal::Malformed)?;
+    let header: serde_json::Value =
+        serde_json::from_slice(&json).map_err(|_| Refusal::Malformed)?;
+    header["alg"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or(Refusal::Malformed)
+}
+
 fn read_file(path: &std::path::Path) -> Result<HashMap<String, Arc<Key>>, JwksError> {
     use std::io::Read;
     let err = |source| JwksError::Read {
@@ -378,4 +393,217 @@ fn parse(source: &str, body: &[u8]) -> Result<HashMap<String, Arc<Key>>, JwksErr
         return Err(JwksError::NoKeys(source.to_string()));
     }
     Ok(keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{Issuer, AUDIENCE, ISSUER};
+    use base64::Engine;
+    use serde_json::{json, Value};
+
+    fn settings(file: Option<&std::path::Path>, url: Option<String>) -> JwtSettings {
+        JwtSettings {
+            jwks_file: file.map(std::path::Path::to_path_buf),
+            jwks_url: url.map(|u| u.parse().unwrap()),
+            issuer: ISSUER.to_string(),
+            audience: AUDIENCE.to_string(),
+            customer_claim: "customer_id".to_string(),
+            leeway: Duration::from_secs(30),
+        }
+    }
+
+    async fn with_file(issuer: &Issuer) -> (tempfile::TempDir, JwtVerifier) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jwks.json");
+        std::fs::write(&path, issuer.jwks().to_string()).unwrap();
+        let v = JwtVerifier::start(settings(Some(&path), None))
+            .await
+            .unwrap();
+        (dir, v)
+    }
+
+    fn b64(v: &Value) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    }
+
+    #[tokio::test]
+    async fn tokens_of_each_allowed_algorithm_verify() {
+        let issuer = Issuer::generate("k1");
+        let (_dir, v) = with_file(&issuer).await;
+        for kid in ["k1-ed", "k1-es", "k1-rs"] {
+            let t = issuer.sign(kid, &Issuer::claims("acme", "vms:read vms:write"));
+            let c = v.verify(&t).await.unwrap();
+            assert_eq!(c.customer.to_string(), "acme");
+            assert_eq!(c.subject.as_deref(), Some("user-of-acme"));
+            assert!(c.scopes.allows(super::super::Scope::VmsWrite));
+            assert!(!c.scopes.allows(super::super::Scope::HostRead));
+        }
+    }
+
+    #[tokio::test]
+    async fn every_forgery_and_bad_claim_is_refused_with_its_reason() {
+        let issuer = Issuer::generate("k1");
+        let (dir, v) = with_file(&issuer).await;
+        let good = Issuer::claims("acme", "vms:read");
+        let now = jsonwebtoken::get_current_timestamp();
+        let with = |k: &str, val: Value| {
+            let mut c = good.clone();
+            c[k] = val;
+            c
+        };
+        let without = |k: &str| {
+            let mut c = good.clone();
+            c.as_object_mut().unwrap().remove(k);
+            c
+        };
+        let none = format!(
+            "{}.{}.",
+            b64(&json!({"alg": "none", "typ": "JWT", "kid": "k1-ed"})),
+            b64(&good)
+        );
+        // HS256 keyed with the public JWK's bytes: the forgery RS/HS confusion allows.
+        let public = std::fs::read(dir.path().join("jwks.json")).unwrap();
+        let mut hs_header = jsonwebtoken::Header::new(Algorithm::HS256);
+        hs_header.kid = Some("k1-rs".into());
+        let hs = jsonwebtoken::encode(
+            &hs_header,
+            &good,
+            &jsonwebtoken::EncodingKey::from_secret(&public),
+        )
+        .unwrap();
+        let signed = issuer.sign("k1-ed", &good);
+        let mut parts: Vec<&str> = signed.split('.').collect();
+        let tampered_payload = b64(&with("customer_id", json!("other")));
+        parts[1] = &tampered_payload;
+        let tampered = parts.join(".");
+        // An ES256 header on a token signed by the Ed25519 key's kid.
+        let mut mismatch_header = jsonwebtoken::Header::new(Algorithm::ES256);
+        mismatch_header.kid = Some("k1-ed".into());
+        let (_, _, es_key) = &issuer.keys[1];
+        let mismatch = jsonwebtoken::encode(&mismatch_header, &good, es_key).unwrap();
+        let cases: Vec<(&str, String, Refusal)> = vec![
+            ("alg none", none, Refusal::Algorithm),
+            ("HS256 with the public key", hs, Refusal::Algorithm),
+            (
+                "unknown kid",
+                Issuer::generate("k9").sign("k9-ed", &good),
+                Refusal::UnknownKey,
+            ),
+            (
+                "expired",
+                issuer.sign("k1-ed", &with("exp", json!(now - 120))),
+                Refusal::Expired,
+            ),
+            (
+                "nbf in the future",
+                issuer.sign("k1-es", &with("nbf", json!(now + 600))),
+                Refusal::NotYetValid,
+            ),
+            (
+                "iat in the future",
+                issuer.sign("k1-es", &with("iat", json!(now + 600))),
+                Refusal::IssuedInFuture,
+            ),
+            (
+                "wrong iss",
+                issuer.sign("k1-rs", &with("iss", json!("https://evil.test"))),
+                Refusal::WrongIssuer,
+            ),
+            (
+                "wrong aud",
+                issuer.sign("k1-rs", &with("aud", json!("someone-else"))),
+                Refusal::WrongAudience,
+            ),
+            (
+                "no aud",
+                issuer.sign("k1-ed", &without("aud")),
+                Refusal::MissingClaim("aud".into()),
+            ),
+            (
+                "no customer",
+                issuer.sign("k1-ed", &without("customer_id")),
+                Refusal::NoCustomer("customer_id".into()),
+            ),
+            (
+                "customer not an id",
+                issuer.sign("k1-ed", &with("customer_id", json!("../x"))),
+                Refusal::NoCustomer("customer_id".into()),
+            ),
+            ("tampered payload", tampered, Refusal::BadSignature),
+            ("key of another algorithm", mismatch, Refusal::KeyMismatch),
+            ("64 KiB token", "a".repeat(64 << 10), Refusal::TooLong),
+            ("dev token", "dev_customer_acme".into(), Refusal::Malformed),
+        ];
+        for (what, token, want) in cases {
+            assert_eq!(v.verify(&token).await, Err(want), "{what}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_rotated_file_key_is_seen_on_its_first_use_and_refreshes_are_rate_limited() {
+        let old = Issuer::generate("old");
+        let (dir, v) = with_file(&old).await;
+        let new = Issuer::generate("new");
+        std::fs::write(dir.path().join("jwks.json"), new.jwks().to_string()).unwrap();
+        let c = v
+            .verify(&new.sign("new-es", &Issuer::claims("acme", "")))
+            .await
+            .unwrap();
+        assert_eq!(c.customer.to_string(), "acme");
+        assert_eq!(c.scopes, Scopes::default());
+        // The rotation dropped the old keys.
+        assert_eq!(
+            v.verify(&old.sign("old-ed", &Issuer::claims("acme", "")))
+                .await,
+            Err(Refusal::UnknownKey)
+        );
+        // A second rotation within the minute is not fetched: one refresh per minute.
+        let newer = Issuer::generate("newer");
+        std::fs::write(dir.path().join("jwks.json"), newer.jwks().to_string()).unwrap();
+        assert_eq!(
+            v.verify(&newer.sign("newer-ed", &Issuer::claims("acme", "")))
+                .await,
+            Err(Refusal::UnknownKey)
+        );
+    }
+
+    #[tokio::test]
+    async fn keys_come_from_a_url_and_rotate_there() {
+        let jwks = Arc::new(std::sync::Mutex::new(Issuer::generate("a").jwks()));
+        let first = Issuer::generate("a");
+        *jwks.lock().unwrap() = first.jwks();
+        let served = Arc::clone(&jwks);
+        let app = axum::Router::new().route(
+            "/jwks.json",
+            axum::routing::get(move || {
+                let body = served.lock().unwrap().to_string();
+                async move { body }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let v = JwtVerifier::start(settings(None, Some(url))).await.unwrap();
+        let claims = Issuer::claims("acme", "vms:read");
+        v.verify(&first.sign("a-rs", &claims)).await.unwrap();
+        let second = Issuer::generate("b");
+        *jwks.lock().unwrap() = second.jwks();
+        v.verify(&second.sign("b-ed", &claims)).await.unwrap();
+    }
+
+    #[test]
+    fn a_jwks_without_usable_keys_is_an_error() {
+        for doc in [
+            json!({"keys": []}),
+            json!({"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "h"}]}),
+        ] {
+            let err = parse("test", doc.to_string().as_bytes()).err().unwrap();
+            assert!(matches!(err, JwksError::NoKeys(_)), "{err}");
+        }
+        assert!(matches!(
+            parse("test", b"{").err().unwrap(),
+            JwksError::Parse(..)
+        ));
+    }
 }
