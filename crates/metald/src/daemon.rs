@@ -190,7 +190,13 @@ pub fn sandboxes(
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(cfg: Config) -> Result<(), StartError> {
-    tracing::warn!("DEV AUTH IS ON: any 'Bearer dev_customer_<id>' token acts as customer <id>; never expose this port to untrusted networks");
+    if matches!(cfg.auth.mode, crate::config::AuthMode::Dev) {
+        tracing::warn!("DEV AUTH IS ON: any 'Bearer dev_customer_<id>' token acts as customer <id> (loopback only)");
+    }
+    // Before anything else starts: a bad JWKS file stops metald here.
+    let auth = crate::api::auth::Authenticator::new(&cfg.auth)
+        .await
+        .map_err(StartError::Auth)?;
     let store = open_store(&cfg.data_dir)?;
     let assets = open_assets(&cfg.data_dir, Arc::clone(&store))?;
     let vms_dir = cfg.data_dir.join("vms");
@@ -253,9 +259,6 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| StartError::Listen { addr, source })?;
-    let auth = crate::api::auth::Authenticator::new(&cfg.auth)
-        .await
-        .map_err(StartError::Auth)?;
     let tls = match &cfg.tls {
         Some(t) => {
             let tls = ReloadingTls::load(t.clone()).map_err(StartError::Tls)?;

@@ -17,6 +17,7 @@ mod support;
 
 mod billing;
 mod firecracker;
+mod identity;
 mod isolation;
 mod lifecycle;
 mod metering;
@@ -129,6 +130,7 @@ fn main() {
         ("billing", billing::tests()),
         ("firecracker", firecracker::tests()),
         ("startup", startup::tests()),
+        ("identity", identity::tests()),
     ];
     // Why → the tests skipped for it, in the order they are listed.
     let mut skipped: Vec<(String, Vec<String>)> = Vec::new();

@@ -346,7 +346,15 @@ impl Metald {
             .expect("spawn metald");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
+        // Under TLS the test's own client checks the port; a listening socket means metald is up.
+        let tls = self
+            .env
+            .iter()
+            .any(|(k, _)| k == "UNKEY_METALD_TLS_CERT_FILE");
         loop {
+            if tls && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
             if let Ok(r) = reqwest::blocking_get(&format!("{}/healthz", self.url)) {
                 if r == 200 {
                     return;

@@ -10,7 +10,9 @@ pub mod netns;
 use netns::{Relay, TestNetns};
 
 mod bench;
+mod issuer;
 mod metald;
+mod pki;
 mod rest;
 mod tiny_guest;
 mod vmm;
@@ -18,7 +20,11 @@ mod vmm;
 // Each binary (the e2e tests, each bench) uses a different part of the support code.
 #[allow(unused_imports)]
 pub use bench::*;
+#[allow(unused_imports)]
+pub use issuer::*;
 pub use metald::*;
+#[allow(unused_imports)]
+pub use pki::*;
 pub use rest::*;
 pub use tiny_guest::*;
 pub use vmm::*;
