@@ -41,6 +41,9 @@ programs=(
 	kill:procps
 	pkill:procps
 	curl:curl
+	# Benches (make bench): HTTP load with latency percentiles, and TLS handshakes per second.
+	hey:hey
+	openssl:openssl
 	# Shell script lint (make lint): scripts/*.sh and the guest's scripts under guest/.
 	shellcheck:shellcheck
 	# `systemd-analyze verify` of the unit (make lint), and scripts/install.sh.
