@@ -51,7 +51,11 @@ impl VmService {
         let saved = self.store.insert_vm_within(
             &record,
             plan.as_ref(),
-            Some(self.cfg.max_vms_per_customer),
+            0,
+            &crate::store::StoredLimits {
+                vms: Some(self.cfg.max_vms_per_customer),
+                disk_bytes: None,
+            },
         )?;
         tracing::info!(vm_id = %id, customer = %customer, "vm created");
         Ok(saved)

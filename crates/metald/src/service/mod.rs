@@ -294,7 +294,11 @@ impl VmService {
         next_state(vm.state(), Operation::Boot)?;
         // Admitted against the customer's running quotas before anything starts. The
         // reservation ends when the VM is saved running, or below when the boot fails.
-        self.store.reserve_run(&vm, &self.cfg.run_limits)?;
+        self.store.reserve_run(
+            &vm,
+            &self.cfg.run_limits,
+            &crate::store::HostLimits::default(),
+        )?;
         match self.start_vmm(&mut vm).await {
             Ok(()) => Ok(vm),
             Err(e) => {
