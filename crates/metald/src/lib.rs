@@ -24,6 +24,7 @@ pub mod billing;
 pub mod config;
 pub mod daemon;
 pub mod metering;
+pub mod quota;
 pub mod sandbox;
 pub mod service;
 pub mod telemetry;

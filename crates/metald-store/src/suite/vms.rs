@@ -479,7 +479,7 @@ pub fn host_capacity_admits_exactly_what_fits_under_concurrent_boots<H: Harness>
         })
         .collect();
     let host = HostLimits {
-        memory_bytes: Some(5 * 512 << 20),
+        memory_bytes: Some((5 * 512) << 20),
         vcpus: None,
     };
     let admitted: usize = std::thread::scope(|s| {
@@ -541,7 +541,7 @@ pub fn released_stopped_and_deleted_vms_free_host_capacity<H: Harness>(h: &H) {
         .map(|_| store.insert_vm(&vm("a"), None).unwrap())
         .collect();
     let host = HostLimits {
-        memory_bytes: Some(2 * 512 << 20),
+        memory_bytes: Some((2 * 512) << 20),
         vcpus: Some(2),
     };
     let none = RunLimits::default();

@@ -38,10 +38,16 @@ pub fn code_for(err: &ServiceError) -> ErrorCode {
         ServiceError::Store(crate::store::StoreError::QuotaExceeded { .. }) => {
             ErrorCode::ResourceExhausted
         }
+        // The host has no room (memory, vCPUs, disk): HTTP 429 naming the resource.
+        ServiceError::HostExhausted(_)
+        | ServiceError::Store(crate::store::StoreError::HostExhausted(_)) => {
+            ErrorCode::ResourceExhausted
+        }
         ServiceError::Asset(_)
         | ServiceError::Store(_)
         | ServiceError::Io { .. }
         | ServiceError::Sandbox { .. }
+        | ServiceError::Probe(_)
         | ServiceError::Sweep(_) => ErrorCode::Internal,
     }
 }
