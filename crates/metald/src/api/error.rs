@@ -99,6 +99,38 @@ mod tests {
                 ErrorCode::Internal,
                 500,
             ),
+            (
+                ServiceError::HostExhausted(crate::store::Shortage {
+                    resource: "disk",
+                    unit: "MiB",
+                    used: 1,
+                    asked: 2,
+                    capacity: 2,
+                }),
+                ErrorCode::ResourceExhausted,
+                429,
+            ),
+            (
+                ServiceError::Store(crate::store::StoreError::HostExhausted(
+                    crate::store::Shortage {
+                        resource: "memory",
+                        unit: "MiB",
+                        used: 1,
+                        asked: 2,
+                        capacity: 2,
+                    },
+                )),
+                ErrorCode::ResourceExhausted,
+                429,
+            ),
+            (
+                ServiceError::Probe(crate::probe::ProbeError::Missing {
+                    path: "/proc/meminfo".into(),
+                    what: "MemTotal",
+                }),
+                ErrorCode::Internal,
+                500,
+            ),
         ];
         for (err, code, status) in cases {
             let c = to_connect(&err);
