@@ -49,7 +49,7 @@ impl VmService {
                 source,
             })?;
         let plan = self.isolation.allocation();
-        let limits: StoredLimits = self.cfg.quotas.of(customer).stored;
+        let limits = self.cfg.quotas.of(customer).stored;
         let saved = self
             .store
             .insert_vm_within(&record, plan.as_ref(), writable_bytes, &limits)?;

@@ -35,7 +35,7 @@ use crate::quota::QuotaTable;
 use crate::report::Chain;
 use crate::sandbox::{Isolation, SandboxError};
 use crate::state::{transition, Change, InvalidTransition, Operation, VmLife, VmState};
-use crate::store::{AssetKind, Shortage, Store, StoreError, StoredLimits, UsageStore, VmStore};
+use crate::store::{AssetKind, Shortage, Store, StoreError, UsageStore, VmStore};
 use crate::timings::{Step, Timings};
 
 /// Smallest guest memory metald accepts. Measured with the default guest (Debian 6.1 cloud
@@ -310,7 +310,7 @@ impl VmService {
         let _guard = self.lock(id).await;
         let mut vm = self.load(customer, id).await?;
         next_state(vm.state(), Operation::Boot)?;
-        // This backend's headroom is what the reservation counts; saved with the VM at boot.
+        // The reservation counts the headroom of the backend that boots the VM.
         vm.backend = self.backend_name().to_string();
         // Admitted against the customer's running quotas and the host's capacity before
         // anything starts. The reservation ends when the VM is saved running, or below when
