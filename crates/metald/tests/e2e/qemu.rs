@@ -697,6 +697,10 @@ fn metaldctl_manages_vms() {
     let (ok, out, err) = run(&["list"]);
     assert!(ok, "{err}");
     assert_eq!(listed(&out), std::slice::from_ref(&id));
+    let (ok, out, err) = run(&["host"]);
+    assert!(ok, "{err}");
+    let host: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(num(&host["vms"]["used"]), 1, "{out}");
     let (ok, _, err) = run(&["pause", &id]);
     assert!(!ok);
     assert!(err.contains("cannot pause a VM in state CREATED"), "{err}");
