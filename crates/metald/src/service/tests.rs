@@ -579,6 +579,16 @@ async fn an_over_capacity_boot_is_refused_and_leaves_nothing_behind() {
     // vCPUs: 1 CPU × 4 admits 4; two VMs of 2 vCPUs run.
     f.probe.memory_bytes.store(16 << 30, Ordering::SeqCst);
     f.probe.cpus.store(1, Ordering::SeqCst);
+    // A VM wider than the host admits could never boot: refused at create.
+    f.probe.cpus.store(0, Ordering::SeqCst);
+    match f.svc.create(&f.who, config()).await {
+        Err(ServiceError::InvalidArgument { field, reason }) => {
+            assert_eq!(field, "config.cpu.vcpu_count");
+            assert!(reason.starts_with("at most 0 on this host"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    f.probe.cpus.store(1, Ordering::SeqCst);
     let err = f.svc.boot(&f.who, &ids[2]).await.unwrap_err();
     assert_eq!(
         err.to_string(),

@@ -37,9 +37,23 @@ impl VmService {
             ));
         }
         // A VM larger than the host admits could never boot here.
+        let host = self.host_limits()?;
+        if let Some(cpus) = host.vcpus.filter(|n| u64::from(c.vcpu_count) > *n) {
+            return Err(invalid(
+                "config.cpu.vcpu_count",
+                format!(
+                    "at most {cpus} on this host (its CPUs times the overcommit ratio), got {}",
+                    c.vcpu_count
+                ),
+            ));
+        }
         let headroom = self.backend.kind().memory_headroom_mib() * MIB;
-        let host = self.host_limits()?.memory_bytes.unwrap_or(u64::MAX);
-        let most = host.saturating_sub(headroom) / MIB * MIB;
+        let most = host
+            .memory_bytes
+            .unwrap_or(u64::MAX)
+            .saturating_sub(headroom)
+            / MIB
+            * MIB;
         if c.memory_bytes > most {
             return Err(invalid(
                 "config.memory.size_bytes",
