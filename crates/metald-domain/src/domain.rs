@@ -240,6 +240,25 @@ impl BackendKind {
             BackendKind::Qemu => "qemu",
         }
     }
+
+    /// The backend [`BackendKind::as_str`] names.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "firecracker" => Some(BackendKind::Firecracker),
+            "qemu" => Some(BackendKind::Qemu),
+            _ => None,
+        }
+    }
+
+    /// VMM memory overhead above guest memory, in MiB: the jail's cgroup limit allows it and
+    /// host capacity counts it. Firecracker needs a few MiB; QEMU (and TCG's translation cache)
+    /// much more.
+    pub fn memory_headroom_mib(self) -> u64 {
+        match self {
+            BackendKind::Firecracker => 64,
+            BackendKind::Qemu => 384,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
-//! What the host offers, checked without changing it: executables and hardware KVM.
+//! What the host offers, checked without changing it: executables, hardware KVM, and the
+//! totals host capacity is measured against ([`HostProbe`]).
 
 use std::path::{Path, PathBuf};
 
@@ -70,9 +71,142 @@ pub fn hardware_kvm(sys: &Path, dev: &Path) -> (bool, String) {
     (false, "neither kvm_intel nor kvm_amd is loaded".into())
 }
 
+/// The host's totals, behind a trait so the capacity logic above it is tested with small
+/// made-up numbers.
+pub trait HostProbe: Send + Sync {
+    /// Physical memory (`MemTotal`), in bytes.
+    fn memory_bytes(&self) -> Result<u64, ProbeError>;
+    /// CPUs metald may run on (its affinity mask and cgroup CPU quota).
+    fn cpus(&self) -> Result<u64, ProbeError>;
+    /// Size and free space of the filesystem holding `path`.
+    fn disk(&self, path: &Path) -> Result<DiskSpace, ProbeError>;
+}
+
+/// A filesystem's size and what an unprivileged writer may still use of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskSpace {
+    /// Size, in bytes.
+    pub total_bytes: u64,
+    /// Free to unprivileged users (`f_bavail`), in bytes.
+    pub available_bytes: u64,
+}
+
+/// Errors from reading the host's totals.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// A kernel file or filesystem could not be read.
+    #[error("read {path}")]
+    Read {
+        /// The file, or the filesystem's path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A kernel file did not say what was expected.
+    #[error("{path} has no {what}")]
+    Missing {
+        /// The file.
+        path: PathBuf,
+        /// What was looked for.
+        what: &'static str,
+    },
+}
+
+/// The real host, reading `<proc>/meminfo`, the scheduler's CPU count and `statvfs`.
+#[derive(Debug, Clone)]
+pub struct LinuxHost {
+    proc: PathBuf,
+}
+
+impl LinuxHost {
+    /// Reads memory from `<proc>/meminfo` (`/proc` in production, see [`HostRoots`]).
+    pub fn new(proc: PathBuf) -> Self {
+        Self { proc }
+    }
+}
+
+impl HostProbe for LinuxHost {
+    fn memory_bytes(&self) -> Result<u64, ProbeError> {
+        let path = self.proc.join("meminfo");
+        let text = std::fs::read_to_string(&path).map_err(|source| ProbeError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        mem_total_bytes(&text).ok_or(ProbeError::Missing {
+            path,
+            what: "MemTotal line in kB",
+        })
+    }
+
+    fn cpus(&self) -> Result<u64, ProbeError> {
+        // Counts the CPUs of metald's affinity mask, bounded by its cgroup's CPU quota.
+        std::thread::available_parallelism()
+            .map(|n| n.get() as u64)
+            .map_err(|source| ProbeError::Read {
+                path: PathBuf::from("sched_getaffinity"),
+                source,
+            })
+    }
+
+    fn disk(&self, path: &Path) -> Result<DiskSpace, ProbeError> {
+        let st = rustix::fs::statvfs(path).map_err(|e| ProbeError::Read {
+            path: path.to_path_buf(),
+            source: e.into(),
+        })?;
+        Ok(DiskSpace {
+            total_bytes: st.f_blocks.saturating_mul(st.f_frsize),
+            available_bytes: st.f_bavail.saturating_mul(st.f_frsize),
+        })
+    }
+}
+
+/// `MemTotal` of a `/proc/meminfo` text, in bytes.
+fn mem_total_bytes(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find_map(|l| l.strip_prefix("MemTotal:"))?;
+    let kib = line.trim().strip_suffix("kB")?.trim().parse::<u64>().ok()?;
+    kib.checked_mul(1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_is_read_from_meminfo_under_the_given_root() {
+        let root = tempfile::tempdir().unwrap();
+        let host = LinuxHost::new(root.path().to_path_buf());
+        assert!(matches!(host.memory_bytes(), Err(ProbeError::Read { .. })));
+        std::fs::write(
+            root.path().join("meminfo"),
+            "MemFree:  100 kB\nMemTotal:       24683584 kB\n",
+        )
+        .unwrap();
+        assert_eq!(host.memory_bytes().unwrap(), 24683584 * 1024);
+        for bad in [
+            "MemTotal: 12 MB\n",
+            "MemTotal: x kB\n",
+            "MemTotal: 99999999999999999 kB\n",
+            "",
+        ] {
+            std::fs::write(root.path().join("meminfo"), bad).unwrap();
+            let err = host.memory_bytes().unwrap_err();
+            assert!(
+                err.to_string().ends_with("has no MemTotal line in kB"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn cpus_and_disk_come_from_the_running_host() {
+        let host = LinuxHost::new("/proc".into());
+        assert!(host.cpus().unwrap() >= 1);
+        let dir = tempfile::tempdir().unwrap();
+        let disk = host.disk(dir.path()).unwrap();
+        assert!(disk.total_bytes > 0 && disk.available_bytes <= disk.total_bytes);
+        assert!(host.disk(&dir.path().join("missing")).is_err());
+    }
 
     #[test]
     fn hardware_kvm_is_told_apart_from_kvm_pvm() {

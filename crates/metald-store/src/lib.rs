@@ -40,6 +40,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0003_usage.sql"),
     include_str!("../migrations/0004_billing.sql"),
     include_str!("../migrations/0005_run_reservations.sql"),
+    include_str!("../migrations/0006_disk_bytes.sql"),
 ];
 
 /// Per-customer limits on what runs at once (`None`: no limit).
@@ -51,6 +52,80 @@ pub struct RunLimits {
     pub vcpus: Option<u64>,
     /// Their guest memory, in bytes.
     pub memory_bytes: Option<u64>,
+}
+
+/// Per-customer limits on what is stored, in any state (`None`: no limit).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoredLimits {
+    /// VMs.
+    pub vms: Option<u64>,
+    /// Their writable disks (root disk and writable drive copies), in bytes.
+    pub disk_bytes: Option<u64>,
+}
+
+/// What this host admits at boot, summed over every customer's VMs that run, are paused or are
+/// being booted (`None`: no bound).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HostLimits {
+    /// Guest memory plus each VMM's headroom ([`BackendKind::memory_headroom_mib`]), in bytes.
+    ///
+    /// [`BackendKind::memory_headroom_mib`]: metald_domain::domain::BackendKind::memory_headroom_mib
+    pub memory_bytes: Option<u64>,
+    /// vCPUs.
+    pub vcpus: Option<u64>,
+}
+
+/// What this host's VMs hold now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HostUsage {
+    /// Guest memory plus VMM headroom of the VMs that run, are paused or are being booted.
+    pub memory_bytes: u64,
+    /// Their vCPUs.
+    pub vcpus: u64,
+    /// VMs stored, in any state.
+    pub vms: u64,
+    /// Their writable disks, in bytes.
+    pub disk_bytes: u64,
+}
+
+/// A host resource a call would take past its capacity; nothing was changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("host {resource} exhausted: {used} {unit} in use, {asked} {unit} asked, capacity {capacity} {unit}")]
+pub struct Shortage {
+    /// The resource: `memory`, `vCPUs`, `disk`.
+    pub resource: &'static str,
+    /// The unit the figures are in.
+    pub unit: &'static str,
+    /// What is held now.
+    pub used: u64,
+    /// What the refused call would have added.
+    pub asked: u64,
+    /// What the host admits.
+    pub capacity: u64,
+}
+
+impl Shortage {
+    /// `used + asked` against `capacity` (all in bytes, or all counts), reported in units of
+    /// `scale` (1 for counts, [`MIB`](domain::MIB) for bytes shown in MiB).
+    pub fn check(
+        resource: &'static str,
+        unit: &'static str,
+        scale: u64,
+        used: u64,
+        asked: u64,
+        capacity: Option<u64>,
+    ) -> Result<(), Shortage> {
+        match capacity {
+            Some(capacity) if used.saturating_add(asked) > capacity => Err(Shortage {
+                resource,
+                unit,
+                used: used.div_ceil(scale),
+                asked: asked.div_ceil(scale),
+                capacity: capacity / scale,
+            }),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// `used + asked` against `limit`, as a quota error naming `quota`.
@@ -102,6 +177,9 @@ pub enum StoreError {
     /// Every slot or address of a pool is taken by a live VM.
     #[error("no free {0} left on this host")]
     Exhausted(&'static str),
+    /// The host has no room for a boot; nothing was reserved.
+    #[error(transparent)]
+    HostExhausted(#[from] Shortage),
     /// The customer would exceed a quota; nothing was stored.
     #[error("quota {quota} exceeded: {used} in use, {asked} more asked, limit {limit}")]
     QuotaExceeded {

@@ -3,10 +3,12 @@
 
 use rusqlite::{params, OptionalExtension, Row};
 
-use crate::domain::{CustomerId, VmConfig, VmId, VmNet, VmRecord, MIB};
+use crate::domain::{BackendKind, CustomerId, VmConfig, VmId, VmNet, VmRecord, MIB};
 use crate::ipam::allocate;
 use crate::state::{VmLife, VmState};
-use crate::{sql, within, RunLimits, Store, StoreError};
+use crate::{
+    sql, within, HostLimits, HostUsage, RunLimits, Shortage, Store, StoreError, StoredLimits,
+};
 use metald_domain::ipam::AllocationPlan;
 
 /// VM records and, with them, each VM's jail slot and addresses.
@@ -24,17 +26,19 @@ pub trait VmStore: Send + Sync {
         vm: &VmRecord,
         plan: Option<&AllocationPlan>,
     ) -> Result<VmRecord, StoreError> {
-        self.insert_vm_within(vm, plan, None)
+        self.insert_vm_within(vm, plan, 0, &StoredLimits::default())
     }
 
-    /// [`VmStore::insert_vm`], refused with [`StoreError::QuotaExceeded`] (nothing stored) when
-    /// the customer already has `max_vms` VMs. The count and the insert are one transaction:
-    /// concurrent inserts never take a customer past the limit.
+    /// [`VmStore::insert_vm`] of a VM whose writable disks take `disk_bytes`, refused with
+    /// [`StoreError::QuotaExceeded`] (nothing stored) when the customer's VMs, or their
+    /// writable disks with this VM's, would exceed `limits`. The sums and the insert are one
+    /// transaction: concurrent inserts never take a customer past a limit.
     fn insert_vm_within(
         &self,
         vm: &VmRecord,
         plan: Option<&AllocationPlan>,
-        max_vms: Option<u64>,
+        disk_bytes: u64,
+        limits: &StoredLimits,
     ) -> Result<VmRecord, StoreError>;
 
     /// Writes a VM's mutable fields (state, process, failure, readiness, update time); the
@@ -64,13 +68,24 @@ pub trait VmStore: Send + Sync {
     /// Number of VMs per state (states with none are left out).
     fn count_by_state(&self) -> Result<Vec<(VmState, u64)>, StoreError>;
 
-    /// Admits a boot of `vm` against the customer's running quotas: with it, the customer's
-    /// VMs that run, are paused or are being booted, their vCPUs and their memory must stay
-    /// within `limits`. Admitted, the VM counts as being booted until [`VmStore::update_vm`]
+    /// Admits a boot of `vm` against the customer's running quotas and the host's capacity:
+    /// with it, the customer's VMs that run, are paused or are being booted, their vCPUs and
+    /// their memory must stay within `limits` ([`StoreError::QuotaExceeded`] otherwise), and
+    /// every customer's such VMs within `host` ([`StoreError::HostExhausted`]). Host memory
+    /// counts each VM's guest memory plus the headroom of the backend it names (`vm.backend`
+    /// for this boot). Admitted, the VM counts as being booted until [`VmStore::update_vm`]
     /// saves it or [`VmStore::release_run`] drops it. Count and mark are one transaction:
-    /// concurrent boots never take a customer past a limit. With no limit at all, nothing is
-    /// counted or marked.
-    fn reserve_run(&self, vm: &VmRecord, limits: &RunLimits) -> Result<(), StoreError>;
+    /// concurrent boots never take a customer past a limit nor the host past its capacity.
+    /// With no limit and no bound at all, nothing is counted or marked.
+    fn reserve_run(
+        &self,
+        vm: &VmRecord,
+        limits: &RunLimits,
+        host: &HostLimits,
+    ) -> Result<(), StoreError>;
+
+    /// What this host's VMs hold now (reservations included).
+    fn host_usage(&self) -> Result<HostUsage, StoreError>;
 
     /// Drops a boot's reservation (the boot failed).
     fn release_run(&self, id: &VmId) -> Result<(), StoreError>;
@@ -88,29 +103,37 @@ impl VmStore for Store {
         &self,
         vm: &VmRecord,
         plan: Option<&AllocationPlan>,
-        max_vms: Option<u64>,
+        disk_bytes: u64,
+        limits: &StoredLimits,
     ) -> Result<VmRecord, StoreError> {
         let mut conn = self.conn();
-        // IMMEDIATE: the write lock is taken before the count, so no other writer (another
-        // process on this file included) can insert between the count and this insert.
+        // IMMEDIATE: the write lock is taken before the sums, so no other writer (another
+        // process on this file included) can insert between them and this insert.
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(sql("begin"))?;
-        if let Some(limit) = max_vms {
-            let used: i64 = tx
+        if *limits != StoredLimits::default() {
+            let (vms, disk): (i64, i64) = tx
                 .query_row(
-                    "SELECT COUNT(*) FROM vms WHERE customer_id = ?1",
+                    "SELECT COUNT(*), COALESCE(SUM(disk_bytes), 0) FROM vms WHERE customer_id = ?1",
                     params![vm.customer.as_str()],
-                    |r| r.get(0),
+                    |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .map_err(sql("count vms"))?;
-            let used = u64::try_from(used).unwrap_or(u64::MAX);
-            within("UNKEY_METALD_QUOTA_VMS", used, 1, Some(limit))?;
+            within("UNKEY_METALD_QUOTA_VMS", count(vms), 1, limits.vms)?;
+            // Compared in MiB, rounded up, as the quota is set and reported.
+            within(
+                "UNKEY_METALD_QUOTA_DISK_MIB",
+                count(disk).div_ceil(MIB),
+                disk_bytes.div_ceil(MIB),
+                limits.disk_bytes.map(|b| b / MIB),
+            )?;
         }
         tx.execute(
             "INSERT INTO vms (id, customer_id, state, config_json, backend, created_at_ms,
-                              updated_at_ms, vmm_pid, vmm_start_ticks, failure, guest_ready)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                              updated_at_ms, vmm_pid, vmm_start_ticks, failure, guest_ready,
+                              disk_bytes)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             params![
                 vm.id.as_str(),
                 vm.customer.as_str(),
@@ -123,6 +146,7 @@ impl VmStore for Store {
                 vm.life.vmm_start_ticks().map(|t| t as i64),
                 vm.life.failure(),
                 vm.life.guest_ready(),
+                i64::try_from(disk_bytes).unwrap_or(i64::MAX),
             ],
         )
         .map_err(sql("insert vm"))?;
@@ -239,49 +263,86 @@ impl VmStore for Store {
         Ok(out)
     }
 
-    fn reserve_run(&self, vm: &VmRecord, limits: &RunLimits) -> Result<(), StoreError> {
+    fn reserve_run(
+        &self,
+        vm: &VmRecord,
+        limits: &RunLimits,
+        host: &HostLimits,
+    ) -> Result<(), StoreError> {
         // Without a limit nobody counts reservations: a boot costs no write and no scan of the
-        // customer's VMs. Limits come from the configuration, and a restart clears every
-        // reservation, so none is missing once a limit is set.
-        if *limits == RunLimits::default() {
+        // VMs. Limits come from the configuration, and a restart clears every reservation, so
+        // none is missing once a limit is set.
+        if *limits == RunLimits::default() && *host == HostLimits::default() {
             return Ok(());
         }
         let mut conn = self.conn();
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(sql("begin"))?;
-        let (vms, vcpus, memory): (i64, i64, i64) = tx
-            .query_row(
-                "SELECT COUNT(*),
-                        COALESCE(SUM(json_extract(config_json, '$.vcpu_count')), 0),
-                        COALESCE(SUM(json_extract(config_json, '$.memory_bytes')), 0)
-                 FROM vms
-                 WHERE customer_id = ?1 AND id != ?2
-                   AND (state IN ('RUNNING', 'PAUSED') OR run_reserved = 1)",
-                params![vm.customer.as_str(), vm.id.as_str()],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .map_err(sql("count running vms"))?;
-        let n = |v: i64| u64::try_from(v).unwrap_or(0);
-        within("UNKEY_METALD_QUOTA_RUNNING_VMS", n(vms), 1, limits.vms)?;
-        within(
-            "UNKEY_METALD_QUOTA_RUNNING_VCPUS",
-            n(vcpus),
-            u64::from(vm.config.vcpu_count),
-            limits.vcpus,
-        )?;
-        within(
-            "UNKEY_METALD_QUOTA_RUNNING_MEMORY_MIB",
-            n(memory) / MIB,
-            vm.config.memory_bytes / MIB,
-            limits.memory_bytes.map(|b| b / MIB),
-        )?;
+        if *limits != RunLimits::default() {
+            let mine = running(&tx, Some(&vm.customer), vm.id.as_str())?;
+            within("UNKEY_METALD_QUOTA_RUNNING_VMS", mine.vms, 1, limits.vms)?;
+            within(
+                "UNKEY_METALD_QUOTA_RUNNING_VCPUS",
+                mine.vcpus,
+                u64::from(vm.config.vcpu_count),
+                limits.vcpus,
+            )?;
+            within(
+                "UNKEY_METALD_QUOTA_RUNNING_MEMORY_MIB",
+                mine.guest_memory_bytes / MIB,
+                vm.config.memory_bytes / MIB,
+                limits.memory_bytes.map(|b| b / MIB),
+            )?;
+        }
+        if *host != HostLimits::default() {
+            let all = running(&tx, None, vm.id.as_str())?;
+            let asked = vm
+                .config
+                .memory_bytes
+                .saturating_add(headroom_mib(&vm.backend) * MIB);
+            Shortage::check(
+                "memory",
+                "MiB",
+                MIB,
+                all.memory_bytes,
+                asked,
+                host.memory_bytes,
+            )?;
+            Shortage::check(
+                "vCPUs",
+                "vCPUs",
+                1,
+                all.vcpus,
+                u64::from(vm.config.vcpu_count),
+                host.vcpus,
+            )?;
+        }
         tx.execute(
             "UPDATE vms SET run_reserved = 1 WHERE id = ?1",
             params![vm.id.as_str()],
         )
         .map_err(sql("reserve run"))?;
         tx.commit().map_err(sql("commit run reservation"))
+    }
+
+    fn host_usage(&self) -> Result<HostUsage, StoreError> {
+        let conn = self.conn();
+        // No VM id is `-`: every VM counts.
+        let run = running(&conn, None, "-")?;
+        let (vms, disk): (i64, i64) = conn
+            .query_row(
+                "SELECT COUNT(*), COALESCE(SUM(disk_bytes), 0) FROM vms",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(sql("count vms"))?;
+        Ok(HostUsage {
+            memory_bytes: run.memory_bytes,
+            vcpus: run.vcpus,
+            vms: count(vms),
+            disk_bytes: count(disk),
+        })
     }
 
     fn release_run(&self, id: &VmId) -> Result<(), StoreError> {
@@ -307,6 +368,73 @@ impl VmStore for Store {
             .map_err(sql("delete vm"))?;
         Ok(())
     }
+}
+
+/// A SQLite count or sum as a `u64` (they are never negative).
+fn count(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// What VMs that run, are paused or are being booted hold.
+struct Running {
+    vms: u64,
+    vcpus: u64,
+    guest_memory_bytes: u64,
+    /// Guest memory plus each VMM's headroom.
+    memory_bytes: u64,
+}
+
+/// The VMs that run, are paused or are being booted, of `customer` (every customer's with
+/// `None`), leaving out `except` (a VM asking again never counts itself twice).
+fn running(
+    conn: &rusqlite::Connection,
+    customer: Option<&CustomerId>,
+    except: &str,
+) -> Result<Running, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT backend, COUNT(*),
+                    COALESCE(SUM(json_extract(config_json, '$.vcpu_count')), 0),
+                    COALESCE(SUM(json_extract(config_json, '$.memory_bytes')), 0)
+             FROM vms
+             WHERE (?1 IS NULL OR customer_id = ?1) AND id != ?2
+               AND (state IN ('RUNNING', 'PAUSED') OR run_reserved = 1)
+             GROUP BY backend",
+        )
+        .map_err(sql("count running vms"))?;
+    let rows = stmt
+        .query_map(params![customer.map(|c| c.as_str()), except], |r| {
+            Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
+        .map_err(sql("count running vms"))?;
+    let mut out = Running {
+        vms: 0,
+        vcpus: 0,
+        guest_memory_bytes: 0,
+        memory_bytes: 0,
+    };
+    for row in rows {
+        let (backend, vms, vcpus, memory): (String, i64, i64, i64) =
+            row.map_err(sql("count running vms"))?;
+        let (vms, memory) = (count(vms), count(memory));
+        out.vms = out.vms.saturating_add(vms);
+        out.vcpus = out.vcpus.saturating_add(count(vcpus));
+        out.guest_memory_bytes = out.guest_memory_bytes.saturating_add(memory);
+        out.memory_bytes = out
+            .memory_bytes
+            .saturating_add(memory)
+            .saturating_add(vms.saturating_mul(headroom_mib(&backend) * MIB));
+    }
+    Ok(out)
+}
+
+/// The headroom of the VMM a VM names; a name this metald does not know counts as the largest,
+/// so it never lets the host be overbooked.
+fn headroom_mib(backend: &str) -> u64 {
+    BackendKind::parse(backend).map_or(
+        BackendKind::Qemu.memory_headroom_mib(),
+        BackendKind::memory_headroom_mib,
+    )
 }
 
 const VM_COLUMNS: &str = "seq, id, customer_id, state, config_json, backend, created_at_ms, \

@@ -7,7 +7,11 @@ use std::time::Duration;
 
 pub use metald_host::probe::{hardware_kvm, is_executable, HostRoots};
 
+use crate::domain::MIB;
 use crate::network::ipam::{Ipv4Subnet, Ipv6Prefix};
+use crate::quota::{QuotaBook, Quotas};
+use crate::service::{HostSettings, Ratio};
+use crate::store::{RunLimits, StoredLimits};
 
 /// Which VMM to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,10 +118,13 @@ pub struct Config {
     pub otel_endpoint: Option<String>,
     /// Where the host's /proc, /sys and /dev are (not from the environment: tests set it).
     pub roots: HostRoots,
-    /// Most VMs one customer may have stored.
-    pub quota_vms: u64,
-    /// What one customer may run at once.
-    pub run_limits: crate::store::RunLimits,
+    /// Per-customer quotas: the UNKEY_METALD_QUOTA_* defaults with the quota file's overrides,
+    /// as read at start.
+    pub quotas: QuotaBook,
+    /// The quota file, read again whenever it changes.
+    pub quota_file: Option<PathBuf>,
+    /// What metald leaves to the host and how far it overcommits.
+    pub host: HostSettings,
     /// Who callers are.
     pub auth: AuthSettings,
     /// HTTPS (and client certificates), if configured; plain HTTP otherwise.
@@ -272,6 +279,9 @@ impl Config {
         // service holds the history; this is the live view.
         let metrics_retention =
             env.seconds("UNKEY_METALD_METRICS_RETENTION_SECONDS", 60, 1..=86_400)?;
+        let quota_file = env.optional(QUOTA_FILE, "expected an absolute path", |v| {
+            Path::new(v).is_absolute().then(|| PathBuf::from(v))
+        })?;
         Ok(Self {
             address,
             port,
@@ -331,9 +341,9 @@ impl Config {
             billing: billing_settings(&env)?,
             otel_endpoint: otel_endpoint(&env)?,
             roots: HostRoots::default(),
-            // Each stored VM holds a jail slot and addresses from pools every customer shares.
-            quota_vms: env.count("UNKEY_METALD_QUOTA_VMS")?.unwrap_or(100),
-            run_limits: run_limits(&env)?,
+            quotas: quota_book(&env, quota_file.as_deref())?,
+            quota_file,
+            host: host_settings(&env)?,
             auth,
             tls,
             requests: request_limits(&env)?,
@@ -406,13 +416,40 @@ impl Env<'_> {
         })
     }
 
-    /// A count limit, 1 to a million (a quota); unset is `None`.
+    /// A count quota, 1 to a million; unset is `None`.
     fn count(&self, name: &'static str) -> Result<Option<u64>, ConfigError> {
-        self.optional(name, "expected a whole number, 1-1000000", |v| {
-            v.parse::<u64>()
-                .ok()
-                .filter(|n| (1..=1_000_000).contains(n))
+        self.optional(name, crate::quota::COUNT_ALLOWED, |v| {
+            v.parse::<u64>().ok().filter(|n| crate::quota::count_ok(*n))
         })
+    }
+
+    /// A size quota in whole MiB, 1 MiB to 1 PiB, as bytes; unset is `None`.
+    fn mib_quota(&self, name: &'static str) -> Result<Option<u64>, ConfigError> {
+        self.optional(name, crate::quota::MIB_ALLOWED, |v| {
+            v.parse::<u64>().ok().and_then(crate::quota::mib_bytes)
+        })
+    }
+
+    /// Whole MiB from 0 to 1 TiB, as bytes.
+    fn mib(&self, name: &'static str, default_mib: u64) -> Result<u64, ConfigError> {
+        let mib = self.parsed(
+            name,
+            default_mib,
+            "expected whole MiB, 0-1048576 (1 TiB)",
+            |v| v.parse::<u64>().ok().filter(|n| *n <= 1 << 20),
+        )?;
+        Ok(mib * MIB)
+    }
+
+    /// A ratio such as `1.5`, within `min..=max` hundredths.
+    fn ratio(
+        &self,
+        name: &'static str,
+        default: Ratio,
+        (min, max): (u32, u32),
+        allowed: &str,
+    ) -> Result<Ratio, ConfigError> {
+        self.parsed(name, default, allowed, |v| Ratio::parse(v, min, max))
     }
 
     /// Whole seconds within `range`.
@@ -489,19 +526,56 @@ impl Env<'_> {
     }
 }
 
-/// UNKEY_METALD_QUOTA_RUNNING_*: what one customer may run at once; unset is no limit (the
-/// host's own capacity still applies).
-fn run_limits(env: &Env<'_>) -> Result<crate::store::RunLimits, ConfigError> {
-    Ok(crate::store::RunLimits {
-        vms: env.count("UNKEY_METALD_QUOTA_RUNNING_VMS")?,
-        vcpus: env.count("UNKEY_METALD_QUOTA_RUNNING_VCPUS")?,
-        memory_bytes: env
-            .optional(
-                "UNKEY_METALD_QUOTA_RUNNING_MEMORY_MIB",
-                "expected whole MiB, 1-1073741824 (1 PiB)",
-                |v| v.parse::<u64>().ok().filter(|n| (1..=1 << 30).contains(n)),
-            )?
-            .map(|mib| mib * 1024 * 1024),
+const QUOTA_FILE: &str = "UNKEY_METALD_QUOTA_FILE";
+
+/// UNKEY_METALD_QUOTA_*: every customer's quotas, overridden per customer by the quota file
+/// (read here, so a bad file stops metald naming the variable and the line).
+fn quota_book(env: &Env<'_>, file: Option<&Path>) -> Result<QuotaBook, ConfigError> {
+    let defaults = Quotas {
+        stored: StoredLimits {
+            // Each stored VM holds a jail slot and addresses from pools every customer shares.
+            vms: Some(env.count("UNKEY_METALD_QUOTA_VMS")?.unwrap_or(100)),
+            disk_bytes: env.mib_quota("UNKEY_METALD_QUOTA_DISK_MIB")?,
+        },
+        // What one customer may run at once; unset is no limit (the host's own capacity
+        // still applies).
+        run: RunLimits {
+            vms: env.count("UNKEY_METALD_QUOTA_RUNNING_VMS")?,
+            vcpus: env.count("UNKEY_METALD_QUOTA_RUNNING_VCPUS")?,
+            memory_bytes: env.mib_quota("UNKEY_METALD_QUOTA_RUNNING_MEMORY_MIB")?,
+        },
+    };
+    match file {
+        None => Ok(QuotaBook::new(defaults)),
+        Some(path) => QuotaBook::load(defaults, path).map_err(|e| {
+            bad(
+                QUOTA_FILE,
+                &path.display().to_string(),
+                &crate::report::chain(&e),
+            )
+        }),
+    }
+}
+
+/// UNKEY_METALD_HOST_*: host capacity. 1 GiB of memory and of disk is left to the host by
+/// default; memory is not overcommitted (a guest touching all its memory must not push the
+/// host into swap or the OOM killer), vCPUs 4 to 1 (most guests idle most of the time).
+fn host_settings(env: &Env<'_>) -> Result<HostSettings, ConfigError> {
+    Ok(HostSettings {
+        memory_reserve_bytes: env.mib("UNKEY_METALD_HOST_MEMORY_RESERVE_MIB", 1024)?,
+        memory_overcommit: env.ratio(
+            "UNKEY_METALD_HOST_MEMORY_OVERCOMMIT",
+            Ratio::ONE,
+            (10, 10_000),
+            "expected a ratio such as 1 or 1.5, 0.1-100",
+        )?,
+        cpu_overcommit: env.ratio(
+            "UNKEY_METALD_HOST_CPU_OVERCOMMIT",
+            Ratio::from_hundredths(400),
+            (10, 100_000),
+            "expected a ratio such as 4 or 2.5, 0.1-1000",
+        )?,
+        disk_reserve_bytes: env.mib("UNKEY_METALD_HOST_DISK_RESERVE_MIB", 1024)?,
     })
 }
 
@@ -873,6 +947,47 @@ mod tests {
             iso.outbound_interface, None,
             "no outbound access unless asked"
         );
+        let acme: crate::domain::CustomerId = "acme".parse().unwrap();
+        let q = c.quotas.of(&acme);
+        assert_eq!((q.stored.vms, q.stored.disk_bytes), (Some(100), None));
+        assert_eq!(q.run, RunLimits::default());
+        assert_eq!(
+            c.host,
+            HostSettings {
+                memory_reserve_bytes: 1024 * MIB,
+                memory_overcommit: Ratio::ONE,
+                cpu_overcommit: Ratio::from_hundredths(400),
+                disk_reserve_bytes: 1024 * MIB,
+            }
+        );
+    }
+
+    #[test]
+    fn the_quota_file_overrides_the_defaults_and_a_bad_one_names_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("quotas.toml");
+        std::fs::write(&path, "[customers.acme]\nrunning_vcpus = 64\n").unwrap();
+        let file = path.to_str().unwrap();
+        let c = parse(&[
+            ("UNKEY_METALD_QUOTA_FILE", file),
+            ("UNKEY_METALD_QUOTA_DISK_MIB", "2048"),
+            ("UNKEY_METALD_HOST_CPU_OVERCOMMIT", "2.5"),
+        ])
+        .unwrap();
+        let q = c.quotas.of(&"acme".parse().unwrap());
+        assert_eq!(q.run.vcpus, Some(64));
+        assert_eq!(q.stored.disk_bytes, Some(2048 * MIB), "the default stays");
+        assert_eq!(c.quota_file.as_deref(), Some(path.as_path()));
+        assert_eq!(c.host.cpu_overcommit.apply(10), 25);
+        std::fs::write(&path, "[customers.acme]\nrunning_vcpus = 64\nvmz = 1\n").unwrap();
+        let err = parse(&[("UNKEY_METALD_QUOTA_FILE", file)]).unwrap_err();
+        let line = err.to_string();
+        assert!(
+            line.starts_with(&format!("{QUOTA_FILE}="))
+                && line.contains("line 3: unknown field `vmz`"),
+            "{line}"
+        );
+        assert!(!line.contains('\n'), "{line}");
     }
 
     #[test]
@@ -952,6 +1067,31 @@ mod tests {
             ("UNKEY_METALD_QUOTA_VMS", "0", "1-1000000"),
             ("UNKEY_METALD_QUOTA_RUNNING_VCPUS", "many", "1-1000000"),
             ("UNKEY_METALD_QUOTA_RUNNING_MEMORY_MIB", "-1", "whole MiB"),
+            (
+                "UNKEY_METALD_QUOTA_DISK_MIB",
+                "0",
+                "whole MiB, 1-1073741824",
+            ),
+            ("UNKEY_METALD_QUOTA_FILE", "quotas.toml", "absolute path"),
+            (
+                "UNKEY_METALD_QUOTA_FILE",
+                "/nonexistent/q.toml",
+                "cannot be read",
+            ),
+            (
+                "UNKEY_METALD_HOST_MEMORY_RESERVE_MIB",
+                "-1",
+                "whole MiB, 0-1048576",
+            ),
+            (
+                "UNKEY_METALD_HOST_MEMORY_RESERVE_MIB",
+                "2000000",
+                "0-1048576",
+            ),
+            ("UNKEY_METALD_HOST_MEMORY_OVERCOMMIT", "0", "0.1-100"),
+            ("UNKEY_METALD_HOST_MEMORY_OVERCOMMIT", "lots", "a ratio"),
+            ("UNKEY_METALD_HOST_CPU_OVERCOMMIT", "1001", "0.1-1000"),
+            ("UNKEY_METALD_HOST_DISK_RESERVE_MIB", "1.5", "whole MiB"),
             ("UNKEY_METALD_ADDRESS", "::", "loopback addresses only"),
             (
                 "UNKEY_METALD_ADDRESS",

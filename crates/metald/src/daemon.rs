@@ -237,6 +237,11 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
             },
         )
     });
+    let quotas = Arc::new(crate::quota::QuotaTable::new(
+        cfg.quotas.clone(),
+        cfg.quota_file.clone(),
+    ));
+    quotas.watch(crate::quota::POLL_INTERVAL);
     let svc = VmService::start(
         store,
         assets,
@@ -246,8 +251,9 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         ServiceConfig {
             vms_dir,
             boot_timeout: cfg.boot_timeout,
-            max_vms_per_customer: cfg.quota_vms,
-            run_limits: cfg.run_limits,
+            quotas: Arc::clone(&quotas),
+            host: cfg.host,
+            probe: Arc::new(crate::probe::LinuxHost::new(cfg.roots.proc.clone())),
         },
         rx,
     );
@@ -255,6 +261,17 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         svc.set_billing(b);
     }
     svc.reconcile().await.map_err(StartError::Reconcile)?;
+    match svc.host_capacity() {
+        Ok(c) => tracing::info!(
+            memory_mib = c.memory_bytes.total >> 20,
+            vcpus = c.vcpus.total,
+            disk_mib = c.disk_bytes.total >> 20,
+            "host capacity"
+        ),
+        Err(e) => {
+            tracing::error!(error = %Chain(&e), "host capacity cannot be measured; boots will fail")
+        }
+    }
     let addr = std::net::SocketAddr::new(cfg.address, cfg.port);
     let listener = tokio::net::TcpListener::bind(addr)
         .await

@@ -25,6 +25,7 @@ pub mod config;
 pub mod daemon;
 pub mod listener;
 pub mod metering;
+pub mod quota;
 pub mod sandbox;
 pub mod service;
 pub mod telemetry;

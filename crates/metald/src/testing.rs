@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,9 +20,11 @@ use crate::metering::sources::Sources;
 use crate::metering::{Meter, MeterConfig};
 use crate::network::ipam::AllocationPlan;
 use crate::network::VmNetworkPlan;
+use crate::probe::{DiskSpace, HostProbe, ProbeError};
+use crate::quota::{QuotaBook, QuotaTable, Quotas};
 use crate::sandbox::{Isolation, SandboxError};
-use crate::service::{ServiceConfig, VmService};
-use crate::store::{AssetKind, RunLimits, Store};
+use crate::service::{HostSettings, Ratio, ServiceConfig, VmService};
+use crate::store::{AssetKind, RunLimits, Store, StoredLimits};
 
 /// The fixture's stored-VM quota per customer.
 pub(crate) const QUOTA_VMS: u64 = 10;
@@ -32,6 +34,47 @@ pub(crate) const RUN_LIMITS: RunLimits = RunLimits {
     vcpus: None,
     memory_bytes: Some(4 * 128 * MIB),
 };
+
+/// The fixture's host settings: 1 GiB of memory and of disk left to the host, no memory
+/// overcommit, vCPUs 4 to 1.
+pub(crate) const HOST: HostSettings = HostSettings {
+    memory_reserve_bytes: 1024 * MIB,
+    memory_overcommit: Ratio::ONE,
+    cpu_overcommit: Ratio::from_hundredths(400),
+    disk_reserve_bytes: 1024 * MIB,
+};
+
+/// A host of made-up size (16 GiB, 8 CPUs, a 100 GiB disk half free); tests shrink it.
+pub(crate) struct FakeProbe {
+    pub(crate) memory_bytes: AtomicU64,
+    pub(crate) cpus: AtomicU64,
+    pub(crate) disk_available_bytes: AtomicU64,
+}
+
+impl Default for FakeProbe {
+    fn default() -> Self {
+        Self {
+            memory_bytes: AtomicU64::new(16 << 30),
+            cpus: AtomicU64::new(8),
+            disk_available_bytes: AtomicU64::new(50 << 30),
+        }
+    }
+}
+
+impl HostProbe for FakeProbe {
+    fn memory_bytes(&self) -> Result<u64, ProbeError> {
+        Ok(self.memory_bytes.load(Ordering::SeqCst))
+    }
+    fn cpus(&self) -> Result<u64, ProbeError> {
+        Ok(self.cpus.load(Ordering::SeqCst))
+    }
+    fn disk(&self, _: &Path) -> Result<DiskSpace, ProbeError> {
+        Ok(DiskSpace {
+            total_bytes: 100 << 30,
+            available_bytes: self.disk_available_bytes.load(Ordering::SeqCst),
+        })
+    }
+}
 
 /// A backend double that records calls and hands out fake pids.
 #[derive(Default)]
@@ -172,6 +215,10 @@ pub(crate) struct Fixture {
     pub(crate) isolation: Arc<FakeIsolation>,
     pub(crate) exits: mpsc::UnboundedSender<ExitEvent>,
     pub(crate) who: CustomerId,
+    pub(crate) probe: Arc<FakeProbe>,
+    pub(crate) quotas: Arc<QuotaTable>,
+    /// The quota file the service's quotas reload from (absent until a test writes it).
+    pub(crate) quota_file: PathBuf,
 }
 
 pub(crate) fn fixture() -> Fixture {
@@ -203,11 +250,24 @@ pub(crate) fn fixture_with_timeout(boot_timeout: Duration) -> Fixture {
     std::fs::create_dir(&vms_dir).unwrap();
     let backend = Arc::new(FakeBackend::default());
     let (tx, rx) = mpsc::unbounded_channel();
+    let quota_file = dir.path().join("quotas.toml");
+    let quotas = Arc::new(QuotaTable::new(
+        QuotaBook::new(Quotas {
+            stored: StoredLimits {
+                vms: Some(QUOTA_VMS),
+                disk_bytes: None,
+            },
+            run: RUN_LIMITS,
+        }),
+        Some(quota_file.clone()),
+    ));
+    let probe = Arc::new(FakeProbe::default());
     let cfg = ServiceConfig {
         vms_dir: vms_dir.clone(),
         boot_timeout,
-        max_vms_per_customer: QUOTA_VMS,
-        run_limits: RUN_LIMITS,
+        quotas: Arc::clone(&quotas),
+        host: HOST,
+        probe: probe.clone(),
     };
     let isolation = Arc::new(FakeIsolation::default());
     let meter = Meter::start(MeterConfig {
@@ -232,6 +292,9 @@ pub(crate) fn fixture_with_timeout(boot_timeout: Duration) -> Fixture {
         isolation,
         exits: tx,
         who: "acme".parse().unwrap(),
+        probe,
+        quotas,
+        quota_file,
     }
 }
 

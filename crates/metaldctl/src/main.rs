@@ -90,6 +90,8 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         tail: u32,
     },
+    /// Show the host's capacity and what its VMs hold (every customer's).
+    Host,
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -283,5 +285,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", resp.output);
             Ok(())
         }
+        Command::Host => print(
+            &client
+                .get_host_capacity(pb::GetHostCapacityRequest::default())
+                .await?
+                .into_owned(),
+        ),
     }
 }

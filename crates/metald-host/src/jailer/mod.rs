@@ -218,15 +218,6 @@ pub struct Jailer {
     vmm_files: Vec<PathBuf>,
 }
 
-/// VMM memory overhead allowed above guest memory in the cgroup limit: Firecracker needs a few
-/// MiB; QEMU (and TCG's translation cache) much more.
-fn memory_headroom_mib(kind: BackendKind) -> u64 {
-    match kind {
-        BackendKind::Firecracker => 64,
-        BackendKind::Qemu => 384,
-    }
-}
-
 /// Tasks per VM: vCPU threads plus the VMM's I/O and worker threads (QEMU's pool alone may
 /// use 64).
 const PIDS_MAX: u64 = 512;
@@ -280,7 +271,7 @@ impl Jailer {
             &Limits {
                 cpu_quota_us: u64::from(req.vcpu_count) * CPU_PERIOD_US,
                 cpu_period_us: CPU_PERIOD_US,
-                memory_bytes: (req.memory_mib + memory_headroom_mib(self.kind)) << 20,
+                memory_bytes: (req.memory_mib + self.kind.memory_headroom_mib()) << 20,
                 pids_max: PIDS_MAX,
             },
         )?;

@@ -3,7 +3,19 @@
 use super::{customer, vm, Harness};
 use crate::domain::{DriveConfig, VmId, VmRecord};
 use crate::state::{VmLife, VmState};
-use crate::{RunLimits, StoreError, VmStore};
+use crate::{HostLimits, HostUsage, RunLimits, Shortage, StoreError, StoredLimits, VmStore};
+
+/// No host bound: the customer-quota tests see only their quotas.
+const NO_HOST: HostLimits = HostLimits {
+    memory_bytes: None,
+    vcpus: None,
+};
+
+/// At most ten stored VMs.
+const TEN: StoredLimits = StoredLimits {
+    vms: Some(10),
+    disk_bytes: None,
+};
 
 /// Every field of an inserted VM (in any state) reads back as insert returned it; the sequence
 /// number is positive, grows with each insert and is not reused after a delete.
@@ -256,7 +268,7 @@ pub fn the_stored_vm_quota_is_never_overshot<H: Harness>(h: &H) {
             .map(|_| {
                 s.spawn(|| {
                     (0..10)
-                        .map(|_| store.insert_vm_within(&vm("a"), None, Some(10)))
+                        .map(|_| store.insert_vm_within(&vm("a"), None, 0, &TEN))
                         .collect::<Vec<_>>()
                 })
             })
@@ -283,12 +295,12 @@ pub fn the_stored_vm_quota_is_never_overshot<H: Harness>(h: &H) {
     }
     let a = customer("a");
     assert_eq!(store.list_vms(&a, None, 0, 100).unwrap().len(), 10);
-    assert!(store.insert_vm_within(&vm("b"), None, Some(10)).is_ok());
+    assert!(store.insert_vm_within(&vm("b"), None, 0, &TEN).is_ok());
     // Deleting one makes room for one.
     let first = store.list_vms(&a, None, 0, 1).unwrap().remove(0);
     store.delete_vm(&first.id).unwrap();
-    assert!(store.insert_vm_within(&vm("a"), None, Some(10)).is_ok());
-    assert!(store.insert_vm_within(&vm("a"), None, Some(10)).is_err());
+    assert!(store.insert_vm_within(&vm("a"), None, 0, &TEN).is_ok());
+    assert!(store.insert_vm_within(&vm("a"), None, 0, &TEN).is_err());
 }
 
 /// Running quotas under concurrent boots: exactly the limit is admitted, each refusal names
@@ -310,7 +322,7 @@ pub fn running_quotas_admit_exactly_the_limit_and_count_every_running_vm<H: Harn
                 s.spawn(move || {
                     chunk
                         .iter()
-                        .filter(|v| match store.reserve_run(v, limits) {
+                        .filter(|v| match store.reserve_run(v, limits, &NO_HOST) {
                             Ok(()) => true,
                             Err(StoreError::QuotaExceeded {
                                 quota: "UNKEY_METALD_QUOTA_RUNNING_VMS",
@@ -330,7 +342,11 @@ pub fn running_quotas_admit_exactly_the_limit_and_count_every_running_vm<H: Harn
     // Reserved VMs saved as running or paused keep counting; a released one frees its place.
     let reserved: Vec<&VmRecord> = vms
         .iter()
-        .filter(|v| store.reserve_run(v, &RunLimits::default()).is_ok())
+        .filter(|v| {
+            store
+                .reserve_run(v, &RunLimits::default(), &NO_HOST)
+                .is_ok()
+        })
         .collect();
     assert_eq!(reserved.len(), 30, "no limit admits everything");
     store.release_all_runs().unwrap();
@@ -344,19 +360,19 @@ pub fn running_quotas_admit_exactly_the_limit_and_count_every_running_vm<H: Harn
         vms: Some(3),
         ..RunLimits::default()
     };
-    store.reserve_run(&vms[2], &two).unwrap();
-    assert!(store.reserve_run(&vms[3], &two).is_err());
+    store.reserve_run(&vms[2], &two, &NO_HOST).unwrap();
+    assert!(store.reserve_run(&vms[3], &two, &NO_HOST).is_err());
     store.release_run(&vms[2].id).unwrap();
-    store.reserve_run(&vms[3], &two).unwrap();
+    store.reserve_run(&vms[3], &two, &NO_HOST).unwrap();
     // Saving the booted VM ends its reservation; it counts through its state.
     let mut booted = vms[3].clone();
     booted.life = VmLife::restore(VmState::Running, Some(4), Some(4), None, false);
     store.update_vm(&booted).unwrap();
-    assert!(store.reserve_run(&vms[4], &two).is_err());
+    assert!(store.reserve_run(&vms[4], &two, &NO_HOST).is_err());
     let mut stopped = booted.clone();
     stopped.life = VmLife::restore(VmState::Shutdown, None, None, None, false);
     store.update_vm(&stopped).unwrap();
-    store.reserve_run(&vms[4], &two).unwrap();
+    store.reserve_run(&vms[4], &two, &NO_HOST).unwrap();
     // Another customer's running VMs count for them only.
     let b = store.insert_vm(&vm("b"), None).unwrap();
     store
@@ -366,6 +382,7 @@ pub fn running_quotas_admit_exactly_the_limit_and_count_every_running_vm<H: Harn
                 vms: Some(1),
                 ..RunLimits::default()
             },
+            &NO_HOST,
         )
         .unwrap();
 }
@@ -383,8 +400,8 @@ pub fn running_vcpu_and_memory_quotas_add_the_boots_own_size<H: Harness>(h: &H) 
         vcpus: Some(4),
         memory_bytes: Some(2048 << 20),
     };
-    store.reserve_run(&big, &limits).unwrap();
-    match store.reserve_run(&small, &limits) {
+    store.reserve_run(&big, &limits, &NO_HOST).unwrap();
+    match store.reserve_run(&small, &limits, &NO_HOST) {
         Err(StoreError::QuotaExceeded {
             quota: "UNKEY_METALD_QUOTA_RUNNING_VCPUS",
             used: 4,
@@ -398,7 +415,7 @@ pub fn running_vcpu_and_memory_quotas_add_the_boots_own_size<H: Harness>(h: &H) 
         vcpus: None,
         memory_bytes: Some(1100 << 20),
     };
-    match store.reserve_run(&small, &memory) {
+    match store.reserve_run(&small, &memory, &NO_HOST) {
         Err(StoreError::QuotaExceeded {
             quota: "UNKEY_METALD_QUOTA_RUNNING_MEMORY_MIB",
             used: 1024,
@@ -408,5 +425,153 @@ pub fn running_vcpu_and_memory_quotas_add_the_boots_own_size<H: Harness>(h: &H) 
         other => panic!("{other:?}"),
     }
     // The same VM asking again does not count itself twice.
-    store.reserve_run(&big, &limits).unwrap();
+    store.reserve_run(&big, &limits, &NO_HOST).unwrap();
+}
+
+/// The disk quota sums the writable disks of every VM the customer stores, in any state, with
+/// the new VM's; another customer's disks do not count, and a delete frees its VM's.
+pub fn the_disk_quota_sums_the_customers_writable_disks<H: Harness>(h: &H) {
+    let store = h.open();
+    let limits = StoredLimits {
+        vms: None,
+        disk_bytes: Some(1000 << 20),
+    };
+    let first = store
+        .insert_vm_within(&vm("a"), None, 600 << 20, &limits)
+        .unwrap();
+    store
+        .insert_vm_within(&vm("b"), None, 900 << 20, &limits)
+        .unwrap();
+    match store.insert_vm_within(&vm("a"), None, (400 << 20) + 1, &limits) {
+        Err(StoreError::QuotaExceeded {
+            quota: "UNKEY_METALD_QUOTA_DISK_MIB",
+            used: 600,
+            asked: 401,
+            limit: 1000,
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        store.list_vms(&customer("a"), None, 0, 10).unwrap().len(),
+        1
+    );
+    store
+        .insert_vm_within(&vm("a"), None, 400 << 20, &limits)
+        .unwrap();
+    assert!(store.insert_vm_within(&vm("a"), None, 1, &limits).is_err());
+    store.delete_vm(&first.id).unwrap();
+    store
+        .insert_vm_within(&vm("a"), None, 600 << 20, &limits)
+        .unwrap();
+    assert_eq!(store.host_usage().unwrap().disk_bytes, 1900 << 20);
+}
+
+/// Host capacity under concurrent boots of several customers: exactly what fits is admitted,
+/// each refusal names the resource with its numbers in MiB, memory counts each VMM's headroom
+/// (the records name QEMU: 128 MiB guest + 384 MiB), and the figures are host-wide.
+pub fn host_capacity_admits_exactly_what_fits_under_concurrent_boots<H: Harness>(h: &H) {
+    let store = h.open();
+    let vms: Vec<VmRecord> = (0..40)
+        .map(|i| {
+            store
+                .insert_vm(&vm(if i % 2 == 0 { "a" } else { "b" }), None)
+                .unwrap()
+        })
+        .collect();
+    let host = HostLimits {
+        memory_bytes: Some((5 * 512) << 20),
+        vcpus: None,
+    };
+    let admitted: usize = std::thread::scope(|s| {
+        let workers: Vec<_> = vms
+            .chunks(5)
+            .map(|chunk| {
+                let store = &store;
+                s.spawn(move || {
+                    chunk
+                        .iter()
+                        .filter(
+                            |v| match store.reserve_run(v, &RunLimits::default(), &host) {
+                                Ok(()) => true,
+                                Err(StoreError::HostExhausted(Shortage {
+                                    resource: "memory",
+                                    unit: "MiB",
+                                    used: 2560,
+                                    asked: 512,
+                                    capacity: 2560,
+                                })) => false,
+                                Err(e) => panic!("{e}"),
+                            },
+                        )
+                        .count()
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).sum()
+    });
+    assert_eq!(admitted, 5);
+    assert_eq!(
+        store.host_usage().unwrap(),
+        HostUsage {
+            memory_bytes: 2560 << 20,
+            vcpus: 5,
+            vms: 40,
+            disk_bytes: 0,
+        }
+    );
+    let vcpus = HostLimits {
+        memory_bytes: None,
+        vcpus: Some(5),
+    };
+    let another = store.insert_vm(&vm("c"), None).unwrap();
+    let err = store
+        .reserve_run(&another, &RunLimits::default(), &vcpus)
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "host vCPUs exhausted: 5 vCPUs in use, 1 vCPUs asked, capacity 5 vCPUs"
+    );
+}
+
+/// Capacity comes back when a boot's reservation is released, when a running VM stops and
+/// when it is deleted; a Firecracker VM counts Firecracker's smaller headroom.
+pub fn released_stopped_and_deleted_vms_free_host_capacity<H: Harness>(h: &H) {
+    let store = h.open();
+    let vms: Vec<VmRecord> = (0..3)
+        .map(|_| store.insert_vm(&vm("a"), None).unwrap())
+        .collect();
+    let host = HostLimits {
+        memory_bytes: Some((2 * 512) << 20),
+        vcpus: Some(2),
+    };
+    let none = RunLimits::default();
+    store.reserve_run(&vms[0], &none, &host).unwrap();
+    store.reserve_run(&vms[1], &none, &host).unwrap();
+    assert!(matches!(
+        store.reserve_run(&vms[2], &none, &host),
+        Err(StoreError::HostExhausted(_))
+    ));
+    store.release_run(&vms[0].id).unwrap();
+    store.reserve_run(&vms[2], &none, &host).unwrap();
+    // Saved running it keeps its place; shut down, it frees it.
+    let mut running = vms[2].clone();
+    running.life = VmLife::restore(VmState::Running, Some(1), Some(1), None, false);
+    store.update_vm(&running).unwrap();
+    assert!(store.reserve_run(&vms[0], &none, &host).is_err());
+    let mut stopped = running.clone();
+    stopped.life = VmLife::restore(VmState::Shutdown, None, None, None, false);
+    store.update_vm(&stopped).unwrap();
+    store.reserve_run(&vms[0], &none, &host).unwrap();
+    store.delete_vm(&vms[1].id).unwrap();
+    assert_eq!(store.host_usage().unwrap().memory_bytes, 512 << 20);
+    // 128 MiB + Firecracker's 64 MiB fits where a QEMU VM's 512 MiB would not.
+    let mut fc = vm("b");
+    fc.backend = "firecracker".into();
+    let fc = store.insert_vm(&fc, None).unwrap();
+    let tight = HostLimits {
+        memory_bytes: Some(704 << 20),
+        vcpus: None,
+    };
+    store.reserve_run(&fc, &none, &tight).unwrap();
+    assert_eq!(store.host_usage().unwrap().memory_bytes, 704 << 20);
 }

@@ -181,4 +181,15 @@ impl pb::VmService for ConnectApi {
         let who = customer(&ctx)?;
         Response::ok(h::list_customer_usage(&self.svc, &who, request.start, request.end).await?)
     }
+
+    // auth: gated by the host:read scope in api::auth
+    async fn get_host_capacity(
+        &self,
+        ctx: RequestContext,
+        _request: ServiceRequest<'_, pb::GetHostCapacityRequest>,
+    ) -> ServiceResult<pb::GetHostCapacityResponse> {
+        // Any authenticated caller; the answer is not scoped to a customer.
+        customer(&ctx)?;
+        Response::ok(h::host_capacity(&self.svc).await?)
+    }
 }

@@ -38,10 +38,16 @@ pub fn code_for(err: &ServiceError) -> ErrorCode {
         ServiceError::Store(crate::store::StoreError::QuotaExceeded { .. }) => {
             ErrorCode::ResourceExhausted
         }
+        // The host has no room (memory, vCPUs, disk): HTTP 429 naming the resource.
+        ServiceError::HostExhausted(_)
+        | ServiceError::Store(crate::store::StoreError::HostExhausted(_)) => {
+            ErrorCode::ResourceExhausted
+        }
         ServiceError::Asset(_)
         | ServiceError::Store(_)
         | ServiceError::Io { .. }
         | ServiceError::Sandbox { .. }
+        | ServiceError::Probe(_)
         | ServiceError::Sweep(_) => ErrorCode::Internal,
     }
 }
@@ -90,6 +96,38 @@ mod tests {
                         reason: "y".into(),
                     },
                 },
+                ErrorCode::Internal,
+                500,
+            ),
+            (
+                ServiceError::HostExhausted(crate::store::Shortage {
+                    resource: "disk",
+                    unit: "MiB",
+                    used: 1,
+                    asked: 2,
+                    capacity: 2,
+                }),
+                ErrorCode::ResourceExhausted,
+                429,
+            ),
+            (
+                ServiceError::Store(crate::store::StoreError::HostExhausted(
+                    crate::store::Shortage {
+                        resource: "memory",
+                        unit: "MiB",
+                        used: 1,
+                        asked: 2,
+                        capacity: 2,
+                    },
+                )),
+                ErrorCode::ResourceExhausted,
+                429,
+            ),
+            (
+                ServiceError::Probe(crate::probe::ProbeError::Missing {
+                    path: "/proc/meminfo".into(),
+                    what: "MemTotal",
+                }),
                 ErrorCode::Internal,
                 500,
             ),

@@ -13,7 +13,7 @@ use crate::domain::{
     rfc3339, CustomerId, DriveConfig, NetworkSettings, RateLimit, VmConfig, VmId, VmRecord,
 };
 use crate::metering::Counters;
-use crate::service::{ShutdownRequest, VmService};
+use crate::service::{Amount, ShutdownRequest, VmService};
 use crate::state::VmState;
 
 /// Parses a VM id field.
@@ -448,6 +448,29 @@ pub async fn list_customer_usage(
                 ..Default::default()
             })
             .collect(),
+        ..Default::default()
+    })
+}
+
+/// The host's capacity and use, over every customer (the caller is authenticated by the
+/// route; which callers may ask is the auth layer's decision).
+pub async fn host_capacity(
+    svc: &Arc<VmService>,
+) -> Result<pb::GetHostCapacityResponse, ConnectError> {
+    let c = svc.host_capacity().map_err(err)?;
+    let resource = |a: Amount| pb::HostResource {
+        total: a.total,
+        used: a.used,
+        free: a.free,
+        ..Default::default()
+    };
+    Ok(pb::GetHostCapacityResponse {
+        memory_bytes: resource(c.memory_bytes).into(),
+        vcpus: resource(c.vcpus).into(),
+        disk_bytes: resource(c.disk_bytes).into(),
+        vms: resource(c.vms).into(),
+        memory_overcommit: c.memory_overcommit,
+        cpu_overcommit: c.cpu_overcommit,
         ..Default::default()
     })
 }

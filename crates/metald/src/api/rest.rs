@@ -70,6 +70,8 @@ pub fn router(svc: Arc<VmService>) -> Router {
         .route("/v1/vms/{id}/console", get(console))
         .route("/v1/vms/{id}/usage", get(usage))
         .route("/v1/usage", get(customer_usage))
+        // auth: gated by the host:read scope in api::auth
+        .route("/v1/host", get(host))
         .with_state(svc)
 }
 
@@ -305,6 +307,15 @@ async fn customer_usage(
             q.end.as_deref().unwrap_or(""),
         )
         .await
+    };
+    done(StatusCode::OK, run.await)
+}
+
+async fn host(State(svc): Svc, Extension(caller): Extension<Caller>) -> Reply {
+    let run = async {
+        // Any authenticated caller; the answer is not scoped to a customer.
+        caller.customer()?;
+        h::host_capacity(&svc).await
     };
     done(StatusCode::OK, run.await)
 }

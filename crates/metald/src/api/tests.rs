@@ -662,3 +662,75 @@ async fn every_mutating_call_writes_one_audit_event() {
         assert!(!a["request_id"].as_str().unwrap().is_empty(), "{a}");
     }
 }
+
+/// A protobuf JSON uint64 (a string) or a plain JSON number.
+fn uint(v: &Value) -> u64 {
+    v.as_u64()
+        .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+        .unwrap_or_else(|| panic!("not a uint64: {v}"))
+}
+
+#[tokio::test]
+async fn host_capacity_answers_any_caller_over_rest_and_connect_and_a_full_host_is_429() {
+    let f = fixture();
+    let s = api(&f).await;
+    let id = s.create("alice").await;
+    let r = s
+        .rest("alice", "POST", &format!("/v1/vms/{id}/boot"), None)
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    s.create("bob").await;
+    // Every customer's VMs, whoever asks: 1 vCPU and 128 MiB + QEMU's 384 MiB run.
+    let rest = s.rest("carol", "GET", "/v1/host", None).await;
+    assert_eq!(rest.status, 200, "{rest:?}");
+    let b = &rest.body;
+    let triple = |k: &str| {
+        (
+            uint(&b[k]["total"]),
+            uint(&b[k]["used"]),
+            uint(&b[k]["free"]),
+        )
+    };
+    assert_eq!(
+        triple("memoryBytes"),
+        (15 << 30, 512 << 20, (15 << 30) - (512 << 20))
+    );
+    assert_eq!(triple("vcpus"), (32, 1, 31));
+    assert_eq!(triple("diskBytes"), (99 << 30, 50 << 30, 49 << 30));
+    assert_eq!(uint(&b["vms"]["used"]), 2);
+    assert_eq!(b["cpuOvercommit"].as_f64(), Some(4.0));
+    assert_eq!(b["memoryOvercommit"].as_f64(), Some(1.0));
+    let connect = s
+        .call(
+            Some(&bearer("carol")),
+            "POST",
+            "/metald.v1.VmService/GetHostCapacity",
+            Some("{}"),
+        )
+        .await;
+    assert_eq!((connect.status, &connect.body), (200, &rest.body));
+    for (method, path, body) in [
+        ("GET", "/v1/host", None),
+        ("POST", "/metald.v1.VmService/GetHostCapacity", Some("{}")),
+    ] {
+        let r = s.call(None, method, path, body).await;
+        assert_eq!((r.status, r.code()), (401, "unauthenticated"), "{path}");
+    }
+    // A host with room for nothing more: the boot is 429 naming the resource.
+    f.probe
+        .memory_bytes
+        .store((1024 + 512) << 20, std::sync::atomic::Ordering::SeqCst);
+    let other = s.create("alice").await;
+    let r = s
+        .rest("alice", "POST", &format!("/v1/vms/{other}/boot"), None)
+        .await;
+    assert_eq!(
+        (r.status, r.code(), r.message()),
+        (
+            429,
+            "resource_exhausted",
+            "host memory exhausted: 512 MiB in use, 512 MiB asked, capacity 512 MiB"
+        ),
+        "{r:?}"
+    );
+}

@@ -11,6 +11,7 @@ impl VmService {
         id: &VmId,
         dir: &Path,
         config: VmConfig,
+        writable_bytes: u64,
     ) -> Result<VmRecord, ServiceError> {
         let rootfs = self
             .assets
@@ -48,11 +49,10 @@ impl VmService {
                 source,
             })?;
         let plan = self.isolation.allocation();
-        let saved = self.store.insert_vm_within(
-            &record,
-            plan.as_ref(),
-            Some(self.cfg.max_vms_per_customer),
-        )?;
+        let limits = self.cfg.quotas.of(customer).stored;
+        let saved = self
+            .store
+            .insert_vm_within(&record, plan.as_ref(), writable_bytes, &limits)?;
         tracing::info!(vm_id = %id, customer = %customer, "vm created");
         Ok(saved)
     }

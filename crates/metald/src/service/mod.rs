@@ -6,12 +6,14 @@
 //! VMM is started with), `supervise` (exits, readiness, re-attach at start) and `usage`
 //! (metering and billing hooks, usage windows).
 
+mod capacity;
 mod launch;
 mod supervise;
 mod usage;
 mod validate;
 
 pub use crate::backend::console::ConsoleTail;
+pub use capacity::{Amount, HostCapacity, HostSettings, Ratio};
 pub use usage::WindowUsage;
 
 use std::collections::{BTreeMap, HashMap};
@@ -28,10 +30,12 @@ use crate::backend::{file_tail, Backend, BackendError, Disk, ExitEvent, StopMode
 use crate::billing::Billing;
 use crate::domain::{is_token, now_ms, CustomerId, DriveConfig, VmConfig, VmId, VmRecord, MIB};
 use crate::metering::{Counters, Meter, RunStart, VmUsage};
+use crate::probe::{HostProbe, ProbeError};
+use crate::quota::QuotaTable;
 use crate::report::Chain;
 use crate::sandbox::{Isolation, SandboxError};
 use crate::state::{transition, Change, InvalidTransition, Operation, VmLife, VmState};
-use crate::store::{AssetKind, RunLimits, Store, StoreError, UsageStore, VmStore};
+use crate::store::{AssetKind, Shortage, Store, StoreError, UsageStore, VmStore};
 use crate::timings::{Step, Timings};
 
 /// Smallest guest memory metald accepts. Measured with the default guest (Debian 6.1 cloud
@@ -39,6 +43,10 @@ use crate::timings::{Step, Timings};
 /// runs, 72 MiB in 3 of 12, 64 MiB in none (out of memory unpacking the initrd); 96 MiB keeps
 /// one step of margin.
 pub const MIN_MEMORY_MIB: u64 = 96;
+/// Largest network rate limit and burst, in bytes (per second): 1 TiB, far above any NIC, and
+/// far enough below 2^64 that the VMMs' bucket arithmetic (rate × refill period) cannot
+/// overflow.
+pub const MAX_RATE_BYTES: u64 = 1 << 40;
 /// Most extra drives one VM may have.
 pub const MAX_DRIVES: usize = 8;
 /// Longest kernel command line addition accepted.
@@ -103,6 +111,12 @@ pub enum ServiceError {
         #[source]
         source: SandboxError,
     },
+    /// The host has no room for what was asked; nothing was made.
+    #[error(transparent)]
+    HostExhausted(Shortage),
+    /// The host's totals could not be read.
+    #[error("measure the host")]
+    Probe(#[source] ProbeError),
     /// Removing leftovers of earlier runs at start failed.
     #[error("remove leftovers of earlier runs")]
     Sweep(#[source] SandboxError),
@@ -127,16 +141,18 @@ fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ServiceError 
 }
 
 /// Tunables of the service.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServiceConfig {
     /// Directory holding one sub-directory per VM.
     pub vms_dir: PathBuf,
     /// How long a guest whose rootfs declares a readiness line may take to print it.
     pub boot_timeout: Duration,
-    /// Most VMs one customer may have stored (any state).
-    pub max_vms_per_customer: u64,
-    /// What one customer may run at once.
-    pub run_limits: RunLimits,
+    /// Each customer's quotas, as the quota file says now.
+    pub quotas: Arc<QuotaTable>,
+    /// What metald leaves to the host and how far it overcommits.
+    pub host: HostSettings,
+    /// The host's totals.
+    pub probe: Arc<dyn HostProbe>,
 }
 
 /// How to shut a VM down.
@@ -267,6 +283,8 @@ impl VmService {
         config: VmConfig,
     ) -> Result<VmRecord, ServiceError> {
         self.validate(&config)?;
+        let writable = self.writable_disk_bytes(&config)?;
+        self.check_disk_room(writable)?;
         let id = VmId::generate();
         let dir = self.vm_dir(&id);
         std::fs::create_dir(&dir).map_err(|source| ServiceError::Io {
@@ -274,7 +292,7 @@ impl VmService {
             path: dir.clone(),
             source,
         })?;
-        let result = self.prepare(customer, &id, &dir, config).await;
+        let result = self.prepare(customer, &id, &dir, config, writable).await;
         if result.is_err() {
             if let Err(e) = std::fs::remove_dir_all(&dir) {
                 tracing::error!(vm_id = %id, error = %Chain(&e), "rolling back a failed create left its directory");
@@ -292,9 +310,14 @@ impl VmService {
         let _guard = self.lock(id).await;
         let mut vm = self.load(customer, id).await?;
         next_state(vm.state(), Operation::Boot)?;
-        // Admitted against the customer's running quotas before anything starts. The
-        // reservation ends when the VM is saved running, or below when the boot fails.
-        self.store.reserve_run(&vm, &self.cfg.run_limits)?;
+        // The reservation counts the headroom of the backend that boots the VM.
+        vm.backend = self.backend_name().to_string();
+        // Admitted against the customer's running quotas and the host's capacity before
+        // anything starts. The reservation ends when the VM is saved running, or below when
+        // the boot fails.
+        let host = self.host_limits()?;
+        self.store
+            .reserve_run(&vm, &self.cfg.quotas.of(customer).run, &host)?;
         match self.start_vmm(&mut vm).await {
             Ok(()) => Ok(vm),
             Err(e) => {

@@ -1,7 +1,7 @@
 //! Unit tests of the lifecycle service against a fake backend.
 
 use super::*;
-use crate::testing::{config, fixture, fixture_with_timeout, Fixture};
+use crate::testing::{config, fixture, fixture_with_timeout, Fixture, HOST};
 use std::sync::atomic::Ordering;
 
 fn dirs(f: &Fixture) -> usize {
@@ -145,6 +145,42 @@ async fn invalid_configs_name_the_field_and_create_nothing() {
                 c.metadata.insert("bad key".into(), "v".into());
             }),
             "config.metadata",
+        ),
+        // The fixture's host admits 15 GiB; QEMU needs 384 MiB of it.
+        (
+            Box::new(|c| c.memory_bytes = (15 << 30) - 383 * MIB),
+            "config.memory.size_bytes",
+        ),
+        (
+            Box::new(|c| c.memory_bytes = u64::MAX / MIB * MIB),
+            "config.memory.size_bytes",
+        ),
+        (
+            Box::new(|c| {
+                c.network.rx_rate_limit = Some(crate::domain::RateLimit {
+                    bandwidth_bytes_per_sec: 0,
+                    burst_bytes: 0,
+                })
+            }),
+            "config.network.rx_rate_limit.bandwidth_bytes_per_sec",
+        ),
+        (
+            Box::new(|c| {
+                c.network.tx_rate_limit = Some(crate::domain::RateLimit {
+                    bandwidth_bytes_per_sec: u64::MAX,
+                    burst_bytes: 0,
+                })
+            }),
+            "config.network.tx_rate_limit.bandwidth_bytes_per_sec",
+        ),
+        (
+            Box::new(|c| {
+                c.network.tx_rate_limit = Some(crate::domain::RateLimit {
+                    bandwidth_bytes_per_sec: 1,
+                    burst_bytes: MAX_RATE_BYTES + 1,
+                })
+            }),
+            "config.network.tx_rate_limit.burst_bytes",
         ),
     ];
     for (mutate, field) in cases {
@@ -444,4 +480,156 @@ async fn a_delete_during_a_boot_waits_for_it_then_removes_the_vm_and_its_sandbox
         Err(ServiceError::NotFound(_))
     ));
     assert_eq!(dirs(&f), 0);
+}
+
+#[tokio::test]
+async fn quota_file_overrides_take_effect_after_a_reload() {
+    let f = fixture();
+    let other: CustomerId = "other".parse().unwrap();
+    std::fs::write(
+        &f.quota_file,
+        "[customers.acme]\nvms = 2\nrunning_vms = 1\n",
+    )
+    .unwrap();
+    assert!(f.quotas.reload_if_changed().unwrap());
+    let a = f.svc.create(&f.who, config()).await.unwrap().id;
+    let b = f.svc.create(&f.who, config()).await.unwrap().id;
+    match f.svc.create(&f.who, config()).await {
+        Err(ServiceError::Store(StoreError::QuotaExceeded {
+            quota: "UNKEY_METALD_QUOTA_VMS",
+            used: 2,
+            limit: 2,
+            ..
+        })) => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(dirs(&f), 2, "the refused create left no directory");
+    for _ in 0..3 {
+        f.svc.create(&other, config()).await.unwrap();
+    }
+    f.svc.boot(&f.who, &a).await.unwrap();
+    assert!(matches!(
+        f.svc.boot(&f.who, &b).await,
+        Err(ServiceError::Store(StoreError::QuotaExceeded {
+            quota: "UNKEY_METALD_QUOTA_RUNNING_VMS",
+            ..
+        }))
+    ));
+    // The image is 5 bytes; in MiB (rounded up) the sum of the copies and the new copy are 1.
+    std::fs::write(
+        &f.quota_file,
+        "[customers.acme]\nvms = 3\nrunning_vms = 2\ndisk_mib = 3\n",
+    )
+    .unwrap();
+    assert!(f.quotas.reload_if_changed().unwrap());
+    f.svc.boot(&f.who, &b).await.unwrap();
+    f.svc.create(&f.who, config()).await.unwrap();
+    std::fs::write(&f.quota_file, "[customers.acme]\nvms = 9\ndisk_mib = 1\n").unwrap();
+    assert!(f.quotas.reload_if_changed().unwrap());
+    match f.svc.create(&f.who, config()).await {
+        Err(ServiceError::Store(StoreError::QuotaExceeded {
+            quota: "UNKEY_METALD_QUOTA_DISK_MIB",
+            used: 1,
+            asked: 1,
+            limit: 1,
+        })) => {}
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_over_capacity_boot_is_refused_and_leaves_nothing_behind() {
+    let f = fixture();
+    // 1 GiB left to the host, 1 GiB admitted: two QEMU VMs of 128 MiB + 384 MiB headroom.
+    f.probe
+        .memory_bytes
+        .store(HOST.memory_reserve_bytes + 1024 * MIB, Ordering::SeqCst);
+    let mut ids = vec![];
+    for _ in 0..3 {
+        ids.push(f.svc.create(&f.who, config()).await.unwrap().id);
+    }
+    f.svc.boot(&f.who, &ids[0]).await.unwrap();
+    // Another customer's VMs take the same host.
+    let other: CustomerId = "other".parse().unwrap();
+    let theirs = f.svc.create(&other, config()).await.unwrap().id;
+    f.svc.boot(&other, &theirs).await.unwrap();
+    let calls = f.backend.calls().len();
+    let err = f.svc.boot(&f.who, &ids[1]).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "host memory exhausted: 1024 MiB in use, 512 MiB asked, capacity 1024 MiB"
+    );
+    assert_eq!(
+        crate::api::error::code_for(&err),
+        connectrpc::ErrorCode::ResourceExhausted
+    );
+    assert_eq!(f.backend.calls().len(), calls, "the backend was not asked");
+    assert!(!f.isolation.calls().contains(&format!("setup {}", ids[1])));
+    assert_eq!(
+        f.svc.get(&f.who, &ids[1]).await.unwrap().life,
+        VmLife::created()
+    );
+    // No reservation was left: once a VM stops, the refused one fits.
+    let stop = ShutdownRequest {
+        force: true,
+        timeout_seconds: 0,
+    };
+    f.svc.shutdown(&other, &theirs, stop).await.unwrap();
+    f.svc.boot(&f.who, &ids[1]).await.unwrap();
+    // vCPUs: 1 CPU × 4 admits 4; two VMs of 2 vCPUs run.
+    f.probe.memory_bytes.store(16 << 30, Ordering::SeqCst);
+    f.probe.cpus.store(1, Ordering::SeqCst);
+    // A VM wider than the host admits could never boot: refused at create.
+    f.probe.cpus.store(0, Ordering::SeqCst);
+    match f.svc.create(&f.who, config()).await {
+        Err(ServiceError::InvalidArgument { field, reason }) => {
+            assert_eq!(field, "config.cpu.vcpu_count");
+            assert!(reason.starts_with("at most 0 on this host"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    f.probe.cpus.store(1, Ordering::SeqCst);
+    let err = f.svc.boot(&f.who, &ids[2]).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "host vCPUs exhausted: 4 vCPUs in use, 2 vCPUs asked, capacity 4 vCPUs"
+    );
+    let capacity = f.svc.host_capacity().unwrap();
+    assert_eq!(
+        (
+            capacity.vcpus.total,
+            capacity.vcpus.used,
+            capacity.vcpus.free
+        ),
+        (4, 4, 0)
+    );
+    assert_eq!(capacity.memory_bytes.used, 2 * 512 * MIB);
+}
+
+#[tokio::test]
+async fn a_create_without_disk_room_is_refused_and_makes_nothing() {
+    let f = fixture();
+    // Exactly the reserve is free: not one more byte fits.
+    f.probe
+        .disk_available_bytes
+        .store(HOST.disk_reserve_bytes, Ordering::SeqCst);
+    let err = f.svc.create(&f.who, config()).await.unwrap_err();
+    assert!(matches!(err, ServiceError::HostExhausted(_)), "{err:?}");
+    assert!(
+        err.to_string().starts_with("host disk exhausted: "),
+        "{err}"
+    );
+    assert_eq!(dirs(&f), 0);
+    assert!(f.backend.calls().is_empty());
+    assert!(f
+        .svc
+        .list(&f.who, None, 0, "")
+        .await
+        .unwrap()
+        .vms
+        .is_empty());
+    f.probe
+        .disk_available_bytes
+        .store(HOST.disk_reserve_bytes + MIB, Ordering::SeqCst);
+    f.svc.create(&f.who, config()).await.unwrap();
 }

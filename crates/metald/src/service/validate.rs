@@ -36,6 +36,55 @@ impl VmService {
                 ),
             ));
         }
+        // A VM larger than the host admits could never boot here.
+        let host = self.host_limits()?;
+        if let Some(cpus) = host.vcpus.filter(|n| u64::from(c.vcpu_count) > *n) {
+            return Err(invalid(
+                "config.cpu.vcpu_count",
+                format!(
+                    "at most {cpus} on this host (its CPUs times the overcommit ratio), got {}",
+                    c.vcpu_count
+                ),
+            ));
+        }
+        let headroom = self.backend.kind().memory_headroom_mib() * MIB;
+        let most = host
+            .memory_bytes
+            .unwrap_or(u64::MAX)
+            .saturating_sub(headroom)
+            / MIB
+            * MIB;
+        if c.memory_bytes > most {
+            return Err(invalid(
+                "config.memory.size_bytes",
+                format!(
+                    "at most {most} on this host (what it admits, less the VMM's {} MiB), got {}",
+                    headroom / MIB,
+                    c.memory_bytes
+                ),
+            ));
+        }
+        for (name, limit) in [
+            ("rx_rate_limit", &c.network.rx_rate_limit),
+            ("tx_rate_limit", &c.network.tx_rate_limit),
+        ] {
+            let Some(l) = limit else { continue };
+            if !(1..=MAX_RATE_BYTES).contains(&l.bandwidth_bytes_per_sec) {
+                return Err(invalid(
+                    format!("config.network.{name}.bandwidth_bytes_per_sec"),
+                    format!(
+                        "must be between 1 and {MAX_RATE_BYTES}, got {}",
+                        l.bandwidth_bytes_per_sec
+                    ),
+                ));
+            }
+            if l.burst_bytes > MAX_RATE_BYTES {
+                return Err(invalid(
+                    format!("config.network.{name}.burst_bytes"),
+                    format!("at most {MAX_RATE_BYTES}, got {}", l.burst_bytes),
+                ));
+            }
+        }
         self.assets
             .get_kind(&c.kernel_image_id, AssetKind::Kernel)
             .map_err(|e| asset_field_error("config.kernel.image_id", e))?;

@@ -21,6 +21,7 @@ pub fn tests() -> Vec<crate::E2e> {
         extra_drives_and_kernel_args_reach_the_guest,
         a_vmm_that_dies_on_its_own_marks_the_vm_failed,
         a_guest_that_never_becomes_ready_is_failed_with_its_console,
+        host_capacity_and_a_reloaded_quota_file_refuse_what_does_not_fit,
     ];
     tests.extend(
         crate::e2e![&[Need::Root, Need::Qemu, Need::Guest, Need::Buf]; buf_curl_drives_a_vm],
@@ -696,6 +697,10 @@ fn metaldctl_manages_vms() {
     let (ok, out, err) = run(&["list"]);
     assert!(ok, "{err}");
     assert_eq!(listed(&out), std::slice::from_ref(&id));
+    let (ok, out, err) = run(&["host"]);
+    assert!(ok, "{err}");
+    let host: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(num(&host["vms"]["used"]), 1, "{out}");
     let (ok, _, err) = run(&["pause", &id]);
     assert!(!ok);
     assert!(err.contains("cannot pause a VM in state CREATED"), "{err}");
@@ -774,4 +779,119 @@ fn a_guest_that_never_becomes_ready_is_failed_with_its_console() {
         "the silent guest's VMM was stopped"
     );
     m.assert_clean();
+}
+
+/// Host capacity on the real host: with MemTotal less a reserve leaving 1000 MiB admitted, one
+/// QEMU VM of 256 MiB (plus QEMU's 384 MiB headroom) boots and a second is refused with the
+/// numbers, which GET /v1/host reports too. Quotas from UNKEY_METALD_QUOTA_FILE apply at start,
+/// a rewritten file takes effect within seconds, and a bad one is logged and changes nothing.
+fn host_capacity_and_a_reloaded_quota_file_refuse_what_does_not_fit() {
+    let guest = qemu_guest();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let total_mib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap()
+        / 1024;
+    let quotas = tempfile::tempdir().unwrap();
+    let file = quotas.path().join("quotas.toml");
+    std::fs::write(&file, "[customers.capacity]\nvms = 2\n").unwrap();
+    let m = metald()
+        .env(
+            "UNKEY_METALD_HOST_MEMORY_RESERVE_MIB",
+            &(total_mib - 1000).to_string(),
+        )
+        .env("UNKEY_METALD_HOST_MEMORY_OVERCOMMIT", "1")
+        .env("UNKEY_METALD_QUOTA_FILE", file.to_str().unwrap())
+        .start(&guest);
+    let api = Rest::new(&m, Some("capacity"));
+    let first = api.create_default();
+    let second = api.create_default();
+    let refused = api.call("POST", "/v1/vms", Some(readme_request(1, 256 << 20)));
+    assert_eq!(
+        (refused.status, refused.message()),
+        (
+            429,
+            "quota UNKEY_METALD_QUOTA_VMS exceeded: 2 in use, 1 more asked, limit 2"
+        ),
+        "{}",
+        refused.body
+    );
+    api.call("POST", &format!("/v1/vms/{first}/boot"), None)
+        .ok();
+    let full = api.call("POST", &format!("/v1/vms/{second}/boot"), None);
+    assert_eq!(
+        (full.status, full.code(), full.message()),
+        (
+            429,
+            "resource_exhausted",
+            "host memory exhausted: 640 MiB in use, 640 MiB asked, capacity 1000 MiB"
+        ),
+        "{}",
+        full.body
+    );
+    assert_eq!(api.vm(&second)["state"], "VM_STATE_CREATED");
+    let host = Rest::new(&m, Some("operator"))
+        .call("GET", "/v1/host", None)
+        .ok();
+    // MemTotal is in kB: what is admitted is 1000 MiB and a part.
+    assert_eq!(
+        (
+            num(&host["memoryBytes"]["total"]) >> 20,
+            num(&host["memoryBytes"]["used"])
+        ),
+        (1000, 640 << 20),
+        "{host}"
+    );
+    assert_eq!(num(&host["vcpus"]["used"]), 1, "{host}");
+    assert_eq!(num(&host["vms"]["used"]), 2, "{host}");
+    // Stopping the first makes room for the second.
+    api.call(
+        "POST",
+        &format!("/v1/vms/{first}/shutdown"),
+        Some(json!({"force": true})),
+    )
+    .ok();
+    api.call("POST", &format!("/v1/vms/{second}/boot"), None)
+        .ok();
+    // A rewritten file raises the quota within a few polls.
+    std::fs::write(&file, "[customers.capacity]\nvms = 3\n# raised\n").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = api.call("POST", "/v1/vms", Some(readme_request(1, 256 << 20)));
+        if r.status == 201 {
+            break;
+        }
+        assert_eq!(r.status, 429, "{}", r.body);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the raised quota never applied"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // A bad file is logged and the quotas in force stay.
+    std::fs::write(&file, "[customers.capacity]\nvms = 9\nbogus = 1\n").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !m.log_text().contains("quota file refused") {
+        assert!(std::time::Instant::now() < deadline, "no error logged");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let r = api.call("POST", "/v1/vms", Some(readme_request(1, 256 << 20)));
+    assert_eq!(
+        (r.status, r.message()),
+        (
+            429,
+            "quota UNKEY_METALD_QUOTA_VMS exceeded: 3 in use, 1 more asked, limit 3"
+        ),
+        "{}",
+        r.body
+    );
+    api.call(
+        "POST",
+        &format!("/v1/vms/{second}/shutdown"),
+        Some(json!({"force": true})),
+    )
+    .ok();
 }

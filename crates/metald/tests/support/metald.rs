@@ -158,6 +158,11 @@ pub fn metald_with_backend(backend: &str) -> Builder {
             ("UNKEY_METALD_BACKEND".into(), backend.into()),
             // The metering bench stores 1000 VMs of one customer (the default quota is 100).
             ("UNKEY_METALD_QUOTA_VMS".into(), "4000".into()),
+            // Host capacity must not refuse what the tests and benches boot: the metering bench
+            // runs 1000 one-vCPU VMs (each with its VMM's memory headroom) on a 2-CPU, 24 GiB
+            // host. Both ratios at their maximum; the capacity tests set their own.
+            ("UNKEY_METALD_HOST_MEMORY_OVERCOMMIT".into(), "100".into()),
+            ("UNKEY_METALD_HOST_CPU_OVERCOMMIT".into(), "1000".into()),
         ],
         isolated: true,
     }
