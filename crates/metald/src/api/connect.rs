@@ -182,13 +182,13 @@ impl pb::VmService for ConnectApi {
         Response::ok(h::list_customer_usage(&self.svc, &who, request.start, request.end).await?)
     }
 
-    // auth: gated by the host:read scope in api::auth
     async fn get_host_capacity(
         &self,
         ctx: RequestContext,
         _request: ServiceRequest<'_, pb::GetHostCapacityRequest>,
     ) -> ServiceResult<pb::GetHostCapacityResponse> {
-        // Any authenticated caller; the answer is not scoped to a customer.
+        // The answer sums every customer's use, so api::auth admits only callers holding
+        // host:read (operator tokens, trusted services, dev tokens).
         customer(&ctx)?;
         Response::ok(h::host_capacity(&self.svc).await?)
     }

@@ -70,7 +70,6 @@ pub fn router(svc: Arc<VmService>) -> Router {
         .route("/v1/vms/{id}/console", get(console))
         .route("/v1/vms/{id}/usage", get(usage))
         .route("/v1/usage", get(customer_usage))
-        // auth: gated by the host:read scope in api::auth
         .route("/v1/host", get(host))
         .with_state(svc)
 }
@@ -313,7 +312,8 @@ async fn customer_usage(
 
 async fn host(State(svc): Svc, Extension(caller): Extension<Caller>) -> Reply {
     let run = async {
-        // Any authenticated caller; the answer is not scoped to a customer.
+        // The answer sums every customer's use, so api::auth admits only callers holding
+        // host:read (operator tokens, trusted services, dev tokens).
         caller.customer()?;
         h::host_capacity(&svc).await
     };
