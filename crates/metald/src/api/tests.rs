@@ -740,3 +740,48 @@ async fn host_capacity_answers_any_caller_over_rest_and_connect_and_a_full_host_
         "{r:?}"
     );
 }
+
+#[tokio::test]
+async fn a_boot_whose_caller_gives_up_still_completes_and_is_saved() {
+    let f = fixture();
+    let s = api(&f).await;
+    let id = s.create("acme").await;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    *f.backend.hold_boot.lock().unwrap() = Some(Arc::clone(&gate));
+    // A 50 ms Connect deadline, and a REST client that hangs up after 50 ms.
+    let r = s
+        .client
+        .post(format!("{}/metald.v1.VmService/BootVm", s.base))
+        .header("Authorization", bearer("acme"))
+        .header("Content-Type", "application/json")
+        .header("Connect-Timeout-Ms", "50")
+        .body(json!({ "vmId": id }).to_string())
+        .send()
+        .await
+        .unwrap();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "deadline_exceeded", "{body}");
+    let id2 = s.create("acme").await;
+    let hung_up = s
+        .client
+        .post(format!("{}/v1/vms/{id2}/boot", s.base))
+        .header("Authorization", bearer("acme"))
+        .timeout(std::time::Duration::from_millis(50))
+        .send()
+        .await;
+    assert!(hung_up.is_err(), "{hung_up:?}");
+    // Both boots were waiting in the backend when their callers left; they finish now.
+    gate.add_permits(2);
+    for vm in [&id, &id2] {
+        let mut state = String::new();
+        for _ in 0..100 {
+            let r = s.rest("acme", "GET", &format!("/v1/vms/{vm}"), None).await;
+            state = r.body["vm"]["state"].as_str().unwrap_or("").to_string();
+            if state == "VM_STATE_RUNNING" {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(state, "VM_STATE_RUNNING", "{vm}");
+    }
+}
