@@ -26,6 +26,9 @@ pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 pub const MAX_JWKS_BYTES: u64 = 1 << 20;
 /// Least time between two refreshes caused by unknown `kid`s.
 pub const REFRESH_EVERY: Duration = Duration::from_secs(60);
+/// Verified tokens remembered (a client reuses its token for many calls); the cache is
+/// emptied when full, and whenever the keys change.
+const CACHE_ENTRIES: usize = 10_000;
 /// How long a JWKS fetch may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -129,6 +132,17 @@ pub struct JwtVerifier {
     /// When unknown `kid`s last caused a refresh.
     last_refresh: Mutex<Option<Instant>>,
     http: reqwest::Client,
+    /// Tokens already verified, by SHA-256 of the whole token: a signature check costs
+    /// 50-250 µs, a lookup well under one. Times are re-checked on every hit.
+    verified: std::sync::Mutex<HashMap<[u8; 32], Verified>>,
+}
+
+/// A verified token's claims and the times that bound its validity.
+#[derive(Clone)]
+struct Verified {
+    claims: Claims,
+    exp: u64,
+    nbf: Option<u64>,
 }
 
 impl JwtVerifier {
@@ -148,6 +162,7 @@ impl JwtVerifier {
             keys: ArcSwap::from_pointee(HashMap::new()),
             last_refresh: Mutex::new(None),
             http,
+            verified: std::sync::Mutex::new(HashMap::new()),
         };
         let mut keys = HashMap::new();
         if let Some(path) = &v.settings.jwks_file {
@@ -171,6 +186,49 @@ impl JwtVerifier {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(Refusal::TooLong);
         }
+        use sha2::Digest;
+        let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+        let now = jsonwebtoken::get_current_timestamp();
+        let leeway = self.settings.leeway.as_secs();
+        if let Some(hit) = self.cached(&digest) {
+            if now > hit.exp.saturating_add(leeway) {
+                return Err(Refusal::Expired);
+            }
+            if hit.nbf.is_some_and(|nbf| nbf > now.saturating_add(leeway)) {
+                return Err(Refusal::NotYetValid);
+            }
+            return Ok(hit.claims);
+        }
+        let (claims, exp, nbf) = self.check(token).await?;
+        let mut cache = self
+            .verified
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cache.len() >= CACHE_ENTRIES {
+            cache.clear();
+        }
+        cache.insert(
+            digest,
+            Verified {
+                claims: claims.clone(),
+                exp,
+                nbf,
+            },
+        );
+        Ok(claims)
+    }
+
+    fn cached(&self, digest: &[u8; 32]) -> Option<Verified> {
+        self.verified
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(digest)
+            .cloned()
+    }
+
+    /// Verifies the signature and claims of a token not seen before; also returns its `exp`
+    /// and `nbf`.
+    async fn check(&self, token: &str) -> Result<(Claims, u64, Option<u64>), Refusal> {
         // Named before parsing: jsonwebtoken knows no `none`, and the reason should say so.
         if !matches!(header_alg(token)?.as_str(), "EdDSA" | "ES256" | "RS256") {
             return Err(Refusal::Algorithm);
@@ -233,14 +291,24 @@ impl JwtVerifier {
             Some(serde_json::Value::String(s)) => Scopes::parse(s.split_ascii_whitespace()),
             _ => Scopes::default(),
         };
-        Ok(Claims {
-            customer,
-            subject: claims
-                .get("sub")
-                .and_then(|v| v.as_str())
-                .map(str::to_string),
-            scopes,
-        })
+        let exp = claims
+            .get("exp")
+            .and_then(serde_json::Value::as_u64)
+            .ok_or(Refusal::Malformed)?;
+        let nbf = claims.get("nbf").and_then(serde_json::Value::as_u64);
+        let subject = claims
+            .get("sub")
+            .and_then(|v| v.as_str())
+            .map(str::to_string);
+        Ok((
+            Claims {
+                customer,
+                subject,
+                scopes,
+            },
+            exp,
+            nbf,
+        ))
     }
 
     fn key(&self, kid: &str) -> Option<Arc<Key>> {
@@ -283,6 +351,11 @@ impl JwtVerifier {
         if loaded {
             tracing::info!(keys = keys.len(), "JWT keys refreshed after an unknown kid");
             self.keys.store(Arc::new(keys));
+            // A token of a key that is gone must not outlive the key in the cache.
+            self.verified
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clear();
         }
     }
 
@@ -544,6 +617,8 @@ mod tests {
     async fn a_rotated_file_key_is_seen_on_its_first_use_and_refreshes_are_rate_limited() {
         let old = Issuer::generate("old");
         let (dir, v) = with_file(&old).await;
+        let old_token = old.sign("old-ed", &Issuer::claims("acme", ""));
+        v.verify(&old_token).await.unwrap();
         let new = Issuer::generate("new");
         std::fs::write(dir.path().join("jwks.json"), new.jwks().to_string()).unwrap();
         let c = v
@@ -566,6 +641,24 @@ mod tests {
                 .await,
             Err(Refusal::UnknownKey)
         );
+    }
+
+    #[tokio::test]
+    async fn a_remembered_token_still_expires() {
+        let issuer = Issuer::generate("k");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jwks.json");
+        std::fs::write(&path, issuer.jwks().to_string()).unwrap();
+        let mut s = settings(Some(&path), None);
+        s.leeway = Duration::ZERO;
+        let v = JwtVerifier::start(s).await.unwrap();
+        let mut claims = Issuer::claims("acme", "vms:read");
+        claims["exp"] = json!(jsonwebtoken::get_current_timestamp() + 1);
+        let token = issuer.sign("k-es", &claims);
+        v.verify(&token).await.unwrap();
+        v.verify(&token).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        assert_eq!(v.verify(&token).await, Err(Refusal::Expired));
     }
 
     #[tokio::test]
