@@ -574,10 +574,12 @@ async fn jwt_callers_act_as_their_customer_within_their_scopes() {
         c["exp"] = json!(1);
         format!("Bearer {}", issuer.sign("k-ed", &c))
     };
+    let long = format!("Bearer {}", "a".repeat(64 << 10));
     for (auth, reason) in [
         (expired.as_str(), "expired"),
         ("Bearer dev_customer_acme", "malformed token"),
         ("Bearer a.b.c", "malformed token"),
+        (long.as_str(), "token longer than 8192 bytes"),
     ] {
         let r = s.call(Some(auth), "POST", "/v1/vms", Some(&body)).await;
         assert_eq!((r.status, r.code()), (401, "unauthenticated"), "{r:?}");
@@ -784,4 +786,35 @@ async fn a_boot_whose_caller_gives_up_still_completes_and_is_saved() {
         }
         assert_eq!(state, "VM_STATE_RUNNING", "{vm}");
     }
+}
+
+#[tokio::test]
+async fn the_server_caps_how_long_a_call_may_run_whatever_the_client_asks() {
+    let f = fixture();
+    let mut settings = settings(false);
+    settings.limits.max_deadline = std::time::Duration::from_secs(1);
+    let s = serve(routers(Arc::clone(&f.svc), settings).api).await;
+    let (a, b) = (s.create("acme").await, s.create("acme").await);
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    *f.backend.hold_boot.lock().unwrap() = Some(Arc::clone(&gate));
+    let t0 = std::time::Instant::now();
+    // Ten minutes asked over Connect, none over REST: both end at the server's one second.
+    let r = s
+        .client
+        .post(format!("{}/metald.v1.VmService/BootVm", s.base))
+        .header("Authorization", bearer("acme"))
+        .header("Content-Type", "application/json")
+        .header("Connect-Timeout-Ms", "600000")
+        .body(json!({ "vmId": a }).to_string())
+        .send()
+        .await
+        .unwrap();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "deadline_exceeded", "{body}");
+    let r = s
+        .rest("acme", "POST", &format!("/v1/vms/{b}/boot"), None)
+        .await;
+    assert_eq!((r.status, r.code()), (504, "deadline_exceeded"), "{r:?}");
+    assert!(t0.elapsed() < std::time::Duration::from_secs(10));
+    gate.add_permits(2);
 }

@@ -3,7 +3,8 @@
 
 use crate::domain::CustomerId;
 
-const EXPECTED: &str =
+/// What a dev-mode caller must send, appended to every dev-mode refusal.
+pub const EXPECTED: &str =
     "expected header 'Authorization: Bearer dev_customer_<id>' (id: 1-64 of A-Z a-z 0-9 _ -)";
 
 /// The customer a dev bearer token names, or why the token is not one.

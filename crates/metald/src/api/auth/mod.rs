@@ -234,7 +234,13 @@ impl Authenticator {
         headers: &HeaderMap,
         peer: Option<&Peer>,
     ) -> Result<(Identity, Scopes), String> {
-        let token = bearer(headers)?;
+        let token = match bearer(headers) {
+            Ok(t) => t,
+            Err(why) if matches!(self.mode, Mode::Dev) => {
+                return Err(format!("{why}; {}", dev::EXPECTED))
+            }
+            Err(why) => return Err(why),
+        };
         let service = peer.and_then(|p| p.service.clone());
         let acting_for = match headers.get(CUSTOMER_HEADER) {
             None => None,
@@ -457,9 +463,10 @@ mod tests {
             .unwrap_err();
         assert!(err.contains("not a customer id"), "{err}");
         let basic = headers(&[("authorization", "Basic abc")]);
-        assert_eq!(
-            auth.authenticate(&basic, None).await.unwrap_err(),
-            "Authorization is not a Bearer token"
+        let err = auth.authenticate(&basic, None).await.unwrap_err();
+        assert!(
+            err.starts_with("Authorization is not a Bearer token; expected header"),
+            "{err}"
         );
     }
 }
