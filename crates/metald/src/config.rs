@@ -131,6 +131,30 @@ pub struct Config {
     pub tls: Option<TlsSettings>,
     /// Per-customer request rate and deadline caps.
     pub requests: RequestLimits,
+    /// The operator token `/metrics` requires.
+    pub metrics_token: Option<Secret>,
+}
+
+/// A secret from the environment: never printed by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps `s`.
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    /// The secret itself.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
 }
 
 /// How callers are authenticated.
@@ -347,6 +371,14 @@ impl Config {
             auth,
             tls,
             requests: request_limits(&env)?,
+            metrics_token: env.optional(
+                "UNKEY_METALD_METRICS_TOKEN",
+                "expected a token of 32-256 printable ASCII characters",
+                |v| {
+                    { (32..=256).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic()) }
+                        .then(|| Secret(v.to_string()))
+                },
+            )?,
         })
     }
 }
@@ -1063,6 +1095,7 @@ mod tests {
             ),
             ("UNKEY_METALD_RATE_LIMIT_PER_SECOND", "0", "1-1000000"),
             ("UNKEY_METALD_MAX_DEADLINE", "2h", "1s-3600s"),
+            ("UNKEY_METALD_METRICS_TOKEN", "short", "32-256 printable"),
             ("UNKEY_METALD_ADDRESS", "0.0.0.0", "loopback addresses only"),
             ("UNKEY_METALD_QUOTA_VMS", "0", "1-1000000"),
             ("UNKEY_METALD_QUOTA_RUNNING_VCPUS", "many", "1-1000000"),

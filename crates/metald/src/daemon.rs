@@ -291,6 +291,7 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
             auth: Arc::new(auth),
             limits: cfg.requests,
             separate_metrics: cfg.metrics_port.is_some(),
+            metrics_token: cfg.metrics_token.clone(),
         },
     );
     if let (Some(port), Some(app)) = (cfg.metrics_port, routers.metrics) {

@@ -261,8 +261,65 @@ pub async fn track(State(m): State<Arc<ApiMetrics>>, req: Request, next: Next) -
     resp
 }
 
+/// Who may read `/metrics`: it names every customer's VMs and their usage, so operators only.
+#[derive(Clone)]
+pub enum MetricsAccess {
+    /// Anyone who reaches the port (a dev-mode loopback API, or the separate metrics port,
+    /// which the operator keeps off public networks).
+    Open,
+    /// Callers sending `Authorization: Bearer <UNKEY_METALD_METRICS_TOKEN>`; the SHA-256 of the
+    /// token is kept, so a comparison reveals nothing about the token's bytes.
+    Token([u8; 32]),
+    /// Nobody on this port (jwt and mtls modes without a metrics token).
+    Closed,
+}
+
+impl MetricsAccess {
+    /// Access by `token`.
+    pub fn token(token: &str) -> Self {
+        use sha2::Digest;
+        Self::Token(sha2::Sha256::digest(token.as_bytes()).into())
+    }
+}
+
+/// What `GET /metrics` serves, and to whom.
+#[derive(Clone)]
+pub struct Scrape {
+    /// The metrics.
+    pub metrics: Arc<ApiMetrics>,
+    /// Who may read them.
+    pub access: MetricsAccess,
+}
+
 /// `GET /metrics`.
-pub async fn serve(State(m): State<Arc<ApiMetrics>>) -> Response {
+pub async fn serve(State(scrape): State<Scrape>, headers: http::HeaderMap) -> Response {
+    use sha2::Digest;
+    match &scrape.access {
+        MetricsAccess::Open => {}
+        MetricsAccess::Closed => {
+            return (
+                http::StatusCode::NOT_FOUND,
+                "/metrics is not served on the API port: set UNKEY_METALD_METRICS_TOKEN, or \
+                 UNKEY_METALD_OTEL_PROMETHEUS_PORT for a port of its own\n",
+            )
+                .into_response()
+        }
+        MetricsAccess::Token(want) => {
+            let sent = headers
+                .get(http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(|t| <[u8; 32]>::from(sha2::Sha256::digest(t.trim().as_bytes())));
+            if sent.as_ref() != Some(want) {
+                return (
+                    http::StatusCode::UNAUTHORIZED,
+                    "/metrics needs 'Authorization: Bearer <UNKEY_METALD_METRICS_TOKEN>'\n",
+                )
+                    .into_response();
+            }
+        }
+    }
+    let m = &scrape.metrics;
     (
         [(
             http::header::CONTENT_TYPE,

@@ -60,6 +60,8 @@ pub struct ApiSettings {
     pub limits: crate::config::RequestLimits,
     /// Whether `/metrics` has a port of its own.
     pub separate_metrics: bool,
+    /// The operator token `/metrics` requires, if one is set.
+    pub metrics_token: Option<crate::config::Secret>,
 }
 
 /// The HTTP surfaces: the API port's, and the metrics port's when `/metrics` has its own.
@@ -75,8 +77,18 @@ pub struct Routers {
 /// Builds the routers; `separate_metrics` puts `/metrics` on a router of its own.
 pub fn routers(svc: Arc<VmService>, settings: ApiSettings) -> Routers {
     let metrics = metrics::ApiMetrics::new(Arc::clone(&svc));
-    let scrape = axum::routing::get(metrics::serve).with_state(Arc::clone(&metrics));
     let separate_metrics = settings.separate_metrics;
+    // `/metrics` names every customer's VMs: an operator token, or a port of its own, or the
+    // loopback-only dev mode.
+    let access = match &settings.metrics_token {
+        Some(t) => metrics::MetricsAccess::token(t.expose()),
+        None if separate_metrics || settings.auth.is_dev() => metrics::MetricsAccess::Open,
+        None => metrics::MetricsAccess::Closed,
+    };
+    let scrape = axum::routing::get(metrics::serve).with_state(metrics::Scrape {
+        metrics: Arc::clone(&metrics),
+        access,
+    });
     let api = health(router(svc.clone(), metrics, settings), svc.clone());
     if separate_metrics {
         Routers {

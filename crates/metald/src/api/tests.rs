@@ -129,6 +129,7 @@ fn settings(separate_metrics: bool) -> ApiSettings {
             max_deadline: std::time::Duration::from_secs(60),
         },
         separate_metrics,
+        metrics_token: None,
     }
 }
 
@@ -817,4 +818,40 @@ async fn the_server_caps_how_long_a_call_may_run_whatever_the_client_asks() {
     assert_eq!((r.status, r.code()), (504, "deadline_exceeded"), "{r:?}");
     assert!(t0.elapsed() < std::time::Duration::from_secs(10));
     gate.add_permits(2);
+}
+
+#[tokio::test]
+async fn metrics_are_for_operators_outside_dev_mode() {
+    use crate::config::{AuthMode, AuthSettings, Secret};
+    let f = fixture();
+    let production = || AuthSettings {
+        mode: AuthMode::Mtls,
+        trusted_services: vec!["spiffe://example.org/cp".into()],
+        services_need_token: false,
+    };
+    let mut closed = settings(false);
+    closed.auth = Arc::new(Authenticator::new(&production()).await.unwrap());
+    let s = serve(routers(Arc::clone(&f.svc), closed).api).await;
+    let r = s.call(None, "GET", "/metrics", None).await;
+    assert_eq!(r.status, 404, "{r:?}");
+    assert!(r
+        .body
+        .as_str()
+        .unwrap()
+        .contains("UNKEY_METALD_METRICS_TOKEN"));
+
+    let token = "an-operator-token-of-at-least-32-characters";
+    let mut guarded = settings(false);
+    guarded.auth = Arc::new(Authenticator::new(&production()).await.unwrap());
+    guarded.metrics_token = Some(Secret::new(token));
+    let s = serve(routers(Arc::clone(&f.svc), guarded).api).await;
+    for auth in [None, Some("Bearer wrong"), Some("Bearer dev_customer_ops")] {
+        let r = s.call(auth, "GET", "/metrics", None).await;
+        assert_eq!(r.status, 401, "{auth:?}: {r:?}");
+    }
+    let r = s
+        .call(Some(&format!("Bearer {token}")), "GET", "/metrics", None)
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.body.as_str().unwrap().contains("# TYPE metald_vms gauge"));
 }

@@ -228,6 +228,11 @@ impl Authenticator {
         }
     }
 
+    /// Whether this is the loopback-only dev mode.
+    pub fn is_dev(&self) -> bool {
+        matches!(self.mode, Mode::Dev)
+    }
+
     /// Who the request is from, and the scopes they hold; `Err` is the 401 reason.
     pub async fn authenticate(
         &self,
