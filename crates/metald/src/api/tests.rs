@@ -855,3 +855,24 @@ async fn metrics_are_for_operators_outside_dev_mode() {
     assert_eq!(r.status, 200, "{r:?}");
     assert!(r.body.as_str().unwrap().contains("# TYPE metald_vms gauge"));
 }
+
+#[tokio::test]
+async fn made_up_paths_do_not_grow_the_metric_labels() {
+    let f = fixture();
+    let s = api(&f).await;
+    for i in 0..20 {
+        s.call(
+            None,
+            "POST",
+            &format!("/metald.v1.VmService/Made{i}Up"),
+            Some("{}"),
+        )
+        .await;
+        s.call(None, "GET", &format!("/nowhere/{i}"), None).await;
+    }
+    let text = s.call(None, "GET", "/metrics", None).await.body;
+    let text = text.as_str().unwrap();
+    assert!(!text.contains("Made"), "{text}");
+    assert!(!text.contains("nowhere"), "{text}");
+    assert!(text.contains("method=\"other\""), "{text}");
+}
