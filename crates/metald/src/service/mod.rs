@@ -251,6 +251,30 @@ impl VmService {
         self.backend.kind().as_str()
     }
 
+    /// Locks the caller's VM `id` and loads it under the lock. Ownership is checked first:
+    /// another customer's id, or a made-up one, never reaches the lock map, so it neither grows
+    /// the map nor waits behind (and so learns of) the owner's call in flight.
+    async fn lock_own(
+        &self,
+        customer: &CustomerId,
+        id: &VmId,
+    ) -> Result<(tokio::sync::OwnedMutexGuard<()>, VmRecord), ServiceError> {
+        self.load(customer, id).await?;
+        let guard = self.lock(id).await;
+        match self.load(customer, id).await {
+            Ok(vm) => Ok((guard, vm)),
+            Err(e) => {
+                // Deleted while this call waited: its entry goes too.
+                drop(guard);
+                self.locks
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(id);
+                Err(e)
+            }
+        }
+    }
+
     async fn lock(&self, id: &VmId) -> tokio::sync::OwnedMutexGuard<()> {
         let lock = {
             let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
@@ -307,8 +331,7 @@ impl VmService {
         customer: &CustomerId,
         id: &VmId,
     ) -> Result<VmRecord, ServiceError> {
-        let _guard = self.lock(id).await;
-        let mut vm = self.load(customer, id).await?;
+        let (_guard, mut vm) = self.lock_own(customer, id).await?;
         next_state(vm.state(), Operation::Boot)?;
         // The reservation counts the headroom of the backend that boots the VM.
         vm.backend = self.backend_name().to_string();
@@ -398,8 +421,7 @@ impl VmService {
         id: &VmId,
         op: Vcpus,
     ) -> Result<VmRecord, ServiceError> {
-        let _guard = self.lock(id).await;
-        let mut vm = self.load(customer, id).await?;
+        let (_guard, mut vm) = self.lock_own(customer, id).await?;
         let (name, change) = match op {
             Vcpus::Freeze => ("pause", Change::Paused),
             Vcpus::Thaw => ("resume", Change::Resumed),
@@ -427,8 +449,7 @@ impl VmService {
         req: ShutdownRequest,
     ) -> Result<VmRecord, ServiceError> {
         let mode = stop_mode(req.force, req.timeout_seconds)?;
-        let _guard = self.lock(id).await;
-        let mut vm = self.load(customer, id).await?;
+        let (_guard, mut vm) = self.lock_own(customer, id).await?;
         next_state(vm.state(), Operation::Shutdown)?;
         self.backend
             .shutdown(id, mode)
@@ -453,8 +474,7 @@ impl VmService {
         force: bool,
     ) -> Result<VmRecord, ServiceError> {
         let mode = stop_mode(force, 0)?;
-        let _guard = self.lock(id).await;
-        let mut vm = self.load(customer, id).await?;
+        let (_guard, mut vm) = self.lock_own(customer, id).await?;
         next_state(vm.state(), Operation::Reboot)?;
         let mut launch = self.launch(&vm)?;
         // The namespace and veth stay across a reboot; only a new jail is made.
@@ -502,8 +522,7 @@ impl VmService {
         id: &VmId,
         force: bool,
     ) -> Result<(), ServiceError> {
-        let guard = self.lock(id).await;
-        let vm = self.load(customer, id).await?;
+        let (guard, vm) = self.lock_own(customer, id).await?;
         next_state(vm.state(), Operation::Delete { force })?;
         let dir = self.vm_dir(id);
         self.backend

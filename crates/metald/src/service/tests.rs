@@ -633,3 +633,39 @@ async fn a_create_without_disk_room_is_refused_and_makes_nothing() {
         .store(HOST.disk_reserve_bytes + MIB, Ordering::SeqCst);
     f.svc.create(&f.who, config()).await.unwrap();
 }
+
+#[tokio::test]
+async fn other_customers_never_wait_on_or_add_to_the_vm_locks() {
+    let f = fixture();
+    let id = f.svc.create(&f.who, config()).await.unwrap().id;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    *f.backend.hold_boot.lock().unwrap() = Some(Arc::clone(&gate));
+    let booting = {
+        let (svc, who, id) = (Arc::clone(&f.svc), f.who.clone(), id.clone());
+        tokio::spawn(async move { svc.boot(&who, &id).await })
+    };
+    while !f.backend.calls().iter().any(|c| c == "boot") {
+        tokio::task::yield_now().await;
+    }
+    // The owner's boot holds the lock; a stranger's calls answer at once, as for no VM.
+    let stranger: CustomerId = "stranger".parse().unwrap();
+    let answer = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        f.svc.delete(&stranger, &id, true),
+    )
+    .await
+    .expect("a stranger's call must not wait on the owner's lock");
+    assert!(matches!(answer, Err(ServiceError::NotFound(_))));
+    for _ in 0..100 {
+        let made_up = VmId::generate();
+        assert!(f.svc.boot(&stranger, &made_up).await.is_err());
+    }
+    assert_eq!(f.svc.locks.lock().unwrap().len(), 1, "only the owner's VM");
+    gate.add_permits(1);
+    booting.await.unwrap().unwrap();
+    f.svc.delete(&f.who, &id, true).await.unwrap();
+    assert!(
+        f.svc.locks.lock().unwrap().is_empty(),
+        "removed with the VM"
+    );
+}
