@@ -119,12 +119,14 @@ impl Sandboxes {
             .as_ref()
             .map(|n| n.slot)
             .ok_or_else(|| SandboxError::NotAllocated(vm.id.clone()))?;
+        // metald's arguments last: where a kernel or init takes the last of repeated
+        // arguments, the customer's cannot win (validation refuses metald.* ones anyway).
         if let Some(net) = &launch.net {
             let args = net.kernel_args();
             launch.extra_kernel_args = if launch.extra_kernel_args.is_empty() {
                 args
             } else {
-                format!("{args} {}", launch.extra_kernel_args)
+                format!("{} {args}", launch.extra_kernel_args)
             };
         }
         let mut read_only: Vec<PathBuf> = vec![launch.kernel.clone()];

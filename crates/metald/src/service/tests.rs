@@ -114,6 +114,18 @@ async fn invalid_configs_name_the_field_and_create_nothing() {
             "config.kernel_args",
         ),
         (
+            Box::new(|c| c.kernel_args = "quiet metald.ip6=fd00::66".into()),
+            "config.kernel_args",
+        ),
+        (
+            Box::new(|c| c.kernel_args = "quiet \"metald.gw4=10.0.0.1\"".into()),
+            "config.kernel_args",
+        ),
+        (
+            Box::new(|c| c.kernel_args = "quiet note=\"open".into()),
+            "config.kernel_args",
+        ),
+        (
             Box::new(|c| {
                 c.drives = vec![
                     DriveConfig {

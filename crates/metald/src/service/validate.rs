@@ -106,6 +106,23 @@ impl VmService {
                 "must not contain control characters",
             ));
         }
+        // The guest's init reads its addresses from metald.* arguments: a customer's copy must
+        // not override them, and an open quote must not swallow metald's (which come last).
+        if c.kernel_args
+            .split_ascii_whitespace()
+            .any(|w| w.trim_start_matches('"').starts_with("metald."))
+        {
+            return Err(invalid(
+                "config.kernel_args",
+                "metald.* arguments are reserved for metald",
+            ));
+        }
+        if c.kernel_args.matches('"').count() % 2 != 0 {
+            return Err(invalid(
+                "config.kernel_args",
+                "has an unbalanced double quote",
+            ));
+        }
         if c.drives.len() > MAX_DRIVES {
             return Err(invalid(
                 "config.drives",
