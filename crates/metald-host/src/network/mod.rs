@@ -85,6 +85,10 @@ pub struct VmNetworkPlan {
     pub tx_rate_limit: Option<RateLimit>,
 }
 
+/// The kernel arguments metald sets for every VM ([`VmNetworkPlan::kernel_args`]): a
+/// customer's `kernel_args` may not name them.
+pub const RESERVED_KERNEL_ARGS: &[&str] = &["metald.ip6", "metald.gw6", "metald.ip4", "metald.gw4"];
+
 impl VmNetworkPlan {
     /// Kernel arguments telling the guest its addresses (the guest contract: `guest/README.md`).
     pub fn kernel_args(&self) -> String {

@@ -115,6 +115,10 @@ pub fn command_args(launch: &VmLaunch, accel: Accel) -> Vec<String> {
         "-display",
         "none",
         "-no-reboot",
+        // QEMU's own seccomp filter, on top of the jail: a guest that takes QEMU over cannot
+        // exec, raise privileges, change scheduling or resource limits, or use obsolete calls.
+        "-sandbox",
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -349,6 +353,12 @@ mod tests {
         );
         assert!(args.contains("-no-reboot"), "{args}");
         assert!(args.contains("-smp 2 -m 256M"), "{args}");
+        assert!(
+            args.contains(
+                "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+            ),
+            "{args}"
+        );
     }
 
     #[test]

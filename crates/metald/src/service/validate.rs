@@ -106,15 +106,20 @@ impl VmService {
                 "must not contain control characters",
             ));
         }
-        // The guest's init reads its addresses from metald.* arguments: a customer's copy must
-        // not override them, and an open quote must not swallow metald's (which come last).
-        if c.kernel_args
-            .split_ascii_whitespace()
-            .any(|w| w.trim_start_matches('"').starts_with("metald."))
-        {
+        // The guest's init reads its addresses from metald's arguments: a customer's copy must
+        // not override them, and an open quote must not swallow them (they come last).
+        if let Some(name) = c.kernel_args.split_ascii_whitespace().find_map(|w| {
+            let name = w.trim_start_matches('"').split('=').next().unwrap_or("");
+            crate::network::RESERVED_KERNEL_ARGS
+                .iter()
+                .find(|r| r.eq_ignore_ascii_case(name))
+        }) {
             return Err(invalid(
                 "config.kernel_args",
-                "metald.* arguments are reserved for metald",
+                format!(
+                    "{name} is set by metald (reserved: {})",
+                    crate::network::RESERVED_KERNEL_ARGS.join(", ")
+                ),
             ));
         }
         if c.kernel_args.matches('"').count() % 2 != 0 {
