@@ -122,7 +122,7 @@ impl VmService {
                 ),
             ));
         }
-        if c.kernel_args.matches('"').count() % 2 != 0 {
+        if !c.kernel_args.matches('"').count().is_multiple_of(2) {
             return Err(invalid(
                 "config.kernel_args",
                 "has an unbalanced double quote",
