@@ -8,6 +8,7 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::backend::VmLaunch;
 use crate::domain::{VmId, VmRecord};
@@ -45,7 +46,7 @@ pub trait Isolation: Send + Sync {
     fn attach(&self, vm: &VmRecord, launch: &mut VmLaunch) -> Result<(), SandboxError>;
 
     /// Removes everything the VM's run had (best effort, each failure logged).
-    async fn release(&self, vm: &VmRecord);
+    async fn release(&self, vm: &VmRecord) -> Result<(), SandboxError>;
 
     /// Takes over the sandbox of a VMM that outlived a metald restart.
     async fn adopt(&self, vm: &VmRecord) -> Result<(), SandboxError>;
@@ -78,7 +79,9 @@ impl Isolation for Unisolated {
     fn attach(&self, _: &VmRecord, _: &mut VmLaunch) -> Result<(), SandboxError> {
         Ok(())
     }
-    async fn release(&self, _: &VmRecord) {}
+    async fn release(&self, _: &VmRecord) -> Result<(), SandboxError> {
+        Ok(())
+    }
     async fn adopt(&self, _: &VmRecord) -> Result<(), SandboxError> {
         Ok(())
     }
@@ -95,7 +98,7 @@ impl Isolation for Unisolated {
 
 /// Sets up and removes sandboxes: the jailer and the network together.
 pub struct Sandboxes {
-    jailer: Jailer,
+    jailer: Arc<Jailer>,
     network: Network,
     plan: AllocationPlan,
     proc: PathBuf,
@@ -106,7 +109,7 @@ impl Sandboxes {
     /// cgroups and from procfs at `proc`.
     pub fn new(jailer: Jailer, network: Network, plan: AllocationPlan, proc: PathBuf) -> Self {
         Self {
-            jailer,
+            jailer: Arc::new(jailer),
             network,
             plan,
             proc,
@@ -174,7 +177,8 @@ impl Isolation for Sandboxes {
         let network_ms = t0.elapsed().as_secs_f64() * 1000.0;
         launch.net = Some(net);
         if let Err(e) = self.attach_jail(vm, launch) {
-            self.release(vm).await;
+            // Its own failure is logged inside; the attach error is the one to report.
+            let _logged = self.release(vm).await;
             return Err(e);
         }
         tracing::debug!(vm_id = %vm.id, network_ms, jail_ms = t0.elapsed().as_secs_f64() * 1000.0 - network_ms, "sandbox ready");
@@ -187,15 +191,23 @@ impl Isolation for Sandboxes {
         self.attach_jail(vm, launch)
     }
 
-    /// Removes everything the VM's run had. Best effort: each failure is logged, the rest is
-    /// still removed.
-    async fn release(&self, vm: &VmRecord) {
+    /// Removes everything the VM's run had. Each failure is logged and the rest still
+    /// removed; the jail's error is returned, since processes left in the VM's cgroup mean
+    /// its uid must stay taken.
+    async fn release(&self, vm: &VmRecord) -> Result<(), SandboxError> {
         if let Err(e) = self.network.teardown(vm).await {
             tracing::error!(vm_id = %vm.id, error = %Chain(&e), "removing the VM's network failed");
         }
-        if let Err(e) = self.jailer.release(&vm.id) {
-            tracing::error!(vm_id = %vm.id, error = %Chain(&e), "removing the VM's jail failed");
+        // Killing the cgroup waits for its processes to be reaped: not on a runtime thread.
+        let jailer = Arc::clone(&self.jailer);
+        let id = vm.id.clone();
+        let released = tokio::task::spawn_blocking(move || jailer.release(&id))
+            .await
+            .unwrap_or_else(|e| Err(JailError::Task(e.to_string())));
+        if let Err(e) = &released {
+            tracing::error!(vm_id = %vm.id, error = %Chain(e), "removing the VM's jail failed");
         }
+        Ok(released?)
     }
 
     /// Takes over the sandbox of a VMM that outlived a metald restart.
@@ -205,7 +217,11 @@ impl Isolation for Sandboxes {
 
     /// At start: removes every namespace, interface, cgroup and jail of VMs not in `keep`.
     async fn sweep(&self, keep: &HashSet<VmId>) -> Result<(), SandboxError> {
-        self.jailer.sweep(keep);
+        // Killing leftover cgroups waits for their processes: not on a runtime thread.
+        let (jailer, kept) = (Arc::clone(&self.jailer), keep.clone());
+        tokio::task::spawn_blocking(move || jailer.sweep(&kept))
+            .await
+            .map_err(|e| JailError::Task(e.to_string()))?;
         Ok(self.network.sweep(keep).await?)
     }
 

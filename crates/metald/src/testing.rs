@@ -94,6 +94,8 @@ pub(crate) struct FakeBackend {
 pub(crate) struct FakeIsolation {
     pub(crate) calls: Mutex<Vec<String>>,
     pub(crate) fail_setup: AtomicBool,
+    /// While set, release fails (processes left in the VM's cgroup).
+    pub(crate) fail_release: AtomicBool,
 }
 
 impl FakeIsolation {
@@ -121,8 +123,12 @@ impl Isolation for FakeIsolation {
         self.record("attach", &vm.id);
         Ok(())
     }
-    async fn release(&self, vm: &VmRecord) {
+    async fn release(&self, vm: &VmRecord) -> Result<(), SandboxError> {
         self.record("release", &vm.id);
+        if self.fail_release.load(Ordering::SeqCst) {
+            return Err(SandboxError::NotAllocated(vm.id.clone()));
+        }
+        Ok(())
     }
     async fn adopt(&self, vm: &VmRecord) -> Result<(), SandboxError> {
         self.record("adopt", &vm.id);

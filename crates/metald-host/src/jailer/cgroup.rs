@@ -47,7 +47,18 @@ pub enum CgroupError {
         #[source]
         source: std::io::Error,
     },
+    /// Processes were still in the cgroup after it was killed (the VM's uid stays taken).
+    #[error("{dir}: {pids} process(es) still in the cgroup after killing it")]
+    Busy {
+        /// The cgroup.
+        dir: PathBuf,
+        /// How many were left.
+        pids: usize,
+    },
 }
+
+/// How long the processes of a killed cgroup get to be reaped and leave it.
+const EMPTY_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError {
     let path = path.to_path_buf();
@@ -215,22 +226,26 @@ impl Cgroups {
         Ok(())
     }
 
-    /// Kills whatever is left in the VM's cgroup(s) and removes them. Missing is fine.
+    /// Kills whatever is left in the VM's cgroup(s) and removes them. Missing is fine. Blocks
+    /// (up to [`EMPTY_WITHIN`]) until the cgroup is empty: call it off the async runtime. An
+    /// error means processes are left, so the VM's uid must not be given to another VM.
     pub fn remove(&self, vm: &str) -> Result<(), CgroupError> {
         for dir in self.dirs(vm) {
             if !dir.exists() {
                 continue;
             }
-            kill_all(&dir);
-            // A killed process leaves the cgroup only once it is reaped; retry briefly.
-            let mut tries = 0;
+            kill_until_empty(&dir)?;
+            // The last process leaves the cgroup a moment after it is reaped.
+            let deadline = std::time::Instant::now() + EMPTY_WITHIN;
             loop {
                 match std::fs::remove_dir(&dir) {
                     Ok(()) => break,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-                    Err(e) if tries < 50 && e.raw_os_error() == Some(libc::EBUSY) => {
-                        tries += 1;
-                        std::thread::sleep(std::time::Duration::from_millis(20));
+                    Err(e)
+                        if std::time::Instant::now() < deadline
+                            && e.raw_os_error() == Some(libc::EBUSY) =>
+                    {
+                        std::thread::sleep(std::time::Duration::from_millis(10));
                     }
                     Err(e) => return Err(io("remove", &dir)(e)),
                 }
@@ -274,15 +289,40 @@ fn ignore_missing(e: CgroupError) -> Result<(), CgroupError> {
     }
 }
 
-fn kill_all(dir: &Path) {
-    let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) else {
-        return;
-    };
-    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-        if let Some(pid) = rustix::process::Pid::from_raw(pid) {
-            let _ignored = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-        }
+/// Kills every process in the cgroup at `dir` until none is left: with `cgroup.kill` where
+/// the kernel has it (v2, 5.14+: atomic, also catches forks in flight), and by signalling each
+/// pid in `cgroup.procs` again and again where it does not (a fork can slip past one pass).
+fn kill_until_empty(dir: &Path) -> Result<(), CgroupError> {
+    let kill_file = dir.join("cgroup.kill");
+    if kill_file.exists() {
+        std::fs::write(&kill_file, "1").map_err(io("write", &kill_file))?;
     }
+    let deadline = std::time::Instant::now() + EMPTY_WITHIN;
+    loop {
+        let pids = procs(dir);
+        if pids.is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(CgroupError::Busy {
+                dir: dir.to_path_buf(),
+                pids: pids.len(),
+            });
+        }
+        for pid in pids {
+            if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+                let _gone = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// The pids in the cgroup (none if it is gone).
+fn procs(dir: &Path) -> Vec<i32> {
+    std::fs::read_to_string(dir.join("cgroup.procs"))
+        .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -364,5 +404,33 @@ mod tests {
             Cgroups::detect(d.path(), "metald"),
             Err(CgroupError::NoHierarchy(_))
         ));
+    }
+
+    #[test]
+    fn a_cgroup_is_killed_until_empty_and_an_unkillable_one_is_reported() {
+        // Stands in for the kernel: a real child in a cgroup.procs file that "the kernel"
+        // empties once the child is reaped.
+        let dir = tempfile::tempdir().unwrap();
+        let cg = dir.path().join("vm");
+        std::fs::create_dir(&cg).unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .unwrap();
+        std::fs::write(cg.join("cgroup.procs"), format!("{}\n", child.id())).unwrap();
+        let procs = cg.join("cgroup.procs");
+        let reaper = std::thread::spawn(move || {
+            let status = child.wait().unwrap();
+            std::fs::write(&procs, "").unwrap();
+            status
+        });
+        kill_until_empty(&cg).unwrap();
+        let status = reaper.join().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+        // A process that never leaves (a pid nothing can kill here): reported, not ignored.
+        std::fs::write(cg.join("cgroup.procs"), "4194304\n").unwrap();
+        let err = kill_until_empty(&cg).unwrap_err();
+        assert!(matches!(err, CgroupError::Busy { pids: 1, .. }), "{err}");
     }
 }

@@ -105,6 +105,9 @@ pub enum JailError {
     /// cgroup set-up failed.
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
+    /// The blocking task that released the jail did not finish.
+    #[error("jail release task: {0}")]
+    Task(String),
     /// A file operation failed.
     #[error("{op} {path}")]
     Io {

@@ -377,7 +377,7 @@ impl VmService {
         let process = match started.await {
             Ok(p) => p,
             Err(source) => {
-                self.release_sandbox(vm).await;
+                let _logged = self.release_sandbox(vm).await;
                 return Err(ServiceError::Backend {
                     op: "boot",
                     vm: vm.id.clone(),
@@ -459,7 +459,7 @@ impl VmService {
                 vm: id.clone(),
                 source,
             })?;
-        self.release_sandbox(&vm).await;
+        let _logged = self.release_sandbox(&vm).await;
         tracing::info!(vm_id = %id, "vm shut down");
         vm.life.apply(Change::ShutDown)?;
         self.save(&mut vm)?;
@@ -494,7 +494,7 @@ impl VmService {
                     vm.life
                         .apply(Change::Failed(format!("reboot failed: {source}")))?;
                     self.save(&mut vm)?;
-                    self.release_sandbox(&vm).await;
+                    let _logged = self.release_sandbox(&vm).await;
                 }
                 return Err(ServiceError::Backend {
                     op: "reboot",
@@ -533,7 +533,13 @@ impl VmService {
                 vm: id.clone(),
                 source,
             })?;
-        self.release_sandbox(&vm).await;
+        // Processes left in its cgroup keep the VM (and its uid) until a retry clears them.
+        self.release_sandbox(&vm)
+            .await
+            .map_err(|source| ServiceError::Sandbox {
+                vm: id.clone(),
+                source,
+            })?;
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

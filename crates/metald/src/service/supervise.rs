@@ -38,7 +38,7 @@ impl VmService {
                 }
                 continue;
             }
-            self.release_sandbox(&vm).await;
+            let _logged = self.release_sandbox(&vm).await;
             tracing::warn!(vm_id = %vm.id, "VMM is gone after a metald restart; marking FAILED");
             vm.life.apply(Change::Failed(
                 "VMM process was gone when metald restarted".into(),
@@ -54,10 +54,15 @@ impl VmService {
         Ok(())
     }
 
-    /// The VM's VMM is gone: its last sample is taken, then its sandbox removed.
-    pub(super) async fn release_sandbox(&self, vm: &VmRecord) {
+    /// The VM's VMM is gone: its last sample is taken, then its sandbox removed. An error
+    /// (logged by the isolation) means something of it is left; only a delete must stop then,
+    /// so the VM's jail slot is not freed while its processes live.
+    pub(super) async fn release_sandbox(
+        &self,
+        vm: &VmRecord,
+    ) -> Result<(), crate::sandbox::SandboxError> {
         self.untrack(vm);
-        self.isolation.release(vm).await;
+        self.isolation.release(vm).await
     }
 
     /// A VMM exited: if nobody asked for it, the VM is FAILED with the exit status.
@@ -77,7 +82,7 @@ impl VmService {
             512,
         );
         tracing::warn!(vm_id = %vm.id, pid = ev.pid, status = %ev.status, "VMM exited on its own");
-        self.release_sandbox(&vm).await;
+        let _logged = self.release_sandbox(&vm).await;
         let failed = vm.life.apply(Change::Failed(format!(
             "VMM exited on its own ({}); console ends: {console}",
             ev.status
@@ -133,7 +138,7 @@ impl VmService {
                     if let Err(e) = svc.backend.shutdown(&id, StopMode::Force).await {
                         tracing::error!(vm_id = %id, error = %Chain(&e), "killing a guest that never became ready failed");
                     }
-                    svc.release_sandbox(&vm).await;
+                    let _logged = svc.release_sandbox(&vm).await;
                     let failed = vm.life.apply(Change::Failed(format!(
                         "guest printed no '{marker}' line within {timeout:?}; console ends: {tail}"
                     )));

@@ -681,3 +681,18 @@ async fn other_customers_never_wait_on_or_add_to_the_vm_locks() {
         "removed with the VM"
     );
 }
+
+#[tokio::test]
+async fn a_vm_whose_cgroup_cannot_be_emptied_is_not_deleted_and_keeps_its_slot() {
+    let f = fixture();
+    let id = f.svc.create(&f.who, config()).await.unwrap().id;
+    f.svc.boot(&f.who, &id).await.unwrap();
+    f.isolation.fail_release.store(true, Ordering::SeqCst);
+    let err = f.svc.delete(&f.who, &id, true).await.unwrap_err();
+    assert!(matches!(err, ServiceError::Sandbox { .. }), "{err}");
+    // Still stored: its jail slot (uid) and addresses are not handed to another VM.
+    assert!(f.svc.get(&f.who, &id).await.is_ok());
+    f.isolation.fail_release.store(false, Ordering::SeqCst);
+    f.svc.delete(&f.who, &id, true).await.unwrap();
+    assert!(f.svc.get(&f.who, &id).await.is_err());
+}
