@@ -136,7 +136,7 @@ impl pb::VmService for ConnectApi {
         ctx: RequestContext,
         request: ServiceRequest<'_, pb::GetVmInfoRequest>,
     ) -> ServiceResult<pb::GetVmInfoResponse> {
-        let who = customer(&ctx)?;
+        let who = identity(&ctx)?;
         let vm = h::get_vm(&self.svc, &who, request.vm_id).await?;
         Response::ok(pb::GetVmInfoResponse {
             vm: vm.into(),
@@ -149,7 +149,7 @@ impl pb::VmService for ConnectApi {
         ctx: RequestContext,
         request: ServiceRequest<'_, pb::ListVmsRequest>,
     ) -> ServiceResult<pb::ListVmsResponse> {
-        let who = customer(&ctx)?;
+        let who = identity(&ctx)?;
         let req = request.to_owned_message();
         let state = h::state_from_proto(&req.state_filter)?;
         Response::ok(h::list_vms(&self.svc, &who, state, req.page_size, &req.page_token).await?)

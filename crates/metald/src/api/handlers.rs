@@ -174,22 +174,29 @@ pub fn vm_to_proto(vm: &VmRecord) -> pb::VmInfo {
     }
 }
 
-/// The API view of a VM, with its network identity.
-fn vm_info(svc: &VmService, vm: &VmRecord) -> pb::VmInfo {
+/// The API view of a VM, with its network identity. Host details (the VMM's pid, the TAP,
+/// the namespace file, the host-side interface) are for operators (callers holding
+/// `host:read`); a customer sees its VM's addresses only.
+fn vm_info(svc: &VmService, vm: &VmRecord, who: &Identity) -> pb::VmInfo {
     let mut info = vm_to_proto(vm);
+    if !who.operator {
+        info.vmm_pid = 0;
+    }
     if let Some(n) = svc.network_of(vm) {
-        info.network = pb::VmNetworkInfo {
+        let mut net = pb::VmNetworkInfo {
             ipv6_address: n.ipv6.to_string(),
             ipv4_address: n.ipv4.map(|a| a.to_string()).unwrap_or_default(),
             mac_address: n.mac,
             gateway_ipv6: n.gateway6.to_string(),
             gateway_ipv4: n.gateway4.map(|a| a.to_string()).unwrap_or_default(),
-            tap_device: n.tap,
-            network_namespace: n.netns.display().to_string(),
-            host_interface: n.host_if,
             ..Default::default()
+        };
+        if who.operator {
+            net.tap_device = n.tap;
+            net.network_namespace = n.netns.display().to_string();
+            net.host_interface = n.host_if;
         }
-        .into();
+        info.network = net.into();
     }
     info
 }
@@ -214,7 +221,7 @@ pub async fn create_vm(
     })
     .await?;
     Ok(pb::CreateVmResponse {
-        vm: vm_info(svc, &vm).into(),
+        vm: vm_info(svc, &vm, who).into(),
         ..Default::default()
     })
 }
@@ -231,7 +238,7 @@ pub async fn boot_vm(
         s.boot(&customer, &vm).await
     })
     .await?;
-    Ok(vm_info(svc, &vm))
+    Ok(vm_info(svc, &vm, who))
 }
 
 /// ShutdownVm.
@@ -252,7 +259,7 @@ pub async fn shutdown_vm(
         s.shutdown(&customer, &vm, request).await
     })
     .await?;
-    Ok(vm_info(svc, &vm))
+    Ok(vm_info(svc, &vm, who))
 }
 
 /// PauseVm.
@@ -267,7 +274,7 @@ pub async fn pause_vm(
         s.pause(&customer, &vm).await
     })
     .await?;
-    Ok(vm_info(svc, &vm))
+    Ok(vm_info(svc, &vm, who))
 }
 
 /// ResumeVm.
@@ -282,7 +289,7 @@ pub async fn resume_vm(
         s.resume(&customer, &vm).await
     })
     .await?;
-    Ok(vm_info(svc, &vm))
+    Ok(vm_info(svc, &vm, who))
 }
 
 /// RebootVm.
@@ -298,7 +305,7 @@ pub async fn reboot_vm(
         s.reboot(&customer, &vm, force).await
     })
     .await?;
-    Ok(vm_info(svc, &vm))
+    Ok(vm_info(svc, &vm, who))
 }
 
 /// DeleteVm.
@@ -319,27 +326,30 @@ pub async fn delete_vm(
 /// GetVmInfo.
 pub async fn get_vm(
     svc: &Arc<VmService>,
-    who: &CustomerId,
+    who: &Identity,
     id: &str,
 ) -> Result<pb::VmInfo, ConnectError> {
-    let vm = svc.get(who, &vm_id("vm_id", id)?).await.map_err(err)?;
-    Ok(vm_info(svc, &vm))
+    let vm = svc
+        .get(&who.customer, &vm_id("vm_id", id)?)
+        .await
+        .map_err(err)?;
+    Ok(vm_info(svc, &vm, who))
 }
 
 /// ListVms.
 pub async fn list_vms(
     svc: &Arc<VmService>,
-    who: &CustomerId,
+    who: &Identity,
     state: Option<VmState>,
     page_size: u32,
     page_token: &str,
 ) -> Result<pb::ListVmsResponse, ConnectError> {
     let page = svc
-        .list(who, state, page_size, page_token)
+        .list(&who.customer, state, page_size, page_token)
         .await
         .map_err(err)?;
     Ok(pb::ListVmsResponse {
-        vms: page.vms.iter().map(|vm| vm_info(svc, vm)).collect(),
+        vms: page.vms.iter().map(|vm| vm_info(svc, vm, who)).collect(),
         next_page_token: page.next_page_token,
         ..Default::default()
     })

@@ -100,7 +100,7 @@ async fn list(
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Reply {
     let run = async {
-        let who = caller.customer()?.clone();
+        let who = caller.identity()?.clone();
         let Query(q) = query
             .map_err(|e| ConnectError::invalid_argument(format!("query: {}", e.body_text())))?;
         let state = match q.state.as_deref() {
@@ -135,7 +135,7 @@ async fn info(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Reply {
-    let run = async { h::get_vm(&svc, caller.customer()?, &id).await };
+    let run = async { h::get_vm(&svc, caller.identity()?, &id).await };
     done(StatusCode::OK, run.await.map(wrap_vm))
 }
 

@@ -537,9 +537,36 @@ async fn jwt_callers_act_as_their_customer_within_their_scopes() {
     assert_eq!(r.status, 201, "{r:?}");
     let id = r.body["vm"]["vmId"].as_str().unwrap().to_string();
     let r = s
+        .call(Some(&writer), "POST", &format!("/v1/vms/{id}/boot"), None)
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = s
         .call(Some(&reader), "GET", &format!("/v1/vms/{id}"), None)
         .await;
     assert_eq!(r.status, 200, "{r:?}");
+    // A customer sees no host details: no VMM pid, namespace file or host interface.
+    assert!(r.body["vm"].get("vmmPid").is_none(), "{r:?}");
+    assert!(
+        r.body["vm"]["network"].get("networkNamespace").is_none(),
+        "{r:?}"
+    );
+    // An operator of acme (host:read) does.
+    let operator_of_acme = format!(
+        "Bearer {}",
+        issuer.sign("k-es", &Issuer::claims("acme", "vms:read host:read"))
+    );
+    let r = s
+        .call(
+            Some(&operator_of_acme),
+            "GET",
+            &format!("/v1/vms/{id}"),
+            None,
+        )
+        .await;
+    assert!(
+        r.body["vm"]["vmmPid"].as_u64().is_some_and(|p| p > 0),
+        "{r:?}"
+    );
     // Read scope only: 403 on REST and Connect, and nothing changes.
     let r = s.call(Some(&reader), "POST", "/v1/vms", Some(&body)).await;
     assert_eq!((r.status, r.code()), (403, "permission_denied"), "{r:?}");

@@ -102,6 +102,8 @@ pub struct Identity {
     pub service: Option<Arc<str>>,
     /// The client's address.
     pub peer: Option<SocketAddr>,
+    /// Holds `host:read`: may see host details (VMM pids, namespace files, interfaces).
+    pub operator: bool,
 }
 
 /// What authentication concluded for one request.
@@ -296,6 +298,7 @@ impl Authenticator {
                 subject,
                 service,
                 peer: peer.map(|p| p.addr),
+                operator: scopes.allows(Scope::HostRead),
             },
             scopes,
         ))
