@@ -8,13 +8,18 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use tokio::net::UnixStream;
 
 use crate::BackendError;
+
+/// How long one API call may take: the VMM may be taken over by its guest and never answer.
+pub const API_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest response body read; Firecracker's are a few hundred bytes.
+pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 
 /// `PUT /boot-source`.
 #[derive(Debug, Clone, Serialize)]
@@ -251,6 +256,7 @@ impl FirecrackerApi {
         self.call(method, path, Some(json)).await.map(drop)
     }
 
+    /// One request, capped in time ([`API_TIMEOUT`]) and in response size.
     async fn call(
         &self,
         method: Method,
@@ -258,13 +264,27 @@ impl FirecrackerApi {
         body: Option<Vec<u8>>,
     ) -> Result<Bytes, BackendError> {
         let what = format!("{method} {path}");
+        tokio::time::timeout(API_TIMEOUT, self.exchange(&what, method, path, body))
+            .await
+            .map_err(|_| api_err(&what, format!("no answer within {API_TIMEOUT:?}")))?
+    }
+
+    async fn exchange(
+        &self,
+        what: &str,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Bytes, BackendError> {
+        let what = what.to_string();
         let stream = UnixStream::connect(&self.socket)
             .await
             .map_err(|e| api_err(&what, format!("connect {}: {e}", self.socket.display())))?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| api_err(&what, e.to_string()))?;
-        let conn_task = tokio::spawn(conn);
+        // Aborted however this call ends (a timeout drops it mid-way): never a stray task.
+        let conn_task = AbortOnDrop(tokio::spawn(conn));
         let mut req = Request::builder()
             .method(method)
             .uri(path)
@@ -281,13 +301,12 @@ impl FirecrackerApi {
             .await
             .map_err(|e| api_err(&what, e.to_string()))?;
         let status = resp.status();
-        let bytes = resp
-            .into_body()
+        let bytes = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
             .collect()
             .await
             .map_err(|e| api_err(&what, e.to_string()))?
             .to_bytes();
-        conn_task.abort();
+        drop(conn_task);
         if status.is_success() {
             return Ok(bytes);
         }
@@ -295,6 +314,15 @@ impl FirecrackerApi {
             .map(|e| e.fault_message)
             .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
         Err(api_err(&what, format!("{}: {reason}", status_text(status))))
+    }
+}
+
+/// Aborts the task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -355,5 +383,41 @@ mod tests {
                 serde_json::to_string(self).unwrap()
             }
         }
+    }
+
+    /// A hostile "Firecracker" on a Unix socket: `answer` writes what it likes to each client.
+    fn hostile(dir: &Path, answer: Vec<u8>) -> FirecrackerApi {
+        let path = dir.join("api.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            while let Ok((mut s, _)) = listener.accept().await {
+                let answer = answer.clone();
+                tokio::spawn(async move {
+                    let _ = s.write_all(&answer).await;
+                    // Then never answer again, never close.
+                    std::future::pending::<()>().await;
+                    drop(s);
+                });
+            }
+        });
+        FirecrackerApi::new(&path)
+    }
+
+    // Paused clock: the 10 s timeout passes at once when nothing else can run.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_vmm_times_out_and_an_endless_one_is_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let silent = hostile(dir.path(), Vec::new());
+        let err = silent.instance_info().await.unwrap_err().to_string();
+        assert!(err.contains("no answer within"), "{err}");
+
+        let big = tempfile::tempdir().unwrap();
+        // Headers promise 100 MB and 1 MB follows: reading stops at the cap.
+        let mut answer = b"HTTP/1.1 200 OK\r\nContent-Length: 100000000\r\n\r\n".to_vec();
+        answer.extend(std::iter::repeat_n(b'a', 1 << 20));
+        let endless = hostile(big.path(), answer);
+        let err = endless.instance_info().await.unwrap_err().to_string();
+        assert!(err.contains("length limit exceeded"), "{err}");
     }
 }

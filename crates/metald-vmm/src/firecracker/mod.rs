@@ -267,7 +267,15 @@ impl Backend for FirecrackerBackend {
             })
             .await;
             match read {
-                Ok(Ok(n)) => r.buf.extend_from_slice(&chunk[..n]),
+                Ok(Ok(n)) => {
+                    r.buf.extend_from_slice(&chunk[..n]);
+                    // A flush is ~5.4 KB; a VMM taken over by its guest may write without end.
+                    if r.buf.len() > metrics::MAX_LINE_BYTES {
+                        r.buf.clear();
+                        tracing::warn!(vm_id = %vm, "metrics FIFO line over {} bytes dropped", metrics::MAX_LINE_BYTES);
+                        return Ok(None);
+                    }
+                }
                 Ok(Err(source)) => {
                     return Err(BackendError::Io {
                         op: "read metrics FIFO",

@@ -9,13 +9,16 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 use crate::BackendError;
 
 /// How long one QMP exchange may take.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most bytes read from QMP for one command (greeting, replies and events); replies here are
+/// a few KiB.
+const MAX_EXCHANGE_BYTES: u64 = 1 << 20;
 
 /// Client for one QMP socket.
 #[derive(Debug, Clone)]
@@ -72,7 +75,9 @@ impl Qmp {
             .await
             .map_err(|e| qmp_err(command, format!("connect {}: {e}", self.socket.display())))?;
         let (read, mut write) = stream.into_split();
-        let mut lines = BufReader::new(read).lines();
+        // A QEMU taken over by its guest could send one endless line: the whole exchange is
+        // capped, and beyond the cap the reply is "connection closed".
+        let mut lines = BufReader::new(read.take(MAX_EXCHANGE_BYTES)).lines();
         let greeting = next_message(&mut lines, command).await?;
         if greeting.get("QMP").is_none() {
             return Err(qmp_err(command, format!("not a QMP greeting: {greeting}")));
@@ -106,7 +111,7 @@ impl Qmp {
 }
 
 async fn next_message(
-    lines: &mut tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+    lines: &mut tokio::io::Lines<BufReader<tokio::io::Take<tokio::net::unix::OwnedReadHalf>>>,
     command: &str,
 ) -> Result<Value, BackendError> {
     let line = lines
@@ -118,7 +123,10 @@ async fn next_message(
 }
 
 fn parse(command: &str, line: &str) -> Result<Value, BackendError> {
-    serde_json::from_str(line).map_err(|e| qmp_err(command, format!("bad JSON {line:?}: {e}")))
+    serde_json::from_str(line).map_err(|e| {
+        let shown = crate::domain::truncate_for_message(line);
+        qmp_err(command, format!("bad JSON {shown:?}: {e}"))
+    })
 }
 
 fn qmp_err(command: &str, reason: String) -> BackendError {
@@ -182,5 +190,31 @@ mod tests {
         .await;
         let err = Qmp::new(&sock).execute("stop", None).await.unwrap_err();
         assert_eq!(err.to_string(), "VMM API QMP stop: nope");
+    }
+
+    #[tokio::test]
+    async fn an_endless_greeting_is_cut_off_at_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = std::sync::Arc::clone(&sent);
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            // A line that never ends, as a QEMU taken over by its guest could send.
+            let chunk = vec![b'x'; 64 * 1024];
+            while stream.write_all(&chunk).await.is_ok() {
+                counter.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+        let err = Qmp::new(&sock)
+            .query_status()
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bad JSON") || err.contains("closed"), "{err}");
+        // Stopped near the cap, not after the whole timeout's worth of data.
+        let read = sent.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(read < 8 * MAX_EXCHANGE_BYTES, "{read}");
     }
 }
