@@ -16,6 +16,11 @@ use super::{files, BackendError};
 /// such as `/dev/zero` would never end. The directory itself is looked up without following a
 /// symlink either; its parent belongs to metald.
 pub fn open_vm_file(path: &Path) -> io::Result<File> {
+    open_vm_file_as(path, OFlags::RDONLY)
+}
+
+/// [`open_vm_file`] with `access` (`RDONLY` or `RDWR`).
+fn open_vm_file_as(path: &Path, access: OFlags) -> io::Result<File> {
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
         return Err(io::Error::from(io::ErrorKind::InvalidInput));
     };
@@ -27,7 +32,7 @@ pub fn open_vm_file(path: &Path) -> io::Result<File> {
     let fd = rustix::fs::openat(
         &dir,
         name,
-        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
+        access | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
         Mode::empty(),
     )?;
     let stat = rustix::fs::fstat(&fd)?;
@@ -35,6 +40,47 @@ pub fn open_vm_file(path: &Path) -> io::Result<File> {
         return Err(io::Error::other("not a regular file"));
     }
     Ok(File::from(fd))
+}
+
+/// Keeps the console log in the VM directory `dir` under `max` bytes: once it is larger, its
+/// oldest part is cut so that about half of `max` is left. Returns the bytes dropped.
+///
+/// The VMM appends to the file (O_APPEND), so cutting the head in place keeps its writes going
+/// to the new end: `FALLOC_FL_COLLAPSE_RANGE` does that atomically on ext4 and XFS. Where the
+/// filesystem cannot (tmpfs, ...), the tail is copied to the front and the file truncated; a
+/// line written between the copy and the truncation is lost, and counted as dropped.
+pub fn cap(dir: &Path, max: u64) -> io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let file = match open_vm_file_as(&dir.join(files::CONSOLE_LOG), OFlags::RDWR) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let stat = rustix::fs::fstat(&file)?;
+    let size = u64::try_from(stat.st_size).unwrap_or(0);
+    if size <= max {
+        return Ok(0);
+    }
+    let block = u64::try_from(stat.st_blksize).unwrap_or(4096).max(1);
+    let cut = (size - max / 2) / block * block;
+    if cut == 0 {
+        return Ok(0);
+    }
+    let collapse = rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::COLLAPSE_RANGE, 0, cut);
+    match collapse {
+        Ok(()) => Ok(cut),
+        Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::INVAL => {
+            let keep = max / 2;
+            let mut tail = vec![0u8; usize::try_from(keep).unwrap_or(0)];
+            let n = file.read_at(&mut tail, size - keep)?;
+            file.write_all_at(&tail[..n], 0)?;
+            let now = rustix::fs::fstat(&file)?;
+            let before = u64::try_from(now.st_size).unwrap_or(size);
+            file.set_len(n as u64)?;
+            Ok(before - n as u64)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The tail of a console log.
@@ -46,6 +92,8 @@ pub struct ConsoleTail {
     pub total_bytes: u64,
     /// Only part of the log was returned.
     pub truncated: bool,
+    /// Bytes cut from the log's head to keep it under its cap (set by the service).
+    pub dropped_bytes: u64,
 }
 
 /// The last `max` bytes of the console log in the VM directory `dir`; empty when there is none.
@@ -58,6 +106,7 @@ pub fn tail(dir: &Path, max: u64) -> Result<ConsoleTail, BackendError> {
                 output: String::new(),
                 total_bytes: 0,
                 truncated: false,
+                dropped_bytes: 0,
             })
         }
         Err(source) => {
@@ -81,6 +130,7 @@ pub fn tail(dir: &Path, max: u64) -> Result<ConsoleTail, BackendError> {
         output: String::from_utf8_lossy(&buf).into_owned(),
         total_bytes: total,
         truncated: start > 0,
+        dropped_bytes: 0,
     })
 }
 
@@ -132,6 +182,57 @@ pub fn file_tail(path: &Path, max: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Fills `dir`'s console log with numbered lines (`size` bytes), as an appending VMM would.
+    fn flood(dir: &Path, size: usize) -> Vec<u8> {
+        let mut text = Vec::with_capacity(size);
+        let mut n = 0u64;
+        while text.len() < size {
+            text.extend_from_slice(format!("line {n:09}\n").as_bytes());
+            n += 1;
+        }
+        std::fs::write(dir.join(files::CONSOLE_LOG), &text).unwrap();
+        text
+    }
+
+    fn check_cap(dir: &Path) {
+        let text = flood(dir, 3 << 20);
+        let cut = cap(dir, 1 << 20).unwrap();
+        let left = std::fs::read(dir.join(files::CONSOLE_LOG)).unwrap();
+        assert!(left.len() as u64 <= 1 << 20, "{}", left.len());
+        assert_eq!(cut + left.len() as u64, text.len() as u64);
+        assert!(text.ends_with(&left), "the newest output is kept");
+        // Under the cap nothing happens; appending goes on at the new end.
+        assert_eq!(cap(dir, 1 << 20).unwrap(), 0);
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.join(files::CONSOLE_LOG))
+            .unwrap();
+        std::io::Write::write_all(&mut f, b"after\n").unwrap();
+        let now = std::fs::read(dir.join(files::CONSOLE_LOG)).unwrap();
+        assert_eq!(now.len(), left.len() + 6);
+        assert!(now.ends_with(b"after\n"));
+    }
+
+    #[test]
+    fn a_console_over_its_cap_keeps_its_newest_output() {
+        let disk = tempfile::tempdir().unwrap();
+        check_cap(disk.path());
+        // tmpfs has no COLLAPSE_RANGE: the copying fallback.
+        if Path::new("/dev/shm").is_dir() {
+            let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+            check_cap(shm.path());
+        }
+        // A console log the VMM replaced with a symlink is not followed.
+        let d = tempfile::tempdir().unwrap();
+        let target = d.path().join("host-file");
+        std::fs::write(&target, vec![b'x'; 2 << 20]).unwrap();
+        let vm = d.path().join("vm");
+        std::fs::create_dir(&vm).unwrap();
+        std::os::unix::fs::symlink(&target, vm.join(files::CONSOLE_LOG)).unwrap();
+        assert!(cap(&vm, 1 << 20).is_err());
+        assert_eq!(std::fs::metadata(&target).unwrap().len(), 2 << 20);
+    }
 
     #[test]
     fn a_console_replaced_by_a_symlink_a_fifo_or_a_device_is_never_read() {

@@ -133,6 +133,8 @@ pub struct Config {
     pub requests: RequestLimits,
     /// The operator token `/metrics` requires.
     pub metrics_token: Option<Secret>,
+    /// Most bytes a VM's console log keeps.
+    pub console_max_bytes: u64,
 }
 
 /// A secret from the environment: never printed by `Debug`.
@@ -371,6 +373,16 @@ impl Config {
             auth,
             tls,
             requests: request_limits(&env)?,
+            console_max_bytes: env.parsed(
+                "UNKEY_METALD_CONSOLE_MAX_BYTES",
+                16 << 20,
+                "expected whole bytes, 65536-1073741824 (64 KiB-1 GiB)",
+                |v| {
+                    v.parse::<u64>()
+                        .ok()
+                        .filter(|n| (65_536..=1 << 30).contains(n))
+                },
+            )?,
             metrics_token: env.optional(
                 "UNKEY_METALD_METRICS_TOKEN",
                 "expected a token of 32-256 printable ASCII characters",
@@ -1096,6 +1108,7 @@ mod tests {
             ("UNKEY_METALD_RATE_LIMIT_PER_SECOND", "0", "1-1000000"),
             ("UNKEY_METALD_MAX_DEADLINE", "2h", "1s-3600s"),
             ("UNKEY_METALD_METRICS_TOKEN", "short", "32-256 printable"),
+            ("UNKEY_METALD_CONSOLE_MAX_BYTES", "1000", "64 KiB-1 GiB"),
             ("UNKEY_METALD_ADDRESS", "0.0.0.0", "loopback addresses only"),
             ("UNKEY_METALD_QUOTA_VMS", "0", "1-1000000"),
             ("UNKEY_METALD_QUOTA_RUNNING_VCPUS", "many", "1-1000000"),

@@ -254,6 +254,7 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
             quotas: Arc::clone(&quotas),
             host: cfg.host,
             probe: Arc::new(crate::probe::LinuxHost::new(cfg.roots.proc.clone())),
+            console_max_bytes: cfg.console_max_bytes,
         },
         rx,
     );

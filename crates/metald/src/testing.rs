@@ -26,6 +26,9 @@ use crate::sandbox::{Isolation, SandboxError};
 use crate::service::{HostSettings, Ratio, ServiceConfig, VmService};
 use crate::store::{AssetKind, RunLimits, Store, StoredLimits};
 
+/// The fixture's console cap.
+pub(crate) const CONSOLE_MAX_BYTES: u64 = 64 * 1024;
+
 /// The fixture's stored-VM quota per customer.
 pub(crate) const QUOTA_VMS: u64 = 10;
 /// The fixture's running quotas per customer: the memory of four default VMs.
@@ -274,6 +277,7 @@ pub(crate) fn fixture_with_timeout(boot_timeout: Duration) -> Fixture {
         quotas: Arc::clone(&quotas),
         host: HOST,
         probe: probe.clone(),
+        console_max_bytes: CONSOLE_MAX_BYTES,
     };
     let isolation = Arc::new(FakeIsolation::default());
     let meter = Meter::start(MeterConfig {

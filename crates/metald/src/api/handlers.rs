@@ -370,6 +370,7 @@ pub async fn get_console(
         output: tail.output,
         total_bytes: tail.total_bytes,
         truncated: tail.truncated,
+        dropped_bytes: tail.dropped_bytes,
         ..Default::default()
     })
 }

@@ -153,7 +153,12 @@ pub struct ServiceConfig {
     pub host: HostSettings,
     /// The host's totals.
     pub probe: Arc<dyn HostProbe>,
+    /// Most bytes a VM's console log keeps (its oldest output is cut beyond).
+    pub console_max_bytes: u64,
 }
+
+/// How often running VMs' console logs are checked against their cap.
+const CONSOLE_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// How to shut a VM down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,6 +189,8 @@ pub struct VmService {
     cfg: ServiceConfig,
     locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
     timings: Timings,
+    /// Console bytes cut from each VM's log since metald started.
+    console_dropped: Mutex<HashMap<VmId, u64>>,
 }
 impl VmService {
     /// Builds the service and starts handling VMM exits reported on `exits`.
@@ -206,6 +213,7 @@ impl VmService {
             cfg,
             locks: Mutex::new(HashMap::new()),
             timings: Timings::default(),
+            console_dropped: Mutex::new(HashMap::new()),
         });
         let weak = Arc::downgrade(&svc);
         tokio::spawn(async move {
@@ -214,7 +222,48 @@ impl VmService {
                 svc.handle_exit(ev).await;
             }
         });
+        let weak = Arc::downgrade(&svc);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(CONSOLE_CHECK_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(svc) = weak.upgrade() else { break };
+                // File work off the runtime threads.
+                let _done = tokio::task::spawn_blocking(move || svc.cap_consoles()).await;
+            }
+        });
         svc
+    }
+
+    /// Cuts the console log of every VM with a VMM down to the cap, so a guest cannot fill
+    /// the host's disk. A guest flooding its console before its readiness line may get that
+    /// line cut too, and then times out like a guest that never became ready.
+    fn cap_consoles(&self) {
+        let vms = match self.store.all_vms() {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %Chain(&e), "listing VMs for the console cap failed");
+                return;
+            }
+        };
+        for vm in vms.iter().filter(|vm| vm.state().has_vmm()) {
+            match crate::backend::console::cap(&self.vm_dir(&vm.id), self.cfg.console_max_bytes) {
+                Ok(0) => {}
+                Ok(cut) => {
+                    *self
+                        .console_dropped
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .entry(vm.id.clone())
+                        .or_default() += cut;
+                    tracing::info!(vm_id = %vm.id, cut, "console log cut to its cap");
+                }
+                Err(e) => {
+                    tracing::warn!(vm_id = %vm.id, error = %e, "capping the console log failed")
+                }
+            }
+        }
     }
 
     /// Sends usage to the billing service from now on (set once, at start, before
@@ -553,6 +602,10 @@ impl VmService {
         }
         self.store.delete_vm(id)?;
         self.meter.forget(id);
+        self.console_dropped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
         drop(guard);
         self.locks
             .lock()
@@ -625,13 +678,22 @@ impl VmService {
             }
         };
         self.load(customer, id).await?;
-        crate::backend::console::tail(&self.vm_dir(id), u64::from(tail)).map_err(|source| {
-            ServiceError::Backend {
-                op: "read the console of",
-                vm: id.clone(),
-                source,
-            }
-        })
+        let mut tail =
+            crate::backend::console::tail(&self.vm_dir(id), u64::from(tail)).map_err(|source| {
+                ServiceError::Backend {
+                    op: "read the console of",
+                    vm: id.clone(),
+                    source,
+                }
+            })?;
+        tail.dropped_bytes = self
+            .console_dropped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .copied()
+            .unwrap_or(0);
+        Ok(tail)
     }
 }
 

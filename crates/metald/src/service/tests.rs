@@ -696,3 +696,30 @@ async fn a_vm_whose_cgroup_cannot_be_emptied_is_not_deleted_and_keeps_its_slot()
     f.svc.delete(&f.who, &id, true).await.unwrap();
     assert!(f.svc.get(&f.who, &id).await.is_err());
 }
+
+#[tokio::test]
+async fn a_flooding_console_is_cut_to_its_cap_and_the_cut_is_reported() {
+    let f = fixture();
+    let id = f.svc.create(&f.who, config()).await.unwrap().id;
+    f.svc.boot(&f.who, &id).await.unwrap();
+    let log = f.vms_dir.join(id.as_str()).join("console.log");
+    std::fs::write(
+        &log,
+        vec![b'x'; 4 * crate::testing::CONSOLE_MAX_BYTES as usize],
+    )
+    .unwrap();
+    let mut tail = f.svc.console(&f.who, &id, 0).await.unwrap();
+    for _ in 0..50 {
+        if tail.dropped_bytes > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        tail = f.svc.console(&f.who, &id, 0).await.unwrap();
+    }
+    assert!(tail.dropped_bytes > 0, "{tail:?}");
+    assert!(std::fs::metadata(&log).unwrap().len() <= crate::testing::CONSOLE_MAX_BYTES);
+    assert_eq!(
+        tail.dropped_bytes + tail.total_bytes,
+        4 * crate::testing::CONSOLE_MAX_BYTES
+    );
+}
