@@ -9,6 +9,7 @@ impl VmService {
     pub async fn reconcile(&self) -> Result<(), ServiceError> {
         // No boot outlives metald: what a killed one reserved is free again.
         self.store.release_all_runs()?;
+        self.finish_interrupted_deletes_and_creates().await?;
         let mut keep = std::collections::HashSet::new();
         for mut vm in self.store.all_vms()? {
             if !vm.state().has_vmm() {
@@ -51,6 +52,41 @@ impl VmService {
             .sweep(&keep)
             .await
             .map_err(ServiceError::Sweep)?;
+        Ok(())
+    }
+
+    /// A delete removes the VM's directory, then its row; a create makes the directory, then
+    /// the row. metald killed between the two leaves a row without a directory (finished off
+    /// here: the delete was under way) or a directory without a row (removed: the create was
+    /// never acknowledged). Runs at start, before any call is served.
+    async fn finish_interrupted_deletes_and_creates(&self) -> Result<(), ServiceError> {
+        let vms = self.store.all_vms()?;
+        let known: std::collections::HashSet<&VmId> = vms.iter().map(|vm| &vm.id).collect();
+        for vm in &vms {
+            if self.vm_dir(&vm.id).exists() {
+                continue;
+            }
+            tracing::warn!(vm_id = %vm.id, "VM directory gone: finishing an interrupted delete");
+            let _logged = self.release_sandbox(vm).await;
+            self.store.delete_vm(&vm.id)?;
+        }
+        for entry in std::fs::read_dir(&self.cfg.vms_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = entry.file_name();
+            let Some(id) = name.to_str().and_then(|n| n.parse::<VmId>().ok()) else {
+                continue;
+            };
+            if known.contains(&id) {
+                continue;
+            }
+            tracing::warn!(vm_id = %id, "VM directory without a VM: removing an interrupted create");
+            if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+                tracing::error!(vm_id = %id, error = %Chain(&e), "removing the directory failed");
+            }
+        }
         Ok(())
     }
 

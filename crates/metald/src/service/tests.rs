@@ -723,3 +723,31 @@ async fn a_flooding_console_is_cut_to_its_cap_and_the_cut_is_reported() {
         4 * crate::testing::CONSOLE_MAX_BYTES
     );
 }
+
+#[tokio::test]
+async fn start_up_finishes_interrupted_deletes_and_removes_interrupted_creates() {
+    let f = fixture();
+    let deleting = f.svc.create(&f.who, config()).await.unwrap().id;
+    let kept = f.svc.create(&f.who, config()).await.unwrap().id;
+    // Killed mid-delete: the directory went, the row stayed.
+    std::fs::remove_dir_all(f.vms_dir.join(deleting.as_str())).unwrap();
+    // Killed mid-create: a directory with a disk copy and no row.
+    let stray = f.vms_dir.join(VmId::generate().as_str());
+    std::fs::create_dir(&stray).unwrap();
+    std::fs::write(stray.join("rootfs.img"), b"copy").unwrap();
+    let other = f.vms_dir.join("not-a-vm");
+    std::fs::create_dir(&other).unwrap();
+    f.svc.reconcile().await.unwrap();
+    assert!(matches!(
+        f.svc.get(&f.who, &deleting).await,
+        Err(ServiceError::NotFound(_))
+    ));
+    assert!(f.svc.get(&f.who, &kept).await.is_ok());
+    assert!(f.vms_dir.join(kept.as_str()).exists());
+    assert!(!stray.exists());
+    assert!(
+        other.exists(),
+        "only VM-named directories are metald's to remove"
+    );
+    assert!(f.isolation.calls().contains(&format!("release {deleting}")));
+}
