@@ -751,3 +751,29 @@ async fn start_up_finishes_interrupted_deletes_and_removes_interrupted_creates()
     );
     assert!(f.isolation.calls().contains(&format!("release {deleting}")));
 }
+
+#[tokio::test]
+async fn a_stopped_vm_reports_the_lifetime_totals_of_its_runs() {
+    use crate::store::UsageStore;
+    let f = fixture();
+    let id = f.svc.create(&f.who, config()).await.unwrap().id;
+    assert_eq!(f.svc.usage(&f.who, &id, 0).await.unwrap().total.cpu_ns, 0);
+    // What earlier runs used, as saved when each ended.
+    let used = Counters {
+        cpu_ns: 7_000_000_000,
+        memory_bytes: 100 << 20,
+        disk_write_bytes: 8 << 20,
+        ..Counters::default()
+    };
+    f.svc.store.save_usage(&id, &used, None).unwrap();
+    let u = f.svc.usage(&f.who, &id, 0).await.unwrap();
+    assert_eq!(u.total.cpu_ns, 7_000_000_000);
+    assert_eq!(u.total.disk_write_bytes, 8 << 20);
+    assert_eq!(
+        u.total.memory_bytes, 0,
+        "nothing holds memory while stopped"
+    );
+    // Another customer sees nothing of it.
+    let stranger: CustomerId = "stranger".parse().unwrap();
+    assert!(f.svc.usage(&stranger, &id, 0).await.is_err());
+}

@@ -123,13 +123,24 @@ impl VmService {
         since_ms: i64,
     ) -> Result<VmUsage, ServiceError> {
         let vm = self.load(customer, id).await?;
-        Ok(self.meter.usage(id, since_ms).unwrap_or(VmUsage {
-            total: Counters::default(),
+        if let Some(u) = self.meter.usage(id, since_ms) {
+            return Ok(u);
+        }
+        // Not running: the lifetime totals of its finished runs, as saved when each ended.
+        let mut carried = self
+            .store
+            .load_usage(id)?
+            .map(|(carried, _)| carried)
+            .unwrap_or_default();
+        // A gauge: no VMM holds memory now.
+        carried.memory_bytes = 0;
+        Ok(VmUsage {
+            total: carried,
             memory_configured: vm.config.memory_bytes,
             samples: Vec::new(),
             known_from_ms: None,
             vmm_metrics_raw: None,
-        }))
+        })
     }
 
     /// What each of the customer's VMs used in `(start_ms, end_ms]`, from the samples held.
