@@ -96,12 +96,12 @@ pub fn run(spec: &JailSpec) -> Result<Infallible, StepError> {
         )?;
     }
     // The VM's directory and files belong to the VM's uid from here on; the group stays
-    // metald's (setgid directory, so files the VMM makes inherit it) so metald can still read
-    // logs and use the sockets in it.
+    // metald's. No setgid bit: metald reads what the VMM makes through CAP_DAC_OVERRIDE, and
+    // systemd's RestrictSUIDSGID would refuse the bit anyway.
     let metald_gid = rustix::process::getegid().as_raw();
-    own(&spec.owned_dir, spec.uid, metald_gid, 0o2770)?;
+    own(&spec.owned_dir, spec.uid, metald_gid, 0o770, FileType::Directory)?;
     for f in spec.owned_files.iter().filter(|f| f.exists()) {
-        own(f, spec.uid, metald_gid, 0o660)?;
+        own(f, spec.uid, metald_gid, 0o660, FileType::RegularFile)?;
     }
     // 5. The chroot: a private mount namespace whose root is a small tmpfs holding only the
     // files the VMM needs, bind-mounted at their host paths.
@@ -127,18 +127,39 @@ pub fn run(spec: &JailSpec) -> Result<Infallible, StepError> {
     })
 }
 
-fn own(path: &Path, uid: u32, gid: u32, mode: u32) -> Result<(), StepError> {
-    use std::os::unix::fs::PermissionsExt;
+/// Hands `path` to the VM's uid. After a first boot the VM's directory is the VM's to write:
+/// a VMM taken over by its guest may have put a symlink (to a host file) or a FIFO where a
+/// disk was. So the file is opened without following a symlink and without blocking, must be
+/// of the expected type, and is changed through its fd, never by name.
+fn own(path: &Path, uid: u32, gid: u32, mode: u32, kind: FileType) -> Result<(), StepError> {
+    use rustix::fs::OFlags;
+    let what = |op: &str| format!("{op} {}", path.display());
+    let fd = step(
+        what("open"),
+        rustix::fs::open(
+            path,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(io::Error::from),
+    )?;
+    let stat = step(what("stat"), rustix::fs::fstat(&fd).map_err(io::Error::from))?;
+    if FileType::from_raw_mode(stat.st_mode) != kind {
+        return step(
+            what("check the type of"),
+            Err(io::Error::other(format!("not a {kind:?}"))),
+        );
+    }
     // Mode first: once the file belongs to the VM, changing it would need CAP_FOWNER.
-    match std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)) {
-        // Already handed over on an earlier boot.
-        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {}
-        r => step(format!("chmod {}", path.display()), r)?,
+    match rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode)) {
+        // Handed over on an earlier boot: the VM's already, with the mode set then.
+        Err(rustix::io::Errno::PERM) if stat.st_uid == uid => {}
+        r => step(what("chmod"), r.map_err(io::Error::from))?,
     }
     step(
-        format!("chown {}", path.display()),
-        rustix::fs::chown(
-            path,
+        what("chown"),
+        rustix::fs::fchown(
+            &fd,
             Some(rustix::fs::Uid::from_raw(uid)),
             Some(rustix::fs::Gid::from_raw(gid)),
         )
@@ -316,4 +337,42 @@ fn drop_privileges(uid: u32, gid: u32) -> Result<(), StepError> {
         rustix::thread::set_no_new_privs(true).map_err(io::Error::from),
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handing_over_never_follows_what_a_vmm_put_in_its_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let host_file = dir.path().join("shadow");
+        std::fs::write(&host_file, "root secrets").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&host_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let vm = dir.path().join("vm");
+        std::fs::create_dir(&vm).unwrap();
+        // A symlinked disk: refused, and the host file keeps its mode (and owner).
+        let disk = vm.join("rootfs.img");
+        std::os::unix::fs::symlink(&host_file, &disk).unwrap();
+        let err = own(&disk, 4_000_000, 0, 0o660, FileType::RegularFile).unwrap_err();
+        assert!(err.to_string().contains("open"), "{err}");
+        let meta = std::fs::metadata(&host_file).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        // A FIFO where a disk was: refused at once, not waited on.
+        let fifo = vm.join("drive-data.img");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let err = own(&fifo, 4_000_000, 0, 0o660, FileType::RegularFile).unwrap_err();
+        assert!(err.to_string().contains("check the type"), "{err}");
+        // A directory where a file is expected, and the reverse.
+        assert!(own(&vm, 4_000_000, 0, 0o770, FileType::RegularFile).is_err());
+        assert!(own(&host_file, 4_000_000, 0, 0o770, FileType::Directory).is_err());
+    }
 }
