@@ -99,7 +99,13 @@ pub fn run(spec: &JailSpec) -> Result<Infallible, StepError> {
     // metald's. No setgid bit: metald reads what the VMM makes through CAP_DAC_OVERRIDE, and
     // systemd's RestrictSUIDSGID would refuse the bit anyway.
     let metald_gid = rustix::process::getegid().as_raw();
-    own(&spec.owned_dir, spec.uid, metald_gid, 0o770, FileType::Directory)?;
+    own(
+        &spec.owned_dir,
+        spec.uid,
+        metald_gid,
+        0o770,
+        FileType::Directory,
+    )?;
     for f in spec.owned_files.iter().filter(|f| f.exists()) {
         own(f, spec.uid, metald_gid, 0o660, FileType::RegularFile)?;
     }
@@ -143,7 +149,10 @@ fn own(path: &Path, uid: u32, gid: u32, mode: u32, kind: FileType) -> Result<(),
         )
         .map_err(io::Error::from),
     )?;
-    let stat = step(what("stat"), rustix::fs::fstat(&fd).map_err(io::Error::from))?;
+    let stat = step(
+        what("stat"),
+        rustix::fs::fstat(&fd).map_err(io::Error::from),
+    )?;
     if FileType::from_raw_mode(stat.st_mode) != kind {
         return step(
             what("check the type of"),
