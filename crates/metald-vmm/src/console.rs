@@ -19,6 +19,27 @@ pub fn open_vm_file(path: &Path) -> io::Result<File> {
     open_vm_file_as(path, OFlags::RDONLY)
 }
 
+/// Connects to a Unix socket in a VM's directory (the VMM's API or QMP socket) without
+/// following a symlink the VMM may have put in its place: pointed at another VM's socket, it
+/// would send metald's pause or Ctrl-Alt-Del to that VM. The path is opened `O_PATH |
+/// O_NOFOLLOW`, must be a socket, and is connected through `/proc/self/fd/N`, which names
+/// exactly that inode.
+pub async fn connect_vm_socket(path: &Path) -> io::Result<tokio::net::UnixStream> {
+    let fd = rustix::fs::open(
+        path,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let stat = rustix::fs::fstat(&fd)?;
+    if FileType::from_raw_mode(stat.st_mode) != FileType::Socket {
+        return Err(io::Error::other("not a socket"));
+    }
+    use std::os::fd::AsRawFd;
+    let stream = tokio::net::UnixStream::connect(format!("/proc/self/fd/{}", fd.as_raw_fd())).await;
+    drop(fd);
+    stream
+}
+
 /// [`open_vm_file`] with `access` (`RDONLY` or `RDWR`).
 fn open_vm_file_as(path: &Path, access: OFlags) -> io::Result<File> {
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
@@ -212,6 +233,20 @@ mod tests {
         let now = std::fs::read(dir.join(files::CONSOLE_LOG)).unwrap();
         assert_eq!(now.len(), left.len() + 6);
         assert!(now.ends_with(b"after\n"));
+    }
+
+    #[tokio::test]
+    async fn vm_sockets_are_connected_only_if_they_are_sockets_not_symlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("other-vm.sock");
+        let _listener = tokio::net::UnixListener::bind(&real).unwrap();
+        connect_vm_socket(&real).await.unwrap();
+        let link = dir.path().join("control.sock");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        assert!(connect_vm_socket(&link).await.is_err());
+        let file = dir.path().join("api.sock");
+        std::fs::write(&file, b"").unwrap();
+        assert!(connect_vm_socket(&file).await.is_err());
     }
 
     #[test]

@@ -12,7 +12,6 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
-use tokio::net::UnixStream;
 
 use crate::BackendError;
 
@@ -277,7 +276,7 @@ impl FirecrackerApi {
         body: Option<Vec<u8>>,
     ) -> Result<Bytes, BackendError> {
         let what = what.to_string();
-        let stream = UnixStream::connect(&self.socket)
+        let stream = crate::console::connect_vm_socket(&self.socket)
             .await
             .map_err(|e| api_err(&what, format!("connect {}: {e}", self.socket.display())))?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))

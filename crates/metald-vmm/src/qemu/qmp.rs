@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
 
 use crate::BackendError;
 
@@ -71,7 +70,7 @@ impl Qmp {
         command: &str,
         arguments: Option<Value>,
     ) -> Result<Value, BackendError> {
-        let stream = UnixStream::connect(&self.socket)
+        let stream = crate::console::connect_vm_socket(&self.socket)
             .await
             .map_err(|e| qmp_err(command, format!("connect {}: {e}", self.socket.display())))?;
         let (read, mut write) = stream.into_split();
