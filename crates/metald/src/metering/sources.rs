@@ -180,7 +180,9 @@ pub fn read_stats(
                     let m = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[off..n])
                         .map_err(invalid)?;
                     if let NetlinkPayload::Error(e) = m.payload {
-                        let e = e.to_io();
+                        // Not `ErrorMessage::to_io`: its `abs()` of the code panics (overflow
+                        // checks) on i32::MIN, which the fuzzer sent; no errno is that large.
+                        let e = std::io::Error::from_raw_os_error(e.raw_code().saturating_abs());
                         // Like a dump, which just leaves it out: an interface that is gone (a
                         // stopped VM's veth) has no counters, and that is no failure.
                         if only.is_some() && e.raw_os_error() == Some(libc::ENODEV) {
@@ -524,6 +526,15 @@ mod tests {
         let mut table = NetTable::new();
         assert!(!read_stats(&mut table, &seed[1..], 2, None).unwrap());
         assert!(table.is_empty());
+    }
+
+    #[test]
+    fn an_error_code_of_i32_min_is_an_error_not_a_panic() {
+        // The fuzzer's find: the mode byte, then an NLMSG_ERROR of the right sequence whose
+        // code is i32::MIN.
+        let seed = include_bytes!("../../../../fuzz/corpus/netlink_stats/error_code_i32_min.bin");
+        let mut table = NetTable::new();
+        assert!(read_stats(&mut table, &seed[1..], 1, Some(1)).is_err());
     }
 
     #[test]
