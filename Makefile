@@ -4,7 +4,7 @@
 GUEST_DIR ?= $(CURDIR)/target/guest
 CARGO ?= cargo
 
-.PHONY: deps guest build demo test lint unit bench install fresh-check
+.PHONY: deps guest build demo test lint unit bench install fresh-check fuzz
 
 deps:
 	scripts/install-deps.sh
@@ -44,6 +44,23 @@ test: guest lint build
 	fi; \
 	$(E2E_ENV) $(CARGO) test -q -p metald --test e2e -- --skip-report || status=$$?; \
 	exit $$status
+
+# Each libFuzzer target (fuzz/, nightly) for FUZZ_SECONDS, one process at a time. libFuzzer adds
+# the inputs it finds to the first corpus directory, fuzz/target/corpus/<target> (not committed),
+# and reads the committed seeds in fuzz/corpus/<target> without writing there; a crash is saved
+# in fuzz/artifacts/<target>/. `make test` replays the seeds on stable (crates/metald/tests/
+# fuzz_corpus.rs), so only this target needs cargo-fuzz.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= strict_json firecracker_metrics qmp_reader ids_and_kernel_args netlink_stats
+
+fuzz:
+	scripts/install-deps.sh --fuzz
+	@for t in $(FUZZ_TARGETS); do \
+		echo "== fuzz $$t: $(FUZZ_SECONDS) s"; \
+		mkdir -p fuzz/target/corpus/$$t && \
+		cargo +nightly fuzz run $$t fuzz/target/corpus/$$t fuzz/corpus/$$t -- \
+			-max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 || exit 1; \
+	done
 
 # Proves the README's commands work from nothing: a fresh clone in a temporary directory runs
 # `make demo` (FRESH_TARGET=test for the suite), with each step timed.

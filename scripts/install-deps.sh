@@ -6,9 +6,19 @@
 #   npm: the buf CLI (@bufbuild/buf) into target/tools, a Connect/gRPC client nobody here wrote.
 # Not installed here: the Rust toolchain (rustup; checked), and Firecracker, which is in no
 # package registry (its tests are skipped, with why, when no binary is on PATH).
+# With --fuzz (`make fuzz` only): also cargo-fuzz (cargo install from crates.io, a few minutes of
+# compiling, which is why `make test` does not ask for it: CI replays the fuzz corpus on stable)
+# and the nightly toolchain its sanitizer flags need (rustup).
 # Safe to run again: it only installs what is missing. Needs root for apt-get.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+fuzz=false
+case "${1:-}" in
+	--fuzz) fuzz=true ;;
+	"") ;;
+	*) echo "usage: $0 [--fuzz]" >&2; exit 2 ;;
+esac
 
 # Every host program run by code (Command::new, and programs run through nsenter or sh -c),
 # scripts/, the Makefile, tests and benches, with the Debian 12 package that provides it.
@@ -86,6 +96,17 @@ if [ ! -x "$buf" ] && has npm; then
 	npm install --silent --no-audit --no-fund --prefix target/tools @bufbuild/buf@1 >/dev/null
 fi
 
+if $fuzz; then
+	if ! rustup run nightly rustc --version >/dev/null 2>&1 && has rustup; then
+		echo "install-deps: rustup toolchain install nightly"
+		rustup toolchain install nightly --profile minimal
+	fi
+	if ! cargo fuzz --version >/dev/null 2>&1 && has cargo; then
+		echo "install-deps: cargo install cargo-fuzz"
+		cargo install --locked cargo-fuzz
+	fi
+fi
+
 # The one check: every program resolves on PATH (and buf and cargo where they are expected).
 absent=()
 for entry in "${programs[@]}"; do
@@ -94,6 +115,10 @@ for entry in "${programs[@]}"; do
 done
 [ -x "$buf" ] && "$buf" --version >/dev/null 2>&1 || absent+=("$buf (npm package @bufbuild/buf)")
 has cargo || absent+=("cargo (the Rust toolchain, from rustup)")
+if $fuzz; then
+	rustup run nightly rustc --version >/dev/null 2>&1 || absent+=("the nightly Rust toolchain (rustup)")
+	cargo fuzz --version >/dev/null 2>&1 || absent+=("cargo-fuzz (crates.io)")
+fi
 if [ "${#absent[@]}" -gt 0 ]; then
 	echo "install-deps: still missing after install:" >&2
 	printf '  %s\n' "${absent[@]}" >&2

@@ -4,6 +4,8 @@
 //! ([`report`]). Every other metald crate depends on this one; it depends on none of them.
 
 pub mod domain;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ipam;
 pub mod report;
 pub mod state;

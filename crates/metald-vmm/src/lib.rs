@@ -7,6 +7,8 @@
 pub mod console;
 pub use console::file_tail;
 pub mod firecracker;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod process;
 pub mod qemu;
 pub mod registry;

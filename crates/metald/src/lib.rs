@@ -23,6 +23,8 @@ pub mod api;
 pub mod billing;
 pub mod config;
 pub mod daemon;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod listener;
 pub mod metering;
 pub mod quota;

@@ -48,16 +48,19 @@ impl<'de> serde::de::Visitor<'de> for FlushVisitor {
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<DeviceDeltas, A::Error> {
         let mut d = DeviceDeltas::default();
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            // Saturating: the line comes from the VMM, which a hostile guest may have taken
+            // over; a sum past u64 must neither panic (overflow checks) nor wrap to a small
+            // usage.
             if key.starts_with("block_") {
                 let o: Device = map.next_value()?;
-                d.block_read_bytes += o.read_bytes;
-                d.block_write_bytes += o.write_bytes;
-                d.block_read_ops += o.read_count;
-                d.block_write_ops += o.write_count;
+                d.block_read_bytes = d.block_read_bytes.saturating_add(o.read_bytes);
+                d.block_write_bytes = d.block_write_bytes.saturating_add(o.write_bytes);
+                d.block_read_ops = d.block_read_ops.saturating_add(o.read_count);
+                d.block_write_ops = d.block_write_ops.saturating_add(o.write_count);
             } else if key.starts_with("net_") {
                 let o: Device = map.next_value()?;
-                d.net_rx_bytes += o.rx_bytes_count;
-                d.net_tx_bytes += o.tx_bytes_count;
+                d.net_rx_bytes = d.net_rx_bytes.saturating_add(o.rx_bytes_count);
+                d.net_tx_bytes = d.net_tx_bytes.saturating_add(o.tx_bytes_count);
             } else {
                 map.next_value::<serde::de::IgnoredAny>()?;
             }
@@ -98,5 +101,12 @@ mod tests {
             }
         );
         assert!(parse_flush("not json").is_none());
+    }
+
+    #[test]
+    fn sums_past_u64_saturate() {
+        let line = r#"{"block_a":{"read_bytes":18446744073709551615},"block_b":{"read_bytes":2},"net_a":{"tx_bytes_count":18446744073709551615},"net_b":{"tx_bytes_count":1}}"#;
+        let d = parse_flush(line).unwrap();
+        assert_eq!((d.block_read_bytes, d.net_tx_bytes), (u64::MAX, u64::MAX));
     }
 }

@@ -249,8 +249,9 @@ impl Backend for FirecrackerBackend {
                 let raw = String::from_utf8_lossy(&line).trim().to_string();
                 // A line that doesn't parse adds nothing but is still kept for operators.
                 let d = metrics::parse_flush(&raw).unwrap_or_default();
-                r.read_ops += d.block_read_ops;
-                r.write_ops += d.block_write_ops;
+                // Saturating, like the line's own sums: the VMM writes it, not metald.
+                r.read_ops = r.read_ops.saturating_add(d.block_read_ops);
+                r.write_ops = r.write_ops.saturating_add(d.block_write_ops);
                 return Ok(Some(VmmMetrics {
                     raw,
                     block_read_ops: r.read_ops,

@@ -77,7 +77,11 @@ pub fn block_ops(stats: &serde_json::Value) -> (u64, u64) {
     let n = |d: &serde_json::Value, k: &str| d["stats"][k].as_u64().unwrap_or(0);
     stats.as_array().map_or((0, 0), |drives| {
         drives.iter().fold((0, 0), |(r, w), d| {
-            (r + n(d, "rd_operations"), w + n(d, "wr_operations"))
+            // Saturating: a QEMU taken over by its guest must not make the sum panic or wrap.
+            (
+                r.saturating_add(n(d, "rd_operations")),
+                w.saturating_add(n(d, "wr_operations")),
+            )
         })
     })
 }
@@ -329,6 +333,11 @@ mod tests {
         ]);
         assert_eq!(block_ops(&reply), (123, 70));
         assert_eq!(block_ops(&json!({})), (0, 0));
+        let past_u64 = json!([
+            {"stats": {"rd_operations": u64::MAX, "wr_operations": 1}},
+            {"stats": {"rd_operations": 1, "wr_operations": u64::MAX}}
+        ]);
+        assert_eq!(block_ops(&past_u64), (u64::MAX, u64::MAX));
     }
 
     #[test]

@@ -47,11 +47,7 @@ impl Qmp {
 
     /// `query-status`: "running", "paused", ...
     pub async fn query_status(&self) -> Result<String, BackendError> {
-        let ret = self.execute("query-status", None).await?;
-        ret.get("status")
-            .and_then(Value::as_str)
-            .map(str::to_string)
-            .ok_or_else(|| qmp_err("query-status", format!("unexpected reply {ret}")))
+        status_of(&self.execute("query-status", None).await?)
     }
 
     /// Runs one command and returns its `return` value.
@@ -94,19 +90,42 @@ impl Qmp {
         let mut replies = 0;
         loop {
             let msg = next_message(&mut lines, command).await?;
-            if msg.get("event").is_some() {
+            let Message::Return(ret) = read_message(command, msg)? else {
                 continue;
-            }
-            if let Some(err) = msg.get("error") {
-                let desc = err.get("desc").and_then(Value::as_str).unwrap_or("error");
-                return Err(qmp_err(command, desc.to_string()));
-            }
+            };
             replies += 1;
             if replies == 2 {
-                return Ok(msg.get("return").cloned().unwrap_or(Value::Null));
+                return Ok(ret);
             }
         }
     }
+}
+
+/// One message QMP sends after the greeting.
+#[doc(hidden)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    /// An asynchronous event (`{"event": ...}`), which can come between any two replies.
+    Event,
+    /// A command's success reply: its `return` value (null when QEMU sent none).
+    Return(Value),
+}
+
+/// Sorts one parsed QMP message into an event, a success reply, or the command's error (its
+/// `desc`). Public, though hidden, so the fuzz target and the corpus replay test read QEMU's
+/// replies exactly as a live connection does.
+#[doc(hidden)]
+pub fn read_message(command: &str, msg: Value) -> Result<Message, BackendError> {
+    if msg.get("event").is_some() {
+        return Ok(Message::Event);
+    }
+    if let Some(err) = msg.get("error") {
+        let desc = err.get("desc").and_then(Value::as_str).unwrap_or("error");
+        return Err(qmp_err(command, desc.to_string()));
+    }
+    Ok(Message::Return(
+        msg.get("return").cloned().unwrap_or(Value::Null),
+    ))
 }
 
 async fn next_message(
@@ -121,11 +140,22 @@ async fn next_message(
     parse(command, &line)
 }
 
-fn parse(command: &str, line: &str) -> Result<Value, BackendError> {
+/// Parses one line QMP sent; hidden public for the fuzz target, like [`read_message`].
+#[doc(hidden)]
+pub fn parse(command: &str, line: &str) -> Result<Value, BackendError> {
     serde_json::from_str(line).map_err(|e| {
         let shown = crate::domain::truncate_for_message(line);
         qmp_err(command, format!("bad JSON {shown:?}: {e}"))
     })
+}
+
+/// The run status in a `query-status` reply; hidden public for the fuzz target.
+#[doc(hidden)]
+pub fn status_of(ret: &Value) -> Result<String, BackendError> {
+    ret.get("status")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .ok_or_else(|| qmp_err("query-status", format!("unexpected reply {ret}")))
 }
 
 fn qmp_err(command: &str, reason: String) -> BackendError {

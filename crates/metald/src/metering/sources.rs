@@ -140,50 +140,66 @@ impl NetStats {
         loop {
             self.buf.clear();
             let n = self.socket.recv(&mut self.buf, 0)?.min(self.buf.len());
-            let mut off = 0;
-            while off < n {
-                // The messages are read in place through the crate's buffer views: the stats
-                // messages (all but the dump's last) are not built into owned messages, which
-                // allocate a vector each (a tenth of the sampler's user-space time).
-                let msg = NetlinkBuffer::new_checked(&self.buf[off..n]).map_err(invalid)?;
-                let len = msg.length() as usize;
-                // Parts of an earlier dump that failed half way are skipped, their end too.
-                if msg.sequence_number() == self.seq {
-                    match msg.message_type() {
-                        libc::RTM_NEWSTATS => {
-                            add(&mut self.table, msg.payload()).map_err(invalid)?;
-                            // A single interface's answer is this one message.
-                            if only.is_some() {
-                                return Ok(());
-                            }
-                        }
-                        NLMSG_DONE => return Ok(()),
-                        NLMSG_ERROR => {
-                            let m = NetlinkMessage::<RouteNetlinkMessage>::deserialize(
-                                &self.buf[off..n],
-                            )
-                            .map_err(invalid)?;
-                            if let NetlinkPayload::Error(e) = m.payload {
-                                let e = e.to_io();
-                                // Like a dump, which just leaves it out: an interface that is
-                                // gone (a stopped VM's veth) has no counters, and that is no
-                                // failure.
-                                if only.is_some() && e.raw_os_error() == Some(libc::ENODEV) {
-                                    return Ok(());
-                                }
-                                return Err(e);
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-                if len == 0 {
-                    break;
-                }
-                off += len;
+            if read_stats(&mut self.table, &self.buf[..n], self.seq, only)? {
+                return Ok(());
             }
         }
     }
+}
+
+/// Reads one received buffer of an `RTM_GETSTATS` answer with sequence number `seq` into
+/// `table`; true when the answer is complete (the dump's end, or `only`'s one message). A
+/// function of the bytes alone, hidden public, so the fuzz target reads them as `refresh` does.
+#[doc(hidden)]
+pub fn read_stats(
+    table: &mut NetTable,
+    buf: &[u8],
+    seq: u32,
+    only: Option<u32>,
+) -> Result<bool, std::io::Error> {
+    let n = buf.len();
+    let mut off = 0;
+    while off < n {
+        // The messages are read in place through the crate's buffer views: the stats messages
+        // (all but the dump's last) are not built into owned messages, which allocate a vector
+        // each (a tenth of the sampler's user-space time).
+        let msg = NetlinkBuffer::new_checked(&buf[off..n]).map_err(invalid)?;
+        let len = msg.length() as usize;
+        // Parts of an earlier dump that failed half way are skipped, their end too.
+        if msg.sequence_number() == seq {
+            match msg.message_type() {
+                libc::RTM_NEWSTATS => {
+                    add(table, msg.payload()).map_err(invalid)?;
+                    // A single interface's answer is this one message.
+                    if only.is_some() {
+                        return Ok(true);
+                    }
+                }
+                NLMSG_DONE => return Ok(true),
+                NLMSG_ERROR => {
+                    let m = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[off..n])
+                        .map_err(invalid)?;
+                    if let NetlinkPayload::Error(e) = m.payload {
+                        // Not `ErrorMessage::to_io`: its `abs()` of the code panics (overflow
+                        // checks) on i32::MIN, which the fuzzer sent; no errno is that large.
+                        let e = std::io::Error::from_raw_os_error(e.raw_code().saturating_abs());
+                        // Like a dump, which just leaves it out: an interface that is gone (a
+                        // stopped VM's veth) has no counters, and that is no failure.
+                        if only.is_some() && e.raw_os_error() == Some(libc::ENODEV) {
+                            return Ok(true);
+                        }
+                        return Err(e);
+                    }
+                }
+                _ => {}
+            }
+        }
+        if len == 0 {
+            break;
+        }
+        off += len;
+    }
+    Ok(false)
 }
 
 /// Takes the counters of one `RTM_NEWSTATS` message into `table`.
@@ -490,6 +506,36 @@ fn read_ops(o: &BlockOps, buf: &mut [u8]) -> Option<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dump_buffer_reads_every_interface_until_done() {
+        // A fuzz seed: the mode byte, then two RTM_NEWSTATS (the second with a pre-6.9 kernel's
+        // shorter rtnl_link_stats64) and NLMSG_DONE, all with sequence number 1.
+        let seed =
+            include_bytes!("../../../../fuzz/corpus/netlink_stats/dump_two_interfaces_done.bin");
+        let mut table = NetTable::new();
+        assert!(read_stats(&mut table, &seed[1..], 1, None).unwrap());
+        let dev = |base| NetDev {
+            rx_packets: base,
+            tx_packets: base + 1,
+            rx_bytes: base + 2,
+            tx_bytes: base + 3,
+        };
+        assert_eq!(table, NetTable::from([(5, dev(100)), (7, dev(900))]));
+        // Another request's answer is skipped whole, its end included.
+        let mut table = NetTable::new();
+        assert!(!read_stats(&mut table, &seed[1..], 2, None).unwrap());
+        assert!(table.is_empty());
+    }
+
+    #[test]
+    fn an_error_code_of_i32_min_is_an_error_not_a_panic() {
+        // The fuzzer's find: the mode byte, then an NLMSG_ERROR of the right sequence whose
+        // code is i32::MIN.
+        let seed = include_bytes!("../../../../fuzz/corpus/netlink_stats/error_code_i32_min.bin");
+        let mut table = NetTable::new();
+        assert!(read_stats(&mut table, &seed[1..], 1, Some(1)).is_err());
+    }
 
     #[test]
     fn one_netlink_dump_gives_every_interfaces_counters() {

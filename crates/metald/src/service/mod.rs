@@ -11,6 +11,7 @@ mod launch;
 mod supervise;
 mod usage;
 mod validate;
+pub(crate) use validate::validate_kernel_args;
 
 pub use crate::backend::console::ConsoleTail;
 pub use capacity::{Amount, HostCapacity, HostSettings, Ratio};

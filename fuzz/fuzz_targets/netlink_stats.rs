@@ -1,0 +1,4 @@
+//! The check lives in `metald::fuzzing` so `make test` replays this target's corpus on stable.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| metald::fuzzing::netlink_stats(data));
