@@ -305,9 +305,7 @@ impl Config {
         // service holds the history; this is the live view.
         let metrics_retention =
             env.seconds("UNKEY_METALD_METRICS_RETENTION_SECONDS", 60, 1..=86_400)?;
-        let quota_file = env.optional(QUOTA_FILE, "expected an absolute path", |v| {
-            Path::new(v).is_absolute().then(|| PathBuf::from(v))
-        })?;
+        let quota_file = env.optional_abs_path(QUOTA_FILE)?;
         Ok(Self {
             address,
             port,
@@ -547,12 +545,16 @@ impl Env<'_> {
 
     /// An absolute path.
     fn abs_path(&self, name: &'static str, default: &str) -> Result<PathBuf, ConfigError> {
-        self.parsed(
-            name,
-            PathBuf::from(default),
-            "expected an absolute path",
-            |v| Path::new(v).is_absolute().then(|| PathBuf::from(v)),
-        )
+        Ok(self
+            .optional_abs_path(name)?
+            .unwrap_or_else(|| PathBuf::from(default)))
+    }
+
+    /// An absolute path, if set.
+    fn optional_abs_path(&self, name: &'static str) -> Result<Option<PathBuf>, ConfigError> {
+        self.optional(name, "expected an absolute path", |v| {
+            Path::new(v).is_absolute().then(|| PathBuf::from(v))
+        })
     }
 
     /// An executable named by `name`, or `program` found on PATH (`None` if neither).
@@ -788,14 +790,9 @@ fn isolation_config(env: &Env<'_>) -> Result<IsolationConfig, ConfigError> {
 
 /// UNKEY_METALD_TLS_*: all three files are absolute paths; cert and key come together.
 fn tls_settings(env: &Env<'_>) -> Result<Option<TlsSettings>, ConfigError> {
-    let file = |name| {
-        env.optional(name, "expected an absolute path", |v| {
-            Path::new(v).is_absolute().then(|| PathBuf::from(v))
-        })
-    };
-    let cert = file("UNKEY_METALD_TLS_CERT_FILE")?;
-    let key = file("UNKEY_METALD_TLS_KEY_FILE")?;
-    let client_ca_file = file("UNKEY_METALD_TLS_CLIENT_CA_FILE")?;
+    let cert = env.optional_abs_path("UNKEY_METALD_TLS_CERT_FILE")?;
+    let key = env.optional_abs_path("UNKEY_METALD_TLS_KEY_FILE")?;
+    let client_ca_file = env.optional_abs_path("UNKEY_METALD_TLS_CLIENT_CA_FILE")?;
     match (cert, key, client_ca_file) {
         (Some(cert_file), Some(key_file), client_ca_file) => Ok(Some(TlsSettings {
             cert_file,
@@ -871,11 +868,7 @@ fn auth_settings(env: &Env<'_>, tls: Option<&TlsSettings>) -> Result<AuthSetting
 
 /// UNKEY_METALD_AUTH_JWKS_* and the claims a token must carry.
 fn jwt_settings(env: &Env<'_>) -> Result<JwtSettings, ConfigError> {
-    let jwks_file = env.optional(
-        "UNKEY_METALD_AUTH_JWKS_FILE",
-        "expected an absolute path",
-        |v| Path::new(v).is_absolute().then(|| PathBuf::from(v)),
-    )?;
+    let jwks_file = env.optional_abs_path("UNKEY_METALD_AUTH_JWKS_FILE")?;
     let jwks_url = env
         .http_url(
             "UNKEY_METALD_AUTH_JWKS_URL",
