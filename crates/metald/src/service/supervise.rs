@@ -9,9 +9,9 @@ impl VmService {
     pub async fn reconcile(&self) -> Result<(), ServiceError> {
         // No boot outlives metald: what a killed one reserved is free again.
         self.store.release_all_runs()?;
-        self.finish_interrupted_deletes_and_creates().await?;
+        let vms = self.finish_interrupted_deletes_and_creates().await?;
         let mut keep = std::collections::HashSet::new();
-        for mut vm in self.store.all_vms()? {
+        for mut vm in vms {
             if !vm.state().has_vmm() {
                 continue;
             }
@@ -58,18 +58,19 @@ impl VmService {
     /// A delete removes the VM's directory, then its row; a create makes the directory, then
     /// the row. metald killed between the two leaves a row without a directory (finished off
     /// here: the delete was under way) or a directory without a row (removed: the create was
-    /// never acknowledged). Runs at start, before any call is served.
-    async fn finish_interrupted_deletes_and_creates(&self) -> Result<(), ServiceError> {
-        let vms = self.store.all_vms()?;
-        let known: std::collections::HashSet<&VmId> = vms.iter().map(|vm| &vm.id).collect();
-        for vm in &vms {
+    /// never acknowledged). Runs at start, before any call is served; returns the VMs left.
+    async fn finish_interrupted_deletes_and_creates(&self) -> Result<Vec<VmRecord>, ServiceError> {
+        let mut vms = Vec::new();
+        for vm in self.store.all_vms()? {
             if self.vm_dir(&vm.id).exists() {
+                vms.push(vm);
                 continue;
             }
             tracing::warn!(vm_id = %vm.id, "VM directory gone: finishing an interrupted delete");
-            let _logged = self.release_sandbox(vm).await;
+            let _logged = self.release_sandbox(&vm).await;
             self.store.delete_vm(&vm.id)?;
         }
+        let known: std::collections::HashSet<&VmId> = vms.iter().map(|vm| &vm.id).collect();
         for entry in std::fs::read_dir(&self.cfg.vms_dir)
             .into_iter()
             .flatten()
@@ -87,7 +88,7 @@ impl VmService {
                 tracing::error!(vm_id = %id, error = %Chain(&e), "removing the directory failed");
             }
         }
-        Ok(())
+        Ok(vms)
     }
 
     /// The VM's VMM is gone: its last sample is taken, then its sandbox removed. An error
