@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
@@ -57,59 +57,37 @@ pub async fn serve(
         let watcher = graceful.watcher();
         let tls = tls.clone();
         tokio::spawn(async move {
-            let mut builder = Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT);
-            builder.http2().timer(TokioTimer::new());
-            match tls {
-                None => {
-                    let svc = with_peer(
-                        app,
-                        Peer {
-                            addr,
-                            service: None,
-                        },
-                    );
-                    let conn = builder
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .into_owned();
-                    if let Err(e) = watcher.watch(conn).await {
-                        tracing::trace!(%addr, error = %e, "connection ended");
-                    }
+            let Some(tls) = tls else {
+                let peer = Peer {
+                    addr,
+                    service: None,
+                };
+                return serve_connection(stream, app, peer, watcher).await;
+            };
+            let stream = match tokio::time::timeout(
+                HANDSHAKE_TIMEOUT,
+                tls.acceptor().accept(stream),
+            )
+            .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%addr, error = %e, "TLS handshake failed");
+                    return;
                 }
-                Some(tls) => {
-                    let accepted =
-                        tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.acceptor().accept(stream))
-                            .await;
-                    let stream = match accepted {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%addr, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(%addr, "TLS handshake timed out");
-                            return;
-                        }
-                    };
-                    let service = stream
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .and_then(|chain| chain.first())
-                        .and_then(|leaf| tls::spiffe_id_of(leaf.as_ref()))
-                        .map(Arc::<str>::from);
-                    let svc = with_peer(app, Peer { addr, service });
-                    let conn = builder
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .into_owned();
-                    if let Err(e) = watcher.watch(conn).await {
-                        tracing::trace!(%addr, error = %e, "connection ended");
-                    }
+                Err(_) => {
+                    tracing::debug!(%addr, "TLS handshake timed out");
+                    return;
                 }
-            }
+            };
+            let service = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|leaf| tls::spiffe_id_of(leaf.as_ref()))
+                .map(Arc::<str>::from);
+            serve_connection(stream, app, Peer { addr, service }, watcher).await;
         });
     }
     // Stop accepting before draining so nothing new arrives during the drain.
@@ -118,22 +96,27 @@ pub async fn serve(
     Ok(())
 }
 
-/// `app` as a hyper service that stamps `peer` on every request.
-fn with_peer(
-    app: axum::Router,
-    peer: Peer,
-) -> impl hyper::service::Service<
-    hyper::Request<hyper::body::Incoming>,
-    Response = axum::response::Response,
-    Error = std::convert::Infallible,
-    Future: Send + 'static,
-> + Clone
-       + Send
-       + 'static {
-    hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+/// Serves one connection (plain or TLS) with HTTP/1.1 or HTTP/2 until it ends or the server
+/// drains, stamping `peer` on every request.
+async fn serve_connection<I>(io: I, app: axum::Router, peer: Peer, watcher: Watcher)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let addr = peer.addr;
+    let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(peer.clone());
         app.clone().oneshot(req.map(axum::body::Body::new))
-    })
+    });
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.http2().timer(TokioTimer::new());
+    let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::trace!(%addr, error = %e, "connection ended");
+    }
 }
 
 fn transient(e: &std::io::Error) -> bool {
