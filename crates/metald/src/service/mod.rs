@@ -310,13 +310,18 @@ impl VmService {
             Err(e) => {
                 // Deleted while this call waited: its entry goes too.
                 drop(guard);
-                self.locks
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(id);
+                self.forget_lock(id);
                 Err(e)
             }
         }
+    }
+
+    /// Drops the VM's lock entry (the VM is gone; a holder keeps its own `Arc`).
+    fn forget_lock(&self, id: &VmId) {
+        self.locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
     }
 
     async fn lock(&self, id: &VmId) -> tokio::sync::OwnedMutexGuard<()> {
@@ -602,10 +607,7 @@ impl VmService {
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
         drop(guard);
-        self.locks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+        self.forget_lock(id);
         tracing::info!(vm_id = %id, "vm deleted");
         Ok(())
     }
