@@ -6,7 +6,7 @@ use std::sync::Arc;
 use connectrpc::ConnectError;
 use metald_proto::metald::v1 as pb;
 
-use super::audit::effect;
+use super::audit::{effect, Audited};
 use super::auth::Identity;
 use super::error::to_connect;
 use crate::domain::{
@@ -226,16 +226,33 @@ pub async fn create_vm(
     })
 }
 
+/// A mutating call on the caller's VM `raw_id`: the id is parsed, then `op` (given the service,
+/// the customer and the VM) runs in a task of its own and is audited as `method`.
+async fn on_vm<T, F, Fut>(
+    svc: &Arc<VmService>,
+    who: &Arc<Identity>,
+    method: &'static str,
+    raw_id: &str,
+    op: F,
+) -> Result<T, ConnectError>
+where
+    T: Audited + Send + 'static,
+    F: FnOnce(Arc<VmService>, CustomerId, VmId) -> Fut,
+    Fut: std::future::Future<Output = Result<T, crate::service::ServiceError>> + Send + 'static,
+{
+    let id = vm_id("vm_id", raw_id)?;
+    let work = op(Arc::clone(svc), who.customer.clone(), id.clone());
+    effect(who, method, Some(id), work).await
+}
+
 /// BootVm.
 pub async fn boot_vm(
     svc: &Arc<VmService>,
     who: &Arc<Identity>,
     id: &str,
 ) -> Result<pb::VmInfo, ConnectError> {
-    let id = vm_id("vm_id", id)?;
-    let (s, customer, vm) = (Arc::clone(svc), who.customer.clone(), id.clone());
-    let vm = effect(who, "BootVm", Some(id), async move {
-        s.boot(&customer, &vm).await
+    let vm = on_vm(svc, who, "BootVm", id, |s, c, vm| async move {
+        s.boot(&c, &vm).await
     })
     .await?;
     Ok(vm_info(svc, &vm, who))
@@ -249,14 +266,12 @@ pub async fn shutdown_vm(
     force: bool,
     timeout_seconds: u32,
 ) -> Result<pb::VmInfo, ConnectError> {
-    let id = vm_id("vm_id", id)?;
-    let (s, customer, vm) = (Arc::clone(svc), who.customer.clone(), id.clone());
     let request = ShutdownRequest {
         force,
         timeout_seconds,
     };
-    let vm = effect(who, "ShutdownVm", Some(id), async move {
-        s.shutdown(&customer, &vm, request).await
+    let vm = on_vm(svc, who, "ShutdownVm", id, |s, c, vm| async move {
+        s.shutdown(&c, &vm, request).await
     })
     .await?;
     Ok(vm_info(svc, &vm, who))
@@ -268,10 +283,8 @@ pub async fn pause_vm(
     who: &Arc<Identity>,
     id: &str,
 ) -> Result<pb::VmInfo, ConnectError> {
-    let id = vm_id("vm_id", id)?;
-    let (s, customer, vm) = (Arc::clone(svc), who.customer.clone(), id.clone());
-    let vm = effect(who, "PauseVm", Some(id), async move {
-        s.pause(&customer, &vm).await
+    let vm = on_vm(svc, who, "PauseVm", id, |s, c, vm| async move {
+        s.pause(&c, &vm).await
     })
     .await?;
     Ok(vm_info(svc, &vm, who))
@@ -283,10 +296,8 @@ pub async fn resume_vm(
     who: &Arc<Identity>,
     id: &str,
 ) -> Result<pb::VmInfo, ConnectError> {
-    let id = vm_id("vm_id", id)?;
-    let (s, customer, vm) = (Arc::clone(svc), who.customer.clone(), id.clone());
-    let vm = effect(who, "ResumeVm", Some(id), async move {
-        s.resume(&customer, &vm).await
+    let vm = on_vm(svc, who, "ResumeVm", id, |s, c, vm| async move {
+        s.resume(&c, &vm).await
     })
     .await?;
     Ok(vm_info(svc, &vm, who))
@@ -299,10 +310,8 @@ pub async fn reboot_vm(
     id: &str,
     force: bool,
 ) -> Result<pb::VmInfo, ConnectError> {
-    let id = vm_id("vm_id", id)?;
-    let (s, customer, vm) = (Arc::clone(svc), who.customer.clone(), id.clone());
-    let vm = effect(who, "RebootVm", Some(id), async move {
-        s.reboot(&customer, &vm, force).await
+    let vm = on_vm(svc, who, "RebootVm", id, |s, c, vm| async move {
+        s.reboot(&c, &vm, force).await
     })
     .await?;
     Ok(vm_info(svc, &vm, who))
@@ -315,10 +324,8 @@ pub async fn delete_vm(
     id: &str,
     force: bool,
 ) -> Result<(), ConnectError> {
-    let id = vm_id("vm_id", id)?;
-    let (s, customer, vm) = (Arc::clone(svc), who.customer.clone(), id.clone());
-    effect(who, "DeleteVm", Some(id), async move {
-        s.delete(&customer, &vm, force).await
+    on_vm(svc, who, "DeleteVm", id, |s, c, vm| async move {
+        s.delete(&c, &vm, force).await
     })
     .await
 }
