@@ -457,10 +457,15 @@ async fn start_up_adopts_surviving_vmms_and_sweeps_everything_else() {
     assert_eq!(sweep, format!("sweep keeping [{alive}]"));
 }
 
-#[tokio::test]
-async fn a_delete_during_a_boot_waits_for_it_then_removes_the_vm_and_its_sandbox() {
-    let f = fixture();
-    let id = f.svc.create(&f.who, config()).await.unwrap().id;
+/// Starts booting the fixture customer's VM `id` with the backend holding the boot until the
+/// returned gate gets a permit; returns once the backend has the boot.
+async fn held_boot(
+    f: &Fixture,
+    id: &VmId,
+) -> (
+    Arc<tokio::sync::Semaphore>,
+    tokio::task::JoinHandle<Result<VmRecord, ServiceError>>,
+) {
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     *f.backend.hold_boot.lock().unwrap() = Some(Arc::clone(&gate));
     let booting = {
@@ -470,6 +475,14 @@ async fn a_delete_during_a_boot_waits_for_it_then_removes_the_vm_and_its_sandbox
     while !f.backend.calls().iter().any(|c| c == "boot") {
         tokio::task::yield_now().await;
     }
+    (gate, booting)
+}
+
+#[tokio::test]
+async fn a_delete_during_a_boot_waits_for_it_then_removes_the_vm_and_its_sandbox() {
+    let f = fixture();
+    let id = f.svc.create(&f.who, config()).await.unwrap().id;
+    let (gate, booting) = held_boot(&f, &id).await;
     let deleting = {
         let (svc, who, id) = (Arc::clone(&f.svc), f.who.clone(), id.clone());
         tokio::spawn(async move { svc.delete(&who, &id, true).await })
@@ -650,15 +663,7 @@ async fn a_create_without_disk_room_is_refused_and_makes_nothing() {
 async fn other_customers_never_wait_on_or_add_to_the_vm_locks() {
     let f = fixture();
     let id = f.svc.create(&f.who, config()).await.unwrap().id;
-    let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    *f.backend.hold_boot.lock().unwrap() = Some(Arc::clone(&gate));
-    let booting = {
-        let (svc, who, id) = (Arc::clone(&f.svc), f.who.clone(), id.clone());
-        tokio::spawn(async move { svc.boot(&who, &id).await })
-    };
-    while !f.backend.calls().iter().any(|c| c == "boot") {
-        tokio::task::yield_now().await;
-    }
+    let (gate, booting) = held_boot(&f, &id).await;
     // The owner's boot holds the lock; a stranger's calls answer at once, as for no VM.
     let stranger: CustomerId = "stranger".parse().unwrap();
     let answer = tokio::time::timeout(
