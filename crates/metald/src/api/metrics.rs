@@ -277,9 +277,14 @@ pub enum MetricsAccess {
 impl MetricsAccess {
     /// Access by `token`.
     pub fn token(token: &str) -> Self {
-        use sha2::Digest;
-        Self::Token(sha2::Sha256::digest(token.as_bytes()).into())
+        Self::Token(digest(token))
     }
+}
+
+/// What a metrics token is compared as.
+fn digest(token: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(token.as_bytes()).into()
 }
 
 /// What `GET /metrics` serves, and to whom.
@@ -293,7 +298,6 @@ pub struct Scrape {
 
 /// `GET /metrics`.
 pub async fn serve(State(scrape): State<Scrape>, headers: http::HeaderMap) -> Response {
-    use sha2::Digest;
     match &scrape.access {
         MetricsAccess::Open => {}
         MetricsAccess::Closed => {
@@ -309,7 +313,7 @@ pub async fn serve(State(scrape): State<Scrape>, headers: http::HeaderMap) -> Re
                 .get(http::header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.strip_prefix("Bearer "))
-                .map(|t| <[u8; 32]>::from(sha2::Sha256::digest(t.trim().as_bytes())));
+                .map(|t| digest(t.trim()));
             if sent.as_ref() != Some(want) {
                 return (
                     http::StatusCode::UNAUTHORIZED,
