@@ -119,6 +119,13 @@ pub enum JwksError {
     NoKeys(String),
 }
 
+/// Where keys come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    File,
+    Url,
+}
+
 /// One verification key.
 struct Key {
     alg: Algorithm,
@@ -165,12 +172,10 @@ impl JwtVerifier {
             verified: std::sync::Mutex::new(HashMap::new()),
         };
         let mut keys = HashMap::new();
-        if let Some(path) = &v.settings.jwks_file {
-            keys.extend(read_file(path)?);
-        }
-        if v.settings.jwks_url.is_some() {
-            match v.fetch().await {
+        for (source, read) in v.read_sources().await {
+            match read {
                 Ok(k) => keys.extend(k),
+                Err(e) if source == Source::File => return Err(e),
                 Err(e) => {
                     tracing::warn!(error = %crate::report::Chain(&e), "JWKS URL unavailable at start; retrying on the first unknown key")
                 }
@@ -326,25 +331,14 @@ impl JwtVerifier {
         *last = Some(Instant::now());
         let mut keys = HashMap::new();
         let mut loaded = false;
-        if let Some(path) = &self.settings.jwks_file {
-            match read_file(path) {
+        for (source, read) in self.read_sources().await {
+            match read {
                 Ok(k) => {
                     keys.extend(k);
                     loaded = true;
                 }
                 Err(e) => {
-                    tracing::error!(error = %crate::report::Chain(&e), "JWKS file refresh failed")
-                }
-            }
-        }
-        if self.settings.jwks_url.is_some() {
-            match self.fetch().await {
-                Ok(k) => {
-                    keys.extend(k);
-                    loaded = true;
-                }
-                Err(e) => {
-                    tracing::error!(error = %crate::report::Chain(&e), "JWKS URL refresh failed")
+                    tracing::error!(?source, error = %crate::report::Chain(&e), "JWKS refresh failed")
                 }
             }
         }
@@ -357,6 +351,18 @@ impl JwtVerifier {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .clear();
         }
+    }
+
+    /// Reads the JWKS file and fetches the JWKS URL, each where configured.
+    async fn read_sources(&self) -> Vec<(Source, Result<HashMap<String, Arc<Key>>, JwksError>)> {
+        let mut out = Vec::new();
+        if let Some(path) = &self.settings.jwks_file {
+            out.push((Source::File, read_file(path)));
+        }
+        if self.settings.jwks_url.is_some() {
+            out.push((Source::Url, self.fetch().await));
+        }
+        out
     }
 
     /// Fetches the URL's JWKS, size- and time-capped.
