@@ -23,6 +23,7 @@ pub mod api;
 pub mod billing;
 pub mod config;
 pub mod daemon;
+pub mod file_stamp;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod listener;

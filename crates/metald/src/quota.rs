@@ -21,6 +21,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::domain::{CustomerId, MIB};
+use crate::file_stamp::FileStamp;
 use crate::report::Chain;
 use crate::store::{RunLimits, StoredLimits};
 
@@ -189,30 +190,12 @@ impl QuotaBook {
     }
 }
 
-/// What tells a changed file from the one last read: inode, size and modification time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
-    ino: u64,
-    len: u64,
-    mtime_ns: i128,
-}
-
-fn stamp(path: &Path) -> std::io::Result<Stamp> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path)?;
-    Ok(Stamp {
-        ino: m.ino(),
-        len: m.len(),
-        mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
-    })
-}
-
 /// The quotas in force: a [`QuotaBook`] snapshot, replaced when the quota file changes.
 pub struct QuotaTable {
     current: RwLock<Arc<QuotaBook>>,
     file: Option<PathBuf>,
     /// The file as last read; `None` until the first check, which reads it again once.
-    seen: Mutex<Option<Stamp>>,
+    seen: Mutex<Option<FileStamp>>,
 }
 
 impl QuotaTable {
@@ -242,7 +225,7 @@ impl QuotaTable {
             return Ok(false);
         };
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        let now = stamp(path).map_err(QuotaFileError::Read)?;
+        let now = FileStamp::of(path).map_err(QuotaFileError::Read)?;
         if *seen == Some(now) {
             return Ok(false);
         }

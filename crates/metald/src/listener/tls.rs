@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use rustls::pki_types::pem::PemObject;
@@ -14,6 +14,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 
 use crate::config::TlsSettings;
+use crate::file_stamp::FileStamp;
 
 /// How often the files are checked for changes.
 const WATCH_EVERY: Duration = Duration::from_secs(1);
@@ -87,10 +88,8 @@ impl ReloadingTls {
         })
     }
 
-    /// What identifies each file's current content: mtime, size and inode (a rename-over is
-    /// a new inode even within one mtime tick).
-    fn stamps(&self) -> Vec<Option<(SystemTime, u64, u64)>> {
-        use std::os::unix::fs::MetadataExt;
+    /// Each file's [`FileStamp`] (`None` while one is missing).
+    fn stamps(&self) -> Vec<Option<FileStamp>> {
         let s = &self.settings;
         [
             Some(&s.cert_file),
@@ -99,11 +98,7 @@ impl ReloadingTls {
         ]
         .into_iter()
         .flatten()
-        .map(|p| {
-            std::fs::metadata(p)
-                .ok()
-                .and_then(|m| Some((m.modified().ok()?, m.len(), m.ino())))
-        })
+        .map(|p| FileStamp::of(p).ok())
         .collect()
     }
 }
