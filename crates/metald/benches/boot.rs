@@ -29,10 +29,7 @@ fn main() {
         eprintln!("qemu-system-x86_64 not installed");
         std::process::exit(2);
     };
-    let runs: usize = std::env::var("BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10);
+    let runs: usize = env_num("BENCH_RUNS", 10);
     let (hw, why) = metald::config::hardware_kvm(Path::new("/sys"), Path::new("/dev"));
     let accel = if hw { Accel::Kvm } else { Accel::Tcg };
     println!(

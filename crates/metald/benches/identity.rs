@@ -16,13 +16,6 @@ use std::process::Command;
 use serde_json::json;
 use support::*;
 
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 /// What `hey` reported.
 struct Load {
     rps: f64,

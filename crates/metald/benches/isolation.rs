@@ -15,13 +15,6 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use support::*;
 
-fn env_num(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 /// CreateVm + BootVm → readiness line, and the BootVm call alone.
 fn boot_once(api: &Rest, body: &serde_json::Value, marker: &str) -> (Duration, Duration) {
     let t0 = Instant::now();

@@ -71,12 +71,7 @@ fn main() {
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
-    let window = Duration::from_secs(
-        std::env::var("BENCH_WINDOW_SECS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(10),
-    );
+    let window = Duration::from_secs(env_num("BENCH_WINDOW_SECS", 10));
     let fc = firecracker_bin().is_some();
     // Firecracker's tiny guests: every vCPU busy polling (each poll an exit to the VMM, the
     // worst case for the sampler's caches on 2 cores), or every vCPU halted.

@@ -2,6 +2,14 @@
 
 use std::time::Duration;
 
+/// A bench setting from the environment: `name` parsed, or `default` when unset or unparsable.
+pub fn env_num<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Prints one benchmark table row: median, min and max in milliseconds.
 pub fn row(name: &str, samples: &[Duration]) {
     let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
