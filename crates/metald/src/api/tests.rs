@@ -101,6 +101,22 @@ impl Served {
         .await
     }
 
+    /// BootVm over Connect JSON asking for a `timeout_ms` deadline; the answer's body.
+    async fn boot_with_deadline(&self, who: &str, id: &str, timeout_ms: u64) -> Value {
+        self.client
+            .post(format!("{}/metald.v1.VmService/BootVm", self.base))
+            .header("Authorization", bearer(who))
+            .header("Content-Type", "application/json")
+            .header("Connect-Timeout-Ms", timeout_ms.to_string())
+            .body(json!({ "vmId": id }).to_string())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     async fn create(&self, who: &str) -> String {
         let r = self.rest(who, "POST", "/v1/vms", Some(request())).await;
         assert_eq!(r.status, 201, "{r:?}");
@@ -779,17 +795,7 @@ async fn a_boot_whose_caller_gives_up_still_completes_and_is_saved() {
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     *f.backend.hold_boot.lock().unwrap() = Some(Arc::clone(&gate));
     // A 50 ms Connect deadline, and a REST client that hangs up after 50 ms.
-    let r = s
-        .client
-        .post(format!("{}/metald.v1.VmService/BootVm", s.base))
-        .header("Authorization", bearer("acme"))
-        .header("Content-Type", "application/json")
-        .header("Connect-Timeout-Ms", "50")
-        .body(json!({ "vmId": id }).to_string())
-        .send()
-        .await
-        .unwrap();
-    let body: Value = r.json().await.unwrap();
+    let body = s.boot_with_deadline("acme", &id, 50).await;
     assert_eq!(body["code"], "deadline_exceeded", "{body}");
     let id2 = s.create("acme").await;
     let hung_up = s
@@ -827,17 +833,7 @@ async fn the_server_caps_how_long_a_call_may_run_whatever_the_client_asks() {
     *f.backend.hold_boot.lock().unwrap() = Some(Arc::clone(&gate));
     let t0 = std::time::Instant::now();
     // Ten minutes asked over Connect, none over REST: both end at the server's one second.
-    let r = s
-        .client
-        .post(format!("{}/metald.v1.VmService/BootVm", s.base))
-        .header("Authorization", bearer("acme"))
-        .header("Content-Type", "application/json")
-        .header("Connect-Timeout-Ms", "600000")
-        .body(json!({ "vmId": a }).to_string())
-        .send()
-        .await
-        .unwrap();
-    let body: Value = r.json().await.unwrap();
+    let body = s.boot_with_deadline("acme", &a, 600000).await;
     assert_eq!(body["code"], "deadline_exceeded", "{body}");
     let r = s
         .rest("acme", "POST", &format!("/v1/vms/{b}/boot"), None)
