@@ -99,6 +99,9 @@ pub enum JwksError {
         #[source]
         source: std::io::Error,
     },
+    /// The HTTP client for the URL could not be made (TLS roots).
+    #[error("JWKS HTTP client")]
+    Client(#[source] reqwest::Error),
     /// The document is larger than [`MAX_JWKS_BYTES`].
     #[error("{0}: JWKS larger than {MAX_JWKS_BYTES} bytes")]
     TooLarge(String),
@@ -160,10 +163,7 @@ impl JwtVerifier {
             .timeout(FETCH_TIMEOUT)
             .redirect(reqwest::redirect::Policy::none())
             .build()
-            .map_err(|source| JwksError::Fetch {
-                url: String::new(),
-                source,
-            })?;
+            .map_err(JwksError::Client)?;
         let v = Self {
             settings,
             keys: ArcSwap::from_pointee(HashMap::new()),

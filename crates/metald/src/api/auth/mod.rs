@@ -221,8 +221,9 @@ impl Authenticator {
         })
     }
 
-    /// Dev tokens, no trusted services: what tests and loopback development use.
-    pub fn dev() -> Self {
+    /// Dev tokens, no trusted services, without the async set-up (tests).
+    #[cfg(test)]
+    pub(crate) fn dev() -> Self {
         Self {
             mode: Mode::Dev,
             trusted: HashSet::new(),
