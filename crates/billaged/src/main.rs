@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS metrics (
     timestamp INTEGER NOT NULL, cpu_time_nanos INTEGER NOT NULL, memory_usage_bytes INTEGER NOT NULL,
     disk_read_bytes INTEGER NOT NULL, disk_write_bytes INTEGER NOT NULL,
     network_rx_bytes INTEGER NOT NULL, network_tx_bytes INTEGER NOT NULL,
+    reconstructed INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (key, idx));
 CREATE TABLE IF NOT EXISTS gaps (
     key TEXT PRIMARY KEY, vm_id TEXT NOT NULL, last_sent INTEGER NOT NULL, resume_time INTEGER NOT NULL);
@@ -99,7 +100,7 @@ impl pb::BillingService for Billing {
         if inserted == 1 {
             for (i, m) in req.metrics.iter().enumerate() {
                 tx.execute(
-                    "INSERT INTO metrics VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                    "INSERT INTO metrics VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                     params![
                         req.idempotency_key,
                         i as i64,
@@ -111,6 +112,7 @@ impl pb::BillingService for Billing {
                         m.disk_write_bytes as i64,
                         m.network_rx_bytes as i64,
                         m.network_tx_bytes as i64,
+                        m.reconstructed,
                     ],
                 )
                 .map_err(internal)?;
@@ -198,6 +200,21 @@ impl pb::BillingService for Billing {
     }
 }
 
+/// A database made before intervals could be reconstructed gets the column (its rows were not).
+fn add_reconstructed_column(conn: &Connection) -> rusqlite::Result<()> {
+    let has: bool = conn.query_row(
+        "SELECT COUNT(*) > 0 FROM pragma_table_info('metrics') WHERE name = 'reconstructed'",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has {
+        conn.execute_batch(
+            "ALTER TABLE metrics ADD COLUMN reconstructed INTEGER NOT NULL DEFAULT 0",
+        )?;
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -206,6 +223,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let conn = Connection::open(&cli.db).with_context(|| format!("open {}", cli.db.display()))?;
     conn.execute_batch(SCHEMA).context("create tables")?;
+    add_reconstructed_column(&conn).context("add metrics.reconstructed")?;
     let svc = Arc::new(Billing {
         db: Mutex::new(conn),
     });

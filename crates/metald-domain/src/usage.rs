@@ -26,26 +26,86 @@ pub struct Counters {
 }
 
 impl Counters {
-    /// `self + (now - base)` for every counter; memory is `now`'s reading.
-    pub fn advanced(&self, base: &Counters, now: &Counters) -> Counters {
-        let d = |a: u64, b: u64| a.saturating_sub(b);
+    /// Each cumulative counter of `a` and `b` combined by `f`; memory is `memory`.
+    fn zip(a: &Counters, b: &Counters, memory: u64, f: impl Fn(u64, u64) -> u64) -> Counters {
         Counters {
-            cpu_ns: self.cpu_ns + d(now.cpu_ns, base.cpu_ns),
-            memory_bytes: now.memory_bytes,
-            disk_read_bytes: self.disk_read_bytes + d(now.disk_read_bytes, base.disk_read_bytes),
-            disk_write_bytes: self.disk_write_bytes
-                + d(now.disk_write_bytes, base.disk_write_bytes),
-            disk_read_ops: self.disk_read_ops + d(now.disk_read_ops, base.disk_read_ops),
-            disk_write_ops: self.disk_write_ops + d(now.disk_write_ops, base.disk_write_ops),
-            net_rx_bytes: self.net_rx_bytes + d(now.net_rx_bytes, base.net_rx_bytes),
-            net_tx_bytes: self.net_tx_bytes + d(now.net_tx_bytes, base.net_tx_bytes),
-            net_rx_packets: self.net_rx_packets + d(now.net_rx_packets, base.net_rx_packets),
-            net_tx_packets: self.net_tx_packets + d(now.net_tx_packets, base.net_tx_packets),
+            cpu_ns: f(a.cpu_ns, b.cpu_ns),
+            memory_bytes: memory,
+            disk_read_bytes: f(a.disk_read_bytes, b.disk_read_bytes),
+            disk_write_bytes: f(a.disk_write_bytes, b.disk_write_bytes),
+            disk_read_ops: f(a.disk_read_ops, b.disk_read_ops),
+            disk_write_ops: f(a.disk_write_ops, b.disk_write_ops),
+            net_rx_bytes: f(a.net_rx_bytes, b.net_rx_bytes),
+            net_tx_bytes: f(a.net_tx_bytes, b.net_tx_bytes),
+            net_rx_packets: f(a.net_rx_packets, b.net_rx_packets),
+            net_tx_packets: f(a.net_tx_packets, b.net_tx_packets),
         }
+    }
+
+    /// `self + (now - base)` for every counter; memory is `now`'s reading. A counter that went
+    /// backwards adds nothing, and sums saturate: some counters are read from files a hostile
+    /// VMM writes.
+    pub fn advanced(&self, base: &Counters, now: &Counters) -> Counters {
+        self.plus(&now.since(base))
     }
 
     /// What was used between `earlier` and `self` (memory: `self`'s reading).
     pub fn since(&self, earlier: &Counters) -> Counters {
-        Counters::default().advanced(earlier, self)
+        Counters::zip(self, earlier, self.memory_bytes, u64::saturating_sub)
+    }
+
+    /// Both usages added up, counter by counter (memory: `more`'s reading).
+    pub fn plus(&self, more: &Counters) -> Counters {
+        Counters::zip(self, more, more.memory_bytes, u64::saturating_add)
+    }
+
+    /// What `self` lacks of `floor`, counter by counter (memory, a gauge, is never lacking):
+    /// added to `self`, no counter is below `floor`'s.
+    pub fn shortfall(&self, floor: &Counters) -> Counters {
+        Counters::zip(floor, self, 0, u64::saturating_sub)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shortfall_raises_every_counter_to_the_floor_and_leaves_the_rest() {
+        let have = Counters {
+            cpu_ns: 100,
+            disk_read_bytes: 50,
+            memory_bytes: 7,
+            ..Counters::default()
+        };
+        let floor = Counters {
+            cpu_ns: 80,
+            disk_read_bytes: 90,
+            memory_bytes: 1000,
+            ..Counters::default()
+        };
+        let short = have.shortfall(&floor);
+        assert_eq!(
+            (short.cpu_ns, short.disk_read_bytes, short.memory_bytes),
+            (0, 40, 0)
+        );
+        let raised = Counters {
+            memory_bytes: have.memory_bytes,
+            ..have.plus(&short)
+        };
+        assert_eq!(
+            (raised.cpu_ns, raised.disk_read_bytes, raised.memory_bytes),
+            (100, 90, 7)
+        );
+        assert_eq!(
+            Counters {
+                cpu_ns: u64::MAX,
+                ..have
+            }
+            .plus(&have)
+            .cpu_ns,
+            u64::MAX,
+            "sums saturate"
+        );
     }
 }

@@ -439,6 +439,10 @@ pub async fn get_usage(
             .collect(),
         interval_millis: u32::try_from(svc.metering_interval().as_millis()).unwrap_or(u32::MAX),
         vmm_metrics_raw: u.vmm_metrics_raw.unwrap_or_default(),
+        current_run: u
+            .run
+            .map(|r| usage_to_proto(&r, u.memory_configured))
+            .into(),
         ..Default::default()
     })
 }

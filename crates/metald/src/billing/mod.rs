@@ -6,8 +6,10 @@
 //! SQLite, in the same transaction that moves the cursor. A sender delivers outbox rows oldest
 //! first, each with a unique idempotency key, retrying with backoff while the service is down,
 //! and deletes a row only once it is acknowledged. A VM metald re-adopted after a restart gets a
-//! `NotifyPossibleGap` for the time it could not see, and its usage resumes from the first new
-//! sample: downtime is reported, never invented.
+//! `NotifyPossibleGap` for the time it could not see, and that time's usage is billed as one
+//! interval spanning the gap, marked `reconstructed`: the kernel kept counting while metald was
+//! down, so the first sample after the restart less the last one queued before it is exactly
+//! what the VM used meanwhile. Billed sums then equal metald's totals across any crash.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -42,6 +44,11 @@ pub struct IntervalUsage {
     pub timestamp: i64,
     /// Used within the interval.
     pub usage: Counters,
+    /// The interval spans time metald did not sample (its own downtime); its usage is the
+    /// difference of the kernel's counters across it. Rows queued before this field existed
+    /// read as `false`.
+    #[serde(default)]
+    pub reconstructed: bool,
 }
 
 /// A queued message's fields.
@@ -85,6 +92,7 @@ pub fn intervals(prev: &Counters, points: &[(i64, Counters)]) -> Vec<IntervalUsa
             IntervalUsage {
                 timestamp: *ms,
                 usage,
+                reconstructed: false,
             }
         })
         .collect()
@@ -191,51 +199,53 @@ impl Billing {
     /// Moves the VM's samples since its cursor into the outbox as one batch.
     fn batch_vm(&self, vm: &VmId, customer: &CustomerId) -> Result<(), StoreError> {
         let cursor = self.store.billing_cursor(vm)?;
-        let (last_ms, mut prev, seq) = cursor.unwrap_or((i64::MIN, Counters::default(), 0));
+        let (last_ms, prev, seq) = cursor.unwrap_or((i64::MIN, Counters::default(), 0));
         let Some(u) = self.meter.usage(vm, last_ms) else {
             return Ok(());
         };
-        let mut points: Vec<(i64, Counters)> =
-            u.samples.iter().map(|p| (p.wall_ms, p.total)).collect();
+        let points: Vec<(i64, Counters)> = u.samples.iter().map(|p| (p.wall_ms, p.total)).collect();
         let mut rows = Vec::new();
         let gap = self
             .resumed
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(vm);
-        if gap && cursor.is_some() {
-            let Some(&(first_ms, first_total)) = points.first() else {
+        let resume_time = points.first().map(|&(ms, _)| ms);
+        match resume_time {
+            None if gap => {
                 // No sample since the re-adoption yet: keep the mark for the next batch.
                 self.resumed(vm);
                 return Ok(());
-            };
-            // The first sample after the restart holds the downtime's usage: it becomes the new
-            // baseline, and the hole is reported instead.
-            let payload = Payload::Gap {
-                last_sent: last_ms,
-                resume_time: first_ms,
-            };
-            rows.push(row(
-                vm,
-                customer,
-                &format!("{vm}:gap:{first_ms}"),
-                &payload,
-            )?);
-            prev = first_total;
-            points.remove(0);
-            if points.is_empty() {
-                self.store
-                    .enqueue_billing(&rows, Some((vm, first_ms, &prev, seq)))?;
-                return Ok(());
             }
+            Some(resume_time) if gap && cursor.is_some() => {
+                // The hole is reported, and the first sample after the restart, which holds
+                // the downtime's usage, ends the interval spanning it.
+                let payload = Payload::Gap {
+                    last_sent: last_ms,
+                    resume_time,
+                };
+                rows.push(row(
+                    vm,
+                    customer,
+                    &format!("{vm}:gap:{resume_time}"),
+                    &payload,
+                )?);
+            }
+            _ => {}
         }
-        // Without a cursor nothing was ever sent for the VM: its first batch counts from the
-        // VMM's start, which the counters cover, so there is no hole to report.
+        // Without a cursor nothing was ever sent for the VM: its first batch counts from
+        // nothing, so its first interval holds everything before it (downtime included).
         let Some(&(end_ms, end_total)) = points.last() else {
             return Ok(());
         };
+        let mut list = intervals(&prev, &points);
+        if gap {
+            if let Some(first) = list.first_mut() {
+                first.reconstructed = true;
+            }
+        }
         let seq = seq + 1;
-        let payload = Payload::Metrics(intervals(&prev, &points));
+        let payload = Payload::Metrics(list);
         rows.push(row(vm, customer, &format!("{vm}:{seq}"), &payload)?);
         self.store
             .enqueue_billing(&rows, Some((vm, end_ms, &end_total, seq)))
@@ -281,6 +291,7 @@ impl Billing {
                             disk_write_bytes: m.usage.disk_write_bytes,
                             network_rx_bytes: m.usage.net_rx_bytes,
                             network_tx_bytes: m.usage.net_tx_bytes,
+                            reconstructed: m.reconstructed,
                             ..Default::default()
                         })
                         .collect(),
@@ -461,6 +472,10 @@ mod tests {
             &vm.id,
             run_start(Counters::default(), Some(Counters::default())),
         );
+        // As the service does for a re-adopted VM: what was billed stays counted (this test
+        // process's CPU counters differ in resolution, so they may read less than the clock did).
+        let (_, billed_before, _) = store.billing_cursor(&vm.id).unwrap().unwrap();
+        after.raise_to(&vm.id, &billed_before);
         b.resumed(&vm.id);
         b.batch_vm(&vm.id, &vm.customer).unwrap();
         assert!(!kinds(&store).contains(&"gap".to_string()));
@@ -472,6 +487,28 @@ mod tests {
             "{:?}",
             kinds(&store)
         );
+        // The downtime's usage is billed, as one reconstructed interval ending when sampling
+        // resumed: every interval queued adds up to the VM's total.
+        let queued: Vec<IntervalUsage> = store
+            .outbox_peek(100)
+            .unwrap()
+            .into_iter()
+            .filter_map(
+                |(_, r)| match serde_json::from_str(&r.payload_json).unwrap() {
+                    Payload::Metrics(list) => Some(list),
+                    _ => None,
+                },
+            )
+            .flatten()
+            .collect();
+        let total = after.usage(&vm.id, i64::MIN).unwrap().total;
+        let billed: u64 = queued.iter().map(|i| i.usage.cpu_ns).sum();
+        assert_eq!(billed, total.cpu_ns);
+        let reconstructed: Vec<&IntervalUsage> =
+            queued.iter().filter(|i| i.reconstructed).collect();
+        assert_eq!(reconstructed.len(), 1, "{queued:?}");
+        let (_, before_total, _) = store.billing_cursor(&vm.id).unwrap().unwrap();
+        assert_eq!(before_total, total);
     }
 
     /// Waits for `done`, however slow the machine (a minute at most).

@@ -64,6 +64,9 @@ pub struct UsagePoint {
 pub struct VmUsage {
     /// Totals since the VM was created.
     pub total: Counters,
+    /// What the VMM run in progress used so far (since its boot, reboot or wake); `None`
+    /// when the VM has no VMM.
+    pub run: Option<Counters>,
     /// Guest memory configured, bytes.
     pub memory_configured: u64,
     /// Samples still held, oldest first.
@@ -354,6 +357,21 @@ impl Meter {
         Some(total)
     }
 
+    /// Raises the VM's totals to at least `floor` counter by counter: usage already billed
+    /// (the billing cursor) is never taken back, even when a counter it came from cannot be
+    /// read again (a VMM that died while metald was down takes its process's disk counters).
+    pub fn raise_to(&self, vm: &VmId, floor: &Counters) {
+        let mut map = self.map();
+        let Some(m) = map.get_mut(vm) else { return };
+        let short = m.total().shortfall(floor);
+        if short != Counters::default() {
+            m.carried = Counters {
+                memory_bytes: m.carried.memory_bytes,
+                ..m.carried.plus(&short)
+            };
+        }
+    }
+
     /// Forgets a deleted VM.
     pub fn forget(&self, vm: &VmId) {
         self.map().remove(vm);
@@ -365,6 +383,7 @@ impl Meter {
         let m = map.get(vm)?;
         Some(VmUsage {
             total: m.total(),
+            run: m.run.as_ref().map(|r| r.last.since(&r.base)),
             memory_configured: m.memory_configured,
             samples: m
                 .series

@@ -36,7 +36,7 @@ use crate::quota::QuotaTable;
 use crate::report::Chain;
 use crate::sandbox::{Isolation, SandboxError};
 use crate::state::{transition, Change, InvalidTransition, Operation, VmLife, VmState};
-use crate::store::{AssetKind, Shortage, Store, StoreError, UsageStore, VmStore};
+use crate::store::{AssetKind, BillingStore, Shortage, Store, StoreError, UsageStore, VmStore};
 use crate::timings::{Step, Timings};
 
 /// Smallest guest memory metald accepts. Measured with the default guest (Debian 6.1 cloud

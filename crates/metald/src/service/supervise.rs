@@ -39,6 +39,12 @@ impl VmService {
                 }
                 continue;
             }
+            // Its run is counted to its end as far as the kernel still knows it (the cgroup's
+            // CPU time outlives the VMM), and the time metald was down is billed like a
+            // re-adopted VM's; then the run ends like any other.
+            if let Some(pid) = vm.life.vmm_pid() {
+                self.track(&vm, pid, true);
+            }
             let _logged = self.release_sandbox(&vm).await;
             tracing::warn!(vm_id = %vm.id, "VMM is gone after a metald restart; marking FAILED");
             vm.life.apply(Change::Failed(

@@ -782,3 +782,30 @@ async fn a_stopped_vm_reports_the_lifetime_totals_of_its_runs() {
     let stranger: CustomerId = "stranger".parse().unwrap();
     assert!(f.svc.usage(&stranger, &id, 0).await.is_err());
 }
+
+/// A VMM that died while metald was down: its VM's lifetime totals never fall below what was
+/// already billed for it, even where the counters it came from went with the process.
+#[tokio::test]
+async fn a_vmm_gone_at_start_keeps_at_least_its_billed_usage_in_the_totals() {
+    use crate::store::BillingStore;
+    let f = fixture();
+    let id = f.svc.create(&f.who, config()).await.unwrap().id;
+    f.svc.boot(&f.who, &id).await.unwrap();
+    // Queued for billing before metald died: more disk reads than any counter still shows.
+    let billed = Counters {
+        cpu_ns: 5_000_000_000,
+        disk_read_bytes: 1 << 20,
+        ..Counters::default()
+    };
+    f.svc
+        .store
+        .enqueue_billing(&[], Some((&id, now_ms(), &billed, 1)))
+        .unwrap();
+    f.svc.reconcile().await.unwrap();
+    let vm = f.svc.get(&f.who, &id).await.unwrap();
+    assert_eq!(vm.state(), VmState::Failed);
+    let u = f.svc.usage(&f.who, &id, 0).await.unwrap();
+    assert!(u.total.cpu_ns >= billed.cpu_ns, "{:?}", u.total);
+    assert_eq!(u.total.disk_read_bytes, billed.disk_read_bytes);
+    assert_eq!(u.run, None, "no VMM, no run in progress");
+}

@@ -40,6 +40,16 @@ impl VmService {
         if let Err(e) = self.store.save_usage(&vm.id, &carried, Some(&base)) {
             tracing::error!(vm_id = %vm.id, error = %Chain(&e), "saving usage failed");
         }
+        if adopted {
+            // What was billed before the restart stays counted, whatever can be read now.
+            match self.store.billing_cursor(&vm.id) {
+                Ok(Some((_, billed, _))) => self.meter.raise_to(&vm.id, &billed),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(vm_id = %vm.id, error = %Chain(&e), "reading the billing cursor failed")
+                }
+            }
+        }
         self.poll_vmm_metrics(&vm.id);
         if let Some(b) = self.billing.get() {
             if adopted {
@@ -136,6 +146,7 @@ impl VmService {
         carried.memory_bytes = 0;
         Ok(VmUsage {
             total: carried,
+            run: None,
             memory_configured: vm.config.memory_bytes,
             samples: Vec::new(),
             known_from_ms: None,

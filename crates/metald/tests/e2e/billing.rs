@@ -1,7 +1,7 @@
 //! Billing delivery against the real `billaged` (over loopback inside metald's test namespace)
 //! with a real, busy guest: a billing outage loses and doubles nothing, and a metald killed
-//! with SIGKILL drains its outbox after restart and reports its downtime as a possible gap,
-//! not as usage.
+//! with SIGKILL drains its outbox after restart, reports its downtime as a possible gap and
+//! bills the downtime's usage as one reconstructed interval spanning it.
 
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -14,7 +14,7 @@ use serde_json::json;
 pub fn tests() -> Vec<crate::E2e> {
     crate::e2e![&[Need::Root, Need::Qemu, Need::Guest, Need::Billaged];
         a_billing_outage_loses_and_doubles_nothing,
-        a_metald_killed_mid_run_drains_its_outbox_and_reports_the_downtime_as_a_gap,
+        a_metald_killed_mid_run_bills_its_downtime_as_one_reconstructed_interval,
     ]
 }
 
@@ -249,7 +249,7 @@ fn a_billing_outage_loses_and_doubles_nothing() {
     m.assert_clean();
 }
 
-fn a_metald_killed_mid_run_drains_its_outbox_and_reports_the_downtime_as_a_gap() {
+fn a_metald_killed_mid_run_bills_its_downtime_as_one_reconstructed_interval() {
     let guest = qemu_guest();
     let bin = workspace_bin("billaged").expect("required prerequisite missing: billaged");
     let (mut m, _, _billaged) = billed_metald(&guest, &bin);
@@ -288,18 +288,34 @@ fn a_metald_killed_mid_run_drains_its_outbox_and_reports_the_downtime_as_a_gap()
         last_sent <= killed_at && resume >= spawned_at,
         "the gap {last_sent}..{resume} covers the downtime {killed_at}..{spawned_at}"
     );
-    assert!(
-        !ts.iter().any(|t| *t > last_sent && *t <= resume),
-        "no usage was invented inside the gap"
+    // Inside the gap, one interval: the reconstructed one, ending when sampling resumed.
+    let inside: Vec<&i64> = ts
+        .iter()
+        .filter(|t| **t > last_sent && **t <= resume)
+        .collect();
+    assert_eq!(
+        inside,
+        vec![&resume],
+        "intervals inside the gap {last_sent}..{resume}"
     );
-    // The downtime's CPU is in metald's total but was not billed: at least what the kernel
-    // counted for the VMM while metald was down (less its 10 ms clock ticks).
-    let unbilled = total as f64 / 1e9 - sum as f64 / 1e9;
+    let (reconstructed_at, reconstructed_cpu): (i64, i64) = db
+        .query_row(
+            "SELECT timestamp, cpu_time_nanos FROM metrics WHERE vm_id = ?1 AND reconstructed",
+            [&id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .expect("one reconstructed interval");
+    assert_eq!(reconstructed_at, resume);
+    // It holds at least what the kernel counted for the VMM while metald was down (less its
+    // 10 ms clock ticks), and with it billaged's sum is metald's total.
     assert!(
-        unbilled >= down_cpu - 0.02,
-        "unbilled {unbilled} s, the VMM used {down_cpu} s while metald was down"
+        reconstructed_cpu as f64 / 1e9 >= down_cpu - 0.02,
+        "reconstructed {reconstructed_cpu} ns, the VMM used {down_cpu} s while metald was down"
     );
-    assert!(sum < total);
+    assert_eq!(
+        sum, total,
+        "billaged's sum equals metald's total across the kill"
+    );
     // A re-attached VMM did not start again: one start, one stop.
     lifecycle_events(&db, &id);
     api.call("DELETE", &format!("/v1/vms/{id}"), None).ok();
