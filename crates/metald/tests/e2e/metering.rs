@@ -16,7 +16,7 @@ pub fn tests() -> Vec<crate::E2e> {
         a_busy_guest_uses_cpu_time_an_idle_one_does_not_and_pause_time_is_free,
         disk_and_network_bytes_are_counted_and_usage_is_sampled_every_100_ms_per_customer,
         prometheus_metrics_parse_and_readiness_reports_ok,
-        usage_totals_survive_a_metald_restart_including_the_downtime,
+        usage_totals_survive_restarts_and_stops_beside_the_run_in_progress,
         api_calls_are_traced_to_an_otlp_receiver_with_child_spans_for_the_boot_steps,
         log_lines_carry_trace_ids_even_when_traces_are_not_exported,
         metrics_can_have_a_port_of_their_own,
@@ -451,7 +451,7 @@ fn prometheus_metrics_parse_and_readiness_reports_ok() {
 
 /// A VM keeps running while metald restarts; its totals go on from where they were and include
 /// what it used while metald was down (the kernel's counters kept counting).
-fn usage_totals_survive_a_metald_restart_including_the_downtime() {
+fn usage_totals_survive_restarts_and_stops_beside_the_run_in_progress() {
     let guest = qemu_guest();
     let mut m = metald().start(&guest);
     m.import_script("spin", SPIN_SCRIPT);
@@ -503,6 +503,33 @@ fn usage_totals_survive_a_metald_restart_including_the_downtime() {
     let in_window = num(&vm["usage"]["cpuTimeNanos"]);
     let total = num(&usage(&api, &id)["total"]["cpuTimeNanos"]);
     assert!(in_window > 0 && in_window < after, "{in_window} of {total}");
+
+    // Beside the lifetime totals, the run in progress: gone once the VM stops, while the
+    // totals stay; a new run starts from nothing and the totals go on from where they were.
+    let cpu = |u: &Value, part: &str| num(&u[part]["cpuTimeNanos"]);
+    let u = usage(&api, &id);
+    assert!(
+        cpu(&u, "currentRun") > 0 && cpu(&u, "currentRun") <= cpu(&u, "total"),
+        "{u}"
+    );
+    api.call(
+        "POST",
+        &format!("/v1/vms/{id}/shutdown"),
+        Some(serde_json::json!({"force": true})),
+    )
+    .ok();
+    let stopped = usage(&api, &id);
+    assert!(stopped.get("currentRun").is_none(), "{stopped}");
+    let lifetime = cpu(&stopped, "total");
+    assert!(
+        lifetime >= total,
+        "{lifetime} after the stop, {total} before"
+    );
+    api.call("POST", &format!("/v1/vms/{id}/boot"), None).ok();
+    let u = wait_usage(&api, &id, "CPU time of the second run", |u| {
+        cpu(u, "currentRun") > 0
+    });
+    assert_eq!(cpu(&u, "total"), lifetime + cpu(&u, "currentRun"), "{u}");
     api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None)
         .ok();
     m.assert_clean();
