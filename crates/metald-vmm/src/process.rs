@@ -269,6 +269,44 @@ impl std::os::fd::AsRawFd for PidFdRef {
     }
 }
 
+/// Unjailed VMMs (isolation off) of VMs not in `keep`: every process under procfs `proc`
+/// whose working directory is a VM directory in `vms_dir` (a backend starts each VMM there),
+/// with the VM it runs for. metald killed between spawning a VMM and recording it leaves
+/// such a process, which nothing else would ever stop. Jailed VMMs never match: their working
+/// directory is inside their jail, and their cgroup is how they are found.
+pub fn stray_vmms(
+    proc: &Path,
+    vms_dir: &Path,
+    keep: &std::collections::HashSet<VmId>,
+) -> Vec<(u32, VmId)> {
+    let Ok(entries) = std::fs::read_dir(proc) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cwd = std::fs::read_link(e.path().join("cwd")).ok()?;
+            if cwd.parent() != Some(vms_dir) {
+                return None;
+            }
+            let vm: VmId = cwd.file_name()?.to_str()?.parse().ok()?;
+            (!keep.contains(&vm)).then_some((pid, vm))
+        })
+        .collect()
+}
+
+/// Kills process `pid` through a pidfd, so a pid reused since it was found is never hit.
+pub fn kill_pid(pid: u32) -> std::io::Result<()> {
+    let raw =
+        i32::try_from(pid).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let pid =
+        Pid::from_raw(raw).ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let fd = pidfd_open(pid, PidfdFlags::empty())?;
+    pidfd_send_signal(fd.as_fd(), Signal::KILL)?;
+    Ok(())
+}
+
 /// Start time of a process in clock ticks since boot, from `/proc/<pid>/stat`.
 pub fn start_ticks(pid: u32) -> Option<u64> {
     proc_stat(pid).map(|(_, start)| start)
@@ -293,6 +331,40 @@ fn parse_stat(stat: &str) -> Option<(char, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A process working in a VM directory is that VM's VMM: found unless kept, and killed.
+    #[test]
+    fn strays_are_the_processes_working_in_a_vm_directory_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let vms = dir.path().join("vms");
+        let (stray, kept) = (VmId::generate(), VmId::generate());
+        let spawn = |vm: &VmId| {
+            let cwd = vms.join(vm.as_str());
+            std::fs::create_dir_all(&cwd).unwrap();
+            Command::new("sleep")
+                .arg("600")
+                .current_dir(cwd)
+                .spawn()
+                .unwrap()
+        };
+        let (mut a, mut b) = (spawn(&stray), spawn(&kept));
+        let keep = std::collections::HashSet::from([kept.clone()]);
+        // Reading a new child's cwd may race its exec; it is there within moments.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let found = loop {
+            let found = stray_vmms(Path::new("/proc"), &vms, &keep);
+            if !found.is_empty() || std::time::Instant::now() > deadline {
+                break found;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(found, vec![(a.id(), stray)]);
+        kill_pid(a.id()).unwrap();
+        assert!(a.wait().unwrap().code().is_none(), "killed by a signal");
+        assert!(b.try_wait().unwrap().is_none(), "the kept one runs on");
+        b.kill().unwrap();
+        b.wait().unwrap();
+    }
 
     #[test]
     fn parses_start_time_past_odd_names() {

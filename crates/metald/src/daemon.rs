@@ -212,6 +212,7 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
             tracing::warn!("ISOLATION IS OFF (UNKEY_METALD_ISOLATION=none): VMMs run as metald's own user, unjailed and without network; for development and benchmarks only");
             Arc::new(crate::sandbox::Unisolated {
                 proc: cfg.roots.proc.clone(),
+                vms_dir: vms_dir.clone(),
             })
         }
     };

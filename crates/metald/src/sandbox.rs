@@ -66,6 +66,8 @@ pub trait Isolation: Send + Sync {
 pub struct Unisolated {
     /// procfs, where the VMM's usage is read.
     pub proc: PathBuf,
+    /// The directory holding one directory per VM, each VMM's working directory.
+    pub vms_dir: PathBuf,
 }
 
 #[async_trait::async_trait]
@@ -85,7 +87,15 @@ impl Isolation for Unisolated {
     async fn adopt(&self, _: &VmRecord) -> Result<(), SandboxError> {
         Ok(())
     }
-    async fn sweep(&self, _: &HashSet<VmId>) -> Result<(), SandboxError> {
+    /// No cgroup holds an unjailed VMM: one started for a VM that is not running (metald was
+    /// killed before recording it) is found by its working directory and killed.
+    async fn sweep(&self, keep: &HashSet<VmId>) -> Result<(), SandboxError> {
+        for (pid, vm) in crate::backend::process::stray_vmms(&self.proc, &self.vms_dir, keep) {
+            tracing::warn!(vm_id = %vm, pid, "killing a VMM whose VM is not running");
+            if let Err(e) = crate::backend::process::kill_pid(pid) {
+                tracing::error!(vm_id = %vm, pid, error = %Chain(&e), "killing a stray VMM failed");
+            }
+        }
         Ok(())
     }
     fn meter_sources(&self, _: &VmRecord, pid: u32) -> (Sources, Option<String>) {

@@ -3,7 +3,7 @@
 //! image is missing, unless METALD_REQUIRE_E2E=1 (as `make test` sets), where that fails.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::support::*;
 use crate::Need;
@@ -18,6 +18,7 @@ pub fn tests() -> Vec<crate::E2e> {
         generated_clients_over_connect_and_grpc,
         bad_input_is_refused_precisely_and_changes_nothing,
         state_survives_a_restart_and_running_vms_are_reattached,
+        an_unjailed_vmm_of_a_vm_never_recorded_running_is_killed_at_start,
         extra_drives_and_kernel_args_reach_the_guest,
         a_vmm_that_dies_on_its_own_marks_the_vm_failed,
         a_guest_that_never_becomes_ready_is_failed_with_its_console,
@@ -516,6 +517,39 @@ fn bad_input_is_refused_precisely_and_changes_nothing() {
 
 /// Stop metald with VMs in several states and start it again on the same data dir: the list
 /// and states are intact, and the running VM's VMM is re-attached (it can be paused and shut down).
+/// metald killed between spawning an unjailed VMM (isolation off: no cgroup to sweep) and
+/// recording the VM RUNNING leaves a VMM working in the VM's directory. The next start kills
+/// it and leaves the VM as stored. The stray here is a stand-in process made the same way.
+fn an_unjailed_vmm_of_a_vm_never_recorded_running_is_killed_at_start() {
+    let guest = qemu_guest();
+    let mut m = metald().unisolated().start(&guest);
+    let api = Rest::new(&m, Some("crashy"));
+    let id = api.create_default();
+    m.stop();
+    let mut stray = std::process::Command::new("sleep")
+        .arg("600")
+        .current_dir(m.data_dir.join("vms").join(&id))
+        .spawn()
+        .unwrap();
+    m.spawn();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = stray.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the stray VMM still runs");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.code().is_none(), "killed by a signal: {status}");
+    assert!(m
+        .log_text()
+        .contains("killing a VMM whose VM is not running"));
+    assert_eq!(
+        Rest::new(&m, Some("crashy")).vm(&id)["state"],
+        "VM_STATE_CREATED"
+    );
+}
+
 fn state_survives_a_restart_and_running_vms_are_reattached() {
     let guest = qemu_guest();
     let mut m = metald().start(&guest);
