@@ -75,6 +75,8 @@ pub enum Operation {
     },
     /// The VMM exited without being asked, or the guest never became ready.
     Fail,
+    /// The VM's files are gone (found at start): it can never boot again, only be deleted.
+    Lose,
 }
 
 impl fmt::Display for Operation {
@@ -88,6 +90,7 @@ impl fmt::Display for Operation {
             Operation::Delete { force: false } => "delete (without force)",
             Operation::Delete { force: true } => "delete",
             Operation::Fail => "fail",
+            Operation::Lose => "mark lost",
         })
     }
 }
@@ -117,6 +120,9 @@ pub fn transition(from: VmState, op: Operation) -> Result<Option<VmState>, Inval
         (S::Created | S::Shutdown | S::Failed, O::Delete { .. }) => None,
         (S::Running | S::Paused, O::Delete { force: true }) => None,
         (S::Running | S::Paused, O::Fail) => Some(S::Failed),
+        (S::Created | S::Shutdown | S::Failed, O::Lose) => Some(S::Failed),
+        // The VMM has its disks open: it runs on; the loss is found when it stops.
+        (S::Running | S::Paused, O::Lose) => return Err(invalid(from, op, "; its VMM still runs")),
         (S::Running | S::Paused, O::Delete { force: false }) => {
             return Err(invalid(from, op, "; shut it down first or pass force"))
         }
@@ -162,6 +168,8 @@ pub enum Change {
     /// The VMM is gone without a request (exit, crash, readiness timeout, failed reboot, gone
     /// after a metald restart), for this reason.
     Failed(String),
+    /// The VM's files are gone, for this reason; it has no VMM.
+    Lost(String),
 }
 
 impl Change {
@@ -174,6 +182,7 @@ impl Change {
             Change::Resumed => Operation::Resume,
             Change::ShutDown => Operation::Shutdown,
             Change::Failed(_) => Operation::Fail,
+            Change::Lost(_) => Operation::Lose,
         }
     }
 }
@@ -231,7 +240,7 @@ impl VmLife {
             }
             Change::Paused | Change::Resumed => {}
             Change::ShutDown => self.vmm_gone(None),
-            Change::Failed(reason) => self.vmm_gone(Some(reason)),
+            Change::Failed(reason) | Change::Lost(reason) => self.vmm_gone(Some(reason)),
         }
         Ok(())
     }
@@ -281,7 +290,7 @@ impl VmLife {
 mod tests {
     use super::*;
 
-    const OPS: [Operation; 8] = [
+    const OPS: [Operation; 9] = [
         Operation::Boot,
         Operation::Pause,
         Operation::Resume,
@@ -290,6 +299,7 @@ mod tests {
         Operation::Delete { force: false },
         Operation::Delete { force: true },
         Operation::Fail,
+        Operation::Lose,
     ];
 
     #[test]
@@ -303,6 +313,7 @@ mod tests {
                 (S::Running | S::Paused, Operation::Shutdown) => Some(Some(S::Shutdown)),
                 (S::Running | S::Paused, Operation::Reboot) => Some(Some(S::Running)),
                 (S::Running | S::Paused, Operation::Fail) => Some(Some(S::Failed)),
+                (S::Created | S::Shutdown | S::Failed, Operation::Lose) => Some(Some(S::Failed)),
                 (S::Created | S::Shutdown | S::Failed, Operation::Delete { .. }) => Some(None),
                 (S::Running | S::Paused, Operation::Delete { force: true }) => Some(None),
                 _ => None,

@@ -382,6 +382,13 @@ impl VmService {
     ) -> Result<VmRecord, ServiceError> {
         let (_guard, mut vm) = self.lock_own(customer, id).await?;
         next_state(vm.state(), Operation::Boot)?;
+        if self.missing_disk(&vm).is_some() {
+            return Err(ServiceError::FailedPrecondition(InvalidTransition {
+                from: vm.state(),
+                op: Operation::Boot,
+                hint: "; a disk of its own is gone, it can only be deleted",
+            }));
+        }
         // The reservation counts the headroom of the backend that boots the VM.
         vm.backend = self.backend_name().to_string();
         // Admitted against the customer's running quotas and the host's capacity before

@@ -1,6 +1,7 @@
 //! Watching VMMs metald did not just start or stop itself: exits nobody asked for, guests that
 //! never print their readiness line, and VMMs that outlived a metald restart.
 
+use super::launch::drive_file;
 use super::*;
 use crate::backend::console::wait_for_line;
 
@@ -67,8 +68,9 @@ impl VmService {
     /// never acknowledged). Runs at start, before any call is served; returns the VMs left.
     async fn finish_interrupted_deletes_and_creates(&self) -> Result<Vec<VmRecord>, ServiceError> {
         let mut vms = Vec::new();
-        for vm in self.store.all_vms()? {
+        for mut vm in self.store.all_vms()? {
             if self.vm_dir(&vm.id).exists() {
+                self.fail_if_disks_are_gone(&mut vm)?;
                 vms.push(vm);
                 continue;
             }
@@ -95,6 +97,37 @@ impl VmService {
             }
         }
         Ok(vms)
+    }
+
+    /// A VM whose directory is there but a disk of its own is not (removed by hand, or a
+    /// damaged file system) can never boot again: it is marked FAILED with the file named, so
+    /// its owner learns why and can delete it. A VM whose VMM runs keeps running on the open
+    /// file; the loss is found at a later start.
+    fn fail_if_disks_are_gone(&self, vm: &mut VmRecord) -> Result<(), ServiceError> {
+        let Some(missing) = self.missing_disk(vm) else {
+            return Ok(());
+        };
+        let reason = format!("its disk {missing} is gone; it cannot boot again, only be deleted");
+        if vm.state().has_vmm() || vm.life.failure() == Some(reason.as_str()) {
+            return Ok(());
+        }
+        tracing::error!(vm_id = %vm.id, file = %missing, "a VM's disk is gone; marking FAILED");
+        vm.life.apply(Change::Lost(reason))?;
+        self.save(vm)
+    }
+
+    /// The first of the VM's own disks that is not a regular file in its directory.
+    pub(super) fn missing_disk(&self, vm: &VmRecord) -> Option<String> {
+        let dir = self.vm_dir(&vm.id);
+        std::iter::once(ROOTFS_FILE.to_string())
+            .chain(
+                vm.config
+                    .drives
+                    .iter()
+                    .filter(|d| !d.read_only)
+                    .map(drive_file),
+            )
+            .find(|f| !std::fs::symlink_metadata(dir.join(f)).is_ok_and(|m| m.is_file()))
     }
 
     /// The VM's VMM is gone: its last sample is taken, then its sandbox removed. An error

@@ -809,3 +809,33 @@ async fn a_vmm_gone_at_start_keeps_at_least_its_billed_usage_in_the_totals() {
     assert_eq!(u.total.disk_read_bytes, billed.disk_read_bytes);
     assert_eq!(u.run, None, "no VMM, no run in progress");
 }
+
+/// A VM whose own disk is gone from its directory is FAILED at start, with the file named and
+/// no host path, and can still be deleted; the others are as they were.
+#[tokio::test]
+async fn a_vm_whose_disk_is_gone_is_failed_at_start_and_can_be_deleted() {
+    let f = fixture();
+    let lost = f.svc.create(&f.who, config()).await.unwrap().id;
+    let whole = f.svc.create(&f.who, config()).await.unwrap().id;
+    std::fs::remove_file(f.vms_dir.join(lost.as_str()).join(ROOTFS_FILE)).unwrap();
+    f.svc.reconcile().await.unwrap();
+    let vm = f.svc.get(&f.who, &lost).await.unwrap();
+    assert_eq!(vm.state(), VmState::Failed);
+    let reason = vm.life.failure().unwrap();
+    assert!(
+        reason.contains("rootfs.img") && !reason.contains('/'),
+        "{reason}"
+    );
+    assert_eq!(
+        f.svc.get(&f.who, &whole).await.unwrap().state(),
+        VmState::Created
+    );
+    // A second start finds it as it was left.
+    f.svc.reconcile().await.unwrap();
+    assert_eq!(f.svc.get(&f.who, &lost).await.unwrap().life, vm.life);
+    assert!(matches!(
+        f.svc.boot(&f.who, &lost).await,
+        Err(ServiceError::FailedPrecondition(_))
+    ));
+    f.svc.delete(&f.who, &lost, false).await.unwrap();
+}
