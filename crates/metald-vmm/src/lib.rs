@@ -12,6 +12,7 @@ pub mod fuzzing;
 pub mod process;
 pub mod qemu;
 pub mod registry;
+pub mod vm_dir;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -284,37 +285,29 @@ pub fn binary_ready(name: &'static str, binary: &Path) -> Result<(), NotReady> {
     }
 }
 
-/// Removes the VMM's files from a VM directory (missing ones are fine).
+/// Removes the VMM's files from a VM directory (missing ones are fine; a symlink the VMM put
+/// in place of one is removed itself).
 pub fn remove_vmm_files(dir: &Path) -> Result<(), BackendError> {
-    for name in [files::CONTROL_SOCKET, files::CONSOLE_LOG, files::VMM_LOG] {
-        let path = dir.join(name);
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(BackendError::Io {
-                    op: "remove",
-                    path,
-                    source,
-                })
-            }
+    let dir = match vm_dir::VmDir::open(dir) {
+        Ok(d) => d,
+        Err(BackendError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(())
         }
+        Err(e) => return Err(e),
+    };
+    for name in [files::CONTROL_SOCKET, files::CONSOLE_LOG, files::VMM_LOG] {
+        dir.remove(name)?;
     }
     Ok(())
 }
 
-/// Creates (or keeps) the console and VMM log files so readers never race their creation.
-pub fn touch_logs(launch: &VmLaunch) -> Result<(), BackendError> {
-    for path in [launch.console_log(), launch.vmm_log()] {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|source| BackendError::Io {
-                op: "create",
-                path: path.clone(),
-                source,
-            })?;
-    }
-    Ok(())
+/// Creates (or keeps) the console and VMM log files so readers never race their creation, and
+/// opens them for the VMM's stdout and stderr: (console, VMM log). Anything but a regular file
+/// at either name is replaced, never followed.
+pub fn open_logs(launch: &VmLaunch) -> Result<(std::fs::File, std::fs::File), BackendError> {
+    let dir = vm_dir::VmDir::open(&launch.dir)?;
+    Ok((
+        dir.append_replacing(files::CONSOLE_LOG)?,
+        dir.append_replacing(files::VMM_LOG)?,
+    ))
 }

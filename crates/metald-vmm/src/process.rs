@@ -47,30 +47,19 @@ pub struct Supervised {
 }
 
 impl Supervised {
-    /// Spawns `cmd` (stdin from /dev/null, stdout and stderr to the given files, its own process
-    /// group so a terminal's Ctrl-C never reaches it) and supervises it.
+    /// Spawns `cmd` (stdin from /dev/null, stdout and stderr to the given open files, its own
+    /// process group so a terminal's Ctrl-C never reaches it) and supervises it.
     pub fn spawn(
         mut cmd: Command,
-        stdout: &Path,
-        stderr: &Path,
+        stdout: std::fs::File,
+        stderr: std::fs::File,
         vm_id: VmId,
         events: mpsc::UnboundedSender<ExitEvent>,
     ) -> Result<Arc<Self>, BackendError> {
         use std::os::unix::process::CommandExt;
-        let open = |path: &Path| {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|source| BackendError::Io {
-                    op: "open",
-                    path: path.to_path_buf(),
-                    source,
-                })
-        };
         cmd.stdin(Stdio::null())
-            .stdout(open(stdout)?)
-            .stderr(open(stderr)?)
+            .stdout(stdout)
+            .stderr(stderr)
             .process_group(0);
         let binary = Path::new(cmd.get_program()).to_path_buf();
         let child = cmd
@@ -329,8 +318,17 @@ fn parse_stat(stat: &str) -> Option<(char, u64)> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A log file opened for appending, as a backend opens its VMM's.
+    pub(crate) fn log(path: &Path) -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap()
+    }
 
     /// A process working in a VM directory is that VM's VMM: found unless kept, and killed.
     #[test]
@@ -383,7 +381,7 @@ mod tests {
         let id = VmId::generate();
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "echo hi; exit 3"]);
-        let p = Supervised::spawn(cmd, &out, &out, id.clone(), tx.clone()).unwrap();
+        let p = Supervised::spawn(cmd, log(&out), log(&out), id.clone(), tx.clone()).unwrap();
         let ev = rx.recv().await.unwrap();
         assert_eq!(ev.status, "exit status 3");
         assert!(!ev.requested);
@@ -392,7 +390,7 @@ mod tests {
 
         let mut cmd = Command::new("sleep");
         cmd.arg("60");
-        let p = Supervised::spawn(cmd, &out, &out, id.clone(), tx.clone()).unwrap();
+        let p = Supervised::spawn(cmd, log(&out), log(&out), id.clone(), tx.clone()).unwrap();
         assert!(p.alive());
         // The same process can be adopted while it runs; a wrong start time is refused.
         // (Adopters report on their own channel so this test's channel sees only `p`.)

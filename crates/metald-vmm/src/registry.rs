@@ -165,6 +165,7 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::process::tests::log;
     use std::process::Command;
     use std::time::Duration;
 
@@ -193,8 +194,8 @@ mod tests {
         cmd.args(["-c", "echo 'qemu: could not load kernel' >&2; exit 1"]);
         let p = Supervised::spawn(
             cmd,
-            &l.vmm_log(),
-            &l.vmm_log(),
+            log(&l.vmm_log()),
+            log(&l.vmm_log()),
             l.vm_id.clone(),
             reg.events(),
         )
@@ -224,8 +225,8 @@ mod tests {
         };
         let p = Supervised::spawn(
             sleeper(),
-            &l.vmm_log(),
-            &l.vmm_log(),
+            log(&l.vmm_log()),
+            log(&l.vmm_log()),
             l.vm_id.clone(),
             reg.events(),
         )
@@ -240,8 +241,8 @@ mod tests {
 
         let p = Supervised::spawn(
             sleeper(),
-            &l.vmm_log(),
-            &l.vmm_log(),
+            log(&l.vmm_log()),
+            log(&l.vmm_log()),
             l.vm_id.clone(),
             reg.events(),
         )

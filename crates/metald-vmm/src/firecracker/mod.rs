@@ -18,7 +18,7 @@ use self::api::{
 use super::process::{ExitEvent, Supervised, VmmProcess};
 use super::registry::Registry;
 use super::{
-    remove_vmm_files, touch_logs, Backend, BackendError, BackendKind, StopMode, StopOutcome,
+    open_logs, remove_vmm_files, Backend, BackendError, BackendKind, StopMode, StopOutcome,
     VmLaunch, VmmInfo, VmmMetrics,
 };
 use crate::domain::VmId;
@@ -132,54 +132,23 @@ impl Backend for FirecrackerBackend {
     }
 
     async fn create(&self, launch: &VmLaunch) -> Result<(), BackendError> {
-        touch_logs(launch)
+        open_logs(launch).map(drop)
     }
 
     async fn boot(&self, launch: &VmLaunch) -> Result<VmmProcess, BackendError> {
         let socket = launch.control_socket();
+        let log = launch.vmm_log();
+        let dir = crate::vm_dir::VmDir::open(&launch.dir)?;
         // Firecracker leaves its socket behind on every exit, and refuses to start on one.
-        let _ignored = std::fs::remove_file(&socket);
+        dir.remove(crate::files::CONTROL_SOCKET)?;
         // Firecracker's logger writes from offset 0 of an existing file; keep the previous
         // boot's log beside the new one instead of interleaving them.
-        let log = launch.vmm_log();
-        let _ignored = std::fs::rename(&log, launch.dir.join(PREVIOUS_LOG));
-        touch_logs(launch)?;
+        dir.rename(crate::files::VMM_LOG, PREVIOUS_LOG)?;
+        let (console, vmm_log) = open_logs(launch)?;
         // The metrics FIFO: its read end is opened first, so Firecracker's open for writing
-        // never blocks and nothing it writes is lost.
-        let fifo_path = launch.dir.join(metrics::FIFO);
-        let _ignored = std::fs::remove_file(&fifo_path);
-        rustix::fs::mknodat(
-            rustix::fs::CWD,
-            &fifo_path,
-            rustix::fs::FileType::Fifo,
-            rustix::fs::Mode::from_raw_mode(0o660),
-            0,
-        )
-        .map_err(|e| BackendError::Io {
-            op: "create metrics FIFO",
-            path: fifo_path.clone(),
-            source: e.into(),
-        })?;
-        if let Some(jail) = &launch.jail {
-            // The jailed Firecracker writes it as the VM's uid.
-            rustix::fs::chown(
-                &fifo_path,
-                Some(rustix::fs::Uid::from_raw(jail.uid())),
-                None,
-            )
-            .map_err(|e| BackendError::Io {
-                op: "chown metrics FIFO",
-                path: fifo_path.clone(),
-                source: e.into(),
-            })?;
-        }
-        let rx = tokio::net::unix::pipe::OpenOptions::new()
-            .open_receiver(&fifo_path)
-            .map_err(|source| BackendError::Io {
-                op: "open metrics FIFO",
-                path: fifo_path.clone(),
-                source,
-            })?;
+        // never blocks and nothing it writes is lost. The jailed Firecracker writes it as the
+        // VM's uid.
+        let rx = dir.fifo_receiver(metrics::FIFO, launch.jail.as_ref().map(|j| j.uid()))?;
         self.fifos_map().insert(
             launch.vm_id.clone(),
             Arc::new(tokio::sync::Mutex::new(FifoReader {
@@ -206,8 +175,8 @@ impl Backend for FirecrackerBackend {
         // The guest's serial console is Firecracker's stdout.
         let process = Supervised::spawn(
             cmd,
-            &launch.console_log(),
-            &launch.vmm_log(),
+            console,
+            vmm_log,
             launch.vm_id.clone(),
             self.registry.events(),
         )?;

@@ -18,7 +18,7 @@ use self::qmp::Qmp;
 use super::process::{ExitEvent, Supervised, VmmProcess};
 use super::registry::Registry;
 use super::{
-    remove_vmm_files, touch_logs, Backend, BackendError, BackendKind, StopMode, StopOutcome,
+    open_logs, remove_vmm_files, Backend, BackendError, BackendKind, StopMode, StopOutcome,
     VmLaunch, VmmInfo, VmmMetrics,
 };
 use crate::domain::VmId;
@@ -205,18 +205,24 @@ impl Backend for QemuBackend {
     }
 
     async fn create(&self, launch: &VmLaunch) -> Result<(), BackendError> {
-        touch_logs(launch)
+        open_logs(launch).map(drop)
     }
 
     async fn boot(&self, launch: &VmLaunch) -> Result<VmmProcess, BackendError> {
-        touch_logs(launch)?;
+        // The console goes to its file through QEMU's chardev; stdout and stderr are its log.
+        let (_console, log) = open_logs(launch)?;
         let socket = launch.control_socket();
-        let _ignored = std::fs::remove_file(&socket);
+        crate::vm_dir::VmDir::open(&launch.dir)?.remove(crate::files::CONTROL_SOCKET)?;
         let cmd = launch.command(&self.binary, command_args(launch, self.accel));
+        let stderr = log.try_clone().map_err(|source| BackendError::Io {
+            op: "duplicate",
+            path: launch.vmm_log(),
+            source,
+        })?;
         let process = Supervised::spawn(
             cmd,
-            &launch.vmm_log(),
-            &launch.vmm_log(),
+            log,
+            stderr,
             launch.vm_id.clone(),
             self.registry.events(),
         )?;

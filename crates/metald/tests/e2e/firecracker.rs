@@ -17,6 +17,7 @@ pub fn tests() -> Vec<crate::E2e> {
     let mut tests = crate::e2e![&[Need::Root, Need::Firecracker, Need::Kvm];
         firecracker_limits_its_vcpus_and_keeps_the_console_to_the_guest,
         firecracker_runs_jailed_with_its_tap_and_rate_limits,
+        symlinks_a_vmm_left_in_its_directory_are_never_written_through,
     ];
     tests.extend(
         crate::e2e![&[Need::Root, Need::Firecracker, Need::HardwareKvm, Need::Guest];
@@ -72,6 +73,43 @@ fn firecracker_limits_its_vcpus_and_keeps_the_console_to_the_guest() {
     m.assert_clean();
     api.call("DELETE", &format!("/v1/vms/{id}"), None).ok();
     assert!(!m.data_dir.join("vms").join(&id).exists());
+}
+
+/// A VMM (the VM's uid owns its directory) that replaced its console log, its own log and its
+/// metrics FIFO with symlinks to a host file before it exited: the next boot writes none of
+/// them through, replaces each with a file of its own, and the guest runs as before.
+fn symlinks_a_vmm_left_in_its_directory_are_never_written_through() {
+    let m = metald_with_backend("firecracker").start_with(Metald::import_tiny_guest);
+    let api = Rest::new(&m, Some("fc"));
+    let id = api.create(tiny_request(1));
+    api.boot_ready(&id);
+    api.call(
+        "POST",
+        &format!("/v1/vms/{id}/shutdown"),
+        Some(json!({"force": true})),
+    )
+    .ok();
+    let host = m.data_dir.join("host-only");
+    std::fs::write(&host, "host data\n").unwrap();
+    let dir = m.data_dir.join("vms").join(&id);
+    let uid = m.iso.as_ref().unwrap().uid_base;
+    for name in ["console.log", "vmm.log", "metrics.fifo"] {
+        let _ = std::fs::remove_file(dir.join(name));
+        std::os::unix::fs::symlink(&host, dir.join(name)).unwrap();
+        // Made as the VMM would: owned by a VM uid.
+        std::os::unix::fs::lchown(dir.join(name), Some(uid), Some(uid)).unwrap();
+    }
+    api.boot_ready(&id);
+    assert_eq!(std::fs::read_to_string(&host).unwrap(), "host data\n");
+    for name in ["console.log", "vmm.log"] {
+        let meta = std::fs::symlink_metadata(dir.join(name)).unwrap();
+        assert!(meta.is_file(), "{name} is a file of its own again");
+    }
+    let console = api.call("GET", &format!("/v1/vms/{id}/console"), None).ok();
+    assert_eq!(console["output"], format!("{TINY_MARKER}\n"));
+    api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None)
+        .ok();
+    m.assert_clean();
 }
 
 /// The default Debian guest under Firecracker. Needs hardware KVM: on kvm-pvm hosts stock
