@@ -163,7 +163,7 @@ mod tests {
         assert!(d.append("console.log").is_err());
         rustix::fs::mknodat(
             rustix::fs::CWD,
-            &vm.join("fifo.log"),
+            vm.join("fifo.log"),
             FileType::Fifo,
             Mode::from_raw_mode(0o600),
             0,
