@@ -59,6 +59,9 @@ pub struct VmLaunch {
     pub vm_id: VmId,
     /// The VM's own directory; the VMM runs with it as working directory.
     pub dir: PathBuf,
+    /// Where the VMM makes its control socket: `dir` for an unjailed VMM, a directory the
+    /// VM's uid cannot write once the socket is made for a jailed one.
+    pub control_dir: PathBuf,
     /// vCPUs.
     pub vcpu_count: u32,
     /// Guest memory in MiB.
@@ -80,7 +83,25 @@ pub struct VmLaunch {
 impl VmLaunch {
     /// Path of the VMM's control socket.
     pub fn control_socket(&self) -> PathBuf {
-        self.dir.join(files::CONTROL_SOCKET)
+        self.control_dir.join(files::CONTROL_SOCKET)
+    }
+
+    /// Readies the control directory for a new VMM, just before it starts: the old socket
+    /// goes, and a jailed VMM's directory is handed to the VM's uid.
+    pub fn open_control_dir(&self) -> Result<(), BackendError> {
+        match &self.jail {
+            Some(jail) => jail.open_control_dir().map_err(BackendError::Jail),
+            None => vm_dir::VmDir::open(&self.control_dir)?.remove(files::CONTROL_SOCKET),
+        }
+    }
+
+    /// Once the VMM made its socket: a jailed VMM's control directory is taken back from the
+    /// VM's uid (see [`JailPlan::seal_control_dir`]).
+    pub fn seal_control_dir(&self) -> Result<(), BackendError> {
+        match &self.jail {
+            Some(jail) => jail.seal_control_dir().map_err(BackendError::Jail),
+            None => Ok(()),
+        }
     }
 
     /// Path of the console log.
@@ -194,6 +215,9 @@ pub enum BackendError {
     /// The configuration is not possible for this VMM.
     #[error("{0}")]
     Unsupported(String),
+    /// The VMM's control directory in its jail could not be readied or sealed.
+    #[error("control directory")]
+    Jail(#[source] jailer::JailError),
 }
 
 /// What a VMM reported about its own VM.

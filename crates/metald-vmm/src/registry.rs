@@ -173,6 +173,7 @@ mod tests {
         VmLaunch {
             vm_id: VmId::generate(),
             dir: dir.to_path_buf(),
+            control_dir: dir.to_path_buf(),
             vcpu_count: 1,
             memory_mib: 128,
             kernel: "/k".into(),

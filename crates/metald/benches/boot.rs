@@ -195,6 +195,7 @@ fn bare_qemu(qemu: &Path, guest: &Path, accel: Accel, i: usize) -> Duration {
     let launch = VmLaunch {
         vm_id: VmId::generate(),
         dir: dir.path().to_path_buf(),
+        control_dir: dir.path().to_path_buf(),
         vcpu_count: 1,
         memory_mib: 256,
         kernel: guest.join("vmlinux"),

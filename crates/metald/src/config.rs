@@ -272,6 +272,11 @@ pub struct ConfigError {
 pub const MAX_DATA_DIR_LEN: usize = crate::backend::MAX_SOCKET_PATH
     - "/vms/vm-00000000-0000-0000-0000-000000000000/control.sock".len();
 
+/// Longest jail directory path: a jailed VMM's control socket lives at
+/// `<chroot dir>/<backend>/vm-<uuid>/ctl/control.sock`.
+pub const MAX_CHROOT_DIR_LEN: usize = crate::backend::MAX_SOCKET_PATH
+    - "/firecracker/vm-00000000-0000-0000-0000-000000000000/ctl/control.sock".len();
+
 impl Config {
     /// Reads the configuration through `var` (the process environment in production).
     pub fn from_env(
@@ -627,14 +632,28 @@ fn host_settings(env: &Env<'_>) -> Result<HostSettings, ConfigError> {
 
 /// UNKEY_METALD_DATA_DIR: absolute, and short enough for the VM sockets inside it.
 fn data_dir(env: &Env<'_>) -> Result<PathBuf, ConfigError> {
-    let name = "UNKEY_METALD_DATA_DIR";
-    let dir = env.abs_path(name, "/var/lib/metald")?;
-    let len = dir.as_os_str().len();
-    if len > MAX_DATA_DIR_LEN {
+    short_dir(
+        env,
+        "UNKEY_METALD_DATA_DIR",
+        "/var/lib/metald",
+        MAX_DATA_DIR_LEN,
+    )
+}
+
+/// An absolute directory (`default` when unset) at most `max` bytes long, so the VM sockets
+/// inside it fit a Unix socket path.
+fn short_dir(
+    env: &Env<'_>,
+    name: &'static str,
+    default: &str,
+    max: usize,
+) -> Result<PathBuf, ConfigError> {
+    let dir = env.abs_path(name, default)?;
+    if dir.as_os_str().len() > max {
         return Err(bad(
             name,
             &dir.display().to_string(),
-            &format!("at most {MAX_DATA_DIR_LEN} bytes long (VM sockets inside it must fit a Unix socket path)"),
+            &format!("at most {max} bytes long (VM sockets inside it must fit a Unix socket path)"),
         ));
     }
     Ok(dir)
@@ -777,7 +796,12 @@ fn isolation_config(env: &Env<'_>) -> Result<IsolationConfig, ConfigError> {
         uid_base,
         gid_base,
         id_count,
-        chroot_dir: env.abs_path("UNKEY_METALD_JAILER_CHROOT_DIR", "/srv/jailer")?,
+        chroot_dir: short_dir(
+            env,
+            "UNKEY_METALD_JAILER_CHROOT_DIR",
+            "/srv/jailer",
+            MAX_CHROOT_DIR_LEN,
+        )?,
         run_dir: env.abs_path("UNKEY_METALD_RUN_DIR", "/run/metald")?,
         cgroup_parent,
         ipv6_prefix,
@@ -1185,6 +1209,11 @@ mod tests {
         );
         let long = format!("/{}", "d".repeat(MAX_DATA_DIR_LEN));
         assert!(parse(&[("UNKEY_METALD_DATA_DIR", &long)])
+            .unwrap_err()
+            .allowed
+            .contains("Unix socket"));
+        let long = format!("/{}", "j".repeat(MAX_CHROOT_DIR_LEN));
+        assert!(parse(&[("UNKEY_METALD_JAILER_CHROOT_DIR", &long)])
             .unwrap_err()
             .allowed
             .contains("Unix socket"));

@@ -59,6 +59,9 @@ pub trait Isolation: Send + Sync {
 
     /// The VM's network identity, if it has one.
     fn network_of(&self, vm: &VmRecord) -> Option<VmNetworkPlan>;
+
+    /// Where a jailed VM's VMM makes its control socket; `None`: in the VM's directory.
+    fn control_dir(&self, vm: &VmId) -> Option<PathBuf>;
 }
 
 /// No isolation: VMMs run as metald's own user, unjailed and without network. Every step is
@@ -102,6 +105,9 @@ impl Isolation for Unisolated {
         (Sources::for_process(&self.proc, pid), None)
     }
     fn network_of(&self, _: &VmRecord) -> Option<VmNetworkPlan> {
+        None
+    }
+    fn control_dir(&self, _: &VmId) -> Option<PathBuf> {
         None
     }
 }
@@ -248,5 +254,8 @@ impl Isolation for Sandboxes {
 
     fn network_of(&self, vm: &VmRecord) -> Option<VmNetworkPlan> {
         self.network.plan(vm).ok()
+    }
+    fn control_dir(&self, vm: &VmId) -> Option<PathBuf> {
+        Some(self.jailer.control_dir(vm))
     }
 }

@@ -152,6 +152,9 @@ impl Isolation for FakeIsolation {
     fn network_of(&self, _: &VmRecord) -> Option<VmNetworkPlan> {
         None
     }
+    fn control_dir(&self, _: &VmId) -> Option<PathBuf> {
+        None
+    }
 }
 
 #[async_trait::async_trait]

@@ -19,6 +19,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use rustix::fs::{Mode, OFlags};
 use serde::{Deserialize, Serialize};
 
 use self::cgroup::{CgroupError, Cgroups, Limits};
@@ -134,6 +135,16 @@ fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> JailError
     move |source| JailError::Io { op, path, source }
 }
 
+/// Opens directory `dir` for fd-relative work, without following a symlink.
+fn open_dir(dir: &Path) -> Result<std::os::fd::OwnedFd, JailError> {
+    rustix::fs::open(
+        dir,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| io("open", dir)(e.into()))
+}
+
 /// Host-wide jailer settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JailerConfig {
@@ -160,9 +171,72 @@ pub struct JailerConfig {
 pub struct JailPlan {
     spec: JailSpec,
     metald_exe: PathBuf,
+    control_dir: PathBuf,
 }
 
+/// Name of the directory, in a VM's jail directory, that holds its VMM's control socket.
+pub const CONTROL_DIR: &str = "ctl";
+
 impl JailPlan {
+    /// The directory the VMM makes its control socket in (mounted writable in the jail until
+    /// [`JailPlan::seal_control_dir`]).
+    pub fn control_dir(&self) -> &Path {
+        &self.control_dir
+    }
+
+    /// Hands the control directory to the VM's uid alone for the VMM about to start: what an
+    /// earlier VMM left in it (its socket) is removed, so the new one can bind its own. Done
+    /// through the directory's fd, opened without following a symlink.
+    pub fn open_control_dir(&self) -> Result<(), JailError> {
+        let dir = &self.control_dir;
+        let fd = open_dir(dir)?;
+        for entry in rustix::fs::Dir::read_from(&fd).map_err(|e| io("read", dir)(e.into()))? {
+            let entry = entry.map_err(|e| io("read", dir)(e.into()))?;
+            let name = entry.file_name();
+            if name.to_bytes() == b"." || name.to_bytes() == b".." {
+                continue;
+            }
+            let flags = if entry.file_type() == rustix::fs::FileType::Directory {
+                rustix::fs::AtFlags::REMOVEDIR
+            } else {
+                rustix::fs::AtFlags::empty()
+            };
+            match rustix::fs::unlinkat(&fd, name, flags) {
+                Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+                Err(e) => return Err(io("empty", dir)(e.into())),
+            }
+        }
+        // Owned by metald while its mode is set (metald has CAP_CHOWN, not CAP_FOWNER), then
+        // given away.
+        self.seal(&fd)?;
+        rustix::fs::fchown(
+            &fd,
+            Some(rustix::fs::Uid::from_raw(self.spec.uid)),
+            Some(rustix::fs::Gid::from_raw(self.spec.gid)),
+        )
+        .map_err(|e| io("chown", dir)(e.into()))
+    }
+
+    /// Makes the open control directory metald's own, closed to everyone else.
+    fn seal(&self, fd: &std::os::fd::OwnedFd) -> Result<(), JailError> {
+        let dir = &self.control_dir;
+        rustix::fs::fchown(
+            fd,
+            Some(rustix::process::geteuid()),
+            Some(rustix::process::getegid()),
+        )
+        .map_err(|e| io("chown", dir)(e.into()))?;
+        rustix::fs::fchmod(fd, Mode::from_raw_mode(0o700)).map_err(|e| io("chmod", dir)(e.into()))
+    }
+
+    /// Takes the control directory from the VM's uid once the VMM has made its socket there:
+    /// owned by metald and closed to everyone else, so the VMM (or a guest that took it over)
+    /// can no longer remove, replace or add anything in it, while the socket it listens on
+    /// goes on working. Done through the directory's fd, opened without following a symlink.
+    pub fn seal_control_dir(&self) -> Result<(), JailError> {
+        self.seal(&open_dir(&self.control_dir)?)
+    }
+
     /// The command that starts `binary args…` inside this jail.
     pub fn command(&self, binary: &Path, args: Vec<String>) -> Command {
         let mut spec = self.spec.clone();
@@ -280,6 +354,15 @@ impl Jailer {
         )?;
         let root = self.jail_dir(req.vm_id).join("root");
         std::fs::create_dir_all(&root).map_err(io("create", &root))?;
+        // Made here, handed to the VM's uid by the backend just before it starts the VMM
+        // (a reboot's old VMM still uses its socket until then).
+        let control_dir = self.control_dir(req.vm_id);
+        match std::fs::create_dir(&control_dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(io("create", &control_dir)(e))
+            }
+            _ => {}
+        }
         let mut mounts: Vec<JailMount> = self
             .vmm_files
             .iter()
@@ -293,6 +376,10 @@ impl Jailer {
             .collect();
         mounts.push(JailMount {
             path: req.dir.to_path_buf(),
+            writable: true,
+        });
+        mounts.push(JailMount {
+            path: control_dir.clone(),
             writable: true,
         });
         let mut devices = vec![
@@ -350,7 +437,14 @@ impl Jailer {
                 owned_files: req.owned.clone(),
             },
             metald_exe: self.cfg.metald_exe.clone(),
+            control_dir,
         })
+    }
+
+    /// Where the VM's VMM makes its control socket: in the VM's jail directory, whose parents
+    /// belong to metald, so the VM's uid can never move it or put something in its place.
+    pub fn control_dir(&self, vm: &VmId) -> PathBuf {
+        self.jail_dir(vm).join(CONTROL_DIR)
     }
 
     /// Removes the VM's cgroup (killing anything left in it) and jail directory.

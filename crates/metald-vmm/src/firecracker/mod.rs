@@ -70,6 +70,9 @@ impl FirecrackerBackend {
         api: &FirecrackerApi,
     ) -> Result<(), BackendError> {
         api.wait_ready(API_READY_TIMEOUT).await?;
+        // The socket is there and the guest has not run yet: nothing in the VM can touch
+        // the socket's directory from now on.
+        launch.seal_control_dir()?;
         api.put_machine_config(&MachineConfiguration {
             vcpu_count: launch.vcpu_count,
             mem_size_mib: launch.memory_mib,
@@ -140,7 +143,7 @@ impl Backend for FirecrackerBackend {
         let log = launch.vmm_log();
         let dir = crate::vm_dir::VmDir::open(&launch.dir)?;
         // Firecracker leaves its socket behind on every exit, and refuses to start on one.
-        dir.remove(crate::files::CONTROL_SOCKET)?;
+        launch.open_control_dir()?;
         // Firecracker's logger writes from offset 0 of an existing file; keep the previous
         // boot's log beside the new one instead of interleaving them.
         dir.rename(crate::files::VMM_LOG, PREVIOUS_LOG)?;

@@ -212,7 +212,7 @@ impl Backend for QemuBackend {
         // The console goes to its file through QEMU's chardev; stdout and stderr are its log.
         let (_console, log) = open_logs(launch)?;
         let socket = launch.control_socket();
-        crate::vm_dir::VmDir::open(&launch.dir)?.remove(crate::files::CONTROL_SOCKET)?;
+        launch.open_control_dir()?;
         let cmd = launch.command(&self.binary, command_args(launch, self.accel));
         let stderr = log.try_clone().map_err(|source| BackendError::Io {
             op: "duplicate",
@@ -229,6 +229,10 @@ impl Backend for QemuBackend {
         let qmp = Qmp::new(&socket);
         let ready = async {
             let status = qmp.wait_ready(QMP_READY_TIMEOUT).await?;
+            // QEMU runs its guest from the start: the socket's directory is sealed within
+            // moments of the socket being made, while the guest's firmware or kernel is still
+            // starting.
+            launch.seal_control_dir()?;
             if status == "running" {
                 Ok(())
             } else {
@@ -305,6 +309,7 @@ mod tests {
         VmLaunch {
             vm_id: VmId::generate(),
             dir: "/data/vms/x".into(),
+            control_dir: "/data/vms/x".into(),
             vcpu_count: 2,
             memory_mib: 256,
             kernel: "/a/k".into(),

@@ -84,6 +84,10 @@ impl VmService {
         }
         Ok(VmLaunch {
             vm_id: vm.id.clone(),
+            control_dir: self
+                .isolation
+                .control_dir(&vm.id)
+                .unwrap_or_else(|| dir.clone()),
             dir,
             vcpu_count: vm.config.vcpu_count,
             memory_mib: vm.config.memory_mib(),

@@ -17,7 +17,7 @@ pub fn tests() -> Vec<crate::E2e> {
     let mut tests = crate::e2e![&[Need::Root, Need::Firecracker, Need::Kvm];
         firecracker_limits_its_vcpus_and_keeps_the_console_to_the_guest,
         firecracker_runs_jailed_with_its_tap_and_rate_limits,
-        symlinks_a_vmm_left_in_its_directory_are_never_written_through,
+        a_vmm_can_neither_redirect_metalds_writes_nor_touch_its_control_socket,
     ];
     tests.extend(
         crate::e2e![&[Need::Root, Need::Firecracker, Need::HardwareKvm, Need::Guest];
@@ -77,8 +77,9 @@ fn firecracker_limits_its_vcpus_and_keeps_the_console_to_the_guest() {
 
 /// A VMM (the VM's uid owns its directory) that replaced its console log, its own log and its
 /// metrics FIFO with symlinks to a host file before it exited: the next boot writes none of
-/// them through, replaces each with a file of its own, and the guest runs as before.
-fn symlinks_a_vmm_left_in_its_directory_are_never_written_through() {
+/// them through, replaces each with a file of its own, and the guest runs as before. Its
+/// control socket is out of its reach.
+fn a_vmm_can_neither_redirect_metalds_writes_nor_touch_its_control_socket() {
     let m = metald_with_backend("firecracker").start_with(Metald::import_tiny_guest);
     let api = Rest::new(&m, Some("fc"));
     let id = api.create(tiny_request(1));
@@ -107,6 +108,24 @@ fn symlinks_a_vmm_left_in_its_directory_are_never_written_through() {
     }
     let console = api.call("GET", &format!("/v1/vms/{id}/console"), None).ok();
     assert_eq!(console["output"], format!("{TINY_MARKER}\n"));
+
+    // The control socket is not in the VM's directory but in one metald holds (owned by it,
+    // mode 0700): the VM's uid can neither remove it nor put anything beside it, and metald
+    // still drives the VMM through it.
+    assert!(!dir.join("control.sock").exists());
+    let socket = m.control_socket(&id);
+    let ctl = socket.parent().unwrap();
+    let meta = std::fs::metadata(ctl).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        (meta.uid(), meta.mode() & 0o777),
+        (0, 0o700),
+        "{}",
+        ctl.display()
+    );
+    assert!(socket.exists());
+    api.call("POST", &format!("/v1/vms/{id}/pause"), None).ok();
+    assert_eq!(m.firecracker_state(&id), "Paused");
     api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None)
         .ok();
     m.assert_clean();

@@ -701,9 +701,18 @@ impl Metald {
             .collect()
     }
 
-    /// The VM's control socket: QEMU's QMP, Firecracker's API.
+    /// The VM's control socket: QEMU's QMP, Firecracker's API. A jailed VMM's is in its
+    /// jail directory (`<jail dir>/<backend>/<id>/ctl`), an unjailed one's in the VM's.
     pub fn control_socket(&self, id: &str) -> PathBuf {
-        self.data_dir.join("vms").join(id).join("control.sock")
+        match &self.iso {
+            Some(iso) => ["firecracker", "qemu"]
+                .iter()
+                .map(|kind| iso.jail_dir.join(kind).join(id).join("ctl"))
+                .find(|dir| dir.exists())
+                .unwrap_or_else(|| panic!("no control directory for {id}"))
+                .join("control.sock"),
+            None => self.data_dir.join("vms").join(id).join("control.sock"),
+        }
     }
 
     /// QEMU's own run state (`query-status` over QMP on the VM's control socket): "running",
