@@ -56,6 +56,8 @@ pub struct AssetRecord {
     pub ready_marker: Option<String>,
     /// Import time, Unix milliseconds.
     pub created_at_ms: i64,
+    /// The customer it belongs to; `None`: public (every customer may boot it).
+    pub owner: Option<String>,
 }
 
 /// The asset catalog. A kernel's `initrd_id` always names a stored asset: inserting one that
@@ -82,8 +84,8 @@ impl AssetCatalog for Store {
         self.conn()
             .execute(
                 "INSERT INTO assets (id, kind, file_name, size_bytes, sha256, initrd_id,
-                                     ready_marker, created_at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                                     ready_marker, created_at_ms, owner)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 params![
                     a.id,
                     a.kind.as_str(),
@@ -92,7 +94,8 @@ impl AssetCatalog for Store {
                     a.sha256,
                     a.initrd_id,
                     a.ready_marker,
-                    a.created_at_ms
+                    a.created_at_ms,
+                    a.owner
                 ],
             )
             .map_err(sql("insert asset"))?;
@@ -144,7 +147,7 @@ impl AssetCatalog for Store {
 }
 
 const ASSET_COLUMNS: &str =
-    "id, kind, file_name, size_bytes, sha256, initrd_id, ready_marker, created_at_ms";
+    "id, kind, file_name, size_bytes, sha256, initrd_id, ready_marker, created_at_ms, owner";
 
 fn read_asset_row(row: &Row<'_>) -> rusqlite::Result<Result<AssetRecord, StoreError>> {
     let id: String = row.get(0)?;
@@ -164,5 +167,6 @@ fn read_asset_row(row: &Row<'_>) -> rusqlite::Result<Result<AssetRecord, StoreEr
         initrd_id: row.get(5)?,
         ready_marker: row.get(6)?,
         created_at_ms: row.get(7)?,
+        owner: row.get(8)?,
     }))
 }

@@ -82,6 +82,8 @@ pub struct ImportRequest {
     pub initrd_id: Option<String>,
     /// For root filesystems: the console line that proves the guest is up.
     pub ready_marker: Option<String>,
+    /// The one customer who may use it; `None`: public.
+    pub owner: Option<String>,
 }
 
 /// The files a VM boots from, resolved from its config.
@@ -118,7 +120,11 @@ impl AssetStore {
             return Err(AssetError::Exists(req.id.clone()));
         }
         if let Some(initrd) = &req.initrd_id {
-            self.get_kind(initrd, AssetKind::Initrd)?;
+            // A kernel boots with its initrd for whoever may boot the kernel.
+            let initrd = self.get_kind(initrd, AssetKind::Initrd)?;
+            if initrd.owner.is_some() && initrd.owner != req.owner {
+                return Err(AssetError::Unknown(initrd.id));
+            }
         }
         let file_name = req.id.clone();
         let dest = self.dir.join(&file_name);
@@ -136,6 +142,7 @@ impl AssetStore {
                 initrd_id: req.initrd_id.clone(),
                 ready_marker: req.ready_marker.clone(),
                 created_at_ms: now_ms(),
+                owner: req.owner.clone(),
             };
             self.store.insert_asset(&record)?;
             Ok(record)
@@ -192,6 +199,25 @@ impl AssetStore {
             });
         }
         Ok(record)
+    }
+
+    /// An asset of the given kind that `customer` may use: a public one or their own.
+    /// Another customer's asset is [`AssetError::Unknown`], exactly like an id never imported,
+    /// whatever its kind.
+    pub fn get_for(
+        &self,
+        customer: &str,
+        id: &str,
+        kind: AssetKind,
+    ) -> Result<AssetRecord, AssetError> {
+        let visible = self
+            .store
+            .get_asset(id)?
+            .is_some_and(|a| a.owner.as_deref().is_none_or(|o| o == customer));
+        if !visible {
+            return Err(AssetError::Unknown(id.to_string()));
+        }
+        self.get_kind(id, kind)
     }
 
     /// Path of an asset's file.
@@ -342,6 +368,53 @@ mod tests {
         assert!(clone_file(&src, &dst).is_err(), "never overwrites");
     }
 
+    /// A customer's asset is theirs alone: to anyone else it is an unknown id, whatever kind
+    /// they ask for; public assets are everyone's; a kernel cannot borrow another's initrd.
+    #[test]
+    fn a_customers_asset_is_unknown_to_everyone_else() {
+        let (dir, assets) = stores();
+        let file = dir.path().join("f");
+        fs::write(&file, b"abc").unwrap();
+        let req = |id: &str, kind, initrd: Option<&str>, owner: Option<&str>| ImportRequest {
+            id: id.into(),
+            kind,
+            source: file.clone(),
+            initrd_id: initrd.map(String::from),
+            ready_marker: None,
+            owner: owner.map(String::from),
+        };
+        assets
+            .import(&req("mine", AssetKind::Rootfs, None, Some("acme")))
+            .unwrap();
+        assets
+            .import(&req("shared", AssetKind::Rootfs, None, None))
+            .unwrap();
+        assert!(assets.get_for("acme", "mine", AssetKind::Rootfs).is_ok());
+        for kind in [AssetKind::Rootfs, AssetKind::Kernel] {
+            let theirs = assets.get_for("bolt", "mine", kind).unwrap_err();
+            let missing = assets.get_for("bolt", "never", kind).unwrap_err();
+            assert_eq!(
+                theirs.to_string().replace("mine", "X"),
+                missing.to_string().replace("never", "X")
+            );
+        }
+        assert!(assets.get_for("bolt", "shared", AssetKind::Rootfs).is_ok());
+        assets
+            .import(&req("ird", AssetKind::Initrd, None, Some("acme")))
+            .unwrap();
+        assert!(matches!(
+            assets.import(&req("k", AssetKind::Kernel, Some("ird"), Some("bolt"))),
+            Err(AssetError::Unknown(_))
+        ));
+        assert!(matches!(
+            assets.import(&req("k", AssetKind::Kernel, Some("ird"), None)),
+            Err(AssetError::Unknown(_))
+        ));
+        assets
+            .import(&req("k", AssetKind::Kernel, Some("ird"), Some("acme")))
+            .unwrap();
+    }
+
     #[test]
     fn import_list_resolve_remove() {
         let (dir, assets) = stores();
@@ -353,6 +426,7 @@ mod tests {
             source: file.clone(),
             initrd_id: initrd.map(String::from),
             ready_marker: Some("READY".into()),
+            owner: None,
         };
         assets.import(&req("ird", AssetKind::Initrd, None)).unwrap();
         let k = assets

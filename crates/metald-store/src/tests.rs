@@ -217,6 +217,7 @@ fn a_corrupt_asset_kind_is_reported_with_its_id() {
             initrd_id: None,
             ready_marker: None,
             created_at_ms: 1,
+            owner: None,
         })
         .unwrap();
     // The schema's CHECK keeps bad kinds out; only a hand edit gets one in.

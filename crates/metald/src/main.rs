@@ -57,6 +57,9 @@ enum AssetCommand {
         /// For root filesystems: the console line that shows the guest is up.
         #[arg(long)]
         ready_marker: Option<String>,
+        /// The one customer who may boot it; without it the asset is public.
+        #[arg(long, value_parser = parse_customer)]
+        owner: Option<String>,
     },
     /// List the assets.
     List,
@@ -174,6 +177,13 @@ fn serve(cfg: Config) -> anyhow::Result<()> {
         .context("metald failed")
 }
 
+/// A customer id as the API knows them (`--owner`).
+fn parse_customer(s: &str) -> Result<String, String> {
+    s.parse::<metald::domain::CustomerId>()
+        .map(|c| c.to_string())
+        .map_err(|e| e.to_string())
+}
+
 fn assets(cfg: &Config, command: AssetCommand) -> anyhow::Result<()> {
     let store = metald::daemon::open_store(&cfg.data_dir)?;
     let assets = metald::daemon::open_assets(&cfg.data_dir, store.clone())?;
@@ -184,6 +194,7 @@ fn assets(cfg: &Config, command: AssetCommand) -> anyhow::Result<()> {
             file,
             initrd,
             ready_marker,
+            owner,
         } => {
             let kind = match kind {
                 Kind::Kernel => AssetKind::Kernel,
@@ -197,6 +208,7 @@ fn assets(cfg: &Config, command: AssetCommand) -> anyhow::Result<()> {
                     source: file.clone(),
                     initrd_id: initrd,
                     ready_marker,
+                    owner,
                 })
                 .with_context(|| format!("importing {}", file.display()))?;
             println!(
@@ -208,16 +220,17 @@ fn assets(cfg: &Config, command: AssetCommand) -> anyhow::Result<()> {
             );
         }
         AssetCommand::List => {
-            println!("ID\tKIND\tSIZE\tSHA256\tINITRD\tREADY_MARKER");
+            println!("ID\tKIND\tSIZE\tSHA256\tINITRD\tREADY_MARKER\tOWNER");
             for a in assets.list()? {
                 println!(
-                    "{}\t{}\t{}\t{}\t{}\t{}",
+                    "{}\t{}\t{}\t{}\t{}\t{}\t{}",
                     a.id,
                     a.kind.as_str(),
                     a.size_bytes,
                     a.sha256,
                     a.initrd_id.as_deref().unwrap_or("-"),
-                    a.ready_marker.as_deref().unwrap_or("-")
+                    a.ready_marker.as_deref().unwrap_or("-"),
+                    a.owner.as_deref().unwrap_or("public")
                 );
             }
         }

@@ -255,6 +255,7 @@ pub(crate) fn fixture_with_timeout(boot_timeout: Duration) -> Fixture {
                 source: file.clone(),
                 initrd_id: None,
                 ready_marker: marker,
+                owner: None,
             })
             .unwrap();
     }

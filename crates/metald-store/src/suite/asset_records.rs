@@ -13,6 +13,7 @@ fn asset(id: &str, kind: AssetKind, initrd: Option<&str>) -> AssetRecord {
         initrd_id: initrd.map(String::from),
         ready_marker: None,
         created_at_ms: 1_700_000_000_000,
+        owner: None,
     }
 }
 
@@ -24,6 +25,7 @@ pub fn asset_records_read_back_as_saved<H: Harness>(h: &H) {
     let rootfs = AssetRecord {
         ready_marker: Some("METALD_GUEST_READY".into()),
         size_bytes: 0,
+        owner: Some("acme".into()),
         ..asset("r", AssetKind::Rootfs, None)
     };
     for a in [&initrd, &kernel, &rootfs] {

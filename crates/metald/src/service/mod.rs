@@ -355,7 +355,7 @@ impl VmService {
         customer: &CustomerId,
         config: VmConfig,
     ) -> Result<VmRecord, ServiceError> {
-        self.validate(&config)?;
+        self.validate(customer, &config)?;
         let writable = self.writable_disk_bytes(&config)?;
         self.check_disk_room(writable)?;
         let id = VmId::generate();

@@ -839,3 +839,54 @@ async fn a_vm_whose_disk_is_gone_is_failed_at_start_and_can_be_deleted() {
     ));
     f.svc.delete(&f.who, &lost, false).await.unwrap();
 }
+
+/// An asset imported for one customer boots only their VMs: to another customer it is an
+/// unknown image, refused in the same words as an id that was never imported.
+#[tokio::test]
+async fn a_customers_own_image_is_unknown_to_every_other_customer() {
+    let f = fixture();
+    let file = f.vms_dir.join("private.img");
+    std::fs::write(&file, b"private").unwrap();
+    f.svc
+        .assets
+        .import(&crate::assets::ImportRequest {
+            id: "acme-root".into(),
+            kind: AssetKind::Rootfs,
+            source: file,
+            initrd_id: None,
+            ready_marker: None,
+            owner: Some(f.who.to_string()),
+        })
+        .unwrap();
+    let with_rootfs = |id: &str| VmConfig {
+        rootfs_image_id: id.into(),
+        ..config()
+    };
+    f.svc
+        .create(&f.who, with_rootfs("acme-root"))
+        .await
+        .unwrap();
+    let stranger: CustomerId = "stranger".parse().unwrap();
+    let theirs = f
+        .svc
+        .create(&stranger, with_rootfs("acme-root"))
+        .await
+        .unwrap_err();
+    let never = f
+        .svc
+        .create(&stranger, with_rootfs("never-imported"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(theirs, ServiceError::InvalidArgument { .. }),
+        "{theirs}"
+    );
+    assert_eq!(
+        theirs.to_string().replace("acme-root", "X"),
+        never.to_string().replace("never-imported", "X")
+    );
+    assert_eq!(
+        f.svc.list(&stranger, None, 0, "").await.unwrap().vms.len(),
+        0
+    );
+}

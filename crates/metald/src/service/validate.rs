@@ -4,8 +4,10 @@
 use super::*;
 
 impl VmService {
-    /// Checks every field, naming the first bad one; also resolves image ids.
-    pub(super) fn validate(&self, c: &VmConfig) -> Result<(), ServiceError> {
+    /// Checks every field, naming the first bad one; also resolves image ids, among the assets
+    /// `customer` may use (public ones and their own).
+    pub(super) fn validate(&self, customer: &CustomerId, c: &VmConfig) -> Result<(), ServiceError> {
+        let who = customer.as_str();
         let max = self.backend.max_vcpus();
         if c.vcpu_count == 0 || c.vcpu_count > max {
             return Err(invalid(
@@ -86,10 +88,10 @@ impl VmService {
             }
         }
         self.assets
-            .get_kind(&c.kernel_image_id, AssetKind::Kernel)
+            .get_for(who, &c.kernel_image_id, AssetKind::Kernel)
             .map_err(|e| asset_field_error("config.kernel.image_id", e))?;
         self.assets
-            .get_kind(&c.rootfs_image_id, AssetKind::Rootfs)
+            .get_for(who, &c.rootfs_image_id, AssetKind::Rootfs)
             .map_err(|e| asset_field_error("config.rootfs.image_id", e))?;
         validate_kernel_args(&c.kernel_args)?;
         if c.drives.len() > MAX_DRIVES {
@@ -108,7 +110,7 @@ impl VmService {
                 return Err(invalid(field, format!("'{}' is already used", d.drive_id)));
             }
             self.assets
-                .get_kind(&d.image_id, AssetKind::Rootfs)
+                .get_for(who, &d.image_id, AssetKind::Rootfs)
                 .map_err(|e| asset_field_error(&format!("config.drives[{i}].image_id"), e))?;
         }
         validate_metadata(&c.metadata)
