@@ -15,16 +15,19 @@ pub enum VmState {
     Shutdown,
     /// The VMM died on its own or the guest never became ready.
     Failed,
+    /// Memory and device state saved next to the disks; no VMM process. Resume wakes it.
+    Suspended,
 }
 
 impl VmState {
     /// Every state, for exhaustive tests and parsing.
-    pub const ALL: [VmState; 5] = [
+    pub const ALL: [VmState; 6] = [
         VmState::Created,
         VmState::Running,
         VmState::Paused,
         VmState::Shutdown,
         VmState::Failed,
+        VmState::Suspended,
     ];
 
     /// Stable name used in storage and messages.
@@ -35,6 +38,7 @@ impl VmState {
             VmState::Paused => "PAUSED",
             VmState::Shutdown => "SHUTDOWN",
             VmState::Failed => "FAILED",
+            VmState::Suspended => "SUSPENDED",
         }
     }
 
@@ -62,8 +66,10 @@ pub enum Operation {
     Boot,
     /// Freeze the vCPUs.
     Pause,
-    /// Unfreeze the vCPUs.
+    /// Unfreeze the vCPUs, or wake a suspended VM from its saved state.
     Resume,
+    /// Save memory and device state to disk and end the VMM.
+    Suspend,
     /// Stop the guest and the VMM.
     Shutdown,
     /// Stop and start again.
@@ -85,6 +91,7 @@ impl fmt::Display for Operation {
             Operation::Boot => "boot",
             Operation::Pause => "pause",
             Operation::Resume => "resume",
+            Operation::Suspend => "suspend",
             Operation::Shutdown => "shut down",
             Operation::Reboot => "reboot",
             Operation::Delete { force: false } => "delete (without force)",
@@ -114,21 +121,33 @@ pub fn transition(from: VmState, op: Operation) -> Result<Option<VmState>, Inval
     let next = match (from, op) {
         (S::Created | S::Shutdown | S::Failed, O::Boot) => Some(S::Running),
         (S::Running, O::Pause) => Some(S::Paused),
-        (S::Paused, O::Resume) => Some(S::Running),
-        (S::Running | S::Paused, O::Shutdown) => Some(S::Shutdown),
+        (S::Paused | S::Suspended, O::Resume) => Some(S::Running),
+        (S::Running | S::Paused, O::Suspend) => Some(S::Suspended),
+        // From Suspended, a shutdown drops the saved state: the next boot is a cold one.
+        (S::Running | S::Paused | S::Suspended, O::Shutdown) => Some(S::Shutdown),
         (S::Running | S::Paused, O::Reboot) => Some(S::Running),
-        (S::Created | S::Shutdown | S::Failed, O::Delete { .. }) => None,
+        (S::Created | S::Shutdown | S::Failed | S::Suspended, O::Delete { .. }) => None,
         (S::Running | S::Paused, O::Delete { force: true }) => None,
         (S::Running | S::Paused, O::Fail) => Some(S::Failed),
-        (S::Created | S::Shutdown | S::Failed, O::Lose) => Some(S::Failed),
+        (S::Created | S::Shutdown | S::Failed | S::Suspended, O::Lose) => Some(S::Failed),
         // The VMM has its disks open: it runs on; the loss is found when it stops.
         (S::Running | S::Paused, O::Lose) => return Err(invalid(from, op, "; its VMM still runs")),
         (S::Running | S::Paused, O::Delete { force: false }) => {
             return Err(invalid(from, op, "; shut it down first or pass force"))
         }
         (S::Running | S::Paused, O::Boot) => return Err(invalid(from, op, "; it is already up")),
-        (S::Created | S::Shutdown | S::Failed, O::Shutdown | O::Reboot | O::Pause) => {
+        (S::Suspended, O::Boot) => {
+            return Err(invalid(
+                from,
+                op,
+                "; resume it, or shut it down to boot afresh",
+            ))
+        }
+        (S::Created | S::Shutdown | S::Failed, O::Shutdown | O::Reboot | O::Pause | O::Suspend) => {
             return Err(invalid(from, op, "; boot it first"))
+        }
+        (S::Suspended, O::Reboot | O::Pause | O::Suspend | O::Fail) => {
+            return Err(invalid(from, op, "; resume it first"))
         }
         (S::Paused, O::Pause) | (S::Running, O::Resume) => return Err(invalid(from, op, "")),
         (S::Created | S::Shutdown | S::Failed, O::Resume | O::Fail) => {
@@ -165,6 +184,15 @@ pub enum Change {
     Resumed,
     /// The guest and its VMM were stopped on request.
     ShutDown,
+    /// The guest's state was saved to disk and its VMM ended.
+    Suspended,
+    /// A new VMM runs the guest again from its saved state.
+    Woken {
+        /// The VMM's pid.
+        pid: u32,
+        /// Its start time in clock ticks since host boot.
+        start_ticks: u64,
+    },
     /// The VMM is gone without a request (exit, crash, readiness timeout, failed reboot, gone
     /// after a metald restart), for this reason.
     Failed(String),
@@ -181,6 +209,8 @@ impl Change {
             Change::Paused => Operation::Pause,
             Change::Resumed => Operation::Resume,
             Change::ShutDown => Operation::Shutdown,
+            Change::Suspended => Operation::Suspend,
+            Change::Woken { .. } => Operation::Resume,
             Change::Failed(_) => Operation::Fail,
             Change::Lost(_) => Operation::Lose,
         }
@@ -232,14 +262,16 @@ impl VmLife {
         };
         self.state = next;
         match change {
-            Change::Booted { pid, start_ticks } | Change::Rebooted { pid, start_ticks } => {
+            Change::Booted { pid, start_ticks }
+            | Change::Rebooted { pid, start_ticks }
+            | Change::Woken { pid, start_ticks } => {
                 self.vmm_pid = Some(pid);
                 self.vmm_start_ticks = Some(start_ticks);
                 self.failure = None;
                 self.guest_ready = false;
             }
             Change::Paused | Change::Resumed => {}
-            Change::ShutDown => self.vmm_gone(None),
+            Change::ShutDown | Change::Suspended => self.vmm_gone(None),
             Change::Failed(reason) | Change::Lost(reason) => self.vmm_gone(Some(reason)),
         }
         Ok(())
@@ -290,10 +322,11 @@ impl VmLife {
 mod tests {
     use super::*;
 
-    const OPS: [Operation; 9] = [
+    const OPS: [Operation; 10] = [
         Operation::Boot,
         Operation::Pause,
         Operation::Resume,
+        Operation::Suspend,
         Operation::Shutdown,
         Operation::Reboot,
         Operation::Delete { force: false },
@@ -309,12 +342,19 @@ mod tests {
             match (from, op) {
                 (S::Created | S::Shutdown | S::Failed, Operation::Boot) => Some(Some(S::Running)),
                 (S::Running, Operation::Pause) => Some(Some(S::Paused)),
-                (S::Paused, Operation::Resume) => Some(Some(S::Running)),
-                (S::Running | S::Paused, Operation::Shutdown) => Some(Some(S::Shutdown)),
+                (S::Paused | S::Suspended, Operation::Resume) => Some(Some(S::Running)),
+                (S::Running | S::Paused, Operation::Suspend) => Some(Some(S::Suspended)),
+                (S::Running | S::Paused | S::Suspended, Operation::Shutdown) => {
+                    Some(Some(S::Shutdown))
+                }
                 (S::Running | S::Paused, Operation::Reboot) => Some(Some(S::Running)),
                 (S::Running | S::Paused, Operation::Fail) => Some(Some(S::Failed)),
-                (S::Created | S::Shutdown | S::Failed, Operation::Lose) => Some(Some(S::Failed)),
-                (S::Created | S::Shutdown | S::Failed, Operation::Delete { .. }) => Some(None),
+                (S::Created | S::Shutdown | S::Failed | S::Suspended, Operation::Lose) => {
+                    Some(Some(S::Failed))
+                }
+                (S::Created | S::Shutdown | S::Failed | S::Suspended, Operation::Delete { .. }) => {
+                    Some(None)
+                }
                 (S::Running | S::Paused, Operation::Delete { force: true }) => Some(None),
                 _ => None,
             }

@@ -36,6 +36,11 @@ pub mod files {
     pub const VMM_LOG: &str = "vmm.log";
     /// The VMM's control socket (Firecracker API or QMP).
     pub const CONTROL_SOCKET: &str = "control.sock";
+    /// A suspended guest's device state (Firecracker's snapshot state, QEMU's migration
+    /// stream).
+    pub const SUSPEND_STATE: &str = "suspend.state";
+    /// A suspended guest's memory (Firecracker); QEMU keeps it in its migration stream.
+    pub const SUSPEND_MEMORY: &str = "suspend.mem";
 }
 
 /// Longest path a Unix socket can have (sun_path, with its NUL).
@@ -260,6 +265,15 @@ pub trait Backend: Send + Sync {
 
     /// Stops the guest and its VMM.
     async fn shutdown(&self, vm: &VmId, mode: StopMode) -> Result<StopOutcome, BackendError>;
+
+    /// Saves the running (or paused) guest's memory and device state into the VM's directory
+    /// `dir` ([`files::SUSPEND_STATE`], [`files::SUSPEND_MEMORY`]) and ends its VMM. On error
+    /// the VMM may still run, paused or not; the caller checks with [`Backend::info`].
+    async fn suspend(&self, vm: &VmId, dir: &Path) -> Result<(), BackendError>;
+
+    /// Starts a new VMM that runs the guest saved by [`Backend::suspend`] again, with the
+    /// same disks and (through `launch.net`) its network; returns once its vCPUs run.
+    async fn wake(&self, launch: &VmLaunch) -> Result<VmmProcess, BackendError>;
 
     /// Stops the guest and boots it again in a fresh VMM process.
     async fn reboot(&self, launch: &VmLaunch, mode: StopMode) -> Result<VmmProcess, BackendError> {

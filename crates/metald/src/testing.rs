@@ -197,6 +197,23 @@ impl Backend for FakeBackend {
         self.record(&format!("shutdown {mode:?}"));
         Ok(StopOutcome::Clean)
     }
+    async fn suspend(&self, _: &VmId, dir: &Path) -> Result<(), BackendError> {
+        self.record("suspend");
+        // What a VMM saves: the state the wake needs.
+        std::fs::write(dir.join(crate::backend::files::SUSPEND_STATE), b"state").unwrap();
+        Ok(())
+    }
+    async fn wake(&self, l: &VmLaunch) -> Result<VmmProcess, BackendError> {
+        self.record("wake");
+        assert!(
+            l.dir.join(crate::backend::files::SUSPEND_STATE).exists(),
+            "the saved state exists at wake"
+        );
+        Ok(VmmProcess {
+            pid: 1000 + self.next_pid.fetch_add(1, Ordering::SeqCst),
+            start_ticks: 7,
+        })
+    }
     async fn delete(&self, _: &VmId, _: &Path) -> Result<(), BackendError> {
         self.record("delete");
         Ok(())

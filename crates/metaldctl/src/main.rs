@@ -59,8 +59,10 @@ enum Command {
     },
     /// Pause a VM.
     Pause { vm_id: String },
-    /// Resume a VM.
+    /// Resume a paused VM, or wake a suspended one.
     Resume { vm_id: String },
+    /// Save a VM's memory to disk and end its VMM (resume wakes it).
+    Suspend { vm_id: String },
     /// Reboot a VM.
     Reboot {
         vm_id: String,
@@ -79,7 +81,7 @@ enum Command {
     Get { vm_id: String },
     /// List VMs.
     List {
-        /// Only this state (created, running, paused, shutdown, failed).
+        /// Only this state (created, running, paused, shutdown, failed, suspended).
         #[arg(long)]
         state: Option<String>,
     },
@@ -107,8 +109,11 @@ fn parse_state(s: &str) -> anyhow::Result<pb::VmState> {
         "paused" => pb::VmState::VM_STATE_PAUSED,
         "shutdown" => pb::VmState::VM_STATE_SHUTDOWN,
         "failed" => pb::VmState::VM_STATE_FAILED,
+        "suspended" => pb::VmState::VM_STATE_SUSPENDED,
         other => {
-            anyhow::bail!("unknown state '{other}' (created, running, paused, shutdown, failed)")
+            anyhow::bail!(
+                "unknown state '{other}' (created, running, paused, shutdown, failed, suspended)"
+            )
         }
     })
 }
@@ -215,6 +220,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Resume { vm_id } => print(
             &client
                 .resume_vm(pb::ResumeVmRequest {
+                    vm_id,
+                    ..Default::default()
+                })
+                .await?
+                .into_owned(),
+        ),
+        Command::Suspend { vm_id } => print(
+            &client
+                .suspend_vm(pb::SuspendVmRequest {
                     vm_id,
                     ..Default::default()
                 })

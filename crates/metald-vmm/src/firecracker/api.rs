@@ -19,6 +19,9 @@ use crate::BackendError;
 pub const API_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest response body read; Firecracker's are a few hundred bytes.
 pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+/// How long a snapshot may take to write or load: its memory file is as large as the guest's
+/// memory (1 GiB on a slow disk is seconds).
+pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// `PUT /boot-source`.
 #[derive(Debug, Clone, Serialize)]
@@ -126,6 +129,29 @@ pub enum ActionType {
     SendCtrlAltDel,
     /// Write metrics now.
     FlushMetrics,
+}
+
+/// `PUT /snapshot/create`: a full snapshot of a paused VM.
+#[derive(Debug, Clone, Serialize)]
+struct SnapshotCreate<'a> {
+    snapshot_type: &'static str,
+    snapshot_path: &'a str,
+    mem_file_path: &'a str,
+}
+
+/// `PUT /snapshot/load`.
+#[derive(Debug, Clone, Serialize)]
+struct SnapshotLoad<'a> {
+    snapshot_path: &'a str,
+    mem_backend: MemBackend<'a>,
+    resume_vm: bool,
+}
+
+/// Where a loaded snapshot's memory comes from.
+#[derive(Debug, Clone, Serialize)]
+struct MemBackend<'a> {
+    backend_type: &'static str,
+    backend_path: &'a str,
 }
 
 /// `PATCH /vm`.
@@ -240,6 +266,34 @@ impl FirecrackerApi {
             .await
     }
 
+    /// `PUT /snapshot/create`: writes the paused VM's device state to `state` and its memory
+    /// to `memory` (paths as the VMM sees them). Writing the memory takes time in proportion
+    /// to its size: this call waits up to [`SNAPSHOT_TIMEOUT`].
+    pub async fn create_snapshot(&self, state: &Path, memory: &Path) -> Result<(), BackendError> {
+        let body = SnapshotCreate {
+            snapshot_type: "Full",
+            snapshot_path: utf8(state)?,
+            mem_file_path: utf8(memory)?,
+        };
+        self.send_within(SNAPSHOT_TIMEOUT, Method::PUT, "/snapshot/create", &body)
+            .await
+    }
+
+    /// `PUT /snapshot/load` into this fresh VMM, resuming the guest at once; its memory is
+    /// mapped from `memory`, which must stay while the VM runs.
+    pub async fn load_snapshot(&self, state: &Path, memory: &Path) -> Result<(), BackendError> {
+        let body = SnapshotLoad {
+            snapshot_path: utf8(state)?,
+            mem_backend: MemBackend {
+                backend_type: "File",
+                backend_path: utf8(memory)?,
+            },
+            resume_vm: true,
+        };
+        self.send_within(SNAPSHOT_TIMEOUT, Method::PUT, "/snapshot/load", &body)
+            .await
+    }
+
     /// `PATCH /vm`.
     pub async fn patch_vm(&self, state: VmRunState) -> Result<(), BackendError> {
         self.send(Method::PATCH, "/vm", &Vm { state }).await
@@ -251,8 +305,20 @@ impl FirecrackerApi {
         path: &str,
         body: &T,
     ) -> Result<(), BackendError> {
+        self.send_within(API_TIMEOUT, method, path, body).await
+    }
+
+    async fn send_within<T: Serialize>(
+        &self,
+        timeout: Duration,
+        method: Method,
+        path: &str,
+        body: &T,
+    ) -> Result<(), BackendError> {
         let json = serde_json::to_vec(body).map_err(|e| api_err(path, e.to_string()))?;
-        self.call(method, path, Some(json)).await.map(drop)
+        self.call_within(timeout, method, path, Some(json))
+            .await
+            .map(drop)
     }
 
     /// One request, capped in time ([`API_TIMEOUT`]) and in response size.
@@ -262,10 +328,21 @@ impl FirecrackerApi {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Bytes, BackendError> {
+        self.call_within(API_TIMEOUT, method, path, body).await
+    }
+
+    /// One request, capped at `timeout` and in response size.
+    async fn call_within(
+        &self,
+        timeout: Duration,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Bytes, BackendError> {
         let what = format!("{method} {path}");
-        tokio::time::timeout(API_TIMEOUT, self.exchange(&what, method, path, body))
+        tokio::time::timeout(timeout, self.exchange(&what, method, path, body))
             .await
-            .map_err(|_| api_err(&what, format!("no answer within {API_TIMEOUT:?}")))?
+            .map_err(|_| api_err(&what, format!("no answer within {timeout:?}")))?
     }
 
     async fn exchange(
@@ -323,6 +400,11 @@ impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+fn utf8(p: &Path) -> Result<&str, BackendError> {
+    p.to_str()
+        .ok_or_else(|| BackendError::Unsupported(format!("path {} is not UTF-8", p.display())))
 }
 
 fn status_text(status: StatusCode) -> String {

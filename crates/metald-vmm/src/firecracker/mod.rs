@@ -37,6 +37,15 @@ const API_READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// these included: `guest/README.md`.
 const BASE_KERNEL_ARGS: &str = "console=ttyS0 reboot=k panic=1 root=/dev/vda rw";
 
+/// What a new Firecracker process is for.
+#[derive(Clone, Copy)]
+enum Start {
+    /// Configure the VM and boot its guest.
+    Boot,
+    /// Load the VM's suspended state and resume its guest.
+    Wake,
+}
+
 /// Drives Firecracker.
 pub struct FirecrackerBackend {
     binary: PathBuf,
@@ -62,6 +71,75 @@ impl FirecrackerBackend {
             registry: Registry::new(events),
             fifos: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
+    }
+
+    /// Starts a Firecracker for the VM (its socket, logs and metrics FIFO made afresh) and
+    /// either boots its guest or restores the one it saved.
+    async fn start(&self, launch: &VmLaunch, how: Start) -> Result<VmmProcess, BackendError> {
+        let socket = launch.control_socket();
+        let log = launch.vmm_log();
+        let dir = crate::vm_dir::VmDir::open(&launch.dir)?;
+        // Firecracker leaves its socket behind on every exit, and refuses to start on one.
+        launch.open_control_dir()?;
+        // Firecracker's logger writes from offset 0 of an existing file; keep the previous
+        // boot's log beside the new one instead of interleaving them.
+        dir.rename(crate::files::VMM_LOG, PREVIOUS_LOG)?;
+        let (console, vmm_log) = open_logs(launch)?;
+        // The metrics FIFO: its read end is opened first, so Firecracker's open for writing
+        // never blocks and nothing it writes is lost. The jailed Firecracker writes it as the
+        // VM's uid.
+        let rx = dir.fifo_receiver(metrics::FIFO, launch.jail.as_ref().map(|j| j.uid()))?;
+        self.fifos_map().insert(
+            launch.vm_id.clone(),
+            Arc::new(tokio::sync::Mutex::new(FifoReader {
+                rx,
+                buf: Vec::new(),
+                read_ops: 0,
+                write_ops: 0,
+            })),
+        );
+        // The logger is set on the command line, not with PUT /logger: until a logger exists,
+        // Firecracker logs to stdout, which is the guest's serial console file.
+        let args = vec![
+            "--api-sock".to_string(),
+            path_str(&socket)?,
+            "--id".into(),
+            launch.vm_id.to_string(),
+            "--log-path".into(),
+            path_str(&log)?,
+            "--level".into(),
+            "Info".into(),
+            "--show-level".into(),
+        ];
+        let cmd = launch.command(&self.binary, args);
+        // The guest's serial console is Firecracker's stdout.
+        let process = Supervised::spawn(
+            cmd,
+            console,
+            vmm_log,
+            launch.vm_id.clone(),
+            self.registry.events(),
+        )?;
+        let api = FirecrackerApi::new(&socket);
+        let setup = match how {
+            Start::Boot => self.configure_and_start(launch, &api).await,
+            Start::Wake => self.restore(launch, &api).await,
+        };
+        self.registry.finish_start(launch, process, setup).await
+    }
+
+    /// Loads the VM's suspended state into a fresh Firecracker and resumes its guest: the
+    /// snapshot names its disks by path and its network device by TAP name, both the same in
+    /// the VM's new jail and namespace.
+    async fn restore(&self, launch: &VmLaunch, api: &FirecrackerApi) -> Result<(), BackendError> {
+        api.wait_ready(API_READY_TIMEOUT).await?;
+        launch.seal_control_dir()?;
+        api.put_metrics(&launch.dir.join(metrics::FIFO)).await?;
+        api.load_snapshot(
+            &launch.dir.join(crate::files::SUSPEND_STATE),
+            &launch.dir.join(crate::files::SUSPEND_MEMORY),
+        )
+        .await
     }
 
     async fn configure_and_start(
@@ -139,53 +217,27 @@ impl Backend for FirecrackerBackend {
     }
 
     async fn boot(&self, launch: &VmLaunch) -> Result<VmmProcess, BackendError> {
-        let socket = launch.control_socket();
-        let log = launch.vmm_log();
-        let dir = crate::vm_dir::VmDir::open(&launch.dir)?;
-        // Firecracker leaves its socket behind on every exit, and refuses to start on one.
-        launch.open_control_dir()?;
-        // Firecracker's logger writes from offset 0 of an existing file; keep the previous
-        // boot's log beside the new one instead of interleaving them.
-        dir.rename(crate::files::VMM_LOG, PREVIOUS_LOG)?;
-        let (console, vmm_log) = open_logs(launch)?;
-        // The metrics FIFO: its read end is opened first, so Firecracker's open for writing
-        // never blocks and nothing it writes is lost. The jailed Firecracker writes it as the
-        // VM's uid.
-        let rx = dir.fifo_receiver(metrics::FIFO, launch.jail.as_ref().map(|j| j.uid()))?;
-        self.fifos_map().insert(
-            launch.vm_id.clone(),
-            Arc::new(tokio::sync::Mutex::new(FifoReader {
-                rx,
-                buf: Vec::new(),
-                read_ops: 0,
-                write_ops: 0,
-            })),
-        );
-        // The logger is set on the command line, not with PUT /logger: until a logger exists,
-        // Firecracker logs to stdout, which is the guest's serial console file.
-        let args = vec![
-            "--api-sock".to_string(),
-            path_str(&socket)?,
-            "--id".into(),
-            launch.vm_id.to_string(),
-            "--log-path".into(),
-            path_str(&log)?,
-            "--level".into(),
-            "Info".into(),
-            "--show-level".into(),
-        ];
-        let cmd = launch.command(&self.binary, args);
-        // The guest's serial console is Firecracker's stdout.
-        let process = Supervised::spawn(
-            cmd,
-            console,
-            vmm_log,
-            launch.vm_id.clone(),
-            self.registry.events(),
-        )?;
-        let api = FirecrackerApi::new(&socket);
-        let setup = self.configure_and_start(launch, &api).await;
-        self.registry.finish_start(launch, process, setup).await
+        self.start(launch, Start::Boot).await
+    }
+
+    async fn suspend(&self, vm: &VmId, dir: &Path) -> Result<(), BackendError> {
+        let api = self.api_for(vm)?;
+        api.patch_vm(VmRunState::Paused).await?;
+        // Paths as the VMM sees them: the VM's directory is at its host path in the jail too.
+        api.create_snapshot(
+            &dir.join(crate::files::SUSPEND_STATE),
+            &dir.join(crate::files::SUSPEND_MEMORY),
+        )
+        .await?;
+        // Saved: the paused VMM has nothing left to do.
+        self.registry
+            .stop(vm, StopMode::Force, async { Ok(()) })
+            .await
+            .map(drop)
+    }
+
+    async fn wake(&self, launch: &VmLaunch) -> Result<VmmProcess, BackendError> {
+        self.start(launch, Start::Wake).await
     }
 
     async fn pause(&self, vm: &VmId) -> Result<(), BackendError> {

@@ -209,41 +209,26 @@ impl Backend for QemuBackend {
     }
 
     async fn boot(&self, launch: &VmLaunch) -> Result<VmmProcess, BackendError> {
-        // The console goes to its file through QEMU's chardev; stdout and stderr are its log.
-        let (_console, log) = open_logs(launch)?;
-        let socket = launch.control_socket();
-        launch.open_control_dir()?;
-        let cmd = launch.command(&self.binary, command_args(launch, self.accel));
-        let stderr = log.try_clone().map_err(|source| BackendError::Io {
-            op: "duplicate",
-            path: launch.vmm_log(),
-            source,
-        })?;
-        let process = Supervised::spawn(
-            cmd,
-            log,
-            stderr,
-            launch.vm_id.clone(),
-            self.registry.events(),
-        )?;
-        let qmp = Qmp::new(&socket);
-        let ready = async {
-            let status = qmp.wait_ready(QMP_READY_TIMEOUT).await?;
-            // QEMU runs its guest from the start: the socket's directory is sealed within
-            // moments of the socket being made, while the guest's firmware or kernel is still
-            // starting.
-            launch.seal_control_dir()?;
-            if status == "running" {
-                Ok(())
-            } else {
-                Err(BackendError::Api {
-                    request: "QMP query-status".into(),
-                    reason: format!("guest is {status}, not running"),
-                })
-            }
-        };
-        let setup = ready.await;
-        self.registry.finish_start(launch, process, setup).await
+        self.start(launch, false).await
+    }
+
+    async fn suspend(&self, vm: &VmId, dir: &Path) -> Result<(), BackendError> {
+        let qmp = self.qmp_for(vm)?;
+        qmp.execute("stop", None).await?;
+        // The whole machine (memory and devices) streamed into one file, as QEMU's migration
+        // to a file does; the path is the same inside the jail.
+        let uri = file_uri(&dir.join(crate::files::SUSPEND_STATE))?;
+        qmp.execute("migrate", Some(json!({ "uri": uri }))).await?;
+        wait_migration(&qmp).await?;
+        // Saved: the stopped QEMU has nothing left to do.
+        self.registry
+            .stop(vm, StopMode::Force, async { Ok(()) })
+            .await
+            .map(drop)
+    }
+
+    async fn wake(&self, launch: &VmLaunch) -> Result<VmmProcess, BackendError> {
+        self.start(launch, true).await
     }
 
     async fn pause(&self, vm: &VmId) -> Result<(), BackendError> {
@@ -297,6 +282,102 @@ impl Backend for QemuBackend {
         Ok(self
             .registry
             .adopt(&launch.vm_id, process, &launch.control_socket()))
+    }
+}
+
+impl QemuBackend {
+    /// Starts a QEMU for the VM and either boots its guest or (`wake`) loads the state it was
+    /// suspended with and runs it again.
+    async fn start(&self, launch: &VmLaunch, wake: bool) -> Result<VmmProcess, BackendError> {
+        // The console goes to its file through QEMU's chardev; stdout and stderr are its log.
+        let (_console, log) = open_logs(launch)?;
+        let socket = launch.control_socket();
+        launch.open_control_dir()?;
+        let mut args = command_args(launch, self.accel);
+        if wake {
+            // Waits for the state to be given over QMP instead of running the guest.
+            args.extend(["-incoming".to_string(), "defer".to_string()]);
+        }
+        let cmd = launch.command(&self.binary, args);
+        let stderr = log.try_clone().map_err(|source| BackendError::Io {
+            op: "duplicate",
+            path: launch.vmm_log(),
+            source,
+        })?;
+        let process = Supervised::spawn(
+            cmd,
+            log,
+            stderr,
+            launch.vm_id.clone(),
+            self.registry.events(),
+        )?;
+        let qmp = Qmp::new(&socket);
+        let ready = async {
+            let mut status = qmp.wait_ready(QMP_READY_TIMEOUT).await?;
+            // QEMU runs a booting guest from the start: the socket's directory is sealed
+            // within moments of the socket being made, while the guest's firmware or kernel
+            // is still starting (a waking guest waits for its state).
+            launch.seal_control_dir()?;
+            if wake {
+                let uri = file_uri(&launch.dir.join(crate::files::SUSPEND_STATE))?;
+                qmp.execute("migrate-incoming", Some(json!({ "uri": uri })))
+                    .await?;
+                wait_migration(&qmp).await?;
+                // It was stopped when saved, so it arrives stopped.
+                qmp.execute("cont", None).await?;
+                status = qmp.query_status().await?;
+            }
+            if status == "running" {
+                Ok(())
+            } else {
+                Err(BackendError::Api {
+                    request: "QMP query-status".into(),
+                    reason: format!("guest is {status}, not running"),
+                })
+            }
+        };
+        let setup = ready.await;
+        self.registry.finish_start(launch, process, setup).await
+    }
+}
+
+/// A `file:` migration URI for `path`.
+fn file_uri(path: &Path) -> Result<String, BackendError> {
+    path.to_str()
+        .map(|p| format!("file:{p}"))
+        .ok_or_else(|| BackendError::Unsupported(format!("path {} is not UTF-8", path.display())))
+}
+
+/// Longest a migration to or from a file may take (the guest's whole memory is written).
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Polls `query-migrate` until the migration in either direction completed; its failure, or
+/// no end within [`MIGRATION_TIMEOUT`], is an error.
+async fn wait_migration(qmp: &Qmp) -> Result<(), BackendError> {
+    let deadline = tokio::time::Instant::now() + MIGRATION_TIMEOUT;
+    loop {
+        let info = qmp.execute("query-migrate", None).await?;
+        match info["status"].as_str().unwrap_or("") {
+            "completed" => return Ok(()),
+            "failed" | "cancelled" => {
+                return Err(BackendError::Api {
+                    request: "QMP query-migrate".into(),
+                    reason: info["error-desc"]
+                        .as_str()
+                        .unwrap_or("migration failed")
+                        .chars()
+                        .take(512)
+                        .collect(),
+                })
+            }
+            _ if tokio::time::Instant::now() >= deadline => {
+                return Err(BackendError::Api {
+                    request: "QMP query-migrate".into(),
+                    reason: format!("not done within {MIGRATION_TIMEOUT:?}"),
+                })
+            }
+            _ => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
     }
 }
 

@@ -108,6 +108,19 @@ impl pb::VmService for ConnectApi {
         })
     }
 
+    async fn suspend_vm(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, pb::SuspendVmRequest>,
+    ) -> ServiceResult<pb::SuspendVmResponse> {
+        let who = identity(&ctx)?;
+        let vm = h::suspend_vm(&self.svc, &who, request.vm_id).await?;
+        Response::ok(pb::SuspendVmResponse {
+            vm: vm.into(),
+            ..Default::default()
+        })
+    }
+
     async fn reboot_vm(
         &self,
         ctx: RequestContext,

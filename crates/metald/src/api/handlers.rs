@@ -33,6 +33,7 @@ pub fn state_from_proto(
         Some(pb::VmState::VM_STATE_PAUSED) => Some(VmState::Paused),
         Some(pb::VmState::VM_STATE_SHUTDOWN) => Some(VmState::Shutdown),
         Some(pb::VmState::VM_STATE_FAILED) => Some(VmState::Failed),
+        Some(pb::VmState::VM_STATE_SUSPENDED) => Some(VmState::Suspended),
         None => {
             return Err(ConnectError::invalid_argument(format!(
                 "state_filter: unknown state {}",
@@ -50,6 +51,7 @@ pub fn state_to_proto(s: VmState) -> pb::VmState {
         VmState::Paused => pb::VmState::VM_STATE_PAUSED,
         VmState::Shutdown => pb::VmState::VM_STATE_SHUTDOWN,
         VmState::Failed => pb::VmState::VM_STATE_FAILED,
+        VmState::Suspended => pb::VmState::VM_STATE_SUSPENDED,
     }
 }
 
@@ -298,6 +300,19 @@ pub async fn resume_vm(
 ) -> Result<pb::VmInfo, ConnectError> {
     let vm = on_vm(svc, who, "ResumeVm", id, |s, c, vm| async move {
         s.resume(&c, &vm).await
+    })
+    .await?;
+    Ok(vm_info(svc, &vm, who))
+}
+
+/// SuspendVm.
+pub async fn suspend_vm(
+    svc: &Arc<VmService>,
+    who: &Arc<Identity>,
+    id: &str,
+) -> Result<pb::VmInfo, ConnectError> {
+    let vm = on_vm(svc, who, "SuspendVm", id, |s, c, vm| async move {
+        s.suspend(&c, &vm).await
     })
     .await?;
     Ok(vm_info(svc, &vm, who))

@@ -42,6 +42,7 @@ pub const RPCS: &[&str] = &[
     "ShutdownVm",
     "PauseVm",
     "ResumeVm",
+    "SuspendVm",
     "RebootVm",
     "DeleteVm",
     "GetVmInfo",

@@ -65,6 +65,7 @@ pub fn router(svc: Arc<VmService>) -> Router {
         .route("/v1/vms/{id}/boot", post(boot))
         .route("/v1/vms/{id}/shutdown", post(shutdown))
         .route("/v1/vms/{id}/pause", post(pause))
+        .route("/v1/vms/{id}/suspend", post(suspend))
         .route("/v1/vms/{id}/resume", post(resume))
         .route("/v1/vms/{id}/reboot", post(reboot))
         .route("/v1/vms/{id}/console", get(console))
@@ -185,6 +186,15 @@ async fn pause(
     Path(id): Path<String>,
 ) -> Reply {
     let run = async { h::pause_vm(&svc, caller.identity()?, &id).await };
+    done(StatusCode::OK, run.await.map(wrap_vm))
+}
+
+async fn suspend(
+    State(svc): Svc,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Reply {
+    let run = async { h::suspend_vm(&svc, caller.identity()?, &id).await };
     done(StatusCode::OK, run.await.map(wrap_vm))
 }
 

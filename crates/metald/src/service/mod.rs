@@ -397,7 +397,7 @@ impl VmService {
         let host = self.host_limits()?;
         self.store
             .reserve_run(&vm, &self.cfg.quotas.of(customer).run, &host)?;
-        match self.start_vmm(&mut vm).await {
+        match self.start_vmm(&mut vm, Start::Boot).await {
             Ok(()) => Ok(vm),
             Err(e) => {
                 if let Err(r) = self.store.release_run(id) {
@@ -408,9 +408,13 @@ impl VmService {
         }
     }
 
-    /// A boot's effects: the sandbox, the VMM, the record saved running, metering and the
-    /// readiness watch. What fails half way is undone here.
-    async fn start_vmm(self: &Arc<Self>, vm: &mut VmRecord) -> Result<(), ServiceError> {
+    /// A boot's or a wake's effects: the sandbox, the VMM, the record saved running, metering
+    /// and (for a boot) the readiness watch. What fails half way is undone here.
+    async fn start_vmm(
+        self: &Arc<Self>,
+        vm: &mut VmRecord,
+        how: Start,
+    ) -> Result<(), ServiceError> {
         let mut launch = self.launch(vm)?;
         let t0 = std::time::Instant::now();
         self.isolation
@@ -425,26 +429,38 @@ impl VmService {
         self.timings.observe(Step::Sandbox, sandbox_ms / 1000.0);
         let console_offset = file_len(&launch.console_log());
         let t1 = std::time::Instant::now();
-        let started = self.backend.boot(&launch).instrument(tracing::info_span!(
-            "backend.boot",
-            vm_id = %vm.id,
-            backend = self.backend_name()
-        ));
+        let started = match how {
+            Start::Boot => self.backend.boot(&launch).instrument(tracing::info_span!(
+                "backend.boot",
+                vm_id = %vm.id,
+                backend = self.backend_name()
+            )),
+            Start::Wake => self.backend.wake(&launch).instrument(tracing::info_span!(
+                "backend.wake",
+                vm_id = %vm.id,
+                backend = self.backend_name()
+            )),
+        };
         let process = match started.await {
             Ok(p) => p,
             Err(source) => {
                 let _logged = self.release_sandbox(vm).await;
                 return Err(ServiceError::Backend {
-                    op: "boot",
+                    op: how.as_str(),
                     vm: vm.id.clone(),
                     source,
                 });
             }
         };
-        vm.life.apply(Change::Booted {
-            pid: process.pid,
-            start_ticks: process.start_ticks,
+        let (pid, start_ticks) = (process.pid, process.start_ticks);
+        vm.life.apply(match how {
+            Start::Boot => Change::Booted { pid, start_ticks },
+            Start::Wake => Change::Woken { pid, start_ticks },
         })?;
+        if how == Start::Wake {
+            // The guest goes on from where it was saved: booted long ago.
+            vm.life.mark_guest_ready();
+        }
         vm.backend = self.backend_name().to_string();
         self.save(vm)?;
         self.track(vm, process.pid, false);
@@ -455,9 +471,12 @@ impl VmService {
             pid = process.pid,
             sandbox_ms,
             vmm_ms = t1.elapsed().as_secs_f64() * 1000.0,
-            "vm booted"
+            how = how.as_str(),
+            "vm started"
         );
-        self.watch_readiness(vm, &launch, console_offset);
+        if how == Start::Boot {
+            self.watch_readiness(vm, &launch, console_offset);
+        }
         Ok(())
     }
 
@@ -466,9 +485,86 @@ impl VmService {
         self.vcpus(customer, id, Vcpus::Freeze).await
     }
 
-    /// Unfreezes the VM's vCPUs.
-    pub async fn resume(&self, customer: &CustomerId, id: &VmId) -> Result<VmRecord, ServiceError> {
+    /// Unfreezes the VM's vCPUs, or wakes a suspended VM where it was saved.
+    pub async fn resume(
+        self: &Arc<Self>,
+        customer: &CustomerId,
+        id: &VmId,
+    ) -> Result<VmRecord, ServiceError> {
+        if self.load(customer, id).await?.state() == VmState::Suspended {
+            return self.wake(customer, id).await;
+        }
         self.vcpus(customer, id, Vcpus::Thaw).await
+    }
+
+    /// Saves the VM's memory and device state next to its disks and ends its VMM: the VM then
+    /// holds no running quota, memory, sandbox or VMM until it is woken.
+    pub async fn suspend(
+        &self,
+        customer: &CustomerId,
+        id: &VmId,
+    ) -> Result<VmRecord, ServiceError> {
+        let (_guard, mut vm) = self.lock_own(customer, id).await?;
+        next_state(vm.state(), Operation::Suspend)?;
+        // The saved memory is as large as the guest's.
+        self.check_disk_room(vm.config.memory_bytes)?;
+        let dir = self.vm_dir(id);
+        // A woken Firecracker maps its memory from the last saved file: the new save goes to
+        // new files, never into the one the running guest reads from.
+        remove_suspended_state(&dir)?;
+        let t0 = std::time::Instant::now();
+        if let Err(source) = self.backend.suspend(id, &dir).await {
+            // The VMM may have died or been stopped half way; record what is true.
+            if self.backend.info(id).await.is_none_or(|i| !i.alive) {
+                vm.life
+                    .apply(Change::Failed(format!("suspend failed: {source}")))?;
+                self.save(&mut vm)?;
+                let _logged = self.release_sandbox(&vm).await;
+            } else if vm.state() == VmState::Running {
+                // Paused for the save: running again, as it was.
+                let _ignored = self.backend.resume(id).await;
+            }
+            let _ignored = remove_suspended_state(&dir);
+            return Err(ServiceError::Backend {
+                op: "suspend",
+                vm: id.clone(),
+                source,
+            });
+        }
+        let _logged = self.release_sandbox(&vm).await;
+        vm.life.apply(Change::Suspended)?;
+        self.save(&mut vm)?;
+        tracing::info!(vm_id = %id, suspend_ms = t0.elapsed().as_secs_f64() * 1000.0, "vm suspended");
+        Ok(vm)
+    }
+
+    /// Starts a suspended VM again from its saved state, admitted like a boot.
+    async fn wake(
+        self: &Arc<Self>,
+        customer: &CustomerId,
+        id: &VmId,
+    ) -> Result<VmRecord, ServiceError> {
+        let (_guard, mut vm) = self.lock_own(customer, id).await?;
+        next_state(vm.state(), Operation::Resume)?;
+        if vm.backend != self.backend_name() {
+            return Err(ServiceError::FailedPrecondition(InvalidTransition {
+                from: vm.state(),
+                op: Operation::Resume,
+                hint: "; it was saved by another VMM than this host runs: shut it down to boot it afresh",
+            }));
+        }
+        let host = self.host_limits()?;
+        self.store
+            .reserve_run(&vm, &self.cfg.quotas.of(customer).run, &host)?;
+        match self.start_vmm(&mut vm, Start::Wake).await {
+            Ok(()) => Ok(vm),
+            Err(e) => {
+                if let Err(r) = self.store.release_run(id) {
+                    tracing::error!(vm_id = %id, error = %Chain(&r), "releasing a failed wake's quota reservation failed");
+                }
+                Err(e)
+            }
+        }
     }
 
     async fn vcpus(
@@ -507,6 +603,13 @@ impl VmService {
         let mode = stop_mode(req.force, req.timeout_seconds)?;
         let (_guard, mut vm) = self.lock_own(customer, id).await?;
         next_state(vm.state(), Operation::Shutdown)?;
+        if vm.state() == VmState::Suspended {
+            // No VMM: only the saved state goes, and the next boot is a cold one.
+            remove_suspended_state(&self.vm_dir(id))?;
+            vm.life.apply(Change::ShutDown)?;
+            self.save(&mut vm)?;
+            return Ok(vm);
+        }
         self.backend
             .shutdown(id, mode)
             .await
@@ -516,6 +619,8 @@ impl VmService {
                 source,
             })?;
         let _logged = self.release_sandbox(&vm).await;
+        // A woken VM's saved state is stale once it stops.
+        remove_suspended_state(&self.vm_dir(id))?;
         tracing::info!(vm_id = %id, "vm shut down");
         vm.life.apply(Change::ShutDown)?;
         self.save(&mut vm)?;
@@ -713,6 +818,38 @@ pub fn vms_using_asset(store: &Store, image_id: &str) -> Result<Vec<String>, Sto
         })
         .map(|vm| vm.id.to_string())
         .collect())
+}
+
+/// Removes a VM's saved suspend state (missing is fine; a link is removed, not followed).
+fn remove_suspended_state(dir: &Path) -> Result<(), ServiceError> {
+    let remove = || -> Result<(), crate::backend::BackendError> {
+        let dir = crate::backend::vm_dir::VmDir::open(dir)?;
+        dir.remove(crate::backend::files::SUSPEND_STATE)?;
+        dir.remove(crate::backend::files::SUSPEND_MEMORY)
+    };
+    remove().map_err(|source| ServiceError::Io {
+        op: "remove the saved state of",
+        path: dir.to_path_buf(),
+        source: std::io::Error::other(source),
+    })
+}
+
+/// What a new VMM is started for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// A cold boot of the guest.
+    Boot,
+    /// The guest's saved state, running again.
+    Wake,
+}
+
+impl Start {
+    fn as_str(self) -> &'static str {
+        match self {
+            Start::Boot => "boot",
+            Start::Wake => "wake",
+        }
+    }
 }
 
 /// Pause and resume: the VMM stays, its vCPUs freeze or run again.

@@ -116,9 +116,18 @@ impl VmService {
         self.save(vm)
     }
 
-    /// The first of the VM's own disks that is not a regular file in its directory.
+    /// The first of the VM's own disks (and, while it is suspended, of its saved state) that
+    /// is not a regular file in its directory.
     pub(super) fn missing_disk(&self, vm: &VmRecord) -> Option<String> {
         let dir = self.vm_dir(&vm.id);
+        let saved: &[&str] = match (vm.state(), vm.backend.as_str()) {
+            (VmState::Suspended, "firecracker") => &[
+                crate::backend::files::SUSPEND_STATE,
+                crate::backend::files::SUSPEND_MEMORY,
+            ],
+            (VmState::Suspended, _) => &[crate::backend::files::SUSPEND_STATE],
+            _ => &[],
+        };
         std::iter::once(ROOTFS_FILE.to_string())
             .chain(
                 vm.config
@@ -127,6 +136,7 @@ impl VmService {
                     .filter(|d| !d.read_only)
                     .map(drive_file),
             )
+            .chain(saved.iter().map(|f| f.to_string()))
             .find(|f| !std::fs::symlink_metadata(dir.join(f)).is_ok_and(|m| m.is_file()))
     }
 

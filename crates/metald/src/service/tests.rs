@@ -890,3 +890,70 @@ async fn a_customers_own_image_is_unknown_to_every_other_customer() {
         0
     );
 }
+
+/// Suspend saves the guest and ends its VMM and sandbox; resume wakes it in a new VMM and
+/// sandbox; the saved state survives a restart, and a shutdown or a delete drops it.
+#[tokio::test]
+async fn a_suspended_vm_holds_no_vmm_wakes_on_resume_and_survives_a_restart() {
+    let f = fixture();
+    let id = f.svc.create(&f.who, config()).await.unwrap().id;
+    let booted = f.svc.boot(&f.who, &id).await.unwrap();
+    let saved = f
+        .vms_dir
+        .join(id.as_str())
+        .join(crate::backend::files::SUSPEND_STATE);
+    let vm = f.svc.suspend(&f.who, &id).await.unwrap();
+    assert_eq!(vm.state(), VmState::Suspended);
+    assert_eq!(vm.life.vmm_pid(), None);
+    assert!(saved.exists());
+    assert!(f.isolation.calls().contains(&format!("release {id}")));
+    assert!(
+        !f.svc.meter.is_running(&id),
+        "a suspended VM is not metered"
+    );
+    // Not running: it counts against no running quota.
+    assert_eq!(
+        f.svc.store.count_by_state().unwrap(),
+        vec![(VmState::Suspended, 1)]
+    );
+    // Only resume, shutdown and delete are open to it.
+    for refused in [
+        f.svc.boot(&f.who, &id).await,
+        f.svc.pause(&f.who, &id).await,
+        f.svc.suspend(&f.who, &id).await,
+    ] {
+        assert!(
+            matches!(refused, Err(ServiceError::FailedPrecondition(_))),
+            "{refused:?}"
+        );
+    }
+    // A restart leaves it as it was.
+    f.svc.reconcile().await.unwrap();
+    assert_eq!(f.svc.get(&f.who, &id).await.unwrap().life, vm.life);
+    let woken = f.svc.resume(&f.who, &id).await.unwrap();
+    assert_eq!(woken.state(), VmState::Running);
+    assert_ne!(woken.life.vmm_pid(), booted.life.vmm_pid(), "a new VMM");
+    assert!(woken.life.guest_ready());
+    assert!(f.svc.meter.is_running(&id));
+    assert_eq!(f.backend.calls().iter().filter(|c| *c == "wake").count(), 1);
+    // Suspended again, then shut down: the saved state goes, and the next start is a boot.
+    f.svc.suspend(&f.who, &id).await.unwrap();
+    let down = f
+        .svc
+        .shutdown(
+            &f.who,
+            &id,
+            ShutdownRequest {
+                force: false,
+                timeout_seconds: 0,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(down.state(), VmState::Shutdown);
+    assert!(!saved.exists());
+    f.svc.boot(&f.who, &id).await.unwrap();
+    f.svc.suspend(&f.who, &id).await.unwrap();
+    f.svc.delete(&f.who, &id, false).await.unwrap();
+    assert!(!f.vms_dir.join(id.as_str()).exists());
+}

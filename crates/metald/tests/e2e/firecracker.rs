@@ -18,6 +18,7 @@ pub fn tests() -> Vec<crate::E2e> {
         firecracker_limits_its_vcpus_and_keeps_the_console_to_the_guest,
         firecracker_runs_jailed_with_its_tap_and_rate_limits,
         a_vmm_can_neither_redirect_metalds_writes_nor_touch_its_control_socket,
+        a_suspended_guest_stops_counting_and_counts_on_after_waking_even_across_a_restart,
     ];
     tests.extend(
         crate::e2e![&[Need::Root, Need::Firecracker, Need::HardwareKvm, Need::Guest];
@@ -128,6 +129,116 @@ fn a_vmm_can_neither_redirect_metalds_writes_nor_touch_its_control_socket() {
     assert_eq!(m.firecracker_state(&id), "Paused");
     api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None)
         .ok();
+    m.assert_clean();
+}
+
+/// The console length of the VM (through the API).
+fn console_len(api: &Rest, id: &str) -> usize {
+    api.call(
+        "GET",
+        &format!("/v1/vms/{id}/console?tail_bytes=1048576"),
+        None,
+    )
+    .ok()["output"]
+        .as_str()
+        .unwrap_or("")
+        .len()
+}
+
+/// Waits until the counting guest printed `more` ticks after `from` bytes of console.
+fn wait_ticks(api: &Rest, id: &str, from: usize, more: usize) -> usize {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let len = console_len(api, id);
+        if len >= from + more {
+            return len;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest printed {} of {more} ticks",
+            len.saturating_sub(from)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// The counting tiny guest, suspended: its VMM, cgroup and namespace go, its console stops
+/// growing, its saved state is in its directory. metald is killed and restarted meanwhile.
+/// Resumed, a new Firecracker loads the state and the same guest counts on from where it
+/// was, at the same addresses, and still answers a graceful shutdown.
+fn a_suspended_guest_stops_counting_and_counts_on_after_waking_even_across_a_restart() {
+    let mut m = metald_with_backend("firecracker").start_with(Metald::import_tiny_guest);
+    let api = Rest::new(&m, Some("fc"));
+    let mut req = tiny_request(1);
+    req["config"]["kernel"]["image_id"] = json!("tiny-counting-elf");
+    let id = api.create(req);
+    api.boot_ready(&id);
+    let before = api.vm(&id);
+    let counted = wait_ticks(&api, &id, 0, TINY_MARKER.len() + 5);
+    let suspended = api
+        .call("POST", &format!("/v1/vms/{id}/suspend"), None)
+        .ok();
+    assert_eq!(
+        suspended["vm"]["state"], "VM_STATE_SUSPENDED",
+        "{suspended}"
+    );
+    let dir = m.data_dir.join("vms").join(&id);
+    for f in ["suspend.state", "suspend.mem"] {
+        assert!(dir.join(f).is_file(), "{f} saved");
+    }
+    assert!(m.vmm_pids().is_empty(), "no VMM while suspended");
+    let frozen = console_len(&api, &id);
+    assert!(frozen >= counted);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(
+        console_len(&api, &id),
+        frozen,
+        "a suspended guest prints nothing"
+    );
+    m.assert_clean();
+
+    // metald killed and started again: the VM is still suspended and wakes.
+    let pid = m.pid().unwrap();
+    std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    m.stop();
+    m.spawn();
+    let api = Rest::new(&m, Some("fc"));
+    assert_eq!(api.vm(&id)["state"], "VM_STATE_SUSPENDED");
+    let woken = api.call("POST", &format!("/v1/vms/{id}/resume"), None).ok();
+    assert_eq!(woken["vm"]["state"], "VM_STATE_RUNNING", "{woken}");
+    assert_ne!(woken["vm"]["vmmPid"], before["vmmPid"], "a new VMM");
+    assert_eq!(
+        woken["vm"]["network"], before["network"],
+        "the same addresses"
+    );
+    let after = wait_ticks(&api, &id, frozen, 5);
+    let console = api
+        .call(
+            "GET",
+            &format!("/v1/vms/{id}/console?tail_bytes=1048576"),
+            None,
+        )
+        .ok();
+    let text = console["output"].as_str().unwrap();
+    // Counting on, not booting again: one banner, then only ticks.
+    assert_eq!(text.matches(TINY_MARKER).count(), 1, "{text}");
+    assert!(after > frozen);
+    let down = api
+        .call(
+            "POST",
+            &format!("/v1/vms/{id}/shutdown"),
+            Some(json!({"timeout_seconds": 10})),
+        )
+        .ok();
+    assert_eq!(down["vm"]["state"], "VM_STATE_SHUTDOWN");
+    assert!(
+        !dir.join("suspend.mem").exists(),
+        "the saved state goes with the stop"
+    );
+    api.call("DELETE", &format!("/v1/vms/{id}"), None).ok();
     m.assert_clean();
 }
 

@@ -256,6 +256,9 @@ impl Metald {
         std::fs::write(&kernel, tiny_guest_elf(TinyGuest::Polling)).unwrap();
         let idle = self.data_dir.join("tiny-idle.elf");
         std::fs::write(&idle, tiny_guest_elf(TinyGuest::Halted)).unwrap();
+        let counting = self.data_dir.join("tiny-counting.elf");
+        std::fs::write(&counting, tiny_guest_elf(TinyGuest::Counting)).unwrap();
+        let c = counting.display().to_string();
         let disk = self.data_dir.join("tiny.img");
         std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
         let (k, i, d) = (
@@ -275,6 +278,15 @@ impl Metald {
                 "kernel",
                 "--file",
                 &i,
+            ],
+            vec![
+                "import",
+                "--id",
+                "tiny-counting-elf",
+                "--kind",
+                "kernel",
+                "--file",
+                &c,
             ],
             vec![
                 "import",
