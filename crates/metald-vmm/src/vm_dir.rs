@@ -80,6 +80,37 @@ impl VmDir {
         self.append(name)
     }
 
+    /// Creates `name`, which must not exist yet, for writing (mode 0600, metald's): a file a
+    /// VMM is handed by descriptor, never by path.
+    pub fn create_new(&self, name: &str) -> Result<File, BackendError> {
+        let fd = rustix::fs::openat(
+            &self.fd,
+            name,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .map_err(|e| self.error("create", name, e.into()))?;
+        Ok(File::from(fd))
+    }
+
+    /// Opens `name` for reading: a regular file only, never through a symlink.
+    pub fn open_read(&self, name: &str) -> Result<File, BackendError> {
+        let fd = rustix::fs::openat(
+            &self.fd,
+            name,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| self.error("open", name, e.into()))?;
+        let stat = rustix::fs::fstat(&fd).map_err(|e| self.error("stat", name, e.into()))?;
+        if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
+            return Err(self.error("open", name, io::Error::other("not a regular file")));
+        }
+        rustix::fs::fcntl_setfl(&fd, OFlags::empty())
+            .map_err(|e| self.error("open", name, e.into()))?;
+        Ok(File::from(fd))
+    }
+
     /// Removes `name` (a symlink is removed itself, never its target); a missing one is fine.
     pub fn remove(&self, name: &str) -> Result<(), BackendError> {
         match rustix::fs::unlinkat(&self.fd, name, AtFlags::empty()) {

@@ -7,6 +7,7 @@
 
 pub mod qmp;
 
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -215,10 +216,17 @@ impl Backend for QemuBackend {
     async fn suspend(&self, vm: &VmId, dir: &Path) -> Result<(), BackendError> {
         let qmp = self.qmp_for(vm)?;
         qmp.execute("stop", None).await?;
-        // The whole machine (memory and devices) streamed into one file, as QEMU's migration
-        // to a file does; the path is the same inside the jail.
-        let uri = file_uri(&dir.join(crate::files::SUSPEND_STATE))?;
-        qmp.execute("migrate", Some(json!({ "uri": uri }))).await?;
+        // The whole machine (memory and devices) streamed into one file as a migration: made
+        // by metald in the VM's directory and handed to QEMU as a descriptor (QEMU 7.2 has no
+        // `file:` migration, and a path would be QEMU's to resolve).
+        let file = crate::vm_dir::VmDir::open(dir)?.create_new(crate::files::SUSPEND_STATE)?;
+        qmp.execute_with_fd(
+            file.as_fd(),
+            "suspend",
+            "migrate",
+            Some(json!({ "uri": "fd:suspend" })),
+        )
+        .await?;
         wait_migration(&qmp).await?;
         // Saved: the stopped QEMU has nothing left to do.
         self.registry
@@ -319,9 +327,15 @@ impl QemuBackend {
             // is still starting (a waking guest waits for its state).
             launch.seal_control_dir()?;
             if wake {
-                let uri = file_uri(&launch.dir.join(crate::files::SUSPEND_STATE))?;
-                qmp.execute("migrate-incoming", Some(json!({ "uri": uri })))
-                    .await?;
+                let file = crate::vm_dir::VmDir::open(&launch.dir)?
+                    .open_read(crate::files::SUSPEND_STATE)?;
+                qmp.execute_with_fd(
+                    file.as_fd(),
+                    "suspend",
+                    "migrate-incoming",
+                    Some(json!({ "uri": "fd:suspend" })),
+                )
+                .await?;
                 wait_migration(&qmp).await?;
                 // It was stopped when saved, so it arrives stopped.
                 qmp.execute("cont", None).await?;
@@ -339,13 +353,6 @@ impl QemuBackend {
         let setup = ready.await;
         self.registry.finish_start(launch, process, setup).await
     }
-}
-
-/// A `file:` migration URI for `path`.
-fn file_uri(path: &Path) -> Result<String, BackendError> {
-    path.to_str()
-        .map(|p| format!("file:{p}"))
-        .ok_or_else(|| BackendError::Unsupported(format!("path {} is not UTF-8", path.display())))
 }
 
 /// Longest a migration to or from a file may take (the guest's whole memory is written).

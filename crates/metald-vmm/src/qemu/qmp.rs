@@ -56,19 +56,52 @@ impl Qmp {
         command: &str,
         arguments: Option<Value>,
     ) -> Result<Value, BackendError> {
-        tokio::time::timeout(COMMAND_TIMEOUT, self.execute_inner(command, arguments))
-            .await
-            .map_err(|_| qmp_err(command, format!("no answer within {COMMAND_TIMEOUT:?}")))?
+        tokio::time::timeout(
+            COMMAND_TIMEOUT,
+            self.execute_inner(command, arguments, None),
+        )
+        .await
+        .map_err(|_| qmp_err(command, format!("no answer within {COMMAND_TIMEOUT:?}")))?
+    }
+
+    /// Runs one command that takes a file descriptor by name (`fd:NAME` migration URIs): on
+    /// the same connection, `getfd` first hands `fd` to QEMU as `fdname`, passed over the
+    /// socket (SCM_RIGHTS), so QEMU never opens a path itself.
+    pub async fn execute_with_fd(
+        &self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        fdname: &str,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, BackendError> {
+        tokio::time::timeout(
+            COMMAND_TIMEOUT,
+            self.execute_inner(command, arguments, Some((fd, fdname))),
+        )
+        .await
+        .map_err(|_| qmp_err(command, format!("no answer within {COMMAND_TIMEOUT:?}")))?
     }
 
     async fn execute_inner(
         &self,
         command: &str,
         arguments: Option<Value>,
+        pass: Option<(std::os::fd::BorrowedFd<'_>, &str)>,
     ) -> Result<Value, BackendError> {
         let stream = crate::console::connect_vm_socket(&self.socket)
             .await
             .map_err(|e| qmp_err(command, format!("connect {}: {e}", self.socket.display())))?;
+        if let Some((fd, fdname)) = pass {
+            // Written before anything else: QEMU reads commands in order, and the greeting it
+            // sends first waits in the socket meanwhile.
+            let capabilities = format!("{}\n", json!({"execute": "qmp_capabilities"}));
+            write_all(&stream, capabilities.as_bytes(), None, command).await?;
+            let getfd = format!(
+                "{}\n",
+                json!({"execute": "getfd", "arguments": {"fdname": fdname}})
+            );
+            write_all(&stream, getfd.as_bytes(), Some(fd), command).await?;
+        }
         let (read, mut write) = stream.into_split();
         // A QEMU taken over by its guest could send one endless line: the whole exchange is
         // capped, and beyond the cap the reply is "connection closed".
@@ -81,12 +114,18 @@ impl Qmp {
         if let Some(args) = arguments {
             request["arguments"] = args;
         }
-        let wire = format!("{}\n{request}\n", json!({"execute": "qmp_capabilities"}));
+        let wire = if pass.is_some() {
+            format!("{request}\n")
+        } else {
+            format!("{}\n{request}\n", json!({"execute": "qmp_capabilities"}))
+        };
         write
             .write_all(wire.as_bytes())
             .await
             .map_err(|e| qmp_err(command, e.to_string()))?;
-        // Two replies follow (capabilities, then the command), with events interleaved.
+        // The replies follow in order (capabilities, getfd when an fd is passed, then the
+        // command), with events interleaved.
+        let expected = if pass.is_some() { 3 } else { 2 };
         let mut replies = 0;
         loop {
             let msg = next_message(&mut lines, command).await?;
@@ -94,11 +133,53 @@ impl Qmp {
                 continue;
             };
             replies += 1;
-            if replies == 2 {
+            if replies == expected {
                 return Ok(ret);
             }
         }
     }
+}
+
+/// Writes all of `bytes` to the socket, with `fd` attached to the first byte (SCM_RIGHTS)
+/// when given: tokio's stream has no way to pass descriptors, so this is `sendmsg` on its fd.
+async fn write_all(
+    stream: &tokio::net::UnixStream,
+    mut bytes: &[u8],
+    mut fd: Option<std::os::fd::BorrowedFd<'_>>,
+    command: &str,
+) -> Result<(), BackendError> {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    while !bytes.is_empty() {
+        stream
+            .writable()
+            .await
+            .map_err(|e| qmp_err(command, e.to_string()))?;
+        let sent = stream.try_io(tokio::io::Interest::WRITABLE, || {
+            let fds = fd.as_slice();
+            let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+            let mut control = SendAncillaryBuffer::new(&mut space);
+            if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+                return Err(std::io::Error::other("no room for the descriptor"));
+            }
+            rustix::net::sendmsg(
+                stream,
+                &[std::io::IoSlice::new(bytes)],
+                &mut control,
+                SendFlags::NOSIGNAL,
+            )
+            .map_err(std::io::Error::from)
+        });
+        match sent {
+            Ok(n) => {
+                bytes = &bytes[n..];
+                // The descriptor went with the first byte sent.
+                fd = None;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(qmp_err(command, e.to_string())),
+        }
+    }
+    Ok(())
 }
 
 /// One message QMP sends after the greeting.

@@ -19,6 +19,7 @@ pub fn tests() -> Vec<crate::E2e> {
         bad_input_is_refused_precisely_and_changes_nothing,
         state_survives_a_restart_and_running_vms_are_reattached,
         an_unjailed_vmm_of_a_vm_never_recorded_running_is_killed_at_start,
+        a_suspended_debian_guest_wakes_with_its_memory_disk_and_addresses,
         extra_drives_and_kernel_args_reach_the_guest,
         a_vmm_that_dies_on_its_own_marks_the_vm_failed,
         a_guest_that_never_becomes_ready_is_failed_with_its_console,
@@ -517,6 +518,115 @@ fn bad_input_is_refused_precisely_and_changes_nothing() {
 
 /// Stop metald with VMs in several states and start it again on the same data dir: the list
 /// and states are intact, and the running VM's VMM is re-attached (it can be paused and shut down).
+/// A guest script that counts, once a second, on the console and into a file on its root disk
+/// (synced each time).
+const COUNT_SCRIPT: &str = "n=0\nwhile true; do n=$((n+1)); echo $n >> /suspend-count; sync; echo \"COUNT $n\" > /dev/console; sleep 1; done\n";
+
+/// The counts the guest printed, in order.
+fn counts(console: &str) -> Vec<u64> {
+    console
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("COUNT ")?.parse().ok())
+        .collect()
+}
+
+/// The Debian guest under QEMU, counting in memory and on disk, suspended and woken: it goes
+/// on counting from where it was (its memory came back, it did not boot again), still
+/// answers ping at the same addresses, and what it wrote to its disk before the suspend is
+/// there.
+fn a_suspended_debian_guest_wakes_with_its_memory_disk_and_addresses() {
+    let guest = qemu_guest();
+    let m = metald().start(&guest);
+    m.import_script("count", COUNT_SCRIPT);
+    let api = Rest::new(&m, Some("sleepy"));
+    let id = api.create_booted(script_request(Some("count")));
+    let before = api.vm(&id);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while counts(&m.console(&id)).len() < 2 {
+        assert!(Instant::now() < deadline, "no counting: {}", m.console(&id));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let t0 = Instant::now();
+    let suspended = api
+        .call("POST", &format!("/v1/vms/{id}/suspend"), None)
+        .ok();
+    let suspend_time = t0.elapsed();
+    assert_eq!(
+        suspended["vm"]["state"], "VM_STATE_SUSPENDED",
+        "{suspended}"
+    );
+    let state = m.data_dir.join("vms").join(&id).join("suspend.state");
+    let size = std::fs::metadata(&state).expect("saved state").len();
+    let last = *counts(&m.console(&id)).last().unwrap();
+    m.assert_clean();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        *counts(&m.console(&id)).last().unwrap(),
+        last,
+        "counting while suspended"
+    );
+
+    let t0 = Instant::now();
+    let woken = api.call("POST", &format!("/v1/vms/{id}/resume"), None).ok();
+    let wake_time = t0.elapsed();
+    eprintln!("suspend {suspend_time:?} ({size} bytes saved), wake {wake_time:?}");
+    assert_eq!(woken["vm"]["state"], "VM_STATE_RUNNING", "{woken}");
+    assert_eq!(woken["vm"]["network"], before["network"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let seen = counts(&m.console(&id));
+        if seen.last().is_some_and(|n| *n > last + 1) {
+            // On from where it was: never from 1 again.
+            assert_eq!(seen.iter().filter(|n| **n == 1).count(), 1, "{seen:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no counting after the wake: {seen:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let iso = m.iso.as_ref().unwrap();
+    let ping = iso
+        .netns
+        .command("ping")
+        .args([
+            "-c1",
+            "-W5",
+            before["network"]["ipv6Address"].as_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        ping.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
+    api.call(
+        "POST",
+        &format!("/v1/vms/{id}/shutdown"),
+        Some(json!({"force": true})),
+    )
+    .ok();
+    // What it wrote to its disk before the suspend is there, and it went on after the wake.
+    let rootfs = m.data_dir.join("vms").join(&id).join("rootfs.img");
+    let out = std::process::Command::new("debugfs")
+        .args(["-R", "cat /suspend-count"])
+        .arg(&rootfs)
+        .output()
+        .unwrap();
+    let on_disk: Vec<u64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    assert!(
+        on_disk.contains(&last) && on_disk.last().is_some_and(|n| *n > last),
+        "on disk {on_disk:?}, last before the suspend {last}"
+    );
+    api.call("DELETE", &format!("/v1/vms/{id}"), None).ok();
+    m.assert_clean();
+}
+
 /// metald killed between spawning an unjailed VMM (isolation off: no cgroup to sweep) and
 /// recording the VM RUNNING leaves a VMM working in the VM's directory. The next start kills
 /// it and leaves the VM as stored. The stray here is a stand-in process made the same way.
