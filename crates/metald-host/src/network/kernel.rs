@@ -40,10 +40,10 @@ pub trait Links: Send + Sync {
     async fn list(&self) -> Result<Vec<(u32, String)>, NetworkError>;
 }
 
-/// The firewall: replaces metald's table with a rendered ruleset.
+/// The firewall: loads nft scripts that write metald's table or change its elements.
 #[async_trait::async_trait]
 pub trait Rules: Send + Sync {
-    /// Loads `script` (an nft script that replaces metald's table).
+    /// Loads `script`, one nft transaction: all of it is applied or none.
     async fn load(&self, script: &str) -> Result<(), nft::NftError>;
 }
 

@@ -28,7 +28,7 @@ use tokio::sync::Mutex;
 
 use self::ipam::{Ipv4Subnet, Ipv6Prefix};
 use self::kernel::{Links, Namespaces, Rules};
-use self::nft::{Firewall, FirewallVm, HOST_IF_PREFIX};
+use self::nft::{Change, Firewall, FirewallVm, HOST_IF_PREFIX};
 use crate::domain::{RateLimit, VmId, VmRecord};
 use crate::report::Chain;
 
@@ -198,11 +198,10 @@ impl Network {
         rules: Box<dyn Rules>,
         namespaces: Box<dyn Namespaces>,
     ) -> Self {
-        let firewall = Firewall {
-            outbound_interface: cfg.outbound_interface.clone(),
-            ipv4_subnet: cfg.ipv4_subnet.map(|s| s.to_string()),
-            ..Firewall::default()
-        };
+        let firewall = Firewall::new(
+            cfg.outbound_interface.clone(),
+            cfg.ipv4_subnet.map(|s| s.to_string()),
+        );
         Self {
             cfg,
             links,
@@ -311,32 +310,44 @@ impl Network {
         }
     }
 
+    fn firewall_vm(vm: &VmRecord, plan: &VmNetworkPlan) -> FirewallVm {
+        FirewallVm {
+            customer: vm.customer.clone(),
+            host_if: plan.host_if.clone(),
+            ipv6: plan.ipv6,
+            ipv4: plan.ipv4,
+        }
+    }
+
+    /// Adds the VM's elements to the firewall (one small transaction, whatever else runs).
     async fn allow(&self, vm: &VmRecord, plan: &VmNetworkPlan) -> Result<(), NetworkError> {
         let mut fw = self.firewall.lock().await;
-        let mut next = fw.clone();
-        next.vms.insert(
-            vm.id.to_string(),
-            FirewallVm {
-                customer: vm.customer.to_string(),
-                host_if: plan.host_if.clone(),
-                ipv6: plan.ipv6,
-                ipv4: plan.ipv4,
-            },
-        );
-        self.rules.load(&next.render()).await?;
-        *fw = next;
+        let change = fw.start(vm.id.as_str(), Self::firewall_vm(vm, plan));
+        self.load(&fw, &change).await?;
+        fw.commit(change);
         Ok(())
+    }
+
+    /// Loads a change; if nft refuses it (the table was flushed or lost an element), rewrites
+    /// the whole table as it will be after the change, so the rules heal instead of drifting.
+    /// The model only follows (the caller commits) when one of the two was loaded.
+    async fn load(&self, fw: &Firewall, change: &Change) -> Result<(), nft::NftError> {
+        match self.rules.load(change.script()).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %Chain(&e), "firewall change refused; rewriting metald's whole table");
+                self.rules.load(&fw.render_with(change)).await
+            }
+        }
     }
 
     /// Removes everything the VM's run had: firewall entries, veth pair, namespace.
     pub async fn teardown(&self, vm: &VmRecord) -> Result<(), NetworkError> {
         {
             let mut fw = self.firewall.lock().await;
-            if fw.vms.contains_key(vm.id.as_str()) {
-                let mut next = fw.clone();
-                next.vms.remove(vm.id.as_str());
-                self.rules.load(&next.render()).await?;
-                *fw = next;
+            if let Some(change) = fw.stop(vm.id.as_str()) {
+                self.load(&fw, &change).await?;
+                fw.commit(change);
             }
         }
         self.remove_plumbing(&vm.id).await;
@@ -346,20 +357,16 @@ impl Network {
     /// Records a VM whose VMM outlived a metald restart (its plumbing is still in place).
     pub async fn adopt(&self, vm: &VmRecord) -> Result<(), NetworkError> {
         let plan = self.plan(vm)?;
-        self.firewall.lock().await.vms.insert(
-            vm.id.to_string(),
-            FirewallVm {
-                customer: vm.customer.to_string(),
-                host_if: plan.host_if,
-                ipv6: plan.ipv6,
-                ipv4: plan.ipv4,
-            },
-        );
+        let mut fw = self.firewall.lock().await;
+        // Only the model: the sweep that follows at start writes the whole table.
+        let change = fw.start(vm.id.as_str(), Self::firewall_vm(vm, &plan));
+        fw.commit(change);
         Ok(())
     }
 
     /// At start: removes namespaces and veths of VMs not in `keep` (logging each), and writes
-    /// the firewall for the VMs that are.
+    /// the whole firewall table for the VMs that are (the one full write; every later change is
+    /// incremental).
     pub async fn sweep(&self, keep: &HashSet<VmId>) -> Result<(), NetworkError> {
         for path in self.namespaces.list(&self.cfg.netns_dir) {
             let known = path
@@ -410,7 +417,7 @@ pub fn is_vm_interface(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, BTreeSet};
     use std::path::Path;
     use std::sync::{Arc, Mutex as StdMutex};
 
@@ -426,6 +433,8 @@ mod tests {
         namespaces: StdMutex<Vec<PathBuf>>,
         fail_on: StdMutex<Option<String>>,
         next_index: StdMutex<u32>,
+        /// Every nft script loaded (or refused), in order.
+        scripts: StdMutex<Vec<String>>,
     }
 
     impl FakeKernel {
@@ -497,6 +506,8 @@ mod tests {
 
     #[async_trait::async_trait]
     impl Rules for Shared {
+        /// Records `nft table [...]` for a whole table, `nft change [...]` for an incremental
+        /// change, with the VM interfaces the script names.
         async fn load(&self, script: &str) -> Result<(), nft::NftError> {
             let hosts: Vec<&str> = script
                 .split(|c: char| !c.is_ascii_alphanumeric())
@@ -504,8 +515,14 @@ mod tests {
                 .collect::<std::collections::BTreeSet<_>>()
                 .into_iter()
                 .collect();
+            let kind = if script.starts_with("table inet metald\ndelete table") {
+                "table"
+            } else {
+                "change"
+            };
+            self.0.scripts.lock().unwrap().push(script.to_string());
             self.0
-                .record(format!("nft with [{}]", hosts.join(",")))
+                .record(format!("nft {kind} [{}]", hosts.join(",")))
                 .map_err(|e| nft::NftError::Refused(e.to_string()))
         }
     }
@@ -599,7 +616,7 @@ mod tests {
                 format!("up {host}"),
                 format!("route fd00:1::1/128 to {host}"),
                 format!("route 10.9.0.1/32 to {host}"),
-                format!("nft with [{host}]"),
+                format!("nft change [{host}]"),
             ]
         );
     }
@@ -624,14 +641,14 @@ mod tests {
             ]
         );
         assert_eq!(k.links.lock().unwrap().len(), 1, "only a's veth is left");
-        // The firewall still holds a alone: the next change renders a, not b.
+        // The firewall still holds a alone.
         *k.fail_on.lock().unwrap() = None;
         net.teardown(&a).await.unwrap();
         let (host_a, _) = interface_names(&a.id);
         assert_eq!(
             k.calls(),
             [
-                "nft with []".to_string(),
+                format!("nft change [{host_a}]"),
                 format!("delete {host_a}"),
                 format!("netns remove /run/test-netns/{}", a.id)
             ]
@@ -659,9 +676,127 @@ mod tests {
             [
                 format!("netns remove /run/test-netns/{}", gone.id),
                 format!("delete {host_gone}"),
-                format!("nft with [{host_kept}]"),
+                format!("nft table [{host_kept}]"),
             ]
         );
+    }
+
+    fn vm_of(n: u8, customer: &str) -> VmRecord {
+        VmRecord {
+            customer: customer.parse().unwrap(),
+            ..vm(n)
+        }
+    }
+
+    /// The VM interfaces a script names.
+    fn named(script: &str) -> BTreeSet<String> {
+        script
+            .split(|c: char| !c.is_ascii_alphanumeric())
+            .filter(|w| w.starts_with("mv") && is_vm_interface(w))
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn last_script(k: &FakeKernel) -> String {
+        k.scripts.lock().unwrap().last().cloned().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_boot_adds_and_a_stop_deletes_only_that_vms_elements() {
+        let k = Arc::new(FakeKernel::default());
+        let net = network(&k);
+        for (n, c) in [(1, "acme"), (2, "acme"), (3, "bolt")] {
+            net.setup(&vm_of(n, c)).await.unwrap();
+        }
+        let d = vm_of(4, "acme");
+        let (host_d, _) = interface_names(&d.id);
+        net.setup(&d).await.unwrap();
+        let s = last_script(&k);
+        assert!(s.lines().all(|l| l.starts_with("add element ")), "{s}");
+        assert_eq!(named(&s), BTreeSet::from([host_d.clone()]));
+        assert_eq!(s.lines().count(), 4, "{s}");
+
+        net.teardown(&d).await.unwrap();
+        let s = last_script(&k);
+        assert!(s.lines().all(|l| l.starts_with("delete element ")), "{s}");
+        assert_eq!(named(&s), BTreeSet::from([host_d]));
+        assert_eq!(k.scripts.lock().unwrap().len(), 5, "one nft run per change");
+    }
+
+    #[tokio::test]
+    async fn a_refused_change_rewrites_the_table_and_a_refused_rewrite_changes_nothing() {
+        let k = Arc::new(FakeKernel::default());
+        let net = network(&k);
+        let (a, b, c) = (vm(1), vm_of(2, "bolt"), vm(3));
+        let [host_a, host_b, host_c] = [&a, &b, &c].map(|v| interface_names(&v.id).0);
+        net.setup(&a).await.unwrap();
+        k.calls();
+
+        // The table lost something (say, the host's firewall reload flushed it): the change
+        // is refused, so the whole table is written, b included.
+        *k.fail_on.lock().unwrap() = Some("nft change".into());
+        net.setup(&b).await.unwrap();
+        let calls = k.calls();
+        assert_eq!(
+            &calls[calls.len() - 2..],
+            [
+                format!("nft change [{host_b}]"),
+                format!("nft table [{host_a},{host_b}]")
+            ]
+        );
+
+        // nft refuses everything: c's boot fails and the model stays a and b.
+        *k.fail_on.lock().unwrap() = Some("nft".into());
+        assert!(net.setup(&c).await.is_err());
+        *k.fail_on.lock().unwrap() = None;
+        k.calls();
+        net.teardown(&c).await.unwrap();
+        assert!(
+            !k.calls().iter().any(|c| c.starts_with("nft")),
+            "c was never in the firewall"
+        );
+        net.sweep(&HashSet::from([a.id.clone(), b.id.clone()]))
+            .await
+            .unwrap();
+        let s = last_script(&k);
+        assert_eq!(named(&s), BTreeSet::from([host_a, host_b]));
+        assert!(!s.contains(&host_c));
+    }
+
+    #[tokio::test]
+    async fn the_table_written_at_start_holds_every_running_vm() {
+        let k = Arc::new(FakeKernel::default());
+        let vms = [vm_of(1, "acme"), vm_of(2, "acme"), vm_of(3, "bolt")];
+        let net = network(&k);
+        for v in &vms {
+            net.setup(v).await.unwrap();
+        }
+        let net = network(&k);
+        for v in &vms {
+            net.adopt(v).await.unwrap();
+        }
+        k.scripts.lock().unwrap().clear();
+        net.sweep(&vms.iter().map(|v| v.id.clone()).collect())
+            .await
+            .unwrap();
+        let scripts = k.scripts.lock().unwrap().clone();
+        assert_eq!(scripts.len(), 1, "one write: {scripts:?}");
+        let s = &scripts[0];
+        assert!(s.starts_with("table inet metald\ndelete table inet metald\n"));
+        for (n, v) in vms.iter().enumerate() {
+            let host = interface_names(&v.id).0;
+            let n = n + 1;
+            // Both customers' tags: acme 1, bolt 2.
+            let tag = if n == 3 { 2 } else { 1 };
+            for element in [
+                format!("\"{host}\" . fd00:1::{n}"),
+                format!("\"{host}\" . 10.9.0.{n}"),
+                format!("\"{host}\" comment \"customer {}\" : {tag}", v.customer),
+                format!("{tag} . \"{host}\""),
+            ] {
+                assert!(s.contains(&element), "{element} missing:\n{s}");
+            }
+        }
     }
 
     #[test]

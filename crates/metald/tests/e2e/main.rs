@@ -17,6 +17,7 @@ mod support;
 
 mod billing;
 mod firecracker;
+mod firewall;
 mod identity;
 mod isolation;
 mod lifecycle;
@@ -126,6 +127,7 @@ fn main() {
         ("lifecycle", lifecycle::tests()),
         ("qemu", qemu::tests()),
         ("isolation", isolation::tests()),
+        ("firewall", firewall::tests()),
         ("metering", metering::tests()),
         ("billing", billing::tests()),
         ("firecracker", firecracker::tests()),

@@ -641,11 +641,12 @@ impl Isolated {
         let rules = self
             .netns
             .output("nft", &["list", "table", "inet", "metald"]);
-        // Rules naming a VM's interface (`"mv<hex>"`), not the `"mv*"` wildcards.
+        // Set or map elements naming a VM's interface (`"mv<hex>"`), not the `"mv*"`
+        // wildcards: every per-VM element does.
         let names_a_vm = rules
             .match_indices("\"mv")
             .any(|(i, _)| rules[i + 3..].starts_with(|c: char| c.is_ascii_hexdigit()));
-        if rules.contains("set customer_") || names_a_vm {
+        if names_a_vm {
             out.push(format!("nft rules for VMs:\n{rules}"));
         }
         out
