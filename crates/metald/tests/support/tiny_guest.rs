@@ -21,9 +21,9 @@ pub enum TinyGuest {
     Polling,
     /// Halts with interrupts off: an idle vCPU that no stop request wakes (stop it by force).
     Halted,
-    /// Prints a `.` on the serial port after every busy-wait of 2^22 loop turns (a few tens of
-    /// milliseconds; no `pause`, which exits to the VMM on some hosts), and polls the keyboard
-    /// controller between dots like `Polling`: its console grows exactly while its vCPU runs.
+    /// Prints a `.` on the serial port every 2^26 TSC cycles (tens of milliseconds, however
+    /// fast the host runs guest code), and polls the keyboard controller between dots like
+    /// `Polling`: its console grows exactly while its vCPU runs.
     Counting,
 }
 
@@ -39,16 +39,21 @@ pub fn tiny_guest_elf(kind: TinyGuest) -> Vec<u8> {
     if kind == TinyGuest::Halted {
         code.push(0xfa); // cli
     } else if kind == TinyGuest::Counting {
-        // tick: busy-wait 2^22 turns, print a dot, poll the keyboard, again until a key.
-        code.extend([0xb9, 0x00, 0x00, 0x40, 0x00]); // tick:  mov ecx, 0x400000
-        code.extend([0xff, 0xc9]); //                   delay: dec ecx
-        code.extend([0x75, 0xfc]); //                          jnz delay
-        code.extend([0xb0, TINY_TICK as u8]); //               mov al, '.'
-        code.push(0xee); //                                    out dx, al  (COM1)
-        code.extend([0xe4, 0x64]); //                          in al, 0x64 (i8042 status)
-        code.extend([0xa8, 0x01]); //                          test al, 1  (a key was pressed)
-        code.extend([0x74, 0xee]); //                          jz tick     (back 18 bytes)
-        code.extend([0xb0, 0xfe, 0xe6, 0x64]); //              i8042 reset: Firecracker exits
+        // tick: wait 2^26 TSC cycles (tens of ms at any speed the vCPU runs at), print a dot,
+        // poll the keyboard, again until a key.
+        code.extend([0x0f, 0x31]); //                  tick:  rdtsc
+        code.extend([0x89, 0xc3]); //                         mov ebx, eax
+        code.extend([0x0f, 0x31]); //                  wait:  rdtsc
+        code.extend([0x29, 0xd8]); //                         sub eax, ebx
+        code.extend([0x3d, 0x00, 0x00, 0x00, 0x04]); //       cmp eax, 0x4000000
+        code.extend([0x72, 0xf5]); //                         jb wait     (back 11 bytes)
+        code.extend([0x66, 0xba, 0xf8, 0x03]); //             mov dx, 0x3f8 (rdtsc took edx)
+        code.extend([0xb0, TINY_TICK as u8]); //              mov al, '.'
+        code.push(0xee); //                                   out dx, al  (COM1)
+        code.extend([0xe4, 0x64]); //                         in al, 0x64 (i8042 status)
+        code.extend([0xa8, 0x01]); //                         test al, 1  (a key was pressed)
+        code.extend([0x74, 0xe4]); //                         jz tick     (back 28 bytes)
+        code.extend([0xb0, 0xfe, 0xe6, 0x64]); //             i8042 reset: Firecracker exits
     } else {
         code.extend([
             0xf3, 0x90, // wait: pause
