@@ -69,7 +69,7 @@ fresh-check:
 
 bench: guest build
 	$(CARGO) build --release -p billaged
-	METALD_GUEST_DIR=$(GUEST_DIR) $(CARGO) bench -p metald --bench boot --bench isolation --bench metering --bench billing --bench identity --bench firewall
+	METALD_GUEST_DIR=$(GUEST_DIR) $(CARGO) bench -p metald --bench boot --bench isolation --bench metering --bench billing --bench identity --bench firewall --bench suspend
 
 # Release binaries, the metald user and directories, and the systemd unit (see deploy/).
 install: deps
