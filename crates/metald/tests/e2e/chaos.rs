@@ -658,6 +658,8 @@ struct Row {
     id: String,
     customer: String,
     state: String,
+    /// Why it is FAILED.
+    failure: Option<String>,
     pid: Option<i64>,
     slot: Option<i64>,
     ipv4: Option<String>,
@@ -678,7 +680,7 @@ fn read_rows(db: &Path) -> Vec<Row> {
     db.busy_timeout(Duration::from_secs(10)).unwrap();
     let mut stmt = db
         .prepare(
-            "SELECT v.id, v.customer_id, v.state, v.vmm_pid, n.slot, n.ipv4, n.ipv6 \
+            "SELECT v.id, v.customer_id, v.state, v.failure, v.vmm_pid, n.slot, n.ipv4, n.ipv6 \
              FROM vms v LEFT JOIN vm_network n ON n.vm_id = v.id ORDER BY v.seq",
         )
         .unwrap();
@@ -687,10 +689,11 @@ fn read_rows(db: &Path) -> Vec<Row> {
             id: r.get(0)?,
             customer: r.get(1)?,
             state: r.get(2)?,
-            pid: r.get(3)?,
-            slot: r.get(4)?,
-            ipv4: r.get(5)?,
-            ipv6: r.get(6)?,
+            failure: r.get(3)?,
+            pid: r.get(4)?,
+            slot: r.get(5)?,
+            ipv4: r.get(6)?,
+            ipv6: r.get(7)?,
         })
     })
     .unwrap()
@@ -762,6 +765,19 @@ fn cgroup_vm(pid: u32, parent: &str) -> Option<String> {
         let (_, rest) = l.split_once(&marker)?;
         vm_id_in(rest.split('/').next()?)
     })
+}
+
+/// UNKEY_METALD_JAILER_ID_COUNT as the test harness sets it: the VM uids are
+/// `uid_base..uid_base + JAIL_IDS`.
+const JAIL_IDS: u32 = 1000;
+
+/// Every process whose real uid is in `uids`.
+fn pids_with_uid_in(uids: std::ops::Range<u32>) -> Vec<u32> {
+    entries(Path::new("/proc"))
+        .iter()
+        .filter_map(|e| name_of(e).parse::<u32>().ok())
+        .filter(|pid| proc_uid(*pid).is_some_and(|u| uids.contains(&u)))
+        .collect()
 }
 
 /// The real uid of `pid`.
@@ -1078,6 +1094,8 @@ impl Run {
             .flat_map(|(_, procs)| procs.iter().copied())
             .collect();
         pids.extend(m.vmm_pids());
+        // A VMM that left its cgroup still runs as its VM's uid.
+        pids.extend(pids_with_uid_in(iso.uid_base..iso.uid_base + JAIL_IDS));
         let vmms = pids
             .into_iter()
             .filter(|p| process_alive(u64::from(*p)))
@@ -1413,8 +1431,12 @@ impl Run {
                     Invariant::BillingMatches,
                     &r.id,
                     format!(
-                        "state {}: {}; {}",
+                        "state {}{}: {}; {}",
                         r.state,
+                        r.failure
+                            .as_ref()
+                            .map(|f| format!(" ({})", f.chars().take(120).collect::<String>()))
+                            .unwrap_or_default(),
                         usage_differences(&c.sums, &c.totals),
                         billing_history(&billed, &r.id)
                     ),
@@ -1715,7 +1737,7 @@ fn billing_history(db: &rusqlite::Connection, vm: &str) -> String {
             String::new()
         } else {
             format!(
-                " [{}]: usage while metald was down is in metald's total but not billed",
+                " [{}] (for each, metald was down: billaged got a notice, not usage)",
                 gaps.join(", ")
             )
         }
