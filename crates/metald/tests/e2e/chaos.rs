@@ -54,6 +54,7 @@ const SETTLE: Duration = Duration::from_secs(5);
 /// Stored VMs one client keeps at most.
 const VMS_PER_CLIENT: usize = 3;
 
+/// The run: kill cycles, the end, the report; fails on any violation.
 fn chaos_kills_and_restarts_keep_every_invariant() {
     let settings = Settings::from_env();
     eprintln!("chaos: {settings}");
@@ -85,6 +86,7 @@ struct Settings {
 }
 
 impl Settings {
+    /// The settings the environment asks for (see the module's doc).
     fn from_env() -> Self {
         let num = |k: &str| {
             std::env::var(k).ok().map(|v| {
@@ -188,6 +190,7 @@ impl Flavor {
 /// The real billaged, inside metald's namespace, keeping its database in metald's data dir.
 /// It runs through the whole run: only metald is killed.
 struct Billaged {
+    /// The process.
     child: Child,
     /// Its SQLite database.
     db: PathBuf,
@@ -237,13 +240,21 @@ impl Drop for Billaged {
 /// A call a client makes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Op {
+    /// `POST /v1/vms`.
     Create,
+    /// `POST /v1/vms/{id}/boot`.
     Boot,
+    /// `POST /v1/vms/{id}/pause`.
     Pause,
+    /// `POST /v1/vms/{id}/resume`.
     Resume,
+    /// `POST /v1/vms/{id}/reboot`, forced or not.
     Reboot,
+    /// `POST /v1/vms/{id}/shutdown`, forced or with a 2 s grace.
     Shutdown,
+    /// `DELETE /v1/vms/{id}`, mostly with `force=true`.
     Delete,
+    /// `GET /v1/vms/{id}`: learns the state after an answer that did not tell it.
     Get,
 }
 
@@ -259,6 +270,7 @@ impl Op {
         Op::Get,
     ];
 
+    /// Its name in the report.
     fn name(self) -> &'static str {
         match self {
             Op::Create => "create",
@@ -279,8 +291,11 @@ enum Outcome {
     Ok(Value),
     /// An error answer.
     Refused {
+        /// HTTP status.
         status: u16,
+        /// Connect code.
         code: String,
+        /// Its message.
         message: String,
     },
     /// No answer: metald was down or died during the call, or the timeout passed.
@@ -290,16 +305,20 @@ enum Outcome {
 /// How one operation's calls ended.
 #[derive(Default, Clone)]
 struct Tally {
+    /// Calls sent.
     attempted: u64,
+    /// 2xx answers.
     ok: u64,
     /// Error answers by Connect code.
     refused: BTreeMap<String, u64>,
+    /// Calls without an answer.
     no_answer: u64,
 }
 
 /// What the clients saw: tallies per operation and the `internal` answers.
 #[derive(Default)]
 struct Calls {
+    /// Per operation.
     tallies: BTreeMap<Op, Tally>,
     /// Each `internal` answer (a metald error worth reading, not in itself a violation).
     internal: Vec<String>,
@@ -334,16 +353,25 @@ struct Book {
 /// The invariants checked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Invariant {
+    /// RUNNING or PAUSED exactly when a live VMM is in the VM's cgroups; a row has its
+    /// directory.
     StateMatchesVmm,
+    /// Nothing of a VM without its row; no sandbox piece of a VM without a VMM.
     NothingWithoutItsVm,
+    /// No IP, network slot or uid held by two VMs.
     NothingHeldTwice,
+    /// Acknowledged creates stay, acknowledged deletes stay done.
     AckedCallsHold,
+    /// billaged's sums equal metald's lifetime totals; no interval billed twice.
     BillingMatches,
+    /// metald comes back ready, answers and never panics.
     MetaldServes,
+    /// Deleting every VM at the end leaves nothing.
     CleanAtEnd,
 }
 
 impl Invariant {
+    /// Its statement in the report.
     fn text(self) -> &'static str {
         match self {
             Invariant::StateMatchesVmm => "RUNNING or PAUSED <=> a live VMM in the VM's cgroup",
@@ -364,11 +392,15 @@ impl Invariant {
 /// One violation as found: the invariant, what it is about (a VM id, or a thing when no VM
 /// can be named), and what was seen.
 struct Finding {
+    /// The invariant violated.
     invariant: Invariant,
+    /// What it is about: the same subject in later checks is the same violation.
     subject: String,
+    /// What was seen.
     detail: String,
 }
 
+/// A [`Finding`].
 fn finding(invariant: Invariant, subject: impl Into<String>, detail: impl Into<String>) -> Finding {
     Finding {
         invariant,
@@ -380,9 +412,13 @@ fn finding(invariant: Invariant, subject: impl Into<String>, detail: impl Into<S
 /// A violation as reported: seen in how many checks, first in which kill cycle, what was
 /// seen first and last.
 struct Seen {
+    /// Checks that found it.
     checks: u64,
+    /// The kill cycle of the first.
     first_cycle: usize,
+    /// What the first check saw.
     first: String,
+    /// What the last check saw.
     last: String,
 }
 
@@ -392,10 +428,12 @@ struct Seen {
 struct Violations(BTreeMap<(Invariant, String), Seen>);
 
 impl Violations {
+    /// How many distinct violations.
     fn len(&self) -> usize {
         self.0.len()
     }
 
+    /// Adds a finding of kill cycle `cycle`.
     fn record(&mut self, cycle: usize, f: Finding) {
         self.0
             .entry((f.invariant, f.subject))
@@ -437,11 +475,17 @@ impl Drop for StopClients {
 
 /// One client thread: one customer, at most [`VMS_PER_CLIENT`] VMs.
 struct Client {
+    /// Its customer's REST client, with [`CALL_TIMEOUT`].
     rest: Rest,
+    /// What it knows of its VMs (shared with the runner's checks).
     book: Arc<Mutex<Book>>,
+    /// The gate, the stop flag and the violations.
     shared: Arc<Shared>,
+    /// Its own random choices, seeded from the run's seed.
     rng: StdRng,
+    /// The CreateVm body.
     request: Value,
+    /// What it saw so far.
     calls: Calls,
 }
 
@@ -644,25 +688,39 @@ impl Client {
 /// What the runner did.
 #[derive(Default)]
 struct Counts {
+    /// SIGKILLs of metald.
     metald_kills: u64,
+    /// SIGKILLs of VMMs.
     vmm_kills: u64,
+    /// Of which while metald was down.
     vmm_kills_while_down: u64,
+    /// Restarts of metald.
     restarts: u64,
+    /// Invariant checks run.
     checks: u64,
+    /// Machine scans repeated while waiting for metald to settle.
     settle_rounds: u64,
+    /// VM billings compared (one per VM without a VMM per check).
     billing_compared: u64,
 }
 
 /// One row of metald's `vms` table, with its network allocation.
 struct Row {
+    /// The VM id.
     id: String,
+    /// Its customer.
     customer: String,
+    /// CREATED, RUNNING, PAUSED, SHUTDOWN or FAILED.
     state: String,
     /// Why it is FAILED.
     failure: Option<String>,
+    /// Its VMM's pid, while it has one.
     pid: Option<i64>,
+    /// Its network slot (which also gives its uid).
     slot: Option<i64>,
+    /// Its IPv4 address.
     ipv4: Option<String>,
+    /// Its IPv6 address.
     ipv6: Option<String>,
 }
 
@@ -703,6 +761,7 @@ fn read_rows(db: &Path) -> Vec<Row> {
 
 /// A process that is a VM's VMM (in a VM's cgroup, or naming the data dir).
 struct Vmm {
+    /// Its pid.
     pid: u32,
     /// The VM whose cgroup holds it.
     vm: Option<String>,
@@ -724,8 +783,11 @@ struct Thing {
 
 /// What is on the machine for this metald's VMs.
 struct Scan {
+    /// metald's rows.
     rows: Vec<Row>,
+    /// Live VMM processes.
     vmms: Vec<Vmm>,
+    /// Sandbox pieces.
     things: Vec<Thing>,
     /// Per VM id: its cgroup in each controller, with the pids in it.
     cgroup_procs: BTreeMap<String, Vec<(PathBuf, BTreeSet<u32>)>>,
@@ -792,6 +854,7 @@ fn proc_uid(pid: u32) -> Option<u32> {
         .ok()
 }
 
+/// The command line of `pid`, spaces between its arguments.
 fn cmdline(pid: u32) -> String {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
@@ -807,6 +870,7 @@ fn entries(dir: &Path) -> Vec<std::fs::DirEntry> {
         .collect()
 }
 
+/// A directory entry's name.
 fn name_of(e: &std::fs::DirEntry) -> String {
     e.file_name().to_string_lossy().into_owned()
 }
@@ -815,17 +879,23 @@ fn name_of(e: &std::fs::DirEntry) -> String {
 struct Run {
     /// Tells the clients to stop however the run ends (first: dropped first).
     _stop: StopClients,
+    /// The client threads.
     clients: Vec<std::thread::JoinHandle<Calls>>,
     /// Each client's customer and book.
     books: Vec<(String, Arc<Mutex<Book>>)>,
+    /// The gate, the stop flag and the violations.
     shared: Arc<Shared>,
+    /// The runner's random choices (delays, which VMM to kill).
     rng: StdRng,
+    /// What the runner did.
     counts: Counts,
     /// How far metald's log was read for panics.
     log_read: usize,
     /// What the last check saw on the machine, in a line.
     last_scan: String,
+    /// The billing service (dropped before metald, whose namespace it runs in).
     billaged: Billaged,
+    /// metald.
     m: Metald,
 }
 
@@ -901,6 +971,7 @@ impl Run {
         }
     }
 
+    /// SIGKILLs metald and reaps it.
     fn kill_metald(&mut self) {
         let pid = self.m.pid().expect("metald runs");
         let status = Command::new("kill")
@@ -960,6 +1031,7 @@ impl Run {
         }
     }
 
+    /// Records a finding of kill cycle `cycle`.
     fn record(&self, cycle: usize, f: Finding) {
         self.shared.violations.lock().unwrap().record(cycle, f);
     }
@@ -1431,7 +1503,8 @@ impl Run {
                     Invariant::BillingMatches,
                     &r.id,
                     format!(
-                        "state {}{}: {}; {}",
+                        "{} state {}{}: {}; {}",
+                        billed_side(&c.sums, &c.totals),
                         r.state,
                         r.failure
                             .as_ref()
@@ -1629,7 +1702,20 @@ impl Run {
             let _ = writeln!(r, "  {line}");
         }
         let v = self.violations();
-        let _ = writeln!(r, "violations: {}", v.0.len());
+        let ways = |start: &str| {
+            v.0.iter()
+                .filter(|((inv, _), seen)| {
+                    *inv == Invariant::BillingMatches && seen.last.starts_with(start)
+                })
+                .count()
+        };
+        let _ = writeln!(
+            r,
+            "violations: {} (billing: {} VMs billed less than metald's totals, {} billed more)",
+            v.0.len(),
+            ways(BILLED_LESS),
+            ways(BILLED_MORE)
+        );
         for ((inv, subject), seen) in &v.0 {
             let _ = writeln!(
                 r,
@@ -1714,6 +1800,22 @@ fn usage_differences(sums: &[u64], totals: &[u64]) -> String {
         .collect();
     diffs.join(", ")
 }
+
+/// Which way billaged's sums miss metald's totals (the report counts each way).
+fn billed_side(sums: &[u64], totals: &[u64]) -> &'static str {
+    let less = sums.iter().zip(totals).any(|(s, t)| s < t);
+    let more = sums.iter().zip(totals).any(|(s, t)| s > t);
+    match (less, more) {
+        (true, false) => BILLED_LESS,
+        (false, true) => BILLED_MORE,
+        _ => "BILLED BOTH LESS AND MORE than metald's totals;",
+    }
+}
+
+/// The start of a billing finding where billaged has less than metald's totals.
+const BILLED_LESS: &str = "BILLED LESS than metald's totals;";
+/// The start of a billing finding where billaged has more than metald's totals.
+const BILLED_MORE: &str = "BILLED MORE than metald's totals;";
 
 /// What billaged holds for `vm` besides its sums: intervals, starts, stops and gap notices.
 fn billing_history(db: &rusqlite::Connection, vm: &str) -> String {
