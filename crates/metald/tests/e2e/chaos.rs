@@ -400,12 +400,12 @@ struct Finding {
     detail: String,
 }
 
-/// A [`Finding`].
+/// A [`Finding`], its detail on one line (a failure reason quotes the guest's console).
 fn finding(invariant: Invariant, subject: impl Into<String>, detail: impl Into<String>) -> Finding {
     Finding {
         invariant,
         subject: subject.into(),
-        detail: detail.into(),
+        detail: detail.into().replace(['\n', '\r'], " "),
     }
 }
 
