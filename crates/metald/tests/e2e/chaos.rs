@@ -889,6 +889,8 @@ struct Run {
     rng: StdRng,
     /// What the runner did.
     counts: Counts,
+    /// When the run started.
+    started: Instant,
     /// How far metald's log was read for panics.
     log_read: usize,
     /// What the last check saw on the machine, in a line.
@@ -935,6 +937,7 @@ impl Run {
             shared,
             rng: StdRng::seed_from_u64(s.seed),
             counts: Counts::default(),
+            started: Instant::now(),
             log_read: 0,
             last_scan: String::new(),
             billaged,
@@ -1654,7 +1657,11 @@ impl Run {
     fn report(&self, s: &Settings, calls: &Calls, kept: &Path) -> String {
         let c = &self.counts;
         let mut r = String::new();
-        let _ = writeln!(r, "==== chaos report: {s}");
+        let _ = writeln!(
+            r,
+            "==== chaos report ({} s): {s}",
+            self.started.elapsed().as_secs()
+        );
         let _ = writeln!(
             r,
             "metald SIGKILLs: {}, restarts: {}, VMM SIGKILLs: {} ({} while metald was down)",
