@@ -16,6 +16,7 @@
 mod support;
 
 mod billing;
+mod chaos;
 mod firecracker;
 mod firewall;
 mod identity;
@@ -133,6 +134,7 @@ fn main() {
         ("firecracker", firecracker::tests()),
         ("startup", startup::tests()),
         ("identity", identity::tests()),
+        ("chaos", chaos::tests()),
     ];
     // Why → the tests skipped for it, in the order they are listed.
     let mut skipped: Vec<(String, Vec<String>)> = Vec::new();

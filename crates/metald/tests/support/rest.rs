@@ -33,6 +33,8 @@ pub struct Rest {
     token: Option<String>,
     /// Extra headers on every request.
     headers: Vec<(String, String)>,
+    /// How long one call may take, answer included (none: as long as metald takes).
+    timeout: Option<Duration>,
     client: ::reqwest::Client,
 }
 
@@ -75,8 +77,16 @@ impl Rest {
             base: m.url.clone(),
             token: customer.map(|c| format!("Bearer dev_customer_{c}")),
             headers: Vec::new(),
+            timeout: None,
             client: ::reqwest::Client::new(),
         }
+    }
+
+    /// The same client, giving up on a call after `timeout` (a killed or hung metald then
+    /// ends the call with an error instead of blocking its caller).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
     }
 
     /// The same client, sending `name: value` on every request too.
@@ -87,6 +97,13 @@ impl Rest {
 
     /// Sends a request with a raw body.
     pub fn raw(&self, method: &str, path: &str, body: Option<&str>) -> Answer {
+        self.try_raw(method, path, body)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    /// Sends a request with a raw body; an error when no answer came (connection refused or
+    /// cut, or the timeout passed).
+    pub fn try_raw(&self, method: &str, path: &str, body: Option<&str>) -> Result<Answer, String> {
         let method: ::reqwest::Method = method.parse().expect("method");
         let mut req = self
             .client
@@ -102,17 +119,30 @@ impl Rest {
                 .header("content-type", "application/json")
                 .body(b.to_string());
         }
+        if let Some(t) = self.timeout {
+            req = req.timeout(t);
+        }
         block_on(async {
-            let resp = req.send().await.expect("request");
+            let resp = req.send().await.map_err(|e| format!("request: {e}"))?;
             let status = resp.status().as_u16();
-            let text = resp.text().await.expect("body");
+            let text = resp.text().await.map_err(|e| format!("body: {e}"))?;
             let body = if text.is_empty() {
                 Value::Null
             } else {
                 serde_json::from_str(&text).unwrap_or(Value::String(text))
             };
-            Answer { status, body }
+            Ok(Answer { status, body })
         })
+    }
+
+    /// Sends a JSON body; an error when no answer came (see [`Rest::try_raw`]).
+    pub fn try_call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Answer, String> {
+        self.try_raw(method, path, body.map(|b| b.to_string()).as_deref())
     }
 
     /// Sends a JSON body.
