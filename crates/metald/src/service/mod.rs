@@ -389,6 +389,8 @@ impl VmService {
                 hint: "; a disk of its own is gone, it can only be deleted",
             }));
         }
+        // A save left by a suspend that never finished (metald killed half way) is stale.
+        remove_suspended_state(&self.vm_dir(id))?;
         // The reservation counts the headroom of the backend that boots the VM.
         vm.backend = self.backend_name().to_string();
         // Admitted against the customer's running quotas and the host's capacity before

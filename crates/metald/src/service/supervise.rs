@@ -31,6 +31,16 @@ impl VmService {
             };
             if adopted {
                 tracing::info!(vm_id = %vm.id, pid = ?vm.life.vmm_pid(), "re-attached to running VMM");
+                // metald killed in the middle of a pause, resume or suspend leaves the vCPUs
+                // as the VMM had them: made to match the stored state (both are idempotent).
+                let vcpus = if vm.state() == VmState::Paused {
+                    self.backend.pause(&vm.id).await
+                } else {
+                    self.backend.resume(&vm.id).await
+                };
+                if let Err(e) = vcpus {
+                    tracing::warn!(vm_id = %vm.id, error = %Chain(&e), "setting a re-attached VM's vCPUs to its stored state failed");
+                }
                 if let Err(e) = self.isolation.adopt(&vm).await {
                     tracing::error!(vm_id = %vm.id, error = %Chain(&e), "re-attaching the VM's network failed");
                 }

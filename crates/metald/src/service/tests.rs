@@ -434,12 +434,23 @@ async fn start_up_adopts_surviving_vmms_and_sweeps_everything_else() {
     f.svc.boot(&f.who, &dead).await.unwrap();
     f.backend.survivors.lock().unwrap().insert(pid);
     f.isolation.calls.lock().unwrap().clear();
+    f.backend.calls.lock().unwrap().clear();
 
     f.svc.reconcile().await.unwrap();
 
     let kept = f.svc.get(&f.who, &alive).await.unwrap();
     assert_eq!(kept.state(), VmState::Running);
     assert_eq!(kept.life.vmm_pid(), Some(pid));
+    // Its vCPUs are set to run, as stored: metald may have died in the middle of a pause or
+    // a suspend that had stopped them.
+    assert_eq!(
+        f.backend.calls(),
+        vec![
+            format!("adopt {pid}"),
+            "resume".to_string(),
+            format!("adopt {}", pid + 1)
+        ]
+    );
     assert_eq!(
         f.svc.get(&f.who, &dead).await.unwrap().state(),
         VmState::Failed

@@ -246,8 +246,10 @@ enum Op {
     Boot,
     /// `POST /v1/vms/{id}/pause`.
     Pause,
-    /// `POST /v1/vms/{id}/resume`.
+    /// `POST /v1/vms/{id}/resume`: unpauses, or wakes a suspended VM.
     Resume,
+    /// `POST /v1/vms/{id}/suspend`.
+    Suspend,
     /// `POST /v1/vms/{id}/reboot`, forced or not.
     Reboot,
     /// `POST /v1/vms/{id}/shutdown`, forced or with a 2 s grace.
@@ -260,10 +262,11 @@ enum Op {
 
 impl Op {
     /// Every operation on an existing VM (for the occasional call the state does not allow).
-    const ON_A_VM: [Op; 7] = [
+    const ON_A_VM: [Op; 8] = [
         Op::Boot,
         Op::Pause,
         Op::Resume,
+        Op::Suspend,
         Op::Reboot,
         Op::Shutdown,
         Op::Delete,
@@ -277,6 +280,7 @@ impl Op {
             Op::Boot => "boot",
             Op::Pause => "pause",
             Op::Resume => "resume",
+            Op::Suspend => "suspend",
             Op::Reboot => "reboot",
             Op::Shutdown => "shutdown",
             Op::Delete => "delete",
@@ -527,6 +531,7 @@ impl Client {
                 }
                 Some("VM_STATE_RUNNING") => &[
                     (Op::Pause, 2),
+                    (Op::Suspend, 1),
                     (Op::Reboot, 1),
                     (Op::Shutdown, 2),
                     (Op::Delete, 1),
@@ -534,10 +539,14 @@ impl Client {
                 ],
                 Some("VM_STATE_PAUSED") => &[
                     (Op::Resume, 2),
+                    (Op::Suspend, 1),
                     (Op::Reboot, 1),
                     (Op::Shutdown, 1),
                     (Op::Delete, 1),
                 ],
+                Some("VM_STATE_SUSPENDED") => {
+                    &[(Op::Resume, 3), (Op::Shutdown, 1), (Op::Delete, 1)]
+                }
                 _ => &[(Op::Get, 1)],
             }
         };
@@ -563,7 +572,7 @@ impl Client {
         let id = vm.unwrap_or_default();
         let (method, path, body) = match op {
             Op::Create => ("POST", "/v1/vms".to_string(), Some(self.request.clone())),
-            Op::Boot | Op::Pause | Op::Resume => {
+            Op::Boot | Op::Pause | Op::Resume | Op::Suspend => {
                 ("POST", format!("/v1/vms/{id}/{}", op.name()), None)
             }
             Op::Reboot => (
@@ -793,6 +802,8 @@ struct Scan {
     cgroup_procs: BTreeMap<String, Vec<(PathBuf, BTreeSet<u32>)>>,
     /// The directories under data_dir/vms.
     vm_dirs: BTreeSet<String>,
+    /// The VM directories holding a saved suspend state.
+    saved: BTreeSet<String>,
 }
 
 impl Scan {
@@ -1159,9 +1170,20 @@ impl Run {
                 vm: by_if.get(hex).cloned(),
             });
         }
-        let vm_dirs = entries(&m.data_dir.join("vms"))
+        let vm_dirs: BTreeSet<String> = entries(&m.data_dir.join("vms"))
             .iter()
             .map(name_of)
+            .collect();
+        let saved = vm_dirs
+            .iter()
+            .filter(|id| {
+                m.data_dir
+                    .join("vms")
+                    .join(id)
+                    .join("suspend.state")
+                    .is_file()
+            })
+            .cloned()
             .collect();
         let mut pids: BTreeSet<u32> = cgroup_procs
             .values()
@@ -1187,6 +1209,7 @@ impl Run {
             things,
             cgroup_procs,
             vm_dirs,
+            saved,
         }
     }
 
@@ -1257,6 +1280,13 @@ impl Run {
                         row.state,
                         lines.join(", ")
                     ),
+                ));
+            }
+            if row.state == "SUSPENDED" && !scan.saved.contains(&row.id) {
+                found.push(finding(
+                    Invariant::StateMatchesVmm,
+                    &row.id,
+                    "state SUSPENDED without its saved state (suspend.state)".to_string(),
                 ));
             }
             if !scan.vm_dirs.contains(&row.id) {
