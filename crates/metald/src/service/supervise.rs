@@ -16,6 +16,9 @@ impl VmService {
             if !vm.state().has_vmm() {
                 continue;
             }
+            // Held until the VM is fully re-attached or failed: an exit of the VMM reported
+            // as soon as it is adopted waits for that, and then finds a consistent VM.
+            let _guard = self.lock(&vm.id).await;
             let adopted = match (
                 vm.life.vmm_pid(),
                 vm.life.vmm_start_ticks(),

@@ -1,0 +1,185 @@
+//! Boot cost against the number of VMs already running (issue 14): jailed Firecracker tiny
+//! guests (the idle one: it prints its banner and halts) created and booted one after another
+//! through metald's REST API up to `BENCH_SCALE_VMS` (default 1000), each timed from CreateVm
+//! to its banner on the console; then all deleted, each timed. Beside it, in the same run, the
+//! same number of bare Firecracker processes started one after another the same way (spawn,
+//! four API calls, banner). Prints the boot time around 1, 100, 500 and 1000 running VMs,
+//! the totals, and metald's memory per running VM.
+//!
+//! `cargo bench -p metald --bench scale` (root, a Firecracker binary, /dev/kvm). Not in
+//! `make bench`: it holds `BENCH_SCALE_VMS` VMs (about 4.3 MB each) at once.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use metald::backend::firecracker::api::{
+    ActionType, BootSource, Drive, FirecrackerApi, MachineConfiguration,
+};
+use serde_json::json;
+use support::*;
+
+fn main() {
+    let Some(fc) = firecracker_bin() else {
+        println!("scale: skipped (no firecracker binary on PATH)");
+        return;
+    };
+    let n: usize = env_num("BENCH_SCALE_VMS", 1000);
+    let m = metald_with_backend("firecracker")
+        .env("UNKEY_METALD_RATE_LIMIT_PER_SECOND", "1000000")
+        .env("UNKEY_METALD_RATE_LIMIT_BURST", "1000000")
+        .env("UNKEY_METALD_QUOTA_VMS", &(n + 10).to_string())
+        .env("UNKEY_METALD_IPV4_SUBNET", "10.208.0.0/16")
+        .env("UNKEY_METALD_JAILER_ID_COUNT", &(n + 100).to_string())
+        .env("UNKEY_METALD_HOST_MEMORY_OVERCOMMIT", "100")
+        .env("UNKEY_METALD_HOST_CPU_OVERCOMMIT", "1000")
+        .start_with(Metald::import_tiny_guest);
+    let api = Rest::new(&m, Some("scale"));
+    let body = json!({"config": {"cpu": {"vcpu_count": 1}, "memory": {"size_bytes": 128 << 20},
+        "kernel": {"image_id": "tiny-idle-elf"}, "rootfs": {"image_id": "tiny-disk"}}});
+    let rss_before = rss_kib(m.pid().unwrap());
+    let mut boots = Vec::with_capacity(n);
+    let mut ids = Vec::with_capacity(n);
+    let t_all = Instant::now();
+    for _ in 0..n {
+        let t0 = Instant::now();
+        let id = api.create(body.clone());
+        api.call("POST", &format!("/v1/vms/{id}/boot"), None).ok();
+        wait_for_console(
+            &api,
+            &id,
+            TINY_MARKER,
+            t0,
+            Duration::from_secs(60),
+            Duration::from_millis(1),
+        );
+        boots.push(t0.elapsed());
+        ids.push(id);
+    }
+    let all_booted = t_all.elapsed();
+    let rss_after = rss_kib(m.pid().unwrap());
+    let mut deletes = Vec::with_capacity(n);
+    let t_del = Instant::now();
+    for id in &ids {
+        let t0 = Instant::now();
+        api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None)
+            .ok();
+        deletes.push(t0.elapsed());
+    }
+    let all_deleted = t_del.elapsed();
+    let bare_all = bare_firecrackers(&fc, &m.data_dir, n);
+
+    println!();
+    println!("| {n} jailed tiny Firecracker VMs, one after another        | median ms | min ms | max ms |");
+    println!(
+        "|-------------------------------------------------------|-----------|--------|--------|"
+    );
+    for at in [1usize, 100, 500, 1000].into_iter().filter(|at| *at <= n) {
+        // The boots made with about `at - 1` VMs already running: five around it.
+        let lo = at.saturating_sub(3).min(n - 1);
+        let hi = (lo + 5).min(n);
+        row(
+            &format!("CreateVm + BootVm -> banner, ~{} running", at - 1),
+            &boots[lo..hi],
+        );
+    }
+    for at in [1usize, 500, 1000].into_iter().filter(|at| *at <= n) {
+        let lo = at.saturating_sub(3).min(n - 1);
+        let hi = (lo + 5).min(n);
+        row(
+            &format!("DeleteVm (force), the {at}th of {n}"),
+            &deletes[lo..hi],
+        );
+    }
+    println!();
+    println!(
+        "all {n}: metald {:.1} s to boot, {:.1} s to delete; bare firecracker {:.1} s to start ({:.2}x)",
+        all_booted.as_secs_f64(),
+        all_deleted.as_secs_f64(),
+        bare_all.as_secs_f64(),
+        all_booted.as_secs_f64() / bare_all.as_secs_f64()
+    );
+    println!(
+        "metald RSS: {} MiB with none running, {} MiB with {n} running ({:.1} KiB per VM)",
+        rss_before / 1024,
+        rss_after / 1024,
+        (rss_after.saturating_sub(rss_before)) as f64 / n as f64
+    );
+}
+
+/// Resident memory of a process, KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Starts `n` bare Firecrackers one after another, each until its banner, all kept running
+/// until the last; returns the total time.
+fn bare_firecrackers(fc: &Path, assets: &Path, n: usize) -> Duration {
+    let dir = tempfile::Builder::new()
+        .prefix("mdb")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut children = Vec::with_capacity(n);
+    let t0 = Instant::now();
+    for i in 0..n {
+        let sock = dir.path().join(format!("{i}.sock"));
+        let console = dir.path().join(format!("{i}.log"));
+        let child = Command::new(fc)
+            .arg("--api-sock")
+            .arg(&sock)
+            .arg("--log-path")
+            .arg("/dev/null")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&console).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        children.push(child);
+        rt.block_on(async {
+            let api = FirecrackerApi::new(&sock);
+            api.wait_ready(Duration::from_secs(10)).await.unwrap();
+            api.put_machine_config(&MachineConfiguration {
+                vcpu_count: 1,
+                mem_size_mib: 128,
+                smt: false,
+            })
+            .await
+            .unwrap();
+            api.put_boot_source(&BootSource {
+                kernel_image_path: assets.join("tiny-idle.elf").display().to_string(),
+                boot_args: None,
+                initrd_path: None,
+            })
+            .await
+            .unwrap();
+            api.put_drive(&Drive {
+                drive_id: "rootfs".into(),
+                path_on_host: assets.join("tiny.img").display().to_string(),
+                is_root_device: true,
+                is_read_only: true,
+            })
+            .await
+            .unwrap();
+            api.action(ActionType::InstanceStart).await.unwrap();
+            while !std::fs::read_to_string(&console).is_ok_and(|c| c.contains(TINY_MARKER)) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
+    }
+    let took = t0.elapsed();
+    for mut c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    took
+}
