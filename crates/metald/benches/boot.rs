@@ -129,9 +129,6 @@ fn firecracker_rows(fc: &Path, runs: usize) {
 }
 
 async fn bare_firecracker(fc: &Path, assets: &Path) -> Duration {
-    use metald::backend::firecracker::api::{
-        ActionType, BootSource, Drive, FirecrackerApi, MachineConfiguration,
-    };
     let dir = tempfile::Builder::new()
         .prefix("mdf")
         .tempdir_in("/tmp")
@@ -139,41 +136,9 @@ async fn bare_firecracker(fc: &Path, assets: &Path) -> Duration {
     let sock = dir.path().join("api.sock");
     let console = dir.path().join("console.log");
     let t0 = Instant::now();
-    let mut child = Command::new(fc)
-        .arg("--api-sock")
-        .arg(&sock)
-        .arg("--log-path")
-        .arg("/dev/null")
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&console).unwrap())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let api = FirecrackerApi::new(&sock);
-    api.wait_ready(Duration::from_secs(10)).await.unwrap();
-    api.put_machine_config(&MachineConfiguration {
-        vcpu_count: 1,
-        mem_size_mib: 128,
-        smt: false,
-    })
-    .await
-    .unwrap();
-    api.put_boot_source(&BootSource {
-        kernel_image_path: assets.join("tiny.elf").display().to_string(),
-        boot_args: None,
-        initrd_path: None,
-    })
-    .await
-    .unwrap();
-    api.put_drive(&Drive {
-        drive_id: "rootfs".into(),
-        path_on_host: assets.join("tiny.img").display().to_string(),
-        is_root_device: true,
-        is_read_only: false,
-    })
-    .await
-    .unwrap();
-    api.action(ActionType::InstanceStart).await.unwrap();
+    let mut child = spawn_bare_firecracker(fc, &sock, &console);
+    let api = metald::backend::firecracker::api::FirecrackerApi::new(&sock);
+    boot_bare_tiny(&api, &assets.join("tiny.elf"), &assets.join("tiny.img")).await;
     while !std::fs::read_to_string(&console).is_ok_and(|c| c.contains(TINY_MARKER)) {
         assert!(t0.elapsed() < Duration::from_secs(30));
         tokio::time::sleep(Duration::from_millis(1)).await;

@@ -14,12 +14,9 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use metald::backend::firecracker::api::{
-    ActionType, BootSource, Drive, FirecrackerApi, MachineConfiguration,
-};
+use metald::backend::firecracker::api::FirecrackerApi;
 use serde_json::json;
 use support::*;
 
@@ -134,43 +131,15 @@ fn bare_firecrackers(fc: &Path, assets: &Path, n: usize) -> Duration {
     for i in 0..n {
         let sock = dir.path().join(format!("{i}.sock"));
         let console = dir.path().join(format!("{i}.log"));
-        let child = Command::new(fc)
-            .arg("--api-sock")
-            .arg(&sock)
-            .arg("--log-path")
-            .arg("/dev/null")
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&console).unwrap())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        children.push(child);
+        children.push(spawn_bare_firecracker(fc, &sock, &console));
         rt.block_on(async {
             let api = FirecrackerApi::new(&sock);
-            api.wait_ready(Duration::from_secs(10)).await.unwrap();
-            api.put_machine_config(&MachineConfiguration {
-                vcpu_count: 1,
-                mem_size_mib: 128,
-                smt: false,
-            })
-            .await
-            .unwrap();
-            api.put_boot_source(&BootSource {
-                kernel_image_path: assets.join("tiny-idle.elf").display().to_string(),
-                boot_args: None,
-                initrd_path: None,
-            })
-            .await
-            .unwrap();
-            api.put_drive(&Drive {
-                drive_id: "rootfs".into(),
-                path_on_host: assets.join("tiny.img").display().to_string(),
-                is_root_device: true,
-                is_read_only: true,
-            })
-            .await
-            .unwrap();
-            api.action(ActionType::InstanceStart).await.unwrap();
+            boot_bare_tiny(
+                &api,
+                &assets.join("tiny-idle.elf"),
+                &assets.join("tiny.img"),
+            )
+            .await;
             while !std::fs::read_to_string(&console).is_ok_and(|c| c.contains(TINY_MARKER)) {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }

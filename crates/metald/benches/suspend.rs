@@ -12,12 +12,9 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use metald::backend::firecracker::api::{
-    ActionType, BootSource, Drive, FirecrackerApi, MachineConfiguration, VmRunState,
-};
+use metald::backend::firecracker::api::{FirecrackerApi, VmRunState};
 use serde_json::json;
 use support::*;
 
@@ -38,19 +35,6 @@ fn unlimited(b: Builder) -> Builder {
         .env("UNKEY_METALD_RATE_LIMIT_BURST", "1000000")
 }
 
-/// The console through the API.
-fn console(api: &Rest, id: &str) -> String {
-    api.call(
-        "GET",
-        &format!("/v1/vms/{id}/console?tail_bytes=1048576"),
-        None,
-    )
-    .ok()["output"]
-        .as_str()
-        .unwrap_or("")
-        .to_string()
-}
-
 fn firecracker_rows(fc: &Path, runs: usize) {
     let m = unlimited(metald_with_backend("firecracker")).start_with(Metald::import_tiny_guest);
     let api = Rest::new(&m, Some("bench"));
@@ -66,13 +50,13 @@ fn firecracker_rows(fc: &Path, runs: usize) {
         api.call("POST", &format!("/v1/vms/{id}/suspend"), None)
             .ok();
         suspend.push(t0.elapsed());
-        let seen = console(&api, &id).len();
+        let seen = api.console_text(&id).len();
         let t0 = Instant::now();
         let woken = api.call("POST", &format!("/v1/vms/{id}/resume"), None).ok();
         wake.push(t0.elapsed());
         assert_eq!(woken["vm"]["state"], "VM_STATE_RUNNING");
         // The guest's next tick (one every 2^26 TSC cycles) proves it runs again.
-        while console(&api, &id).len() <= seen {
+        while api.console_text(&id).len() <= seen {
             assert!(
                 t0.elapsed() < Duration::from_secs(10),
                 "no tick after the wake"
@@ -110,34 +94,12 @@ fn bare_snapshot(fc: &Path, assets: &Path) -> (tempfile::TempDir, std::path::Pat
         .tempdir_in("/tmp")
         .unwrap();
     let sock = dir.path().join("api.sock");
-    let mut child = spawn_bare(fc, &sock, &dir.path().join("console.log"));
+    let mut child = spawn_bare_firecracker(fc, &sock, &dir.path().join("console.log"));
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let api = FirecrackerApi::new(&sock);
-        api.wait_ready(Duration::from_secs(10)).await.unwrap();
-        api.put_machine_config(&MachineConfiguration {
-            vcpu_count: 1,
-            mem_size_mib: 128,
-            smt: false,
-        })
-        .await
-        .unwrap();
-        api.put_boot_source(&BootSource {
-            kernel_image_path: assets.join("tiny-counting.elf").display().to_string(),
-            boot_args: None,
-            initrd_path: None,
-        })
-        .await
-        .unwrap();
-        api.put_drive(&Drive {
-            drive_id: "rootfs".into(),
-            path_on_host: assets.join("tiny.img").display().to_string(),
-            is_root_device: true,
-            is_read_only: false,
-        })
-        .await
-        .unwrap();
-        api.action(ActionType::InstanceStart).await.unwrap();
+        let kernel = assets.join("tiny-counting.elf");
+        boot_bare_tiny(&api, &kernel, &assets.join("tiny.img")).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
         api.patch_vm(VmRunState::Paused).await.unwrap();
         api.create_snapshot(&dir.path().join("state"), &dir.path().join("mem"))
@@ -150,20 +112,6 @@ fn bare_snapshot(fc: &Path, assets: &Path) -> (tempfile::TempDir, std::path::Pat
     (dir, path)
 }
 
-fn spawn_bare(fc: &Path, sock: &Path, console: &Path) -> std::process::Child {
-    let _ = std::fs::remove_file(sock);
-    Command::new(fc)
-        .arg("--api-sock")
-        .arg(sock)
-        .arg("--log-path")
-        .arg("/dev/null")
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(console).unwrap())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
 /// Bare Firecracker: spawn, then load the snapshot with the guest resumed.
 async fn bare_load_snapshot(
     fc: &Path,
@@ -172,7 +120,7 @@ async fn bare_load_snapshot(
     let dir = &snapshot.1;
     let sock = dir.join("load.sock");
     let t0 = Instant::now();
-    let mut child = spawn_bare(fc, &sock, &dir.join("load-console.log"));
+    let mut child = spawn_bare_firecracker(fc, &sock, &dir.join("load-console.log"));
     let api = FirecrackerApi::new(&sock);
     api.wait_ready(Duration::from_secs(10)).await.unwrap();
     api.load_snapshot(&dir.join("state"), &dir.join("mem"))

@@ -3,7 +3,6 @@
 //! with SIGKILL drains its outbox after restart, reports its downtime as a possible gap and
 //! bills the downtime's usage as one reconstructed interval spanning it.
 
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::support::*;
@@ -18,57 +17,9 @@ pub fn tests() -> Vec<crate::E2e> {
     ]
 }
 
-struct Billaged {
-    child: Child,
-}
-
-impl Billaged {
-    fn start(m: &Metald, bin: &std::path::Path, port: u16) -> Self {
-        let iso = m.iso.as_ref().unwrap();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(m.data_dir.join("billaged.log"))
-            .unwrap();
-        let child = iso
-            .netns
-            .command(bin.to_str().unwrap())
-            .args(["--address", &format!("127.0.0.1:{port}")])
-            .args(["--db", m.data_dir.join("billaged.db").to_str().unwrap()])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        // Up once it accepts connections on its port (inside metald's namespace).
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-        while crate::support::netns::connect_in(&iso.netns.path(), addr).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "billaged never listened on {port}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Self { child }
-    }
-
-    fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Billaged {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A running metald batching every 500 ms into a running billaged (on `port`), with the spin
 /// script imported.
-fn billed_metald(guest: &std::path::Path, bin: &std::path::Path) -> (Metald, u16, Billaged) {
+fn billed_metald(guest: &std::path::Path) -> (Metald, u16, Billaged) {
     let port = free_port();
     let mut m = metald()
         .env("UNKEY_METALD_BILLING_ENABLED", "true")
@@ -85,7 +36,7 @@ fn billed_metald(guest: &std::path::Path, bin: &std::path::Path) -> (Metald, u16
             m.import_script("spin", SPIN_SCRIPT);
         });
     m.spawn();
-    let billaged = Billaged::start(&m, bin, port);
+    let billaged = Billaged::start(&m, port);
     (m, port, billaged)
 }
 
@@ -168,8 +119,7 @@ fn billed(db: &rusqlite::Connection, vm: &str) -> (u64, i64, i64, Vec<i64>) {
 
 fn a_billing_outage_loses_and_doubles_nothing() {
     let guest = qemu_guest();
-    let bin = workspace_bin("billaged").expect("required prerequisite missing: billaged");
-    let (m, port, billaged) = billed_metald(&guest, &bin);
+    let (m, port, billaged) = billed_metald(&guest);
     let api = Rest::new(&m, Some("billed"));
     let id = api.create_booted(script_request(Some("spin")));
     std::thread::sleep(Duration::from_secs(2));
@@ -184,7 +134,7 @@ fn a_billing_outage_loses_and_doubles_nothing() {
         assert!(Instant::now() < deadline, "the outage was never seen");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let _billaged = Billaged::start(&m, &bin, port);
+    let _billaged = Billaged::start(&m, port);
     std::thread::sleep(Duration::from_secs(1));
     let db = shut_down_and_deliver(&m, &api, &id);
 
@@ -251,8 +201,7 @@ fn a_billing_outage_loses_and_doubles_nothing() {
 
 fn a_metald_killed_mid_run_bills_its_downtime_as_one_reconstructed_interval() {
     let guest = qemu_guest();
-    let bin = workspace_bin("billaged").expect("required prerequisite missing: billaged");
-    let (mut m, _, _billaged) = billed_metald(&guest, &bin);
+    let (mut m, _, _billaged) = billed_metald(&guest);
     let api = Rest::new(&m, Some("crashy"));
     let id = api.create_booted(script_request(Some("spin")));
     let vmm = api.vm(&id)["vmmPid"].as_u64().expect("vmm pid");

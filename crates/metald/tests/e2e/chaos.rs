@@ -25,7 +25,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -184,56 +184,6 @@ impl Flavor {
             }
             Flavor::Firecracker => b.prepare(Metald::import_tiny_guest),
         }
-    }
-}
-
-/// The real billaged, inside metald's namespace, keeping its database in metald's data dir.
-/// It runs through the whole run: only metald is killed.
-struct Billaged {
-    /// The process.
-    child: Child,
-    /// Its SQLite database.
-    db: PathBuf,
-}
-
-impl Billaged {
-    /// Starts it on `port` and waits until it accepts connections.
-    fn start(m: &Metald, port: u16) -> Self {
-        let bin = workspace_bin("billaged").expect("required prerequisite missing: billaged");
-        let iso = m.iso.as_ref().expect("chaos runs an isolating metald");
-        let db = m.data_dir.join("billaged.db");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(m.data_dir.join("billaged.log"))
-            .unwrap();
-        let child = iso
-            .netns
-            .command(bin.to_str().unwrap())
-            .args(["--address", &format!("127.0.0.1:{port}")])
-            .args(["--db", db.to_str().unwrap()])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-        while netns::connect_in(&iso.netns.path(), addr).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "billaged never listened on {port}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Self { child, db }
-    }
-}
-
-impl Drop for Billaged {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

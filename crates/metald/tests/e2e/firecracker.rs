@@ -132,24 +132,11 @@ fn a_vmm_can_neither_redirect_metalds_writes_nor_touch_its_control_socket() {
     m.assert_clean();
 }
 
-/// The console length of the VM (through the API).
-fn console_len(api: &Rest, id: &str) -> usize {
-    api.call(
-        "GET",
-        &format!("/v1/vms/{id}/console?tail_bytes=1048576"),
-        None,
-    )
-    .ok()["output"]
-        .as_str()
-        .unwrap_or("")
-        .len()
-}
-
 /// Waits until the counting guest printed `more` ticks after `from` bytes of console.
 fn wait_ticks(api: &Rest, id: &str, from: usize, more: usize) -> usize {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
-        let len = console_len(api, id);
+        let len = api.console_text(id).len();
         if len >= from + more {
             return len;
         }
@@ -187,11 +174,11 @@ fn a_suspended_guest_stops_counting_and_counts_on_after_waking_even_across_a_res
         assert!(dir.join(f).is_file(), "{f} saved");
     }
     assert!(m.vmm_pids().is_empty(), "no VMM while suspended");
-    let frozen = console_len(&api, &id);
+    let frozen = api.console_text(&id).len();
     assert!(frozen >= counted);
     std::thread::sleep(std::time::Duration::from_millis(500));
     assert_eq!(
-        console_len(&api, &id),
+        api.console_text(&id).len(),
         frozen,
         "a suspended guest prints nothing"
     );
@@ -215,14 +202,7 @@ fn a_suspended_guest_stops_counting_and_counts_on_after_waking_even_across_a_res
         "the same addresses"
     );
     let after = wait_ticks(&api, &id, frozen, 5);
-    let console = api
-        .call(
-            "GET",
-            &format!("/v1/vms/{id}/console?tail_bytes=1048576"),
-            None,
-        )
-        .ok();
-    let text = console["output"].as_str().unwrap();
+    let text = api.console_text(&id);
     // Counting on, not booting again: one banner, then only ticks.
     assert_eq!(text.matches(TINY_MARKER).count(), 1, "{text}");
     assert!(after > frozen);

@@ -203,17 +203,7 @@ fn a_jailed_vmm_runs_as_its_own_user_without_privileges_in_its_own_namespace_and
         m.console(&id)
     );
     for addr in [v6, v4] {
-        let out = iso
-            .netns
-            .command("ping")
-            .args(["-c1", "-W5", addr])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "ping {addr}: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        iso.netns.assert_pings(addr);
     }
 
     api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None)

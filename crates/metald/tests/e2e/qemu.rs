@@ -587,21 +587,8 @@ fn a_suspended_debian_guest_wakes_with_its_memory_disk_and_addresses() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let iso = m.iso.as_ref().unwrap();
-    let ping = iso
-        .netns
-        .command("ping")
-        .args([
-            "-c1",
-            "-W5",
-            before["network"]["ipv6Address"].as_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        ping.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ping.stdout)
-    );
+    iso.netns
+        .assert_pings(before["network"]["ipv6Address"].as_str().unwrap());
     api.call(
         "POST",
         &format!("/v1/vms/{id}/shutdown"),
@@ -705,17 +692,7 @@ fn state_survives_a_restart_and_running_vms_are_reattached() {
     // metald rewrote at start; the dead VM's namespace and veth are gone.
     let iso = m.iso.as_ref().unwrap();
     let net = api.vm(&running)["network"].clone();
-    let ping = iso
-        .netns
-        .command("ping")
-        .args(["-c1", "-W5", net["ipv6Address"].as_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        ping.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ping.stdout)
-    );
+    iso.netns.assert_pings(net["ipv6Address"].as_str().unwrap());
     let rules = iso
         .netns
         .output("nft", &["list", "table", "inet", "metald"]);

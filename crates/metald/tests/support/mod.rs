@@ -10,6 +10,7 @@ pub mod netns;
 use netns::{Relay, TestNetns};
 
 mod bench;
+mod billaged;
 mod issuer;
 mod metald;
 mod pki;
@@ -20,6 +21,8 @@ mod vmm;
 // Each binary (the e2e tests, each bench) uses a different part of the support code.
 #[allow(unused_imports)]
 pub use bench::*;
+#[allow(unused_imports)]
+pub use billaged::*;
 #[allow(unused_imports)]
 pub use issuer::*;
 pub use metald::*;

@@ -40,6 +40,20 @@ impl TestNetns {
     pub fn output(&self, program: &str, args: &[&str]) -> String {
         output_in(&self.path(), program, args)
     }
+
+    /// Fails the test unless `addr` (a VM's) answers one ping from the namespace within 5 s.
+    pub fn assert_pings(&self, addr: &str) {
+        let out = self
+            .command("ping")
+            .args(["-c1", "-W5", addr])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ping {addr}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
 }
 
 /// A command run inside the network namespace of file `ns` (same mounts).

@@ -161,6 +161,19 @@ impl Rest {
         created["vm"]["vmId"].as_str().expect("vm id").to_string()
     }
 
+    /// The VM's console (its last MiB), through the API.
+    pub fn console_text(&self, id: &str) -> String {
+        self.call(
+            "GET",
+            &format!("/v1/vms/{id}/console?tail_bytes=1048576"),
+            None,
+        )
+        .ok()["output"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    }
+
     /// Boots the VM and waits until its guest is ready; the VM as it is then.
     pub fn boot_ready(&self, id: &str) -> Value {
         self.call("POST", &format!("/v1/vms/{id}/boot"), None).ok();

@@ -101,3 +101,55 @@ pub fn process_alive(pid: u64) -> bool {
         })
         .unwrap_or(false)
 }
+
+/// A bare Firecracker (no metald, no jail) with its API on `sock` and its serial console (its
+/// stdout) in `console`: what the benches hold metald against.
+pub fn spawn_bare_firecracker(fc: &Path, sock: &Path, console: &Path) -> std::process::Child {
+    let _ = std::fs::remove_file(sock);
+    std::process::Command::new(fc)
+        .arg("--api-sock")
+        .arg(sock)
+        .arg("--log-path")
+        .arg("/dev/null")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(console).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Boots a tiny guest in the bare Firecracker behind `api` (1 vCPU, 128 MiB): `kernel` with
+/// `disk` as its root drive, the four calls metald makes too.
+pub async fn boot_bare_tiny(
+    api: &::metald::backend::firecracker::api::FirecrackerApi,
+    kernel: &Path,
+    disk: &Path,
+) {
+    use ::metald::backend::firecracker::api::{
+        ActionType, BootSource, Drive, MachineConfiguration,
+    };
+    api.wait_ready(Duration::from_secs(10)).await.unwrap();
+    api.put_machine_config(&MachineConfiguration {
+        vcpu_count: 1,
+        mem_size_mib: 128,
+        smt: false,
+    })
+    .await
+    .unwrap();
+    api.put_boot_source(&BootSource {
+        kernel_image_path: kernel.display().to_string(),
+        boot_args: None,
+        initrd_path: None,
+    })
+    .await
+    .unwrap();
+    api.put_drive(&Drive {
+        drive_id: "rootfs".into(),
+        path_on_host: disk.display().to_string(),
+        is_root_device: true,
+        is_read_only: false,
+    })
+    .await
+    .unwrap();
+    api.action(ActionType::InstanceStart).await.unwrap();
+}
