@@ -468,14 +468,15 @@ impl VmService {
         self.track(vm, process.pid, false);
         self.timings
             .observe(Step::VmmStart, t1.elapsed().as_secs_f64());
-        tracing::info!(
-            vm_id = %vm.id,
-            pid = process.pid,
-            sandbox_ms,
-            vmm_ms = t1.elapsed().as_secs_f64() * 1000.0,
-            how = how.as_str(),
-            "vm started"
-        );
+        let vmm_ms = t1.elapsed().as_secs_f64() * 1000.0;
+        match how {
+            Start::Boot => {
+                tracing::info!(vm_id = %vm.id, pid = process.pid, sandbox_ms, vmm_ms, "vm booted")
+            }
+            Start::Wake => {
+                tracing::info!(vm_id = %vm.id, pid = process.pid, sandbox_ms, vmm_ms, "vm woken")
+            }
+        }
         if how == Start::Boot {
             self.watch_readiness(vm, &launch, console_offset);
         }
