@@ -42,25 +42,12 @@ pub async fn connect_vm_socket(path: &Path) -> io::Result<tokio::net::UnixStream
 
 /// [`open_vm_file`] with `access` (`RDONLY` or `RDWR`).
 fn open_vm_file_as(path: &Path, access: OFlags) -> io::Result<File> {
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
         return Err(io::Error::from(io::ErrorKind::InvalidInput));
     };
-    let dir = rustix::fs::open(
-        dir,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?;
-    let fd = rustix::fs::openat(
-        &dir,
-        name,
-        access | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?;
-    let stat = rustix::fs::fstat(&fd)?;
-    if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
-        return Err(io::Error::other("not a regular file"));
-    }
-    Ok(File::from(fd))
+    crate::vm_dir::VmDir::open_io(dir)?
+        .open_typed(name, access, Mode::empty(), FileType::RegularFile)
+        .map(File::from)
 }
 
 /// Keeps the console log in the VM directory `dir` under `max` bytes: once it is larger, its

@@ -24,12 +24,16 @@ impl VmDir {
     /// Opens the VM directory `path` (its parent belongs to metald; the directory itself must
     /// not be a symlink).
     pub fn open(path: &Path) -> Result<Self, BackendError> {
+        Self::open_io(path).map_err(|e| io_error("open", path, e))
+    }
+
+    /// [`VmDir::open`], with the OS error as it came.
+    pub(crate) fn open_io(path: &Path) -> io::Result<Self> {
         let fd = rustix::fs::open(
             path,
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::empty(),
-        )
-        .map_err(|e| io_error("open", path, e.into()))?;
+        )?;
         Ok(Self {
             fd,
             path: path.to_path_buf(),
@@ -40,26 +44,42 @@ impl VmDir {
         io_error(op, &self.path.join(name), source)
     }
 
-    /// Opens `name` for appending, creating it if missing (mode 0640): a log the VMM's stdout
-    /// or stderr goes to. Anything but a regular file is refused.
-    pub fn append(&self, name: &str) -> Result<File, BackendError> {
+    /// Opens `name` with `flags` (never following a symlink, non-blocking, so a FIFO cannot
+    /// hold the open) and `mode` for a file it creates; anything but a `want` is refused.
+    pub(crate) fn open_typed(
+        &self,
+        name: &str,
+        flags: OFlags,
+        mode: Mode,
+        want: FileType,
+    ) -> io::Result<OwnedFd> {
         let fd = rustix::fs::openat(
             &self.fd,
             name,
-            OFlags::WRONLY
-                | OFlags::APPEND
-                | OFlags::CREATE
-                | OFlags::NOFOLLOW
-                | OFlags::NONBLOCK
-                | OFlags::NOCTTY
-                | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o640),
-        )
-        .map_err(|e| self.error("open", name, e.into()))?;
-        let stat = rustix::fs::fstat(&fd).map_err(|e| self.error("stat", name, e.into()))?;
-        if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
-            return Err(self.error("open", name, io::Error::other("not a regular file")));
+            flags | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
+            mode,
+        )?;
+        let stat = rustix::fs::fstat(&fd)?;
+        if FileType::from_raw_mode(stat.st_mode) != want {
+            return Err(io::Error::other(match want {
+                FileType::Fifo => "not a FIFO",
+                _ => "not a regular file",
+            }));
         }
+        Ok(fd)
+    }
+
+    /// Opens `name` for appending, creating it if missing (mode 0640): a log the VMM's stdout
+    /// or stderr goes to. Anything but a regular file is refused.
+    pub fn append(&self, name: &str) -> Result<File, BackendError> {
+        let fd = self
+            .open_typed(
+                name,
+                OFlags::WRONLY | OFlags::APPEND | OFlags::CREATE,
+                Mode::from_raw_mode(0o640),
+                FileType::RegularFile,
+            )
+            .map_err(|e| self.error("open", name, e))?;
         // Back to blocking: the VMM inherits this description as its stdout or stderr.
         rustix::fs::fcntl_setfl(&fd, OFlags::APPEND)
             .map_err(|e| self.error("open", name, e.into()))?;
@@ -95,17 +115,9 @@ impl VmDir {
 
     /// Opens `name` for reading: a regular file only, never through a symlink.
     pub fn open_read(&self, name: &str) -> Result<File, BackendError> {
-        let fd = rustix::fs::openat(
-            &self.fd,
-            name,
-            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| self.error("open", name, e.into()))?;
-        let stat = rustix::fs::fstat(&fd).map_err(|e| self.error("stat", name, e.into()))?;
-        if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
-            return Err(self.error("open", name, io::Error::other("not a regular file")));
-        }
+        let fd = self
+            .open_typed(name, OFlags::RDONLY, Mode::empty(), FileType::RegularFile)
+            .map_err(|e| self.error("open", name, e))?;
         rustix::fs::fcntl_setfl(&fd, OFlags::empty())
             .map_err(|e| self.error("open", name, e.into()))?;
         Ok(File::from(fd))
@@ -145,17 +157,9 @@ impl VmDir {
             0,
         )
         .map_err(|e| self.error("create FIFO", name, e.into()))?;
-        let fd = rustix::fs::openat(
-            &self.fd,
-            name,
-            OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| self.error("open FIFO", name, e.into()))?;
-        let stat = rustix::fs::fstat(&fd).map_err(|e| self.error("stat", name, e.into()))?;
-        if FileType::from_raw_mode(stat.st_mode) != FileType::Fifo {
-            return Err(self.error("open FIFO", name, io::Error::other("not a FIFO")));
-        }
+        let fd = self
+            .open_typed(name, OFlags::RDONLY, Mode::empty(), FileType::Fifo)
+            .map_err(|e| self.error("open FIFO", name, e))?;
         if let Some(uid) = owner {
             rustix::fs::fchown(&fd, Some(rustix::fs::Uid::from_raw(uid)), None)
                 .map_err(|e| self.error("chown FIFO", name, e.into()))?;
