@@ -393,17 +393,25 @@ impl VmService {
         remove_suspended_state(&self.vm_dir(id))?;
         // The reservation counts the headroom of the backend that boots the VM.
         vm.backend = self.backend_name().to_string();
-        // Admitted against the customer's running quotas and the host's capacity before
-        // anything starts. The reservation ends when the VM is saved running, or below when
-        // the boot fails.
+        self.admit_and_start(vm, Start::Boot).await
+    }
+
+    /// Admits the VM against its customer's running quotas and the host's capacity before
+    /// anything starts, then starts it. The reservation ends when the VM is saved running, or
+    /// here when the start fails.
+    async fn admit_and_start(
+        self: &Arc<Self>,
+        mut vm: VmRecord,
+        how: Start,
+    ) -> Result<VmRecord, ServiceError> {
         let host = self.host_limits()?;
         self.store
-            .reserve_run(&vm, &self.cfg.quotas.of(customer).run, &host)?;
-        match self.start_vmm(&mut vm, Start::Boot).await {
+            .reserve_run(&vm, &self.cfg.quotas.of(&vm.customer).run, &host)?;
+        match self.start_vmm(&mut vm, how).await {
             Ok(()) => Ok(vm),
             Err(e) => {
-                if let Err(r) = self.store.release_run(id) {
-                    tracing::error!(vm_id = %id, error = %Chain(&r), "releasing a failed boot's quota reservation failed");
+                if let Err(r) = self.store.release_run(&vm.id) {
+                    tracing::error!(vm_id = %vm.id, how = how.as_str(), error = %Chain(&r), "releasing a failed start's quota reservation failed");
                 }
                 Err(e)
             }
@@ -547,7 +555,7 @@ impl VmService {
         customer: &CustomerId,
         id: &VmId,
     ) -> Result<VmRecord, ServiceError> {
-        let (_guard, mut vm) = self.lock_own(customer, id).await?;
+        let (_guard, vm) = self.lock_own(customer, id).await?;
         next_state(vm.state(), Operation::Resume)?;
         if vm.backend != self.backend_name() {
             return Err(ServiceError::FailedPrecondition(InvalidTransition {
@@ -556,18 +564,7 @@ impl VmService {
                 hint: "; it was saved by another VMM than this host runs: shut it down to boot it afresh",
             }));
         }
-        let host = self.host_limits()?;
-        self.store
-            .reserve_run(&vm, &self.cfg.quotas.of(customer).run, &host)?;
-        match self.start_vmm(&mut vm, Start::Wake).await {
-            Ok(()) => Ok(vm),
-            Err(e) => {
-                if let Err(r) = self.store.release_run(id) {
-                    tracing::error!(vm_id = %id, error = %Chain(&r), "releasing a failed wake's quota reservation failed");
-                }
-                Err(e)
-            }
-        }
+        self.admit_and_start(vm, Start::Wake).await
     }
 
     async fn vcpus(

@@ -133,13 +133,14 @@ impl VmService {
     /// is not a regular file in its directory.
     pub(super) fn missing_disk(&self, vm: &VmRecord) -> Option<String> {
         let dir = self.vm_dir(&vm.id);
-        let saved: &[&str] = match (vm.state(), vm.backend.as_str()) {
-            (VmState::Suspended, "firecracker") => &[
-                crate::backend::files::SUSPEND_STATE,
-                crate::backend::files::SUSPEND_MEMORY,
-            ],
-            (VmState::Suspended, _) => &[crate::backend::files::SUSPEND_STATE],
-            _ => &[],
+        use crate::backend::files::{SUSPEND_MEMORY, SUSPEND_STATE};
+        // Firecracker saves memory apart from device state; QEMU's stream holds both.
+        let saved: &[&str] = if vm.state() != VmState::Suspended {
+            &[]
+        } else if vm.backend == crate::backend::BackendKind::Firecracker.as_str() {
+            &[SUSPEND_STATE, SUSPEND_MEMORY]
+        } else {
+            &[SUSPEND_STATE]
         };
         std::iter::once(ROOTFS_FILE.to_string())
             .chain(
