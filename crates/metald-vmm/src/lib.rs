@@ -135,6 +135,25 @@ impl VmLaunch {
     }
 }
 
+/// What a new VMM process is started for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartKind {
+    /// Configure the VM and boot its guest.
+    Boot,
+    /// Load the VM's suspended state and run its guest again.
+    Wake,
+}
+
+impl StartKind {
+    /// Stable name, for logs and errors.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StartKind::Boot => "boot",
+            StartKind::Wake => "wake",
+        }
+    }
+}
+
 /// How to stop a guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopMode {

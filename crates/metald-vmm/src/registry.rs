@@ -160,6 +160,13 @@ impl Registry {
         tracing::info!(vm_id = %vm, pid = process.process.pid, ?mode, ?outcome, "VMM stopped");
         Ok(outcome)
     }
+
+    /// Kills the VM's VMM at once, asking nothing of its guest (a VMM that is gone is fine).
+    pub async fn kill(&self, vm: &VmId) -> Result<(), BackendError> {
+        self.stop(vm, StopMode::Force, async { Ok(()) })
+            .await
+            .map(drop)
+    }
 }
 
 #[cfg(test)]

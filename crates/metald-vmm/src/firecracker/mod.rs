@@ -18,8 +18,8 @@ use self::api::{
 use super::process::{ExitEvent, Supervised, VmmProcess};
 use super::registry::Registry;
 use super::{
-    open_logs, remove_vmm_files, Backend, BackendError, BackendKind, StopMode, StopOutcome,
-    VmLaunch, VmmInfo, VmmMetrics,
+    open_logs, remove_vmm_files, Backend, BackendError, BackendKind, StartKind, StopMode,
+    StopOutcome, VmLaunch, VmmInfo, VmmMetrics,
 };
 use crate::domain::VmId;
 
@@ -36,15 +36,6 @@ const API_READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// i8042 reset (which makes Firecracker exit), and the first drive as root. The guest contract,
 /// these included: `guest/README.md`.
 const BASE_KERNEL_ARGS: &str = "console=ttyS0 reboot=k panic=1 root=/dev/vda rw";
-
-/// What a new Firecracker process is for.
-#[derive(Clone, Copy)]
-enum Start {
-    /// Configure the VM and boot its guest.
-    Boot,
-    /// Load the VM's suspended state and resume its guest.
-    Wake,
-}
 
 /// Drives Firecracker.
 pub struct FirecrackerBackend {
@@ -75,7 +66,7 @@ impl FirecrackerBackend {
 
     /// Starts a Firecracker for the VM (its socket, logs and metrics FIFO made afresh) and
     /// either boots its guest or restores the one it saved.
-    async fn start(&self, launch: &VmLaunch, how: Start) -> Result<VmmProcess, BackendError> {
+    async fn start(&self, launch: &VmLaunch, how: StartKind) -> Result<VmmProcess, BackendError> {
         let socket = launch.control_socket();
         let log = launch.vmm_log();
         let dir = crate::vm_dir::VmDir::open(&launch.dir)?;
@@ -122,8 +113,8 @@ impl FirecrackerBackend {
         )?;
         let api = FirecrackerApi::new(&socket);
         let setup = match how {
-            Start::Boot => self.configure_and_start(launch, &api).await,
-            Start::Wake => self.restore(launch, &api).await,
+            StartKind::Boot => self.configure_and_start(launch, &api).await,
+            StartKind::Wake => self.restore(launch, &api).await,
         };
         self.registry.finish_start(launch, process, setup).await
     }
@@ -217,7 +208,7 @@ impl Backend for FirecrackerBackend {
     }
 
     async fn boot(&self, launch: &VmLaunch) -> Result<VmmProcess, BackendError> {
-        self.start(launch, Start::Boot).await
+        self.start(launch, StartKind::Boot).await
     }
 
     async fn suspend(&self, vm: &VmId, dir: &Path) -> Result<(), BackendError> {
@@ -230,14 +221,11 @@ impl Backend for FirecrackerBackend {
         )
         .await?;
         // Saved: the paused VMM has nothing left to do.
-        self.registry
-            .stop(vm, StopMode::Force, async { Ok(()) })
-            .await
-            .map(drop)
+        self.registry.kill(vm).await
     }
 
     async fn wake(&self, launch: &VmLaunch) -> Result<VmmProcess, BackendError> {
-        self.start(launch, Start::Wake).await
+        self.start(launch, StartKind::Wake).await
     }
 
     async fn pause(&self, vm: &VmId) -> Result<(), BackendError> {
@@ -315,9 +303,7 @@ impl Backend for FirecrackerBackend {
 
     async fn delete(&self, vm: &VmId, dir: &Path) -> Result<(), BackendError> {
         self.fifos_map().remove(vm);
-        self.registry
-            .stop(vm, StopMode::Force, async { Ok(()) })
-            .await?;
+        self.registry.kill(vm).await?;
         let _ignored = std::fs::remove_file(dir.join(metrics::FIFO));
         let _ignored = std::fs::remove_file(dir.join(PREVIOUS_LOG));
         remove_vmm_files(dir)

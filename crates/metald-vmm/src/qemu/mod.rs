@@ -19,8 +19,8 @@ use self::qmp::Qmp;
 use super::process::{ExitEvent, Supervised, VmmProcess};
 use super::registry::Registry;
 use super::{
-    open_logs, remove_vmm_files, Backend, BackendError, BackendKind, StopMode, StopOutcome,
-    VmLaunch, VmmInfo, VmmMetrics,
+    open_logs, remove_vmm_files, Backend, BackendError, BackendKind, StartKind, StopMode,
+    StopOutcome, VmLaunch, VmmInfo, VmmMetrics,
 };
 use crate::domain::VmId;
 
@@ -210,7 +210,7 @@ impl Backend for QemuBackend {
     }
 
     async fn boot(&self, launch: &VmLaunch) -> Result<VmmProcess, BackendError> {
-        self.start(launch, false).await
+        self.start(launch, StartKind::Boot).await
     }
 
     async fn suspend(&self, vm: &VmId, dir: &Path) -> Result<(), BackendError> {
@@ -229,14 +229,11 @@ impl Backend for QemuBackend {
         .await?;
         wait_migration(&qmp).await?;
         // Saved: the stopped QEMU has nothing left to do.
-        self.registry
-            .stop(vm, StopMode::Force, async { Ok(()) })
-            .await
-            .map(drop)
+        self.registry.kill(vm).await
     }
 
     async fn wake(&self, launch: &VmLaunch) -> Result<VmmProcess, BackendError> {
-        self.start(launch, true).await
+        self.start(launch, StartKind::Wake).await
     }
 
     async fn pause(&self, vm: &VmId) -> Result<(), BackendError> {
@@ -276,9 +273,7 @@ impl Backend for QemuBackend {
     }
 
     async fn delete(&self, vm: &VmId, dir: &Path) -> Result<(), BackendError> {
-        self.registry
-            .stop(vm, StopMode::Force, async { Ok(()) })
-            .await?;
+        self.registry.kill(vm).await?;
         remove_vmm_files(dir)
     }
 
@@ -294,15 +289,15 @@ impl Backend for QemuBackend {
 }
 
 impl QemuBackend {
-    /// Starts a QEMU for the VM and either boots its guest or (`wake`) loads the state it was
-    /// suspended with and runs it again.
-    async fn start(&self, launch: &VmLaunch, wake: bool) -> Result<VmmProcess, BackendError> {
+    /// Starts a QEMU for the VM and either boots its guest or loads the state it was suspended
+    /// with and runs it again.
+    async fn start(&self, launch: &VmLaunch, how: StartKind) -> Result<VmmProcess, BackendError> {
         // The console goes to its file through QEMU's chardev; stdout and stderr are its log.
         let (_console, log) = open_logs(launch)?;
         let socket = launch.control_socket();
         launch.open_control_dir()?;
         let mut args = command_args(launch, self.accel);
-        if wake {
+        if how == StartKind::Wake {
             // Waits for the state to be given over QMP instead of running the guest.
             args.extend(["-incoming".to_string(), "defer".to_string()]);
         }
@@ -326,7 +321,7 @@ impl QemuBackend {
             // within moments of the socket being made, while the guest's firmware or kernel
             // is still starting (a waking guest waits for its state).
             launch.seal_control_dir()?;
-            if wake {
+            if how == StartKind::Wake {
                 let file = crate::vm_dir::VmDir::open(&launch.dir)?
                     .open_read(crate::files::SUSPEND_STATE)?;
                 qmp.execute_with_fd(

@@ -27,7 +27,9 @@ use tracing::Instrument;
 
 use crate::assets::{AssetError, AssetStore, BootFiles};
 use crate::backend::console::file_len;
-use crate::backend::{file_tail, Backend, BackendError, Disk, ExitEvent, StopMode, VmLaunch};
+use crate::backend::{
+    file_tail, Backend, BackendError, Disk, ExitEvent, StartKind, StopMode, VmLaunch,
+};
 use crate::billing::Billing;
 use crate::domain::{is_token, now_ms, CustomerId, DriveConfig, VmConfig, VmId, VmRecord, MIB};
 use crate::metering::{Counters, Meter, RunStart, VmUsage};
@@ -393,7 +395,7 @@ impl VmService {
         remove_suspended_state(&self.vm_dir(id))?;
         // The reservation counts the headroom of the backend that boots the VM.
         vm.backend = self.backend_name().to_string();
-        self.admit_and_start(vm, Start::Boot).await
+        self.admit_and_start(vm, StartKind::Boot).await
     }
 
     /// Admits the VM against its customer's running quotas and the host's capacity before
@@ -402,7 +404,7 @@ impl VmService {
     async fn admit_and_start(
         self: &Arc<Self>,
         mut vm: VmRecord,
-        how: Start,
+        how: StartKind,
     ) -> Result<VmRecord, ServiceError> {
         let host = self.host_limits()?;
         self.store
@@ -423,7 +425,7 @@ impl VmService {
     async fn start_vmm(
         self: &Arc<Self>,
         vm: &mut VmRecord,
-        how: Start,
+        how: StartKind,
     ) -> Result<(), ServiceError> {
         let mut launch = self.launch(vm)?;
         let t0 = std::time::Instant::now();
@@ -440,12 +442,12 @@ impl VmService {
         let console_offset = file_len(&launch.console_log());
         let t1 = std::time::Instant::now();
         let started = match how {
-            Start::Boot => self.backend.boot(&launch).instrument(tracing::info_span!(
+            StartKind::Boot => self.backend.boot(&launch).instrument(tracing::info_span!(
                 "backend.boot",
                 vm_id = %vm.id,
                 backend = self.backend_name()
             )),
-            Start::Wake => self.backend.wake(&launch).instrument(tracing::info_span!(
+            StartKind::Wake => self.backend.wake(&launch).instrument(tracing::info_span!(
                 "backend.wake",
                 vm_id = %vm.id,
                 backend = self.backend_name()
@@ -464,10 +466,10 @@ impl VmService {
         };
         let (pid, start_ticks) = (process.pid, process.start_ticks);
         vm.life.apply(match how {
-            Start::Boot => Change::Booted { pid, start_ticks },
-            Start::Wake => Change::Woken { pid, start_ticks },
+            StartKind::Boot => Change::Booted { pid, start_ticks },
+            StartKind::Wake => Change::Woken { pid, start_ticks },
         })?;
-        if how == Start::Wake {
+        if how == StartKind::Wake {
             // The guest goes on from where it was saved: booted long ago.
             vm.life.mark_guest_ready();
         }
@@ -478,14 +480,14 @@ impl VmService {
             .observe(Step::VmmStart, t1.elapsed().as_secs_f64());
         let vmm_ms = t1.elapsed().as_secs_f64() * 1000.0;
         match how {
-            Start::Boot => {
+            StartKind::Boot => {
                 tracing::info!(vm_id = %vm.id, pid = process.pid, sandbox_ms, vmm_ms, "vm booted")
             }
-            Start::Wake => {
+            StartKind::Wake => {
                 tracing::info!(vm_id = %vm.id, pid = process.pid, sandbox_ms, vmm_ms, "vm woken")
             }
         }
-        if how == Start::Boot {
+        if how == StartKind::Boot {
             self.watch_readiness(vm, &launch, console_offset);
         }
         Ok(())
@@ -564,7 +566,7 @@ impl VmService {
                 hint: "; it was saved by another VMM than this host runs: shut it down to boot it afresh",
             }));
         }
-        self.admit_and_start(vm, Start::Wake).await
+        self.admit_and_start(vm, StartKind::Wake).await
     }
 
     async fn vcpus(
@@ -832,24 +834,6 @@ fn remove_suspended_state(dir: &Path) -> Result<(), ServiceError> {
         path: dir.to_path_buf(),
         source: std::io::Error::other(source),
     })
-}
-
-/// What a new VMM is started for.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Start {
-    /// A cold boot of the guest.
-    Boot,
-    /// The guest's saved state, running again.
-    Wake,
-}
-
-impl Start {
-    fn as_str(self) -> &'static str {
-        match self {
-            Start::Boot => "boot",
-            Start::Wake => "wake",
-        }
-    }
 }
 
 /// Pause and resume: the VMM stays, its vCPUs freeze or run again.
