@@ -1,5 +1,6 @@
 //! The `vm_network` table: each VM's jail slot and addresses, picked inside the VM's insert
-//! (see [`crate::VmStore::insert_vm`]) and removed with the VM by the schema's cascade.
+//! (see [`crate::VmStore::insert_vm`]) and removed with the VM by the schema's cascade, or
+//! moved to `held_allocations` until a deleted VM's network and jail are gone.
 
 use rusqlite::params;
 
@@ -17,7 +18,9 @@ pub(crate) fn allocate(
     let used = |column: &str| -> Result<Vec<u64>, StoreError> {
         let mut stmt = tx
             .prepare_cached(&format!(
-                "SELECT {column} FROM vm_network WHERE {column} IS NOT NULL ORDER BY {column}"
+                "SELECT {column} FROM vm_network WHERE {column} IS NOT NULL
+                 UNION SELECT {column} FROM held_allocations WHERE {column} IS NOT NULL
+                 ORDER BY 1"
             ))
             .map_err(sql("read allocations"))?;
         let rows = stmt

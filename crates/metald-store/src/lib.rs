@@ -42,6 +42,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0005_run_reservations.sql"),
     include_str!("../migrations/0006_disk_bytes.sql"),
     include_str!("../migrations/0007_asset_owner.sql"),
+    include_str!("../migrations/0008_held_allocations.sql"),
 ];
 
 /// Per-customer limits on what runs at once (`None`: no limit).

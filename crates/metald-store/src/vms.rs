@@ -96,6 +96,16 @@ pub trait VmStore: Send + Sync {
     /// Removes a VM with its allocation (free for the next VM), usage and billing cursor; its
     /// outbox rows stay, as the usage in them is still owed. A missing VM is not an error.
     fn delete_vm(&self, id: &VmId) -> Result<(), StoreError>;
+
+    /// Removes a VM like [`VmStore::delete_vm`], but its jail slot and addresses stay taken
+    /// until [`VmStore::free_held_allocation`]: its network and jail are still being removed.
+    fn delete_vm_holding_allocation(&self, id: &VmId) -> Result<(), StoreError>;
+
+    /// Frees what [`VmStore::delete_vm_holding_allocation`] held for `id`.
+    fn free_held_allocation(&self, id: &VmId) -> Result<(), StoreError>;
+
+    /// Frees every held allocation (at start, once every leftover of deleted VMs is swept).
+    fn free_held_allocations(&self) -> Result<u64, StoreError>;
 }
 
 impl VmStore for Store {
@@ -367,6 +377,38 @@ impl VmStore for Store {
             .execute("DELETE FROM vms WHERE id = ?1", params![id.as_str()])
             .map_err(sql("delete vm"))?;
         Ok(())
+    }
+
+    fn delete_vm_holding_allocation(&self, id: &VmId) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(sql("begin"))?;
+        tx.execute(
+            "INSERT OR REPLACE INTO held_allocations (vm_id, slot, ip6_index, ip4_index)
+             SELECT vm_id, slot, ip6_index, ip4_index FROM vm_network WHERE vm_id = ?1",
+            params![id.as_str()],
+        )
+        .map_err(sql("hold allocation"))?;
+        tx.execute("DELETE FROM vms WHERE id = ?1", params![id.as_str()])
+            .map_err(sql("delete vm"))?;
+        tx.commit().map_err(sql("commit"))
+    }
+
+    fn free_held_allocation(&self, id: &VmId) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "DELETE FROM held_allocations WHERE vm_id = ?1",
+                params![id.as_str()],
+            )
+            .map_err(sql("free held allocation"))?;
+        Ok(())
+    }
+
+    fn free_held_allocations(&self) -> Result<u64, StoreError> {
+        let n = self
+            .conn()
+            .execute("DELETE FROM held_allocations", [])
+            .map_err(sql("free held allocations"))?;
+        Ok(n as u64)
     }
 }
 

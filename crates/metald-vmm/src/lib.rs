@@ -307,7 +307,8 @@ pub trait Backend: Send + Sync {
         Ok(None)
     }
 
-    /// Kills any VMM of the VM and removes the VMM's files from its directory.
+    /// Sends any VMM of the VM SIGKILL, without waiting for it to be gone (the VM's sandbox
+    /// release waits for its cgroup to empty), and removes the VMM's files from its directory.
     async fn delete(&self, vm: &VmId, dir: &Path) -> Result<(), BackendError>;
 
     /// What is known about the VM's VMM, if one was started or adopted.

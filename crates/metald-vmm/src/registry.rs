@@ -161,6 +161,22 @@ impl Registry {
         Ok(outcome)
     }
 
+    /// Sends the VM's VMM SIGKILL and forgets it, without waiting for it to be gone (its
+    /// exit is still reaped and reported, as asked for). For a delete: the VM's sandbox
+    /// release waits for its cgroup to be empty, off the caller's path.
+    pub fn kill_now(&self, vm: &VmId) -> Result<(), BackendError> {
+        let Some(entry) = self.take(vm) else {
+            return Ok(());
+        };
+        if let Err(e) = entry.process.kill() {
+            // Kept, so a retried delete can try again.
+            self.map().insert(vm.clone(), entry);
+            return Err(e);
+        }
+        tracing::info!(vm_id = %vm, pid = entry.process.process.pid, "VMM killed");
+        Ok(())
+    }
+
     /// Kills the VM's VMM at once, asking nothing of its guest (a VMM that is gone is fine).
     pub async fn kill(&self, vm: &VmId) -> Result<(), BackendError> {
         self.stop(vm, StopMode::Force, async { Ok(()) })

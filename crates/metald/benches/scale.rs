@@ -34,6 +34,11 @@ fn main() {
         .env("UNKEY_METALD_JAILER_ID_COUNT", &(n + 100).to_string())
         .env("UNKEY_METALD_HOST_MEMORY_OVERCOMMIT", "100")
         .env("UNKEY_METALD_HOST_CPU_OVERCOMMIT", "1000")
+        // The per-step lines of a start and a delete (see `steps` below).
+        .env(
+            "UNKEY_METALD_LOG",
+            "info,metald::sandbox=debug,metald_host::network=debug,metald_vmm::firecracker=debug",
+        )
         .start_with(Metald::import_tiny_guest);
     let api = Rest::new(&m, Some("scale"));
     let body = json!({"config": {"cpu": {"vcpu_count": 1}, "memory": {"size_bytes": 128 << 20},
@@ -92,6 +97,7 @@ fn main() {
             &deletes[lo..hi],
         );
     }
+    print_steps(&m.log_text(), &ids, n);
     println!();
     println!(
         "all {n}: metald {:.1} s to boot, {:.1} s to delete; bare firecracker {:.1} s to start ({:.2}x)",
@@ -106,6 +112,135 @@ fn main() {
         rss_after / 1024,
         (rss_after.saturating_sub(rss_before)) as f64 / n as f64
     );
+}
+
+/// The lines metald logs for each start and delete, by what they time, in the order of a
+/// start and then a delete: (log message, its `*_ms` field, name in the table).
+const STEPS: &[(&str, &str, &str)] = &[
+    (
+        "vm booted",
+        "admission_ms",
+        "boot: quota and capacity admission",
+    ),
+    (
+        "network made",
+        "leftovers_ms",
+        "boot: network, an earlier run's leftovers",
+    ),
+    (
+        "network made",
+        "plumbing_ms",
+        "boot: network, netns + veth + routes",
+    ),
+    ("network made", "firewall_ms", "boot: network, nft elements"),
+    (
+        "sandbox ready",
+        "jail_ms",
+        "boot: jail (cgroup, directories)",
+    ),
+    (
+        "firecracker started",
+        "spawn_ms",
+        "boot: VMM files and spawn",
+    ),
+    (
+        "firecracker started",
+        "ready_ms",
+        "boot: jail child + VMM until API answers",
+    ),
+    (
+        "firecracker started",
+        "configure_ms",
+        "boot: VMM configured, guest started",
+    ),
+    (
+        "vm booted",
+        "record_ms",
+        "boot: record RUNNING, start metering",
+    ),
+    ("vm deleted", "vmm_ms", "delete: VMM sent SIGKILL"),
+    (
+        "vm deleted",
+        "rest_ms",
+        "delete: last usage, record removed",
+    ),
+    (
+        "network removed",
+        "firewall_ms",
+        "delete, after: nft elements",
+    ),
+    (
+        "network removed",
+        "plumbing_ms",
+        "delete, after: veth + netns",
+    ),
+    (
+        "sandbox released",
+        "jail_ms",
+        "delete, after: VMM gone, cgroup, jail dir",
+    ),
+    (
+        "leftovers removed",
+        "reap_ms",
+        "delete, after: all, VM directory included",
+    ),
+];
+
+/// Prints the median of each step of a start and a delete, around 1, 100, 500 and 1000 VMs
+/// running, from metald's own log lines (the per-step profile of issue 14).
+fn print_steps(log: &str, ids: &[String], n: usize) {
+    use std::collections::HashMap;
+    // (vm id, message, field) -> ms
+    let mut seen: HashMap<(String, &str, &str), f64> = HashMap::new();
+    for line in log.lines() {
+        for (msg, field, _) in STEPS {
+            if !line.contains(&format!(" {msg} ")) && !line.ends_with(msg) {
+                continue;
+            }
+            let Some(id) = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("vm_id="))
+                .map(|v| v.trim_matches(|c: char| !c.is_ascii_alphanumeric() && c != '-'))
+            else {
+                continue;
+            };
+            if let Some(v) = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{field}=")))
+                .and_then(|v| v.parse::<f64>().ok())
+            {
+                seen.insert((id.to_string(), *msg, *field), v);
+            }
+        }
+    }
+    let sizes: Vec<usize> = [1usize, 100, 500, 1000]
+        .into_iter()
+        .filter(|at| *at <= n)
+        .collect();
+    println!();
+    print!("| step, median ms of 5 around N running ");
+    for at in &sizes {
+        print!("| N={at:<5} ");
+    }
+    println!("|");
+    println!("|{}", "---|".repeat(sizes.len() + 1));
+    for (msg, field, name) in STEPS {
+        print!("| {name:<45} ");
+        for at in &sizes {
+            let lo = at.saturating_sub(3).min(n - 1);
+            let hi = (lo + 5).min(n);
+            let mut v: Vec<f64> = ids[lo..hi]
+                .iter()
+                .filter_map(|id| seen.get(&(id.clone(), *msg, *field)).copied())
+                .collect();
+            v.sort_by(f64::total_cmp);
+            match v.get(v.len() / 2) {
+                Some(m) => print!("| {m:>7.2} "),
+                None => print!("| {:>7} ", "-"),
+            }
+        }
+        println!("|");
+    }
 }
 
 /// Resident memory of a process, KiB.

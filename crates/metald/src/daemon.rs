@@ -316,9 +316,20 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
     crate::listener::serve(listener, routers.api, tls, shutdown_signal())
         .await
         .map_err(|source| StartError::Listen { addr, source })?;
+    // Deleted VMs' leftovers still being removed are finished (the start-up sweep would do it
+    // too, but a clean stop leaves nothing behind).
+    if tokio::time::timeout(SETTLE_TIMEOUT, svc.settle())
+        .await
+        .is_err()
+    {
+        tracing::warn!("deleted VMs' leftovers were still being removed at shutdown; the next start sweeps them");
+    }
     tracing::info!("metald stopped; running VMs keep running and are re-attached at next start");
     Ok(())
 }
+
+/// How long a stopping metald waits for deleted VMs' leftovers to be removed.
+const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};

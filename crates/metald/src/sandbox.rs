@@ -211,9 +211,11 @@ impl Isolation for Sandboxes {
     /// removed; the jail's error is returned, since processes left in the VM's cgroup mean
     /// its uid must stay taken.
     async fn release(&self, vm: &VmRecord) -> Result<(), SandboxError> {
+        let t0 = std::time::Instant::now();
         if let Err(e) = self.network.teardown(vm).await {
             tracing::error!(vm_id = %vm.id, error = %Chain(&e), "removing the VM's network failed");
         }
+        let network_ms = t0.elapsed().as_secs_f64() * 1000.0;
         // Killing the cgroup waits for its processes to be reaped: not on a runtime thread.
         let jailer = Arc::clone(&self.jailer);
         let id = vm.id.clone();
@@ -223,6 +225,7 @@ impl Isolation for Sandboxes {
         if let Err(e) = &released {
             tracing::error!(vm_id = %vm.id, error = %Chain(e), "removing the VM's jail failed");
         }
+        tracing::debug!(vm_id = %vm.id, network_ms, jail_ms = t0.elapsed().as_secs_f64() * 1000.0 - network_ms, "sandbox released");
         Ok(released?)
     }
 

@@ -243,10 +243,17 @@ impl Network {
     /// firewall. On failure everything made so far is removed again.
     pub async fn setup(&self, vm: &VmRecord) -> Result<VmNetworkPlan, NetworkError> {
         let plan = self.plan(vm)?;
+        let t0 = std::time::Instant::now();
         // Leftovers of an earlier run of this VM (metald killed mid-way) are replaced.
         self.remove_plumbing(&vm.id).await;
+        let t1 = std::time::Instant::now();
         let made = match self.make_plumbing(&plan).await {
-            Ok(()) => self.allow(vm, &plan).await,
+            Ok(()) => {
+                let t2 = std::time::Instant::now();
+                let allowed = self.allow(vm, &plan).await;
+                tracing::debug!(vm_id = %vm.id, leftovers_ms = ms(t1 - t0), plumbing_ms = ms(t2 - t1), firewall_ms = ms(t2.elapsed()), "network made");
+                allowed
+            }
             Err(e) => Err(e),
         };
         if let Err(e) = made {
@@ -343,6 +350,7 @@ impl Network {
 
     /// Removes everything the VM's run had: firewall entries, veth pair, namespace.
     pub async fn teardown(&self, vm: &VmRecord) -> Result<(), NetworkError> {
+        let t0 = std::time::Instant::now();
         {
             let mut fw = self.firewall.lock().await;
             if let Some(change) = fw.stop(vm.id.as_str()) {
@@ -350,7 +358,9 @@ impl Network {
                 fw.commit(change);
             }
         }
+        let firewall_ms = t0.elapsed().as_secs_f64() * 1000.0;
         self.remove_plumbing(&vm.id).await;
+        tracing::debug!(vm_id = %vm.id, firewall_ms, plumbing_ms = t0.elapsed().as_secs_f64() * 1000.0 - firewall_ms, "network removed");
         Ok(())
     }
 
@@ -404,6 +414,10 @@ impl Network {
         self.rules.load(&fw.render()).await?;
         Ok(())
     }
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
 }
 
 /// True for names metald gives VM interfaces (`mv`/`mp` + 12 hex digits).

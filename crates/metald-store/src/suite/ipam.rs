@@ -242,3 +242,34 @@ pub fn allocations_survive_reopen<H: Harness>(h: &H) {
         Err(StoreError::Exhausted("jail uid/gid slots"))
     ));
 }
+
+/// A VM deleted while its network and jail are still being removed keeps its slot and
+/// addresses from every new VM until they are freed, one at a time or all at start.
+pub fn a_held_allocation_stays_taken_until_freed<H: Harness>(h: &H) {
+    let store = h.open();
+    let p = plan(2, "fd00:1::/64", Some("10.9.0.0/29"));
+    let a = insert(&store, "a", &p);
+    let b = insert(&store, "a", &p);
+    store.delete_vm_holding_allocation(&a.id).unwrap();
+    assert_eq!(
+        store.get_vm_unscoped(&a.id).unwrap(),
+        None,
+        "the VM is gone"
+    );
+    match store.insert_vm(&vm("c"), Some(&p)) {
+        Err(StoreError::Exhausted(w)) => assert_eq!(w, "jail uid/gid slots"),
+        other => panic!("the held slot was handed out again: {other:?}"),
+    }
+    store.free_held_allocation(&a.id).unwrap();
+    let c = insert(&store, "c", &p);
+    assert_eq!(
+        (net(&c).slot, net(&c).ipv6, net(&c).ipv4),
+        (net(&a).slot, net(&a).ipv6, net(&a).ipv4),
+        "freed: the lowest again"
+    );
+    store.delete_vm_holding_allocation(&b.id).unwrap();
+    store.delete_vm_holding_allocation(&c.id).unwrap();
+    assert_eq!(store.free_held_allocations().unwrap(), 2);
+    let d = insert(&store, "d", &p);
+    assert_eq!(net(&d).slot, 0);
+}

@@ -83,6 +83,7 @@ macro_rules! store_suite {
             ipam::addresses_are_never_handed_out_twice,
             ipam::concurrent_inserts_get_distinct_addresses,
             ipam::delete_frees_the_lowest_for_the_next_vm,
+            ipam::a_held_allocation_stays_taken_until_freed,
             ipam::slots_run_out_and_the_failed_insert_stores_nothing,
             ipam::ipv4_addresses_run_out,
             ipam::ipv6_addresses_run_out,

@@ -273,7 +273,7 @@ impl Backend for QemuBackend {
     }
 
     async fn delete(&self, vm: &VmId, dir: &Path) -> Result<(), BackendError> {
-        self.registry.kill(vm).await?;
+        self.registry.kill_now(vm)?;
         remove_vmm_files(dir)
     }
 

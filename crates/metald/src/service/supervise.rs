@@ -72,6 +72,15 @@ impl VmService {
             .sweep(&keep)
             .await
             .map_err(ServiceError::Sweep)?;
+        // Deleted VMs whose leftovers were still being removed when metald stopped: swept
+        // just now with the rest, so their slots and addresses are free again.
+        let freed = self.store.free_held_allocations()?;
+        if freed > 0 {
+            tracing::info!(
+                freed,
+                "freed the slots and addresses of VMs deleted before the restart"
+            );
+        }
         Ok(())
     }
 
@@ -104,7 +113,7 @@ impl VmService {
             if known.contains(&id) {
                 continue;
             }
-            tracing::warn!(vm_id = %id, "VM directory without a VM: removing an interrupted create");
+            tracing::warn!(vm_id = %id, "VM directory without a VM: removing what an interrupted create or delete left");
             if let Err(e) = std::fs::remove_dir_all(entry.path()) {
                 tracing::error!(vm_id = %id, error = %Chain(&e), "removing the directory failed");
             }

@@ -42,6 +42,7 @@ async fn lifecycle_drives_the_backend_in_order() {
         (VmState::Shutdown, None)
     );
     f.svc.delete(&f.who, &id, false).await.unwrap();
+    f.svc.settle().await;
     assert_eq!(dirs(&f), 0);
     assert_eq!(
         f.backend.calls(),
@@ -505,6 +506,7 @@ async fn a_delete_during_a_boot_waits_for_it_then_removes_the_vm_and_its_sandbox
     gate.add_permits(1);
     assert_eq!(booting.await.unwrap().unwrap().state(), VmState::Running);
     deleting.await.unwrap().unwrap();
+    f.svc.settle().await;
     let calls = f.backend.calls();
     assert_eq!(&calls[calls.len() - 3..], ["boot", "boot done", "delete"]);
     assert_eq!(
@@ -698,19 +700,51 @@ async fn other_customers_never_wait_on_or_add_to_the_vm_locks() {
     );
 }
 
-#[tokio::test]
-async fn a_vm_whose_cgroup_cannot_be_emptied_is_not_deleted_and_keeps_its_slot() {
+#[tokio::test(start_paused = true)]
+async fn a_delete_answers_before_the_sandbox_is_gone_and_retries_what_fails() {
     let f = fixture();
     let id = f.svc.create(&f.who, config()).await.unwrap().id;
     f.svc.boot(&f.who, &id).await.unwrap();
     f.isolation.fail_release.store(true, Ordering::SeqCst);
-    let err = f.svc.delete(&f.who, &id, true).await.unwrap_err();
-    assert!(matches!(err, ServiceError::Sandbox { .. }), "{err}");
-    // Still stored: its jail slot (uid) and addresses are not handed to another VM.
-    assert!(f.svc.get(&f.who, &id).await.is_ok());
-    f.isolation.fail_release.store(false, Ordering::SeqCst);
+    let releases = || {
+        f.isolation
+            .calls()
+            .iter()
+            .filter(|c| **c == format!("release {id}"))
+            .count()
+    };
+    // Gone for its owner at once, whatever its cgroup does.
     f.svc.delete(&f.who, &id, true).await.unwrap();
-    assert!(f.svc.get(&f.who, &id).await.is_err());
+    assert!(matches!(
+        f.svc.get(&f.who, &id).await,
+        Err(ServiceError::NotFound(_))
+    ));
+    f.svc.settle().await;
+    assert_eq!(
+        releases(),
+        3,
+        "tried three times, then left to the start-up sweep"
+    );
+    assert!(
+        !f.vms_dir.join(id.as_str()).exists(),
+        "the directory is removed whatever the sandbox did"
+    );
+
+    // A release that works the first time: one try, and the directory is gone.
+    f.isolation.fail_release.store(false, Ordering::SeqCst);
+    let other = f.svc.create(&f.who, config()).await.unwrap().id;
+    f.svc.boot(&f.who, &other).await.unwrap();
+    f.svc.delete(&f.who, &other, true).await.unwrap();
+    f.svc.settle().await;
+    assert!(!f.vms_dir.join(other.as_str()).exists());
+    assert_eq!(
+        f.isolation
+            .calls()
+            .iter()
+            .filter(|c| **c == format!("release {other}"))
+            .count(),
+        1
+    );
 }
 
 #[tokio::test]
@@ -966,5 +1000,6 @@ async fn a_suspended_vm_holds_no_vmm_wakes_on_resume_and_survives_a_restart() {
     f.svc.boot(&f.who, &id).await.unwrap();
     f.svc.suspend(&f.who, &id).await.unwrap();
     f.svc.delete(&f.who, &id, false).await.unwrap();
+    f.svc.settle().await;
     assert!(!f.vms_dir.join(id.as_str()).exists());
 }

@@ -73,7 +73,7 @@ fn firecracker_limits_its_vcpus_and_keeps_the_console_to_the_guest() {
     kill_vmm_and_expect_failed(&api, &id, pid);
     m.assert_clean();
     api.call("DELETE", &format!("/v1/vms/{id}"), None).ok();
-    assert!(!m.data_dir.join("vms").join(&id).exists());
+    m.wait_vm_dir_gone(&id);
 }
 
 /// A VMM (the VM's uid owns its directory) that replaced its console log, its own log and its

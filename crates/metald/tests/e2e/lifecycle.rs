@@ -187,10 +187,8 @@ fn scenario(b: &Backend) {
     // Delete: the VM, its directory and everything made for it are gone.
     api.call("DELETE", &vm_path(&id, ""), None).ok();
     assert_eq!(api.call("GET", &vm_path(&id, ""), None).status, 404);
-    assert!(
-        !dir.exists(),
-        "VM directory (disk, console, socket) removed"
-    );
+    // VM directory (disk, console, socket) removed.
+    m.wait_vm_dir_gone(&id);
     assert_eq!(api.call("GET", "/v1/vms", None).ok()["vms"], Value::Null);
     m.assert_clean();
 }

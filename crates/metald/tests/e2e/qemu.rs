@@ -233,7 +233,7 @@ async fn rpc_lifecycle(m: &Metald, flavour: &str) {
         .await
         .unwrap_err();
     assert_eq!(err.code, ErrorCode::NotFound);
-    assert!(!m.data_dir.join("vms").join(&id).exists());
+    m.wait_vm_dir_gone(&id);
 }
 
 /// The generated Connect client (protobuf and JSON codecs) and gRPC each drive a VM's whole life.
@@ -859,7 +859,7 @@ fn a_vmm_that_dies_on_its_own_marks_the_vm_failed() {
     // The crash alone removes the VM's namespace, veth, rules, cgroup and jail.
     m.assert_clean();
     api.call("DELETE", &format!("/v1/vms/{id}"), None).ok();
-    assert!(!m.data_dir.join("vms").join(&id).exists());
+    m.wait_vm_dir_gone(&id);
 }
 
 /// A guest that never prints its readiness line is reported FAILED with its console tail, and

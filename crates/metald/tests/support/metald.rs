@@ -672,6 +672,17 @@ impl Metald {
         }
     }
 
+    /// Waits (up to 30 s) until the VM's directory is gone: DeleteVm answers once the VM is
+    /// gone for its owner, and its files are removed right after, off the call's path.
+    pub fn wait_vm_dir_gone(&self, id: &str) {
+        let dir = self.data_dir.join("vms").join(id);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while dir.exists() {
+            assert!(Instant::now() < deadline, "{} still there", dir.display());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The VM's console log as written so far.
     pub fn console(&self, id: &str) -> String {
         std::fs::read_to_string(self.data_dir.join("vms").join(id).join("console.log"))
