@@ -42,6 +42,11 @@ pub trait Isolation: Send + Sync {
     /// Nothing is left behind on failure.
     async fn setup(&self, vm: &VmRecord, launch: &mut VmLaunch) -> Result<(), SandboxError>;
 
+    /// Lets the VM's traffic through the firewall (after [`Isolation::setup`], while its VMM
+    /// starts: until then its traffic is dropped). On failure [`Isolation::release`] removes
+    /// the rest.
+    async fn open(&self, vm: &VmRecord) -> Result<(), SandboxError>;
+
     /// For a VM whose network is already up (a reboot): fills `launch` with it and a new jail.
     fn attach(&self, vm: &VmRecord, launch: &mut VmLaunch) -> Result<(), SandboxError>;
 
@@ -79,6 +84,9 @@ impl Isolation for Unisolated {
         None
     }
     async fn setup(&self, _: &VmRecord, _: &mut VmLaunch) -> Result<(), SandboxError> {
+        Ok(())
+    }
+    async fn open(&self, _: &VmRecord) -> Result<(), SandboxError> {
         Ok(())
     }
     fn attach(&self, _: &VmRecord, _: &mut VmLaunch) -> Result<(), SandboxError> {
@@ -185,8 +193,8 @@ impl Isolation for Sandboxes {
         Some(self.plan)
     }
 
-    /// Makes the VM's network and jail and puts them into `launch`. Nothing is left behind on
-    /// failure.
+    /// Makes the VM's network (closed until [`Isolation::open`]) and jail and puts them into
+    /// `launch`. Nothing is left behind on failure.
     async fn setup(&self, vm: &VmRecord, launch: &mut VmLaunch) -> Result<(), SandboxError> {
         let t0 = std::time::Instant::now();
         let net = self.network.setup(vm).await?;
@@ -199,6 +207,10 @@ impl Isolation for Sandboxes {
         }
         tracing::debug!(vm_id = %vm.id, network_ms, jail_ms = t0.elapsed().as_secs_f64() * 1000.0 - network_ms, "sandbox ready");
         Ok(())
+    }
+
+    async fn open(&self, vm: &VmRecord) -> Result<(), SandboxError> {
+        Ok(self.network.open(vm).await?)
     }
 
     /// For a VM whose network is already up (a reboot): fills `launch` with it and a new jail.

@@ -99,6 +99,8 @@ pub(crate) struct FakeIsolation {
     pub(crate) fail_setup: AtomicBool,
     /// While set, release fails (processes left in the VM's cgroup).
     pub(crate) fail_release: AtomicBool,
+    /// While set, opening the firewall fails.
+    pub(crate) fail_open: AtomicBool,
 }
 
 impl FakeIsolation {
@@ -118,6 +120,13 @@ impl Isolation for FakeIsolation {
     async fn setup(&self, vm: &VmRecord, _: &mut VmLaunch) -> Result<(), SandboxError> {
         self.record("setup", &vm.id);
         if self.fail_setup.load(Ordering::SeqCst) {
+            return Err(SandboxError::NotAllocated(vm.id.clone()));
+        }
+        Ok(())
+    }
+    async fn open(&self, vm: &VmRecord) -> Result<(), SandboxError> {
+        self.record("open", &vm.id);
+        if self.fail_open.load(Ordering::SeqCst) {
             return Err(SandboxError::NotAllocated(vm.id.clone()));
         }
         Ok(())

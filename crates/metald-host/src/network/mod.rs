@@ -239,28 +239,31 @@ impl Network {
         })
     }
 
-    /// Makes the VM's namespace and veth pair, routes its addresses, and lets it through the
-    /// firewall. On failure everything made so far is removed again.
+    /// Makes the VM's namespace and veth pair and routes its addresses. On failure everything
+    /// made so far is removed again. Its traffic stays dropped until [`Network::open`].
     pub async fn setup(&self, vm: &VmRecord) -> Result<VmNetworkPlan, NetworkError> {
         let plan = self.plan(vm)?;
         let t0 = std::time::Instant::now();
         // Leftovers of an earlier run of this VM (metald killed mid-way) are replaced.
         self.remove_plumbing(&vm.id).await;
         let t1 = std::time::Instant::now();
-        let made = match self.make_plumbing(&plan).await {
-            Ok(()) => {
-                let t2 = std::time::Instant::now();
-                let allowed = self.allow(vm, &plan).await;
-                tracing::debug!(vm_id = %vm.id, leftovers_ms = ms(t1 - t0), plumbing_ms = ms(t2 - t1), firewall_ms = ms(t2.elapsed()), "network made");
-                allowed
-            }
-            Err(e) => Err(e),
-        };
-        if let Err(e) = made {
+        if let Err(e) = self.make_plumbing(&plan).await {
             self.remove_plumbing(&vm.id).await;
             return Err(e);
         }
+        tracing::debug!(vm_id = %vm.id, leftovers_ms = ms(t1 - t0), plumbing_ms = ms(t1.elapsed()), "network made");
         Ok(plan)
+    }
+
+    /// Lets the VM's traffic through the firewall: until then every packet from or to its
+    /// interface is dropped (the table's default for `mv*` interfaces), so this may run while
+    /// its VMM starts. A failure changes nothing; [`Network::teardown`] removes the rest.
+    pub async fn open(&self, vm: &VmRecord) -> Result<(), NetworkError> {
+        let t0 = std::time::Instant::now();
+        let plan = self.plan(vm)?;
+        self.allow(vm, &plan).await?;
+        tracing::debug!(vm_id = %vm.id, firewall_ms = ms(t0.elapsed()), "network opened");
+        Ok(())
     }
 
     async fn make_plumbing(&self, plan: &VmNetworkPlan) -> Result<(), NetworkError> {
@@ -565,6 +568,16 @@ mod tests {
         }
     }
 
+    /// A VM start's network steps: plumbing, then the firewall (undone if that fails).
+    async fn start(net: &Network, vm: &VmRecord) -> Result<VmNetworkPlan, NetworkError> {
+        let plan = net.setup(vm).await?;
+        if let Err(e) = net.open(vm).await {
+            net.teardown(vm).await.unwrap();
+            return Err(e);
+        }
+        Ok(plan)
+    }
+
     fn network(kernel: &Arc<FakeKernel>) -> Network {
         Network::with_kernel(
             NetworkConfig {
@@ -616,7 +629,7 @@ mod tests {
         let k = Arc::new(FakeKernel::default());
         let net = network(&k);
         let a = vm(1);
-        let plan = net.setup(&a).await.unwrap();
+        let plan = start(&net, &a).await.unwrap();
         let (host, peer) = interface_names(&a.id);
         let ns = format!("/run/test-netns/{}", a.id);
         assert_eq!(plan.netns, Path::new(&ns));
@@ -640,10 +653,10 @@ mod tests {
         let k = Arc::new(FakeKernel::default());
         let net = network(&k);
         let (a, b) = (vm(1), vm(2));
-        net.setup(&a).await.unwrap();
+        start(&net, &a).await.unwrap();
         k.calls();
         *k.fail_on.lock().unwrap() = Some("route 10.9.0.2".into());
-        assert!(net.setup(&b).await.is_err());
+        assert!(start(&net, &b).await.is_err());
         let (host_b, _) = interface_names(&b.id);
         let calls = k.calls();
         assert!(!calls.iter().any(|c| c.starts_with("nft")), "{calls:?}");
@@ -676,8 +689,8 @@ mod tests {
         let k = Arc::new(FakeKernel::default());
         let net = network(&k);
         let (kept, gone) = (vm(1), vm(2));
-        net.setup(&kept).await.unwrap();
-        net.setup(&gone).await.unwrap();
+        start(&net, &kept).await.unwrap();
+        start(&net, &gone).await.unwrap();
         // A restarted metald: a new network over the same kernel state.
         let net = network(&k);
         net.adopt(&kept).await.unwrap();
@@ -720,11 +733,11 @@ mod tests {
         let k = Arc::new(FakeKernel::default());
         let net = network(&k);
         for (n, c) in [(1, "acme"), (2, "acme"), (3, "bolt")] {
-            net.setup(&vm_of(n, c)).await.unwrap();
+            start(&net, &vm_of(n, c)).await.unwrap();
         }
         let d = vm_of(4, "acme");
         let (host_d, _) = interface_names(&d.id);
-        net.setup(&d).await.unwrap();
+        start(&net, &d).await.unwrap();
         let s = last_script(&k);
         assert!(s.lines().all(|l| l.starts_with("add element ")), "{s}");
         assert_eq!(named(&s), BTreeSet::from([host_d.clone()]));
@@ -743,13 +756,13 @@ mod tests {
         let net = network(&k);
         let (a, b, c) = (vm(1), vm_of(2, "bolt"), vm(3));
         let [host_a, host_b, host_c] = [&a, &b, &c].map(|v| interface_names(&v.id).0);
-        net.setup(&a).await.unwrap();
+        start(&net, &a).await.unwrap();
         k.calls();
 
         // The table lost something (say, the host's firewall reload flushed it): the change
         // is refused, so the whole table is written, b included.
         *k.fail_on.lock().unwrap() = Some("nft change".into());
-        net.setup(&b).await.unwrap();
+        start(&net, &b).await.unwrap();
         let calls = k.calls();
         assert_eq!(
             &calls[calls.len() - 2..],
@@ -761,7 +774,7 @@ mod tests {
 
         // nft refuses everything: c's boot fails and the model stays a and b.
         *k.fail_on.lock().unwrap() = Some("nft".into());
-        assert!(net.setup(&c).await.is_err());
+        assert!(start(&net, &c).await.is_err());
         *k.fail_on.lock().unwrap() = None;
         k.calls();
         net.teardown(&c).await.unwrap();
@@ -783,7 +796,7 @@ mod tests {
         let vms = [vm_of(1, "acme"), vm_of(2, "acme"), vm_of(3, "bolt")];
         let net = network(&k);
         for v in &vms {
-            net.setup(v).await.unwrap();
+            start(&net, v).await.unwrap();
         }
         let net = network(&k);
         for v in &vms {

@@ -459,12 +459,25 @@ impl VmService {
                 backend = self.backend_name()
             )),
         };
-        let process = match started.await {
-            Ok(p) => p,
-            Err(source) => {
+        // The firewall opens while the VMM starts: the VM's traffic is dropped until it has,
+        // and the start waits for both.
+        let (started, opened) = tokio::join!(started, self.isolation.open(vm));
+        let process = match (started, opened) {
+            (Ok(p), Ok(())) => p,
+            (Err(source), _) => {
                 let _logged = self.release_sandbox(vm).await;
                 return Err(ServiceError::Backend {
                     op: how.as_str(),
+                    vm: vm.id.clone(),
+                    source,
+                });
+            }
+            (Ok(_), Err(source)) => {
+                if let Err(e) = self.backend.shutdown(&vm.id, StopMode::Force).await {
+                    tracing::error!(vm_id = %vm.id, error = %Chain(&e), "stopping a VMM whose firewall could not be opened failed");
+                }
+                let _logged = self.release_sandbox(vm).await;
+                return Err(ServiceError::Sandbox {
                     vm: vm.id.clone(),
                     source,
                 });

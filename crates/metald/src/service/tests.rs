@@ -371,7 +371,11 @@ async fn a_failed_boot_rolls_back_isolation_and_leaves_the_vm_created() {
     assert!(f.svc.boot(&f.who, &id).await.is_err());
     assert_eq!(
         f.isolation.calls(),
-        [format!("setup {id}"), format!("release {id}")]
+        [
+            format!("setup {id}"),
+            format!("open {id}"),
+            format!("release {id}")
+        ]
     );
     let vm = f.svc.get(&f.who, &id).await.unwrap();
     assert_eq!(vm.life, VmLife::created());
@@ -391,6 +395,30 @@ async fn a_failed_boot_rolls_back_isolation_and_leaves_the_vm_created() {
 }
 
 #[tokio::test]
+async fn a_firewall_that_cannot_open_stops_the_started_vmm_and_leaves_the_vm_created() {
+    let f = fixture();
+    let id = f.svc.create(&f.who, config()).await.unwrap().id;
+    f.isolation.fail_open.store(true, Ordering::SeqCst);
+    let err = f.svc.boot(&f.who, &id).await.unwrap_err();
+    assert!(matches!(err, ServiceError::Sandbox { .. }), "{err}");
+    let calls = f.backend.calls();
+    assert_eq!(&calls[calls.len() - 2..], ["boot", "shutdown Force"]);
+    assert_eq!(
+        f.isolation.calls().last().unwrap(),
+        &format!("release {id}")
+    );
+    let vm = f.svc.get(&f.who, &id).await.unwrap();
+    assert_eq!((vm.state(), vm.life.vmm_pid()), (VmState::Created, None));
+    assert!(!f.svc.meter.is_running(&id));
+    // Nothing is held: the next boot goes through.
+    f.isolation.fail_open.store(false, Ordering::SeqCst);
+    assert_eq!(
+        f.svc.boot(&f.who, &id).await.unwrap().state(),
+        VmState::Running
+    );
+}
+
+#[tokio::test]
 async fn a_reboot_makes_a_new_jail_in_the_same_network_and_a_shutdown_releases_it() {
     let f = fixture();
     let id = f.svc.create(&f.who, config()).await.unwrap().id;
@@ -399,7 +427,11 @@ async fn a_reboot_makes_a_new_jail_in_the_same_network_and_a_shutdown_releases_i
     assert_ne!(again.life.vmm_pid(), first.life.vmm_pid());
     assert_eq!(
         f.isolation.calls(),
-        [format!("setup {id}"), format!("attach {id}")]
+        [
+            format!("setup {id}"),
+            format!("open {id}"),
+            format!("attach {id}")
+        ]
     );
     f.svc
         .shutdown(
@@ -511,7 +543,11 @@ async fn a_delete_during_a_boot_waits_for_it_then_removes_the_vm_and_its_sandbox
     assert_eq!(&calls[calls.len() - 3..], ["boot", "boot done", "delete"]);
     assert_eq!(
         f.isolation.calls(),
-        [format!("setup {id}"), format!("release {id}")]
+        [
+            format!("setup {id}"),
+            format!("open {id}"),
+            format!("release {id}")
+        ]
     );
     assert!(matches!(
         f.svc.get(&f.who, &id).await,
