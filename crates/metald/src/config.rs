@@ -78,6 +78,8 @@ pub struct IsolationConfig {
     pub nft_bin: PathBuf,
     /// The `tc` binary.
     pub tc_bin: PathBuf,
+    /// Networks kept made ahead of boots (`UNKEY_METALD_WARM_POOL`).
+    pub warm_pool: usize,
 }
 
 /// metald's configuration.
@@ -720,6 +722,21 @@ fn isolation_config(env: &Env<'_>) -> Result<IsolationConfig, ConfigError> {
     let uid_base = number("UNKEY_METALD_JAILER_UID", 900_000, 1)?;
     let gid_base = number("UNKEY_METALD_JAILER_GID", 900_000, 1)?;
     let id_count = number("UNKEY_METALD_JAILER_ID_COUNT", 65_536, 1)?;
+    // A few spares cover a burst of boots; each is a namespace and a veth pair, kB of kernel
+    // memory. 0 turns the pool off (every boot makes its own network).
+    let warm_pool = env.parsed(
+        "UNKEY_METALD_WARM_POOL",
+        4usize,
+        &format!(
+            "expected a whole number from 0 to {}",
+            crate::network::pool::MAX_WARM_POOL
+        ),
+        |v| {
+            v.parse::<usize>()
+                .ok()
+                .filter(|n| *n <= crate::network::pool::MAX_WARM_POOL)
+        },
+    )?;
     for (n, base) in [
         ("UNKEY_METALD_JAILER_UID", uid_base),
         ("UNKEY_METALD_JAILER_GID", gid_base),
@@ -809,6 +826,7 @@ fn isolation_config(env: &Env<'_>) -> Result<IsolationConfig, ConfigError> {
         outbound_interface,
         nft_bin: tool("nft", "UNKEY_METALD_NFT_BIN", "nftables")?,
         tc_bin: tool("tc", "UNKEY_METALD_TC_BIN", "iproute2")?,
+        warm_pool,
     })
 }
 

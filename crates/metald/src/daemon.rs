@@ -173,6 +173,7 @@ pub fn sandboxes(
         netns_dir: iso.run_dir.join("netns"),
         nft_bin: iso.nft_bin.clone(),
         proc_root: cfg.roots.proc.clone(),
+        warm_pool: iso.warm_pool,
     })
     .map_err(StartError::Network)?;
     tracing::info!(ipv6_prefix = %iso.ipv6_prefix, ipv4_subnet = ?iso.ipv4_subnet.map(|s| s.to_string()), outbound = ?iso.outbound_interface, "network ready");
@@ -316,19 +317,19 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
     crate::listener::serve(listener, routers.api, tls, shutdown_signal())
         .await
         .map_err(|source| StartError::Listen { addr, source })?;
-    // Deleted VMs' leftovers still being removed are finished (the start-up sweep would do it
-    // too, but a clean stop leaves nothing behind).
-    if tokio::time::timeout(SETTLE_TIMEOUT, svc.settle())
+    // Deleted VMs' leftovers still being removed are finished and the warm pool removed (the
+    // start-up sweep would do both too, but a clean stop leaves nothing behind).
+    if tokio::time::timeout(SETTLE_TIMEOUT, svc.close())
         .await
         .is_err()
     {
-        tracing::warn!("deleted VMs' leftovers were still being removed at shutdown; the next start sweeps them");
+        tracing::warn!("deleted VMs' leftovers or warm spares were still being removed at shutdown; the next start sweeps them");
     }
     tracing::info!("metald stopped; running VMs keep running and are re-attached at next start");
     Ok(())
 }
 
-/// How long a stopping metald waits for deleted VMs' leftovers to be removed.
+/// How long a stopping metald waits for deleted VMs' leftovers and the warm pool to be removed.
 const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
 async fn shutdown_signal() {

@@ -56,8 +56,12 @@ pub trait Isolation: Send + Sync {
     /// Takes over the sandbox of a VMM that outlived a metald restart.
     async fn adopt(&self, vm: &VmRecord) -> Result<(), SandboxError>;
 
-    /// At start: removes every sandbox left of VMs not in `keep`.
+    /// At start: removes every sandbox left of VMs not in `keep` (and of warm spares), then
+    /// starts keeping spares ready.
     async fn sweep(&self, keep: &HashSet<VmId>) -> Result<(), SandboxError>;
+
+    /// At shutdown: removes what belongs to no VM (the warm pool's spares).
+    async fn shutdown(&self) {}
 
     /// Where the usage of the VM's VMM `pid` is read: its cgroup and host-side interface.
     fn meter_sources(&self, vm: &VmRecord, pid: u32) -> (Sources, Option<String>);
@@ -123,7 +127,7 @@ impl Isolation for Unisolated {
 /// Sets up and removes sandboxes: the jailer and the network together.
 pub struct Sandboxes {
     jailer: Arc<Jailer>,
-    network: Network,
+    network: Arc<Network>,
     plan: AllocationPlan,
     proc: PathBuf,
 }
@@ -134,7 +138,7 @@ impl Sandboxes {
     pub fn new(jailer: Jailer, network: Network, plan: AllocationPlan, proc: PathBuf) -> Self {
         Self {
             jailer: Arc::new(jailer),
-            network,
+            network: Arc::new(network),
             plan,
             proc,
         }
@@ -253,7 +257,13 @@ impl Isolation for Sandboxes {
         tokio::task::spawn_blocking(move || jailer.sweep(&kept))
             .await
             .map_err(|e| JailError::Task(e.to_string()))?;
-        Ok(self.network.sweep(keep).await?)
+        self.network.sweep(keep).await?;
+        self.network.start_pool();
+        Ok(())
+    }
+
+    async fn shutdown(&self) {
+        self.network.close_pool().await;
     }
 
     fn meter_sources(&self, vm: &VmRecord, pid: u32) -> (Sources, Option<String>) {

@@ -60,7 +60,7 @@ pub fn run(spec: &JailSpec) -> Result<Infallible, StepError> {
         )?;
         step(
             format!("create TAP {}", net.tap),
-            tap::create_tap(&net.tap, spec.uid, spec.gid),
+            tap::create_tap(&net.tap, Some((spec.uid, spec.gid))),
         )?;
         step(
             format!("bridge {} and {}", net.tap, net.peer_if),

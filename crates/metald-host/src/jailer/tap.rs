@@ -64,9 +64,11 @@ fn check(ret: libc::c_int) -> io::Result<()> {
     }
 }
 
-/// Creates (or takes over) the persistent TAP `name`, owned by `uid`/`gid` so the unprivileged
-/// VMM can attach to it, with virtio-net headers as Firecracker and QEMU expect.
-pub fn create_tap(name: &str, uid: u32, gid: u32) -> io::Result<()> {
+/// Creates (or takes over) the persistent TAP `name`, owned by `owner` (uid, gid) so the
+/// unprivileged VMM can attach to it, with virtio-net headers as Firecracker and QEMU expect.
+/// Without an owner only a process with CAP_NET_ADMIN can attach (a warm pool's TAP, until the
+/// jail takes it over for the VM).
+pub fn create_tap(name: &str, owner: Option<(u32, u32)>) -> io::Result<()> {
     let tun: OwnedFd = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -79,8 +81,10 @@ pub fn create_tap(name: &str, uid: u32, gid: u32) -> io::Result<()> {
     // is an open /dev/net/tun descriptor; the int arguments are passed by value as the ABI wants.
     unsafe {
         check(libc::ioctl(fd, libc::TUNSETIFF, &mut req as *mut IfReq))?;
-        check(libc::ioctl(fd, libc::TUNSETOWNER, libc::c_ulong::from(uid)))?;
-        check(libc::ioctl(fd, libc::TUNSETGROUP, libc::c_ulong::from(gid)))?;
+        if let Some((uid, gid)) = owner {
+            check(libc::ioctl(fd, libc::TUNSETOWNER, libc::c_ulong::from(uid)))?;
+            check(libc::ioctl(fd, libc::TUNSETGROUP, libc::c_ulong::from(gid)))?;
+        }
         check(libc::ioctl(fd, libc::TUNSETPERSIST, 1 as libc::c_ulong))?;
     }
     Ok(())
@@ -102,13 +106,22 @@ pub fn bridge(bridge: &str, ports: &[&str]) -> io::Result<()> {
     let sock = ctl_socket()?;
     let name = std::ffi::CString::new(bridge)?;
     // SAFETY: SIOCBRADDBR takes a NUL-terminated name that lives across the call.
-    match check(unsafe { libc::ioctl(sock.as_raw_fd(), SIOCBRADDBR, name.as_ptr()) }) {
-        Err(e) if e.raw_os_error() != Some(libc::EEXIST) => return Err(e),
-        _ => {}
-    }
+    let existed = match check(unsafe { libc::ioctl(sock.as_raw_fd(), SIOCBRADDBR, name.as_ptr()) })
+    {
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => true,
+        Err(e) => return Err(e),
+        Ok(()) => false,
+    };
+    let mut up: Vec<&str> = vec![];
     for port in ports {
         let mut idx = IfReq::new(port)?;
-        ifreq_ioctl(&sock, SIOCGIFINDEX, &mut idx)?;
+        match ifreq_ioctl(&sock, SIOCGIFINDEX, &mut idx) {
+            Ok(()) => up.push(port),
+            // A namespace wired by an older metald, whose veth end had another name: its
+            // bridge already joins it.
+            Err(e) if existed && e.raw_os_error() == Some(libc::ENODEV) => continue,
+            Err(e) => return Err(e),
+        }
         let mut add = IfReq::new(bridge)?;
         add.set_int(idx.int());
         match ifreq_ioctl(&sock, SIOCBRADDIF, &mut add) {
@@ -117,7 +130,7 @@ pub fn bridge(bridge: &str, ports: &[&str]) -> io::Result<()> {
             _ => {}
         }
     }
-    for name in ports.iter().chain([&bridge, &"lo"]) {
+    for name in up.iter().chain([&bridge, &"lo"]) {
         let mut r = IfReq::new(name)?;
         ifreq_ioctl(&sock, SIOCGIFFLAGS, &mut r)?;
         r.set_short(r.short() | libc::IFF_UP as i16);

@@ -32,6 +32,8 @@ pub trait Links: Send + Sync {
     async fn add_address(&self, index: u32, addr: IpAddr, len: u8) -> Result<(), NetworkError>;
     /// Sets interface `index` up.
     async fn set_up(&self, index: u32) -> Result<(), NetworkError>;
+    /// Renames interface `index` (it must be down).
+    async fn rename(&self, index: u32, name: &str) -> Result<(), NetworkError>;
     /// Routes `dest/len` to interface `index`.
     async fn add_route(&self, dest: IpAddr, len: u8, index: u32) -> Result<(), NetworkError>;
     /// Deletes interface `index` (a veth takes its peer, addresses and routes with it).
@@ -51,6 +53,11 @@ pub trait Rules: Send + Sync {
 pub trait Namespaces: Send + Sync {
     /// Creates a namespace pinned on the new file `path`.
     fn create(&self, path: &Path) -> io::Result<()>;
+    /// Pins the namespace pinned at `from` on the new file `to` instead.
+    fn repin(&self, from: &Path, to: &Path) -> io::Result<()>;
+    /// Inside the namespace at `path`: makes the persistent TAP `tap` (no owner yet: the jail
+    /// gives it to the VM's uid) and the bridge `bridge` joining it and `peer`, all up.
+    fn wire(&self, path: &Path, tap: &str, bridge: &str, peer: &str) -> io::Result<()>;
     /// Unpins and removes `path` (missing is fine).
     fn remove(&self, path: &Path) -> io::Result<()>;
     /// The namespace files in `dir`.
@@ -169,6 +176,15 @@ impl Links for Rtnetlink {
             .map_err(nl(format!("set interface {index} up")))
     }
 
+    async fn rename(&self, index: u32, name: &str) -> Result<(), NetworkError> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).name(name).build())
+            .execute()
+            .await
+            .map_err(nl(format!("rename interface {index} to {name}")))
+    }
+
     async fn add_route(&self, dest: IpAddr, len: u8, index: u32) -> Result<(), NetworkError> {
         let msg = match dest {
             IpAddr::V6(d) => RouteMessageBuilder::<Ipv6Addr>::new()
@@ -232,6 +248,12 @@ pub struct PinnedNamespaces;
 impl Namespaces for PinnedNamespaces {
     fn create(&self, path: &Path) -> io::Result<()> {
         netns::create(path)
+    }
+    fn repin(&self, from: &Path, to: &Path) -> io::Result<()> {
+        netns::repin(from, to)
+    }
+    fn wire(&self, path: &Path, tap: &str, bridge: &str, peer: &str) -> io::Result<()> {
+        netns::wire(path, tap, bridge, peer)
     }
     fn remove(&self, path: &Path) -> io::Result<()> {
         netns::remove(path)

@@ -19,16 +19,19 @@ pub use metald_domain::ipam;
 pub mod kernel;
 pub mod netns;
 pub mod nft;
+pub mod pool;
 
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use tokio::sync::Mutex;
 
 use self::ipam::{Ipv4Subnet, Ipv6Prefix};
 use self::kernel::{Links, Namespaces, Rules};
 use self::nft::{Change, Firewall, FirewallVm, HOST_IF_PREFIX};
+use self::pool::{Pool, Spare};
 use crate::domain::{RateLimit, VmId, VmRecord};
 use crate::report::Chain;
 
@@ -36,8 +39,11 @@ use crate::report::Chain;
 pub const TAP_NAME: &str = "tap0";
 /// Name of the bridge inside the VM's namespace.
 pub const BRIDGE_NAME: &str = "br0";
-/// Prefix of the namespace-side veth end's name (while it is still in metald's namespace).
+/// Prefix of the namespace-side veth end's name given by metald before the warm pool, kept
+/// so the start-up sweep still knows them.
 pub const PEER_IF_PREFIX: &str = "mp";
+/// Name of the veth end inside a VM's namespace: born there, so it needs no unique name.
+pub const PEER_IF: &str = "veth0";
 
 /// Network settings of the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +60,8 @@ pub struct NetworkConfig {
     pub nft_bin: PathBuf,
     /// procfs (for the forwarding switches).
     pub proc_root: PathBuf,
+    /// How many networks to keep made ahead of boots ([`pool`]); 0: each boot makes its own.
+    pub warm_pool: usize,
 }
 
 /// The network of one VM run, as the jailer and the backends need it.
@@ -156,6 +164,7 @@ pub struct Network {
     rules: Box<dyn Rules>,
     namespaces: Box<dyn Namespaces>,
     firewall: Mutex<Firewall>,
+    pool: Pool,
 }
 
 impl Network {
@@ -203,6 +212,7 @@ impl Network {
             cfg.ipv4_subnet.map(|s| s.to_string()),
         );
         Self {
+            pool: Pool::new(cfg.warm_pool),
             cfg,
             links,
             rules,
@@ -222,12 +232,12 @@ impl Network {
             .net
             .as_ref()
             .ok_or_else(|| NetworkError::NotAllocated(vm.id.clone()))?;
-        let (host_if, peer_if) = interface_names(&vm.id);
+        let (host_if, _) = interface_names(&vm.id);
         Ok(VmNetworkPlan {
             netns: self.netns_path(&vm.id),
             tap: TAP_NAME.into(),
             bridge: BRIDGE_NAME.into(),
-            peer_if,
+            peer_if: PEER_IF.into(),
             host_if,
             mac: net.mac.clone(),
             ipv6: net.ipv6,
@@ -247,12 +257,133 @@ impl Network {
         // Leftovers of an earlier run of this VM (metald killed mid-way) are replaced.
         self.remove_plumbing(&vm.id).await;
         let t1 = std::time::Instant::now();
-        if let Err(e) = self.make_plumbing(&plan).await {
+        let spare = self.pool.take();
+        let pooled = spare.is_some();
+        let made = match &spare {
+            Some(spare) => self.take_spare(spare, &plan).await,
+            None => self.make_plumbing(&plan).await,
+        };
+        if let Err(e) = made {
             self.remove_plumbing(&vm.id).await;
+            if let Some(spare) = spare {
+                self.remove_spare(&spare).await;
+            }
             return Err(e);
         }
-        tracing::debug!(vm_id = %vm.id, leftovers_ms = ms(t1 - t0), plumbing_ms = ms(t1.elapsed()), "network made");
+        tracing::debug!(vm_id = %vm.id, leftovers_ms = ms(t1 - t0), plumbing_ms = ms(t1.elapsed()), pooled, "network made");
         Ok(plan)
+    }
+
+    /// Gives a spare from the warm pool to the VM: its namespace pinned at the VM's name, its
+    /// veth end renamed to the VM's, with the gateway addresses and the VM's routes.
+    async fn take_spare(&self, spare: &Spare, plan: &VmNetworkPlan) -> Result<(), NetworkError> {
+        self.namespaces
+            .repin(&spare.netns, &plan.netns)
+            .map_err(|source| NetworkError::Io {
+                op: "move a spare network namespace to",
+                path: plan.netns.clone(),
+                source,
+            })?;
+        let index = self
+            .links
+            .index_of(&spare.host_if)
+            .await?
+            .ok_or_else(|| NetworkError::NoInterface(spare.host_if.clone()))?;
+        self.links.rename(index, &plan.host_if).await?;
+        self.route_host_end(index, plan).await
+    }
+
+    /// Makes one spare network (namespace, veth pair, TAP and bridge inside).
+    async fn make_spare(&self) -> Result<Spare, NetworkError> {
+        let spare = self.pool.next_names(&self.cfg.netns_dir);
+        let io = |op: &'static str, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| NetworkError::Io { op, path, source }
+        };
+        self.namespaces
+            .create(&spare.netns)
+            .map_err(io("create network namespace", &spare.netns))?;
+        let made = async {
+            self.links
+                .add_veth(&spare.host_if, PEER_IF, &spare.netns)
+                .await?;
+            self.namespaces
+                .wire(&spare.netns, TAP_NAME, BRIDGE_NAME, PEER_IF)
+                .map_err(io("make the TAP and bridge in", &spare.netns))
+        }
+        .await;
+        match made {
+            Ok(()) => Ok(spare),
+            Err(e) => {
+                self.remove_spare(&spare).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Removes a spare (its veth end takes the other with it), logging what fails.
+    async fn remove_spare(&self, spare: &Spare) {
+        if let Ok(Some(index)) = self.links.index_of(&spare.host_if).await {
+            if let Err(e) = self.links.delete(index).await {
+                tracing::warn!(interface = %spare.host_if, error = %Chain(&e), "removing a spare veth failed");
+            }
+        }
+        if let Err(e) = self.namespaces.remove(&spare.netns) {
+            tracing::warn!(path = %spare.netns.display(), error = %Chain(&e), "removing a spare network namespace failed");
+        }
+    }
+
+    /// Makes spares until the pool holds its target (or is closed). Stops at the first
+    /// failure, logged; the next wake-up tries again.
+    async fn fill_pool(&self) {
+        while self.pool.wants_more() {
+            match self.make_spare().await {
+                Ok(spare) => {
+                    if let Err(late) = self.pool.put(spare) {
+                        self.remove_spare(&late).await;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %Chain(&e), "making a spare network for the warm pool failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Fills the warm pool now and refills it whenever a boot takes a spare, in a task of its
+    /// own, until [`Network::close_pool`]. Called once, after the start-up sweep.
+    pub fn start_pool(self: &Arc<Self>) {
+        if self.pool.target() == 0 {
+            return;
+        }
+        let net = Arc::clone(self);
+        tokio::spawn(async move {
+            loop {
+                net.fill_pool().await;
+                if net.pool.is_closed() {
+                    return;
+                }
+                // A failed refill is tried again after a while even if no boot wakes it.
+                let _either = tokio::time::timeout(
+                    std::time::Duration::from_secs(30),
+                    net.pool.wake.notified(),
+                )
+                .await;
+            }
+        });
+    }
+
+    /// Stops refilling the warm pool and removes every spare (at shutdown).
+    pub async fn close_pool(&self) {
+        for spare in self.pool.close() {
+            self.remove_spare(&spare).await;
+        }
+    }
+
+    /// How many spares the warm pool holds now.
+    pub fn spares(&self) -> usize {
+        self.pool.len()
     }
 
     /// Lets the VM's traffic through the firewall: until then every packet from or to its
@@ -282,6 +413,11 @@ impl Network {
             .index_of(&plan.host_if)
             .await?
             .ok_or_else(|| NetworkError::NoInterface(plan.host_if.clone()))?;
+        self.route_host_end(host, plan).await
+    }
+
+    /// The host end of the VM's veth: the gateway addresses, up, and the routes to the guest.
+    async fn route_host_end(&self, host: u32, plan: &VmNetworkPlan) -> Result<(), NetworkError> {
         self.links
             .add_address(host, IpAddr::V6(plan.gateway6), 128)
             .await?;
@@ -423,12 +559,14 @@ fn ms(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// True for names metald gives VM interfaces (`mv`/`mp` + 12 hex digits).
+/// True for names metald gives VM interfaces in its namespace (`mv`/`mp` + 12 hex digits) and
+/// the warm pool's spares (`mw` + 12 hex digits).
 pub fn is_vm_interface(name: &str) -> bool {
     let hex = name
         .strip_prefix(HOST_IF_PREFIX)
         .or_else(|| name.strip_prefix(PEER_IF_PREFIX));
     hex.is_some_and(|h| h.len() == 12 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+        || pool::is_pool_interface(name)
 }
 
 #[cfg(test)]
@@ -505,6 +643,14 @@ mod tests {
         async fn set_up(&self, i: u32) -> Result<(), NetworkError> {
             self.0.record(format!("up {}", self.0.name_of(i)))
         }
+        async fn rename(&self, i: u32, name: &str) -> Result<(), NetworkError> {
+            let old = self.0.name_of(i);
+            self.0.record(format!("rename {old} to {name}"))?;
+            let mut links = self.0.links.lock().unwrap();
+            links.remove(&old);
+            links.insert(name.to_string(), i);
+            Ok(())
+        }
         async fn add_route(&self, dest: IpAddr, len: u8, i: u32) -> Result<(), NetworkError> {
             self.0
                 .record(format!("route {dest}/{len} to {}", self.0.name_of(i)))
@@ -552,6 +698,24 @@ mod tests {
             self.0.namespaces.lock().unwrap().push(path.to_path_buf());
             Ok(())
         }
+        fn repin(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+            self.0
+                .record(format!(
+                    "netns repin {} to {}",
+                    from.display(),
+                    to.display()
+                ))
+                .map_err(std::io::Error::other)?;
+            let mut ns = self.0.namespaces.lock().unwrap();
+            ns.retain(|p| p != from);
+            ns.push(to.to_path_buf());
+            Ok(())
+        }
+        fn wire(&self, path: &Path, tap: &str, bridge: &str, peer: &str) -> std::io::Result<()> {
+            self.0
+                .record(format!("wire {tap} {bridge} {peer} in {}", path.display()))
+                .map_err(std::io::Error::other)
+        }
         fn remove(&self, path: &Path) -> std::io::Result<()> {
             let mut ns = self.0.namespaces.lock().unwrap();
             if ns.iter().any(|p| p == path) {
@@ -579,8 +743,13 @@ mod tests {
     }
 
     fn network(kernel: &Arc<FakeKernel>) -> Network {
+        pooled_network(kernel, 0)
+    }
+
+    fn pooled_network(kernel: &Arc<FakeKernel>, warm_pool: usize) -> Network {
         Network::with_kernel(
             NetworkConfig {
+                warm_pool,
                 ipv6_prefix: "fd00:1::/64".parse().unwrap(),
                 ipv4_subnet: Some("10.9.0.0/24".parse().unwrap()),
                 outbound_interface: None,
@@ -630,14 +799,14 @@ mod tests {
         let net = network(&k);
         let a = vm(1);
         let plan = start(&net, &a).await.unwrap();
-        let (host, peer) = interface_names(&a.id);
+        let (host, _) = interface_names(&a.id);
         let ns = format!("/run/test-netns/{}", a.id);
         assert_eq!(plan.netns, Path::new(&ns));
         assert_eq!(
             k.calls(),
             [
                 format!("netns create {ns}"),
-                format!("veth {host} {peer} in {ns}"),
+                format!("veth {host} veth0 in {ns}"),
                 format!("address fd00:1::1/128 on {host}"),
                 format!("address 10.9.0.1/32 on {host}"),
                 format!("up {host}"),
@@ -824,6 +993,95 @@ mod tests {
                 assert!(s.contains(&element), "{element} missing:\n{s}");
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_boot_takes_a_spare_from_the_warm_pool_which_is_refilled_and_removed_at_close() {
+        let k = Arc::new(FakeKernel::default());
+        let net = Arc::new(pooled_network(&k, 2));
+        net.start_pool();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while net.spares() < 2 {
+            assert!(std::time::Instant::now() < deadline, "pool never filled");
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        let made = k.calls();
+        assert_eq!(
+            made.iter()
+                .filter(|c| c.starts_with("wire tap0 br0 veth0 in /run/test-netns/pool-"))
+                .count(),
+            2,
+            "{made:?}"
+        );
+        assert!(
+            made.iter()
+                .any(|c| c
+                    .starts_with("veth mw000000000001 veth0 in /run/test-netns/pool-000000000001")),
+            "{made:?}"
+        );
+
+        let a = vm(1);
+        let (host, _) = interface_names(&a.id);
+        let ns = format!("/run/test-netns/{}", a.id);
+        let plan = start(&net, &a).await.unwrap();
+        assert_eq!(plan.peer_if, PEER_IF);
+        let calls = k.calls();
+        // No namespace and no veth made on the boot's path: the spare is renamed and routed.
+        assert_eq!(
+            calls
+                .iter()
+                .filter(|c| !c.starts_with("netns create /run/test-netns/pool-")
+                    && !c.starts_with("veth mw")
+                    && !c.starts_with("wire "))
+                .cloned()
+                .collect::<Vec<_>>(),
+            [
+                format!("netns repin /run/test-netns/pool-000000000001 to {ns}"),
+                format!("rename mw000000000001 to {host}"),
+                format!("address fd00:1::1/128 on {host}"),
+                format!("address 10.9.0.1/32 on {host}"),
+                format!("up {host}"),
+                format!("route fd00:1::1/128 to {host}"),
+                format!("route 10.9.0.1/32 to {host}"),
+                format!("nft change [{host}]"),
+            ]
+        );
+        while net.spares() < 2 {
+            assert!(std::time::Instant::now() < deadline, "pool never refilled");
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        net.close_pool().await;
+        assert_eq!(net.spares(), 0);
+        let links: Vec<String> = k.links.lock().unwrap().keys().cloned().collect();
+        assert_eq!(links, [host.clone()], "only the VM's veth is left");
+        assert_eq!(
+            k.namespaces.lock().unwrap().clone(),
+            [PathBuf::from(&ns)],
+            "only the VM's namespace is left"
+        );
+        // A closed pool makes no more spares, and the VM's network goes as usual.
+        let b = vm(2);
+        start(&net, &b).await.unwrap();
+        assert!(k.calls().iter().any(|c| c.starts_with("veth mv")));
+        net.teardown(&a).await.unwrap();
+        net.teardown(&b).await.unwrap();
+        assert!(k.links.lock().unwrap().is_empty());
+        assert!(k.namespaces.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_start_up_sweep_removes_a_killed_metalds_spares() {
+        let k = Arc::new(FakeKernel::default());
+        let net = Arc::new(pooled_network(&k, 2));
+        net.start_pool();
+        while net.spares() < 2 {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        // Killed: a new metald over the same kernel state sweeps the spares as leftovers.
+        let net = network(&k);
+        net.sweep(&HashSet::new()).await.unwrap();
+        assert!(k.links.lock().unwrap().is_empty());
+        assert!(k.namespaces.lock().unwrap().is_empty());
     }
 
     #[test]

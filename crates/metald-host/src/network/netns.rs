@@ -35,6 +35,52 @@ pub fn create(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Moves a namespace's pin from `from` to the new file `to` (a pinned file cannot be renamed:
+/// it is a mount point). The namespace lives on through the new pin.
+pub fn repin(from: &Path, to: &Path) -> io::Result<()> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(to)?;
+    if let Err(e) = mount_bind(from, to) {
+        let _ignored = std::fs::remove_file(to);
+        return Err(e.into());
+    }
+    remove(from)
+}
+
+/// Runs `work` on a dedicated OS thread moved into the namespace pinned at `path` (namespaces
+/// are per thread; the thread exits right after, so nothing else ever runs in it).
+fn inside<T: Send + 'static>(
+    path: &Path,
+    work: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    let ns = std::fs::File::open(path)?;
+    std::thread::Builder::new()
+        .name("metald-netns".into())
+        .spawn(move || -> io::Result<T> {
+            use std::os::fd::AsFd;
+            rustix::thread::move_into_link_name_space(
+                ns.as_fd(),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )?;
+            work()
+        })?
+        .join()
+        .map_err(|_| io::Error::other("netns thread panicked"))?
+}
+
+/// Inside the namespace at `path`: the persistent TAP `tap`, without an owner until the jail
+/// gives it to the VM's uid, and the bridge `bridge` joining it to `peer`, all up: what the
+/// jail would otherwise make at every start.
+pub fn wire(path: &Path, tap: &str, bridge: &str, peer: &str) -> io::Result<()> {
+    let (tap, bridge, peer) = (tap.to_string(), bridge.to_string(), peer.to_string());
+    inside(path, move || {
+        crate::jailer::tap::create_tap(&tap, None)?;
+        crate::jailer::tap::bridge(&bridge, &[&tap, &peer])
+    })
+}
+
 /// Unpins and removes a namespace file; the namespace itself goes when its last process does.
 /// A missing or never-mounted file is fine.
 pub fn remove(path: &Path) -> io::Result<()> {

@@ -790,6 +790,13 @@ impl VmService {
         }
     }
 
+    /// At shutdown: finishes removing deleted VMs' leftovers, then what belongs to no VM (the
+    /// warm pool). Running VMs keep running.
+    pub async fn close(&self) {
+        self.settle().await;
+        self.isolation.shutdown().await;
+    }
+
     /// Waits until every deleted VM's leftovers are removed (or given up on): at shutdown, and
     /// in tests that look for leftovers.
     pub async fn settle(&self) {

@@ -1048,7 +1048,13 @@ impl Run {
                 });
             }
         }
+        // The warm pool's spares belong to no VM by design (the pool's own test checks that a
+        // restart sweeps them and a clean stop removes them).
+        let spare = |at: &str| at.contains("/netns/pool-");
         for e in entries(&iso.run_dir.join("netns")) {
+            if spare(&e.path().display().to_string()) {
+                continue;
+            }
             things.push(Thing {
                 kind: "network namespace",
                 at: e.path().display().to_string(),
@@ -1066,7 +1072,10 @@ impl Run {
         }
         let data_dir = m.data_dir.display().to_string();
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        for line in mounts.lines().filter(|l| l.contains(&data_dir)) {
+        for line in mounts
+            .lines()
+            .filter(|l| l.contains(&data_dir) && !spare(l))
+        {
             things.push(Thing {
                 kind: "mount",
                 at: line.split(' ').nth(4).unwrap_or(line).to_string(),
@@ -1083,7 +1092,9 @@ impl Run {
             .collect();
         for line in iso.netns.output("ip", &["-br", "link"]).lines() {
             let name = line.split([' ', '@']).next().unwrap_or_default();
-            if metald::network::is_vm_interface(name) {
+            if metald::network::is_vm_interface(name)
+                && !metald::network::pool::is_pool_interface(name)
+            {
                 things.push(Thing {
                     kind: "veth",
                     at: name.to_string(),

@@ -19,6 +19,7 @@ pub fn tests() -> Vec<crate::E2e> {
         firecracker_runs_jailed_with_its_tap_and_rate_limits,
         a_vmm_can_neither_redirect_metalds_writes_nor_touch_its_control_socket,
         a_suspended_guest_stops_counting_and_counts_on_after_waking_even_across_a_restart,
+        the_warm_pool_is_taken_by_boots_refilled_swept_after_a_kill_and_removed_at_stop,
     ];
     tests.extend(
         crate::e2e![&[Need::Root, Need::Firecracker, Need::HardwareKvm, Need::Guest];
@@ -335,4 +336,121 @@ fn firecracker_runs_jailed_with_its_tap_and_rate_limits() {
     api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None)
         .ok();
     m.assert_clean();
+}
+
+/// The warm pool's spares in metald's run directory: namespace pin name → namespace inode.
+fn spares(m: &Metald) -> std::collections::BTreeMap<String, u64> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = m.iso.as_ref().unwrap().run_dir.join("netns");
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("pool-"))
+        .filter_map(|e| {
+            Some((
+                e.file_name().to_string_lossy().into_owned(),
+                e.metadata().ok()?.ino(),
+            ))
+        })
+        .collect()
+}
+
+/// Waits until the warm pool holds `n` spares, each with its veth end in metald's namespace.
+fn wait_spares(m: &Metald, n: usize) -> std::collections::BTreeMap<String, u64> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let now = spares(m);
+        let ends = m
+            .iso
+            .as_ref()
+            .unwrap()
+            .netns
+            .output("ip", &["-br", "link"])
+            .lines()
+            .filter(|l| l.starts_with("mw"))
+            .count();
+        if now.len() == n && ends == n {
+            return now;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} spares and {ends} veth ends, want {n}",
+            now.len()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// UNKEY_METALD_WARM_POOL: spares are made at start; a boot takes one (the VM runs in the very
+/// namespace that was a spare, with its TAP given to the VM's uid) and the pool is refilled;
+/// metald SIGKILLed leaves its spares, which the next start sweeps before making new ones;
+/// a clean stop removes them all.
+fn the_warm_pool_is_taken_by_boots_refilled_swept_after_a_kill_and_removed_at_stop() {
+    let mut m = metald_with_backend("firecracker")
+        .env("UNKEY_METALD_WARM_POOL", "3")
+        .start_with(Metald::import_tiny_guest);
+    let before = wait_spares(&m, 3);
+    let api = Rest::new(&m, Some("pool"));
+    let id = api.create(tiny_request(1));
+    api.boot_ready(&id);
+    let iso = m.iso.as_ref().unwrap();
+    let pin = iso.run_dir.join("netns").join(&id);
+    let ino = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&pin).unwrap().ino()
+    };
+    assert!(
+        before.values().any(|i| *i == ino),
+        "the VM's namespace {ino} is one of the spares {before:?}"
+    );
+    // `tun type tap ... persist on user <uid> group <gid>`
+    let tap = crate::support::netns::output_in(&pin, "ip", &["-d", "link", "show", "tap0"]);
+    let uid: u32 = tap
+        .split_whitespace()
+        .skip_while(|w| *w != "user")
+        .nth(1)
+        .and_then(|u| u.parse().ok())
+        .unwrap_or_else(|| panic!("no owner on the TAP: {tap}"));
+    assert!(
+        uid >= iso.uid_base,
+        "the TAP belongs to the VM's uid: {tap}"
+    );
+    let refilled = wait_spares(&m, 3);
+    assert_ne!(refilled, before, "a new spare replaced the one taken");
+
+    // Killed: its spares stay until the next start sweeps them and makes its own.
+    let pid = m.pid().unwrap();
+    std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    m.stop();
+    assert_eq!(spares(&m), refilled, "a killed metald leaves its spares");
+    m.spawn();
+    let after = wait_spares(&m, 3);
+    assert!(
+        after
+            .values()
+            .all(|i| !refilled.values().any(|old| old == i)),
+        "the old spares were swept: {refilled:?} then {after:?}"
+    );
+    assert!(
+        m.log_text().contains("removing leftover network namespace"),
+        "each swept spare is logged"
+    );
+    let api = Rest::new(&m, Some("pool"));
+    assert_eq!(api.vm(&id)["state"], "VM_STATE_RUNNING");
+    api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None)
+        .ok();
+    m.assert_clean();
+
+    // A clean stop removes every spare: no pin, no veth end.
+    m.stop();
+    let iso = m.iso.as_ref().unwrap();
+    assert_eq!(
+        iso.leftovers(&m.data_dir, false),
+        Vec::<String>::new(),
+        "a stopped metald leaves no spare behind"
+    );
 }

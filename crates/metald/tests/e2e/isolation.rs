@@ -554,7 +554,7 @@ fn leftovers_are_removed_after_a_vmm_crash_a_failed_boot_and_at_start() {
     for parent in iso.cgroup_dirs() {
         std::fs::create_dir_all(parent.join(stray)).unwrap();
     }
-    assert!(!iso.leftovers(&m.data_dir).is_empty());
+    assert!(!iso.leftovers(&m.data_dir, false).is_empty());
     m.spawn();
     let vm = api.vm(&id);
     assert_eq!(vm["state"], json!("VM_STATE_FAILED"), "{vm}");

@@ -451,12 +451,19 @@ impl Drop for Metald {
         let panicking = std::thread::panicking();
         // Judged before anything is removed by force, so whatever metald left counts; after a
         // failure the first panic is the report.
-        let left = if panicking {
+        let mut left = if panicking {
             vec![]
         } else {
             self.left_at_end()
         };
+        let was_running = self.child.is_some();
         self.stop();
+        // A clean stop removes the warm pool's spares too.
+        if was_running && !panicking {
+            if let Some(iso) = &self.iso {
+                left.extend(iso.leftovers(&self.data_dir, false));
+            }
+        }
         // VMMs outlive metald by design; a test's VMs must not outlive the test.
         for pid in self.vmm_pids() {
             let _ = Command::new("kill")
@@ -543,7 +550,7 @@ impl Metald {
         let mut left = self
             .iso
             .as_ref()
-            .map(|iso| iso.leftovers(&self.data_dir))
+            .map(|iso| iso.leftovers(&self.data_dir, self.child.is_some()))
             .unwrap_or_default();
         left.extend(self.vmm_pids().iter().map(|p| format!("VMM process {p}")));
         left
@@ -596,19 +603,26 @@ impl Isolated {
         }
     }
 
-    /// Everything metald made for VMs that is still there (empty when clean).
-    pub fn leftovers(&self, data_dir: &Path) -> Vec<String> {
+    /// Everything metald made for VMs that is still there (empty when clean); with
+    /// `running`, the warm pool's spares (`pool-*` namespaces, `mw*` veth ends) are metald's
+    /// own and not counted.
+    pub fn leftovers(&self, data_dir: &Path, running: bool) -> Vec<String> {
         let mut out = vec![];
         for f in std::fs::read_dir(self.run_dir.join("netns"))
             .into_iter()
             .flatten()
             .flatten()
         {
+            if running && f.file_name().to_string_lossy().starts_with("pool-") {
+                continue;
+            }
             out.push(format!("netns file {}", f.path().display()));
         }
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         for line in mounts.lines() {
-            if line.contains(&data_dir.display().to_string()) {
+            if line.contains(&data_dir.display().to_string())
+                && !(running && line.contains("/netns/pool-"))
+            {
                 out.push(format!("mount {line}"));
             }
         }
@@ -633,8 +647,12 @@ impl Isolated {
             }
         }
         for line in self.netns.output("ip", &["-br", "link"]).lines() {
-            // metald names VM interfaces mv<hex> (host side) and mp<hex> (VM side).
-            if line.starts_with("mv") || line.starts_with("mp") {
+            // metald names VM interfaces mv<hex> (host side), mp<hex> (VM side, before the
+            // warm pool) and its spares mw<hex>.
+            if line.starts_with("mv")
+                || line.starts_with("mp")
+                || (!running && line.starts_with("mw"))
+            {
                 out.push(format!("interface {line}"));
             }
         }
