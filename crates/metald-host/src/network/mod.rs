@@ -1053,7 +1053,11 @@ mod tests {
         net.close_pool().await;
         assert_eq!(net.spares(), 0);
         let links: Vec<String> = k.links.lock().unwrap().keys().cloned().collect();
-        assert_eq!(links, [host.clone()], "only the VM's veth is left");
+        assert_eq!(
+            links,
+            std::slice::from_ref(&host),
+            "only the VM's veth is left"
+        );
         assert_eq!(
             k.namespaces.lock().unwrap().clone(),
             [PathBuf::from(&ns)],
