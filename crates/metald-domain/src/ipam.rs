@@ -145,21 +145,6 @@ pub struct AllocationPlan {
     pub ipv4: Option<Ipv4Subnet>,
 }
 
-/// The smallest index in `first..=last` not in `used` (sorted ascending).
-pub fn lowest_free(used: &[u64], first: u64, last: u64) -> Option<u64> {
-    let mut candidate = first;
-    for &u in used {
-        if u < candidate {
-            continue;
-        }
-        if u > candidate {
-            break;
-        }
-        candidate += 1;
-    }
-    (candidate <= last).then_some(candidate)
-}
-
 /// The VM's MAC: locally administered, unicast, the rest from its UUID, so it is stable for the
 /// VM's whole life and differs between VMs.
 pub fn mac_for(vm: &VmId) -> String {
@@ -198,14 +183,6 @@ mod tests {
         assert_eq!(s.last_index(), 254);
         assert!("10.200.0.1/24".parse::<Ipv4Subnet>().is_err());
         assert!("10.200.0.0/31".parse::<Ipv4Subnet>().is_err());
-    }
-
-    #[test]
-    fn lowest_free_fills_gaps_and_knows_when_full() {
-        assert_eq!(lowest_free(&[], 2, 10), Some(2));
-        assert_eq!(lowest_free(&[2, 3, 5], 2, 10), Some(4));
-        assert_eq!(lowest_free(&[0, 1, 2, 3], 2, 10), Some(4));
-        assert_eq!(lowest_free(&[2, 3], 2, 3), None);
     }
 
     #[test]

@@ -6,37 +6,24 @@ use rusqlite::params;
 
 use crate::domain::{VmId, VmNet};
 use crate::{sql, StoreError};
-use metald_domain::ipam::{lowest_free, mac_for, AllocationPlan, FIRST_VM_INDEX};
+use metald_domain::ipam::{mac_for, AllocationPlan, FIRST_VM_INDEX};
 
 /// Picks the lowest free slot and addresses for `vm` and records them (inside the caller's
-/// transaction, under the store's lock, so nobody else can pick the same ones).
+/// transaction, under the store's lock, so nobody else can pick the same ones). Each is one
+/// index lookup in the free numbers the schema keeps, whatever number of VMs exists.
 pub(crate) fn allocate(
     tx: &rusqlite::Transaction<'_>,
     vm: &VmId,
     plan: &AllocationPlan,
 ) -> Result<VmNet, StoreError> {
-    let used = |column: &str| -> Result<Vec<u64>, StoreError> {
-        let mut stmt = tx
-            .prepare_cached(&format!(
-                "SELECT {column} FROM vm_network WHERE {column} IS NOT NULL
-                 UNION SELECT {column} FROM held_allocations WHERE {column} IS NOT NULL
-                 ORDER BY 1"
-            ))
-            .map_err(sql("read allocations"))?;
-        let rows = stmt
-            .query_map([], |r| r.get::<_, i64>(0))
-            .map_err(sql("read allocations"))?;
-        rows.map(|r| r.map(|v| v as u64).map_err(sql("read allocations")))
-            .collect()
-    };
     let exhausted = |what: &'static str| StoreError::Exhausted(what);
-    let slot = lowest_free(&used("slot")?, 0, u64::from(plan.slots).saturating_sub(1))
+    let slot = take_lowest(tx, "slot", 0, u64::from(plan.slots).saturating_sub(1))?
         .ok_or(exhausted("jail uid/gid slots"))?;
-    let ip6_index = lowest_free(&used("ip6_index")?, FIRST_VM_INDEX, plan.ipv6.last_index())
+    let ip6_index = take_lowest(tx, "ip6", FIRST_VM_INDEX, plan.ipv6.last_index())?
         .ok_or(exhausted("IPv6 addresses"))?;
     let ip4_index = match &plan.ipv4 {
         Some(s) => Some(
-            lowest_free(&used("ip4_index")?, FIRST_VM_INDEX, s.last_index())
+            take_lowest(tx, "ip4", FIRST_VM_INDEX, s.last_index())?
                 .ok_or(exhausted("IPv4 addresses"))?,
         ),
         None => None,
@@ -62,4 +49,54 @@ pub(crate) fn allocate(
     )
     .map_err(sql("record allocation"))?;
     Ok(net)
+}
+
+/// Takes the lowest free number of `pool` within `first..=last`: the smallest freed one, else
+/// the next never handed out. `None` when none is left. A number outside the range (the range
+/// was narrowed by the configuration) stays where it is, free for a later, wider range.
+fn take_lowest(
+    tx: &rusqlite::Transaction<'_>,
+    pool: &str,
+    first: u64,
+    last: u64,
+) -> Result<Option<u64>, StoreError> {
+    use rusqlite::OptionalExtension;
+    let (first_i, last_i) = (to_i64(first), to_i64(last));
+    let freed: Option<i64> = tx
+        .prepare_cached("SELECT MIN(n) FROM ipam_free WHERE pool = ?1 AND n BETWEEN ?2 AND ?3")
+        .map_err(sql("read free numbers"))?
+        .query_row(params![pool, first_i, last_i], |r| r.get(0))
+        .map_err(sql("read free numbers"))?;
+    if let Some(n) = freed {
+        tx.execute(
+            "DELETE FROM ipam_free WHERE pool = ?1 AND n = ?2",
+            params![pool, n],
+        )
+        .map_err(sql("take a free number"))?;
+        return Ok(Some(n as u64));
+    }
+    let next: i64 = tx
+        .prepare_cached("SELECT next FROM ipam_next WHERE pool = ?1")
+        .map_err(sql("read next number"))?
+        .query_row(params![pool], |r| r.get(0))
+        .optional()
+        .map_err(sql("read next number"))?
+        .unwrap_or(0);
+    // Numbers below `first` that were never handed out are not free for this range.
+    let n = next.max(first_i);
+    if n > last_i {
+        return Ok(None);
+    }
+    // Skipped numbers between the old `next` and `first` stay unused; nothing is lost.
+    tx.execute(
+        "INSERT INTO ipam_next (pool, next) VALUES (?1, ?2)
+         ON CONFLICT (pool) DO UPDATE SET next = excluded.next",
+        params![pool, n + 1],
+    )
+    .map_err(sql("advance next number"))?;
+    Ok(Some(n as u64))
+}
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }

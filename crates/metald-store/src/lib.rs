@@ -43,6 +43,8 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0006_disk_bytes.sql"),
     include_str!("../migrations/0007_asset_owner.sql"),
     include_str!("../migrations/0008_held_allocations.sql"),
+    include_str!("../migrations/0009_totals.sql"),
+    include_str!("../migrations/0010_free_numbers.sql"),
 ];
 
 /// Per-customer limits on what runs at once (`None`: no limit).

@@ -114,6 +114,85 @@ fn an_old_database_is_migrated_forward_keeping_its_rows() {
         .unwrap();
 }
 
+/// A database from before the free-number lists: its allocations' gaps (and what a deleted
+/// VM's leftovers hold) become the free numbers, so the next VM still gets the lowest free.
+#[test]
+fn allocations_made_before_the_free_lists_leave_their_gaps_free() {
+    let h = Sqlite::new();
+    {
+        let raw = h.raw();
+        for (i, m) in MIGRATIONS[..9].iter().enumerate() {
+            raw.execute_batch(m).unwrap();
+            raw.pragma_update(None, "user_version", i as i64 + 1)
+                .unwrap();
+        }
+        // Slots 0 1 3 taken and 5 held; IPv6 indexes 2 3 5 and 7 held; IPv4 2 and 4.
+        for (n, (slot, ip6, ip4)) in [(0, 2, Some(2)), (1, 3, None), (3, 5, Some(4))]
+            .into_iter()
+            .enumerate()
+        {
+            let vm = record("a", VmState::Created);
+            raw.execute(
+                "INSERT INTO vms (id, customer_id, state, config_json, backend, created_at_ms,
+                                  updated_at_ms)
+                 VALUES (?1, 'a', 'CREATED', ?2, 'qemu', 1, 1)",
+                rusqlite::params![vm.id.as_str(), serde_json::to_string(&vm.config).unwrap()],
+            )
+            .unwrap();
+            raw.execute(
+                "INSERT INTO vm_network (vm_id, slot, ip6_index, ipv6, ip4_index, ipv4, mac)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'm')",
+                rusqlite::params![
+                    vm.id.as_str(),
+                    slot,
+                    ip6,
+                    format!("fd00::{n}"),
+                    ip4,
+                    ip4.map(|i| format!("10.0.0.{i}"))
+                ],
+            )
+            .unwrap();
+        }
+        raw.execute(
+            "INSERT INTO held_allocations (vm_id, slot, ip6_index, ip4_index)
+             VALUES ('vm-gone', 5, 7, NULL)",
+            [],
+        )
+        .unwrap();
+    }
+    let store = h.open();
+    let plan = metald_domain::ipam::AllocationPlan {
+        slots: 100,
+        ipv6: "fd00:1::/64".parse().unwrap(),
+        ipv4: Some("10.9.0.0/24".parse().unwrap()),
+    };
+    let net = |v: VmRecord| {
+        let n = v.net.unwrap();
+        (n.slot, n.ipv6.to_string(), n.ipv4.unwrap().to_string())
+    };
+    let first = store
+        .insert_vm(&record("b", VmState::Created), Some(&plan))
+        .unwrap();
+    assert_eq!(net(first), (2, "fd00:1::4".into(), "10.9.0.3".into()));
+    let second = store
+        .insert_vm(&record("b", VmState::Created), Some(&plan))
+        .unwrap();
+    assert_eq!(net(second), (4, "fd00:1::6".into(), "10.9.0.5".into()));
+    let third = store
+        .insert_vm(&record("b", VmState::Created), Some(&plan))
+        .unwrap();
+    assert_eq!(
+        net(third),
+        (6, "fd00:1::8".into(), "10.9.0.6".into()),
+        "the held 5 and 7 are skipped"
+    );
+    store.free_held_allocations().unwrap();
+    let fourth = store
+        .insert_vm(&record("b", VmState::Created), Some(&plan))
+        .unwrap();
+    assert_eq!(net(fourth), (5, "fd00:1::7".into(), "10.9.0.7".into()));
+}
+
 #[test]
 fn a_corrupt_vm_row_is_reported_with_its_id() {
     let h = Sqlite::new();

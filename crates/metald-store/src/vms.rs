@@ -1,6 +1,8 @@
 //! The `vms` table (read with its `vm_network` allocation): VM records, scoped by customer
 //! for API callers.
 
+use std::collections::BTreeMap;
+
 use rusqlite::{params, OptionalExtension, Row};
 
 use crate::domain::{BackendKind, CustomerId, VmConfig, VmId, VmNet, VmRecord, MIB};
@@ -123,13 +125,7 @@ impl VmStore for Store {
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(sql("begin"))?;
         if *limits != StoredLimits::default() {
-            let (vms, disk): (i64, i64) = tx
-                .query_row(
-                    "SELECT COUNT(*), COALESCE(SUM(disk_bytes), 0) FROM vms WHERE customer_id = ?1",
-                    params![vm.customer.as_str()],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .map_err(sql("count vms"))?;
+            let (vms, disk) = owning(&tx, vm.customer.as_str())?;
             within("UNKEY_METALD_QUOTA_VMS", count(vms), 1, limits.vms)?;
             // Compared in MiB, rounded up, as the quota is set and reported.
             within(
@@ -340,13 +336,7 @@ impl VmStore for Store {
         let conn = self.conn();
         // No VM id is `-`: every VM counts.
         let run = running(&conn, None, "-")?;
-        let (vms, disk): (i64, i64) = conn
-            .query_row(
-                "SELECT COUNT(*), COALESCE(SUM(disk_bytes), 0) FROM vms",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .map_err(sql("count vms"))?;
+        let (vms, disk) = owning(&conn, "")?;
         Ok(HostUsage {
             memory_bytes: run.memory_bytes,
             vcpus: run.vcpus,
@@ -412,6 +402,18 @@ impl VmStore for Store {
     }
 }
 
+/// How many VMs `customer` (every customer with `""`) has and the bytes of their writable
+/// disks, from the `owning` sums the schema's triggers keep.
+fn owning(conn: &rusqlite::Connection, customer: &str) -> Result<(i64, i64), StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT vms, disk_bytes FROM owning WHERE customer_id = ?1")
+        .map_err(sql("count vms"))?
+        .query_row(params![customer], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()
+        .map_err(sql("count vms"))?
+        .unwrap_or((0, 0)))
+}
+
 /// A SQLite count or sum as a `u64` (they are never negative).
 fn count(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
@@ -427,37 +429,59 @@ struct Running {
 }
 
 /// The VMs that run, are paused or are being booted, of `customer` (every customer's with
-/// `None`), leaving out `except` (a VM asking again never counts itself twice).
+/// `None`), leaving out `except` (a VM asking again never counts itself twice). Read from the
+/// `holding` sums the schema's triggers keep, plus `except`'s own row: a few rows whatever runs.
 fn running(
     conn: &rusqlite::Connection,
     customer: Option<&CustomerId>,
     except: &str,
 ) -> Result<Running, StoreError> {
+    let mut per_backend: BTreeMap<String, (i64, i64, i64)> = BTreeMap::new();
     let mut stmt = conn
         .prepare_cached(
-            "SELECT backend, COUNT(*),
-                    COALESCE(SUM(json_extract(config_json, '$.vcpu_count')), 0),
-                    COALESCE(SUM(json_extract(config_json, '$.memory_bytes')), 0)
-             FROM vms
-             WHERE (?1 IS NULL OR customer_id = ?1) AND id != ?2
-               AND (state IN ('RUNNING', 'PAUSED') OR run_reserved = 1)
-             GROUP BY backend",
+            "SELECT backend, vms, vcpus, memory_bytes FROM holding WHERE customer_id = ?1",
         )
         .map_err(sql("count running vms"))?;
     let rows = stmt
-        .query_map(params![customer.map(|c| c.as_str()), except], |r| {
+        .query_map(params![customer.map_or("", |c| c.as_str())], |r| {
             Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
         })
         .map_err(sql("count running vms"))?;
+    for row in rows {
+        let (backend, vms, vcpus, memory) = row.map_err(sql("count running vms"))?;
+        per_backend.insert(backend, (vms, vcpus, memory));
+    }
+    let mut own = conn
+        .prepare_cached(
+            "SELECT backend, json_extract(config_json, '$.vcpu_count'),
+                    json_extract(config_json, '$.memory_bytes')
+             FROM vms
+             WHERE id = ?1 AND (?2 IS NULL OR customer_id = ?2)
+               AND (state IN ('RUNNING', 'PAUSED') OR run_reserved = 1)",
+        )
+        .map_err(sql("count running vms"))?;
+    let mine = own
+        .query_map(params![except, customer.map(|c| c.as_str())], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })
+        .map_err(sql("count running vms"))?;
+    for row in mine {
+        let (backend, vcpus, memory) = row.map_err(sql("count running vms"))?;
+        if let Some(t) = per_backend.get_mut(&backend) {
+            *t = (t.0 - 1, t.1 - vcpus, t.2 - memory);
+        }
+    }
     let mut out = Running {
         vms: 0,
         vcpus: 0,
         guest_memory_bytes: 0,
         memory_bytes: 0,
     };
-    for row in rows {
-        let (backend, vms, vcpus, memory): (String, i64, i64, i64) =
-            row.map_err(sql("count running vms"))?;
+    for (backend, (vms, vcpus, memory)) in per_backend {
         let (vms, memory) = (count(vms), count(memory));
         out.vms = out.vms.saturating_add(vms);
         out.vcpus = out.vcpus.saturating_add(count(vcpus));

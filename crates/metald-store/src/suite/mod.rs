@@ -77,6 +77,7 @@ macro_rules! store_suite {
             vms::the_disk_quota_sums_the_customers_writable_disks,
             vms::host_capacity_admits_exactly_what_fits_under_concurrent_boots,
             vms::released_stopped_and_deleted_vms_free_host_capacity,
+            vms::the_kept_sums_match_the_vms_through_any_churn,
             ipam::allocation_takes_the_lowest_free_slot_and_addresses,
             ipam::without_a_plan_nothing_is_allocated,
             ipam::an_ipv6_only_plan_gives_no_ipv4,

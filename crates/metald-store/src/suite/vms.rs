@@ -575,3 +575,111 @@ pub fn released_stopped_and_deleted_vms_free_host_capacity<H: Harness>(h: &H) {
     store.reserve_run(&fc, &none, &tight).unwrap();
     assert_eq!(store.host_usage().unwrap().memory_bytes, 704 << 20);
 }
+
+/// What admission reads (the held and owned sums the store keeps as VMs change, instead of
+/// summing every VM at each boot) equals a recount of the VMs after every step of a long
+/// random churn of inserts, reservations, releases, state changes and deletes.
+pub fn the_kept_sums_match_the_vms_through_any_churn<H: Harness>(h: &H) {
+    let store = h.open();
+    // A generous host bound, so reservations are counted (without any bound they are skipped).
+    let host = HostLimits {
+        memory_bytes: Some(u64::MAX / 4),
+        vcpus: Some(u64::MAX / 4),
+    };
+    let none = RunLimits::default();
+    // The model: each live VM, whether it holds, and its size.
+    let mut live: Vec<(VmRecord, bool, u64)> = vec![];
+    let mut seed: u64 = 0x5eed;
+    let mut next = |n: u64| {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) % n
+    };
+    // Each VM's headroom: what one holding VM adds beyond its guest memory.
+    let probe = store.insert_vm(&vm("z"), None).unwrap();
+    store.reserve_run(&probe, &none, &host).unwrap();
+    let headroom = store.host_usage().unwrap().memory_bytes - probe.config.memory_bytes;
+    store.delete_vm(&probe.id).unwrap();
+    for step in 0..400 {
+        match next(6) {
+            0 | 1 => {
+                let mut v = vm(["a", "b", "c"][next(3) as usize]);
+                v.config.vcpu_count = 1 + next(4) as u32;
+                v.config.memory_bytes = (128 + 128 * next(4)) << 20;
+                let disk = next(1000) << 20;
+                let v = store
+                    .insert_vm_within(&v, None, disk, &StoredLimits::default())
+                    .unwrap();
+                live.push((v, false, disk));
+            }
+            2 if !live.is_empty() => {
+                let i = next(live.len() as u64) as usize;
+                store.reserve_run(&live[i].0, &none, &host).unwrap();
+                live[i].1 = true;
+            }
+            3 if !live.is_empty() => {
+                let i = next(live.len() as u64) as usize;
+                let state =
+                    [VmState::Running, VmState::Paused, VmState::Shutdown][next(3) as usize];
+                let (pid, ticks) = if state.has_vmm() {
+                    (Some(1), Some(1))
+                } else {
+                    (None, None)
+                };
+                live[i].0.life = VmLife::restore(state, pid, ticks, None, false);
+                store.update_vm(&live[i].0).unwrap();
+                live[i].1 = state.has_vmm();
+            }
+            4 if !live.is_empty() => {
+                let i = next(live.len() as u64) as usize;
+                store.release_run(&live[i].0.id).unwrap();
+                live[i].1 = live[i].0.state().has_vmm();
+            }
+            5 if !live.is_empty() => {
+                let i = next(live.len() as u64) as usize;
+                let (gone, _, _) = live.swap_remove(i);
+                if next(2) == 0 {
+                    store.delete_vm(&gone.id).unwrap();
+                } else {
+                    store.delete_vm_holding_allocation(&gone.id).unwrap();
+                }
+            }
+            _ => {}
+        }
+        let holding = live.iter().filter(|(_, held, _)| *held);
+        let want = HostUsage {
+            memory_bytes: holding
+                .clone()
+                .map(|(v, _, _)| v.config.memory_bytes + headroom)
+                .sum(),
+            vcpus: holding
+                .map(|(v, _, _)| u64::from(v.config.vcpu_count))
+                .sum(),
+            vms: live.len() as u64,
+            disk_bytes: live.iter().map(|(_, _, d)| *d).sum(),
+        };
+        assert_eq!(store.host_usage().unwrap(), want, "after step {step}");
+    }
+    // Per customer too: a running-VMs quota of exactly what "a" holds admits none more.
+    let a_holds = live
+        .iter()
+        .filter(|(v, held, _)| *held && v.customer.as_str() == "a")
+        .count() as u64;
+    let newcomer = store.insert_vm(&vm("a"), None).unwrap();
+    let full = RunLimits {
+        vms: Some(a_holds),
+        ..RunLimits::default()
+    };
+    assert!(matches!(
+        store.reserve_run(&newcomer, &full, &host),
+        Err(StoreError::QuotaExceeded { used, .. }) if used == a_holds
+    ));
+    let room = RunLimits {
+        vms: Some(a_holds + 1),
+        ..RunLimits::default()
+    };
+    store.reserve_run(&newcomer, &room, &host).unwrap();
+    // Asking again never counts itself twice.
+    store.reserve_run(&newcomer, &room, &host).unwrap();
+}
