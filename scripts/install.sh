@@ -102,7 +102,7 @@ command -v "${PROTOC:-protoc}" >/dev/null 2>&1 ||
 	die "'${PROTOC:-protoc}' not found; the build generates the API code with it: run scripts/install-deps.sh (or apt-get install protobuf-compiler, or set PROTOC)"
 log "building: $CARGO build --release --workspace --bins"
 "$CARGO" build --release --workspace --bins
-for bin in metald metaldctl; do
+for bin in metald metald-jail metaldctl; do
 	[ -x "$target_dir/release/$bin" ] || die "$target_dir/release/$bin was not built"
 	put "$target_dir/release/$bin" "$DESTDIR$bindir/$bin" 0755
 done

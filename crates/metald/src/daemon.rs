@@ -1,7 +1,7 @@
 //! Wiring: builds the store, asset store, backend and service from a [`Config`] and serves the
 //! API until SIGTERM or SIGINT. VMs keep running across a metald restart and are re-attached.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
@@ -28,6 +28,9 @@ pub enum StartError {
     /// No usable VMM.
     #[error("{0}")]
     NoBackend(String),
+    /// The jail binary is not installed beside metald.
+    #[error("{} is missing: metald starts every VMM through it; install it beside metald", .0.display())]
+    NoJail(PathBuf),
     /// A directory could not be made.
     #[error("create {path}")]
     Dir {
@@ -146,10 +149,16 @@ pub fn sandboxes(
         BackendKind::Qemu => cfg.qemu_bin.clone(),
     }
     .ok_or_else(|| StartError::NoBackend(format!("no {} binary", kind.as_str())))?;
-    let metald_exe = std::env::current_exe().map_err(|source| StartError::Dir {
-        path: "/proc/self/exe".into(),
-        source,
-    })?;
+    // Installed beside metald (scripts/install.sh, cargo's target directory).
+    let jail_exe = std::env::current_exe()
+        .map_err(|source| StartError::Dir {
+            path: "/proc/self/exe".into(),
+            source,
+        })?
+        .with_file_name("metald-jail");
+    if !jail_exe.is_file() {
+        return Err(StartError::NoJail(jail_exe));
+    }
     let jailer = Jailer::new(
         JailerConfig {
             uid_base: iso.uid_base,
@@ -158,7 +167,7 @@ pub fn sandboxes(
             chroot_dir: iso.chroot_dir.clone(),
             roots: cfg.roots.clone(),
             cgroup_parent: iso.cgroup_parent.clone(),
-            metald_exe,
+            jail_exe,
             tc_bin: iso.tc_bin.clone(),
         },
         kind,

@@ -24,13 +24,6 @@ struct Cli {
 enum Command {
     /// Run the daemon (the default). Configured by UNKEY_METALD_* variables.
     Serve,
-    /// Internal: metald starts each VMM through this. Builds the VM's jail described by the
-    /// JSON SPEC and execs the VMM in it.
-    #[command(hide = true)]
-    Jail {
-        /// The jail specification (JSON).
-        spec: String,
-    },
     /// Manage the asset store (kernels, initrds, disk images) under UNKEY_METALD_DATA_DIR.
     Assets {
         #[command(subcommand)]
@@ -70,25 +63,6 @@ enum AssetCommand {
     },
 }
 
-/// `metald jail SPEC`: returns only if the jail could not be built (the step is on stderr,
-/// which is the VM's VMM log).
-fn jail(spec: &str) -> ExitCode {
-    let spec: metald::jailer::JailSpec = match serde_json::from_str(spec) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("metald jail: bad spec: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    match metald::jailer::child::run(&spec) {
-        Ok(never) => match never {},
-        Err(e) => {
-            eprintln!("{} (VM {})", metald::report::chain(&e), spec.vm_id);
-            ExitCode::from(1)
-        }
-    }
-}
-
 #[derive(Clone, Copy, ValueEnum)]
 enum Kind {
     Kernel,
@@ -98,10 +72,6 @@ enum Kind {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The jailer runs before anything else: no configuration, no logging, no threads.
-    if let Some(Command::Jail { spec }) = &cli.command {
-        return jail(spec);
-    }
     let cfg = match Config::from_env(|k| std::env::var(k).ok(), which) {
         Ok(c) => c,
         Err(e) => {
@@ -113,7 +83,6 @@ fn main() -> ExitCode {
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(cfg),
         Command::Assets { command } => assets(&cfg, command),
-        Command::Jail { .. } => Ok(()),
     };
     if let Some(p) = traces {
         // Flushes spans still in the batch processor.

@@ -1,4 +1,4 @@
-//! What `metald jail SPEC` does: runs in a fresh single-threaded process (metald re-executed)
+//! What `metald-jail SPEC` does: runs in a fresh single-threaded process (exec'd by metald)
 //! and turns itself into the jailed VMM, one step after another, each of which needs the
 //! privileges the next one drops. Any failure ends the process with the step's name and the
 //! OS error on stderr, which is the VM's VMM log.
@@ -21,7 +21,7 @@ use super::{tap, JailSpec};
 
 /// A step of the jail set-up failed.
 #[derive(Debug, thiserror::Error)]
-#[error("metald jail: {step}")]
+#[error("metald-jail: {step}")]
 pub struct StepError {
     /// The step.
     pub step: String,

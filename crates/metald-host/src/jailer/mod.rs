@@ -3,10 +3,10 @@
 //!
 //! metald (host side, [`Jailer`]) prepares what outlives one process: the cgroup with its
 //! limits, the chroot directory, the ownership of the VM's files. Then the backend starts
-//! `metald jail SPEC` instead of the VMM: a fresh single-threaded process ([`child`]) that
+//! `metald-jail SPEC` instead of the VMM: a fresh single-threaded process ([`child`]) that
 //! enters the namespace, makes the TAP, joins the cgroup, pivots into the chroot, drops to the
 //! VM's uid/gid and execs the VMM. Namespace changes never happen on a tokio thread, and
-//! nothing runs after a fork of the async runtime except the exec of `metald jail` itself.
+//! nothing runs after a fork of the async runtime except the exec of `metald-jail` itself.
 //!
 //! Inside the chroot every file sits at its host path (bind-mounted, read-only unless it is
 //! the VM's own directory), so the VMM's command line is the same jailed or not.
@@ -65,7 +65,7 @@ pub struct JailNet {
     pub tc: Vec<Vec<String>>,
 }
 
-/// Everything `metald jail` needs, passed as one JSON argument.
+/// Everything `metald-jail` needs, passed as one JSON argument.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JailSpec {
     /// The VM (for messages).
@@ -160,8 +160,8 @@ pub struct JailerConfig {
     pub roots: crate::probe::HostRoots,
     /// Parent cgroup of all VM cgroups.
     pub cgroup_parent: String,
-    /// The metald binary to re-execute as `metald jail`.
-    pub metald_exe: PathBuf,
+    /// The `metald-jail` binary, started in place of each VMM.
+    pub jail_exe: PathBuf,
     /// The `tc` binary (QEMU rate limits).
     pub tc_bin: PathBuf,
 }
@@ -170,7 +170,7 @@ pub struct JailerConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JailPlan {
     spec: JailSpec,
-    metald_exe: PathBuf,
+    jail_exe: PathBuf,
     control_dir: PathBuf,
 }
 
@@ -244,8 +244,8 @@ impl JailPlan {
         spec.args = args;
         // The spec is plain data built by metald; serializing it cannot fail.
         let json = serde_json::to_string(&spec).unwrap_or_default();
-        let mut cmd = Command::new(&self.metald_exe);
-        cmd.arg("jail").arg(json).env_clear();
+        let mut cmd = Command::new(&self.jail_exe);
+        cmd.arg(json).env_clear();
         cmd
     }
 
@@ -436,7 +436,7 @@ impl Jailer {
                 owned_dir: req.dir.to_path_buf(),
                 owned_files: req.owned.clone(),
             },
-            metald_exe: self.cfg.metald_exe.clone(),
+            jail_exe: self.cfg.jail_exe.clone(),
             control_dir,
         })
     }
