@@ -118,6 +118,17 @@ fn main() {
 /// start and then a delete: (log message, its `*_ms` field, name in the table).
 const STEPS: &[(&str, &str, &str)] = &[
     (
+        "vm created",
+        "checks_ms",
+        "create: validation, quota, disk room",
+    ),
+    ("vm created", "disks_ms", "create: disk copy"),
+    (
+        "vm created",
+        "record_ms",
+        "create: backend files, record (IPAM)",
+    ),
+    (
         "vm booted",
         "admission_ms",
         "boot: quota and capacity admission",
@@ -130,9 +141,13 @@ const STEPS: &[(&str, &str, &str)] = &[
     (
         "network made",
         "plumbing_ms",
-        "boot: network, netns + veth + routes",
+        "boot: network (a spare: re-pin, rename, up, routes)",
     ),
-    ("network made", "firewall_ms", "boot: network, nft elements"),
+    (
+        "network opened",
+        "firewall_ms",
+        "boot: nft elements (beside the VMM start)",
+    ),
     (
         "sandbox ready",
         "jail_ms",
@@ -167,7 +182,7 @@ const STEPS: &[(&str, &str, &str)] = &[
     (
         "network removed",
         "firewall_ms",
-        "delete, after: nft elements",
+        "delete, after: nft elements (batched)",
     ),
     (
         "network removed",

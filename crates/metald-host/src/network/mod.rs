@@ -30,7 +30,7 @@ use tokio::sync::Mutex;
 
 use self::ipam::{Ipv4Subnet, Ipv6Prefix};
 use self::kernel::{Links, Namespaces, Rules};
-use self::nft::{Change, Firewall, FirewallVm, HOST_IF_PREFIX};
+use self::nft::{Firewall, FirewallVm, HOST_IF_PREFIX};
 use self::pool::{Pool, Spare};
 use crate::domain::{RateLimit, VmId, VmRecord};
 use crate::report::Chain;
@@ -164,8 +164,22 @@ pub struct Network {
     rules: Box<dyn Rules>,
     namespaces: Box<dyn Namespaces>,
     firewall: Mutex<Firewall>,
+    /// Firewall changes waiting to be loaded together ([`Network::firewall_change`]).
+    waiting: std::sync::Mutex<Vec<WaitingChange>>,
     pool: Pool,
 }
+
+/// A VM's firewall change, before it is made against the model.
+#[derive(Debug, Clone)]
+enum FirewallOp {
+    /// Add the VM's elements (replacing any it has).
+    Start(String, FirewallVm),
+    /// Delete the VM's elements, if it has any.
+    Stop(String),
+}
+
+/// A change waiting in a batch, and where its outcome goes.
+type WaitingChange = (FirewallOp, tokio::sync::oneshot::Sender<Result<(), String>>);
 
 impl Network {
     /// Connects to rtnetlink, turns on forwarding in metald's namespace and prepares the
@@ -218,6 +232,7 @@ impl Network {
             rules,
             namespaces,
             firewall: Mutex::new(firewall),
+            waiting: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -275,7 +290,8 @@ impl Network {
     }
 
     /// Gives a spare from the warm pool to the VM: its namespace pinned at the VM's name, its
-    /// veth end renamed to the VM's, with the gateway addresses and the VM's routes.
+    /// veth end (which has the gateway addresses already) renamed to the VM's, up, with the
+    /// VM's routes.
     async fn take_spare(&self, spare: &Spare, plan: &VmNetworkPlan) -> Result<(), NetworkError> {
         self.namespaces
             .repin(&spare.netns, &plan.netns)
@@ -290,10 +306,11 @@ impl Network {
             .await?
             .ok_or_else(|| NetworkError::NoInterface(spare.host_if.clone()))?;
         self.links.rename(index, &plan.host_if).await?;
-        self.route_host_end(index, plan).await
+        self.up_and_route(index, plan).await
     }
 
-    /// Makes one spare network (namespace, veth pair, TAP and bridge inside).
+    /// Makes one spare network: namespace, veth pair with the gateway addresses on the host
+    /// end, TAP and bridge inside.
     async fn make_spare(&self) -> Result<Spare, NetworkError> {
         let spare = self.pool.next_names(&self.cfg.netns_dir);
         let io = |op: &'static str, path: &Path| {
@@ -307,6 +324,12 @@ impl Network {
             self.links
                 .add_veth(&spare.host_if, PEER_IF, &spare.netns)
                 .await?;
+            let host = self
+                .links
+                .index_of(&spare.host_if)
+                .await?
+                .ok_or_else(|| NetworkError::NoInterface(spare.host_if.clone()))?;
+            self.add_gateways(host).await?;
             self.namespaces
                 .wire(&spare.netns, TAP_NAME, BRIDGE_NAME, PEER_IF)
                 .map_err(io("make the TAP and bridge in", &spare.netns))
@@ -418,12 +441,25 @@ impl Network {
 
     /// The host end of the VM's veth: the gateway addresses, up, and the routes to the guest.
     async fn route_host_end(&self, host: u32, plan: &VmNetworkPlan) -> Result<(), NetworkError> {
+        self.add_gateways(host).await?;
+        self.up_and_route(host, plan).await
+    }
+
+    /// The gateway addresses every VM's host end carries (the same on all of them).
+    async fn add_gateways(&self, host: u32) -> Result<(), NetworkError> {
         self.links
-            .add_address(host, IpAddr::V6(plan.gateway6), 128)
+            .add_address(host, IpAddr::V6(self.cfg.ipv6_prefix.gateway()), 128)
             .await?;
-        if let Some(gw4) = plan.gateway4 {
-            self.links.add_address(host, IpAddr::V4(gw4), 32).await?;
+        if let Some(subnet) = self.cfg.ipv4_subnet {
+            self.links
+                .add_address(host, IpAddr::V4(subnet.gateway()), 32)
+                .await?;
         }
+        Ok(())
+    }
+
+    /// Sets a VM's host end up and routes the guest's addresses to it.
+    async fn up_and_route(&self, host: u32, plan: &VmNetworkPlan) -> Result<(), NetworkError> {
         self.links.set_up(host).await?;
         self.links
             .add_route(IpAddr::V6(plan.ipv6), 128, host)
@@ -467,36 +503,86 @@ impl Network {
 
     /// Adds the VM's elements to the firewall (one small transaction, whatever else runs).
     async fn allow(&self, vm: &VmRecord, plan: &VmNetworkPlan) -> Result<(), NetworkError> {
-        let mut fw = self.firewall.lock().await;
-        let change = fw.start(vm.id.as_str(), Self::firewall_vm(vm, plan));
-        self.load(&fw, &change).await?;
-        fw.commit(change);
-        Ok(())
+        self.firewall_change(FirewallOp::Start(
+            vm.id.as_str().to_string(),
+            Self::firewall_vm(vm, plan),
+        ))
+        .await
     }
 
-    /// Loads a change; if nft refuses it (the table was flushed or lost an element), rewrites
-    /// the whole table as it will be after the change, so the rules heal instead of drifting.
-    /// The model only follows (the caller commits) when one of the two was loaded.
-    async fn load(&self, fw: &Firewall, change: &Change) -> Result<(), nft::NftError> {
-        match self.rules.load(change.script()).await {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                tracing::warn!(error = %Chain(&e), "firewall change refused; rewriting metald's whole table");
-                self.rules.load(&fw.render_with(change)).await
+    /// Applies `op` to the firewall together with every other change waiting: whoever holds
+    /// the firewall's lock loads all that waits in one nft transaction, so starts and stops
+    /// that come together (a burst of boots, the removals after many deletes) cost one `nft`
+    /// run instead of one each. Returns once `op` is loaded or refused.
+    async fn firewall_change(&self, op: FirewallOp) -> Result<(), NetworkError> {
+        let (done, result) = tokio::sync::oneshot::channel();
+        self.waiting_changes().push((op, done));
+        {
+            let mut fw = self.firewall.lock().await;
+            let batch = std::mem::take(&mut *self.waiting_changes());
+            if !batch.is_empty() {
+                self.load_batch(&mut fw, batch).await;
             }
+        }
+        // Sent by whoever loaded the batch holding `op` (this call, or one before it).
+        result
+            .await
+            .unwrap_or_else(|_| Err("the firewall batch was dropped".into()))
+            .map_err(|e| NetworkError::Nft(nft::NftError::Batch(e)))
+    }
+
+    fn waiting_changes(&self) -> std::sync::MutexGuard<'_, Vec<WaitingChange>> {
+        // Pushes and takes cannot leave it inconsistent.
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Loads a batch of changes as one transaction, each made on the model as the ones before
+    /// it leave it (a customer's first two VMs in one batch share one new tag). If nft refuses
+    /// it (the table was flushed or lost an element), the whole table is rewritten as it will
+    /// be after the batch, so the rules heal instead of drifting. The model follows only what
+    /// was loaded; every waiter gets the outcome.
+    async fn load_batch(&self, fw: &mut Firewall, batch: Vec<WaitingChange>) {
+        let mut after = fw.clone();
+        let mut script = String::new();
+        for (op, _) in &batch {
+            let change = match op {
+                FirewallOp::Start(id, vm) => Some(after.start(id, vm.clone())),
+                FirewallOp::Stop(id) => after.stop(id),
+            };
+            if let Some(change) = change {
+                script.push_str(change.script());
+                after.commit(change);
+            }
+        }
+        let loaded = if script.is_empty() {
+            Ok(())
+        } else {
+            match self.rules.load(&script).await {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    tracing::warn!(error = %Chain(&e), changes = batch.len(), "firewall change refused; rewriting metald's whole table");
+                    self.rules.load(&after.render()).await
+                }
+            }
+        };
+        let outcome = match loaded {
+            Ok(()) => {
+                *fw = after;
+                Ok(())
+            }
+            Err(e) => Err(Chain(&e).to_string()),
+        };
+        for (_, done) in batch {
+            // A waiter that gave up (its task was dropped) needs no answer.
+            let _gone = done.send(outcome.clone());
         }
     }
 
     /// Removes everything the VM's run had: firewall entries, veth pair, namespace.
     pub async fn teardown(&self, vm: &VmRecord) -> Result<(), NetworkError> {
         let t0 = std::time::Instant::now();
-        {
-            let mut fw = self.firewall.lock().await;
-            if let Some(change) = fw.stop(vm.id.as_str()) {
-                self.load(&fw, &change).await?;
-                fw.commit(change);
-            }
-        }
+        self.firewall_change(FirewallOp::Stop(vm.id.as_str().to_string()))
+            .await?;
         let firewall_ms = t0.elapsed().as_secs_f64() * 1000.0;
         self.remove_plumbing(&vm.id).await;
         tracing::debug!(vm_id = %vm.id, firewall_ms, plumbing_ms = t0.elapsed().as_secs_f64() * 1000.0 - firewall_ms, "network removed");
@@ -590,6 +676,8 @@ mod tests {
         next_index: StdMutex<u32>,
         /// Every nft script loaded (or refused), in order.
         scripts: StdMutex<Vec<String>>,
+        /// How long each nft load takes (none by default).
+        load_delay: StdMutex<Option<std::time::Duration>>,
     }
 
     impl FakeKernel {
@@ -672,6 +760,10 @@ mod tests {
         /// Records `nft table [...]` for a whole table, `nft change [...]` for an incremental
         /// change, with the VM interfaces the script names.
         async fn load(&self, script: &str) -> Result<(), nft::NftError> {
+            let delay = *self.0.load_delay.lock().unwrap();
+            if let Some(d) = delay {
+                tokio::time::sleep(d).await;
+            }
             let hosts: Vec<&str> = script
                 .split(|c: char| !c.is_ascii_alphanumeric())
                 .filter(|w| w.starts_with("mv") && is_vm_interface(w))
@@ -996,6 +1088,86 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn firewall_changes_that_wait_together_are_loaded_in_one_nft_run() {
+        let k = Arc::new(FakeKernel::default());
+        let net = Arc::new(network(&k));
+        // Two customers, each with its first VMs in the same batch.
+        let vms: Vec<VmRecord> = (1..=6)
+            .map(|n| vm_of(n, if n % 2 == 0 { "acme" } else { "bolt" }))
+            .collect();
+        for v in &vms {
+            net.setup(v).await.unwrap();
+        }
+        *k.load_delay.lock().unwrap() = Some(std::time::Duration::from_millis(100));
+        let run_all = |stop: bool| {
+            let tasks: Vec<_> = vms
+                .iter()
+                .map(|v| {
+                    let (net, v) = (Arc::clone(&net), v.clone());
+                    tokio::spawn(async move {
+                        if stop {
+                            net.teardown(&v).await
+                        } else {
+                            net.open(&v).await
+                        }
+                    })
+                })
+                .collect();
+            async move {
+                for t in tasks {
+                    t.await.unwrap().unwrap();
+                }
+            }
+        };
+        run_all(false).await;
+        let scripts = std::mem::take(&mut *k.scripts.lock().unwrap());
+        assert_eq!(
+            scripts.len(),
+            2,
+            "the first alone, the five that waited together: {scripts:#?}"
+        );
+        assert_eq!(named(&scripts[0]).len() + named(&scripts[1]).len(), 6);
+        {
+            let fw = net.firewall.lock().await;
+            assert_eq!(fw.len(), 6);
+            let (acme, bolt) = (
+                fw.tag_of(&"acme".parse().unwrap()).unwrap(),
+                fw.tag_of(&"bolt".parse().unwrap()).unwrap(),
+            );
+            assert_ne!(acme, bolt, "one tag per customer, even made in one batch");
+            for v in &vms {
+                let (host, _) = interface_names(&v.id);
+                let tag = if v.customer.as_str() == "acme" {
+                    acme
+                } else {
+                    bolt
+                };
+                let all = scripts.concat();
+                assert!(
+                    all.contains(&format!("{tag} . \"{host}\"")),
+                    "{host} {tag}: {all}"
+                );
+            }
+        }
+        run_all(true).await;
+        let scripts = std::mem::take(&mut *k.scripts.lock().unwrap());
+        assert_eq!(scripts.len(), 2, "{scripts:#?}");
+        assert!(net.firewall.lock().await.is_empty());
+        // A refused batch: the whole table is written once for all of it.
+        run_all(false).await;
+        k.scripts.lock().unwrap().clear();
+        *k.fail_on.lock().unwrap() = Some("nft change".into());
+        run_all(true).await;
+        let scripts = std::mem::take(&mut *k.scripts.lock().unwrap());
+        assert_eq!(
+            scripts.len(),
+            4,
+            "two refused batches, each healed by one rewrite"
+        );
+        assert!(net.firewall.lock().await.is_empty());
+    }
+
+    #[tokio::test]
     async fn a_boot_takes_a_spare_from_the_warm_pool_which_is_refilled_and_removed_at_close() {
         let k = Arc::new(FakeKernel::default());
         let net = Arc::new(pooled_network(&k, 2));
@@ -1019,6 +1191,14 @@ mod tests {
                     .starts_with("veth mw000000000001 veth0 in /run/test-netns/pool-000000000001")),
             "{made:?}"
         );
+        assert!(
+            made.iter()
+                .any(|c| c == "address fd00:1::1/128 on mw000000000001")
+                && made
+                    .iter()
+                    .any(|c| c == "address 10.9.0.1/32 on mw000000000001"),
+            "a spare's host end has the gateways already: {made:?}"
+        );
 
         let a = vm(1);
         let (host, _) = interface_names(&a.id);
@@ -1032,14 +1212,13 @@ mod tests {
                 .iter()
                 .filter(|c| !c.starts_with("netns create /run/test-netns/pool-")
                     && !c.starts_with("veth mw")
-                    && !c.starts_with("wire "))
+                    && !c.starts_with("wire ")
+                    && !c.contains(" on mw"))
                 .cloned()
                 .collect::<Vec<_>>(),
             [
                 format!("netns repin /run/test-netns/pool-000000000001 to {ns}"),
                 format!("rename mw000000000001 to {host}"),
-                format!("address fd00:1::1/128 on {host}"),
-                format!("address 10.9.0.1/32 on {host}"),
                 format!("up {host}"),
                 format!("route fd00:1::1/128 to {host}"),
                 format!("route 10.9.0.1/32 to {host}"),

@@ -196,7 +196,12 @@ pub struct VmService {
     console_dropped: Mutex<HashMap<VmId, u64>>,
     /// Deleted VMs whose leftovers are still being removed ([`VmService::reap`]).
     reaps: tokio::sync::watch::Sender<usize>,
+    /// Turns to remove a deleted VM's leftovers ([`REAPERS`] at a time).
+    reapers: tokio::sync::Semaphore,
 }
+
+/// How many deleted VMs' leftovers are removed at once.
+const REAPERS: usize = 4;
 impl VmService {
     /// Builds the service and starts handling VMM exits reported on `exits`.
     pub fn start(
@@ -220,6 +225,7 @@ impl VmService {
             timings: Timings::default(),
             console_dropped: Mutex::new(HashMap::new()),
             reaps: tokio::sync::watch::Sender::new(0),
+            reapers: tokio::sync::Semaphore::new(REAPERS),
         });
         let weak = Arc::downgrade(&svc);
         tokio::spawn(async move {
@@ -360,6 +366,7 @@ impl VmService {
         customer: &CustomerId,
         config: VmConfig,
     ) -> Result<VmRecord, ServiceError> {
+        let t0 = std::time::Instant::now();
         self.validate(customer, &config)?;
         let writable = self.writable_disk_bytes(&config)?;
         self.check_disk_room(writable)?;
@@ -370,7 +377,9 @@ impl VmService {
             path: dir.clone(),
             source,
         })?;
-        let result = self.prepare(customer, &id, &dir, config, writable).await;
+        let result = self
+            .prepare(customer, &id, &dir, config, writable, t0)
+            .await;
         if result.is_err() {
             if let Err(e) = std::fs::remove_dir_all(&dir) {
                 tracing::error!(vm_id = %id, error = %Chain(&e), "rolling back a failed create left its directory");
@@ -739,7 +748,11 @@ impl VmService {
         self.reaps.send_modify(|n| *n += 1);
         let svc = Arc::clone(self);
         tokio::spawn(async move {
-            svc.reap(vm).await;
+            // A few at a time: a burst of deletes queues here rather than as hundreds of tasks
+            // and blocking threads contending for the same kernel locks.
+            if let Ok(_turn) = svc.reapers.acquire().await {
+                svc.reap(vm).await;
+            }
             svc.reaps.send_modify(|n| *n = n.saturating_sub(1));
         });
         Ok(())
