@@ -317,6 +317,23 @@ fn sparse_copy(input: &File, output: &File, src: &Path, dst: &Path) -> Result<()
             let want = usize::try_from(hole - off)
                 .unwrap_or(usize::MAX)
                 .min(buf.len());
+            // In the kernel where it can (no copy through this process); read and write
+            // where it cannot (across file systems on old kernels, or file systems without it).
+            let (mut from, mut to) = (off, off);
+            match rustix::fs::copy_file_range(input, Some(&mut from), output, Some(&mut to), want) {
+                Ok(0) => break,
+                Ok(n) => {
+                    off += n as u64;
+                    continue;
+                }
+                Err(
+                    rustix::io::Errno::XDEV
+                    | rustix::io::Errno::INVAL
+                    | rustix::io::Errno::NOSYS
+                    | rustix::io::Errno::OPNOTSUPP,
+                ) => {}
+                Err(e) => return Err(io_err("copy", dst)(e.into())),
+            }
             let n = input
                 .read_at(&mut buf[..want], off)
                 .map_err(io_err("read", src))?;

@@ -97,6 +97,9 @@ fn main() {
             &deletes[lo..hi],
         );
     }
+    if let Ok(p) = std::env::var("BENCH_SCALE_LOG") {
+        std::fs::write(p, m.log_text()).unwrap();
+    }
     print_steps(&m.log_text(), &ids, n);
     println!();
     println!(
@@ -214,7 +217,8 @@ fn print_steps(log: &str, ids: &[String], n: usize) {
             }
             let Some(id) = line
                 .split_whitespace()
-                .find_map(|w| w.strip_prefix("vm_id="))
+                .filter_map(|w| w.strip_prefix("vm_id="))
+                .find(|v| v.starts_with("vm-"))
                 .map(|v| v.trim_matches(|c: char| !c.is_ascii_alphanumeric() && c != '-'))
             else {
                 continue;
