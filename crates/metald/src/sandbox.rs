@@ -264,6 +264,7 @@ impl Isolation for Sandboxes {
 
     async fn shutdown(&self) {
         self.network.close_pool().await;
+        self.jailer.close();
     }
 
     fn meter_sources(&self, vm: &VmRecord, pid: u32) -> (Sources, Option<String>) {

@@ -205,6 +205,15 @@ fn inside(root: &Path, host_path: &Path) -> PathBuf {
 
 fn build_root(spec: &JailSpec) -> Result<(), StepError> {
     let root = &spec.root;
+    // The small base namespace metald made, so the copy below does not hold a mount per VM.
+    if let Some(ns) = &spec.mount_ns {
+        let ns = step(format!("open {}", ns.display()), File::open(ns))?;
+        step(
+            "enter the jails' base mount namespace",
+            rustix::thread::move_into_link_name_space(ns.as_fd(), Some(LinkNameSpaceType::Mount))
+                .map_err(io::Error::from),
+        )?;
+    }
     // SAFETY: NEWNS only gives this (single-threaded) process its own mount table; no file
     // descriptor table is unshared.
     let unshared = unsafe { rustix::thread::unshare_unsafe(UnshareFlags::NEWNS) };

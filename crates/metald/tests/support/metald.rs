@@ -574,6 +574,14 @@ impl Isolated {
     /// Removes whatever a (failed) test left: namespace pins, cgroups, jail directories. The
     /// test namespace itself (with every veth in it) goes when `netns` drops.
     fn force_cleanup(&self) {
+        for f in std::fs::read_dir(&self.jail_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|f| f.file_name().to_string_lossy().ends_with(".mntns"))
+        {
+            let _ = Command::new("umount").arg("-l").arg(f.path()).status();
+        }
         let _ = std::fs::remove_dir_all(&self.jail_dir);
         for f in std::fs::read_dir(self.run_dir.join("netns"))
             .into_iter()
@@ -620,9 +628,9 @@ impl Isolated {
         }
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         for line in mounts.lines() {
-            if line.contains(&data_dir.display().to_string())
-                && !(running && line.contains("/netns/pool-"))
-            {
+            // While metald runs: its warm spares and the jails' base mount namespace.
+            let own = line.contains("/netns/pool-") || line.contains(".mntns ");
+            if line.contains(&data_dir.display().to_string()) && !(running && own) {
                 out.push(format!("mount {line}"));
             }
         }
