@@ -31,6 +31,8 @@ pub(crate) const CONSOLE_MAX_BYTES: u64 = 64 * 1024;
 
 /// The fixture's stored-VM quota per customer.
 pub(crate) const QUOTA_VMS: u64 = 10;
+/// Snapshots each test customer may keep.
+pub(crate) const QUOTA_SNAPSHOTS: u64 = 2;
 /// The fixture's running quotas per customer: the memory of four default VMs.
 pub(crate) const RUN_LIMITS: RunLimits = RunLimits {
     vms: None,
@@ -286,6 +288,7 @@ pub(crate) fn fixture_with_timeout(boot_timeout: Duration) -> Fixture {
             stored: StoredLimits {
                 vms: Some(QUOTA_VMS),
                 disk_bytes: None,
+                snapshots: Some(QUOTA_SNAPSHOTS),
             },
             run: RUN_LIMITS,
         }),
