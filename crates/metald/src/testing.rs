@@ -280,6 +280,8 @@ pub(crate) fn fixture_with_timeout(boot_timeout: Duration) -> Fixture {
     }
     let vms_dir = dir.path().join("vms");
     std::fs::create_dir(&vms_dir).unwrap();
+    let snapshots_dir = dir.path().join("snapshots");
+    std::fs::create_dir(&snapshots_dir).unwrap();
     let backend = Arc::new(FakeBackend::default());
     let (tx, rx) = mpsc::unbounded_channel();
     let quota_file = dir.path().join("quotas.toml");
@@ -302,6 +304,8 @@ pub(crate) fn fixture_with_timeout(boot_timeout: Duration) -> Fixture {
         host: HOST,
         probe: probe.clone(),
         console_max_bytes: CONSOLE_MAX_BYTES,
+        snapshots_dir: snapshots_dir.clone(),
+        clone_net: None,
     };
     let isolation = Arc::new(FakeIsolation::default());
     let meter = Meter::start(MeterConfig {

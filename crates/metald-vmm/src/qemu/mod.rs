@@ -236,6 +236,22 @@ impl Backend for QemuBackend {
         self.start(launch, StartKind::Wake).await
     }
 
+    async fn snapshot(&self, vm: &VmId, _dir: &Path, out: &Path) -> Result<(), BackendError> {
+        let qmp = self.qmp_for(vm)?;
+        qmp.execute("stop", None).await?;
+        // The suspend's migration, into metald's snapshot directory by descriptor; the
+        // stopped QEMU then takes `cont` (which takes its disks back) once they are copied.
+        let file = crate::vm_dir::VmDir::open(out)?.create_new(crate::files::SNAPSHOT_STATE)?;
+        qmp.execute_with_fd(
+            file.as_fd(),
+            "snapshot",
+            "migrate",
+            Some(json!({ "uri": "fd:snapshot" })),
+        )
+        .await?;
+        wait_migration(&qmp).await
+    }
+
     async fn pause(&self, vm: &VmId) -> Result<(), BackendError> {
         self.qmp_for(vm)?.execute("stop", None).await.map(drop)
     }
@@ -297,7 +313,7 @@ impl QemuBackend {
         let socket = launch.control_socket();
         launch.open_control_dir()?;
         let mut args = command_args(launch, self.accel);
-        if how == StartKind::Wake {
+        if how != StartKind::Boot {
             // Waits for the state to be given over QMP instead of running the guest.
             args.extend(["-incoming".to_string(), "defer".to_string()]);
         }
@@ -321,7 +337,7 @@ impl QemuBackend {
             // within moments of the socket being made, while the guest's firmware or kernel
             // is still starting (a waking guest waits for its state).
             launch.seal_control_dir()?;
-            if how == StartKind::Wake {
+            if how != StartKind::Boot {
                 let file = crate::vm_dir::VmDir::open(&launch.dir)?
                     .open_read(crate::files::SUSPEND_STATE)?;
                 qmp.execute_with_fd(
