@@ -141,7 +141,7 @@ pub enum ServiceError {
         vm: VmId,
         /// What failed.
         #[source]
-        source: crate::network::clone_map::CloneMapError,
+        source: Box<crate::network::clone_map::CloneMapError>,
     },
     /// A file operation failed.
     #[error("{op} {path}")]

@@ -419,7 +419,7 @@ impl VmService {
         };
         let sandbox = |source| ServiceError::CloneMap {
             vm: vm.id.clone(),
-            source,
+            source: Box::new(source),
         };
         clone_map::load_in_netns(&net.metald_exe, &net.nft_bin, &plan.netns, &map.script())
             .await
@@ -451,7 +451,7 @@ impl VmService {
             .await
             .map_err(|source| ServiceError::CloneMap {
                 vm: vm.id.clone(),
-                source,
+                source: Box::new(source),
             })?;
         }
         self.store.forget_inner_identity(&vm.id)?;
