@@ -205,6 +205,11 @@ impl Backend for FakeBackend {
         std::fs::write(dir.join(crate::backend::files::SUSPEND_STATE), b"state").unwrap();
         Ok(())
     }
+    async fn snapshot(&self, _: &VmId, _: &Path, out: &Path) -> Result<(), BackendError> {
+        self.record("snapshot");
+        std::fs::write(out.join(crate::backend::files::SNAPSHOT_STATE), b"state").unwrap();
+        Ok(())
+    }
     async fn wake(&self, l: &VmLaunch) -> Result<VmmProcess, BackendError> {
         self.record("wake");
         assert!(
