@@ -292,11 +292,17 @@ mod tests {
     fn overrides_replace_only_the_keys_they_give() {
         let book = QuotaBook::parse(
             DEFAULTS,
-            "[customers.acme]\nvms = 500\nrunning_memory_mib = 2048\n\n[customers.\"b-2\"]\ndisk_mib = 10\n",
+            "[customers.acme]\nvms = 500\nrunning_memory_mib = 2048\nsnapshots = 3\n\n[customers.\"b-2\"]\ndisk_mib = 10\n",
         )
         .unwrap();
         let acme = book.of(&who("acme"));
         assert_eq!(acme.stored.vms, Some(500));
+        assert_eq!(acme.stored.snapshots, Some(3));
+        assert_eq!(
+            book.of(&who("b-2")).stored.snapshots,
+            Some(20),
+            "kept the default"
+        );
         assert_eq!(acme.run.vcpus, Some(8), "kept the default");
         assert_eq!(acme.run.memory_bytes, Some(2048 * MIB));
         assert_eq!(book.of(&who("b-2")).stored.disk_bytes, Some(10 * MIB));

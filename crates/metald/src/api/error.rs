@@ -76,6 +76,21 @@ mod tests {
             ),
             (ServiceError::NotFound(vm.clone()), ErrorCode::NotFound, 404),
             (
+                ServiceError::SnapshotNotFound("snap-x".into()),
+                ErrorCode::NotFound,
+                404,
+            ),
+            (
+                ServiceError::Precondition("x".into()),
+                ErrorCode::FailedPrecondition,
+                400,
+            ),
+            (
+                ServiceError::Unimplemented("x".into()),
+                ErrorCode::Unimplemented,
+                501,
+            ),
+            (
                 transition(VmState::Shutdown, Operation::Pause)
                     .unwrap_err()
                     .into(),
