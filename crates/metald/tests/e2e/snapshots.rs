@@ -80,7 +80,8 @@ fn network(vm: &Value) -> (String, String) {
 /// boot), each answers ping and ping6 at its own addresses while the source runs at the
 /// addresses all three guests believe are theirs, and each wrote files the other's disk does
 /// not have. Another customer can neither see, use nor delete the snapshot, and gets the same
-/// answer as for a made-up id. The snapshot quota refuses a second one; deleting the
+/// answer as for a made-up id. The snapshot quota refuses a second one. A clone's cold boot
+/// and a restored clone's reboot are ordinary boots at its own addresses. Deleting the
 /// snapshot removes its files and leaves the clones be.
 fn qemu_clones_of_one_snapshot_run_at_once_at_their_own_addresses_with_their_own_disks() {
     let guest = qemu_guest();
@@ -221,6 +222,28 @@ fn qemu_clones_of_one_snapshot_run_at_once_at_their_own_addresses_with_their_own
     api.wait_ready(&clones[0]);
     iso.netns.assert_pings(&network(&again["vm"]).0);
     stop(&clones[0]);
+    // A reboot of a restored clone is a cold boot in the namespace that stays: its address
+    // map goes, and the guest answers at its own addresses, which it now knows itself.
+    let third = api
+        .call("POST", "/v1/vms", Some(json!({"fromSnapshot": sid})))
+        .ok()["vm"]["vmId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    api.call("POST", &format!("/v1/vms/{third}/boot"), None).ok();
+    let (v6, v4) = network(&api.vm(&third));
+    iso.netns.assert_pings(&v6);
+    let offset = m.console_len(&third);
+    let rebooted = api
+        .call("POST", &format!("/v1/vms/{third}/reboot"), Some(json!({"force": true})))
+        .ok();
+    assert_eq!(rebooted["vm"]["state"], "VM_STATE_RUNNING", "{rebooted}");
+    api.wait_ready(&third);
+    assert!(m.console_from(&third, offset).contains("Linux version"), "a cold boot");
+    iso.netns.assert_pings(&v6);
+    iso.netns.assert_pings(&v4);
+    stop(&third);
+    api.call("DELETE", &format!("/v1/vms/{third}"), None).ok();
 
     // The source goes; the snapshot stays until deleted, and its files go with it.
     api.call("DELETE", &format!("/v1/vms/{source}"), None).ok();
