@@ -66,6 +66,16 @@ impl VmService {
         let writable = self.writable_disk_bytes(&vm.config)?;
         self.check_disk_room(writable.saturating_add(vm.config.memory_bytes))?;
         let limits = self.cfg.quotas.of(customer).stored;
+        // What the guest believes it is: a restored clone's inner identity until its next
+        // cold boot, its VM's own addresses otherwise.
+        let inner = match self.store.inner_identity(id)? {
+            Some(inner) => Some(inner),
+            None => vm.net.as_ref().map(|n| InnerIdentity {
+                ipv6: n.ipv6,
+                ipv4: n.ipv4,
+                mac: n.mac.clone(),
+            }),
+        };
         let snap = SnapshotRecord {
             id: format!("snap-{}", uuid::Uuid::new_v4()),
             customer: customer.clone(),
@@ -73,11 +83,7 @@ impl VmService {
             state: SnapshotState::Creating,
             backend: vm.backend.clone(),
             config: vm.config.clone(),
-            inner: vm.net.as_ref().map(|n| InnerIdentity {
-                ipv6: n.ipv6,
-                ipv4: n.ipv4,
-                mac: n.mac.clone(),
-            }),
+            inner,
             bytes: 0,
             created_at_ms: now_ms(),
         };

@@ -230,16 +230,24 @@ fn qemu_clones_of_one_snapshot_run_at_once_at_their_own_addresses_with_their_own
         .as_str()
         .unwrap()
         .to_string();
-    api.call("POST", &format!("/v1/vms/{third}/boot"), None).ok();
+    api.call("POST", &format!("/v1/vms/{third}/boot"), None)
+        .ok();
     let (v6, v4) = network(&api.vm(&third));
     iso.netns.assert_pings(&v6);
     let offset = m.console_len(&third);
     let rebooted = api
-        .call("POST", &format!("/v1/vms/{third}/reboot"), Some(json!({"force": true})))
+        .call(
+            "POST",
+            &format!("/v1/vms/{third}/reboot"),
+            Some(json!({"force": true})),
+        )
         .ok();
     assert_eq!(rebooted["vm"]["state"], "VM_STATE_RUNNING", "{rebooted}");
     api.wait_ready(&third);
-    assert!(m.console_from(&third, offset).contains("Linux version"), "a cold boot");
+    assert!(
+        m.console_from(&third, offset).contains("Linux version"),
+        "a cold boot"
+    );
     iso.netns.assert_pings(&v6);
     iso.netns.assert_pings(&v4);
     stop(&third);

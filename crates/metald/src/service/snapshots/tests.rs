@@ -171,3 +171,26 @@ async fn start_up_sweeps_half_made_snapshots() {
     assert_eq!(left, vec![kept.id.clone()]);
     assert_eq!(f.svc.list_snapshots(&f.who).await.unwrap(), vec![kept]);
 }
+
+/// A suspended VM has no VMM: its saved state is copied as the snapshot's, and it stays
+/// suspended.
+#[tokio::test]
+async fn a_suspended_vm_is_snapshotted_from_its_saved_state() {
+    let f = fixture();
+    let id = f.svc.create(&f.who, config()).await.unwrap().id;
+    f.svc.boot(&f.who, &id).await.unwrap();
+    f.svc.suspend(&f.who, &id).await.unwrap();
+    let calls = f.backend.calls().len();
+    let snap = f.svc.create_snapshot(&f.who, &id).await.unwrap();
+    assert_eq!(f.backend.calls().len(), calls, "no VMM was asked");
+    let dir = snapshots_dir(&f).join(&snap.id);
+    assert_eq!(
+        std::fs::read(dir.join(files::SNAPSHOT_STATE)).unwrap(),
+        b"state"
+    );
+    assert!(!dir.join(files::SNAPSHOT_MEMORY).exists());
+    assert_eq!(
+        f.svc.get(&f.who, &id).await.unwrap().state(),
+        VmState::Suspended
+    );
+}
