@@ -303,8 +303,16 @@ pub trait Backend: Send + Sync {
     /// ([`files::SNAPSHOT_STATE`], [`files::SNAPSHOT_MEMORY`] where the VMM keeps memory apart),
     /// metald's own; `dir` is the VM's directory, where a VMM that writes by path stages them.
     /// The guest stays paused; its disks are the caller's to copy before it runs again.
-    async fn snapshot(&self, vm: &VmId, dir: &Path, out: &Path) -> Result<(), BackendError> {
-        let _ = (vm, dir, out);
+    /// `owner_paused`: its owner paused it (it is to stay paused after), rather than the caller
+    /// for the snapshot.
+    async fn snapshot(
+        &self,
+        vm: &VmId,
+        dir: &Path,
+        out: &Path,
+        owner_paused: bool,
+    ) -> Result<(), BackendError> {
+        let _ = (vm, dir, out, owner_paused);
         Err(BackendError::Unsupported(format!(
             "{} cannot snapshot a running VM",
             self.kind().as_str()

@@ -205,7 +205,7 @@ impl Backend for FakeBackend {
         std::fs::write(dir.join(crate::backend::files::SUSPEND_STATE), b"state").unwrap();
         Ok(())
     }
-    async fn snapshot(&self, _: &VmId, _: &Path, out: &Path) -> Result<(), BackendError> {
+    async fn snapshot(&self, _: &VmId, _: &Path, out: &Path, _: bool) -> Result<(), BackendError> {
         self.record("snapshot");
         std::fs::write(out.join(crate::backend::files::SNAPSHOT_STATE), b"state").unwrap();
         Ok(())

@@ -5,7 +5,10 @@
 //! - a `bridge`-family table on `br0` rewrites the inner source address of what the guest
 //!   sends (IPv6, IPv4, ARP's sender) to the VM's own, and the VM's own destination address
 //!   of what it receives back to the inner one; nft fixes the IPv4 header checksum and the
-//!   TCP/UDP/ICMPv6 pseudo-header checksums as it rewrites;
+//!   TCP/UDP/ICMPv6 pseudo-header checksums as it rewrites. It also points every unicast
+//!   frame from the guest at this run's gateway MAC: the guest's neighbour cache may still
+//!   hold the gateway MAC of the run it was saved in (a new veth has a new MAC), and would
+//!   send to it until that entry ages out;
 //! - permanent neighbour entries on the host-side veth map the VM's own addresses to the
 //!   guest's MAC, since the guest answers neighbour solicitations only for its inner
 //!   addresses.
@@ -59,10 +62,16 @@ impl AddressMap {
         })
     }
 
-    /// The nft script (one transaction) that makes the namespace's rewrite table afresh.
-    pub fn script(&self) -> String {
+    /// The nft script (one transaction) that makes the namespace's rewrite table afresh;
+    /// `gateway_mac` is the MAC of the host side of this run's veth.
+    pub fn script(&self, gateway_mac: &str) -> String {
         let (tap, i6, o6) = (&self.tap, self.inner6, self.own6);
         let mut rules = vec![
+            // The guest's only neighbour is its gateway: every unicast frame is for it.
+            format!(
+                "iifname \"{tap}\" ether daddr & 01:00:00:00:00:00 == 00:00:00:00:00:00 \
+                 ether daddr set {gateway_mac}"
+            ),
             format!("iifname \"{tap}\" ip6 saddr {i6} ip6 saddr set {o6}"),
             format!("iifname != \"{tap}\" ip6 daddr {o6} ip6 daddr set {i6}"),
         ];
@@ -192,12 +201,13 @@ pub fn enter_and_exec(netns: &Path, nft: &Path) -> io::Result<Infallible> {
         .exec())
 }
 
-/// Makes the host-side neighbour entries of `map` on `host_if` (permanent, replacing any).
+/// Makes the host-side neighbour entries of `map` on `host_if` (permanent, replacing any);
+/// returns `host_if`'s own MAC (the guest's gateway MAC in this run).
 pub async fn pin_neighbours(
     host_if: &str,
     map: &AddressMap,
     mac: &str,
-) -> Result<(), CloneMapError> {
+) -> Result<String, CloneMapError> {
     let lla = parse_mac(mac).ok_or_else(|| CloneMapError::Mac(mac.to_string()))?;
     let (conn, handle, _) = rtnetlink::new_connection().map_err(CloneMapError::Netlink)?;
     let conn = tokio::spawn(conn);
@@ -208,8 +218,17 @@ pub async fn pin_neighbours(
             .get()
             .match_name(host_if.to_string())
             .execute();
-        let index = match links.try_next().await {
-            Ok(Some(link)) => link.header.index,
+        let (index, own_mac) = match links.try_next().await {
+            Ok(Some(link)) => {
+                let own = link.attributes.iter().find_map(|a| match a {
+                    rtnetlink::packet_route::link::LinkAttribute::Address(m) => Some(format_mac(m)),
+                    _ => None,
+                });
+                match own {
+                    Some(own) => (link.header.index, own),
+                    None => return Err(CloneMapError::NoInterface(host_if.to_string())),
+                }
+            }
             _ => return Err(CloneMapError::NoInterface(host_if.to_string())),
         };
         for addr in map.own_addresses() {
@@ -226,11 +245,19 @@ pub async fn pin_neighbours(
                     source,
                 })?;
         }
-        Ok(())
+        Ok(own_mac)
     }
     .await;
     conn.abort();
     result
+}
+
+fn format_mac(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 fn parse_mac(mac: &str) -> Option<Vec<u8>> {
@@ -284,8 +311,9 @@ mod tests {
             Some("10.0.0.5".parse().unwrap()),
         )
         .unwrap();
-        let s = m.script();
+        let s = m.script("02:aa:bb:cc:dd:ee");
         for want in [
+            "iifname \"tap0\" ether daddr & 01:00:00:00:00:00 == 00:00:00:00:00:00 ether daddr set 02:aa:bb:cc:dd:ee",
             "iifname \"tap0\" ip6 saddr fd00::5 ip6 saddr set fd00::9",
             "iifname != \"tap0\" ip6 daddr fd00::9 ip6 daddr set fd00::5",
             "iifname \"tap0\" ip saddr 10.0.0.5 ip saddr set 10.0.0.9",
@@ -308,5 +336,6 @@ mod tests {
             Some(vec![2, 0, 0, 0, 0, 10])
         );
         assert_eq!(parse_mac("02:00:00"), None);
+        assert_eq!(format_mac(&[2, 0, 0, 0, 0, 10]), "02:00:00:00:00:0a");
     }
 }

@@ -235,7 +235,13 @@ impl Backend for FirecrackerBackend {
         self.start(launch, StartKind::Wake).await
     }
 
-    async fn snapshot(&self, vm: &VmId, dir: &Path, out: &Path) -> Result<(), BackendError> {
+    async fn snapshot(
+        &self,
+        vm: &VmId,
+        dir: &Path,
+        out: &Path,
+        _owner_paused: bool,
+    ) -> Result<(), BackendError> {
         let api = self.api_for(vm)?;
         let vm_dir = crate::vm_dir::VmDir::open(dir)?;
         for name in [crate::files::SNAPSHOT_STATE, crate::files::SNAPSHOT_MEMORY] {

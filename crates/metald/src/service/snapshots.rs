@@ -151,7 +151,12 @@ impl VmService {
                 .await
                 .map_err(|source| self.snapshot_error(vm, source))?;
         }
-        let saved = match self.backend.snapshot(&vm.id, &vm_dir, out).await {
+        let owner_paused = vm.state() == VmState::Paused;
+        let saved = match self
+            .backend
+            .snapshot(&vm.id, &vm_dir, out, owner_paused)
+            .await
+        {
             // The disks are copied while the guest cannot write them.
             Ok(()) => self.copy_own_disks(vm, out).await,
             Err(BackendError::Unsupported(reason)) => Err(ServiceError::Unimplemented(reason)),
@@ -427,10 +432,11 @@ impl VmService {
             vm: vm.id.clone(),
             source: Box::new(source),
         };
-        clone_map::load_in_netns(&net.metald_exe, &net.nft_bin, &plan.netns, &map.script())
+        let gateway_mac = clone_map::pin_neighbours(&plan.host_if, &map, &plan.mac)
             .await
             .map_err(sandbox)?;
-        clone_map::pin_neighbours(&plan.host_if, &map, &plan.mac)
+        let script = map.script(&gateway_mac);
+        clone_map::load_in_netns(&net.metald_exe, &net.nft_bin, &plan.netns, &script)
             .await
             .map_err(sandbox)?;
         tracing::debug!(vm_id = %vm.id, inner6 = %inner.ipv6, own6 = %plan.ipv6, "clone address map loaded");

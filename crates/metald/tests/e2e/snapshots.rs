@@ -86,7 +86,7 @@ fn network(vm: &Value) -> (String, String) {
 fn qemu_clones_of_one_snapshot_run_at_once_at_their_own_addresses_with_their_own_disks() {
     let guest = qemu_guest();
     let m = metald()
-        .env("UNKEY_METALD_QUOTA_SNAPSHOTS", "1")
+        .env("UNKEY_METALD_QUOTA_SNAPSHOTS", "2")
         .start(&guest);
     m.import_script("files", FILES_SCRIPT);
     let api = Rest::new(&m, Some("cloner"));
@@ -109,10 +109,6 @@ fn qemu_clones_of_one_snapshot_run_at_once_at_their_own_addresses_with_their_own
     // The source runs on after its snapshot.
     assert_eq!(api.vm(&source)["state"], "VM_STATE_RUNNING");
     wait_count(&m, &source, at_snapshot + 1);
-    // One snapshot is the quota here.
-    let refused = api.call("POST", &format!("/v1/vms/{source}/snapshots"), None);
-    assert_eq!(refused.status, 429, "{}", refused.body);
-    assert!(refused.message().contains("UNKEY_METALD_QUOTA_SNAPSHOTS"));
 
     // Another customer: the snapshot is not there for them, in the same words as a made-up id.
     let other = Rest::new(&m, Some("stranger"));
@@ -205,8 +201,58 @@ fn qemu_clones_of_one_snapshot_run_at_once_at_their_own_addresses_with_their_own
     stop(&clones[0]);
     let first_last = *counts(&m.console(&clones[0])).last().unwrap();
     wait_count(&m, &clones[1], first_last + 2);
+    // A suspended clone wakes into its address map again.
+    api.call("POST", &format!("/v1/vms/{}/suspend", clones[1]), None)
+        .ok();
+    let woken = api
+        .call("POST", &format!("/v1/vms/{}/resume", clones[1]), None)
+        .ok();
+    assert_eq!(woken["vm"]["state"], "VM_STATE_RUNNING", "{woken}");
+    let first_last = first_last.max(*counts(&m.console(&clones[1])).last().unwrap());
+    wait_count(&m, &clones[1], first_last + 1);
+    let (v6, v4) = network(&woken["vm"]);
+    iso.netns.assert_pings(&v6);
+    iso.netns.assert_pings(&v4);
     stop(&clones[1]);
+    // QEMU cannot snapshot a paused VM and keep it paused: unimplemented, with the reason,
+    // and nothing changed. A suspended one is snapshotted from its saved state, and wakes.
+    // Two snapshots are the quota here.
+    api.call("POST", &format!("/v1/vms/{source}/pause"), None)
+        .ok();
+    let paused = api.call("POST", &format!("/v1/vms/{source}/snapshots"), None);
+    assert_eq!(
+        (paused.status, paused.code()),
+        (501, "unimplemented"),
+        "{}",
+        paused.body
+    );
+    assert!(paused.message().contains("resume it first"));
+    assert_eq!(api.vm(&source)["state"], "VM_STATE_PAUSED");
+    let suspended = api
+        .call("POST", &format!("/v1/vms/{source}/suspend"), None)
+        .ok();
+    assert_eq!(
+        suspended["vm"]["state"], "VM_STATE_SUSPENDED",
+        "{suspended}"
+    );
+    let second = api
+        .call("POST", &format!("/v1/vms/{source}/snapshots"), None)
+        .ok();
+    let second_id = second["snapshot"]["snapshotId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let refused = api.call("POST", &format!("/v1/vms/{source}/snapshots"), None);
+    assert_eq!(refused.status, 429, "{}", refused.body);
+    assert!(refused.message().contains("UNKEY_METALD_QUOTA_SNAPSHOTS"));
+    api.call("POST", &format!("/v1/vms/{source}/resume"), None)
+        .ok();
+    let last = *counts(&m.console(&source)).last().unwrap();
+    wait_count(&m, &source, last + 1);
+    iso.netns.assert_pings(&src_net.0);
     stop(&source);
+    api.call("DELETE", &format!("/v1/snapshots/{second_id}"), None)
+        .ok();
     let (a, b) = (count_files(&m, &clones[0]), count_files(&m, &clones[1]));
     let only_b: Vec<u64> = b.iter().filter(|n| !a.contains(n)).copied().collect();
     assert!(
