@@ -14,6 +14,7 @@ use crate::Need;
 pub fn tests() -> Vec<crate::E2e> {
     let mut tests = crate::e2e![crate::QEMU_GUEST;
         qemu_clones_of_one_snapshot_run_at_once_at_their_own_addresses_with_their_own_disks,
+        a_clone_reaches_its_customers_vms_and_never_another_customers,
     ];
     tests.extend(crate::e2e![&[Need::Root, Need::Firecracker, Need::Kvm];
         a_firecracker_clone_counts_on_from_its_snapshot_which_outlives_restarts_and_its_vm,
@@ -316,6 +317,93 @@ fn qemu_clones_of_one_snapshot_run_at_once_at_their_own_addresses_with_their_own
     for id in &clones {
         api.call("DELETE", &format!("/v1/vms/{id}"), None).ok();
     }
+    m.assert_clean();
+}
+
+/// Tenant isolation holds for clones: a guest of customer alpha that pings alpha's VM, the
+/// gateway and customer bravo's VM in rounds is snapshotted, and a clone of it goes on pinging
+/// the same targets from its own addresses (through its address map). It reaches alpha's VM
+/// and the gateway, and never bravo's: the firewall judges its traffic as any VM's.
+fn a_clone_reaches_its_customers_vms_and_never_another_customers() {
+    use crate::isolation::{ping_results, with_args};
+    let guest = qemu_guest();
+    let m = metald().start(&guest);
+    let (a, b) = (Rest::new(&m, Some("alpha")), Rest::new(&m, Some("bravo")));
+    let a1 = a.create(readme_request(1, 256 << 20));
+    let b1 = b.create(readme_request(1, 256 << 20));
+    let (a1vm, b1vm) = (a.boot_ready(&a1), b.boot_ready(&b1));
+    let addrs = |vm: &Value| {
+        [
+            vm["network"]["ipv6Address"].as_str().unwrap().to_string(),
+            vm["network"]["ipv4Address"].as_str().unwrap().to_string(),
+        ]
+    };
+    let (own, other) = (addrs(&a1vm), addrs(&b1vm));
+    let gw = [
+        a1vm["network"]["gatewayIpv6"].as_str().unwrap().to_string(),
+        a1vm["network"]["gatewayIpv4"].as_str().unwrap().to_string(),
+    ];
+    let targets = [own.as_slice(), gw.as_slice(), other.as_slice()]
+        .concat()
+        .join(",");
+    let pinger = a.create(with_args(&format!("metald.ping={targets}")));
+    a.boot_ready(&pinger);
+    // Pinging before the snapshot: the clone starts mid-round.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !ping_results(&m.console(&pinger)).contains_key(&other[1]) {
+        assert!(
+            Instant::now() < deadline,
+            "no pings: {}",
+            m.console(&pinger)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let snap = a
+        .call("POST", &format!("/v1/vms/{pinger}/snapshots"), None)
+        .ok();
+    let sid = snap["snapshot"]["snapshotId"].as_str().unwrap().to_string();
+    a.call("DELETE", &format!("/v1/vms/{pinger}?force=true"), None)
+        .ok();
+    let clone = a
+        .call("POST", "/v1/vms", Some(json!({"fromSnapshot": sid})))
+        .ok()["vm"]["vmId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    a.call("POST", &format!("/v1/vms/{clone}/boot"), None).ok();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let results = loop {
+        let r = ping_results(&m.console(&clone));
+        let reached = own
+            .iter()
+            .chain(gw.iter())
+            .all(|t| r.get(t).is_some_and(|v| v.contains(&"ok".to_string())));
+        let rounds = other
+            .iter()
+            .map(|t| r.get(t).map_or(0, Vec::len))
+            .min()
+            .unwrap_or(0);
+        if reached && rounds >= 3 {
+            break r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the clone's pings never settled: {r:?}\n{}",
+            m.console(&clone)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    for t in &other {
+        assert!(
+            results[t].iter().all(|r| r == "fail"),
+            "the clone reached another customer's VM {t}: {results:?}"
+        );
+    }
+    for (api, id) in [(&a, &a1), (&a, &clone), (&b, &b1)] {
+        api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None)
+            .ok();
+    }
+    a.call("DELETE", &format!("/v1/snapshots/{sid}"), None).ok();
     m.assert_clean();
 }
 
