@@ -7,8 +7,8 @@
 //!   of what it receives back to the inner one; nft fixes the IPv4 header checksum and the
 //!   TCP/UDP/ICMPv6 pseudo-header checksums as it rewrites. It also points every unicast
 //!   frame from the guest at this run's gateway MAC: the guest's neighbour cache may still
-//!   hold the gateway MAC of the run it was saved in (a new veth has a new MAC), and would
-//!   send to it until that entry ages out;
+//!   hold the gateway MAC of the run it was saved in (a new veth has a new MAC), and with the
+//!   permanent entries below the host never sends the solicitation that would refresh it;
 //! - permanent neighbour entries on the host-side veth map the VM's own addresses to the
 //!   guest's MAC, since the guest answers neighbour solicitations only for its inner
 //!   addresses.
