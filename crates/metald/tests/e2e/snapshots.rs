@@ -407,8 +407,8 @@ fn a_clone_reaches_its_customers_vms_and_never_another_customers() {
     m.assert_clean();
 }
 
-/// The counting tiny guest under Firecracker is snapshotted while it counts; the source is
-/// deleted; metald is SIGKILLed and started again (a half-made snapshot's directory is swept
+/// The counting tiny guest under Firecracker is snapshotted while it counts (and once more
+/// while paused, which it stays); the source is deleted; metald is SIGKILLed and started again (a half-made snapshot's directory is swept
 /// then, the snapshot stays). A VM created from it boots from the snapshot: it counts on, with
 /// no second banner, in a Firecracker of its own with its own disk copy.
 fn a_firecracker_clone_counts_on_from_its_snapshot_which_outlives_restarts_and_its_vm() {
@@ -433,6 +433,18 @@ fn a_firecracker_clone_counts_on_from_its_snapshot_which_outlives_restarts_and_i
     assert_eq!(api.vm(&id)["state"], "VM_STATE_RUNNING");
     let len = api.console_text(&id).len();
     wait_console_len(&api, &id, len + 3);
+    // A paused VM is snapshotted and stays paused (Firecracker snapshots paused VMs anyway).
+    api.call("POST", &format!("/v1/vms/{id}/pause"), None).ok();
+    let paused_snap = api
+        .call("POST", &format!("/v1/vms/{id}/snapshots"), None)
+        .ok();
+    let frozen = api.console_text(&id).len();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(api.vm(&id)["state"], "VM_STATE_PAUSED");
+    assert_eq!(api.console_text(&id).len(), frozen, "a paused guest ran");
+    let paused_sid = paused_snap["snapshot"]["snapshotId"].as_str().unwrap();
+    api.call("DELETE", &format!("/v1/snapshots/{paused_sid}"), None)
+        .ok();
     api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None)
         .ok();
 
