@@ -279,15 +279,21 @@ pub enum CloneMethod {
 /// Copies `src` to a new file `dst` as cheaply as the filesystem allows.
 pub fn clone_file(src: &Path, dst: &Path) -> Result<CloneMethod, AssetError> {
     let input = File::open(src).map_err(io_err("open", src))?;
+    clone_open_file(&input, src, dst)
+}
+
+/// [`clone_file`] from a file already open (`src` names it in errors): for a source opened
+/// without following links, in a directory someone else can write.
+pub fn clone_open_file(input: &File, src: &Path, dst: &Path) -> Result<CloneMethod, AssetError> {
     let output = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(dst)
         .map_err(io_err("create", dst))?;
-    let result = if rustix::fs::ioctl_ficlone(&output, &input).is_ok() {
+    let result = if rustix::fs::ioctl_ficlone(&output, input).is_ok() {
         Ok(CloneMethod::Reflink)
     } else {
-        sparse_copy(&input, &output, src, dst).map(|()| CloneMethod::Sparse)
+        sparse_copy(input, &output, src, dst).map(|()| CloneMethod::Sparse)
     };
     if result.is_err() {
         let _ignored = fs::remove_file(dst);

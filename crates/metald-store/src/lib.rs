@@ -20,6 +20,7 @@ mod asset_records;
 pub mod assets;
 mod ipam;
 mod outbox;
+mod snapshots;
 mod usage;
 mod vms;
 
@@ -30,6 +31,7 @@ mod tests;
 
 pub use asset_records::{AssetCatalog, AssetKind, AssetRecord};
 pub use outbox::{BillingStore, OutboxRow};
+pub use snapshots::{InnerIdentity, SnapshotRecord, SnapshotState, SnapshotStore};
 pub use usage::UsageStore;
 pub use vms::VmStore;
 
@@ -45,6 +47,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0008_held_allocations.sql"),
     include_str!("../migrations/0009_totals.sql"),
     include_str!("../migrations/0010_free_numbers.sql"),
+    include_str!("../migrations/0011_snapshots.sql"),
 ];
 
 /// Per-customer limits on what runs at once (`None`: no limit).
@@ -63,8 +66,11 @@ pub struct RunLimits {
 pub struct StoredLimits {
     /// VMs.
     pub vms: Option<u64>,
-    /// Their writable disks (root disk and writable drive copies), in bytes.
+    /// Their writable disks (root disk and writable drive copies) and their snapshots' files,
+    /// in bytes.
     pub disk_bytes: Option<u64>,
+    /// Snapshots.
+    pub snapshots: Option<u64>,
 }
 
 /// What this host admits at boot, summed over every customer's VMs that run, are paused or are
@@ -204,9 +210,12 @@ fn sql(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
 
 /// The whole store: every table's trait. The daemon needs all of them; a part of it that
 /// needs one table names that table's trait instead.
-pub trait StateStore: VmStore + UsageStore + BillingStore + AssetCatalog {}
+pub trait StateStore: VmStore + UsageStore + BillingStore + AssetCatalog + SnapshotStore {}
 
-impl<T: VmStore + UsageStore + BillingStore + AssetCatalog + ?Sized> StateStore for T {}
+impl<T: VmStore + UsageStore + BillingStore + AssetCatalog + SnapshotStore + ?Sized> StateStore
+    for T
+{
+}
 
 /// The SQLite-backed store. Calls are short and synchronous; one connection behind a mutex
 /// is plenty for a per-host daemon and keeps writes serialized.

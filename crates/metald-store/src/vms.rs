@@ -124,43 +124,7 @@ impl VmStore for Store {
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(sql("begin"))?;
-        if *limits != StoredLimits::default() {
-            let (vms, disk) = owning(&tx, vm.customer.as_str())?;
-            within("UNKEY_METALD_QUOTA_VMS", count(vms), 1, limits.vms)?;
-            // Compared in MiB, rounded up, as the quota is set and reported.
-            within(
-                "UNKEY_METALD_QUOTA_DISK_MIB",
-                count(disk).div_ceil(MIB),
-                disk_bytes.div_ceil(MIB),
-                limits.disk_bytes.map(|b| b / MIB),
-            )?;
-        }
-        tx.execute(
-            "INSERT INTO vms (id, customer_id, state, config_json, backend, created_at_ms,
-                              updated_at_ms, vmm_pid, vmm_start_ticks, failure, guest_ready,
-                              disk_bytes)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-            params![
-                vm.id.as_str(),
-                vm.customer.as_str(),
-                vm.life.state().as_str(),
-                config_json(vm)?,
-                vm.backend,
-                vm.created_at_ms,
-                vm.updated_at_ms,
-                vm.life.vmm_pid(),
-                vm.life.vmm_start_ticks().map(|t| t as i64),
-                vm.life.failure(),
-                vm.life.guest_ready(),
-                i64::try_from(disk_bytes).unwrap_or(i64::MAX),
-            ],
-        )
-        .map_err(sql("insert vm"))?;
-        let mut saved = vm.clone();
-        saved.seq = tx.last_insert_rowid();
-        if let Some(plan) = plan {
-            saved.net = Some(allocate(&tx, &vm.id, plan)?);
-        }
+        let saved = insert_vm_tx(&tx, vm, plan, disk_bytes, limits)?;
         tx.commit().map_err(sql("commit vm"))?;
         Ok(saved)
     }
@@ -414,8 +378,65 @@ fn owning(conn: &rusqlite::Connection, customer: &str) -> Result<(i64, i64), Sto
         .unwrap_or((0, 0)))
 }
 
+/// The insert of [`VmStore::insert_vm_within`] inside the caller's IMMEDIATE transaction (a
+/// clone's insert adds its own rows to the same one).
+pub(crate) fn insert_vm_tx(
+    tx: &rusqlite::Transaction<'_>,
+    vm: &VmRecord,
+    plan: Option<&AllocationPlan>,
+    disk_bytes: u64,
+    limits: &StoredLimits,
+) -> Result<VmRecord, StoreError> {
+    if limits.vms.is_some() || limits.disk_bytes.is_some() {
+        let (vms, vm_disk) = owning(tx, vm.customer.as_str())?;
+        // A customer's snapshots take disk like their VMs do (a few rows: the snapshot quota
+        // bounds them).
+        let snapshot_bytes: i64 = tx
+            .prepare_cached("SELECT COALESCE(SUM(bytes), 0) FROM snapshots WHERE customer_id = ?1")
+            .map_err(sql("count snapshots"))?
+            .query_row(params![vm.customer.as_str()], |r| r.get(0))
+            .map_err(sql("count snapshots"))?;
+        let disk = vm_disk.saturating_add(snapshot_bytes);
+        within("UNKEY_METALD_QUOTA_VMS", count(vms), 1, limits.vms)?;
+        // Compared in MiB, rounded up, as the quota is set and reported.
+        within(
+            "UNKEY_METALD_QUOTA_DISK_MIB",
+            count(disk).div_ceil(MIB),
+            disk_bytes.div_ceil(MIB),
+            limits.disk_bytes.map(|b| b / MIB),
+        )?;
+    }
+    tx.execute(
+        "INSERT INTO vms (id, customer_id, state, config_json, backend, created_at_ms,
+                          updated_at_ms, vmm_pid, vmm_start_ticks, failure, guest_ready,
+                          disk_bytes)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+        params![
+            vm.id.as_str(),
+            vm.customer.as_str(),
+            vm.life.state().as_str(),
+            config_json(vm)?,
+            vm.backend,
+            vm.created_at_ms,
+            vm.updated_at_ms,
+            vm.life.vmm_pid(),
+            vm.life.vmm_start_ticks().map(|t| t as i64),
+            vm.life.failure(),
+            vm.life.guest_ready(),
+            i64::try_from(disk_bytes).unwrap_or(i64::MAX),
+        ],
+    )
+    .map_err(sql("insert vm"))?;
+    let mut saved = vm.clone();
+    saved.seq = tx.last_insert_rowid();
+    if let Some(plan) = plan {
+        saved.net = Some(allocate(tx, &vm.id, plan)?);
+    }
+    Ok(saved)
+}
+
 /// A SQLite count or sum as a `u64` (they are never negative).
-fn count(v: i64) -> u64 {
+pub(crate) fn count(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
@@ -509,7 +530,7 @@ const VM_COLUMNS: &str = "seq, id, customer_id, state, config_json, backend, cre
 /// Every VM query reads its allocation with it.
 const VMS: &str = "vms LEFT JOIN vm_network ON vm_network.vm_id = vms.id";
 
-fn config_json(vm: &VmRecord) -> Result<String, StoreError> {
+pub(crate) fn config_json(vm: &VmRecord) -> Result<String, StoreError> {
     serde_json::to_string(&vm.config).map_err(|e| StoreError::Corrupt {
         id: vm.id.to_string(),
         reason: format!("config does not serialize: {e}"),

@@ -41,6 +41,11 @@ pub mod files {
     pub const SUSPEND_STATE: &str = "suspend.state";
     /// A suspended guest's memory (Firecracker); QEMU keeps it in its migration stream.
     pub const SUSPEND_MEMORY: &str = "suspend.mem";
+    /// A snapshot's device state (in the snapshot's directory; a VMM that writes by path
+    /// stages it in the VM's directory under the same name).
+    pub const SNAPSHOT_STATE: &str = "snapshot.state";
+    /// A snapshot's memory (Firecracker), likewise.
+    pub const SNAPSHOT_MEMORY: &str = "snapshot.mem";
 }
 
 /// Longest path a Unix socket can have (sun_path, with its NUL).
@@ -142,6 +147,9 @@ pub enum StartKind {
     Boot,
     /// Load the VM's suspended state and run its guest again.
     Wake,
+    /// Load the snapshot a new VM was created from (placed in its directory as a suspended
+    /// state) and run that guest: the VM's first start.
+    Restore,
 }
 
 impl StartKind {
@@ -150,6 +158,7 @@ impl StartKind {
         match self {
             StartKind::Boot => "boot",
             StartKind::Wake => "wake",
+            StartKind::Restore => "restore",
         }
     }
 }
@@ -289,6 +298,26 @@ pub trait Backend: Send + Sync {
     /// `dir` ([`files::SUSPEND_STATE`], [`files::SUSPEND_MEMORY`]) and ends its VMM. On error
     /// the VMM may still run, paused or not; the caller checks with [`Backend::info`].
     async fn suspend(&self, vm: &VmId, dir: &Path) -> Result<(), BackendError>;
+
+    /// Writes the paused guest's memory and device state into the snapshot directory `out`
+    /// ([`files::SNAPSHOT_STATE`], [`files::SNAPSHOT_MEMORY`] where the VMM keeps memory apart),
+    /// metald's own; `dir` is the VM's directory, where a VMM that writes by path stages them.
+    /// The guest stays paused; its disks are the caller's to copy before it runs again.
+    /// `owner_paused`: its owner paused it (it is to stay paused after), rather than the caller
+    /// for the snapshot.
+    async fn snapshot(
+        &self,
+        vm: &VmId,
+        dir: &Path,
+        out: &Path,
+        owner_paused: bool,
+    ) -> Result<(), BackendError> {
+        let _ = (vm, dir, out, owner_paused);
+        Err(BackendError::Unsupported(format!(
+            "{} cannot snapshot a running VM",
+            self.kind().as_str()
+        )))
+    }
 
     /// Starts a new VMM that runs the guest saved by [`Backend::suspend`] again, with the
     /// same disks and (through `launch.net`) its network; returns once its vCPUs run.

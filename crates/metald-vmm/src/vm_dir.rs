@@ -8,6 +8,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::OwnedFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
@@ -167,6 +168,20 @@ impl VmDir {
         tokio::net::unix::pipe::Receiver::from_owned_fd(fd)
             .map_err(|e| self.error("watch FIFO", name, e))
     }
+}
+
+/// Copies the regular file `name` of `dir` (never through a symlink) to the new file `dst`
+/// (mode 0644, metald's, in a directory of metald's); returns the bytes copied. What the VMM
+/// wrote can be no larger than what it could already put in its own directory.
+pub fn copy_out(dir: &VmDir, name: &str, dst: &Path) -> Result<u64, BackendError> {
+    let mut input = dir.open_read(name)?;
+    let mut output = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(dst)
+        .map_err(|e| io_error("create", dst, e))?;
+    std::io::copy(&mut input, &mut output).map_err(|e| io_error("copy", dst, e))
 }
 
 fn io_error(op: &'static str, path: &Path, source: io::Error) -> BackendError {

@@ -2,7 +2,9 @@
 //! counting tiny guest through metald's API, against bare Firecracker loading the same kind of
 //! snapshot in the same run; after each wake the guest's next tick on its console shows it
 //! really runs. QEMU with the default Debian guest: suspend time, saved size and wake time,
-//! against a cold boot to the readiness line. Prints tables.
+//! against a cold boot to the readiness line. Both also time `CreateVm` with `from_snapshot`
+//! then `BootVm` until the clone runs (Firecracker: its first tick on the console; QEMU: its
+//! first answer to ping at its own address). Prints tables.
 //!
 //! `make bench` (or `METALD_GUEST_DIR=target/guest cargo bench -p metald --bench suspend`);
 //! `BENCH_RUNS=n` (default 10) for Firecracker, `BENCH_QEMU_RUNS=n` (default 3) for QEMU.
@@ -66,6 +68,45 @@ fn firecracker_rows(fc: &Path, runs: usize) {
         tick.push(t0.elapsed());
         bare_load.push(rt.block_on(bare_load_snapshot(fc, &snapshot)));
     }
+    let (mut snap, mut create, mut clone_tick) = (vec![], vec![], vec![]);
+    let mut sid = String::new();
+    for _ in 0..runs {
+        if !sid.is_empty() {
+            api.call("DELETE", &format!("/v1/snapshots/{sid}"), None)
+                .ok();
+        }
+        let t0 = Instant::now();
+        let made = api
+            .call("POST", &format!("/v1/vms/{id}/snapshots"), None)
+            .ok();
+        snap.push(t0.elapsed());
+        sid = made["snapshot"]["snapshotId"].as_str().unwrap().to_string();
+        let t0 = Instant::now();
+        let clone = api
+            .call("POST", "/v1/vms", Some(json!({"fromSnapshot": sid})))
+            .ok()["vm"]["vmId"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        create.push(t0.elapsed());
+        let booted = api
+            .call("POST", &format!("/v1/vms/{clone}/boot"), None)
+            .ok();
+        assert_eq!(booted["vm"]["state"], "VM_STATE_RUNNING");
+        // The clone's console starts empty: its first tick shows the guest counting on.
+        while api.console_text(&clone).is_empty() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "the clone never ticked"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        clone_tick.push(t0.elapsed());
+        api.call("DELETE", &format!("/v1/vms/{clone}?force=true"), None)
+            .ok();
+    }
+    api.call("DELETE", &format!("/v1/snapshots/{sid}"), None)
+        .ok();
     api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None)
         .ok();
     println!();
@@ -84,6 +125,12 @@ fn firecracker_rows(fc: &Path, runs: usize) {
     row(
         "bare firecracker: spawn + snapshot load (resumed)",
         &bare_load,
+    );
+    row("metald: CreateSnapshot of the running guest", &snap);
+    row("metald: CreateVm from_snapshot (disk copy, links)", &create);
+    row(
+        "metald: CreateVm from_snapshot + BootVm -> 1st tick",
+        &clone_tick,
     );
 }
 
@@ -136,6 +183,7 @@ fn qemu_rows(guest: &Path, runs: usize) {
     let m = unlimited(metald()).start(guest);
     let api = Rest::new(&m, Some("bench"));
     let (mut cold, mut suspend, mut wake, mut size) = (vec![], vec![], vec![], vec![]);
+    let mut clone_ping = vec![];
     for _ in 0..runs {
         let t0 = Instant::now();
         let id = api.create_default();
@@ -162,6 +210,7 @@ fn qemu_rows(guest: &Path, runs: usize) {
         let woken = api.call("POST", &format!("/v1/vms/{id}/resume"), None).ok();
         wake.push(t0.elapsed());
         assert_eq!(woken["vm"]["state"], "VM_STATE_RUNNING");
+        clone_ping.push(qemu_clone_to_ping(&m, &api, &id));
         api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None)
             .ok();
     }
@@ -176,8 +225,56 @@ fn qemu_rows(guest: &Path, runs: usize) {
     row("metald: CreateVm + BootVm -> readiness line (cold)", &cold);
     row("metald: SuspendVm (stop, migrate to file, quit)", &suspend);
     row("metald: ResumeVm -> running (incoming migration)", &wake);
+    row(
+        "metald: CreateVm from_snapshot + BootVm -> ping",
+        &clone_ping,
+    );
     println!(
         "saved state: median {:.1} MiB (guest memory 256 MiB; QEMU writes only pages in use)",
         size[size.len() / 2] as f64 / (1 << 20) as f64
     );
+}
+
+/// Snapshots the running VM `id`, then times CreateVm `from_snapshot` + BootVm until the clone
+/// answers ping at its own address (through its address map); removes both again.
+fn qemu_clone_to_ping(m: &Metald, api: &Rest, id: &str) -> Duration {
+    let made = api
+        .call("POST", &format!("/v1/vms/{id}/snapshots"), None)
+        .ok();
+    let sid = made["snapshot"]["snapshotId"].as_str().unwrap().to_string();
+    let t0 = Instant::now();
+    let clone = api
+        .call("POST", "/v1/vms", Some(json!({"fromSnapshot": sid})))
+        .ok()["vm"]["vmId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let booted = api
+        .call("POST", &format!("/v1/vms/{clone}/boot"), None)
+        .ok();
+    let addr = booted["vm"]["network"]["ipv6Address"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let netns = &m.iso.as_ref().unwrap().netns;
+    loop {
+        let pinged = netns
+            .command("ping")
+            .args(["-c1", "-W1", &addr])
+            .output()
+            .unwrap();
+        if pinged.status.success() {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the clone never answered"
+        );
+    }
+    let took = t0.elapsed();
+    api.call("DELETE", &format!("/v1/vms/{clone}?force=true"), None)
+        .ok();
+    api.call("DELETE", &format!("/v1/snapshots/{sid}"), None)
+        .ok();
+    took
 }

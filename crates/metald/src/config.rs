@@ -589,6 +589,8 @@ fn quota_book(env: &Env<'_>, file: Option<&Path>) -> Result<QuotaBook, ConfigErr
             // Each stored VM holds a jail slot and addresses from pools every customer shares.
             vms: Some(env.count("UNKEY_METALD_QUOTA_VMS")?.unwrap_or(100)),
             disk_bytes: env.mib_quota("UNKEY_METALD_QUOTA_DISK_MIB")?,
+            // Each snapshot holds a copy of its VM's disks and memory.
+            snapshots: Some(env.count("UNKEY_METALD_QUOTA_SNAPSHOTS")?.unwrap_or(20)),
         },
         // What one customer may run at once; unset is no limit (the host's own capacity
         // still applies).

@@ -214,6 +214,33 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         path: vms_dir.clone(),
         source,
     })?;
+    // Snapshots hold tenants' memory: metald's alone (0700), never a VM uid's.
+    let snapshots_dir = cfg.data_dir.join("snapshots");
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        match std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&snapshots_dir)
+        {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(StartError::Dir {
+                    path: snapshots_dir,
+                    source: e,
+                })
+            }
+            _ => {}
+        }
+    }
+    let clone_net = match &cfg.isolation {
+        Isolation::Jail(iso) => Some(crate::service::CloneNet {
+            metald_exe: std::env::current_exe().map_err(|source| StartError::Dir {
+                path: "/proc/self/exe".into(),
+                source,
+            })?,
+            nft_bin: iso.nft_bin.clone(),
+        }),
+        Isolation::None => None,
+    };
     let (tx, rx) = mpsc::unbounded_channel();
     let backend = select_backend(&cfg, tx)?;
     let isolation: Arc<dyn crate::sandbox::Isolation> = match &cfg.isolation {
@@ -266,6 +293,8 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
             host: cfg.host,
             probe: Arc::new(crate::probe::LinuxHost::new(cfg.roots.proc.clone())),
             console_max_bytes: cfg.console_max_bytes,
+            snapshots_dir,
+            clone_net,
         },
         rx,
     );

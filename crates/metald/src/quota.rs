@@ -5,6 +5,7 @@
 //! [customers.acme]
 //! vms = 500
 //! disk_mib = 204800
+//! snapshots = 50
 //! running_vms = 20
 //! running_vcpus = 64
 //! running_memory_mib = 131072
@@ -89,6 +90,7 @@ impl<'de> Deserialize<'de> for Customer {
 struct Override {
     vms: Option<Count>,
     disk_mib: Option<Mib>,
+    snapshots: Option<Count>,
     running_vms: Option<Count>,
     running_vcpus: Option<Count>,
     running_memory_mib: Option<Mib>,
@@ -158,6 +160,7 @@ impl QuotaBook {
                 let set = |slot: &mut Option<u64>, v: Option<u64>| *slot = v.or(*slot);
                 set(&mut q.stored.vms, o.vms.map(|c| c.0));
                 set(&mut q.stored.disk_bytes, o.disk_mib.map(|m| m.0));
+                set(&mut q.stored.snapshots, o.snapshots.map(|c| c.0));
                 set(&mut q.run.vms, o.running_vms.map(|c| c.0));
                 set(&mut q.run.vcpus, o.running_vcpus.map(|c| c.0));
                 set(&mut q.run.memory_bytes, o.running_memory_mib.map(|m| m.0));
@@ -272,6 +275,7 @@ mod tests {
         stored: StoredLimits {
             vms: Some(100),
             disk_bytes: None,
+            snapshots: Some(20),
         },
         run: RunLimits {
             vms: None,
@@ -288,11 +292,17 @@ mod tests {
     fn overrides_replace_only_the_keys_they_give() {
         let book = QuotaBook::parse(
             DEFAULTS,
-            "[customers.acme]\nvms = 500\nrunning_memory_mib = 2048\n\n[customers.\"b-2\"]\ndisk_mib = 10\n",
+            "[customers.acme]\nvms = 500\nrunning_memory_mib = 2048\nsnapshots = 3\n\n[customers.\"b-2\"]\ndisk_mib = 10\n",
         )
         .unwrap();
         let acme = book.of(&who("acme"));
         assert_eq!(acme.stored.vms, Some(500));
+        assert_eq!(acme.stored.snapshots, Some(3));
+        assert_eq!(
+            book.of(&who("b-2")).stored.snapshots,
+            Some(20),
+            "kept the default"
+        );
         assert_eq!(acme.run.vcpus, Some(8), "kept the default");
         assert_eq!(acme.run.memory_bytes, Some(2048 * MIB));
         assert_eq!(book.of(&who("b-2")).stored.disk_bytes, Some(10 * MIB));

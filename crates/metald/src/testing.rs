@@ -31,6 +31,8 @@ pub(crate) const CONSOLE_MAX_BYTES: u64 = 64 * 1024;
 
 /// The fixture's stored-VM quota per customer.
 pub(crate) const QUOTA_VMS: u64 = 10;
+/// Snapshots each test customer may keep.
+pub(crate) const QUOTA_SNAPSHOTS: u64 = 2;
 /// The fixture's running quotas per customer: the memory of four default VMs.
 pub(crate) const RUN_LIMITS: RunLimits = RunLimits {
     vms: None,
@@ -212,6 +214,11 @@ impl Backend for FakeBackend {
         std::fs::write(dir.join(crate::backend::files::SUSPEND_STATE), b"state").unwrap();
         Ok(())
     }
+    async fn snapshot(&self, _: &VmId, _: &Path, out: &Path, _: bool) -> Result<(), BackendError> {
+        self.record("snapshot");
+        std::fs::write(out.join(crate::backend::files::SNAPSHOT_STATE), b"state").unwrap();
+        Ok(())
+    }
     async fn wake(&self, l: &VmLaunch) -> Result<VmmProcess, BackendError> {
         self.record("wake");
         assert!(
@@ -287,6 +294,8 @@ pub(crate) fn fixture_with_timeout(boot_timeout: Duration) -> Fixture {
     }
     let vms_dir = dir.path().join("vms");
     std::fs::create_dir(&vms_dir).unwrap();
+    let snapshots_dir = dir.path().join("snapshots");
+    std::fs::create_dir(&snapshots_dir).unwrap();
     let backend = Arc::new(FakeBackend::default());
     let (tx, rx) = mpsc::unbounded_channel();
     let quota_file = dir.path().join("quotas.toml");
@@ -295,6 +304,7 @@ pub(crate) fn fixture_with_timeout(boot_timeout: Duration) -> Fixture {
             stored: StoredLimits {
                 vms: Some(QUOTA_VMS),
                 disk_bytes: None,
+                snapshots: Some(QUOTA_SNAPSHOTS),
             },
             run: RUN_LIMITS,
         }),
@@ -308,6 +318,8 @@ pub(crate) fn fixture_with_timeout(boot_timeout: Duration) -> Fixture {
         host: HOST,
         probe: probe.clone(),
         console_max_bytes: CONSOLE_MAX_BYTES,
+        snapshots_dir: snapshots_dir.clone(),
+        clone_net: None,
     };
     let isolation = Arc::new(FakeIsolation::default());
     let meter = Meter::start(MeterConfig {

@@ -33,11 +33,14 @@ enum Command {
         #[arg(long, default_value_t = 256)]
         memory_mib: u64,
         /// Kernel image id.
-        #[arg(long)]
-        kernel: String,
+        #[arg(long, required_unless_present = "from_snapshot")]
+        kernel: Option<String>,
         /// Root filesystem image id.
-        #[arg(long)]
-        rootfs: String,
+        #[arg(long, required_unless_present = "from_snapshot")]
+        rootfs: Option<String>,
+        /// Create the VM from this snapshot (its configuration, its saved guest) instead.
+        #[arg(long, conflicts_with_all = ["kernel", "rootfs"])]
+        from_snapshot: Option<String>,
         /// Extra kernel arguments.
         #[arg(long, default_value = "")]
         kernel_args: String,
@@ -94,6 +97,21 @@ enum Command {
     },
     /// Show the host's capacity and what its VMs hold (every customer's).
     Host,
+    /// Snapshots that start new VMs (create --from-snapshot).
+    Snapshot {
+        #[command(subcommand)]
+        command: SnapshotCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum SnapshotCommand {
+    /// Snapshot a running, paused or suspended VM.
+    Create { vm_id: String },
+    /// List your snapshots.
+    List,
+    /// Delete a snapshot (VMs created from it keep running).
+    Delete { snapshot_id: String },
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -150,7 +168,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             rootfs,
             kernel_args,
             metadata,
+            from_snapshot,
         } => {
+            let metadata = metadata
+                .into_iter()
+                .collect::<HashMap<_, _>>()
+                .into_iter()
+                .collect();
+            if let Some(snapshot) = from_snapshot {
+                let req = pb::CreateVmRequest {
+                    config: pb::VmConfig {
+                        metadata,
+                        ..Default::default()
+                    }
+                    .into(),
+                    from_snapshot: snapshot,
+                    ..Default::default()
+                };
+                return print(&client.create_vm(req).await?.into_owned());
+            }
             let config = pb::VmConfig {
                 cpu: pb::CpuConfig {
                     vcpu_count: vcpus,
@@ -163,21 +199,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 .into(),
                 kernel: pb::KernelConfig {
-                    image_id: kernel,
+                    image_id: kernel.unwrap_or_default(),
                     ..Default::default()
                 }
                 .into(),
                 rootfs: pb::RootfsConfig {
-                    image_id: rootfs,
+                    image_id: rootfs.unwrap_or_default(),
                     ..Default::default()
                 }
                 .into(),
                 kernel_args,
-                metadata: metadata
-                    .into_iter()
-                    .collect::<HashMap<_, _>>()
-                    .into_iter()
-                    .collect(),
+                metadata,
                 ..Default::default()
             };
             let req = pb::CreateVmRequest {
@@ -299,6 +331,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", resp.output);
             Ok(())
         }
+        Command::Snapshot { command } => match command {
+            SnapshotCommand::Create { vm_id } => print(
+                &client
+                    .create_snapshot(pb::CreateSnapshotRequest {
+                        vm_id,
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_owned(),
+            ),
+            SnapshotCommand::List => print(
+                &client
+                    .list_snapshots(pb::ListSnapshotsRequest::default())
+                    .await?
+                    .into_owned(),
+            ),
+            SnapshotCommand::Delete { snapshot_id } => print(
+                &client
+                    .delete_snapshot(pb::DeleteSnapshotRequest {
+                        snapshot_id,
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_owned(),
+            ),
+        },
         Command::Host => print(
             &client
                 .get_host_capacity(pb::GetHostCapacityRequest::default())

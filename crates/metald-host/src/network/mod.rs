@@ -16,6 +16,7 @@
 //! guest contract, written down in `guest/README.md`, which the default guest's scripts follow.
 
 pub use metald_domain::ipam;
+pub mod clone_map;
 pub mod kernel;
 pub mod netns;
 pub mod nft;

@@ -11,6 +11,7 @@
 pub mod asset_records;
 pub mod ipam;
 pub mod outbox;
+pub mod snapshots;
 pub mod usage;
 pub mod vms;
 
@@ -41,6 +42,7 @@ pub fn test_names() -> Vec<&'static str> {
         include_str!("usage.rs"),
         include_str!("outbox.rs"),
         include_str!("asset_records.rs"),
+        include_str!("snapshots.rs"),
     ];
     let mut names: Vec<&str> = sources
         .iter()
@@ -106,6 +108,9 @@ macro_rules! store_suite {
             asset_records::initrd_references_stay_valid,
             asset_records::delete_removes_the_asset,
             asset_records::assets_survive_reopen,
+            snapshots::snapshots_read_back_only_for_their_owner,
+            snapshots::snapshot_quotas_count_snapshots_and_their_bytes,
+            snapshots::a_clone_keeps_its_inner_identity_until_forgotten,
         );
     };
     (@each $harness:expr; $($table:ident :: $test:ident),+ $(,)?) => {

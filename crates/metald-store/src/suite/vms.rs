@@ -15,6 +15,7 @@ const NO_HOST: HostLimits = HostLimits {
 const TEN: StoredLimits = StoredLimits {
     vms: Some(10),
     disk_bytes: None,
+    snapshots: None,
 };
 
 /// Every field of an inserted VM (in any state) reads back as insert returned it; the sequence
@@ -435,6 +436,7 @@ pub fn the_disk_quota_sums_the_customers_writable_disks<H: Harness>(h: &H) {
     let limits = StoredLimits {
         vms: None,
         disk_bytes: Some(1000 << 20),
+        snapshots: None,
     };
     let first = store
         .insert_vm_within(&vm("a"), None, 600 << 20, &limits)

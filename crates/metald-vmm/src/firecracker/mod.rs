@@ -123,7 +123,7 @@ impl FirecrackerBackend {
             ready = t0.elapsed();
             match how {
                 StartKind::Boot => self.configure_and_start(launch, &api).await,
-                StartKind::Wake => self.restore(launch, &api).await,
+                StartKind::Wake | StartKind::Restore => self.restore(launch, &api).await,
             }
         }
         .await;
@@ -175,9 +175,16 @@ impl FirecrackerBackend {
         })
         .await?;
         for (i, disk) in launch.disks.iter().enumerate() {
+            // The VM's own disks by name, relative to the VMM's working directory (the VM's
+            // directory, jailed or not): a snapshot saves these paths, and a clone restored
+            // in its own directory then opens its own copies, never its source's.
+            let path = match disk.path.strip_prefix(&launch.dir) {
+                Ok(own) => own,
+                Err(_) => disk.path.as_path(),
+            };
             api.put_drive(&Drive {
                 drive_id: disk.id.clone(),
-                path_on_host: path_str(&disk.path)?,
+                path_on_host: path_str(path)?,
                 is_root_device: i == 0,
                 is_read_only: disk.read_only,
             })
@@ -245,6 +252,38 @@ impl Backend for FirecrackerBackend {
 
     async fn wake(&self, launch: &VmLaunch) -> Result<VmmProcess, BackendError> {
         self.start(launch, StartKind::Wake).await
+    }
+
+    async fn snapshot(
+        &self,
+        vm: &VmId,
+        dir: &Path,
+        out: &Path,
+        _owner_paused: bool,
+    ) -> Result<(), BackendError> {
+        let api = self.api_for(vm)?;
+        let vm_dir = crate::vm_dir::VmDir::open(dir)?;
+        for name in [crate::files::SNAPSHOT_STATE, crate::files::SNAPSHOT_MEMORY] {
+            vm_dir.remove(name)?;
+        }
+        // Firecracker writes by path, as the VM's uid: into the VM's directory, then copied
+        // out through no-follow opens, so the snapshot is metald's and nothing the VMM can
+        // still reach.
+        api.create_snapshot(
+            &dir.join(crate::files::SNAPSHOT_STATE),
+            &dir.join(crate::files::SNAPSHOT_MEMORY),
+        )
+        .await?;
+        let copied = (|| {
+            for name in [crate::files::SNAPSHOT_STATE, crate::files::SNAPSHOT_MEMORY] {
+                crate::vm_dir::copy_out(&vm_dir, name, &out.join(name))?;
+            }
+            Ok(())
+        })();
+        for name in [crate::files::SNAPSHOT_STATE, crate::files::SNAPSHOT_MEMORY] {
+            vm_dir.remove(name)?;
+        }
+        copied
     }
 
     async fn pause(&self, vm: &VmId) -> Result<(), BackendError> {

@@ -26,6 +26,12 @@ impl Audited for VmRecord {
     }
 }
 
+impl Audited for crate::store::SnapshotRecord {
+    fn audited_vm(&self) -> Option<&VmId> {
+        Some(&self.source_vm)
+    }
+}
+
 impl Audited for () {
     fn audited_vm(&self) -> Option<&VmId> {
         None

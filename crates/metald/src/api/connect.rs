@@ -195,6 +195,34 @@ impl pb::VmService for ConnectApi {
         Response::ok(h::list_customer_usage(&self.svc, &who, request.start, request.end).await?)
     }
 
+    async fn create_snapshot(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, pb::CreateSnapshotRequest>,
+    ) -> ServiceResult<pb::CreateSnapshotResponse> {
+        let who = identity(&ctx)?;
+        Response::ok(h::create_snapshot(&self.svc, &who, request.vm_id).await?)
+    }
+
+    async fn list_snapshots(
+        &self,
+        ctx: RequestContext,
+        _request: ServiceRequest<'_, pb::ListSnapshotsRequest>,
+    ) -> ServiceResult<pb::ListSnapshotsResponse> {
+        let who = identity(&ctx)?;
+        Response::ok(h::list_snapshots(&self.svc, &who).await?)
+    }
+
+    async fn delete_snapshot(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, pb::DeleteSnapshotRequest>,
+    ) -> ServiceResult<pb::DeleteSnapshotResponse> {
+        let who = identity(&ctx)?;
+        h::delete_snapshot(&self.svc, &who, request.snapshot_id).await?;
+        Response::ok(pb::DeleteSnapshotResponse::default())
+    }
+
     async fn get_host_capacity(
         &self,
         ctx: RequestContext,

@@ -24,8 +24,11 @@ pub fn to_connect(err: &ServiceError) -> ConnectError {
 pub fn code_for(err: &ServiceError) -> ErrorCode {
     match err {
         ServiceError::InvalidArgument { .. } => ErrorCode::InvalidArgument,
-        ServiceError::NotFound(_) => ErrorCode::NotFound,
-        ServiceError::FailedPrecondition(_) => ErrorCode::FailedPrecondition,
+        ServiceError::NotFound(_) | ServiceError::SnapshotNotFound(_) => ErrorCode::NotFound,
+        ServiceError::FailedPrecondition(_) | ServiceError::Precondition(_) => {
+            ErrorCode::FailedPrecondition
+        }
+        ServiceError::Unimplemented(_) => ErrorCode::Unimplemented,
         ServiceError::Backend { source, .. } => match source {
             // The VMM is gone under us: the caller may retry after checking the state.
             BackendError::NotRunning(_) => ErrorCode::FailedPrecondition,
@@ -47,6 +50,7 @@ pub fn code_for(err: &ServiceError) -> ErrorCode {
         | ServiceError::Store(_)
         | ServiceError::Io { .. }
         | ServiceError::Sandbox { .. }
+        | ServiceError::CloneMap { .. }
         | ServiceError::Probe(_)
         | ServiceError::Sweep(_) => ErrorCode::Internal,
     }
@@ -71,6 +75,21 @@ mod tests {
                 400,
             ),
             (ServiceError::NotFound(vm.clone()), ErrorCode::NotFound, 404),
+            (
+                ServiceError::SnapshotNotFound("snap-x".into()),
+                ErrorCode::NotFound,
+                404,
+            ),
+            (
+                ServiceError::Precondition("x".into()),
+                ErrorCode::FailedPrecondition,
+                400,
+            ),
+            (
+                ServiceError::Unimplemented("x".into()),
+                ErrorCode::Unimplemented,
+                501,
+            ),
             (
                 transition(VmState::Shutdown, Operation::Pause)
                     .unwrap_err()

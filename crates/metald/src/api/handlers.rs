@@ -213,19 +213,126 @@ pub async fn create_vm(
     who: &Arc<Identity>,
     req: pb::CreateVmRequest,
 ) -> Result<pb::CreateVmResponse, ConnectError> {
-    let Some(config) = req.config.as_option() else {
-        return Err(ConnectError::invalid_argument("config: required"));
-    };
-    let config = config_from_proto(config);
     let (s, customer) = (Arc::clone(svc), who.customer.clone());
-    let vm = effect(who, "CreateVm", None, async move {
-        s.create(&customer, config).await
-    })
-    .await?;
+    let vm = if req.from_snapshot.is_empty() {
+        let Some(config) = req.config.as_option() else {
+            return Err(ConnectError::invalid_argument("config: required"));
+        };
+        let config = config_from_proto(config);
+        effect(who, "CreateVm", None, async move {
+            s.create(&customer, config).await
+        })
+        .await?
+    } else {
+        let snapshot = snapshot_id("from_snapshot", &req.from_snapshot)?;
+        let metadata = match req.config.as_option() {
+            None => Default::default(),
+            Some(c) => metadata_only(c)?,
+        };
+        effect(who, "CreateVm", None, async move {
+            s.create_from_snapshot(&customer, &snapshot, metadata).await
+        })
+        .await?
+    };
     Ok(pb::CreateVmResponse {
         vm: vm_info(svc, &vm, who).into(),
         ..Default::default()
     })
+}
+
+/// A snapshot id field: bounded; whether it names one of the caller's snapshots is the
+/// service's answer (the same for another customer's as for a made-up one).
+pub fn snapshot_id(field: &str, raw: &str) -> Result<String, ConnectError> {
+    if raw.is_empty() || raw.len() > crate::service::MAX_SNAPSHOT_ID {
+        return Err(ConnectError::invalid_argument(format!(
+            "{field}: a snapshot id of 1-{} bytes",
+            crate::service::MAX_SNAPSHOT_ID
+        )));
+    }
+    Ok(raw.to_string())
+}
+
+/// A VM created from a snapshot has the snapshot's configuration: only its labels may be
+/// given.
+fn metadata_only(
+    c: &pb::VmConfig,
+) -> Result<std::collections::BTreeMap<String, String>, ConnectError> {
+    let only_metadata = c.cpu.as_option().is_none()
+        && c.memory.as_option().is_none()
+        && c.kernel.as_option().is_none()
+        && c.rootfs.as_option().is_none()
+        && c.drives.is_empty()
+        && c.kernel_args.is_empty()
+        && c.network.as_option().is_none();
+    if !only_metadata {
+        return Err(ConnectError::invalid_argument(
+            "config: with from_snapshot, only config.metadata may be set (the VM gets the snapshot's configuration)",
+        ));
+    }
+    Ok(c.metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect())
+}
+
+/// The protobuf message for a snapshot.
+pub fn snapshot_to_proto(s: &crate::store::SnapshotRecord) -> pb::Snapshot {
+    pb::Snapshot {
+        snapshot_id: s.id.clone(),
+        source_vm_id: s.source_vm.to_string(),
+        state: match s.state {
+            crate::store::SnapshotState::Creating => pb::SnapshotState::SNAPSHOT_STATE_CREATING,
+            crate::store::SnapshotState::Ready => pb::SnapshotState::SNAPSHOT_STATE_READY,
+        }
+        .into(),
+        backend: s.backend.clone(),
+        config: config_to_proto(&s.config).into(),
+        size_bytes: s.bytes,
+        created_at: rfc3339(s.created_at_ms),
+        ..Default::default()
+    }
+}
+
+/// CreateSnapshot.
+pub async fn create_snapshot(
+    svc: &Arc<VmService>,
+    who: &Arc<Identity>,
+    id: &str,
+) -> Result<pb::CreateSnapshotResponse, ConnectError> {
+    let snap = on_vm(svc, who, "CreateSnapshot", id, |s, c, vm| async move {
+        s.create_snapshot(&c, &vm).await
+    })
+    .await?;
+    Ok(pb::CreateSnapshotResponse {
+        snapshot: snapshot_to_proto(&snap).into(),
+        ..Default::default()
+    })
+}
+
+/// ListSnapshots.
+pub async fn list_snapshots(
+    svc: &Arc<VmService>,
+    who: &Identity,
+) -> Result<pb::ListSnapshotsResponse, ConnectError> {
+    let snaps = svc.list_snapshots(&who.customer).await.map_err(err)?;
+    Ok(pb::ListSnapshotsResponse {
+        snapshots: snaps.iter().map(snapshot_to_proto).collect(),
+        ..Default::default()
+    })
+}
+
+/// DeleteSnapshot.
+pub async fn delete_snapshot(
+    svc: &Arc<VmService>,
+    who: &Arc<Identity>,
+    id: &str,
+) -> Result<(), ConnectError> {
+    let id = snapshot_id("snapshot_id", id)?;
+    let (s, customer) = (Arc::clone(svc), who.customer.clone());
+    effect(who, "DeleteSnapshot", None, async move {
+        s.delete_snapshot(&customer, &id).await
+    })
+    .await
 }
 
 /// A mutating call on the caller's VM `raw_id`: the id is parsed, then `op` (given the service,

@@ -51,6 +51,9 @@ pub const RPCS: &[&str] = &[
     "GetVmUsage",
     "ListCustomerUsage",
     "GetHostCapacity",
+    "CreateSnapshot",
+    "ListSnapshots",
+    "DeleteSnapshot",
 ];
 
 /// What the API needs besides the service.

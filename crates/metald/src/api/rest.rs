@@ -70,6 +70,9 @@ pub fn router(svc: Arc<VmService>) -> Router {
         .route("/v1/vms/{id}/reboot", post(reboot))
         .route("/v1/vms/{id}/console", get(console))
         .route("/v1/vms/{id}/usage", get(usage))
+        .route("/v1/vms/{id}/snapshots", post(create_snapshot))
+        .route("/v1/snapshots", get(list_snapshots))
+        .route("/v1/snapshots/{id}", axum::routing::delete(delete_snapshot))
         .route("/v1/usage", get(customer_usage))
         .route("/v1/host", get(host))
         .with_state(svc)
@@ -196,6 +199,32 @@ async fn suspend(
 ) -> Reply {
     let run = async { h::suspend_vm(&svc, caller.identity()?, &id).await };
     done(StatusCode::OK, run.await.map(wrap_vm))
+}
+
+async fn create_snapshot(
+    State(svc): Svc,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Reply {
+    let run = async { h::create_snapshot(&svc, caller.identity()?, &id).await };
+    done(StatusCode::CREATED, run.await)
+}
+
+async fn list_snapshots(State(svc): Svc, Extension(caller): Extension<Caller>) -> Reply {
+    let run = async { h::list_snapshots(&svc, caller.identity()?).await };
+    done(StatusCode::OK, run.await)
+}
+
+async fn delete_snapshot(
+    State(svc): Svc,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Reply {
+    let run = async { h::delete_snapshot(&svc, caller.identity()?, &id).await };
+    done(
+        StatusCode::OK,
+        run.await.map(|()| pb::DeleteSnapshotResponse::default()),
+    )
 }
 
 async fn resume(

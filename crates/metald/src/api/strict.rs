@@ -58,7 +58,10 @@ const VM_CONFIG: &[Field] = &[
     f("network", "network", Inner::Message(NETWORK)),
 ];
 /// `CreateVmRequest`.
-pub const CREATE_VM_REQUEST: &[Field] = &[f("config", "config", Inner::Message(VM_CONFIG))];
+pub const CREATE_VM_REQUEST: &[Field] = &[
+    f("config", "config", Inner::Message(VM_CONFIG)),
+    f("from_snapshot", "fromSnapshot", Inner::Scalar),
+];
 
 /// Why a body was refused: the field path and the reason.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -905,3 +905,105 @@ async fn made_up_paths_do_not_grow_the_metric_labels() {
     assert!(!text.contains("nowhere"), "{text}");
     assert!(text.contains("method=\"other\""), "{text}");
 }
+
+/// Snapshots over REST and Connect: create (201), list, a clone from `fromSnapshot` with only
+/// labels beside it, the strict body check, another customer's snapshot answered like a
+/// made-up one on every route, and delete.
+#[tokio::test]
+async fn snapshot_routes_create_list_clone_and_delete_within_the_callers_scope() {
+    let f = fixture();
+    let s = api(&f).await;
+    let id = s.create("alice").await;
+    s.rest("alice", "POST", &format!("/v1/vms/{id}/boot"), None)
+        .await;
+    let made = s
+        .rest("alice", "POST", &format!("/v1/vms/{id}/snapshots"), None)
+        .await;
+    assert_eq!(made.status, 201, "{made:?}");
+    let sid = made.body["snapshot"]["snapshotId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(made.body["snapshot"]["state"], "SNAPSHOT_STATE_READY");
+    assert_eq!(made.body["snapshot"]["sourceVmId"], id.as_str());
+    let listed = s.rest("alice", "GET", "/v1/snapshots", None).await;
+    assert_eq!(listed.body["snapshots"][0]["snapshotId"], sid.as_str());
+    let over_connect = s
+        .call(
+            Some(&bearer("alice")),
+            "POST",
+            "/metald.v1.VmService/ListSnapshots",
+            Some("{}"),
+        )
+        .await;
+    assert_eq!(
+        over_connect.body["snapshots"][0]["snapshotId"],
+        sid.as_str()
+    );
+
+    let clone = s
+        .rest(
+            "alice",
+            "POST",
+            "/v1/vms",
+            Some(json!({"from_snapshot": sid, "config": {"metadata": {"a": "b"}}})),
+        )
+        .await;
+    assert_eq!(clone.status, 201, "{clone:?}");
+    assert_eq!(clone.body["vm"]["config"]["metadata"]["a"], "b");
+    assert_eq!(clone.body["vm"]["config"]["cpu"]["vcpuCount"], 1);
+    let with_config = s
+        .rest(
+            "alice",
+            "POST",
+            "/v1/vms",
+            Some(json!({"fromSnapshot": sid, "config": {"cpu": {"vcpu_count": 2}}})),
+        )
+        .await;
+    assert_eq!(with_config.status, 400, "{with_config:?}");
+    assert!(with_config.message().contains("only config.metadata"));
+    let unknown = s
+        .rest(
+            "alice",
+            "POST",
+            "/v1/vms",
+            Some(json!({"from_snapshots": sid})),
+        )
+        .await;
+    assert_eq!(unknown.status, 400, "{unknown:?}");
+
+    let made_up = "snap-00000000-0000-4000-8000-000000000000";
+    for target in [sid.as_str(), made_up] {
+        let del = s
+            .rest("bob", "DELETE", &format!("/v1/snapshots/{target}"), None)
+            .await;
+        let from = s
+            .rest(
+                "bob",
+                "POST",
+                "/v1/vms",
+                Some(json!({"fromSnapshot": target})),
+            )
+            .await;
+        for r in [del, from] {
+            assert_eq!((r.status, r.code()), (404, "not_found"), "{r:?}");
+            assert_eq!(r.message(), format!("snapshot {target} not found"));
+        }
+    }
+    let theirs = s
+        .rest("bob", "POST", &format!("/v1/vms/{id}/snapshots"), None)
+        .await;
+    assert_eq!(theirs.message(), format!("vm {id} not found"));
+    assert_eq!(
+        s.rest("bob", "GET", "/v1/snapshots", None).await.body["snapshots"],
+        Value::Null
+    );
+    let gone = s
+        .rest("alice", "DELETE", &format!("/v1/snapshots/{sid}"), None)
+        .await;
+    assert_eq!(gone.status, 200, "{gone:?}");
+    assert_eq!(
+        s.rest("alice", "GET", "/v1/snapshots", None).await.body["snapshots"],
+        Value::Null
+    );
+}

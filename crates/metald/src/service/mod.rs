@@ -8,6 +8,7 @@
 
 mod capacity;
 mod launch;
+mod snapshots;
 mod supervise;
 mod usage;
 mod validate;
@@ -15,6 +16,7 @@ pub(crate) use validate::validate_kernel_args;
 
 pub use crate::backend::console::ConsoleTail;
 pub use capacity::{Amount, HostCapacity, HostSettings, Ratio};
+pub use snapshots::{CloneNet, MAX_SNAPSHOT_ID};
 pub use usage::WindowUsage;
 
 use std::collections::{BTreeMap, HashMap};
@@ -85,6 +87,15 @@ pub enum ServiceError {
     /// No VM with this id belongs to the caller.
     #[error("vm {0} not found")]
     NotFound(VmId),
+    /// No snapshot with this id belongs to the caller (another customer's is the same answer).
+    #[error("snapshot {0} not found")]
+    SnapshotNotFound(String),
+    /// The VM or snapshot is not in a state that allows the operation.
+    #[error("{0}")]
+    Precondition(String),
+    /// This host's VMM cannot do what was asked.
+    #[error("{0}")]
+    Unimplemented(String),
     /// The VM's state does not allow the operation.
     #[error(transparent)]
     FailedPrecondition(#[from] InvalidTransition),
@@ -123,6 +134,15 @@ pub enum ServiceError {
     /// Removing leftovers of earlier runs at start failed.
     #[error("remove leftovers of earlier runs")]
     Sweep(#[source] SandboxError),
+    /// A clone's address map could not be set up in its sandbox.
+    #[error("map the addresses of {vm}")]
+    CloneMap {
+        /// The VM.
+        vm: VmId,
+        /// What failed.
+        #[source]
+        source: Box<crate::network::clone_map::CloneMapError>,
+    },
     /// A file operation failed.
     #[error("{op} {path}")]
     Io {
@@ -158,6 +178,10 @@ pub struct ServiceConfig {
     pub probe: Arc<dyn HostProbe>,
     /// Most bytes a VM's console log keeps (its oldest output is cut beyond).
     pub console_max_bytes: u64,
+    /// Directory holding one sub-directory per snapshot (metald's alone).
+    pub snapshots_dir: PathBuf,
+    /// How clones' address maps are loaded; `None` when VMs have no network (isolation off).
+    pub clone_net: Option<CloneNet>,
 }
 
 /// How often running VMs' console logs are checked against their cap.
@@ -403,11 +427,17 @@ impl VmService {
                 hint: "; a disk of its own is gone, it can only be deleted",
             }));
         }
-        // A save left by a suspend that never finished (metald killed half way) is stale.
-        remove_suspended_state(&self.vm_dir(id))?;
+        // A clone's first boot restores its snapshot; otherwise a save left by a suspend that
+        // never finished (metald killed half way) is stale.
+        let how = if self.restores_on_boot(&vm) {
+            StartKind::Restore
+        } else {
+            remove_suspended_state(&self.vm_dir(id))?;
+            StartKind::Boot
+        };
         // The reservation counts the headroom of the backend that boots the VM.
         vm.backend = self.backend_name().to_string();
-        self.admit_and_start(vm, StartKind::Boot).await
+        self.admit_and_start(vm, how).await
     }
 
     /// Admits the VM against its customer's running quotas and the host's capacity before
@@ -452,6 +482,10 @@ impl VmService {
                 vm: vm.id.clone(),
                 source,
             })?;
+        if let Err(e) = self.map_clone_addresses(vm, &launch, how).await {
+            let _logged = self.release_sandbox(vm).await;
+            return Err(e);
+        }
         let sandbox_ms = t0.elapsed().as_secs_f64() * 1000.0;
         self.timings.observe(Step::Sandbox, sandbox_ms / 1000.0);
         let console_offset = file_len(&launch.console_log());
@@ -462,11 +496,13 @@ impl VmService {
                 vm_id = %vm.id,
                 backend = self.backend_name()
             )),
-            StartKind::Wake => self.backend.wake(&launch).instrument(tracing::info_span!(
-                "backend.wake",
-                vm_id = %vm.id,
-                backend = self.backend_name()
-            )),
+            StartKind::Wake | StartKind::Restore => {
+                self.backend.wake(&launch).instrument(tracing::info_span!(
+                    "backend.wake",
+                    vm_id = %vm.id,
+                    backend = self.backend_name()
+                ))
+            }
         };
         // The firewall opens while the VMM starts: the VM's traffic is dropped until it has,
         // and the start waits for both.
@@ -494,10 +530,10 @@ impl VmService {
         };
         let (pid, start_ticks) = (process.pid, process.start_ticks);
         vm.life.apply(match how {
-            StartKind::Boot => Change::Booted { pid, start_ticks },
+            StartKind::Boot | StartKind::Restore => Change::Booted { pid, start_ticks },
             StartKind::Wake => Change::Woken { pid, start_ticks },
         })?;
-        if how == StartKind::Wake {
+        if how != StartKind::Boot {
             // The guest goes on from where it was saved: booted long ago.
             vm.life.mark_guest_ready();
         }
@@ -516,6 +552,9 @@ impl VmService {
             }
             StartKind::Wake => {
                 tracing::info!(vm_id = %vm.id, pid, admission_ms, sandbox_ms, vmm_ms, record_ms, "vm woken")
+            }
+            StartKind::Restore => {
+                tracing::info!(vm_id = %vm.id, pid = process.pid, sandbox_ms, vmm_ms, "vm restored from its snapshot")
             }
         }
         if how == StartKind::Boot {
@@ -678,6 +717,8 @@ impl VmService {
                 vm: id.clone(),
                 source,
             })?;
+        // The reboot is a cold boot in the namespace that stays: a clone's map goes.
+        self.unmap_clone_addresses(&vm, &launch).await?;
         let console_offset = file_len(&launch.console_log());
         let result = self.backend.reboot(&launch, mode).await;
         let process = match result {

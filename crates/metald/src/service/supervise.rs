@@ -11,6 +11,7 @@ impl VmService {
         // No boot outlives metald: what a killed one reserved is free again.
         self.store.release_all_runs()?;
         let vms = self.finish_interrupted_deletes_and_creates().await?;
+        self.sweep_snapshots(&vms)?;
         let mut keep = std::collections::HashSet::new();
         for mut vm in vms {
             if !vm.state().has_vmm() {

@@ -43,7 +43,7 @@ fn inode(path: impl AsRef<Path>) -> u64 {
     std::fs::metadata(path).unwrap().ino()
 }
 
-fn with_args(args: &str) -> Value {
+pub(crate) fn with_args(args: &str) -> Value {
     let mut body = readme_request(1, 256 << 20);
     body["config"]["kernel_args"] = json!(args);
     body
@@ -212,7 +212,7 @@ fn a_jailed_vmm_runs_as_its_own_user_without_privileges_in_its_own_namespace_and
 }
 
 /// Ping results a guest printed (`METALD_PING round=N target=T result=R`): target → results.
-fn ping_results(console: &str) -> std::collections::HashMap<String, Vec<String>> {
+pub(crate) fn ping_results(console: &str) -> std::collections::HashMap<String, Vec<String>> {
     let mut out: std::collections::HashMap<String, Vec<String>> = Default::default();
     for line in console.lines() {
         let Some(rest) = line.trim().strip_prefix("METALD_PING ") else {

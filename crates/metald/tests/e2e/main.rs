@@ -24,6 +24,7 @@ mod isolation;
 mod lifecycle;
 mod metering;
 mod qemu;
+mod snapshots;
 mod startup;
 
 use std::path::Path;
@@ -134,6 +135,7 @@ fn main() {
         ("firecracker", firecracker::tests()),
         ("startup", startup::tests()),
         ("identity", identity::tests()),
+        ("snapshots", snapshots::tests()),
         ("chaos", chaos::tests()),
     ];
     // Why → the tests skipped for it, in the order they are listed.
