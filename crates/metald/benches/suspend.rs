@@ -7,7 +7,8 @@
 //! first answer to ping at its own address). Prints tables.
 //!
 //! `make bench` (or `METALD_GUEST_DIR=target/guest cargo bench -p metald --bench suspend`);
-//! `BENCH_RUNS=n` (default 10) for Firecracker, `BENCH_QEMU_RUNS=n` (default 3) for QEMU.
+//! `BENCH_RUNS=n` (default 10) for Firecracker, `BENCH_QEMU_RUNS=n` (default 3) for QEMU;
+//! `BENCH_SUSPENDED_MS` (default 1000): how long a VM stays suspended before it is woken.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 #[path = "../tests/support/mod.rs"]
@@ -53,6 +54,10 @@ fn firecracker_rows(fc: &Path, runs: usize) {
             .ok();
         suspend.push(t0.elapsed());
         let seen = api.console_text(&id).len();
+        // Suspended for a while, as a VM is before anyone wakes it: the kernel has finished
+        // destroying the namespace the suspend released (back to back, the wake's network
+        // steps wait up to tens of ms for the RTNL lock that destruction holds).
+        std::thread::sleep(Duration::from_millis(env_num("BENCH_SUSPENDED_MS", 1000)));
         let t0 = Instant::now();
         let woken = api.call("POST", &format!("/v1/vms/{id}/resume"), None).ok();
         wake.push(t0.elapsed());

@@ -270,8 +270,13 @@ impl Network {
     pub async fn setup(&self, vm: &VmRecord) -> Result<VmNetworkPlan, NetworkError> {
         let plan = self.plan(vm)?;
         let t0 = std::time::Instant::now();
-        // Leftovers of an earlier run of this VM (metald killed mid-way) are replaced.
-        self.remove_plumbing(&vm.id).await;
+        // Leftovers of an earlier run of this VM (metald killed mid-way) are replaced. Its pin
+        // is made first and removed last, so without it there is nothing to remove; looking
+        // costs a stat, where asking the kernel for the interfaces waits for the RTNL lock,
+        // held for tens of milliseconds while an old namespace is being destroyed.
+        if plan.netns.exists() {
+            self.remove_plumbing(&vm.id).await;
+        }
         let t1 = std::time::Instant::now();
         let spare = self.pool.take();
         let pooled = spare.is_some();
