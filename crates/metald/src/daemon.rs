@@ -149,16 +149,7 @@ pub fn sandboxes(
         BackendKind::Qemu => cfg.qemu_bin.clone(),
     }
     .ok_or_else(|| StartError::NoBackend(format!("no {} binary", kind.as_str())))?;
-    // Installed beside metald (scripts/install.sh, cargo's target directory).
-    let jail_exe = std::env::current_exe()
-        .map_err(|source| StartError::Dir {
-            path: "/proc/self/exe".into(),
-            source,
-        })?
-        .with_file_name("metald-jail");
-    if !jail_exe.is_file() {
-        return Err(StartError::NoJail(jail_exe));
-    }
+    let jail_exe = jail_exe()?;
     let jailer = Jailer::new(
         JailerConfig {
             uid_base: iso.uid_base,
@@ -233,10 +224,7 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
     }
     let clone_net = match &cfg.isolation {
         Isolation::Jail(iso) => Some(crate::service::CloneNet {
-            metald_exe: std::env::current_exe().map_err(|source| StartError::Dir {
-                path: "/proc/self/exe".into(),
-                source,
-            })?,
+            jail_exe: jail_exe()?,
             nft_bin: iso.nft_bin.clone(),
         }),
         Isolation::None => None,
@@ -365,6 +353,22 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
     }
     tracing::info!("metald stopped; running VMs keep running and are re-attached at next start");
     Ok(())
+}
+
+/// The `metald-jail` binary, installed beside metald (scripts/install.sh, cargo's target
+/// directory).
+fn jail_exe() -> Result<PathBuf, StartError> {
+    let exe = std::env::current_exe()
+        .map_err(|source| StartError::Dir {
+            path: "/proc/self/exe".into(),
+            source,
+        })?
+        .with_file_name("metald-jail");
+    if exe.is_file() {
+        Ok(exe)
+    } else {
+        Err(StartError::NoJail(exe))
+    }
 }
 
 /// How long a stopping metald waits for deleted VMs' leftovers and the warm pool to be removed.

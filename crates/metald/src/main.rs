@@ -24,15 +24,6 @@ struct Cli {
 enum Command {
     /// Run the daemon (the default). Configured by UNKEY_METALD_* variables.
     Serve,
-    /// Internal: loads the nft script on stdin inside the network namespace NETNS (a clone's
-    /// address map), with the nft binary NFT.
-    #[command(hide = true)]
-    NetnsNft {
-        /// The namespace file.
-        netns: PathBuf,
-        /// The nft binary.
-        nft: PathBuf,
-    },
     /// Manage the asset store (kernels, initrds, disk images) under UNKEY_METALD_DATA_DIR.
     Assets {
         #[command(subcommand)]
@@ -81,17 +72,6 @@ enum Kind {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // It enters a namespace, so it must still be the process's only thread: nothing else
-    // (configuration, logging, threads) runs before it.
-    if let Some(Command::NetnsNft { netns, nft }) = &cli.command {
-        return match metald::network::clone_map::enter_and_exec(netns, nft) {
-            Ok(never) => match never {},
-            Err(e) => {
-                eprintln!("metald netns-nft {}: {e}", netns.display());
-                ExitCode::from(1)
-            }
-        };
-    }
     let cfg = match Config::from_env(|k| std::env::var(k).ok(), which) {
         Ok(c) => c,
         Err(e) => {
@@ -103,7 +83,6 @@ fn main() -> ExitCode {
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(cfg),
         Command::Assets { command } => assets(&cfg, command),
-        Command::NetnsNft { .. } => Ok(()),
     };
     if let Some(p) = traces {
         // Flushes spans still in the batch processor.

@@ -146,15 +146,15 @@ pub enum CloneMapError {
     Netlink(#[source] io::Error),
 }
 
-/// Loads `script` with `nft` inside the namespace `netns`, through `metald netns-nft` (a fresh
-/// process enters the namespace: never a thread of metald's runtime).
+/// Loads `script` with `nft` inside the namespace `netns`, through `metald-jail netns-nft` (a
+/// fresh process enters the namespace: never a thread of metald's runtime).
 pub async fn load_in_netns(
-    metald_exe: &Path,
+    jail_exe: &Path,
     nft: &Path,
     netns: &Path,
     script: &str,
 ) -> Result<(), CloneMapError> {
-    let mut child = tokio::process::Command::new(metald_exe)
+    let mut child = tokio::process::Command::new(jail_exe)
         .arg("netns-nft")
         .arg(netns)
         .arg(nft)
@@ -163,18 +163,18 @@ pub async fn load_in_netns(
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| CloneMapError::Spawn(metald_exe.to_path_buf(), e))?;
+        .map_err(|e| CloneMapError::Spawn(jail_exe.to_path_buf(), e))?;
     if let Some(mut stdin) = child.stdin.take() {
         use tokio::io::AsyncWriteExt;
         stdin
             .write_all(script.as_bytes())
             .await
-            .map_err(|e| CloneMapError::Spawn(metald_exe.to_path_buf(), e))?;
+            .map_err(|e| CloneMapError::Spawn(jail_exe.to_path_buf(), e))?;
     }
     let out = child
         .wait_with_output()
         .await
-        .map_err(|e| CloneMapError::Spawn(metald_exe.to_path_buf(), e))?;
+        .map_err(|e| CloneMapError::Spawn(jail_exe.to_path_buf(), e))?;
     if out.status.success() {
         return Ok(());
     }
@@ -187,7 +187,7 @@ pub async fn load_in_netns(
     })
 }
 
-/// `metald netns-nft NETNS NFT`: enters the namespace and execs `nft -f -` (the script on
+/// `metald-jail netns-nft NETNS NFT`: enters the namespace and execs `nft -f -` (the script on
 /// stdin). Runs before anything else in a fresh, single-threaded process; returns only on
 /// failure.
 pub fn enter_and_exec(netns: &Path, nft: &Path) -> io::Result<Infallible> {

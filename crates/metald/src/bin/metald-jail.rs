@@ -2,6 +2,10 @@
 //! described by the JSON SPEC ([`metald::jailer::child`]) and execs the VMM in it; it returns
 //! only if the jail could not be built, with the step on stderr (the VM's VMM log).
 //!
+//! `metald-jail netns-nft NETNS NFT`: enters the network namespace pinned at NETNS and execs
+//! `NFT -f -` with the script on stdin (a clone's address map,
+//! [`metald::network::clone_map`]): namespace work in a fresh process, never a runtime thread.
+//!
 //! A binary of its own rather than a subcommand of metald: every VMM start execs it, and the
 //! daemon's binary (about 28 MB with the API, TLS and telemetry) took about 4.5 ms longer to
 //! exec and load than this one (issue 14's per-step profile). Nothing else runs before the jail:
@@ -10,7 +14,20 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let mut args = std::env::args_os().skip(1);
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if let [verb, netns, nft] = args.as_slice() {
+        if verb == "netns-nft" {
+            let netns = std::path::Path::new(netns);
+            return match metald::network::clone_map::enter_and_exec(netns, nft.as_ref()) {
+                Ok(never) => match never {},
+                Err(e) => {
+                    eprintln!("metald-jail netns-nft {}: {e}", netns.display());
+                    ExitCode::from(1)
+                }
+            };
+        }
+    }
+    let mut args = args.into_iter();
     let (Some(spec), None) = (args.next(), args.next()) else {
         eprintln!("usage: metald-jail SPEC (started by metald for each VMM)");
         return ExitCode::from(2);

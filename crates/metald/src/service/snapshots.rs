@@ -23,12 +23,12 @@ use crate::store::{InnerIdentity, SnapshotRecord, SnapshotState, SnapshotStore};
 /// Longest snapshot id accepted in a request (`snap-` and a UUID are 41 bytes).
 pub const MAX_SNAPSHOT_ID: usize = 64;
 
-/// What loads a clone's address map: metald itself (re-executed as `metald netns-nft`, a
-/// fresh process that enters the VM's namespace) and the nft binary it runs there.
+/// What loads a clone's address map: `metald-jail netns-nft` (a fresh process that enters
+/// the VM's namespace) and the nft binary it runs there.
 #[derive(Debug, Clone)]
 pub struct CloneNet {
-    /// metald's own executable.
-    pub metald_exe: PathBuf,
+    /// The `metald-jail` binary.
+    pub jail_exe: PathBuf,
     /// The nft binary.
     pub nft_bin: PathBuf,
 }
@@ -436,7 +436,7 @@ impl VmService {
             .await
             .map_err(sandbox)?;
         let script = map.script(&gateway_mac);
-        clone_map::load_in_netns(&net.metald_exe, &net.nft_bin, &plan.netns, &script)
+        clone_map::load_in_netns(&net.jail_exe, &net.nft_bin, &plan.netns, &script)
             .await
             .map_err(sandbox)?;
         tracing::debug!(vm_id = %vm.id, inner6 = %inner.ipv6, own6 = %plan.ipv6, "clone address map loaded");
@@ -455,7 +455,7 @@ impl VmService {
         }
         if let (Some(plan), Some(net)) = (&launch.net, &self.cfg.clone_net) {
             clone_map::load_in_netns(
-                &net.metald_exe,
+                &net.jail_exe,
                 &net.nft_bin,
                 &plan.netns,
                 &clone_map::removal_script(),
