@@ -32,7 +32,9 @@ pub trait Links: Send + Sync {
     async fn add_address(&self, index: u32, addr: IpAddr, len: u8) -> Result<(), NetworkError>;
     /// Sets interface `index` up.
     async fn set_up(&self, index: u32) -> Result<(), NetworkError>;
-    /// Renames interface `index` (it must be down).
+    /// Sets interface `index` down.
+    async fn set_down(&self, index: u32) -> Result<(), NetworkError>;
+    /// Renames interface `index` (Linux before 6.2 wants it down).
     async fn rename(&self, index: u32, name: &str) -> Result<(), NetworkError>;
     /// Routes `dest/len` to interface `index`.
     async fn add_route(&self, dest: IpAddr, len: u8, index: u32) -> Result<(), NetworkError>;
@@ -174,6 +176,15 @@ impl Links for Rtnetlink {
             .execute()
             .await
             .map_err(nl(format!("set interface {index} up")))
+    }
+
+    async fn set_down(&self, index: u32) -> Result<(), NetworkError> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).down().build())
+            .execute()
+            .await
+            .map_err(nl(format!("set interface {index} down")))
     }
 
     async fn rename(&self, index: u32, name: &str) -> Result<(), NetworkError> {
