@@ -29,28 +29,8 @@ impl VmService {
                 .map_err(ServiceError::Asset)?;
             clone_disk(self.assets.path_of(&asset), dir.join(drive_file(d))).await?;
         }
-        let now = now_ms();
-        let record = VmRecord {
-            id: id.clone(),
-            customer: customer.clone(),
-            life: VmLife::created(),
-            config,
-            backend: self.backend_name().to_string(),
-            created_at_ms: now,
-            updated_at_ms: now,
-            seq: 0,
-            net: None,
-        };
         let disks_ms = t0.elapsed().as_secs_f64() * 1000.0 - checks_ms;
-        let launch = self.launch(&record)?;
-        self.backend
-            .create(&launch)
-            .await
-            .map_err(|source| ServiceError::Backend {
-                op: "prepare",
-                vm: id.clone(),
-                source,
-            })?;
+        let record = self.new_record(id, customer, config).await?;
         let plan = self.isolation.allocation();
         let limits = self.cfg.quotas.of(customer).stored;
         let saved = self

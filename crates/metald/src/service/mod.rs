@@ -394,6 +394,20 @@ impl VmService {
         self.validate(customer, &config)?;
         let writable = self.writable_disk_bytes(&config)?;
         self.check_disk_room(writable)?;
+        self.in_new_vm_dir(|id, dir| async move {
+            self.prepare(customer, &id, &dir, config, writable, t0)
+                .await
+        })
+        .await
+    }
+
+    /// Makes a new VM's id and directory and runs `make` in it; if that fails, the directory
+    /// goes again (nothing of a failed create is left).
+    pub(super) async fn in_new_vm_dir<F, Fut>(&self, make: F) -> Result<VmRecord, ServiceError>
+    where
+        F: FnOnce(VmId, PathBuf) -> Fut,
+        Fut: std::future::Future<Output = Result<VmRecord, ServiceError>>,
+    {
         let id = VmId::generate();
         let dir = self.vm_dir(&id);
         std::fs::create_dir(&dir).map_err(|source| ServiceError::Io {
@@ -401,15 +415,45 @@ impl VmService {
             path: dir.clone(),
             source,
         })?;
-        let result = self
-            .prepare(customer, &id, &dir, config, writable, t0)
-            .await;
+        let result = make(id.clone(), dir.clone()).await;
         if result.is_err() {
             if let Err(e) = std::fs::remove_dir_all(&dir) {
                 tracing::error!(vm_id = %id, error = %Chain(&e), "rolling back a failed create left its directory");
             }
         }
         result
+    }
+
+    /// A new VM's record, CREATED now, with the files its backend wants beside its disks;
+    /// the store gives it its sequence number and network.
+    pub(super) async fn new_record(
+        &self,
+        id: &VmId,
+        customer: &CustomerId,
+        config: VmConfig,
+    ) -> Result<VmRecord, ServiceError> {
+        let now = now_ms();
+        let record = VmRecord {
+            id: id.clone(),
+            customer: customer.clone(),
+            life: VmLife::created(),
+            config,
+            backend: self.backend_name().to_string(),
+            created_at_ms: now,
+            updated_at_ms: now,
+            seq: 0,
+            net: None,
+        };
+        let launch = self.launch(&record)?;
+        self.backend
+            .create(&launch)
+            .await
+            .map_err(|source| ServiceError::Backend {
+                op: "prepare",
+                vm: id.clone(),
+                source,
+            })?;
+        Ok(record)
     }
 
     /// Starts the VM's VMM and boots its guest.

@@ -307,22 +307,11 @@ impl VmService {
             Ok::<_, ServiceError>(sum.saturating_add(len))
         })?;
         self.check_disk_room(writable)?;
-        let id = VmId::generate();
-        let dir = self.vm_dir(&id);
-        std::fs::create_dir(&dir).map_err(|source| ServiceError::Io {
-            op: "create VM directory",
-            path: dir.clone(),
-            source,
-        })?;
-        let result = self
-            .prepare_clone(customer, &id, &dir, &snap, config, &names, writable)
-            .await;
-        if result.is_err() {
-            if let Err(e) = std::fs::remove_dir_all(&dir) {
-                tracing::error!(vm_id = %id, error = %Chain(&e), "rolling back a failed create left its directory");
-            }
-        }
-        result
+        self.in_new_vm_dir(|id, dir| async move {
+            self.prepare_clone(customer, &id, &dir, &snap, config, &names, writable)
+                .await
+        })
+        .await
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -361,27 +350,7 @@ impl VmService {
                 Ok(()) => {}
             }
         }
-        let now = now_ms();
-        let record = VmRecord {
-            id: id.clone(),
-            customer: customer.clone(),
-            life: VmLife::created(),
-            config,
-            backend: self.backend_name().to_string(),
-            created_at_ms: now,
-            updated_at_ms: now,
-            seq: 0,
-            net: None,
-        };
-        let launch = self.launch(&record)?;
-        self.backend
-            .create(&launch)
-            .await
-            .map_err(|source| ServiceError::Backend {
-                op: "prepare",
-                vm: id.clone(),
-                source,
-            })?;
+        let record = self.new_record(id, customer, config).await?;
         let plan = self.isolation.allocation();
         let limits = self.cfg.quotas.of(customer).stored;
         // Without a network (isolation off) there is no address to map.

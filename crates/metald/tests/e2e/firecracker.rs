@@ -186,12 +186,7 @@ fn a_suspended_guest_stops_counting_and_counts_on_after_waking_even_across_a_res
     m.assert_clean();
 
     // metald killed and started again: the VM is still suspended and wakes.
-    let pid = m.pid().unwrap();
-    std::process::Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status()
-        .unwrap();
-    m.stop();
+    m.kill();
     m.spawn();
     let api = Rest::new(&m, Some("fc"));
     assert_eq!(api.vm(&id)["state"], "VM_STATE_SUSPENDED");
@@ -420,12 +415,7 @@ fn the_warm_pool_is_taken_by_boots_refilled_swept_after_a_kill_and_removed_at_st
     assert_ne!(refilled, before, "a new spare replaced the one taken");
 
     // Killed: its spares stay until the next start sweeps them and makes its own.
-    let pid = m.pid().unwrap();
-    std::process::Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status()
-        .unwrap();
-    m.stop();
+    m.kill();
     assert_eq!(spares(&m), refilled, "a killed metald leaves its spares");
     m.spawn();
     let after = wait_spares(&m, 3);

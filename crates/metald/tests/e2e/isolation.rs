@@ -536,12 +536,7 @@ fn leftovers_are_removed_after_a_vmm_crash_a_failed_boot_and_at_start() {
     // all of it and marks the VM FAILED.
     let id = api.create(readme_request(1, 256 << 20));
     let pid = api.boot_ready(&id)["vmmPid"].as_u64().unwrap();
-    let metald_pid = m.pid().unwrap();
-    std::process::Command::new("kill")
-        .args(["-KILL", &metald_pid.to_string()])
-        .status()
-        .unwrap();
-    m.stop();
+    m.kill();
     std::process::Command::new("kill")
         .args(["-KILL", &pid.to_string()])
         .status()

@@ -452,12 +452,7 @@ fn a_firecracker_clone_counts_on_from_its_snapshot_which_outlives_restarts_and_i
     let half = m.data_dir.join("snapshots").join("snap-half-made");
     std::fs::create_dir(&half).unwrap();
     std::fs::write(half.join("snapshot.state"), b"partial").unwrap();
-    let pid = m.pid().unwrap();
-    std::process::Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status()
-        .unwrap();
-    m.stop();
+    m.kill();
     m.spawn();
     let api = Rest::new(&m, Some("fcsnap"));
     assert!(!half.exists(), "the half-made snapshot is swept at start");

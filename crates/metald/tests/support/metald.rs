@@ -389,6 +389,16 @@ impl Metald {
         }
     }
 
+    /// Kills the daemon with SIGKILL, as a crash would (VMs keep running), and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(pid) = self.pid() {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+        self.stop();
+    }
+
     /// Stops the daemon with SIGTERM (VMs keep running) and waits for it.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
