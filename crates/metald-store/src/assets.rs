@@ -160,7 +160,8 @@ impl AssetStore {
         Ok(self.store.list_assets()?)
     }
 
-    /// Removes an asset; `vm_users` lists VMs that still reference it (refused if any).
+    /// Removes an asset; `vm_users` lists the VMs and snapshots that still reference it
+    /// (refused if any).
     pub fn remove(&self, id: &str, vm_users: &[String]) -> Result<(), AssetError> {
         let record = self
             .store

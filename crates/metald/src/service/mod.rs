@@ -985,17 +985,23 @@ impl VmService {
     }
 }
 
-/// VM ids (of any customer) whose configuration names the asset.
-pub fn vms_using_asset(store: &Store, image_id: &str) -> Result<Vec<String>, StoreError> {
-    Ok(store
-        .all_vms()?
+/// The VMs and snapshots (of any customer) whose configuration names the asset: a snapshot's
+/// clones boot from it too. An operator tool's read, not a request's.
+pub fn asset_users(store: &Store, image_id: &str) -> Result<Vec<String>, StoreError> {
+    use crate::store::SnapshotStore;
+    let names = |c: &VmConfig| {
+        c.kernel_image_id == image_id
+            || c.rootfs_image_id == image_id
+            || c.drives.iter().any(|d| d.image_id == image_id)
+    };
+    let vms = store.all_vms()?.into_iter().filter(|vm| names(&vm.config));
+    let snapshots = store
+        .all_snapshots()?
         .into_iter()
-        .filter(|vm| {
-            vm.config.kernel_image_id == image_id
-                || vm.config.rootfs_image_id == image_id
-                || vm.config.drives.iter().any(|d| d.image_id == image_id)
-        })
+        .filter(|s| names(&s.config));
+    Ok(vms
         .map(|vm| vm.id.to_string())
+        .chain(snapshots.map(|s| format!("snapshot {}", s.id)))
         .collect())
 }
 

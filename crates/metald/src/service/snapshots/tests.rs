@@ -36,6 +36,11 @@ async fn a_snapshot_starts_clones_and_outlives_its_vm() {
         f.svc.list_snapshots(&f.who).await.unwrap(),
         vec![snap.clone()]
     );
+    // Its images stay in use while the snapshot exists: its clones boot from them.
+    assert_eq!(
+        crate::service::asset_users(&f.svc.store, &config().kernel_image_id).unwrap(),
+        vec![format!("snapshot {}", snap.id)]
+    );
 
     let clone = f
         .svc
