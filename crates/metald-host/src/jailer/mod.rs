@@ -338,7 +338,7 @@ impl Jailer {
     /// Unpins the jails' base mount namespace (at a clean stop; a start replaces it anyway).
     pub fn close(&self) {
         if let Some(pin) = &self.mount_ns {
-            if let Err(e) = unpin(pin) {
+            if let Err(e) = crate::network::netns::remove(pin) {
                 tracing::warn!(path = %pin.display(), error = %Chain(&e), "unpinning the jails' base mount namespace failed");
             }
         }
@@ -515,12 +515,7 @@ impl Jailer {
 /// more the more VMs run (issue 14). This one holds the host's mounts of the moment metald
 /// started; mounts made later on the host are not in it (a restart takes them in).
 fn base_mount_ns(pin: &Path) -> Result<(), JailError> {
-    unpin(pin)?;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(pin)
-        .map_err(io("create", pin))?;
+    crate::network::netns::remove(pin).map_err(io("unpin", pin))?;
     let (made_tx, made_rx) = std::sync::mpsc::channel::<std::io::Result<i32>>();
     let (pinned_tx, pinned_rx) = std::sync::mpsc::channel::<()>();
     // Namespaces are per thread: the new one is made on a thread of its own that waits until
@@ -560,29 +555,16 @@ fn base_mount_ns(pin: &Path) -> Result<(), JailError> {
         .recv()
         .map_err(|_| io("make", pin)(std::io::Error::other("thread ended")));
     let pinned = match made {
-        Ok(Ok(tid)) => rustix::mount::mount_bind(format!("/proc/self/task/{tid}/ns/mnt"), pin)
-            .map_err(|e| io("pin", pin)(e.into())),
+        Ok(Ok(tid)) => {
+            crate::network::netns::pin(Path::new(&format!("/proc/self/task/{tid}/ns/mnt")), pin)
+                .map_err(io("pin", pin))
+        }
         Ok(Err(e)) => Err(io("make", pin)(e)),
         Err(e) => Err(e),
     };
     let _ = pinned_tx.send(());
     let _ = thread.join();
-    if pinned.is_err() {
-        let _ = std::fs::remove_file(pin);
-    }
     pinned
-}
-
-/// Unpins and removes a namespace pin file; a missing or never-mounted one is fine.
-fn unpin(pin: &Path) -> Result<(), JailError> {
-    match rustix::mount::unmount(pin, rustix::mount::UnmountFlags::DETACH) {
-        Ok(()) | Err(rustix::io::Errno::INVAL) | Err(rustix::io::Errno::NOENT) => {}
-        Err(e) => return Err(io("unpin", pin)(e.into())),
-    }
-    match std::fs::remove_file(pin) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io("remove", pin)(e)),
-        _ => Ok(()),
-    }
 }
 
 /// `tc` rate limits for a VMM without its own limiter: traffic to the guest is shaped as it

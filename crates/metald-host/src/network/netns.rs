@@ -10,42 +10,40 @@ use std::path::{Path, PathBuf};
 use rustix::mount::{mount_bind, unmount, UnmountFlags};
 use rustix::thread::UnshareFlags;
 
-/// Creates a new network namespace and pins it on `path` (a new empty file).
-pub fn create(path: &Path) -> io::Result<()> {
+/// Pins the namespace file `source` (a `/proc/.../ns/...` file or another pin) on `at`, a new
+/// empty file; on failure `at` is removed again. Any kind of namespace: the jailer pins its
+/// base mount namespace this way too.
+pub fn pin(source: &Path, at: &Path) -> io::Result<()> {
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .open(path)?;
+        .open(at)?;
+    if let Err(e) = mount_bind(source, at) {
+        let _ignored = std::fs::remove_file(at);
+        return Err(e.into());
+    }
+    Ok(())
+}
+
+/// Creates a new network namespace and pins it on `path` (a new empty file).
+pub fn create(path: &Path) -> io::Result<()> {
     let target = path.to_path_buf();
-    let made = std::thread::Builder::new()
+    std::thread::Builder::new()
         .name("metald-netns".into())
         .spawn(move || -> io::Result<()> {
             // SAFETY: NEWNET only changes this thread's network namespace; no file descriptor
             // table is unshared, so no fd is hidden from other threads.
             unsafe { rustix::thread::unshare_unsafe(UnshareFlags::NEWNET) }?;
-            mount_bind("/proc/thread-self/ns/net", &target)?;
-            Ok(())
+            pin(Path::new("/proc/thread-self/ns/net"), &target)
         })?
         .join()
-        .map_err(|_| io::Error::other("netns thread panicked"))?;
-    if let Err(e) = made {
-        let _ignored = std::fs::remove_file(path);
-        return Err(e);
-    }
-    Ok(())
+        .map_err(|_| io::Error::other("netns thread panicked"))?
 }
 
 /// Moves a namespace's pin from `from` to the new file `to` (a pinned file cannot be renamed:
 /// it is a mount point). The namespace lives on through the new pin.
 pub fn repin(from: &Path, to: &Path) -> io::Result<()> {
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(to)?;
-    if let Err(e) = mount_bind(from, to) {
-        let _ignored = std::fs::remove_file(to);
-        return Err(e.into());
-    }
+    pin(from, to)?;
     remove(from)
 }
 
@@ -81,8 +79,8 @@ pub fn wire(path: &Path, tap: &str, bridge: &str, peer: &str) -> io::Result<()> 
     })
 }
 
-/// Unpins and removes a namespace file; the namespace itself goes when its last process does.
-/// A missing or never-mounted file is fine.
+/// Unpins and removes a namespace file (of any kind); the namespace itself goes when its last
+/// process does. A missing or never-mounted file is fine.
 pub fn remove(path: &Path) -> io::Result<()> {
     match unmount(path, UnmountFlags::DETACH) {
         Ok(()) => {}

@@ -1050,7 +1050,7 @@ impl Run {
         }
         // The warm pool's spares belong to no VM by design (the pool's own test checks that a
         // restart sweeps them and a clean stop removes them).
-        let spare = |at: &str| at.contains("/netns/pool-") || at.contains(".mntns");
+        let spare = is_metalds_own;
         for e in entries(&iso.run_dir.join("netns")) {
             if spare(&e.path().display().to_string()) {
                 continue;

@@ -567,6 +567,12 @@ impl Metald {
     }
 }
 
+/// True for a path (or a mountinfo line naming one) that belongs to a running metald rather than
+/// to any VM: a warm-pool spare's namespace pin, or the jails' base mount namespace pin.
+pub fn is_metalds_own(at: &str) -> bool {
+    at.contains("/netns/pool-") || at.contains(".mntns")
+}
+
 impl Isolated {
     /// The parent cgroup directories of this metald's VMs.
     pub fn cgroup_dirs(&self) -> Vec<PathBuf> {
@@ -639,7 +645,7 @@ impl Isolated {
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         for line in mounts.lines() {
             // While metald runs: its warm spares and the jails' base mount namespace.
-            let own = line.contains("/netns/pool-") || line.contains(".mntns ");
+            let own = is_metalds_own(line);
             if line.contains(&data_dir.display().to_string()) && !(running && own) {
                 out.push(format!("mount {line}"));
             }
