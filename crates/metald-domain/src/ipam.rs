@@ -40,13 +40,25 @@ fn split(s: &str) -> Result<(&str, u8), PrefixError> {
 
 impl std::str::FromStr for Ipv6Prefix {
     type Err = PrefixError;
+    /// A host's VM prefix: /64 to /120.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse_len(s, 64..=120)
+    }
+}
+
+impl Ipv6Prefix {
+    /// `ADDRESS/LENGTH` with a length in `lens` and no host bits set.
+    pub fn parse_len(s: &str, lens: std::ops::RangeInclusive<u8>) -> Result<Self, PrefixError> {
         let (a, len) = split(s)?;
         let addr: Ipv6Addr = a
             .parse()
             .map_err(|_| PrefixError(format!("'{a}' is not an IPv6 address")))?;
-        if !(64..=120).contains(&len) {
-            return Err(PrefixError("prefix length must be 64-120".into()));
+        if !lens.contains(&len) {
+            return Err(PrefixError(format!(
+                "prefix length must be {}-{}",
+                lens.start(),
+                lens.end()
+            )));
         }
         let host_mask = u128::MAX >> len;
         if u128::from(addr) & host_mask != 0 {

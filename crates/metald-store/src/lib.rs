@@ -1,5 +1,6 @@
 //! Durable state: the store's interface, one trait per table ([`VmStore`], [`UsageStore`],
-//! [`BillingStore`], [`AssetCatalog`], all of them together [`StateStore`]), its SQLite
+//! [`BillingStore`], [`AssetCatalog`], [`SnapshotStore`], [`FleetStore`], all of them together
+//! [`StateStore`]), its SQLite
 //! implementation [`Store`] (one embedded file, WAL), and the asset file store ([`assets`]).
 //!
 //! Each table's trait and its SQLite code live in one module: `vms`, `ipam` (allocation inside
@@ -18,6 +19,7 @@ use metald_domain::{domain, state};
 
 mod asset_records;
 pub mod assets;
+mod fleet;
 mod ipam;
 mod outbox;
 mod snapshots;
@@ -30,6 +32,7 @@ pub mod suite;
 mod tests;
 
 pub use asset_records::{AssetCatalog, AssetKind, AssetRecord};
+pub use fleet::FleetStore;
 pub use outbox::{BillingStore, OutboxRow};
 pub use snapshots::{InnerIdentity, SnapshotRecord, SnapshotState, SnapshotStore};
 pub use usage::UsageStore;
@@ -48,6 +51,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0009_totals.sql"),
     include_str!("../migrations/0010_free_numbers.sql"),
     include_str!("../migrations/0011_snapshots.sql"),
+    include_str!("../migrations/0012_hosts.sql"),
 ];
 
 /// Per-customer limits on what runs at once (`None`: no limit).
@@ -210,10 +214,14 @@ fn sql(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
 
 /// The whole store: every table's trait. The daemon needs all of them; a part of it that
 /// needs one table names that table's trait instead.
-pub trait StateStore: VmStore + UsageStore + BillingStore + AssetCatalog + SnapshotStore {}
+pub trait StateStore:
+    VmStore + UsageStore + BillingStore + AssetCatalog + SnapshotStore + FleetStore
+{
+}
 
-impl<T: VmStore + UsageStore + BillingStore + AssetCatalog + SnapshotStore + ?Sized> StateStore
-    for T
+impl<
+        T: VmStore + UsageStore + BillingStore + AssetCatalog + SnapshotStore + FleetStore + ?Sized,
+    > StateStore for T
 {
 }
 

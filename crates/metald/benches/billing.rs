@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use metald::billing::{Billing, BillingConfig};
 use metald::domain::{CustomerId, VmId};
 use metald::metering::{Meter, MeterConfig};
-use metald::store::{BillingStore, OutboxRow, Store};
+use metald::store::{OutboxRow, Store};
 
 fn main() {
     let batches: usize = std::env::var("BENCH_BATCHES")
@@ -41,7 +41,8 @@ fn main() {
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
 
-    let store = Arc::new(Store::open(&dir.path().join("metald.db")).unwrap());
+    let store: Arc<dyn metald::store::StateStore> =
+        Arc::new(Store::open(&dir.path().join("metald.db")).unwrap());
     let vm = VmId::generate();
     let customer: CustomerId = "bench".parse().unwrap();
     let intervals: Vec<serde_json::Value> = (0..10)

@@ -1,6 +1,7 @@
 //! Configuration from `UNKEY_METALD_*` environment variables, validated once at start. A bad
 //! value stops metald with one line naming the variable and what is allowed.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -8,6 +9,7 @@ use std::time::Duration;
 pub use metald_host::probe::{hardware_kvm, is_executable, HostRoots};
 
 use crate::domain::MIB;
+use crate::fleet::{BadHostId, FleetPrefixes, HostId};
 use crate::network::ipam::{Ipv4Subnet, Ipv6Prefix};
 use crate::quota::{QuotaBook, Quotas};
 use crate::service::{HostSettings, Ratio};
@@ -137,6 +139,28 @@ pub struct Config {
     pub metrics_token: Option<Secret>,
     /// Most bytes a VM's console log keeps.
     pub console_max_bytes: u64,
+    /// This host among its peers, and the database they share if there is one.
+    pub fleet: FleetSettings,
+}
+
+/// This host in a fleet (`UNKEY_METALD_HOST_*`, `UNKEY_METALD_DATABASE_URL`,
+/// `UNKEY_METALD_FLEET_*`). Without a database URL the fleet is this host alone, on SQLite.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetSettings {
+    /// This host's id: `UNKEY_METALD_HOST_ID`, else the machine's hostname made a DNS label.
+    pub host_id: HostId,
+    /// The base URL peers call this host at; required with a database URL.
+    pub advertise_url: Option<String>,
+    /// Labels shown to operators and used for placement (`k=v,k=v`).
+    pub labels: BTreeMap<String, String>,
+    /// How long a lease lasts; it is renewed three times as often.
+    pub lease: Duration,
+    /// The PostgreSQL database the fleet shares (`postgres://…`); `None`: SQLite in the data
+    /// directory.
+    pub database_url: Option<Secret>,
+    /// The fleet's address space, of which this host is given a /64 (and an IPv4 block) at
+    /// registration; `None`: the host's own `UNKEY_METALD_IPV6_PREFIX`/`IPV4_SUBNET`.
+    pub prefixes: Option<FleetPrefixes>,
 }
 
 /// A secret from the environment: never printed by `Debug`.
@@ -388,6 +412,7 @@ impl Config {
                         .filter(|n| (65_536..=1 << 30).contains(n))
                 },
             )?,
+            fleet: fleet_settings(&env)?,
             metrics_token: env.optional(
                 "UNKEY_METALD_METRICS_TOKEN",
                 "expected a token of 32-256 printable ASCII characters",
@@ -695,6 +720,152 @@ fn billing_settings(env: &Env<'_>) -> Result<Option<BillingSettings>, ConfigErro
             "expected a duration such as 10s, 1s-600s",
         )?,
     }))
+}
+
+/// The machine's hostname as a host id: lowercase, other characters as `-`, at most 63.
+fn hostname_id() -> HostId {
+    let name = rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .to_lowercase();
+    let label: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_lowercase() || c.is_ascii_digit() {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(63)
+        .collect();
+    label
+        .trim_matches('-')
+        .parse()
+        .unwrap_or_else(|_| HostId::local())
+}
+
+/// UNKEY_METALD_HOST_*, UNKEY_METALD_DATABASE_URL and UNKEY_METALD_FLEET_*.
+fn fleet_settings(env: &Env<'_>) -> Result<FleetSettings, ConfigError> {
+    let host_id = env
+        .optional("UNKEY_METALD_HOST_ID", &BadHostId.to_string(), |v| {
+            v.parse::<HostId>().ok()
+        })?
+        .unwrap_or_else(hostname_id);
+    let labels = env
+        .optional(
+            "UNKEY_METALD_HOST_LABELS",
+            "expected key=value pairs separated by commas, keys and values of 1-63 characters of a-z, A-Z, 0-9, '.', '_' and '-', at most 32 pairs",
+            parse_labels,
+        )?
+        .unwrap_or_default();
+    let lease = env.seconds("UNKEY_METALD_HOST_LEASE_SECONDS", 10, 3..=300)?;
+    let database_url = env.optional(
+        "UNKEY_METALD_DATABASE_URL",
+        "expected a PostgreSQL URL: postgres://user@host/dbname (or postgresql://…)",
+        |v| {
+            (v.starts_with("postgres://") || v.starts_with("postgresql://")).then(|| Secret::new(v))
+        },
+    )?;
+    let advertise_url = env
+        .http_url(
+            "UNKEY_METALD_ADVERTISE_URL",
+            "expected the http(s) base URL other hosts reach this one at, such as https://10.0.0.5:8080",
+        )?
+        .map(|(_, raw)| raw);
+    if database_url.is_some() && advertise_url.is_none() {
+        return Err(bad(
+            "UNKEY_METALD_ADVERTISE_URL",
+            "",
+            "required with UNKEY_METALD_DATABASE_URL: the URL other hosts reach this one at",
+        ));
+    }
+    let fleet_v6 = env.optional(
+        "UNKEY_METALD_FLEET_IPV6_PREFIX",
+        "expected an IPv6 prefix of length 16-63 such as fd6d:6574:616c::/48 (each host gets a /64 of it)",
+        |v| Ipv6Prefix::parse_len(v, 16..=63).ok(),
+    )?;
+    let fleet_v4 = env.optional(
+        "UNKEY_METALD_FLEET_IPV4_SUBNET",
+        "expected an IPv4 subnet such as 10.200.0.0/16 (each host gets a block of it)",
+        |v| v.parse::<Ipv4Subnet>().ok(),
+    )?;
+    let block_len = env.parsed(
+        "UNKEY_METALD_FLEET_IPV4_BLOCK_LENGTH",
+        24u8,
+        "expected a prefix length 16-29, longer than UNKEY_METALD_FLEET_IPV4_SUBNET's",
+        |v| v.parse::<u8>().ok().filter(|l| (16..=29).contains(l)),
+    )?;
+    if let Some(v4) = fleet_v4 {
+        if block_len <= v4.len {
+            return Err(bad(
+                "UNKEY_METALD_FLEET_IPV4_BLOCK_LENGTH",
+                &block_len.to_string(),
+                &format!("longer than the fleet subnet's /{}", v4.len),
+            ));
+        }
+    }
+    if fleet_v6.is_none() && fleet_v4.is_some() {
+        return Err(bad(
+            "UNKEY_METALD_FLEET_IPV4_SUBNET",
+            "",
+            "needs UNKEY_METALD_FLEET_IPV6_PREFIX too (IPv6 first)",
+        ));
+    }
+    for (var, set) in [
+        ("UNKEY_METALD_IPV6_PREFIX", fleet_v6.is_some()),
+        ("UNKEY_METALD_IPV4_SUBNET", fleet_v4.is_some()),
+    ] {
+        if set && env.get(var).is_some() {
+            return Err(bad(
+                var,
+                "",
+                "unset it: with UNKEY_METALD_FLEET_* the host's block comes from the fleet",
+            ));
+        }
+    }
+    // A fleet without its own prefixes shares one default: every host gets its /64 of it.
+    let prefixes = match (&database_url, fleet_v6) {
+        (_, Some(ipv6)) => Some(FleetPrefixes {
+            ipv6,
+            ipv4: fleet_v4,
+            ipv4_block_len: block_len,
+        }),
+        (Some(_), None) if env.get("UNKEY_METALD_IPV6_PREFIX").is_none() => Some(FleetPrefixes {
+            ipv6: Ipv6Prefix {
+                addr: std::net::Ipv6Addr::new(0xfd6d, 0x6574, 0x616c, 0, 0, 0, 0, 0),
+                len: 48,
+            },
+            ipv4: None,
+            ipv4_block_len: block_len,
+        }),
+        _ => None,
+    };
+    Ok(FleetSettings {
+        host_id,
+        advertise_url,
+        labels,
+        lease,
+        database_url,
+        prefixes,
+    })
+}
+
+/// `k=v,k=v`: at most 32 pairs, keys and values of 1-63 characters of `[A-Za-z0-9._-]`.
+fn parse_labels(v: &str) -> Option<BTreeMap<String, String>> {
+    let word = |w: &str| {
+        (1..=63).contains(&w.len())
+            && w.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    };
+    let mut labels = BTreeMap::new();
+    for pair in v.split(',') {
+        let (k, val) = pair.split_once('=')?;
+        if !word(k) || !word(val) || labels.insert(k.to_string(), val.to_string()).is_some() {
+            return None;
+        }
+    }
+    (labels.len() <= 32).then_some(labels)
 }
 
 /// Where traces go, when UNKEY_METALD_OTEL_ENABLED=true.
@@ -1008,6 +1179,93 @@ mod tests {
             |k| map.get(k).cloned(),
             |name| matches!(name, "nft" | "tc").then(|| PathBuf::from(format!("/usr/sbin/{name}"))),
         )
+    }
+
+    #[test]
+    fn a_fleet_needs_an_advertised_url_and_gives_each_host_a_block() {
+        // Alone: SQLite, the host's own prefix, a host id from the hostname.
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.fleet.database_url, None);
+        assert_eq!(c.fleet.prefixes, None);
+        assert_eq!(c.fleet.lease, Duration::from_secs(10));
+        assert!(c.fleet.host_id.as_str().parse::<HostId>().is_ok());
+        let url = ("UNKEY_METALD_DATABASE_URL", "postgres://metald@db/metald");
+        let err = parse(&[url]).unwrap_err();
+        assert_eq!(err.var, "UNKEY_METALD_ADVERTISE_URL");
+        let advertise = ("UNKEY_METALD_ADVERTISE_URL", "https://10.0.0.5:8080");
+        let c = parse(&[
+            url,
+            advertise,
+            ("UNKEY_METALD_HOST_ID", "host-a"),
+            ("UNKEY_METALD_HOST_LABELS", "zone=a,disk=nvme"),
+        ])
+        .unwrap();
+        assert_eq!(c.fleet.host_id.as_str(), "host-a");
+        assert_eq!(c.fleet.labels.get("zone").map(String::as_str), Some("a"));
+        assert_eq!(c.fleet.database_url.unwrap().expose(), url.1);
+        // The shared default: a /48, a /64 for each host.
+        let p = c.fleet.prefixes.unwrap();
+        assert_eq!(p.ipv6.to_string(), "fd6d:6574:616c::/48");
+        assert_eq!(
+            p.host_blocks(2).unwrap().0.to_string(),
+            "fd6d:6574:616c:2::/64"
+        );
+        let c = parse(&[
+            url,
+            advertise,
+            ("UNKEY_METALD_FLEET_IPV6_PREFIX", "fd00:aa::/56"),
+            ("UNKEY_METALD_FLEET_IPV4_SUBNET", "10.200.0.0/16"),
+            ("UNKEY_METALD_FLEET_IPV4_BLOCK_LENGTH", "26"),
+        ])
+        .unwrap();
+        let p = c.fleet.prefixes.unwrap();
+        assert_eq!(p.capacity(), 256);
+        assert_eq!(
+            p.host_blocks(1).unwrap().1.unwrap().to_string(),
+            "10.200.0.64/26"
+        );
+        for (vars, var) in [
+            (
+                vec![("UNKEY_METALD_DATABASE_URL", "mysql://x")],
+                "UNKEY_METALD_DATABASE_URL",
+            ),
+            (
+                vec![("UNKEY_METALD_HOST_ID", "Host_A")],
+                "UNKEY_METALD_HOST_ID",
+            ),
+            (
+                vec![("UNKEY_METALD_HOST_LABELS", "a")],
+                "UNKEY_METALD_HOST_LABELS",
+            ),
+            (
+                vec![("UNKEY_METALD_HOST_LABELS", "a=1,a=2")],
+                "UNKEY_METALD_HOST_LABELS",
+            ),
+            (
+                vec![("UNKEY_METALD_FLEET_IPV6_PREFIX", "fd00::/64")],
+                "UNKEY_METALD_FLEET_IPV6_PREFIX",
+            ),
+            (
+                vec![
+                    ("UNKEY_METALD_FLEET_IPV6_PREFIX", "fd00::/48"),
+                    ("UNKEY_METALD_IPV6_PREFIX", "fd01::/64"),
+                ],
+                "UNKEY_METALD_IPV6_PREFIX",
+            ),
+            (
+                vec![
+                    ("UNKEY_METALD_FLEET_IPV6_PREFIX", "fd00::/48"),
+                    ("UNKEY_METALD_FLEET_IPV4_SUBNET", "10.0.0.0/24"),
+                ],
+                "UNKEY_METALD_FLEET_IPV4_BLOCK_LENGTH",
+            ),
+            (
+                vec![("UNKEY_METALD_HOST_LEASE_SECONDS", "1")],
+                "UNKEY_METALD_HOST_LEASE_SECONDS",
+            ),
+        ] {
+            assert_eq!(parse(&vars).unwrap_err().var, var, "{vars:?}");
+        }
     }
 
     #[test]

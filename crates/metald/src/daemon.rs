@@ -14,13 +14,14 @@ use crate::billing::{Billing, BillingConfig};
 use crate::config::{AccelChoice, BackendChoice, Config, Isolation, IsolationConfig};
 use crate::jailer::{Jailer, JailerConfig};
 use crate::listener::tls::ReloadingTls;
+use crate::membership::Membership;
 use crate::metering::{Meter, MeterConfig};
 use crate::network::ipam::AllocationPlan;
 use crate::network::{Network, NetworkConfig};
 use crate::report::Chain;
 use crate::sandbox::Sandboxes;
 use crate::service::{ServiceConfig, VmService};
-use crate::store::Store;
+use crate::store::{StateStore, Store};
 
 /// Errors while starting the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +74,7 @@ pub enum StartError {
 }
 
 /// Opens the database under the data directory.
-pub fn open_store(data_dir: &Path) -> Result<Arc<Store>, StartError> {
+pub fn open_store(data_dir: &Path) -> Result<Arc<dyn StateStore>, StartError> {
     std::fs::create_dir_all(data_dir).map_err(|source| StartError::Dir {
         path: data_dir.to_path_buf(),
         source,
@@ -82,7 +83,10 @@ pub fn open_store(data_dir: &Path) -> Result<Arc<Store>, StartError> {
 }
 
 /// Opens the asset store under the data directory.
-pub fn open_assets(data_dir: &Path, store: Arc<Store>) -> Result<Arc<AssetStore>, StartError> {
+pub fn open_assets(
+    data_dir: &Path,
+    store: Arc<dyn StateStore>,
+) -> Result<Arc<AssetStore>, StartError> {
     Ok(Arc::new(AssetStore::open(data_dir.join("assets"), store)?))
 }
 
@@ -190,7 +194,7 @@ pub fn sandboxes(
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
-pub async fn run(cfg: Config) -> Result<(), StartError> {
+pub async fn run(mut cfg: Config) -> Result<(), StartError> {
     if matches!(cfg.auth.mode, crate::config::AuthMode::Dev) {
         tracing::warn!("DEV AUTH IS ON: any 'Bearer dev_customer_<id>' token acts as customer <id> (loopback only)");
     }
@@ -200,6 +204,17 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         .map_err(StartError::Auth)?;
     let store = open_store(&cfg.data_dir)?;
     let assets = open_assets(&cfg.data_dir, Arc::clone(&store))?;
+    let (membership, me) = Membership::join(Arc::clone(&store), &cfg.fleet)?;
+    // The fleet gives each host its own blocks, kept with its registration, so its VMs'
+    // routes stay per host and its addresses do not move across restarts.
+    if let (Some((ipv6, ipv4)), Isolation::Jail(iso)) =
+        (membership.blocks(me.index), &mut cfg.isolation)
+    {
+        iso.ipv6_prefix = ipv6;
+        iso.ipv4_subnet = ipv4;
+    }
+    tracing::info!(host = %me.registration.id, place = me.index, shared = cfg.fleet.database_url.is_some(), "joined the fleet");
+    membership.keep_lease();
     let vms_dir = cfg.data_dir.join("vms");
     std::fs::create_dir_all(&vms_dir).map_err(|source| StartError::Dir {
         path: vms_dir.clone(),
@@ -283,6 +298,7 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
             console_max_bytes: cfg.console_max_bytes,
             snapshots_dir,
             clone_net,
+            membership: Arc::clone(&membership),
         },
         rx,
     );
@@ -291,12 +307,21 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
     }
     svc.reconcile().await.map_err(StartError::Reconcile)?;
     match svc.host_capacity() {
-        Ok(c) => tracing::info!(
-            memory_mib = c.memory_bytes.total >> 20,
-            vcpus = c.vcpus.total,
-            disk_mib = c.disk_bytes.total >> 20,
-            "host capacity"
-        ),
+        Ok(c) => {
+            tracing::info!(
+                memory_mib = c.memory_bytes.total >> 20,
+                vcpus = c.vcpus.total,
+                disk_mib = c.disk_bytes.total >> 20,
+                "host capacity"
+            );
+            let capacity = crate::fleet::HostCapacity {
+                memory_bytes: Some(c.memory_bytes.total),
+                vcpus: Some(c.vcpus.total),
+            };
+            if let Err(e) = membership.set_capacity(capacity) {
+                tracing::error!(error = %Chain(&e), "host capacity not reported to the fleet");
+            }
+        }
         Err(e) => {
             tracing::error!(error = %Chain(&e), "host capacity cannot be measured; boots will fail")
         }
@@ -351,6 +376,7 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
     {
         tracing::warn!("deleted VMs' leftovers or warm spares were still being removed at shutdown; the next start sweeps them");
     }
+    membership.leave().await;
     tracing::info!("metald stopped; running VMs keep running and are re-attached at next start");
     Ok(())
 }

@@ -13,7 +13,7 @@
 //!
 //! The lower crates are re-exported under their layer's name, so paths read the same from here.
 
-pub use metald_domain::{domain, report, state};
+pub use metald_domain::{domain, fleet, report, state};
 pub use metald_host::{jailer, network, probe};
 pub use metald_store as store;
 pub use metald_store::assets;
@@ -27,6 +27,7 @@ pub mod file_stamp;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod listener;
+pub mod membership;
 pub mod metering;
 pub mod quota;
 pub mod sandbox;

@@ -204,7 +204,7 @@ fn assets(cfg: &Config, command: AssetCommand) -> anyhow::Result<()> {
             }
         }
         AssetCommand::Remove { id } => {
-            let users = metald::service::asset_users(&store, &id)?;
+            let users = metald::service::asset_users(&*store, &id)?;
             assets
                 .remove(&id, &users)
                 .with_context(|| format!("removing {id}"))?;

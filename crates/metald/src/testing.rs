@@ -26,6 +26,18 @@ use crate::sandbox::{Isolation, SandboxError};
 use crate::service::{HostSettings, Ratio, ServiceConfig, VmService};
 use crate::store::{AssetKind, RunLimits, Store, StoredLimits};
 
+/// A fleet of one host, `local`, on the test's SQLite store.
+pub fn fleet_of_one() -> crate::config::FleetSettings {
+    crate::config::FleetSettings {
+        host_id: crate::fleet::HostId::local(),
+        advertise_url: None,
+        labels: Default::default(),
+        lease: Duration::from_secs(10),
+        database_url: None,
+        prefixes: None,
+    }
+}
+
 /// The fixture's console cap.
 pub(crate) const CONSOLE_MAX_BYTES: u64 = 64 * 1024;
 
@@ -320,6 +332,9 @@ pub(crate) fn fixture_with_timeout(boot_timeout: Duration) -> Fixture {
         console_max_bytes: CONSOLE_MAX_BYTES,
         snapshots_dir: snapshots_dir.clone(),
         clone_net: None,
+        membership: crate::membership::Membership::join(store.clone(), &fleet_of_one())
+            .unwrap()
+            .0,
     };
     let isolation = Arc::new(FakeIsolation::default());
     let meter = Meter::start(MeterConfig {

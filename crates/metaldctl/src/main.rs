@@ -97,6 +97,8 @@ enum Command {
     },
     /// Show the host's capacity and what its VMs hold (every customer's).
     Host,
+    /// The fleet's hosts: status, capacity, labels and VM counts (an operator call).
+    Fleet,
     /// Snapshots that start new VMs (create --from-snapshot).
     Snapshot {
         #[command(subcommand)]
@@ -360,6 +362,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Host => print(
             &client
                 .get_host_capacity(pb::GetHostCapacityRequest::default())
+                .await?
+                .into_owned(),
+        ),
+        Command::Fleet => print(
+            &client
+                .get_fleet(pb::GetFleetRequest::default())
                 .await?
                 .into_owned(),
         ),

@@ -9,6 +9,7 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod asset_records;
+pub mod fleet;
 pub mod ipam;
 pub mod outbox;
 pub mod snapshots;
@@ -43,6 +44,7 @@ pub fn test_names() -> Vec<&'static str> {
         include_str!("outbox.rs"),
         include_str!("asset_records.rs"),
         include_str!("snapshots.rs"),
+        include_str!("fleet.rs"),
     ];
     let mut names: Vec<&str> = sources
         .iter()
@@ -111,6 +113,11 @@ macro_rules! store_suite {
             snapshots::snapshots_read_back_only_for_their_owner,
             snapshots::snapshot_quotas_count_snapshots_and_their_bytes,
             snapshots::a_clone_keeps_its_inner_identity_until_forgotten,
+            fleet::hosts_read_back_as_registered_in_their_own_places,
+            fleet::a_host_keeps_its_place_when_it_registers_again,
+            fleet::places_run_out_and_the_refused_host_is_not_stored,
+            fleet::a_host_whose_lease_ended_is_down_until_it_renews,
+            fleet::hosts_survive_reopen,
         );
     };
     (@each $harness:expr; $($table:ident :: $test:ident),+ $(,)?) => {

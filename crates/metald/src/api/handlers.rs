@@ -12,8 +12,9 @@ use super::error::to_connect;
 use crate::domain::{
     rfc3339, CustomerId, DriveConfig, NetworkSettings, RateLimit, VmConfig, VmId, VmRecord,
 };
+use crate::fleet::HostStatus;
 use crate::metering::Counters;
-use crate::service::{Amount, ShutdownRequest, VmService};
+use crate::service::{Amount, ServiceError, ShutdownRequest, VmService};
 use crate::state::VmState;
 
 /// Parses a VM id field.
@@ -592,6 +593,50 @@ pub async fn list_customer_usage(
                 ..Default::default()
             })
             .collect(),
+        ..Default::default()
+    })
+}
+
+/// The fleet's hosts (an operator call, like [`host_capacity`]).
+pub async fn fleet(svc: &Arc<VmService>) -> Result<pb::GetFleetResponse, ConnectError> {
+    let m = Arc::clone(svc.membership());
+    let hosts = tokio::task::spawn_blocking({
+        let m = Arc::clone(&m);
+        move || m.hosts()
+    })
+    .await
+    .map_err(|e| ConnectError::internal(format!("listing hosts: {e}")))?
+    .map_err(|e| err(ServiceError::Store(e)))?;
+    let hosts = hosts
+        .into_iter()
+        .map(|h| {
+            let blocks = m.blocks(h.index);
+            pb::FleetHost {
+                host_id: h.registration.id.to_string(),
+                status: match h.status {
+                    HostStatus::Up => pb::HostStatus::HOST_STATUS_UP,
+                    HostStatus::Down => pb::HostStatus::HOST_STATUS_DOWN,
+                }
+                .into(),
+                advertise_url: h.registration.advertise_url,
+                memory_bytes: h.registration.capacity.memory_bytes.unwrap_or(0),
+                vcpus: h.registration.capacity.vcpus.unwrap_or(0),
+                labels: h.registration.labels.into_iter().collect(),
+                vm_count: h.vms,
+                index: h.index,
+                ipv6_prefix: blocks.map(|b| b.0.to_string()).unwrap_or_default(),
+                ipv4_subnet: blocks
+                    .and_then(|b| b.1)
+                    .map(|s| s.to_string())
+                    .unwrap_or_default(),
+                lease_expires_unix_ms: h.lease_expires_ms,
+                ..Default::default()
+            }
+        })
+        .collect();
+    Ok(pb::GetFleetResponse {
+        hosts,
+        this_host: m.host_id().to_string(),
         ..Default::default()
     })
 }

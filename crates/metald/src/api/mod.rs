@@ -51,6 +51,7 @@ pub const RPCS: &[&str] = &[
     "GetVmUsage",
     "ListCustomerUsage",
     "GetHostCapacity",
+    "GetFleet",
     "CreateSnapshot",
     "ListSnapshots",
     "DeleteSnapshot",

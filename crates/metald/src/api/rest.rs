@@ -75,6 +75,7 @@ pub fn router(svc: Arc<VmService>) -> Router {
         .route("/v1/snapshots/{id}", axum::routing::delete(delete_snapshot))
         .route("/v1/usage", get(customer_usage))
         .route("/v1/host", get(host))
+        .route("/v1/fleet", get(fleet))
         .with_state(svc)
 }
 
@@ -345,6 +346,15 @@ async fn customer_usage(
             q.end.as_deref().unwrap_or(""),
         )
         .await
+    };
+    done(StatusCode::OK, run.await)
+}
+
+async fn fleet(State(svc): Svc, Extension(caller): Extension<Caller>) -> Reply {
+    let run = async {
+        // Names every host and its VM count: host:read only, as /v1/host.
+        caller.customer()?;
+        h::fleet(&svc).await
     };
     done(StatusCode::OK, run.await)
 }

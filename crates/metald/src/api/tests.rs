@@ -610,6 +610,21 @@ async fn jwt_callers_act_as_their_customer_within_their_scopes() {
     );
     let r = s.call(Some(&operator), "GET", "/v1/host", None).await;
     assert_eq!(r.status, 200, "{r:?}");
+    // The fleet is the operator's too: a fleet of one here, UP, holding the one VM.
+    let r = s.call(Some(&reader), "GET", "/v1/fleet", None).await;
+    assert_eq!((r.status, r.code()), (403, "permission_denied"), "{r:?}");
+    for (method, path) in [
+        ("GET", "/v1/fleet"),
+        ("POST", "/metald.v1.VmService/GetFleet"),
+    ] {
+        let body = (method == "POST").then_some("{}");
+        let r = s.call(Some(&operator), method, path, body).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.body["thisHost"], "local", "{r:?}");
+        assert_eq!(r.body["hosts"][0]["hostId"], "local", "{r:?}");
+        assert_eq!(r.body["hosts"][0]["status"], "HOST_STATUS_UP", "{r:?}");
+        assert_eq!(r.body["hosts"][0]["vmCount"], "1", "{r:?}");
+    }
     // Refusals: 401 with the reason, and another customer's VM stays invisible.
     let stranger = format!(
         "Bearer {}",

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::domain::{now_ms, CustomerId, VmId};
 use crate::metering::{Counters, Meter};
 use crate::report::Chain;
-use crate::store::{BillingStore, OutboxRow, Store, StoreError};
+use crate::store::{OutboxRow, StateStore, StoreError};
 
 /// Billing settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,7 +73,7 @@ impl Payload {
 
 /// Batches usage into the outbox and delivers it.
 pub struct Billing {
-    store: Arc<Store>,
+    store: Arc<dyn StateStore>,
     meter: Arc<Meter>,
     cfg: BillingConfig,
     /// VMs re-adopted after a restart whose next batch starts with a gap notice.
@@ -100,7 +100,7 @@ pub fn intervals(prev: &Counters, points: &[(i64, Counters)]) -> Vec<IntervalUsa
 
 impl Billing {
     /// Starts batching and delivery.
-    pub fn start(store: Arc<Store>, meter: Arc<Meter>, cfg: BillingConfig) -> Arc<Self> {
+    pub fn start(store: Arc<dyn StateStore>, meter: Arc<Meter>, cfg: BillingConfig) -> Arc<Self> {
         let b = Arc::new(Self {
             store,
             meter,
@@ -408,7 +408,6 @@ mod tests {
     use crate::metering::testing::run_start;
     use crate::metering::MeterConfig;
     use crate::state::VmState;
-    use crate::store::VmStore;
 
     fn meter(interval: Duration) -> Arc<Meter> {
         Meter::start(MeterConfig {
@@ -418,7 +417,7 @@ mod tests {
         })
     }
 
-    fn kinds(store: &Store) -> Vec<String> {
+    fn kinds(store: &dyn StateStore) -> Vec<String> {
         store
             .outbox_peek(100)
             .unwrap()
@@ -432,7 +431,8 @@ mod tests {
     #[tokio::test]
     async fn a_gap_waits_for_the_first_sample_after_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(&dir.path().join("m.db")).unwrap());
+        let store: Arc<dyn StateStore> =
+            Arc::new(crate::store::Store::open(&dir.path().join("m.db")).unwrap());
         let vm = store
             .insert_vm(&crate::store::testing::record("c", VmState::Running), None)
             .unwrap();
@@ -478,14 +478,14 @@ mod tests {
         after.raise_to(&vm.id, &billed_before);
         b.resumed(&vm.id);
         b.batch_vm(&vm.id, &vm.customer).unwrap();
-        assert!(!kinds(&store).contains(&"gap".to_string()));
+        assert!(!kinds(&*store).contains(&"gap".to_string()));
         // The first sample arrives (here: the run's last); now the hole is reported.
         after.stop(&vm.id);
         b.batch_vm(&vm.id, &vm.customer).unwrap();
         assert!(
-            kinds(&store).contains(&"gap".to_string()),
+            kinds(&*store).contains(&"gap".to_string()),
             "{:?}",
-            kinds(&store)
+            kinds(&*store)
         );
         // The downtime's usage is billed, as one reconstructed interval ending when sampling
         // resumed: every interval queued adds up to the VM's total.

@@ -40,7 +40,7 @@ use crate::quota::QuotaTable;
 use crate::report::Chain;
 use crate::sandbox::{Isolation, SandboxError};
 use crate::state::{transition, Change, InvalidTransition, Operation, VmLife, VmState};
-use crate::store::{AssetKind, BillingStore, Shortage, Store, StoreError, UsageStore, VmStore};
+use crate::store::{AssetKind, Shortage, StateStore, StoreError};
 use crate::timings::{Step, Timings};
 
 /// Smallest guest memory metald accepts. Measured with the default guest (Debian 6.1 cloud
@@ -182,6 +182,8 @@ pub struct ServiceConfig {
     pub snapshots_dir: PathBuf,
     /// How clones' address maps are loaded; `None` when VMs have no network (isolation off).
     pub clone_net: Option<CloneNet>,
+    /// This host in its fleet.
+    pub membership: Arc<crate::membership::Membership>,
 }
 
 /// How often running VMs' console logs are checked against their cap.
@@ -207,7 +209,7 @@ pub struct VmPage {
 
 /// The lifecycle service.
 pub struct VmService {
-    store: Arc<Store>,
+    store: Arc<dyn StateStore>,
     assets: Arc<AssetStore>,
     backend: Arc<dyn Backend>,
     isolation: Arc<dyn Isolation>,
@@ -229,7 +231,7 @@ const REAPERS: usize = 4;
 impl VmService {
     /// Builds the service and starts handling VMM exits reported on `exits`.
     pub fn start(
-        store: Arc<Store>,
+        store: Arc<dyn StateStore>,
         assets: Arc<AssetStore>,
         backend: Arc<dyn Backend>,
         isolation: Arc<dyn Isolation>,
@@ -302,6 +304,11 @@ impl VmService {
         if self.billing.set(billing).is_err() {
             tracing::error!("billing was set twice; keeping the first");
         }
+    }
+
+    /// This host in its fleet.
+    pub fn membership(&self) -> &Arc<crate::membership::Membership> {
+        &self.cfg.membership
     }
 
     /// Rows waiting for the billing service, when billing is on.
@@ -987,8 +994,7 @@ impl VmService {
 
 /// The VMs and snapshots (of any customer) whose configuration names the asset: a snapshot's
 /// clones boot from it too. An operator tool's read, not a request's.
-pub fn asset_users(store: &Store, image_id: &str) -> Result<Vec<String>, StoreError> {
-    use crate::store::SnapshotStore;
+pub fn asset_users(store: &dyn StateStore, image_id: &str) -> Result<Vec<String>, StoreError> {
     let names = |c: &VmConfig| {
         c.kernel_image_id == image_id
             || c.rootfs_image_id == image_id

@@ -18,7 +18,7 @@ use super::*;
 use crate::backend::files;
 use crate::backend::vm_dir::{copy_out, VmDir};
 use crate::network::clone_map::{self, AddressMap};
-use crate::store::{InnerIdentity, SnapshotRecord, SnapshotState, SnapshotStore};
+use crate::store::{InnerIdentity, SnapshotRecord, SnapshotState};
 
 /// Longest snapshot id accepted in a request (`snap-` and a UUID are 41 bytes).
 pub const MAX_SNAPSHOT_ID: usize = 64;

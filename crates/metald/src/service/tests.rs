@@ -840,7 +840,6 @@ async fn start_up_finishes_interrupted_deletes_and_removes_interrupted_creates()
 
 #[tokio::test]
 async fn a_stopped_vm_reports_the_lifetime_totals_of_its_runs() {
-    use crate::store::UsageStore;
     let f = fixture();
     let id = f.svc.create(&f.who, config()).await.unwrap().id;
     assert_eq!(f.svc.usage(&f.who, &id, 0).await.unwrap().total.cpu_ns, 0);
@@ -868,7 +867,6 @@ async fn a_stopped_vm_reports_the_lifetime_totals_of_its_runs() {
 /// already billed for it, even where the counters it came from went with the process.
 #[tokio::test]
 async fn a_vmm_gone_at_start_keeps_at_least_its_billed_usage_in_the_totals() {
-    use crate::store::BillingStore;
     let f = fixture();
     let id = f.svc.create(&f.who, config()).await.unwrap().id;
     f.svc.boot(&f.who, &id).await.unwrap();

@@ -172,11 +172,11 @@ pub fn required_scope(method: &Method, path: &str) -> Scope {
             "GetVmInfo" | "ListVms" | "GetVmConsole" | "GetVmUsage" | "ListCustomerUsage" => {
                 Scope::VmsRead
             }
-            "GetHostCapacity" => Scope::HostRead,
+            "GetHostCapacity" | "GetFleet" => Scope::HostRead,
             _ => Scope::VmsWrite,
         };
     }
-    if path == "/v1/host" {
+    if path == "/v1/host" || path == "/v1/fleet" {
         Scope::HostRead
     } else if method == Method::GET || method == Method::HEAD {
         Scope::VmsRead
@@ -379,6 +379,12 @@ mod tests {
             ),
             (Method::GET, "/v1/vms/x/console", Scope::VmsRead),
             (Method::GET, "/v1/host", Scope::HostRead),
+            (Method::GET, "/v1/fleet", Scope::HostRead),
+            (
+                Method::POST,
+                "/metald.v1.VmService/GetFleet",
+                Scope::HostRead,
+            ),
             (Method::POST, "/v1/vms", Scope::VmsWrite),
             (Method::DELETE, "/v1/vms/x", Scope::VmsWrite),
         ];

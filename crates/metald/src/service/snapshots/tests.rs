@@ -38,7 +38,7 @@ async fn a_snapshot_starts_clones_and_outlives_its_vm() {
     );
     // Its images stay in use while the snapshot exists: its clones boot from them.
     assert_eq!(
-        crate::service::asset_users(&f.svc.store, &config().kernel_image_id).unwrap(),
+        crate::service::asset_users(&*f.svc.store, &config().kernel_image_id).unwrap(),
         vec![format!("snapshot {}", snap.id)]
     );
 
