@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use rusqlite::{params, OptionalExtension};
 
+use crate::domain::VmId;
 use crate::{sql, Store, StoreError};
 use metald_domain::fleet::{HostCapacity, HostId, HostRecord, HostRegistration, HostStatus};
 
@@ -30,6 +31,10 @@ pub trait FleetStore: Send + Sync {
 
     /// Every host by id, its status read against the store's clock, with its VM count.
     fn list_hosts(&self) -> Result<Vec<HostRecord>, StoreError>;
+
+    /// The host holding the VM, for a store whose VMs live on several hosts; `None` for a
+    /// store that serves one host, or a VM that does not exist.
+    fn vm_host(&self, vm: &VmId) -> Result<Option<HostId>, StoreError>;
 }
 
 /// Milliseconds since the Unix epoch on this machine's clock.
@@ -229,6 +234,11 @@ impl FleetStore for Store {
             .map_err(sql("list hosts"))?;
         let now = now_ms();
         rows.into_iter().map(|r| r.into_record(now)).collect()
+    }
+
+    fn vm_host(&self, _vm: &VmId) -> Result<Option<HostId>, StoreError> {
+        // One host per SQLite file.
+        Ok(None)
     }
 }
 

@@ -346,6 +346,10 @@ pub async fn run(mut cfg: Config) -> Result<(), StartError> {
             limits: cfg.requests,
             separate_metrics: cfg.metrics_port.is_some(),
             metrics_token: cfg.metrics_token.clone(),
+            peers: Arc::new(crate::api::forward::Peers::new(
+                cfg.fleet.host_id.clone(),
+                cfg.tls.clone(),
+            )),
         },
     );
     if let (Some(port), Some(app)) = (cfg.metrics_port, routers.metrics) {

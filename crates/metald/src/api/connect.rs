@@ -6,6 +6,7 @@ use connectrpc::{ConnectError, RequestContext, Response, ServiceRequest, Service
 use metald_proto::metald::v1 as pb;
 
 use super::auth::{Caller, Identity};
+use super::forward::Peers;
 use super::handlers as h;
 use crate::domain::CustomerId;
 use crate::service::VmService;
@@ -13,12 +14,13 @@ use crate::service::VmService;
 /// Serves `metald.v1.VmService`.
 pub struct ConnectApi {
     svc: Arc<VmService>,
+    peers: Arc<Peers>,
 }
 
 impl ConnectApi {
-    /// Wraps the lifecycle service.
-    pub fn new(svc: Arc<VmService>) -> Self {
-        Self { svc }
+    /// Wraps the lifecycle service; calls for VMs on other hosts go to `peers`.
+    pub fn new(svc: Arc<VmService>, peers: Arc<Peers>) -> Self {
+        Self { svc, peers }
     }
 }
 
@@ -55,7 +57,7 @@ impl pb::VmService for ConnectApi {
         request: ServiceRequest<'_, pb::BootVmRequest>,
     ) -> ServiceResult<pb::BootVmResponse> {
         let who = identity(&ctx)?;
-        let vm = h::boot_vm(&self.svc, &who, request.vm_id).await?;
+        let vm = h::boot_vm(&self.svc, &self.peers, &who, request.vm_id).await?;
         Response::ok(pb::BootVmResponse {
             vm: vm.into(),
             ..Default::default()
@@ -70,6 +72,7 @@ impl pb::VmService for ConnectApi {
         let who = identity(&ctx)?;
         let vm = h::shutdown_vm(
             &self.svc,
+            &self.peers,
             &who,
             request.vm_id,
             request.force,
@@ -88,7 +91,7 @@ impl pb::VmService for ConnectApi {
         request: ServiceRequest<'_, pb::PauseVmRequest>,
     ) -> ServiceResult<pb::PauseVmResponse> {
         let who = identity(&ctx)?;
-        let vm = h::pause_vm(&self.svc, &who, request.vm_id).await?;
+        let vm = h::pause_vm(&self.svc, &self.peers, &who, request.vm_id).await?;
         Response::ok(pb::PauseVmResponse {
             vm: vm.into(),
             ..Default::default()
@@ -101,7 +104,7 @@ impl pb::VmService for ConnectApi {
         request: ServiceRequest<'_, pb::ResumeVmRequest>,
     ) -> ServiceResult<pb::ResumeVmResponse> {
         let who = identity(&ctx)?;
-        let vm = h::resume_vm(&self.svc, &who, request.vm_id).await?;
+        let vm = h::resume_vm(&self.svc, &self.peers, &who, request.vm_id).await?;
         Response::ok(pb::ResumeVmResponse {
             vm: vm.into(),
             ..Default::default()
@@ -114,7 +117,7 @@ impl pb::VmService for ConnectApi {
         request: ServiceRequest<'_, pb::SuspendVmRequest>,
     ) -> ServiceResult<pb::SuspendVmResponse> {
         let who = identity(&ctx)?;
-        let vm = h::suspend_vm(&self.svc, &who, request.vm_id).await?;
+        let vm = h::suspend_vm(&self.svc, &self.peers, &who, request.vm_id).await?;
         Response::ok(pb::SuspendVmResponse {
             vm: vm.into(),
             ..Default::default()
@@ -127,7 +130,7 @@ impl pb::VmService for ConnectApi {
         request: ServiceRequest<'_, pb::RebootVmRequest>,
     ) -> ServiceResult<pb::RebootVmResponse> {
         let who = identity(&ctx)?;
-        let vm = h::reboot_vm(&self.svc, &who, request.vm_id, request.force).await?;
+        let vm = h::reboot_vm(&self.svc, &self.peers, &who, request.vm_id, request.force).await?;
         Response::ok(pb::RebootVmResponse {
             vm: vm.into(),
             ..Default::default()
@@ -140,7 +143,7 @@ impl pb::VmService for ConnectApi {
         request: ServiceRequest<'_, pb::DeleteVmRequest>,
     ) -> ServiceResult<pb::DeleteVmResponse> {
         let who = identity(&ctx)?;
-        h::delete_vm(&self.svc, &who, request.vm_id, request.force).await?;
+        h::delete_vm(&self.svc, &self.peers, &who, request.vm_id, request.force).await?;
         Response::ok(pb::DeleteVmResponse::default())
     }
 

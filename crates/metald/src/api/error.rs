@@ -29,6 +29,8 @@ pub fn code_for(err: &ServiceError) -> ErrorCode {
             ErrorCode::FailedPrecondition
         }
         ServiceError::Unimplemented(_) => ErrorCode::Unimplemented,
+        // The VM's host missed its lease: the caller may retry once it is back.
+        ServiceError::HostDown => ErrorCode::Unavailable,
         ServiceError::Backend { source, .. } => match source {
             // The VMM is gone under us: the caller may retry after checking the state.
             BackendError::NotRunning(_) => ErrorCode::FailedPrecondition,

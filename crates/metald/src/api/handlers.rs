@@ -6,15 +6,16 @@ use std::sync::Arc;
 use connectrpc::ConnectError;
 use metald_proto::metald::v1 as pb;
 
-use super::audit::{effect, Audited};
+use super::audit::effect;
 use super::auth::Identity;
 use super::error::to_connect;
+use super::forward::{Call, Peers};
 use crate::domain::{
     rfc3339, CustomerId, DriveConfig, NetworkSettings, RateLimit, VmConfig, VmId, VmRecord,
 };
 use crate::fleet::HostStatus;
 use crate::metering::Counters;
-use crate::service::{Amount, ServiceError, ShutdownRequest, VmService};
+use crate::service::{Amount, ServiceError, ShutdownRequest, VmService, Whereabouts};
 use crate::state::VmState;
 
 /// Parses a VM id field.
@@ -182,6 +183,8 @@ pub fn vm_to_proto(vm: &VmRecord) -> pb::VmInfo {
 /// `host:read`); a customer sees its VM's addresses only.
 fn vm_info(svc: &VmService, vm: &VmRecord, who: &Identity) -> pb::VmInfo {
     let mut info = vm_to_proto(vm);
+    // Answered by the host that holds it (reads of other hosts' VMs say otherwise).
+    info.host_status = pb::HostStatus::HOST_STATUS_UP.into();
     if !who.operator {
         info.vmm_pid = 0;
     }
@@ -300,10 +303,15 @@ pub async fn create_snapshot(
     who: &Arc<Identity>,
     id: &str,
 ) -> Result<pb::CreateSnapshotResponse, ConnectError> {
-    let snap = on_vm(svc, who, "CreateSnapshot", id, |s, c, vm| async move {
-        s.create_snapshot(&c, &vm).await
-    })
-    .await?;
+    let id = vm_id("vm_id", id)?;
+    if let Whereabouts::Peer(_) = svc.whereabouts(&who.customer, &id).await.map_err(err)? {
+        return Err(ConnectError::unimplemented(
+            "CreateSnapshot of a VM another host of the fleet holds is not forwarded yet",
+        ));
+    }
+    let (s, c, vm) = (Arc::clone(svc), who.customer.clone(), id.clone());
+    let work = async move { s.create_snapshot(&c, &vm).await };
+    let snap = effect(who, "CreateSnapshot", Some(id), work).await?;
     Ok(pb::CreateSnapshotResponse {
         snapshot: snapshot_to_proto(&snap).into(),
         ..Default::default()
@@ -336,41 +344,57 @@ pub async fn delete_snapshot(
     .await
 }
 
-/// A mutating call on the caller's VM `raw_id`: the id is parsed, then `op` (given the service,
-/// the customer and the VM) runs in a task of its own and is audited as `method`.
-async fn on_vm<T, F, Fut>(
+/// A lifecycle call on the caller's VM `raw_id`: the id is parsed; on this host `op` (given the
+/// service, the customer and the VM) runs in a task of its own and is audited as the call's
+/// method, and on an UP peer the call is forwarded (and audited there). The VM as it is after.
+async fn on_vm<F, Fut>(
     svc: &Arc<VmService>,
+    peers: &Peers,
     who: &Arc<Identity>,
-    method: &'static str,
+    (method, call): (&'static str, Call),
     raw_id: &str,
     op: F,
-) -> Result<T, ConnectError>
+) -> Result<pb::VmInfo, ConnectError>
 where
-    T: Audited + Send + 'static,
     F: FnOnce(Arc<VmService>, CustomerId, VmId) -> Fut,
-    Fut: std::future::Future<Output = Result<T, crate::service::ServiceError>> + Send + 'static,
+    Fut: std::future::Future<Output = Result<VmRecord, ServiceError>> + Send + 'static,
 {
     let id = vm_id("vm_id", raw_id)?;
-    let work = op(Arc::clone(svc), who.customer.clone(), id.clone());
-    effect(who, method, Some(id), work).await
+    match svc.whereabouts(&who.customer, &id).await.map_err(err)? {
+        Whereabouts::Peer(host) => peers
+            .forward(&host, who, &id, call)
+            .await?
+            .ok_or_else(|| ConnectError::internal("the VM's host answered without the VM")),
+        Whereabouts::Here => {
+            let work = op(Arc::clone(svc), who.customer.clone(), id.clone());
+            let vm = effect(who, method, Some(id), work).await?;
+            Ok(vm_info(svc, &vm, who))
+        }
+    }
 }
 
 /// BootVm.
 pub async fn boot_vm(
     svc: &Arc<VmService>,
+    peers: &Peers,
     who: &Arc<Identity>,
     id: &str,
 ) -> Result<pb::VmInfo, ConnectError> {
-    let vm = on_vm(svc, who, "BootVm", id, |s, c, vm| async move {
-        s.boot(&c, &vm).await
-    })
-    .await?;
-    Ok(vm_info(svc, &vm, who))
+    on_vm(
+        svc,
+        peers,
+        who,
+        ("BootVm", Call::Boot),
+        id,
+        |s, c, vm| async move { s.boot(&c, &vm).await },
+    )
+    .await
 }
 
 /// ShutdownVm.
 pub async fn shutdown_vm(
     svc: &Arc<VmService>,
+    peers: &Peers,
     who: &Arc<Identity>,
     id: &str,
     force: bool,
@@ -380,77 +404,114 @@ pub async fn shutdown_vm(
         force,
         timeout_seconds,
     };
-    let vm = on_vm(svc, who, "ShutdownVm", id, |s, c, vm| async move {
-        s.shutdown(&c, &vm, request).await
-    })
-    .await?;
-    Ok(vm_info(svc, &vm, who))
+    let call = Call::Shutdown {
+        force,
+        timeout_seconds,
+    };
+    on_vm(
+        svc,
+        peers,
+        who,
+        ("ShutdownVm", call),
+        id,
+        |s, c, vm| async move { s.shutdown(&c, &vm, request).await },
+    )
+    .await
 }
 
 /// PauseVm.
 pub async fn pause_vm(
     svc: &Arc<VmService>,
+    peers: &Peers,
     who: &Arc<Identity>,
     id: &str,
 ) -> Result<pb::VmInfo, ConnectError> {
-    let vm = on_vm(svc, who, "PauseVm", id, |s, c, vm| async move {
-        s.pause(&c, &vm).await
-    })
-    .await?;
-    Ok(vm_info(svc, &vm, who))
+    on_vm(
+        svc,
+        peers,
+        who,
+        ("PauseVm", Call::Pause),
+        id,
+        |s, c, vm| async move { s.pause(&c, &vm).await },
+    )
+    .await
 }
 
 /// ResumeVm.
 pub async fn resume_vm(
     svc: &Arc<VmService>,
+    peers: &Peers,
     who: &Arc<Identity>,
     id: &str,
 ) -> Result<pb::VmInfo, ConnectError> {
-    let vm = on_vm(svc, who, "ResumeVm", id, |s, c, vm| async move {
-        s.resume(&c, &vm).await
-    })
-    .await?;
-    Ok(vm_info(svc, &vm, who))
+    on_vm(
+        svc,
+        peers,
+        who,
+        ("ResumeVm", Call::Resume),
+        id,
+        |s, c, vm| async move { s.resume(&c, &vm).await },
+    )
+    .await
 }
 
 /// SuspendVm.
 pub async fn suspend_vm(
     svc: &Arc<VmService>,
+    peers: &Peers,
     who: &Arc<Identity>,
     id: &str,
 ) -> Result<pb::VmInfo, ConnectError> {
-    let vm = on_vm(svc, who, "SuspendVm", id, |s, c, vm| async move {
-        s.suspend(&c, &vm).await
-    })
-    .await?;
-    Ok(vm_info(svc, &vm, who))
+    on_vm(
+        svc,
+        peers,
+        who,
+        ("SuspendVm", Call::Suspend),
+        id,
+        |s, c, vm| async move { s.suspend(&c, &vm).await },
+    )
+    .await
 }
 
 /// RebootVm.
 pub async fn reboot_vm(
     svc: &Arc<VmService>,
+    peers: &Peers,
     who: &Arc<Identity>,
     id: &str,
     force: bool,
 ) -> Result<pb::VmInfo, ConnectError> {
-    let vm = on_vm(svc, who, "RebootVm", id, |s, c, vm| async move {
-        s.reboot(&c, &vm, force).await
-    })
-    .await?;
-    Ok(vm_info(svc, &vm, who))
+    on_vm(
+        svc,
+        peers,
+        who,
+        ("RebootVm", Call::Reboot { force }),
+        id,
+        |s, c, vm| async move { s.reboot(&c, &vm, force).await },
+    )
+    .await
 }
 
 /// DeleteVm.
 pub async fn delete_vm(
     svc: &Arc<VmService>,
+    peers: &Peers,
     who: &Arc<Identity>,
     id: &str,
     force: bool,
 ) -> Result<(), ConnectError> {
-    on_vm(svc, who, "DeleteVm", id, |s, c, vm| async move {
-        s.delete(&c, &vm, force).await
-    })
-    .await
+    let id = vm_id("vm_id", id)?;
+    match svc.whereabouts(&who.customer, &id).await.map_err(err)? {
+        Whereabouts::Peer(host) => {
+            let call = Call::Delete { force };
+            peers.forward(&host, who, &id, call).await.map(drop)
+        }
+        Whereabouts::Here => {
+            let (s, c, vm) = (Arc::clone(svc), who.customer.clone(), id.clone());
+            let work = async move { s.delete(&c, &vm, force).await };
+            effect(who, "DeleteVm", Some(id), work).await
+        }
+    }
 }
 
 /// GetVmInfo.
@@ -463,7 +524,17 @@ pub async fn get_vm(
         .get(&who.customer, &vm_id("vm_id", id)?)
         .await
         .map_err(err)?;
-    Ok(vm_info(svc, &vm, who))
+    let status = svc.host_status(std::slice::from_ref(&vm)).map_err(err)?;
+    let mut info = vm_info(svc, &vm, who);
+    info.host_status = host_status_to_proto(status[0]).into();
+    Ok(info)
+}
+
+fn host_status_to_proto(s: HostStatus) -> pb::HostStatus {
+    match s {
+        HostStatus::Up => pb::HostStatus::HOST_STATUS_UP,
+        HostStatus::Down => pb::HostStatus::HOST_STATUS_DOWN,
+    }
 }
 
 /// ListVms.
@@ -478,8 +549,18 @@ pub async fn list_vms(
         .list(&who.customer, state, page_size, page_token)
         .await
         .map_err(err)?;
+    let statuses = svc.host_status(&page.vms).map_err(err)?;
     Ok(pb::ListVmsResponse {
-        vms: page.vms.iter().map(|vm| vm_info(svc, vm, who)).collect(),
+        vms: page
+            .vms
+            .iter()
+            .zip(statuses)
+            .map(|(vm, status)| {
+                let mut info = vm_info(svc, vm, who);
+                info.host_status = host_status_to_proto(status).into();
+                info
+            })
+            .collect(),
         next_page_token: page.next_page_token,
         ..Default::default()
     })
@@ -613,11 +694,7 @@ pub async fn fleet(svc: &Arc<VmService>) -> Result<pb::GetFleetResponse, Connect
             let blocks = m.blocks(h.index);
             pb::FleetHost {
                 host_id: h.registration.id.to_string(),
-                status: match h.status {
-                    HostStatus::Up => pb::HostStatus::HOST_STATUS_UP,
-                    HostStatus::Down => pb::HostStatus::HOST_STATUS_DOWN,
-                }
-                .into(),
+                status: host_status_to_proto(h.status).into(),
                 advertise_url: h.registration.advertise_url,
                 memory_bytes: h.registration.capacity.memory_bytes.unwrap_or(0),
                 vcpus: h.registration.capacity.vcpus.unwrap_or(0),

@@ -5,6 +5,7 @@ pub mod audit;
 pub mod auth;
 pub mod connect;
 pub mod error;
+pub mod forward;
 pub mod handlers;
 pub mod limits;
 pub mod metrics;
@@ -67,6 +68,8 @@ pub struct ApiSettings {
     pub separate_metrics: bool,
     /// The operator token `/metrics` requires, if one is set.
     pub metrics_token: Option<crate::config::Secret>,
+    /// How calls for VMs on other hosts of the fleet reach them.
+    pub peers: Arc<forward::Peers>,
 }
 
 /// The HTTP surfaces: the API port's, and the metrics port's when `/metrics` has its own.
@@ -124,10 +127,13 @@ fn router(
     metrics: Arc<metrics::ApiMetrics>,
     settings: ApiSettings,
 ) -> axum::Router {
-    let connect =
-        Arc::new(connect::ConnectApi::new(Arc::clone(&svc))).register(connectrpc::Router::new());
+    let connect = Arc::new(connect::ConnectApi::new(
+        Arc::clone(&svc),
+        Arc::clone(&settings.peers),
+    ))
+    .register(connectrpc::Router::new());
     let max = settings.limits.max_deadline;
-    rest::router(svc)
+    rest::router(svc, Arc::clone(&settings.peers))
         .layer(axum::middleware::from_fn_with_state(
             max,
             limits::rest_deadline,

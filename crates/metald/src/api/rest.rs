@@ -14,6 +14,7 @@ use metald_proto::metald::v1 as pb;
 use serde::Deserialize;
 
 use super::auth::Caller;
+use super::forward::Peers;
 use super::handlers as h;
 use super::strict;
 use crate::service::VmService;
@@ -57,8 +58,8 @@ fn body<T: Default + serde::de::DeserializeOwned>(bytes: &Bytes) -> Result<T, Co
         .map_err(|e| ConnectError::invalid_argument(format!("body: malformed JSON: {e}")))
 }
 
-/// The routes, to be wrapped by the auth layer.
-pub fn router(svc: Arc<VmService>) -> Router {
+/// The routes, to be wrapped by the auth layer; calls for VMs on other hosts go to `peers`.
+pub fn router(svc: Arc<VmService>, peers: Arc<Peers>) -> Router {
     Router::new()
         .route("/v1/vms", post(create).get(list))
         .route("/v1/vms/{id}", get(info).delete(delete))
@@ -76,6 +77,7 @@ pub fn router(svc: Arc<VmService>) -> Router {
         .route("/v1/usage", get(customer_usage))
         .route("/v1/host", get(host))
         .route("/v1/fleet", get(fleet))
+        .layer(Extension(peers))
         .with_state(svc)
 }
 
@@ -160,6 +162,7 @@ struct ForceQuery {
 async fn delete(
     State(svc): Svc,
     Extension(caller): Extension<Caller>,
+    Extension(peers): Extension<Arc<Peers>>,
     Path(id): Path<String>,
     query: Result<Query<ForceQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Reply {
@@ -167,7 +170,7 @@ async fn delete(
         let who = caller.identity()?.clone();
         let Query(q) = query
             .map_err(|e| ConnectError::invalid_argument(format!("query: {}", e.body_text())))?;
-        h::delete_vm(&svc, &who, &id, q.force.unwrap_or(false)).await
+        h::delete_vm(&svc, &peers, &who, &id, q.force.unwrap_or(false)).await
     };
     done(
         StatusCode::OK,
@@ -178,27 +181,30 @@ async fn delete(
 async fn boot(
     State(svc): Svc,
     Extension(caller): Extension<Caller>,
+    Extension(peers): Extension<Arc<Peers>>,
     Path(id): Path<String>,
 ) -> Reply {
-    let run = async { h::boot_vm(&svc, caller.identity()?, &id).await };
+    let run = async { h::boot_vm(&svc, &peers, caller.identity()?, &id).await };
     done(StatusCode::OK, run.await.map(wrap_vm))
 }
 
 async fn pause(
     State(svc): Svc,
     Extension(caller): Extension<Caller>,
+    Extension(peers): Extension<Arc<Peers>>,
     Path(id): Path<String>,
 ) -> Reply {
-    let run = async { h::pause_vm(&svc, caller.identity()?, &id).await };
+    let run = async { h::pause_vm(&svc, &peers, caller.identity()?, &id).await };
     done(StatusCode::OK, run.await.map(wrap_vm))
 }
 
 async fn suspend(
     State(svc): Svc,
     Extension(caller): Extension<Caller>,
+    Extension(peers): Extension<Arc<Peers>>,
     Path(id): Path<String>,
 ) -> Reply {
-    let run = async { h::suspend_vm(&svc, caller.identity()?, &id).await };
+    let run = async { h::suspend_vm(&svc, &peers, caller.identity()?, &id).await };
     done(StatusCode::OK, run.await.map(wrap_vm))
 }
 
@@ -231,9 +237,10 @@ async fn delete_snapshot(
 async fn resume(
     State(svc): Svc,
     Extension(caller): Extension<Caller>,
+    Extension(peers): Extension<Arc<Peers>>,
     Path(id): Path<String>,
 ) -> Reply {
-    let run = async { h::resume_vm(&svc, caller.identity()?, &id).await };
+    let run = async { h::resume_vm(&svc, &peers, caller.identity()?, &id).await };
     done(StatusCode::OK, run.await.map(wrap_vm))
 }
 
@@ -250,13 +257,14 @@ struct ShutdownBody {
 async fn shutdown(
     State(svc): Svc,
     Extension(caller): Extension<Caller>,
+    Extension(peers): Extension<Arc<Peers>>,
     Path(id): Path<String>,
     bytes: Bytes,
 ) -> Reply {
     let run = async {
         let who = caller.identity()?.clone();
         let b: ShutdownBody = body(&bytes)?;
-        h::shutdown_vm(&svc, &who, &id, b.force, b.timeout_seconds).await
+        h::shutdown_vm(&svc, &peers, &who, &id, b.force, b.timeout_seconds).await
     };
     done(StatusCode::OK, run.await.map(wrap_vm))
 }
@@ -272,13 +280,14 @@ struct RebootBody {
 async fn reboot(
     State(svc): Svc,
     Extension(caller): Extension<Caller>,
+    Extension(peers): Extension<Arc<Peers>>,
     Path(id): Path<String>,
     bytes: Bytes,
 ) -> Reply {
     let run = async {
         let who = caller.identity()?.clone();
         let b: RebootBody = body(&bytes)?;
-        h::reboot_vm(&svc, &who, &id, b.force).await
+        h::reboot_vm(&svc, &peers, &who, &id, b.force).await
     };
     done(StatusCode::OK, run.await.map(wrap_vm))
 }

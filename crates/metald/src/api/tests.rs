@@ -146,6 +146,10 @@ fn settings(separate_metrics: bool) -> ApiSettings {
         },
         separate_metrics,
         metrics_token: None,
+        peers: Arc::new(crate::api::forward::Peers::new(
+            crate::fleet::HostId::local(),
+            None,
+        )),
     }
 }
 

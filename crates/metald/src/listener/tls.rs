@@ -90,16 +90,7 @@ impl ReloadingTls {
 
     /// Each file's [`FileStamp`] (`None` while one is missing).
     fn stamps(&self) -> Vec<Option<FileStamp>> {
-        let s = &self.settings;
-        [
-            Some(&s.cert_file),
-            Some(&s.key_file),
-            s.client_ca_file.as_ref(),
-        ]
-        .into_iter()
-        .flatten()
-        .map(|p| FileStamp::of(p).ok())
-        .collect()
+        stamps_of(&self.settings)
     }
 }
 
@@ -143,6 +134,44 @@ fn build(s: &TlsSettings) -> Result<ServerConfig, TlsError> {
     let mut config = builder.with_single_cert(chain, key)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
+}
+
+/// The configuration this host calls its fleet peers with: its own certificate as the client
+/// certificate, and the client CA (the fleet's) as the only roots a peer's server certificate
+/// may chain to.
+pub fn peer_client_config(s: &TlsSettings) -> Result<rustls::ClientConfig, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let ca = s.client_ca_file.as_ref().ok_or_else(|| {
+        pem_err(
+            &s.cert_file,
+            "fleet peers are called with mTLS: UNKEY_METALD_TLS_CLIENT_CA_FILE is needed",
+        )
+    })?;
+    let mut roots = RootCertStore::empty();
+    for c in certs(ca)? {
+        roots.add(c).map_err(|e| pem_err(ca, e))?;
+    }
+    let chain = certs(&s.cert_file)?;
+    let key = PrivateKeyDer::from_pem_file(&s.key_file).map_err(|e| pem_err(&s.key_file, e))?;
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// The files' stamps, to tell when a configuration built from them is stale.
+pub fn stamps_of(s: &TlsSettings) -> Vec<Option<FileStamp>> {
+    [
+        Some(&s.cert_file),
+        Some(&s.key_file),
+        s.client_ca_file.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|p| FileStamp::of(p).ok())
+    .collect()
 }
 
 /// The SPIFFE ID of a DER certificate: its one `spiffe://` URI SAN (the SPIFFE X.509-SVID

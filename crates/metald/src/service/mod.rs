@@ -143,6 +143,9 @@ pub enum ServiceError {
         #[source]
         source: Box<crate::network::clone_map::CloneMapError>,
     },
+    /// The VM's host is another host of the fleet whose lease ran out.
+    #[error("the VM's host is down; the VM keeps its last known state until the host is back")]
+    HostDown,
     /// A file operation failed.
     #[error("{op} {path}")]
     Io {
@@ -205,6 +208,15 @@ pub struct VmPage {
     pub vms: Vec<VmRecord>,
     /// Token for the next page; empty on the last one.
     pub next_page_token: String,
+}
+
+/// Where a caller's VM is held ([`VmService::whereabouts`]).
+#[derive(Debug)]
+pub enum Whereabouts {
+    /// On this host (or nowhere: the local call answers not found).
+    Here,
+    /// On an UP peer.
+    Peer(Box<crate::fleet::HostRecord>),
 }
 
 /// The lifecycle service.
@@ -376,6 +388,66 @@ impl VmService {
 
     fn vm_dir(&self, id: &VmId) -> PathBuf {
         self.cfg.vms_dir.join(id.as_str())
+    }
+
+    /// Which host holds the caller's VM: this one (or none: the local call answers not found,
+    /// as for any missing VM), an UP peer the call is forwarded to, or a DOWN one. Another
+    /// customer's VM on a peer is not found, exactly like a missing one.
+    pub async fn whereabouts(
+        &self,
+        customer: &CustomerId,
+        id: &VmId,
+    ) -> Result<Whereabouts, ServiceError> {
+        let me = self.cfg.membership.host_id();
+        match self.store.vm_host(id)? {
+            None => Ok(Whereabouts::Here),
+            Some(host) if host == me => Ok(Whereabouts::Here),
+            Some(host) => {
+                self.load(customer, id).await?;
+                let record = self
+                    .cfg
+                    .membership
+                    .hosts()?
+                    .into_iter()
+                    .find(|h| h.registration.id == host);
+                match record {
+                    Some(h) if h.status == crate::fleet::HostStatus::Up => {
+                        Ok(Whereabouts::Peer(Box::new(h)))
+                    }
+                    _ => Err(ServiceError::HostDown),
+                }
+            }
+        }
+    }
+
+    /// Whether the host of each of `vms` renews its lease (reads from a shared store show VMs
+    /// of every host; this host's own are UP).
+    pub fn host_status(
+        &self,
+        vms: &[VmRecord],
+    ) -> Result<Vec<crate::fleet::HostStatus>, ServiceError> {
+        use crate::fleet::HostStatus;
+        let me = self.cfg.membership.host_id();
+        let mut hosts: Option<Vec<crate::fleet::HostRecord>> = None;
+        let mut out = Vec::with_capacity(vms.len());
+        for vm in vms {
+            let status = match self.store.vm_host(&vm.id)? {
+                None => HostStatus::Up,
+                Some(h) if h == me => HostStatus::Up,
+                Some(h) => {
+                    if hosts.is_none() {
+                        hosts = Some(self.cfg.membership.hosts()?);
+                    }
+                    hosts
+                        .iter()
+                        .flatten()
+                        .find(|r| r.registration.id == h)
+                        .map_or(HostStatus::Down, |r| r.status)
+                }
+            };
+            out.push(status);
+        }
+        Ok(out)
     }
 
     async fn load(&self, customer: &CustomerId, id: &VmId) -> Result<VmRecord, ServiceError> {

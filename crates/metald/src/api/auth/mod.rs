@@ -29,6 +29,10 @@ use crate::domain::CustomerId;
 /// Header a trusted service names the customer it acts for in.
 pub const CUSTOMER_HEADER: &str = "metald-customer";
 
+/// Header a fleet peer names itself in when it forwards a call to the VM's host; honoured
+/// with [`CUSTOMER_HEADER`] only. A forwarded call is never forwarded again.
+pub const FORWARDED_HEADER: &str = "metald-forwarded-by";
+
 /// What a call needs the caller to be allowed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
@@ -104,6 +108,8 @@ pub struct Identity {
     pub peer: Option<SocketAddr>,
     /// Holds `host:read`: may see host details (VMM pids, namespace files, interfaces).
     pub operator: bool,
+    /// A fleet peer forwarded the call (trusted services only): it runs here or nowhere.
+    pub forwarded: bool,
 }
 
 /// What authentication concluded for one request.
@@ -259,6 +265,7 @@ impl Authenticator {
                     .ok_or_else(|| format!("{CUSTOMER_HEADER}: not a customer id"))?,
             ),
         };
+        let acting_for_checked = acting_for.is_some();
         let (customer, subject, scopes) = match acting_for {
             Some(customer) => {
                 let trusted = service.as_deref().is_some_and(|s| self.trusted.contains(s));
@@ -293,6 +300,8 @@ impl Authenticator {
                 }
             },
         };
+        // Only a trusted service may say it forwards: acting_for was checked against the list.
+        let forwarded = acting_for_checked && headers.contains_key(FORWARDED_HEADER);
         Ok((
             Identity {
                 customer,
@@ -300,6 +309,7 @@ impl Authenticator {
                 service,
                 peer: peer.map(|p| p.addr),
                 operator: scopes.allows(Scope::HostRead),
+                forwarded,
             },
             scopes,
         ))

@@ -1,0 +1,233 @@
+//! Lifecycle calls for a VM another host of the fleet holds, forwarded to that host.
+//!
+//! The call goes over the peer's own API (Connect), with mTLS: this host presents its own
+//! certificate, which the peer lists as a trusted service, and names the verified caller's
+//! customer in `metald-customer`. The peer checks ownership again, as for any caller. It sees
+//! `metald-forwarded-by` and never forwards the call further, so hosts that disagree about a
+//! URL cannot bounce a call between them. What the peer answers is cut to what the caller may
+//! see here: a customer learns neither host details nor which host answered.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use connectrpc::client::{CallOptions, ClientConfig, HttpClient};
+use connectrpc::ConnectError;
+use metald_proto::metald::v1 as pb;
+
+use super::auth::{Identity, CUSTOMER_HEADER, FORWARDED_HEADER};
+use crate::config::TlsSettings;
+use crate::domain::VmId;
+use crate::file_stamp::FileStamp;
+use crate::fleet::{HostId, HostRecord};
+use crate::listener::tls::{peer_client_config, stamps_of};
+
+/// The longest a forwarded call may take: a boot waits for the guest.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// A lifecycle call, as forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Call {
+    /// BootVm.
+    Boot,
+    /// ShutdownVm.
+    Shutdown {
+        /// Kill at once.
+        force: bool,
+        /// Seconds the guest may take.
+        timeout_seconds: u32,
+    },
+    /// PauseVm.
+    Pause,
+    /// ResumeVm.
+    Resume,
+    /// SuspendVm.
+    Suspend,
+    /// RebootVm.
+    Reboot {
+        /// Kill and start again rather than ask the guest.
+        force: bool,
+    },
+    /// DeleteVm.
+    Delete {
+        /// Kill at once.
+        force: bool,
+    },
+}
+
+/// How this host calls its peers: the client, rebuilt when the certificate files change
+/// (SPIRE rotates them).
+pub struct Peers {
+    me: HostId,
+    tls: Option<TlsSettings>,
+    http: Mutex<Option<(Vec<Option<FileStamp>>, HttpClient)>>,
+}
+
+impl Peers {
+    /// Peers of `me`, called with the host's own TLS files (none: forwarding is refused).
+    pub fn new(me: HostId, tls: Option<TlsSettings>) -> Self {
+        Self {
+            me,
+            tls,
+            http: Mutex::new(None),
+        }
+    }
+
+    fn http(&self) -> Result<HttpClient, ConnectError> {
+        let Some(tls) = &self.tls else {
+            return Err(ConnectError::unavailable(
+                "the VM's host is another host of the fleet, and this host has no TLS \
+                 certificate to call it with (UNKEY_METALD_TLS_*)",
+            ));
+        };
+        let stamps = stamps_of(tls);
+        let mut cached = self.http.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((seen, client)) = cached.as_ref() {
+            if *seen == stamps {
+                return Ok(client.clone());
+            }
+        }
+        let config = peer_client_config(tls).map_err(|e| {
+            tracing::error!(error = %crate::report::Chain(&e), "cannot build the client that calls fleet peers");
+            ConnectError::unavailable("this host cannot call its fleet peers (see its log)")
+        })?;
+        let client = HttpClient::with_tls(Arc::new(config));
+        *cached = Some((stamps, client.clone()));
+        Ok(client)
+    }
+
+    /// Runs `call` on the VM's host; the VM as it answers (`None` for a delete).
+    pub async fn forward(
+        &self,
+        host: &HostRecord,
+        who: &Identity,
+        id: &VmId,
+        call: Call,
+    ) -> Result<Option<pb::VmInfo>, ConnectError> {
+        if who.forwarded {
+            // The forwarding host thought this host holds the VM, and this host's store says
+            // another: refuse rather than pass it on.
+            return Err(ConnectError::unavailable(
+                "the VM's host could not be reached (forwarded call not for this host)",
+            ));
+        }
+        let reg = &host.registration;
+        let uri = reg.advertise_url.parse().map_err(|_| {
+            tracing::error!(host = %reg.id, url = %reg.advertise_url, "a fleet peer advertises a URL that does not parse");
+            ConnectError::unavailable("the VM's host cannot be reached")
+        })?;
+        let client = pb::VmServiceClient::new(self.http()?, ClientConfig::new(uri));
+        let opts = CallOptions::default()
+            .with_timeout(FORWARD_TIMEOUT)
+            .with_header(CUSTOMER_HEADER, who.customer.as_str())
+            .with_header(FORWARDED_HEADER, self.me.as_str());
+        let vm_id = id.to_string();
+        tracing::debug!(host = %reg.id, vm_id = %id, ?call, "forwarding to the VM's host");
+        let info = call_peer(&client, opts, vm_id, call).await.map_err(|e| {
+            use connectrpc::ErrorCode as C;
+            match e.code {
+                // The peer did not answer (or its answer is about itself, not the VM): the
+                // caller learns that the VM's host is unreachable, not where it is.
+                C::Unavailable | C::Unknown | C::DeadlineExceeded | C::Internal => {
+                    tracing::warn!(host = %reg.id, vm_id = %id, error = %e, "forwarded call failed");
+                    ConnectError::unavailable("the VM's host cannot be reached now")
+                }
+                _ => e,
+            }
+        })?;
+        Ok(info.map(|i| for_caller(i, who)))
+    }
+}
+
+/// Sends `call` for `vm_id` to the peer behind `client`.
+async fn call_peer(
+    client: &pb::VmServiceClient<HttpClient>,
+    opts: CallOptions,
+    vm_id: String,
+    call: Call,
+) -> Result<Option<pb::VmInfo>, ConnectError> {
+    Ok(match call {
+        Call::Boot => {
+            let req = pb::BootVmRequest {
+                vm_id,
+                ..Default::default()
+            };
+            let r = client.boot_vm_with_options(req, opts).await?.into_owned();
+            r.vm.into_option()
+        }
+        Call::Shutdown {
+            force,
+            timeout_seconds,
+        } => {
+            let req = pb::ShutdownVmRequest {
+                vm_id,
+                force,
+                timeout_seconds,
+                ..Default::default()
+            };
+            let r = client
+                .shutdown_vm_with_options(req, opts)
+                .await?
+                .into_owned();
+            r.vm.into_option()
+        }
+        Call::Pause => {
+            let req = pb::PauseVmRequest {
+                vm_id,
+                ..Default::default()
+            };
+            let r = client.pause_vm_with_options(req, opts).await?.into_owned();
+            r.vm.into_option()
+        }
+        Call::Resume => {
+            let req = pb::ResumeVmRequest {
+                vm_id,
+                ..Default::default()
+            };
+            let r = client.resume_vm_with_options(req, opts).await?.into_owned();
+            r.vm.into_option()
+        }
+        Call::Suspend => {
+            let req = pb::SuspendVmRequest {
+                vm_id,
+                ..Default::default()
+            };
+            let r = client
+                .suspend_vm_with_options(req, opts)
+                .await?
+                .into_owned();
+            r.vm.into_option()
+        }
+        Call::Reboot { force } => {
+            let req = pb::RebootVmRequest {
+                vm_id,
+                force,
+                ..Default::default()
+            };
+            let r = client.reboot_vm_with_options(req, opts).await?.into_owned();
+            r.vm.into_option()
+        }
+        Call::Delete { force } => {
+            let req = pb::DeleteVmRequest {
+                vm_id,
+                force,
+                ..Default::default()
+            };
+            client.delete_vm_with_options(req, opts).await?;
+            None
+        }
+    })
+}
+
+/// The peer answered a trusted service (every scope): cut host details for a caller who is
+/// not an operator, as a local answer would.
+fn for_caller(mut info: pb::VmInfo, who: &Identity) -> pb::VmInfo {
+    if !who.operator {
+        info.vmm_pid = 0;
+        if let Some(net) = info.network.as_option_mut() {
+            net.tap_device.clear();
+            net.network_namespace.clear();
+            net.host_interface.clear();
+        }
+    }
+    info
+}
