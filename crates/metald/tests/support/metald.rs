@@ -24,6 +24,9 @@ pub struct Metald {
     pub log: PathBuf,
     /// The isolation set-up, when metald jails its VMMs (the default).
     pub iso: Option<Isolated>,
+    /// The port to serve on inside its namespace, when the test must know it before the start
+    /// (a fleet host's advertised URL); a free one otherwise.
+    pub fixed_port: Option<u16>,
     // Last: the data dir goes after everything in it is unmounted and killed.
     _tmp: Option<tempfile::TempDir>,
 }
@@ -121,6 +124,11 @@ impl Builder {
                 ("UNKEY_METALD_IPV6_PREFIX", TEST_IPV6_PREFIX.into()),
                 ("UNKEY_METALD_IPV4_SUBNET", TEST_IPV4_SUBNET.into()),
             ] {
+                // A fleet host's blocks come from the fleet's prefixes.
+                let fleet = env.iter().any(|(e, _)| e == "UNKEY_METALD_FLEET_IPV6_PREFIX");
+                if fleet && k.ends_with("_PREFIX") || fleet && k.ends_with("_SUBNET") {
+                    continue;
+                }
                 // What the builder set wins (a bench needing more addresses, say).
                 if !env.iter().any(|(e, _)| e == k) {
                     env.push((k.into(), v));
@@ -139,6 +147,7 @@ impl Builder {
             child: None,
             env,
             iso,
+            fixed_port: None,
             _tmp: Some(tmp),
         };
         import(&m);
@@ -325,7 +334,7 @@ impl Metald {
     /// Starts the daemon as `wrapper… metald serve` (e.g. under setpriv).
     pub fn spawn_wrapped(&mut self, wrapper: &[String]) {
         assert!(self.child.is_none(), "already running");
-        self.port = free_port();
+        self.port = self.fixed_port.unwrap_or_else(free_port);
         let metald = env!("CARGO_BIN_EXE_metald").to_string();
         let mut argv: Vec<String> = wrapper.to_vec();
         argv.push(metald);

@@ -56,6 +56,49 @@ impl TestNetns {
     }
 }
 
+/// A bridge in a namespace of its own joining test namespaces, as a switch joins hosts: each
+/// member gets a veth into it and an address of 10.250.0.0/24. Dropping it deletes the bridge
+/// and every veth (their members' ends go with them).
+pub struct Fabric {
+    /// The namespace holding the bridge.
+    pub ns: TestNetns,
+    members: u8,
+}
+
+impl Fabric {
+    /// An empty fabric.
+    pub fn new() -> Self {
+        let ns = TestNetns::new();
+        run("ip", &["-n", &ns.name, "link", "add", "br0", "type", "bridge"]);
+        run("ip", &["-n", &ns.name, "link", "set", "br0", "up"]);
+        Self { ns, members: 0 }
+    }
+
+    /// Joins `member` (as interface `fabric0`); its address on the fabric.
+    pub fn join(&mut self, member: &TestNetns) -> std::net::IpAddr {
+        self.members += 1;
+        let n = self.members;
+        let outer = format!("fp{n}");
+        let fab = &self.ns.name;
+        run(
+            "ip",
+            &[
+                "-n", fab, "link", "add", &outer, "type", "veth", "peer", "name", "fabric0",
+                "netns", &member.name,
+            ],
+        );
+        run("ip", &["-n", fab, "link", "set", &outer, "master", "br0"]);
+        run("ip", &["-n", fab, "link", "set", &outer, "up"]);
+        let addr = format!("10.250.0.{n}");
+        run(
+            "ip",
+            &["-n", &member.name, "addr", "add", &format!("{addr}/24"), "dev", "fabric0"],
+        );
+        run("ip", &["-n", &member.name, "link", "set", "fabric0", "up"]);
+        addr.parse().unwrap()
+    }
+}
+
 /// A command run inside the network namespace of file `ns` (same mounts).
 pub fn command_in(ns: &Path, program: &str) -> Command {
     let mut c = Command::new("nsenter");

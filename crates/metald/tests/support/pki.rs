@@ -58,6 +58,24 @@ impl Pki {
         self.issue(file, p)
     }
 
+    /// A fleet host's certificate: server and client at once (it serves its API and calls its
+    /// peers with it), for 127.0.0.1 (the test's relay) and `ip` (the fleet's bridge), with
+    /// SPIFFE ID `spiffe`.
+    pub fn host(&self, file: &str, ip: std::net::IpAddr, spiffe: &str) -> Pair {
+        let mut p = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        p.subject_alt_names
+            .push(SanType::IpAddress([127, 0, 0, 1].into()));
+        p.subject_alt_names.push(SanType::IpAddress(ip));
+        p.subject_alt_names
+            .push(SanType::URI(spiffe.try_into().unwrap()));
+        p.distinguished_name.push(DnType::CommonName, file);
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        self.issue(file, p)
+    }
+
     /// A client certificate with SPIFFE ID `spiffe` (if any), expired if `expired`.
     pub fn client(&self, file: &str, spiffe: Option<&str>, expired: bool) -> Pair {
         let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();

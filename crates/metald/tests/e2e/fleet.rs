@@ -1,0 +1,251 @@
+//! A fleet: three metald hosts sharing one real PostgreSQL (Debian's, started by the test as
+//! `postgres` in a temporary directory), each in its own network namespace with its own data,
+//! jail and run directories and cgroup parent, joined by a test-made bridge. They call each
+//! other with mTLS (certificates made by the test); the test client is a trusted control
+//! plane reaching every host through its relay.
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::support::netns::Fabric;
+use crate::support::*;
+use crate::Need;
+use metald_store::testing::pg::TestPostgres;
+
+pub fn tests() -> Vec<crate::E2e> {
+    crate::e2e![&[Need::Root, Need::Qemu, Need::Guest, Need::Postgres];
+        hosts_share_one_database_forward_lifecycle_calls_and_report_a_dead_host_down]
+}
+
+const CONTROL_PLANE: &str = "spiffe://fleet.test/control-plane";
+/// Seconds of a host's lease: short, so the test sees a killed host go DOWN soon.
+const LEASE_SECONDS: u64 = 3;
+/// The port every host serves on inside its own namespace.
+const PORT: u16 = 8443;
+
+/// One host of the test fleet.
+struct Host {
+    m: Metald,
+    id: &'static str,
+    addr: IpAddr,
+}
+
+/// The control plane's view: curl with its client certificate, acting for a customer.
+struct ControlPlane {
+    ca: String,
+    cert: String,
+    key: String,
+}
+
+/// One answer: HTTP status and JSON body.
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    body: Value,
+}
+
+impl ControlPlane {
+    fn call(
+        &self,
+        host: &Host,
+        customer: &str,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Reply {
+        let base = host.m.url.replace("http://", "https://");
+        let header = format!("metald-customer: {customer}");
+        let body = body.map(Value::to_string);
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "--max-time", "120", "-w", "\n%{http_code}"])
+            .args(["--cacert", &self.ca, "--cert", &self.cert, "--key", &self.key])
+            .args(["-X", method, "-H", &header]);
+        if let Some(b) = &body {
+            cmd.args(["-H", "Content-Type: application/json", "--data", b]);
+        }
+        let out = cmd.arg(format!("{base}{path}")).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        Reply {
+            status: code.trim().parse().unwrap_or(0),
+            body: serde_json::from_str(body).unwrap_or(Value::String(body.to_string())),
+        }
+    }
+
+    fn fleet(&self, via: &Host) -> Value {
+        let r = self.call(via, "ops", "GET", "/v1/fleet", None);
+        assert_eq!(r.status, 200, "{r:?}");
+        r.body
+    }
+}
+
+fn status_of<'a>(fleet: &'a Value, host: &str) -> &'a str {
+    fleet["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["hostId"] == host)
+        .and_then(|h| h["status"].as_str())
+        .unwrap_or("missing")
+}
+
+fn create_body() -> Value {
+    json!({"config": {"cpu": {"vcpu_count": 1}, "memory": {"size_bytes": 256u64 << 20},
+        "kernel": {"image_id": "debian-kernel"}, "rootfs": {"image_id": "debian-rootfs"}}})
+}
+
+fn hosts_share_one_database_forward_lifecycle_calls_and_report_a_dead_host_down() {
+    let pg = TestPostgres::start().expect("test PostgreSQL");
+    let url = pg.create_database().expect("database");
+    let pki = Pki::new("fleet");
+    let cp = pki.client("control-plane", Some(CONTROL_PLANE), false);
+    let mut fabric = Fabric::new();
+    let ids = ["host-a", "host-b", "host-c"];
+    let trusted = std::iter::once(CONTROL_PLANE.to_string())
+        .chain(ids.iter().map(|id| format!("spiffe://fleet.test/metald/{id}")))
+        .collect::<Vec<_>>()
+        .join(",");
+    let guest = qemu_guest();
+    let mut hosts: Vec<Host> = ids
+        .iter()
+        .map(|&id| {
+            let mut m = metald()
+                .env("UNKEY_METALD_DATABASE_URL", &url)
+                .env("UNKEY_METALD_HOST_ID", id)
+                .env("UNKEY_METALD_HOST_LABELS", &format!("name={id}"))
+                .env("UNKEY_METALD_HOST_LEASE_SECONDS", &LEASE_SECONDS.to_string())
+                .env("UNKEY_METALD_FLEET_IPV6_PREFIX", "fd6d:7465:7300::/48")
+                .env("UNKEY_METALD_FLEET_IPV4_SUBNET", "10.213.0.0/16")
+                .env("UNKEY_METALD_ADDRESS", "0.0.0.0")
+                .env("UNKEY_METALD_AUTH_MODE", "mtls")
+                .env("UNKEY_METALD_AUTH_TRUSTED_SERVICES", &trusted)
+                .env(
+                    "UNKEY_METALD_TLS_CLIENT_CA_FILE",
+                    &pki.ca_file().display().to_string(),
+                )
+                .prepare(|m| m.import_default_guest(&guest));
+            let netns = &m.iso.as_ref().expect("isolated").netns;
+            let addr = fabric.join(netns);
+            let pair = pki.host(id, addr, &format!("spiffe://fleet.test/metald/{id}"));
+            m.fixed_port = Some(PORT);
+            m.spawn_with_env(&[
+                ("UNKEY_METALD_TLS_CERT_FILE", &pair.cert.display().to_string()),
+                ("UNKEY_METALD_TLS_KEY_FILE", &pair.key.display().to_string()),
+                ("UNKEY_METALD_ADVERTISE_URL", &format!("https://{addr}:{PORT}")),
+            ]);
+            Host { m, id, addr }
+        })
+        .collect();
+    let cp = ControlPlane {
+        ca: pki.ca_file().display().to_string(),
+        cert: cp.cert.display().to_string(),
+        key: cp.key.display().to_string(),
+    };
+
+    // Every host sees the same fleet: three hosts UP, each with a /64 and IPv4 block of its own.
+    for via in &hosts {
+        let fleet = cp.fleet(via);
+        assert_eq!(fleet["thisHost"], via.id, "{fleet}");
+        let listed = fleet["hosts"].as_array().unwrap();
+        assert_eq!(listed.len(), 3, "{fleet}");
+        let mut prefixes: Vec<&str> = listed
+            .iter()
+            .map(|h| h["ipv6Prefix"].as_str().unwrap())
+            .collect();
+        prefixes.dedup();
+        assert_eq!(prefixes.len(), 3, "each host its own /64: {fleet}");
+        for id in ids {
+            assert_eq!(status_of(&fleet, id), "HOST_STATUS_UP", "{fleet}");
+        }
+    }
+    let b_net = hosts[1].m.iso.as_ref().unwrap().netns.output("ip", &["-6", "route"]);
+    let b_prefix = cp.fleet(&hosts[0])["hosts"][1]["ipv6Prefix"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // A VM created on B is listed through every host, and booted through A (forwarded to B):
+    // B's block gives it its address.
+    let vm = cp.call(&hosts[1], "acme", "POST", "/v1/vms", Some(&create_body()));
+    assert_eq!(vm.status, 201, "{vm:?} {}", hosts[1].m.log_text());
+    let id = vm.body["vm"]["vmId"].as_str().unwrap().to_string();
+    for via in &hosts {
+        let r = cp.call(via, "acme", "GET", "/v1/vms", None);
+        let seen: Vec<&str> = r.body["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["vmId"].as_str().unwrap())
+            .collect();
+        assert_eq!(seen, [id.as_str()], "listed through {}: {r:?}", via.id);
+    }
+    // Another customer: the same answer through a forwarding host as for a made-up id.
+    let theirs = cp.call(&hosts[0], "other", "POST", &format!("/v1/vms/{id}/boot"), None);
+    let made_up = format!("/v1/vms/{}/boot", "3f6f2a4e-0000-4000-8000-000000000000");
+    let none = cp.call(&hosts[0], "other", "POST", &made_up, None);
+    assert_eq!((theirs.status, none.status), (404, 404), "{theirs:?} {none:?}");
+    assert_eq!(
+        theirs.body["message"].as_str().map(|m| m.replace(&id, "ID")),
+        none.body["message"]
+            .as_str()
+            .map(|m| m.replace("3f6f2a4e-0000-4000-8000-000000000000", "ID")),
+    );
+    let booted = cp.call(&hosts[0], "acme", "POST", &format!("/v1/vms/{id}/boot"), None);
+    assert_eq!(booted.status, 200, "{booted:?} {}", hosts[1].m.log_text());
+    assert_eq!(booted.body["vm"]["state"], "VM_STATE_RUNNING", "{booted:?}");
+    let v6 = booted.body["vm"]["network"]["ipv6Address"].as_str().unwrap();
+    let b_net64 = b_prefix.trim_end_matches("/64").trim_end_matches("::");
+    assert!(v6.starts_with(b_net64), "{v6} in {b_prefix} ({b_net})");
+    assert!(
+        hosts[1].m.log_text().contains(&id),
+        "B ran the boot: {}",
+        hosts[1].m.log_text()
+    );
+    hosts[1].m.iso.as_ref().unwrap().netns.assert_pings(v6);
+
+    // SIGKILL B: within its lease it is DOWN everywhere; its VM keeps its last state, shows
+    // the host DOWN, and a call that needs B answers unavailable.
+    hosts[1].m.kill();
+    let killed = Instant::now();
+    let deadline = killed + Duration::from_secs(LEASE_SECONDS + 5);
+    while status_of(&cp.fleet(&hosts[0]), "host-b") != "HOST_STATUS_DOWN" {
+        assert!(Instant::now() < deadline, "B never went DOWN");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let down_after = killed.elapsed();
+    eprintln!("fleet: a killed host was DOWN after {down_after:?} (lease {LEASE_SECONDS} s)");
+    let r = cp.call(&hosts[2], "acme", "GET", &format!("/v1/vms/{id}"), None);
+    assert_eq!(r.body["vm"]["state"], "VM_STATE_RUNNING", "{r:?}");
+    assert_eq!(r.body["vm"]["hostStatus"], "HOST_STATUS_DOWN", "{r:?}");
+    let r = cp.call(&hosts[2], "acme", "POST", &format!("/v1/vms/{id}/pause"), None);
+    assert_eq!((r.status, r.body["code"].as_str()), (503, Some("unavailable")), "{r:?}");
+    assert!(!r.body.to_string().contains("host-b"), "{r:?}");
+
+    // B comes back: it re-adopts its VMM, is UP again, and its VM is paused through C and
+    // deleted through A.
+    let restarted = Instant::now();
+    hosts[1].m.spawn();
+    while status_of(&cp.fleet(&hosts[2]), "host-b") != "HOST_STATUS_UP" {
+        assert!(restarted.elapsed() < Duration::from_secs(30), "B never came back UP");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("fleet: a restarted host was UP again after {:?}", restarted.elapsed());
+    let r = cp.call(&hosts[2], "acme", "POST", &format!("/v1/vms/{id}/pause"), None);
+    assert_eq!(r.status, 200, "{r:?} {}", hosts[1].m.log_text());
+    assert_eq!(r.body["vm"]["state"], "VM_STATE_PAUSED", "{r:?}");
+    let r = cp.call(&hosts[0], "acme", "DELETE", &format!("/v1/vms/{id}?force=true"), None);
+    assert_eq!(r.status, 200, "{r:?}");
+    hosts[1].m.wait_vm_dir_gone(&id);
+    for via in &hosts {
+        let r = cp.call(via, "acme", "GET", &format!("/v1/vms/{id}"), None);
+        assert_eq!(r.status, 404, "{r:?}");
+    }
+    for h in &mut hosts {
+        h.m.stop();
+    }
+    let _ = Path::new(&url);
+}
