@@ -298,6 +298,8 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
 // Test builders: a literal that does not parse is a bug in the calling test.
 #[allow(clippy::unwrap_used)]
 pub mod testing {
+    pub mod pg;
+
     use std::collections::BTreeMap;
 
     use crate::domain::{VmConfig, VmId, VmRecord};
