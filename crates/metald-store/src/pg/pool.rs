@@ -86,7 +86,9 @@ impl Pool {
         let job: Job = Box::new(move |worker: &mut Worker| {
             // The caller waits on `answer` until it gets this; if it is gone (it cannot be
             // while it waits), nobody needs the result.
-            if reply.send(worker.run(job)).is_err() {}
+            if let Err(mpsc::SendError(unwanted)) = reply.send(worker.run(job)) {
+                drop(unwanted);
+            }
         });
         self.jobs
             .as_ref()
@@ -104,8 +106,10 @@ impl Drop for Pool {
         // are closed before the store is reported dropped.
         drop(self.jobs.take());
         for w in self.workers.drain(..) {
-            // A worker that panicked has nothing left to clean up.
-            if w.join().is_err() {}
+            if let Err(panic) = w.join() {
+                // Its job's caller got `PgWorkersGone`; nothing is left to clean up.
+                drop(panic);
+            }
         }
     }
 }

@@ -191,11 +191,14 @@ impl TestPostgres {
             .take();
         if let Some((mut watchdog, mut pipe)) = taken {
             // The watchdog stops the server and removes the directory once it reads a line (or
-            // the pipe's end); waiting for it means both are done when this returns. Failing to
-            // write or wait leaves only the watchdog's own exit to do the same.
-            if pipe.write_all(b"stop\n").is_err() {}
+            // the pipe's end); waiting for it means both are done when this returns.
+            if let Err(e) = pipe.write_all(b"stop\n") {
+                eprintln!("test PostgreSQL: telling the watchdog to stop: {e}");
+            }
             drop(pipe);
-            if watchdog.wait().is_err() {}
+            if let Err(e) = watchdog.wait() {
+                eprintln!("test PostgreSQL: waiting for the watchdog: {e}");
+            }
         }
     }
 
