@@ -5,11 +5,14 @@
 //! store ([`assets`]).
 //!
 //! Each table's trait and its SQLite code live in one module: `vms`, `ipam` (allocation inside
-//! the VM insert), `usage`, `outbox` (billing outbox and cursors) and `asset_records`. The
-//! behaviour every implementation must have is tested once, in `suite` (feature `testing`).
+//! the VM insert), `usage`, `outbox` (billing outbox and cursors), `asset_records` and
+//! `snapshots`; the PostgreSQL code of every table is in [`pg`]. The behaviour every
+//! implementation must have is tested once, in `suite` (feature `testing`), which runs on SQLite
+//! (`src/tests.rs`) and on PostgreSQL (`tests/postgres.rs`).
 //!
-//! Migrations live in `crates/metald-store/migrations/` and are applied in order at open, tracked by
-//! SQLite's `user_version`; PostgreSQL's in `migrations/pg/`, tracked in a `schema_version` table.
+//! Migrations live in `crates/metald-store/migrations/` and are applied in order at open,
+//! tracked by SQLite's `user_version`; PostgreSQL's live in `migrations/pg/`, tracked in a
+//! `schema_version` table.
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};

@@ -157,8 +157,10 @@ FOR EACH ROW EXECUTE FUNCTION vms_keep_owning();
 -- A VM that runs, is paused or is being booted counts in its customer's and host's `holding`.
 CREATE FUNCTION vms_keep_holding() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
-    was_holding BOOLEAN := TG_OP <> 'INSERT' AND (OLD.state IN ('RUNNING', 'PAUSED') OR OLD.run_reserved);
-    is_holding BOOLEAN := TG_OP <> 'DELETE' AND (NEW.state IN ('RUNNING', 'PAUSED') OR NEW.run_reserved);
+    was_holding BOOLEAN :=
+        TG_OP <> 'INSERT' AND (OLD.state IN ('RUNNING', 'PAUSED') OR OLD.run_reserved);
+    is_holding BOOLEAN :=
+        TG_OP <> 'DELETE' AND (NEW.state IN ('RUNNING', 'PAUSED') OR NEW.run_reserved);
 BEGIN
     IF was_holding AND NOT is_holding THEN
         UPDATE customer_holding

@@ -4,21 +4,30 @@
 //! # One database, several hosts
 //! Each store is opened with its host's id. What is a host's own resource is scoped to it:
 //! VM rows carry the `host_id` of the store that inserted them, and
-//! - [`crate::VmStore::all_vms`] and [`crate::VmStore::count_by_state`] see this host's VMs only (start-up
-//!   reconciliation and metrics are about the VMs whose processes run here);
-//! - host capacity ([`crate::VmStore::reserve_run`]'s [`HostLimits`](crate::HostLimits),
-//!   [`crate::VmStore::host_usage`], [`crate::VmStore::release_all_runs`]) counts this host's VMs;
+//! - [`all_vms`](crate::VmStore::all_vms) and [`count_by_state`](crate::VmStore::count_by_state)
+//!   see this host's VMs only (start-up reconciliation and metrics are about the VMs whose
+//!   processes run here);
+//! - host capacity (the [`HostLimits`](crate::HostLimits) of
+//!   [`reserve_run`](crate::VmStore::reserve_run), [`host_usage`](crate::VmStore::host_usage),
+//!   [`release_all_runs`](crate::VmStore::release_all_runs)) counts this host's VMs;
 //! - jail slots and addresses are numbered per host (the IPAM tables are keyed by host), and
 //!   held allocations are freed per host;
 //! - the billing outbox is drained per host (each host peeks, counts and deletes its own rows);
-//! - snapshot rows carry the host that wrote their files: [`crate::SnapshotStore::all_snapshots`]
-//!   lists this host's.
+//! - snapshot rows carry the host that wrote their files:
+//!   [`all_snapshots`](crate::SnapshotStore::all_snapshots) lists this host's.
 //!
-//! What belongs to a customer is fleet-wide: [`crate::VmStore::get_vm`], [`crate::VmStore::get_vm_unscoped`],
-//! [`crate::VmStore::list_vms`], the stored and running quotas (summed over every host), and
-//! [`crate::SnapshotStore::get_snapshot`] / [`crate::SnapshotStore::list_snapshots`]. The asset catalog is
-//! the fleet's (assets are addressed by content). Calls by VM id (update, delete, usage,
-//! billing cursor) act on that VM wherever it lives: ids are unique fleet-wide.
+//! What belongs to a customer is fleet-wide: [`get_vm`](crate::VmStore::get_vm),
+//! [`get_vm_unscoped`](crate::VmStore::get_vm_unscoped), [`list_vms`](crate::VmStore::list_vms),
+//! the stored and running quotas (summed over every host), and
+//! [`get_snapshot`](crate::SnapshotStore::get_snapshot) and
+//! [`list_snapshots`](crate::SnapshotStore::list_snapshots). The asset catalog is the fleet's
+//! (assets are addressed by content). Calls by VM id (update, delete, usage, billing cursor) act
+//! on that VM wherever it lives: ids are unique fleet-wide.
+//!
+//! A VM's sequence number comes from a PostgreSQL sequence, taken at insert, not at commit: it
+//! grows and is never reused, but with inserts committing out of order a page of
+//! [`list_vms`](crate::VmStore::list_vms) read at that moment can pass a VM whose insert
+//! commits just after it.
 //!
 //! # Concurrency
 //! Transactions run at READ COMMITTED. What must not interleave takes row locks: an admission
@@ -30,10 +39,12 @@
 //! anyway is retried a bounded number of times.
 //!
 //! # Connections
-//! See [`pool`]: a few threads of their own each own one connection, so the synchronous client
-//! works when the store is called from inside tokio. A broken connection is made again and the
-//! call run again; an insert keyed by an id made before the call that finds its own identical
-//! row (its COMMIT went through before the connection broke) takes it as done.
+//! See `pool.rs`: a few threads of the store's own each hold one connection, so the synchronous
+//! client works when the store is called from inside tokio. A broken connection is made again
+//! (a few paced attempts) and the call run again. An insert whose COMMIT may have gone through
+//! before the connection broke, run again, takes a row with its (pre-generated) id and the same
+//! content as its own and succeeds instead of failing as a duplicate; every other write is
+//! idempotent when repeated (updates set values, deletes and outbox keys are idempotent).
 //!
 //! # Migrations
 //! `crates/metald-store/migrations/pg/`, applied at open in one transaction under a

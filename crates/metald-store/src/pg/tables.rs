@@ -387,13 +387,21 @@ impl SnapshotStore for PgStore {
         self.pool.run(move |client, _| {
             let mut tx = client.transaction().map_err(pg("begin"))?;
             if let Some(limit) = limits.disk_bytes {
-                let owner: Option<String> = tx
-                    .query_opt("SELECT customer_id FROM snapshots WHERE id = $1", &[&id])
-                    .and_then(|r| r.map(|r| r.try_get(0)).transpose())
+                let owner: Option<(String, i64)> = tx
+                    .query_opt(
+                        "SELECT customer_id, bytes FROM snapshots WHERE id = $1",
+                        &[&id],
+                    )
+                    .and_then(|r| r.map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).transpose())
                     .map_err(pg("sum disk"))?;
-                if let Some(owner) = owner {
+                if let Some((owner, own_bytes)) = owner {
                     let (_, vm_disk) = lock_customer(&mut tx, &owner)?;
-                    let used = vm_disk.saturating_add(snapshot_bytes(&mut tx, &owner)?);
+                    // Its own bytes are what this call sets, not in use besides: 0 while
+                    // CREATING, and already its size when a call whose COMMIT went through
+                    // runs again after a lost connection.
+                    let used = vm_disk
+                        .saturating_add(snapshot_bytes(&mut tx, &owner)?)
+                        .saturating_sub(own_bytes);
                     within(
                         "UNKEY_METALD_QUOTA_DISK_MIB",
                         count(used).div_ceil(MIB),

@@ -109,7 +109,9 @@ impl TestPostgres {
         let mut watchdog = Command::new("sh")
             .arg("-c")
             .arg(
-                r#"read _ignored; runuser -u postgres -- "$1/pg_ctl" -D "$2/data" -m immediate stop >/dev/null 2>&1; rm -rf "$2""#,
+                r#"read _ignored
+                runuser -u postgres -- "$1/pg_ctl" -D "$2/data" -m immediate stop >/dev/null 2>&1
+                rm -rf "$2""#,
             )
             .arg("watchdog")
             .arg(PG_BIN)
