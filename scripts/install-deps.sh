@@ -21,7 +21,8 @@ case "${1:-}" in
 esac
 
 # Every host program run by code (Command::new, and programs run through nsenter or sh -c),
-# scripts/, the Makefile, tests and benches, with the Debian 12 package that provides it.
+# scripts/, the Makefile, tests and benches, with the Debian 12 package that provides it (a
+# program given as an absolute path is checked at that path: `type -P` takes paths too).
 # Programs that only run inside the guest are not here; the guest image build brings those.
 programs=(
 	# VMM for full guests anywhere (TCG) and on hardware KVM.
@@ -51,6 +52,11 @@ programs=(
 	kill:procps
 	pkill:procps
 	curl:curl
+	# The PostgreSQL store's tests start a throwaway server, as the postgres user
+	# (crates/metald-store/src/testing/pg.rs). Debian keeps the server's programs off PATH:
+	# named by path, `has` checks that the file is there and executable.
+	/usr/lib/postgresql/15/bin/initdb:postgresql-15
+	runuser:util-linux
 	# Benches (make bench): HTTP load with latency percentiles, and TLS handshakes per second.
 	hey:hey
 	openssl:openssl

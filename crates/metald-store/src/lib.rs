@@ -1,14 +1,18 @@
 //! Durable state: the store's interface, one trait per table ([`VmStore`], [`UsageStore`],
 //! [`BillingStore`], [`AssetCatalog`], [`SnapshotStore`], [`FleetStore`], all of them together
-//! [`StateStore`]), its SQLite
-//! implementation [`Store`] (one embedded file, WAL), and the asset file store ([`assets`]).
+//! [`StateStore`]), its SQLite implementation [`Store`] (one embedded file, WAL), its
+//! PostgreSQL implementation [`PgStore`] (one database that several hosts may share, see
+//! [`pg`]), and the asset file store ([`assets`]).
 //!
 //! Each table's trait and its SQLite code live in one module: `vms`, `ipam` (allocation inside
-//! the VM insert), `usage`, `outbox` (billing outbox and cursors) and `asset_records`. The
-//! behaviour every implementation must have is tested once, in `suite` (feature `testing`).
+//! the VM insert), `usage`, `outbox` (billing outbox and cursors), `asset_records` and
+//! `snapshots`; the PostgreSQL code of every table is in [`pg`]. The behaviour every
+//! implementation must have is tested once, in `suite` (feature `testing`), which runs on SQLite
+//! (`src/tests.rs`) and on PostgreSQL (`tests/postgres.rs`).
 //!
-//! Migrations live in `crates/metald-store/migrations/` and are applied in order at open, tracked by
-//! SQLite's `user_version`.
+//! Migrations live in `crates/metald-store/migrations/` and are applied in order at open,
+//! tracked by SQLite's `user_version`; PostgreSQL's live in `migrations/pg/`, tracked in a
+//! `schema_version` table.
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
@@ -22,6 +26,7 @@ pub mod assets;
 mod fleet;
 mod ipam;
 mod outbox;
+pub mod pg;
 mod snapshots;
 mod usage;
 mod vms;
@@ -34,6 +39,7 @@ mod tests;
 pub use asset_records::{AssetCatalog, AssetKind, AssetRecord};
 pub use fleet::FleetStore;
 pub use outbox::{BillingStore, OutboxRow};
+pub use pg::PgStore;
 pub use snapshots::{InnerIdentity, SnapshotRecord, SnapshotState, SnapshotStore};
 pub use usage::UsageStore;
 pub use vms::VmStore;
@@ -172,6 +178,25 @@ pub enum StoreError {
         #[source]
         source: rusqlite::Error,
     },
+    /// PostgreSQL refused an operation, or the connection to it failed.
+    #[error("database {op}")]
+    Postgres {
+        /// What was being done.
+        op: &'static str,
+        /// The client's error.
+        #[source]
+        source: postgres::Error,
+    },
+    /// A thread for a PostgreSQL connection could not be started.
+    #[error("starting a database connection thread")]
+    PgWorker {
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The PostgreSQL store's connection threads are gone (one panicked running the call).
+    #[error("database connection threads are gone")]
+    PgWorkersGone,
     /// A stored row could not be understood.
     #[error("stored row for {id} is corrupt: {reason}")]
     Corrupt {
@@ -283,6 +308,8 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
 // Test builders: a literal that does not parse is a bug in the calling test.
 #[allow(clippy::unwrap_used)]
 pub mod testing {
+    pub mod pg;
+
     use std::collections::BTreeMap;
 
     use crate::domain::{VmConfig, VmId, VmRecord};

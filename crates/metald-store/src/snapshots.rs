@@ -29,7 +29,7 @@ impl SnapshotState {
         }
     }
 
-    fn parse(s: &str) -> Option<Self> {
+    pub(crate) fn parse(s: &str) -> Option<Self> {
         match s {
             "CREATING" => Some(SnapshotState::Creating),
             "READY" => Some(SnapshotState::Ready),

@@ -73,13 +73,21 @@ pub enum StartError {
     },
 }
 
-/// Opens the database under the data directory.
-pub fn open_store(data_dir: &Path) -> Result<Arc<dyn StateStore>, StartError> {
+/// Opens the store: the fleet's PostgreSQL database when one is configured, else SQLite in the
+/// data directory (created if missing either way: VM directories and assets live there).
+pub fn open_store(cfg: &Config) -> Result<Arc<dyn StateStore>, StartError> {
+    let data_dir = &cfg.data_dir;
     std::fs::create_dir_all(data_dir).map_err(|source| StartError::Dir {
         path: data_dir.to_path_buf(),
         source,
     })?;
-    Ok(Arc::new(Store::open(&data_dir.join("metald.db"))?))
+    match &cfg.fleet.database_url {
+        Some(url) => Ok(Arc::new(crate::store::PgStore::open(
+            url.expose(),
+            cfg.fleet.host_id.as_str(),
+        )?)),
+        None => Ok(Arc::new(Store::open(&data_dir.join("metald.db"))?)),
+    }
 }
 
 /// Opens the asset store under the data directory.
@@ -202,7 +210,7 @@ pub async fn run(mut cfg: Config) -> Result<(), StartError> {
     let auth = crate::api::auth::Authenticator::new(&cfg.auth)
         .await
         .map_err(StartError::Auth)?;
-    let store = open_store(&cfg.data_dir)?;
+    let store = open_store(&cfg)?;
     let assets = open_assets(&cfg.data_dir, Arc::clone(&store))?;
     let (membership, me) = Membership::join(Arc::clone(&store), &cfg.fleet)?;
     // The fleet gives each host its own blocks, kept with its registration, so its VMs'

@@ -154,7 +154,7 @@ fn parse_customer(s: &str) -> Result<String, String> {
 }
 
 fn assets(cfg: &Config, command: AssetCommand) -> anyhow::Result<()> {
-    let store = metald::daemon::open_store(&cfg.data_dir)?;
+    let store = metald::daemon::open_store(cfg)?;
     let assets = metald::daemon::open_assets(&cfg.data_dir, store.clone())?;
     match command {
         AssetCommand::Import {

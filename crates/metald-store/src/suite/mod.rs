@@ -60,10 +60,34 @@ pub fn test_names() -> Vec<&'static str> {
 /// harness from `$harness` (an expression evaluated once per test), e.g.
 /// `metald_store::store_suite!(Sqlite::new());`, plus `store_suite_lists_every_test`, which
 /// fails when a suite test is missing from the list below.
+///
+/// `store_suite!(list: H)` is instead a `Vec<(&'static str, fn(&H))>` of every suite test
+/// (`"table::test"` and the test for harness type `H`), for a test binary that builds its own
+/// trials (e.g. with libtest-mimic, to skip at run time).
 #[macro_export]
 macro_rules! store_suite {
-    ($harness:expr) => {
-        $crate::store_suite!(@each $harness;
+    (@each $harness:expr; $($table:ident :: $test:ident),+ $(,)?) => {
+        #[test]
+        fn store_suite_lists_every_test() {
+            let mut listed = vec![$(stringify!($test)),+];
+            listed.sort_unstable();
+            assert_eq!(listed, $crate::suite::test_names());
+        }
+        $(
+            #[test]
+            fn $test() {
+                $crate::suite::$table::$test(&$harness);
+            }
+        )+
+    };
+    (@list $h:ty; $($table:ident :: $test:ident),+ $(,)?) => {
+        vec![$((
+            concat!(stringify!($table), "::", stringify!($test)),
+            $crate::suite::$table::$test::<$h> as fn(&$h),
+        )),+]
+    };
+    (@tests $mode:ident $arg:tt) => {
+        $crate::store_suite! { @$mode $arg;
             vms::inserted_vms_read_back_as_saved,
             vms::update_writes_only_the_mutable_fields,
             vms::a_missing_vm_updates_and_deletes_without_error,
@@ -118,21 +142,13 @@ macro_rules! store_suite {
             fleet::places_run_out_and_the_refused_host_is_not_stored,
             fleet::a_host_whose_lease_ended_is_down_until_it_renews,
             fleet::hosts_survive_reopen,
-        );
-    };
-    (@each $harness:expr; $($table:ident :: $test:ident),+ $(,)?) => {
-        #[test]
-        fn store_suite_lists_every_test() {
-            let mut listed = vec![$(stringify!($test)),+];
-            listed.sort_unstable();
-            assert_eq!(listed, $crate::suite::test_names());
         }
-        $(
-            #[test]
-            fn $test() {
-                $crate::suite::$table::$test(&$harness);
-            }
-        )+
+    };
+    (list: $h:ty) => {
+        $crate::store_suite! { @tests list $h }
+    };
+    ($harness:expr) => {
+        $crate::store_suite! { @tests each $harness }
     };
 }
 

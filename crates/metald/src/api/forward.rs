@@ -7,11 +7,14 @@
 //! URL cannot bounce a call between them. What the peer answers is cut to what the caller may
 //! see here: a customer learns neither host details nor which host answered.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
-use connectrpc::client::{CallOptions, ClientConfig, HttpClient};
+use connectrpc::client::{CallOptions, ClientBody, ClientConfig, ServiceTransport};
 use connectrpc::ConnectError;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
 use metald_proto::metald::v1 as pb;
 
 use super::auth::{Identity, CUSTOMER_HEADER, FORWARDED_HEADER};
@@ -54,12 +57,16 @@ pub enum Call {
     },
 }
 
+/// HTTP/2 (or 1.1) over rustls with this host's client certificate.
+type PeerTransport =
+    ServiceTransport<Client<hyper_rustls::HttpsConnector<HttpConnector>, ClientBody>>;
+
 /// How this host calls its peers: the client, rebuilt when the certificate files change
 /// (SPIRE rotates them).
 pub struct Peers {
     me: HostId,
     tls: Option<TlsSettings>,
-    http: Mutex<Option<(Vec<Option<FileStamp>>, HttpClient)>>,
+    http: Mutex<Option<(Vec<Option<FileStamp>>, PeerTransport)>>,
 }
 
 impl Peers {
@@ -72,7 +79,7 @@ impl Peers {
         }
     }
 
-    fn http(&self) -> Result<HttpClient, ConnectError> {
+    fn http(&self) -> Result<PeerTransport, ConnectError> {
         let Some(tls) = &self.tls else {
             return Err(ConnectError::unavailable(
                 "the VM's host is another host of the fleet, and this host has no TLS \
@@ -90,7 +97,13 @@ impl Peers {
             tracing::error!(error = %crate::report::Chain(&e), "cannot build the client that calls fleet peers");
             ConnectError::unavailable("this host cannot call its fleet peers (see its log)")
         })?;
-        let client = HttpClient::with_tls(Arc::new(config));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(config)
+            .https_only()
+            .enable_http1()
+            .enable_http2()
+            .build();
+        let client = ServiceTransport::new(Client::builder(TokioExecutor::new()).build(https));
         *cached = Some((stamps, client.clone()));
         Ok(client)
     }
@@ -140,7 +153,7 @@ impl Peers {
 
 /// Sends `call` for `vm_id` to the peer behind `client`.
 async fn call_peer(
-    client: &pb::VmServiceClient<HttpClient>,
+    client: &pb::VmServiceClient<PeerTransport>,
     opts: CallOptions,
     vm_id: String,
     call: Call,

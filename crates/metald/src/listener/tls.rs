@@ -153,11 +153,11 @@ pub fn peer_client_config(s: &TlsSettings) -> Result<rustls::ClientConfig, TlsEr
     }
     let chain = certs(&s.cert_file)?;
     let key = PrivateKeyDer::from_pem_file(&s.key_file).map_err(|e| pem_err(&s.key_file, e))?;
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+    let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // ALPN is the connector's to set (it offers what it speaks).
     Ok(config)
 }
 

@@ -125,8 +125,10 @@ impl Builder {
                 ("UNKEY_METALD_IPV4_SUBNET", TEST_IPV4_SUBNET.into()),
             ] {
                 // A fleet host's blocks come from the fleet's prefixes.
-                let fleet = env.iter().any(|(e, _)| e == "UNKEY_METALD_FLEET_IPV6_PREFIX");
-                if fleet && k.ends_with("_PREFIX") || fleet && k.ends_with("_SUBNET") {
+                let fleet = env
+                    .iter()
+                    .any(|(e, _)| e == "UNKEY_METALD_FLEET_IPV6_PREFIX");
+                if fleet && (k.ends_with("_PREFIX") || k.ends_with("_SUBNET")) {
                     continue;
                 }
                 // What the builder set wins (a bench needing more addresses, say).

@@ -69,7 +69,10 @@ impl Fabric {
     /// An empty fabric.
     pub fn new() -> Self {
         let ns = TestNetns::new();
-        run("ip", &["-n", &ns.name, "link", "add", "br0", "type", "bridge"]);
+        run(
+            "ip",
+            &["-n", &ns.name, "link", "add", "br0", "type", "bridge"],
+        );
         run("ip", &["-n", &ns.name, "link", "set", "br0", "up"]);
         Self { ns, members: 0 }
     }
@@ -83,8 +86,18 @@ impl Fabric {
         run(
             "ip",
             &[
-                "-n", fab, "link", "add", &outer, "type", "veth", "peer", "name", "fabric0",
-                "netns", &member.name,
+                "-n",
+                fab,
+                "link",
+                "add",
+                &outer,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "fabric0",
+                "netns",
+                &member.name,
             ],
         );
         run("ip", &["-n", fab, "link", "set", &outer, "master", "br0"]);
@@ -92,7 +105,15 @@ impl Fabric {
         let addr = format!("10.250.0.{n}");
         run(
             "ip",
-            &["-n", &member.name, "addr", "add", &format!("{addr}/24"), "dev", "fabric0"],
+            &[
+                "-n",
+                &member.name,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                "fabric0",
+            ],
         );
         run("ip", &["-n", &member.name, "link", "set", "fabric0", "up"]);
         addr.parse().unwrap()

@@ -1,0 +1,171 @@
+//! The `hosts` table on PostgreSQL: leases run on the database's clock, and a new host's place
+//! is taken under a table lock so hosts registering at once never share one.
+
+use std::time::Duration;
+
+use super::{pg, PgStore};
+use crate::domain::VmId;
+use crate::fleet::{column, labels_json, lowest_free, HostRow};
+use crate::{FleetStore, StoreError};
+use metald_domain::fleet::{HostId, HostRecord, HostRegistration};
+
+/// The database's clock, in ms since the Unix epoch.
+const NOW_MS: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
+
+fn lease_ms(lease: Duration) -> i64 {
+    i64::try_from(lease.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl FleetStore for PgStore {
+    fn register_host(
+        &self,
+        reg: &HostRegistration,
+        places: u64,
+        lease: Duration,
+    ) -> Result<HostRecord, StoreError> {
+        let id = reg.id.clone();
+        let reg = reg.clone();
+        let labels = labels_json(&reg)?;
+        let lease = lease_ms(lease);
+        self.pool.run(move |client, _| {
+            let mut tx = client.transaction().map_err(pg("begin"))?;
+            // Places are few and registrations rare: one lock for the whole table is simplest.
+            tx.batch_execute("LOCK TABLE hosts IN EXCLUSIVE MODE")
+                .map_err(pg("lock hosts"))?;
+            let known = tx
+                .query_opt("SELECT idx FROM hosts WHERE id = $1", &[&reg.id.as_str()])
+                .map_err(pg("read host"))?;
+            let idx: i64 = match known {
+                Some(row) => row.try_get(0).map_err(pg("read host"))?,
+                None => {
+                    let taken: Vec<u64> = tx
+                        .query("SELECT idx FROM hosts ORDER BY idx", &[])
+                        .map_err(pg("read host places"))?
+                        .iter()
+                        .map(|r| {
+                            r.try_get::<_, i64>(0)
+                                .map(|v| u64::try_from(v).unwrap_or(u64::MAX))
+                        })
+                        .collect::<Result<_, _>>()
+                        .map_err(pg("read host places"))?;
+                    let free = lowest_free(&taken, places)
+                        .ok_or(StoreError::Exhausted("fleet address block"))?;
+                    i64::try_from(free).map_err(|_| StoreError::Exhausted("fleet address block"))?
+                }
+            };
+            tx.execute(
+                &format!(
+                    "INSERT INTO hosts (id, idx, advertise_url, memory_bytes, vcpus, labels_json,
+                                        lease_expires_ms)
+                     VALUES ($1, $2, $3, $4, $5, $6, {NOW_MS} + $7)
+                     ON CONFLICT (id) DO UPDATE SET advertise_url = $3, memory_bytes = $4,
+                         vcpus = $5, labels_json = $6, lease_expires_ms = {NOW_MS} + $7"
+                ),
+                &[
+                    &reg.id.as_str(),
+                    &idx,
+                    &reg.advertise_url,
+                    &column(reg.capacity.memory_bytes),
+                    &column(reg.capacity.vcpus),
+                    &labels,
+                    &lease,
+                ],
+            )
+            .map_err(pg("register host"))?;
+            tx.commit().map_err(pg("commit host"))
+        })?;
+        self.list_hosts()?
+            .into_iter()
+            .find(|h| h.registration.id == id)
+            .ok_or_else(|| StoreError::Corrupt {
+                id: id.to_string(),
+                reason: "registered host not found".into(),
+            })
+    }
+
+    fn renew_lease(&self, host: &HostId, lease: Duration) -> Result<bool, StoreError> {
+        let (host, lease) = (host.to_string(), lease_ms(lease));
+        self.pool.run(move |client, _| {
+            let n = client
+                .execute(
+                    &format!("UPDATE hosts SET lease_expires_ms = {NOW_MS} + $2 WHERE id = $1"),
+                    &[&host, &lease],
+                )
+                .map_err(pg("renew lease"))?;
+            Ok(n == 1)
+        })
+    }
+
+    fn end_lease(&self, host: &HostId) -> Result<(), StoreError> {
+        let host = host.to_string();
+        self.pool.run(move |client, _| {
+            client
+                .execute(
+                    &format!("UPDATE hosts SET lease_expires_ms = {NOW_MS} WHERE id = $1"),
+                    &[&host],
+                )
+                .map_err(pg("end lease"))?;
+            Ok(())
+        })
+    }
+
+    fn list_hosts(&self) -> Result<Vec<HostRecord>, StoreError> {
+        let (now, rows) = self.pool.run(move |client, _| {
+            let op = "list hosts";
+            let now: i64 = client
+                .query_one(&format!("SELECT {NOW_MS}"), &[])
+                .and_then(|r| r.try_get(0))
+                .map_err(pg(op))?;
+            let rows = client
+                .query(
+                    "SELECT h.id, h.idx, h.advertise_url, h.memory_bytes, h.vcpus, h.labels_json,
+                            h.lease_expires_ms,
+                            (SELECT COUNT(*) FROM vms v WHERE v.host_id = h.id)
+                     FROM hosts h ORDER BY h.id",
+                    &[],
+                )
+                .map_err(pg(op))?
+                .iter()
+                .map(|r| {
+                    Ok(HostRow {
+                        id: r.try_get(0)?,
+                        idx: r.try_get(1)?,
+                        advertise_url: r.try_get(2)?,
+                        memory_bytes: r.try_get(3)?,
+                        vcpus: r.try_get(4)?,
+                        labels_json: r.try_get(5)?,
+                        lease_expires_ms: r.try_get(6)?,
+                        vms: r.try_get(7)?,
+                    })
+                })
+                .collect::<Result<Vec<_>, postgres::Error>>()
+                .map_err(pg(op))?;
+            Ok((now, rows))
+        })?;
+        rows.into_iter().map(|r| r.into_record(now)).collect()
+    }
+
+    fn vm_host(&self, vm: &VmId) -> Result<Option<HostId>, StoreError> {
+        let vm = vm.to_string();
+        let host: Option<String> = self.pool.run(move |client, _| {
+            client
+                .query_opt("SELECT host_id FROM vms WHERE id = $1", &[&vm])
+                .map_err(pg("read vm host"))?
+                .map(|r| r.try_get(0))
+                .transpose()
+                .map_err(pg("read vm host"))
+        })?;
+        host.map(|h| {
+            h.parse()
+                .map_err(|e: metald_domain::fleet::BadHostId| StoreError::Corrupt {
+                    id: vm_id_text(&h),
+                    reason: e.to_string(),
+                })
+        })
+        .transpose()
+    }
+}
+
+fn vm_id_text(host: &str) -> String {
+    format!("host {host}")
+}
