@@ -37,6 +37,16 @@ pub enum AssetError {
     /// An asset with this id exists.
     #[error("image id '{0}' already exists")]
     Exists(String),
+    /// The catalog (a fleet's, shared) has this id for other content.
+    #[error("image id '{id}' is recorded with other content (sha256 {recorded}) than this file's ({offered})")]
+    Differs {
+        /// The id.
+        id: String,
+        /// The recorded content's hash.
+        recorded: String,
+        /// The offered file's hash.
+        offered: String,
+    },
     /// The asset is still needed.
     #[error("image '{id}' is used by {users}")]
     InUse {
@@ -116,8 +126,13 @@ impl AssetStore {
         if !valid_image_id(&req.id) {
             return Err(AssetError::BadId(req.id.clone()));
         }
-        if self.store.get_asset(&req.id)?.is_some() {
-            return Err(AssetError::Exists(req.id.clone()));
+        if let Some(known) = self.store.get_asset(&req.id)? {
+            // A fleet shares its catalog: another host imported it. This host takes its own
+            // copy of the same content; different content under the same id is refused.
+            if self.path_of(&known).exists() {
+                return Err(AssetError::Exists(req.id.clone()));
+            }
+            return self.place_copy(&known, &req.source).map(|()| known);
         }
         if let Some(initrd) = &req.initrd_id {
             // A kernel boots with its initrd for whoever may boot the kernel.
@@ -151,6 +166,29 @@ impl AssetStore {
             // Leave nothing behind from a failed import.
             let _ignored = fs::remove_file(&tmp);
             let _ignored = fs::remove_file(&dest);
+        }
+        result
+    }
+
+    /// Puts this host's copy of the recorded asset `known` in place from `source`, if its
+    /// content is the recorded one; nothing is left behind otherwise.
+    pub fn place_copy(&self, known: &AssetRecord, source: &Path) -> Result<(), AssetError> {
+        let dest = self.path_of(known);
+        let tmp = self.dir.join(format!(".{}.importing", known.file_name));
+        let result = (|| {
+            clone_file(source, &tmp)?;
+            let (_, sha256) = hash_file(&tmp)?;
+            if sha256 != known.sha256 {
+                return Err(AssetError::Differs {
+                    id: known.id.clone(),
+                    recorded: known.sha256.clone(),
+                    offered: sha256,
+                });
+            }
+            fs::rename(&tmp, &dest).map_err(io_err("move into place", &dest))
+        })();
+        if result.is_err() {
+            let _ignored = fs::remove_file(&tmp);
         }
         result
     }
@@ -369,6 +407,40 @@ mod tests {
         let store = Arc::new(Store::open(&dir.path().join("db")).unwrap());
         let assets = AssetStore::open(dir.path().join("assets"), store).unwrap();
         (dir, assets)
+    }
+
+    #[test]
+    fn hosts_sharing_a_catalog_each_take_a_copy_of_the_same_content_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Arc::new(Store::open(&dir.path().join("db")).unwrap());
+        let a = AssetStore::open(dir.path().join("a"), catalog.clone()).unwrap();
+        let b = AssetStore::open(dir.path().join("b"), catalog).unwrap();
+        let file = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        let req = |source: PathBuf| ImportRequest {
+            id: "rootfs".into(),
+            kind: AssetKind::Rootfs,
+            source,
+            initrd_id: None,
+            ready_marker: None,
+            owner: None,
+        };
+        let recorded = a.import(&req(file("one", "disk"))).unwrap();
+        assert!(matches!(
+            b.import(&req(file("other", "not the disk"))),
+            Err(AssetError::Differs { .. })
+        ));
+        assert!(!b.path_of(&recorded).exists(), "nothing left of a refused copy");
+        assert_eq!(b.import(&req(file("same", "disk"))).unwrap(), recorded);
+        assert_eq!(std::fs::read(b.path_of(&recorded)).unwrap(), b"disk");
+        assert!(matches!(
+            b.import(&req(file("again", "disk"))),
+            Err(AssetError::Exists(_))
+        ));
+        assert_eq!(a.list().unwrap().len(), 1);
     }
 
     #[test]
