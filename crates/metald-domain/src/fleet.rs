@@ -162,6 +162,21 @@ pub struct HostRecord {
     pub vms: u64,
 }
 
+/// What a host holds, as placement weighs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostLoad {
+    /// The host.
+    pub host: HostId,
+    /// VMs stored on it, in any state (each reserves its size there).
+    pub vms: u64,
+    /// Their vCPUs.
+    pub vcpus: u64,
+    /// Their guest memory, in bytes (without VMM headroom).
+    pub memory_bytes: u64,
+    /// How many of them are the placing customer's.
+    pub customer_vms: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

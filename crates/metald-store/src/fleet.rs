@@ -7,9 +7,11 @@ use std::time::Duration;
 
 use rusqlite::{params, OptionalExtension};
 
-use crate::domain::VmId;
+use crate::domain::{CustomerId, VmId};
 use crate::{sql, Store, StoreError};
-use metald_domain::fleet::{HostCapacity, HostId, HostRecord, HostRegistration, HostStatus};
+use metald_domain::fleet::{
+    HostCapacity, HostId, HostLoad, HostRecord, HostRegistration, HostStatus,
+};
 
 /// The hosts of a fleet.
 pub trait FleetStore: Send + Sync {
@@ -35,6 +37,10 @@ pub trait FleetStore: Send + Sync {
     /// The host holding the VM, for a store whose VMs live on several hosts; `None` for a
     /// store that serves one host, or a VM that does not exist.
     fn vm_host(&self, vm: &VmId) -> Result<Option<HostId>, StoreError>;
+
+    /// What each host holds, with how many VMs of `customer` are among them, for placing a
+    /// VM; empty for a store that serves one host (nothing to place).
+    fn host_loads(&self, customer: &CustomerId) -> Result<Vec<HostLoad>, StoreError>;
 }
 
 /// Milliseconds since the Unix epoch on this machine's clock.
@@ -239,6 +245,10 @@ impl FleetStore for Store {
     fn vm_host(&self, _vm: &VmId) -> Result<Option<HostId>, StoreError> {
         // One host per SQLite file.
         Ok(None)
+    }
+
+    fn host_loads(&self, _customer: &CustomerId) -> Result<Vec<HostLoad>, StoreError> {
+        Ok(Vec::new())
     }
 }
 

@@ -23,8 +23,8 @@ use metald_store::suite::Harness;
 use metald_store::testing::pg::TestPostgres;
 use metald_store::testing::record;
 use metald_store::{
-    BillingStore, HostLimits, OutboxRow, PgStore, RunLimits, SnapshotStore, StateStore, StoreError,
-    StoredLimits, VmStore,
+    BillingStore, FleetStore, HostLimits, OutboxRow, PgStore, RunLimits, SnapshotStore, StateStore,
+    StoreError, StoredLimits, VmStore,
 };
 
 /// The host id the suite's stores run as.
@@ -76,6 +76,10 @@ const OWN: &[(&str, PgTest)] = &[
     (
         "a_quota_holds_under_concurrent_inserts_from_two_hosts",
         a_quota_holds_under_concurrent_inserts_from_two_hosts,
+    ),
+    (
+        "placement_never_overbooks_a_host_under_concurrent_creates",
+        placement_never_overbooks_a_host_under_concurrent_creates,
     ),
     (
         "the_store_works_inside_a_tokio_runtime",
@@ -384,6 +388,68 @@ fn a_quota_holds_under_concurrent_inserts_from_two_hosts(server: &TestPostgres) 
             .collect();
         assert_eq!(slots, (0..slots.len() as u32).collect());
     }
+}
+
+/// Each VM stored on a host reserves its size against the capacity the host registered, in the
+/// insert's transaction: 16 concurrent inserts on a host with room for 5 store exactly 5, the
+/// rest are refused naming the resource, and the loads placement reads count them per host and
+/// per customer. A delete gives the room back.
+fn placement_never_overbooks_a_host_under_concurrent_creates(server: &TestPostgres) {
+    use metald_domain::fleet::{HostCapacity, HostRegistration};
+    let h = Pg::new(server);
+    let stores = [h.open_as("host-a"), h.open_as("host-b")];
+    for (store, id) in stores.iter().zip(["host-a", "host-b"]) {
+        let reg = HostRegistration {
+            id: id.parse().unwrap(),
+            advertise_url: format!("https://{id}:8443"),
+            capacity: HostCapacity {
+                memory_bytes: None,
+                vcpus: Some(5),
+            },
+            labels: Default::default(),
+        };
+        store
+            .register_host(&reg, 8, std::time::Duration::from_secs(60))
+            .unwrap();
+    }
+    let start = Barrier::new(4);
+    let results: Vec<Result<VmRecord, StoreError>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..4)
+            .map(|_| {
+                let (store, start) = (&stores[0], &start);
+                s.spawn(move || {
+                    start.wait();
+                    (0..4)
+                        .map(|_| store.insert_vm(&record("p", VmState::Created), Some(&plan())))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    });
+    let placed: Vec<&VmRecord> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    assert_eq!(placed.len(), 5);
+    for e in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert!(
+            matches!(e, StoreError::HostExhausted(s) if s.resource == "vCPUs" && s.capacity == 5),
+            "{e}"
+        );
+    }
+    // Host b has its own room, and another customer's VM there counts for b only.
+    stores[1]
+        .insert_vm(&record("other", VmState::Created), Some(&plan()))
+        .unwrap();
+    let loads = stores[0].host_loads(&"p".parse().unwrap()).unwrap();
+    let of = |host: &str| loads.iter().find(|l| l.host.as_str() == host).unwrap();
+    assert_eq!((of("host-a").vcpus, of("host-a").customer_vms), (5, 5));
+    assert_eq!((of("host-b").vms, of("host-b").customer_vms), (1, 0));
+    stores[0].delete_vm(&placed[0].id).unwrap();
+    stores[0]
+        .insert_vm(&record("p", VmState::Created), Some(&plan()))
+        .unwrap();
 }
 
 /// The daemon calls the store from tokio's worker threads, and may open it there too; the

@@ -4,10 +4,10 @@
 use std::time::Duration;
 
 use super::{pg, PgStore};
-use crate::domain::VmId;
+use crate::domain::{CustomerId, VmId};
 use crate::fleet::{column, labels_json, lowest_free, HostRow};
 use crate::{FleetStore, StoreError};
-use metald_domain::fleet::{HostId, HostRecord, HostRegistration};
+use metald_domain::fleet::{HostId, HostLoad, HostRecord, HostRegistration};
 
 /// The database's clock, in ms since the Unix epoch.
 const NOW_MS: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
@@ -145,6 +145,10 @@ impl FleetStore for PgStore {
         rows.into_iter().map(|r| r.into_record(now)).collect()
     }
 
+    fn host_loads(&self, customer: &CustomerId) -> Result<Vec<HostLoad>, StoreError> {
+        self.loads(customer)
+    }
+
     fn vm_host(&self, vm: &VmId) -> Result<Option<HostId>, StoreError> {
         let vm = vm.to_string();
         let host: Option<String> = self.pool.run(move |client, _| {
@@ -163,6 +167,55 @@ impl FleetStore for PgStore {
                 })
         })
         .transpose()
+    }
+}
+
+impl PgStore {
+    /// [`FleetStore::host_loads`]: the kept sums of every host, and the customer's count on
+    /// each (an index scan of the customer's VMs).
+    pub(super) fn loads(&self, customer: &CustomerId) -> Result<Vec<HostLoad>, StoreError> {
+        let customer = customer.to_string();
+        let rows = self.pool.run(move |client, _| {
+            let op = "read host loads";
+            client
+                .query(
+                    "SELECT o.host_id, o.vms, o.vcpus, o.memory_bytes,
+                            (SELECT COUNT(*) FROM vms v
+                             WHERE v.customer_id = $1 AND v.host_id = o.host_id)
+                     FROM host_owning o ORDER BY o.host_id",
+                    &[&customer],
+                )
+                .map_err(pg(op))?
+                .iter()
+                .map(|r| {
+                    Ok((
+                        r.try_get::<_, String>(0)?,
+                        r.try_get::<_, i64>(1)?,
+                        r.try_get::<_, i64>(2)?,
+                        r.try_get::<_, i64>(3)?,
+                        r.try_get::<_, i64>(4)?,
+                    ))
+                })
+                .collect::<Result<Vec<_>, postgres::Error>>()
+                .map_err(pg(op))
+        })?;
+        let unsigned = |v: i64| u64::try_from(v).unwrap_or(0);
+        rows.into_iter()
+            .map(|(host, vms, vcpus, memory, mine)| {
+                Ok(HostLoad {
+                    host: host.parse().map_err(|e: metald_domain::fleet::BadHostId| {
+                        StoreError::Corrupt {
+                            id: vm_id_text(&host),
+                            reason: e.to_string(),
+                        }
+                    })?,
+                    vms: unsigned(vms),
+                    vcpus: unsigned(vcpus),
+                    memory_bytes: unsigned(memory),
+                    customer_vms: unsigned(mine),
+                })
+            })
+            .collect()
     }
 }
 

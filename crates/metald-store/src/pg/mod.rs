@@ -69,6 +69,7 @@ use pool::Pool;
 pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/pg/0001_init.sql"),
     include_str!("../../migrations/pg/0002_hosts.sql"),
+    include_str!("../../migrations/pg/0003_placement.sql"),
 ];
 
 /// Connections (and threads) per store.

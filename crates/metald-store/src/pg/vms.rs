@@ -387,6 +387,58 @@ fn lock_host(tx: &mut Transaction<'_>, host: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Reserves `vm`'s vCPUs and memory (plus its VMM's headroom) on `host` against the capacity
+/// the host registered (no registration, or none reported yet: no bound), under the host's
+/// `host_owning` lock: the reservation and the VM row commit together.
+fn place(tx: &mut Transaction<'_>, host: &str, vm: &VmRecord) -> Result<(), StoreError> {
+    let op = "place vm";
+    let Some(cap) = tx
+        .query_opt(
+            "SELECT memory_bytes, vcpus FROM hosts WHERE id = $1",
+            &[&host],
+        )
+        .map_err(pg(op))?
+    else {
+        return Ok(());
+    };
+    let (cap_memory, cap_vcpus): (Option<i64>, Option<i64>) =
+        (cap.try_get(0).map_err(pg(op))?, cap.try_get(1).map_err(pg(op))?);
+    if cap_memory.is_none() && cap_vcpus.is_none() {
+        return Ok(());
+    }
+    lock_host(tx, host)?;
+    let row = tx
+        .query_one(
+            "SELECT vms, vcpus, memory_bytes FROM host_owning WHERE host_id = $1",
+            &[&host],
+        )
+        .map_err(pg(op))?;
+    let (vms, vcpus, memory): (i64, i64, i64) = (
+        row.try_get(0).map_err(pg(op))?,
+        row.try_get(1).map_err(pg(op))?,
+        row.try_get(2).map_err(pg(op))?,
+    );
+    let headroom = headroom_mib(&vm.backend) * MIB;
+    let used_memory = count(memory).saturating_add(count(vms).saturating_mul(headroom));
+    crate::Shortage::check(
+        "memory",
+        "MiB",
+        MIB,
+        used_memory,
+        vm.config.memory_bytes.saturating_add(headroom),
+        cap_memory.map(count),
+    )?;
+    crate::Shortage::check(
+        "vCPUs",
+        "vCPUs",
+        1,
+        count(vcpus),
+        u64::from(vm.config.vcpu_count),
+        cap_vcpus.map(count),
+    )?;
+    Ok(())
+}
+
 /// The customer's bytes of snapshots (a few rows: the snapshot quota bounds them).
 pub(super) fn snapshot_bytes(tx: &mut Transaction<'_>, customer: &str) -> Result<i64, StoreError> {
     tx.query_one(
@@ -457,6 +509,7 @@ pub(super) fn insert_vm_tx(
             limits.disk_bytes.map(|b| b / MIB),
         )?;
     }
+    place(tx, host, vm)?;
     let seq: i64 = tx
         .query_one(
             "INSERT INTO vms (id, host_id, customer_id, state, config_json, vcpus, memory_bytes,

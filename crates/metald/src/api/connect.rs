@@ -48,7 +48,7 @@ impl pb::VmService for ConnectApi {
         request: ServiceRequest<'_, pb::CreateVmRequest>,
     ) -> ServiceResult<pb::CreateVmResponse> {
         let who = identity(&ctx)?;
-        Response::ok(h::create_vm(&self.svc, &who, request.to_owned_message()).await?)
+        Response::ok(h::create_vm(&self.svc, &self.peers, &who, request.to_owned_message()).await?)
     }
 
     async fn boot_vm(

@@ -108,6 +108,45 @@ impl Peers {
         Ok(client)
     }
 
+    /// Creates the VM `req` asks for on `host`, the host placement chose: the host creates it
+    /// there (it does not place it again); the VM as it answers.
+    pub async fn create(
+        &self,
+        host: &HostRecord,
+        who: &Identity,
+        req: pb::CreateVmRequest,
+    ) -> Result<pb::VmInfo, ConnectError> {
+        let client = self.client(host)?;
+        let opts = self.options(who);
+        let reg = &host.registration;
+        let r = client
+            .create_vm_with_options(req, opts)
+            .await
+            .map_err(|e| peer_error(e, reg))?
+            .into_owned();
+        let info = r
+            .vm
+            .into_option()
+            .ok_or_else(|| ConnectError::internal("the chosen host answered without the VM"))?;
+        Ok(for_caller(info, who))
+    }
+
+    fn client(&self, host: &HostRecord) -> Result<pb::VmServiceClient<PeerTransport>, ConnectError> {
+        let reg = &host.registration;
+        let uri = reg.advertise_url.parse().map_err(|_| {
+            tracing::error!(host = %reg.id, url = %reg.advertise_url, "a fleet peer advertises a URL that does not parse");
+            ConnectError::unavailable("the VM's host cannot be reached")
+        })?;
+        Ok(pb::VmServiceClient::new(self.http()?, ClientConfig::new(uri)))
+    }
+
+    fn options(&self, who: &Identity) -> CallOptions {
+        CallOptions::default()
+            .with_timeout(FORWARD_TIMEOUT)
+            .with_header(CUSTOMER_HEADER, who.customer.as_str())
+            .with_header(FORWARDED_HEADER, self.me.as_str())
+    }
+
     /// Runs `call` on the VM's host; the VM as it answers (`None` for a delete).
     pub async fn forward(
         &self,
@@ -124,30 +163,28 @@ impl Peers {
             ));
         }
         let reg = &host.registration;
-        let uri = reg.advertise_url.parse().map_err(|_| {
-            tracing::error!(host = %reg.id, url = %reg.advertise_url, "a fleet peer advertises a URL that does not parse");
-            ConnectError::unavailable("the VM's host cannot be reached")
-        })?;
-        let client = pb::VmServiceClient::new(self.http()?, ClientConfig::new(uri));
-        let opts = CallOptions::default()
-            .with_timeout(FORWARD_TIMEOUT)
-            .with_header(CUSTOMER_HEADER, who.customer.as_str())
-            .with_header(FORWARDED_HEADER, self.me.as_str());
+        let client = self.client(host)?;
+        let opts = self.options(who);
         let vm_id = id.to_string();
         tracing::debug!(host = %reg.id, vm_id = %id, ?call, "forwarding to the VM's host");
-        let info = call_peer(&client, opts, vm_id, call).await.map_err(|e| {
-            use connectrpc::ErrorCode as C;
-            match e.code {
-                // The peer did not answer (or its answer is about itself, not the VM): the
-                // caller learns that the VM's host is unreachable, not where it is.
-                C::Unavailable | C::Unknown | C::DeadlineExceeded | C::Internal => {
-                    tracing::warn!(host = %reg.id, vm_id = %id, error = %e, "forwarded call failed");
-                    ConnectError::unavailable("the VM's host cannot be reached now")
-                }
-                _ => e,
-            }
-        })?;
+        let info = call_peer(&client, opts, vm_id, call)
+            .await
+            .map_err(|e| peer_error(e, reg))?;
         Ok(info.map(|i| for_caller(i, who)))
+    }
+}
+
+/// A peer's error as the caller sees it: the peer's own answer about the VM (not found, a
+/// wrong state, a quota) passes; a peer that did not answer (or whose answer is about itself)
+/// is only "cannot be reached now", naming no host.
+fn peer_error(e: ConnectError, reg: &crate::fleet::HostRegistration) -> ConnectError {
+    use connectrpc::ErrorCode as C;
+    match e.code {
+        C::Unavailable | C::Unknown | C::DeadlineExceeded | C::Internal => {
+            tracing::warn!(host = %reg.id, error = %e, "forwarded call failed");
+            ConnectError::unavailable("the VM's host cannot be reached now")
+        }
+        _ => e,
     }
 }
 

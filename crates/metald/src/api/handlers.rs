@@ -211,8 +211,56 @@ fn err(e: crate::service::ServiceError) -> ConnectError {
     to_connect(&e)
 }
 
-/// CreateVm.
+/// CreateVm. In a fleet the VM is placed first ([`VmService::placement`]): on this host it
+/// is created here, on another the call goes there; a host found full when its insert checks
+/// again (another create took the room) passes the VM on to the next.
 pub async fn create_vm(
+    svc: &Arc<VmService>,
+    peers: &Peers,
+    who: &Arc<Identity>,
+    req: pb::CreateVmRequest,
+) -> Result<pb::CreateVmResponse, ConnectError> {
+    let config = match req.config.as_option() {
+        Some(c) if req.from_snapshot.is_empty() => config_from_proto(c),
+        // A clone is made where its snapshot's files are: this host (placement of clones is
+        // not built yet), and a call a peer placed here is made here.
+        _ => return create_here(svc, who, req).await,
+    };
+    if who.forwarded {
+        return create_here(svc, who, req).await;
+    }
+    let mut last = None;
+    for place in svc.placement(&who.customer, &config).map_err(err)? {
+        let result = match &place {
+            Whereabouts::Here => create_here(svc, who, req.clone()).await,
+            Whereabouts::Peer(host) => peers
+                .create(host, who, req.clone())
+                .await
+                .map(|vm| pb::CreateVmResponse {
+                    vm: vm.into(),
+                    ..Default::default()
+                }),
+        };
+        match result {
+            // Full after all, or gone: the next host may have room.
+            Err(e)
+                if matches!(
+                    e.code,
+                    connectrpc::ErrorCode::ResourceExhausted | connectrpc::ErrorCode::Unavailable
+                ) =>
+            {
+                last = Some(e)
+            }
+            other => return other,
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        ConnectError::resource_exhausted("no host of the fleet has room for this VM")
+    }))
+}
+
+/// CreateVm on this host.
+async fn create_here(
     svc: &Arc<VmService>,
     who: &Arc<Identity>,
     req: pb::CreateVmRequest,

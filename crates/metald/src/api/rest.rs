@@ -81,14 +81,19 @@ pub fn router(svc: Arc<VmService>, peers: Arc<Peers>) -> Router {
         .with_state(svc)
 }
 
-async fn create(State(svc): Svc, Extension(caller): Extension<Caller>, bytes: Bytes) -> Reply {
+async fn create(
+    State(svc): Svc,
+    Extension(caller): Extension<Caller>,
+    Extension(peers): Extension<Arc<Peers>>,
+    bytes: Bytes,
+) -> Reply {
     let run = async {
         let who = caller.identity()?.clone();
         strict::check(&bytes, strict::CREATE_VM_REQUEST)
             .map_err(|e| ConnectError::invalid_argument(e.to_string()))?;
         let req: pb::CreateVmRequest = serde_json::from_slice(&bytes)
             .map_err(|e| ConnectError::invalid_argument(format!("body: {e}")))?;
-        h::create_vm(&svc, &who, req).await
+        h::create_vm(&svc, &peers, &who, req).await
     };
     done(StatusCode::CREATED, run.await)
 }

@@ -420,6 +420,72 @@ impl VmService {
         }
     }
 
+    /// Where a new VM of `customer` with `config` may go, best first: the UP hosts with room
+    /// for it (their registered capacity less what their stored VMs reserve), spreading the
+    /// customer's VMs (fewest of theirs first), then the emptiest, then this host (no hop).
+    /// The loads are a snapshot: the chosen host's insert checks its room again in the same
+    /// transaction as the VM row, and a refusal moves on to the next. A store that serves one
+    /// host places nothing: `[Here]`.
+    pub fn placement(
+        &self,
+        customer: &CustomerId,
+        config: &VmConfig,
+    ) -> Result<Vec<Whereabouts>, ServiceError> {
+        let loads = self.store.host_loads(customer)?;
+        let hosts = self.cfg.membership.hosts()?;
+        if hosts.len() < 2 {
+            return Ok(vec![Whereabouts::Here]);
+        }
+        let me = self.cfg.membership.host_id();
+        let headroom = self.backend.kind().memory_headroom_mib() * MIB;
+        let asked_memory = config.memory_bytes.saturating_add(headroom);
+        let asked_vcpus = u64::from(config.vcpu_count);
+        // (customer's VMs there, used share of its tightest resource in ‰, not this host, id)
+        let mut ranked: Vec<((u64, u64, bool, String), crate::fleet::HostRecord)> = Vec::new();
+        for h in hosts {
+            if h.status != crate::fleet::HostStatus::Up {
+                continue;
+            }
+            let load = loads.iter().find(|l| l.host == h.registration.id);
+            let (vms, vcpus, memory, mine) = load.map_or((0, 0, 0, 0), |l| {
+                (l.vms, l.vcpus, l.memory_bytes, l.customer_vms)
+            });
+            let used_memory = memory.saturating_add(vms.saturating_mul(headroom));
+            let cap = h.registration.capacity;
+            let fits = |used: u64, asked: u64, cap: Option<u64>| {
+                cap.is_none_or(|c| used.saturating_add(asked) <= c)
+            };
+            if !fits(used_memory, asked_memory, cap.memory_bytes)
+                || !fits(vcpus, asked_vcpus, cap.vcpus)
+            {
+                continue;
+            }
+            let share = |used: u64, cap: Option<u64>| {
+                cap.filter(|c| *c > 0)
+                    .map_or(0, |c| used.saturating_mul(1000) / c)
+            };
+            let fullness = share(used_memory, cap.memory_bytes).max(share(vcpus, cap.vcpus));
+            let key = (
+                mine,
+                fullness,
+                h.registration.id != me,
+                h.registration.id.to_string(),
+            );
+            ranked.push((key, h));
+        }
+        ranked.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(ranked
+            .into_iter()
+            .map(|(_, h)| {
+                if h.registration.id == me {
+                    Whereabouts::Here
+                } else {
+                    Whereabouts::Peer(Box::new(h))
+                }
+            })
+            .collect())
+    }
+
     /// Whether the host of each of `vms` renews its lease (reads from a shared store show VMs
     /// of every host; this host's own are UP).
     pub fn host_status(

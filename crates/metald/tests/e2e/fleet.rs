@@ -4,8 +4,6 @@
 //! other with mTLS (certificates made by the test); the test client is a trusted control
 //! plane reaching every host through its relay.
 
-use std::net::IpAddr;
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -31,7 +29,6 @@ const PORT: u16 = 8443;
 struct Host {
     m: Metald,
     id: &'static str,
-    addr: IpAddr,
 }
 
 /// The control plane's view: curl with its client certificate, acting for a customer.
@@ -95,7 +92,7 @@ fn status_of<'a>(fleet: &'a Value, host: &str) -> &'a str {
 
 fn create_body() -> Value {
     json!({"config": {"cpu": {"vcpu_count": 1}, "memory": {"size_bytes": 256u64 << 20},
-        "kernel": {"image_id": "debian-kernel"}, "rootfs": {"image_id": "debian-rootfs"}}})
+        "kernel": {"image_id": KERNEL_ID}, "rootfs": {"image_id": ROOTFS_ID}}})
 }
 
 fn hosts_share_one_database_forward_lifecycle_calls_and_report_a_dead_host_down() {
@@ -112,32 +109,35 @@ fn hosts_share_one_database_forward_lifecycle_calls_and_report_a_dead_host_down(
     let guest = qemu_guest();
     let mut hosts: Vec<Host> = ids
         .iter()
-        .map(|&id| {
+        .enumerate()
+        .map(|(i, &id)| {
+            // The fabric numbers its members in order: this host's address, known before its
+            // namespace exists, so its certificate and advertised URL can name it.
+            let addr: std::net::IpAddr = format!("10.250.0.{}", i + 1).parse().unwrap();
+            let pair = pki.host(id, addr, &format!("spiffe://fleet.test/metald/{id}"));
             let mut m = metald()
                 .env("UNKEY_METALD_DATABASE_URL", &url)
                 .env("UNKEY_METALD_HOST_ID", id)
                 .env("UNKEY_METALD_HOST_LABELS", &format!("name={id}"))
                 .env("UNKEY_METALD_HOST_LEASE_SECONDS", &LEASE_SECONDS.to_string())
+                .env("UNKEY_METALD_ADVERTISE_URL", &format!("https://{addr}:{PORT}"))
                 .env("UNKEY_METALD_FLEET_IPV6_PREFIX", "fd6d:7465:7300::/48")
                 .env("UNKEY_METALD_FLEET_IPV4_SUBNET", "10.213.0.0/16")
                 .env("UNKEY_METALD_ADDRESS", "0.0.0.0")
                 .env("UNKEY_METALD_AUTH_MODE", "mtls")
                 .env("UNKEY_METALD_AUTH_TRUSTED_SERVICES", &trusted)
+                .env("UNKEY_METALD_TLS_CERT_FILE", &pair.cert.display().to_string())
+                .env("UNKEY_METALD_TLS_KEY_FILE", &pair.key.display().to_string())
                 .env(
                     "UNKEY_METALD_TLS_CLIENT_CA_FILE",
                     &pki.ca_file().display().to_string(),
                 )
                 .prepare(|m| m.import_default_guest(&guest));
             let netns = &m.iso.as_ref().expect("isolated").netns;
-            let addr = fabric.join(netns);
-            let pair = pki.host(id, addr, &format!("spiffe://fleet.test/metald/{id}"));
+            assert_eq!(fabric.join(netns), addr);
             m.fixed_port = Some(PORT);
-            m.spawn_with_env(&[
-                ("UNKEY_METALD_TLS_CERT_FILE", &pair.cert.display().to_string()),
-                ("UNKEY_METALD_TLS_KEY_FILE", &pair.key.display().to_string()),
-                ("UNKEY_METALD_ADVERTISE_URL", &format!("https://{addr}:{PORT}")),
-            ]);
-            Host { m, id, addr }
+            m.spawn();
+            Host { m, id }
         })
         .collect();
     let cp = ControlPlane {
@@ -185,14 +185,14 @@ fn hosts_share_one_database_forward_lifecycle_calls_and_report_a_dead_host_down(
     }
     // Another customer: the same answer through a forwarding host as for a made-up id.
     let theirs = cp.call(&hosts[0], "other", "POST", &format!("/v1/vms/{id}/boot"), None);
-    let made_up = format!("/v1/vms/{}/boot", "3f6f2a4e-0000-4000-8000-000000000000");
+    let made_up = format!("/v1/vms/{}/boot", "vm-3f6f2a4e-0000-4000-8000-000000000000");
     let none = cp.call(&hosts[0], "other", "POST", &made_up, None);
     assert_eq!((theirs.status, none.status), (404, 404), "{theirs:?} {none:?}");
     assert_eq!(
         theirs.body["message"].as_str().map(|m| m.replace(&id, "ID")),
         none.body["message"]
             .as_str()
-            .map(|m| m.replace("3f6f2a4e-0000-4000-8000-000000000000", "ID")),
+            .map(|m| m.replace("vm-3f6f2a4e-0000-4000-8000-000000000000", "ID")),
     );
     let booted = cp.call(&hosts[0], "acme", "POST", &format!("/v1/vms/{id}/boot"), None);
     assert_eq!(booted.status, 200, "{booted:?} {}", hosts[1].m.log_text());
@@ -205,6 +205,16 @@ fn hosts_share_one_database_forward_lifecycle_calls_and_report_a_dead_host_down(
         "B ran the boot: {}",
         hosts[1].m.log_text()
     );
+    // The guest comes up on B (read through C, from the shared store) and answers there.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let r = cp.call(&hosts[2], "acme", "GET", &format!("/v1/vms/{id}"), None);
+        if r.body["vm"]["guestReady"] == true {
+            break;
+        }
+        assert!(Instant::now() < deadline, "guest never ready: {r:?}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
     hosts[1].m.iso.as_ref().unwrap().netns.assert_pings(v6);
 
     // SIGKILL B: within its lease it is DOWN everywhere; its VM keeps its last state, shows
@@ -247,5 +257,4 @@ fn hosts_share_one_database_forward_lifecycle_calls_and_report_a_dead_host_down(
     for h in &mut hosts {
         h.m.stop();
     }
-    let _ = Path::new(&url);
 }

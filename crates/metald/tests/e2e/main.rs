@@ -19,6 +19,7 @@ mod billing;
 mod chaos;
 mod firecracker;
 mod firewall;
+mod fleet;
 mod identity;
 mod isolation;
 mod lifecycle;
@@ -52,6 +53,8 @@ pub enum Need {
     Firecracker,
     /// Hardware KVM (kvm_intel or kvm_amd), not kvm-pvm: full guests under Firecracker.
     HardwareKvm,
+    /// A PostgreSQL server the test starts (Debian's postgresql-15, run as `postgres`).
+    Postgres,
 }
 
 impl Need {
@@ -69,6 +72,9 @@ impl Need {
             Need::HardwareKvm => {
                 let (hw, why) = metald::config::hardware_kvm(Path::new("/sys"), Path::new("/dev"));
                 return (!hw).then(|| format!("needs hardware KVM: {why}"));
+            }
+            Need::Postgres => {
+                return metald_store::testing::pg::TestPostgres::unavailable();
             }
         };
         (!present).then(|| self.why().to_string())
@@ -89,6 +95,7 @@ impl Need {
                  is in no package registry)"
             }
             Need::HardwareKvm => "needs hardware KVM",
+            Need::Postgres => "needs PostgreSQL 15 (scripts/install-deps.sh, or `make test`)",
         }
     }
 
@@ -136,6 +143,7 @@ fn main() {
         ("startup", startup::tests()),
         ("identity", identity::tests()),
         ("snapshots", snapshots::tests()),
+        ("fleet", fleet::tests()),
         ("chaos", chaos::tests()),
     ];
     // Why → the tests skipped for it, in the order they are listed.

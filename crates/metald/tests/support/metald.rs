@@ -374,14 +374,30 @@ impl Metald {
             .expect("spawn metald");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
-        // Under TLS the test's own client checks the port; a listening socket means metald is up.
         let tls = self
             .env
             .iter()
             .any(|(k, _)| k == "UNKEY_METALD_TLS_CERT_FILE");
+        // The port the test reaches it at: its relay's for an isolated metald.
+        let reach = self
+            .url
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .unwrap_or(self.port);
         loop {
-            if tls && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
+            if tls {
+                // Under TLS the test's own client checks the port; what counts here is that
+                // metald accepts. Through a relay (which accepts whatever is behind it) that
+                // is metald's TLS stack answering a bad record with an alert.
+                if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", reach)) {
+                    use std::io::{Read, Write};
+                    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+                    let _ = s.write_all(b"\x16\x03\x01\x00\x00");
+                    let mut b = [0u8; 1];
+                    if s.read(&mut b).is_ok_and(|n| n > 0) || self.iso.is_none() {
+                        return;
+                    }
+                }
             }
             if let Ok(r) = reqwest::blocking_get(&format!("{}/healthz", self.url)) {
                 if r == 200 {
