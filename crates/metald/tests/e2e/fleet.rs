@@ -16,7 +16,7 @@ use metald_store::testing::pg::TestPostgres;
 
 pub fn tests() -> Vec<crate::E2e> {
     crate::e2e![&[Need::Root, Need::Qemu, Need::Guest, Need::Postgres];
-        hosts_share_one_database_forward_lifecycle_calls_and_report_a_dead_host_down]
+        hosts_share_one_database_place_and_forward_and_report_a_dead_host_down]
 }
 
 const CONTROL_PLANE: &str = "spiffe://fleet.test/control-plane";
@@ -95,7 +95,15 @@ fn create_body() -> Value {
         "kernel": {"image_id": KERNEL_ID}, "rootfs": {"image_id": ROOTFS_ID}}})
 }
 
-fn hosts_share_one_database_forward_lifecycle_calls_and_report_a_dead_host_down() {
+/// Deletes `ids` of `customer`, each through another host than the last.
+fn delete_all(cp: &ControlPlane, hosts: &[Host], customer: &str, ids: &[String]) {
+    for (i, id) in ids.iter().enumerate() {
+        let r = cp.call(&hosts[i % hosts.len()], customer, "DELETE", &format!("/v1/vms/{id}"), None);
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+}
+
+fn hosts_share_one_database_place_and_forward_and_report_a_dead_host_down() {
     let pg = TestPostgres::start().expect("test PostgreSQL");
     let url = pg.create_database().expect("database");
     let pki = Pki::new("fleet");
@@ -115,7 +123,10 @@ fn hosts_share_one_database_forward_lifecycle_calls_and_report_a_dead_host_down(
             // namespace exists, so its certificate and advertised URL can name it.
             let addr: std::net::IpAddr = format!("10.250.0.{}", i + 1).parse().unwrap();
             let pair = pki.host(id, addr, &format!("spiffe://fleet.test/metald/{id}"));
+            // Room for 40 one-vCPU VMs in all (2 CPUs here): 14 on A, 13 on B and C.
+            let overcommit = if i == 0 { "7" } else { "6.5" };
             let mut m = metald()
+                .env("UNKEY_METALD_HOST_CPU_OVERCOMMIT", overcommit)
                 .env("UNKEY_METALD_DATABASE_URL", &url)
                 .env("UNKEY_METALD_HOST_ID", id)
                 .env("UNKEY_METALD_HOST_LABELS", &format!("name={id}"))
@@ -162,6 +173,48 @@ fn hosts_share_one_database_forward_lifecycle_calls_and_report_a_dead_host_down(
             assert_eq!(status_of(&fleet, id), "HOST_STATUS_UP", "{fleet}");
         }
     }
+    // Placement: 30 creates of one customer through A spread evenly over the three hosts.
+    let vm_counts = |via: &Host| -> Vec<u64> {
+        let fleet = cp.fleet(via);
+        fleet["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["vmCount"].as_str().unwrap_or("0").parse().unwrap())
+            .collect()
+    };
+    let mut spread = Vec::new();
+    for _ in 0..30 {
+        let r = cp.call(&hosts[0], "spread", "POST", "/v1/vms", Some(&create_body()));
+        assert_eq!(r.status, 201, "{r:?}");
+        spread.push(r.body["vm"]["vmId"].as_str().unwrap().to_string());
+    }
+    assert_eq!(vm_counts(&hosts[2]), [10, 10, 10]);
+    delete_all(&cp, &hosts, "spread", &spread);
+    assert_eq!(vm_counts(&hosts[0]), [0, 0, 0]);
+    // 60 creates at once, through all three hosts, against room for 40: exactly 40 are made,
+    // the rest are refused as exhausted, and no host holds more than its room.
+    let answers: Vec<Reply> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..60)
+            .map(|i| {
+                let (cp, via) = (&cp, &hosts[i % 3]);
+                s.spawn(move || cp.call(via, "rush", "POST", "/v1/vms", Some(&create_body())))
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    let made: Vec<String> = answers
+        .iter()
+        .filter(|r| r.status == 201)
+        .map(|r| r.body["vm"]["vmId"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(made.len(), 40, "{answers:?}");
+    for r in answers.iter().filter(|r| r.status != 201) {
+        assert_eq!((r.status, r.body["code"].as_str()), (429, Some("resource_exhausted")), "{r:?}");
+    }
+    assert_eq!(vm_counts(&hosts[1]), [14, 13, 13]);
+    delete_all(&cp, &hosts, "rush", &made);
+
     let b_net = hosts[1].m.iso.as_ref().unwrap().netns.output("ip", &["-6", "route"]);
     let b_prefix = cp.fleet(&hosts[0])["hosts"][1]["ipv6Prefix"]
         .as_str()
