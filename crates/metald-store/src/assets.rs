@@ -433,7 +433,10 @@ mod tests {
             b.import(&req(file("other", "not the disk"))),
             Err(AssetError::Differs { .. })
         ));
-        assert!(!b.path_of(&recorded).exists(), "nothing left of a refused copy");
+        assert!(
+            !b.path_of(&recorded).exists(),
+            "nothing left of a refused copy"
+        );
         assert_eq!(b.import(&req(file("same", "disk"))).unwrap(), recorded);
         assert_eq!(std::fs::read(b.path_of(&recorded)).unwrap(), b"disk");
         assert!(matches!(

@@ -401,8 +401,10 @@ fn place(tx: &mut Transaction<'_>, host: &str, vm: &VmRecord) -> Result<(), Stor
     else {
         return Ok(());
     };
-    let (cap_memory, cap_vcpus): (Option<i64>, Option<i64>) =
-        (cap.try_get(0).map_err(pg(op))?, cap.try_get(1).map_err(pg(op))?);
+    let (cap_memory, cap_vcpus): (Option<i64>, Option<i64>) = (
+        cap.try_get(0).map_err(pg(op))?,
+        cap.try_get(1).map_err(pg(op))?,
+    );
     if cap_memory.is_none() && cap_vcpus.is_none() {
         return Ok(());
     }

@@ -124,20 +124,25 @@ impl Peers {
             .await
             .map_err(|e| peer_error(e, reg))?
             .into_owned();
-        let info = r
-            .vm
-            .into_option()
-            .ok_or_else(|| ConnectError::internal("the chosen host answered without the VM"))?;
+        let info =
+            r.vm.into_option()
+                .ok_or_else(|| ConnectError::internal("the chosen host answered without the VM"))?;
         Ok(for_caller(info, who))
     }
 
-    fn client(&self, host: &HostRecord) -> Result<pb::VmServiceClient<PeerTransport>, ConnectError> {
+    fn client(
+        &self,
+        host: &HostRecord,
+    ) -> Result<pb::VmServiceClient<PeerTransport>, ConnectError> {
         let reg = &host.registration;
         let uri = reg.advertise_url.parse().map_err(|_| {
             tracing::error!(host = %reg.id, url = %reg.advertise_url, "a fleet peer advertises a URL that does not parse");
             ConnectError::unavailable("the VM's host cannot be reached")
         })?;
-        Ok(pb::VmServiceClient::new(self.http()?, ClientConfig::new(uri)))
+        Ok(pb::VmServiceClient::new(
+            self.http()?,
+            ClientConfig::new(uri),
+        ))
     }
 
     fn options(&self, who: &Identity) -> CallOptions {

@@ -233,13 +233,15 @@ pub async fn create_vm(
     for place in svc.placement(&who.customer, &config).map_err(err)? {
         let result = match &place {
             Whereabouts::Here => create_here(svc, who, req.clone()).await,
-            Whereabouts::Peer(host) => peers
-                .create(host, who, req.clone())
-                .await
-                .map(|vm| pb::CreateVmResponse {
-                    vm: vm.into(),
-                    ..Default::default()
-                }),
+            Whereabouts::Peer(host) => {
+                peers
+                    .create(host, who, req.clone())
+                    .await
+                    .map(|vm| pb::CreateVmResponse {
+                        vm: vm.into(),
+                        ..Default::default()
+                    })
+            }
         };
         match result {
             // Full after all, or gone: the next host may have room.

@@ -59,7 +59,9 @@ impl ControlPlane {
         let body = body.map(Value::to_string);
         let mut cmd = Command::new("curl");
         cmd.args(["-sS", "--max-time", "120", "-w", "\n%{http_code}"])
-            .args(["--cacert", &self.ca, "--cert", &self.cert, "--key", &self.key])
+            .args([
+                "--cacert", &self.ca, "--cert", &self.cert, "--key", &self.key,
+            ])
             .args(["-X", method, "-H", &header]);
         if let Some(b) = &body {
             cmd.args(["-H", "Content-Type: application/json", "--data", b]);
@@ -98,7 +100,13 @@ fn create_body() -> Value {
 /// Deletes `ids` of `customer`, each through another host than the last.
 fn delete_all(cp: &ControlPlane, hosts: &[Host], customer: &str, ids: &[String]) {
     for (i, id) in ids.iter().enumerate() {
-        let r = cp.call(&hosts[i % hosts.len()], customer, "DELETE", &format!("/v1/vms/{id}"), None);
+        let r = cp.call(
+            &hosts[i % hosts.len()],
+            customer,
+            "DELETE",
+            &format!("/v1/vms/{id}"),
+            None,
+        );
         assert_eq!(r.status, 200, "{r:?}");
     }
 }
@@ -111,7 +119,10 @@ fn hosts_share_one_database_place_and_forward_and_report_a_dead_host_down() {
     let mut fabric = Fabric::new();
     let ids = ["host-a", "host-b", "host-c"];
     let trusted = std::iter::once(CONTROL_PLANE.to_string())
-        .chain(ids.iter().map(|id| format!("spiffe://fleet.test/metald/{id}")))
+        .chain(
+            ids.iter()
+                .map(|id| format!("spiffe://fleet.test/metald/{id}")),
+        )
         .collect::<Vec<_>>()
         .join(",");
     let guest = qemu_guest();
@@ -130,14 +141,23 @@ fn hosts_share_one_database_place_and_forward_and_report_a_dead_host_down() {
                 .env("UNKEY_METALD_DATABASE_URL", &url)
                 .env("UNKEY_METALD_HOST_ID", id)
                 .env("UNKEY_METALD_HOST_LABELS", &format!("name={id}"))
-                .env("UNKEY_METALD_HOST_LEASE_SECONDS", &LEASE_SECONDS.to_string())
-                .env("UNKEY_METALD_ADVERTISE_URL", &format!("https://{addr}:{PORT}"))
+                .env(
+                    "UNKEY_METALD_HOST_LEASE_SECONDS",
+                    &LEASE_SECONDS.to_string(),
+                )
+                .env(
+                    "UNKEY_METALD_ADVERTISE_URL",
+                    &format!("https://{addr}:{PORT}"),
+                )
                 .env("UNKEY_METALD_FLEET_IPV6_PREFIX", "fd6d:7465:7300::/48")
                 .env("UNKEY_METALD_FLEET_IPV4_SUBNET", "10.213.0.0/16")
                 .env("UNKEY_METALD_ADDRESS", "0.0.0.0")
                 .env("UNKEY_METALD_AUTH_MODE", "mtls")
                 .env("UNKEY_METALD_AUTH_TRUSTED_SERVICES", &trusted)
-                .env("UNKEY_METALD_TLS_CERT_FILE", &pair.cert.display().to_string())
+                .env(
+                    "UNKEY_METALD_TLS_CERT_FILE",
+                    &pair.cert.display().to_string(),
+                )
                 .env("UNKEY_METALD_TLS_KEY_FILE", &pair.key.display().to_string())
                 .env(
                     "UNKEY_METALD_TLS_CLIENT_CA_FILE",
@@ -210,12 +230,22 @@ fn hosts_share_one_database_place_and_forward_and_report_a_dead_host_down() {
         .collect();
     assert_eq!(made.len(), 40, "{answers:?}");
     for r in answers.iter().filter(|r| r.status != 201) {
-        assert_eq!((r.status, r.body["code"].as_str()), (429, Some("resource_exhausted")), "{r:?}");
+        assert_eq!(
+            (r.status, r.body["code"].as_str()),
+            (429, Some("resource_exhausted")),
+            "{r:?}"
+        );
     }
     assert_eq!(vm_counts(&hosts[1]), [14, 13, 13]);
     delete_all(&cp, &hosts, "rush", &made);
 
-    let b_net = hosts[1].m.iso.as_ref().unwrap().netns.output("ip", &["-6", "route"]);
+    let b_net = hosts[1]
+        .m
+        .iso
+        .as_ref()
+        .unwrap()
+        .netns
+        .output("ip", &["-6", "route"]);
     let b_prefix = cp.fleet(&hosts[0])["hosts"][1]["ipv6Prefix"]
         .as_str()
         .unwrap()
@@ -237,20 +267,40 @@ fn hosts_share_one_database_place_and_forward_and_report_a_dead_host_down() {
         assert_eq!(seen, [id.as_str()], "listed through {}: {r:?}", via.id);
     }
     // Another customer: the same answer through a forwarding host as for a made-up id.
-    let theirs = cp.call(&hosts[0], "other", "POST", &format!("/v1/vms/{id}/boot"), None);
+    let theirs = cp.call(
+        &hosts[0],
+        "other",
+        "POST",
+        &format!("/v1/vms/{id}/boot"),
+        None,
+    );
     let made_up = format!("/v1/vms/{}/boot", "vm-3f6f2a4e-0000-4000-8000-000000000000");
     let none = cp.call(&hosts[0], "other", "POST", &made_up, None);
-    assert_eq!((theirs.status, none.status), (404, 404), "{theirs:?} {none:?}");
     assert_eq!(
-        theirs.body["message"].as_str().map(|m| m.replace(&id, "ID")),
+        (theirs.status, none.status),
+        (404, 404),
+        "{theirs:?} {none:?}"
+    );
+    assert_eq!(
+        theirs.body["message"]
+            .as_str()
+            .map(|m| m.replace(&id, "ID")),
         none.body["message"]
             .as_str()
             .map(|m| m.replace("vm-3f6f2a4e-0000-4000-8000-000000000000", "ID")),
     );
-    let booted = cp.call(&hosts[0], "acme", "POST", &format!("/v1/vms/{id}/boot"), None);
+    let booted = cp.call(
+        &hosts[0],
+        "acme",
+        "POST",
+        &format!("/v1/vms/{id}/boot"),
+        None,
+    );
     assert_eq!(booted.status, 200, "{booted:?} {}", hosts[1].m.log_text());
     assert_eq!(booted.body["vm"]["state"], "VM_STATE_RUNNING", "{booted:?}");
-    let v6 = booted.body["vm"]["network"]["ipv6Address"].as_str().unwrap();
+    let v6 = booted.body["vm"]["network"]["ipv6Address"]
+        .as_str()
+        .unwrap();
     let b_net64 = b_prefix.trim_end_matches("/64").trim_end_matches("::");
     assert!(v6.starts_with(b_net64), "{v6} in {b_prefix} ({b_net})");
     assert!(
@@ -284,29 +334,139 @@ fn hosts_share_one_database_place_and_forward_and_report_a_dead_host_down() {
     let r = cp.call(&hosts[2], "acme", "GET", &format!("/v1/vms/{id}"), None);
     assert_eq!(r.body["vm"]["state"], "VM_STATE_RUNNING", "{r:?}");
     assert_eq!(r.body["vm"]["hostStatus"], "HOST_STATUS_DOWN", "{r:?}");
-    let r = cp.call(&hosts[2], "acme", "POST", &format!("/v1/vms/{id}/pause"), None);
-    assert_eq!((r.status, r.body["code"].as_str()), (503, Some("unavailable")), "{r:?}");
+    let r = cp.call(
+        &hosts[2],
+        "acme",
+        "POST",
+        &format!("/v1/vms/{id}/pause"),
+        None,
+    );
+    assert_eq!(
+        (r.status, r.body["code"].as_str()),
+        (503, Some("unavailable")),
+        "{r:?}"
+    );
     assert!(!r.body.to_string().contains("host-b"), "{r:?}");
+    // New VMs go to A and C meanwhile.
+    let mut while_down = Vec::new();
+    for _ in 0..4 {
+        let r = cp.call(&hosts[0], "later", "POST", "/v1/vms", Some(&create_body()));
+        assert_eq!(r.status, 201, "{r:?}");
+        while_down.push(r.body["vm"]["vmId"].as_str().unwrap().to_string());
+    }
+    assert_eq!(vm_counts(&hosts[2]), [2, 1, 2]);
 
     // B comes back: it re-adopts its VMM, is UP again, and its VM is paused through C and
     // deleted through A.
     let restarted = Instant::now();
     hosts[1].m.spawn();
     while status_of(&cp.fleet(&hosts[2]), "host-b") != "HOST_STATUS_UP" {
-        assert!(restarted.elapsed() < Duration::from_secs(30), "B never came back UP");
+        assert!(
+            restarted.elapsed() < Duration::from_secs(30),
+            "B never came back UP"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
-    eprintln!("fleet: a restarted host was UP again after {:?}", restarted.elapsed());
-    let r = cp.call(&hosts[2], "acme", "POST", &format!("/v1/vms/{id}/pause"), None);
+    eprintln!(
+        "fleet: a restarted host was UP again after {:?}",
+        restarted.elapsed()
+    );
+    let r = cp.call(
+        &hosts[2],
+        "acme",
+        "POST",
+        &format!("/v1/vms/{id}/pause"),
+        None,
+    );
     assert_eq!(r.status, 200, "{r:?} {}", hosts[1].m.log_text());
     assert_eq!(r.body["vm"]["state"], "VM_STATE_PAUSED", "{r:?}");
-    let r = cp.call(&hosts[0], "acme", "DELETE", &format!("/v1/vms/{id}?force=true"), None);
+    let r = cp.call(
+        &hosts[0],
+        "acme",
+        "DELETE",
+        &format!("/v1/vms/{id}?force=true"),
+        None,
+    );
     assert_eq!(r.status, 200, "{r:?}");
     hosts[1].m.wait_vm_dir_gone(&id);
     for via in &hosts {
         let r = cp.call(via, "acme", "GET", &format!("/v1/vms/{id}"), None);
         assert_eq!(r.status, 404, "{r:?}");
     }
+    delete_all(&cp, &hosts, "later", &while_down);
+
+    // PostgreSQL restarts under a stream of creates: metald recovers, every create it
+    // acknowledged is stored, and the hosts stay UP.
+    let (acked, failed) = std::thread::scope(|s| {
+        let creates = s.spawn(|| {
+            let (mut acked, mut failed) = (Vec::new(), Vec::new());
+            let until = Instant::now() + Duration::from_secs(6);
+            let mut i = 0;
+            // Within the fleet's room (40), so every refusal is the restart's.
+            while Instant::now() < until && acked.len() < 36 {
+                let r = cp.call(
+                    &hosts[i % 3],
+                    "steady",
+                    "POST",
+                    "/v1/vms",
+                    Some(&create_body()),
+                );
+                i += 1;
+                // Paced, so the run spans the restart.
+                std::thread::sleep(Duration::from_millis(100));
+                match r.status {
+                    201 => acked.push((
+                        Instant::now(),
+                        r.body["vm"]["vmId"].as_str().unwrap().to_string(),
+                    )),
+                    _ => failed.push(r),
+                }
+            }
+            (acked, failed)
+        });
+        std::thread::sleep(Duration::from_secs(2));
+        let restarting = Instant::now();
+        pg.restart().expect("restart PostgreSQL");
+        let (acked, failed) = creates.join().unwrap();
+        let before = acked.iter().filter(|(t, _)| *t < restarting).count();
+        assert!(
+            before > 0 && before < acked.len(),
+            "the restart fell inside the run: {before} of {} before it",
+            acked.len()
+        );
+        (
+            acked.into_iter().map(|(_, id)| id).collect::<Vec<_>>(),
+            failed,
+        )
+    });
+    eprintln!(
+        "fleet: {} creates acknowledged and {} refused across a PostgreSQL restart",
+        acked.len(),
+        failed.len()
+    );
+    assert!(!acked.is_empty());
+    for r in &failed {
+        assert_eq!(r.body["code"].as_str(), Some("unavailable"), "{r:?}");
+    }
+    let listed: Vec<String> = cp
+        .call(&hosts[1], "steady", "GET", "/v1/vms?page_size=100", None)
+        .body["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["vmId"].as_str().unwrap().to_string())
+        .collect();
+    for id in &acked {
+        assert!(
+            listed.contains(id),
+            "acknowledged create {id} lost: {listed:?}"
+        );
+    }
+    let fleet = cp.fleet(&hosts[0]);
+    for id in ids {
+        assert_eq!(status_of(&fleet, id), "HOST_STATUS_UP", "{fleet}");
+    }
+    delete_all(&cp, &hosts, "steady", &listed);
     for h in &mut hosts {
         h.m.stop();
     }
