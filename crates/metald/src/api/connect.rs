@@ -176,8 +176,17 @@ impl pb::VmService for ConnectApi {
         ctx: RequestContext,
         request: ServiceRequest<'_, pb::GetVmConsoleRequest>,
     ) -> ServiceResult<pb::GetVmConsoleResponse> {
-        let who = customer(&ctx)?;
-        Response::ok(h::get_console(&self.svc, &who, request.vm_id, request.tail_bytes).await?)
+        let who = identity(&ctx)?;
+        Response::ok(
+            h::get_console(
+                &self.svc,
+                &self.peers,
+                &who,
+                request.vm_id,
+                request.tail_bytes,
+            )
+            .await?,
+        )
     }
 
     async fn get_vm_usage(
@@ -185,8 +194,10 @@ impl pb::VmService for ConnectApi {
         ctx: RequestContext,
         request: ServiceRequest<'_, pb::GetVmUsageRequest>,
     ) -> ServiceResult<pb::GetVmUsageResponse> {
-        let who = customer(&ctx)?;
-        Response::ok(h::get_usage(&self.svc, &who, request.vm_id, request.since).await?)
+        let who = identity(&ctx)?;
+        Response::ok(
+            h::get_usage(&self.svc, &self.peers, &who, request.vm_id, request.since).await?,
+        )
     }
 
     async fn list_customer_usage(

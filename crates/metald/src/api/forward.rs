@@ -130,6 +130,36 @@ impl Peers {
         Ok(for_caller(info, who))
     }
 
+    /// GetVmConsole on the VM's host (its console log is a file there).
+    pub async fn console(
+        &self,
+        host: &HostRecord,
+        who: &Identity,
+        req: pb::GetVmConsoleRequest,
+    ) -> Result<pb::GetVmConsoleResponse, ConnectError> {
+        let client = self.client(host)?;
+        Ok(client
+            .get_vm_console_with_options(req, self.options(who))
+            .await
+            .map_err(|e| peer_error(e, &host.registration))?
+            .into_owned())
+    }
+
+    /// GetVmUsage on the VM's host (its meter keeps the live samples).
+    pub async fn usage(
+        &self,
+        host: &HostRecord,
+        who: &Identity,
+        req: pb::GetVmUsageRequest,
+    ) -> Result<pb::GetVmUsageResponse, ConnectError> {
+        let client = self.client(host)?;
+        Ok(client
+            .get_vm_usage_with_options(req, self.options(who))
+            .await
+            .map_err(|e| peer_error(e, &host.registration))?
+            .into_owned())
+    }
+
     fn client(
         &self,
         host: &HostRecord,
@@ -285,4 +315,79 @@ fn for_caller(mut info: pb::VmInfo, who: &Identity) -> pb::VmInfo {
         }
     }
     info
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(operator: bool) -> Identity {
+        Identity {
+            customer: "acme".parse().unwrap(),
+            subject: None,
+            service: None,
+            peer: None,
+            operator,
+            forwarded: false,
+        }
+    }
+
+    fn answered() -> pb::VmInfo {
+        pb::VmInfo {
+            vm_id: "vm-x".into(),
+            vmm_pid: 42,
+            network: pb::VmNetworkInfo {
+                ipv6_address: "fd00::2".into(),
+                tap_device: "tap0".into(),
+                network_namespace: "/run/metald/netns/vm-x".into(),
+                host_interface: "mw1".into(),
+                ..Default::default()
+            }
+            .into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_peers_answer_keeps_host_details_for_operators_only() {
+        let customer = for_caller(answered(), &identity(false));
+        assert_eq!(customer.vmm_pid, 0);
+        let net = customer.network.as_option().unwrap();
+        assert_eq!(net.ipv6_address, "fd00::2");
+        assert!(net.tap_device.is_empty() && net.network_namespace.is_empty());
+        assert!(net.host_interface.is_empty());
+        assert_eq!(for_caller(answered(), &identity(true)), answered());
+    }
+
+    #[tokio::test]
+    async fn a_forwarded_call_is_not_forwarded_again() {
+        let peers = Peers::new("a".parse().unwrap(), None);
+        let mut who = identity(false);
+        who.forwarded = true;
+        let host = HostRecord {
+            registration: crate::fleet::HostRegistration {
+                id: "b".parse().unwrap(),
+                advertise_url: "https://b:8443".into(),
+                capacity: Default::default(),
+                labels: Default::default(),
+            },
+            index: 1,
+            lease_expires_ms: 0,
+            status: crate::fleet::HostStatus::Up,
+            vms: 0,
+        };
+        let e = peers
+            .forward(&host, &who, &VmId::generate(), Call::Boot)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, connectrpc::ErrorCode::Unavailable);
+        // Without TLS files there is no client to call a peer with: refused, naming no host.
+        who.forwarded = false;
+        let e = peers
+            .forward(&host, &who, &VmId::generate(), Call::Boot)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, connectrpc::ErrorCode::Unavailable);
+        assert!(!e.to_string().contains("https://b"), "{e}");
+    }
 }

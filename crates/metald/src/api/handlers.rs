@@ -619,12 +619,23 @@ pub async fn list_vms(
 /// GetVmConsole.
 pub async fn get_console(
     svc: &Arc<VmService>,
-    who: &CustomerId,
+    peers: &Peers,
+    who: &Identity,
     id: &str,
     tail_bytes: u32,
 ) -> Result<pb::GetVmConsoleResponse, ConnectError> {
+    let id = vm_id("vm_id", id)?;
+    // The console log is a file on the VM's host.
+    if let Whereabouts::Peer(host) = svc.whereabouts(&who.customer, &id).await.map_err(err)? {
+        let req = pb::GetVmConsoleRequest {
+            vm_id: id.to_string(),
+            tail_bytes,
+            ..Default::default()
+        };
+        return peers.console(&host, who, req).await;
+    }
     let tail = svc
-        .console(who, &vm_id("vm_id", id)?, tail_bytes)
+        .console(&who.customer, &id, tail_bytes)
         .await
         .map_err(err)?;
     Ok(pb::GetVmConsoleResponse {
@@ -671,13 +682,23 @@ fn usage_to_proto(c: &Counters, memory_configured: u64) -> pb::Usage {
 /// GetVmUsage.
 pub async fn get_usage(
     svc: &Arc<VmService>,
-    who: &CustomerId,
+    peers: &Peers,
+    who: &Identity,
     id: &str,
     since: &str,
 ) -> Result<pb::GetVmUsageResponse, ConnectError> {
     let id = vm_id("vm_id", id)?;
-    let since = time_ms("since", since, i64::MIN)?;
-    let u = svc.usage(who, &id, since).await.map_err(err)?;
+    let since_ms = time_ms("since", since, i64::MIN)?;
+    // Live samples are kept by the meter of the VM's host.
+    if let Whereabouts::Peer(host) = svc.whereabouts(&who.customer, &id).await.map_err(err)? {
+        let req = pb::GetVmUsageRequest {
+            vm_id: id.to_string(),
+            since: since.to_string(),
+            ..Default::default()
+        };
+        return peers.usage(&host, who, req).await;
+    }
+    let u = svc.usage(&who.customer, &id, since_ms).await.map_err(err)?;
     Ok(pb::GetVmUsageResponse {
         vm_id: id.to_string(),
         total: usage_to_proto(&u.total, u.memory_configured).into(),

@@ -306,14 +306,15 @@ struct ConsoleQuery {
 async fn console(
     State(svc): Svc,
     Extension(caller): Extension<Caller>,
+    Extension(peers): Extension<Arc<Peers>>,
     Path(id): Path<String>,
     query: Result<Query<ConsoleQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Reply {
     let run = async {
-        let who = caller.customer()?.clone();
+        let who = caller.identity()?.clone();
         let Query(q) = query
             .map_err(|e| ConnectError::invalid_argument(format!("query: {}", e.body_text())))?;
-        h::get_console(&svc, &who, &id, q.tail_bytes.unwrap_or(0)).await
+        h::get_console(&svc, &peers, &who, &id, q.tail_bytes.unwrap_or(0)).await
     };
     done(StatusCode::OK, run.await)
 }
@@ -326,14 +327,15 @@ struct UsageQuery {
 async fn usage(
     State(svc): Svc,
     Extension(caller): Extension<Caller>,
+    Extension(peers): Extension<Arc<Peers>>,
     Path(id): Path<String>,
     query: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Reply {
     let run = async {
-        let who = caller.customer()?.clone();
+        let who = caller.identity()?.clone();
         let Query(q) = query
             .map_err(|e| ConnectError::invalid_argument(format!("query: {}", e.body_text())))?;
-        h::get_usage(&svc, &who, &id, q.since.as_deref().unwrap_or("")).await
+        h::get_usage(&svc, &peers, &who, &id, q.since.as_deref().unwrap_or("")).await
     };
     done(StatusCode::OK, run.await)
 }

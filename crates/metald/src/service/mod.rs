@@ -8,6 +8,7 @@
 
 mod capacity;
 mod launch;
+mod placement;
 mod snapshots;
 mod supervise;
 mod usage;
@@ -438,52 +439,7 @@ impl VmService {
         }
         let me = self.cfg.membership.host_id();
         let headroom = self.backend.kind().memory_headroom_mib() * MIB;
-        let asked_memory = config.memory_bytes.saturating_add(headroom);
-        let asked_vcpus = u64::from(config.vcpu_count);
-        // (customer's VMs there, used share of its tightest resource in ‰, not this host, id)
-        let mut ranked: Vec<((u64, u64, bool, String), crate::fleet::HostRecord)> = Vec::new();
-        for h in hosts {
-            if h.status != crate::fleet::HostStatus::Up {
-                continue;
-            }
-            let load = loads.iter().find(|l| l.host == h.registration.id);
-            let (vms, vcpus, memory, mine) = load.map_or((0, 0, 0, 0), |l| {
-                (l.vms, l.vcpus, l.memory_bytes, l.customer_vms)
-            });
-            let used_memory = memory.saturating_add(vms.saturating_mul(headroom));
-            let cap = h.registration.capacity;
-            let fits = |used: u64, asked: u64, cap: Option<u64>| {
-                cap.is_none_or(|c| used.saturating_add(asked) <= c)
-            };
-            if !fits(used_memory, asked_memory, cap.memory_bytes)
-                || !fits(vcpus, asked_vcpus, cap.vcpus)
-            {
-                continue;
-            }
-            let share = |used: u64, cap: Option<u64>| {
-                cap.filter(|c| *c > 0)
-                    .map_or(0, |c| used.saturating_mul(1000) / c)
-            };
-            let fullness = share(used_memory, cap.memory_bytes).max(share(vcpus, cap.vcpus));
-            let key = (
-                mine,
-                fullness,
-                h.registration.id != me,
-                h.registration.id.to_string(),
-            );
-            ranked.push((key, h));
-        }
-        ranked.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(ranked
-            .into_iter()
-            .map(|(_, h)| {
-                if h.registration.id == me {
-                    Whereabouts::Here
-                } else {
-                    Whereabouts::Peer(Box::new(h))
-                }
-            })
-            .collect())
+        Ok(placement::rank(hosts, &loads, &me, config, headroom))
     }
 
     /// Whether the host of each of `vms` renews its lease (reads from a shared store show VMs

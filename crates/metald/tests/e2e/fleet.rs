@@ -319,6 +319,30 @@ fn hosts_share_one_database_place_and_forward_and_report_a_dead_host_down() {
         std::thread::sleep(Duration::from_millis(250));
     }
     hosts[1].m.iso.as_ref().unwrap().netns.assert_pings(v6);
+    // Its console log (a file on B) and its live usage (B's meter) read through A.
+    let console = cp.call(
+        &hosts[0],
+        "acme",
+        "GET",
+        &format!("/v1/vms/{id}/console"),
+        None,
+    );
+    assert_eq!(console.status, 200, "{console:?}");
+    assert!(
+        console.body["output"]
+            .as_str()
+            .is_some_and(|o| !o.is_empty()),
+        "{console:?}"
+    );
+    let usage = cp.call(
+        &hosts[0],
+        "acme",
+        "GET",
+        &format!("/v1/vms/{id}/usage"),
+        None,
+    );
+    assert_eq!(usage.status, 200, "{usage:?}");
+    assert_eq!(usage.body["vmId"], id.as_str(), "{usage:?}");
 
     // SIGKILL B: within its lease it is DOWN everywhere; its VM keeps its last state, shows
     // the host DOWN, and a call that needs B answers unavailable.
