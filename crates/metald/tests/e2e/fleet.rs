@@ -4,178 +4,29 @@
 //! other with mTLS (certificates made by the test); the test client is a trusted control
 //! plane reaching every host through its relay.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
-
-use crate::support::netns::Fabric;
 use crate::support::*;
 use crate::Need;
-use metald_store::testing::pg::TestPostgres;
 
 pub fn tests() -> Vec<crate::E2e> {
     crate::e2e![&[Need::Root, Need::Qemu, Need::Guest, Need::Postgres];
         hosts_share_one_database_place_and_forward_and_report_a_dead_host_down]
 }
 
-const CONTROL_PLANE: &str = "spiffe://fleet.test/control-plane";
 /// Seconds of a host's lease: short, so the test sees a killed host go DOWN soon.
 const LEASE_SECONDS: u64 = 3;
-/// The port every host serves on inside its own namespace.
-const PORT: u16 = 8443;
-
-/// One host of the test fleet.
-struct Host {
-    m: Metald,
-    id: &'static str,
-}
-
-/// The control plane's view: curl with its client certificate, acting for a customer.
-struct ControlPlane {
-    ca: String,
-    cert: String,
-    key: String,
-}
-
-/// One answer: HTTP status and JSON body.
-#[derive(Debug)]
-struct Reply {
-    status: u16,
-    body: Value,
-}
-
-impl ControlPlane {
-    fn call(
-        &self,
-        host: &Host,
-        customer: &str,
-        method: &str,
-        path: &str,
-        body: Option<&Value>,
-    ) -> Reply {
-        let base = host.m.url.replace("http://", "https://");
-        let header = format!("metald-customer: {customer}");
-        let body = body.map(Value::to_string);
-        let mut cmd = Command::new("curl");
-        cmd.args(["-sS", "--max-time", "120", "-w", "\n%{http_code}"])
-            .args([
-                "--cacert", &self.ca, "--cert", &self.cert, "--key", &self.key,
-            ])
-            .args(["-X", method, "-H", &header]);
-        if let Some(b) = &body {
-            cmd.args(["-H", "Content-Type: application/json", "--data", b]);
-        }
-        let out = cmd.arg(format!("{base}{path}")).output().unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-        Reply {
-            status: code.trim().parse().unwrap_or(0),
-            body: serde_json::from_str(body).unwrap_or(Value::String(body.to_string())),
-        }
-    }
-
-    fn fleet(&self, via: &Host) -> Value {
-        let r = self.call(via, "ops", "GET", "/v1/fleet", None);
-        assert_eq!(r.status, 200, "{r:?}");
-        r.body
-    }
-}
-
-fn status_of<'a>(fleet: &'a Value, host: &str) -> &'a str {
-    fleet["hosts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|h| h["hostId"] == host)
-        .and_then(|h| h["status"].as_str())
-        .unwrap_or("missing")
-}
-
-fn create_body() -> Value {
-    json!({"config": {"cpu": {"vcpu_count": 1}, "memory": {"size_bytes": 256u64 << 20},
-        "kernel": {"image_id": KERNEL_ID}, "rootfs": {"image_id": ROOTFS_ID}}})
-}
-
-/// Deletes `ids` of `customer`, each through another host than the last.
-fn delete_all(cp: &ControlPlane, hosts: &[Host], customer: &str, ids: &[String]) {
-    for (i, id) in ids.iter().enumerate() {
-        let r = cp.call(
-            &hosts[i % hosts.len()],
-            customer,
-            "DELETE",
-            &format!("/v1/vms/{id}"),
-            None,
-        );
-        assert_eq!(r.status, 200, "{r:?}");
-    }
-}
 
 fn hosts_share_one_database_place_and_forward_and_report_a_dead_host_down() {
-    let pg = TestPostgres::start().expect("test PostgreSQL");
-    let url = pg.create_database().expect("database");
-    let pki = Pki::new("fleet");
-    let cp = pki.client("control-plane", Some(CONTROL_PLANE), false);
-    let mut fabric = Fabric::new();
+    // Room for 40 one-vCPU VMs in all (2 CPUs here): 14 on A, 13 on B and C.
+    let Fleet {
+        mut hosts,
+        cp,
+        pg,
+        fabric: _fabric,
+        pki: _pki,
+    } = Fleet::start(&["7", "6.5", "6.5"], LEASE_SECONDS);
     let ids = ["host-a", "host-b", "host-c"];
-    let trusted = std::iter::once(CONTROL_PLANE.to_string())
-        .chain(
-            ids.iter()
-                .map(|id| format!("spiffe://fleet.test/metald/{id}")),
-        )
-        .collect::<Vec<_>>()
-        .join(",");
-    let guest = qemu_guest();
-    let mut hosts: Vec<Host> = ids
-        .iter()
-        .enumerate()
-        .map(|(i, &id)| {
-            // The fabric numbers its members in order: this host's address, known before its
-            // namespace exists, so its certificate and advertised URL can name it.
-            let addr: std::net::IpAddr = format!("10.250.0.{}", i + 1).parse().unwrap();
-            let pair = pki.host(id, addr, &format!("spiffe://fleet.test/metald/{id}"));
-            // Room for 40 one-vCPU VMs in all (2 CPUs here): 14 on A, 13 on B and C.
-            let overcommit = if i == 0 { "7" } else { "6.5" };
-            let mut m = metald()
-                .env("UNKEY_METALD_HOST_CPU_OVERCOMMIT", overcommit)
-                .env("UNKEY_METALD_DATABASE_URL", &url)
-                .env("UNKEY_METALD_HOST_ID", id)
-                .env("UNKEY_METALD_HOST_LABELS", &format!("name={id}"))
-                .env(
-                    "UNKEY_METALD_HOST_LEASE_SECONDS",
-                    &LEASE_SECONDS.to_string(),
-                )
-                .env(
-                    "UNKEY_METALD_ADVERTISE_URL",
-                    &format!("https://{addr}:{PORT}"),
-                )
-                .env("UNKEY_METALD_FLEET_IPV6_PREFIX", "fd6d:7465:7300::/48")
-                .env("UNKEY_METALD_FLEET_IPV4_SUBNET", "10.213.0.0/16")
-                .env("UNKEY_METALD_ADDRESS", "0.0.0.0")
-                .env("UNKEY_METALD_AUTH_MODE", "mtls")
-                .env("UNKEY_METALD_AUTH_TRUSTED_SERVICES", &trusted)
-                .env(
-                    "UNKEY_METALD_TLS_CERT_FILE",
-                    &pair.cert.display().to_string(),
-                )
-                .env("UNKEY_METALD_TLS_KEY_FILE", &pair.key.display().to_string())
-                .env(
-                    "UNKEY_METALD_TLS_CLIENT_CA_FILE",
-                    &pki.ca_file().display().to_string(),
-                )
-                .prepare(|m| m.import_default_guest(&guest));
-            let netns = &m.iso.as_ref().expect("isolated").netns;
-            assert_eq!(fabric.join(netns), addr);
-            m.fixed_port = Some(PORT);
-            m.spawn();
-            Host { m, id }
-        })
-        .collect();
-    let cp = ControlPlane {
-        ca: pki.ca_file().display().to_string(),
-        cert: cp.cert.display().to_string(),
-        key: cp.key.display().to_string(),
-    };
 
     // Every host sees the same fleet: three hosts UP, each with a /64 and IPv4 block of its own.
     for via in &hosts {
@@ -194,31 +45,28 @@ fn hosts_share_one_database_place_and_forward_and_report_a_dead_host_down() {
         }
     }
     // Placement: 30 creates of one customer through A spread evenly over the three hosts.
-    let vm_counts = |via: &Host| -> Vec<u64> {
-        let fleet = cp.fleet(via);
-        fleet["hosts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|h| h["vmCount"].as_str().unwrap_or("0").parse().unwrap())
-            .collect()
-    };
     let mut spread = Vec::new();
     for _ in 0..30 {
-        let r = cp.call(&hosts[0], "spread", "POST", "/v1/vms", Some(&create_body()));
+        let r = cp.call(
+            &hosts[0],
+            "spread",
+            "POST",
+            "/v1/vms",
+            Some(&fleet_vm_body()),
+        );
         assert_eq!(r.status, 201, "{r:?}");
         spread.push(r.body["vm"]["vmId"].as_str().unwrap().to_string());
     }
-    assert_eq!(vm_counts(&hosts[2]), [10, 10, 10]);
-    delete_all(&cp, &hosts, "spread", &spread);
-    assert_eq!(vm_counts(&hosts[0]), [0, 0, 0]);
+    assert_eq!(cp.vm_counts(&hosts[2]), [10, 10, 10]);
+    cp.delete_all(&hosts, "spread", &spread);
+    assert_eq!(cp.vm_counts(&hosts[0]), [0, 0, 0]);
     // 60 creates at once, through all three hosts, against room for 40: exactly 40 are made,
     // the rest are refused as exhausted, and no host holds more than its room.
     let answers: Vec<Reply> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..60)
             .map(|i| {
                 let (cp, via) = (&cp, &hosts[i % 3]);
-                s.spawn(move || cp.call(via, "rush", "POST", "/v1/vms", Some(&create_body())))
+                s.spawn(move || cp.call(via, "rush", "POST", "/v1/vms", Some(&fleet_vm_body())))
             })
             .collect();
         workers.into_iter().map(|w| w.join().unwrap()).collect()
@@ -236,8 +84,8 @@ fn hosts_share_one_database_place_and_forward_and_report_a_dead_host_down() {
             "{r:?}"
         );
     }
-    assert_eq!(vm_counts(&hosts[1]), [14, 13, 13]);
-    delete_all(&cp, &hosts, "rush", &made);
+    assert_eq!(cp.vm_counts(&hosts[1]), [14, 13, 13]);
+    cp.delete_all(&hosts, "rush", &made);
 
     let b_net = hosts[1]
         .m
@@ -253,7 +101,7 @@ fn hosts_share_one_database_place_and_forward_and_report_a_dead_host_down() {
 
     // A VM created on B is listed through every host, and booted through A (forwarded to B):
     // B's block gives it its address.
-    let vm = cp.call(&hosts[1], "acme", "POST", "/v1/vms", Some(&create_body()));
+    let vm = cp.call(&hosts[1], "acme", "POST", "/v1/vms", Some(&fleet_vm_body()));
     assert_eq!(vm.status, 201, "{vm:?} {}", hosts[1].m.log_text());
     let id = vm.body["vm"]["vmId"].as_str().unwrap().to_string();
     for via in &hosts {
@@ -374,11 +222,17 @@ fn hosts_share_one_database_place_and_forward_and_report_a_dead_host_down() {
     // New VMs go to A and C meanwhile.
     let mut while_down = Vec::new();
     for _ in 0..4 {
-        let r = cp.call(&hosts[0], "later", "POST", "/v1/vms", Some(&create_body()));
+        let r = cp.call(
+            &hosts[0],
+            "later",
+            "POST",
+            "/v1/vms",
+            Some(&fleet_vm_body()),
+        );
         assert_eq!(r.status, 201, "{r:?}");
         while_down.push(r.body["vm"]["vmId"].as_str().unwrap().to_string());
     }
-    assert_eq!(vm_counts(&hosts[2]), [2, 1, 2]);
+    assert_eq!(cp.vm_counts(&hosts[2]), [2, 1, 2]);
 
     // B comes back: it re-adopts its VMM, is UP again, and its VM is paused through C and
     // deleted through A.
@@ -417,7 +271,7 @@ fn hosts_share_one_database_place_and_forward_and_report_a_dead_host_down() {
         let r = cp.call(via, "acme", "GET", &format!("/v1/vms/{id}"), None);
         assert_eq!(r.status, 404, "{r:?}");
     }
-    delete_all(&cp, &hosts, "later", &while_down);
+    cp.delete_all(&hosts, "later", &while_down);
 
     // PostgreSQL restarts under a stream of creates: metald recovers, every create it
     // acknowledged is stored, and the hosts stay UP.
@@ -433,7 +287,7 @@ fn hosts_share_one_database_place_and_forward_and_report_a_dead_host_down() {
                     "steady",
                     "POST",
                     "/v1/vms",
-                    Some(&create_body()),
+                    Some(&fleet_vm_body()),
                 );
                 i += 1;
                 // Paced, so the run spans the restart.
@@ -490,7 +344,7 @@ fn hosts_share_one_database_place_and_forward_and_report_a_dead_host_down() {
     for id in ids {
         assert_eq!(status_of(&fleet, id), "HOST_STATUS_UP", "{fleet}");
     }
-    delete_all(&cp, &hosts, "steady", &listed);
+    cp.delete_all(&hosts, "steady", &listed);
     for h in &mut hosts {
         h.m.stop();
     }

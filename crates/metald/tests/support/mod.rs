@@ -11,6 +11,7 @@ use netns::{Relay, TestNetns};
 
 mod bench;
 mod billaged;
+mod fleet;
 mod issuer;
 mod metald;
 mod pki;
@@ -23,6 +24,8 @@ mod vmm;
 pub use bench::*;
 #[allow(unused_imports)]
 pub use billaged::*;
+#[allow(unused_imports)]
+pub use fleet::*;
 #[allow(unused_imports)]
 pub use issuer::*;
 pub use metald::*;
