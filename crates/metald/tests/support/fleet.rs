@@ -43,6 +43,16 @@ impl Fleet {
     /// Starts one host per entry of `cpu_overcommit` (its UNKEY_METALD_HOST_CPU_OVERCOMMIT),
     /// `host-a`, `host-b`, … with leases of `lease_seconds`, each with the default guest.
     pub fn start(cpu_overcommit: &[&str], lease_seconds: u64) -> Self {
+        Self::start_on(cpu_overcommit, lease_seconds, true)
+    }
+
+    /// One host on its own SQLite file, set up as a fleet host otherwise (TLS, mTLS, its own
+    /// namespace): what a fleet is measured against.
+    pub fn sqlite_host() -> Self {
+        Self::start_on(&["1000"], 10, false)
+    }
+
+    fn start_on(cpu_overcommit: &[&str], lease_seconds: u64, shared: bool) -> Self {
         let pg = TestPostgres::start().expect("test PostgreSQL");
         let url = pg.create_database().expect("database");
         let pki = Pki::new("fleet");
@@ -65,9 +75,18 @@ impl Fleet {
                 // its namespace exists, so its certificate and advertised URL can name it.
                 let addr: std::net::IpAddr = format!("10.250.0.{}", i + 1).parse().unwrap();
                 let pair = pki.host(id, addr, &spiffe_of(id));
-                let mut m = metald()
+                // The bench reads as fast as it can, as one customer.
+                let mut b = metald()
                     .env("UNKEY_METALD_HOST_CPU_OVERCOMMIT", overcommit)
-                    .env("UNKEY_METALD_DATABASE_URL", &url)
+                    .env("UNKEY_METALD_RATE_LIMIT_PER_SECOND", "100000")
+                    .env("UNKEY_METALD_RATE_LIMIT_BURST", "100000");
+                if shared {
+                    b = b
+                        .env("UNKEY_METALD_DATABASE_URL", &url)
+                        .env("UNKEY_METALD_FLEET_IPV6_PREFIX", "fd6d:7465:7300::/48")
+                        .env("UNKEY_METALD_FLEET_IPV4_SUBNET", "10.213.0.0/16");
+                }
+                let mut m = b
                     .env("UNKEY_METALD_HOST_ID", id)
                     .env("UNKEY_METALD_HOST_LABELS", &format!("name={id}"))
                     .env(
@@ -78,8 +97,6 @@ impl Fleet {
                         "UNKEY_METALD_ADVERTISE_URL",
                         &format!("https://{addr}:{FLEET_PORT}"),
                     )
-                    .env("UNKEY_METALD_FLEET_IPV6_PREFIX", "fd6d:7465:7300::/48")
-                    .env("UNKEY_METALD_FLEET_IPV4_SUBNET", "10.213.0.0/16")
                     .env("UNKEY_METALD_ADDRESS", "0.0.0.0")
                     .env("UNKEY_METALD_AUTH_MODE", "mtls")
                     .env("UNKEY_METALD_AUTH_TRUSTED_SERVICES", &trusted)
