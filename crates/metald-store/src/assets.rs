@@ -13,7 +13,7 @@ use std::sync::{Arc, RwLock};
 use sha2::{Digest, Sha256};
 
 mod fetch;
-pub use fetch::{fetch_time, AssetSource, DirSource};
+pub use fetch::{fetch_time, AssetSource, DirSource, Fetched};
 
 use crate::domain::now_ms;
 use crate::{AssetCatalog, AssetKind, AssetRecord, StoreError};

@@ -26,11 +26,15 @@ pub trait AssetSource: Send + Sync {
 
     /// The content of `record`, if this source has it (`Ok(None)` if not). A source that waits
     /// on a network gives up at `deadline`, when the whole fetch must be done.
-    fn open(
-        &self,
-        record: &AssetRecord,
-        deadline: Instant,
-    ) -> Result<Option<Box<dyn Read + Send>>, AssetError>;
+    fn open(&self, record: &AssetRecord, deadline: Instant) -> Result<Option<Fetched>, AssetError>;
+}
+
+/// What a source found.
+pub struct Fetched {
+    /// Where exactly it comes from ("peer host-2", a file), for errors and logs.
+    pub from: String,
+    /// The bytes, not yet trusted.
+    pub content: Box<dyn Read + Send>,
 }
 
 /// How long fetching `size_bytes` may take: a minute, plus the time at 8 MiB/s (a slow link;
@@ -61,7 +65,7 @@ impl AssetSource for DirSource {
         &self,
         record: &AssetRecord,
         _deadline: Instant,
-    ) -> Result<Option<Box<dyn Read + Send>>, AssetError> {
+    ) -> Result<Option<Fetched>, AssetError> {
         // The content's own name first: an id may have been reused for other content there.
         for name in [&record.sha256, &record.id] {
             // Both are plain names (hex, an image id): never a path out of the directory.
@@ -77,7 +81,10 @@ impl AssetSource for DirSource {
                 Err(e) => return Err(io_err("stat", &path)(e)),
             }
             let file = File::open(&path).map_err(io_err("open", &path))?;
-            return Ok(Some(Box::new(file)));
+            return Ok(Some(Fetched {
+                from: format!("file {}", path.display()),
+                content: Box::new(file),
+            }));
         }
         Ok(None)
     }
@@ -109,8 +116,8 @@ impl AssetStore {
         let mut failed = None;
         for source in &sources {
             match source.open(record, deadline) {
-                Ok(Some(reader)) => {
-                    self.take(record, &source.name(), reader, deadline)?;
+                Ok(Some(found)) => {
+                    self.take(record, &found.from, found.content, deadline)?;
                     return Ok(dest);
                 }
                 Ok(None) => {}
@@ -382,15 +389,17 @@ mod tests {
             &self,
             _record: &AssetRecord,
             _deadline: Instant,
-        ) -> Result<Option<Box<dyn Read + Send>>, AssetError> {
+        ) -> Result<Option<Fetched>, AssetError> {
             *self.opened.lock().unwrap() += 1;
-            if self.endless {
-                return Ok(Some(Box::new(io::repeat(b'x'))));
-            }
-            Ok(self
-                .content
-                .clone()
-                .map(|c| Box::new(io::Cursor::new(c)) as Box<dyn Read + Send>))
+            let content: Box<dyn Read + Send> = match &self.content {
+                _ if self.endless => Box::new(io::repeat(b'x')),
+                Some(c) => Box::new(io::Cursor::new(c.clone())),
+                None => return Ok(None),
+            };
+            Ok(Some(Fetched {
+                from: self.name(),
+                content,
+            }))
         }
     }
 

@@ -2,6 +2,7 @@
 
 use connectrpc::{ConnectError, ErrorCode};
 
+use crate::assets::AssetError;
 use crate::backend::BackendError;
 use crate::service::ServiceError;
 
@@ -48,6 +49,10 @@ pub fn code_for(err: &ServiceError) -> ErrorCode {
         | ServiceError::Store(crate::store::StoreError::HostExhausted(_)) => {
             ErrorCode::ResourceExhausted
         }
+        // The image is on no source this host can reach now: retry later, or on another host.
+        ServiceError::Asset(
+            AssetError::Missing(_) | AssetError::TimedOut { .. } | AssetError::Source { .. },
+        ) => ErrorCode::Unavailable,
         ServiceError::Asset(_)
         | ServiceError::Store(_)
         | ServiceError::Io { .. }
