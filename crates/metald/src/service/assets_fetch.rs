@@ -87,3 +87,50 @@ async fn blocking<T: Send + 'static>(
             source: std::io::Error::other(join),
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::assets::DirSource;
+    use crate::testing::{config, fixture};
+
+    /// A host of a fleet whose catalog has the fixture's images but whose disk has none: the
+    /// create takes them from the operator's directory, verified; the boot finds them.
+    #[tokio::test]
+    async fn create_and_boot_fetch_the_images_this_host_lacks() {
+        let f = fixture();
+        let assets = &f.svc.assets;
+        let records = assets.list().unwrap();
+        for r in &records {
+            std::fs::remove_file(assets.path_of(r)).unwrap();
+        }
+        let nfs = f._dir.path().join("nfs");
+        std::fs::create_dir(&nfs).unwrap();
+        assets.set_sources(vec![Arc::new(DirSource::new(nfs.clone()))]);
+
+        // Nowhere to be had: the create says the host cannot have it now.
+        let err = f.svc.create(&f.who, config()).await.unwrap_err();
+        assert!(
+            matches!(err, ServiceError::Asset(AssetError::Missing(_))),
+            "{err:?}"
+        );
+        // Other content under the image's name is refused, and nothing of it kept.
+        std::fs::write(nfs.join("k"), b"imagf").unwrap();
+        let err = f.svc.create(&f.who, config()).await.unwrap_err();
+        assert!(
+            matches!(err, ServiceError::Asset(AssetError::Corrupt { .. })),
+            "{err:?}"
+        );
+        std::fs::write(nfs.join(&records[0].sha256), b"image").unwrap();
+        let vm = f.svc.create(&f.who, config()).await.unwrap();
+        for id in ["k", "r"] {
+            let r = records.iter().find(|r| r.id == id).unwrap();
+            assert_eq!(std::fs::read(assets.path_of(r)).unwrap(), b"image", "{id}");
+        }
+        // The boot needs the kernel again: gone meanwhile, fetched again.
+        let k = records.iter().find(|r| r.id == "k").unwrap();
+        std::fs::remove_file(assets.path_of(k)).unwrap();
+        f.svc.boot(&f.who, &vm.id).await.unwrap();
+        assert!(assets.path_of(k).is_file());
+    }
+}
