@@ -157,6 +157,21 @@ mod tests {
                 ErrorCode::Internal,
                 500,
             ),
+            (
+                ServiceError::Asset(AssetError::Missing("r".into())),
+                ErrorCode::Unavailable,
+                503,
+            ),
+            (
+                ServiceError::Asset(AssetError::Corrupt {
+                    id: "r".into(),
+                    from: "peer host-2".into(),
+                    recorded: "a".into(),
+                    got: "b".into(),
+                }),
+                ErrorCode::Internal,
+                500,
+            ),
         ];
         for (err, code, status) in cases {
             let c = to_connect(&err);

@@ -79,8 +79,11 @@ pub enum PeerClientError {
 /// rotates them); forwarding and asset fetches share how it is made.
 pub struct PeerClient<B> {
     tls: Option<TlsSettings>,
-    cached: Mutex<Option<(Vec<Option<FileStamp>>, PeerHttp<B>)>>,
+    cached: Mutex<Option<Stamped<B>>>,
 }
+
+/// A client with the certificate files' stamps it was built from.
+type Stamped<B> = (Vec<Option<FileStamp>>, PeerHttp<B>);
 
 impl<B> PeerClient<B>
 where
