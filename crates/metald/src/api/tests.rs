@@ -357,10 +357,16 @@ async fn errors_keep_their_codes_and_internal_details_stay_in_the_log() {
         r.message(),
         "cannot pause a VM in state CREATED; boot it first"
     );
-    // A create whose rootfs image file vanished fails inside metald: the caller learns a
-    // request id and nothing of the host; the half-made VM is rolled back.
+    // A create whose rootfs image file vanished, with no source to fetch it from: the host
+    // cannot have it now, and the caller learns which image, not where.
     let image = f._dir.path().join("assets").join("r");
     std::fs::remove_file(&image).unwrap();
+    let r = s.rest("acme", "POST", "/v1/vms", Some(request())).await;
+    assert_eq!((r.status, r.code()), (503, "unavailable"), "{r:?}");
+    assert!(!r.message().contains('/'), "{r:?}");
+    // One that cannot be copied fails inside metald: the caller learns a request id and
+    // nothing of the host; the half-made VM is rolled back.
+    std::fs::create_dir(&image).unwrap();
     let r = s.rest("acme", "POST", "/v1/vms", Some(request())).await;
     assert_eq!((r.status, r.code()), (500, "internal"), "{r:?}");
     assert!(
