@@ -8,9 +8,12 @@ use std::fs::{self, File};
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use sha2::{Digest, Sha256};
+
+mod fetch;
+pub use fetch::{fetch_time, AssetSource, DirSource, Fetched};
 
 use crate::domain::now_ms;
 use crate::{AssetCatalog, AssetKind, AssetRecord, StoreError};
@@ -69,6 +72,48 @@ pub enum AssetError {
     /// The catalog failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// This host has no file of the asset, and no source has it either.
+    #[error("image '{0}' is not on this host, and no asset source has it")]
+    Missing(String),
+    /// A source sent other content than the catalog records.
+    #[error("image '{id}' from {from} has sha256 {got}, not the catalog's {recorded}")]
+    Corrupt {
+        /// The id.
+        id: String,
+        /// The source.
+        from: String,
+        /// The catalog's hash.
+        recorded: String,
+        /// The hash of what the source sent.
+        got: String,
+    },
+    /// A source sent more or fewer bytes than the catalog records.
+    #[error("image '{id}' from {from} is not the catalog's {size} bytes")]
+    WrongSize {
+        /// The id.
+        id: String,
+        /// The source.
+        from: String,
+        /// The catalog's size.
+        size: u64,
+    },
+    /// A source took longer than a fetch of this size may.
+    #[error("fetching image '{id}' from {from} took too long")]
+    TimedOut {
+        /// The id.
+        id: String,
+        /// The source.
+        from: String,
+    },
+    /// A source failed (a peer could not be reached, say).
+    #[error("asset source {from}")]
+    Source {
+        /// The source.
+        from: String,
+        /// What went wrong.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> AssetError + 'a {
@@ -112,13 +157,19 @@ pub struct AssetStore {
     dir: PathBuf,
     // Only the catalog: the file store works the same over any store implementation.
     store: Arc<dyn AssetCatalog>,
+    // Where a missing file is fetched from, in order; set once the daemon knows its peers.
+    sources: RwLock<Vec<Arc<dyn AssetSource>>>,
 }
 
 impl AssetStore {
     /// Opens the store rooted at `dir` (created if missing), with its catalog in `store`.
     pub fn open(dir: PathBuf, store: Arc<dyn AssetCatalog>) -> Result<Self, AssetError> {
         fs::create_dir_all(&dir).map_err(io_err("create asset dir", &dir))?;
-        Ok(Self { dir, store })
+        Ok(Self {
+            dir,
+            store,
+            sources: RwLock::new(Vec::new()),
+        })
     }
 
     /// Copies a file into the store and records it.

@@ -161,6 +161,10 @@ pub struct FleetSettings {
     /// The fleet's address space, of which this host is given a /64 (and an IPv4 block) at
     /// registration; `None`: the host's own `UNKEY_METALD_IPV6_PREFIX`/`IPV4_SUBNET`.
     pub prefixes: Option<FleetPrefixes>,
+    /// A directory (an NFS mount, say) holding asset files named by their sha256 or their id,
+    /// which this host copies an image it lacks from before asking its peers
+    /// (`UNKEY_METALD_ASSET_SOURCE`).
+    pub asset_source: Option<PathBuf>,
 }
 
 /// A secret from the environment: never printed by `Debug`.
@@ -841,6 +845,7 @@ fn fleet_settings(env: &Env<'_>) -> Result<FleetSettings, ConfigError> {
         }),
         _ => None,
     };
+    let asset_source = env.optional_abs_path("UNKEY_METALD_ASSET_SOURCE")?;
     Ok(FleetSettings {
         host_id,
         advertise_url,
@@ -848,6 +853,7 @@ fn fleet_settings(env: &Env<'_>) -> Result<FleetSettings, ConfigError> {
         lease,
         database_url,
         prefixes,
+        asset_source,
     })
 }
 

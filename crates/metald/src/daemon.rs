@@ -223,6 +223,12 @@ pub async fn run(mut cfg: Config) -> Result<(), StartError> {
     }
     tracing::info!(host = %me.registration.id, place = me.index, shared = cfg.fleet.database_url.is_some(), "joined the fleet");
     membership.keep_lease();
+    // Images this host lacks come from the operator's directory, then from its peers.
+    assets.set_sources(crate::fleet_assets::sources(
+        &cfg.fleet,
+        cfg.tls.clone(),
+        Arc::clone(&membership),
+    ));
     let vms_dir = cfg.data_dir.join("vms");
     std::fs::create_dir_all(&vms_dir).map_err(|source| StartError::Dir {
         path: vms_dir.clone(),

@@ -24,6 +24,7 @@ pub mod billing;
 pub mod config;
 pub mod daemon;
 pub mod file_stamp;
+pub mod fleet_assets;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod listener;

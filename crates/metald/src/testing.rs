@@ -35,6 +35,7 @@ pub fn fleet_of_one() -> crate::config::FleetSettings {
         lease: Duration::from_secs(10),
         database_url: None,
         prefixes: None,
+        asset_source: None,
     }
 }
 

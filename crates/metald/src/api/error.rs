@@ -2,6 +2,7 @@
 
 use connectrpc::{ConnectError, ErrorCode};
 
+use crate::assets::AssetError;
 use crate::backend::BackendError;
 use crate::service::ServiceError;
 
@@ -48,6 +49,10 @@ pub fn code_for(err: &ServiceError) -> ErrorCode {
         | ServiceError::Store(crate::store::StoreError::HostExhausted(_)) => {
             ErrorCode::ResourceExhausted
         }
+        // The image is on no source this host can reach now: retry later, or on another host.
+        ServiceError::Asset(
+            AssetError::Missing(_) | AssetError::TimedOut { .. } | AssetError::Source { .. },
+        ) => ErrorCode::Unavailable,
         ServiceError::Asset(_)
         | ServiceError::Store(_)
         | ServiceError::Io { .. }
@@ -148,6 +153,21 @@ mod tests {
                 ServiceError::Probe(crate::probe::ProbeError::Missing {
                     path: "/proc/meminfo".into(),
                     what: "MemTotal",
+                }),
+                ErrorCode::Internal,
+                500,
+            ),
+            (
+                ServiceError::Asset(AssetError::Missing("r".into())),
+                ErrorCode::Unavailable,
+                503,
+            ),
+            (
+                ServiceError::Asset(AssetError::Corrupt {
+                    id: "r".into(),
+                    from: "peer host-2".into(),
+                    recorded: "a".into(),
+                    got: "b".into(),
                 }),
                 ErrorCode::Internal,
                 500,

@@ -57,16 +57,75 @@ pub enum Call {
     },
 }
 
-/// HTTP/2 (or 1.1) over rustls with this host's client certificate.
-type PeerTransport =
-    ServiceTransport<Client<hyper_rustls::HttpsConnector<HttpConnector>, ClientBody>>;
+/// HTTP/2 (or 1.1) over rustls with this host's client certificate, sending `B` bodies.
+pub type PeerHttp<B> = Client<hyper_rustls::HttpsConnector<HttpConnector>, B>;
 
-/// How this host calls its peers: the client, rebuilt when the certificate files change
-/// (SPIRE rotates them).
+/// The forwarding client, as connectrpc wants it.
+type PeerTransport = ServiceTransport<PeerHttp<ClientBody>>;
+
+/// Why this host cannot call its peers.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerClientError {
+    /// No certificate to present.
+    #[error("this host has no TLS certificate to call its fleet peers with (UNKEY_METALD_TLS_*)")]
+    NoTls,
+    /// The certificate files do not make a client configuration.
+    #[error("cannot build the client that calls fleet peers")]
+    Tls(#[source] crate::listener::tls::TlsError),
+}
+
+/// The client this host calls its fleet peers with: its own certificate as the client
+/// certificate, the client CA as the roots. Rebuilt when the certificate files change (SPIRE
+/// rotates them); forwarding and asset fetches share how it is made.
+pub struct PeerClient<B> {
+    tls: Option<TlsSettings>,
+    cached: Mutex<Option<Stamped<B>>>,
+}
+
+/// A client with the certificate files' stamps it was built from.
+type Stamped<B> = (Vec<Option<FileStamp>>, PeerHttp<B>);
+
+impl<B> PeerClient<B>
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    /// A client with the host's TLS files (none: every call is refused).
+    pub fn new(tls: Option<TlsSettings>) -> Self {
+        Self {
+            tls,
+            cached: Mutex::new(None),
+        }
+    }
+
+    /// The client for the current certificate files.
+    pub fn get(&self) -> Result<PeerHttp<B>, PeerClientError> {
+        let tls = self.tls.as_ref().ok_or(PeerClientError::NoTls)?;
+        let stamps = stamps_of(tls);
+        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((seen, client)) = cached.as_ref() {
+            if *seen == stamps {
+                return Ok(client.clone());
+            }
+        }
+        let config = peer_client_config(tls).map_err(PeerClientError::Tls)?;
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(config)
+            .https_only()
+            .enable_http1()
+            .enable_http2()
+            .build();
+        let client = Client::builder(TokioExecutor::new()).build(https);
+        *cached = Some((stamps, client.clone()));
+        Ok(client)
+    }
+}
+
+/// How this host calls its peers for the VMs they hold.
 pub struct Peers {
     me: HostId,
-    tls: Option<TlsSettings>,
-    http: Mutex<Option<(Vec<Option<FileStamp>>, PeerTransport)>>,
+    http: PeerClient<ClientBody>,
 }
 
 impl Peers {
@@ -74,38 +133,24 @@ impl Peers {
     pub fn new(me: HostId, tls: Option<TlsSettings>) -> Self {
         Self {
             me,
-            tls,
-            http: Mutex::new(None),
+            http: PeerClient::new(tls),
         }
     }
 
     fn http(&self) -> Result<PeerTransport, ConnectError> {
-        let Some(tls) = &self.tls else {
-            return Err(ConnectError::unavailable(
+        match self.http.get() {
+            Ok(client) => Ok(ServiceTransport::new(client)),
+            Err(PeerClientError::NoTls) => Err(ConnectError::unavailable(
                 "the VM's host is another host of the fleet, and this host has no TLS \
                  certificate to call it with (UNKEY_METALD_TLS_*)",
-            ));
-        };
-        let stamps = stamps_of(tls);
-        let mut cached = self.http.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((seen, client)) = cached.as_ref() {
-            if *seen == stamps {
-                return Ok(client.clone());
+            )),
+            Err(e) => {
+                tracing::error!(error = %crate::report::Chain(&e), "cannot build the client that calls fleet peers");
+                Err(ConnectError::unavailable(
+                    "this host cannot call its fleet peers (see its log)",
+                ))
             }
         }
-        let config = peer_client_config(tls).map_err(|e| {
-            tracing::error!(error = %crate::report::Chain(&e), "cannot build the client that calls fleet peers");
-            ConnectError::unavailable("this host cannot call its fleet peers (see its log)")
-        })?;
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(config)
-            .https_only()
-            .enable_http1()
-            .enable_http2()
-            .build();
-        let client = ServiceTransport::new(Client::builder(TokioExecutor::new()).build(https));
-        *cached = Some((stamps, client.clone()));
-        Ok(client)
     }
 
     /// Creates the VM `req` asks for on `host`, the host placement chose: the host creates it

@@ -7,6 +7,7 @@ pub mod connect;
 pub mod error;
 pub mod forward;
 pub mod handlers;
+pub mod internal;
 pub mod limits;
 pub mod metrics;
 pub mod rest;

@@ -77,6 +77,7 @@ pub fn router(svc: Arc<VmService>, peers: Arc<Peers>) -> Router {
         .route("/v1/usage", get(customer_usage))
         .route("/v1/host", get(host))
         .route("/v1/fleet", get(fleet))
+        .route("/internal/v1/assets/{sha256}", get(super::internal::asset))
         .layer(Extension(peers))
         .with_state(svc)
 }

@@ -357,10 +357,16 @@ async fn errors_keep_their_codes_and_internal_details_stay_in_the_log() {
         r.message(),
         "cannot pause a VM in state CREATED; boot it first"
     );
-    // A create whose rootfs image file vanished fails inside metald: the caller learns a
-    // request id and nothing of the host; the half-made VM is rolled back.
+    // A create whose rootfs image file vanished, with no source to fetch it from: the host
+    // cannot have it now, and the caller learns which image, not where.
     let image = f._dir.path().join("assets").join("r");
     std::fs::remove_file(&image).unwrap();
+    let r = s.rest("acme", "POST", "/v1/vms", Some(request())).await;
+    assert_eq!((r.status, r.code()), (503, "unavailable"), "{r:?}");
+    assert!(!r.message().contains('/'), "{r:?}");
+    // One that cannot be copied fails inside metald: the caller learns a request id and
+    // nothing of the host; the half-made VM is rolled back.
+    std::fs::create_dir(&image).unwrap();
     let r = s.rest("acme", "POST", "/v1/vms", Some(request())).await;
     assert_eq!((r.status, r.code()), (500, "internal"), "{r:?}");
     assert!(
@@ -1025,4 +1031,55 @@ async fn snapshot_routes_create_list_clone_and_delete_within_the_callers_scope()
         s.rest("alice", "GET", "/v1/snapshots", None).await.body["snapshots"],
         Value::Null
     );
+}
+
+/// `GET /internal/v1/assets/{sha256}` streams this host's file of that content to a fleet peer
+/// (a trusted service's certificate), 404 when it has none; a customer's token is refused.
+#[tokio::test]
+async fn only_fleet_peers_get_an_asset_file_by_its_sha256() {
+    use sha2::Digest;
+    let f = fixture();
+    let peer = "spiffe://example.org/metald/host-2";
+    let mut trusting = settings(false);
+    trusting.auth = Arc::new(Authenticator::dev_trusting(peer));
+    // What the TLS listener records for a client certificate with that SPIFFE id.
+    let as_peer = routers(Arc::clone(&f.svc), trusting)
+        .api
+        .layer(axum::Extension(super::auth::Peer {
+            addr: "127.0.0.1:9".parse().unwrap(),
+            service: Some(Arc::from(peer)),
+        }));
+    let p = serve(as_peer).await;
+    let sha = hex_of(&sha2::Sha256::digest(b"image"));
+    let path = format!("/internal/v1/assets/{sha}");
+    let get = |s: &Served, path: String| {
+        s.client
+            .get(format!("{}{path}", s.base))
+            .header(
+                super::auth::CUSTOMER_HEADER,
+                crate::fleet_assets::PEER_CUSTOMER,
+            )
+            .header(super::auth::FORWARDED_HEADER, "host-2")
+            .send()
+    };
+    let r = get(&p, path.clone()).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-length"], "5");
+    assert_eq!(r.bytes().await.unwrap().as_ref(), b"image");
+    let other = format!("/internal/v1/assets/{}", "0".repeat(64));
+    assert_eq!(get(&p, other).await.unwrap().status(), 404);
+    let bad = "/internal/v1/assets/..%2Fdb".to_string();
+    assert_eq!(get(&p, bad).await.unwrap().status(), 400);
+
+    // A customer's token, even one holding every scope a token can, is no peer.
+    let s = api(&f).await;
+    let r = s.rest("acme", "GET", &path, None).await;
+    assert_eq!((r.status, r.code()), (403, "permission_denied"), "{r:?}");
+    // Nor is a certificate that is not a trusted service's, naming a customer.
+    let r = get(&s, path.clone()).await.unwrap();
+    assert_eq!(r.status(), 401);
+}
+
+fn hex_of(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -15,6 +15,7 @@ impl VmService {
         t0: std::time::Instant,
     ) -> Result<VmRecord, ServiceError> {
         let checks_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        self.fetch_assets(&config).await?;
         let rootfs = self
             .assets
             .get_kind(&config.rootfs_image_id, AssetKind::Rootfs)

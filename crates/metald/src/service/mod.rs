@@ -6,6 +6,7 @@
 //! VMM is started with), `supervise` (exits, readiness, re-attach at start) and `usage`
 //! (metering and billing hooks, usage windows).
 
+mod assets_fetch;
 mod capacity;
 mod launch;
 mod placement;
@@ -572,6 +573,7 @@ impl VmService {
                 hint: "; a disk of its own is gone, it can only be deleted",
             }));
         }
+        self.fetch_assets(&vm.config).await?;
         // A clone's first boot restores its snapshot; otherwise a save left by a suspend that
         // never finished (metald killed half way) is stale.
         let how = if self.restores_on_boot(&vm) {

@@ -42,7 +42,13 @@ pub enum Scope {
     VmsWrite,
     /// The host's capacity (operators and the control plane).
     HostRead,
+    /// What only fleet peers ask for (`/internal/...`: an asset's file). No token grants it:
+    /// only a trusted service's client certificate.
+    FleetPeer,
 }
+
+/// Path prefix of the routes only fleet peers may call.
+pub const INTERNAL_PREFIX: &str = "/internal/";
 
 impl Scope {
     /// The scope's name in a token's `scope` claim.
@@ -51,6 +57,7 @@ impl Scope {
             Scope::VmsRead => "vms:read",
             Scope::VmsWrite => "vms:write",
             Scope::HostRead => "host:read",
+            Scope::FleetPeer => "fleet:peer",
         }
     }
 }
@@ -61,14 +68,24 @@ pub struct Scopes {
     read: bool,
     write: bool,
     host: bool,
+    peer: bool,
 }
 
 impl Scopes {
-    /// Every scope: dev tokens and trusted services.
+    /// Every scope a token can grant: dev tokens.
     pub const ALL: Scopes = Scopes {
         read: true,
         write: true,
         host: true,
+        peer: false,
+    };
+
+    /// Every scope: trusted services (fleet peers among them).
+    pub const TRUSTED: Scopes = Scopes {
+        read: true,
+        write: true,
+        host: true,
+        peer: true,
     };
 
     /// The scopes named in a space-separated `scope` claim; unknown names are ignored.
@@ -91,6 +108,7 @@ impl Scopes {
             Scope::VmsRead => self.read,
             Scope::VmsWrite => self.write,
             Scope::HostRead => self.host,
+            Scope::FleetPeer => self.peer,
         }
     }
 }
@@ -182,7 +200,9 @@ pub fn required_scope(method: &Method, path: &str) -> Scope {
             _ => Scope::VmsWrite,
         };
     }
-    if path == "/v1/host" || path == "/v1/fleet" {
+    if path.starts_with(INTERNAL_PREFIX) {
+        Scope::FleetPeer
+    } else if path == "/v1/host" || path == "/v1/fleet" {
         Scope::HostRead
     } else if method == Method::GET || method == Method::HEAD {
         Scope::VmsRead
@@ -237,6 +257,15 @@ impl Authenticator {
         }
     }
 
+    /// Dev tokens, and `service` as the one trusted service (tests).
+    #[cfg(test)]
+    pub(crate) fn dev_trusting(service: &str) -> Self {
+        Self {
+            trusted: [service.to_string()].into(),
+            ..Self::dev()
+        }
+    }
+
     /// Whether this is the loopback-only dev mode.
     pub fn is_dev(&self) -> bool {
         matches!(self.mode, Mode::Dev)
@@ -284,7 +313,7 @@ impl Authenticator {
                         }
                         (customer, claims.subject, claims.scopes)
                     }
-                    _ => (customer, None, Scopes::ALL),
+                    _ => (customer, None, Scopes::TRUSTED),
                 }
             }
             None => match &self.mode {
@@ -397,6 +426,8 @@ mod tests {
             ),
             (Method::POST, "/v1/vms", Scope::VmsWrite),
             (Method::DELETE, "/v1/vms/x", Scope::VmsWrite),
+            (Method::GET, "/internal/v1/assets/ab", Scope::FleetPeer),
+            (Method::GET, "/internal/anything", Scope::FleetPeer),
         ];
         for (m, p, s) in cases {
             assert_eq!(required_scope(&m, p), s, "{m} {p}");
@@ -410,6 +441,10 @@ mod tests {
         assert!(!s.allows(Scope::VmsWrite));
         assert!(!s.allows(Scope::HostRead));
         assert!(Scopes::ALL.allows(Scope::HostRead));
+        // No token is a fleet peer, whatever its claim says.
+        assert!(!Scopes::ALL.allows(Scope::FleetPeer));
+        assert!(!Scopes::parse(["fleet:peer"]).allows(Scope::FleetPeer));
+        assert!(Scopes::TRUSTED.allows(Scope::FleetPeer));
     }
 
     #[test]
@@ -459,7 +494,7 @@ mod tests {
         let (id, scopes) = auth.authenticate(&h, Some(&peer(Some(ctl)))).await.unwrap();
         assert_eq!(id.customer.to_string(), "acme");
         assert_eq!(id.service.as_deref(), Some(ctl));
-        assert_eq!(scopes, Scopes::ALL);
+        assert_eq!(scopes, Scopes::TRUSTED);
 
         let other = peer(Some("spiffe://example.org/intruder"));
         let err = auth.authenticate(&h, Some(&other)).await.unwrap_err();
