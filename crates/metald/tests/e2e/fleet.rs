@@ -44,6 +44,17 @@ fn hosts_share_one_database_place_and_forward_and_report_a_dead_host_down() {
             assert_eq!(status_of(&fleet, id), "HOST_STATUS_UP", "{fleet}");
         }
     }
+    // C lost its image files (the shared catalog still lists them): its first create fetches
+    // them from a peer over mTLS, verified by their sha256.
+    let c_assets = hosts[2].m.data_dir.join("assets");
+    let mut removed = Vec::new();
+    for entry in std::fs::read_dir(&c_assets).unwrap() {
+        let path = entry.unwrap().path();
+        removed.push((path.clone(), std::fs::read(&path).unwrap()));
+        std::fs::remove_file(&path).unwrap();
+    }
+    assert!(!removed.is_empty());
+
     // Placement: 30 creates of one customer through A spread evenly over the three hosts.
     let mut spread = Vec::new();
     for _ in 0..30 {
@@ -58,6 +69,24 @@ fn hosts_share_one_database_place_and_forward_and_report_a_dead_host_down() {
         spread.push(r.body["vm"]["vmId"].as_str().unwrap().to_string());
     }
     assert_eq!(cp.vm_counts(&hosts[2]), [10, 10, 10]);
+    assert!(
+        hosts[2]
+            .m
+            .log_text()
+            .contains("fetching an image from a peer"),
+        "{}",
+        hosts[2].m.log_text()
+    );
+    for (path, content) in &removed {
+        if path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .contains(ROOTFS_ID)
+        {
+            assert_eq!(&std::fs::read(path).unwrap(), content, "{}", path.display());
+        }
+    }
     cp.delete_all(&hosts, "spread", &spread);
     assert_eq!(cp.vm_counts(&hosts[0]), [0, 0, 0]);
     // 60 creates at once, through all three hosts, against room for 40: exactly 40 are made,
