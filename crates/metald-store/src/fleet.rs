@@ -38,6 +38,10 @@ pub trait FleetStore: Send + Sync {
     /// store that serves one host, or a VM that does not exist.
     fn vm_host(&self, vm: &VmId) -> Result<Option<HostId>, StoreError>;
 
+    /// The host holding the snapshot's files, for a store whose snapshots live on several
+    /// hosts; `None` for a store that serves one host, or a snapshot that does not exist.
+    fn snapshot_host(&self, snapshot: &str) -> Result<Option<HostId>, StoreError>;
+
     /// What each host holds, with how many VMs of `customer` are among them, for placing a
     /// VM; empty for a store that serves one host (nothing to place).
     fn host_loads(&self, customer: &CustomerId) -> Result<Vec<HostLoad>, StoreError>;
@@ -249,6 +253,10 @@ impl FleetStore for Store {
 
     fn host_loads(&self, _customer: &CustomerId) -> Result<Vec<HostLoad>, StoreError> {
         Ok(Vec::new())
+    }
+
+    fn snapshot_host(&self, _snapshot: &str) -> Result<Option<HostId>, StoreError> {
+        Ok(None)
     }
 }
 

@@ -150,14 +150,27 @@ impl FleetStore for PgStore {
     }
 
     fn vm_host(&self, vm: &VmId) -> Result<Option<HostId>, StoreError> {
-        let vm = vm.to_string();
+        self.host_of("SELECT host_id FROM vms WHERE id = $1", vm.to_string())
+    }
+
+    fn snapshot_host(&self, snapshot: &str) -> Result<Option<HostId>, StoreError> {
+        self.host_of(
+            "SELECT host_id FROM snapshots WHERE id = $1",
+            snapshot.to_string(),
+        )
+    }
+}
+
+impl PgStore {
+    /// The host id `query` reads for `key`, if a row has it.
+    fn host_of(&self, query: &'static str, key: String) -> Result<Option<HostId>, StoreError> {
         let host: Option<String> = self.pool.run(move |client, _| {
             client
-                .query_opt("SELECT host_id FROM vms WHERE id = $1", &[&vm])
-                .map_err(pg("read vm host"))?
+                .query_opt(query, &[&key])
+                .map_err(pg("read host of"))?
                 .map(|r| r.try_get(0))
                 .transpose()
-                .map_err(pg("read vm host"))
+                .map_err(pg("read host of"))
         })?;
         host.map(|h| {
             h.parse()

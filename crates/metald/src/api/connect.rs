@@ -215,7 +215,7 @@ impl pb::VmService for ConnectApi {
         request: ServiceRequest<'_, pb::CreateSnapshotRequest>,
     ) -> ServiceResult<pb::CreateSnapshotResponse> {
         let who = identity(&ctx)?;
-        Response::ok(h::create_snapshot(&self.svc, &who, request.vm_id).await?)
+        Response::ok(h::create_snapshot(&self.svc, &self.peers, &who, request.vm_id).await?)
     }
 
     async fn list_snapshots(
@@ -233,7 +233,7 @@ impl pb::VmService for ConnectApi {
         request: ServiceRequest<'_, pb::DeleteSnapshotRequest>,
     ) -> ServiceResult<pb::DeleteSnapshotResponse> {
         let who = identity(&ctx)?;
-        h::delete_snapshot(&self.svc, &who, request.snapshot_id).await?;
+        h::delete_snapshot(&self.svc, &self.peers, &who, request.snapshot_id).await?;
         Response::ok(pb::DeleteSnapshotResponse::default())
     }
 

@@ -175,6 +175,36 @@ impl Peers {
         Ok(for_caller(info, who))
     }
 
+    /// CreateSnapshot on the VM's host (the snapshot's files are written there).
+    pub async fn create_snapshot(
+        &self,
+        host: &HostRecord,
+        who: &Identity,
+        req: pb::CreateSnapshotRequest,
+    ) -> Result<pb::CreateSnapshotResponse, ConnectError> {
+        let client = self.client(host)?;
+        Ok(client
+            .create_snapshot_with_options(req, self.options(who))
+            .await
+            .map_err(|e| peer_error(e, &host.registration))?
+            .into_owned())
+    }
+
+    /// DeleteSnapshot on the host holding the snapshot's files.
+    pub async fn delete_snapshot(
+        &self,
+        host: &HostRecord,
+        who: &Identity,
+        req: pb::DeleteSnapshotRequest,
+    ) -> Result<(), ConnectError> {
+        let client = self.client(host)?;
+        client
+            .delete_snapshot_with_options(req, self.options(who))
+            .await
+            .map_err(|e| peer_error(e, &host.registration))?;
+        Ok(())
+    }
+
     /// GetVmConsole on the VM's host (its console log is a file there).
     pub async fn console(
         &self,

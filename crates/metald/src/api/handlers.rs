@@ -220,15 +220,32 @@ pub async fn create_vm(
     who: &Arc<Identity>,
     req: pb::CreateVmRequest,
 ) -> Result<pb::CreateVmResponse, ConnectError> {
-    let config = match req.config.as_option() {
-        Some(c) if req.from_snapshot.is_empty() => config_from_proto(c),
-        // A clone is made where its snapshot's files are: this host (placement of clones is
-        // not built yet), and a call a peer placed here is made here.
-        _ => return create_here(svc, who, req).await,
-    };
     if who.forwarded {
+        // A peer placed it here.
         return create_here(svc, who, req).await;
     }
+    if !req.from_snapshot.is_empty() {
+        // A clone is made where its snapshot's files are.
+        let snapshot = snapshot_id("from_snapshot", &req.from_snapshot)?;
+        return match svc
+            .snapshot_whereabouts(&who.customer, &snapshot)
+            .map_err(err)?
+        {
+            Whereabouts::Here => create_here(svc, who, req).await,
+            Whereabouts::Peer(host) => {
+                peers
+                    .create(&host, who, req)
+                    .await
+                    .map(|vm| pb::CreateVmResponse {
+                        vm: vm.into(),
+                        ..Default::default()
+                    })
+            }
+        };
+    }
+    let Some(config) = req.config.as_option().map(config_from_proto) else {
+        return create_here(svc, who, req).await;
+    };
     let mut last = None;
     for place in svc.placement(&who.customer, &config).map_err(err)? {
         let result = match &place {
@@ -350,14 +367,18 @@ pub fn snapshot_to_proto(s: &crate::store::SnapshotRecord) -> pb::Snapshot {
 /// CreateSnapshot.
 pub async fn create_snapshot(
     svc: &Arc<VmService>,
+    peers: &Peers,
     who: &Arc<Identity>,
     id: &str,
 ) -> Result<pb::CreateSnapshotResponse, ConnectError> {
     let id = vm_id("vm_id", id)?;
-    if let Whereabouts::Peer(_) = svc.whereabouts(&who.customer, &id).await.map_err(err)? {
-        return Err(ConnectError::unimplemented(
-            "CreateSnapshot of a VM another host of the fleet holds is not forwarded yet",
-        ));
+    // The snapshot's files are written on the VM's host.
+    if let Whereabouts::Peer(host) = svc.whereabouts(&who.customer, &id).await.map_err(err)? {
+        let req = pb::CreateSnapshotRequest {
+            vm_id: id.to_string(),
+            ..Default::default()
+        };
+        return peers.create_snapshot(&host, who, req).await;
     }
     let (s, c, vm) = (Arc::clone(svc), who.customer.clone(), id.clone());
     let work = async move { s.create_snapshot(&c, &vm).await };
@@ -383,10 +404,19 @@ pub async fn list_snapshots(
 /// DeleteSnapshot.
 pub async fn delete_snapshot(
     svc: &Arc<VmService>,
+    peers: &Peers,
     who: &Arc<Identity>,
     id: &str,
 ) -> Result<(), ConnectError> {
     let id = snapshot_id("snapshot_id", id)?;
+    // Its files go with it, on the host that holds them.
+    if let Whereabouts::Peer(host) = svc.snapshot_whereabouts(&who.customer, &id).map_err(err)? {
+        let req = pb::DeleteSnapshotRequest {
+            snapshot_id: id,
+            ..Default::default()
+        };
+        return peers.delete_snapshot(&host, who, req).await;
+    }
     let (s, customer) = (Arc::clone(svc), who.customer.clone());
     effect(who, "DeleteSnapshot", None, async move {
         s.delete_snapshot(&customer, &id).await

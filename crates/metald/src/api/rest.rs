@@ -217,9 +217,10 @@ async fn suspend(
 async fn create_snapshot(
     State(svc): Svc,
     Extension(caller): Extension<Caller>,
+    Extension(peers): Extension<Arc<Peers>>,
     Path(id): Path<String>,
 ) -> Reply {
-    let run = async { h::create_snapshot(&svc, caller.identity()?, &id).await };
+    let run = async { h::create_snapshot(&svc, &peers, caller.identity()?, &id).await };
     done(StatusCode::CREATED, run.await)
 }
 
@@ -231,9 +232,10 @@ async fn list_snapshots(State(svc): Svc, Extension(caller): Extension<Caller>) -
 async fn delete_snapshot(
     State(svc): Svc,
     Extension(caller): Extension<Caller>,
+    Extension(peers): Extension<Arc<Peers>>,
     Path(id): Path<String>,
 ) -> Reply {
-    let run = async { h::delete_snapshot(&svc, caller.identity()?, &id).await };
+    let run = async { h::delete_snapshot(&svc, &peers, caller.identity()?, &id).await };
     done(
         StatusCode::OK,
         run.await.map(|()| pb::DeleteSnapshotResponse::default()),

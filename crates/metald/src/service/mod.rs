@@ -406,19 +406,43 @@ impl VmService {
             Some(host) if host == me => Ok(Whereabouts::Here),
             Some(host) => {
                 self.load(customer, id).await?;
-                let record = self
-                    .cfg
-                    .membership
-                    .hosts()?
-                    .into_iter()
-                    .find(|h| h.registration.id == host);
-                match record {
-                    Some(h) if h.status == crate::fleet::HostStatus::Up => {
-                        Ok(Whereabouts::Peer(Box::new(h)))
-                    }
-                    _ => Err(ServiceError::HostDown),
-                }
+                self.peer(&host)
             }
+        }
+    }
+
+    /// [`VmService::whereabouts`] of the caller's snapshot `id`: the host holding its files.
+    pub fn snapshot_whereabouts(
+        &self,
+        customer: &CustomerId,
+        id: &str,
+    ) -> Result<Whereabouts, ServiceError> {
+        let me = self.cfg.membership.host_id();
+        match self.store.snapshot_host(id)? {
+            None => Ok(Whereabouts::Here),
+            Some(host) if host == me => Ok(Whereabouts::Here),
+            Some(host) => {
+                if self.store.get_snapshot(customer, id)?.is_none() {
+                    return Err(ServiceError::SnapshotNotFound(id.to_string()));
+                }
+                self.peer(&host)
+            }
+        }
+    }
+
+    /// An UP peer to call, or the reason it cannot be.
+    fn peer(&self, host: &crate::fleet::HostId) -> Result<Whereabouts, ServiceError> {
+        let record = self
+            .cfg
+            .membership
+            .hosts()?
+            .into_iter()
+            .find(|h| h.registration.id == *host);
+        match record {
+            Some(h) if h.status == crate::fleet::HostStatus::Up => {
+                Ok(Whereabouts::Peer(Box::new(h)))
+            }
+            _ => Err(ServiceError::HostDown),
         }
     }
 

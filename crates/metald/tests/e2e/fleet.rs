@@ -220,6 +220,50 @@ fn hosts_share_one_database_place_and_forward_and_report_a_dead_host_down() {
     );
     assert_eq!(usage.status, 200, "{usage:?}");
     assert_eq!(usage.body["vmId"], id.as_str(), "{usage:?}");
+    // A snapshot asked through A is written on B; a clone asked through C is made on B, where
+    // the snapshot's files are; deleting the snapshot through C removes them there.
+    let snap = cp.call(
+        &hosts[0],
+        "acme",
+        "POST",
+        &format!("/v1/vms/{id}/snapshots"),
+        None,
+    );
+    assert_eq!(snap.status, 201, "{snap:?} {}", hosts[1].m.log_text());
+    let sid = snap.body["snapshot"]["snapshotId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let files = hosts[1].m.data_dir.join("snapshots").join(&sid);
+    assert!(
+        files.join("snapshot.state").is_file(),
+        "{}",
+        files.display()
+    );
+    let before = cp.vm_counts(&hosts[0]);
+    let clone = cp.call(
+        &hosts[2],
+        "acme",
+        "POST",
+        "/v1/vms",
+        Some(&serde_json::json!({"fromSnapshot": sid})),
+    );
+    assert_eq!(clone.status, 201, "{clone:?}");
+    assert_eq!(
+        cp.vm_counts(&hosts[0]),
+        [before[0], before[1] + 1, before[2]]
+    );
+    let clone_id = clone.body["vm"]["vmId"].as_str().unwrap().to_string();
+    cp.delete_all(&hosts, "acme", &[clone_id]);
+    let r = cp.call(
+        &hosts[2],
+        "acme",
+        "DELETE",
+        &format!("/v1/snapshots/{sid}"),
+        None,
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(!files.exists(), "the snapshot's files went with it on B");
 
     // SIGKILL B: within its lease it is DOWN everywhere; its VM keeps its last state, shows
     // the host DOWN, and a call that needs B answers unavailable.
