@@ -15,7 +15,7 @@ use crate::domain::{
 };
 use crate::fleet::HostStatus;
 use crate::metering::Counters;
-use crate::service::{Amount, ServiceError, ShutdownRequest, VmService, Whereabouts};
+use crate::service::{Amount, HeldBy, ServiceError, ShutdownRequest, VmService, Whereabouts};
 use crate::state::VmState;
 
 /// Parses a VM id field.
@@ -604,10 +604,32 @@ pub async fn get_vm(
         .get(&who.customer, &vm_id("vm_id", id)?)
         .await
         .map_err(err)?;
-    let status = svc.host_status(std::slice::from_ref(&vm)).map_err(err)?;
-    let mut info = vm_info(svc, &vm, who);
-    info.host_status = host_status_to_proto(status[0]).into();
-    Ok(info)
+    let held = svc.held_by(std::slice::from_ref(&vm)).map_err(err)?;
+    Ok(read_info(svc, &vm, who, &held[0]))
+}
+
+/// A VM as a read from the shared store shows it: another host's VM has that host's status
+/// and its gateways from that host's blocks; its host-side names are that host's, not known
+/// here (an operator asks that host).
+fn read_info(svc: &VmService, vm: &VmRecord, who: &Identity, held: &HeldBy) -> pb::VmInfo {
+    let mut info = vm_info(svc, vm, who);
+    let host = match held {
+        HeldBy::Here => return info,
+        HeldBy::Gone => None,
+        HeldBy::Peer(h) => Some(h),
+    };
+    info.host_status = host_status_to_proto(host.map_or(HostStatus::Down, |h| h.status)).into();
+    info.vmm_pid = 0;
+    if let Some(net) = info.network.as_option_mut() {
+        net.tap_device.clear();
+        net.network_namespace.clear();
+        net.host_interface.clear();
+        if let Some((v6, v4)) = host.and_then(|h| svc.blocks_of(h.index)) {
+            net.gateway_ipv6 = v6.gateway().to_string();
+            net.gateway_ipv4 = v4.map(|s| s.gateway().to_string()).unwrap_or_default();
+        }
+    }
+    info
 }
 
 fn host_status_to_proto(s: HostStatus) -> pb::HostStatus {
@@ -629,17 +651,13 @@ pub async fn list_vms(
         .list(&who.customer, state, page_size, page_token)
         .await
         .map_err(err)?;
-    let statuses = svc.host_status(&page.vms).map_err(err)?;
+    let held = svc.held_by(&page.vms).map_err(err)?;
     Ok(pb::ListVmsResponse {
         vms: page
             .vms
             .iter()
-            .zip(statuses)
-            .map(|(vm, status)| {
-                let mut info = vm_info(svc, vm, who);
-                info.host_status = host_status_to_proto(status).into();
-                info
-            })
+            .zip(&held)
+            .map(|(vm, held)| read_info(svc, vm, who, held))
             .collect(),
         next_page_token: page.next_page_token,
         ..Default::default()

@@ -221,6 +221,17 @@ pub enum Whereabouts {
     Peer(Box<crate::fleet::HostRecord>),
 }
 
+/// Which host holds a VM a read shows ([`VmService::held_by`]).
+#[derive(Debug)]
+pub enum HeldBy {
+    /// This host.
+    Here,
+    /// Another host of the fleet.
+    Peer(Box<crate::fleet::HostRecord>),
+    /// A host no longer registered.
+    Gone,
+}
+
 /// The lifecycle service.
 pub struct VmService {
     store: Arc<dyn StateStore>,
@@ -467,20 +478,17 @@ impl VmService {
         Ok(placement::rank(hosts, &loads, &me, config, headroom))
     }
 
-    /// Whether the host of each of `vms` renews its lease (reads from a shared store show VMs
-    /// of every host; this host's own are UP).
-    pub fn host_status(
-        &self,
-        vms: &[VmRecord],
-    ) -> Result<Vec<crate::fleet::HostStatus>, ServiceError> {
-        use crate::fleet::HostStatus;
+    /// Where each of `vms` is held, for reads from a shared store that show VMs of every host:
+    /// `None` for this host's own, else the other host's record (`None` too when that host
+    /// is not registered any more).
+    pub fn held_by(&self, vms: &[VmRecord]) -> Result<Vec<HeldBy>, ServiceError> {
         let me = self.cfg.membership.host_id();
         let mut hosts: Option<Vec<crate::fleet::HostRecord>> = None;
         let mut out = Vec::with_capacity(vms.len());
         for vm in vms {
-            let status = match self.store.vm_host(&vm.id)? {
-                None => HostStatus::Up,
-                Some(h) if h == me => HostStatus::Up,
+            let held = match self.store.vm_host(&vm.id)? {
+                None => HeldBy::Here,
+                Some(h) if h == me => HeldBy::Here,
                 Some(h) => {
                     if hosts.is_none() {
                         hosts = Some(self.cfg.membership.hosts()?);
@@ -489,12 +497,23 @@ impl VmService {
                         .iter()
                         .flatten()
                         .find(|r| r.registration.id == h)
-                        .map_or(HostStatus::Down, |r| r.status)
+                        .map_or(HeldBy::Gone, |r| HeldBy::Peer(Box::new(r.clone())))
                 }
             };
-            out.push(status);
+            out.push(held);
         }
         Ok(out)
+    }
+
+    /// The address blocks the fleet gave the host at `index`.
+    pub fn blocks_of(
+        &self,
+        index: u64,
+    ) -> Option<(
+        crate::network::ipam::Ipv6Prefix,
+        Option<crate::network::ipam::Ipv4Subnet>,
+    )> {
+        self.cfg.membership.blocks(index)
     }
 
     async fn load(&self, customer: &CustomerId, id: &VmId) -> Result<VmRecord, ServiceError> {

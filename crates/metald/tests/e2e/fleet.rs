@@ -196,6 +196,14 @@ fn hosts_share_one_database_place_and_forward_and_report_a_dead_host_down() {
         std::thread::sleep(Duration::from_millis(250));
     }
     hosts[1].m.iso.as_ref().unwrap().netns.assert_pings(v6);
+    // Read through C from the shared store, it shows B's gateways, as B does.
+    let on_b = cp.call(&hosts[1], "acme", "GET", &format!("/v1/vms/{id}"), None);
+    let via_c = cp.call(&hosts[2], "acme", "GET", &format!("/v1/vms/{id}"), None);
+    for field in ["gatewayIpv6", "gatewayIpv4", "ipv6Address", "ipv4Address"] {
+        let want = &on_b.body["vm"]["network"][field];
+        assert!(want.as_str().is_some_and(|v| !v.is_empty()), "{on_b:?}");
+        assert_eq!(&via_c.body["vm"]["network"][field], want, "{field}: {via_c:?}");
+    }
     // Its console log (a file on B) and its live usage (B's meter) read through A.
     let console = cp.call(
         &hosts[0],
