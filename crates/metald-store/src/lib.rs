@@ -281,17 +281,21 @@ impl Store {
     }
 }
 
+/// A database at schema `found` is refused by a binary that knows `known` versions if it is
+/// newer: its data may mean what this binary cannot read.
+pub(crate) fn not_newer(found: i64, known: i64) -> Result<(), StoreError> {
+    if found > known {
+        return Err(StoreError::TooNew { found, known });
+    }
+    Ok(())
+}
+
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .map_err(sql("read schema version"))?;
     let known = MIGRATIONS.len() as i64;
-    if version > known {
-        return Err(StoreError::TooNew {
-            found: version,
-            known,
-        });
-    }
+    not_newer(version, known)?;
     for (i, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         // Each migration and its version bump commit together, so a crash never half-applies one.
         let batch = format!(

@@ -440,13 +440,36 @@ pub(crate) fn count(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
-/// What VMs that run, are paused or are being booted hold.
-struct Running {
-    vms: u64,
-    vcpus: u64,
-    guest_memory_bytes: u64,
+/// What VMs that run, are paused or are being booted hold (both engines).
+pub(crate) struct Running {
+    pub(crate) vms: u64,
+    pub(crate) vcpus: u64,
+    pub(crate) guest_memory_bytes: u64,
     /// Guest memory plus each VMM's headroom.
-    memory_bytes: u64,
+    pub(crate) memory_bytes: u64,
+}
+
+impl From<BTreeMap<String, (i64, i64, i64)>> for Running {
+    /// The totals of per-VMM (VMs, vCPUs, guest memory) sums, each VMM's headroom added.
+    fn from(per_backend: BTreeMap<String, (i64, i64, i64)>) -> Self {
+        let mut out = Running {
+            vms: 0,
+            vcpus: 0,
+            guest_memory_bytes: 0,
+            memory_bytes: 0,
+        };
+        for (backend, (vms, vcpus, memory)) in per_backend {
+            let (vms, memory) = (count(vms), count(memory));
+            out.vms = out.vms.saturating_add(vms);
+            out.vcpus = out.vcpus.saturating_add(count(vcpus));
+            out.guest_memory_bytes = out.guest_memory_bytes.saturating_add(memory);
+            out.memory_bytes = out
+                .memory_bytes
+                .saturating_add(memory)
+                .saturating_add(vms.saturating_mul(headroom_mib(&backend) * MIB));
+        }
+        out
+    }
 }
 
 /// The VMs that run, are paused or are being booted, of `customer` (every customer's with
@@ -496,28 +519,12 @@ fn running(
             *t = (t.0 - 1, t.1 - vcpus, t.2 - memory);
         }
     }
-    let mut out = Running {
-        vms: 0,
-        vcpus: 0,
-        guest_memory_bytes: 0,
-        memory_bytes: 0,
-    };
-    for (backend, (vms, vcpus, memory)) in per_backend {
-        let (vms, memory) = (count(vms), count(memory));
-        out.vms = out.vms.saturating_add(vms);
-        out.vcpus = out.vcpus.saturating_add(count(vcpus));
-        out.guest_memory_bytes = out.guest_memory_bytes.saturating_add(memory);
-        out.memory_bytes = out
-            .memory_bytes
-            .saturating_add(memory)
-            .saturating_add(vms.saturating_mul(headroom_mib(&backend) * MIB));
-    }
-    Ok(out)
+    Ok(Running::from(per_backend))
 }
 
 /// The headroom of the VMM a VM names; a name this metald does not know counts as the largest,
 /// so it never lets the host be overbooked.
-fn headroom_mib(backend: &str) -> u64 {
+pub(crate) fn headroom_mib(backend: &str) -> u64 {
     BackendKind::parse(backend).map_or(
         BackendKind::Qemu.memory_headroom_mib(),
         BackendKind::memory_headroom_mib,

@@ -175,7 +175,7 @@ impl PgStore {
         host.map(|h| {
             h.parse()
                 .map_err(|e: metald_domain::fleet::BadHostId| StoreError::Corrupt {
-                    id: vm_id_text(&h),
+                    id: host_row(&h),
                     reason: e.to_string(),
                 })
         })
@@ -218,7 +218,7 @@ impl PgStore {
                 Ok(HostLoad {
                     host: host.parse().map_err(|e: metald_domain::fleet::BadHostId| {
                         StoreError::Corrupt {
-                            id: vm_id_text(&host),
+                            id: host_row(&host),
                             reason: e.to_string(),
                         }
                     })?,
@@ -232,6 +232,7 @@ impl PgStore {
     }
 }
 
-fn vm_id_text(host: &str) -> String {
+/// The id a corrupt host id is reported under.
+fn host_row(host: &str) -> String {
     format!("host {host}")
 }

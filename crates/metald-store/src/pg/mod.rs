@@ -134,12 +134,7 @@ fn migrate(client: &mut postgres::Client) -> Result<(), StoreError> {
         .and_then(|r| r.try_get(0))
         .map_err(pg("read schema version"))?;
     let known = MIGRATIONS.len() as i64;
-    if version > known {
-        return Err(StoreError::TooNew {
-            found: version,
-            known,
-        });
-    }
+    crate::not_newer(version, known)?;
     for (i, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         tx.batch_execute(migration).map_err(pg("migrate"))?;
         tx.execute(
@@ -153,11 +148,6 @@ fn migrate(client: &mut postgres::Client) -> Result<(), StoreError> {
 
 fn pg(op: &'static str) -> impl FnOnce(postgres::Error) -> StoreError {
     move |source| StoreError::Postgres { op, source }
-}
-
-/// A count or sum as a `u64` (they are never negative).
-fn count(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
 }
 
 /// A size as PostgreSQL's BIGINT (sizes past `i64::MAX` do not exist).

@@ -5,8 +5,9 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use postgres::Row;
 
 use super::vms::{insert_vm_tx, lock_customer, snapshot_bytes};
-use super::{count, pg, to_i64, PgStore};
+use super::{pg, to_i64, PgStore};
 use crate::domain::{CustomerId, VmConfig, VmId, VmRecord, MIB};
+use crate::vms::count;
 use crate::{
     within, AssetCatalog, AssetKind, AssetRecord, BillingStore, InnerIdentity, OutboxRow,
     SnapshotRecord, SnapshotState, SnapshotStore, StoreError, StoredLimits, UsageStore,

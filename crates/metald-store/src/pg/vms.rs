@@ -4,9 +4,10 @@ use std::collections::BTreeMap;
 
 use postgres::{GenericClient, Row, Transaction};
 
-use super::{count, pg, to_i64, PgStore};
-use crate::domain::{BackendKind, CustomerId, VmConfig, VmId, VmNet, VmRecord, MIB};
+use super::{pg, to_i64, PgStore};
+use crate::domain::{CustomerId, VmConfig, VmId, VmNet, VmRecord, MIB};
 use crate::state::{VmLife, VmState};
+use crate::vms::{count, headroom_mib, Running};
 use crate::{
     within, HostLimits, HostUsage, RunLimits, Shortage, StoreError, StoredLimits, VmStore,
 };
@@ -713,45 +714,6 @@ fn holding(
         );
     }
     Ok(out)
-}
-
-/// What VMs that run, are paused or are being booted hold.
-struct Running {
-    vms: u64,
-    vcpus: u64,
-    guest_memory_bytes: u64,
-    /// Guest memory plus each VMM's headroom.
-    memory_bytes: u64,
-}
-
-impl From<BTreeMap<String, (i64, i64, i64)>> for Running {
-    fn from(per_backend: BTreeMap<String, (i64, i64, i64)>) -> Self {
-        let mut out = Running {
-            vms: 0,
-            vcpus: 0,
-            guest_memory_bytes: 0,
-            memory_bytes: 0,
-        };
-        for (backend, (vms, vcpus, memory)) in per_backend {
-            let (vms, memory) = (count(vms), count(memory));
-            out.vms = out.vms.saturating_add(vms);
-            out.vcpus = out.vcpus.saturating_add(count(vcpus));
-            out.guest_memory_bytes = out.guest_memory_bytes.saturating_add(memory);
-            out.memory_bytes = out
-                .memory_bytes
-                .saturating_add(memory)
-                .saturating_add(vms.saturating_mul(headroom_mib(&backend) * MIB));
-        }
-        out
-    }
-}
-
-/// As SQLite's: an unknown VMM counts as the largest headroom.
-fn headroom_mib(backend: &str) -> u64 {
-    BackendKind::parse(backend).map_or(
-        BackendKind::Qemu.memory_headroom_mib(),
-        BackendKind::memory_headroom_mib,
-    )
 }
 
 fn config_json(vm: &VmRecord) -> Result<String, StoreError> {

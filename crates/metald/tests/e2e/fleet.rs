@@ -202,7 +202,10 @@ fn hosts_share_one_database_place_and_forward_and_report_a_dead_host_down() {
     for field in ["gatewayIpv6", "gatewayIpv4", "ipv6Address", "ipv4Address"] {
         let want = &on_b.body["vm"]["network"][field];
         assert!(want.as_str().is_some_and(|v| !v.is_empty()), "{on_b:?}");
-        assert_eq!(&via_c.body["vm"]["network"][field], want, "{field}: {via_c:?}");
+        assert_eq!(
+            &via_c.body["vm"]["network"][field], want,
+            "{field}: {via_c:?}"
+        );
     }
     // Its console log (a file on B) and its live usage (B's meter) read through A.
     let console = cp.call(
