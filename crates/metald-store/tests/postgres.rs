@@ -133,6 +133,14 @@ fn main() {
         let run = with_server(Box::new(test));
         trials.push(Trial::test(format!("pg::{name}"), run).with_ignored_flag(skip));
     }
+    // A server of its own, listening with TLS.
+    trials.push(
+        Trial::test(
+            "pg::a_database_over_tls_is_reached_only_with_its_ca",
+            a_database_over_tls_is_reached_only_with_its_ca,
+        )
+        .with_ignored_flag(skip),
+    );
     // Restarts its own server, so the others' connections are not cut.
     trials.push(
         Trial::test(
@@ -450,6 +458,60 @@ fn placement_never_overbooks_a_host_under_concurrent_creates(server: &TestPostgr
     stores[0]
         .insert_vm(&record("p", VmState::Created), Some(&plan()))
         .unwrap();
+}
+
+/// A client configuration trusting only `ca` (ring, as metald's).
+fn trusting(ca: &rcgen::Certificate) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der().clone()).unwrap();
+    rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth()
+}
+
+/// A database reached over the network is reached over TLS, verified against the CA the
+/// operator names: with it the store works; without TLS, or trusting another CA, it does not
+/// open.
+fn a_database_over_tls_is_reached_only_with_its_ca() -> Result<(), Failed> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+    let ca = |name: &str| {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let key = KeyPair::generate().unwrap();
+        let cert = p.self_signed(&key).unwrap();
+        (rcgen::Issuer::new(p, key), cert)
+    };
+    let (issuer, ca_cert) = ca("db test CA");
+    let (_, other_ca) = ca("another CA");
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.subject_alt_names
+        .push(SanType::IpAddress([127, 0, 0, 1].into()));
+    let key = KeyPair::generate().unwrap();
+    let cert = p.signed_by(&key, &issuer).unwrap();
+    let server = TestPostgres::start_tls(&cert.pem(), &key.serialize_pem())
+        .map_err(|e| format!("no TLS test server: {e}"))?;
+    let socket_url = server.create_database().unwrap();
+    let db = socket_url
+        .trim_start_matches("postgres:///")
+        .split('?')
+        .next()
+        .unwrap()
+        .to_string();
+    let url = server.tls_url(&db).unwrap();
+    let store = PgStore::open_with(&url, HOST, Some(trusting(&ca_cert))).unwrap();
+    let vm = store
+        .insert_vm(&record("tls", VmState::Created), Some(&plan()))
+        .unwrap();
+    assert_eq!(store.all_vms().unwrap()[0].id, vm.id);
+    assert!(PgStore::open(&url, HOST).is_err(), "TLS is required");
+    let err = PgStore::open_with(&url, HOST, Some(trusting(&other_ca))).unwrap_err();
+    assert!(err.to_string().contains("connect"), "{err}");
+    Ok(())
 }
 
 /// The daemon calls the store from tokio's worker threads, and may open it there too; the

@@ -158,6 +158,9 @@ pub struct FleetSettings {
     /// The PostgreSQL database the fleet shares (`postgres://…`); `None`: SQLite in the data
     /// directory.
     pub database_url: Option<Secret>,
+    /// PEM CA certificates the database server's certificate must chain to: TLS to the
+    /// database; `None`: plain (a Unix socket or a trusted network).
+    pub database_ca_file: Option<PathBuf>,
     /// The fleet's address space, of which this host is given a /64 (and an IPv4 block) at
     /// registration; `None`: the host's own `UNKEY_METALD_IPV6_PREFIX`/`IPV4_SUBNET`.
     pub prefixes: Option<FleetPrefixes>,
@@ -771,6 +774,14 @@ fn fleet_settings(env: &Env<'_>) -> Result<FleetSettings, ConfigError> {
             (v.starts_with("postgres://") || v.starts_with("postgresql://")).then(|| Secret::new(v))
         },
     )?;
+    let database_ca_file = env.optional_abs_path("UNKEY_METALD_DATABASE_CA_FILE")?;
+    if database_ca_file.is_some() && database_url.is_none() {
+        return Err(bad(
+            "UNKEY_METALD_DATABASE_CA_FILE",
+            "",
+            "needs UNKEY_METALD_DATABASE_URL",
+        ));
+    }
     let advertise_url = env
         .http_url(
             "UNKEY_METALD_ADVERTISE_URL",
@@ -852,6 +863,7 @@ fn fleet_settings(env: &Env<'_>) -> Result<FleetSettings, ConfigError> {
         labels,
         lease,
         database_url,
+        database_ca_file,
         prefixes,
         asset_source,
     })

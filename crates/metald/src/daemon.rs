@@ -82,10 +82,20 @@ pub fn open_store(cfg: &Config) -> Result<Arc<dyn StateStore>, StartError> {
         source,
     })?;
     match &cfg.fleet.database_url {
-        Some(url) => Ok(Arc::new(crate::store::PgStore::open(
-            url.expose(),
-            cfg.fleet.host_id.as_str(),
-        )?)),
+        Some(url) => {
+            let tls = cfg
+                .fleet
+                .database_ca_file
+                .as_deref()
+                .map(crate::listener::tls::client_trusting)
+                .transpose()
+                .map_err(StartError::Tls)?;
+            Ok(Arc::new(crate::store::PgStore::open_with(
+                url.expose(),
+                cfg.fleet.host_id.as_str(),
+                tls,
+            )?))
+        }
         None => Ok(Arc::new(Store::open(&data_dir.join("metald.db"))?)),
     }
 }

@@ -34,6 +34,7 @@ pub fn fleet_of_one() -> crate::config::FleetSettings {
         labels: Default::default(),
         lease: Duration::from_secs(10),
         database_url: None,
+        database_ca_file: None,
         prefixes: None,
         asset_source: None,
     }

@@ -97,12 +97,24 @@ impl PgStore {
     /// directory as `postgres:///db?host=/run/postgresql`) as host `host` and applies pending
     /// migrations.
     pub fn open(url: &str, host: &str) -> Result<Self, StoreError> {
+        Self::open_with(url, host, None)
+    }
+
+    /// [`PgStore::open`] over TLS with `tls` (its roots: the CA the server's certificate
+    /// chains to), for a database reached over a network; `None`: plain (a Unix socket, or a
+    /// network the operator trusts). A URL with `sslmode=require` then fails to connect.
+    pub fn open_with(
+        url: &str,
+        host: &str,
+        tls: Option<rustls::ClientConfig>,
+    ) -> Result<Self, StoreError> {
         let mut config = postgres::Config::from_str(url).map_err(pg("parse database URL"))?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(5));
         }
+        let tls = tls.map(tokio_postgres_rustls::MakeRustlsConnect::new);
         let store = Self {
-            pool: Pool::start(config, POOL_SIZE)?,
+            pool: Pool::start(config, tls, POOL_SIZE)?,
             host: Arc::from(host),
         };
         store.pool.run(|client, _| migrate(client))?;

@@ -43,7 +43,11 @@ pub(super) struct Pool {
 
 impl Pool {
     /// Starts `size` workers for the database `config` names. They connect on their first job.
-    pub(super) fn start(config: postgres::Config, size: usize) -> Result<Self, StoreError> {
+    pub(super) fn start(
+        config: postgres::Config,
+        tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+        size: usize,
+    ) -> Result<Self, StoreError> {
         let (jobs, queue) = mpsc::channel::<Job>();
         let queue = Arc::new(Mutex::new(queue));
         let mut workers = Vec::with_capacity(size);
@@ -51,6 +55,7 @@ impl Pool {
             let queue = Arc::clone(&queue);
             let mut worker = Worker {
                 config: config.clone(),
+                tls: tls.clone(),
                 client: None,
             };
             let handle = std::thread::Builder::new()
@@ -117,6 +122,8 @@ impl Drop for Pool {
 /// One worker's connection, made again when it breaks.
 struct Worker {
     config: postgres::Config,
+    /// TLS to the server, when the operator gave the CA its certificate chains to.
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     client: Option<Client>,
 }
 
@@ -160,7 +167,11 @@ impl Worker {
             let mut pause = FIRST_BACKOFF;
             let mut tries = 0;
             let client = loop {
-                match self.config.connect(NoTls) {
+                let connected = match &self.tls {
+                    Some(tls) => self.config.connect(tls.clone()),
+                    None => self.config.connect(NoTls),
+                };
+                match connected {
                     Ok(c) => break c,
                     Err(source) => {
                         tries += 1;

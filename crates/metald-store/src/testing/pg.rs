@@ -59,6 +59,8 @@ pub enum TestPostgresError {
 pub struct TestPostgres {
     dir: PathBuf,
     databases: AtomicU32,
+    /// With TLS: the loopback TCP port it also listens on.
+    tls_port: Option<u16>,
     /// The watchdog and the pipe it waits on; `None` once stopped.
     watchdog: Mutex<Option<(Child, ChildStdin)>>,
 }
@@ -87,6 +89,16 @@ impl TestPostgres {
     /// Initializes and starts a server in a new temporary directory; returns once it accepts
     /// connections.
     pub fn start() -> Result<Self, TestPostgresError> {
+        Self::start_with(None)
+    }
+
+    /// [`TestPostgres::start`], also listening on a loopback TCP port with TLS only, serving
+    /// `cert_pem` (for 127.0.0.1) with `key_pem` (TLS applies to TCP, not the Unix socket).
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Result<Self, TestPostgresError> {
+        Self::start_with(Some((cert_pem, key_pem)))
+    }
+
+    fn start_with(tls: Option<(&str, &str)>) -> Result<Self, TestPostgresError> {
         if let Some(why) = Self::unavailable() {
             return Err(TestPostgresError::Unavailable(why));
         }
@@ -128,9 +140,31 @@ impl TestPostgres {
                 output: "no stdin pipe".into(),
             });
         };
+        let tls_port = match tls {
+            None => None,
+            Some((cert, key)) => {
+                for (name, text) in [("server.crt", cert), ("server.key", key)] {
+                    let path = dir.join(name);
+                    std::fs::write(&path, text).map_err(io("write the server's TLS files"))?;
+                    std::os::unix::fs::chown(&path, Some(uid), Some(gid))
+                        .map_err(io("hand the TLS files to postgres"))?;
+                    std::fs::set_permissions(
+                        &path,
+                        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+                    )
+                    .map_err(io("make the TLS key private"))?;
+                }
+                let port = std::net::TcpListener::bind("127.0.0.1:0")
+                    .and_then(|l| l.local_addr())
+                    .map(|a| a.port())
+                    .map_err(io("find a free port"))?;
+                Some(port)
+            }
+        };
         let server = Self {
             dir,
             databases: AtomicU32::new(0),
+            tls_port,
             watchdog: Mutex::new(Some((watchdog, pipe))),
         };
         server.as_postgres(
@@ -146,6 +180,19 @@ impl TestPostgres {
                 "--no-sync",
             ],
         )?;
+        if server.tls_port.is_some() {
+            // TCP only with TLS: a plain connection to the port is refused.
+            let hba = server.data().join("pg_hba.conf");
+            let text = std::fs::read_to_string(&hba).map_err(io("read pg_hba.conf"))?;
+            let text: String = text
+                .lines()
+                .map(|l| match l.strip_prefix("host ") {
+                    Some(rest) => format!("hostssl {rest}\n"),
+                    None => format!("{l}\n"),
+                })
+                .collect();
+            std::fs::write(&hba, text).map_err(io("write pg_hba.conf"))?;
+        }
         server.pg_ctl(&["start"])?;
         Ok(server)
     }
@@ -157,10 +204,21 @@ impl TestPostgres {
 
     /// The URL of database `db` on this server, over its Unix socket as `postgres`.
     pub fn url(&self, db: &str) -> String {
+        let port = self
+            .tls_port
+            .map(|p| format!("&port={p}"))
+            .unwrap_or_default();
         format!(
-            "postgres:///{db}?host={}&user={PG_USER}",
+            "postgres:///{db}?host={}&user={PG_USER}{port}",
             self.dir.to_string_lossy()
         )
+    }
+
+    /// The URL of database `db` over TLS (`sslmode=require`), on a server started with
+    /// [`TestPostgres::start_tls`].
+    pub fn tls_url(&self, db: &str) -> Option<String> {
+        self.tls_port
+            .map(|port| format!("postgres://{PG_USER}@127.0.0.1:{port}/{db}?sslmode=require"))
     }
 
     /// Creates a new, empty database and returns its URL.
@@ -209,10 +267,14 @@ impl TestPostgres {
     }
 
     fn pg_ctl(&self, args: &[&str]) -> Result<(), TestPostgresError> {
-        let options = format!(
-            "-k {} -h '' -F -c max_connections=300",
-            self.dir.to_string_lossy()
-        );
+        let dir = self.dir.to_string_lossy();
+        let options = match self.tls_port {
+            None => format!("-k {dir} -h '' -F -c max_connections=300"),
+            Some(port) => format!(
+                "-k {dir} -h 127.0.0.1 -p {port} -F -c max_connections=300 -c ssl=on \
+                 -c ssl_cert_file={dir}/server.crt -c ssl_key_file={dir}/server.key"
+            ),
+        };
         let data = self.data().to_string_lossy().into_owned();
         let log = self.dir.join("log").to_string_lossy().into_owned();
         let mut all = vec!["-D", &data, "-l", &log, "-w", "-t", "60", "-o", &options];

@@ -161,6 +161,19 @@ pub fn peer_client_config(s: &TlsSettings) -> Result<rustls::ClientConfig, TlsEr
     Ok(config)
 }
 
+/// A client configuration that trusts only the CA certificates in `ca` (the database's).
+pub fn client_trusting(ca: &Path) -> Result<rustls::ClientConfig, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = RootCertStore::empty();
+    for c in certs(ca)? {
+        roots.add(c).map_err(|e| pem_err(ca, e))?;
+    }
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
 /// The files' stamps, to tell when a configuration built from them is stale.
 pub fn stamps_of(s: &TlsSettings) -> Vec<Option<FileStamp>> {
     [
