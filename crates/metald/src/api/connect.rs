@@ -205,8 +205,11 @@ impl pb::VmService for ConnectApi {
         ctx: RequestContext,
         request: ServiceRequest<'_, pb::ListCustomerUsageRequest>,
     ) -> ServiceResult<pb::ListCustomerUsageResponse> {
-        let who = customer(&ctx)?;
-        Response::ok(h::list_customer_usage(&self.svc, &who, request.start, request.end).await?)
+        let who = identity(&ctx)?;
+        Response::ok(
+            h::list_customer_usage(&self.svc, &self.peers, &who, request.start, request.end)
+                .await?,
+        )
     }
 
     async fn create_snapshot(

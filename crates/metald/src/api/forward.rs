@@ -205,6 +205,21 @@ impl Peers {
         Ok(())
     }
 
+    /// ListCustomerUsage of the caller's VMs on `host` (its meter's live samples).
+    pub async fn customer_usage(
+        &self,
+        host: &HostRecord,
+        who: &Identity,
+        req: pb::ListCustomerUsageRequest,
+    ) -> Result<pb::ListCustomerUsageResponse, ConnectError> {
+        let client = self.client(host)?;
+        Ok(client
+            .list_customer_usage_with_options(req, self.options(who))
+            .await
+            .map_err(|e| peer_error(e, &host.registration))?
+            .into_owned())
+    }
+
     /// GetVmConsole on the VM's host (its console log is a file there).
     pub async fn console(
         &self,

@@ -773,14 +773,19 @@ pub async fn get_usage(
 /// ListCustomerUsage.
 pub async fn list_customer_usage(
     svc: &Arc<VmService>,
-    who: &CustomerId,
+    peers: &Peers,
+    who: &Identity,
     start: &str,
     end: &str,
 ) -> Result<pb::ListCustomerUsageResponse, ConnectError> {
+    let (start_raw, end_raw) = (start, end);
     let start = time_ms("start", start, i64::MIN)?;
     let end = time_ms("end", end, i64::MAX)?;
-    let vms = svc.customer_usage(who, start, end).await.map_err(err)?;
-    Ok(pb::ListCustomerUsageResponse {
+    let vms = svc
+        .customer_usage(&who.customer, start, end)
+        .await
+        .map_err(err)?;
+    let mut answer = pb::ListCustomerUsageResponse {
         vms: vms
             .iter()
             .map(|w| pb::VmUsage {
@@ -794,7 +799,30 @@ pub async fn list_customer_usage(
             })
             .collect(),
         ..Default::default()
-    })
+    };
+    // Live usage is each host's meter's: the other UP hosts add their VMs' (a call a peer
+    // forwarded answers for this host alone). A DOWN host's VMs are left out until it is back.
+    if !who.forwarded {
+        let me = svc.membership().host_id();
+        let req = pb::ListCustomerUsageRequest {
+            start: start_raw.to_string(),
+            end: end_raw.to_string(),
+            ..Default::default()
+        };
+        for host in svc
+            .membership()
+            .hosts()
+            .map_err(|e| err(ServiceError::Store(e)))?
+        {
+            if host.registration.id == me || host.status != HostStatus::Up {
+                continue;
+            }
+            let theirs = peers.customer_usage(&host, who, req.clone()).await?;
+            answer.vms.extend(theirs.vms);
+        }
+        answer.vms.sort_by(|a, b| a.vm_id.cmp(&b.vm_id));
+    }
+    Ok(answer)
 }
 
 /// The fleet's hosts (an operator call, like [`host_capacity`]).

@@ -352,14 +352,16 @@ struct WindowQuery {
 async fn customer_usage(
     State(svc): Svc,
     Extension(caller): Extension<Caller>,
+    Extension(peers): Extension<Arc<Peers>>,
     query: Result<Query<WindowQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Reply {
     let run = async {
-        let who = caller.customer()?.clone();
+        let who = caller.identity()?.clone();
         let Query(q) = query
             .map_err(|e| ConnectError::invalid_argument(format!("query: {}", e.body_text())))?;
         h::list_customer_usage(
             &svc,
+            &peers,
             &who,
             q.start.as_deref().unwrap_or(""),
             q.end.as_deref().unwrap_or(""),

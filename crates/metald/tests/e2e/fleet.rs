@@ -231,6 +231,16 @@ fn hosts_share_one_database_place_and_forward_and_report_a_dead_host_down() {
     );
     assert_eq!(usage.status, 200, "{usage:?}");
     assert_eq!(usage.body["vmId"], id.as_str(), "{usage:?}");
+    // The customer's usage through A includes B's VM (B's meter answers for it).
+    let all = cp.call(&hosts[0], "acme", "GET", "/v1/usage", None);
+    assert_eq!(all.status, 200, "{all:?}");
+    let listed: Vec<&str> = all.body["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["vmId"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, [id.as_str()], "{all:?}");
     // A snapshot asked through A is written on B; a clone asked through C is made on B, where
     // the snapshot's files are; deleting the snapshot through C removes them there.
     let snap = cp.call(

@@ -521,7 +521,10 @@ fn leftovers_are_removed_after_a_vmm_crash_a_failed_boot_and_at_start() {
     let mut body = readme_request(1, 256 << 20);
     body["config"]["kernel"]["image_id"] = json!("gone");
     let doomed = api.create(body);
+    // A directory where the kernel file was: the boot finds the image present (nothing to
+    // fetch) and fails in the VMM, after its sandbox was made.
     std::fs::remove_file(m.data_dir.join("assets/gone")).unwrap();
+    std::fs::create_dir(m.data_dir.join("assets/gone")).unwrap();
     let r = api.call("POST", &format!("/v1/vms/{doomed}/boot"), None);
     assert_eq!(r.status, 500, "{}", r.body);
     assert_eq!(
