@@ -168,6 +168,9 @@ pub struct Network {
     /// Firewall changes waiting to be loaded together ([`Network::firewall_change`]).
     waiting: std::sync::Mutex<Vec<WaitingChange>>,
     pool: Pool,
+    /// Held while a spare is made and put: closing the pool waits for it, so a clean stop
+    /// never leaves a spare half made (its task would end with the runtime).
+    filling: Mutex<()>,
 }
 
 /// A VM's firewall change, before it is made against the model.
@@ -228,6 +231,7 @@ impl Network {
         );
         Self {
             pool: Pool::new(cfg.warm_pool),
+            filling: Mutex::new(()),
             cfg,
             links,
             rules,
@@ -378,6 +382,7 @@ impl Network {
     /// failure, logged; the next wake-up tries again.
     async fn fill_pool(&self) {
         while self.pool.wants_more() {
+            let _filling = self.filling.lock().await;
             match self.make_spare().await {
                 Ok(spare) => {
                     if let Err(late) = self.pool.put(spare) {
@@ -417,7 +422,10 @@ impl Network {
 
     /// Stops refilling the warm pool and removes every spare (at shutdown).
     pub async fn close_pool(&self) {
-        for spare in self.pool.close() {
+        let spares = self.pool.close();
+        // A spare being made now is refused by the closed pool and removed by its maker.
+        let _made = self.filling.lock().await;
+        for spare in spares {
             self.remove_spare(&spare).await;
         }
     }
