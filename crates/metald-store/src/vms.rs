@@ -251,42 +251,10 @@ impl VmStore for Store {
             .map_err(sql("begin"))?;
         if *limits != RunLimits::default() {
             let mine = running(&tx, Some(&vm.customer), vm.id.as_str())?;
-            within("UNKEY_METALD_QUOTA_RUNNING_VMS", mine.vms, 1, limits.vms)?;
-            within(
-                "UNKEY_METALD_QUOTA_RUNNING_VCPUS",
-                mine.vcpus,
-                u64::from(vm.config.vcpu_count),
-                limits.vcpus,
-            )?;
-            within(
-                "UNKEY_METALD_QUOTA_RUNNING_MEMORY_MIB",
-                mine.guest_memory_bytes / MIB,
-                vm.config.memory_bytes / MIB,
-                limits.memory_bytes.map(|b| b / MIB),
-            )?;
+            mine.admit_quota(vm, limits)?;
         }
         if *host != HostLimits::default() {
-            let all = running(&tx, None, vm.id.as_str())?;
-            let asked = vm
-                .config
-                .memory_bytes
-                .saturating_add(headroom_mib(&vm.backend) * MIB);
-            Shortage::check(
-                "memory",
-                "MiB",
-                MIB,
-                all.memory_bytes,
-                asked,
-                host.memory_bytes,
-            )?;
-            Shortage::check(
-                "vCPUs",
-                "vCPUs",
-                1,
-                all.vcpus,
-                u64::from(vm.config.vcpu_count),
-                host.vcpus,
-            )?;
+            running(&tx, None, vm.id.as_str())?.admit_host(vm, host)?;
         }
         tx.execute(
             "UPDATE vms SET run_reserved = 1 WHERE id = ?1",
@@ -447,6 +415,52 @@ pub(crate) struct Running {
     pub(crate) guest_memory_bytes: u64,
     /// Guest memory plus each VMM's headroom.
     pub(crate) memory_bytes: u64,
+}
+
+impl Running {
+    /// A boot of `vm` against the customer's running quotas `limits`, this being what the
+    /// customer's other VMs hold.
+    pub(crate) fn admit_quota(&self, vm: &VmRecord, limits: &RunLimits) -> Result<(), StoreError> {
+        within("UNKEY_METALD_QUOTA_RUNNING_VMS", self.vms, 1, limits.vms)?;
+        within(
+            "UNKEY_METALD_QUOTA_RUNNING_VCPUS",
+            self.vcpus,
+            u64::from(vm.config.vcpu_count),
+            limits.vcpus,
+        )?;
+        within(
+            "UNKEY_METALD_QUOTA_RUNNING_MEMORY_MIB",
+            self.guest_memory_bytes / MIB,
+            vm.config.memory_bytes / MIB,
+            limits.memory_bytes.map(|b| b / MIB),
+        )
+    }
+
+    /// `vm` (with its VMM's headroom) against the host's `bounds`, this being what the host's
+    /// other VMs hold.
+    pub(crate) fn admit_host(&self, vm: &VmRecord, bounds: &HostLimits) -> Result<(), StoreError> {
+        let asked = vm
+            .config
+            .memory_bytes
+            .saturating_add(headroom_mib(&vm.backend) * MIB);
+        Shortage::check(
+            "memory",
+            "MiB",
+            MIB,
+            self.memory_bytes,
+            asked,
+            bounds.memory_bytes,
+        )?;
+        Shortage::check(
+            "vCPUs",
+            "vCPUs",
+            1,
+            self.vcpus,
+            u64::from(vm.config.vcpu_count),
+            bounds.vcpus,
+        )?;
+        Ok(())
+    }
 }
 
 impl From<BTreeMap<String, (i64, i64, i64)>> for Running {

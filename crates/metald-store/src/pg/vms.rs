@@ -7,10 +7,8 @@ use postgres::{GenericClient, Row, Transaction};
 use super::{pg, to_i64, PgStore};
 use crate::domain::{CustomerId, VmConfig, VmId, VmNet, VmRecord, MIB};
 use crate::state::{VmLife, VmState};
-use crate::vms::{count, headroom_mib, Running};
-use crate::{
-    within, HostLimits, HostUsage, RunLimits, Shortage, StoreError, StoredLimits, VmStore,
-};
+use crate::vms::{count, Running};
+use crate::{within, HostLimits, HostUsage, RunLimits, StoreError, StoredLimits, VmStore};
 use metald_domain::ipam::{mac_for, AllocationPlan, FIRST_VM_INDEX};
 
 const VM_COLUMNS: &str = "seq, id, customer_id, state, config_json, backend, created_at_ms, \
@@ -179,20 +177,7 @@ impl VmStore for PgStore {
                 if let Some(own) = own.as_ref().filter(|o| o.customer == vm.customer.as_str()) {
                     own.subtract_from(&mut sums);
                 }
-                let mine = Running::from(sums);
-                within("UNKEY_METALD_QUOTA_RUNNING_VMS", mine.vms, 1, limits.vms)?;
-                within(
-                    "UNKEY_METALD_QUOTA_RUNNING_VCPUS",
-                    mine.vcpus,
-                    u64::from(vm.config.vcpu_count),
-                    limits.vcpus,
-                )?;
-                within(
-                    "UNKEY_METALD_QUOTA_RUNNING_MEMORY_MIB",
-                    mine.guest_memory_bytes / MIB,
-                    vm.config.memory_bytes / MIB,
-                    limits.memory_bytes.map(|b| b / MIB),
-                )?;
+                Running::from(sums).admit_quota(&vm, &limits)?;
             }
             if bounds != HostLimits::default() {
                 lock_host(&mut tx, &host)?;
@@ -200,27 +185,7 @@ impl VmStore for PgStore {
                 if let Some(own) = own.as_ref().filter(|o| o.host == *host) {
                     own.subtract_from(&mut sums);
                 }
-                let all = Running::from(sums);
-                let asked = vm
-                    .config
-                    .memory_bytes
-                    .saturating_add(headroom_mib(&vm.backend) * MIB);
-                Shortage::check(
-                    "memory",
-                    "MiB",
-                    MIB,
-                    all.memory_bytes,
-                    asked,
-                    bounds.memory_bytes,
-                )?;
-                Shortage::check(
-                    "vCPUs",
-                    "vCPUs",
-                    1,
-                    all.vcpus,
-                    u64::from(vm.config.vcpu_count),
-                    bounds.vcpus,
-                )?;
+                Running::from(sums).admit_host(&vm, &bounds)?;
             }
             tx.execute(
                 "UPDATE vms SET run_reserved = TRUE WHERE id = $1",
@@ -421,24 +386,13 @@ fn place(tx: &mut Transaction<'_>, host: &str, vm: &VmRecord) -> Result<(), Stor
         row.try_get(1).map_err(pg(op))?,
         row.try_get(2).map_err(pg(op))?,
     );
-    let headroom = headroom_mib(&vm.backend) * MIB;
-    let used_memory = count(memory).saturating_add(count(vms).saturating_mul(headroom));
-    crate::Shortage::check(
-        "memory",
-        "MiB",
-        MIB,
-        used_memory,
-        vm.config.memory_bytes.saturating_add(headroom),
-        cap_memory.map(count),
-    )?;
-    crate::Shortage::check(
-        "vCPUs",
-        "vCPUs",
-        1,
-        count(vcpus),
-        u64::from(vm.config.vcpu_count),
-        cap_vcpus.map(count),
-    )?;
+    // One host runs one VMM kind: its VMs' headroom is this VM's.
+    let held = Running::from(BTreeMap::from([(vm.backend.clone(), (vms, vcpus, memory))]));
+    let bounds = HostLimits {
+        memory_bytes: cap_memory.map(count),
+        vcpus: cap_vcpus.map(count),
+    };
+    held.admit_host(vm, &bounds)?;
     Ok(())
 }
 
