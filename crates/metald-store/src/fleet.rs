@@ -34,9 +34,10 @@ pub trait FleetStore: Send + Sync {
     /// Every host by id, its status read against the store's clock, with its VM count.
     fn list_hosts(&self) -> Result<Vec<HostRecord>, StoreError>;
 
-    /// The host holding the VM, for a store whose VMs live on several hosts; `None` for a
-    /// store that serves one host, or a VM that does not exist.
-    fn vm_host(&self, vm: &VmId) -> Result<Option<HostId>, StoreError>;
+    /// The host holding each of `vms`, in order, for a store whose VMs live on several hosts
+    /// (one read for a page of them); `None` for a store that serves one host, or a VM that
+    /// does not exist.
+    fn vm_hosts(&self, vms: &[VmId]) -> Result<Vec<Option<HostId>>, StoreError>;
 
     /// The host holding the snapshot's files, for a store whose snapshots live on several
     /// hosts; `None` for a store that serves one host, or a snapshot that does not exist.
@@ -219,11 +220,13 @@ impl FleetStore for Store {
 
     fn list_hosts(&self) -> Result<Vec<HostRecord>, StoreError> {
         let conn = self.conn();
-        // One host per SQLite file: every VM in it is that host's.
+        // One host per SQLite file: every VM in it is that host's, counted in the kept sums'
+        // host-wide row (customer '') rather than by a scan.
         let mut stmt = conn
             .prepare(
                 "SELECT id, idx, advertise_url, memory_bytes, vcpus, labels_json,
-                        lease_expires_ms, (SELECT COUNT(*) FROM vms)
+                        lease_expires_ms,
+                        COALESCE((SELECT vms FROM owning WHERE customer_id = ''), 0)
                  FROM hosts ORDER BY id",
             )
             .map_err(sql("list hosts"))?;
@@ -246,9 +249,9 @@ impl FleetStore for Store {
         rows.into_iter().map(|r| r.into_record(now)).collect()
     }
 
-    fn vm_host(&self, _vm: &VmId) -> Result<Option<HostId>, StoreError> {
+    fn vm_hosts(&self, vms: &[VmId]) -> Result<Vec<Option<HostId>>, StoreError> {
         // One host per SQLite file.
-        Ok(None)
+        Ok(vec![None; vms.len()])
     }
 
     fn host_loads(&self, _customer: &CustomerId) -> Result<Vec<HostLoad>, StoreError> {

@@ -120,7 +120,7 @@ impl FleetStore for PgStore {
                 .query(
                     "SELECT h.id, h.idx, h.advertise_url, h.memory_bytes, h.vcpus, h.labels_json,
                             h.lease_expires_ms,
-                            (SELECT COUNT(*) FROM vms v WHERE v.host_id = h.id)
+                            COALESCE((SELECT o.vms FROM host_owning o WHERE o.host_id = h.id), 0)
                      FROM hosts h ORDER BY h.id",
                     &[],
                 )
@@ -149,8 +149,24 @@ impl FleetStore for PgStore {
         self.loads(customer)
     }
 
-    fn vm_host(&self, vm: &VmId) -> Result<Option<HostId>, StoreError> {
-        self.host_of("SELECT host_id FROM vms WHERE id = $1", vm.to_string())
+    fn vm_hosts(&self, vms: &[VmId]) -> Result<Vec<Option<HostId>>, StoreError> {
+        let ids: Vec<String> = vms.iter().map(ToString::to_string).collect();
+        let rows: Vec<(String, String)> = self.pool.run({
+            let ids = ids.clone();
+            move |client, _| {
+                client
+                    .query("SELECT id, host_id FROM vms WHERE id = ANY($1)", &[&ids])
+                    .map_err(pg("read vm hosts"))?
+                    .iter()
+                    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                    .collect::<Result<_, postgres::Error>>()
+                    .map_err(pg("read vm hosts"))
+            }
+        })?;
+        let hosts: std::collections::HashMap<String, String> = rows.into_iter().collect();
+        ids.iter()
+            .map(|id| hosts.get(id).map(|h| parse_host(h)).transpose())
+            .collect()
     }
 
     fn snapshot_host(&self, snapshot: &str) -> Result<Option<HostId>, StoreError> {
@@ -172,14 +188,7 @@ impl PgStore {
                 .transpose()
                 .map_err(pg("read host of"))
         })?;
-        host.map(|h| {
-            h.parse()
-                .map_err(|e: metald_domain::fleet::BadHostId| StoreError::Corrupt {
-                    id: host_row(&h),
-                    reason: e.to_string(),
-                })
-        })
-        .transpose()
+        host.as_deref().map(parse_host).transpose()
     }
 }
 
@@ -216,12 +225,7 @@ impl PgStore {
         rows.into_iter()
             .map(|(host, vms, vcpus, memory, mine)| {
                 Ok(HostLoad {
-                    host: host.parse().map_err(|e: metald_domain::fleet::BadHostId| {
-                        StoreError::Corrupt {
-                            id: host_row(&host),
-                            reason: e.to_string(),
-                        }
-                    })?,
+                    host: parse_host(&host)?,
                     vms: unsigned(vms),
                     vcpus: unsigned(vcpus),
                     memory_bytes: unsigned(memory),
@@ -232,7 +236,11 @@ impl PgStore {
     }
 }
 
-/// The id a corrupt host id is reported under.
-fn host_row(host: &str) -> String {
-    format!("host {host}")
+/// A stored host id, or the row is corrupt.
+fn parse_host(host: &str) -> Result<HostId, StoreError> {
+    host.parse()
+        .map_err(|e: metald_domain::fleet::BadHostId| StoreError::Corrupt {
+            id: format!("host {host}"),
+            reason: e.to_string(),
+        })
 }

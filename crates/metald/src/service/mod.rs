@@ -412,7 +412,12 @@ impl VmService {
         id: &VmId,
     ) -> Result<Whereabouts, ServiceError> {
         let me = self.cfg.membership.host_id();
-        match self.store.vm_host(id)? {
+        match self
+            .store
+            .vm_hosts(std::slice::from_ref(id))?
+            .pop()
+            .flatten()
+        {
             None => Ok(Whereabouts::Here),
             Some(host) if host == me => Ok(Whereabouts::Here),
             Some(host) => {
@@ -468,25 +473,25 @@ impl VmService {
         customer: &CustomerId,
         config: &VmConfig,
     ) -> Result<Vec<Whereabouts>, ServiceError> {
-        let loads = self.store.host_loads(customer)?;
         let hosts = self.cfg.membership.hosts()?;
         if hosts.len() < 2 {
             return Ok(vec![Whereabouts::Here]);
         }
+        let loads = self.store.host_loads(customer)?;
         let me = self.cfg.membership.host_id();
         let headroom = self.backend.kind().memory_headroom_mib() * MIB;
         Ok(placement::rank(hosts, &loads, &me, config, headroom))
     }
 
-    /// Where each of `vms` is held, for reads from a shared store that show VMs of every host:
-    /// `None` for this host's own, else the other host's record (`None` too when that host
-    /// is not registered any more).
+    /// Where each of `vms` is held, for reads from a shared store that show VMs of every host
+    /// (one read of their hosts, and of the fleet only when a VM is another host's).
     pub fn held_by(&self, vms: &[VmRecord]) -> Result<Vec<HeldBy>, ServiceError> {
         let me = self.cfg.membership.host_id();
+        let ids: Vec<VmId> = vms.iter().map(|vm| vm.id.clone()).collect();
         let mut hosts: Option<Vec<crate::fleet::HostRecord>> = None;
         let mut out = Vec::with_capacity(vms.len());
-        for vm in vms {
-            let held = match self.store.vm_host(&vm.id)? {
+        for host in self.store.vm_hosts(&ids)? {
+            let held = match host {
                 None => HeldBy::Here,
                 Some(h) if h == me => HeldBy::Here,
                 Some(h) => {
