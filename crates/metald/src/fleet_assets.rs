@@ -12,11 +12,11 @@ use hyper::body::Incoming;
 use tokio::runtime::Handle;
 
 use crate::api::auth::{CUSTOMER_HEADER, FORWARDED_HEADER};
-use crate::api::forward::{PeerClient, PeerHttp};
 use crate::assets::{AssetError, AssetSource, DirSource, Fetched};
 use crate::config::{FleetSettings, TlsSettings};
 use crate::fleet::{HostId, HostRecord, HostStatus};
 use crate::membership::Membership;
+use crate::peer_client::{PeerClient, PeerHttp};
 use crate::report::Chain;
 use crate::store::AssetRecord;
 

@@ -30,6 +30,7 @@ pub mod fuzzing;
 pub mod listener;
 pub mod membership;
 pub mod metering;
+pub mod peer_client;
 pub mod quota;
 pub mod sandbox;
 pub mod service;
