@@ -124,6 +124,37 @@ impl VmLaunch {
         self.dir.join(files::VMM_LOG)
     }
 
+    /// Starts `binary args…` for this VM (see [`VmLaunch::command`]), with stdout and stderr
+    /// to the given files, and supervises it. A jailed start goes through the jail's spawner
+    /// ([`JailPlan::spawn`]), whose cost does not grow with the descriptors metald holds.
+    pub fn spawn(
+        &self,
+        binary: &Path,
+        args: Vec<String>,
+        stdout: std::fs::File,
+        stderr: std::fs::File,
+        events: tokio::sync::mpsc::UnboundedSender<process::ExitEvent>,
+    ) -> Result<std::sync::Arc<process::Supervised>, BackendError> {
+        match &self.jail {
+            Some(jail) => {
+                let pid = jail
+                    .spawn(binary, args, &self.dir, stdout, stderr)
+                    .map_err(|e| BackendError::Spawn {
+                        binary: binary.to_path_buf(),
+                        source: std::io::Error::other(e),
+                    })?;
+                process::Supervised::child(pid, self.vm_id.clone(), events)
+            }
+            None => process::Supervised::spawn(
+                self.command(binary, args),
+                stdout,
+                stderr,
+                self.vm_id.clone(),
+                events,
+            ),
+        }
+    }
+
     /// The command that starts `binary args…` for this VM: through the jailer when the VM has
     /// a jail, directly otherwise. Runs in the VM's directory either way.
     pub fn command(&self, binary: &Path, args: Vec<String>) -> Command {

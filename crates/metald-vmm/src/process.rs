@@ -69,6 +69,16 @@ impl Supervised {
         // Reaping happens through the pidfd (waitid), so the std handle is not needed; dropping
         // it neither kills nor reaps the child.
         drop(child);
+        Self::child(pid, vm_id, events)
+    }
+
+    /// Supervises `pid`, a child of this process started some other way (the jail's spawner);
+    /// it is reaped here.
+    pub fn child(
+        pid: u32,
+        vm_id: VmId,
+        events: mpsc::UnboundedSender<ExitEvent>,
+    ) -> Result<Arc<Self>, BackendError> {
         let pidfd = open_pidfd(pid)?;
         let start_ticks = start_ticks(pid).unwrap_or(0);
         Ok(Self::watch(

@@ -62,6 +62,19 @@ fn main() {
     }
     let all_booted = t_all.elapsed();
     let rss_after = rss_kib(m.pid().unwrap());
+    // What the host spends with the VMs running and nothing starting (metering, the VMMs'
+    // metrics flushes, the VMMs themselves), the background every boot above competed with.
+    let idle_busy = host_busy(Duration::from_secs(5));
+    if let Some(secs) = std::env::var("BENCH_SCALE_HOLD_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        println!(
+            "holding {n} VMs for {secs} s (metald pid {})",
+            m.pid().unwrap()
+        );
+        std::thread::sleep(Duration::from_secs(secs));
+    }
     let mut deletes = Vec::with_capacity(n);
     let t_del = Instant::now();
     for id in &ids {
@@ -71,7 +84,7 @@ fn main() {
         deletes.push(t0.elapsed());
     }
     let all_deleted = t_del.elapsed();
-    let (bare_all, bare_steps) = bare_firecrackers(&fc, &m.data_dir, n);
+    let (bare_all, bare_steps_ref) = bare_firecrackers(&fc, &m.data_dir, n);
 
     println!();
     println!("| {n} jailed tiny Firecracker VMs, one after another        | median ms | min ms | max ms |");
@@ -108,11 +121,25 @@ fn main() {
         "start until the banner",
     ]
     .iter()
-    .zip(bare_steps)
+    .zip(bare_steps_ref.iter())
     {
-        row(name, &samples);
+        row(name, samples);
+    }
+    // The same starts by how many bare VMMs already ran: the host's own growth, which no
+    // change to metald can remove.
+    let bare_total: Vec<Duration> = (0..n)
+        .map(|i| bare_steps_ref[0][i] + bare_steps_ref[1][i] + bare_steps_ref[2][i])
+        .collect();
+    for at in [1usize, 100, 500, 1000].into_iter().filter(|at| *at <= n) {
+        let lo = at.saturating_sub(3).min(n - 1);
+        let hi = (lo + 5).min(n);
+        row(
+            &format!("bare: spawn -> banner, ~{} running", at - 1),
+            &bare_total[lo..hi],
+        );
     }
     println!();
+    println!("host CPUs busy with {n} VMs running through metald, none starting: {idle_busy:.1} %");
     println!(
         "all {n}: metald {:.1} s to boot, {:.1} s to delete; bare firecracker {:.1} s to start ({:.2}x)",
         all_booted.as_secs_f64(),
@@ -273,6 +300,29 @@ fn print_steps(log: &str, ids: &[String], n: usize) {
     }
 }
 
+/// How busy the host's CPUs were over `window`, in percent of all of them (from /proc/stat).
+fn host_busy(window: Duration) -> f64 {
+    let sample = || -> (u64, u64) {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let v: Vec<u64> = stat
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal: idle and iowait are not busy.
+        let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+        (v.iter().take(8).sum(), idle)
+    };
+    let (t0, i0) = sample();
+    std::thread::sleep(window);
+    let (t1, i1) = sample();
+    let total = t1.saturating_sub(t0).max(1) as f64;
+    100.0 * (total - i1.saturating_sub(i0) as f64) / total
+}
+
 /// Resident memory of a process, KiB.
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -320,6 +370,10 @@ fn bare_firecrackers(fc: &Path, assets: &Path, n: usize) -> (Duration, [Vec<Dura
         });
     }
     let took = t0.elapsed();
+    println!(
+        "host CPUs busy with {n} bare Firecrackers running, none starting: {:.1} %",
+        host_busy(Duration::from_secs(5))
+    );
     for mut c in children {
         let _ = c.kill();
         let _ = c.wait();

@@ -13,9 +13,11 @@
 
 pub mod cgroup;
 pub mod child;
+pub mod spawner;
 pub mod tap;
 
 use std::collections::BTreeSet;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -177,7 +179,20 @@ pub struct JailPlan {
     spec: JailSpec,
     jail_exe: PathBuf,
     control_dir: PathBuf,
+    spawner: SpawnerRef,
 }
+
+/// The jailer's spawner, shared by its plans; plans compare equal whatever their spawner.
+#[derive(Debug, Clone)]
+struct SpawnerRef(std::sync::Arc<spawner::Spawner>);
+
+impl PartialEq for SpawnerRef {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for SpawnerRef {}
 
 /// Name of the directory, in a VM's jail directory, that holds its VMM's control socket.
 pub const CONTROL_DIR: &str = "ctl";
@@ -254,6 +269,52 @@ impl JailPlan {
         cmd
     }
 
+    /// Starts `binary args…` inside this jail, as a child of metald, in `cwd`, stdin from
+    /// /dev/null, stdout and stderr to the given files, in its own process group (so a
+    /// terminal's Ctrl-C never reaches it); its pid once it exec'd the jail. Through the
+    /// [`spawner`], which holds none of metald's descriptors; when the spawner itself fails,
+    /// metald starts the child itself (what the spawner saves is time, never correctness).
+    pub fn spawn(
+        &self,
+        binary: &Path,
+        args: Vec<String>,
+        cwd: &Path,
+        stdout: std::fs::File,
+        stderr: std::fs::File,
+    ) -> Result<u32, spawner::SpawnError> {
+        let mut cmd = self.command(binary, args);
+        let req = spawner::SpawnRequest {
+            program: self.jail_exe.clone(),
+            args: cmd
+                .get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect(),
+            env: Vec::new(),
+            cwd: cwd.to_path_buf(),
+        };
+        match self.spawner.0.spawn(&req, stdout.as_fd(), stderr.as_fd()) {
+            Err(e @ spawner::SpawnError::Spawner { .. }) => {
+                tracing::warn!(vm_id = %self.spec.vm_id, error = %Chain(&e), "starting the jail through the spawner failed; starting it directly");
+            }
+            done => return done,
+        }
+        use std::os::unix::process::CommandExt;
+        let child = cmd
+            .current_dir(cwd)
+            .stdin(std::process::Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .process_group(0)
+            .spawn()
+            .map_err(|source| spawner::SpawnError::Child {
+                step: "exec".into(),
+                program: self.jail_exe.clone(),
+                source,
+            })?;
+        // Reaped through a pidfd by the caller, like a child from the spawner.
+        Ok(child.id())
+    }
+
     /// The VM's uid.
     pub fn uid(&self) -> u32 {
         self.spec.uid
@@ -300,6 +361,8 @@ pub struct Jailer {
     vmm_files: Vec<PathBuf>,
     /// Where the jails' base mount namespace is pinned, once made.
     mount_ns: Option<PathBuf>,
+    /// Starts the jail children (see [`spawner`]).
+    spawner: SpawnerRef,
 }
 
 /// Tasks per VM: vCPU threads plus the VMM's I/O and worker threads (QEMU's pool alone may
@@ -326,12 +389,16 @@ impl Jailer {
                 None
             }
         };
+        let spawner = SpawnerRef(std::sync::Arc::new(spawner::Spawner::new(
+            cfg.jail_exe.clone(),
+        )));
         Ok(Self {
             cfg,
             kind,
             cgroups,
             vmm_files,
             mount_ns,
+            spawner,
         })
     }
 
@@ -465,6 +532,7 @@ impl Jailer {
             },
             jail_exe: self.cfg.jail_exe.clone(),
             control_dir,
+            spawner: self.spawner.clone(),
         })
     }
 

@@ -15,7 +15,7 @@ use self::api::{
     ActionType, BootSource, Drive, FirecrackerApi, MachineConfiguration, NetworkInterface,
     RateLimiter, VmRunState,
 };
-use super::process::{ExitEvent, Supervised, VmmProcess};
+use super::process::{ExitEvent, VmmProcess};
 use super::registry::Registry;
 use super::{
     open_logs, remove_vmm_files, Backend, BackendError, BackendKind, StartKind, StopMode,
@@ -103,15 +103,8 @@ impl FirecrackerBackend {
             "Info".into(),
             "--show-level".into(),
         ];
-        let cmd = launch.command(&self.binary, args);
         // The guest's serial console is Firecracker's stdout.
-        let process = Supervised::spawn(
-            cmd,
-            console,
-            vmm_log,
-            launch.vm_id.clone(),
-            self.registry.events(),
-        )?;
+        let process = launch.spawn(&self.binary, args, console, vmm_log, self.registry.events())?;
         let spawned = t0.elapsed();
         let api = FirecrackerApi::new(&socket);
         let mut ready = spawned;

@@ -16,7 +16,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use self::qmp::Qmp;
-use super::process::{ExitEvent, Supervised, VmmProcess};
+use super::process::{ExitEvent, VmmProcess};
 use super::registry::Registry;
 use super::{
     open_logs, remove_vmm_files, Backend, BackendError, BackendKind, StartKind, StopMode,
@@ -334,19 +334,12 @@ impl QemuBackend {
             // Waits for the state to be given over QMP instead of running the guest.
             args.extend(["-incoming".to_string(), "defer".to_string()]);
         }
-        let cmd = launch.command(&self.binary, args);
         let stderr = log.try_clone().map_err(|source| BackendError::Io {
             op: "duplicate",
             path: launch.vmm_log(),
             source,
         })?;
-        let process = Supervised::spawn(
-            cmd,
-            log,
-            stderr,
-            launch.vm_id.clone(),
-            self.registry.events(),
-        )?;
+        let process = launch.spawn(&self.binary, args, log, stderr, self.registry.events())?;
         let qmp = Qmp::new(&socket);
         let ready = async {
             let mut status = qmp.wait_ready(QMP_READY_TIMEOUT).await?;

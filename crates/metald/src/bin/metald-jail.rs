@@ -2,6 +2,9 @@
 //! described by the JSON SPEC ([`metald::jailer::child`]) and execs the VMM in it; it returns
 //! only if the jail could not be built, with the step on stderr (the VM's VMM log).
 //!
+//! `metald-jail spawner`: starts jail children for metald, its requests on stdin (a socket),
+//! holding none of metald's descriptors ([`metald::jailer::spawner`]).
+//!
 //! `metald-jail netns-nft NETNS NFT`: enters the network namespace pinned at NETNS and execs
 //! `NFT -f -` with the script on stdin (a clone's address map,
 //! [`metald::network::clone_map`]): namespace work in a fresh process, never a runtime thread.
@@ -15,6 +18,15 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if args.len() == 1 && args.first().is_some_and(|a| a == "spawner") {
+        return match metald::jailer::spawner::serve() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("metald-jail spawner: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     if let [verb, netns, nft] = args.as_slice() {
         if verb == "netns-nft" {
             let netns = std::path::Path::new(netns);
