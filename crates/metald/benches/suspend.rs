@@ -185,6 +185,9 @@ async fn bare_load_snapshot(
 }
 
 fn qemu_rows(guest: &Path, runs: usize) {
+    if runs == 0 {
+        return;
+    }
     let m = unlimited(metald()).start(guest);
     let api = Rest::new(&m, Some("bench"));
     let (mut cold, mut suspend, mut wake, mut size) = (vec![], vec![], vec![], vec![]);
@@ -234,10 +237,12 @@ fn qemu_rows(guest: &Path, runs: usize) {
         "metald: CreateVm from_snapshot + BootVm -> ping",
         &clone_ping,
     );
-    println!(
-        "saved state: median {:.1} MiB (guest memory 256 MiB; QEMU writes only pages in use)",
-        size[size.len() / 2] as f64 / (1 << 20) as f64
-    );
+    if let Some(median) = size.get(size.len() / 2) {
+        println!(
+            "saved state: median {:.1} MiB (guest memory 256 MiB; QEMU writes only pages in use)",
+            *median as f64 / (1 << 20) as f64
+        );
+    }
 }
 
 /// Snapshots the running VM `id`, then times CreateVm `from_snapshot` + BootVm until the clone

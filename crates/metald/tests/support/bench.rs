@@ -14,6 +14,11 @@ pub fn env_num<T: std::str::FromStr>(name: &str, default: T) -> T {
 pub fn row(name: &str, samples: &[Duration]) {
     let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
     ms.sort_by(f64::total_cmp);
+    if ms.is_empty() {
+        // A row whose runs were turned off (e.g. `BENCH_QEMU_RUNS=0`).
+        println!("| {name:<53} | {:>9} | {:>6} | {:>6} |", "-", "-", "-");
+        return;
+    }
     let median = if ms.len() % 2 == 1 {
         ms[ms.len() / 2]
     } else {
