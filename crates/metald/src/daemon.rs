@@ -196,6 +196,7 @@ pub fn sandboxes(
         nft_bin: iso.nft_bin.clone(),
         proc_root: cfg.roots.proc.clone(),
         warm_pool: iso.warm_pool,
+        spawner: Some(jailer.spawner()),
     })
     .map_err(StartError::Network)?;
     tracing::info!(ipv6_prefix = %iso.ipv6_prefix, ipv4_subnet = ?iso.ipv4_subnet.map(|s| s.to_string()), outbound = ?iso.outbound_interface, "network ready");

@@ -1,4 +1,4 @@
-//! The jail's spawner (`metald-jail spawner`, [`metald::jailer::spawner`]) against the real
+//! The jail's spawner (`metald-jail spawner`, [`metald::spawner`]) against the real
 //! binary: what it starts is the caller's own child, with exactly what was asked for and
 //! nothing of the caller's or the spawner's descriptors, and a failure is reported, reaped
 //! and survived.
@@ -9,7 +9,7 @@ use std::fs::File;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
-use metald::jailer::spawner::{SpawnError, SpawnRequest, Spawner};
+use metald::spawner::{SpawnError, SpawnRequest, Spawner};
 use rustix::process::{Pid, WaitOptions};
 
 fn spawner() -> Spawner {
@@ -54,7 +54,7 @@ fn a_spawned_process_is_the_callers_child_with_only_what_was_asked_for() {
                   echo \"pgid=$(cut -d' ' -f5 /proc/$$/stat) pid=$$\"; \
                   read line; echo \"stdin=[$line]\"; echo oops >&2; exit 3";
     let pid = s
-        .spawn(&sh(script, dir.path()), out.as_fd(), err.as_fd())
+        .spawn(&sh(script, dir.path()), None, out.as_fd(), err.as_fd())
         .unwrap();
     assert_eq!(
         wait_child(pid),
@@ -98,7 +98,7 @@ fn a_failed_start_is_reported_and_reaped_and_a_dead_spawner_is_replaced() {
     let s = spawner();
     let mut missing = sh("", dir.path());
     missing.program = dir.path().join("no-such-binary");
-    match s.spawn(&missing, log.as_fd(), log.as_fd()) {
+    match s.spawn(&missing, None, log.as_fd(), log.as_fd()) {
         Err(SpawnError::Child { step, source, .. }) => {
             assert_eq!(step, "exec");
             assert_eq!(source.raw_os_error(), Some(libc::ENOENT));
@@ -107,7 +107,7 @@ fn a_failed_start_is_reported_and_reaped_and_a_dead_spawner_is_replaced() {
     }
     let mut bad_cwd = sh("exit 0", dir.path());
     bad_cwd.cwd = dir.path().join("gone");
-    match s.spawn(&bad_cwd, log.as_fd(), log.as_fd()) {
+    match s.spawn(&bad_cwd, None, log.as_fd(), log.as_fd()) {
         Err(SpawnError::Child { step, .. }) => assert_eq!(step, "chdir"),
         other => panic!("{other:?}"),
     }
@@ -121,12 +121,12 @@ fn a_failed_start_is_reported_and_reaped_and_a_dead_spawner_is_replaced() {
     )
     .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(50));
-    match s.spawn(&sh("exit 0", dir.path()), log.as_fd(), log.as_fd()) {
+    match s.spawn(&sh("exit 0", dir.path()), None, log.as_fd(), log.as_fd()) {
         Err(SpawnError::Spawner { .. }) => {}
         other => panic!("{other:?}"),
     }
     let pid = s
-        .spawn(&sh("exit 5", dir.path()), log.as_fd(), log.as_fd())
+        .spawn(&sh("exit 5", dir.path()), None, log.as_fd(), log.as_fd())
         .unwrap();
     assert_eq!(wait_child(pid), 5);
     assert_ne!(s.pid(), Some(first));
@@ -146,4 +146,37 @@ fn zombie_children() -> Vec<u32> {
             (rest.next()? == "Z" && rest.next()? == me).then_some(pid)
         })
         .collect()
+}
+
+#[tokio::test]
+async fn run_feeds_stdin_returns_the_output_and_kills_what_it_stops_waiting_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = spawner();
+    let out = s
+        .run(&sh("cat; echo err >&2", dir.path()), b"hello\n")
+        .await
+        .unwrap();
+    assert!(out.success);
+    assert_eq!(out.output, "hello\nerr\n");
+    let out = s.run(&sh("exit 1", dir.path()), b"").await.unwrap();
+    assert!(!out.success);
+    // Given up on: killed and reaped, not left running or a zombie.
+    let marker = dir.path().join("pid");
+    let script = format!("echo $$ > {}; exec sleep 30", marker.display());
+    let waited = tokio::time::timeout(
+        std::time::Duration::from_millis(300),
+        s.run(&sh(&script, dir.path()), b""),
+    )
+    .await;
+    assert!(waited.is_err(), "{waited:?}");
+    let pid: u32 = std::fs::read_to_string(&marker)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(std::time::Instant::now() < deadline, "{pid} still there");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }

@@ -13,7 +13,6 @@
 
 pub mod cgroup;
 pub mod child;
-pub mod spawner;
 pub mod tap;
 
 use std::collections::BTreeSet;
@@ -179,20 +178,8 @@ pub struct JailPlan {
     spec: JailSpec,
     jail_exe: PathBuf,
     control_dir: PathBuf,
-    spawner: SpawnerRef,
+    spawner: std::sync::Arc<crate::spawner::Spawner>,
 }
-
-/// The jailer's spawner, shared by its plans; plans compare equal whatever their spawner.
-#[derive(Debug, Clone)]
-struct SpawnerRef(std::sync::Arc<spawner::Spawner>);
-
-impl PartialEq for SpawnerRef {
-    fn eq(&self, _: &Self) -> bool {
-        true
-    }
-}
-
-impl Eq for SpawnerRef {}
 
 /// Name of the directory, in a VM's jail directory, that holds its VMM's control socket.
 pub const CONTROL_DIR: &str = "ctl";
@@ -272,7 +259,7 @@ impl JailPlan {
     /// Starts `binary args…` inside this jail, as a child of metald, in `cwd`, stdin from
     /// /dev/null, stdout and stderr to the given files, in its own process group (so a
     /// terminal's Ctrl-C never reaches it); its pid once it exec'd the jail. Through the
-    /// [`spawner`], which holds none of metald's descriptors; when the spawner itself fails,
+    /// [`crate::spawner`], which holds none of metald's descriptors; when the spawner itself fails,
     /// metald starts the child itself (what the spawner saves is time, never correctness).
     pub fn spawn(
         &self,
@@ -281,9 +268,9 @@ impl JailPlan {
         cwd: &Path,
         stdout: std::fs::File,
         stderr: std::fs::File,
-    ) -> Result<u32, spawner::SpawnError> {
+    ) -> Result<u32, crate::spawner::SpawnError> {
         let mut cmd = self.command(binary, args);
-        let req = spawner::SpawnRequest {
+        let req = crate::spawner::SpawnRequest {
             program: self.jail_exe.clone(),
             args: cmd
                 .get_args()
@@ -292,8 +279,11 @@ impl JailPlan {
             env: Vec::new(),
             cwd: cwd.to_path_buf(),
         };
-        match self.spawner.0.spawn(&req, stdout.as_fd(), stderr.as_fd()) {
-            Err(e @ spawner::SpawnError::Spawner { .. }) => {
+        match self
+            .spawner
+            .spawn(&req, None, stdout.as_fd(), stderr.as_fd())
+        {
+            Err(e @ crate::spawner::SpawnError::Spawner { .. }) => {
                 tracing::warn!(vm_id = %self.spec.vm_id, error = %Chain(&e), "starting the jail through the spawner failed; starting it directly");
             }
             done => return done,
@@ -306,7 +296,7 @@ impl JailPlan {
             .stderr(stderr)
             .process_group(0)
             .spawn()
-            .map_err(|source| spawner::SpawnError::Child {
+            .map_err(|source| crate::spawner::SpawnError::Child {
                 step: "exec".into(),
                 program: self.jail_exe.clone(),
                 source,
@@ -361,8 +351,8 @@ pub struct Jailer {
     vmm_files: Vec<PathBuf>,
     /// Where the jails' base mount namespace is pinned, once made.
     mount_ns: Option<PathBuf>,
-    /// Starts the jail children (see [`spawner`]).
-    spawner: SpawnerRef,
+    /// Starts the jail children (see [`crate::spawner`]).
+    spawner: std::sync::Arc<crate::spawner::Spawner>,
 }
 
 /// Tasks per VM: vCPU threads plus the VMM's I/O and worker threads (QEMU's pool alone may
@@ -389,9 +379,7 @@ impl Jailer {
                 None
             }
         };
-        let spawner = SpawnerRef(std::sync::Arc::new(spawner::Spawner::new(
-            cfg.jail_exe.clone(),
-        )));
+        let spawner = std::sync::Arc::new(crate::spawner::Spawner::new(cfg.jail_exe.clone()));
         Ok(Self {
             cfg,
             kind,
@@ -400,6 +388,11 @@ impl Jailer {
             mount_ns,
             spawner,
         })
+    }
+
+    /// The spawner that starts this jailer's children, for metald's other processes (`nft`).
+    pub fn spawner(&self) -> std::sync::Arc<crate::spawner::Spawner> {
+        std::sync::Arc::clone(&self.spawner)
     }
 
     /// Unpins the jails' base mount namespace (at a clean stop; a start replaces it anyway).

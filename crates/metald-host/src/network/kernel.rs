@@ -244,12 +244,14 @@ impl Links for Rtnetlink {
 pub struct Nft {
     /// The `nft` binary.
     pub binary: PathBuf,
+    /// Starts it, when given (see [`crate::spawner`]).
+    pub spawner: Option<std::sync::Arc<crate::spawner::Spawner>>,
 }
 
 #[async_trait::async_trait]
 impl Rules for Nft {
     async fn load(&self, script: &str) -> Result<(), nft::NftError> {
-        nft::apply(&self.binary, script).await
+        nft::apply(&self.binary, script, self.spawner.as_deref()).await
     }
 }
 

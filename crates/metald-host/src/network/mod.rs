@@ -63,6 +63,8 @@ pub struct NetworkConfig {
     pub proc_root: PathBuf,
     /// How many networks to keep made ahead of boots ([`pool`]); 0: each boot makes its own.
     pub warm_pool: usize,
+    /// Runs `nft` (see [`crate::spawner`]); without it metald runs `nft` itself.
+    pub spawner: Option<std::sync::Arc<crate::spawner::Spawner>>,
 }
 
 /// The network of one VM run, as the jailer and the backends need it.
@@ -209,6 +211,7 @@ impl Network {
         let links = Box::new(kernel::Rtnetlink::connect()?);
         let rules = Box::new(kernel::Nft {
             binary: cfg.nft_bin.clone(),
+            spawner: cfg.spawner.clone(),
         });
         Ok(Self::with_kernel(
             cfg,
@@ -877,6 +880,7 @@ mod tests {
                 netns_dir: "/run/test-netns".into(),
                 nft_bin: "/nonexistent/nft".into(),
                 proc_root: "/nonexistent/proc".into(),
+                spawner: None,
             },
             Box::new(Shared(Arc::clone(kernel))),
             Box::new(Shared(Arc::clone(kernel))),

@@ -377,13 +377,36 @@ pub enum NftError {
     Batch(String),
 }
 
-/// Loads `script` (one transaction) by running `nft -f -`.
-pub async fn apply(nft: &Path, script: &str) -> Result<(), NftError> {
+/// Loads `script` (one transaction) by running `nft -f -`: through `spawner` when given (a
+/// boot's and a delete's `nft` then no longer closes each of metald's descriptors at its exec,
+/// see [`crate::spawner`]), by metald itself otherwise or when the spawner failed.
+pub async fn apply(
+    nft: &Path,
+    script: &str,
+    spawner: Option<&crate::spawner::Spawner>,
+) -> Result<(), NftError> {
+    use crate::spawner::{SpawnError, SpawnRequest};
     use tokio::io::AsyncWriteExt;
     let spawn_err = |source| NftError::Spawn {
         binary: nft.display().to_string(),
         source,
     };
+    if let Some(spawner) = spawner {
+        let req = SpawnRequest {
+            program: nft.to_path_buf(),
+            args: vec!["-f".into(), "-".into()],
+            env: Vec::new(),
+            cwd: "/".into(),
+        };
+        match spawner.run(&req, script.as_bytes()).await {
+            Ok(out) if out.success => return Ok(()),
+            Ok(out) => return Err(NftError::Refused(out.output.trim().to_string())),
+            Err(e @ SpawnError::Spawner { .. }) => {
+                tracing::warn!(error = %crate::report::Chain(&e), "running nft through the spawner failed; running it directly");
+            }
+            Err(e) => return Err(spawn_err(std::io::Error::other(e))),
+        }
+    }
     let mut child = tokio::process::Command::new(nft)
         .args(["-f", "-"])
         .stdin(std::process::Stdio::piped())
@@ -413,6 +436,7 @@ pub async fn remove(nft: &Path) -> Result<(), NftError> {
     apply(
         nft,
         &format!("table inet {TABLE}\ndelete table inet {TABLE}\n"),
+        None,
     )
     .await
 }

@@ -3,7 +3,7 @@
 //! only if the jail could not be built, with the step on stderr (the VM's VMM log).
 //!
 //! `metald-jail spawner`: starts jail children for metald, its requests on stdin (a socket),
-//! holding none of metald's descriptors ([`metald::jailer::spawner`]).
+//! holding none of metald's descriptors ([`metald::spawner`]).
 //!
 //! `metald-jail netns-nft NETNS NFT`: enters the network namespace pinned at NETNS and execs
 //! `NFT -f -` with the script on stdin (a clone's address map,
@@ -19,7 +19,7 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     if args.len() == 1 && args.first().is_some_and(|a| a == "spawner") {
-        return match metald::jailer::spawner::serve() {
+        return match metald::spawner::serve() {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("metald-jail spawner: {e}");

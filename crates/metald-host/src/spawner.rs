@@ -37,7 +37,8 @@ pub const MAX_REQUEST: usize = 256 * 1024;
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What to start: exactly this environment (nothing inherited), in its own process group,
-/// stdin from /dev/null, stdout and stderr to the descriptors passed with the request.
+/// stdin, stdout and stderr from the descriptors passed with the request (stdin from
+/// /dev/null when none is passed for it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SpawnRequest {
     /// The binary (also `argv[0]`).
@@ -93,6 +94,94 @@ pub enum SpawnError {
     },
 }
 
+/// What [`Spawner::run`] returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Output {
+    /// It exited with status 0.
+    pub success: bool,
+    /// What it wrote to stdout and stderr.
+    pub output: String,
+}
+
+/// The most of a child's output [`Spawner::run`] keeps.
+pub const MAX_OUTPUT: usize = 64 * 1024;
+
+fn memfd(name: &str) -> io::Result<OwnedFd> {
+    Ok(rustix::fs::memfd_create(
+        name,
+        rustix::fs::MemfdFlags::CLOEXEC,
+    )?)
+}
+
+/// A child of this process, killed and reaped if dropped before it was waited for.
+struct ChildGuard {
+    pidfd: Option<OwnedFd>,
+}
+
+impl ChildGuard {
+    fn new(pid: u32) -> io::Result<Self> {
+        let pid = i32::try_from(pid)
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+            .ok_or(io::ErrorKind::InvalidInput)?;
+        let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::NONBLOCK)?;
+        Ok(Self { pidfd: Some(pidfd) })
+    }
+
+    /// Waits for the exit (the pidfd turns readable) and reaps it.
+    async fn wait(mut self) -> io::Result<rustix::process::WaitIdStatus> {
+        // A duplicate is registered: the guard keeps its own until the child is reaped, so a
+        // wait given up on (the future dropped) still kills and reaps it.
+        let pidfd = self
+            .pidfd
+            .as_ref()
+            .ok_or(io::ErrorKind::InvalidInput)?
+            .try_clone()?;
+        // SAFETY: the AsyncFd owns the pidfd, so it stays open and unchanged while registered.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)
+        }?;
+        loop {
+            let mut ready = fd.readable().await?;
+            match rustix::process::waitid(
+                rustix::process::WaitId::PidFd(fd.get_ref().as_fd()),
+                rustix::process::WaitIdOptions::EXITED | rustix::process::WaitIdOptions::NOHANG,
+            ) {
+                Ok(Some(status)) => {
+                    self.pidfd = None;
+                    return Ok(status);
+                }
+                Ok(None) => ready.clear_ready(),
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(pidfd) = self.pidfd.take() {
+            let _ignored =
+                rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL);
+            // Reaped off the caller's thread: a killed process exits promptly, but not
+            // necessarily before this returns.
+            std::thread::spawn(move || {
+                // The pidfd is non-blocking: wait for it to turn readable (the exit) first.
+                let mut fds = [rustix::event::PollFd::new(
+                    &pidfd,
+                    rustix::event::PollFlags::IN,
+                )];
+                let _ignored = rustix::event::poll(&mut fds, None);
+                let _ignored = rustix::process::waitid(
+                    rustix::process::WaitId::PidFd(pidfd.as_fd()),
+                    rustix::process::WaitIdOptions::EXITED,
+                );
+            });
+        }
+    }
+}
+
 /// metald's end: one spawner, started on first use and again after it failed.
 #[derive(Debug)]
 pub struct Spawner {
@@ -114,6 +203,16 @@ impl Drop for Conn {
     }
 }
 
+/// Spawners of the same binary are alike (what runs, and whether it runs now, is not
+/// configuration).
+impl PartialEq for Spawner {
+    fn eq(&self, other: &Self) -> bool {
+        self.exe == other.exe
+    }
+}
+
+impl Eq for Spawner {}
+
 impl Spawner {
     /// A spawner run as `exe spawner` (the `metald-jail` binary).
     pub fn new(exe: PathBuf) -> Self {
@@ -123,10 +222,12 @@ impl Spawner {
         }
     }
 
-    /// Starts `req` as a child of the calling process; its pid, once it exec'd.
+    /// Starts `req` as a child of the calling process; its pid, once it exec'd. Blocks for
+    /// the exchange (a fork and an exec, about a millisecond).
     pub fn spawn(
         &self,
         req: &SpawnRequest,
+        stdin: Option<BorrowedFd<'_>>,
         stdout: BorrowedFd<'_>,
         stderr: BorrowedFd<'_>,
     ) -> Result<u32, SpawnError> {
@@ -141,10 +242,8 @@ impl Spawner {
         if conn.is_none() {
             *conn = Some(self.start().map_err(|e| self.broken(e))?);
         }
-        let reply = match conn
-            .as_ref()
-            .map(|c| exchange(&c.sock, &msg, [stdout, stderr]))
-        {
+        let fds: Vec<BorrowedFd<'_>> = stdin.into_iter().chain([stdout, stderr]).collect();
+        let reply = match conn.as_ref().map(|c| exchange(&c.sock, &msg, &fds)) {
             Some(Ok(reply)) => reply,
             Some(Err(e)) => {
                 // Dead, or out of step with us: the next request starts a new one.
@@ -173,6 +272,43 @@ impl Spawner {
                 })
             }
         }
+    }
+
+    /// Runs `req` to its end with `input` on its stdin: whether it exited with status 0, and
+    /// what it wrote to stdout and stderr (the first [`MAX_OUTPUT`] bytes). Dropping the
+    /// future kills it.
+    pub async fn run(&self, req: &SpawnRequest, input: &[u8]) -> Result<Output, SpawnError> {
+        let io_err = |source: io::Error| SpawnError::Child {
+            step: "run".into(),
+            program: req.program.clone(),
+            source,
+        };
+        let stdin = memfd("spawn-stdin").map_err(io_err)?;
+        rustix::io::write(&stdin, input)
+            .map_err(io::Error::from)
+            .and_then(|n| {
+                if n == input.len() {
+                    Ok(())
+                } else {
+                    Err(io::ErrorKind::WriteZero.into())
+                }
+            })
+            .map_err(io_err)?;
+        rustix::fs::seek(&stdin, rustix::fs::SeekFrom::Start(0)).map_err(|e| io_err(e.into()))?;
+        let output = memfd("spawn-output").map_err(io_err)?;
+        let pid = self.spawn(req, Some(stdin.as_fd()), output.as_fd(), output.as_fd())?;
+        let status = ChildGuard::new(pid)
+            .map_err(io_err)?
+            .wait()
+            .await
+            .map_err(io_err)?;
+        let mut buf = vec![0u8; MAX_OUTPUT];
+        let n = rustix::io::pread(&output, &mut buf, 0).map_err(|e| io_err(e.into()))?;
+        buf.truncate(n);
+        Ok(Output {
+            success: status.exit_status() == Some(0),
+            output: String::from_utf8_lossy(&buf).into_owned(),
+        })
     }
 
     /// The spawner's pid, while one runs.
@@ -214,11 +350,11 @@ impl Spawner {
     }
 }
 
-/// Sends one request with its two descriptors and reads the answer.
-fn exchange(sock: &OwnedFd, msg: &[u8], fds: [BorrowedFd<'_>; 2]) -> io::Result<Reply> {
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+/// Sends one request with its descriptors ([stdin,] stdout, stderr) and reads the answer.
+fn exchange(sock: &OwnedFd, msg: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<Reply> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
     let mut control = SendAncillaryBuffer::new(&mut space);
-    if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+    if !control.push(SendAncillaryMessage::ScmRights(fds)) {
         return Err(io::ErrorKind::InvalidInput.into());
     }
     rustix::net::sendmsg(
@@ -252,7 +388,7 @@ pub fn serve() -> io::Result<()> {
     let null = std::fs::File::open("/dev/null")?;
     let mut buf = vec![0u8; MAX_REQUEST];
     loop {
-        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
         let mut control = RecvAncillaryBuffer::new(&mut space);
         let got = rustix::net::recvmsg(
             &sock,
@@ -283,6 +419,9 @@ pub fn serve() -> io::Result<()> {
             serde_json::from_slice::<SpawnRequest>(request),
         ) {
             (false, [out, err], Ok(req)) => start(&req, null.as_fd(), out.as_fd(), err.as_fd()),
+            (false, [input, out, err], Ok(req)) => {
+                start(&req, input.as_fd(), out.as_fd(), err.as_fd())
+            }
             _ => Reply::Failed {
                 pid: None,
                 step: "read the request".into(),
@@ -309,7 +448,7 @@ const STEPS: [&str; 7] = [
 /// Forks a child of metald (this process's parent) that execs `req`.
 fn start(
     req: &SpawnRequest,
-    null: BorrowedFd<'_>,
+    input: BorrowedFd<'_>,
     out: BorrowedFd<'_>,
     err: BorrowedFd<'_>,
 ) -> Reply {
@@ -353,7 +492,7 @@ fn start(
         // SAFETY: the child: every pointer is into memory prepared above, copied by the fork.
         unsafe {
             child(
-                null.as_raw_fd(),
+                input.as_raw_fd(),
                 out.as_raw_fd(),
                 err.as_raw_fd(),
                 pipe_w.as_raw_fd(),
@@ -404,7 +543,7 @@ fn start(
 /// Only in the child of the fork in [`start`], with NUL-terminated pointer arrays.
 #[allow(clippy::too_many_arguments)]
 unsafe fn child(
-    null: i32,
+    input: i32,
     out: i32,
     err: i32,
     pipe_w: i32,
@@ -426,7 +565,7 @@ unsafe fn child(
             libc::_exit(127)
         };
         // Every descriptor received is above 2 (0 is the socket, 1 and 2 the spawner's own).
-        if libc::dup2(null, 0) < 0 {
+        if libc::dup2(input, 0) < 0 {
             fail(0, pipe_w)
         }
         if libc::dup2(out, 1) < 0 {
