@@ -182,12 +182,17 @@ impl Drop for ChildGuard {
     }
 }
 
-/// metald's end: one spawner, started on first use and again after it failed.
+/// metald's end: [`SPAWNERS`] spawner processes, each started on first use and again after it
+/// failed, each serving one request at a time.
 #[derive(Debug)]
 pub struct Spawner {
     exe: PathBuf,
-    conn: Mutex<Option<Conn>>,
+    conns: [Mutex<Option<Conn>>; SPAWNERS],
 }
+
+/// Spawner processes per [`Spawner`]: a boot starts its jail and its `nft` at the same moment,
+/// and neither should wait for the other's fork and exec.
+pub const SPAWNERS: usize = 2;
 
 #[derive(Debug)]
 struct Conn {
@@ -218,7 +223,7 @@ impl Spawner {
     pub fn new(exe: PathBuf) -> Self {
         Self {
             exe,
-            conn: Mutex::new(None),
+            conns: [const { Mutex::new(None) }; SPAWNERS],
         }
     }
 
@@ -235,10 +240,21 @@ impl Spawner {
         if msg.len() > MAX_REQUEST {
             return Err(SpawnError::TooLarge(msg.len()));
         }
-        let mut conn = self
-            .conn
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // The first idle one, or else the first.
+        let free = self.conns.iter().find_map(|c| match c.try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        });
+        let mut conn = match free {
+            Some(g) => g,
+            None => self
+                .conns
+                .first()
+                .ok_or_else(|| self.broken(io::ErrorKind::NotConnected.into()))?
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        };
         if conn.is_none() {
             *conn = Some(self.start().map_err(|e| self.broken(e))?);
         }
@@ -311,13 +327,17 @@ impl Spawner {
         })
     }
 
-    /// The spawner's pid, while one runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.conn
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .as_ref()
-            .map(|c| c.child.id())
+    /// The pids of the spawner processes running now.
+    pub fn pids(&self) -> Vec<u32> {
+        self.conns
+            .iter()
+            .filter_map(|c| {
+                c.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .as_ref()
+                    .map(|c| c.child.id())
+            })
+            .collect()
     }
 
     fn broken(&self, source: io::Error) -> SpawnError {

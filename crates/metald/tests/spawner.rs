@@ -82,7 +82,7 @@ fn a_spawned_process_is_the_callers_child_with_only_what_was_asked_for() {
     assert_eq!(std::fs::read_to_string(&err_path).unwrap(), "oops\n");
     // The spawner holds its socket (stdin), stdout, stderr and /dev/null: nothing of its
     // caller's, never a request's files.
-    let fd_dir = format!("/proc/{}/fd", s.pid().unwrap());
+    let fd_dir = format!("/proc/{}/fd", s.pids()[0]);
     let spawner_fds: Vec<String> = std::fs::read_dir(&fd_dir)
         .unwrap()
         .flatten()
@@ -114,7 +114,7 @@ fn a_failed_start_is_reported_and_reaped_and_a_dead_spawner_is_replaced() {
     // Both failed children were reaped by the spawner's caller: none is left a zombie.
     assert_eq!(zombie_children(), Vec::<u32>::new());
     // The spawner dies: the next request says so, the one after starts a new spawner.
-    let first = s.pid().unwrap();
+    let first = s.pids()[0];
     rustix::process::kill_process(
         Pid::from_raw(first as i32).unwrap(),
         rustix::process::Signal::KILL,
@@ -129,7 +129,7 @@ fn a_failed_start_is_reported_and_reaped_and_a_dead_spawner_is_replaced() {
         .spawn(&sh("exit 5", dir.path()), None, log.as_fd(), log.as_fd())
         .unwrap();
     assert_eq!(wait_child(pid), 5);
-    assert_ne!(s.pid(), Some(first));
+    assert_ne!(s.pids(), vec![first]);
 }
 
 /// This process's children that exited and were not reaped.
