@@ -93,8 +93,7 @@ fn main() {
     );
     for at in [1usize, 100, 500, 1000].into_iter().filter(|at| *at <= n) {
         // The boots made with about `at - 1` VMs already running: five around it.
-        let lo = at.saturating_sub(3).min(n - 1);
-        let hi = (lo + 5).min(n);
+        let (lo, hi) = around(at, n);
         row(
             &format!("CreateVm + BootVm -> banner, ~{} running", at - 1),
             &boots[lo..hi],
@@ -115,8 +114,7 @@ fn main() {
         hundreds.join(" / ")
     );
     for at in [1usize, 500, 1000].into_iter().filter(|at| *at <= n) {
-        let lo = at.saturating_sub(3).min(n - 1);
-        let hi = (lo + 5).min(n);
+        let (lo, hi) = around(at, n);
         row(
             &format!("DeleteVm (force), the {at}th of {n}"),
             &deletes[lo..hi],
@@ -145,8 +143,7 @@ fn main() {
         .map(|i| bare_steps_ref[0][i] + bare_steps_ref[1][i] + bare_steps_ref[2][i])
         .collect();
     for at in [1usize, 100, 500, 1000].into_iter().filter(|at| *at <= n) {
-        let lo = at.saturating_sub(3).min(n - 1);
-        let hi = (lo + 5).min(n);
+        let (lo, hi) = around(at, n);
         row(
             &format!("bare: spawn -> banner, ~{} running", at - 1),
             &bare_total[lo..hi],
@@ -298,8 +295,7 @@ fn print_steps(log: &str, ids: &[String], n: usize) {
     for (msg, field, name) in STEPS {
         print!("| {name:<45} ");
         for at in &sizes {
-            let lo = at.saturating_sub(3).min(n - 1);
-            let hi = (lo + 5).min(n);
+            let (lo, hi) = around(*at, n);
             let mut v: Vec<f64> = ids[lo..hi]
                 .iter()
                 .filter_map(|id| seen.get(&(id.clone(), *msg, *field)).copied())
@@ -335,6 +331,12 @@ fn host_busy(window: Duration) -> f64 {
     let (t1, i1) = sample();
     let total = t1.saturating_sub(t0).max(1) as f64;
     100.0 * (total - i1.saturating_sub(i0) as f64) / total
+}
+
+/// The five starts around the one made with `at - 1` already running, of `n`: `lo..hi`.
+fn around(at: usize, n: usize) -> (usize, usize) {
+    let lo = at.saturating_sub(3).min(n - 1);
+    (lo, (lo + 5).min(n))
 }
 
 /// Resident memory of a process, KiB.
