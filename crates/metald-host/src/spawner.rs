@@ -106,11 +106,8 @@ pub struct Output {
 /// The most of a child's output [`Spawner::run`] keeps.
 pub const MAX_OUTPUT: usize = 64 * 1024;
 
-fn memfd(name: &str) -> io::Result<OwnedFd> {
-    Ok(rustix::fs::memfd_create(
-        name,
-        rustix::fs::MemfdFlags::CLOEXEC,
-    )?)
+fn memfd(name: &str) -> io::Result<std::fs::File> {
+    Ok(rustix::fs::memfd_create(name, rustix::fs::MemfdFlags::CLOEXEC)?.into())
 }
 
 /// A child of this process, killed and reaped if dropped before it was waited for.
@@ -299,40 +296,26 @@ impl Spawner {
             program: req.program.clone(),
             source,
         };
-        let stdin = memfd("spawn-stdin").map_err(io_err)?;
-        rustix::io::write(&stdin, input)
-            .map_err(io::Error::from)
-            .and_then(|n| {
-                if n == input.len() {
-                    Ok(())
-                } else {
-                    Err(io::ErrorKind::WriteZero.into())
-                }
-            })
+        use std::io::{Read, Seek, Write};
+        let mut stdin = memfd("spawn-stdin").map_err(io_err)?;
+        stdin
+            .write_all(input)
+            .and_then(|()| stdin.rewind())
             .map_err(io_err)?;
-        rustix::fs::seek(&stdin, rustix::fs::SeekFrom::Start(0)).map_err(|e| io_err(e.into()))?;
-        let output = memfd("spawn-output").map_err(io_err)?;
+        let mut output = memfd("spawn-output").map_err(io_err)?;
         let pid = self.spawn(req, Some(stdin.as_fd()), output.as_fd(), output.as_fd())?;
         let status = ChildGuard::new(pid)
             .map_err(io_err)?
             .wait()
             .await
             .map_err(io_err)?;
-        // Sized to what was written (usually nothing): a buffer of MAX_OUTPUT on every run
+        // Grown to what was written (usually nothing): a buffer of MAX_OUTPUT on every run
         // (one per boot) left metald's heap about 15 KiB larger per running VM.
-        let written = rustix::fs::fstat(&output)
-            .map_err(|e| io_err(e.into()))?
-            .st_size;
-        let len = usize::try_from(written)
-            .unwrap_or(MAX_OUTPUT)
-            .min(MAX_OUTPUT);
-        let mut buf = vec![0u8; len];
-        let n = if len == 0 {
-            0
-        } else {
-            rustix::io::pread(&output, &mut buf, 0).map_err(|e| io_err(e.into()))?
-        };
-        buf.truncate(n);
+        let mut buf = Vec::new();
+        output
+            .rewind()
+            .and_then(|()| (&output).take(MAX_OUTPUT as u64).read_to_end(&mut buf))
+            .map_err(io_err)?;
         Ok(Output {
             success: status.exit_status() == Some(0),
             output: String::from_utf8_lossy(&buf).into_owned(),

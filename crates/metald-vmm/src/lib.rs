@@ -25,7 +25,7 @@ use crate::jailer::JailPlan;
 use crate::network::VmNetworkPlan;
 pub use metald_domain::domain::BackendKind;
 use metald_domain::{domain, report};
-use metald_host::{jailer, network};
+use metald_host::{jailer, network, spawner};
 pub use process::{ExitEvent, VmmProcess};
 
 /// File names inside a VM's directory, shared by every backend.
@@ -126,7 +126,8 @@ impl VmLaunch {
 
     /// Starts `binary args…` for this VM (see [`VmLaunch::command`]), with stdout and stderr
     /// to the given files, and supervises it. A jailed start goes through the jail's spawner
-    /// ([`JailPlan::spawn`]), whose cost does not grow with the descriptors metald holds.
+    /// ([`JailPlan::spawn`]), whose cost does not grow with the descriptors metald holds; if
+    /// the spawner itself fails, metald starts the command itself.
     pub fn spawn(
         &self,
         binary: &Path,
@@ -135,24 +136,27 @@ impl VmLaunch {
         stderr: std::fs::File,
         events: tokio::sync::mpsc::UnboundedSender<process::ExitEvent>,
     ) -> Result<std::sync::Arc<process::Supervised>, BackendError> {
-        match &self.jail {
-            Some(jail) => {
-                let pid = jail
-                    .spawn(binary, args, &self.dir, stdout, stderr)
-                    .map_err(|e| BackendError::Spawn {
+        if let Some(jail) = &self.jail {
+            match jail.spawn(binary, args.clone(), &self.dir, &stdout, &stderr) {
+                Ok(pid) => return process::Supervised::child(pid, self.vm_id.clone(), events),
+                Err(e @ spawner::SpawnError::Spawner { .. }) => {
+                    tracing::warn!(vm_id = %self.vm_id, error = %report::Chain(&e), "starting the jail through the spawner failed; starting it directly");
+                }
+                Err(e) => {
+                    return Err(BackendError::Spawn {
                         binary: binary.to_path_buf(),
                         source: std::io::Error::other(e),
-                    })?;
-                process::Supervised::child(pid, self.vm_id.clone(), events)
+                    })
+                }
             }
-            None => process::Supervised::spawn(
-                self.command(binary, args),
-                stdout,
-                stderr,
-                self.vm_id.clone(),
-                events,
-            ),
         }
+        process::Supervised::spawn(
+            self.command(binary, args),
+            stdout,
+            stderr,
+            self.vm_id.clone(),
+            events,
+        )
     }
 
     /// The command that starts `binary args…` for this VM: through the jailer when the VM has

@@ -246,63 +246,42 @@ impl JailPlan {
 
     /// The command that starts `binary args…` inside this jail.
     pub fn command(&self, binary: &Path, args: Vec<String>) -> Command {
+        let mut cmd = Command::new(&self.jail_exe);
+        cmd.arg(self.spec_arg(binary, args)).env_clear();
+        cmd
+    }
+
+    /// `metald-jail`'s argument: this jail's spec for `binary args…`, as JSON.
+    fn spec_arg(&self, binary: &Path, args: Vec<String>) -> String {
         let mut spec = self.spec.clone();
         spec.exec = binary.to_path_buf();
         spec.args = args;
         // The spec is plain data built by metald; serializing it cannot fail.
-        let json = serde_json::to_string(&spec).unwrap_or_default();
-        let mut cmd = Command::new(&self.jail_exe);
-        cmd.arg(json).env_clear();
-        cmd
+        serde_json::to_string(&spec).unwrap_or_default()
     }
 
-    /// Starts `binary args…` inside this jail, as a child of metald, in `cwd`, stdin from
-    /// /dev/null, stdout and stderr to the given files, in its own process group (so a
-    /// terminal's Ctrl-C never reaches it); its pid once it exec'd the jail. Through the
-    /// [`crate::spawner`], which holds none of metald's descriptors; when the spawner itself fails,
-    /// metald starts the child itself (what the spawner saves is time, never correctness).
+    /// Starts [`JailPlan::command`] through the [`crate::spawner`], which holds none of
+    /// metald's descriptors, as a child of metald: in `cwd`, stdin from /dev/null, stdout and
+    /// stderr to the given files, in its own process group (so a terminal's Ctrl-C never
+    /// reaches it). Its pid, once it exec'd the jail. When the spawner itself fails
+    /// ([`crate::spawner::SpawnError::Spawner`]), the caller may start the command itself:
+    /// the spawner saves time, never correctness.
     pub fn spawn(
         &self,
         binary: &Path,
         args: Vec<String>,
         cwd: &Path,
-        stdout: std::fs::File,
-        stderr: std::fs::File,
+        stdout: &std::fs::File,
+        stderr: &std::fs::File,
     ) -> Result<u32, crate::spawner::SpawnError> {
-        let mut cmd = self.command(binary, args);
         let req = crate::spawner::SpawnRequest {
             program: self.jail_exe.clone(),
-            args: cmd
-                .get_args()
-                .map(|a| a.to_string_lossy().into_owned())
-                .collect(),
+            args: vec![self.spec_arg(binary, args)],
             env: Vec::new(),
             cwd: cwd.to_path_buf(),
         };
-        match self
-            .spawner
+        self.spawner
             .spawn(&req, None, stdout.as_fd(), stderr.as_fd())
-        {
-            Err(e @ crate::spawner::SpawnError::Spawner { .. }) => {
-                tracing::warn!(vm_id = %self.spec.vm_id, error = %Chain(&e), "starting the jail through the spawner failed; starting it directly");
-            }
-            done => return done,
-        }
-        use std::os::unix::process::CommandExt;
-        let child = cmd
-            .current_dir(cwd)
-            .stdin(std::process::Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
-            .process_group(0)
-            .spawn()
-            .map_err(|source| crate::spawner::SpawnError::Child {
-                step: "exec".into(),
-                program: self.jail_exe.clone(),
-                source,
-            })?;
-        // Reaped through a pidfd by the caller, like a child from the spawner.
-        Ok(child.id())
     }
 
     /// The VM's uid.
