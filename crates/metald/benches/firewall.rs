@@ -1,9 +1,9 @@
 //! What the firewall costs a boot and a stop as VMs pile up: with N VMs (spread over N/5
 //! customers, and once over N customers) in metald's nftables table, one boot's firewall step
-//! (add that VM's elements) and one stop's (delete them), through the same `nft -f -` metald
-//! runs, against the old way measured in the same run (render the whole table, one rule pair
-//! per VM and a set plus a rule per customer, and replace it), plus writing the whole table at
-//! start. Prints a table of medians.
+//! (add that VM's elements) and one stop's (delete them), over nfnetlink as metald sends them and
+//! as the same change loaded by `nft -f -`, against the old way measured in the same run (render
+//! the whole table, one rule pair per VM and a set plus a rule per customer, and replace it),
+//! plus writing the whole table at start (`nft`). Prints a table of medians.
 //!
 //! `make bench` (or `cargo bench -p metald --bench firewall`); needs root and nft. Runs inside a
 //! network namespace it makes and deletes; the machine's own rules are never touched.
@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use metald_host::network::kernel::{Nft, Rules};
+use metald_host::network::nfnetlink::Nfnetlink;
 use metald_host::network::nft::{Firewall, FirewallVm};
 use support::netns::TestNetns;
 use support::*;
@@ -85,7 +86,14 @@ fn timed<F: std::future::Future<Output = ()>>(rt: &tokio::runtime::Runtime, f: F
 }
 
 /// One size: the rows of the table for `n` VMs over `customers` customers.
-fn measure(rt: &tokio::runtime::Runtime, nft: &Nft, n: u32, customers: u32, runs: usize) {
+fn measure(
+    rt: &tokio::runtime::Runtime,
+    nft: &Nft,
+    netlink: &Nfnetlink,
+    n: u32,
+    customers: u32,
+    runs: usize,
+) {
     let label = format!("{n} VMs, {customers} customers");
     let mut fw = Firewall::new(None, None);
     let mut old: BTreeMap<String, FirewallVm> = BTreeMap::new();
@@ -105,15 +113,26 @@ fn measure(rt: &tokio::runtime::Runtime, nft: &Nft, n: u32, customers: u32, runs
     // The booted VM belongs to a customer that already runs VMs (the common case: no new tag).
     let extra = vm(n + 1, customers);
     let (mut boot, mut stop) = (vec![], vec![]);
+    let (mut nft_boot, mut nft_stop) = (vec![], vec![]);
     for _ in 0..runs {
         boot.push(timed(rt, async {
             let c = fw.start("extra", extra.clone());
-            nft.load(c.script()).await.unwrap();
+            netlink.apply(c.ops()).unwrap();
             fw.commit(c);
         }));
         stop.push(timed(rt, async {
             let c = fw.stop("extra").unwrap();
-            nft.load(c.script()).await.unwrap();
+            netlink.apply(c.ops()).unwrap();
+            fw.commit(c);
+        }));
+        nft_boot.push(timed(rt, async {
+            let c = fw.start("extra", extra.clone());
+            nft.load(&c.script()).await.unwrap();
+            fw.commit(c);
+        }));
+        nft_stop.push(timed(rt, async {
+            let c = fw.stop("extra").unwrap();
+            nft.load(&c.script()).await.unwrap();
             fw.commit(c);
         }));
     }
@@ -133,6 +152,8 @@ fn measure(rt: &tokio::runtime::Runtime, nft: &Nft, n: u32, customers: u32, runs
     }
     row(&format!("{label}: boot, add its elements"), &boot);
     row(&format!("{label}: stop, delete them"), &stop);
+    row(&format!("{label}: boot, the same by nft -f"), &nft_boot);
+    row(&format!("{label}: stop, the same by nft -f"), &nft_stop);
     row(&format!("{label}: boot, old full rewrite"), &old_boot);
     row(&format!("{label}: stop, old full rewrite"), &old_stop);
     row(&format!("{label}: whole table at start"), &start);
@@ -169,6 +190,7 @@ fn main() {
     let nft = Nft {
         binary: PathBuf::from("nft"),
         spawner: None,
+        netlink: None,
     };
     let ns = TestNetns::new();
     let path = ns.path();
@@ -187,16 +209,17 @@ fn main() {
     // spawned from it, on a current-thread runtime that runs nothing elsewhere.
     let done = std::thread::spawn(move || {
         enter(&path);
+        let netlink = Nfnetlink::connect().unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         for &n in &sizes {
-            measure(&rt, &nft, n, (n / 5).max(1), runs);
+            measure(&rt, &nft, &netlink, n, (n / 5).max(1), runs);
         }
         if let Some(&n) = sizes.iter().max() {
             // The worst case for anything per customer: every VM its own customer.
-            measure(&rt, &nft, n, n, runs);
+            measure(&rt, &nft, &netlink, n, n, runs);
         }
     })
     .join();

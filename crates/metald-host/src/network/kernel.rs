@@ -13,6 +13,7 @@ use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags};
 use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute};
 use rtnetlink::{LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
+use super::nfnetlink::Nfnetlink;
 use super::{netns, nft, NetworkError};
 
 /// Interfaces, addresses and routes in metald's own namespace.
@@ -44,11 +45,16 @@ pub trait Links: Send + Sync {
     async fn list(&self) -> Result<Vec<(u32, String)>, NetworkError>;
 }
 
-/// The firewall: loads nft scripts that write metald's table or change its elements.
+/// The firewall: writes metald's table and changes its elements.
 #[async_trait::async_trait]
 pub trait Rules: Send + Sync {
     /// Loads `script`, one nft transaction: all of it is applied or none.
     async fn load(&self, script: &str) -> Result<(), nft::NftError>;
+    /// Adds and deletes elements, in order, in one transaction: all of it is applied or none.
+    /// By default as the equivalent nft script.
+    async fn change(&self, ops: &[nft::ElementOp]) -> Result<(), nft::NftError> {
+        self.load(&nft::script(ops)).await
+    }
 }
 
 /// Network namespaces pinned on files.
@@ -240,18 +246,29 @@ impl Links for Rtnetlink {
     }
 }
 
-/// [`Rules`] through the `nft` binary.
+/// [`Rules`]: the table through the `nft` binary, element changes over nfnetlink.
 pub struct Nft {
     /// The `nft` binary.
     pub binary: PathBuf,
     /// Starts it, when given (see [`crate::spawner`]).
     pub spawner: Option<std::sync::Arc<crate::spawner::Spawner>>,
+    /// Sends element changes, when it could be opened; `nft` takes them otherwise.
+    pub netlink: Option<Nfnetlink>,
 }
 
 #[async_trait::async_trait]
 impl Rules for Nft {
     async fn load(&self, script: &str) -> Result<(), nft::NftError> {
         nft::apply(&self.binary, script, self.spawner.as_deref()).await
+    }
+
+    async fn change(&self, ops: &[nft::ElementOp]) -> Result<(), nft::NftError> {
+        match &self.netlink {
+            // Not moved to a blocking thread: the kernel handles the batch within the send
+            // (about 0.1 ms) and the socket never waits.
+            Some(netlink) => netlink.apply(ops),
+            None => self.load(&nft::script(ops)).await,
+        }
     }
 }
 

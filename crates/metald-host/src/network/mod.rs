@@ -19,6 +19,7 @@ pub use metald_domain::ipam;
 pub mod clone_map;
 pub mod kernel;
 pub mod netns;
+pub mod nfnetlink;
 pub mod nft;
 pub mod pool;
 
@@ -209,9 +210,15 @@ impl Network {
             })?;
         }
         let links = Box::new(kernel::Rtnetlink::connect()?);
+        let netlink = nfnetlink::Nfnetlink::connect()
+            .inspect_err(|e| {
+                tracing::warn!(error = %e, "no nfnetlink socket: firewall changes go through nft");
+            })
+            .ok();
         let rules = Box::new(kernel::Nft {
             binary: cfg.nft_bin.clone(),
             spawner: cfg.spawner.clone(),
+            netlink,
         });
         Ok(Self::with_kernel(
             cfg,
@@ -572,21 +579,21 @@ impl Network {
     /// was loaded; every waiter gets the outcome.
     async fn load_batch(&self, fw: &mut Firewall, batch: Vec<WaitingChange>) {
         let mut after = fw.clone();
-        let mut script = String::new();
+        let mut ops = Vec::new();
         for (op, _) in &batch {
             let change = match op {
                 FirewallOp::Start(id, vm) => Some(after.start(id, vm.clone())),
                 FirewallOp::Stop(id) => after.stop(id),
             };
             if let Some(change) = change {
-                script.push_str(change.script());
+                ops.extend_from_slice(change.ops());
                 after.commit(change);
             }
         }
-        let loaded = if script.is_empty() {
+        let loaded = if ops.is_empty() {
             Ok(())
         } else {
-            match self.rules.load(&script).await {
+            match self.rules.change(&ops).await {
                 Ok(()) => Ok(()),
                 Err(e) => {
                     tracing::warn!(error = %Chain(&e), changes = batch.len(), "firewall change refused; rewriting metald's whole table");

@@ -92,22 +92,96 @@ pub struct Firewall {
     ipv4_subnet: Option<String>,
 }
 
-/// One VM's start or stop: the nft script that makes it, and what the model becomes once
-/// nft took it ([`Firewall::commit`]).
+/// One VM's start or stop: the element operations that make it (also as an nft script), and
+/// what the model becomes once they are loaded ([`Firewall::commit`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[must_use]
 pub struct Change {
     id: String,
     before: Option<Entry>,
     after: Option<Entry>,
-    script: String,
+    ops: Vec<ElementOp>,
 }
 
 impl Change {
-    /// The nft script (one transaction) that applies this change to the loaded table.
-    pub fn script(&self) -> &str {
-        &self.script
+    /// The element operations, in order (a replacement deletes before it adds).
+    pub fn ops(&self) -> &[ElementOp] {
+        &self.ops
     }
+
+    /// The nft script (one transaction) that applies this change to the loaded table.
+    pub fn script(&self) -> String {
+        script(&self.ops)
+    }
+}
+
+/// One part of an element's key, in the order the set's type lists them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyPart {
+    /// An interface name (`ifname`).
+    Ifname(String),
+    /// An IPv6 address (`ipv6_addr`).
+    Ipv6(Ipv6Addr),
+    /// An IPv4 address (`ipv4_addr`).
+    Ipv4(Ipv4Addr),
+    /// A packet mark (`mark`).
+    Mark(u32),
+}
+
+/// One element of one of the table's sets or maps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Element {
+    /// The set or map.
+    pub set: &'static str,
+    /// The key's parts (one, or a concatenation).
+    pub key: Vec<KeyPart>,
+    /// A map element's value, a mark (added elements only: a delete names the key alone).
+    pub value: Option<u32>,
+    /// The element's comment (added elements only).
+    pub comment: Option<String>,
+}
+
+/// Adding or deleting one element.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ElementOp {
+    /// True to add the element, false to delete it.
+    pub add: bool,
+    /// The element.
+    pub element: Element,
+}
+
+/// The nft script (one transaction) making `ops`, in order.
+pub fn script(ops: &[ElementOp]) -> String {
+    let mut s = String::new();
+    for op in ops {
+        let verb = if op.add { "add" } else { "delete" };
+        let e = &op.element;
+        let _ = writeln!(s, "{verb} element inet {TABLE} {} {{ {} }}", e.set, text(e));
+    }
+    s
+}
+
+/// An element as nft writes it: `key [comment "…"] [: value]`.
+pub(crate) fn text(e: &Element) -> String {
+    let key: Vec<String> = e
+        .key
+        .iter()
+        .map(|p| match p {
+            KeyPart::Ifname(n) => format!("\"{n}\""),
+            KeyPart::Ipv6(a) => a.to_string(),
+            KeyPart::Ipv4(a) => a.to_string(),
+            KeyPart::Mark(m) => m.to_string(),
+        })
+        .collect();
+    let mut s = key.join(" . ");
+    // A customer id is 1-64 of [A-Za-z0-9_-]: nothing that could end the quoted comment.
+    if let Some(c) = &e.comment {
+        let _ = write!(s, " comment \"{c}\"");
+    }
+    if let Some(v) = e.value {
+        let _ = write!(s, " : {v}");
+    }
+    s
 }
 
 impl Firewall {
@@ -153,29 +227,24 @@ impl Firewall {
             .or_else(|| self.free_tags.first().copied())
             .unwrap_or(self.next_tag);
         let after = Entry { vm, tag };
-        let mut script = String::new();
-        if let Some(b) = &before {
-            elements(&mut script, Verb::Delete, b);
-        }
-        elements(&mut script, Verb::Add, &after);
+        let mut ops = before.as_ref().map(|b| ops(false, b)).unwrap_or_default();
+        ops.extend(self::ops(true, &after));
         Change {
             id: id.to_string(),
             before,
             after: Some(after),
-            script,
+            ops,
         }
     }
 
     /// Removing VM `id`: deletes of its elements; `None` when it is not in the table.
     pub fn stop(&self, id: &str) -> Option<Change> {
         let before = self.vms.get(id)?.clone();
-        let mut script = String::new();
-        elements(&mut script, Verb::Delete, &before);
         Some(Change {
             id: id.to_string(),
+            ops: ops(false, &before),
             before: Some(before),
             after: None,
-            script,
         })
     }
 
@@ -243,28 +312,28 @@ impl Firewall {
             "set",
             "allowed6",
             "ifname . ipv6_addr",
-            entries.iter().map(|e| allowed6(e)).collect(),
+            items("allowed6", &entries),
         );
         set(
             &mut s,
             "set",
             "allowed4",
             "ifname . ipv4_addr",
-            entries.iter().filter_map(|e| allowed4(e)).collect(),
+            items("allowed4", &entries),
         );
         set(
             &mut s,
             "map",
             "customer_of",
             "ifname : mark",
-            entries.iter().map(|e| customer_of(e, true)).collect(),
+            items("customer_of", &entries),
         );
         set(
             &mut s,
             "set",
             "members",
             "mark . ifname",
-            entries.iter().map(|e| member(e)).collect(),
+            items("members", &entries),
         );
         // Anti-spoofing before routing and connection tracking: a guest only sends from its own
         // addresses (plus IPv6 link-local and the unspecified address, which neighbour
@@ -308,52 +377,50 @@ impl Firewall {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Verb {
-    Add,
-    Delete,
-}
-
-/// Adds or deletes one VM's elements: the same four (three without IPv4) whatever else runs.
-fn elements(s: &mut String, verb: Verb, e: &Entry) {
-    let (verb, add) = match verb {
-        Verb::Add => ("add", true),
-        Verb::Delete => ("delete", false),
-    };
-    let mut line = |set: &str, element: String| {
-        let _ = writeln!(s, "{verb} element inet {TABLE} {set} {{ {element} }}");
-    };
-    line("allowed6", allowed6(e));
-    if let Some(a) = allowed4(e) {
-        line("allowed4", a);
+/// Adds (`add`) or deletes one VM's elements: the same four (three without IPv4) whatever else
+/// runs.
+fn ops(add: bool, e: &Entry) -> Vec<ElementOp> {
+    let ifname = || KeyPart::Ifname(e.vm.host_if.clone());
+    let mut elements = vec![Element {
+        set: "allowed6",
+        key: vec![ifname(), KeyPart::Ipv6(e.vm.ipv6)],
+        value: None,
+        comment: None,
+    }];
+    if let Some(v4) = e.vm.ipv4 {
+        elements.push(Element {
+            set: "allowed4",
+            key: vec![ifname(), KeyPart::Ipv4(v4)],
+            value: None,
+            comment: None,
+        });
     }
-    line("customer_of", customer_of(e, add));
-    line("members", member(e));
+    elements.push(Element {
+        set: "customer_of",
+        key: vec![ifname()],
+        value: add.then_some(e.tag),
+        comment: add.then(|| format!("customer {}", e.vm.customer)),
+    });
+    elements.push(Element {
+        set: "members",
+        key: vec![KeyPart::Mark(e.tag), ifname()],
+        value: None,
+        comment: None,
+    });
+    elements
+        .into_iter()
+        .map(|element| ElementOp { add, element })
+        .collect()
 }
 
-fn allowed6(e: &Entry) -> String {
-    format!("\"{}\" . {}", e.vm.host_if, e.vm.ipv6)
-}
-
-fn allowed4(e: &Entry) -> Option<String> {
-    e.vm.ipv4.map(|v4| format!("\"{}\" . {v4}", e.vm.host_if))
-}
-
-/// The `customer_of` element; deleting takes the key alone.
-fn customer_of(e: &Entry, with_value: bool) -> String {
-    if with_value {
-        // A customer id is 1-64 of [A-Za-z0-9_-]: nothing that could end the quoted comment.
-        format!(
-            "\"{}\" comment \"customer {}\" : {}",
-            e.vm.host_if, e.vm.customer, e.tag
-        )
-    } else {
-        format!("\"{}\"", e.vm.host_if)
-    }
-}
-
-fn member(e: &Entry) -> String {
-    format!("{} . \"{}\"", e.tag, e.vm.host_if)
+/// The elements of `set` for the VMs in `entries`, as nft's `elements = { … }` items.
+fn items(set: &str, entries: &[&Entry]) -> Vec<String> {
+    entries
+        .iter()
+        .flat_map(|e| ops(true, e))
+        .filter(|op| op.element.set == set)
+        .map(|op| text(&op.element))
+        .collect()
 }
 
 /// Errors applying rules.
@@ -371,6 +438,9 @@ pub enum NftError {
     /// `nft` refused the rules.
     #[error("nft refused the ruleset: {0}")]
     Refused(String),
+    /// The element changes could not be sent to the kernel or their answer read.
+    #[error("nfnetlink: {0}")]
+    Netlink(String),
     /// The batch the change was loaded in failed: its cause, as text, since every change of a
     /// batch gets the same outcome.
     #[error("{0}")]

@@ -9,7 +9,11 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use metald_host::network::nft::{Change, Firewall, FirewallVm};
+use std::fs::File;
+use std::os::fd::AsFd;
+
+use metald_host::network::nfnetlink::Nfnetlink;
+use metald_host::network::nft::{Change, Firewall, FirewallVm, NftError};
 
 use crate::support::netns::TestNetns;
 
@@ -17,6 +21,7 @@ use crate::support::netns::TestNetns;
 pub fn tests() -> Vec<crate::E2e> {
     crate::e2e![&[crate::Need::Root];
         the_table_and_every_change_to_it_load_into_nft_and_list_back_the_same,
+        a_refused_netlink_batch_changes_nothing_and_says_what_was_refused,
         the_rules_keep_customers_apart_and_guests_to_their_own_addresses,
     ]
 }
@@ -75,14 +80,35 @@ fn fw_vm(customer: &str, n: u8, v4: bool) -> FirewallVm {
     }
 }
 
-fn commit(fw: &mut Firewall, ns: &TestNetns, change: Change) {
-    must_load(ns, change.script());
+/// metald's nfnetlink socket, opened inside `ns` (from a thread that moved there and ends).
+fn netlink_in(ns: &TestNetns) -> Nfnetlink {
+    let path = ns.path();
+    std::thread::spawn(move || {
+        let f = File::open(path).unwrap();
+        rustix::thread::move_into_link_name_space(
+            f.as_fd(),
+            Some(rustix::thread::LinkNameSpaceType::Network),
+        )
+        .unwrap();
+        Nfnetlink::connect().unwrap()
+    })
+    .join()
+    .unwrap()
+}
+
+/// Applies `change` as metald does (over nfnetlink) and commits it.
+fn commit(fw: &mut Firewall, netlink: &Nfnetlink, change: Change) {
+    if let Err(e) = netlink.apply(change.ops()) {
+        panic!("refused: {e}\nas a script:\n{}", change.script());
+    }
     fw.commit(change);
 }
 
 fn the_table_and_every_change_to_it_load_into_nft_and_list_back_the_same() {
     let host = TestNetns::new();
     let fresh = TestNetns::new();
+    let scripted = TestNetns::new();
+    let netlink = netlink_in(&host);
     let mut fw = Firewall::new(Some("uplink0".into()), Some("10.99.0.0/24".into()));
     for (id, vm) in [
         ("a1", fw_vm("acme", 1, true)),
@@ -107,8 +133,10 @@ fn the_table_and_every_change_to_it_load_into_nft_and_list_back_the_same() {
     // What nft lists is itself a valid table: loaded into a fresh namespace, it lists the same.
     must_load(&fresh, &table);
     assert_eq!(listed(&fresh), table);
+    must_load(&scripted, &table);
 
-    // Each incremental change leaves exactly the table that writing it whole gives.
+    // Each incremental change, sent over nfnetlink as metald does or loaded as an nft script,
+    // leaves exactly the table that writing it whole gives.
     let steps: Vec<(&str, Option<FirewallVm>)> = vec![
         ("c1", Some(fw_vm("cora", 4, true))),
         ("c2", Some(fw_vm("cora", 5, true))),
@@ -127,18 +155,57 @@ fn the_table_and_every_change_to_it_load_into_nft_and_list_back_the_same() {
             Some(vm) => fw.start(id, vm),
             None => fw.stop(id).unwrap(),
         };
-        let script = change.script().to_string();
+        let script = change.script();
         assert!(
             script.lines().all(|l| l.contains(" element ")),
             "{what}: only elements change:\n{script}"
         );
-        commit(&mut fw, &host, change);
+        must_load(&scripted, &script);
+        commit(&mut fw, &netlink, change);
         must_load(&fresh, &fw.render());
         assert_eq!(listed(&host), listed(&fresh), "after {what}");
+        assert_eq!(listed(&scripted), listed(&fresh), "after {what}, by nft");
     }
     assert!(fw.is_empty());
     let empty = listed(&host);
     assert!(!empty.contains("elements"), "nothing left:\n{empty}");
+}
+
+fn a_refused_netlink_batch_changes_nothing_and_says_what_was_refused() {
+    let host = TestNetns::new();
+    let netlink = netlink_in(&host);
+    let mut fw = Firewall::new(None, None);
+    let c = fw.start("a1", fw_vm("acme", 1, true));
+    fw.commit(c);
+    must_load(&host, &fw.render());
+    let before = listed(&host);
+    // b1's start, then a stop of a VM whose elements the table does not hold (as after someone
+    // flushed them): the kernel refuses the delete, and b1's elements are not added either.
+    let mut ops = fw.start("b1", fw_vm("bolt", 2, true)).ops().to_vec();
+    let mut other = Firewall::new(None, None);
+    let c = other.start("x1", fw_vm("acme", 9, false));
+    other.commit(c);
+    ops.extend_from_slice(other.stop("x1").unwrap().ops());
+    match netlink.apply(&ops) {
+        Err(NftError::Refused(e)) => {
+            assert!(
+                e.contains("delete element allowed6 { \"mv000000000009\" . fd00:9::9 }"),
+                "{e}"
+            );
+            assert!(e.contains("No such file or directory"), "{e}");
+            assert!(!e.contains("mv000000000002"), "only what was refused: {e}");
+        }
+        other => panic!("not refused: {other:?}"),
+    }
+    assert_eq!(listed(&host), before, "nothing of the batch applied");
+    // The socket goes on working: the same start alone is applied.
+    let c = fw.start("b1", fw_vm("bolt", 2, true));
+    commit(&mut fw, &netlink, c);
+    assert!(listed(&host).contains("\"mv000000000002\" . fd00:9::2"));
+    // Without metald's table at all, a change is refused too.
+    let bare = TestNetns::new();
+    let err = netlink_in(&bare).apply(&ops[..1]).unwrap_err();
+    assert!(matches!(err, NftError::Refused(_)), "{err:?}");
 }
 
 /// A namespace standing in for a VM: `eth0` inside, its veth peer `mv…` in the host namespace,
@@ -205,6 +272,7 @@ impl FakeVm {
 
 fn the_rules_keep_customers_apart_and_guests_to_their_own_addresses() {
     let host = TestNetns::new();
+    let netlink = netlink_in(&host);
     for knob in ["net.ipv6.conf.all.forwarding=1", "net.ipv4.ip_forward=1"] {
         let ok = host.command("sysctl").args(["-qw", knob]).status().unwrap();
         assert!(ok.success(), "{knob}");
@@ -227,7 +295,7 @@ fn the_rules_keep_customers_apart_and_guests_to_their_own_addresses() {
     must_load(&host, &fw.render());
     // b2 comes later, as a boot does: its elements alone.
     let c = fw.start("b2", b2);
-    commit(&mut fw, &host, c);
+    commit(&mut fw, &netlink, c);
     let [va1, va2, vb1, vb2] = [&vms[0], &vms[1], &vms[2], &vms[3]];
 
     // Warm up neighbour discovery so single pings are not lost to it.
@@ -296,7 +364,7 @@ fn the_rules_keep_customers_apart_and_guests_to_their_own_addresses() {
 
     // A stopped VM's elements are gone: nothing reaches it or comes from it.
     let c = fw.stop("b2").unwrap();
-    commit(&mut fw, &host, c);
+    commit(&mut fw, &netlink, c);
     check("bolt → stopped bolt", vb1.ping(&vb2.v6, None), false);
     check(
         "stopped bolt → gateway",
