@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags};
-use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute};
+use rtnetlink::packet_route::link::{
+    AfSpecInet6, AfSpecUnspec, In6AddrGenMode, InfoData, InfoKind, InfoVeth, LinkAttribute,
+};
 use rtnetlink::{LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 use super::nfnetlink::Nfnetlink;
@@ -138,7 +140,40 @@ impl Links for Rtnetlink {
             )
             .execute()
             .await
-            .map_err(nl(format!("create veth {host_if}")))
+            .map_err(nl(format!("create veth {host_if}")))?;
+        // No kernel-made IPv6 link-local address on the host end (set while it is still down):
+        // its duplicate detection, its fe80::/64 prefix route and anycast route (the same on
+        // every VM's veth) each walk one route per VM under the kernel's global network lock,
+        // which the next VM's jail then waits for to hand over its TAP (a `perf` profile of
+        // 1000 starts, issue 14).
+        self.handle
+            .link()
+            .set(
+                LinkUnspec::new_with_name(host_if)
+                    .append_extra_attribute(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(
+                        vec![AfSpecInet6::AddrGenMode(In6AddrGenMode::None)],
+                    )]))
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(nl(format!("turn off IPv6 link-local on {host_if}")))?;
+        // The kernel only solicits a neighbour from a link-local address, so the host end gets
+        // one of its own making: fe80::<interface index>/128, without duplicate detection (no
+        // other host is on the link, the guest has its own) and unique in the namespace, so
+        // its local route is not one more in a list of one per VM.
+        let index = self
+            .index_of(host_if)
+            .await?
+            .ok_or_else(|| NetworkError::NoInterface(host_if.to_string()))?;
+        let ll = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, (index >> 16) as u16, index as u16);
+        let mut req = self.handle.address().add(index, IpAddr::V6(ll), 128);
+        req.message_mut().attributes.push(AddressAttribute::Flags(
+            AddressFlags::Nodad | AddressFlags::Noprefixroute,
+        ));
+        req.execute()
+            .await
+            .map_err(nl(format!("add address {ll}/128 to {host_if}")))
     }
 
     async fn index_of(&self, name: &str) -> Result<Option<u32>, NetworkError> {

@@ -25,7 +25,8 @@ pub fn pin(source: &Path, at: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Creates a new network namespace and pins it on `path` (a new empty file).
+/// Creates a new network namespace without IPv6 on its interfaces and pins it on `path` (a new
+/// empty file).
 pub fn create(path: &Path) -> io::Result<()> {
     let target = path.to_path_buf();
     std::thread::Builder::new()
@@ -34,6 +35,14 @@ pub fn create(path: &Path) -> io::Result<()> {
             // SAFETY: NEWNET only changes this thread's network namespace; no file descriptor
             // table is unshared, so no fd is hidden from other threads.
             unsafe { rustix::thread::unshare_unsafe(UnshareFlags::NEWNET) }?;
+            // A VM's namespace only bridges frames between its veth end and the TAP: without
+            // IPv6 on them, their link-local addresses' duplicate detection, router
+            // solicitations and listener reports never cross into metald's namespace, where
+            // each would be routed past one multicast route per VM, and never hold the
+            // kernel's network lock. `/proc/sys/net` is this thread's namespace's.
+            for conf in ["all", "default"] {
+                std::fs::write(format!("/proc/sys/net/ipv6/conf/{conf}/disable_ipv6"), "1")?;
+            }
             pin(Path::new("/proc/thread-self/ns/net"), &target)
         })?
         .join()
