@@ -150,6 +150,47 @@ fn a_jailed_vmm_runs_as_its_own_user_without_privileges_in_its_own_namespace_and
         &["-d", "link", "show", "type", "veth"],
     );
     assert!(peer.contains("numtxqueues 1 numrxqueues 1"), "{peer}");
+    // No IPv6 inside the VM's namespace (it only bridges frames): no address on its veth end,
+    // bridge or TAP, so none of them solicits, reports or detects duplicates into metald's.
+    let v6 = output_in(Path::new(ns_file), "ip", &["-6", "addr", "show"]);
+    assert!(v6.trim().is_empty(), "{v6}");
+    let off = output_in(
+        Path::new(ns_file),
+        "cat",
+        &["/proc/sys/net/ipv6/conf/default/disable_ipv6"],
+    );
+    assert_eq!(off.trim(), "1");
+    // The host end: the gateway and metald's own link-local fe80::<ifindex>/128, nothing the
+    // kernel made (no EUI-64 address, no fe80::/64 route per VM).
+    let index: u32 = host_veth
+        .split(':')
+        .next()
+        .and_then(|i| i.trim().parse().ok())
+        .expect("interface index");
+    let addrs = iso
+        .netns
+        .output("ip", &["-6", "-o", "addr", "show", "dev", host_if]);
+    let addrs: Vec<&str> = addrs
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(3))
+        .collect();
+    let own_ll = format!(
+        "{}/128",
+        std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, (index >> 16) as u16, index as u16)
+    );
+    assert_eq!(addrs.len(), 2, "{addrs:?}");
+    assert!(
+        addrs.contains(&own_ll.as_str()),
+        "{own_ll} not in {addrs:?}"
+    );
+    assert!(
+        addrs.iter().all(|a| a.ends_with("/128")),
+        "only /128s: {addrs:?}"
+    );
+    let ll_routes = iso
+        .netns
+        .output("ip", &["-6", "route", "show", "fe80::/64", "dev", host_if]);
+    assert!(ll_routes.trim().is_empty(), "{ll_routes}");
 
     // Its cgroup, with limits from its config: 2 vCPUs, 256 MiB + the VMM's headroom.
     let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
