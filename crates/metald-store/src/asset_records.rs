@@ -1,6 +1,7 @@
 //! The `assets` table: the catalog of kernels, initrds and disk images. The files themselves
 //! are [`crate::assets`]'s.
 
+use crate::Cached as _;
 use rusqlite::{params, OptionalExtension, Row};
 
 use crate::{sql, Store, StoreError};
@@ -82,7 +83,7 @@ pub trait AssetCatalog: Send + Sync {
 impl AssetCatalog for Store {
     fn insert_asset(&self, a: &AssetRecord) -> Result<(), StoreError> {
         self.conn()
-            .execute(
+            .exec(
                 "INSERT INTO assets (id, kind, file_name, size_bytes, sha256, initrd_id,
                                      ready_marker, created_at_ms, owner)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
@@ -104,7 +105,7 @@ impl AssetCatalog for Store {
 
     fn get_asset(&self, id: &str) -> Result<Option<AssetRecord>, StoreError> {
         self.conn()
-            .query_row(
+            .row(
                 &format!("SELECT {ASSET_COLUMNS} FROM assets WHERE id = ?1"),
                 params![id],
                 read_asset_row,
@@ -128,7 +129,7 @@ impl AssetCatalog for Store {
 
     fn delete_asset(&self, id: &str) -> Result<(), StoreError> {
         self.conn()
-            .execute("DELETE FROM assets WHERE id = ?1", params![id])
+            .exec("DELETE FROM assets WHERE id = ?1", params![id])
             .map_err(sql("delete asset"))?;
         Ok(())
     }

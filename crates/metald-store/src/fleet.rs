@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::Cached as _;
 use rusqlite::{params, OptionalExtension};
 
 use crate::domain::{CustomerId, VmId};
@@ -145,7 +146,7 @@ impl FleetStore for Store {
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(sql("begin"))?;
         let known: Option<i64> = tx
-            .query_row(
+            .row(
                 "SELECT idx FROM hosts WHERE id = ?1",
                 params![reg.id.as_str()],
                 |r| r.get(0),
@@ -169,7 +170,7 @@ impl FleetStore for Store {
             }
         };
         let expires = now_ms().saturating_add(lease_ms(lease));
-        tx.execute(
+        tx.exec(
             "INSERT INTO hosts (id, idx, advertise_url, memory_bytes, vcpus, labels_json,
                                 lease_expires_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
@@ -200,7 +201,7 @@ impl FleetStore for Store {
     fn renew_lease(&self, host: &HostId, lease: Duration) -> Result<bool, StoreError> {
         let n = self
             .conn()
-            .execute(
+            .exec(
                 "UPDATE hosts SET lease_expires_ms = ?2 WHERE id = ?1",
                 params![host.as_str(), now_ms().saturating_add(lease_ms(lease))],
             )
@@ -210,7 +211,7 @@ impl FleetStore for Store {
 
     fn end_lease(&self, host: &HostId) -> Result<(), StoreError> {
         self.conn()
-            .execute(
+            .exec(
                 "UPDATE hosts SET lease_expires_ms = ?2 WHERE id = ?1",
                 params![host.as_str(), now_ms()],
             )

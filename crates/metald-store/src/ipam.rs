@@ -2,6 +2,7 @@
 //! (see [`crate::VmStore::insert_vm`]) and removed with the VM by the schema's cascade, or
 //! moved to `held_allocations` until a deleted VM's network and jail are gone.
 
+use crate::Cached as _;
 use rusqlite::params;
 
 use crate::domain::{VmId, VmNet};
@@ -34,7 +35,7 @@ pub(crate) fn allocate(
         ipv4: plan.ipv4.zip(ip4_index).map(|(s, i)| s.at(i)),
         mac: mac_for(vm),
     };
-    tx.execute(
+    tx.exec(
         "INSERT INTO vm_network (vm_id, slot, ip6_index, ipv6, ip4_index, ipv4, mac)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         params![
@@ -68,7 +69,7 @@ fn take_lowest(
         .query_row(params![pool, first_i, last_i], |r| r.get(0))
         .map_err(sql("read free numbers"))?;
     if let Some(n) = freed {
-        tx.execute(
+        tx.exec(
             "DELETE FROM ipam_free WHERE pool = ?1 AND n = ?2",
             params![pool, n],
         )
@@ -88,7 +89,7 @@ fn take_lowest(
         return Ok(None);
     }
     // Skipped numbers between the old `next` and `first` stay unused; nothing is lost.
-    tx.execute(
+    tx.exec(
         "INSERT INTO ipam_next (pool, next) VALUES (?1, ?2)
          ON CONFLICT (pool) DO UPDATE SET next = excluded.next",
         params![pool, n + 1],

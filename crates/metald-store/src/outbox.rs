@@ -1,6 +1,7 @@
 //! The `billing_outbox` and `billing_cursor` tables: billing messages waiting for delivery,
 //! and how far each VM's usage has been queued.
 
+use crate::Cached as _;
 use rusqlite::{params, OptionalExtension};
 
 use crate::domain::VmId;
@@ -53,7 +54,7 @@ impl BillingStore for Store {
     fn billing_cursor(&self, id: &VmId) -> Result<Option<(i64, Counters, u64)>, StoreError> {
         let row: Option<(i64, String, i64)> = self
             .conn()
-            .query_row(
+            .row(
                 "SELECT last_ms, last_total_json, seq FROM billing_cursor WHERE vm_id = ?1",
                 params![id.as_str()],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
@@ -78,7 +79,7 @@ impl BillingStore for Store {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(sql("begin"))?;
         for r in rows {
-            tx.execute(
+            tx.exec(
                 "INSERT OR IGNORE INTO billing_outbox (key, kind, vm_id, customer_id, payload_json, created_at_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![r.key, r.kind, r.vm_id, r.customer_id, r.payload_json, crate::domain::now_ms()],
@@ -90,7 +91,7 @@ impl BillingStore for Store {
                 id: vm.to_string(),
                 reason: format!("billing cursor: {e}"),
             })?;
-            tx.execute(
+            tx.exec(
                 "INSERT INTO billing_cursor (vm_id, last_ms, last_total_json, seq) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (vm_id) DO UPDATE SET last_ms = ?2, last_total_json = ?3, seq = ?4",
                 params![vm.as_str(), last_ms, json, seq as i64],
@@ -126,14 +127,14 @@ impl BillingStore for Store {
 
     fn outbox_delete(&self, id: i64) -> Result<(), StoreError> {
         self.conn()
-            .execute("DELETE FROM billing_outbox WHERE id = ?1", params![id])
+            .exec("DELETE FROM billing_outbox WHERE id = ?1", params![id])
             .map_err(sql("delete outbox row"))?;
         Ok(())
     }
 
     fn outbox_depth(&self) -> Result<u64, StoreError> {
         self.conn()
-            .query_row("SELECT COUNT(*) FROM billing_outbox", [], |r| {
+            .row("SELECT COUNT(*) FROM billing_outbox", [], |r| {
                 r.get::<_, i64>(0)
             })
             .map(|n| n as u64)

@@ -4,6 +4,7 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
+use crate::Cached as _;
 use rusqlite::{params, OptionalExtension, Row};
 
 use crate::domain::{CustomerId, VmConfig, VmId, VmRecord};
@@ -144,7 +145,7 @@ impl SnapshotStore for Store {
             .map_err(sql("begin"))?;
         if limits.snapshots.is_some() {
             let n: i64 = tx
-                .query_row(
+                .row(
                     "SELECT COUNT(*) FROM snapshots WHERE customer_id = ?1",
                     params![snap.customer.as_str()],
                     |r| r.get(0),
@@ -161,7 +162,7 @@ impl SnapshotStore for Store {
             id: snap.id.clone(),
             reason: format!("config does not serialize: {e}"),
         })?;
-        tx.execute(
+        tx.exec(
             "INSERT INTO snapshots (id, customer_id, source_vm_id, state, backend, config_json,
                                     ipv6, ipv4, mac, bytes, created_at_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
@@ -198,7 +199,7 @@ impl SnapshotStore for Store {
             .map_err(sql("begin"))?;
         if let Some(limit) = limits.disk_bytes {
             let used: i64 = tx
-                .query_row(
+                .row(
                     "SELECT (SELECT COALESCE(SUM(disk_bytes), 0) FROM vms WHERE customer_id = c)
                           + (SELECT COALESCE(SUM(bytes), 0) FROM snapshots WHERE customer_id = c)
                      FROM (SELECT customer_id AS c FROM snapshots WHERE id = ?1)",
@@ -215,7 +216,7 @@ impl SnapshotStore for Store {
                 Some(limit / crate::domain::MIB),
             )?;
         }
-        tx.execute(
+        tx.exec(
             "UPDATE snapshots SET state = ?2, bytes = ?3 WHERE id = ?1",
             params![
                 id,
@@ -233,7 +234,7 @@ impl SnapshotStore for Store {
         id: &str,
     ) -> Result<Option<SnapshotRecord>, StoreError> {
         self.conn()
-            .query_row(
+            .row(
                 &format!(
                     "SELECT {SNAPSHOT_COLUMNS} FROM snapshots WHERE id = ?1 AND customer_id = ?2"
                 ),
@@ -275,7 +276,7 @@ impl SnapshotStore for Store {
 
     fn delete_snapshot(&self, id: &str) -> Result<(), StoreError> {
         self.conn()
-            .execute("DELETE FROM snapshots WHERE id = ?1", params![id])
+            .exec("DELETE FROM snapshots WHERE id = ?1", params![id])
             .map_err(sql("delete snapshot"))?;
         Ok(())
     }
@@ -297,13 +298,13 @@ impl SnapshotStore for Store {
         if let (Some(inner), Some(net)) = (inner, saved.net.as_mut()) {
             // The guest's MAC is in its memory: the clone's interface keeps it, so host-side
             // neighbour entries stay right across its later cold boots too.
-            tx.execute(
+            tx.exec(
                 "UPDATE vm_network SET mac = ?2 WHERE vm_id = ?1",
                 params![vm.id.as_str(), inner.mac],
             )
             .map_err(sql("record clone MAC"))?;
             net.mac = inner.mac.clone();
-            tx.execute(
+            tx.exec(
                 "INSERT INTO vm_inner_identity (vm_id, snapshot_id, ipv6, ipv4, mac)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![
@@ -323,7 +324,7 @@ impl SnapshotStore for Store {
     fn inner_identity(&self, vm: &VmId) -> Result<Option<InnerIdentity>, StoreError> {
         let row: Option<(String, Option<String>, String)> = self
             .conn()
-            .query_row(
+            .row(
                 "SELECT ipv6, ipv4, mac FROM vm_inner_identity WHERE vm_id = ?1",
                 params![vm.as_str()],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
@@ -341,7 +342,7 @@ impl SnapshotStore for Store {
 
     fn forget_inner_identity(&self, vm: &VmId) -> Result<(), StoreError> {
         self.conn()
-            .execute(
+            .exec(
                 "DELETE FROM vm_inner_identity WHERE vm_id = ?1",
                 params![vm.as_str()],
             )

@@ -1,5 +1,6 @@
 //! The `vm_usage` table: usage totals that must survive a metald restart.
 
+use crate::Cached as _;
 use rusqlite::{params, OptionalExtension};
 
 use crate::domain::VmId;
@@ -37,7 +38,7 @@ impl UsageStore for Store {
         };
         let base = base.map(json).transpose()?;
         self.conn()
-            .execute(
+            .exec(
                 "INSERT INTO vm_usage (vm_id, carried_json, base_json) VALUES (?1, ?2, ?3)
                  ON CONFLICT (vm_id) DO UPDATE SET carried_json = ?2, base_json = ?3",
                 params![id.as_str(), json(carried)?, base],
@@ -49,7 +50,7 @@ impl UsageStore for Store {
     fn load_usage(&self, id: &VmId) -> Result<Option<(Counters, Option<Counters>)>, StoreError> {
         let row: Option<(String, Option<String>)> = self
             .conn()
-            .query_row(
+            .row(
                 "SELECT carried_json, base_json FROM vm_usage WHERE vm_id = ?1",
                 params![id.as_str()],
                 |r| Ok((r.get(0)?, r.get(1)?)),

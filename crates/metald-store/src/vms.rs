@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::Cached as _;
 use rusqlite::{params, OptionalExtension, Row};
 
 use crate::domain::{BackendKind, CustomerId, VmConfig, VmId, VmNet, VmRecord, MIB};
@@ -131,7 +132,7 @@ impl VmStore for Store {
 
     fn update_vm(&self, vm: &VmRecord) -> Result<(), StoreError> {
         self.conn()
-            .execute(
+            .exec(
                 "UPDATE vms SET state = ?2, updated_at_ms = ?3, vmm_pid = ?4, vmm_start_ticks = ?5,
                             failure = ?6, guest_ready = ?7, run_reserved = 0
                  WHERE id = ?1",
@@ -151,7 +152,7 @@ impl VmStore for Store {
 
     fn get_vm(&self, customer: &CustomerId, id: &VmId) -> Result<Option<VmRecord>, StoreError> {
         self.conn()
-            .query_row(
+            .row(
                 &format!("SELECT {VM_COLUMNS} FROM {VMS} WHERE id = ?1 AND customer_id = ?2"),
                 params![id.as_str(), customer.as_str()],
                 read_vm_row,
@@ -163,7 +164,7 @@ impl VmStore for Store {
 
     fn get_vm_unscoped(&self, id: &VmId) -> Result<Option<VmRecord>, StoreError> {
         self.conn()
-            .query_row(
+            .row(
                 &format!("SELECT {VM_COLUMNS} FROM {VMS} WHERE id = ?1"),
                 params![id.as_str()],
                 read_vm_row,
@@ -256,7 +257,7 @@ impl VmStore for Store {
         if *host != HostLimits::default() {
             running(&tx, None, vm.id.as_str())?.admit_host(vm, host)?;
         }
-        tx.execute(
+        tx.exec(
             "UPDATE vms SET run_reserved = 1 WHERE id = ?1",
             params![vm.id.as_str()],
         )
@@ -279,7 +280,7 @@ impl VmStore for Store {
 
     fn release_run(&self, id: &VmId) -> Result<(), StoreError> {
         self.conn()
-            .execute(
+            .exec(
                 "UPDATE vms SET run_reserved = 0 WHERE id = ?1",
                 params![id.as_str()],
             )
@@ -289,14 +290,14 @@ impl VmStore for Store {
 
     fn release_all_runs(&self) -> Result<(), StoreError> {
         self.conn()
-            .execute("UPDATE vms SET run_reserved = 0 WHERE run_reserved = 1", [])
+            .exec("UPDATE vms SET run_reserved = 0 WHERE run_reserved = 1", [])
             .map_err(sql("release runs"))?;
         Ok(())
     }
 
     fn delete_vm(&self, id: &VmId) -> Result<(), StoreError> {
         self.conn()
-            .execute("DELETE FROM vms WHERE id = ?1", params![id.as_str()])
+            .exec("DELETE FROM vms WHERE id = ?1", params![id.as_str()])
             .map_err(sql("delete vm"))?;
         Ok(())
     }
@@ -304,20 +305,20 @@ impl VmStore for Store {
     fn delete_vm_holding_allocation(&self, id: &VmId) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(sql("begin"))?;
-        tx.execute(
+        tx.exec(
             "INSERT OR REPLACE INTO held_allocations (vm_id, slot, ip6_index, ip4_index)
              SELECT vm_id, slot, ip6_index, ip4_index FROM vm_network WHERE vm_id = ?1",
             params![id.as_str()],
         )
         .map_err(sql("hold allocation"))?;
-        tx.execute("DELETE FROM vms WHERE id = ?1", params![id.as_str()])
+        tx.exec("DELETE FROM vms WHERE id = ?1", params![id.as_str()])
             .map_err(sql("delete vm"))?;
         tx.commit().map_err(sql("commit"))
     }
 
     fn free_held_allocation(&self, id: &VmId) -> Result<(), StoreError> {
         self.conn()
-            .execute(
+            .exec(
                 "DELETE FROM held_allocations WHERE vm_id = ?1",
                 params![id.as_str()],
             )
@@ -328,7 +329,7 @@ impl VmStore for Store {
     fn free_held_allocations(&self) -> Result<u64, StoreError> {
         let n = self
             .conn()
-            .execute("DELETE FROM held_allocations", [])
+            .exec("DELETE FROM held_allocations", [])
             .map_err(sql("free held allocations"))?;
         Ok(n as u64)
     }
@@ -374,7 +375,7 @@ pub(crate) fn insert_vm_tx(
             limits.disk_bytes.map(|b| b / MIB),
         )?;
     }
-    tx.execute(
+    tx.exec(
         "INSERT INTO vms (id, customer_id, state, config_json, backend, created_at_ms,
                           updated_at_ms, vmm_pid, vmm_start_ticks, failure, guest_ready,
                           disk_bytes)
