@@ -36,9 +36,10 @@ const REPLY_BUF: usize = 16 * 1024;
 /// nftnl's user data type of an element's comment (`NFTNL_UDATA_SET_ELEM_COMMENT`).
 const UDATA_COMMENT: u8 = 0;
 
-/// A netfilter netlink socket in the namespace it was opened in, and its next sequence number.
+/// A netfilter netlink socket in the namespace it was opened in, its next sequence number and
+/// the largest batch its send buffer takes.
 pub struct Nfnetlink {
-    socket: Mutex<(Socket, u32)>,
+    socket: Mutex<(Socket, u32, usize)>,
 }
 
 impl Nfnetlink {
@@ -47,8 +48,10 @@ impl Nfnetlink {
         let mut socket = Socket::new(NETLINK_NETFILTER)?;
         socket.bind_auto()?;
         socket.set_non_blocking(true)?;
+        // The kernel doubles what is set and reports that; half of it is usable for data.
+        let sndbuf = rustix::net::sockopt::socket_send_buffer_size(&socket)? / 2;
         Ok(Self {
-            socket: Mutex::new((socket, 0)),
+            socket: Mutex::new((socket, 0, sndbuf)),
         })
     }
 
@@ -64,7 +67,7 @@ impl Nfnetlink {
         }
         // The socket and counter stay consistent whatever a panicking holder did.
         let mut guard = self.socket.lock().unwrap_or_else(|p| p.into_inner());
-        let (socket, seq) = &mut *guard;
+        let (socket, seq, sndbuf) = &mut *guard;
         // Answers a failed call left behind must not be read as this batch's.
         let mut stale = Vec::with_capacity(REPLY_BUF);
         while socket.recv(&mut stale, 0).is_ok() {
@@ -102,6 +105,17 @@ impl Nfnetlink {
             push(message(op), flags);
         }
         push(control(ControlMessage::BatchEnd), 0);
+        // The kernel takes a batch in one message, which must fit the socket's send buffer
+        // (about 200 KiB by default: some 500 VMs' removals); grown as nft grows its own.
+        if buf.len() > *sndbuf {
+            let want = buf.len().saturating_mul(2);
+            rustix::net::sockopt::set_socket_send_buffer_size_force(&*socket, want)
+                .or_else(|_| rustix::net::sockopt::set_socket_send_buffer_size(&*socket, want))
+                .map_err(|e| NftError::Netlink(format!("grow the send buffer: {e}")))?;
+            *sndbuf = rustix::net::sockopt::socket_send_buffer_size(&*socket)
+                .map_err(|e| NftError::Netlink(format!("read the send buffer size: {e}")))?
+                / 2;
+        }
         let sent = socket
             .send(&buf, 0)
             .map_err(|e| NftError::Netlink(format!("send: {e}")))?;

@@ -22,6 +22,7 @@ pub fn tests() -> Vec<crate::E2e> {
     crate::e2e![&[crate::Need::Root];
         the_table_and_every_change_to_it_load_into_nft_and_list_back_the_same,
         a_refused_netlink_batch_changes_nothing_and_says_what_was_refused,
+        a_batch_larger_than_the_sockets_send_buffer_is_still_one_transaction,
         the_rules_keep_customers_apart_and_guests_to_their_own_addresses,
     ]
 }
@@ -206,6 +207,38 @@ fn a_refused_netlink_batch_changes_nothing_and_says_what_was_refused() {
     let bare = TestNetns::new();
     let err = netlink_in(&bare).apply(&ops[..1]).unwrap_err();
     assert!(matches!(err, NftError::Refused(_)), "{err:?}");
+}
+
+fn a_batch_larger_than_the_sockets_send_buffer_is_still_one_transaction() {
+    let host = TestNetns::new();
+    let netlink = netlink_in(&host);
+    must_load(&host, &Firewall::new(None, None).render());
+    // 2000 VMs' elements (several hundred KB of messages, beyond a socket's default send
+    // buffer, as the removals after a mass delete can be) in one batch each way.
+    let mut big = Firewall::new(None, None);
+    let mut adds = Vec::new();
+    for n in 0..2000u32 {
+        let c = big.start(
+            &format!("m{n}"),
+            FirewallVm {
+                customer: format!("c{}", n % 50).parse().unwrap(),
+                host_if: format!("mvb{n:011x}"),
+                ipv6: std::net::Ipv6Addr::from(
+                    0xfd00_0009_0001_0000_0000_0000_0000_0000u128 + u128::from(n),
+                ),
+                ipv4: Some(std::net::Ipv4Addr::from(0x0a63_0000 + n)),
+            },
+        );
+        adds.extend_from_slice(c.ops());
+        big.commit(c);
+    }
+    netlink.apply(&adds).unwrap();
+    assert_eq!(listed(&host).matches("fd00:9:1:").count(), 2000);
+    let dels: Vec<_> = (0..2000u32)
+        .flat_map(|n| big.stop(&format!("m{n}")).unwrap().ops().to_vec())
+        .collect();
+    netlink.apply(&dels).unwrap();
+    assert!(!listed(&host).contains("fd00:9:1:"), "all removed");
 }
 
 /// A namespace standing in for a VM: `eth0` inside, its veth peer `mv…` in the host namespace,
