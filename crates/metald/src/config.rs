@@ -82,6 +82,8 @@ pub struct IsolationConfig {
     pub tc_bin: PathBuf,
     /// Networks kept made ahead of boots (`UNKEY_METALD_WARM_POOL`).
     pub warm_pool: usize,
+    /// Jail children kept started ahead of boots (`UNKEY_METALD_WARM_JAILS`).
+    pub warm_jails: usize,
 }
 
 /// metald's configuration.
@@ -928,6 +930,20 @@ fn isolation_config(env: &Env<'_>) -> Result<IsolationConfig, ConfigError> {
                 .filter(|n| *n <= crate::network::pool::MAX_WARM_POOL)
         },
     )?;
+    // Each is a waiting process of about 1 MB with its own small tmpfs root.
+    let warm_jails = env.parsed(
+        "UNKEY_METALD_WARM_JAILS",
+        2usize,
+        &format!(
+            "expected a whole number from 0 to {}",
+            metald_host::jailer::warm::MAX_WARM_JAILS
+        ),
+        |v| {
+            v.parse::<usize>()
+                .ok()
+                .filter(|n| *n <= metald_host::jailer::warm::MAX_WARM_JAILS)
+        },
+    )?;
     for (n, base) in [
         ("UNKEY_METALD_JAILER_UID", uid_base),
         ("UNKEY_METALD_JAILER_GID", gid_base),
@@ -1018,6 +1034,7 @@ fn isolation_config(env: &Env<'_>) -> Result<IsolationConfig, ConfigError> {
         nft_bin: tool("nft", "UNKEY_METALD_NFT_BIN", "nftables")?,
         tc_bin: tool("tc", "UNKEY_METALD_TC_BIN", "iproute2")?,
         warm_pool,
+        warm_jails,
     })
 }
 

@@ -182,6 +182,7 @@ pub fn sandboxes(
             cgroup_parent: iso.cgroup_parent.clone(),
             jail_exe,
             tc_bin: iso.tc_bin.clone(),
+            warm_jails: iso.warm_jails,
         },
         kind,
         &binary,

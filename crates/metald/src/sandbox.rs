@@ -259,6 +259,7 @@ impl Isolation for Sandboxes {
             .map_err(|e| JailError::Task(e.to_string()))?;
         self.network.sweep(keep).await?;
         self.network.start_pool();
+        self.jailer.start_warm();
         Ok(())
     }
 

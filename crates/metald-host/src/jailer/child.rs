@@ -6,7 +6,7 @@
 use std::convert::Infallible;
 use std::fs::File;
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use rustix::fs::{FileType, Mode};
@@ -17,6 +17,7 @@ use rustix::mount::{
 use rustix::process::{Resource, Rlimit};
 use rustix::thread::{LinkNameSpaceType, UnshareFlags};
 
+use super::warm::{Assignment, WarmSpec};
 use super::{tap, JailSpec};
 
 /// A step of the jail set-up failed.
@@ -40,40 +41,229 @@ fn step<T>(name: impl Into<String>, r: io::Result<T>) -> Result<T, StepError> {
 /// Builds the jail described by `spec` and execs the VMM in it; returns only on failure.
 pub fn run(spec: &JailSpec) -> Result<Infallible, StepError> {
     // 1. Nothing inherited but stdin/stdout/stderr, and no environment.
-    // SAFETY: close_range only closes descriptors; nothing in this single-threaded process holds
-    // descriptors above 2 that it still needs.
-    let closed = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
-    step("close inherited descriptors", check(closed))?;
-    for (key, _) in std::env::vars_os() {
-        std::env::remove_var(key);
-    }
+    clean_start(3)?;
     // 2. The VM's network namespace, and its TAP made inside it.
     if let Some(net) = &spec.net {
         let ns = step(
             format!("open {}", net.netns.display()),
             File::open(&net.netns),
         )?;
-        step(
-            "enter the network namespace",
-            rustix::thread::move_into_link_name_space(ns.as_fd(), Some(LinkNameSpaceType::Network))
-                .map_err(io::Error::from),
-        )?;
-        step(
-            format!("create TAP {}", net.tap),
-            tap::create_tap(&net.tap, Some((spec.uid, spec.gid))),
-        )?;
-        step(
-            format!("bridge {} and {}", net.tap, net.peer_if),
-            tap::bridge(&net.bridge, &[&net.tap, &net.peer_if]),
-        )?;
+        enter_network(&ns, &net.tap, &net.bridge, &net.peer_if, spec.uid, spec.gid)?;
         for args in &net.tc {
             run_tool(&net.tc_bin, args)?;
         }
     }
     // 3. Resource limits.
+    limits(spec.nofile)?;
+    // 4. The VM's cgroup(s).
+    join_cgroups(&spec.cgroup_procs)?;
+    own_files(&spec.owned_dir, &spec.owned_files, spec.uid)?;
+    // 5. The chroot: a private mount namespace whose root is a small tmpfs holding only the
+    // files the VMM needs, bind-mounted at their host paths.
+    build_root(spec)?;
+    // 6, 7. The VM's own uid/gid, no capabilities, and the VMM.
+    exec_vmm(
+        spec.uid,
+        spec.gid,
+        &spec.workdir,
+        &spec.exec,
+        &spec.args,
+        &spec.env,
+    )
+}
+
+/// `metald-jail warm SPEC`: builds the VM-independent part of a jail, says
+/// [`super::warm::READY`] on its socket (stdin), waits for its [`Assignment`] and becomes
+/// that VM's VMM; returns only on failure, which it also reports on the socket. The end of
+/// the socket before an assignment (metald gone or done with it) ends it quietly.
+pub fn serve_warm(spec: &WarmSpec) -> Result<Infallible, StepError> {
+    clean_start(3)?;
+    // The socket moves above stdio, close-on-exec: its end tells metald the VMM exec'd.
+    let sock = step(
+        "keep the socket",
+        // SAFETY: descriptor 0 is the socket the spawner gave as stdin, open for this call.
+        rustix::io::fcntl_dupfd_cloexec(unsafe { std::os::fd::BorrowedFd::borrow_raw(0) }, 3)
+            .map_err(io::Error::from),
+    )?;
+    let served = warm(spec, &sock);
+    if let Err(e) = &served {
+        let _ignored = rustix::net::send(
+            &sock,
+            crate::report::chain(e).as_bytes(),
+            rustix::net::SendFlags::NOSIGNAL,
+        );
+    }
+    served
+}
+
+fn warm(spec: &WarmSpec, sock: &OwnedFd) -> Result<Infallible, StepError> {
+    let null = step("open /dev/null", File::open("/dev/null"))?;
+    redirect(&null, 0, "stdin")?;
+    drop(null);
+    limits(spec.nofile)?;
+    new_root(&spec.root, spec.mount_ns.as_deref())?;
+    for m in &spec.mounts {
+        let target = inside(&spec.root, &m.path);
+        mount_point(&target, m.path.is_dir())?;
+        step(
+            format!("bind {}", m.path.display()),
+            mount_bind(&m.path, &target).map_err(io::Error::from),
+        )?;
+        restrict(&target, m)?;
+    }
+    make_devices(&spec.root, &spec.devices)?;
+    pivot(&spec.root)?;
+    step(
+        "say ready",
+        rustix::net::send(sock, super::warm::READY, rustix::net::SendFlags::NOSIGNAL)
+            .map_err(io::Error::from),
+    )?;
+    let mut buf = vec![0u8; super::warm::MAX_ASSIGNMENT];
+    let mut space =
+        [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(super::warm::MAX_FDS))];
+    let mut control = rustix::net::RecvAncillaryBuffer::new(&mut space);
+    let got = loop {
+        match rustix::net::recvmsg(
+            sock,
+            &mut [io::IoSliceMut::new(&mut buf)],
+            &mut control,
+            rustix::net::RecvFlags::CMSG_CLOEXEC,
+        ) {
+            Err(rustix::io::Errno::INTR) => continue,
+            other => break step("wait for a VM", other.map_err(io::Error::from))?,
+        }
+    };
+    if got.bytes == 0 {
+        // Never given a VM.
+        std::process::exit(0);
+    }
+    let fds: Vec<OwnedFd> = control
+        .drain()
+        .filter_map(|m| match m {
+            rustix::net::RecvAncillaryMessage::ScmRights(fds) => Some(fds.collect::<Vec<_>>()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    let truncated = got.flags.contains(rustix::net::ReturnFlags::TRUNC)
+        || got.flags.contains(rustix::net::ReturnFlags::CTRUNC);
+    let assignment = match truncated {
+        true => Err(io::Error::from(io::ErrorKind::InvalidData)),
+        false => serde_json::from_slice::<Assignment>(buf.get(..got.bytes).unwrap_or_default())
+            .map_err(io::Error::from),
+    };
+    let assignment = step("read the assignment", assignment)?;
+    become_vm(&assignment, fds, &spec.devices)
+}
+
+/// The VM-specific half of a warm jail (see [`super::warm`]), in the order a cold jail takes.
+fn become_vm(
+    a: &Assignment,
+    fds: Vec<OwnedFd>,
+    devices: &[super::JailDevice],
+) -> Result<Infallible, StepError> {
+    let mut fds = fds.into_iter();
+    let mut next = |what: &str| {
+        step(
+            format!("receive the {what} descriptor"),
+            fds.next()
+                .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput)),
+        )
+    };
+    let (out, err) = (next("stdout")?, next("stderr")?);
+    redirect(&out, 1, "stdout")?;
+    redirect(&err, 2, "stderr")?;
+    if let Some(net) = &a.net {
+        let ns = File::from(next("network namespace")?);
+        enter_network(&ns, &net.tap, &net.bridge, &net.peer_if, a.uid, a.gid)?;
+    }
+    // The VM's cgroup(s): "0" is this process, whose only thread moves (see `join_cgroups`).
+    for _ in 0..a.cgroups {
+        let file = File::from(next("cgroup")?);
+        step(
+            "join the VM's cgroup",
+            rustix::io::write(&file, b"0")
+                .map(drop)
+                .map_err(io::Error::from),
+        )?;
+    }
+    for m in &a.mounts {
+        let tree = next("mount")?;
+        let stat = step(
+            format!("stat {}", m.path.display()),
+            rustix::fs::fstat(&tree).map_err(io::Error::from),
+        )?;
+        let is_dir = FileType::from_raw_mode(stat.st_mode) == FileType::Directory;
+        mount_point(&m.path, is_dir)?;
+        step(
+            format!("attach {}", m.path.display()),
+            rustix::mount::move_mount(
+                &tree,
+                "",
+                rustix::fs::CWD,
+                &m.path,
+                rustix::mount::MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+            )
+            .map_err(io::Error::from),
+        )?;
+        restrict(&m.path, m)?;
+    }
+    own_devices(Path::new("/"), devices, a.uid, a.gid)?;
+    own_files(&a.owned_dir, &a.owned_files, a.uid)?;
+    seal_root()?;
+    exec_vmm(a.uid, a.gid, &a.workdir, &a.exec, &a.args, &a.env)
+}
+
+/// Makes descriptor `to` a copy of `fd`.
+fn redirect(fd: &impl AsFd, to: i32, what: &str) -> Result<(), StepError> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: dup2 onto a standard descriptor number this process owns; no Rust object holds
+    // it as an OwnedFd.
+    let r = unsafe { libc::dup2(fd.as_fd().as_raw_fd(), to) };
+    step(format!("redirect {what}"), check(libc::c_long::from(r)))
+}
+
+/// Closes every inherited descriptor from `first` on and clears the environment.
+fn clean_start(first: u32) -> Result<(), StepError> {
+    // SAFETY: close_range only closes descriptors; nothing in this single-threaded process holds
+    // descriptors from `first` on that it still needs.
+    let closed = unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, 0u32) };
+    step("close inherited descriptors", check(closed))?;
+    for (key, _) in std::env::vars_os() {
+        std::env::remove_var(key);
+    }
+    Ok(())
+}
+
+/// Enters the network namespace `ns` and makes the VM's TAP in it, bridged to the veth end.
+fn enter_network(
+    ns: &File,
+    tap_name: &str,
+    bridge: &str,
+    peer_if: &str,
+    uid: u32,
+    gid: u32,
+) -> Result<(), StepError> {
+    step(
+        "enter the network namespace",
+        rustix::thread::move_into_link_name_space(ns.as_fd(), Some(LinkNameSpaceType::Network))
+            .map_err(io::Error::from),
+    )?;
+    step(
+        format!("create TAP {tap_name}"),
+        tap::create_tap(tap_name, Some((uid, gid))),
+    )?;
+    step(
+        format!("bridge {tap_name} and {peer_if}"),
+        tap::bridge(bridge, &[tap_name, peer_if]),
+    )
+}
+
+/// RLIMIT_NOFILE to `nofile`, no core dumps.
+fn limits(nofile: u64) -> Result<(), StepError> {
     let nofile = Rlimit {
-        current: Some(spec.nofile),
-        maximum: Some(spec.nofile),
+        current: Some(nofile),
+        maximum: Some(nofile),
     };
     step(
         "set RLIMIT_NOFILE",
@@ -86,43 +276,46 @@ pub fn run(spec: &JailSpec) -> Result<Infallible, StepError> {
     step(
         "set RLIMIT_CORE",
         rustix::process::setrlimit(Resource::Core, none).map_err(io::Error::from),
-    )?;
-    // 4. The VM's cgroup(s).
-    join_cgroups(&spec.cgroup_procs)?;
+    )
+}
+
+/// Hands the VM's directory and its files to the VM's uid.
+fn own_files(dir: &Path, files: &[PathBuf], uid: u32) -> Result<(), StepError> {
     // The VM's directory and files belong to the VM's uid from here on; the group stays
     // metald's. No setgid bit: metald reads what the VMM makes through CAP_DAC_OVERRIDE, and
     // systemd's RestrictSUIDSGID would refuse the bit anyway.
     let metald_gid = rustix::process::getegid().as_raw();
-    own(
-        &spec.owned_dir,
-        spec.uid,
-        metald_gid,
-        0o770,
-        FileType::Directory,
-    )?;
-    for f in spec.owned_files.iter().filter(|f| f.exists()) {
-        own(f, spec.uid, metald_gid, 0o660, FileType::RegularFile)?;
+    own(dir, uid, metald_gid, 0o770, FileType::Directory)?;
+    for f in files.iter().filter(|f| f.exists()) {
+        own(f, uid, metald_gid, 0o660, FileType::RegularFile)?;
     }
-    // 5. The chroot: a private mount namespace whose root is a small tmpfs holding only the
-    // files the VMM needs, bind-mounted at their host paths.
-    build_root(spec)?;
-    // 6. The VM's own uid/gid, no capabilities, no way to gain any.
-    drop_privileges(spec.uid, spec.gid)?;
+    Ok(())
+}
+
+/// Drops to the VM's uid/gid with no capabilities and no way to gain any, and execs the VMM.
+fn exec_vmm(
+    uid: u32,
+    gid: u32,
+    workdir: &Path,
+    exec: &Path,
+    args: &[String],
+    env: &[(String, String)],
+) -> Result<Infallible, StepError> {
+    drop_privileges(uid, gid)?;
     // Files the VMM makes (sockets, logs) stay readable by metald's group, nobody else's.
     rustix::process::umask(Mode::from_raw_mode(0o007));
     step(
-        format!("chdir {}", spec.workdir.display()),
-        std::env::set_current_dir(&spec.workdir),
+        format!("chdir {}", workdir.display()),
+        std::env::set_current_dir(workdir),
     )?;
-    // 7. The VMM.
     use std::os::unix::process::CommandExt;
-    let err = std::process::Command::new(&spec.exec)
-        .args(&spec.args)
+    let err = std::process::Command::new(exec)
+        .args(args)
         .env_clear()
-        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .exec();
     Err(StepError {
-        step: format!("exec {}", spec.exec.display()),
+        step: format!("exec {}", exec.display()),
         source: err,
     })
 }
@@ -229,8 +422,27 @@ fn inside(root: &Path, host_path: &Path) -> PathBuf {
 
 fn build_root(spec: &JailSpec) -> Result<(), StepError> {
     let root = &spec.root;
+    new_root(root, spec.mount_ns.as_deref())?;
+    for m in &spec.mounts {
+        let target = inside(root, &m.path);
+        mount_point(&target, m.path.is_dir())?;
+        step(
+            format!("bind {}", m.path.display()),
+            mount_bind(&m.path, &target).map_err(io::Error::from),
+        )?;
+        restrict(&target, m)?;
+    }
+    make_devices(root, &spec.devices)?;
+    own_devices(root, &spec.devices, spec.uid, spec.gid)?;
+    pivot(root)?;
+    seal_root()
+}
+
+/// A private mount namespace (from the jails' base one, if given) with a small tmpfs on
+/// `root`, the jail's root to be.
+pub(super) fn new_root(root: &Path, mount_ns: Option<&Path>) -> Result<(), StepError> {
     // The small base namespace metald made, so the copy below does not hold a mount per VM.
-    if let Some(ns) = &spec.mount_ns {
+    if let Some(ns) = mount_ns {
         let ns = step(format!("open {}", ns.display()), File::open(ns))?;
         step(
             "enter the jails' base mount namespace",
@@ -261,35 +473,39 @@ fn build_root(spec: &JailSpec) -> Result<(), StepError> {
             c"mode=0755,size=1m",
         )
         .map_err(io::Error::from),
-    )?;
-    for m in &spec.mounts {
-        let target = inside(root, &m.path);
-        let is_dir = m.path.is_dir();
-        let made = if is_dir {
-            std::fs::create_dir_all(&target)
-        } else {
-            target
-                .parent()
-                .map_or(Ok(()), std::fs::create_dir_all)
-                .and_then(|()| File::create(&target).map(drop))
-        };
-        step(format!("create mount point {}", target.display()), made)?;
-        step(
-            format!("bind {}", m.path.display()),
-            mount_bind(&m.path, &target).map_err(io::Error::from),
-        )?;
-        let mut flags = MountFlags::BIND | MountFlags::NOSUID | MountFlags::NODEV;
-        if !m.writable {
-            flags |= MountFlags::RDONLY;
-        }
-        step(
-            format!("restrict {}", m.path.display()),
-            mount_remount(&target, flags, "").map_err(io::Error::from),
-        )?;
+    )
+}
+
+/// Makes the empty directory or file a mount goes on.
+fn mount_point(target: &Path, is_dir: bool) -> Result<(), StepError> {
+    let made = if is_dir {
+        std::fs::create_dir_all(target)
+    } else {
+        target
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| File::create(target).map(drop))
+    };
+    step(format!("create mount point {}", target.display()), made)
+}
+
+/// Makes the mount at `target` nosuid, nodev, and read-only unless `m` is writable.
+fn restrict(target: &Path, m: &super::JailMount) -> Result<(), StepError> {
+    let mut flags = MountFlags::BIND | MountFlags::NOSUID | MountFlags::NODEV;
+    if !m.writable {
+        flags |= MountFlags::RDONLY;
     }
+    step(
+        format!("restrict {}", m.path.display()),
+        mount_remount(target, flags, "").map_err(io::Error::from),
+    )
+}
+
+/// Makes the device nodes under `root` (owned by this process until [`own_devices`]).
+pub(super) fn make_devices(root: &Path, devices: &[super::JailDevice]) -> Result<(), StepError> {
     let dev = root.join("dev");
     step("create /dev", std::fs::create_dir_all(&dev))?;
-    for d in &spec.devices {
+    for d in devices {
         let target = inside(root, &d.path);
         if let Some(parent) = target.parent() {
             step(
@@ -308,16 +524,33 @@ fn build_root(spec: &JailSpec) -> Result<(), StepError> {
             )
             .map_err(io::Error::from),
         )?;
+    }
+    Ok(())
+}
+
+/// Hands the device nodes under `root` to the VM's uid.
+fn own_devices(
+    root: &Path,
+    devices: &[super::JailDevice],
+    uid: u32,
+    gid: u32,
+) -> Result<(), StepError> {
+    for d in devices {
         step(
             format!("chown {}", d.path.display()),
             rustix::fs::chown(
-                &target,
-                Some(rustix::fs::Uid::from_raw(spec.uid)),
-                Some(rustix::fs::Gid::from_raw(spec.gid)),
+                &inside(root, &d.path),
+                Some(rustix::fs::Uid::from_raw(uid)),
+                Some(rustix::fs::Gid::from_raw(gid)),
             )
             .map_err(io::Error::from),
         )?;
     }
+    Ok(())
+}
+
+/// Makes `root` this process's root, with no path back to the host's file system.
+pub(super) fn pivot(root: &Path) -> Result<(), StepError> {
     step(
         format!("chdir {}", root.display()),
         std::env::set_current_dir(root),
@@ -332,12 +565,15 @@ fn build_root(spec: &JailSpec) -> Result<(), StepError> {
         "detach the host root",
         unmount(".", UnmountFlags::DETACH).map_err(io::Error::from),
     )?;
-    step("chdir /", std::env::set_current_dir("/"))?;
+    step("chdir /", std::env::set_current_dir("/"))
+}
+
+/// Makes the jail's root (not the mounts on it) read-only.
+fn seal_root() -> Result<(), StepError> {
     step(
         "make the jail root read-only",
         mount_remount("/", MountFlags::RDONLY | MountFlags::NOSUID, "").map_err(io::Error::from),
-    )?;
-    Ok(())
+    )
 }
 
 fn drop_privileges(uid: u32, gid: u32) -> Result<(), StepError> {

@@ -14,6 +14,7 @@
 pub mod cgroup;
 pub mod child;
 pub mod tap;
+pub mod warm;
 
 use std::collections::BTreeSet;
 use std::os::fd::AsFd;
@@ -24,6 +25,7 @@ use rustix::fs::{Mode, OFlags};
 use serde::{Deserialize, Serialize};
 
 use self::cgroup::{CgroupError, Cgroups, Limits};
+use self::warm::{AssignedNet, Assignment, Warm, WarmJails, WarmSpec};
 use crate::domain::BackendKind;
 use crate::domain::{RateLimit, VmId};
 use crate::network::VmNetworkPlan;
@@ -170,6 +172,9 @@ pub struct JailerConfig {
     pub jail_exe: PathBuf,
     /// The `tc` binary (QEMU rate limits).
     pub tc_bin: PathBuf,
+    /// Jail children kept started ahead of boots ([`warm`]); 0: every jail is built at its
+    /// boot.
+    pub warm_jails: usize,
 }
 
 /// One VM run's jail, prepared by [`Jailer::prepare`].
@@ -179,6 +184,9 @@ pub struct JailPlan {
     jail_exe: PathBuf,
     control_dir: PathBuf,
     spawner: std::sync::Arc<crate::spawner::Spawner>,
+    /// The VM's own mounts (what a warm jail does not have yet).
+    vm_mounts: Vec<JailMount>,
+    warm: std::sync::Arc<WarmJails>,
 }
 
 /// Name of the directory, in a VM's jail directory, that holds its VMM's control socket.
@@ -274,6 +282,23 @@ impl JailPlan {
         stdout: &std::fs::File,
         stderr: &std::fs::File,
     ) -> Result<u32, crate::spawner::SpawnError> {
+        // A jail with `tc` work runs host binaries before its pivot: never warm.
+        let warm_fits = self.spec.net.as_ref().is_none_or(|n| n.tc.is_empty());
+        if let Some(warm) = self.warm.take().filter(|_| warm_fits) {
+            let t0 = std::time::Instant::now();
+            let warm_pid = warm.pid();
+            match self.assign(warm, binary, &args, stdout, stderr) {
+                Ok(pid) => {
+                    self.warm.record(true);
+                    tracing::debug!(vm_id = %self.spec.vm_id, pid, assign_ms = t0.elapsed().as_secs_f64() * 1000.0, "VMM started in a warm jail");
+                    return Ok(pid);
+                }
+                Err(e) => {
+                    self.warm.record(false);
+                    tracing::warn!(vm_id = %self.spec.vm_id, pid = warm_pid, error = %Chain(&e), "a warm jail failed to take the VM; building its jail at boot");
+                }
+            }
+        }
         let req = crate::spawner::SpawnRequest {
             program: self.jail_exe.clone(),
             args: vec![self.spec_arg(binary, args)],
@@ -282,6 +307,72 @@ impl JailPlan {
         };
         self.spawner
             .spawn(&req, None, stdout.as_fd(), stderr.as_fd())
+    }
+
+    /// Gives the warm jail `warm` this VM: its descriptors (console and log, network
+    /// namespace, cgroup files, its files as detached mount trees) and what to exec.
+    fn assign(
+        &self,
+        warm: Warm,
+        binary: &Path,
+        args: &[String],
+        stdout: &std::fs::File,
+        stderr: &std::fs::File,
+    ) -> Result<u32, JailError> {
+        let mut owned: Vec<std::os::fd::OwnedFd> = Vec::new();
+        let net = match &self.spec.net {
+            Some(n) => {
+                let ns = std::fs::File::open(&n.netns).map_err(io("open", &n.netns))?;
+                owned.push(ns.into());
+                Some(AssignedNet {
+                    tap: n.tap.clone(),
+                    bridge: n.bridge.clone(),
+                    peer_if: n.peer_if.clone(),
+                })
+            }
+            None => None,
+        };
+        for procs in &self.spec.cgroup_procs {
+            // v1: the `tasks` file, which moves the writing thread without the global lock
+            // (see `child::join_cgroups`); v2: `cgroup.procs`.
+            let tasks = procs.with_file_name("tasks");
+            let file = if tasks.exists() { tasks } else { procs.clone() };
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&file)
+                .map_err(io("open", &file))?;
+            owned.push(f.into());
+        }
+        for m in &self.vm_mounts {
+            let tree = rustix::mount::open_tree(
+                rustix::fs::CWD,
+                &m.path,
+                rustix::mount::OpenTreeFlags::OPEN_TREE_CLONE
+                    | rustix::mount::OpenTreeFlags::OPEN_TREE_CLOEXEC,
+            )
+            .map_err(|e| io("clone the mount of", &m.path)(e.into()))?;
+            owned.push(tree);
+        }
+        let assignment = Assignment {
+            vm_id: self.spec.vm_id.clone(),
+            uid: self.spec.uid,
+            gid: self.spec.gid,
+            net,
+            cgroups: self.spec.cgroup_procs.len(),
+            mounts: self.vm_mounts.clone(),
+            exec: binary.to_path_buf(),
+            args: args.to_vec(),
+            env: self.spec.env.clone(),
+            workdir: self.spec.workdir.clone(),
+            owned_dir: self.spec.owned_dir.clone(),
+            owned_files: self.spec.owned_files.clone(),
+        };
+        let fds: Vec<std::os::fd::BorrowedFd<'_>> = [stdout.as_fd(), stderr.as_fd()]
+            .into_iter()
+            .chain(owned.iter().map(|f| f.as_fd()))
+            .collect();
+        warm.assign(&assignment, &fds)
+            .map_err(io("start the VMM in a warm jail", &self.spec.root))
     }
 
     /// The VM's uid.
@@ -332,6 +423,8 @@ pub struct Jailer {
     mount_ns: Option<PathBuf>,
     /// Starts the jail children (see [`crate::spawner`]).
     spawner: std::sync::Arc<crate::spawner::Spawner>,
+    /// Jail children started ahead of boots.
+    warm: std::sync::Arc<WarmJails>,
 }
 
 /// Tasks per VM: vCPU threads plus the VMM's I/O and worker threads (QEMU's pool alone may
@@ -359,6 +452,27 @@ impl Jailer {
             }
         };
         let spawner = std::sync::Arc::new(crate::spawner::Spawner::new(cfg.jail_exe.clone()));
+        // The warm jails' tmpfs roots go on this directory, each in its own mount namespace.
+        let warm_root = cfg.chroot_dir.join(format!("{}.warm", kind.as_str()));
+        std::fs::create_dir_all(&warm_root).map_err(io("create", &warm_root))?;
+        let warm = WarmJails::new(
+            cfg.warm_jails,
+            &WarmSpec {
+                root: warm_root,
+                nofile: NOFILE,
+                mounts: vmm_files
+                    .iter()
+                    .map(|p| JailMount {
+                        path: p.clone(),
+                        writable: false,
+                    })
+                    .collect(),
+                devices: devices(&cfg.roots),
+                mount_ns: mount_ns.clone(),
+            },
+            cfg.jail_exe.clone(),
+            std::sync::Arc::clone(&spawner),
+        );
         Ok(Self {
             cfg,
             kind,
@@ -366,7 +480,18 @@ impl Jailer {
             vmm_files,
             mount_ns,
             spawner,
+            warm: std::sync::Arc::new(warm),
         })
+    }
+
+    /// Starts keeping warm jails ready (after the start's sweep).
+    pub fn start_warm(&self) {
+        self.warm.start();
+    }
+
+    /// The warm jail pool.
+    pub fn warm(&self) -> &WarmJails {
+        &self.warm
     }
 
     /// The spawner that starts this jailer's children, for metald's other processes (`nft`).
@@ -376,6 +501,7 @@ impl Jailer {
 
     /// Unpins the jails' base mount namespace (at a clean stop; a start replaces it anyway).
     pub fn close(&self) {
+        self.warm.close();
         if let Some(pin) = &self.mount_ns {
             if let Err(e) = crate::network::netns::remove(pin) {
                 tracing::warn!(path = %pin.display(), error = %Chain(&e), "unpinning the jails' base mount namespace failed");
@@ -428,10 +554,11 @@ impl Jailer {
             }
             _ => {}
         }
-        let mut mounts: Vec<JailMount> = self
-            .vmm_files
+        // The VMM's files first (what a warm jail has already), then the VM's own.
+        let mut vm_mounts: Vec<JailMount> = req
+            .read_only
             .iter()
-            .chain(req.read_only.iter())
+            .filter(|p| !self.vmm_files.contains(p))
             .collect::<BTreeSet<_>>()
             .into_iter()
             .map(|p| JailMount {
@@ -439,38 +566,24 @@ impl Jailer {
                 writable: false,
             })
             .collect();
-        mounts.push(JailMount {
+        vm_mounts.push(JailMount {
             path: req.dir.to_path_buf(),
             writable: true,
         });
-        mounts.push(JailMount {
+        vm_mounts.push(JailMount {
             path: control_dir.clone(),
             writable: true,
         });
-        let mut devices = vec![
-            JailDevice {
-                path: "/dev/null".into(),
-                major: 1,
-                minor: 3,
-            },
-            JailDevice {
-                path: "/dev/urandom".into(),
-                major: 1,
-                minor: 9,
-            },
-            JailDevice {
-                path: "/dev/net/tun".into(),
-                major: 10,
-                minor: 200,
-            },
-        ];
-        if self.cfg.roots.kvm().exists() {
-            devices.push(JailDevice {
-                path: "/dev/kvm".into(),
-                major: 10,
-                minor: 232,
-            });
-        }
+        let mounts: Vec<JailMount> = self
+            .vmm_files
+            .iter()
+            .map(|p| JailMount {
+                path: p.clone(),
+                writable: false,
+            })
+            .chain(vm_mounts.iter().cloned())
+            .collect();
+        let devices = devices(&self.cfg.roots);
         let net = req.net.map(|n| JailNet {
             netns: n.netns.clone(),
             tap: n.tap.clone(),
@@ -505,6 +618,8 @@ impl Jailer {
             jail_exe: self.cfg.jail_exe.clone(),
             control_dir,
             spawner: self.spawner.clone(),
+            vm_mounts,
+            warm: std::sync::Arc::clone(&self.warm),
         })
     }
 
@@ -605,6 +720,36 @@ fn base_mount_ns(pin: &Path) -> Result<(), JailError> {
     let _ = pinned_tx.send(());
     let _ = thread.join();
     pinned
+}
+
+/// The device nodes every jail has: /dev/null, /dev/urandom, /dev/net/tun, and /dev/kvm where
+/// the host has it.
+fn devices(roots: &crate::probe::HostRoots) -> Vec<JailDevice> {
+    let mut devices = vec![
+        JailDevice {
+            path: "/dev/null".into(),
+            major: 1,
+            minor: 3,
+        },
+        JailDevice {
+            path: "/dev/urandom".into(),
+            major: 1,
+            minor: 9,
+        },
+        JailDevice {
+            path: "/dev/net/tun".into(),
+            major: 10,
+            minor: 200,
+        },
+    ];
+    if roots.kvm().exists() {
+        devices.push(JailDevice {
+            path: "/dev/kvm".into(),
+            major: 10,
+            minor: 232,
+        });
+    }
+    devices
 }
 
 /// `tc` rate limits for a VMM without its own limiter: traffic to the guest is shaped as it

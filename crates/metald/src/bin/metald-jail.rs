@@ -5,6 +5,10 @@
 //! `metald-jail spawner`: starts jail children for metald, its requests on stdin (a socket),
 //! holding none of metald's descriptors ([`metald::spawner`]).
 //!
+//! `metald-jail warm SPEC`: a jail started ahead of boots: builds what every VM's jail of a
+//! kind has, then waits on its socket (stdin) for the VM it becomes
+//! ([`metald::jailer::warm`]).
+//!
 //! `metald-jail netns-nft NETNS NFT`: enters the network namespace pinned at NETNS and execs
 //! `NFT -f -` with the script on stdin (a clone's address map,
 //! [`metald::network::clone_map`]): namespace work in a fresh process, never a runtime thread.
@@ -34,6 +38,29 @@ fn main() -> ExitCode {
                 Ok(never) => match never {},
                 Err(e) => {
                     eprintln!("metald-jail netns-nft {}: {e}", netns.display());
+                    ExitCode::from(1)
+                }
+            };
+        }
+    }
+    if let [verb, spec] = args.as_slice() {
+        if verb == "warm" {
+            let spec: metald::jailer::warm::WarmSpec = match spec
+                .to_str()
+                .ok_or_else(|| "not UTF-8".to_string())
+                .and_then(|s| serde_json::from_str(s).map_err(|e| e.to_string()))
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("metald-jail warm: bad spec: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            return match metald::jailer::child::serve_warm(&spec) {
+                Ok(never) => match never {},
+                Err(e) => {
+                    // Reported on its socket too; stderr is the VM's VMM log once it has one.
+                    eprintln!("{}", metald::report::chain(&e));
                     ExitCode::from(1)
                 }
             };

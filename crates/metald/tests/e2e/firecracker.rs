@@ -19,7 +19,7 @@ pub fn tests() -> Vec<crate::E2e> {
         firecracker_runs_jailed_with_its_tap_and_rate_limits,
         a_vmm_can_neither_redirect_metalds_writes_nor_touch_its_control_socket,
         a_suspended_guest_stops_counting_and_counts_on_after_waking_even_across_a_restart,
-        the_warm_pool_is_taken_by_boots_refilled_swept_after_a_kill_and_removed_at_stop,
+        the_warm_pools_are_taken_by_boots_refilled_swept_after_a_kill_and_removed_at_stop,
     ];
     tests.extend(
         crate::e2e![&[Need::Root, Need::Firecracker, Need::HardwareKvm, Need::Guest];
@@ -381,7 +381,7 @@ fn wait_spares(m: &Metald, n: usize) -> std::collections::BTreeMap<String, u64> 
 /// namespace that was a spare, with its TAP given to the VM's uid) and the pool is refilled;
 /// metald SIGKILLed leaves its spares, which the next start sweeps before making new ones;
 /// a clean stop removes them all.
-fn the_warm_pool_is_taken_by_boots_refilled_swept_after_a_kill_and_removed_at_stop() {
+fn the_warm_pools_are_taken_by_boots_refilled_swept_after_a_kill_and_removed_at_stop() {
     let mut m = metald_with_backend("firecracker")
         .env("UNKEY_METALD_WARM_POOL", "3")
         .start_with(Metald::import_tiny_guest);
@@ -414,8 +414,25 @@ fn the_warm_pool_is_taken_by_boots_refilled_swept_after_a_kill_and_removed_at_st
     let refilled = wait_spares(&m, 3);
     assert_ne!(refilled, before, "a new spare replaced the one taken");
 
+    // Its warm jails (2 by default) wait for VMs; killed, metald leaves none: each ends when
+    // its socket closes.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while iso.warm_jails().len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "{}", m.log_text());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     // Killed: its spares stay until the next start sweeps them and makes its own.
     m.kill();
+    let iso = m.iso.as_ref().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !iso.warm_jails().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "warm jails outlived a killed metald: {:?}",
+            iso.warm_jails()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     assert_eq!(spares(&m), refilled, "a killed metald leaves its spares");
     m.spawn();
     wait_spares(&m, 3);

@@ -50,14 +50,37 @@ pub(crate) fn with_args(args: &str) -> Value {
 }
 
 fn a_jailed_vmm_runs_as_its_own_user_without_privileges_in_its_own_namespace_and_cgroup() {
+    // Both ways a jail is built end the same: at the boot, and ahead of it (a warm jail).
+    for warm in ["0", "1"] {
+        jailed_vmm_checks(warm);
+    }
+}
+
+fn jailed_vmm_checks(warm_jails: &str) {
     let guest = qemu_guest();
-    let m = metald().start(&guest);
+    let m = metald()
+        .env("UNKEY_METALD_WARM_JAILS", warm_jails)
+        .env("UNKEY_METALD_LOG", "info,metald_host::jailer=debug")
+        .start(&guest);
     let iso = m.iso.as_ref().unwrap();
     let api = Rest::new(&m, Some("acme"));
     let id = api.create(readme_request(2, 256 << 20));
+    if warm_jails != "0" {
+        // The pool fills in the background after the start.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !m.log_text().contains("warm jail ready") {
+            assert!(std::time::Instant::now() < deadline, "{}", m.log_text());
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
     let vm = api.boot_ready(&id);
     let pid = vm["vmmPid"].as_u64().unwrap();
     let net = &vm["network"];
+    let warm_line = m
+        .log_text()
+        .lines()
+        .any(|l| l.contains("VMM started in a warm jail") && l.contains(&id));
+    assert_eq!(warm_line, warm_jails != "0", "{}", m.log_text());
 
     // Its own uid/gid (the first slot of this metald's range), no capabilities, no way back.
     let st = status(pid);

@@ -654,6 +654,29 @@ impl Isolated {
         }
     }
 
+    /// The pids of this metald's warm jails (`metald-jail warm` children whose root is in its
+    /// jail directory), alive and not yet reaped.
+    pub fn warm_jails(&self) -> Vec<u32> {
+        let mine = self.jail_dir.display().to_string();
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|p| {
+                let pid: u32 = p.file_name().to_str()?.parse().ok()?;
+                let cmdline = std::fs::read(p.path().join("cmdline")).ok()?;
+                let args: Vec<String> = cmdline
+                    .split(|b| *b == 0)
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect();
+                (args.first()?.ends_with("metald-jail")
+                    && args.get(1)? == "warm"
+                    && args.get(2)?.contains(&mine))
+                .then_some(pid)
+            })
+            .collect()
+    }
+
     /// Everything metald made for VMs that is still there (empty when clean); with
     /// `running`, the warm pool's spares (`pool-*` namespaces, `mw*` veth ends) are metald's
     /// own and not counted.
@@ -689,6 +712,13 @@ impl Isolated {
             {
                 out.push(format!("jail dir {}", vm.path().display()));
             }
+        }
+        if !running {
+            out.extend(
+                self.warm_jails()
+                    .iter()
+                    .map(|p| format!("warm jail process {p}")),
+            );
         }
         for parent in self.cgroup_dirs() {
             for vm in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
