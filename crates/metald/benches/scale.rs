@@ -37,7 +37,7 @@ fn main() {
         // The per-step lines of a start and a delete (see `steps` below).
         .env(
             "UNKEY_METALD_LOG",
-            "info,metald::sandbox=debug,metald_host::network=debug,metald_vmm::firecracker=debug",
+            "info,metald::sandbox=debug,metald_host::network=debug,metald_host::jailer=debug,metald_vmm::firecracker=debug",
         )
         .start_with(Metald::import_tiny_guest);
     let api = Rest::new(&m, Some("scale"));
@@ -123,7 +123,13 @@ fn main() {
     if let Ok(p) = std::env::var("BENCH_SCALE_LOG") {
         std::fs::write(p, m.log_text()).unwrap();
     }
-    print_steps(&m.log_text(), &ids, n);
+    let log = m.log_text();
+    let warm = log
+        .lines()
+        .filter(|l| l.contains("VMM started in a warm jail"))
+        .count();
+    println!("boots whose VMM started in a warm jail: {warm} of {n}");
+    print_steps(&log, &ids, n);
     println!();
     println!("| bare Firecracker, same run (all {n}), step | median ms | min ms | max ms |");
     println!("|---|---|---|---|");
@@ -209,6 +215,11 @@ const STEPS: &[(&str, &str, &str)] = &[
         "firecracker started",
         "spawn_ms",
         "boot: VMM files and spawn",
+    ),
+    (
+        "VMM started in a warm jail",
+        "assign_ms",
+        "boot: a warm jail given the VM (in the spawn)",
     ),
     (
         "firecracker started",

@@ -539,7 +539,7 @@ fn own_devices(
         step(
             format!("chown {}", d.path.display()),
             rustix::fs::chown(
-                &inside(root, &d.path),
+                inside(root, &d.path),
                 Some(rustix::fs::Uid::from_raw(uid)),
                 Some(rustix::fs::Gid::from_raw(gid)),
             )

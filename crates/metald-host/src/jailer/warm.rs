@@ -437,3 +437,186 @@ fn fill(inner: &Inner) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A warm jail whose "child" is `cmd` and whose other socket end the test holds.
+    fn fake(cmd: &mut std::process::Command) -> (Warm, OwnedFd, std::process::Child) {
+        let (ours, theirs) = rustix::net::socketpair(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap();
+        let child = cmd.spawn().unwrap();
+        let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+        let pidfd =
+            rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::NONBLOCK).unwrap();
+        let warm = Warm {
+            pid: child.id(),
+            pidfd: Some(pidfd),
+            sock: ours,
+        };
+        (warm, theirs, child)
+    }
+
+    fn assignment() -> Assignment {
+        Assignment {
+            vm_id: "vm-1".into(),
+            uid: 1,
+            gid: 1,
+            net: None,
+            cgroups: 0,
+            mounts: Vec::new(),
+            exec: "/bin/true".into(),
+            args: Vec::new(),
+            env: Vec::new(),
+            workdir: "/".into(),
+            owned_dir: "/".into(),
+            owned_files: Vec::new(),
+        }
+    }
+
+    fn alive(pid: u32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| !s.contains(") Z ") && !s.contains(") X "))
+    }
+
+    #[test]
+    fn an_assignment_carries_its_descriptors_and_the_end_of_the_socket_is_the_exec() {
+        let (warm, theirs, mut child) = fake(std::process::Command::new("sleep").arg("30"));
+        let pid = warm.pid();
+        let log = tempfile::tempfile().unwrap();
+        let sent = std::thread::spawn(move || {
+            let mut buf = vec![0u8; MAX_ASSIGNMENT];
+            let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+            let mut control = rustix::net::RecvAncillaryBuffer::new(&mut space);
+            let got = rustix::net::recvmsg(
+                &theirs,
+                &mut [io::IoSliceMut::new(&mut buf)],
+                &mut control,
+                RecvFlags::CMSG_CLOEXEC,
+            )
+            .unwrap();
+            let fds = control
+                .drain()
+                .map(|m| match m {
+                    rustix::net::RecvAncillaryMessage::ScmRights(f) => f.count(),
+                    _ => 0,
+                })
+                .sum::<usize>();
+            let a: Assignment = serde_json::from_slice(&buf[..got.bytes]).unwrap();
+            // Closing its end, as the exec does.
+            drop(theirs);
+            (a, fds)
+        });
+        let got = warm.assign(&assignment(), &[log.as_fd(), log.as_fd()]);
+        assert_eq!(got.unwrap(), pid);
+        let (a, fds) = sent.join().unwrap();
+        assert_eq!((a, fds), (assignment(), 2));
+        // Handed over: not killed with the `Warm`, the caller's to reap.
+        assert!(alive(pid));
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    #[test]
+    fn what_the_child_says_is_the_error_and_a_failed_jail_is_killed_and_reaped() {
+        let (warm, theirs, _child) = fake(std::process::Command::new("sleep").arg("30"));
+        let pid = warm.pid();
+        let answer = std::thread::spawn(move || {
+            let mut buf = vec![0u8; MAX_ASSIGNMENT];
+            rustix::net::recv(&theirs, &mut buf, RecvFlags::empty()).unwrap();
+            rustix::net::send(
+                &theirs,
+                b"metald-jail: attach /vm: EPERM",
+                SendFlags::empty(),
+            )
+            .unwrap();
+            theirs
+        });
+        let err = warm.assign(&assignment(), &[]).unwrap_err();
+        assert_eq!(err.to_string(), "metald-jail: attach /vm: EPERM");
+        drop(answer.join().unwrap());
+        // Killed and reaped by the dropped `Warm`: no process, not even a zombie.
+        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
+    }
+
+    #[test]
+    fn a_jail_that_died_is_never_taken_for_an_exec() {
+        let (warm, theirs, _child) = fake(&mut std::process::Command::new("true"));
+        let pid = warm.pid();
+        drop(theirs);
+        // Exited (a zombie until reaped): its socket's end is not an exec.
+        while alive(pid) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let pool = WarmJails::new(
+            1,
+            &WarmSpec {
+                root: "/nonexistent".into(),
+                nofile: 1,
+                mounts: Vec::new(),
+                devices: Vec::new(),
+                mount_ns: None,
+            },
+            "/nonexistent".into(),
+            Arc::new(Spawner::new("/nonexistent".into())),
+        );
+        pool.inner.lock().ready.push_back(warm);
+        assert!(pool.take().is_none(), "a dead jail is skipped");
+        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
+        let (warm, theirs, _child) = fake(&mut std::process::Command::new("true"));
+        drop(theirs);
+        while alive(warm.pid()) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Its socket's other end is gone with it.
+        let err = warm.assign(&assignment(), &[]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::BrokenPipe, "{err}");
+    }
+
+    #[test]
+    fn a_jail_that_took_its_vm_and_exited_did_not_exec() {
+        let (warm, theirs, _child) = fake(&mut std::process::Command::new("true"));
+        while alive(warm.pid()) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let reader = std::thread::spawn(move || {
+            let mut buf = vec![0u8; MAX_ASSIGNMENT];
+            rustix::net::recv(&theirs, &mut buf, RecvFlags::empty()).unwrap();
+        });
+        let err = warm.assign(&assignment(), &[]).unwrap_err();
+        reader.join().unwrap();
+        assert!(err.to_string().contains("exited before its exec"), "{err}");
+    }
+
+    #[test]
+    fn failed_assignments_in_a_row_close_the_pool() {
+        let pool = WarmJails::new(
+            1,
+            &WarmSpec {
+                root: "/nonexistent".into(),
+                nofile: 1,
+                mounts: Vec::new(),
+                devices: Vec::new(),
+                mount_ns: None,
+            },
+            "/nonexistent".into(),
+            Arc::new(Spawner::new("/nonexistent".into())),
+        );
+        pool.record(false);
+        pool.record(true);
+        pool.record(false);
+        pool.record(false);
+        assert!(
+            !pool.inner.lock().closed,
+            "a success in between resets the count"
+        );
+        pool.record(false);
+        assert!(pool.inner.lock().closed);
+    }
+}
