@@ -3,7 +3,8 @@
 //! VMM and the same command line, until the line appears in its console file. Prints a table.
 //!
 //! `make bench` (or `METALD_GUEST_DIR=target/guest cargo bench -p metald --bench boot`);
-//! `BENCH_RUNS=n` changes the number of runs (default 10).
+//! `BENCH_RUNS=n` changes the number of runs (default 10), `BENCH_QEMU_RUNS=n` those of QEMU
+//! alone (0 leaves QEMU out).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 #[path = "../tests/support/mod.rs"]
@@ -38,7 +39,20 @@ fn main() {
         accel.as_str()
     );
 
-    let m = metald().start(&guest);
+    let qemu_runs: usize = env_num("BENCH_QEMU_RUNS", runs);
+    if qemu_runs > 0 {
+        qemu_rows(&guest, &qemu, accel, qemu_runs);
+    }
+    if let Some(fc) = firecracker_bin() {
+        firecracker_rows(&fc, runs);
+    } else {
+        println!("\n(firecracker not installed: its rows are skipped)");
+    }
+}
+
+/// The default guest under QEMU: through metald, and by hand with the same command line.
+fn qemu_rows(guest: &Path, qemu: &Path, accel: Accel, runs: usize) {
+    let m = metald().start(guest);
     let api = Rest::new(&m, Some("bench"));
     let mut via_metald = vec![];
     let mut create_ms = vec![];
@@ -64,7 +78,7 @@ fn main() {
         api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None)
             .ok();
 
-        bare.push(bare_qemu(&qemu, &guest, accel, i));
+        bare.push(bare_qemu(qemu, guest, accel, i));
     }
     println!();
     println!(
@@ -80,24 +94,23 @@ fn main() {
         &via_metald,
     );
     row("bare qemu: spawn -> readiness line (console file)", &bare);
-    drop(m);
-    if let Some(fc) = firecracker_bin() {
-        firecracker_rows(&fc, runs);
-    } else {
-        println!("\n(firecracker not installed: its rows are skipped)");
-    }
 }
 
-/// The tiny test guest under Firecracker: through metald, and by hand with the same API calls.
+/// The tiny test guest under Firecracker: through metald (its jails started ahead, and built
+/// at each boot), and by hand with the same API calls, interleaved.
 fn firecracker_rows(fc: &Path, runs: usize) {
-    let m = metald_with_backend("firecracker").start_with(Metald::import_tiny_guest);
-    let api = Rest::new(&m, Some("bench"));
+    let log = "info,metald::sandbox=debug,metald_host::jailer=debug,metald_vmm::firecracker=debug";
+    let warm = metald_with_backend("firecracker")
+        .env("UNKEY_METALD_LOG", log)
+        .start_with(Metald::import_tiny_guest);
+    let cold = metald_with_backend("firecracker")
+        .env("UNKEY_METALD_WARM_JAILS", "0")
+        .env("UNKEY_METALD_LOG", log)
+        .start_with(Metald::import_tiny_guest);
     let body = serde_json::json!({"config": {"cpu": {"vcpu_count": 1}, "memory": {"size_bytes": 128 << 20},
         "kernel": {"image_id": "tiny-elf"}, "rootfs": {"image_id": "tiny-disk"}}});
-    let mut via = vec![];
-    let mut bare = vec![];
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    for _ in 0..runs {
+    let boot = |m: &Metald| {
+        let api = Rest::new(m, Some("bench"));
         let t0 = Instant::now();
         let id = api.call("POST", "/v1/vms", Some(body.clone())).ok()["vm"]["vmId"]
             .as_str()
@@ -112,10 +125,17 @@ fn firecracker_rows(fc: &Path, runs: usize) {
             Duration::from_secs(30),
             Duration::from_millis(1),
         );
-        via.push(t0.elapsed());
+        let took = t0.elapsed();
         api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None)
             .ok();
-        bare.push(rt.block_on(bare_firecracker(fc, &m.data_dir)));
+        took
+    };
+    let (mut via_warm, mut via_cold, mut bare) = (vec![], vec![], vec![]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for _ in 0..runs {
+        via_warm.push(boot(&warm));
+        via_cold.push(boot(&cold));
+        bare.push(rt.block_on(bare_firecracker(fc, &warm.data_dir)));
     }
     println!();
     println!(
@@ -124,8 +144,13 @@ fn firecracker_rows(fc: &Path, runs: usize) {
     println!(
         "|-------------------------------------------------------|-----------|--------|--------|"
     );
-    row("metald: CreateVm + BootVm -> banner (API)", &via);
+    row("metald: CreateVm + BootVm -> banner (API)", &via_warm);
+    row("metald, jails built at boot (WARM_JAILS=0)", &via_cold);
     row("bare firecracker: spawn + 4 API calls -> banner", &bare);
+    if let Ok(p) = std::env::var("BENCH_BOOT_LOG") {
+        std::fs::write(format!("{p}.warm"), warm.log_text()).unwrap();
+        std::fs::write(format!("{p}.cold"), cold.log_text()).unwrap();
+    }
 }
 
 async fn bare_firecracker(fc: &Path, assets: &Path) -> Duration {

@@ -8,6 +8,7 @@
 //!
 //! `cargo bench -p metald --bench scale` (root, a Firecracker binary, /dev/kvm). Not in
 //! `make bench`: it holds `BENCH_SCALE_VMS` VMs (about 4.3 MB each) at once.
+//! `BENCH_WARM_JAILS=n` sets metald's `UNKEY_METALD_WARM_JAILS` (default 2; 0 builds every jail at its boot).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 #[path = "../tests/support/mod.rs"]
@@ -34,6 +35,10 @@ fn main() {
         .env("UNKEY_METALD_JAILER_ID_COUNT", &(n + 100).to_string())
         .env("UNKEY_METALD_HOST_MEMORY_OVERCOMMIT", "100")
         .env("UNKEY_METALD_HOST_CPU_OVERCOMMIT", "1000")
+        .env(
+            "UNKEY_METALD_WARM_JAILS",
+            &env_num::<usize>("BENCH_WARM_JAILS", 2).to_string(),
+        )
         // The per-step lines of a start and a delete (see `steps` below).
         .env(
             "UNKEY_METALD_LOG",
@@ -220,6 +225,16 @@ const STEPS: &[(&str, &str, &str)] = &[
         "VMM started in a warm jail",
         "assign_ms",
         "boot: a warm jail given the VM (in the spawn)",
+    ),
+    (
+        "warm jail assigned",
+        "prepare_ms",
+        "boot:   of which the VM's descriptors",
+    ),
+    (
+        "warm jail assigned",
+        "child_ms",
+        "boot:   of which the jail until the VMM's exec",
     ),
     (
         "firecracker started",

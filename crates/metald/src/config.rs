@@ -1405,6 +1405,11 @@ mod tests {
             ),
             ("UNKEY_METALD_BOOT_TIMEOUT_SECONDS", "0", "1-3600"),
             (
+                "UNKEY_METALD_WARM_JAILS",
+                "65",
+                "expected a whole number from 0 to 64",
+            ),
+            (
                 "UNKEY_METALD_AUTH_MODE",
                 "oauth",
                 "expected dev, jwt or mtls",

@@ -319,6 +319,7 @@ impl JailPlan {
         stdout: &std::fs::File,
         stderr: &std::fs::File,
     ) -> Result<u32, JailError> {
+        let t0 = std::time::Instant::now();
         let mut owned: Vec<std::os::fd::OwnedFd> = Vec::new();
         let net = match &self.spec.net {
             Some(n) => {
@@ -371,8 +372,12 @@ impl JailPlan {
             .into_iter()
             .chain(owned.iter().map(|f| f.as_fd()))
             .collect();
-        warm.assign(&assignment, &fds)
-            .map_err(io("start the VMM in a warm jail", &self.spec.root))
+        let prepared = t0.elapsed();
+        let pid = warm
+            .assign(&assignment, &fds)
+            .map_err(io("start the VMM in a warm jail", &self.spec.root))?;
+        tracing::debug!(vm_id = %self.spec.vm_id, prepare_ms = prepared.as_secs_f64() * 1000.0, child_ms = (t0.elapsed() - prepared).as_secs_f64() * 1000.0, "warm jail assigned");
+        Ok(pid)
     }
 
     /// The VM's uid.
