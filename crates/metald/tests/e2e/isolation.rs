@@ -549,9 +549,21 @@ fn metald_as_a_plain_user_with_only_the_documented_capabilities_runs_vms() {
 
     let api = Rest::new(&m, Some("plain"));
     let id = api.create(readme_request(1, 256 << 20));
+    // Its warm jails too run with only these capabilities (cloning the VM's files as mount
+    // trees, joining its cgroups through descriptors metald opened).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while m.iso.as_ref().unwrap().warm_jails().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "{}", m.log_text());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let vm = api.boot_ready(&id);
     let pid = vm["vmmPid"].as_u64().unwrap();
     assert_eq!(status_field(&status(pid), "CapEff"), "0000000000000000");
+    assert!(
+        !m.log_text().contains("warm jail failed"),
+        "{}",
+        m.log_text()
+    );
     let c = api.call("GET", &format!("/v1/vms/{id}/console"), None).ok();
     assert!(c["output"].as_str().unwrap().contains("METALD_GUEST_READY"));
     api.call(
