@@ -128,6 +128,9 @@ fn firecracker_rows(fc: &Path, runs: usize) {
         let took = t0.elapsed();
         api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None)
             .ok();
+        // Its namespace's teardown (the kernel holds its network lock for 100-200 ms) is over
+        // before the next boot of either metald, or of the bare VMM, starts.
+        m.wait_vm_dir_gone(&id);
         took
     };
     let (mut via_warm, mut via_cold, mut bare) = (vec![], vec![], vec![]);
