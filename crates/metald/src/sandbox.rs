@@ -71,6 +71,24 @@ pub trait Isolation: Send + Sync {
 
     /// Where a jailed VM's VMM makes its control socket; `None`: in the VM's directory.
     fn control_dir(&self, vm: &VmId) -> Option<PathBuf>;
+
+    /// How the sandboxes made ahead of boots are doing (for `/metrics`); `None` without them.
+    fn pools(&self) -> Option<Pools> {
+        None
+    }
+}
+
+/// The pools of sandbox parts made ahead of boots, as `/metrics` shows them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pools {
+    /// Spare networks ready (`UNKEY_METALD_WARM_POOL`).
+    pub spare_networks: usize,
+    /// Warm jails ready (`UNKEY_METALD_WARM_JAILS`).
+    pub warm_jails: usize,
+    /// VMMs started in a warm jail since metald started.
+    pub warm_jail_starts: u64,
+    /// VMMs whose jail was built at their boot since metald started.
+    pub cold_jail_starts: u64,
 }
 
 /// No isolation: VMMs run as metald's own user, unjailed and without network. Every step is
@@ -284,5 +302,15 @@ impl Isolation for Sandboxes {
     }
     fn control_dir(&self, vm: &VmId) -> Option<PathBuf> {
         Some(self.jailer.control_dir(vm))
+    }
+
+    fn pools(&self) -> Option<Pools> {
+        let (warm_jail_starts, cold_jail_starts) = self.jailer.warm().starts();
+        Some(Pools {
+            spare_networks: self.network.spares(),
+            warm_jails: self.jailer.warm().ready(),
+            warm_jail_starts,
+            cold_jail_starts,
+        })
     }
 }

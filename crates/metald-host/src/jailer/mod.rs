@@ -299,6 +299,7 @@ impl JailPlan {
                 }
             }
         }
+        self.warm.record_cold_start();
         let req = crate::spawner::SpawnRequest {
             program: self.jail_exe.clone(),
             args: vec![self.spec_arg(binary, args)],

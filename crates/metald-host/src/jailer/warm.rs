@@ -23,6 +23,7 @@ use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -212,6 +213,10 @@ struct Inner {
     spawner: Arc<Spawner>,
     state: Mutex<State>,
     wake: Condvar,
+    /// VMMs started in a warm jail.
+    warm_starts: AtomicU64,
+    /// VMMs whose jail was built at their boot (none ready, or not one a warm jail can be).
+    cold_starts: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -235,6 +240,8 @@ impl WarmJails {
                 spawner,
                 state: Mutex::new(State::default()),
                 wake: Condvar::new(),
+                warm_starts: AtomicU64::new(0),
+                cold_starts: AtomicU64::new(0),
             }),
         }
     }
@@ -288,6 +295,7 @@ impl WarmJails {
         self.inner.wake.notify_all();
         if ok {
             st.failures = 0;
+            self.inner.warm_starts.fetch_add(1, Ordering::Relaxed);
             return;
         }
         st.failures = st.failures.saturating_add(1);
@@ -298,6 +306,19 @@ impl WarmJails {
             );
             self.close();
         }
+    }
+
+    /// Counts a VMM whose jail was built at its boot.
+    pub fn record_cold_start(&self) {
+        self.inner.cold_starts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// VMMs started so far in a warm jail, and in a jail built at their boot.
+    pub fn starts(&self) -> (u64, u64) {
+        (
+            self.inner.warm_starts.load(Ordering::Relaxed),
+            self.inner.cold_starts.load(Ordering::Relaxed),
+        )
     }
 
     /// How many jails are ready now.

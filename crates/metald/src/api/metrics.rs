@@ -100,6 +100,35 @@ impl Collector for ServiceCollector {
             )?;
             ConstGauge::new(i64::try_from(depth).unwrap_or(i64::MAX)).encode(m)?;
         }
+        if let Some(pools) = svc.pools() {
+            for (name, help, n) in [
+                (
+                    "metald_spare_networks",
+                    "Spare VM networks ready for boots (UNKEY_METALD_WARM_POOL)",
+                    pools.spare_networks,
+                ),
+                (
+                    "metald_warm_jails",
+                    "Jails started ahead and waiting for a VM (UNKEY_METALD_WARM_JAILS)",
+                    pools.warm_jails,
+                ),
+            ] {
+                let m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+                ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX)).encode(m)?;
+            }
+            let mut m = encoder.encode_descriptor(
+                "metald_jail_starts",
+                "VMMs started, by how their jail was made: warm (started ahead) or at_boot",
+                None,
+                MetricType::Counter,
+            )?;
+            for (kind, n) in [
+                ("warm", pools.warm_jail_starts),
+                ("at_boot", pools.cold_jail_starts),
+            ] {
+                ConstCounter::new(n).encode(m.encode_family(&labels(&[("kind", kind)]))?)?;
+            }
+        }
         let usage = svc.usage_snapshot();
         type Pick = fn(&crate::metering::Counters) -> u64;
         let counters: [(&str, &str, Pick); 9] = [

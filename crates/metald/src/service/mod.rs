@@ -336,6 +336,11 @@ impl VmService {
         &self.cfg.membership
     }
 
+    /// The pools of sandbox parts made ahead of boots, when VMs are isolated.
+    pub fn pools(&self) -> Option<crate::sandbox::Pools> {
+        self.isolation.pools()
+    }
+
     /// Rows waiting for the billing service, when billing is on.
     pub fn outbox_depth(&self) -> Option<u64> {
         self.billing.get().map(|b| b.outbox_depth())
