@@ -128,7 +128,7 @@ impl VmLaunch {
     /// to the given files, and supervises it. A jailed start goes through the jail's spawner
     /// ([`JailPlan::spawn`]), whose cost does not grow with the descriptors metald holds; if
     /// the spawner itself fails, metald starts the command itself.
-    pub fn spawn(
+    pub async fn spawn(
         &self,
         binary: &Path,
         args: Vec<String>,
@@ -137,7 +137,10 @@ impl VmLaunch {
         events: tokio::sync::mpsc::UnboundedSender<process::ExitEvent>,
     ) -> Result<std::sync::Arc<process::Supervised>, BackendError> {
         if let Some(jail) = &self.jail {
-            match jail.spawn(binary, args.clone(), &self.dir, &stdout, &stderr) {
+            match jail
+                .spawn(binary, args.clone(), &self.dir, &stdout, &stderr)
+                .await
+            {
                 Ok(pid) => return process::Supervised::child(pid, self.vm_id.clone(), events),
                 Err(e @ spawner::SpawnError::Spawner { .. }) => {
                     tracing::warn!(vm_id = %self.vm_id, error = %report::Chain(&e), "starting the jail through the spawner failed; starting it directly");

@@ -274,7 +274,7 @@ impl JailPlan {
     /// reaches it). Its pid, once it exec'd the jail. When the spawner itself fails
     /// ([`crate::spawner::SpawnError::Spawner`]), the caller may start the command itself:
     /// the spawner saves time, never correctness.
-    pub fn spawn(
+    pub async fn spawn(
         &self,
         binary: &Path,
         args: Vec<String>,
@@ -287,7 +287,7 @@ impl JailPlan {
         if let Some(warm) = self.warm.take().filter(|_| warm_fits) {
             let t0 = std::time::Instant::now();
             let warm_pid = warm.pid();
-            match self.assign(warm, binary, &args, stdout, stderr) {
+            match self.assign(warm, binary, &args, stdout, stderr).await {
                 Ok(pid) => {
                     self.warm.record(true);
                     tracing::debug!(vm_id = %self.spec.vm_id, pid, assign_ms = t0.elapsed().as_secs_f64() * 1000.0, "VMM started in a warm jail");
@@ -312,7 +312,7 @@ impl JailPlan {
 
     /// Gives the warm jail `warm` this VM: its descriptors (console and log, network
     /// namespace, cgroup files, its files as detached mount trees) and what to exec.
-    fn assign(
+    async fn assign(
         &self,
         warm: Warm,
         binary: &Path,
@@ -376,6 +376,7 @@ impl JailPlan {
         let prepared = t0.elapsed();
         let pid = warm
             .assign(&assignment, &fds)
+            .await
             .map_err(io("start the VMM in a warm jail", &self.spec.root))?;
         tracing::debug!(vm_id = %self.spec.vm_id, prepare_ms = prepared.as_secs_f64() * 1000.0, child_ms = (t0.elapsed() - prepared).as_secs_f64() * 1000.0, "warm jail assigned");
         Ok(pid)

@@ -138,9 +138,17 @@ impl Warm {
         )
     }
 
-    /// Gives the jail its VM: sends `a` with `fds` (in [`Assignment`]'s order) and waits for
-    /// the VMM's exec. The pid, now the caller's to supervise and reap.
-    pub fn assign(mut self, a: &Assignment, fds: &[BorrowedFd<'_>]) -> io::Result<u32> {
+    /// Gives the jail its VM: sends `a` with `fds` (in [`Assignment`]'s order) and waits,
+    /// without holding a runtime thread, for the VMM's exec. The pid, now the caller's to
+    /// supervise and reap. Dropped before it returns, the jail is killed and reaped.
+    pub async fn assign(self, a: &Assignment, fds: &[BorrowedFd<'_>]) -> io::Result<u32> {
+        self.send(a, fds)?;
+        tokio::time::timeout(REPLY_TIMEOUT, self.started())
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the warm jail did not exec"))?
+    }
+
+    fn send(&self, a: &Assignment, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
         let msg = serde_json::to_vec(a).map_err(io::Error::from)?;
         if msg.len() > MAX_ASSIGNMENT || fds.len() > MAX_FDS {
             return Err(io::ErrorKind::InvalidInput.into());
@@ -150,15 +158,37 @@ impl Warm {
         if !control.push(SendAncillaryMessage::ScmRights(fds)) {
             return Err(io::ErrorKind::InvalidInput.into());
         }
+        // One message on an idle SEQPACKET socket: room for it, so this does not block.
         rustix::net::sendmsg(
             &self.sock,
             &[IoSlice::new(&msg)],
             &mut control,
-            SendFlags::NOSIGNAL,
+            SendFlags::NOSIGNAL | SendFlags::DONTWAIT,
         )?;
-        // Its socket is close-on-exec: the end of the stream is the exec, unless it exited.
+        Ok(())
+    }
+
+    /// Waits for the end of the jail's socket, which is close-on-exec: the exec, unless the
+    /// jail said why it failed or exited.
+    async fn started(mut self) -> io::Result<u32> {
+        // SAFETY: the AsyncFd owns its duplicate of the socket, so the descriptor stays open
+        // and unchanged while registered.
+        let readable = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(
+                self.sock.try_clone()?,
+                tokio::io::Interest::READABLE,
+            )
+        }?;
         let mut buf = [0u8; 4096];
-        let (n, _) = rustix::net::recv(&self.sock, &mut buf, RecvFlags::empty())?;
+        let n = loop {
+            let mut ready = readable.readable().await?;
+            match rustix::net::recv(readable.get_ref(), &mut buf, RecvFlags::DONTWAIT) {
+                Ok((n, _)) => break n,
+                Err(rustix::io::Errno::AGAIN) => ready.clear_ready(),
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        };
         if n > 0 {
             let said = String::from_utf8_lossy(buf.get(..n).unwrap_or_default()).into_owned();
             return Err(io::Error::other(said));
@@ -510,6 +540,14 @@ mod tests {
         }
     }
 
+    fn assign(warm: Warm, a: &Assignment, fds: &[BorrowedFd<'_>]) -> io::Result<u32> {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(warm.assign(a, fds))
+    }
+
     fn alive(pid: u32) -> bool {
         std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .is_ok_and(|s| !s.contains(") Z ") && !s.contains(") X "))
@@ -543,7 +581,7 @@ mod tests {
             drop(theirs);
             (a, fds)
         });
-        let got = warm.assign(&assignment(), &[log.as_fd(), log.as_fd()]);
+        let got = assign(warm, &assignment(), &[log.as_fd(), log.as_fd()]);
         assert_eq!(got.unwrap(), pid);
         let (a, fds) = sent.join().unwrap();
         assert_eq!((a, fds), (assignment(), 2));
@@ -568,7 +606,7 @@ mod tests {
             .unwrap();
             theirs
         });
-        let err = warm.assign(&assignment(), &[]).unwrap_err();
+        let err = assign(warm, &assignment(), &[]).unwrap_err();
         assert_eq!(err.to_string(), "metald-jail: attach /vm: EPERM");
         drop(answer.join().unwrap());
         // Killed and reaped by the dropped `Warm`: no process, not even a zombie.
@@ -605,7 +643,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         // Its socket's other end is gone with it.
-        let err = warm.assign(&assignment(), &[]).unwrap_err();
+        let err = assign(warm, &assignment(), &[]).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::BrokenPipe, "{err}");
     }
 
@@ -619,7 +657,7 @@ mod tests {
             let mut buf = vec![0u8; MAX_ASSIGNMENT];
             rustix::net::recv(&theirs, &mut buf, RecvFlags::empty()).unwrap();
         });
-        let err = warm.assign(&assignment(), &[]).unwrap_err();
+        let err = assign(warm, &assignment(), &[]).unwrap_err();
         reader.join().unwrap();
         assert!(err.to_string().contains("exited before its exec"), "{err}");
     }

@@ -104,7 +104,9 @@ impl FirecrackerBackend {
             "--show-level".into(),
         ];
         // The guest's serial console is Firecracker's stdout.
-        let process = launch.spawn(&self.binary, args, console, vmm_log, self.registry.events())?;
+        let process = launch
+            .spawn(&self.binary, args, console, vmm_log, self.registry.events())
+            .await?;
         let spawned = t0.elapsed();
         let api = FirecrackerApi::new(&socket);
         let mut ready = spawned;

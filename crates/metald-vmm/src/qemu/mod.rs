@@ -339,7 +339,9 @@ impl QemuBackend {
             path: launch.vmm_log(),
             source,
         })?;
-        let process = launch.spawn(&self.binary, args, log, stderr, self.registry.events())?;
+        let process = launch
+            .spawn(&self.binary, args, log, stderr, self.registry.events())
+            .await?;
         let qmp = Qmp::new(&socket);
         let ready = async {
             let mut status = qmp.wait_ready(QMP_READY_TIMEOUT).await?;
