@@ -663,6 +663,30 @@ mod tests {
     }
 
     #[test]
+    fn a_boot_given_up_while_its_jail_starts_kills_the_jail() {
+        let (warm, theirs, _child) = fake(std::process::Command::new("sleep").arg("30"));
+        let pid = warm.pid();
+        // The jail reads its VM and never gets to its exec.
+        let reader = std::thread::spawn(move || {
+            let mut buf = vec![0u8; MAX_ASSIGNMENT];
+            rustix::net::recv(&theirs, &mut buf, RecvFlags::empty()).unwrap();
+            theirs
+        });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let a = assignment();
+        let gave_up = rt.block_on(async {
+            tokio::time::timeout(Duration::from_millis(100), warm.assign(&a, &[])).await
+        });
+        assert!(gave_up.is_err(), "still waiting for the exec");
+        // The dropped assignment took the jail with it: killed and reaped.
+        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
+        drop(reader.join().unwrap());
+    }
+
+    #[test]
     fn failed_assignments_in_a_row_close_the_pool() {
         let pool = WarmJails::new(
             1,
