@@ -206,6 +206,12 @@ fn become_vm(
             )
             .map_err(io::Error::from),
         )?;
+        // A clone of a shared mount joins its peer group: private, as a cold jail's binds
+        // are, so no mount event crosses between the host and the jail.
+        step(
+            format!("make {} private", m.path.display()),
+            mount_change(&m.path, MountPropagationFlags::PRIVATE).map_err(io::Error::from),
+        )?;
         restrict(&m.path, m)?;
     }
     own_devices(Path::new("/"), devices, a.uid, a.gid)?;

@@ -129,6 +129,11 @@ fn jailed_vmm_checks(warm_jails: &str) {
         root_mount.split(' ').nth(5).unwrap().contains("ro"),
         "read-only root: {root_mount}"
     );
+    // Nothing in the jail shares mount events with the host (no peer group).
+    for line in mounts.lines() {
+        let tags = line.split(" - ").next().unwrap_or_default();
+        assert!(!tags.contains("shared:"), "{line}");
+    }
     let kernel_mount = mounts
         .lines()
         .find(|l| l.contains("/assets/vmlinux-6.1"))
