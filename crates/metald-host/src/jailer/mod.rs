@@ -268,10 +268,11 @@ impl JailPlan {
         serde_json::to_string(&spec).unwrap_or_default()
     }
 
-    /// Starts [`JailPlan::command`] through the [`crate::spawner`], which holds none of
-    /// metald's descriptors, as a child of metald: in `cwd`, stdin from /dev/null, stdout and
-    /// stderr to the given files, in its own process group (so a terminal's Ctrl-C never
-    /// reaches it). Its pid, once it exec'd the jail. When the spawner itself fails
+    /// Starts `binary args…` in this jail as a child of metald, stdout and stderr to the given
+    /// files: in a warm jail ([`warm`]) when one is ready and fits, else by starting
+    /// [`JailPlan::command`] through the [`crate::spawner`], which holds none of metald's
+    /// descriptors (in `cwd`, stdin from /dev/null, in its own process group so a terminal's
+    /// Ctrl-C never reaches it). Its pid, once it exec'd. When the spawner itself fails
     /// ([`crate::spawner::SpawnError::Spawner`]), the caller may start the command itself:
     /// the spawner saves time, never correctness.
     pub async fn spawn(
@@ -284,7 +285,8 @@ impl JailPlan {
     ) -> Result<u32, crate::spawner::SpawnError> {
         // A jail with `tc` work runs host binaries before its pivot: never warm.
         let warm_fits = self.spec.net.as_ref().is_none_or(|n| n.tc.is_empty());
-        if let Some(warm) = self.warm.take().filter(|_| warm_fits) {
+        let warm = if warm_fits { self.warm.take() } else { None };
+        if let Some(warm) = warm {
             let t0 = std::time::Instant::now();
             let warm_pid = warm.pid();
             match self.assign(warm, binary, &args, stdout, stderr).await {
