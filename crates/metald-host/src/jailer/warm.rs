@@ -472,7 +472,13 @@ fn fill(inner: &Inner) {
                     .unwrap_or_else(|p| p.into_inner().0);
             }
             while !st.closed && st.ready.len() >= inner.target {
-                st = inner.wake.wait(st).unwrap_or_else(|p| p.into_inner());
+                // Woken by a record (or an empty take); the timeout covers a boot given up
+                // between its take and its record, which records nothing.
+                st = inner
+                    .wake
+                    .wait_timeout(st, Duration::from_secs(1))
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|p| p.into_inner().0);
             }
             if st.closed {
                 return;
