@@ -163,20 +163,40 @@ impl Drop for ChildGuard {
                 rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL);
             // Reaped off the caller's thread: a killed process exits promptly, but not
             // necessarily before this returns.
-            std::thread::spawn(move || {
-                // The pidfd is non-blocking: wait for it to turn readable (the exit) first.
-                let mut fds = [rustix::event::PollFd::new(
-                    &pidfd,
-                    rustix::event::PollFlags::IN,
-                )];
-                let _ignored = rustix::event::poll(&mut fds, None);
-                let _ignored = rustix::process::waitid(
-                    rustix::process::WaitId::PidFd(pidfd.as_fd()),
-                    rustix::process::WaitIdOptions::EXITED,
-                );
-            });
+            std::thread::spawn(move || reap(&pidfd));
         }
     }
+}
+
+/// A connected SEQPACKET pair, close-on-exec: (metald's end, whose reads give up after
+/// `timeout`; the child's end).
+pub(crate) fn socket_pair(timeout: Duration) -> io::Result<(OwnedFd, OwnedFd)> {
+    let (ours, theirs) = rustix::net::socketpair(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
+    rustix::net::sockopt::set_socket_timeout(
+        &ours,
+        rustix::net::sockopt::Timeout::Recv,
+        Some(timeout),
+    )?;
+    Ok((ours, theirs))
+}
+
+/// Waits for the exit of the child behind `pidfd` (non-blocking: it waits for the pidfd to
+/// turn readable first) and reaps it.
+pub(crate) fn reap(pidfd: &OwnedFd) {
+    let mut fds = [rustix::event::PollFd::new(
+        pidfd,
+        rustix::event::PollFlags::IN,
+    )];
+    let _ignored = rustix::event::poll(&mut fds, None);
+    let _ignored = rustix::process::waitid(
+        rustix::process::WaitId::PidFd(pidfd.as_fd()),
+        rustix::process::WaitIdOptions::EXITED,
+    );
 }
 
 /// metald's end: [`SPAWNERS`] spawner processes, each started on first use and again after it
@@ -343,17 +363,7 @@ impl Spawner {
     }
 
     fn start(&self) -> io::Result<Conn> {
-        let (ours, theirs) = rustix::net::socketpair(
-            AddressFamily::UNIX,
-            SocketType::SEQPACKET,
-            SocketFlags::CLOEXEC,
-            None,
-        )?;
-        rustix::net::sockopt::set_socket_timeout(
-            &ours,
-            rustix::net::sockopt::Timeout::Recv,
-            Some(REPLY_TIMEOUT),
-        )?;
+        let (ours, theirs) = socket_pair(REPLY_TIMEOUT)?;
         // Its socket is its stdin; no environment (every request brings its own).
         let child = Command::new(&self.exe)
             .arg("spawner")

@@ -102,15 +102,7 @@ fn warm(spec: &WarmSpec, sock: &OwnedFd) -> Result<Infallible, StepError> {
     drop(null);
     limits(spec.nofile)?;
     new_root(&spec.root, spec.mount_ns.as_deref())?;
-    for m in &spec.mounts {
-        let target = inside(&spec.root, &m.path);
-        mount_point(&target, m.path.is_dir())?;
-        step(
-            format!("bind {}", m.path.display()),
-            mount_bind(&m.path, &target).map_err(io::Error::from),
-        )?;
-        restrict(&target, m)?;
-    }
+    bind_all(&spec.root, &spec.mounts)?;
     make_devices(&spec.root, &spec.devices)?;
     pivot(&spec.root)?;
     step(
@@ -429,15 +421,7 @@ fn inside(root: &Path, host_path: &Path) -> PathBuf {
 fn build_root(spec: &JailSpec) -> Result<(), StepError> {
     let root = &spec.root;
     new_root(root, spec.mount_ns.as_deref())?;
-    for m in &spec.mounts {
-        let target = inside(root, &m.path);
-        mount_point(&target, m.path.is_dir())?;
-        step(
-            format!("bind {}", m.path.display()),
-            mount_bind(&m.path, &target).map_err(io::Error::from),
-        )?;
-        restrict(&target, m)?;
-    }
+    bind_all(root, &spec.mounts)?;
     make_devices(root, &spec.devices)?;
     own_devices(root, &spec.devices, spec.uid, spec.gid)?;
     pivot(root)?;
@@ -480,6 +464,20 @@ pub(super) fn new_root(root: &Path, mount_ns: Option<&Path>) -> Result<(), StepE
         )
         .map_err(io::Error::from),
     )
+}
+
+/// Bind-mounts each of `mounts` at its host path under `root`, restricted.
+fn bind_all(root: &Path, mounts: &[super::JailMount]) -> Result<(), StepError> {
+    for m in mounts {
+        let target = inside(root, &m.path);
+        mount_point(&target, m.path.is_dir())?;
+        step(
+            format!("bind {}", m.path.display()),
+            mount_bind(&m.path, &target).map_err(io::Error::from),
+        )?;
+        restrict(&target, m)?;
+    }
+    Ok(())
 }
 
 /// Makes the empty directory or file a mount goes on.

@@ -27,10 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use rustix::net::{
-    AddressFamily, RecvFlags, SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketFlags,
-    SocketType,
-};
+use rustix::net::{RecvFlags, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 use serde::{Deserialize, Serialize};
 
 use super::{JailDevice, JailMount};
@@ -215,16 +212,8 @@ impl Drop for Warm {
         if let Some(pidfd) = self.pidfd.take() {
             let _ignored =
                 rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL);
-            // SIGKILL'd, it exits at once; the pidfd is non-blocking, so wait for it first.
-            let mut fds = [rustix::event::PollFd::new(
-                &pidfd,
-                rustix::event::PollFlags::IN,
-            )];
-            let _ignored = rustix::event::poll(&mut fds, None);
-            let _ignored = rustix::process::waitid(
-                rustix::process::WaitId::PidFd(pidfd.as_fd()),
-                rustix::process::WaitIdOptions::EXITED,
-            );
+            // SIGKILL'd, it exits at once.
+            crate::spawner::reap(&pidfd);
         }
     }
 }
@@ -395,17 +384,7 @@ impl Inner {
 
     /// Starts one warm jail and waits until it is ready.
     fn start_one(&self) -> io::Result<Warm> {
-        let (ours, theirs) = rustix::net::socketpair(
-            AddressFamily::UNIX,
-            SocketType::SEQPACKET,
-            SocketFlags::CLOEXEC,
-            None,
-        )?;
-        rustix::net::sockopt::set_socket_timeout(
-            &ours,
-            rustix::net::sockopt::Timeout::Recv,
-            Some(REPLY_TIMEOUT),
-        )?;
+        let (ours, theirs) = crate::spawner::socket_pair(REPLY_TIMEOUT)?;
         let null = std::fs::File::open("/dev/null")?;
         let req = SpawnRequest {
             program: self.jail_exe.clone(),
@@ -507,6 +486,7 @@ fn fill(inner: &Inner) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
 
     /// A warm jail whose "child" is `cmd` and whose other socket end the test holds.
     fn fake(cmd: &mut std::process::Command) -> (Warm, OwnedFd, std::process::Child) {
@@ -552,6 +532,22 @@ mod tests {
             .build()
             .unwrap()
             .block_on(warm.assign(a, fds))
+    }
+
+    /// A pool of one that is never started (its jails are put in by the test).
+    fn unstarted_pool() -> WarmJails {
+        WarmJails::new(
+            1,
+            &WarmSpec {
+                root: "/nonexistent".into(),
+                nofile: 1,
+                mounts: Vec::new(),
+                devices: Vec::new(),
+                mount_ns: None,
+            },
+            "/nonexistent".into(),
+            Arc::new(Spawner::new("/nonexistent".into())),
+        )
     }
 
     fn alive(pid: u32) -> bool {
@@ -628,18 +624,7 @@ mod tests {
         while alive(pid) {
             std::thread::sleep(Duration::from_millis(5));
         }
-        let pool = WarmJails::new(
-            1,
-            &WarmSpec {
-                root: "/nonexistent".into(),
-                nofile: 1,
-                mounts: Vec::new(),
-                devices: Vec::new(),
-                mount_ns: None,
-            },
-            "/nonexistent".into(),
-            Arc::new(Spawner::new("/nonexistent".into())),
-        );
+        let pool = unstarted_pool();
         pool.inner.lock().ready.push_back(warm);
         assert!(pool.take().is_none(), "a dead jail is skipped");
         assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
@@ -694,18 +679,7 @@ mod tests {
 
     #[test]
     fn failed_assignments_in_a_row_close_the_pool() {
-        let pool = WarmJails::new(
-            1,
-            &WarmSpec {
-                root: "/nonexistent".into(),
-                nofile: 1,
-                mounts: Vec::new(),
-                devices: Vec::new(),
-                mount_ns: None,
-            },
-            "/nonexistent".into(),
-            Arc::new(Spawner::new("/nonexistent".into())),
-        );
+        let pool = unstarted_pool();
         pool.record(false);
         pool.record(true);
         pool.record(false);
