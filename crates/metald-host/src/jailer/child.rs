@@ -377,11 +377,9 @@ fn join_cgroups(procs_files: &[PathBuf]) -> Result<(), StepError> {
     )?;
     let pid = std::process::id().to_string();
     for procs in procs_files {
-        let tasks = procs.with_file_name("tasks");
-        let (file, what) = if single_threaded && tasks.exists() {
-            (tasks, "0")
-        } else {
-            (procs.clone(), pid.as_str())
+        let (file, what) = match tasks_file(procs).filter(|_| single_threaded) {
+            Some(tasks) => (tasks, "0"),
+            None => (procs.clone(), pid.as_str()),
         };
         step(
             format!("join cgroup {}", file.display()),
@@ -389,6 +387,12 @@ fn join_cgroups(procs_files: &[PathBuf]) -> Result<(), StepError> {
         )?;
     }
     Ok(())
+}
+
+/// The v1 `tasks` file beside a `cgroup.procs` file, where the hierarchy has one: writing `0`
+/// there moves the writing thread without the global lock (see `join_cgroups`).
+pub(super) fn tasks_file(procs: &Path) -> Option<PathBuf> {
+    Some(procs.with_file_name("tasks")).filter(|t| t.exists())
 }
 
 fn check(ret: libc::c_long) -> io::Result<()> {

@@ -337,10 +337,8 @@ impl JailPlan {
             None => None,
         };
         for procs in &self.spec.cgroup_procs {
-            // v1: the `tasks` file, which moves the writing thread without the global lock
-            // (see `child::join_cgroups`); v2: `cgroup.procs`.
-            let tasks = procs.with_file_name("tasks");
-            let file = if tasks.exists() { tasks } else { procs.clone() };
+            // v1: the `tasks` file (the single-threaded jail moves itself); v2: `cgroup.procs`.
+            let file = child::tasks_file(procs).unwrap_or_else(|| procs.clone());
             let f = std::fs::OpenOptions::new()
                 .write(true)
                 .open(&file)
@@ -427,7 +425,8 @@ pub struct Jailer {
     cfg: JailerConfig,
     kind: BackendKind,
     cgroups: Cgroups,
-    vmm_files: Vec<PathBuf>,
+    /// The VMM's binary, loader and libraries (and QEMU's firmware), read-only in every jail.
+    vmm_mounts: Vec<JailMount>,
     /// Where the jails' base mount namespace is pinned, once made.
     mount_ns: Option<PathBuf>,
     /// Starts the jail children (see [`crate::spawner`]).
@@ -448,7 +447,13 @@ impl Jailer {
     /// A jailer for VMMs of `kind` run from `vmm_binary`; resolves the binary's libraries once.
     pub fn new(cfg: JailerConfig, kind: BackendKind, vmm_binary: &Path) -> Result<Self, JailError> {
         let cgroups = Cgroups::detect(&cfg.roots.cgroup(), &cfg.cgroup_parent)?;
-        let vmm_files = vmm_files(kind, vmm_binary)?;
+        let vmm_mounts: Vec<JailMount> = vmm_files(kind, vmm_binary)?
+            .into_iter()
+            .map(|path| JailMount {
+                path,
+                writable: false,
+            })
+            .collect();
         std::fs::create_dir_all(cfg.chroot_dir.join(kind.as_str()))
             .map_err(io("create", &cfg.chroot_dir))?;
         let pin = cfg.chroot_dir.join(format!("{}.mntns", kind.as_str()));
@@ -469,13 +474,7 @@ impl Jailer {
             &WarmSpec {
                 root: warm_root,
                 nofile: NOFILE,
-                mounts: vmm_files
-                    .iter()
-                    .map(|p| JailMount {
-                        path: p.clone(),
-                        writable: false,
-                    })
-                    .collect(),
+                mounts: vmm_mounts.clone(),
                 devices: devices(&cfg.roots),
                 mount_ns: mount_ns.clone(),
             },
@@ -486,7 +485,7 @@ impl Jailer {
             cfg,
             kind,
             cgroups,
-            vmm_files,
+            vmm_mounts,
             mount_ns,
             spawner,
             warm: std::sync::Arc::new(warm),
@@ -567,7 +566,7 @@ impl Jailer {
         let mut vm_mounts: Vec<JailMount> = req
             .read_only
             .iter()
-            .filter(|p| !self.vmm_files.contains(p))
+            .filter(|p| !self.vmm_mounts.iter().any(|m| &m.path == *p))
             .collect::<BTreeSet<_>>()
             .into_iter()
             .map(|p| JailMount {
@@ -584,13 +583,10 @@ impl Jailer {
             writable: true,
         });
         let mounts: Vec<JailMount> = self
-            .vmm_files
+            .vmm_mounts
             .iter()
-            .map(|p| JailMount {
-                path: p.clone(),
-                writable: false,
-            })
-            .chain(vm_mounts.iter().cloned())
+            .chain(vm_mounts.iter())
+            .cloned()
             .collect();
         let devices = devices(&self.cfg.roots);
         let net = req.net.map(|n| JailNet {

@@ -345,11 +345,6 @@ impl WarmJails {
         self.inner.lock().ready.len()
     }
 
-    /// The pids of the ready jails.
-    pub fn pids(&self) -> Vec<u32> {
-        self.inner.lock().ready.iter().map(Warm::pid).collect()
-    }
-
     /// Ends every ready jail and stops refilling.
     pub fn close(&self) {
         let mut st = self.inner.lock();

@@ -45,11 +45,7 @@ fn main() -> ExitCode {
     }
     if let [verb, spec] = args.as_slice() {
         if verb == "warm" {
-            let spec: metald::jailer::warm::WarmSpec = match spec
-                .to_str()
-                .ok_or_else(|| "not UTF-8".to_string())
-                .and_then(|s| serde_json::from_str(s).map_err(|e| e.to_string()))
-            {
+            let spec: metald::jailer::warm::WarmSpec = match parse_spec(spec) {
                 Ok(s) => s,
                 Err(e) => {
                     eprintln!("metald-jail warm: bad spec: {e}");
@@ -71,11 +67,7 @@ fn main() -> ExitCode {
         eprintln!("usage: metald-jail SPEC (started by metald for each VMM)");
         return ExitCode::from(2);
     };
-    let spec: metald::jailer::JailSpec = match spec
-        .to_str()
-        .ok_or_else(|| "not UTF-8".to_string())
-        .and_then(|s| serde_json::from_str(s).map_err(|e| e.to_string()))
-    {
+    let spec: metald::jailer::JailSpec = match parse_spec(&spec) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("metald-jail: bad spec: {e}");
@@ -89,4 +81,11 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// A spec given as the JSON argument.
+fn parse_spec<T: serde::de::DeserializeOwned>(arg: &std::ffi::OsStr) -> Result<T, String> {
+    arg.to_str()
+        .ok_or_else(|| "not UTF-8".to_string())
+        .and_then(|s| serde_json::from_str(s).map_err(|e| e.to_string()))
 }
