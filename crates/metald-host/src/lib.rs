@@ -7,5 +7,6 @@ pub mod jailer;
 pub mod network;
 pub mod probe;
 pub mod spawner;
+pub mod starts;
 
 use metald_domain::{domain, report};

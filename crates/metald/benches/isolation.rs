@@ -48,8 +48,8 @@ fn compare(
     runs: usize,
 ) {
     let (ja, oa) = (
-        Rest::new(jailed, Some("bench")),
-        Rest::new(open, Some("bench")),
+        Rest::new(jailed, Some("bench")).keep_alive(),
+        Rest::new(open, Some("bench")).keep_alive(),
     );
     let (mut jt, mut jb, mut ot, mut ob) = (vec![], vec![], vec![], vec![]);
     for _ in 0..runs {
@@ -138,7 +138,7 @@ fn main() {
             "QEMU default guests, 128 MiB",
         ),
     };
-    let api = Rest::new(&m, Some("bench"));
+    let api = Rest::new(&m, Some("bench")).keep_alive();
     let pid = m.pid().unwrap();
     // Warm up allocator and connection pools with one VM, then measure from there.
     let (_, _) = boot_once(&api, &body, marker);

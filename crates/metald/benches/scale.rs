@@ -45,7 +45,7 @@ fn main() {
             "info,metald::sandbox=debug,metald_host::network=debug,metald_host::jailer=debug,metald_vmm::firecracker=debug",
         )
         .start_with(Metald::import_tiny_guest);
-    let api = Rest::new(&m, Some("scale"));
+    let api = Rest::new(&m, Some("scale")).keep_alive();
     let body = json!({"config": {"cpu": {"vcpu_count": 1}, "memory": {"size_bytes": 128 << 20},
         "kernel": {"image_id": "tiny-idle-elf"}, "rootfs": {"image_id": "tiny-disk"}}});
     let rss_before = rss_kib(m.pid().unwrap());

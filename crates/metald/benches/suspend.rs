@@ -40,7 +40,7 @@ fn unlimited(b: Builder) -> Builder {
 
 fn firecracker_rows(fc: &Path, runs: usize) {
     let m = unlimited(metald_with_backend("firecracker")).start_with(Metald::import_tiny_guest);
-    let api = Rest::new(&m, Some("bench"));
+    let api = Rest::new(&m, Some("bench")).keep_alive();
     let body = json!({"config": {"cpu": {"vcpu_count": 1}, "memory": {"size_bytes": 128 << 20},
         "kernel": {"image_id": "tiny-counting-elf"}, "rootfs": {"image_id": "tiny-disk"}}});
     let id = api.create(body);
@@ -189,7 +189,7 @@ fn qemu_rows(guest: &Path, runs: usize) {
         return;
     }
     let m = unlimited(metald()).start(guest);
-    let api = Rest::new(&m, Some("bench"));
+    let api = Rest::new(&m, Some("bench")).keep_alive();
     let (mut cold, mut suspend, mut wake, mut size) = (vec![], vec![], vec![], vec![]);
     let mut clone_ping = vec![];
     for _ in 0..runs {

@@ -21,6 +21,7 @@ use crate::network::{Network, NetworkConfig};
 use crate::report::Chain;
 use crate::sandbox::Sandboxes;
 use crate::service::{ServiceConfig, VmService};
+use crate::starts::Starts;
 use crate::store::{StateStore, Store};
 
 /// Errors while starting the daemon.
@@ -172,6 +173,7 @@ pub fn sandboxes(
     }
     .ok_or_else(|| StartError::NoBackend(format!("no {} binary", kind.as_str())))?;
     let jail_exe = jail_exe()?;
+    let starts = std::sync::Arc::new(Starts::default());
     let jailer = Jailer::new(
         JailerConfig {
             uid_base: iso.uid_base,
@@ -183,6 +185,7 @@ pub fn sandboxes(
             jail_exe,
             tc_bin: iso.tc_bin.clone(),
             warm_jails: iso.warm_jails,
+            starts: std::sync::Arc::clone(&starts),
         },
         kind,
         &binary,
@@ -198,6 +201,7 @@ pub fn sandboxes(
         proc_root: cfg.roots.proc.clone(),
         warm_pool: iso.warm_pool,
         spawner: Some(jailer.spawner()),
+        starts: std::sync::Arc::clone(&starts),
     })
     .map_err(StartError::Network)?;
     tracing::info!(ipv6_prefix = %iso.ipv6_prefix, ipv4_subnet = ?iso.ipv4_subnet.map(|s| s.to_string()), outbound = ?iso.outbound_interface, "network ready");
@@ -210,6 +214,7 @@ pub fn sandboxes(
             ipv4: iso.ipv4_subnet,
         },
         cfg.roots.proc.clone(),
+        starts,
     ))
 }
 

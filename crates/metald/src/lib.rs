@@ -14,7 +14,7 @@
 //! The lower crates are re-exported under their layer's name, so paths read the same from here.
 
 pub use metald_domain::{domain, fleet, report, state};
-pub use metald_host::{jailer, network, probe, spawner};
+pub use metald_host::{jailer, network, probe, spawner, starts};
 pub use metald_store as store;
 pub use metald_store::assets;
 pub use metald_vmm as backend;

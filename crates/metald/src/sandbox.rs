@@ -17,6 +17,7 @@ use crate::metering::sources::Sources;
 use crate::network::ipam::AllocationPlan;
 use crate::network::{Network, NetworkError, VmNetworkPlan};
 use crate::report::Chain;
+use crate::starts::{Starting, Starts};
 
 /// Errors setting up a sandbox.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +72,12 @@ pub trait Isolation: Send + Sync {
 
     /// Where a jailed VM's VMM makes its control socket; `None`: in the VM's directory.
     fn control_dir(&self, vm: &VmId) -> Option<PathBuf>;
+
+    /// Counts a VM start in flight until the guard is dropped: the pools of sandboxes made
+    /// ahead of boots refill once no start is in flight. `None` without pools.
+    fn starting(&self) -> Option<Starting> {
+        None
+    }
 
     /// How the sandboxes made ahead of boots are doing (for `/metrics`); `None` without them.
     fn pools(&self) -> Option<Pools> {
@@ -148,21 +155,66 @@ pub struct Sandboxes {
     network: Arc<Network>,
     plan: AllocationPlan,
     proc: PathBuf,
+    /// The starts in flight, shared with the jailer's and the network's pools.
+    starts: Arc<Starts>,
 }
 
 impl Sandboxes {
     /// Sandboxes from a jailer and a network, allocating by `plan`; usage is read from the
-    /// cgroups and from procfs at `proc`.
-    pub fn new(jailer: Jailer, network: Network, plan: AllocationPlan, proc: PathBuf) -> Self {
+    /// cgroups and from procfs at `proc`; `starts` is the count of starts in flight the
+    /// jailer's and the network's pools were made with.
+    pub fn new(
+        jailer: Jailer,
+        network: Network,
+        plan: AllocationPlan,
+        proc: PathBuf,
+        starts: Arc<Starts>,
+    ) -> Self {
         Self {
             jailer: Arc::new(jailer),
             network: Arc::new(network),
             plan,
             proc,
+            starts,
         }
     }
 
+    /// Removes the VM's jail (cgroups, directories), its error logged and returned. Killing
+    /// the cgroup waits for its processes to be reaped: not on a runtime thread.
+    async fn release_jail(&self, vm: &VmRecord) -> Result<(), JailError> {
+        let jailer = Arc::clone(&self.jailer);
+        let id = vm.id.clone();
+        let released = tokio::task::spawn_blocking(move || jailer.release(&id))
+            .await
+            .unwrap_or_else(|e| Err(JailError::Task(e.to_string())));
+        if let Err(e) = &released {
+            tracing::error!(vm_id = %vm.id, error = %Chain(e), "removing the VM's jail failed");
+        }
+        released
+    }
+
     fn attach_jail(&self, vm: &VmRecord, launch: &mut VmLaunch) -> Result<(), SandboxError> {
+        let req = JailInputs::of(vm, launch)?;
+        launch.jail = Some(self.jailer.prepare(&req.request(launch.net.as_ref()))?);
+        Ok(())
+    }
+}
+
+/// What a VM's jail is prepared from, owned (so it can be prepared on a blocking thread).
+struct JailInputs {
+    vm_id: VmId,
+    slot: u32,
+    vcpu_count: u32,
+    memory_mib: u64,
+    dir: PathBuf,
+    read_only: Vec<PathBuf>,
+    owned: Vec<PathBuf>,
+}
+
+impl JailInputs {
+    /// The jail's inputs from the VM and its launch, whose kernel arguments get the network's
+    /// (`launch.net` is the VM's network plan, made or not yet).
+    fn of(vm: &VmRecord, launch: &mut VmLaunch) -> Result<Self, SandboxError> {
         let slot = vm
             .net
             .as_ref()
@@ -194,18 +246,28 @@ impl Sandboxes {
             .map(|d| d.path.clone())
             .chain([launch.console_log(), launch.vmm_log()])
             .collect();
-        let jail = self.jailer.prepare(&JailRequest {
-            vm_id: &vm.id,
+        Ok(Self {
+            vm_id: vm.id.clone(),
             slot,
             vcpu_count: launch.vcpu_count,
             memory_mib: launch.memory_mib,
-            dir: &launch.dir,
+            dir: launch.dir.clone(),
             read_only,
             owned,
-            net: launch.net.as_ref(),
-        })?;
-        launch.jail = Some(jail);
-        Ok(())
+        })
+    }
+
+    fn request<'a>(&'a self, net: Option<&'a VmNetworkPlan>) -> JailRequest<'a> {
+        JailRequest {
+            vm_id: &self.vm_id,
+            slot: self.slot,
+            vcpu_count: self.vcpu_count,
+            memory_mib: self.memory_mib,
+            dir: &self.dir,
+            read_only: self.read_only.clone(),
+            owned: self.owned.clone(),
+            net,
+        }
     }
 }
 
@@ -219,15 +281,42 @@ impl Isolation for Sandboxes {
     /// `launch`. Nothing is left behind on failure.
     async fn setup(&self, vm: &VmRecord, launch: &mut VmLaunch) -> Result<(), SandboxError> {
         let t0 = std::time::Instant::now();
-        let net = self.network.setup(vm).await?;
+        let plan = self.network.plan(vm)?;
+        launch.net = Some(plan.clone());
+        // The jail (cgroups, directories) is prepared on a blocking thread while the network
+        // is made: neither needs the other, and on 2 cores they overlap.
+        let inputs = JailInputs::of(vm, launch)?;
+        let jailer = Arc::clone(&self.jailer);
+        let jail = tokio::task::spawn_blocking(move || {
+            let jail = jailer.prepare(&inputs.request(Some(&plan)));
+            (jail, std::time::Instant::now())
+        });
+        let net = self.network.setup(vm).await;
         let network_ms = t0.elapsed().as_secs_f64() * 1000.0;
-        launch.net = Some(net);
-        if let Err(e) = self.attach_jail(vm, launch) {
-            // Its own failure is logged inside; the attach error is the one to report.
-            let _logged = self.release(vm).await;
-            return Err(e);
+        let (jail, jail_done) = match jail.await {
+            Ok(done) => done,
+            Err(e) => (
+                Err(JailError::Task(e.to_string())),
+                std::time::Instant::now(),
+            ),
+        };
+        match (net, jail) {
+            (Ok(_), Ok(jail)) => launch.jail = Some(jail),
+            (Err(e), jail) => {
+                // The network removed what it made; the jail goes too, if it was made.
+                if jail.is_ok() {
+                    let _logged = self.release_jail(vm).await;
+                }
+                return Err(e.into());
+            }
+            (Ok(_), Err(e)) => {
+                // Its own failure is logged inside; the jail's error is the one to report.
+                let _logged = self.release(vm).await;
+                return Err(e.into());
+            }
         }
-        tracing::debug!(vm_id = %vm.id, network_ms, jail_ms = t0.elapsed().as_secs_f64() * 1000.0 - network_ms, "sandbox ready");
+        let jail_ms = (jail_done - t0).as_secs_f64() * 1000.0;
+        tracing::debug!(vm_id = %vm.id, network_ms, jail_ms, "sandbox ready");
         Ok(())
     }
 
@@ -250,15 +339,7 @@ impl Isolation for Sandboxes {
             tracing::error!(vm_id = %vm.id, error = %Chain(&e), "removing the VM's network failed");
         }
         let network_ms = t0.elapsed().as_secs_f64() * 1000.0;
-        // Killing the cgroup waits for its processes to be reaped: not on a runtime thread.
-        let jailer = Arc::clone(&self.jailer);
-        let id = vm.id.clone();
-        let released = tokio::task::spawn_blocking(move || jailer.release(&id))
-            .await
-            .unwrap_or_else(|e| Err(JailError::Task(e.to_string())));
-        if let Err(e) = &released {
-            tracing::error!(vm_id = %vm.id, error = %Chain(e), "removing the VM's jail failed");
-        }
+        let released = self.release_jail(vm).await;
         tracing::debug!(vm_id = %vm.id, network_ms, jail_ms = t0.elapsed().as_secs_f64() * 1000.0 - network_ms, "sandbox released");
         Ok(released?)
     }
@@ -302,6 +383,10 @@ impl Isolation for Sandboxes {
     }
     fn control_dir(&self, vm: &VmId) -> Option<PathBuf> {
         Some(self.jailer.control_dir(vm))
+    }
+
+    fn starting(&self) -> Option<Starting> {
+        Some(self.starts.begin())
     }
 
     fn pools(&self) -> Option<Pools> {

@@ -175,6 +175,8 @@ pub struct JailerConfig {
     /// Jail children kept started ahead of boots ([`warm`]); 0: every jail is built at its
     /// boot.
     pub warm_jails: usize,
+    /// The VM starts in flight, which the warm jails' refills wait out.
+    pub starts: std::sync::Arc<crate::starts::Starts>,
 }
 
 /// One VM run's jail, prepared by [`Jailer::prepare`].
@@ -480,6 +482,7 @@ impl Jailer {
             },
             cfg.jail_exe.clone(),
             std::sync::Arc::clone(&spawner),
+            std::sync::Arc::clone(&cfg.starts),
         );
         Ok(Self {
             cfg,

@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use super::{JailDevice, JailMount};
 use crate::report::Chain;
 use crate::spawner::{SpawnRequest, Spawner};
+use crate::starts::{Starts, MAX_REFILL_WAIT, SETTLE};
 
 /// Most descriptors one assignment carries (stdout, stderr, namespace, cgroup files, mounts).
 pub const MAX_FDS: usize = 64;
@@ -230,6 +231,8 @@ struct Inner {
     spec: String,
     jail_exe: PathBuf,
     spawner: Arc<Spawner>,
+    /// The VM starts in flight: a refill waits them out (see [`crate::starts`]).
+    starts: Arc<Starts>,
     state: Mutex<State>,
     wake: Condvar,
     /// VMMs started in a warm jail.
@@ -248,8 +251,15 @@ struct State {
 
 impl WarmJails {
     /// A pool of `target` warm jails made with `spec` by `jail_exe warm`, started through
-    /// `spawner`; nothing is started before [`WarmJails::start`].
-    pub fn new(target: usize, spec: &WarmSpec, jail_exe: PathBuf, spawner: Arc<Spawner>) -> Self {
+    /// `spawner`, each once no VM start is in flight (`starts`); nothing is started before
+    /// [`WarmJails::start`].
+    pub fn new(
+        target: usize,
+        spec: &WarmSpec,
+        jail_exe: PathBuf,
+        spawner: Arc<Spawner>,
+        starts: Arc<Starts>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 target: target.min(MAX_WARM_JAILS),
@@ -257,6 +267,7 @@ impl WarmJails {
                 spec: serde_json::to_string(spec).unwrap_or_default(),
                 jail_exe,
                 spawner,
+                starts,
                 state: Mutex::new(State::default()),
                 wake: Condvar::new(),
                 warm_starts: AtomicU64::new(0),
@@ -436,7 +447,7 @@ impl Inner {
 fn fill(inner: &Inner) {
     let mut delay = Duration::ZERO;
     loop {
-        {
+        let settle = {
             let mut st = inner.lock();
             if !delay.is_zero() && !st.closed {
                 st = inner
@@ -457,7 +468,15 @@ fn fill(inner: &Inner) {
             if st.closed {
                 return;
             }
-        }
+            // With none ready, the next boot would build its jail itself: no settling.
+            if st.ready.is_empty() {
+                Duration::ZERO
+            } else {
+                SETTLE
+            }
+        };
+        // Not beside a boot: its exec, mounts and pivot would slow that boot down.
+        inner.starts.wait_quiet(settle, MAX_REFILL_WAIT);
         match inner.start_one() {
             Ok(warm) => {
                 delay = Duration::ZERO;
@@ -542,6 +561,7 @@ mod tests {
             },
             "/nonexistent".into(),
             Arc::new(Spawner::new("/nonexistent".into())),
+            Arc::new(Starts::default()),
         )
     }
 

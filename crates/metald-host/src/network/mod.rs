@@ -66,6 +66,8 @@ pub struct NetworkConfig {
     pub warm_pool: usize,
     /// Runs `nft` (see [`crate::spawner`]); without it metald runs `nft` itself.
     pub spawner: Option<std::sync::Arc<crate::spawner::Spawner>>,
+    /// The VM starts in flight, which the warm pool's refills wait out.
+    pub starts: std::sync::Arc<crate::starts::Starts>,
 }
 
 /// The network of one VM run, as the jailer and the backends need it.
@@ -392,6 +394,18 @@ impl Network {
     /// failure, logged; the next wake-up tries again.
     async fn fill_pool(&self) {
         while self.pool.wants_more() {
+            // Not beside a boot: a namespace, veth and TAP take the RTNL lock its own
+            // interface work and its VMM's TAP need too.
+            // With none ready, the next boot would make its network itself: no settling.
+            let settle = if self.pool.is_empty() {
+                std::time::Duration::ZERO
+            } else {
+                crate::starts::SETTLE
+            };
+            self.cfg
+                .starts
+                .wait_quiet_async(settle, crate::starts::MAX_REFILL_WAIT)
+                .await;
             let _filling = self.filling.lock().await;
             match self.make_spare().await {
                 Ok(spare) => {
@@ -888,6 +902,7 @@ mod tests {
                 nft_bin: "/nonexistent/nft".into(),
                 proc_root: "/nonexistent/proc".into(),
                 spawner: None,
+                starts: Default::default(),
             },
             Box::new(Shared(Arc::clone(kernel))),
             Box::new(Shared(Arc::clone(kernel))),

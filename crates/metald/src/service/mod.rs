@@ -673,6 +673,8 @@ impl VmService {
         admission_ms: f64,
     ) -> Result<(), ServiceError> {
         let mut launch = self.launch(vm)?;
+        // Until this start is over (however it ends), the warm pools hold their refills.
+        let _starting = self.isolation.starting();
         let t0 = std::time::Instant::now();
         self.isolation
             .setup(vm, &mut launch)

@@ -386,19 +386,8 @@ fn the_warm_pools_are_taken_by_boots_refilled_swept_after_a_kill_and_removed_at_
         .env("UNKEY_METALD_WARM_POOL", "3")
         .start_with(Metald::import_tiny_guest);
     let before = wait_spares(&m, 3);
-    let wait_metrics = |warm: f64, spares: f64| {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while (
-            m.metric("metald_warm_jails"),
-            m.metric("metald_spare_networks"),
-        ) != (Some(warm), Some(spares))
-        {
-            assert!(std::time::Instant::now() < deadline, "{}", m.log_text());
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-    };
     // Both pools full (2 warm jails by default), as /metrics shows them.
-    wait_metrics(2.0, 3.0);
+    m.wait_pools(2, 3);
     let api = Rest::new(&m, Some("pool"));
     let id = api.create(tiny_request(1));
     api.boot_ready(&id);
@@ -411,7 +400,7 @@ fn the_warm_pools_are_taken_by_boots_refilled_swept_after_a_kill_and_removed_at_
         m.metric("metald_jail_starts_total{kind=\"at_boot\"}"),
         Some(0.0)
     );
-    wait_metrics(2.0, 3.0);
+    m.wait_pools(2, 3);
     let iso = m.iso.as_ref().unwrap();
     let pin = iso.run_dir.join("netns").join(&id);
     let ino = {

@@ -782,6 +782,21 @@ impl Metald {
         }
     }
 
+    /// Waits until `/metrics` shows `warm_jails` warm jails and `spares` spare networks ready
+    /// (panics with metald's log after 20 s).
+    pub fn wait_pools(&self, warm_jails: usize, spares: usize) {
+        let want = (Some(warm_jails as f64), Some(spares as f64));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while (
+            self.metric("metald_warm_jails"),
+            self.metric("metald_spare_networks"),
+        ) != want
+        {
+            assert!(Instant::now() < deadline, "{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The VM's console log as written so far.
     pub fn console(&self, id: &str) -> String {
         std::fs::read_to_string(self.data_dir.join("vms").join(id).join("console.log"))

@@ -1,0 +1,206 @@
+//! The VM starts in flight, which the warm pools' refills wait out.
+//!
+//! A refill is kernel work a start also needs: a spare network is a namespace, a veth pair and
+//! a TAP (the kernel's RTNL lock, which the start's own interface work and the VMM's TAP take
+//! too), a warm jail is a process with its own mounts and a `pivot_root`. Made beside a start
+//! on a host with few cores, it slows that start by several milliseconds; made once the start
+//! is over, it costs the start nothing. A steady stream of starts must not starve the pools,
+//! so a refill waits at most [`MAX_REFILL_WAIT`].
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// The longest a refill waits for a quiet moment before it goes ahead anyway.
+pub const MAX_REFILL_WAIT: Duration = Duration::from_millis(250);
+
+/// How long after the last start a moment counts as quiet, when the pool still has one ready:
+/// the new guest's first instants (a tiny guest prints its banner within a millisecond of its
+/// start) are on the cores too.
+pub const SETTLE: Duration = Duration::from_millis(20);
+
+/// How many VM starts are in flight; refills wait until none is (see the module's doc).
+#[derive(Debug, Default)]
+pub struct Starts {
+    state: Mutex<State>,
+    /// Woken when the last start in flight ends: refills on threads.
+    quiet: Condvar,
+    /// The same for refills on the runtime.
+    quiet_async: tokio::sync::Notify,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    in_flight: usize,
+    /// When the last start ended.
+    last_end: Option<Instant>,
+}
+
+impl State {
+    /// `None` when quiet for `settle` already; else how long to wait before looking again
+    /// (`None` in the second place: until a start ends).
+    fn wait_for(&self, settle: Duration) -> Option<Option<Duration>> {
+        if self.in_flight > 0 {
+            return Some(None);
+        }
+        let quiet_for = self.last_end.map_or(settle, |t| t.elapsed());
+        (quiet_for < settle).then(|| Some(settle - quiet_for))
+    }
+}
+
+/// One start in flight; it ends when this is dropped (however the start ends).
+#[derive(Debug)]
+pub struct Starting(Arc<Starts>);
+
+impl Starts {
+    /// Counts a start in flight until the returned guard is dropped.
+    pub fn begin(self: &Arc<Self>) -> Starting {
+        self.lock().in_flight += 1;
+        Starting(Arc::clone(self))
+    }
+
+    /// How many starts are in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.lock().in_flight
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A counter and a time cannot be left inconsistent.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Blocks until no start has been in flight for `settle`, or `max` has passed.
+    pub fn wait_quiet(&self, settle: Duration, max: Duration) {
+        let deadline = Instant::now() + max;
+        let mut st = self.lock();
+        while let Some(wait) = st.wait_for(settle) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            st = self
+                .quiet
+                .wait_timeout(st, wait.map_or(left, |w| w.min(left)))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+
+    /// Waits until no start has been in flight for `settle`, or `max` has passed.
+    pub async fn wait_quiet_async(&self, settle: Duration, max: Duration) {
+        let deadline = tokio::time::Instant::now() + max;
+        loop {
+            // Made before the check: a `notify_waiters` after it is not missed.
+            let quiet = self.quiet_async.notified();
+            let Some(wait) = self.lock().wait_for(settle) else {
+                return;
+            };
+            let until = wait.map_or(deadline, |w| {
+                (tokio::time::Instant::now() + w).min(deadline)
+            });
+            let _either = tokio::time::timeout_at(until, quiet).await;
+            if tokio::time::Instant::now() >= deadline {
+                return;
+            }
+        }
+    }
+}
+
+/// The same count is the same object (configurations holding it compare equal when they
+/// share it).
+impl PartialEq for Starts {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self, other)
+    }
+}
+
+impl Eq for Starts {}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        st.in_flight = st.in_flight.saturating_sub(1);
+        st.last_end = Some(Instant::now());
+        if st.in_flight == 0 {
+            self.0.quiet.notify_all();
+            self.0.quiet_async.notify_waiters();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wait_ends_when_the_last_start_does() {
+        let starts = Arc::new(Starts::default());
+        let (a, b) = (starts.begin(), starts.begin());
+        assert_eq!(starts.in_flight(), 2);
+        let waiter = {
+            let starts = Arc::clone(&starts);
+            std::thread::spawn(move || {
+                let t0 = Instant::now();
+                starts.wait_quiet(Duration::ZERO, Duration::from_secs(30));
+                (t0.elapsed(), starts.in_flight())
+            })
+        };
+        drop(a);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!waiter.is_finished(), "one start is still in flight");
+        drop(b);
+        let (waited, left) = waiter.join().unwrap();
+        assert_eq!(left, 0);
+        assert!(waited < Duration::from_secs(30));
+    }
+
+    #[test]
+    fn a_wait_gives_up_after_its_limit() {
+        let starts = Arc::new(Starts::default());
+        let _held = starts.begin();
+        let t0 = Instant::now();
+        starts.wait_quiet(Duration::ZERO, Duration::from_millis(30));
+        assert!(t0.elapsed() >= Duration::from_millis(30));
+        assert_eq!(starts.in_flight(), 1);
+        // Once the start is over, a quiet moment is `settle` after it.
+        drop(_held);
+        let t0 = Instant::now();
+        starts.wait_quiet(Duration::from_millis(40), Duration::from_secs(30));
+        assert!(t0.elapsed() >= Duration::from_millis(35));
+        // And no start at all is quiet at once.
+        let t0 = Instant::now();
+        Starts::default().wait_quiet(Duration::from_secs(30), Duration::from_secs(60));
+        assert!(t0.elapsed() < Duration::from_secs(30));
+    }
+
+    #[tokio::test]
+    async fn an_async_wait_ends_when_the_start_does_or_at_its_limit() {
+        let starts = Arc::new(Starts::default());
+        let held = starts.begin();
+        let waiter = tokio::spawn({
+            let starts = Arc::clone(&starts);
+            async move {
+                starts
+                    .wait_quiet_async(Duration::from_millis(40), Duration::from_secs(30))
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished(), "the start is still in flight");
+        let ended = Instant::now();
+        drop(held);
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            ended.elapsed() >= Duration::from_millis(35),
+            "settled after the end"
+        );
+        let _again = starts.begin();
+        let t0 = Instant::now();
+        starts
+            .wait_quiet_async(Duration::ZERO, Duration::from_millis(30))
+            .await;
+        assert!(t0.elapsed() >= Duration::from_millis(30));
+    }
+}
