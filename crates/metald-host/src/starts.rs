@@ -4,19 +4,19 @@
 //! a TAP (the kernel's RTNL lock, which the start's own interface work and the VMM's TAP take
 //! too), a warm jail is a process with its own mounts and a `pivot_root`. Made beside a start
 //! on a host with few cores, it slows that start by several milliseconds; made once the start
-//! is over, it costs the start nothing. A steady stream of starts must not starve the pools,
-//! so a refill waits at most [`MAX_REFILL_WAIT`].
+//! is over, it costs the start nothing. A steady stream of starts must not starve the pools:
+//! a refill waits at most [`MAX_REFILL_WAIT`], and a pool with nothing left refills at once
+//! (the next start would make its own, which costs it more than a refill beside it).
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// The longest a refill waits for a quiet moment before it goes ahead anyway.
-pub const MAX_REFILL_WAIT: Duration = Duration::from_millis(250);
+pub const MAX_REFILL_WAIT: Duration = Duration::from_millis(30);
 
-/// How long after the last start a moment counts as quiet, when the pool still has one ready:
-/// the new guest's first instants (a tiny guest prints its banner within a millisecond of its
-/// start) are on the cores too.
-pub const SETTLE: Duration = Duration::from_millis(20);
+/// How long after the last start a moment counts as quiet: the new guest's first instants (a
+/// tiny guest prints its banner within a millisecond of its start) are on the cores too.
+pub const SETTLE: Duration = Duration::from_millis(10);
 
 /// How many VM starts are in flight; refills wait until none is (see the module's doc).
 #[derive(Debug, Default)]

@@ -5,7 +5,8 @@
 //!
 //! `make bench` (or `METALD_GUEST_DIR=target/guest cargo bench -p metald --bench boot`);
 //! `BENCH_RUNS=n` changes the number of runs (default 10), `BENCH_QEMU_RUNS=n` those of QEMU
-//! alone (0 leaves QEMU out).
+//! alone (0 leaves QEMU out), `BENCH_REST_MS` the rest after each Firecracker VM's deletion
+//! (default 500).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 #[path = "../tests/support/mod.rs"]
@@ -112,6 +113,7 @@ fn firecracker_rows(fc: &Path, runs: usize) {
         .start_with(Metald::import_tiny_guest);
     let body = serde_json::json!({"config": {"cpu": {"vcpu_count": 1}, "memory": {"size_bytes": 128 << 20},
         "kernel": {"image_id": "tiny-elf"}, "rootfs": {"image_id": "tiny-disk"}}});
+    let rest = Duration::from_millis(env_num("BENCH_REST_MS", 500));
     let (warm_api, cold_api) = (
         Rest::new(&warm, Some("bench")).keep_alive(),
         Rest::new(&cold, Some("bench")).keep_alive(),
@@ -129,11 +131,13 @@ fn firecracker_rows(fc: &Path, runs: usize) {
         let took = t0.elapsed();
         api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None)
             .ok();
-        // Each boot on a host at rest, as a single start is: its namespace's teardown (the
-        // kernel holds its network lock for 100-200 ms) and the pools' refills (a namespace,
-        // a jail) are over before the next boot of either metald, or of the bare VMM, starts.
+        // Each boot on a host at rest, as a single start is: the pools' refills (a namespace,
+        // a jail) are over, and so is the namespace's teardown, which the kernel finishes
+        // after metald let go of it (holding its network lock for 100-200 ms), before the
+        // next boot of either metald, or of the bare VMM, starts.
         m.wait_vm_dir_gone(&id);
         m.wait_pools(warm_jails, SPARE_NETWORKS);
+        std::thread::sleep(rest);
         took
     };
     let (mut via_warm, mut via_cold, mut bare) = (vec![], vec![], vec![]);

@@ -447,7 +447,7 @@ impl Inner {
 fn fill(inner: &Inner) {
     let mut delay = Duration::ZERO;
     loop {
-        let settle = {
+        let urgent = {
             let mut st = inner.lock();
             if !delay.is_zero() && !st.closed {
                 st = inner
@@ -468,15 +468,13 @@ fn fill(inner: &Inner) {
             if st.closed {
                 return;
             }
-            // With none ready, the next boot would build its jail itself: no settling.
-            if st.ready.is_empty() {
-                Duration::ZERO
-            } else {
-                SETTLE
-            }
+            // With none ready, the next boot would build its jail itself.
+            st.ready.is_empty()
         };
-        // Not beside a boot: its exec, mounts and pivot would slow that boot down.
-        inner.starts.wait_quiet(settle, MAX_REFILL_WAIT);
+        if !urgent {
+            // Not beside a boot: its exec, mounts and pivot would slow that boot down.
+            inner.starts.wait_quiet(SETTLE, MAX_REFILL_WAIT);
+        }
         match inner.start_one() {
             Ok(warm) => {
                 delay = Duration::ZERO;

@@ -396,16 +396,13 @@ impl Network {
         while self.pool.wants_more() {
             // Not beside a boot: a namespace, veth and TAP take the RTNL lock its own
             // interface work and its VMM's TAP need too.
-            // With none ready, the next boot would make its network itself: no settling.
-            let settle = if self.pool.is_empty() {
-                std::time::Duration::ZERO
-            } else {
-                crate::starts::SETTLE
-            };
-            self.cfg
-                .starts
-                .wait_quiet_async(settle, crate::starts::MAX_REFILL_WAIT)
-                .await;
+            // Unless none is ready (the next boot would make its network itself).
+            if !self.pool.is_empty() {
+                self.cfg
+                    .starts
+                    .wait_quiet_async(crate::starts::SETTLE, crate::starts::MAX_REFILL_WAIT)
+                    .await;
+            }
             let _filling = self.filling.lock().await;
             match self.make_spare().await {
                 Ok(spare) => {
