@@ -117,6 +117,8 @@ pub(crate) struct FakeIsolation {
     pub(crate) fail_release: AtomicBool,
     /// While set, opening the firewall fails.
     pub(crate) fail_open: AtomicBool,
+    /// The starts it was told of (see [`Isolation::starting`]).
+    pub(crate) starts: Arc<crate::starts::Starts>,
 }
 
 impl FakeIsolation {
@@ -139,6 +141,9 @@ impl Isolation for FakeIsolation {
             return Err(SandboxError::NotAllocated(vm.id.clone()));
         }
         Ok(())
+    }
+    fn starting(&self) -> Option<crate::starts::Starting> {
+        Some(self.starts.begin())
     }
     async fn open(&self, vm: &VmRecord) -> Result<(), SandboxError> {
         self.record("open", &vm.id);

@@ -523,6 +523,28 @@ async fn held_boot(
 }
 
 #[tokio::test]
+async fn a_start_is_in_flight_for_the_pools_until_it_ends_however_it_ends() {
+    let f = fixture();
+    let id = f.svc.create(&f.who, config()).await.unwrap().id;
+    assert_eq!(f.isolation.starts.in_flight(), 0);
+    let (gate, booting) = held_boot(&f, &id).await;
+    // The VMM is starting: the warm pools hold their refills.
+    assert_eq!(f.isolation.starts.in_flight(), 1);
+    gate.add_permits(1);
+    booting.await.unwrap().unwrap();
+    assert_eq!(f.isolation.starts.in_flight(), 0);
+    // A failed start ends too.
+    let other = f.svc.create(&f.who, config()).await.unwrap().id;
+    f.backend.fail_boot.store(true, Ordering::SeqCst);
+    f.backend.calls.lock().unwrap().clear();
+    let (gate, booting) = held_boot(&f, &other).await;
+    assert_eq!(f.isolation.starts.in_flight(), 1);
+    gate.add_permits(1);
+    assert!(booting.await.unwrap().is_err());
+    assert_eq!(f.isolation.starts.in_flight(), 0);
+}
+
+#[tokio::test]
 async fn a_delete_during_a_boot_waits_for_it_then_removes_the_vm_and_its_sandbox() {
     let f = fixture();
     let id = f.svc.create(&f.who, config()).await.unwrap().id;
