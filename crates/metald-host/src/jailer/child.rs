@@ -18,7 +18,7 @@ use rustix::process::{Resource, Rlimit};
 use rustix::thread::{LinkNameSpaceType, UnshareFlags};
 
 use super::warm::{Assignment, WarmSpec};
-use super::{tap, JailSpec};
+use super::{tap, JailSpec, VmmRun};
 
 /// A step of the jail set-up failed.
 #[derive(Debug, thiserror::Error)]
@@ -48,7 +48,14 @@ pub fn run(spec: &JailSpec) -> Result<Infallible, StepError> {
             format!("open {}", net.netns.display()),
             File::open(&net.netns),
         )?;
-        enter_network(&ns, &net.tap, &net.bridge, &net.peer_if, spec.uid, spec.gid)?;
+        enter_network(
+            &ns,
+            &net.tap,
+            &net.bridge,
+            &net.peer_if,
+            spec.vmm.uid,
+            spec.vmm.gid,
+        )?;
         for args in &net.tc {
             run_tool(&net.tc_bin, args)?;
         }
@@ -57,19 +64,12 @@ pub fn run(spec: &JailSpec) -> Result<Infallible, StepError> {
     limits(spec.nofile)?;
     // 4. The VM's cgroup(s).
     join_cgroups(&spec.cgroup_procs)?;
-    own_files(&spec.owned_dir, &spec.owned_files, spec.uid)?;
+    own_files(&spec.vmm)?;
     // 5. The chroot: a private mount namespace whose root is a small tmpfs holding only the
     // files the VMM needs, bind-mounted at their host paths.
     build_root(spec)?;
     // 6, 7. The VM's own uid/gid, no capabilities, and the VMM.
-    exec_vmm(
-        spec.uid,
-        spec.gid,
-        &spec.workdir,
-        &spec.exec,
-        &spec.args,
-        &spec.env,
-    )
+    exec_vmm(&spec.vmm)
 }
 
 /// `metald-jail warm SPEC`: builds the VM-independent part of a jail, says
@@ -167,7 +167,14 @@ fn become_vm(
     redirect(&err, 2, "stderr")?;
     if let Some(net) = &a.net {
         let ns = File::from(next("network namespace")?);
-        enter_network(&ns, &net.tap, &net.bridge, &net.peer_if, a.uid, a.gid)?;
+        enter_network(
+            &ns,
+            &net.tap,
+            &net.bridge,
+            &net.peer_if,
+            a.vmm.uid,
+            a.vmm.gid,
+        )?;
     }
     // The VM's cgroup(s): "0" is this process, whose only thread moves (see `join_cgroups`).
     for _ in 0..a.cgroups {
@@ -206,10 +213,10 @@ fn become_vm(
         )?;
         restrict(&m.path, m)?;
     }
-    own_devices(Path::new("/"), devices, a.uid, a.gid)?;
-    own_files(&a.owned_dir, &a.owned_files, a.uid)?;
+    own_devices(Path::new("/"), devices, a.vmm.uid, a.vmm.gid)?;
+    own_files(&a.vmm)?;
     seal_root()?;
-    exec_vmm(a.uid, a.gid, &a.workdir, &a.exec, &a.args, &a.env)
+    exec_vmm(&a.vmm)
 }
 
 /// Makes descriptor `to` a copy of `fd`.
@@ -278,7 +285,8 @@ fn limits(nofile: u64) -> Result<(), StepError> {
 }
 
 /// Hands the VM's directory and its files to the VM's uid.
-fn own_files(dir: &Path, files: &[PathBuf], uid: u32) -> Result<(), StepError> {
+fn own_files(vmm: &VmmRun) -> Result<(), StepError> {
+    let (dir, files, uid) = (&vmm.owned_dir, &vmm.owned_files, vmm.uid);
     // The VM's directory and files belong to the VM's uid from here on; the group stays
     // metald's. No setgid bit: metald reads what the VMM makes through CAP_DAC_OVERRIDE, and
     // systemd's RestrictSUIDSGID would refuse the bit anyway.
@@ -291,14 +299,17 @@ fn own_files(dir: &Path, files: &[PathBuf], uid: u32) -> Result<(), StepError> {
 }
 
 /// Drops to the VM's uid/gid with no capabilities and no way to gain any, and execs the VMM.
-fn exec_vmm(
-    uid: u32,
-    gid: u32,
-    workdir: &Path,
-    exec: &Path,
-    args: &[String],
-    env: &[(String, String)],
-) -> Result<Infallible, StepError> {
+fn exec_vmm(vmm: &VmmRun) -> Result<Infallible, StepError> {
+    let VmmRun {
+        uid,
+        gid,
+        workdir,
+        exec,
+        args,
+        env,
+        ..
+    } = vmm;
+    let (uid, gid) = (*uid, *gid);
     drop_privileges(uid, gid)?;
     // Files the VMM makes (sockets, logs) stay readable by metald's group, nobody else's.
     rustix::process::umask(Mode::from_raw_mode(0o007));
@@ -427,7 +438,7 @@ fn build_root(spec: &JailSpec) -> Result<(), StepError> {
     new_root(root, spec.mount_ns.as_deref())?;
     bind_all(root, &spec.mounts)?;
     make_devices(root, &spec.devices)?;
-    own_devices(root, &spec.devices, spec.uid, spec.gid)?;
+    own_devices(root, &spec.devices, spec.vmm.uid, spec.vmm.gid)?;
     pivot(root)?;
     seal_root()
 }

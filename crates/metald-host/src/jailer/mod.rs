@@ -68,15 +68,37 @@ pub struct JailNet {
     pub tc: Vec<Vec<String>>,
 }
 
-/// Everything `metald-jail` needs, passed as one JSON argument.
+/// Who the VMM runs as and what it runs: the VM's own part of a jail, the same in a jail built
+/// at boot ([`JailSpec`]) and in a warm jail's [`warm::Assignment`] (flattened into both, so
+/// each stays one flat JSON object).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct JailSpec {
+pub struct VmmRun {
     /// The VM (for messages).
     pub vm_id: String,
     /// The VM's uid.
     pub uid: u32,
     /// The VM's gid.
     pub gid: u32,
+    /// The VMM binary (a host path, mounted at the same path).
+    pub exec: PathBuf,
+    /// Its arguments.
+    pub args: Vec<String>,
+    /// Its environment (nothing else is inherited).
+    pub env: Vec<(String, String)>,
+    /// Working directory inside the jail.
+    pub workdir: PathBuf,
+    /// The VM's directory, handed to the VM's uid (its group stays metald's).
+    pub owned_dir: PathBuf,
+    /// The VM's own files in it (disk copies, logs), handed to the VM's uid.
+    pub owned_files: Vec<PathBuf>,
+}
+
+/// Everything `metald-jail` needs, passed as one JSON argument.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JailSpec {
+    /// The VM, its uid and gid, and its VMM.
+    #[serde(flatten)]
+    pub vmm: VmmRun,
     /// Host directory the jail's root is mounted on.
     pub root: PathBuf,
     /// Network set-up, if the VM has a network.
@@ -89,18 +111,6 @@ pub struct JailSpec {
     pub mounts: Vec<JailMount>,
     /// Device nodes.
     pub devices: Vec<JailDevice>,
-    /// The VMM binary (a host path, mounted at the same path).
-    pub exec: PathBuf,
-    /// Its arguments.
-    pub args: Vec<String>,
-    /// Its environment (nothing else is inherited).
-    pub env: Vec<(String, String)>,
-    /// Working directory inside the jail.
-    pub workdir: PathBuf,
-    /// The VM's directory, handed to the VM's uid (group: metald's, setgid) before the pivot.
-    pub owned_dir: PathBuf,
-    /// The VM's own files in it (disk copies, logs), handed to the VM's uid.
-    pub owned_files: Vec<PathBuf>,
     /// A mount namespace to enter before making the jail's own ([`base_mount_ns`]): its mount
     /// table is the host's without the network namespace pins, so what the jail copies does
     /// not grow with the VMs running. `None`: metald's own.
@@ -228,8 +238,8 @@ impl JailPlan {
         self.seal(&fd)?;
         rustix::fs::fchown(
             &fd,
-            Some(rustix::fs::Uid::from_raw(self.spec.uid)),
-            Some(rustix::fs::Gid::from_raw(self.spec.gid)),
+            Some(rustix::fs::Uid::from_raw(self.spec.vmm.uid)),
+            Some(rustix::fs::Gid::from_raw(self.spec.vmm.gid)),
         )
         .map_err(|e| io("chown", dir)(e.into()))
     }
@@ -264,8 +274,8 @@ impl JailPlan {
     /// `metald-jail`'s argument: this jail's spec for `binary args…`, as JSON.
     fn spec_arg(&self, binary: &Path, args: Vec<String>) -> String {
         let mut spec = self.spec.clone();
-        spec.exec = binary.to_path_buf();
-        spec.args = args;
+        spec.vmm.exec = binary.to_path_buf();
+        spec.vmm.args = args;
         // The spec is plain data built by metald; serializing it cannot fail.
         serde_json::to_string(&spec).unwrap_or_default()
     }
@@ -294,12 +304,12 @@ impl JailPlan {
             match self.assign(warm, binary, &args, stdout, stderr).await {
                 Ok(pid) => {
                     self.warm.record(true);
-                    tracing::debug!(vm_id = %self.spec.vm_id, pid, assign_ms = t0.elapsed().as_secs_f64() * 1000.0, "VMM started in a warm jail");
+                    tracing::debug!(vm_id = %self.spec.vmm.vm_id, pid, assign_ms = t0.elapsed().as_secs_f64() * 1000.0, "VMM started in a warm jail");
                     return Ok(pid);
                 }
                 Err(e) => {
                     self.warm.record(false);
-                    tracing::warn!(vm_id = %self.spec.vm_id, pid = warm_pid, error = %Chain(&e), "a warm jail failed to take the VM; building its jail at boot");
+                    tracing::warn!(vm_id = %self.spec.vmm.vm_id, pid = warm_pid, error = %Chain(&e), "a warm jail failed to take the VM; building its jail at boot");
                 }
             }
         }
@@ -358,18 +368,14 @@ impl JailPlan {
             owned.push(tree);
         }
         let assignment = Assignment {
-            vm_id: self.spec.vm_id.clone(),
-            uid: self.spec.uid,
-            gid: self.spec.gid,
+            vmm: VmmRun {
+                exec: binary.to_path_buf(),
+                args: args.to_vec(),
+                ..self.spec.vmm.clone()
+            },
             net,
             cgroups: self.spec.cgroup_procs.len(),
             mounts: self.vm_mounts.clone(),
-            exec: binary.to_path_buf(),
-            args: args.to_vec(),
-            env: self.spec.env.clone(),
-            workdir: self.spec.workdir.clone(),
-            owned_dir: self.spec.owned_dir.clone(),
-            owned_files: self.spec.owned_files.clone(),
         };
         let fds: Vec<std::os::fd::BorrowedFd<'_>> = [stdout.as_fd(), stderr.as_fd()]
             .into_iter()
@@ -380,18 +386,18 @@ impl JailPlan {
             .assign(&assignment, &fds)
             .await
             .map_err(io("start the VMM in a warm jail", &self.spec.root))?;
-        tracing::debug!(vm_id = %self.spec.vm_id, prepare_ms = prepared.as_secs_f64() * 1000.0, child_ms = (t0.elapsed() - prepared).as_secs_f64() * 1000.0, "warm jail assigned");
+        tracing::debug!(vm_id = %self.spec.vmm.vm_id, prepare_ms = prepared.as_secs_f64() * 1000.0, child_ms = (t0.elapsed() - prepared).as_secs_f64() * 1000.0, "warm jail assigned");
         Ok(pid)
     }
 
     /// The VM's uid.
     pub fn uid(&self) -> u32 {
-        self.spec.uid
+        self.spec.vmm.uid
     }
 
     /// The VM's gid.
     pub fn gid(&self) -> u32 {
-        self.spec.gid
+        self.spec.vmm.gid
     }
 
     /// Where the jail's root is mounted (as seen from the host before the pivot).
@@ -606,21 +612,23 @@ impl Jailer {
         });
         Ok(JailPlan {
             spec: JailSpec {
-                vm_id: vm.to_string(),
-                uid,
-                gid,
+                vmm: VmmRun {
+                    vm_id: vm.to_string(),
+                    uid,
+                    gid,
+                    exec: PathBuf::new(),
+                    args: Vec::new(),
+                    env: Vec::new(),
+                    workdir: req.dir.to_path_buf(),
+                    owned_dir: req.dir.to_path_buf(),
+                    owned_files: req.owned.clone(),
+                },
                 root,
                 net,
                 cgroup_procs: self.cgroups.procs_files(vm),
                 nofile: NOFILE,
                 mounts,
                 devices,
-                exec: PathBuf::new(),
-                args: Vec::new(),
-                env: Vec::new(),
-                workdir: req.dir.to_path_buf(),
-                owned_dir: req.dir.to_path_buf(),
-                owned_files: req.owned.clone(),
                 mount_ns: self.mount_ns.clone(),
             },
             jail_exe: self.cfg.jail_exe.clone(),

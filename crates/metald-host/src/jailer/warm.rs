@@ -30,7 +30,7 @@ use std::time::Duration;
 use rustix::net::{RecvFlags, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 use serde::{Deserialize, Serialize};
 
-use super::{JailDevice, JailMount};
+use super::{JailDevice, JailMount, VmmRun};
 use crate::report::Chain;
 use crate::spawner::{SpawnRequest, Spawner};
 use crate::starts::{Starts, MAX_REFILL_WAIT, SETTLE};
@@ -80,30 +80,15 @@ pub struct AssignedNet {
 /// mount tree per entry of `mounts`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Assignment {
-    /// The VM (for messages).
-    pub vm_id: String,
-    /// The VM's uid.
-    pub uid: u32,
-    /// The VM's gid.
-    pub gid: u32,
+    /// The VM, its uid and gid, and its VMM (as in a cold jail's spec).
+    #[serde(flatten)]
+    pub vmm: VmmRun,
     /// Its network, if it has one.
     pub net: Option<AssignedNet>,
     /// How many cgroup files follow the namespace.
     pub cgroups: usize,
     /// The VM's own mounts (its directory, control directory, kernel, read-only drives).
     pub mounts: Vec<JailMount>,
-    /// The VMM binary.
-    pub exec: PathBuf,
-    /// Its arguments.
-    pub args: Vec<String>,
-    /// Its environment.
-    pub env: Vec<(String, String)>,
-    /// Working directory inside the jail.
-    pub workdir: PathBuf,
-    /// The VM's directory, handed to the VM's uid.
-    pub owned_dir: PathBuf,
-    /// The VM's own files in it, handed to the VM's uid.
-    pub owned_files: Vec<PathBuf>,
 }
 
 /// One warm jail: a child of metald waiting on its socket.
@@ -523,18 +508,20 @@ mod tests {
 
     fn assignment() -> Assignment {
         Assignment {
-            vm_id: "vm-1".into(),
-            uid: 1,
-            gid: 1,
+            vmm: VmmRun {
+                vm_id: "vm-1".into(),
+                uid: 1,
+                gid: 1,
+                exec: "/bin/true".into(),
+                args: Vec::new(),
+                env: Vec::new(),
+                workdir: "/".into(),
+                owned_dir: "/".into(),
+                owned_files: Vec::new(),
+            },
             net: None,
             cgroups: 0,
             mounts: Vec::new(),
-            exec: "/bin/true".into(),
-            args: Vec::new(),
-            env: Vec::new(),
-            workdir: "/".into(),
-            owned_dir: "/".into(),
-            owned_files: Vec::new(),
         }
     }
 

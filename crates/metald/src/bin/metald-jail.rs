@@ -77,7 +77,7 @@ fn main() -> ExitCode {
     match metald::jailer::child::run(&spec) {
         Ok(never) => match never {},
         Err(e) => {
-            eprintln!("{} (VM {})", metald::report::chain(&e), spec.vm_id);
+            eprintln!("{} (VM {})", metald::report::chain(&e), spec.vmm.vm_id);
             ExitCode::from(1)
         }
     }
