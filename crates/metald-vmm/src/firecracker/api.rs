@@ -253,19 +253,6 @@ impl FirecrackerApi {
         .await
     }
 
-    /// `PUT /metrics`: where Firecracker writes its metrics on each flush.
-    pub async fn put_metrics(&self, path: &Path) -> Result<(), BackendError> {
-        let metrics_path = path.to_str().ok_or_else(|| {
-            BackendError::Unsupported(format!("path {} is not UTF-8", path.display()))
-        })?;
-        self.send(
-            Method::PUT,
-            "/metrics",
-            &serde_json::json!({ "metrics_path": metrics_path }),
-        )
-        .await
-    }
-
     /// `PUT /actions`.
     pub async fn action(&self, action_type: ActionType) -> Result<(), BackendError> {
         self.send(Method::PUT, "/actions", &InstanceActionInfo { action_type })

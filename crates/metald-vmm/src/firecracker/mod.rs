@@ -91,7 +91,8 @@ impl FirecrackerBackend {
             })),
         );
         // The logger is set on the command line, not with PUT /logger: until a logger exists,
-        // Firecracker logs to stdout, which is the guest's serial console file.
+        // Firecracker logs to stdout, which is the guest's serial console file. The metrics
+        // FIFO too: one API round trip less on every start.
         let args = vec![
             "--api-sock".to_string(),
             path_str(&socket)?,
@@ -102,6 +103,8 @@ impl FirecrackerBackend {
             "--level".into(),
             "Info".into(),
             "--show-level".into(),
+            "--metrics-path".into(),
+            path_str(&launch.dir.join(metrics::FIFO))?,
         ];
         // The guest's serial console is Firecracker's stdout.
         let process = launch
@@ -139,7 +142,6 @@ impl FirecrackerBackend {
     /// snapshot names its disks by path and its network device by TAP name, both the same in
     /// the VM's new jail and namespace.
     async fn restore(&self, launch: &VmLaunch, api: &FirecrackerApi) -> Result<(), BackendError> {
-        api.put_metrics(&launch.dir.join(metrics::FIFO)).await?;
         api.load_snapshot(
             &launch.dir.join(crate::files::SUSPEND_STATE),
             &launch.dir.join(crate::files::SUSPEND_MEMORY),
@@ -195,7 +197,6 @@ impl FirecrackerBackend {
             })
             .await?;
         }
-        api.put_metrics(&launch.dir.join(metrics::FIFO)).await?;
         api.action(ActionType::InstanceStart).await
     }
 }
