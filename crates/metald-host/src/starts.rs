@@ -12,11 +12,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// The longest a refill waits for a quiet moment before it goes ahead anyway.
-pub const MAX_REFILL_WAIT: Duration = Duration::from_millis(30);
+const MAX_REFILL_WAIT: Duration = Duration::from_millis(30);
 
 /// How long after the last start a moment counts as quiet: the new guest's first instants (a
 /// tiny guest prints its banner within a millisecond of its start) are on the cores too.
-pub const SETTLE: Duration = Duration::from_millis(10);
+const SETTLE: Duration = Duration::from_millis(10);
 
 /// How many VM starts are in flight; refills wait until none is (see the module's doc).
 #[derive(Debug, Default)]
@@ -68,8 +68,24 @@ impl Starts {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Before a pool's refill: blocks until a quiet moment ([`SETTLE`] without a start in
+    /// flight, at most [`MAX_REFILL_WAIT`]), unless the pool has nothing left (`empty`: the
+    /// next start would make its own, so it refills at once).
+    pub fn before_refill(&self, empty: bool) {
+        if !empty {
+            self.wait_quiet(SETTLE, MAX_REFILL_WAIT);
+        }
+    }
+
+    /// [`Starts::before_refill`] for a refill on the runtime.
+    pub async fn before_refill_async(&self, empty: bool) {
+        if !empty {
+            self.wait_quiet_async(SETTLE, MAX_REFILL_WAIT).await;
+        }
+    }
+
     /// Blocks until no start has been in flight for `settle`, or `max` has passed.
-    pub fn wait_quiet(&self, settle: Duration, max: Duration) {
+    fn wait_quiet(&self, settle: Duration, max: Duration) {
         let deadline = Instant::now() + max;
         let mut st = self.lock();
         while let Some(wait) = st.wait_for(settle) {
@@ -86,7 +102,7 @@ impl Starts {
     }
 
     /// Waits until no start has been in flight for `settle`, or `max` has passed.
-    pub async fn wait_quiet_async(&self, settle: Duration, max: Duration) {
+    async fn wait_quiet_async(&self, settle: Duration, max: Duration) {
         let deadline = tokio::time::Instant::now() + max;
         loop {
             // Made before the check: a `notify_waiters` after it is not missed.
@@ -170,6 +186,24 @@ mod tests {
         let t0 = Instant::now();
         Starts::default().wait_quiet(Duration::from_secs(30), Duration::from_secs(60));
         assert!(t0.elapsed() < Duration::from_secs(30));
+    }
+
+    #[test]
+    fn a_pool_with_nothing_left_refills_at_once_and_any_other_waits() {
+        let starts = Arc::new(Starts::default());
+        let _held = starts.begin();
+        let t0 = Instant::now();
+        starts.before_refill(false);
+        assert!(
+            t0.elapsed() >= MAX_REFILL_WAIT,
+            "waited for the start, up to the limit"
+        );
+        let t0 = Instant::now();
+        starts.before_refill(true);
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "an empty pool does not wait"
+        );
     }
 
     #[tokio::test]

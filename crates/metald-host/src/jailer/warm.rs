@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use super::{JailDevice, JailMount, VmmRun};
 use crate::report::Chain;
 use crate::spawner::{SpawnRequest, Spawner};
-use crate::starts::{Starts, MAX_REFILL_WAIT, SETTLE};
+use crate::starts::Starts;
 
 /// Most descriptors one assignment carries (stdout, stderr, namespace, cgroup files, mounts).
 pub const MAX_FDS: usize = 64;
@@ -432,7 +432,7 @@ impl Inner {
 fn fill(inner: &Inner) {
     let mut delay = Duration::ZERO;
     loop {
-        let urgent = {
+        let empty = {
             let mut st = inner.lock();
             if !delay.is_zero() && !st.closed {
                 st = inner
@@ -453,13 +453,10 @@ fn fill(inner: &Inner) {
             if st.closed {
                 return;
             }
-            // With none ready, the next boot would build its jail itself.
             st.ready.is_empty()
         };
-        if !urgent {
-            // Not beside a boot: its exec, mounts and pivot would slow that boot down.
-            inner.starts.wait_quiet(SETTLE, MAX_REFILL_WAIT);
-        }
+        // Not beside a boot: its exec, mounts and pivot would slow that boot down.
+        inner.starts.before_refill(empty);
         match inner.start_one() {
             Ok(warm) => {
                 delay = Duration::ZERO;

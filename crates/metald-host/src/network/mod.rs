@@ -396,13 +396,10 @@ impl Network {
         while self.pool.wants_more() {
             // Not beside a boot: a namespace, veth and TAP take the RTNL lock its own
             // interface work and its VMM's TAP need too.
-            // Unless none is ready (the next boot would make its network itself).
-            if !self.pool.is_empty() {
-                self.cfg
-                    .starts
-                    .wait_quiet_async(crate::starts::SETTLE, crate::starts::MAX_REFILL_WAIT)
-                    .await;
-            }
+            self.cfg
+                .starts
+                .before_refill_async(self.pool.is_empty())
+                .await;
             let _filling = self.filling.lock().await;
             match self.make_spare().await {
                 Ok(spare) => {
