@@ -552,6 +552,19 @@ mod tests {
             .is_ok_and(|s| !s.contains(") Z ") && !s.contains(") X "))
     }
 
+    /// Waits until `pid` has exited (a zombie until reaped).
+    fn until_exited(pid: u32) {
+        while alive(pid) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The jail's side: reads its assignment from its socket end.
+    fn read_its_vm(theirs: &OwnedFd) {
+        let mut buf = vec![0u8; MAX_ASSIGNMENT];
+        rustix::net::recv(theirs, &mut buf, RecvFlags::empty()).unwrap();
+    }
+
     #[test]
     fn an_assignment_carries_its_descriptors_and_the_end_of_the_socket_is_the_exec() {
         let (warm, theirs, mut child) = fake(std::process::Command::new("sleep").arg("30"));
@@ -595,8 +608,7 @@ mod tests {
         let (warm, theirs, _child) = fake(std::process::Command::new("sleep").arg("30"));
         let pid = warm.pid();
         let answer = std::thread::spawn(move || {
-            let mut buf = vec![0u8; MAX_ASSIGNMENT];
-            rustix::net::recv(&theirs, &mut buf, RecvFlags::empty()).unwrap();
+            read_its_vm(&theirs);
             rustix::net::send(
                 &theirs,
                 b"metald-jail: attach /vm: EPERM",
@@ -618,18 +630,14 @@ mod tests {
         let pid = warm.pid();
         drop(theirs);
         // Exited (a zombie until reaped): its socket's end is not an exec.
-        while alive(pid) {
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        until_exited(pid);
         let pool = unstarted_pool();
         pool.inner.lock().ready.push_back(warm);
         assert!(pool.take().is_none(), "a dead jail is skipped");
         assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
         let (warm, theirs, _child) = fake(&mut std::process::Command::new("true"));
         drop(theirs);
-        while alive(warm.pid()) {
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        until_exited(warm.pid());
         // Its socket's other end is gone with it.
         let err = assign(warm, &assignment(), &[]).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::BrokenPipe, "{err}");
@@ -638,13 +646,9 @@ mod tests {
     #[test]
     fn a_jail_that_took_its_vm_and_exited_did_not_exec() {
         let (warm, theirs, _child) = fake(&mut std::process::Command::new("true"));
-        while alive(warm.pid()) {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let reader = std::thread::spawn(move || {
-            let mut buf = vec![0u8; MAX_ASSIGNMENT];
-            rustix::net::recv(&theirs, &mut buf, RecvFlags::empty()).unwrap();
-        });
+        until_exited(warm.pid());
+        // It reads its VM, and its socket's end goes with the thread.
+        let reader = std::thread::spawn(move || read_its_vm(&theirs));
         let err = assign(warm, &assignment(), &[]).unwrap_err();
         reader.join().unwrap();
         assert!(err.to_string().contains("exited before its exec"), "{err}");
@@ -656,8 +660,7 @@ mod tests {
         let pid = warm.pid();
         // The jail reads its VM and never gets to its exec.
         let reader = std::thread::spawn(move || {
-            let mut buf = vec![0u8; MAX_ASSIGNMENT];
-            rustix::net::recv(&theirs, &mut buf, RecvFlags::empty()).unwrap();
+            read_its_vm(&theirs);
             theirs
         });
         let rt = tokio::runtime::Builder::new_current_thread()
