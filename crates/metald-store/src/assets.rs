@@ -366,7 +366,8 @@ pub enum CloneMethod {
     Sparse,
 }
 
-/// Copies `src` to a new file `dst` as cheaply as the filesystem allows.
+/// Copies `src` to a new file `dst` as cheaply as the filesystem allows, on stable storage
+/// when it returns.
 pub fn clone_file(src: &Path, dst: &Path) -> Result<CloneMethod, AssetError> {
     let input = File::open(src).map_err(io_err("open", src))?;
     clone_open_file(&input, src, dst)
@@ -375,6 +376,27 @@ pub fn clone_file(src: &Path, dst: &Path) -> Result<CloneMethod, AssetError> {
 /// [`clone_file`] from a file already open (`src` names it in errors): for a source opened
 /// without following links, in a directory someone else can write.
 pub fn clone_open_file(input: &File, src: &Path, dst: &Path) -> Result<CloneMethod, AssetError> {
+    let (method, output) = clone_open_file_unsynced(input, src, dst)?;
+    if let Err(e) = output.sync_data() {
+        let _ignored = fs::remove_file(dst);
+        return Err(io_err("sync", dst)(e));
+    }
+    Ok(method)
+}
+
+/// [`clone_file`] without waiting for stable storage: the copy is complete for every reader
+/// (the page cache is shared) but may not survive a host crash until the returned file is
+/// synced (`File::sync_data`). For copies made on a latency path that sync them later.
+pub fn clone_file_unsynced(src: &Path, dst: &Path) -> Result<(CloneMethod, File), AssetError> {
+    let input = File::open(src).map_err(io_err("open", src))?;
+    clone_open_file_unsynced(&input, src, dst)
+}
+
+fn clone_open_file_unsynced(
+    input: &File,
+    src: &Path,
+    dst: &Path,
+) -> Result<(CloneMethod, File), AssetError> {
     let output = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -385,10 +407,13 @@ pub fn clone_open_file(input: &File, src: &Path, dst: &Path) -> Result<CloneMeth
     } else {
         sparse_copy(input, &output, src, dst).map(|()| CloneMethod::Sparse)
     };
-    if result.is_err() {
-        let _ignored = fs::remove_file(dst);
+    match result {
+        Ok(method) => Ok((method, output)),
+        Err(e) => {
+            let _ignored = fs::remove_file(dst);
+            Err(e)
+        }
     }
-    result
 }
 
 /// Copies only the data ranges of `input` (SEEK_DATA/SEEK_HOLE), so holes cost nothing.
@@ -443,7 +468,6 @@ fn sparse_copy(input: &File, output: &File, src: &Path, dst: &Path) -> Result<()
         }
         pos = hole;
     }
-    output.sync_data().map_err(io_err("sync", dst))?;
     Ok(())
 }
 

@@ -58,6 +58,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0010_free_numbers.sql"),
     include_str!("../migrations/0011_snapshots.sql"),
     include_str!("../migrations/0012_hosts.sql"),
+    include_str!("../migrations/0013_disks_durable.sql"),
 ];
 
 /// Per-customer limits on what runs at once (`None`: no limit).

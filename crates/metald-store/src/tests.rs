@@ -107,7 +107,9 @@ fn an_old_database_is_migrated_forward_keeping_its_rows() {
         },
         vm
     );
-    // The later migrations' tables are there for the old VM.
+    // The later migrations' tables are there for the old VM; its disks were synced when it
+    // was created, before disks became durable in the background.
+    assert_eq!(store.vms_with_undurable_disks().unwrap(), vec![]);
     store.save_usage(&vm.id, &Default::default(), None).unwrap();
     store
         .enqueue_billing(&[], Some((&vm.id, 1, &Default::default(), 1)))

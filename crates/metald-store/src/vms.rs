@@ -109,6 +109,14 @@ pub trait VmStore: Send + Sync {
 
     /// Frees every held allocation (at start, once every leftover of deleted VMs is swept).
     fn free_held_allocations(&self) -> Result<u64, StoreError>;
+
+    /// Records that the VM's own disk copies are on stable storage. A new VM's copies are not
+    /// (they are synced in the background, off the boot path). A missing VM is not an error.
+    fn set_disks_durable(&self, id: &VmId) -> Result<(), StoreError>;
+
+    /// This host's VMs whose disk copies were never recorded on stable storage, oldest first
+    /// (at start: metald stopped before it synced them).
+    fn vms_with_undurable_disks(&self) -> Result<Vec<VmId>, StoreError>;
 }
 
 impl VmStore for Store {
@@ -333,6 +341,37 @@ impl VmStore for Store {
             .map_err(sql("free held allocations"))?;
         Ok(n as u64)
     }
+
+    fn set_disks_durable(&self, id: &VmId) -> Result<(), StoreError> {
+        self.conn()
+            .exec(
+                "UPDATE vms SET disks_durable = 1 WHERE id = ?1",
+                params![id.as_str()],
+            )
+            .map_err(sql("record disks durable"))?;
+        Ok(())
+    }
+
+    fn vms_with_undurable_disks(&self) -> Result<Vec<VmId>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT id FROM vms WHERE disks_durable = 0 ORDER BY seq")
+            .map_err(sql("list vms with undurable disks"))?;
+        let ids = stmt
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(sql("list vms with undurable disks"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(sql("list vms with undurable disks"))?;
+        ids.into_iter().map(|id| parse_vm_id(&id)).collect()
+    }
+}
+
+/// A stored VM id, [`StoreError::Corrupt`] if it does not parse.
+pub(crate) fn parse_vm_id(id: &str) -> Result<VmId, StoreError> {
+    id.parse().map_err(|e| StoreError::Corrupt {
+        id: id.to_string(),
+        reason: format!("{e}"),
+    })
 }
 
 /// How many VMs `customer` (every customer with `""`) has and the bytes of their writable

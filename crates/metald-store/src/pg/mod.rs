@@ -70,6 +70,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/pg/0001_init.sql"),
     include_str!("../../migrations/pg/0002_hosts.sql"),
     include_str!("../../migrations/pg/0003_placement.sql"),
+    include_str!("../../migrations/pg/0004_disks_durable.sql"),
 ];
 
 /// Connections (and threads) per store.

@@ -296,6 +296,31 @@ impl VmStore for PgStore {
                 .map_err(pg("free held allocations"))
         })
     }
+
+    fn set_disks_durable(&self, id: &VmId) -> Result<(), StoreError> {
+        let id = id.to_string();
+        self.pool.run(move |client, _| {
+            client
+                .execute("UPDATE vms SET disks_durable = TRUE WHERE id = $1", &[&id])
+                .map_err(pg("record disks durable"))?;
+            Ok(())
+        })
+    }
+
+    fn vms_with_undurable_disks(&self) -> Result<Vec<VmId>, StoreError> {
+        let host = self.host.clone();
+        self.pool.run(move |client, _| {
+            let rows = client
+                .query(
+                    "SELECT id FROM vms WHERE host_id = $1 AND NOT disks_durable ORDER BY seq",
+                    &[&&*host],
+                )
+                .map_err(pg("list vms with undurable disks"))?;
+            rows.iter()
+                .map(|r| crate::vms::parse_vm_id(r.get(0)))
+                .collect()
+        })
+    }
 }
 
 /// A VM by id, with its allocation.

@@ -99,6 +99,7 @@ macro_rules! store_suite {
             vms::a_duplicate_vm_id_is_refused,
             vms::delete_removes_the_vm,
             vms::vms_survive_reopen,
+            vms::disks_are_durable_only_once_recorded,
             vms::the_stored_vm_quota_is_never_overshot,
             vms::running_quotas_admit_exactly_the_limit_and_count_every_running_vm,
             vms::running_vcpu_and_memory_quotas_add_the_boots_own_size,

@@ -259,6 +259,40 @@ pub fn vms_survive_reopen<H: Harness>(h: &H) {
     assert!(next.seq > gone.seq, "seq {} reused after reopen", next.seq);
 }
 
+/// A new VM's disks are not durable until that is recorded, for that VM only; an update of
+/// the VM keeps the record, a deleted VM leaves the list, and the list survives a restart.
+pub fn disks_are_durable_only_once_recorded<H: Harness>(h: &H) {
+    let (a, b) = {
+        let store = h.open();
+        let mut a = store.insert_vm(&vm("a"), None).unwrap();
+        let b = store.insert_vm(&vm("b"), None).unwrap();
+        let c = store.insert_vm(&vm("a"), None).unwrap();
+        assert_eq!(
+            store.vms_with_undurable_disks().unwrap(),
+            vec![a.id.clone(), b.id.clone(), c.id.clone()]
+        );
+        store.set_disks_durable(&a.id).unwrap();
+        a.life = VmLife::restore(VmState::Running, Some(42), Some(7), None, false);
+        store.update_vm(&a).unwrap();
+        store.delete_vm(&c.id).unwrap();
+        // A VM deleted while its disks were syncing: nothing to record, no error.
+        store.set_disks_durable(&c.id).unwrap();
+        assert_eq!(
+            store.vms_with_undurable_disks().unwrap(),
+            vec![b.id.clone()]
+        );
+        (a, b)
+    };
+    let store = h.open();
+    assert_eq!(
+        store.vms_with_undurable_disks().unwrap(),
+        vec![b.id.clone()]
+    );
+    store.set_disks_durable(&b.id).unwrap();
+    assert_eq!(store.vms_with_undurable_disks().unwrap(), vec![]);
+    assert_eq!(store.get_vm_unscoped(&a.id).unwrap(), Some(a));
+}
+
 /// A customer's stored-VM limit holds under concurrent inserts: exactly the limit succeeds,
 /// every other insert is refused with the quota's numbers and stores nothing, and another
 /// customer is not affected.

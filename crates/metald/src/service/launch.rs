@@ -20,15 +20,17 @@ impl VmService {
             .assets
             .get_kind(&config.rootfs_image_id, AssetKind::Rootfs)
             .map_err(|e| asset_field_error("config.rootfs.image_id", e))?;
-        clone_disk(self.assets.path_of(&rootfs), dir.join(ROOTFS_FILE))
-            .instrument(tracing::info_span!("disk.clone", vm_id = %id))
-            .await?;
+        let mut copies = vec![
+            clone_disk(self.assets.path_of(&rootfs), dir.join(ROOTFS_FILE))
+                .instrument(tracing::info_span!("disk.clone", vm_id = %id))
+                .await?,
+        ];
         for d in config.drives.iter().filter(|d| !d.read_only) {
             let asset = self
                 .assets
                 .get_kind(&d.image_id, AssetKind::Rootfs)
                 .map_err(ServiceError::Asset)?;
-            clone_disk(self.assets.path_of(&asset), dir.join(drive_file(d))).await?;
+            copies.push(clone_disk(self.assets.path_of(&asset), dir.join(drive_file(d))).await?);
         }
         let disks_ms = t0.elapsed().as_secs_f64() * 1000.0 - checks_ms;
         let record = self.new_record(id, customer, config).await?;
@@ -37,6 +39,8 @@ impl VmService {
         let saved = self
             .store
             .insert_vm_within(&record, plan.as_ref(), writable_bytes, &limits)?;
+        // Stored first: a stop of metald before the sync is recorded is made good at start.
+        self.sync_disks_later(id, copies);
         // The create's steps (the per-step profile of issue 14).
         let record_ms = t0.elapsed().as_secs_f64() * 1000.0 - checks_ms - disks_ms;
         tracing::info!(vm_id = %id, customer = %customer, checks_ms, disks_ms, record_ms, "vm created");
@@ -93,16 +97,18 @@ impl VmService {
     }
 }
 
-/// Makes a VM's private copy of a disk image. A copy without reflink support can take seconds
-/// for a large image, so it runs on the blocking pool, never on an async worker.
-pub(super) async fn clone_disk(src: PathBuf, dst: PathBuf) -> Result<(), ServiceError> {
+/// Makes a VM's private copy of a disk image, not yet on stable storage: the copy is returned
+/// to be synced ([`VmService::sync_disks_later`]). A copy without reflink support can take
+/// seconds for a large image, so it runs on the blocking pool, never on an async worker.
+pub(super) async fn clone_disk(src: PathBuf, dst: PathBuf) -> Result<std::fs::File, ServiceError> {
     let copy = tokio::task::spawn_blocking(move || {
-        let method = crate::assets::clone_file(&src, &dst);
+        let copied = crate::assets::clone_file_unsynced(&src, &dst);
+        let method = copied.as_ref().map(|(method, _)| *method);
         tracing::debug!(src = %src.display(), dst = %dst.display(), ?method, "disk cloned");
-        method
+        copied
     });
     match copy.await {
-        Ok(result) => result.map(drop).map_err(ServiceError::Asset),
+        Ok(result) => result.map(|(_, file)| file).map_err(ServiceError::Asset),
         Err(join) => Err(ServiceError::Io {
             op: "copy disk (task failed)",
             path: PathBuf::new(),

@@ -3,11 +3,12 @@
 //!
 //! Each public operation here reads as load → `transition` check → effect → `VmLife::apply` →
 //! save. The jobs around them live beside: `validate` (requests), `launch` (disks and what a
-//! VMM is started with), `supervise` (exits, readiness, re-attach at start) and `usage`
-//! (metering and billing hooks, usage windows).
+//! VMM is started with), `durable` (disk copies synced off the boot path), `supervise` (exits,
+//! readiness, re-attach at start) and `usage` (metering and billing hooks, usage windows).
 
 mod assets_fetch;
 mod capacity;
+mod durable;
 mod launch;
 mod placement;
 mod snapshots;
@@ -245,8 +246,10 @@ pub struct VmService {
     timings: Timings,
     /// Console bytes cut from each VM's log since metald started.
     console_dropped: Mutex<HashMap<VmId, u64>>,
-    /// Deleted VMs whose leftovers are still being removed ([`VmService::reap`]).
-    reaps: tokio::sync::watch::Sender<usize>,
+    /// Work left running in the background: deleted VMs whose leftovers are still being
+    /// removed ([`VmService::reap`]) and new VMs' disk copies being synced
+    /// ([`VmService::sync_disks_later`]).
+    background: Arc<tokio::sync::watch::Sender<usize>>,
     /// Turns to remove a deleted VM's leftovers ([`REAPERS`] at a time).
     reapers: tokio::sync::Semaphore,
 }
@@ -275,7 +278,7 @@ impl VmService {
             locks: Mutex::new(HashMap::new()),
             timings: Timings::default(),
             console_dropped: Mutex::new(HashMap::new()),
-            reaps: tokio::sync::watch::Sender::new(0),
+            background: Arc::new(tokio::sync::watch::Sender::new(0)),
             reapers: tokio::sync::Semaphore::new(REAPERS),
         });
         let weak = Arc::downgrade(&svc);
@@ -988,7 +991,7 @@ impl VmService {
         self.forget_lock(id);
         let rest_ms = t0.elapsed().as_secs_f64() * 1000.0 - vmm_ms;
         tracing::info!(vm_id = %id, vmm_ms, rest_ms, "vm deleted");
-        self.reaps.send_modify(|n| *n += 1);
+        self.background.send_modify(|n| *n += 1);
         let svc = Arc::clone(self);
         tokio::spawn(async move {
             // A few at a time: a burst of deletes queues here rather than as hundreds of tasks
@@ -996,7 +999,7 @@ impl VmService {
             if let Ok(_turn) = svc.reapers.acquire().await {
                 svc.reap(vm).await;
             }
-            svc.reaps.send_modify(|n| *n = n.saturating_sub(1));
+            svc.background.send_modify(|n| *n = n.saturating_sub(1));
         });
         Ok(())
     }
@@ -1053,10 +1056,11 @@ impl VmService {
         self.isolation.shutdown().await;
     }
 
-    /// Waits until every deleted VM's leftovers are removed (or given up on): at shutdown, and
-    /// in tests that look for leftovers.
+    /// Waits until the background work ends: every deleted VM's leftovers removed (or given
+    /// up on) and every new VM's disk copies synced. At shutdown, and in tests that look for
+    /// leftovers or durable disks.
     pub async fn settle(&self) {
-        let mut rx = self.reaps.subscribe();
+        let mut rx = self.background.subscribe();
         // The sender lives as long as `self`.
         let _closed = rx.wait_for(|n| *n == 0).await;
     }

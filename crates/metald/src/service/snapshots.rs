@@ -326,9 +326,13 @@ impl VmService {
         writable: u64,
     ) -> Result<VmRecord, ServiceError> {
         let src = self.snapshot_dir(&snap.id);
+        let mut copies = Vec::with_capacity(disks.len());
         for name in disks {
-            clone_disk(src.join(name), dir.join(name)).await?;
+            copies.push(clone_disk(src.join(name), dir.join(name)).await?);
         }
+        // A clone's copies are synced before it is stored: unlike an image's, they could not
+        // be made again at start if a host crash lost part of them (the snapshot may be gone).
+        let copies = super::durable::sync_now(copies).await?;
         // The saved state is shared, read-only: a link to metald's file (mode 0644) in a
         // directory its VMM can read. A later suspend of the clone unlinks the names before
         // it writes, so the snapshot's files are never written through them.
@@ -363,6 +367,7 @@ impl VmService {
             &snap.id,
             inner,
         )?;
+        self.sync_disks_later(id, copies);
         tracing::info!(vm_id = %id, customer = %customer, snapshot_id = %snap.id, "vm created from snapshot");
         Ok(saved)
     }
@@ -480,7 +485,7 @@ impl VmService {
 }
 
 /// The file names of the disks a VM owns, root first.
-fn own_disk_names(config: &VmConfig) -> Vec<String> {
+pub(super) fn own_disk_names(config: &VmConfig) -> Vec<String> {
     std::iter::once(ROOTFS_FILE.to_string())
         .chain(
             config

@@ -12,6 +12,7 @@ impl VmService {
         self.store.release_all_runs()?;
         let vms = self.finish_interrupted_deletes_and_creates().await?;
         self.sweep_snapshots(&vms)?;
+        self.make_disks_durable(&vms).await?;
         let mut keep = std::collections::HashSet::new();
         for mut vm in vms {
             if !vm.state().has_vmm() {

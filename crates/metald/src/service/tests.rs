@@ -860,6 +860,51 @@ async fn start_up_finishes_interrupted_deletes_and_removes_interrupted_creates()
     assert!(f.isolation.calls().contains(&format!("release {deleting}")));
 }
 
+/// A new VM's disk copies are recorded on stable storage in the background; what a stop of
+/// metald left unrecorded is made good at start: a never-run VM's copy is made again from its
+/// image (a host crash may have lost part of it), a VM that ran keeps what its guest wrote.
+#[tokio::test]
+async fn disk_copies_become_durable_in_the_background_or_at_the_next_start() {
+    let f = fixture();
+    let fresh = f.svc.create(&f.who, config()).await.unwrap();
+    f.svc.settle().await;
+    assert_eq!(f.svc.store.vms_with_undurable_disks().unwrap(), vec![]);
+    let image = std::fs::read(f.vms_dir.join(fresh.id.as_str()).join(ROOTFS_FILE)).unwrap();
+    // As metald killed between a create and its sync leaves them: stored, never recorded.
+    let stored = |state: VmState, disk: &[u8]| {
+        let mut vm = fresh.clone();
+        vm.id = VmId::generate();
+        vm.life = VmLife::restore(state, None, None, None, false);
+        let dir = f.vms_dir.join(vm.id.as_str());
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join(ROOTFS_FILE), disk).unwrap();
+        f.svc.store.insert_vm(&vm, None).unwrap().id
+    };
+    let torn = stored(VmState::Created, b"half a copy");
+    let ran = stored(VmState::Shutdown, b"what the guest wrote");
+    assert_eq!(
+        f.svc.store.vms_with_undurable_disks().unwrap(),
+        vec![torn.clone(), ran.clone()]
+    );
+    f.svc.reconcile().await.unwrap();
+    let disk = |id: &VmId| std::fs::read(f.vms_dir.join(id.as_str()).join(ROOTFS_FILE)).unwrap();
+    assert_eq!(disk(&torn), image, "made again from its image");
+    assert_eq!(disk(&ran), b"what the guest wrote");
+    assert_eq!(disk(&fresh.id), image);
+    assert_eq!(f.svc.store.vms_with_undurable_disks().unwrap(), vec![]);
+    assert_eq!(
+        std::fs::read_dir(f.vms_dir.join(torn.as_str()))
+            .unwrap()
+            .count(),
+        1,
+        "no staging copy left"
+    );
+    // Every VM boots as before.
+    for id in [&fresh.id, &torn, &ran] {
+        f.svc.boot(&f.who, id).await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn a_stopped_vm_reports_the_lifetime_totals_of_its_runs() {
     let f = fixture();
