@@ -18,6 +18,7 @@ pub fn tests() -> Vec<crate::E2e> {
         generated_clients_over_connect_and_grpc,
         bad_input_is_refused_precisely_and_changes_nothing,
         state_survives_a_restart_and_running_vms_are_reattached,
+        a_never_run_vms_disk_copy_lost_in_a_host_crash_is_made_again_at_start,
         an_unjailed_vmm_of_a_vm_never_recorded_running_is_killed_at_start,
         a_suspended_debian_guest_wakes_with_its_memory_disk_and_addresses,
         extra_drives_and_kernel_args_reach_the_guest,
@@ -645,6 +646,41 @@ fn an_unjailed_vmm_of_a_vm_never_recorded_running_is_killed_at_start() {
         Rest::new(&m, Some("crashy")).vm(&id)["state"],
         "VM_STATE_CREATED"
     );
+}
+
+/// A host crash right after a CreateVm can lose the VM's disk copy, which reaches stable
+/// storage in the background: metald, finding the copy never recorded durable at start, makes
+/// it again from its image, and the VM boots.
+fn a_never_run_vms_disk_copy_lost_in_a_host_crash_is_made_again_at_start() {
+    let guest = qemu_guest();
+    let mut m = metald().start(&guest);
+    let api = Rest::new(&m, Some("crash"));
+    let id = api.create_default();
+    // A stop waits for the copy's sync, so it is whole here.
+    m.stop();
+    let disk = m.data_dir.join("vms").join(&id).join("rootfs.img");
+    let whole = std::fs::read(&disk).unwrap();
+    // What the crash left: a copy with its first MiB (the file system's superblock) and its
+    // second half never written, and no record of the sync.
+    let mut torn = whole.clone();
+    torn[..1 << 20].fill(0);
+    torn.truncate(whole.len() / 2);
+    std::fs::write(&disk, &torn).unwrap();
+    let db = rusqlite::Connection::open(m.data_dir.join("metald.db")).unwrap();
+    let n = db
+        .execute("UPDATE vms SET disks_durable = 0 WHERE id = ?1", [&id])
+        .unwrap();
+    assert_eq!(n, 1);
+    drop(db);
+    m.spawn();
+    assert!(
+        std::fs::read(&disk).unwrap() == whole,
+        "the copy is made again before metald serves"
+    );
+    assert!(m.log_text().contains("recopied=true"), "{}", m.log_text());
+    let api = Rest::new(&m, Some("crash"));
+    api.call("POST", &format!("/v1/vms/{id}/boot"), None).ok();
+    api.wait_ready(&id);
 }
 
 fn state_survives_a_restart_and_running_vms_are_reattached() {
