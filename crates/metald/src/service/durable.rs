@@ -1,6 +1,6 @@
 //! A new VM's disk copies reach stable storage off the boot path. They are made at create
 //! without waiting for the disk (an `fdatasync` cost each create 2-3 ms on ext4, and tens of
-//! ms with a thousand VMs running, as it waits for the file system's journal), synced on a
+//! ms with a thousand VMs running, as it waits for the disk's cache flush), synced on a
 //! blocking thread afterwards and then recorded durable in the store. A boot does not wait for
 //! that: its VMM reads and writes the same page cache either way. What a stop of metald left
 //! unrecorded is made good at its next start.

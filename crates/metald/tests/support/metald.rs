@@ -797,6 +797,17 @@ impl Metald {
         }
     }
 
+    /// Waits until every VM directory is gone: the last step of removing a deleted VM's
+    /// leftovers, which goes on after its DeleteVm answered.
+    pub fn wait_vms_removed(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let vms = self.data_dir.join("vms");
+        while std::fs::read_dir(&vms).is_ok_and(|mut d| d.next().is_some()) {
+            assert!(Instant::now() < deadline, "{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The VM's console log as written so far.
     pub fn console(&self, id: &str) -> String {
         std::fs::read_to_string(self.data_dir.join("vms").join(id).join("console.log"))
