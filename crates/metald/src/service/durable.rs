@@ -42,8 +42,10 @@ impl VmService {
     /// At start, the VMs of `vms` whose disk copies were never recorded durable (metald
     /// stopped before their sync ended). One that never ran and was made from images gets its
     /// copies made again, as a host crash may have lost part of them and nothing of its own is
-    /// in them; any other is synced in place, keeping what its guest wrote. Then it is recorded
-    /// durable. A VM that fails stays as it is, for the next start.
+    /// in them (a boot that failed and was rolled back leaves a VM CREATED too: what its guest
+    /// may have written goes with the copy); any other is synced in place, keeping what its
+    /// guest wrote. Then it is recorded durable. A VM that fails stays as it is, for the next
+    /// start.
     pub(super) async fn make_disks_durable(&self, vms: &[VmRecord]) -> Result<(), ServiceError> {
         let undurable: std::collections::HashSet<VmId> =
             self.store.vms_with_undurable_disks()?.into_iter().collect();
