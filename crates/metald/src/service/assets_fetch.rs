@@ -79,13 +79,7 @@ impl VmService {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, ServiceError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|join| ServiceError::Io {
-            op: "fetch asset (task failed)",
-            path: PathBuf::new(),
-            source: std::io::Error::other(join),
-        })
+    on_blocking_pool("fetch asset (task failed)", f).await
 }
 
 #[cfg(test)]

@@ -12,14 +12,14 @@ use super::*;
 use crate::backend::vm_dir::VmDir;
 
 impl VmService {
-    /// Syncs a stored VM's new disk copies on a blocking thread, then records them durable.
-    /// A failure is logged and left for the next start.
+    /// Syncs a stored VM's new disk copies (none if they were synced already) on a blocking
+    /// thread, then records them durable. A failure is logged and left for the next start.
     pub(super) fn sync_disks_later(&self, id: &VmId, copies: Vec<File>) {
         let store = Arc::clone(&self.store);
-        let background = Arc::clone(&self.background);
+        let job = self.background_job();
         let id = id.clone();
-        background.send_modify(|n| *n += 1);
         tokio::task::spawn_blocking(move || {
+            let _job = job;
             let t0 = std::time::Instant::now();
             match copies.iter().try_for_each(File::sync_data) {
                 Ok(()) => match store.set_disks_durable(&id) {
@@ -35,7 +35,6 @@ impl VmService {
                     tracing::error!(vm_id = %id, error = %Chain(&e), "syncing a new VM's disk copies failed; tried again at the next start");
                 }
             }
-            background.send_modify(|n| *n = n.saturating_sub(1));
         });
     }
 
@@ -58,18 +57,14 @@ impl VmService {
             };
             let recopied = sources.is_some();
             let names = own_disk_names(&vm.config);
-            let done = tokio::task::spawn_blocking(move || match sources {
-                Some(sources) => copy_again(&dir, &sources),
-                None => sync_in_place(&dir, &names),
-            })
-            .await
-            .unwrap_or_else(|join| {
-                Err(ServiceError::Io {
-                    op: "make disks durable (task failed)",
-                    path: PathBuf::new(),
-                    source: std::io::Error::other(join),
+            let id = vm.id.clone();
+            let done =
+                on_blocking_pool("make disks durable (task failed)", move || match sources {
+                    Some(sources) => copy_again(&id, &dir, &sources),
+                    None => sync_in_place(&id, &dir, &names),
                 })
-            });
+                .await
+                .and_then(|done| done);
             match done.and_then(|()| Ok(self.store.set_disks_durable(&vm.id)?)) {
                 Ok(()) => {
                     tracing::info!(vm_id = %vm.id, recopied, "disk copies a stop of metald left unsynced are on stable storage");
@@ -100,59 +95,42 @@ impl VmService {
     }
 }
 
-/// Syncs new disk copies now, before their VM is stored; returns them.
-pub(super) async fn sync_now(copies: Vec<File>) -> Result<Vec<File>, ServiceError> {
-    tokio::task::spawn_blocking(move || {
-        copies
-            .iter()
-            .try_for_each(File::sync_data)
-            .map(|()| copies)
-            .map_err(|source| ServiceError::Io {
-                op: "sync disk copy",
-                path: PathBuf::new(),
-                source,
-            })
+/// Syncs new disk copies now, before their VM is stored.
+pub(super) async fn sync_now(copies: Vec<File>) -> Result<(), ServiceError> {
+    on_blocking_pool("sync disk copy (task failed)", move || {
+        copies.iter().try_for_each(File::sync_data)
     })
-    .await
-    .unwrap_or_else(|join| {
-        Err(ServiceError::Io {
-            op: "sync disk copy (task failed)",
-            path: PathBuf::new(),
-            source: std::io::Error::other(join),
-        })
+    .await?
+    .map_err(|source| ServiceError::Io {
+        op: "sync disk copy",
+        path: PathBuf::new(),
+        source,
     })
 }
 
 /// Copies each image again beside its disk's name, synced, and renames it over the name
 /// (whatever was there, a symlink included, is replaced, never followed); then the directory
 /// is synced, so the new names are on stable storage too.
-fn copy_again(dir: &Path, sources: &[(String, PathBuf)]) -> Result<(), ServiceError> {
-    let vm_dir = VmDir::open(dir).map_err(|e| dir_error("open VM directory", dir, e))?;
+fn copy_again(vm: &VmId, dir: &Path, sources: &[(String, PathBuf)]) -> Result<(), ServiceError> {
+    let vm_dir = VmDir::open(dir).map_err(|e| dir_error(vm, e))?;
     for (name, src) in sources {
         let tmp = format!(".{name}.again");
-        vm_dir
-            .remove(&tmp)
-            .map_err(|e| dir_error("remove", &dir.join(&tmp), e))?;
+        vm_dir.remove(&tmp).map_err(|e| dir_error(vm, e))?;
         crate::assets::clone_file(src, &dir.join(&tmp)).map_err(ServiceError::Asset)?;
-        vm_dir
-            .rename(&tmp, name)
-            .map_err(|e| dir_error("rename", &dir.join(&tmp), e))?;
+        vm_dir.rename(&tmp, name).map_err(|e| dir_error(vm, e))?;
     }
     sync_dir(dir)
 }
 
 /// Syncs the VM's own disks where they are, each opened without following a link and only if
 /// it is a regular file.
-fn sync_in_place(dir: &Path, names: &[String]) -> Result<(), ServiceError> {
-    let vm_dir = VmDir::open(dir).map_err(|e| dir_error("open VM directory", dir, e))?;
+fn sync_in_place(vm: &VmId, dir: &Path, names: &[String]) -> Result<(), ServiceError> {
+    let vm_dir = VmDir::open(dir).map_err(|e| dir_error(vm, e))?;
     for name in names {
-        let path = dir.join(name);
-        let file = vm_dir
-            .open_read(name)
-            .map_err(|e| dir_error("open", &path, e))?;
+        let file = vm_dir.open_read(name).map_err(|e| dir_error(vm, e))?;
         file.sync_data().map_err(|source| ServiceError::Io {
             op: "sync disk",
-            path,
+            path: dir.join(name),
             source,
         })?;
     }
@@ -169,10 +147,11 @@ fn sync_dir(dir: &Path) -> Result<(), ServiceError> {
         })
 }
 
-fn dir_error(op: &'static str, path: &Path, e: BackendError) -> ServiceError {
-    ServiceError::Io {
-        op,
-        path: path.to_path_buf(),
-        source: std::io::Error::other(e),
+/// A VM directory step that failed (the error names the step and the file).
+fn dir_error(vm: &VmId, source: BackendError) -> ServiceError {
+    ServiceError::Backend {
+        op: "make disks durable",
+        vm: vm.clone(),
+        source,
     }
 }

@@ -101,20 +101,15 @@ impl VmService {
 /// to be synced ([`VmService::sync_disks_later`]). A copy without reflink support can take
 /// seconds for a large image, so it runs on the blocking pool, never on an async worker.
 pub(super) async fn clone_disk(src: PathBuf, dst: PathBuf) -> Result<std::fs::File, ServiceError> {
-    let copy = tokio::task::spawn_blocking(move || {
+    let (_, file) = on_blocking_pool("copy disk (task failed)", move || {
         let copied = crate::assets::clone_file_unsynced(&src, &dst);
         let method = copied.as_ref().map(|(method, _)| *method);
         tracing::debug!(src = %src.display(), dst = %dst.display(), ?method, "disk cloned");
         copied
-    });
-    match copy.await {
-        Ok(result) => result.map(|(_, file)| file).map_err(ServiceError::Asset),
-        Err(join) => Err(ServiceError::Io {
-            op: "copy disk (task failed)",
-            path: PathBuf::new(),
-            source: std::io::Error::other(join),
-        }),
-    }
+    })
+    .await?
+    .map_err(ServiceError::Asset)?;
+    Ok(file)
 }
 
 pub(super) fn drive_file(d: &DriveConfig) -> String {

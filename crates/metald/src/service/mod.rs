@@ -991,15 +991,15 @@ impl VmService {
         self.forget_lock(id);
         let rest_ms = t0.elapsed().as_secs_f64() * 1000.0 - vmm_ms;
         tracing::info!(vm_id = %id, vmm_ms, rest_ms, "vm deleted");
-        self.background.send_modify(|n| *n += 1);
+        let job = self.background_job();
         let svc = Arc::clone(self);
         tokio::spawn(async move {
+            let _job = job;
             // A few at a time: a burst of deletes queues here rather than as hundreds of tasks
             // and blocking threads contending for the same kernel locks.
             if let Ok(_turn) = svc.reapers.acquire().await {
                 svc.reap(vm).await;
             }
-            svc.background.send_modify(|n| *n = n.saturating_sub(1));
         });
         Ok(())
     }
@@ -1054,6 +1054,12 @@ impl VmService {
     pub async fn close(&self) {
         self.settle().await;
         self.isolation.shutdown().await;
+    }
+
+    /// Counts a piece of background work until the returned guard is dropped.
+    pub(super) fn background_job(&self) -> BackgroundJob {
+        self.background.send_modify(|n| *n += 1);
+        BackgroundJob(Arc::clone(&self.background))
     }
 
     /// Waits until the background work ends: every deleted VM's leftovers removed (or given
@@ -1199,6 +1205,31 @@ pub enum Unready {
 }
 
 /// The state a legal operation leads to (Delete, which leads nowhere, keeps the current one).
+/// Runs `f` on the blocking pool (file work that may take long, never on an async worker); a
+/// task that did not finish is an I/O error named by `op`.
+pub(super) async fn on_blocking_pool<T: Send + 'static>(
+    op: &'static str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ServiceError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|join| ServiceError::Io {
+            op,
+            path: PathBuf::new(),
+            source: std::io::Error::other(join),
+        })
+}
+
+/// One piece of background work, counted for [`VmService::settle`] until it is dropped
+/// (however the work ends).
+pub(super) struct BackgroundJob(Arc<tokio::sync::watch::Sender<usize>>);
+
+impl Drop for BackgroundJob {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
 fn next_state(from: VmState, op: Operation) -> Result<VmState, ServiceError> {
     Ok(transition(from, op)?.unwrap_or(from))
 }

@@ -332,7 +332,7 @@ impl VmService {
         }
         // A clone's copies are synced before it is stored: unlike an image's, they could not
         // be made again at start if a host crash lost part of them (the snapshot may be gone).
-        let copies = super::durable::sync_now(copies).await?;
+        super::durable::sync_now(copies).await?;
         // The saved state is shared, read-only: a link to metald's file (mode 0644) in a
         // directory its VMM can read. A later suspend of the clone unlinks the names before
         // it writes, so the snapshot's files are never written through them.
@@ -367,7 +367,8 @@ impl VmService {
             &snap.id,
             inner,
         )?;
-        self.sync_disks_later(id, copies);
+        // Synced above: only the record is left to the background.
+        self.sync_disks_later(id, Vec::new());
         tracing::info!(vm_id = %id, customer = %customer, snapshot_id = %snap.id, "vm created from snapshot");
         Ok(saved)
     }
