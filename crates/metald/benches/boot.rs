@@ -104,10 +104,14 @@ fn firecracker_rows(fc: &Path, runs: usize) {
     /// metald's default `UNKEY_METALD_WARM_POOL`.
     const SPARE_NETWORKS: usize = 4;
     let log = "info,metald::sandbox=debug,metald_host::jailer=debug,metald_vmm::firecracker=debug";
+    // metald's default spare disk copies (the test harness turns them off).
+    let spares = ("UNKEY_METALD_WARM_DISKS", "2");
     let warm = metald_with_backend("firecracker")
+        .env(spares.0, spares.1)
         .env("UNKEY_METALD_LOG", log)
         .start_with(Metald::import_tiny_guest);
     let cold = metald_with_backend("firecracker")
+        .env(spares.0, spares.1)
         .env("UNKEY_METALD_WARM_JAILS", "0")
         .env("UNKEY_METALD_LOG", log)
         .start_with(Metald::import_tiny_guest);

@@ -35,6 +35,8 @@ fn main() {
         .env("UNKEY_METALD_JAILER_ID_COUNT", &(n + 100).to_string())
         .env("UNKEY_METALD_HOST_MEMORY_OVERCOMMIT", "100")
         .env("UNKEY_METALD_HOST_CPU_OVERCOMMIT", "1000")
+        // metald's default spare disk copies (the test harness turns them off).
+        .env("UNKEY_METALD_WARM_DISKS", "2")
         .env(
             "UNKEY_METALD_WARM_JAILS",
             &env_num::<usize>("BENCH_WARM_JAILS", 2).to_string(),

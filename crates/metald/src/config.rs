@@ -141,6 +141,10 @@ pub struct Config {
     pub metrics_token: Option<Secret>,
     /// Most bytes a VM's console log keeps.
     pub console_max_bytes: u64,
+    /// Spare disk copies kept per image (`UNKEY_METALD_WARM_DISKS`).
+    pub warm_disks: usize,
+    /// Largest image given spare copies, bytes (`UNKEY_METALD_WARM_DISK_MAX_MIB`).
+    pub warm_disk_max_bytes: u64,
     /// This host among its peers, and the database they share if there is one.
     pub fleet: FleetSettings,
 }
@@ -419,6 +423,32 @@ impl Config {
                     v.parse::<u64>()
                         .ok()
                         .filter(|n| (65_536..=1 << 30).contains(n))
+                },
+            )?,
+            // Each spare is a synced copy on the VMs' disk: a few per image cover a burst of
+            // creates; images above the size limit are copied at create only.
+            warm_disks: env.parsed(
+                "UNKEY_METALD_WARM_DISKS",
+                2usize,
+                &format!(
+                    "expected a whole number from 0 to {}",
+                    crate::service::spare_disks::MAX_PER_IMAGE
+                ),
+                |v| {
+                    v.parse::<usize>()
+                        .ok()
+                        .filter(|n| *n <= crate::service::spare_disks::MAX_PER_IMAGE)
+                },
+            )?,
+            warm_disk_max_bytes: env.parsed(
+                "UNKEY_METALD_WARM_DISK_MAX_MIB",
+                256u64 << 20,
+                "expected whole MiB, 1-65536",
+                |v| {
+                    v.parse::<u64>()
+                        .ok()
+                        .filter(|n| (1..=65_536).contains(n))
+                        .map(|n| n << 20)
                 },
             )?,
             fleet: fleet_settings(&env)?,

@@ -330,6 +330,8 @@ pub async fn run(mut cfg: Config) -> Result<(), StartError> {
             snapshots_dir,
             clone_net,
             membership: Arc::clone(&membership),
+            warm_disks: cfg.warm_disks,
+            warm_disk_max_bytes: cfg.warm_disk_max_bytes,
         },
         rx,
     );

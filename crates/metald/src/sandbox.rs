@@ -79,6 +79,13 @@ pub trait Isolation: Send + Sync {
         None
     }
 
+    /// Before a refill of parts made ahead of creates (spare disk copies), on a blocking
+    /// thread: waits for a moment without starts, as the sandbox pools' refills do, unless
+    /// `empty` (nothing of it is left).
+    fn before_refill(&self, empty: bool) {
+        let _ = empty;
+    }
+
     /// How the sandboxes made ahead of boots are doing (for `/metrics`); `None` without them.
     fn pools(&self) -> Option<Pools> {
         None
@@ -387,6 +394,10 @@ impl Isolation for Sandboxes {
 
     fn starting(&self) -> Option<Starting> {
         Some(self.starts.begin())
+    }
+
+    fn before_refill(&self, empty: bool) {
+        self.starts.before_refill(empty);
     }
 
     fn pools(&self) -> Option<Pools> {

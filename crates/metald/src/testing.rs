@@ -290,6 +290,15 @@ pub(crate) fn fixture() -> Fixture {
 }
 
 pub(crate) fn fixture_with_timeout(boot_timeout: Duration) -> Fixture {
+    fixture_with(boot_timeout, 0)
+}
+
+/// A fixture whose service keeps `warm_disks` spare disk copies per image.
+pub(crate) fn fixture_with_spares(warm_disks: usize) -> Fixture {
+    fixture_with(Duration::from_secs(5), warm_disks)
+}
+
+fn fixture_with(boot_timeout: Duration, warm_disks: usize) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(&dir.path().join("db")).unwrap());
     let assets = Arc::new(AssetStore::open(dir.path().join("assets"), store.clone()).unwrap());
@@ -342,6 +351,8 @@ pub(crate) fn fixture_with_timeout(boot_timeout: Duration) -> Fixture {
         membership: crate::membership::Membership::join(store.clone(), &fleet_of_one())
             .unwrap()
             .0,
+        warm_disks,
+        warm_disk_max_bytes: 1 << 20,
     };
     let isolation = Arc::new(FakeIsolation::default());
     let meter = Meter::start(MeterConfig {

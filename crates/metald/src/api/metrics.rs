@@ -100,6 +100,13 @@ impl Collector for ServiceCollector {
             )?;
             ConstGauge::new(i64::try_from(depth).unwrap_or(i64::MAX)).encode(m)?;
         }
+        let m = encoder.encode_descriptor(
+            "metald_spare_disks",
+            "Spare disk copies ready for creates (UNKEY_METALD_WARM_DISKS per image)",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(i64::try_from(svc.spare_disks()).unwrap_or(i64::MAX)).encode(m)?;
         if let Some(pools) = svc.pools() {
             for (name, help, n) in [
                 (

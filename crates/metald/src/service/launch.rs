@@ -1,6 +1,7 @@
 //! What a VM is made of on the host: its private disk copies (made at create) and the launch
 //! description its VMM is started with.
 
+use super::spare_disks::SpareImage;
 use super::validate::asset_field_error;
 use super::*;
 
@@ -21,7 +22,7 @@ impl VmService {
             .get_kind(&config.rootfs_image_id, AssetKind::Rootfs)
             .map_err(|e| asset_field_error("config.rootfs.image_id", e))?;
         let mut copies = vec![
-            clone_disk(self.assets.path_of(&rootfs), dir.join(ROOTFS_FILE))
+            self.copy_image(&rootfs, dir.join(ROOTFS_FILE))
                 .instrument(tracing::info_span!("disk.clone", vm_id = %id))
                 .await?,
         ];
@@ -30,7 +31,7 @@ impl VmService {
                 .assets
                 .get_kind(&d.image_id, AssetKind::Rootfs)
                 .map_err(ServiceError::Asset)?;
-            copies.push(clone_disk(self.assets.path_of(&asset), dir.join(drive_file(d))).await?);
+            copies.push(self.copy_image(&asset, dir.join(drive_file(d))).await?);
         }
         let disks_ms = t0.elapsed().as_secs_f64() * 1000.0 - checks_ms;
         let record = self.new_record(id, customer, config).await?;
@@ -45,6 +46,59 @@ impl VmService {
         let record_ms = t0.elapsed().as_secs_f64() * 1000.0 - checks_ms - disks_ms;
         tracing::info!(vm_id = %id, customer = %customer, checks_ms, disks_ms, record_ms, "vm created");
         Ok(saved)
+    }
+
+    /// A new VM's private copy of `image` at `dst`, not yet on stable storage (see
+    /// [`clone_disk`]), or a spare copy made ahead, synced already; the image's spares are
+    /// refilled in the background either way.
+    async fn copy_image(
+        &self,
+        image: &crate::store::AssetRecord,
+        dst: PathBuf,
+    ) -> Result<std::fs::File, ServiceError> {
+        let image = SpareImage {
+            sha256: image.sha256.clone(),
+            path: self.assets.path_of(image),
+            size: image.size_bytes,
+        };
+        let (spares, wanted) = (Arc::clone(&self.spares), image.clone());
+        let taken = on_blocking_pool("take a spare disk (task failed)", move || {
+            spares.take(&wanted, &dst).ok_or(dst)
+        })
+        .await?;
+        let file = match taken {
+            Ok(file) => {
+                tracing::debug!(sha256 = %image.sha256, "disk: a spare copy taken");
+                file
+            }
+            Err(dst) => clone_disk(image.path.clone(), dst).await?,
+        };
+        self.refill_spares(image);
+        Ok(file)
+    }
+
+    /// Makes `image` its spare copies on a blocking thread, unless that runs already or it
+    /// has them.
+    fn refill_spares(&self, image: SpareImage) {
+        if !self.spares.begin_refill(&image) {
+            return;
+        }
+        let (spares, isolation) = (Arc::clone(&self.spares), Arc::clone(&self.isolation));
+        let (probe, vms_dir) = (Arc::clone(&self.cfg.probe), self.cfg.vms_dir.clone());
+        let reserve = self.cfg.host.disk_reserve_bytes;
+        let job = self.background_job();
+        tokio::task::spawn_blocking(move || {
+            let _job = job;
+            // A spare must leave the disk reserve free, as a create's copy must.
+            let room = |size: u64| {
+                probe.disk(&vms_dir).is_ok_and(|d| {
+                    d.available_bytes
+                        .checked_sub(size)
+                        .is_some_and(|left| left >= reserve)
+                })
+            };
+            spares.refill(&image, |empty| isolation.before_refill(empty), room);
+        });
     }
 
     /// What the backend needs to start this VM.

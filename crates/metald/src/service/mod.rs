@@ -12,6 +12,7 @@ mod durable;
 mod launch;
 mod placement;
 mod snapshots;
+pub mod spare_disks;
 mod supervise;
 mod usage;
 mod validate;
@@ -190,6 +191,10 @@ pub struct ServiceConfig {
     pub clone_net: Option<CloneNet>,
     /// This host in its fleet.
     pub membership: Arc<crate::membership::Membership>,
+    /// Spare disk copies kept per image (`UNKEY_METALD_WARM_DISKS`; 0: none).
+    pub warm_disks: usize,
+    /// Largest image given spare copies, bytes (`UNKEY_METALD_WARM_DISK_MAX_MIB`).
+    pub warm_disk_max_bytes: u64,
 }
 
 /// How often running VMs' console logs are checked against their cap.
@@ -247,9 +252,11 @@ pub struct VmService {
     /// Console bytes cut from each VM's log since metald started.
     console_dropped: Mutex<HashMap<VmId, u64>>,
     /// Work left running in the background: deleted VMs whose leftovers are still being
-    /// removed ([`VmService::reap`]) and new VMs' disk copies being synced
-    /// ([`VmService::sync_disks_later`]).
+    /// removed ([`VmService::reap`]), new VMs' disk copies being synced
+    /// ([`VmService::sync_disks_later`]) and spare disk copies being made.
     background: Arc<tokio::sync::watch::Sender<usize>>,
+    /// Disk copies made ahead of creates.
+    spares: Arc<spare_disks::SpareDisks>,
     /// Turns to remove a deleted VM's leftovers ([`REAPERS`] at a time).
     reapers: tokio::sync::Semaphore,
 }
@@ -267,7 +274,13 @@ impl VmService {
         cfg: ServiceConfig,
         mut exits: mpsc::UnboundedReceiver<ExitEvent>,
     ) -> Arc<Self> {
+        let spares = Arc::new(spare_disks::SpareDisks::new(
+            &cfg.vms_dir,
+            cfg.warm_disks,
+            cfg.warm_disk_max_bytes,
+        ));
         let svc = Arc::new(Self {
+            spares,
             store,
             assets,
             backend,
@@ -342,6 +355,11 @@ impl VmService {
     /// The pools of sandbox parts made ahead of boots, when VMs are isolated.
     pub fn pools(&self) -> Option<crate::sandbox::Pools> {
         self.isolation.pools()
+    }
+
+    /// Spare disk copies ready for creates, all images together.
+    pub fn spare_disks(&self) -> usize {
+        self.spares.ready()
     }
 
     /// Rows waiting for the billing service, when billing is on.
@@ -1052,6 +1070,8 @@ impl VmService {
     /// At shutdown: finishes removing deleted VMs' leftovers, then what belongs to no VM (the
     /// warm pool). Running VMs keep running.
     pub async fn close(&self) {
+        // No refill adds spares from here on; one copying ends and removes its copy.
+        self.spares.close();
         self.settle().await;
         self.isolation.shutdown().await;
     }

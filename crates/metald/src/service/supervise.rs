@@ -10,6 +10,12 @@ impl VmService {
     pub async fn reconcile(&self) -> Result<(), ServiceError> {
         // No boot outlives metald: what a killed one reserved is free again.
         self.store.release_all_runs()?;
+        // Spares a stop left are not known to be whole; they are made again as creates need.
+        self.spares.sweep().map_err(|source| ServiceError::Io {
+            op: "sweep spare disk copies",
+            path: self.cfg.vms_dir.join(spare_disks::SPARE_DIR),
+            source,
+        })?;
         let vms = self.finish_interrupted_deletes_and_creates().await?;
         self.sweep_snapshots(&vms)?;
         self.make_disks_durable(&vms).await?;

@@ -1,7 +1,7 @@
 //! Unit tests of the lifecycle service against a fake backend.
 
 use super::*;
-use crate::testing::{config, fixture, fixture_with_timeout, Fixture, HOST};
+use crate::testing::{config, fixture, fixture_with_spares, fixture_with_timeout, Fixture, HOST};
 use std::sync::atomic::Ordering;
 
 fn dirs(f: &Fixture) -> usize {
@@ -903,6 +903,46 @@ async fn disk_copies_become_durable_in_the_background_or_at_the_next_start() {
     for id in [&fresh.id, &torn, &ran] {
         f.svc.boot(&f.who, id).await.unwrap();
     }
+}
+
+#[tokio::test]
+async fn creates_take_spare_disk_copies_made_ahead_and_a_stop_leaves_none() {
+    let f = fixture_with_spares(2);
+    let spare_dir = f.vms_dir.join(spare_disks::SPARE_DIR);
+    let spare_files = || std::fs::read_dir(&spare_dir).unwrap().count();
+    // What a killed metald left: swept at start.
+    std::fs::create_dir(&spare_dir).unwrap();
+    std::fs::write(spare_dir.join("0123-7.img.part"), b"torn").unwrap();
+    f.svc.reconcile().await.unwrap();
+    assert_eq!((spare_files(), f.svc.spare_disks()), (0, 0));
+    // The first create of an image copies it; the image then gets its spares.
+    let first = f.svc.create(&f.who, config()).await.unwrap().id;
+    f.svc.settle().await;
+    assert_eq!((spare_files(), f.svc.spare_disks()), (2, 2));
+    let second = f.svc.create(&f.who, config()).await.unwrap().id;
+    assert_eq!(f.svc.spare_disks(), 1, "the second create took a spare");
+    f.svc.settle().await;
+    assert_eq!((spare_files(), f.svc.spare_disks()), (2, 2), "refilled");
+    let disk = |id: &VmId| f.vms_dir.join(id.as_str()).join(ROOTFS_FILE);
+    assert_eq!(std::fs::read(disk(&second)).unwrap(), b"image");
+    // Its own file: what one guest writes, the other VM and the spares never see.
+    std::fs::write(disk(&first), b"written by the first guest").unwrap();
+    assert_eq!(std::fs::read(disk(&second)).unwrap(), b"image");
+    let third = f.svc.create(&f.who, config()).await.unwrap().id;
+    assert_eq!(std::fs::read(disk(&third)).unwrap(), b"image");
+    f.svc.settle().await;
+    assert_eq!(f.svc.store.vms_with_undurable_disks().unwrap(), vec![]);
+    // Spares are no VMs: listing, the start-up sweep and booting are as before.
+    assert_eq!(dirs(&f), 4, "three VMs and the spares' directory");
+    f.svc.reconcile().await.unwrap();
+    assert_eq!(f.svc.list(&f.who, None, 10, "").await.unwrap().vms.len(), 3);
+    for id in [&first, &second, &third] {
+        assert!(disk(id).exists());
+        f.svc.boot(&f.who, id).await.unwrap();
+    }
+    // A clean stop removes the spares.
+    f.svc.close().await;
+    assert_eq!((spare_files(), f.svc.spare_disks()), (0, 0));
 }
 
 #[tokio::test]

@@ -20,6 +20,7 @@ pub fn tests() -> Vec<crate::E2e> {
         a_vmm_can_neither_redirect_metalds_writes_nor_touch_its_control_socket,
         a_suspended_guest_stops_counting_and_counts_on_after_waking_even_across_a_restart,
         the_warm_pools_are_taken_by_boots_refilled_swept_after_a_kill_and_removed_at_stop,
+        creates_take_spare_disk_copies_swept_after_a_kill_and_removed_at_stop,
     ];
     tests.extend(
         crate::e2e![&[Need::Root, Need::Firecracker, Need::HardwareKvm, Need::Guest];
@@ -477,4 +478,83 @@ fn the_warm_pools_are_taken_by_boots_refilled_swept_after_a_kill_and_removed_at_
         Vec::<String>::new(),
         "a stopped metald leaves no spare behind"
     );
+}
+
+/// UNKEY_METALD_WARM_DISKS: the first create of an image copies it, and the image then gets
+/// its spare copies (made and synced in the background, in the VMs' directory's `.spare`); the
+/// next create takes one (its disk holds the image's bytes, a file of its own) and its VM boots
+/// from it; a SIGKILLed metald leaves its spares, which the next start sweeps; a clean stop
+/// removes them.
+fn creates_take_spare_disk_copies_swept_after_a_kill_and_removed_at_stop() {
+    use std::os::unix::fs::MetadataExt;
+    let mut m = metald_with_backend("firecracker")
+        .env("UNKEY_METALD_WARM_DISKS", "2")
+        .start_with(Metald::import_tiny_guest);
+    let vms = m.data_dir.join("vms");
+    let spare_dir = vms.join(".spare");
+    let spare_files = || {
+        let mut names: Vec<String> = std::fs::read_dir(&spare_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    };
+    let wait_spares = |m: &Metald, n: f64| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while m.metric("metald_spare_disks") != Some(n) {
+            assert!(std::time::Instant::now() < deadline, "{}", m.log_text());
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    let disk = |id: &str| vms.join(id).join("rootfs.img");
+    assert_eq!(m.metric("metald_spare_disks"), Some(0.0));
+    let api = Rest::new(&m, Some("spares"));
+    let first = api.create(tiny_request(1));
+    wait_spares(&m, 2.0);
+    let made = spare_files();
+    assert_eq!(made.len(), 2, "{made:?}");
+    let second = api.create(tiny_request(1));
+    assert_eq!(
+        std::fs::read(disk(&second)).unwrap(),
+        std::fs::read(disk(&first)).unwrap(),
+        "the spare holds the image's bytes"
+    );
+    wait_spares(&m, 2.0);
+    let refilled = spare_files();
+    assert_eq!(refilled.len(), 2);
+    assert_ne!(refilled, made, "one was taken and another made");
+    assert_ne!(
+        std::fs::metadata(disk(&first)).unwrap().ino(),
+        std::fs::metadata(disk(&second)).unwrap().ino()
+    );
+    // Both boot, each VMM on its own disk, handed to its VM's uid the same way.
+    for id in [&first, &second] {
+        api.boot_ready(id);
+    }
+    let (a, b) = (
+        std::fs::metadata(disk(&first)).unwrap(),
+        std::fs::metadata(disk(&second)).unwrap(),
+    );
+    let uid_base = m.iso.as_ref().unwrap().uid_base;
+    assert!(a.uid() >= uid_base && b.uid() >= uid_base && a.uid() != b.uid());
+    assert_eq!(a.mode(), b.mode());
+
+    // Killed: its spares stay until the next start sweeps them.
+    m.kill();
+    assert_eq!(spare_files(), refilled, "a killed metald leaves its spares");
+    m.spawn();
+    assert_eq!(spare_files(), Vec::<String>::new(), "swept at start");
+    assert_eq!(m.metric("metald_spare_disks"), Some(0.0));
+    let api = Rest::new(&m, Some("spares"));
+    let third = api.create(tiny_request(1));
+    wait_spares(&m, 2.0);
+    for id in [&first, &second, &third] {
+        api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None)
+            .ok();
+    }
+    m.assert_clean();
+    // A clean stop removes the spares.
+    m.stop();
+    assert_eq!(spare_files(), Vec::<String>::new(), "removed at stop");
 }

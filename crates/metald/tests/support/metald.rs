@@ -174,6 +174,9 @@ pub fn metald_with_backend(backend: &str) -> Builder {
             // host. Both ratios at their maximum; the capacity tests set their own.
             ("UNKEY_METALD_HOST_MEMORY_OVERCOMMIT".into(), "100".into()),
             ("UNKEY_METALD_HOST_CPU_OVERCOMMIT".into(), "1000".into()),
+            // No spare disk copies unless a test asks: each metald of the suite would copy and
+            // sync its images twice more in the background, on the disk every test shares.
+            ("UNKEY_METALD_WARM_DISKS".into(), "0".into()),
         ],
         isolated: true,
     }
@@ -802,7 +805,11 @@ impl Metald {
     pub fn wait_vms_removed(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         let vms = self.data_dir.join("vms");
-        while std::fs::read_dir(&vms).is_ok_and(|mut d| d.next().is_some()) {
+        // VM directories only: the spare disk copies' `.spare` stays until metald stops.
+        let any_vm = |mut d: std::fs::ReadDir| {
+            d.any(|e| e.is_ok_and(|e| !e.file_name().to_string_lossy().starts_with('.')))
+        };
+        while std::fs::read_dir(&vms).is_ok_and(any_vm) {
             assert!(Instant::now() < deadline, "{}", self.log_text());
             std::thread::sleep(Duration::from_millis(50));
         }
