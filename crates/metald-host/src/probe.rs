@@ -2,6 +2,8 @@
 //! totals host capacity is measured against ([`HostProbe`]).
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Where the host's kernel interfaces are mounted. Always `/proc`, `/sys` and `/dev` in
 /// production; a test points them at a directory it made.
@@ -113,21 +115,60 @@ pub enum ProbeError {
     },
 }
 
+/// How long [`LinuxHost`] answers its memory total and CPU count from its last reading: every
+/// create and boot asks for both, and reading the CPU count (the affinity mask and the cgroup's
+/// quota files) cost a create and its boot 0.3-0.5 ms together; they change only with hotplug or an operator's
+/// cgroup change, which a second's delay does not hurt.
+pub const REREAD_AFTER: Duration = Duration::from_secs(1);
+
+/// A value read at an instant.
+type Reading = Arc<Mutex<Option<(Instant, u64)>>>;
+
 /// The real host, reading `<proc>/meminfo`, the scheduler's CPU count and `statvfs`.
 #[derive(Debug, Clone)]
 pub struct LinuxHost {
     proc: PathBuf,
+    reread_after: Duration,
+    memory: Reading,
+    cpus: Reading,
 }
 
 impl LinuxHost {
     /// Reads memory from `<proc>/meminfo` (`/proc` in production, see [`HostRoots`]).
     pub fn new(proc: PathBuf) -> Self {
-        Self { proc }
+        Self {
+            proc,
+            reread_after: REREAD_AFTER,
+            memory: Reading::default(),
+            cpus: Reading::default(),
+        }
     }
-}
 
-impl HostProbe for LinuxHost {
-    fn memory_bytes(&self) -> Result<u64, ProbeError> {
+    /// The same host, answering from a reading for `after` ([`REREAD_AFTER`] by default).
+    pub fn reread_after(mut self, after: Duration) -> Self {
+        self.reread_after = after;
+        self
+    }
+
+    /// `reading`'s value if younger than `reread_after`, else `read`'s (kept when it worked).
+    fn cached(
+        &self,
+        reading: &Reading,
+        read: impl FnOnce() -> Result<u64, ProbeError>,
+    ) -> Result<u64, ProbeError> {
+        // A value and its time cannot be left inconsistent.
+        let mut last = reading.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, value)) = *last {
+            if at.elapsed() < self.reread_after {
+                return Ok(value);
+            }
+        }
+        let value = read()?;
+        *last = Some((Instant::now(), value));
+        Ok(value)
+    }
+
+    fn read_memory_bytes(&self) -> Result<u64, ProbeError> {
         let path = self.proc.join("meminfo");
         let text = std::fs::read_to_string(&path).map_err(|source| ProbeError::Read {
             path: path.clone(),
@@ -139,7 +180,7 @@ impl HostProbe for LinuxHost {
         })
     }
 
-    fn cpus(&self) -> Result<u64, ProbeError> {
+    fn read_cpus(&self) -> Result<u64, ProbeError> {
         // Counts the CPUs of metald's affinity mask, bounded by its cgroup's CPU quota.
         std::thread::available_parallelism()
             .map(|n| n.get() as u64)
@@ -147,6 +188,16 @@ impl HostProbe for LinuxHost {
                 path: PathBuf::from("sched_getaffinity"),
                 source,
             })
+    }
+}
+
+impl HostProbe for LinuxHost {
+    fn memory_bytes(&self) -> Result<u64, ProbeError> {
+        self.cached(&self.memory, || self.read_memory_bytes())
+    }
+
+    fn cpus(&self) -> Result<u64, ProbeError> {
+        self.cached(&self.cpus, || self.read_cpus())
     }
 
     fn disk(&self, path: &Path) -> Result<DiskSpace, ProbeError> {
@@ -175,7 +226,7 @@ mod tests {
     #[test]
     fn memory_is_read_from_meminfo_under_the_given_root() {
         let root = tempfile::tempdir().unwrap();
-        let host = LinuxHost::new(root.path().to_path_buf());
+        let host = LinuxHost::new(root.path().to_path_buf()).reread_after(Duration::ZERO);
         assert!(matches!(host.memory_bytes(), Err(ProbeError::Read { .. })));
         std::fs::write(
             root.path().join("meminfo"),
@@ -196,6 +247,23 @@ mod tests {
                 "{bad}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn a_reading_is_reused_for_a_while_and_a_failed_one_never() {
+        let root = tempfile::tempdir().unwrap();
+        let meminfo = root.path().join("meminfo");
+        let host =
+            LinuxHost::new(root.path().to_path_buf()).reread_after(Duration::from_secs(3600));
+        assert!(host.memory_bytes().is_err(), "nothing to read yet");
+        std::fs::write(&meminfo, "MemTotal: 1024 kB\n").unwrap();
+        assert_eq!(host.memory_bytes().unwrap(), 1 << 20);
+        std::fs::write(&meminfo, "MemTotal: 2048 kB\n").unwrap();
+        assert_eq!(host.memory_bytes().unwrap(), 1 << 20, "within the hour");
+        // Clones share the reading (the service hands the probe around).
+        assert_eq!(host.clone().memory_bytes().unwrap(), 1 << 20);
+        let fresh = host.reread_after(Duration::ZERO);
+        assert_eq!(fresh.memory_bytes().unwrap(), 2 << 20);
     }
 
     #[test]

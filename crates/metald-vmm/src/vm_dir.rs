@@ -101,6 +101,13 @@ impl VmDir {
         self.append(name)
     }
 
+    /// Whether `name` is a regular file holding nothing (never through a symlink).
+    pub fn is_empty_file(&self, name: &str) -> bool {
+        rustix::fs::statat(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW).is_ok_and(|st| {
+            FileType::from_raw_mode(st.st_mode) == FileType::RegularFile && st.st_size == 0
+        })
+    }
+
     /// Creates `name`, which must not exist yet, for writing (mode 0600, metald's): a file a
     /// VMM is handed by descriptor, never by path.
     pub fn create_new(&self, name: &str) -> Result<File, BackendError> {
@@ -220,6 +227,16 @@ mod tests {
         )
         .unwrap();
         assert!(d.append("fifo.log").is_err(), "a FIFO is no log");
+        // Only a regular file of its own counts as an empty log, never a link to one.
+        std::fs::write(dir.path().join("empty"), b"").unwrap();
+        std::os::unix::fs::symlink(dir.path().join("empty"), vm.join("empty-link")).unwrap();
+        std::fs::write(vm.join("empty.log"), b"").unwrap();
+        assert!(d.is_empty_file("empty.log"));
+        for not in ["vmm.log", "empty-link", "fifo.log", "never-there"] {
+            assert!(!d.is_empty_file(not), "{not}");
+        }
+        std::fs::write(vm.join("empty.log"), b"x").unwrap();
+        assert!(!d.is_empty_file("empty.log"));
         // Where a log is due, what was put there is replaced by a new file.
         for name in ["vmm.log", "fifo.log"] {
             std::os::unix::fs::symlink(&host, vm.join("link.log")).unwrap();

@@ -74,8 +74,11 @@ impl FirecrackerBackend {
         // Firecracker leaves its socket behind on every exit, and refuses to start on one.
         launch.open_control_dir()?;
         // Firecracker's logger writes from offset 0 of an existing file; keep the previous
-        // boot's log beside the new one instead of interleaving them.
-        dir.rename(crate::files::VMM_LOG, PREVIOUS_LOG)?;
+        // boot's log beside the new one instead of interleaving them. An empty one (a first
+        // boot's, made at create) is kept: nothing is set aside and no file is made anew.
+        if !dir.is_empty_file(crate::files::VMM_LOG) {
+            dir.rename(crate::files::VMM_LOG, PREVIOUS_LOG)?;
+        }
         let (console, vmm_log) = open_logs(launch)?;
         // The metrics FIFO: its read end is opened first, so Firecracker's open for writing
         // never blocks and nothing it writes is lost. The jailed Firecracker writes it as the
