@@ -8,7 +8,8 @@
 //!
 //! `cargo bench -p metald --bench scale` (root, a Firecracker binary, /dev/kvm). Not in
 //! `make bench`: it holds `BENCH_SCALE_VMS` VMs (about 4.3 MB each) at once.
-//! `BENCH_WARM_JAILS=n` sets metald's `UNKEY_METALD_WARM_JAILS` (default 2; 0 builds every jail at its boot).
+//! `BENCH_WARM_JAILS=n` sets metald's `UNKEY_METALD_WARM_JAILS` (default 2; 0 builds every jail at its boot),
+//! `BENCH_WARM_POOL=n` its `UNKEY_METALD_WARM_POOL` (default 4; 0 makes every network at its boot).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 #[path = "../tests/support/mod.rs"]
@@ -20,6 +21,9 @@ use std::time::{Duration, Instant};
 use metald::backend::firecracker::api::FirecrackerApi;
 use serde_json::json;
 use support::*;
+
+/// Bare Firecrackers started beside metald's VMs once they all run.
+const BESIDE: usize = 20;
 
 fn main() {
     let Some(fc) = firecracker_bin() else {
@@ -40,6 +44,10 @@ fn main() {
         .env(
             "UNKEY_METALD_WARM_JAILS",
             &env_num::<usize>("BENCH_WARM_JAILS", 2).to_string(),
+        )
+        .env(
+            "UNKEY_METALD_WARM_POOL",
+            &env_num::<usize>("BENCH_WARM_POOL", 4).to_string(),
         )
         // The per-step lines of a start and a delete (see `steps` below).
         .env(
@@ -82,6 +90,10 @@ fn main() {
         );
         std::thread::sleep(Duration::from_secs(secs));
     }
+    // Bare Firecrackers started beside metald's running VMs: what the host's load with them
+    // (metering, metrics flushes, the idle guests) does to a VMM's own start, apart from
+    // anything metald does on a boot's path.
+    let (_, beside) = bare_firecrackers(&fc, &m.data_dir, BESIDE.min(n), false);
     let mut deletes = Vec::with_capacity(n);
     let t_del = Instant::now();
     for id in &ids {
@@ -96,7 +108,7 @@ fn main() {
     // one metald's first boot had.
     m.wait_vms_removed(Duration::from_secs(600));
     let all_removed = t_del.elapsed();
-    let (bare_all, bare_steps_ref) = bare_firecrackers(&fc, &m.data_dir, n);
+    let (bare_all, bare_steps_ref) = bare_firecrackers(&fc, &m.data_dir, n, true);
 
     println!();
     println!("| {n} jailed tiny Firecracker VMs, one after another        | median ms | min ms | max ms |");
@@ -155,6 +167,17 @@ fn main() {
     {
         row(name, samples);
     }
+    let beside_total: Vec<Duration> = (0..beside[0].len())
+        .map(|i| beside[0][i] + beside[1][i] + beside[2][i])
+        .collect();
+    row(
+        &format!("bare, beside metald's {n} VMs: spawn -> banner"),
+        &beside_total,
+    );
+    row(
+        &format!("bare, beside metald's {n} VMs: configured, started"),
+        &beside[1],
+    );
     // The same starts by how many bare VMMs already ran: the host's own growth, which no
     // change to metald can remove.
     let bare_total: Vec<Duration> = (0..n)
@@ -386,7 +409,15 @@ fn rss_kib(pid: u32) -> u64 {
 /// Starts `n` bare Firecrackers one after another, each until its banner, all kept running
 /// until the last; returns the total time and each start's steps (spawn until the API answers,
 /// configured and started, started until the banner).
-fn bare_firecrackers(fc: &Path, assets: &Path, n: usize) -> (Duration, [Vec<Duration>; 3]) {
+/// `n` bare Firecrackers started one after another, then killed: the time for all and each
+/// one's steps (spawn until its API answers, configured and started, until the banner). With
+/// `idle`, the host's load with all `n` running is printed before they go.
+fn bare_firecrackers(
+    fc: &Path,
+    assets: &Path,
+    n: usize,
+    idle: bool,
+) -> (Duration, [Vec<Duration>; 3]) {
     let dir = tempfile::Builder::new()
         .prefix("mdb")
         .tempdir_in("/tmp")
@@ -420,10 +451,12 @@ fn bare_firecrackers(fc: &Path, assets: &Path, n: usize) -> (Duration, [Vec<Dura
         });
     }
     let took = t0.elapsed();
-    println!(
-        "host CPUs busy with {n} bare Firecrackers running, none starting: {:.1} %",
-        host_busy(Duration::from_secs(5))
-    );
+    if idle {
+        println!(
+            "host CPUs busy with {n} bare Firecrackers running, none starting: {:.1} %",
+            host_busy(Duration::from_secs(5))
+        );
+    }
     for mut c in children {
         let _ = c.kill();
         let _ = c.wait();

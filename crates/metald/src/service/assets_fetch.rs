@@ -26,6 +26,9 @@ impl VmService {
             for d in &config.drives {
                 needed.push(assets.get_kind(&d.image_id, AssetKind::Rootfs)?);
             }
+            // What this host has needs no fetch, nor a trip to the blocking pool each (every
+            // create and boot asks; the images are nearly always here).
+            needed.retain(|r| !assets.path_of(r).exists());
             Ok(needed)
         };
         for record in blocking(needed).await?.map_err(ServiceError::Asset)? {
