@@ -11,12 +11,17 @@
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// The longest a refill waits for a quiet moment before it goes ahead anyway.
-const MAX_REFILL_WAIT: Duration = Duration::from_millis(30);
+/// The longest a refill waits for a quiet moment before it goes ahead anyway. Longer than a
+/// start near 1000 VMs (40-60 ms on 2 cores): at 30 ms a refill started in the middle of the
+/// very start that took from the pool, and that start's VMM took 19-32 ms to configure and
+/// start its guest instead of 13 ms (a bare Firecracker beside it: 12 ms).
+const MAX_REFILL_WAIT: Duration = Duration::from_millis(150);
 
 /// How long after the last start a moment counts as quiet: the new guest's first instants (a
-/// tiny guest prints its banner within a millisecond of its start) are on the cores too.
-const SETTLE: Duration = Duration::from_millis(10);
+/// tiny guest prints its banner within a millisecond of its start) are on the cores too. Short
+/// enough to fit between the starts of a stream (a create and its boot request come 2-3 ms
+/// after the previous start ends): with 10 ms, refills only ever ran at their limit.
+const SETTLE: Duration = Duration::from_millis(2);
 
 /// How many VM starts are in flight; refills wait until none is (see the module's doc).
 #[derive(Debug, Default)]

@@ -9,7 +9,8 @@
 //! `cargo bench -p metald --bench scale` (root, a Firecracker binary, /dev/kvm). Not in
 //! `make bench`: it holds `BENCH_SCALE_VMS` VMs (about 4.3 MB each) at once.
 //! `BENCH_WARM_JAILS=n` sets metald's `UNKEY_METALD_WARM_JAILS` (default 2; 0 builds every jail at its boot),
-//! `BENCH_WARM_POOL=n` its `UNKEY_METALD_WARM_POOL` (default 4; 0 makes every network at its boot).
+//! `BENCH_WARM_POOL=n` its `UNKEY_METALD_WARM_POOL` (default 4; 0 makes every network at its boot),
+//! `BENCH_WARM_DISKS=n` its `UNKEY_METALD_WARM_DISKS` (default 2; 0 copies every disk at its create).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 #[path = "../tests/support/mod.rs"]
@@ -31,6 +32,7 @@ fn main() {
         return;
     };
     let n: usize = env_num("BENCH_SCALE_VMS", 1000);
+    wait_host_quiet("metald's boots");
     let m = metald_with_backend("firecracker")
         .env("UNKEY_METALD_RATE_LIMIT_PER_SECOND", "1000000")
         .env("UNKEY_METALD_RATE_LIMIT_BURST", "1000000")
@@ -40,7 +42,10 @@ fn main() {
         .env("UNKEY_METALD_HOST_MEMORY_OVERCOMMIT", "100")
         .env("UNKEY_METALD_HOST_CPU_OVERCOMMIT", "1000")
         // metald's default spare disk copies (the test harness turns them off).
-        .env("UNKEY_METALD_WARM_DISKS", "2")
+        .env(
+            "UNKEY_METALD_WARM_DISKS",
+            &env_num::<usize>("BENCH_WARM_DISKS", 2).to_string(),
+        )
         .env(
             "UNKEY_METALD_WARM_JAILS",
             &env_num::<usize>("BENCH_WARM_JAILS", 2).to_string(),
@@ -108,6 +113,7 @@ fn main() {
     // one metald's first boot had.
     m.wait_vms_removed(Duration::from_secs(600));
     let all_removed = t_del.elapsed();
+    wait_host_quiet("the bare Firecrackers");
     let (bare_all, bare_steps_ref) = bare_firecrackers(&fc, &m.data_dir, n, true);
 
     println!();
@@ -368,6 +374,27 @@ fn print_steps(log: &str, ids: &[String], n: usize) {
 }
 
 /// How busy the host's CPUs were over `window`, in percent of all of them (from /proc/stat).
+/// Waits (at most 5 min) until the host's CPUs are less than [`QUIET_BUSY`] % busy over a
+/// second, and says how long that took: the kernel tears network namespaces down on a work
+/// queue of its own (`cleanup_net`), minutes after the last one of 1000 was removed, and a
+/// phase started beside that measures the teardown too.
+fn wait_host_quiet(before: &str) {
+    let t0 = Instant::now();
+    loop {
+        let busy = host_busy(Duration::from_secs(1));
+        if busy < QUIET_BUSY || t0.elapsed() > Duration::from_secs(300) {
+            println!(
+                "host {busy:.1} % busy after {:.0} s of waiting, before {before}",
+                t0.elapsed().as_secs_f64()
+            );
+            return;
+        }
+    }
+}
+
+/// What counts as a quiet host (this one idles at 2-3 %: its agent, DAMON).
+const QUIET_BUSY: f64 = 6.0;
+
 fn host_busy(window: Duration) -> f64 {
     let sample = || -> (u64, u64) {
         let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();

@@ -89,6 +89,9 @@ impl VmService {
         let job = self.background_job();
         tokio::task::spawn_blocking(move || {
             let _job = job;
+            // A create's boot usually follows within milliseconds: it goes first (the quiet
+            // moment below is one after a start, and this create's boot has not begun yet).
+            std::thread::sleep(BOOT_FOLLOWS);
             // A spare must leave the disk reserve free, as a create's copy must.
             let room = |size: u64| {
                 probe.disk(&vms_dir).is_ok_and(|d| {
@@ -97,7 +100,7 @@ impl VmService {
                         .is_some_and(|left| left >= reserve)
                 })
             };
-            spares.refill(&image, |empty| isolation.before_refill(empty), room);
+            spares.refill(&image, || isolation.before_refill(false), room);
         });
     }
 
@@ -150,6 +153,9 @@ impl VmService {
             .map_err(ServiceError::Asset)
     }
 }
+
+/// How long a spare disk refill lets the create's boot begin before it looks for a quiet moment.
+const BOOT_FOLLOWS: Duration = Duration::from_millis(10);
 
 /// Makes a VM's private copy of a disk image, not yet on stable storage: the copy is returned
 /// to be synced ([`VmService::sync_disks_later`]). A copy without reflink support can take

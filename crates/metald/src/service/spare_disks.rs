@@ -167,13 +167,14 @@ impl SpareDisks {
         true
     }
 
-    /// Makes spares of `image` until it has its number, each once `quiet(empty)` returns (it
-    /// waits for a moment without starts; `empty`: the image has none left) and while
+    /// Makes spares of `image` until it has its number, each once `quiet()` returns (it waits
+    /// for a moment without starts: even with no spare left, a create's own copy costs it
+    /// less than a refill beside its boot would) and while
     /// `room(size)` says the disk can hold one more. Blocking. Ends the refill
     /// [`SpareDisks::begin_refill`] started.
-    pub fn refill(&self, image: &SpareImage, quiet: impl Fn(bool), room: impl Fn(u64) -> bool) {
-        while let Some((name, empty)) = self.next_spare(image) {
-            quiet(empty);
+    pub fn refill(&self, image: &SpareImage, quiet: impl Fn(), room: impl Fn(u64) -> bool) {
+        while let Some(name) = self.next_spare(image) {
+            quiet();
             if !room(image.size) {
                 tracing::debug!(sha256 = %image.sha256, "no disk room for a spare disk copy");
                 break;
@@ -200,9 +201,9 @@ impl SpareDisks {
         }
     }
 
-    /// The next spare's name, and whether the image has none ready; `None` when it has its
-    /// number (or is gone, or the spares are closed).
-    fn next_spare(&self, image: &SpareImage) -> Option<(String, bool)> {
+    /// The next spare's name; `None` when the image has its number (or is gone, or the spares
+    /// are closed).
+    fn next_spare(&self, image: &SpareImage) -> Option<String> {
         let mut st = self.lock();
         if st.closed {
             return None;
@@ -212,10 +213,9 @@ impl SpareDisks {
         if s.ready.len() >= self.per_image {
             return None;
         }
-        let empty = s.ready.is_empty();
         st.next += 1;
         let short = image.sha256.get(..16).unwrap_or(&image.sha256);
-        Some((format!("{short}-{n}.img"), empty))
+        Some(format!("{short}-{n}.img"))
     }
 
     fn add(&self, image: &SpareImage, name: String) -> bool {
@@ -296,7 +296,7 @@ mod tests {
         let quiet_calls = std::sync::atomic::AtomicUsize::new(0);
         spares.refill(
             &img,
-            |_| {
+            || {
                 quiet_calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             },
             |_| true,
@@ -326,7 +326,7 @@ mod tests {
         spares.sweep().unwrap();
         let img = image(tmp.path(), "a", b"image a");
         assert!(spares.begin_refill(&img));
-        spares.refill(&img, |_| {}, |_| true);
+        spares.refill(&img, || {}, |_| true);
         // The same id imported again with other content is another image.
         let again = SpareImage {
             sha256: format!("{:0>64}", "b"),
@@ -339,7 +339,7 @@ mod tests {
         assert!(!spares.begin_refill(&big));
         let c = image(tmp.path(), "c", b"image c");
         assert!(spares.begin_refill(&c));
-        spares.refill(&c, |_| {}, |_| false);
+        spares.refill(&c, || {}, |_| false);
         assert!(spares.take(&c, &dst).is_none());
         assert_eq!(spares.ready(), 1);
         // Turned off: nothing at all, not even the directory.
@@ -366,7 +366,7 @@ mod tests {
             .collect();
         for img in &images {
             assert!(spares.begin_refill(img));
-            spares.refill(img, |_| {}, |_| true);
+            spares.refill(img, || {}, |_| true);
         }
         assert_eq!(spares.ready(), MAX_IMAGES);
         assert_eq!(spares_in(tmp.path()).len(), MAX_IMAGES);
