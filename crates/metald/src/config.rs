@@ -427,18 +427,10 @@ impl Config {
             )?,
             // Each spare is a synced copy on the VMs' disk: a few per image cover a burst of
             // creates; images above the size limit are copied at create only.
-            warm_disks: env.parsed(
+            warm_disks: env.pool_size(
                 "UNKEY_METALD_WARM_DISKS",
-                2usize,
-                &format!(
-                    "expected a whole number from 0 to {}",
-                    crate::service::spare_disks::MAX_PER_IMAGE
-                ),
-                |v| {
-                    v.parse::<usize>()
-                        .ok()
-                        .filter(|n| *n <= crate::service::spare_disks::MAX_PER_IMAGE)
-                },
+                2,
+                crate::service::spare_disks::MAX_PER_IMAGE,
             )?,
             warm_disk_max_bytes: env.parsed(
                 "UNKEY_METALD_WARM_DISK_MAX_MIB",
@@ -508,6 +500,21 @@ impl Env<'_> {
         parse: impl Fn(&str) -> Option<T>,
     ) -> Result<T, ConfigError> {
         Ok(self.optional(name, allowed, parse)?.unwrap_or(default))
+    }
+
+    /// A pool's size: a whole number from 0 (no pool) to `max`.
+    fn pool_size(
+        &self,
+        name: &'static str,
+        default: usize,
+        max: usize,
+    ) -> Result<usize, ConfigError> {
+        self.parsed(
+            name,
+            default,
+            &format!("expected a whole number from 0 to {max}"),
+            |v| v.parse::<usize>().ok().filter(|n| *n <= max),
+        )
     }
 
     /// One of `options` by name ("expected a, b or c" otherwise).
@@ -947,32 +954,16 @@ fn isolation_config(env: &Env<'_>) -> Result<IsolationConfig, ConfigError> {
     let id_count = number("UNKEY_METALD_JAILER_ID_COUNT", 65_536, 1)?;
     // A few spares cover a burst of boots; each is a namespace and a veth pair, kB of kernel
     // memory. 0 turns the pool off (every boot makes its own network).
-    let warm_pool = env.parsed(
+    let warm_pool = env.pool_size(
         "UNKEY_METALD_WARM_POOL",
-        4usize,
-        &format!(
-            "expected a whole number from 0 to {}",
-            crate::network::pool::MAX_WARM_POOL
-        ),
-        |v| {
-            v.parse::<usize>()
-                .ok()
-                .filter(|n| *n <= crate::network::pool::MAX_WARM_POOL)
-        },
+        4,
+        crate::network::pool::MAX_WARM_POOL,
     )?;
     // Each is a waiting process of about 1 MB with its own small tmpfs root.
-    let warm_jails = env.parsed(
+    let warm_jails = env.pool_size(
         "UNKEY_METALD_WARM_JAILS",
-        2usize,
-        &format!(
-            "expected a whole number from 0 to {}",
-            metald_host::jailer::warm::MAX_WARM_JAILS
-        ),
-        |v| {
-            v.parse::<usize>()
-                .ok()
-                .filter(|n| *n <= metald_host::jailer::warm::MAX_WARM_JAILS)
-        },
+        2,
+        metald_host::jailer::warm::MAX_WARM_JAILS,
     )?;
     for (n, base) in [
         ("UNKEY_METALD_JAILER_UID", uid_base),
@@ -1340,6 +1331,7 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("/var/lib/metald"));
         assert_eq!(c.backend, BackendChoice::Auto);
         assert_eq!(c.qemu_accel, AccelChoice::Auto);
+        assert_eq!((c.warm_disks, c.warm_disk_max_bytes), (2, 256 << 20));
         let Isolation::Jail(iso) = c.isolation else {
             panic!("isolation is on by default")
         };
@@ -1439,6 +1431,12 @@ mod tests {
                 "65",
                 "expected a whole number from 0 to 64",
             ),
+            (
+                "UNKEY_METALD_WARM_DISKS",
+                "17",
+                "expected a whole number from 0 to 16",
+            ),
+            ("UNKEY_METALD_WARM_DISK_MAX_MIB", "0", "whole MiB, 1-65536"),
             (
                 "UNKEY_METALD_AUTH_MODE",
                 "oauth",
