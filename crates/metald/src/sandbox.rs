@@ -80,11 +80,9 @@ pub trait Isolation: Send + Sync {
     }
 
     /// Before a refill of parts made ahead of creates (spare disk copies), on a blocking
-    /// thread: waits for a moment without starts, as the sandbox pools' refills do, unless
-    /// `empty` (nothing of it is left).
-    fn before_refill(&self, empty: bool) {
-        let _ = empty;
-    }
+    /// thread: waits for a moment without starts, as the sandbox pools' refills do (even with
+    /// none left: a create's own copy costs it less than a refill beside its boot).
+    fn before_refill(&self) {}
 
     /// How the sandboxes made ahead of boots are doing (for `/metrics`); `None` without them.
     fn pools(&self) -> Option<Pools> {
@@ -396,8 +394,8 @@ impl Isolation for Sandboxes {
         Some(self.starts.begin())
     }
 
-    fn before_refill(&self, empty: bool) {
-        self.starts.before_refill(empty);
+    fn before_refill(&self) {
+        self.starts.before_refill(false);
     }
 
     fn pools(&self) -> Option<Pools> {

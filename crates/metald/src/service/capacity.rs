@@ -114,25 +114,16 @@ impl VmService {
     /// Refuses a create whose writable disks would leave the data directory's filesystem
     /// with less than the disk reserve free.
     pub(super) fn check_disk_room(&self, writable_bytes: u64) -> Result<(), ServiceError> {
-        let disk = self.disk_space()?;
-        Shortage::check(
-            "disk",
-            "MiB",
-            MIB,
-            disk.total_bytes.saturating_sub(disk.available_bytes),
+        check_disk_room(
+            &*self.cfg.probe,
+            &self.cfg.vms_dir,
+            self.cfg.host.disk_reserve_bytes,
             writable_bytes,
-            Some(self.disk_capacity(disk)),
         )
-        .map_err(ServiceError::HostExhausted)
     }
 
     fn disk_space(&self) -> Result<DiskSpace, ServiceError> {
         self.cfg.probe.disk(&self.cfg.vms_dir).map_err(probe_error)
-    }
-
-    fn disk_capacity(&self, disk: DiskSpace) -> u64 {
-        disk.total_bytes
-            .saturating_sub(self.cfg.host.disk_reserve_bytes)
     }
 
     /// The host's capacity and what its VMs hold (every customer's).
@@ -153,7 +144,7 @@ impl VmService {
             memory_bytes: Amount::new(limits.memory_bytes.unwrap_or(0), memory_bytes),
             vcpus: Amount::new(limits.vcpus.unwrap_or(0), vcpus),
             disk_bytes: Amount::new(
-                self.disk_capacity(disk),
+                disk_capacity(disk, self.cfg.host.disk_reserve_bytes),
                 disk.total_bytes.saturating_sub(disk.available_bytes),
             ),
             vms: Amount::new(slots, vms),
@@ -183,6 +174,31 @@ impl VmService {
         }
         Ok(total)
     }
+}
+
+/// Refuses `bytes` more on the file system of `vms_dir` when they would leave it with less than
+/// `reserve` free: a create's disk copies, and a spare disk copy made ahead of one.
+pub(super) fn check_disk_room(
+    probe: &dyn HostProbe,
+    vms_dir: &Path,
+    reserve: u64,
+    bytes: u64,
+) -> Result<(), ServiceError> {
+    let disk = probe.disk(vms_dir).map_err(probe_error)?;
+    Shortage::check(
+        "disk",
+        "MiB",
+        MIB,
+        disk.total_bytes.saturating_sub(disk.available_bytes),
+        bytes,
+        Some(disk_capacity(disk, reserve)),
+    )
+    .map_err(ServiceError::HostExhausted)
+}
+
+/// What VMs may fill of a file system: all of it but the reserve.
+fn disk_capacity(disk: DiskSpace, reserve: u64) -> u64 {
+    disk.total_bytes.saturating_sub(reserve)
 }
 
 fn probe_error(source: ProbeError) -> ServiceError {

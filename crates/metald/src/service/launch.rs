@@ -62,17 +62,18 @@ impl VmService {
             size: image.size_bytes,
         };
         let (spares, wanted) = (Arc::clone(&self.spares), image.clone());
-        let taken = on_blocking_pool("take a spare disk (task failed)", move || {
-            spares.take(&wanted, &dst).ok_or(dst)
-        })
-        .await?;
-        let file = match taken {
-            Ok(file) => {
-                tracing::debug!(sha256 = %image.sha256, "disk: a spare copy taken");
-                file
+        // One trip to the blocking pool, for a spare or the copy.
+        let file = on_blocking_pool("copy disk (task failed)", move || {
+            match spares.take(&wanted, &dst) {
+                Some(file) => {
+                    tracing::debug!(sha256 = %wanted.sha256, "disk: a spare copy taken");
+                    Ok(file)
+                }
+                None => copy_unsynced(&wanted.path, &dst),
             }
-            Err(dst) => clone_disk(image.path.clone(), dst).await?,
-        };
+        })
+        .await?
+        .map_err(ServiceError::Asset)?;
         self.refill_spares(image);
         Ok(file)
     }
@@ -93,14 +94,8 @@ impl VmService {
             // moment below is one after a start, and this create's boot has not begun yet).
             std::thread::sleep(BOOT_FOLLOWS);
             // A spare must leave the disk reserve free, as a create's copy must.
-            let room = |size: u64| {
-                probe.disk(&vms_dir).is_ok_and(|d| {
-                    d.available_bytes
-                        .checked_sub(size)
-                        .is_some_and(|left| left >= reserve)
-                })
-            };
-            spares.refill(&image, || isolation.before_refill(false), room);
+            let room = |size| capacity::check_disk_room(&*probe, &vms_dir, reserve, size).is_ok();
+            spares.refill(&image, || isolation.before_refill(), room);
         });
     }
 
@@ -161,15 +156,17 @@ const BOOT_FOLLOWS: Duration = Duration::from_millis(10);
 /// to be synced ([`VmService::sync_disks_later`]). A copy without reflink support can take
 /// seconds for a large image, so it runs on the blocking pool, never on an async worker.
 pub(super) async fn clone_disk(src: PathBuf, dst: PathBuf) -> Result<std::fs::File, ServiceError> {
-    let (_, file) = on_blocking_pool("copy disk (task failed)", move || {
-        let copied = crate::assets::clone_file_unsynced(&src, &dst);
-        let method = copied.as_ref().map(|(method, _)| *method);
-        tracing::debug!(src = %src.display(), dst = %dst.display(), ?method, "disk cloned");
-        copied
-    })
-    .await?
-    .map_err(ServiceError::Asset)?;
-    Ok(file)
+    on_blocking_pool("copy disk (task failed)", move || copy_unsynced(&src, &dst))
+        .await?
+        .map_err(ServiceError::Asset)
+}
+
+/// [`clone_disk`]'s copy, on the calling thread.
+fn copy_unsynced(src: &Path, dst: &Path) -> Result<std::fs::File, crate::assets::AssetError> {
+    let copied = crate::assets::clone_file_unsynced(src, dst);
+    let method = copied.as_ref().map(|(method, _)| *method);
+    tracing::debug!(src = %src.display(), dst = %dst.display(), ?method, "disk cloned");
+    copied.map(|(_, file)| file)
 }
 
 pub(super) fn drive_file(d: &DriveConfig) -> String {

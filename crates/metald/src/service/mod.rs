@@ -1068,7 +1068,7 @@ impl VmService {
     }
 
     /// At shutdown: finishes removing deleted VMs' leftovers, then what belongs to no VM (the
-    /// warm pool). Running VMs keep running.
+    /// spare disk copies, the warm pools). Running VMs keep running.
     pub async fn close(&self) {
         // No refill adds spares from here on; one copying ends and removes its copy.
         self.spares.close();
@@ -1083,7 +1083,7 @@ impl VmService {
     }
 
     /// Waits until the background work ends: every deleted VM's leftovers removed (or given
-    /// up on) and every new VM's disk copies synced. At shutdown, and in tests that look for
+    /// up on), every new VM's disk copies synced and every spare disk refill over. At shutdown, and in tests that look for
     /// leftovers or durable disks.
     pub async fn settle(&self) {
         let mut rx = self.background.subscribe();
@@ -1224,7 +1224,6 @@ pub enum Unready {
     Backend(#[source] crate::backend::NotReady),
 }
 
-/// The state a legal operation leads to (Delete, which leads nowhere, keeps the current one).
 /// Runs `f` on the blocking pool (file work that may take long, never on an async worker); a
 /// task that did not finish is an I/O error named by `op`.
 pub(super) async fn on_blocking_pool<T: Send + 'static>(
@@ -1250,6 +1249,7 @@ impl Drop for BackgroundJob {
     }
 }
 
+/// The state a legal operation leads to (Delete, which leads nowhere, keeps the current one).
 fn next_state(from: VmState, op: Operation) -> Result<VmState, ServiceError> {
     Ok(transition(from, op)?.unwrap_or(from))
 }

@@ -168,8 +168,7 @@ impl SpareDisks {
     }
 
     /// Makes spares of `image` until it has its number, each once `quiet()` returns (it waits
-    /// for a moment without starts: even with no spare left, a create's own copy costs it
-    /// less than a refill beside its boot would) and while
+    /// for a moment without starts) and while
     /// `room(size)` says the disk can hold one more. Blocking. Ends the refill
     /// [`SpareDisks::begin_refill`] started.
     pub fn refill(&self, image: &SpareImage, quiet: impl Fn(), room: impl Fn(u64) -> bool) {
