@@ -30,14 +30,17 @@ pub trait BillingStore: Send + Sync {
     /// A VM's billing cursor: (end of the last interval queued, totals there, batch number).
     fn billing_cursor(&self, id: &VmId) -> Result<Option<(i64, Counters, u64)>, StoreError>;
 
-    /// Queues outbox rows and moves the VM's cursor, atomically: on error neither happened. A
-    /// row whose key is already queued is left as it is, so a retried batch is queued once. The
+    /// Queues outbox rows and moves the VM's cursor to batch `seq`, atomically: on error
+    /// neither happened. A row whose key is already queued is left as it is, so a retried batch
+    /// is queued once. The cursor only moves forward: when it is already at `seq` or past it,
+    /// nothing is written and the answer is `false` (the batch was queued already, or another
+    /// batcher read the same cursor and queued first: its samples and these overlap). The
     /// cursor's VM must be stored.
     fn enqueue_billing(
         &self,
         rows: &[OutboxRow],
         cursor: Option<(&VmId, i64, &Counters, u64)>,
-    ) -> Result<(), StoreError>;
+    ) -> Result<bool, StoreError>;
 
     /// The oldest `limit` outbox rows with their ids, in the order they were queued (ids grow
     /// and are never reused).
@@ -75,9 +78,27 @@ impl BillingStore for Store {
         &self,
         rows: &[OutboxRow],
         cursor: Option<(&VmId, i64, &Counters, u64)>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(sql("begin"))?;
+        if let Some((vm, last_ms, total, seq)) = cursor {
+            let json = serde_json::to_string(total).map_err(|e| StoreError::Corrupt {
+                id: vm.to_string(),
+                reason: format!("billing cursor: {e}"),
+            })?;
+            let moved = tx
+                .exec(
+                    "INSERT INTO billing_cursor (vm_id, last_ms, last_total_json, seq) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (vm_id) DO UPDATE SET last_ms = ?2, last_total_json = ?3, seq = ?4
+                     WHERE billing_cursor.seq < ?4",
+                    params![vm.as_str(), last_ms, json, seq as i64],
+                )
+                .map_err(sql("move billing cursor"))?;
+            if moved == 0 {
+                // Dropping the transaction rolls it back: nothing of this batch is written.
+                return Ok(false);
+            }
+        }
         for r in rows {
             tx.exec(
                 "INSERT OR IGNORE INTO billing_outbox (key, kind, vm_id, customer_id, payload_json, created_at_ms)
@@ -86,19 +107,8 @@ impl BillingStore for Store {
             )
             .map_err(sql("queue billing"))?;
         }
-        if let Some((vm, last_ms, total, seq)) = cursor {
-            let json = serde_json::to_string(total).map_err(|e| StoreError::Corrupt {
-                id: vm.to_string(),
-                reason: format!("billing cursor: {e}"),
-            })?;
-            tx.exec(
-                "INSERT INTO billing_cursor (vm_id, last_ms, last_total_json, seq) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (vm_id) DO UPDATE SET last_ms = ?2, last_total_json = ?3, seq = ?4",
-                params![vm.as_str(), last_ms, json, seq as i64],
-            )
-            .map_err(sql("move billing cursor"))?;
-        }
-        tx.commit().map_err(sql("commit billing"))
+        tx.commit().map_err(sql("commit billing"))?;
+        Ok(true)
     }
 
     fn outbox_peek(&self, limit: u32) -> Result<Vec<(i64, OutboxRow)>, StoreError> {

@@ -100,7 +100,7 @@ impl BillingStore for PgStore {
         &self,
         rows: &[OutboxRow],
         cursor: Option<(&VmId, i64, &Counters, u64)>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let rows = rows.to_vec();
         let cursor = cursor
             .map(|(vm, ms, total, seq)| {
@@ -113,10 +113,26 @@ impl BillingStore for PgStore {
             })
             .transpose()?;
         let (host, now) = (self.host.clone(), crate::domain::now_ms());
-        // Idempotent as it is (keys are queued once, the cursor is set, not moved), so a retry
+        // Idempotent as it is (keys are queued once, the cursor only moves forward), so a retry
         // after a lost COMMIT changes nothing.
         self.pool.run(move |client, _| {
             let mut tx = client.transaction().map_err(pg("begin"))?;
+            if let Some((vm, last_ms, json, seq)) = &cursor {
+                let moved = tx
+                    .execute(
+                        "INSERT INTO billing_cursor (vm_id, last_ms, last_total_json, seq)
+                         VALUES ($1, $2, $3, $4)
+                         ON CONFLICT (vm_id) DO UPDATE SET last_ms = $2, last_total_json = $3,
+                                                           seq = $4
+                         WHERE billing_cursor.seq < $4",
+                        &[vm, last_ms, json, seq],
+                    )
+                    .map_err(pg("move billing cursor"))?;
+                if moved == 0 {
+                    // Dropping the transaction rolls it back: nothing of this batch is written.
+                    return Ok(false);
+                }
+            }
             for r in &rows {
                 tx.execute(
                     "INSERT INTO billing_outbox (host_id, key, kind, vm_id, customer_id,
@@ -135,17 +151,8 @@ impl BillingStore for PgStore {
                 )
                 .map_err(pg("queue billing"))?;
             }
-            if let Some((vm, last_ms, json, seq)) = &cursor {
-                tx.execute(
-                    "INSERT INTO billing_cursor (vm_id, last_ms, last_total_json, seq)
-                     VALUES ($1, $2, $3, $4)
-                     ON CONFLICT (vm_id) DO UPDATE SET last_ms = $2, last_total_json = $3,
-                                                       seq = $4",
-                    &[vm, last_ms, json, seq],
-                )
-                .map_err(pg("move billing cursor"))?;
-            }
-            tx.commit().map_err(pg("commit billing"))
+            tx.commit().map_err(pg("commit billing"))?;
+            Ok(true)
         })
     }
 

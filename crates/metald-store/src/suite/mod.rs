@@ -125,6 +125,7 @@ macro_rules! store_suite {
             outbox::a_repeated_key_is_queued_once,
             outbox::delete_removes_only_that_row_and_ids_are_not_reused,
             outbox::cursor_moves_with_the_rows,
+            outbox::a_batch_the_cursor_passed_writes_nothing,
             outbox::a_refused_cursor_queues_nothing,
             outbox::outbox_rows_outlive_their_vm_but_the_cursor_does_not,
             outbox::outbox_and_cursor_survive_reopen,

@@ -142,6 +142,42 @@ pub fn cursor_moves_with_the_rows<H: Harness>(h: &H) {
     assert_eq!(store.outbox_depth().unwrap(), 1);
 }
 
+/// The cursor only moves forward: a batch numbered at or below it (a retry, or a second
+/// batcher that read the same cursor and lost the race) writes neither its rows nor the cursor.
+pub fn a_batch_the_cursor_passed_writes_nothing<H: Harness>(h: &H) {
+    let store = h.open();
+    let a = store.insert_vm(&vm("a"), None).unwrap();
+    assert!(store
+        .enqueue_billing(
+            &[row("a:1", "metrics", &a)],
+            Some((&a.id, 1_000, &counters(5), 1)),
+        )
+        .unwrap());
+    assert!(store
+        .enqueue_billing(
+            &[row("a:2", "metrics", &a)],
+            Some((&a.id, 2_000, &counters(9), 2)),
+        )
+        .unwrap());
+    // Overtaken: read the cursor at batch 1, ends earlier than the batch 2 already queued.
+    let racing = [row("a:2", "metrics", &a), row("a:gap:1500", "gap", &a)];
+    assert!(!store
+        .enqueue_billing(&racing, Some((&a.id, 1_500, &counters(7), 2)))
+        .unwrap());
+    // Older still: never moves the cursor back.
+    assert!(!store
+        .enqueue_billing(&[], Some((&a.id, 500, &counters(1), 1)))
+        .unwrap());
+    assert_eq!(
+        store.billing_cursor(&a.id).unwrap(),
+        Some((2_000, counters(9), 2))
+    );
+    assert_eq!(
+        queued(&store),
+        vec![row("a:1", "metrics", &a), row("a:2", "metrics", &a)]
+    );
+}
+
 /// Rows and cursor are one write: when the cursor is refused (its VM is not stored), none of
 /// the batch's rows are queued.
 pub fn a_refused_cursor_queues_nothing<H: Harness>(h: &H) {

@@ -78,6 +78,9 @@ pub struct Billing {
     cfg: BillingConfig,
     /// VMs re-adopted after a restart whose next batch starts with a gap notice.
     resumed: Mutex<HashSet<VmId>>,
+    /// Held from reading a VM's cursor to moving it: the periodic batcher and a stopping VM's
+    /// last batch would otherwise both queue the samples after the same cursor.
+    batching: Mutex<()>,
     wake: tokio::sync::Notify,
 }
 
@@ -106,6 +109,7 @@ impl Billing {
             meter,
             cfg,
             resumed: Mutex::new(HashSet::new()),
+            batching: Mutex::new(()),
             wake: tokio::sync::Notify::new(),
         });
         let batcher = Arc::downgrade(&b);
@@ -198,6 +202,7 @@ impl Billing {
 
     /// Moves the VM's samples since its cursor into the outbox as one batch.
     fn batch_vm(&self, vm: &VmId, customer: &CustomerId) -> Result<(), StoreError> {
+        let _one_batcher = self.batching.lock().unwrap_or_else(|p| p.into_inner());
         let cursor = self.store.billing_cursor(vm)?;
         let (last_ms, prev, seq) = cursor.unwrap_or((i64::MIN, Counters::default(), 0));
         let Some(u) = self.meter.usage(vm, last_ms) else {
@@ -247,8 +252,15 @@ impl Billing {
         let seq = seq + 1;
         let payload = Payload::Metrics(list);
         rows.push(row(vm, customer, &format!("{vm}:{seq}"), &payload)?);
-        self.store
-            .enqueue_billing(&rows, Some((vm, end_ms, &end_total, seq)))
+        if !self
+            .store
+            .enqueue_billing(&rows, Some((vm, end_ms, &end_total, seq)))?
+        {
+            // Only another writer of this VM's cursor gets here (the lock above keeps this
+            // metald's batchers apart): its batch holds these samples, so this one is dropped.
+            tracing::warn!(vm_id = %vm, seq, "billing cursor moved meanwhile; batch not queued");
+        }
+        Ok(())
     }
 
     async fn heartbeat(&self) {
@@ -509,6 +521,62 @@ mod tests {
         assert_eq!(reconstructed.len(), 1, "{queued:?}");
         let (_, before_total, _) = store.billing_cursor(&vm.id).unwrap().unwrap();
         assert_eq!(before_total, total);
+    }
+
+    /// The periodic batcher and a stopping VM's last batch run at the same time: every sample
+    /// is queued once (chaos found an instant billed twice when both read the same cursor).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn racing_batchers_queue_each_sample_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn StateStore> =
+            Arc::new(crate::store::Store::open(&dir.path().join("m.db")).unwrap());
+        let vm = store
+            .insert_vm(&crate::store::testing::record("c", VmState::Running), None)
+            .unwrap();
+        let meter = meter(Duration::from_millis(1));
+        meter.track(&vm.id, run_start(Counters::default(), None));
+        let b = Billing::start(
+            Arc::clone(&store),
+            Arc::clone(&meter),
+            BillingConfig {
+                // Nothing listens there: rows stay in the outbox for the test to read.
+                endpoint: "http://127.0.0.1:9".parse().unwrap(),
+                batch_interval: Duration::from_secs(600),
+                heartbeat_interval: Duration::from_secs(600),
+                instance_id: "test".into(),
+            },
+        );
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..200 {
+                        b.batch_vm(&vm.id, &vm.customer).unwrap();
+                    }
+                });
+            }
+        });
+        meter.stop(&vm.id);
+        b.batch_vm(&vm.id, &vm.customer).unwrap();
+        let queued: Vec<IntervalUsage> = store
+            .outbox_peek(u32::MAX)
+            .unwrap()
+            .into_iter()
+            .filter_map(
+                |(_, r)| match serde_json::from_str(&r.payload_json).unwrap() {
+                    Payload::Metrics(list) => Some(list),
+                    _ => None,
+                },
+            )
+            .flatten()
+            .collect();
+        let mut times: Vec<i64> = queued.iter().map(|i| i.timestamp).collect();
+        times.sort_unstable();
+        let n = times.len();
+        times.dedup();
+        assert_eq!(times.len(), n, "an instant was queued twice");
+        let total = meter.usage(&vm.id, i64::MIN).unwrap().total;
+        let billed: u64 = queued.iter().map(|i| i.usage.cpu_ns).sum();
+        assert_eq!(billed, total.cpu_ns);
     }
 
     /// Waits for `done`, however slow the machine (a minute at most).
