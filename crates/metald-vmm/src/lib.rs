@@ -367,10 +367,12 @@ pub trait Backend: Send + Sync {
         self.boot(launch).await
     }
 
-    /// The VMM's own view of its VM, read now (Firecracker: a metrics flush; QEMU: its block
-    /// statistics); `None` for VMMs without one.
-    async fn vmm_metrics(&self, vm: &VmId) -> Result<Option<VmmMetrics>, BackendError> {
-        let _ = vm;
+    /// The VMM's own view of its VM: the records it wrote by itself since the last call
+    /// (Firecracker: every 60 s and as it exits), or with `ask`, when it wrote none, one asked
+    /// for now (Firecracker: a metrics flush; QEMU: its block statistics). `None` when there
+    /// is nothing new or the VMM has no such view.
+    async fn vmm_metrics(&self, vm: &VmId, ask: bool) -> Result<Option<VmmMetrics>, BackendError> {
+        let _ = (vm, ask);
         Ok(None)
     }
 

@@ -149,13 +149,9 @@ impl VmDir {
     }
 
     /// Makes a new FIFO `name` (whatever had that name is removed first), opens its read end
-    /// without blocking, and gives it to `owner` (the jailed VMM's uid, which opens the write
+    /// non-blocking, and gives it to `owner` (the jailed VMM's uid, which opens the write
     /// end) through that fd.
-    pub fn fifo_receiver(
-        &self,
-        name: &str,
-        owner: Option<u32>,
-    ) -> Result<tokio::net::unix::pipe::Receiver, BackendError> {
+    pub fn fifo_receiver(&self, name: &str, owner: Option<u32>) -> Result<OwnedFd, BackendError> {
         self.remove(name)?;
         rustix::fs::mknodat(
             &self.fd,
@@ -172,8 +168,7 @@ impl VmDir {
             rustix::fs::fchown(&fd, Some(rustix::fs::Uid::from_raw(uid)), None)
                 .map_err(|e| self.error("chown FIFO", name, e.into()))?;
         }
-        tokio::net::unix::pipe::Receiver::from_owned_fd(fd)
-            .map_err(|e| self.error("watch FIFO", name, e))
+        Ok(fd)
     }
 }
 

@@ -401,7 +401,8 @@ impl Config {
             )?,
             vmm_metrics_interval: env.duration(
                 "UNKEY_METALD_VMM_METRICS_INTERVAL",
-                Duration::from_secs(10),
+                // Firecracker's own period: its records come by themselves, with no API call.
+                Duration::from_secs(60),
                 Duration::from_secs(1)..=Duration::from_secs(600),
                 "expected a duration such as 10s, 1s-600s",
             )?,

@@ -46,12 +46,90 @@ pub struct FirecrackerBackend {
 }
 
 /// The read end of a metrics FIFO, what is buffered of a partial line, and the disk operations
-/// its flushes added up to (each flush carries deltas since the previous one).
+/// its records added up to (each record carries deltas since the previous one).
 struct FifoReader {
-    rx: tokio::net::unix::pipe::Receiver,
+    /// Non-blocking; read when metald wants a record, never waited on (nothing in the
+    /// reactor wakes for the records nobody asked for yet).
+    rx: std::os::fd::OwnedFd,
     buf: Vec<u8>,
     read_ops: u64,
     write_ops: u64,
+    /// Complete records summed since the last [`FifoReader::take`], and the newest of them.
+    records: u32,
+    newest: String,
+}
+
+/// At most this much is read from a FIFO in one call: a VMM taken over by its guest may write
+/// without end, and metald's reader must still return.
+const MAX_READ_PER_CALL: usize = 4 * metrics::MAX_LINE_BYTES;
+
+impl FifoReader {
+    fn new(rx: std::os::fd::OwnedFd) -> Self {
+        Self {
+            rx,
+            buf: Vec::new(),
+            read_ops: 0,
+            write_ops: 0,
+            records: 0,
+            newest: String::new(),
+        }
+    }
+
+    /// Reads what the FIFO holds now, without waiting, and sums each complete record in it.
+    fn read_ready(&mut self, vm: &VmId) -> Result<(), BackendError> {
+        let mut chunk = [0u8; 16384];
+        let mut read = 0;
+        while read < MAX_READ_PER_CALL {
+            let n = match rustix::io::read(&self.rx, &mut chunk) {
+                // End of file: Firecracker has exited.
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(rustix::io::Errno::AGAIN) => break,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(fifo_error(e.into())),
+            };
+            read += n;
+            self.buf.extend_from_slice(&chunk[..n]);
+            while let Some(end) = self.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=end).collect();
+                let raw = String::from_utf8_lossy(&line).trim().to_string();
+                // A line that doesn't parse adds nothing but is still kept for operators.
+                let d = metrics::parse_flush(&raw).unwrap_or_default();
+                // Saturating, like the line's own sums: the VMM writes it, not metald.
+                self.read_ops = self.read_ops.saturating_add(d.block_read_ops);
+                self.write_ops = self.write_ops.saturating_add(d.block_write_ops);
+                self.records = self.records.saturating_add(1);
+                self.newest = raw;
+            }
+            // A record is ~5.4 KB.
+            if self.buf.len() > metrics::MAX_LINE_BYTES {
+                self.buf.clear();
+                tracing::warn!(vm_id = %vm, "metrics FIFO line over {} bytes dropped", metrics::MAX_LINE_BYTES);
+            }
+        }
+        Ok(())
+    }
+
+    /// The sums with the newest record, if a record came since the last call.
+    fn take(&mut self) -> Option<VmmMetrics> {
+        if self.records == 0 {
+            return None;
+        }
+        self.records = 0;
+        Some(VmmMetrics {
+            raw: std::mem::take(&mut self.newest),
+            block_read_ops: self.read_ops,
+            block_write_ops: self.write_ops,
+        })
+    }
+}
+
+fn fifo_error(source: std::io::Error) -> BackendError {
+    BackendError::Io {
+        op: "read metrics FIFO",
+        path: metrics::FIFO.into(),
+        source,
+    }
 }
 
 impl FirecrackerBackend {
@@ -86,12 +164,7 @@ impl FirecrackerBackend {
         let rx = dir.fifo_receiver(metrics::FIFO, launch.jail.as_ref().map(|j| j.uid()))?;
         self.fifos_map().insert(
             launch.vm_id.clone(),
-            Arc::new(tokio::sync::Mutex::new(FifoReader {
-                rx,
-                buf: Vec::new(),
-                read_ops: 0,
-                write_ops: 0,
-            })),
+            Arc::new(tokio::sync::Mutex::new(FifoReader::new(rx))),
         );
         // The logger is set on the command line, not with PUT /logger: until a logger exists,
         // Firecracker logs to stdout, which is the guest's serial console file. The metrics
@@ -304,57 +377,26 @@ impl Backend for FirecrackerBackend {
         self.registry.stop(vm, mode, ask).await
     }
 
-    async fn vmm_metrics(&self, vm: &VmId) -> Result<Option<VmmMetrics>, BackendError> {
+    async fn vmm_metrics(&self, vm: &VmId, ask: bool) -> Result<Option<VmmMetrics>, BackendError> {
         let Some(reader) = self.fifos_map().get(vm).cloned() else {
             return Ok(None);
         };
-        self.api_for(vm)?.action(ActionType::FlushMetrics).await?;
         let mut r = reader.lock().await;
-        // Firecracker has written the line by the time the action returns; read until its end.
+        // What Firecracker wrote by itself (every 60 s, and as it exits) costs no API call.
+        r.read_ready(vm)?;
+        if r.records > 0 || !ask {
+            return Ok(r.take());
+        }
+        self.api_for(vm)?.action(ActionType::FlushMetrics).await?;
+        // Firecracker has written the line by the time the action returns; a line longer than
+        // the pipe's buffer comes in parts.
         let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
         loop {
-            if let Some(end) = r.buf.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = r.buf.drain(..=end).collect();
-                let raw = String::from_utf8_lossy(&line).trim().to_string();
-                // A line that doesn't parse adds nothing but is still kept for operators.
-                let d = metrics::parse_flush(&raw).unwrap_or_default();
-                // Saturating, like the line's own sums: the VMM writes it, not metald.
-                r.read_ops = r.read_ops.saturating_add(d.block_read_ops);
-                r.write_ops = r.write_ops.saturating_add(d.block_write_ops);
-                return Ok(Some(VmmMetrics {
-                    raw,
-                    block_read_ops: r.read_ops,
-                    block_write_ops: r.write_ops,
-                }));
+            r.read_ready(vm)?;
+            if r.records > 0 || tokio::time::Instant::now() >= deadline {
+                return Ok(r.take());
             }
-            let mut chunk = [0u8; 16384];
-            let read = tokio::time::timeout_at(deadline, async {
-                r.rx.readable().await?;
-                match r.rx.try_read(&mut chunk) {
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(0),
-                    other => other,
-                }
-            })
-            .await;
-            match read {
-                Ok(Ok(n)) => {
-                    r.buf.extend_from_slice(&chunk[..n]);
-                    // A flush is ~5.4 KB; a VMM taken over by its guest may write without end.
-                    if r.buf.len() > metrics::MAX_LINE_BYTES {
-                        r.buf.clear();
-                        tracing::warn!(vm_id = %vm, "metrics FIFO line over {} bytes dropped", metrics::MAX_LINE_BYTES);
-                        return Ok(None);
-                    }
-                }
-                Ok(Err(source)) => {
-                    return Err(BackendError::Io {
-                        op: "read metrics FIFO",
-                        path: metrics::FIFO.into(),
-                        source,
-                    })
-                }
-                Err(_) => return Ok(None),
-            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
 
@@ -390,5 +432,64 @@ impl FirecrackerBackend {
 
     fn api_for(&self, vm: &VmId) -> Result<FirecrackerApi, BackendError> {
         Ok(FirecrackerApi::new(&self.registry.control_socket(vm)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write as _;
+
+    fn record(reads: u64) -> String {
+        format!("{{\"block_rootfs\":{{\"read_count\":{reads},\"write_count\":1}}}}\n")
+    }
+
+    /// Records that came by themselves are summed (each carries deltas), a partial one waits
+    /// for its end, and a line past the cap is dropped without ending the reads after it.
+    #[tokio::test]
+    async fn every_record_is_summed_once_and_an_endless_line_is_dropped() {
+        let (rx, tx) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::NONBLOCK).unwrap();
+        rustix::fs::fcntl_setfl(&tx, rustix::fs::OFlags::empty()).unwrap();
+        let mut tx = std::fs::File::from(tx);
+        let mut r = FifoReader::new(rx);
+        let vm = VmId::generate();
+        r.read_ready(&vm).unwrap();
+        assert!(r.take().is_none(), "nothing written yet");
+
+        let two = format!("{}{}", record(2), record(3));
+        let (first, rest) = two.split_at(two.len() - 5);
+        tx.write_all(first.as_bytes()).unwrap();
+        r.read_ready(&vm).unwrap();
+        let m = r.take().unwrap();
+        assert_eq!((m.block_read_ops, m.block_write_ops), (2, 1));
+        assert_eq!(m.raw, record(2).trim());
+        tx.write_all(rest.as_bytes()).unwrap();
+        r.read_ready(&vm).unwrap();
+        let m = r.take().unwrap();
+        assert_eq!((m.block_read_ops, m.block_write_ops), (5, 2));
+        assert!(r.take().is_none(), "each record is taken once");
+
+        // A VMM writing without end: the line is dropped past the cap, a call returns after a
+        // bounded read, and the records after it still count.
+        let endless = vec![b'x'; metrics::MAX_LINE_BYTES + 1];
+        let writer = std::thread::spawn(move || {
+            tx.write_all(&endless).unwrap();
+            tx.write_all(b"\n").unwrap();
+            tx.write_all(record(7).as_bytes()).unwrap();
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let m = loop {
+            r.read_ready(&vm).unwrap();
+            if let Some(m) = r.take() {
+                break m;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the record after it never came"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        writer.join().unwrap();
+        assert_eq!(m.block_read_ops, 12, "{}", m.raw);
     }
 }

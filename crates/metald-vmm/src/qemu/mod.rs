@@ -295,7 +295,11 @@ impl Backend for QemuBackend {
         self.registry.stop(vm, mode, ask).await
     }
 
-    async fn vmm_metrics(&self, vm: &VmId) -> Result<Option<VmmMetrics>, BackendError> {
+    async fn vmm_metrics(&self, vm: &VmId, ask: bool) -> Result<Option<VmmMetrics>, BackendError> {
+        // QEMU keeps no record of its own: there is only what it is asked for.
+        if !ask {
+            return Ok(None);
+        }
         let stats = self.qmp_for(vm)?.execute("query-blockstats", None).await?;
         let (block_read_ops, block_write_ops) = block_ops(&stats);
         Ok(Some(VmmMetrics {

@@ -178,7 +178,7 @@ impl VmService {
         &self,
         vm: &VmRecord,
     ) -> Result<(), crate::sandbox::SandboxError> {
-        self.untrack(vm);
+        self.untrack_exited(vm).await;
         self.isolation.release(vm).await
     }
 

@@ -21,6 +21,7 @@ pub fn tests() -> Vec<crate::E2e> {
         a_suspended_guest_stops_counting_and_counts_on_after_waking_even_across_a_restart,
         the_warm_pools_are_taken_by_boots_refilled_swept_after_a_kill_and_removed_at_stop,
         creates_take_spare_disk_copies_swept_after_a_kill_and_removed_at_stop,
+        firecracker_is_not_asked_for_metrics_at_boot_and_its_exit_record_is_read,
     ];
     tests.extend(
         crate::e2e![&[Need::Root, Need::Firecracker, Need::HardwareKvm, Need::Guest];
@@ -243,7 +244,11 @@ fn full_guest_boots_where_hardware_kvm_exists() {
 /// The jailed Firecracker seen from outside, and its network interface (with token-bucket rate
 /// limits) as Firecracker itself reports it.
 fn firecracker_runs_jailed_with_its_tap_and_rate_limits() {
-    let m = metald_with_backend("firecracker").start_with(Metald::import_tiny_guest);
+    // Firecracker writes its metrics by itself only every 60 s: a 1 s interval makes metald
+    // ask for them (FlushMetrics) within the test's time.
+    let m = metald_with_backend("firecracker")
+        .env("UNKEY_METALD_VMM_METRICS_INTERVAL", "1s")
+        .start_with(Metald::import_tiny_guest);
     let iso = m.iso.as_ref().unwrap();
     let api = Rest::new(&m, Some("fcjail"));
     let limit = json!({"bandwidth_bytes_per_sec": 1_000_000, "burst_bytes": 65536});
@@ -306,9 +311,9 @@ fn firecracker_runs_jailed_with_its_tap_and_rate_limits() {
         );
     }
 
-    // metald reads Firecracker's own metrics (FlushMetrics into a FIFO in the jail) when the
-    // VMM starts and every UNKEY_METALD_VMM_METRICS_INTERVAL after, and keeps the raw record:
-    // per-device objects for the root drive and eth0.
+    // metald reads Firecracker's own metrics (FlushMetrics into a FIFO in the jail) every
+    // UNKEY_METALD_VMM_METRICS_INTERVAL when Firecracker wrote none by itself, and keeps the
+    // raw record: per-device objects for the root drive and eth0.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let raw = loop {
         let u = api.call("GET", &format!("/v1/vms/{id}/usage"), None).ok();
@@ -331,6 +336,47 @@ fn firecracker_runs_jailed_with_its_tap_and_rate_limits() {
     );
     api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None)
         .ok();
+    m.assert_clean();
+}
+
+/// With the default interval (Firecracker's own 60 s), a boot costs no metrics flush, and the
+/// record Firecracker writes as it exits is read before the run's last sample: the run's
+/// last disk operations are counted.
+fn firecracker_is_not_asked_for_metrics_at_boot_and_its_exit_record_is_read() {
+    let m = metald_with_backend("firecracker").start_with(Metald::import_tiny_guest);
+    let api = Rest::new(&m, Some("fcexit"));
+    let id = api.create(tiny_request(1));
+    api.boot_ready(&id);
+    let raw = |api: &Rest| {
+        api.call("GET", &format!("/v1/vms/{id}/usage"), None).ok()["vmmMetricsRaw"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    // Two sampling intervals on: still no record (none asked for, Firecracker's first is due
+    // at 60 s).
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(raw(&api), "", "a record was asked for at boot");
+    // A graceful stop: the polling guest resets at Ctrl-Alt-Del and Firecracker exits, writing
+    // its metrics as it goes.
+    let down = api
+        .call(
+            "POST",
+            &format!("/v1/vms/{id}/shutdown"),
+            Some(json!({"force": false})),
+        )
+        .ok();
+    assert_eq!(down["vm"]["state"], "VM_STATE_SHUTDOWN", "{down}");
+    let last = raw(&api);
+    let record: Value = serde_json::from_str(&last).unwrap_or_else(|e| panic!("{e}: {last:?}"));
+    assert_eq!(
+        record["i8042"]["reset_count"].as_u64(),
+        Some(1),
+        "not the record of the exit: {last}"
+    );
+    assert!(record["block_rootfs"].is_object(), "{last}");
+    api.call("DELETE", &format!("/v1/vms/{id}"), None).ok();
+    m.wait_vm_dir_gone(&id);
     m.assert_clean();
 }
 
