@@ -31,7 +31,7 @@ pub trait Links: Send + Sync {
     ) -> Result<(), NetworkError>;
     /// The index of the interface `name`, if it exists.
     async fn index_of(&self, name: &str) -> Result<Option<u32>, NetworkError>;
-    /// Adds `addr/len` to interface `index`, without duplicate detection.
+    /// Adds `addr/len` to interface `index`, without duplicate detection or a prefix route.
     async fn add_address(&self, index: u32, addr: IpAddr, len: u8) -> Result<(), NetworkError>;
     /// Sets interface `index` up.
     async fn set_up(&self, index: u32) -> Result<(), NetworkError>;
@@ -202,9 +202,13 @@ impl Links for Rtnetlink {
     async fn add_address(&self, index: u32, addr: IpAddr, len: u8) -> Result<(), NetworkError> {
         let mut req = self.handle.address().add(index, addr, len);
         // The gateway address sits on every VM's veth; duplicate detection would only delay it.
-        req.message_mut()
-            .attributes
-            .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        // Nor does it get a prefix route (for IPv6 `gateway/128` on this veth, and on every
+        // other VM's veth the same): the guests are routed one address each, and each such
+        // route added (here and again at every link up) walked the list of all VMs' under the
+        // kernel's network lock.
+        req.message_mut().attributes.push(AddressAttribute::Flags(
+            AddressFlags::Nodad | AddressFlags::Noprefixroute,
+        ));
         req.execute()
             .await
             .map_err(nl(format!("add address {addr}/{len}")))
