@@ -60,7 +60,7 @@ fn main() {
             "info,metald::sandbox=debug,metald_host::network=debug,metald_host::jailer=debug,metald_vmm::firecracker=debug",
         )
         .start_with(Metald::import_tiny_guest);
-    let api = Rest::new(&m, Some("scale")).keep_alive();
+    let mut api = Rest::new(&m, Some("scale")).keep_alive();
     let body = json!({"config": {"cpu": {"vcpu_count": 1}, "memory": {"size_bytes": 128 << 20},
         "kernel": {"image_id": "tiny-idle-elf"}, "rootfs": {"image_id": "tiny-disk"}}});
     let rss_before = rss_kib(m.pid().unwrap());
@@ -94,6 +94,8 @@ fn main() {
             m.pid().unwrap()
         );
         std::thread::sleep(Duration::from_secs(secs));
+        // The kept-alive connection has idled out meanwhile: the deletes use a new one.
+        api = Rest::new(&m, Some("scale")).keep_alive();
     }
     // Bare Firecrackers started beside metald's running VMs: what the host's load with them
     // (metering, metrics flushes, the idle guests) does to a VMM's own start, apart from
