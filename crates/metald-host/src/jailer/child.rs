@@ -435,6 +435,12 @@ fn inside(root: &Path, host_path: &Path) -> PathBuf {
 
 fn build_root(spec: &JailSpec) -> Result<(), StepError> {
     let root = &spec.root;
+    // In metald's own jail directory for the VM (the VM's uid cannot write there); a reboot's
+    // jail finds it made.
+    match std::fs::create_dir(root) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        made => step(format!("create {}", root.display()), made)?,
+    }
     new_root(root, spec.mount_ns.as_deref())?;
     bind_all(root, &spec.mounts)?;
     make_devices(root, &spec.devices)?;

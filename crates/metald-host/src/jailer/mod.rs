@@ -560,8 +560,12 @@ impl Jailer {
                 pids_max: PIDS_MAX,
             },
         )?;
-        let root = self.jail_dir(req.vm_id).join("root");
-        std::fs::create_dir_all(&root).map_err(io("create", &root))?;
+        let jail_dir = self.jail_dir(req.vm_id);
+        std::fs::create_dir_all(&jail_dir).map_err(io("create", &jail_dir))?;
+        // The root's mount point is made by a jail built at boot (`child::build_root`): a
+        // warm jail has its root already, and each directory made and removed per boot is an
+        // inode allocation on the host's file system.
+        let root = jail_dir.join("root");
         // Made here, handed to the VM's uid by the backend just before it starts the VMM
         // (a reboot's old VMM still uses its socket until then).
         let control_dir = self.control_dir(req.vm_id);
