@@ -57,6 +57,8 @@ struct FifoReader {
     /// Complete records summed since the last [`FifoReader::take`], and the newest of them.
     records: u32,
     newest: String,
+    /// The sums as the last [`FifoReader::take`] reported them.
+    reported: (u64, u64),
 }
 
 /// At most this much is read from a FIFO in one call: a VMM taken over by its guest may write
@@ -72,7 +74,20 @@ impl FifoReader {
             write_ops: 0,
             records: 0,
             newest: String::new(),
+            reported: (0, 0),
         }
+    }
+
+    /// Takes over what an earlier run's reader read but never reported (a reboot's old
+    /// Firecracker's record written as it exited): the next run's first report counts it.
+    fn carry(&mut self, earlier: &FifoReader) {
+        if earlier.records == 0 {
+            return;
+        }
+        self.read_ops = earlier.read_ops.saturating_sub(earlier.reported.0);
+        self.write_ops = earlier.write_ops.saturating_sub(earlier.reported.1);
+        self.records = earlier.records;
+        self.newest.clone_from(&earlier.newest);
     }
 
     /// Reads what the FIFO holds now, without waiting, and sums each complete record in it.
@@ -116,6 +131,7 @@ impl FifoReader {
             return None;
         }
         self.records = 0;
+        self.reported = (self.read_ops, self.write_ops);
         Some(VmmMetrics {
             raw: std::mem::take(&mut self.newest),
             block_read_ops: self.read_ops,
@@ -161,10 +177,22 @@ impl FirecrackerBackend {
         // The metrics FIFO: its read end is opened first, so Firecracker's open for writing
         // never blocks and nothing it writes is lost. The jailed Firecracker writes it as the
         // VM's uid.
+        let earlier = self.fifos_map().remove(&launch.vm_id);
         let rx = dir.fifo_receiver(metrics::FIFO, launch.jail.as_ref().map(|j| j.uid()))?;
+        let mut reader = FifoReader::new(rx);
+        // A reboot: the old Firecracker wrote its last record as it exited, after the last
+        // report (a poll holding the old reader has it, and reports it itself).
+        if let Some(Ok(mut old)) = earlier.as_ref().map(|r| r.try_lock()) {
+            match old.read_ready(&launch.vm_id) {
+                Ok(()) => reader.carry(&old),
+                Err(e) => {
+                    tracing::debug!(vm_id = %launch.vm_id, error = %crate::report::Chain(&e), "reading the previous run's metrics failed")
+                }
+            }
+        }
         self.fifos_map().insert(
             launch.vm_id.clone(),
-            Arc::new(tokio::sync::Mutex::new(FifoReader::new(rx))),
+            Arc::new(tokio::sync::Mutex::new(reader)),
         );
         // The logger is set on the command line, not with PUT /logger: until a logger exists,
         // Firecracker logs to stdout, which is the guest's serial console file. The metrics
@@ -491,5 +519,33 @@ mod tests {
         };
         writer.join().unwrap();
         assert_eq!(m.block_read_ops, 12, "{}", m.raw);
+    }
+
+    fn nonblocking_pipe() -> (std::os::fd::OwnedFd, std::fs::File) {
+        let (rx, tx) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::NONBLOCK).unwrap();
+        (rx, std::fs::File::from(tx))
+    }
+
+    /// A reboot: what the old run's reader read after its last report (the record Firecracker
+    /// wrote as it exited) is the new run's first report, and nothing is carried twice.
+    #[test]
+    fn a_reboots_last_record_is_carried_into_the_next_run() {
+        let vm = VmId::generate();
+        let (rx, mut tx) = nonblocking_pipe();
+        let mut old = FifoReader::new(rx);
+        tx.write_all(record(2).as_bytes()).unwrap();
+        old.read_ready(&vm).unwrap();
+        assert_eq!(old.take().unwrap().block_read_ops, 2);
+        tx.write_all(record(4).as_bytes()).unwrap();
+        drop(tx);
+        old.read_ready(&vm).unwrap();
+
+        let mut new = FifoReader::new(nonblocking_pipe().0);
+        new.carry(&old);
+        let m = new.take().expect("the old run's last record");
+        assert_eq!((m.block_read_ops, m.block_write_ops), (4, 1), "{}", m.raw);
+        let mut next = FifoReader::new(nonblocking_pipe().0);
+        next.carry(&new);
+        assert!(next.take().is_none(), "all of it was reported");
     }
 }
