@@ -105,6 +105,8 @@ pub(crate) struct FakeBackend {
     pub(crate) survivors: Mutex<HashSet<u32>>,
     /// While set, boot waits for a permit after recording "boot".
     pub(crate) hold_boot: Mutex<Option<Arc<tokio::sync::Semaphore>>>,
+    /// Times the VMM's own metrics were asked for (not in `calls`: they come by the clock).
+    pub(crate) metrics_asked: AtomicU32,
 }
 
 /// An isolation double in the style of youki's recording fakes: every call is recorded as
@@ -194,6 +196,16 @@ impl Backend for FakeBackend {
     }
     fn max_vcpus(&self) -> u32 {
         4
+    }
+    async fn vmm_metrics(
+        &self,
+        _: &VmId,
+        ask: bool,
+    ) -> Result<Option<metald_vmm::VmmMetrics>, BackendError> {
+        if ask {
+            self.metrics_asked.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(None)
     }
     async fn create(&self, _: &VmLaunch) -> Result<(), BackendError> {
         self.record("create");
@@ -358,7 +370,8 @@ fn fixture_with(boot_timeout: Duration, warm_disks: usize) -> Fixture {
     let meter = Meter::start(MeterConfig {
         interval: Duration::from_millis(100),
         retained_samples: 100,
-        vmm_metrics_interval: Duration::from_secs(10),
+        // Short, so a test sees the VMM's metrics polled (the fake answers at once).
+        vmm_metrics_interval: Duration::from_millis(50),
     });
     let svc = VmService::start(
         store,

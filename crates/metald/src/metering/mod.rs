@@ -91,7 +91,8 @@ struct Run {
     last: Counters,
     /// Disk operations the VMM itself counted since counting began, when it reports them.
     vmm_ops: Option<(u64, u64)>,
-    /// Which ticks read its slower sources (see [`depth`]).
+    /// Which ticks read its slower sources (see [`depth`]); also names the run, each run
+    /// counted taking the next number.
     phase: u64,
 }
 
@@ -330,6 +331,11 @@ impl Meter {
         self.map().get(vm).is_some_and(|m| m.run.is_some())
     }
 
+    /// The number of the VM's run being counted (each run gets a new one), if any.
+    pub fn run_number(&self, vm: &VmId) -> Option<u64> {
+        self.map().get(vm)?.run.as_ref().map(|r| r.phase)
+    }
+
     /// Takes a last sample of the VM's run and stops counting it; returns the VM's totals.
     pub fn stop(&self, vm: &VmId) -> Option<Counters> {
         let mut net = self.net();
@@ -535,6 +541,28 @@ pub(crate) mod testing {
 mod tests {
     use super::testing::run_start;
     use super::*;
+
+    /// Each run counted has a number of its own (a reboot's poll of the VMM's metrics ends
+    /// with its run); none once counting stops.
+    #[test]
+    fn each_run_has_its_own_number() {
+        let meter = Meter::start(MeterConfig {
+            interval: Duration::from_secs(60),
+            retained_samples: 5,
+            vmm_metrics_interval: Duration::from_secs(10),
+        });
+        let (vm, other) = (VmId::generate(), VmId::generate());
+        assert_eq!(meter.run_number(&vm), None);
+        meter.track(&vm, run_start(Counters::default(), None));
+        meter.track(&other, run_start(Counters::default(), None));
+        let first = meter.run_number(&vm).unwrap();
+        assert_ne!(meter.run_number(&other), Some(first));
+        meter.stop(&vm);
+        assert_eq!(meter.run_number(&vm), None);
+        meter.track(&vm, run_start(Counters::default(), None));
+        let second = meter.run_number(&vm).unwrap();
+        assert_ne!(second, first);
+    }
 
     #[test]
     fn a_series_knows_whether_it_covers_the_vms_whole_life() {

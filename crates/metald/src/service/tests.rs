@@ -8,6 +8,37 @@ fn dirs(f: &Fixture) -> usize {
     std::fs::read_dir(&f.vms_dir).unwrap().count()
 }
 
+/// The VMM's own metrics are polled once per interval per running VM, however often it was
+/// rebooted (each reboot's run has its poll, the previous run's ends), and not once it stops.
+#[tokio::test]
+async fn a_reboot_does_not_add_a_poll_of_the_vmms_metrics() {
+    let f = fixture();
+    let id = f.svc.create(&f.who, config()).await.unwrap().id;
+    f.svc.boot(&f.who, &id).await.unwrap();
+    for _ in 0..4 {
+        f.svc.reboot(&f.who, &id, true).await.unwrap();
+    }
+    let polls = || f.backend.metrics_asked.load(Ordering::Relaxed);
+    let (before, t0) = (polls(), std::time::Instant::now());
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (got, elapsed) = (polls() - before, t0.elapsed());
+    // One poll every 50 ms (one more for the tick in flight); five runs' polls would be 5x.
+    let one_poll = elapsed.as_millis() as u32 / 50 + 1;
+    assert!(
+        got >= 1 && got <= 2 * one_poll,
+        "{got} polls in {elapsed:?}"
+    );
+    let req = ShutdownRequest {
+        force: true,
+        timeout_seconds: 0,
+    };
+    f.svc.shutdown(&f.who, &id, req).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    let stopped = polls();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(polls(), stopped, "polled after the VM stopped");
+}
+
 #[tokio::test]
 async fn lifecycle_drives_the_backend_in_order() {
     let f = fixture();

@@ -67,17 +67,21 @@ impl VmService {
     /// host (15 % of this 2-core test host at 1000 VMs flushed every 10 s), so this is not done
     /// at the 100 ms sampling rate: billing comes from the kernel's counters, and these records
     /// add Firecracker's own view (disk operations, device errors). The first read is one
-    /// interval after the start, not during it.
+    /// interval after the start, not during it. Ends with the run: a reboot's next run has a
+    /// poll of its own.
     pub(super) fn poll_vmm_metrics(&self, vm: &VmId) {
         let meter = Arc::clone(&self.meter);
         let backend = Arc::clone(&self.backend);
         let vm = vm.clone();
+        let Some(run) = meter.run_number(&vm) else {
+            return;
+        };
         tokio::spawn(async move {
             let period = meter.vmm_metrics_interval();
             let mut every = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
             loop {
                 every.tick().await;
-                if !meter.is_running(&vm) {
+                if meter.run_number(&vm) != Some(run) {
                     return;
                 }
                 match backend.vmm_metrics(&vm, true).await {
