@@ -699,7 +699,9 @@ impl Isolated {
         for line in mounts.lines() {
             // While metald runs: its warm spares and the jails' base mount namespace.
             let own = is_metalds_own(line);
-            if line.contains(&data_dir.display().to_string()) && !(running && own) {
+            // The run directory itself may be a tmpfs the scale bench mounted (as `/run` is).
+            let run_dir = line.split(' ').nth(4) == Some(&*self.run_dir.to_string_lossy());
+            if line.contains(&data_dir.display().to_string()) && !(running && own) && !run_dir {
                 out.push(format!("mount {line}"));
             }
         }
