@@ -4,7 +4,8 @@
 //! to its banner on the console; then all deleted, each timed. Beside it, in the same run, the
 //! same number of bare Firecracker processes started one after another the same way (spawn,
 //! four API calls, banner). Prints the boot time around 1, 100, 500 and 1000 running VMs,
-//! the totals, and metald's memory per running VM.
+//! the totals, and metald's memory per running VM. metald's run directory is a tmpfs, as
+//! `/run` is on a systemd host (in a mount namespace of the bench's own).
 //!
 //! `cargo bench -p metald --bench scale` (root, a Firecracker binary, /dev/kvm). Not in
 //! `make bench`: it holds `BENCH_SCALE_VMS` VMs (about 4.3 MB each) at once.
