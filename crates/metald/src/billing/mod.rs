@@ -438,29 +438,59 @@ mod tests {
             .collect()
     }
 
-    /// A restarted metald re-adopts a VM and its batcher runs before the first sample: the gap
-    /// is reported with the first sample that comes, not lost.
-    #[tokio::test]
-    async fn a_gap_waits_for_the_first_sample_after_a_restart() {
+    /// Billing over `store` and `meter` that never delivers: rows stay in the outbox for the
+    /// test to read, and only the test batches.
+    fn undelivered(store: &Arc<dyn StateStore>, meter: Arc<Meter>) -> Arc<Billing> {
+        Billing::start(
+            Arc::clone(store),
+            meter,
+            BillingConfig {
+                // Nothing listens there.
+                endpoint: "http://127.0.0.1:9".parse().unwrap(),
+                batch_interval: Duration::from_secs(600),
+                heartbeat_interval: Duration::from_secs(600),
+                instance_id: "test".into(),
+            },
+        )
+    }
+
+    /// A SQLite store in a new directory (kept while the handle lives), holding one running VM.
+    fn store_with_vm() -> (
+        tempfile::TempDir,
+        Arc<dyn StateStore>,
+        crate::domain::VmRecord,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn StateStore> =
             Arc::new(crate::store::Store::open(&dir.path().join("m.db")).unwrap());
         let vm = store
             .insert_vm(&crate::store::testing::record("c", VmState::Running), None)
             .unwrap();
-        let cfg = |meter: Arc<Meter>| {
-            Billing::start(
-                Arc::clone(&store),
-                meter,
-                BillingConfig {
-                    // Nothing listens there: rows stay in the outbox for the test to read.
-                    endpoint: "http://127.0.0.1:9".parse().unwrap(),
-                    batch_interval: Duration::from_secs(600),
-                    heartbeat_interval: Duration::from_secs(600),
-                    instance_id: "test".into(),
+        (dir, store, vm)
+    }
+
+    /// Every interval queued in the outbox, in order.
+    fn queued_intervals(store: &dyn StateStore) -> Vec<IntervalUsage> {
+        store
+            .outbox_peek(u32::MAX)
+            .unwrap()
+            .into_iter()
+            .filter_map(
+                |(_, r)| match serde_json::from_str(&r.payload_json).unwrap() {
+                    Payload::Metrics(list) => Some(list),
+                    _ => None,
                 },
             )
-        };
+            .flatten()
+            .collect()
+    }
+
+    /// A restarted metald re-adopts a VM and its batcher runs before the first sample: the gap
+    /// is reported with the first sample that comes, not lost.
+    #[tokio::test]
+    async fn a_gap_waits_for_the_first_sample_after_a_restart() {
+        let (_dir, store, vm) = store_with_vm();
+        let cfg = |meter: Arc<Meter>| undelivered(&store, meter);
         // Before the restart: samples batched, so the VM has a cursor.
         let before = meter(Duration::from_millis(10));
         before.track(&vm.id, run_start(Counters::default(), None));
@@ -501,18 +531,7 @@ mod tests {
         );
         // The downtime's usage is billed, as one reconstructed interval ending when sampling
         // resumed: every interval queued adds up to the VM's total.
-        let queued: Vec<IntervalUsage> = store
-            .outbox_peek(100)
-            .unwrap()
-            .into_iter()
-            .filter_map(
-                |(_, r)| match serde_json::from_str(&r.payload_json).unwrap() {
-                    Payload::Metrics(list) => Some(list),
-                    _ => None,
-                },
-            )
-            .flatten()
-            .collect();
+        let queued = queued_intervals(&*store);
         let total = after.usage(&vm.id, i64::MIN).unwrap().total;
         let billed: u64 = queued.iter().map(|i| i.usage.cpu_ns).sum();
         assert_eq!(billed, total.cpu_ns);
@@ -527,25 +546,10 @@ mod tests {
     /// is queued once (chaos found an instant billed twice when both read the same cursor).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn racing_batchers_queue_each_sample_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn StateStore> =
-            Arc::new(crate::store::Store::open(&dir.path().join("m.db")).unwrap());
-        let vm = store
-            .insert_vm(&crate::store::testing::record("c", VmState::Running), None)
-            .unwrap();
+        let (_dir, store, vm) = store_with_vm();
         let meter = meter(Duration::from_millis(1));
         meter.track(&vm.id, run_start(Counters::default(), None));
-        let b = Billing::start(
-            Arc::clone(&store),
-            Arc::clone(&meter),
-            BillingConfig {
-                // Nothing listens there: rows stay in the outbox for the test to read.
-                endpoint: "http://127.0.0.1:9".parse().unwrap(),
-                batch_interval: Duration::from_secs(600),
-                heartbeat_interval: Duration::from_secs(600),
-                instance_id: "test".into(),
-            },
-        );
+        let b = undelivered(&store, Arc::clone(&meter));
         std::thread::scope(|s| {
             for _ in 0..4 {
                 s.spawn(|| {
@@ -557,18 +561,7 @@ mod tests {
         });
         meter.stop(&vm.id);
         b.batch_vm(&vm.id, &vm.customer).unwrap();
-        let queued: Vec<IntervalUsage> = store
-            .outbox_peek(u32::MAX)
-            .unwrap()
-            .into_iter()
-            .filter_map(
-                |(_, r)| match serde_json::from_str(&r.payload_json).unwrap() {
-                    Payload::Metrics(list) => Some(list),
-                    _ => None,
-                },
-            )
-            .flatten()
-            .collect();
+        let queued = queued_intervals(&*store);
         let mut times: Vec<i64> = queued.iter().map(|i| i.timestamp).collect();
         times.sort_unstable();
         let n = times.len();
