@@ -116,9 +116,9 @@ pub enum ProbeError {
 }
 
 /// How long [`LinuxHost`] answers its memory total and CPU count from its last reading: every
-/// create and boot asks for both, and reading the CPU count (the affinity mask and the cgroup's
-/// quota files) cost a create and its boot 0.3-0.5 ms together; they change only with hotplug or an operator's
-/// cgroup change, which a second's delay does not hurt.
+/// create and boot asks for both, and reading the CPU count (the affinity mask and the
+/// cgroup's quota files) cost a create and its boot 0.3-0.5 ms together; they change only with
+/// hotplug or an operator's cgroup change, which a second's delay does not hurt.
 pub const REREAD_AFTER: Duration = Duration::from_secs(1);
 
 /// A value read at an instant.

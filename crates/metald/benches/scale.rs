@@ -384,7 +384,6 @@ fn print_steps(log: &str, ids: &[String], n: usize) {
     }
 }
 
-/// How busy the host's CPUs were over `window`, in percent of all of them (from /proc/stat).
 /// Waits (at most 5 min) until the host's CPUs are less than [`QUIET_BUSY`] % busy over a
 /// second, and says how long that took: the kernel tears network namespaces down on a work
 /// queue of its own (`cleanup_net`), minutes after the last one of 1000 was removed, and a
@@ -406,6 +405,7 @@ fn wait_host_quiet(before: &str) {
 /// What counts as a quiet host (this one idles at 2-3 %: its agent, DAMON).
 const QUIET_BUSY: f64 = 6.0;
 
+/// How busy the host's CPUs were over `window`, in percent of all of them (from /proc/stat).
 fn host_busy(window: Duration) -> f64 {
     let sample = || -> (u64, u64) {
         let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
@@ -444,9 +444,6 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// Starts `n` bare Firecrackers one after another, each until its banner, all kept running
-/// until the last; returns the total time and each start's steps (spawn until the API answers,
-/// configured and started, started until the banner).
 /// `n` bare Firecrackers started one after another, then killed: the time for all and each
 /// one's steps (spawn until its API answers, configured and started, until the banner). With
 /// `idle`, the host's load with all `n` running is printed before they go.

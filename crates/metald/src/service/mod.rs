@@ -1083,8 +1083,8 @@ impl VmService {
     }
 
     /// Waits until the background work ends: every deleted VM's leftovers removed (or given
-    /// up on), every new VM's disk copies synced and every spare disk refill over. At shutdown, and in tests that look for
-    /// leftovers or durable disks.
+    /// up on), every new VM's disk copies synced and every spare disk refill over. At
+    /// shutdown, and in tests that look for leftovers or durable disks.
     pub async fn settle(&self) {
         let mut rx = self.background.subscribe();
         // The sender lives as long as `self`.

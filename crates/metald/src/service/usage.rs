@@ -96,22 +96,17 @@ impl VmService {
         });
     }
 
-    /// Picks up the record a VMM wrote as it exited (Firecracker does), so the run's last
-    /// disk operations are in its totals.
-    async fn last_vmm_metrics(&self, vm: &VmId) {
-        match self.backend.vmm_metrics(vm, false).await {
-            Ok(Some(m)) => self.meter.add_vmm_metrics(vm, m),
+    /// Takes the VM's last sample, saves its totals and queues its last usage for billing.
+    /// The VMM is gone: the record it wrote as it exited (Firecracker does) is read first, so
+    /// the run's last disk operations are in its totals.
+    pub(super) async fn untrack_exited(&self, vm: &VmRecord) {
+        match self.backend.vmm_metrics(&vm.id, false).await {
+            Ok(Some(m)) => self.meter.add_vmm_metrics(&vm.id, m),
             Ok(None) => {}
             Err(e) => {
-                tracing::debug!(vm_id = %vm, error = %Chain(&e), "reading the VMM's last metrics failed")
+                tracing::debug!(vm_id = %vm.id, error = %Chain(&e), "reading the VMM's last metrics failed")
             }
         }
-    }
-
-    /// Takes the VM's last sample, saves its totals and queues its last usage for billing.
-    /// The VMM is gone: what it wrote as it exited is read first.
-    pub(super) async fn untrack_exited(&self, vm: &VmRecord) {
-        self.last_vmm_metrics(&vm.id).await;
         self.untrack(vm);
     }
 
