@@ -194,14 +194,20 @@ impl VmService {
         if vm.life.vmm_pid() != Some(ev.pid) || transition(vm.state(), Operation::Fail).is_err() {
             return;
         }
-        let console = file_tail(
-            &self.vm_dir(&vm.id).join(crate::backend::files::CONSOLE_LOG),
-            512,
+        let dir = self.vm_dir(&vm.id);
+        let console = file_tail(&dir.join(crate::backend::files::CONSOLE_LOG), 512);
+        // What the VMM said as it died (an assertion, a panic, a fatal error) tells why.
+        let vmm_log = file_tail(&dir.join(crate::backend::files::VMM_LOG), 1024);
+        tracing::warn!(
+            vm_id = %vm.id,
+            pid = ev.pid,
+            status = %ev.status,
+            vmm_log = %vmm_log,
+            "VMM exited on its own"
         );
-        tracing::warn!(vm_id = %vm.id, pid = ev.pid, status = %ev.status, "VMM exited on its own");
         let _logged = self.release_sandbox(&vm).await;
         let failed = vm.life.apply(Change::Failed(format!(
-            "VMM exited on its own ({}); console ends: {console}",
+            "VMM exited on its own ({}); its log ends: {vmm_log}; console ends: {console}",
             ev.status
         )));
         if let Err(e) = failed

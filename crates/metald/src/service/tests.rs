@@ -306,15 +306,23 @@ async fn only_an_unrequested_exit_of_the_current_vmm_fails_the_vm() {
         f.svc.get(&f.who, &id).await.unwrap().state(),
         VmState::Running
     );
+    // What the VMM wrote as it died is in the failure.
+    std::fs::write(
+        f.vms_dir.join(id.as_str()).join("vmm.log"),
+        "qemu: fatal: something broke\n",
+    )
+    .unwrap();
     send(pid, false, "exit status 0");
     tokio::time::sleep(Duration::from_millis(50)).await;
     let vm = f.svc.get(&f.who, &id).await.unwrap();
     assert_eq!(vm.state(), VmState::Failed);
-    assert!(vm
-        .life
-        .failure()
-        .unwrap()
-        .starts_with("VMM exited on its own (exit status 0)"));
+    assert!(
+        vm.life.failure().unwrap().starts_with(
+            "VMM exited on its own (exit status 0); its log ends: qemu: fatal: something broke;"
+        ),
+        "{:?}",
+        vm.life.failure()
+    );
     // A FAILED VM boots again.
     assert_eq!(
         f.svc.boot(&f.who, &id).await.unwrap().state(),
