@@ -295,6 +295,16 @@ const STEPS: &[(&str, &str, &str)] = &[
         "boot: VMM configured, guest started",
     ),
     (
+        "firecracker started",
+        "net_ms",
+        "boot:   of which the network device (TAP)",
+    ),
+    (
+        "firecracker started",
+        "instance_start_ms",
+        "boot:   of which InstanceStart",
+    ),
+    (
         "vm booted",
         "record_ms",
         "boot: record RUNNING, start metering",

@@ -6,7 +6,7 @@ pub mod metrics;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tokio::sync::mpsc;
@@ -161,7 +161,7 @@ impl FirecrackerBackend {
     /// Starts a Firecracker for the VM (its socket, logs and metrics FIFO made afresh) and
     /// either boots its guest or restores the one it saved.
     async fn start(&self, launch: &VmLaunch, how: StartKind) -> Result<VmmProcess, BackendError> {
-        let t0 = std::time::Instant::now();
+        let t0 = Instant::now();
         let socket = launch.control_socket();
         let log = launch.vmm_log();
         let dir = crate::vm_dir::VmDir::open(&launch.dir)?;
@@ -217,6 +217,7 @@ impl FirecrackerBackend {
         let spawned = t0.elapsed();
         let api = FirecrackerApi::new(&socket);
         let mut ready = spawned;
+        let mut calls = ConfigureTimes::default();
         let setup = async {
             api.wait_ready(API_READY_TIMEOUT).await?;
             // The socket is there and the guest has not run yet: nothing in the VM can touch
@@ -224,7 +225,7 @@ impl FirecrackerBackend {
             launch.seal_control_dir()?;
             ready = t0.elapsed();
             match how {
-                StartKind::Boot => self.configure_and_start(launch, &api).await,
+                StartKind::Boot => self.configure_and_start(launch, &api, &mut calls).await,
                 StartKind::Wake | StartKind::Restore => self.restore(launch, &api).await,
             }
         }
@@ -237,6 +238,8 @@ impl FirecrackerBackend {
             spawn_ms = ms(spawned),
             ready_ms = ms(ready.saturating_sub(spawned)),
             configure_ms = ms(t0.elapsed().saturating_sub(ready)),
+            net_ms = ms(calls.network),
+            instance_start_ms = ms(calls.instance_start),
             "firecracker started"
         );
         self.registry.finish_start(launch, process, setup).await
@@ -257,6 +260,7 @@ impl FirecrackerBackend {
         &self,
         launch: &VmLaunch,
         api: &FirecrackerApi,
+        times: &mut ConfigureTimes,
     ) -> Result<(), BackendError> {
         api.put_machine_config(&MachineConfiguration {
             vcpu_count: launch.vcpu_count,
@@ -292,6 +296,7 @@ impl FirecrackerBackend {
             .await?;
         }
         if let Some(net) = &launch.net {
+            let t = Instant::now();
             api.put_network_interface(&NetworkInterface {
                 iface_id: "eth0".into(),
                 host_dev_name: net.tap.clone(),
@@ -300,9 +305,21 @@ impl FirecrackerBackend {
                 tx_rate_limiter: net.tx_rate_limit.map(RateLimiter::from),
             })
             .await?;
+            times.network = t.elapsed();
         }
-        api.action(ActionType::InstanceStart).await
+        let t = Instant::now();
+        api.action(ActionType::InstanceStart).await?;
+        times.instance_start = t.elapsed();
+        Ok(())
     }
+}
+
+/// How long the configuring calls that wait on the kernel took: the network device (Firecracker
+/// opens the TAP, under the kernel's network lock) and the start (the KVM VM and its vCPUs).
+#[derive(Default)]
+struct ConfigureTimes {
+    network: Duration,
+    instance_start: Duration,
 }
 
 fn ms(d: Duration) -> f64 {

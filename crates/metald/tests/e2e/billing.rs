@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use crate::support::*;
 use crate::Need;
-use serde_json::json;
 
 /// The billing tests: QEMU guests and a real billaged.
 pub fn tests() -> Vec<crate::E2e> {
@@ -43,12 +42,7 @@ fn billed_metald(guest: &std::path::Path) -> (Metald, u16, Billaged) {
 /// Shuts the VM down and waits until everything about it reached billaged; billaged's
 /// database.
 fn shut_down_and_deliver(m: &Metald, api: &Rest, id: &str) -> rusqlite::Connection {
-    api.call(
-        "POST",
-        &format!("/v1/vms/{id}/shutdown"),
-        Some(json!({"force": true})),
-    )
-    .ok();
+    api.force_shutdown(id);
     let db = rusqlite::Connection::open(m.data_dir.join("billaged.db")).unwrap();
     wait_delivered(m, &db, id);
     db

@@ -62,13 +62,7 @@ fn firecracker_limits_its_vcpus_and_keeps_the_console_to_the_guest() {
     assert!(vmm_log.contains("Running Firecracker v"), "{vmm_log}");
 
     // Boot again after a shutdown, then a VMM killed from outside is noticed.
-    let down = api
-        .call(
-            "POST",
-            &format!("/v1/vms/{id}/shutdown"),
-            Some(json!({"force": true})),
-        )
-        .ok();
+    let down = api.force_shutdown(&id);
     assert_eq!(down["vm"]["state"], "VM_STATE_SHUTDOWN");
     let again = api.call("POST", &format!("/v1/vms/{id}/boot"), None).ok();
     let pid = again["vm"]["vmmPid"].as_u64().expect("vmm pid");
@@ -88,12 +82,7 @@ fn a_vmm_can_neither_redirect_metalds_writes_nor_touch_its_control_socket() {
     let api = Rest::new(&m, Some("fc"));
     let id = api.create(tiny_request(1));
     api.boot_ready(&id);
-    api.call(
-        "POST",
-        &format!("/v1/vms/{id}/shutdown"),
-        Some(json!({"force": true})),
-    )
-    .ok();
+    api.force_shutdown(&id);
     let host = m.data_dir.join("host-only");
     std::fs::write(&host, "host data\n").unwrap();
     let dir = m.data_dir.join("vms").join(&id);

@@ -585,12 +585,7 @@ fn metald_as_a_plain_user_with_only_the_documented_capabilities_runs_vms() {
     );
     let c = api.call("GET", &format!("/v1/vms/{id}/console"), None).ok();
     assert!(c["output"].as_str().unwrap().contains("METALD_GUEST_READY"));
-    api.call(
-        "POST",
-        &format!("/v1/vms/{id}/shutdown"),
-        Some(json!({"force": true})),
-    )
-    .ok();
+    api.force_shutdown(&id);
     api.call("DELETE", &format!("/v1/vms/{id}"), None).ok();
     m.assert_clean();
 }

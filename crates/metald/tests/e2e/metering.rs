@@ -512,12 +512,7 @@ fn usage_totals_survive_restarts_and_stops_beside_the_run_in_progress() {
         cpu(&u, "currentRun") > 0 && cpu(&u, "currentRun") <= cpu(&u, "total"),
         "{u}"
     );
-    api.call(
-        "POST",
-        &format!("/v1/vms/{id}/shutdown"),
-        Some(serde_json::json!({"force": true})),
-    )
-    .ok();
+    api.force_shutdown(&id);
     let stopped = usage(&api, &id);
     assert!(stopped.get("currentRun").is_none(), "{stopped}");
     let lifetime = cpu(&stopped, "total");

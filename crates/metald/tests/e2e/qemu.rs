@@ -590,12 +590,7 @@ fn a_suspended_debian_guest_wakes_with_its_memory_disk_and_addresses() {
     let iso = m.iso.as_ref().unwrap();
     iso.netns
         .assert_pings(before["network"]["ipv6Address"].as_str().unwrap());
-    api.call(
-        "POST",
-        &format!("/v1/vms/{id}/shutdown"),
-        Some(json!({"force": true})),
-    )
-    .ok();
+    api.force_shutdown(&id);
     // What it wrote to its disk before the suspend is there, and it went on after the wake.
     let rootfs = m.data_dir.join("vms").join(&id).join("rootfs.img");
     let out = std::process::Command::new("debugfs")
@@ -752,13 +747,7 @@ fn state_survives_a_restart_and_running_vms_are_reattached() {
         "paused",
         "the re-attached QEMU obeyed"
     );
-    let down = api
-        .call(
-            "POST",
-            &format!("/v1/vms/{running}/shutdown"),
-            Some(json!({"force": true})),
-        )
-        .ok();
+    let down = api.force_shutdown(&running);
     assert_eq!(down["vm"]["state"], "VM_STATE_SHUTDOWN");
     assert!(m.vmm_pids().is_empty());
     m.assert_clean();
@@ -1005,12 +994,7 @@ fn host_capacity_and_a_reloaded_quota_file_refuse_what_does_not_fit() {
     assert_eq!(num(&host["vcpus"]["used"]), 1, "{host}");
     assert_eq!(num(&host["vms"]["used"]), 2, "{host}");
     // Stopping the first makes room for the second.
-    api.call(
-        "POST",
-        &format!("/v1/vms/{first}/shutdown"),
-        Some(json!({"force": true})),
-    )
-    .ok();
+    api.force_shutdown(&first);
     api.call("POST", &format!("/v1/vms/{second}/boot"), None)
         .ok();
     // A rewritten file raises the quota within a few polls.
@@ -1045,10 +1029,5 @@ fn host_capacity_and_a_reloaded_quota_file_refuse_what_does_not_fit() {
         "{}",
         r.body
     );
-    api.call(
-        "POST",
-        &format!("/v1/vms/{second}/shutdown"),
-        Some(json!({"force": true})),
-    )
-    .ok();
+    api.force_shutdown(&second);
 }

@@ -191,14 +191,7 @@ fn qemu_clones_of_one_snapshot_run_at_once_at_their_own_addresses_with_their_own
     }
 
     // The first clone stops; the second counts two more and stops.
-    let stop = |id: &str| {
-        api.call(
-            "POST",
-            &format!("/v1/vms/{id}/shutdown"),
-            Some(json!({"force": true})),
-        )
-        .ok()
-    };
+    let stop = |id: &str| api.force_shutdown(id);
     stop(&clones[0]);
     let first_last = *counts(&m.console(&clones[0])).last().unwrap();
     wait_count(&m, &clones[1], first_last + 2);

@@ -202,6 +202,16 @@ impl Rest {
         self.wait_ready(id)
     }
 
+    /// Stops the VM at once (`force`), without asking its guest; the VM as it is then.
+    pub fn force_shutdown(&self, id: &str) -> Value {
+        self.call(
+            "POST",
+            &format!("/v1/vms/{id}/shutdown"),
+            Some(serde_json::json!({"force": true})),
+        )
+        .ok()
+    }
+
     /// Creates and boots a VM, waiting until its guest is ready; its id.
     pub fn create_booted(&self, body: Value) -> String {
         let id = self.create(body);
