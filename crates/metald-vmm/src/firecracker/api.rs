@@ -1,14 +1,18 @@
 //! A typed client for Firecracker's REST API over its Unix socket.
 //!
 //! Written against Firecracker v1.16.1's `src/firecracker/swagger/firecracker.yaml`; only the
-//! endpoints metald uses are modelled. Each request uses a fresh HTTP/1.1 connection, which the
-//! API server handles cheaply and which keeps this client free of connection state.
+//! endpoints metald uses are modelled. A client keeps its HTTP/1.1 connection between calls
+//! (Firecracker's API server keeps connections alive), so a boot's six calls make one
+//! connection, not six; a call that did not end cleanly drops it, and the next one connects
+//! again.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
+use hyper::client::conn::http1::SendRequest;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
@@ -187,10 +191,29 @@ struct ApiError {
     fault_message: String,
 }
 
-/// Client for one Firecracker API socket.
-#[derive(Debug, Clone)]
+/// Client for one Firecracker API socket. Clones share its connection.
+#[derive(Clone)]
 pub struct FirecrackerApi {
     socket: PathBuf,
+    /// The connection a finished call left open, taken by the next call; a call holds the lock
+    /// for its whole exchange, so calls through clones wait for each other, as the API server
+    /// answers one request at a time anyway.
+    kept: Arc<tokio::sync::Mutex<Option<Connection>>>,
+}
+
+impl std::fmt::Debug for FirecrackerApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FirecrackerApi")
+            .field("socket", &self.socket)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One HTTP/1.1 connection to the API server, driven by its own task.
+struct Connection {
+    sender: SendRequest<Full<Bytes>>,
+    /// Aborted with the connection however the call using it ends: never a stray task.
+    _driver: AbortOnDrop<Result<(), hyper::Error>>,
 }
 
 impl FirecrackerApi {
@@ -198,6 +221,7 @@ impl FirecrackerApi {
     pub fn new(socket: &Path) -> Self {
         Self {
             socket: socket.to_path_buf(),
+            kept: Arc::default(),
         }
     }
 
@@ -345,15 +369,18 @@ impl FirecrackerApi {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Bytes, BackendError> {
-        let what = what.to_string();
-        let stream = crate::console::connect_vm_socket(&self.socket)
-            .await
-            .map_err(|e| api_err(&what, format!("connect {}: {e}", self.socket.display())))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| api_err(&what, e.to_string()))?;
-        // Aborted however this call ends (a timeout drops it mid-way): never a stray task.
-        let conn_task = AbortOnDrop(tokio::spawn(conn));
+        let mut kept = self.kept.lock().await;
+        // A kept connection the server has closed since is replaced before anything is sent
+        // on it.
+        let reusable = match kept.take() {
+            Some(mut c) => c.sender.ready().await.is_ok().then_some(c),
+            None => None,
+        };
+        let reused = reusable.is_some();
+        let mut conn = match reusable {
+            Some(c) => c,
+            None => self.connect(what).await?,
+        };
         let mut req = Request::builder()
             .method(method)
             .uri(path)
@@ -364,25 +391,55 @@ impl FirecrackerApi {
         }
         let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| api_err(&what, e.to_string()))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| api_err(&what, e.to_string()))?;
+            .map_err(|e| api_err(what, e.to_string()))?;
+        let resp = match conn.sender.try_send_request(req).await {
+            Ok(resp) => resp,
+            // A kept connection that closed after the check: the request was handed back
+            // unsent, so it goes once, on a new connection. A request that went out is never
+            // sent again.
+            Err(mut e) => match e.take_message().filter(|_| reused) {
+                Some(req) => {
+                    conn = self.connect(what).await?;
+                    conn.sender
+                        .send_request(req)
+                        .await
+                        .map_err(|e| api_err(what, e.to_string()))?
+                }
+                None => return Err(api_err(what, e.into_error().to_string())),
+            },
+        };
         let status = resp.status();
         let bytes = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
             .collect()
             .await
-            .map_err(|e| api_err(&what, e.to_string()))?
+            .map_err(|e| api_err(what, e.to_string()))?
             .to_bytes();
-        drop(conn_task);
+        // The whole answer was read: the connection is ready for the next call. Any error or
+        // timeout above dropped it instead.
+        *kept = Some(conn);
         if status.is_success() {
             return Ok(bytes);
         }
         let reason = serde_json::from_slice::<ApiError>(&bytes)
             .map(|e| e.fault_message)
             .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-        Err(api_err(&what, format!("{}: {reason}", status_text(status))))
+        Err(api_err(what, format!("{}: {reason}", status_text(status))))
+    }
+}
+
+impl FirecrackerApi {
+    /// A new connection to the API socket (checked to be a socket, never followed).
+    async fn connect(&self, what: &str) -> Result<Connection, BackendError> {
+        let stream = crate::console::connect_vm_socket(&self.socket)
+            .await
+            .map_err(|e| api_err(what, format!("connect {}: {e}", self.socket.display())))?;
+        let (sender, driver) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| api_err(what, e.to_string()))?;
+        Ok(Connection {
+            sender,
+            _driver: AbortOnDrop(tokio::spawn(driver)),
+        })
     }
 }
 
@@ -476,6 +533,103 @@ mod tests {
             }
         });
         FirecrackerApi::new(&path)
+    }
+
+    /// A "Firecracker" that answers each request with 204, closing the connection after
+    /// `answers_per_connection` answers (none: keeps it), saying so in its last answer if
+    /// `says_close`; the count of connections it took.
+    fn counting(
+        dir: &Path,
+        answers_per_connection: Option<usize>,
+        says_close: bool,
+    ) -> (FirecrackerApi, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let path = dir.join("api.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counted = connections.clone();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+            while let Ok((s, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut s = BufReader::new(s);
+                    let mut answered = 0;
+                    loop {
+                        // Headers, then the body its Content-Length names.
+                        let mut length = 0;
+                        loop {
+                            let mut line = String::new();
+                            if s.read_line(&mut line).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if let Some(v) =
+                                line.to_ascii_lowercase().strip_prefix("content-length:")
+                            {
+                                length = v.trim().parse().unwrap();
+                            }
+                            if line == "\r\n" {
+                                break;
+                            }
+                        }
+                        let mut body = vec![0; length];
+                        s.read_exact(&mut body).await.unwrap();
+                        answered += 1;
+                        let last = answers_per_connection.is_some_and(|n| answered >= n);
+                        let close = if last && says_close {
+                            "Connection: close\r\n"
+                        } else {
+                            ""
+                        };
+                        let answer = format!("HTTP/1.1 204 No Content\r\n{close}\r\n");
+                        s.get_mut().write_all(answer.as_bytes()).await.unwrap();
+                        if last {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (FirecrackerApi::new(&path), connections)
+    }
+
+    #[tokio::test]
+    async fn calls_share_one_connection_and_connect_again_once_the_server_closed_it() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let (api, connections) = counting(dir.path(), None, false);
+        api.patch_vm(VmRunState::Paused).await.unwrap();
+        api.action(ActionType::InstanceStart).await.unwrap();
+        api.clone().patch_vm(VmRunState::Resumed).await.unwrap();
+        assert_eq!(connections.load(Ordering::SeqCst), 1);
+
+        // A server that closes after each answer, saying so or not: every call still gets its
+        // answer, each on a connection of its own.
+        for says_close in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let (api, connections) = counting(dir.path(), Some(1), says_close);
+            for _ in 0..20 {
+                api.patch_vm(VmRunState::Paused).await.unwrap();
+            }
+            assert_eq!(connections.load(Ordering::SeqCst), 20);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_call_cut_off_mid_answer_leaves_no_connection_for_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        // Promises a body it never sends, and keeps the connection open.
+        let cut = hostile(
+            dir.path(),
+            b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc".to_vec(),
+        );
+        let slow = cut.clone();
+        let err = tokio::time::timeout(Duration::from_millis(200), slow.instance_info()).await;
+        assert!(err.is_err(), "no whole answer came");
+        assert!(
+            cut.kept.lock().await.is_none(),
+            "the cut connection was dropped"
+        );
     }
 
     // Paused clock: the 10 s timeout passes at once when nothing else can run.
