@@ -23,7 +23,7 @@ pub mod nfnetlink;
 pub mod nft;
 pub mod pool;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -176,6 +176,9 @@ pub struct Network {
     /// Held while a spare is made and put: closing the pool waits for it, so a clean stop
     /// never leaves a spare half made (its task would end with the runtime).
     filling: Mutex<()>,
+    /// VMs whose setup took a spare and left its host end (the spare's veth name here) to be
+    /// renamed, set up and routed by [`Network::open`], beside the VMM's start.
+    unfinished: std::sync::Mutex<HashMap<VmId, String>>,
 }
 
 /// A VM's firewall change, before it is made against the model.
@@ -250,6 +253,7 @@ impl Network {
             namespaces,
             firewall: Mutex::new(firewall),
             waiting: std::sync::Mutex::new(Vec::new()),
+            unfinished: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -283,6 +287,12 @@ impl Network {
 
     /// Makes the VM's namespace and veth pair and routes its addresses. On failure everything
     /// made so far is removed again. Its traffic stays dropped until [`Network::open`].
+    ///
+    /// With a spare from the warm pool, only its namespace is moved to the VM's name here (what
+    /// the VMM's jail joins); its host end is renamed, set up and routed by [`Network::open`],
+    /// which runs beside the VMM's start: those steps wait for the kernel's network lock and
+    /// grow with the VMs on the host, and the VMM needs none of them until its guest runs.
+    /// [`Network::finish`] does them at once for a caller that needs the host end before.
     pub async fn setup(&self, vm: &VmRecord) -> Result<VmNetworkPlan, NetworkError> {
         let plan = self.plan(vm)?;
         let t0 = std::time::Instant::now();
@@ -297,7 +307,14 @@ impl Network {
         let spare = self.pool.take();
         let pooled = spare.is_some();
         let made = match &spare {
-            Some(spare) => self.take_spare(spare, &plan).await,
+            Some(spare) => self
+                .namespaces
+                .repin(&spare.netns, &plan.netns)
+                .map_err(|source| NetworkError::Io {
+                    op: "move a spare network namespace to",
+                    path: plan.netns.clone(),
+                    source,
+                }),
             None => self.make_plumbing(&plan).await,
         };
         if let Err(e) = made {
@@ -307,38 +324,56 @@ impl Network {
             }
             return Err(e);
         }
+        if let Some(spare) = spare {
+            self.unfinished_map().insert(vm.id.clone(), spare.host_if);
+        }
         tracing::debug!(vm_id = %vm.id, leftovers_ms = ms(t1 - t0), plumbing_ms = ms(t1.elapsed()), pooled, "network made");
         Ok(plan)
     }
 
-    /// Gives a spare from the warm pool to the VM: its namespace pinned at the VM's name, its
+    fn unfinished_map(&self) -> std::sync::MutexGuard<'_, HashMap<VmId, String>> {
+        self.unfinished
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Finishes the host end of a spare [`Network::setup`] gave the VM, if it left one: its
     /// veth end (which has the gateway addresses already) renamed to the VM's, up, with the
-    /// VM's routes.
-    async fn take_spare(&self, spare: &Spare, plan: &VmNetworkPlan) -> Result<(), NetworkError> {
+    /// VM's routes. On failure that veth is removed (the VM's namespace stays, for
+    /// [`Network::teardown`]).
+    pub async fn finish(&self, vm: &VmRecord) -> Result<(), NetworkError> {
+        let Some(spare_if) = self.unfinished_map().remove(&vm.id) else {
+            return Ok(());
+        };
+        let plan = self.plan(vm)?;
         let t0 = std::time::Instant::now();
-        self.namespaces
-            .repin(&spare.netns, &plan.netns)
-            .map_err(|source| NetworkError::Io {
-                op: "move a spare network namespace to",
-                path: plan.netns.clone(),
-                source,
-            })?;
-        let t1 = std::time::Instant::now();
-        let index = self
-            .links
-            .index_of(&spare.host_if)
-            .await?
-            .ok_or_else(|| NetworkError::NoInterface(spare.host_if.clone()))?;
-        // Spares wait up: setting a link up walks every IPv6 route of the namespace (one per
-        // VM), which is the pool's time, not the boot's. Linux before 6.2 renames only a link
-        // that is down.
-        if self.links.rename(index, &plan.host_if).await.is_err() {
-            self.links.set_down(index).await?;
-            self.links.rename(index, &plan.host_if).await?;
+        let renamed = async {
+            let index = self
+                .links
+                .index_of(&spare_if)
+                .await?
+                .ok_or_else(|| NetworkError::NoInterface(spare_if.clone()))?;
+            // Spares wait up: setting a link up walks every IPv6 route of the namespace (one
+            // per VM), which is the pool's time, not the boot's. Linux before 6.2 renames only
+            // a link that is down.
+            if self.links.rename(index, &plan.host_if).await.is_err() {
+                self.links.set_down(index).await?;
+                self.links.rename(index, &plan.host_if).await?;
+            }
+            Ok::<_, NetworkError>(index)
         }
-        let t2 = std::time::Instant::now();
-        self.up_and_route(index, plan).await?;
-        tracing::debug!(host_if = %plan.host_if, repin_ms = ms(t1 - t0), rename_ms = ms(t2 - t1), up_ms = ms(t2.elapsed()), "spare taken");
+        .await;
+        let t1 = std::time::Instant::now();
+        let routed = match renamed {
+            Ok(index) => self.up_and_route(index, &plan).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = routed {
+            self.remove_link(&spare_if).await;
+            self.remove_link(&plan.host_if).await;
+            return Err(e);
+        }
+        tracing::debug!(host_if = %plan.host_if, rename_ms = ms(t1 - t0), up_ms = ms(t1.elapsed()), "spare taken");
         Ok(())
     }
 
@@ -459,7 +494,10 @@ impl Network {
     pub async fn open(&self, vm: &VmRecord) -> Result<(), NetworkError> {
         let t0 = std::time::Instant::now();
         let plan = self.plan(vm)?;
-        self.allow(vm, &plan).await?;
+        // The firewall's elements name the VM's interface, not its index: they may come first.
+        let (finished, allowed) = tokio::join!(self.finish(vm), self.allow(vm, &plan));
+        finished?;
+        allowed?;
         tracing::debug!(vm_id = %vm.id, firewall_ms = ms(t0.elapsed()), "network opened");
         Ok(())
     }
@@ -514,25 +552,35 @@ impl Network {
         Ok(())
     }
 
-    /// Removes the veth pair (its routes and addresses go with it) and the namespace file.
+    /// Removes the veth pair (its routes and addresses go with it) and the namespace file;
+    /// a spare's veth the VM never finished taking too.
     async fn remove_plumbing(&self, vm: &VmId) {
         let (host_if, peer_if) = interface_names(vm);
-        for name in [&host_if, &peer_if] {
-            match self.links.index_of(name).await {
-                Ok(Some(index)) => {
-                    if let Err(e) = self.links.delete(index).await {
-                        tracing::warn!(interface = %name, error = %Chain(&e), "removing veth failed");
-                    }
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(interface = %name, error = %Chain(&e), "looking up veth failed")
-                }
-            }
+        let spare_if = self.unfinished_map().remove(vm);
+        for name in [Some(host_if), Some(peer_if), spare_if]
+            .into_iter()
+            .flatten()
+        {
+            self.remove_link(&name).await;
         }
         let ns = self.netns_path(vm);
         if let Err(e) = self.namespaces.remove(&ns) {
             tracing::warn!(path = %ns.display(), error = %Chain(&e), "removing network namespace failed");
+        }
+    }
+
+    /// Removes the interface `name` if it is there, logging what fails.
+    async fn remove_link(&self, name: &str) {
+        match self.links.index_of(name).await {
+            Ok(Some(index)) => {
+                if let Err(e) = self.links.delete(index).await {
+                    tracing::warn!(interface = %name, error = %Chain(&e), "removing veth failed");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(interface = %name, error = %Chain(&e), "looking up veth failed")
+            }
         }
     }
 
@@ -1298,6 +1346,100 @@ mod tests {
         assert!(k.calls().iter().any(|c| c.starts_with("veth mv")));
         net.teardown(&a).await.unwrap();
         net.teardown(&b).await.unwrap();
+        assert!(k.links.lock().unwrap().is_empty());
+        assert!(k.namespaces.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_spares_host_end_is_finished_beside_the_vmm_start_or_removed_with_the_vm() {
+        let k = Arc::new(FakeKernel::default());
+        let net = Arc::new(pooled_network(&k, 1));
+        net.start_pool();
+        let wait_spare = || async {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while net.spares() < 1 {
+                assert!(std::time::Instant::now() < deadline, "pool never filled");
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+        };
+        // Calls about one spare (its veth and namespace) and one VM (its veth), in order.
+        let about = |calls: Vec<String>, spare: &str, host: &str| -> Vec<String> {
+            calls
+                .into_iter()
+                .filter(|c| {
+                    (c.contains(&format!("mw{spare}")) || c.contains(&format!("pool-{spare}")))
+                        && !c.starts_with("veth ")
+                        && !c.starts_with("netns create")
+                        && !c.starts_with("wire ")
+                        && !c.contains(" on mw")
+                        && !c.starts_with("up mw")
+                        || c.contains(host)
+                })
+                .collect()
+        };
+
+        // The setup moves only the namespace; open renames, sets up and routes the host end.
+        wait_spare().await;
+        k.calls();
+        let a = vm(1);
+        let (host_a, _) = interface_names(&a.id);
+        net.setup(&a).await.unwrap();
+        assert_eq!(
+            about(k.calls(), "000000000001", &host_a),
+            [format!(
+                "netns repin /run/test-netns/pool-000000000001 to /run/test-netns/{}",
+                a.id
+            )],
+            "nothing on the host end before the VMM starts"
+        );
+        net.open(&a).await.unwrap();
+        let opened = about(k.calls(), "000000000001", &host_a);
+        assert_eq!(
+            opened[..4],
+            [
+                format!("rename mw000000000001 to {host_a}"),
+                format!("up {host_a}"),
+                format!("route fd00:1::1/128 to {host_a}"),
+                format!("route 10.9.0.1/32 to {host_a}"),
+            ]
+        );
+        assert!(
+            opened.contains(&format!("nft change [{host_a}]")),
+            "{opened:?}"
+        );
+        net.finish(&a).await.unwrap();
+        assert_eq!(k.calls(), Vec::<String>::new(), "finished once");
+
+        // A start that ends before open: the spare's veth goes with the VM's namespace.
+        wait_spare().await;
+        let b = vm(2);
+        let (host_b, _) = interface_names(&b.id);
+        net.setup(&b).await.unwrap();
+        net.teardown(&b).await.unwrap();
+        let links: Vec<String> = k.links.lock().unwrap().keys().cloned().collect();
+        assert!(!links.contains(&"mw000000000002".to_string()), "{links:?}");
+        assert!(!links.contains(&host_b), "{links:?}");
+        let ns = PathBuf::from(format!("/run/test-netns/{}", b.id));
+        assert!(!k.namespaces.lock().unwrap().contains(&ns));
+
+        // A host end that cannot be routed: open fails and removes the veth; the namespace
+        // stays for the teardown that follows.
+        wait_spare().await;
+        let c = vm(3);
+        let (host_c, _) = interface_names(&c.id);
+        net.setup(&c).await.unwrap();
+        *k.fail_on.lock().unwrap() = Some(format!("route fd00:1::3/128 to {host_c}"));
+        assert!(net.open(&c).await.is_err());
+        *k.fail_on.lock().unwrap() = None;
+        let links: Vec<String> = k.links.lock().unwrap().keys().cloned().collect();
+        assert!(!links.contains(&host_c), "{links:?}");
+        assert!(!links.contains(&"mw000000000003".to_string()), "{links:?}");
+        net.teardown(&c).await.unwrap();
+        let ns = PathBuf::from(format!("/run/test-netns/{}", c.id));
+        assert!(!k.namespaces.lock().unwrap().contains(&ns));
+
+        net.close_pool().await;
+        net.teardown(&a).await.unwrap();
         assert!(k.links.lock().unwrap().is_empty());
         assert!(k.namespaces.lock().unwrap().is_empty());
     }

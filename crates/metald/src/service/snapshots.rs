@@ -407,6 +407,14 @@ impl VmService {
             vm: vm.id.clone(),
             source: Box::new(source),
         };
+        // The neighbours are pinned on the VM's host end: it must be there now.
+        self.isolation
+            .finish_setup(vm)
+            .await
+            .map_err(|source| ServiceError::Sandbox {
+                vm: vm.id.clone(),
+                source,
+            })?;
         let gateway_mac = clone_map::pin_neighbours(&plan.host_if, &map, &plan.mac)
             .await
             .map_err(sandbox)?;
