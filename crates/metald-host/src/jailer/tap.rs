@@ -133,8 +133,12 @@ pub fn bridge(bridge: &str, ports: &[&str]) -> io::Result<()> {
     for name in up.iter().chain([&bridge, &"lo"]) {
         let mut r = IfReq::new(name)?;
         ifreq_ioctl(&sock, SIOCGIFFLAGS, &mut r)?;
-        r.set_short(r.short() | libc::IFF_UP as i16);
-        ifreq_ioctl(&sock, SIOCSIFFLAGS, &mut r)?;
+        // Setting flags takes the kernel's network lock even when nothing changes, and a
+        // namespace from the warm pool has everything up already.
+        if r.short() & libc::IFF_UP as i16 == 0 {
+            r.set_short(r.short() | libc::IFF_UP as i16);
+            ifreq_ioctl(&sock, SIOCSIFFLAGS, &mut r)?;
+        }
     }
     Ok(())
 }
