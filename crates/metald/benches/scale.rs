@@ -252,12 +252,17 @@ const STEPS: &[(&str, &str, &str)] = &[
     (
         "network made",
         "plumbing_ms",
-        "boot: network (a spare: re-pin, rename, up, routes)",
+        "boot: network (a spare: its namespace re-pinned)",
     ),
     (
         "network opened",
         "firewall_ms",
-        "boot: nft elements (beside the VMM start)",
+        "boot: host end, nft elements (beside the VMM start)",
+    ),
+    (
+        "spare taken",
+        "rename_ms",
+        "boot:   of which the spare's veth renamed",
     ),
     (
         "sandbox ready",

@@ -373,7 +373,7 @@ impl Network {
             self.remove_link(&plan.host_if).await;
             return Err(e);
         }
-        tracing::debug!(host_if = %plan.host_if, rename_ms = ms(t1 - t0), up_ms = ms(t1.elapsed()), "spare taken");
+        tracing::debug!(vm_id = %vm.id, host_if = %plan.host_if, rename_ms = ms(t1 - t0), up_ms = ms(t1.elapsed()), "spare taken");
         Ok(())
     }
 
@@ -498,6 +498,7 @@ impl Network {
         let (finished, allowed) = tokio::join!(self.finish(vm), self.allow(vm, &plan));
         finished?;
         allowed?;
+        // `firewall_ms`: the host end (if left to this) and the firewall, side by side.
         tracing::debug!(vm_id = %vm.id, firewall_ms = ms(t0.elapsed()), "network opened");
         Ok(())
     }
