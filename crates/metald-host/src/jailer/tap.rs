@@ -69,6 +69,10 @@ fn check(ret: libc::c_int) -> io::Result<()> {
 /// Without an owner only a process with CAP_NET_ADMIN can attach (a warm pool's TAP, until the
 /// jail takes it over for the VM).
 pub fn create_tap(name: &str, owner: Option<(u32, u32)>) -> io::Result<()> {
+    // A TAP that exists is a persistent one (a warm pool's, or the VM's from an earlier run:
+    // a TAP nobody holds open and not persistent is gone). Looking costs no lock; making it
+    // persistent again would take the kernel's network lock for nothing.
+    let existed = ifreq_ioctl(&ctl_socket()?, SIOCGIFINDEX, &mut IfReq::new(name)?).is_ok();
     let tun: OwnedFd = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -85,7 +89,9 @@ pub fn create_tap(name: &str, owner: Option<(u32, u32)>) -> io::Result<()> {
             check(libc::ioctl(fd, libc::TUNSETOWNER, libc::c_ulong::from(uid)))?;
             check(libc::ioctl(fd, libc::TUNSETGROUP, libc::c_ulong::from(gid)))?;
         }
-        check(libc::ioctl(fd, libc::TUNSETPERSIST, 1 as libc::c_ulong))?;
+        if !existed {
+            check(libc::ioctl(fd, libc::TUNSETPERSIST, 1 as libc::c_ulong))?;
+        }
     }
     Ok(())
 }
