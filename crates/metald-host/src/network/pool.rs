@@ -1,8 +1,9 @@
 //! The warm pool: networks made ahead of any boot, so a boot only takes one (issue 14). Each
 //! spare is a namespace pinned at `<netns dir>/pool-<n>`, holding the TAP, the bridge and one
-//! end of a veth pair; the other end, `mw<n>`, waits down and without addresses in metald's
-//! namespace. A boot moves the pin to the VM's name, renames `mw<n>` to the VM's `mv` name,
-//! gives it the gateway addresses and routes, and the pool is refilled in the background.
+//! end of a veth pair; the other end, `mw<n>`, waits up with the gateway addresses in metald's
+//! namespace. A boot moves the pin to the VM's name; beside its VMM's start, `mw<n>` is renamed
+//! to the VM's `mv` name and routed to the guest's addresses; the pool is refilled in the
+//! background.
 //!
 //! Spares belong to no VM: the start-up sweep removes what a killed metald left of them like
 //! any other leftover (their names are no VM's), and a clean stop removes them.
@@ -24,7 +25,7 @@ pub const MAX_WARM_POOL: usize = 1024;
 pub struct Spare {
     /// Where its namespace is pinned.
     pub netns: PathBuf,
-    /// Its veth end in metald's namespace (down, no addresses).
+    /// Its veth end in metald's namespace (up, with the gateway addresses).
     pub host_if: String,
 }
 

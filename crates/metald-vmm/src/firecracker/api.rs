@@ -425,9 +425,7 @@ impl FirecrackerApi {
             .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
         Err(api_err(what, format!("{}: {reason}", status_text(status))))
     }
-}
 
-impl FirecrackerApi {
     /// A new connection to the API socket (checked to be a socket, never followed).
     async fn connect(&self, what: &str) -> Result<Connection, BackendError> {
         let stream = crate::console::connect_vm_socket(&self.socket)
