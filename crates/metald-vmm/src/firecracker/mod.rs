@@ -493,9 +493,9 @@ mod tests {
     /// for its end, and a line past the cap is dropped without ending the reads after it.
     #[tokio::test]
     async fn every_record_is_summed_once_and_an_endless_line_is_dropped() {
-        let (rx, tx) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::NONBLOCK).unwrap();
+        let (rx, mut tx) = nonblocking_pipe();
+        // The writer waits for room: the endless line is larger than the pipe.
         rustix::fs::fcntl_setfl(&tx, rustix::fs::OFlags::empty()).unwrap();
-        let mut tx = std::fs::File::from(tx);
         let mut r = FifoReader::new(rx);
         let vm = VmId::generate();
         r.read_ready(&vm).unwrap();

@@ -417,17 +417,8 @@ async fn send_loop(billing: std::sync::Weak<Billing>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metering::testing::run_start;
-    use crate::metering::MeterConfig;
+    use crate::metering::testing::{meter, run_start};
     use crate::state::VmState;
-
-    fn meter(interval: Duration) -> Arc<Meter> {
-        Meter::start(MeterConfig {
-            interval,
-            retained_samples: 100,
-            vmm_metrics_interval: Duration::from_secs(600),
-        })
-    }
 
     fn kinds(store: &dyn StateStore) -> Vec<String> {
         store
@@ -492,7 +483,7 @@ mod tests {
         let (_dir, store, vm) = store_with_vm();
         let cfg = |meter: Arc<Meter>| undelivered(&store, meter);
         // Before the restart: samples batched, so the VM has a cursor.
-        let before = meter(Duration::from_millis(10));
+        let before = meter(Duration::from_millis(10), 100);
         before.track(&vm.id, run_start(Counters::default(), None));
         wait_for("a sample before the restart", || {
             before
@@ -505,7 +496,7 @@ mod tests {
         assert!(store.billing_cursor(&vm.id).unwrap().is_some());
         drop(b);
         // After the restart: no sample yet when the batcher runs.
-        let after = meter(Duration::from_secs(600));
+        let after = meter(Duration::from_secs(600), 100);
         // The sampler ticks once as it starts, then not for 600 s: let that tick pass first,
         // so that no sample exists when the batcher runs.
         wait_for("the new meter's first tick", || after.cost().1 >= 1).await;
@@ -547,7 +538,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn racing_batchers_queue_each_sample_once() {
         let (_dir, store, vm) = store_with_vm();
-        let meter = meter(Duration::from_millis(1));
+        let meter = meter(Duration::from_millis(1), 100);
         meter.track(&vm.id, run_start(Counters::default(), None));
         let b = undelivered(&store, Arc::clone(&meter));
         std::thread::scope(|s| {

@@ -326,11 +326,6 @@ impl Meter {
         }
     }
 
-    /// Whether the VM has a VMM run being counted.
-    pub fn is_running(&self, vm: &VmId) -> bool {
-        self.map().get(vm).is_some_and(|m| m.run.is_some())
-    }
-
     /// The number of the VM's run being counted (each run gets a new one), if any.
     pub fn run_number(&self, vm: &VmId) -> Option<u64> {
         self.map().get(vm)?.run.as_ref().map(|r| r.phase)
@@ -523,6 +518,16 @@ fn thread_cpu_ns() -> u64 {
 pub(crate) mod testing {
     use super::*;
 
+    /// A meter sampling every `interval` and keeping `retained_samples` per VM; nothing in
+    /// the tests polls a VMM's own metrics.
+    pub(crate) fn meter(interval: Duration, retained_samples: usize) -> Arc<Meter> {
+        Meter::start(MeterConfig {
+            interval,
+            retained_samples,
+            vmm_metrics_interval: Duration::from_secs(600),
+        })
+    }
+
     /// A run of this test process (standing in for a VMM) owned by customer `c`, with `carried`
     /// usage from earlier runs and, for a re-adopted VMM, the `base` its counting started from.
     pub(crate) fn run_start(carried: Counters, base: Option<Counters>) -> RunStart {
@@ -539,18 +544,14 @@ pub(crate) mod testing {
 
 #[cfg(test)]
 mod tests {
-    use super::testing::run_start;
+    use super::testing::{meter, run_start};
     use super::*;
 
     /// Each run counted has a number of its own (a reboot's poll of the VMM's metrics ends
     /// with its run); none once counting stops.
     #[test]
     fn each_run_has_its_own_number() {
-        let meter = Meter::start(MeterConfig {
-            interval: Duration::from_secs(60),
-            retained_samples: 5,
-            vmm_metrics_interval: Duration::from_secs(10),
-        });
+        let meter = meter(Duration::from_secs(60), 5);
         let (vm, other) = (VmId::generate(), VmId::generate());
         assert_eq!(meter.run_number(&vm), None);
         meter.track(&vm, run_start(Counters::default(), None));
@@ -566,11 +567,7 @@ mod tests {
 
     #[test]
     fn a_series_knows_whether_it_covers_the_vms_whole_life() {
-        let meter = Meter::start(MeterConfig {
-            interval: Duration::from_millis(10),
-            retained_samples: 5,
-            vmm_metrics_interval: Duration::from_secs(10),
-        });
+        let meter = meter(Duration::from_millis(10), 5);
         let (fresh, old) = (VmId::generate(), VmId::generate());
         meter.track(&fresh, run_start(Counters::default(), None));
         // A VM with usage from before this metald's samples.

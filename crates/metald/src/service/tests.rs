@@ -448,7 +448,7 @@ async fn a_firewall_that_cannot_open_stops_the_started_vmm_and_leaves_the_vm_cre
     );
     let vm = f.svc.get(&f.who, &id).await.unwrap();
     assert_eq!((vm.state(), vm.life.vmm_pid()), (VmState::Created, None));
-    assert!(!f.svc.meter.is_running(&id));
+    assert!(f.svc.meter.run_number(&id).is_none());
     // Nothing is held: the next boot goes through.
     f.isolation.fail_open.store(false, Ordering::SeqCst);
     assert_eq!(
@@ -1133,7 +1133,7 @@ async fn a_suspended_vm_holds_no_vmm_wakes_on_resume_and_survives_a_restart() {
     assert!(saved.exists());
     assert!(f.isolation.calls().contains(&format!("release {id}")));
     assert!(
-        !f.svc.meter.is_running(&id),
+        f.svc.meter.run_number(&id).is_none(),
         "a suspended VM is not metered"
     );
     // Not running: it counts against no running quota.
@@ -1159,7 +1159,7 @@ async fn a_suspended_vm_holds_no_vmm_wakes_on_resume_and_survives_a_restart() {
     assert_eq!(woken.state(), VmState::Running);
     assert_ne!(woken.life.vmm_pid(), booted.life.vmm_pid(), "a new VMM");
     assert!(woken.life.guest_ready());
-    assert!(f.svc.meter.is_running(&id));
+    assert!(f.svc.meter.run_number(&id).is_some());
     assert_eq!(f.backend.calls().iter().filter(|c| *c == "wake").count(), 1);
     // Suspended again, then shut down: the saved state goes, and the next start is a boot.
     f.svc.suspend(&f.who, &id).await.unwrap();
