@@ -4,8 +4,9 @@
 //! to its banner on the console; then all deleted, each timed. Beside it, in the same run, the
 //! same number of bare Firecracker processes started one after another the same way (spawn,
 //! four API calls, banner). Prints the boot time around 1, 100, 500 and 1000 running VMs,
-//! the totals, and metald's memory per running VM. metald's run directory is a tmpfs, as
-//! `/run` is on a systemd host (in a mount namespace of the bench's own).
+//! the totals, the host's CPU time while each phase booted, and metald's memory per running
+//! VM. metald's run directory is a tmpfs, as `/run` is on a systemd host (in a mount namespace
+//! of the bench's own).
 //!
 //! `cargo bench -p metald --bench scale` (root, a Firecracker binary, /dev/kvm). Not in
 //! `make bench`: it holds `BENCH_SCALE_VMS` VMs (about 4.3 MB each) at once.
@@ -76,6 +77,7 @@ fn main() {
     let mut boots = Vec::with_capacity(n);
     let mut ids = Vec::with_capacity(n);
     let t_all = Instant::now();
+    let cpu_all = CpuMark::now(m.pid().unwrap());
     for _ in 0..n {
         let t0 = Instant::now();
         let id = api.create(body.clone());
@@ -90,6 +92,7 @@ fn main() {
         ids.push(id);
     }
     let all_booted = t_all.elapsed();
+    let cpu_booted = cpu_all.since();
     let rss_after = rss_kib(m.pid().unwrap());
     // What the host spends with the VMs running and nothing starting (metering, the VMMs'
     // metrics flushes, the VMMs themselves), the background every boot above competed with.
@@ -125,7 +128,9 @@ fn main() {
     m.wait_vms_removed(Duration::from_secs(600));
     let all_removed = t_del.elapsed();
     wait_host_quiet("the bare Firecrackers");
+    let cpu_bare = CpuMark::now(std::process::id());
     let (bare_all, bare_steps_ref) = bare_firecrackers(&fc, &m.data_dir, n, true);
+    let cpu_bare = cpu_bare.since();
 
     println!();
     println!("| {n} jailed tiny Firecracker VMs, one after another        | median ms | min ms | max ms |");
@@ -216,6 +221,16 @@ fn main() {
         all_removed.as_secs_f64(),
         bare_all.as_secs_f64(),
         all_booted.as_secs_f64() / bare_all.as_secs_f64()
+    );
+    // Busy near 100 % of both CPUs means the boots wait for CPU (work anywhere on the host
+    // counts: metering, pool refills, the kernel's); well below it, they wait on each other.
+    println!(
+        "host CPUs busy while booting: through metald {:.1} % ({:.1} CPU s, metald's own process {:.1} s); bare {:.1} % ({:.1} CPU s)",
+        cpu_booted.busy_percent,
+        cpu_booted.busy_secs,
+        cpu_booted.process_secs,
+        cpu_bare.busy_percent,
+        cpu_bare.busy_secs,
     );
     println!(
         "metald RSS: {} MiB with none running, {} MiB with {n} running ({:.1} KiB per VM)",
@@ -422,25 +437,82 @@ const QUIET_BUSY: f64 = 6.0;
 
 /// How busy the host's CPUs were over `window`, in percent of all of them (from /proc/stat).
 fn host_busy(window: Duration) -> f64 {
-    let sample = || -> (u64, u64) {
-        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-        let v: Vec<u64> = stat
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .split_whitespace()
-            .skip(1)
-            .filter_map(|f| f.parse().ok())
-            .collect();
-        // user nice system idle iowait irq softirq steal: idle and iowait are not busy.
-        let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-        (v.iter().take(8).sum(), idle)
-    };
-    let (t0, i0) = sample();
+    let (t0, i0) = host_ticks();
     std::thread::sleep(window);
-    let (t1, i1) = sample();
+    let (t1, i1) = host_ticks();
     let total = t1.saturating_sub(t0).max(1) as f64;
     100.0 * (total - i1.saturating_sub(i0) as f64) / total
+}
+
+/// The host's CPU counters and one process's at a moment (from /proc/stat and
+/// /proc/<pid>/stat, in clock ticks).
+struct CpuMark {
+    total: u64,
+    idle: u64,
+    pid: u32,
+    process: u64,
+}
+
+/// What the host and the process spent between a [`CpuMark`] and now.
+struct CpuSpent {
+    busy_percent: f64,
+    busy_secs: f64,
+    process_secs: f64,
+}
+
+impl CpuMark {
+    fn now(pid: u32) -> Self {
+        let (total, idle) = host_ticks();
+        let process = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                // Fields after the command's closing parenthesis: utime and stime are the
+                // 12th and 13th of them.
+                let rest = s.rsplit_once(')')?.1;
+                let f: Vec<u64> = rest
+                    .split_whitespace()
+                    .skip(11)
+                    .take(2)
+                    .filter_map(|v| v.parse().ok())
+                    .collect();
+                Some(f.iter().sum())
+            })
+            .unwrap_or(0);
+        CpuMark {
+            total,
+            idle,
+            pid,
+            process,
+        }
+    }
+
+    fn since(&self) -> CpuSpent {
+        let now = CpuMark::now(self.pid);
+        let total = now.total.saturating_sub(self.total).max(1) as f64;
+        let busy = total - now.idle.saturating_sub(self.idle) as f64;
+        // USER_HZ is 100 on every Linux this runs on.
+        CpuSpent {
+            busy_percent: 100.0 * busy / total,
+            busy_secs: busy / 100.0,
+            process_secs: now.process.saturating_sub(self.process) as f64 / 100.0,
+        }
+    }
+}
+
+/// The host's (all, idle + iowait) clock ticks from /proc/stat's first line.
+fn host_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal: idle and iowait are not busy.
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (v.iter().take(8).sum(), idle)
 }
 
 /// The five starts around the one made with `at - 1` already running, of `n`: `lo..hi`.
