@@ -119,12 +119,13 @@ pub fn spawn_bare_firecracker(fc: &Path, sock: &Path, console: &Path) -> std::pr
 }
 
 /// Boots a tiny guest in the bare Firecracker behind `api` (1 vCPU, 128 MiB): `kernel` with
-/// `disk` as its root drive, the four calls metald makes too.
+/// `disk` as its root drive, the four calls metald makes too. Returns how long the last one,
+/// `InstanceStart`, took.
 pub async fn boot_bare_tiny(
     api: &::metald::backend::firecracker::api::FirecrackerApi,
     kernel: &Path,
     disk: &Path,
-) {
+) -> Duration {
     use ::metald::backend::firecracker::api::{
         ActionType, BootSource, Drive, MachineConfiguration,
     };
@@ -151,5 +152,7 @@ pub async fn boot_bare_tiny(
     })
     .await
     .unwrap();
+    let t = std::time::Instant::now();
     api.action(ActionType::InstanceStart).await.unwrap();
+    t.elapsed()
 }
