@@ -436,11 +436,9 @@ const QUIET_BUSY: f64 = 6.0;
 
 /// How busy the host's CPUs were over `window`, in percent of all of them (from /proc/stat).
 fn host_busy(window: Duration) -> f64 {
-    let (t0, i0) = host_ticks();
+    let mark = CpuMark::now(std::process::id());
     std::thread::sleep(window);
-    let (t1, i1) = host_ticks();
-    let total = t1.saturating_sub(t0).max(1) as f64;
-    100.0 * (total - i1.saturating_sub(i0) as f64) / total
+    mark.since().busy_percent
 }
 
 /// The host's CPU counters and one process's at a moment (from /proc/stat and
