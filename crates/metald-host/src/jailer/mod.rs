@@ -20,6 +20,7 @@ use std::collections::BTreeSet;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
 
 use rustix::fs::{Mode, OFlags};
 use serde::{Deserialize, Serialize};
@@ -111,7 +112,7 @@ pub struct JailSpec {
     pub mounts: Vec<JailMount>,
     /// Device nodes.
     pub devices: Vec<JailDevice>,
-    /// A mount namespace to enter before making the jail's own ([`base_mount_ns`]): its mount
+    /// A mount namespace to enter before making the jail's own ([`BaseMountNs`]): its mount
     /// table is the host's without the network namespace pins, so what the jail copies does
     /// not grow with the VMs running. `None`: metald's own.
     #[serde(default)]
@@ -435,8 +436,8 @@ pub struct Jailer {
     cgroups: Cgroups,
     /// The VMM's binary, loader and libraries (and QEMU's firmware), read-only in every jail.
     vmm_mounts: Vec<JailMount>,
-    /// Where the jails' base mount namespace is pinned, once made.
-    mount_ns: Option<PathBuf>,
+    /// The jails' base mount namespace, once made.
+    mount_ns: Option<BaseMountNs>,
     /// Starts the jail children (see [`crate::spawner`]).
     spawner: std::sync::Arc<crate::spawner::Spawner>,
     /// Jail children started ahead of boots.
@@ -464,9 +465,16 @@ impl Jailer {
             .collect();
         std::fs::create_dir_all(cfg.chroot_dir.join(kind.as_str()))
             .map_err(io("create", &cfg.chroot_dir))?;
-        let pin = cfg.chroot_dir.join(format!("{}.mntns", kind.as_str()));
-        let mount_ns = match base_mount_ns(&pin) {
-            Ok(()) => Some(pin),
+        // Versions before 2026-12-04 pinned the base namespace here; a killed one's pin goes.
+        let old_pin = cfg.chroot_dir.join(format!("{}.mntns", kind.as_str()));
+        if let Err(e) = crate::network::netns::remove(&old_pin) {
+            tracing::warn!(path = %old_pin.display(), error = %Chain(&e), "removing an old pin of the jails' base mount namespace failed");
+        }
+        let mount_ns = match BaseMountNs::make() {
+            Ok(ns) => {
+                tracing::debug!(path = %ns.path.display(), "jails' base mount namespace made");
+                Some(ns)
+            }
             Err(e) => {
                 // Jails still work from metald's own namespace, only slower with many VMs.
                 tracing::warn!(error = %Chain(&e), "making the jails' base mount namespace failed; each jail copies metald's mount table");
@@ -484,7 +492,7 @@ impl Jailer {
                 nofile: NOFILE,
                 mounts: vmm_mounts.clone(),
                 devices: devices(&cfg.roots),
-                mount_ns: mount_ns.clone(),
+                mount_ns: mount_ns.as_ref().map(|ns| ns.path.clone()),
             },
             cfg.jail_exe.clone(),
             std::sync::Arc::clone(&spawner),
@@ -516,13 +524,11 @@ impl Jailer {
         std::sync::Arc::clone(&self.spawner)
     }
 
-    /// Unpins the jails' base mount namespace (at a clean stop; a start replaces it anyway).
+    /// Ends the warm jails and releases the jails' base mount namespace (at a clean stop).
     pub fn close(&self) {
         self.warm.close();
-        if let Some(pin) = &self.mount_ns {
-            if let Err(e) = crate::network::netns::remove(pin) {
-                tracing::warn!(path = %pin.display(), error = %Chain(&e), "unpinning the jails' base mount namespace failed");
-            }
+        if let Some(ns) = &self.mount_ns {
+            ns.release();
         }
     }
 
@@ -633,7 +639,7 @@ impl Jailer {
                 nofile: NOFILE,
                 mounts,
                 devices,
-                mount_ns: self.mount_ns.clone(),
+                mount_ns: self.mount_ns.as_ref().map(|ns| ns.path.clone()),
             },
             jail_exe: self.cfg.jail_exe.clone(),
             control_dir,
@@ -683,63 +689,89 @@ impl Jailer {
     }
 }
 
-/// Makes the mount namespace every jail starts from and pins it at `pin` (replacing an older
-/// one): a copy of metald's, private, without the network namespace pins (nsfs mounts). Each
-/// jail's `unshare(CLONE_NEWNS)` copies the whole mount table it is in, and metald's holds one
-/// pin per VM network: about 4 ms more per jail with 1000 of them here, so a boot would cost
-/// more the more VMs run (issue 14). This one holds the host's mounts of the moment metald
-/// started; mounts made later on the host are not in it (a restart takes them in).
-fn base_mount_ns(pin: &Path) -> Result<(), JailError> {
-    crate::network::netns::remove(pin).map_err(io("unpin", pin))?;
-    let (made_tx, made_rx) = std::sync::mpsc::channel::<std::io::Result<i32>>();
-    let (pinned_tx, pinned_rx) = std::sync::mpsc::channel::<()>();
-    // Namespaces are per thread: the new one is made on a thread of its own that waits until
-    // the pin holds it, then ends.
-    let thread = std::thread::Builder::new()
-        .name("metald-mntns".into())
-        .spawn(move || {
-            let made = (|| -> std::io::Result<i32> {
-                // SAFETY: NEWNS (with the CLONE_FS it implies) only gives this thread its own
-                // root, cwd and mount table; no file descriptor table is unshared.
-                unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS) }?;
-                rustix::mount::mount_change(
-                    "/",
-                    rustix::mount::MountPropagationFlags::REC
-                        | rustix::mount::MountPropagationFlags::PRIVATE,
-                )?;
-                let mounts = std::fs::read_to_string("/proc/thread-self/mountinfo")?;
-                // `ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTS ... - FSTYPE SOURCE SUPER`
-                for line in mounts.lines() {
-                    let fstype = line.split(" - ").nth(1).and_then(|r| r.split(' ').next());
-                    let point = line.split(' ').nth(4);
-                    if let (Some("nsfs"), Some(point)) = (fstype, point) {
-                        let point = point.replace("\\040", " ");
-                        let _gone = rustix::mount::unmount(
-                            point.as_str(),
-                            rustix::mount::UnmountFlags::DETACH,
-                        );
+/// The mount namespace every jail starts from: a copy of metald's, private, without the
+/// network namespace pins (nsfs mounts). Each jail's `unshare(CLONE_NEWNS)` copies the whole
+/// mount table it is in, and metald's holds one pin per VM network: about 4 ms more per jail
+/// with 1000 of them here, so a boot would cost more the more VMs run (issue 14). It holds the
+/// host's mounts of the moment metald started; mounts made later on the host are not in it (a
+/// restart takes them in).
+///
+/// A parked thread of metald's lives in it, and jails enter it through that thread's
+/// `/proc/<pid>/task/<tid>/ns/mnt`, instead of through a bind mount of the namespace on a file:
+/// the kernel refuses (EINVAL) to bind a mount namespace file unless that namespace is newer
+/// than the caller's, and since Linux 6.18 namespace ids come from per-CPU batches, so a
+/// namespace made on one CPU may be "older" than metald's own made earlier on another. Under
+/// a parent that gave metald a mount namespace of its own (a container, a test harness, a
+/// unit with `PrivateTmp`), the pin then failed on about one start in two, and every jail
+/// silently copied metald's whole table.
+#[derive(Debug)]
+struct BaseMountNs {
+    /// Where jails open it.
+    path: PathBuf,
+    /// Dropped to end the thread, and with it the namespace (unless a jail is still entering
+    /// it; a jail holds its own copy once made).
+    release: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+}
+
+impl BaseMountNs {
+    /// Makes the namespace on a thread that then waits until [`BaseMountNs::release`].
+    fn make() -> Result<Self, JailError> {
+        let what = Path::new("the jails' base mount namespace");
+        let (made_tx, made_rx) = std::sync::mpsc::channel::<std::io::Result<i32>>();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        // Namespaces are per thread: the new one is made on a thread of its own, which holds
+        // it until released (a closed channel: the jailer dropped) and then ends.
+        std::thread::Builder::new()
+            .name("metald-mntns".into())
+            .spawn(move || {
+                let made = (|| -> std::io::Result<i32> {
+                    // SAFETY: NEWNS (with the CLONE_FS it implies) only gives this thread its
+                    // own root, cwd and mount table; no file descriptor table is unshared.
+                    unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS) }?;
+                    rustix::mount::mount_change(
+                        "/",
+                        rustix::mount::MountPropagationFlags::REC
+                            | rustix::mount::MountPropagationFlags::PRIVATE,
+                    )?;
+                    let mounts = std::fs::read_to_string("/proc/thread-self/mountinfo")?;
+                    // `ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTS ... - FSTYPE SOURCE SUPER`
+                    for line in mounts.lines() {
+                        let fstype = line.split(" - ").nth(1).and_then(|r| r.split(' ').next());
+                        let point = line.split(' ').nth(4);
+                        if let (Some("nsfs"), Some(point)) = (fstype, point) {
+                            let point = point.replace("\\040", " ");
+                            let _gone = rustix::mount::unmount(
+                                point.as_str(),
+                                rustix::mount::UnmountFlags::DETACH,
+                            );
+                        }
                     }
+                    Ok(rustix::thread::gettid().as_raw_nonzero().get())
+                })();
+                let holds = made.is_ok();
+                let _ = made_tx.send(made);
+                if holds {
+                    let _released = release_rx.recv();
                 }
-                Ok(rustix::thread::gettid().as_raw_nonzero().get())
-            })();
-            let _ = made_tx.send(made);
-            let _ = pinned_rx.recv();
+            })
+            .map_err(io("spawn a thread for", what))?;
+        let tid = made_rx
+            .recv()
+            .map_err(|_| io("make", what)(std::io::Error::other("thread ended")))?
+            .map_err(io("make", what))?;
+        Ok(Self {
+            path: PathBuf::from(format!("/proc/{}/task/{tid}/ns/mnt", std::process::id())),
+            release: Mutex::new(Some(release_tx)),
         })
-        .map_err(io("spawn a thread for", pin))?;
-    let made = made_rx
-        .recv()
-        .map_err(|_| io("make", pin)(std::io::Error::other("thread ended")));
-    let pinned = match made {
-        Ok(Ok(tid)) => {
-            crate::network::netns::pin(Path::new(&format!("/proc/self/task/{tid}/ns/mnt")), pin)
-                .map_err(io("pin", pin))
-        }
-        Ok(Err(e)) => Err(io("make", pin)(e)),
-        Err(e) => Err(e),
-    };
-    let _ = pinned_tx.send(());
-    let _ = thread.join();
-    pinned
+    }
+
+    /// Ends the thread holding the namespace (at a clean stop).
+    fn release(&self) {
+        self.release
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+    }
 }
 
 /// The device nodes every jail has: /dev/null, /dev/urandom, /dev/net/tun, and /dev/kvm where

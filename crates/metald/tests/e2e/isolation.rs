@@ -14,7 +14,8 @@ use crate::support::netns::{connect_in, output_in};
 use crate::support::*;
 use serde_json::{json, Value};
 
-/// This module's tests: each boots the default guest under QEMU.
+/// This module's tests: each boots the default guest under QEMU, but the last, which only starts
+/// metald and its warm jails.
 pub fn tests() -> Vec<crate::E2e> {
     crate::e2e![crate::QEMU_GUEST;
         a_jailed_vmm_runs_as_its_own_user_without_privileges_in_its_own_namespace_and_cgroup,
@@ -24,6 +25,11 @@ pub fn tests() -> Vec<crate::E2e> {
         leftovers_are_removed_after_a_vmm_crash_a_failed_boot_and_at_start,
         guests_reach_the_outside_only_through_an_explicitly_configured_interface,
     ]
+    .into_iter()
+    .chain(crate::e2e![&[crate::Need::Root, crate::Need::Qemu];
+        jails_start_from_the_base_mount_namespace_whatever_namespace_metald_runs_in,
+    ])
+    .collect()
 }
 
 fn status(pid: u64) -> String {
@@ -729,6 +735,67 @@ fn guests_reach_the_outside_only_through_an_explicitly_configured_interface() {
         }
         api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None)
             .ok();
+        m.assert_clean();
+    }
+}
+
+/// metald started in a mount namespace of its own (a container's, a unit's with
+/// `PrivateTmp`): its jails still start from the small base namespace it makes, whichever CPUs
+/// made the two. Since Linux 6.18 namespace ids come from per-CPU batches, so the base
+/// namespace may get a lower id than metald's own; a bind mount of it then failed (EINVAL) and
+/// every jail copied metald's whole mount table, one network namespace pin per VM.
+fn jails_start_from_the_base_mount_namespace_whatever_namespace_metald_runs_in() {
+    let allowed = rustix::thread::sched_getaffinity(None).unwrap();
+    let cpus: Vec<usize> = (0..rustix::thread::CpuSet::MAX_CPU)
+        .filter(|&c| allowed.is_set(c))
+        .take(2)
+        .collect();
+    // Each order of the two CPUs: on one of them metald's namespace gets the higher id.
+    let orders: Vec<(usize, usize)> = match cpus[..] {
+        [a, b] => vec![(a, b), (b, a)],
+        _ => vec![(cpus[0], cpus[0])],
+    };
+    for (own_ns_cpu, metald_cpu) in orders {
+        let mut m = metald()
+            .env("UNKEY_METALD_WARM_JAILS", "1")
+            .env("UNKEY_METALD_LOG", "info,metald_host::jailer=debug")
+            .prepare(|_| {});
+        m.spawn_wrapped(&[
+            "taskset".into(),
+            "-c".into(),
+            own_ns_cpu.to_string(),
+            "unshare".into(),
+            "--mount".into(),
+            "--propagation".into(),
+            "private".into(),
+            "taskset".into(),
+            "-c".into(),
+            metald_cpu.to_string(),
+        ]);
+        let pid = m.pid().unwrap();
+        assert_ne!(
+            inode(format!("/proc/{pid}/ns/mnt")),
+            inode("/proc/self/ns/mnt"),
+            "metald runs in a mount namespace of its own"
+        );
+        // A warm jail is built from the base namespace (entered before anything else).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !m.log_text().contains("warm jail ready") {
+            assert!(Instant::now() < deadline, "{}", m.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let log = m.log_text();
+        let at = format!("/proc/{pid}/task/");
+        assert!(
+            log.lines()
+                .any(|l| l.contains("jails' base mount namespace made") && l.contains(&at)),
+            "CPU {own_ns_cpu} then {metald_cpu}: {log}"
+        );
+        assert!(
+            !log.contains("base mount namespace failed") && !log.contains("warm jail failed"),
+            "CPU {own_ns_cpu} then {metald_cpu}: {log}"
+        );
+        m.stop();
         m.assert_clean();
     }
 }
