@@ -13,6 +13,8 @@
 //! `BENCH_WARM_JAILS=n` sets metald's `UNKEY_METALD_WARM_JAILS` (default 2; 0 builds every jail at its boot),
 //! `BENCH_WARM_POOL=n` its `UNKEY_METALD_WARM_POOL` (default 4; 0 makes every network at its boot),
 //! `BENCH_WARM_DISKS=n` its `UNKEY_METALD_WARM_DISKS` (default 2; 0 copies every disk at its create).
+//! `BENCH_SCALE_PAIRED=1` also starts a bare Firecracker right after each boot through metald
+//! and prints the two sums side by side: both see the same host at the same moment.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 #[path = "../tests/support/mod.rs"]
@@ -76,6 +78,12 @@ fn main() {
     let rss_before = rss_kib(m.pid().unwrap());
     let mut boots = Vec::with_capacity(n);
     let mut ids = Vec::with_capacity(n);
+    // Paired: a bare Firecracker started right after each boot through metald, so both see
+    // the same host (its speed drifts from run to run, and within one) and the same number of
+    // VMMs running. Every other figure then includes the bare VMMs running beside metald's.
+    let mut paired =
+        (env_num::<u8>("BENCH_SCALE_PAIRED", 0) == 1).then(|| BareFleet::new(&fc, &m.data_dir, n));
+    let mut paired_bare = Vec::with_capacity(n);
     let t_all = Instant::now();
     let cpu_all = CpuMark::now(m.pid().unwrap());
     for _ in 0..n {
@@ -90,9 +98,32 @@ fn main() {
         }
         boots.push(t0.elapsed());
         ids.push(id);
+        if let Some(fleet) = paired.as_mut() {
+            paired_bare.push(fleet.start_one());
+        }
     }
-    let all_booted = t_all.elapsed();
+    // Paired, the bare starts between the boots are not metald's time.
+    let all_booted = t_all.elapsed() - paired_bare.iter().sum::<Duration>();
     let cpu_booted = cpu_all.since();
+    if let Some(fleet) = paired {
+        let _steps = fleet.stop();
+        let through: Duration = boots.iter().sum();
+        let bare: Duration = paired_bare.iter().sum();
+        println!(
+            "paired, {n} each, one bare start after each boot through metald: metald {:.1} s, bare {:.1} s ({:.2}x)",
+            through.as_secs_f64(),
+            bare.as_secs_f64(),
+            through.as_secs_f64() / bare.as_secs_f64()
+        );
+        println!(
+            "paired, median of each 100: metald {}",
+            hundred_medians(&boots)
+        );
+        println!(
+            "paired, median of each 100: bare   {}",
+            hundred_medians(&paired_bare)
+        );
+    }
     let rss_after = rss_kib(m.pid().unwrap());
     // What the host spends with the VMs running and nothing starting (metering, the VMMs'
     // metrics flushes, the VMMs themselves), the background every boot above competed with.
@@ -147,17 +178,9 @@ fn main() {
     }
     // Five boots around a size vary by as much as the target on 2 shared cores: the median of
     // each hundred shows the trend.
-    let hundreds: Vec<String> = boots
-        .chunks(100)
-        .map(|c| {
-            let mut ms: Vec<f64> = c.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
-            ms.sort_by(f64::total_cmp);
-            format!("{:.1}", ms[ms.len() / 2])
-        })
-        .collect();
     println!(
         "| CreateVm + BootVm -> banner, median of each 100 boots | {} |",
-        hundreds.join(" / ")
+        hundred_medians(&boots)
     );
     for at in [1usize, 500, 1000].into_iter().filter(|at| *at <= n) {
         let (lo, hi) = around(at, n);
@@ -239,6 +262,18 @@ fn main() {
         rss_after / 1024,
         (rss_after.saturating_sub(rss_before)) as f64 / n as f64
     );
+}
+
+/// The median of each hundred, in ms, joined by " / ".
+fn hundred_medians(d: &[Duration]) -> String {
+    d.chunks(100)
+        .map(|c| {
+            let mut ms: Vec<f64> = c.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+            ms.sort_by(f64::total_cmp);
+            format!("{:.1}", ms[ms.len() / 2])
+        })
+        .collect::<Vec<_>>()
+        .join(" / ")
 }
 
 /// The lines metald logs for each start and delete, by what they time, in the order of a
@@ -538,38 +573,10 @@ fn bare_firecrackers(
     n: usize,
     idle: bool,
 ) -> (Duration, [Vec<Duration>; 4]) {
-    let dir = tempfile::Builder::new()
-        .prefix("mdb")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut children = Vec::with_capacity(n);
-    let mut steps: [Vec<Duration>; 4] = Default::default();
+    let mut fleet = BareFleet::new(fc, assets, n);
     let t0 = Instant::now();
-    for i in 0..n {
-        let sock = dir.path().join(format!("{i}.sock"));
-        let console = dir.path().join(format!("{i}.log"));
-        let t = Instant::now();
-        children.push(spawn_bare_firecracker(fc, &sock, &console));
-        rt.block_on(async {
-            let api = FirecrackerApi::new(&sock);
-            api.wait_ready(Duration::from_secs(10)).await.unwrap();
-            steps[0].push(t.elapsed());
-            let t = Instant::now();
-            let instance_start = boot_bare_tiny(
-                &api,
-                &assets.join("tiny-idle.elf"),
-                &assets.join("tiny.img"),
-            )
-            .await;
-            steps[1].push(t.elapsed());
-            steps[3].push(instance_start);
-            let t = Instant::now();
-            while !std::fs::read_to_string(&console).is_ok_and(|c| c.contains(TINY_MARKER)) {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            steps[2].push(t.elapsed());
-        });
+    for _ in 0..n {
+        fleet.start_one();
     }
     let took = t0.elapsed();
     if idle {
@@ -578,11 +585,73 @@ fn bare_firecrackers(
             host_busy(Duration::from_secs(5))
         );
     }
-    for mut c in children {
-        let _ = c.kill();
-        let _ = c.wait();
+    (took, fleet.stop())
+}
+
+/// Bare Firecrackers started one at a time, each the same way (spawn, four API calls, banner),
+/// with each one's steps: spawn until its API answers, configured and started, until the
+/// banner, and the `InstanceStart` of the second.
+struct BareFleet {
+    fc: std::path::PathBuf,
+    kernel: std::path::PathBuf,
+    disk: std::path::PathBuf,
+    dir: tempfile::TempDir,
+    rt: tokio::runtime::Runtime,
+    children: Vec<std::process::Child>,
+    steps: [Vec<Duration>; 4],
+}
+
+impl BareFleet {
+    fn new(fc: &Path, assets: &Path, n: usize) -> Self {
+        Self {
+            fc: fc.to_path_buf(),
+            kernel: assets.join("tiny-idle.elf"),
+            disk: assets.join("tiny.img"),
+            dir: tempfile::Builder::new()
+                .prefix("mdb")
+                .tempdir_in("/tmp")
+                .unwrap(),
+            rt: tokio::runtime::Runtime::new().unwrap(),
+            children: Vec::with_capacity(n),
+            steps: Default::default(),
+        }
     }
-    (took, steps)
+
+    /// Starts the next one; its time from spawn to banner.
+    fn start_one(&mut self) -> Duration {
+        let i = self.children.len();
+        let sock = self.dir.path().join(format!("{i}.sock"));
+        let console = self.dir.path().join(format!("{i}.log"));
+        let t = Instant::now();
+        self.children
+            .push(spawn_bare_firecracker(&self.fc, &sock, &console));
+        let steps = &mut self.steps;
+        let (kernel, disk) = (&self.kernel, &self.disk);
+        self.rt.block_on(async {
+            let api = FirecrackerApi::new(&sock);
+            api.wait_ready(Duration::from_secs(10)).await.unwrap();
+            steps[0].push(t.elapsed());
+            let t = Instant::now();
+            let instance_start = boot_bare_tiny(&api, kernel, disk).await;
+            steps[1].push(t.elapsed());
+            steps[3].push(instance_start);
+            let t = Instant::now();
+            while !std::fs::read_to_string(&console).is_ok_and(|c| c.contains(TINY_MARKER)) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            steps[2].push(t.elapsed());
+        });
+        t.elapsed()
+    }
+
+    /// Kills them all; the steps of each.
+    fn stop(mut self) -> [Vec<Duration>; 4] {
+        for mut c in self.children.drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        std::mem::take(&mut self.steps)
+    }
 }
 
 /// Moves this bench (still single-threaded) into a mount namespace of its own whose mounts
