@@ -88,6 +88,9 @@ pub struct VmLaunch {
     pub net: Option<VmNetworkPlan>,
     /// The jail the VMM runs in; `None` runs it directly (isolation off).
     pub jail: Option<JailPlan>,
+    /// The start's hold on the warm pools' refills: a backend releases it once its VMM's TAP
+    /// is open, what is left of the start taking none of the locks a refill does.
+    pub hold: metald_host::starts::StartHold,
 }
 
 impl VmLaunch {

@@ -205,6 +205,7 @@ mod tests {
             disks: vec![],
             net: None,
             jail: None,
+            hold: Default::default(),
         }
     }
 

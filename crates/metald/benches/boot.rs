@@ -212,6 +212,7 @@ fn bare_qemu(qemu: &Path, guest: &Path, accel: Accel, i: usize) -> Duration {
         }],
         net: None,
         jail: None,
+        hold: Default::default(),
     };
     let console = launch.console_log();
     let t0 = Instant::now();

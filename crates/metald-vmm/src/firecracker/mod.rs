@@ -307,6 +307,8 @@ impl FirecrackerBackend {
             .await?;
             times.network = t.elapsed();
         }
+        // The TAP is open: what is left of the start takes none of the locks a refill does.
+        launch.hold.release();
         let t = Instant::now();
         api.action(ActionType::InstanceStart).await?;
         times.instance_start = t.elapsed();

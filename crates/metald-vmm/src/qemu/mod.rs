@@ -444,6 +444,7 @@ mod tests {
             ],
             net: None,
             jail: None,
+            hold: Default::default(),
         }
     }
 

@@ -139,6 +139,7 @@ impl VmService {
             disks,
             net: None,
             jail: None,
+            hold: Default::default(),
         })
     }
 

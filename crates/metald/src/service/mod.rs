@@ -43,6 +43,7 @@ use crate::probe::{HostProbe, ProbeError};
 use crate::quota::QuotaTable;
 use crate::report::Chain;
 use crate::sandbox::{Isolation, SandboxError};
+use crate::starts::StartHold;
 use crate::state::{transition, Change, InvalidTransition, Operation, VmLife, VmState};
 use crate::store::{AssetKind, Shortage, StateStore, StoreError};
 use crate::timings::{Step, Timings};
@@ -694,8 +695,10 @@ impl VmService {
         admission_ms: f64,
     ) -> Result<(), ServiceError> {
         let mut launch = self.launch(vm)?;
-        // Until this start is over (however it ends), the warm pools hold their refills.
-        let _starting = self.isolation.starting();
+        // Until this start is over (however it ends), or its backend says what is left of it
+        // needs none of what a refill takes, the warm pools hold their refills.
+        launch.hold = StartHold::new(self.isolation.starting());
+        let _hold = launch.hold.until_dropped();
         let t0 = std::time::Instant::now();
         self.isolation
             .setup(vm, &mut launch)
