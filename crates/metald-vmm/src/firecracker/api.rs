@@ -467,7 +467,7 @@ fn api_err(request: &str, reason: String) -> BackendError {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -533,6 +533,9 @@ mod tests {
         FirecrackerApi::new(&path)
     }
 
+    /// Called with each request line a fake Firecracker receives, before it answers.
+    pub(crate) type OnRequest = Arc<dyn Fn(&str) + Send + Sync>;
+
     /// A "Firecracker" that answers each request with 204, closing the connection after
     /// `answers_per_connection` answers (none: keeps it), saying so in its last answer if
     /// `says_close`; the count of connections it took.
@@ -540,6 +543,21 @@ mod tests {
         dir: &Path,
         answers_per_connection: Option<usize>,
         says_close: bool,
+    ) -> (FirecrackerApi, Arc<std::sync::atomic::AtomicUsize>) {
+        answering(
+            dir,
+            answers_per_connection,
+            says_close,
+            Arc::new(|_: &str| {}),
+        )
+    }
+
+    /// [`counting`], calling `on_request` with each request line.
+    pub(crate) fn answering(
+        dir: &Path,
+        answers_per_connection: Option<usize>,
+        says_close: bool,
+        on_request: OnRequest,
     ) -> (FirecrackerApi, Arc<std::sync::atomic::AtomicUsize>) {
         use std::sync::atomic::{AtomicUsize, Ordering};
         let path = dir.join("api.sock");
@@ -550,16 +568,21 @@ mod tests {
             use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
             while let Ok((s, _)) = listener.accept().await {
                 counted.fetch_add(1, Ordering::SeqCst);
+                let on_request = Arc::clone(&on_request);
                 tokio::spawn(async move {
                     let mut s = BufReader::new(s);
                     let mut answered = 0;
                     loop {
-                        // Headers, then the body its Content-Length names.
+                        // Request line and headers, then the body its Content-Length names.
                         let mut length = 0;
+                        let mut first = true;
                         loop {
                             let mut line = String::new();
                             if s.read_line(&mut line).await.unwrap_or(0) == 0 {
                                 return;
+                            }
+                            if std::mem::take(&mut first) {
+                                on_request(line.trim_end());
                             }
                             if let Some(v) =
                                 line.to_ascii_lowercase().strip_prefix("content-length:")

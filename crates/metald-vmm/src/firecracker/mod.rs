@@ -225,7 +225,7 @@ impl FirecrackerBackend {
             launch.seal_control_dir()?;
             ready = t0.elapsed();
             match how {
-                StartKind::Boot => self.configure_and_start(launch, &api, &mut calls).await,
+                StartKind::Boot => configure_and_start(launch, &api, &mut calls).await,
                 StartKind::Wake | StartKind::Restore => self.restore(launch, &api).await,
             }
         }
@@ -255,65 +255,65 @@ impl FirecrackerBackend {
         )
         .await
     }
+}
 
-    async fn configure_and_start(
-        &self,
-        launch: &VmLaunch,
-        api: &FirecrackerApi,
-        times: &mut ConfigureTimes,
-    ) -> Result<(), BackendError> {
-        api.put_machine_config(&MachineConfiguration {
-            vcpu_count: launch.vcpu_count,
-            mem_size_mib: launch.memory_mib,
-            smt: false,
-        })
-        .await?;
-        let mut boot_args = BASE_KERNEL_ARGS.to_string();
-        if !launch.extra_kernel_args.is_empty() {
-            boot_args.push(' ');
-            boot_args.push_str(&launch.extra_kernel_args);
-        }
-        api.put_boot_source(&BootSource {
-            kernel_image_path: path_str(&launch.kernel)?,
-            boot_args: Some(boot_args),
-            initrd_path: launch.initrd.as_deref().map(path_str).transpose()?,
-        })
-        .await?;
-        for (i, disk) in launch.disks.iter().enumerate() {
-            // The VM's own disks by name, relative to the VMM's working directory (the VM's
-            // directory, jailed or not): a snapshot saves these paths, and a clone restored
-            // in its own directory then opens its own copies, never its source's.
-            let path = match disk.path.strip_prefix(&launch.dir) {
-                Ok(own) => own,
-                Err(_) => disk.path.as_path(),
-            };
-            api.put_drive(&Drive {
-                drive_id: disk.id.clone(),
-                path_on_host: path_str(path)?,
-                is_root_device: i == 0,
-                is_read_only: disk.read_only,
-            })
-            .await?;
-        }
-        if let Some(net) = &launch.net {
-            let t = Instant::now();
-            api.put_network_interface(&NetworkInterface {
-                iface_id: "eth0".into(),
-                host_dev_name: net.tap.clone(),
-                guest_mac: Some(net.mac.clone()),
-                rx_rate_limiter: net.rx_rate_limit.map(RateLimiter::from),
-                tx_rate_limiter: net.tx_rate_limit.map(RateLimiter::from),
-            })
-            .await?;
-            times.network = t.elapsed();
-        }
-        // The TAP is open: what is left of the start takes none of the locks a refill does.
-        launch.hold.release();
-        let t = Instant::now();
-        api.action(ActionType::InstanceStart).await?;
-        times.instance_start = t.elapsed();
-        Ok(())
+/// Configures a fresh Firecracker for the VM and starts its guest.
+async fn configure_and_start(
+    launch: &VmLaunch,
+    api: &FirecrackerApi,
+    times: &mut ConfigureTimes,
+) -> Result<(), BackendError> {
+    api.put_machine_config(&MachineConfiguration {
+        vcpu_count: launch.vcpu_count,
+        mem_size_mib: launch.memory_mib,
+        smt: false,
+    })
+    .await?;
+    let mut boot_args = BASE_KERNEL_ARGS.to_string();
+    if !launch.extra_kernel_args.is_empty() {
+        boot_args.push(' ');
+        boot_args.push_str(&launch.extra_kernel_args);
     }
+    api.put_boot_source(&BootSource {
+        kernel_image_path: path_str(&launch.kernel)?,
+        boot_args: Some(boot_args),
+        initrd_path: launch.initrd.as_deref().map(path_str).transpose()?,
+    })
+    .await?;
+    for (i, disk) in launch.disks.iter().enumerate() {
+        // The VM's own disks by name, relative to the VMM's working directory (the VM's
+        // directory, jailed or not): a snapshot saves these paths, and a clone restored
+        // in its own directory then opens its own copies, never its source's.
+        let path = match disk.path.strip_prefix(&launch.dir) {
+            Ok(own) => own,
+            Err(_) => disk.path.as_path(),
+        };
+        api.put_drive(&Drive {
+            drive_id: disk.id.clone(),
+            path_on_host: path_str(path)?,
+            is_root_device: i == 0,
+            is_read_only: disk.read_only,
+        })
+        .await?;
+    }
+    if let Some(net) = &launch.net {
+        let t = Instant::now();
+        api.put_network_interface(&NetworkInterface {
+            iface_id: "eth0".into(),
+            host_dev_name: net.tap.clone(),
+            guest_mac: Some(net.mac.clone()),
+            rx_rate_limiter: net.rx_rate_limit.map(RateLimiter::from),
+            tx_rate_limiter: net.tx_rate_limit.map(RateLimiter::from),
+        })
+        .await?;
+        times.network = t.elapsed();
+    }
+    // The TAP is open: what is left of the start takes none of the locks a refill does.
+    launch.hold.release();
+    let t = Instant::now();
+    api.action(ActionType::InstanceStart).await?;
+    times.instance_start = t.elapsed();
+    Ok(())
 }
 
 /// How long the configuring calls that wait on the kernel took: the network device (Firecracker
@@ -538,6 +538,72 @@ mod tests {
         };
         writer.join().unwrap();
         assert_eq!(m.block_read_ops, 12, "{}", m.raw);
+    }
+
+    /// A start holds the pools' refills while Firecracker opens its TAP, and lets them go
+    /// before the guest's start, with or without a network device.
+    #[tokio::test]
+    async fn the_refills_hold_ends_after_the_tap_and_before_instance_start() {
+        for net in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let starts = Arc::new(metald_host::starts::Starts::default());
+            let seen: Arc<std::sync::Mutex<Vec<(String, usize)>>> = Arc::default();
+            let (api, _) = api::tests::answering(dir.path(), None, false, {
+                let (starts, seen) = (Arc::clone(&starts), Arc::clone(&seen));
+                Arc::new(move |line: &str| {
+                    seen.lock()
+                        .unwrap()
+                        .push((line.to_string(), starts.in_flight()));
+                })
+            });
+            let launch = VmLaunch {
+                vm_id: VmId::generate(),
+                dir: dir.path().into(),
+                control_dir: dir.path().into(),
+                vcpu_count: 1,
+                memory_mib: 128,
+                kernel: dir.path().join("vmlinux"),
+                initrd: None,
+                extra_kernel_args: String::new(),
+                disks: vec![crate::Disk {
+                    id: "rootfs".into(),
+                    path: dir.path().join("rootfs.img"),
+                    read_only: false,
+                }],
+                net: net.then(|| metald_host::network::VmNetworkPlan {
+                    netns: dir.path().join("ns"),
+                    tap: "tap0".into(),
+                    bridge: "br0".into(),
+                    peer_if: "mp1".into(),
+                    host_if: "mv1".into(),
+                    mac: "02:00:00:00:00:01".into(),
+                    ipv6: std::net::Ipv6Addr::LOCALHOST,
+                    ipv4: None,
+                    gateway6: std::net::Ipv6Addr::LOCALHOST,
+                    gateway4: None,
+                    rx_rate_limit: None,
+                    tx_rate_limit: None,
+                }),
+                jail: None,
+                hold: metald_host::starts::StartHold::new(Some(starts.begin())),
+            };
+            configure_and_start(&launch, &api, &mut ConfigureTimes::default())
+                .await
+                .unwrap();
+            let seen = seen.lock().unwrap().clone();
+            let held = |prefix: &str| {
+                seen.iter()
+                    .find(|(l, _)| l.starts_with(prefix))
+                    .map(|(_, n)| *n)
+                    .unwrap_or_else(|| panic!("no {prefix}: {seen:?}"))
+            };
+            assert_eq!(held("PUT /drives/rootfs"), 1, "{seen:?}");
+            if net {
+                assert_eq!(held("PUT /network-interfaces/eth0"), 1, "{seen:?}");
+            }
+            assert_eq!(held("PUT /actions"), 0, "{seen:?}");
+            assert!(!launch.hold.is_held());
+        }
     }
 
     fn nonblocking_pipe() -> (std::os::fd::OwnedFd, std::fs::File) {
