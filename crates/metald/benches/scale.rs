@@ -239,6 +239,11 @@ fn main() {
             &bare_total[lo..hi],
         );
     }
+    // The bare VMMs' own trend, read like metald's boots above.
+    println!(
+        "| bare: spawn -> banner, median of each 100 starts | {} |",
+        hundred_medians(&bare_total)
+    );
     println!();
     println!("host CPUs busy with {n} VMs running through metald, none starting: {idle_busy:.1} %");
     println!(
