@@ -186,13 +186,14 @@ impl Registry {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::process::tests::log;
     use std::process::Command;
     use std::time::Duration;
 
-    fn launch(dir: &Path) -> VmLaunch {
+    /// A launch of a VM in `dir`, with no disks, network or jail.
+    pub(crate) fn launch(dir: &Path) -> VmLaunch {
         VmLaunch {
             vm_id: VmId::generate(),
             dir: dir.to_path_buf(),

@@ -11,9 +11,8 @@ use rustix::mount::{mount_bind, unmount, UnmountFlags};
 use rustix::thread::UnshareFlags;
 
 /// Pins the namespace file `source` (a `/proc/.../ns/...` file or another pin) on `at`, a new
-/// empty file; on failure `at` is removed again. Any kind of namespace: the jailer pins its
-/// base mount namespace this way too.
-pub fn pin(source: &Path, at: &Path) -> io::Result<()> {
+/// empty file; on failure `at` is removed again.
+fn pin(source: &Path, at: &Path) -> io::Result<()> {
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)

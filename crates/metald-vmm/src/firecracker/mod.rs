@@ -556,37 +556,27 @@ mod tests {
                         .push((line.to_string(), starts.in_flight()));
                 })
             });
-            let launch = VmLaunch {
-                vm_id: VmId::generate(),
-                dir: dir.path().into(),
-                control_dir: dir.path().into(),
-                vcpu_count: 1,
-                memory_mib: 128,
-                kernel: dir.path().join("vmlinux"),
-                initrd: None,
-                extra_kernel_args: String::new(),
-                disks: vec![crate::Disk {
-                    id: "rootfs".into(),
-                    path: dir.path().join("rootfs.img"),
-                    read_only: false,
-                }],
-                net: net.then(|| metald_host::network::VmNetworkPlan {
-                    netns: dir.path().join("ns"),
-                    tap: "tap0".into(),
-                    bridge: "br0".into(),
-                    peer_if: "mp1".into(),
-                    host_if: "mv1".into(),
-                    mac: "02:00:00:00:00:01".into(),
-                    ipv6: std::net::Ipv6Addr::LOCALHOST,
-                    ipv4: None,
-                    gateway6: std::net::Ipv6Addr::LOCALHOST,
-                    gateway4: None,
-                    rx_rate_limit: None,
-                    tx_rate_limit: None,
-                }),
-                jail: None,
-                hold: metald_host::starts::StartHold::new(Some(starts.begin())),
-            };
+            let mut launch = crate::registry::tests::launch(dir.path());
+            launch.disks = vec![crate::Disk {
+                id: "rootfs".into(),
+                path: dir.path().join("rootfs.img"),
+                read_only: false,
+            }];
+            launch.net = net.then(|| metald_host::network::VmNetworkPlan {
+                netns: dir.path().join("ns"),
+                tap: "tap0".into(),
+                bridge: "br0".into(),
+                peer_if: "mp1".into(),
+                host_if: "mv1".into(),
+                mac: "02:00:00:00:00:01".into(),
+                ipv6: std::net::Ipv6Addr::LOCALHOST,
+                ipv4: None,
+                gateway6: std::net::Ipv6Addr::LOCALHOST,
+                gateway4: None,
+                rx_rate_limit: None,
+                tx_rate_limit: None,
+            });
+            launch.hold = metald_host::starts::StartHold::new(Some(starts.begin()));
             configure_and_start(&launch, &api, &mut ConfigureTimes::default())
                 .await
                 .unwrap();
