@@ -101,10 +101,21 @@ fn warm(spec: &WarmSpec, sock: &OwnedFd) -> Result<Infallible, StepError> {
     redirect(&null, 0, "stdin")?;
     drop(null);
     limits(spec.nofile)?;
-    new_root(&spec.root, spec.mount_ns.as_deref())?;
-    bind_all(&spec.root, &spec.mounts)?;
-    make_devices(&spec.root, &spec.devices)?;
-    pivot(&spec.root)?;
+    match &spec.prepared {
+        Some(prepared) => {
+            let root = Path::new(JAIL_DIR);
+            new_root(root, Some(prepared))?;
+            bind_all(root, &spec.mounts)?;
+            make_devices(root, &spec.devices)?;
+            move_root(root)?;
+        }
+        None => {
+            new_root(&spec.root, spec.mount_ns.as_deref())?;
+            bind_all(&spec.root, &spec.mounts)?;
+            make_devices(&spec.root, &spec.devices)?;
+            pivot(&spec.root)?;
+        }
+    }
     step(
         "say ready",
         rustix::net::send(sock, super::warm::READY, rustix::net::SendFlags::NOSIGNAL)
@@ -461,7 +472,8 @@ pub(super) fn new_root(root: &Path, mount_ns: Option<&Path>) -> Result<(), StepE
                 .map_err(io::Error::from),
         )?;
     }
-    // SAFETY: NEWNS only gives this (single-threaded) process its own mount table; no file
+    // SAFETY: NEWNS (with the CLONE_FS it implies) only gives this process (or, for the
+    // prepared root, this thread of metald's) its own root, cwd and mount table; no file
     // descriptor table is unshared.
     let unshared = unsafe { rustix::thread::unshare_unsafe(UnshareFlags::NEWNS) };
     step("new mount namespace", unshared.map_err(io::Error::from))?;
@@ -591,6 +603,42 @@ pub(super) fn pivot(root: &Path) -> Result<(), StepError> {
         unmount(".", UnmountFlags::DETACH).map_err(io::Error::from),
     )?;
     step("chdir /", std::env::set_current_dir("/"))
+}
+
+/// Makes `root`, a mount in a copy of the prepared root (see [`super::mntns::PreparedRoot`]),
+/// this process's root: moved over `/`, then `chroot` into it. Unlike `pivot_root`, neither
+/// walks the host's threads. Beneath it lies only the prepared root, no host path.
+fn move_root(root: &Path) -> Result<(), StepError> {
+    step(
+        format!("chdir {}", root.display()),
+        std::env::set_current_dir(root),
+    )?;
+    step(
+        "move the jail's root over /",
+        rustix::mount::mount_move(".", "/").map_err(io::Error::from),
+    )?;
+    step(
+        "chroot",
+        rustix::process::chroot(".").map_err(io::Error::from),
+    )?;
+    step("chdir /", std::env::set_current_dir("/"))
+}
+
+/// Where a warm jail mounts its own root in the prepared root.
+pub const JAIL_DIR: &str = "/.jail";
+
+/// Builds the prepared root (see [`super::mntns::PreparedRoot`]) on `dir` and makes it this
+/// thread's root and mount namespace: `mounts` bound read-only at their host paths, an empty
+/// [`JAIL_DIR`], and no path back to the host.
+pub(super) fn prepare_root(dir: &Path, mounts: &[super::JailMount]) -> Result<(), StepError> {
+    new_root(dir, None)?;
+    bind_all(dir, mounts)?;
+    step(
+        format!("create {JAIL_DIR}"),
+        std::fs::create_dir(inside(dir, Path::new(JAIL_DIR))),
+    )?;
+    pivot(dir)?;
+    seal_root()
 }
 
 /// Makes the jail's root (not the mounts on it) read-only.

@@ -13,6 +13,7 @@
 
 pub mod cgroup;
 pub mod child;
+mod mntns;
 pub mod tap;
 pub mod warm;
 
@@ -20,7 +21,6 @@ use std::collections::BTreeSet;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Mutex;
 
 use rustix::fs::{Mode, OFlags};
 use serde::{Deserialize, Serialize};
@@ -112,7 +112,7 @@ pub struct JailSpec {
     pub mounts: Vec<JailMount>,
     /// Device nodes.
     pub devices: Vec<JailDevice>,
-    /// A mount namespace to enter before making the jail's own ([`BaseMountNs`]): its mount
+    /// A mount namespace to enter before making the jail's own ([`mntns::base`]): its mount
     /// table is the host's without the network namespace pins, so what the jail copies does
     /// not grow with the VMs running. `None`: metald's own.
     #[serde(default)]
@@ -437,7 +437,7 @@ pub struct Jailer {
     /// The VMM's binary, loader and libraries (and QEMU's firmware), read-only in every jail.
     vmm_mounts: Vec<JailMount>,
     /// The jails' base mount namespace, once made.
-    mount_ns: Option<BaseMountNs>,
+    mount_ns: Option<mntns::HeldMountNs>,
     /// Starts the jail children (see [`crate::spawner`]).
     spawner: std::sync::Arc<crate::spawner::Spawner>,
     /// Jail children started ahead of boots.
@@ -470,7 +470,7 @@ impl Jailer {
         if let Err(e) = crate::network::netns::remove(&old_pin) {
             tracing::warn!(path = %old_pin.display(), error = %Chain(&e), "removing an old pin of the jails' base mount namespace failed");
         }
-        let mount_ns = match BaseMountNs::make() {
+        let mount_ns = match mntns::base() {
             Ok(ns) => {
                 tracing::debug!(path = %ns.path.display(), "jails' base mount namespace made");
                 Some(ns)
@@ -493,7 +493,9 @@ impl Jailer {
                 mounts: vmm_mounts.clone(),
                 devices: devices(&cfg.roots),
                 mount_ns: mount_ns.as_ref().map(|ns| ns.path.clone()),
+                prepared: None,
             },
+            true,
             cfg.jail_exe.clone(),
             std::sync::Arc::clone(&spawner),
             std::sync::Arc::clone(&cfg.starts),
@@ -686,91 +688,6 @@ impl Jailer {
                 }
             }
         }
-    }
-}
-
-/// The mount namespace every jail starts from: a copy of metald's, private, without the
-/// network namespace pins (nsfs mounts). Each jail's `unshare(CLONE_NEWNS)` copies the whole
-/// mount table it is in, and metald's holds one pin per VM network: about 4 ms more per jail
-/// with 1000 of them here, so a boot would cost more the more VMs run (issue 14). It holds the
-/// host's mounts of the moment metald started; mounts made later on the host are not in it (a
-/// restart takes them in).
-///
-/// A parked thread of metald's lives in it, and jails enter it through that thread's
-/// `/proc/<pid>/task/<tid>/ns/mnt`, instead of through a bind mount of the namespace on a file:
-/// the kernel refuses (EINVAL) to bind a mount namespace file unless that namespace is newer
-/// than the caller's, and since Linux 6.18 namespace ids come from per-CPU batches, so a
-/// namespace made on one CPU may be "older" than metald's own made earlier on another. Under
-/// a parent that gave metald a mount namespace of its own (a container, a test harness, a
-/// unit with `PrivateTmp`), the pin then failed on about one start in two, and every jail
-/// silently copied metald's whole table.
-#[derive(Debug)]
-struct BaseMountNs {
-    /// Where jails open it.
-    path: PathBuf,
-    /// Dropped to end the thread, and with it the namespace (unless a jail is still entering
-    /// it; a jail holds its own copy once made).
-    release: Mutex<Option<std::sync::mpsc::Sender<()>>>,
-}
-
-impl BaseMountNs {
-    /// Makes the namespace on a thread that then waits until [`BaseMountNs::release`].
-    fn make() -> Result<Self, JailError> {
-        let what = Path::new("the jails' base mount namespace");
-        let (made_tx, made_rx) = std::sync::mpsc::channel::<std::io::Result<i32>>();
-        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
-        // Namespaces are per thread: the new one is made on a thread of its own, which holds
-        // it until released (a closed channel: the jailer dropped) and then ends.
-        std::thread::Builder::new()
-            .name("metald-mntns".into())
-            .spawn(move || {
-                let made = (|| -> std::io::Result<i32> {
-                    // SAFETY: NEWNS (with the CLONE_FS it implies) only gives this thread its
-                    // own root, cwd and mount table; no file descriptor table is unshared.
-                    unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS) }?;
-                    rustix::mount::mount_change(
-                        "/",
-                        rustix::mount::MountPropagationFlags::REC
-                            | rustix::mount::MountPropagationFlags::PRIVATE,
-                    )?;
-                    let mounts = std::fs::read_to_string("/proc/thread-self/mountinfo")?;
-                    // `ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTS ... - FSTYPE SOURCE SUPER`
-                    for line in mounts.lines() {
-                        let fstype = line.split(" - ").nth(1).and_then(|r| r.split(' ').next());
-                        let point = line.split(' ').nth(4);
-                        if let (Some("nsfs"), Some(point)) = (fstype, point) {
-                            let point = point.replace("\\040", " ");
-                            let _gone = rustix::mount::unmount(
-                                point.as_str(),
-                                rustix::mount::UnmountFlags::DETACH,
-                            );
-                        }
-                    }
-                    Ok(rustix::thread::gettid().as_raw_nonzero().get())
-                })();
-                let holds = made.is_ok();
-                let _ = made_tx.send(made);
-                if holds {
-                    let _released = release_rx.recv();
-                }
-            })
-            .map_err(io("spawn a thread for", what))?;
-        let tid = made_rx
-            .recv()
-            .map_err(|_| io("make", what)(std::io::Error::other("thread ended")))?
-            .map_err(io("make", what))?;
-        Ok(Self {
-            path: PathBuf::from(format!("/proc/{}/task/{tid}/ns/mnt", std::process::id())),
-            release: Mutex::new(Some(release_tx)),
-        })
-    }
-
-    /// Ends the thread holding the namespace (at a clean stop).
-    fn release(&self) {
-        self.release
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
     }
 }
 

@@ -30,6 +30,7 @@ use std::time::Duration;
 use rustix::net::{RecvFlags, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 use serde::{Deserialize, Serialize};
 
+use super::mntns::PreparedRoot;
 use super::{JailDevice, JailMount, VmmRun};
 use crate::report::Chain;
 use crate::spawner::{SpawnRequest, Spawner};
@@ -62,6 +63,11 @@ pub struct WarmSpec {
     pub devices: Vec<JailDevice>,
     /// The jails' base mount namespace to start from.
     pub mount_ns: Option<PathBuf>,
+    /// The prepared root to start from instead (see [`super::mntns::PreparedRoot`]): the jail's
+    /// root is then made on [`super::child::JAIL_DIR`] there and moved over `/`, with no
+    /// `pivot_root`. Set by the pool for each jail.
+    #[serde(default)]
+    pub prepared: Option<PathBuf>,
 }
 
 /// The VM's network as a warm jail sets it up (its namespace comes as a descriptor).
@@ -213,7 +219,11 @@ pub struct WarmJails {
 #[derive(Debug)]
 struct Inner {
     target: usize,
-    spec: String,
+    spec: WarmSpec,
+    /// Whether jails start from a prepared root (until making one fails).
+    prepare: std::sync::atomic::AtomicBool,
+    /// The prepared root, once made; remade when the VMM's files change on the host.
+    prepared: Mutex<Option<PreparedRoot>>,
     jail_exe: PathBuf,
     spawner: Arc<Spawner>,
     /// The VM starts in flight: a refill waits them out (see [`crate::starts`]).
@@ -236,11 +246,12 @@ struct State {
 
 impl WarmJails {
     /// A pool of `target` warm jails made with `spec` by `jail_exe warm`, started through
-    /// `spawner`, each once no VM start is in flight (`starts`); nothing is started before
-    /// [`WarmJails::start`].
+    /// `spawner`, each once no VM start is in flight (`starts`), from a prepared root if
+    /// `prepare`; nothing is started before [`WarmJails::start`].
     pub fn new(
         target: usize,
         spec: &WarmSpec,
+        prepare: bool,
         jail_exe: PathBuf,
         spawner: Arc<Spawner>,
         starts: Arc<Starts>,
@@ -248,8 +259,9 @@ impl WarmJails {
         Self {
             inner: Arc::new(Inner {
                 target: target.min(MAX_WARM_JAILS),
-                // Plain data built by metald: serializing it cannot fail.
-                spec: serde_json::to_string(spec).unwrap_or_default(),
+                spec: spec.clone(),
+                prepare: prepare.into(),
+                prepared: Mutex::new(None),
                 jail_exe,
                 spawner,
                 starts,
@@ -349,6 +361,8 @@ impl WarmJails {
         self.inner.wake.notify_all();
         drop(st);
         drop(ready);
+        // Its thread ends.
+        drop(self.inner.prepared_root().take());
     }
 }
 
@@ -373,13 +387,52 @@ impl Inner {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn prepared_root(&self) -> MutexGuard<'_, Option<PreparedRoot>> {
+        self.prepared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The next jail's spec: from the prepared root, made first, or remade (and the ready
+    /// jails, which hold the old files, ended) if the VMM's files changed on the host since.
+    fn next_spec(&self) -> String {
+        let mut spec = self.spec.clone();
+        if self.prepare.load(Ordering::Relaxed) {
+            let mut prepared = self.prepared_root();
+            if prepared
+                .as_ref()
+                .is_some_and(|p| !p.is_current(&spec.mounts))
+            {
+                tracing::info!(
+                    "the VMM's files changed on the host; the warm jails start again from them"
+                );
+                prepared.take();
+                let stale: Vec<Warm> = self.lock().ready.drain(..).collect();
+                drop(stale);
+            }
+            if prepared.is_none() {
+                match PreparedRoot::make(&spec.root, &spec.mounts) {
+                    Ok(p) => {
+                        tracing::debug!(path = %p.path().display(), "warm jails' root prepared");
+                        *prepared = Some(p);
+                    }
+                    Err(e) => {
+                        self.prepare.store(false, Ordering::Relaxed);
+                        tracing::warn!(error = %Chain(&e), "preparing the warm jails' root failed; each jail builds its own");
+                    }
+                }
+            }
+            spec.prepared = prepared.as_ref().map(|p| p.path().to_path_buf());
+        }
+        // Plain data built by metald: serializing it cannot fail.
+        serde_json::to_string(&spec).unwrap_or_default()
+    }
+
     /// Starts one warm jail and waits until it is ready.
     fn start_one(&self) -> io::Result<Warm> {
         let (ours, theirs) = crate::spawner::socket_pair(REPLY_TIMEOUT)?;
         let null = std::fs::File::open("/dev/null")?;
         let req = SpawnRequest {
             program: self.jail_exe.clone(),
-            args: vec!["warm".into(), self.spec.clone()],
+            args: vec!["warm".into(), self.next_spec()],
             env: Vec::new(),
             cwd: "/".into(),
         };
@@ -540,7 +593,9 @@ mod tests {
                 mounts: Vec::new(),
                 devices: Vec::new(),
                 mount_ns: None,
+                prepared: None,
             },
+            false,
             "/nonexistent".into(),
             Arc::new(Spawner::new("/nonexistent".into())),
             Arc::new(Starts::default()),

@@ -20,6 +20,7 @@ pub fn tests() -> Vec<crate::E2e> {
         a_vmm_can_neither_redirect_metalds_writes_nor_touch_its_control_socket,
         a_suspended_guest_stops_counting_and_counts_on_after_waking_even_across_a_restart,
         the_warm_pools_are_taken_by_boots_refilled_swept_after_a_kill_and_removed_at_stop,
+        warm_jails_run_the_firecracker_on_disk_once_it_is_replaced,
         creates_take_spare_disk_copies_swept_after_a_kill_and_removed_at_stop,
         firecracker_is_not_asked_for_metrics_at_boot_and_its_exit_record_is_read,
     ];
@@ -513,6 +514,59 @@ fn the_warm_pools_are_taken_by_boots_refilled_swept_after_a_kill_and_removed_at_
         Vec::<String>::new(),
         "a stopped metald leaves no spare behind"
     );
+}
+
+/// Warm jails start from a root prepared once, holding the VMM's binary. A Firecracker replaced
+/// on the host (an upgrade) is noticed at the pool's next refill: the jails it had ready are
+/// ended and the root is prepared again, so the next boot runs the new binary.
+fn warm_jails_run_the_firecracker_on_disk_once_it_is_replaced() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("firecracker");
+    std::fs::copy(firecracker_bin().unwrap(), &bin).unwrap();
+    let m = metald_with_backend("firecracker")
+        .env("UNKEY_METALD_FIRECRACKER_BIN", bin.to_str().unwrap())
+        .env("UNKEY_METALD_WARM_POOL", "1")
+        .env("UNKEY_METALD_LOG", "info,metald_host::jailer=debug")
+        .start_with(Metald::import_tiny_guest);
+    m.wait_pools(2, 1);
+    assert!(
+        m.log_text().contains("warm jails' root prepared"),
+        "{}",
+        m.log_text()
+    );
+    let old = std::fs::metadata(&bin).unwrap().ino();
+    // Replaced as package managers do: a new file renamed over the old one.
+    let new_file = dir.path().join("firecracker.new");
+    std::fs::copy(&bin, &new_file).unwrap();
+    std::fs::rename(&new_file, &bin).unwrap();
+    let new = std::fs::metadata(&bin).unwrap().ino();
+    assert_ne!(old, new);
+    let api = Rest::new(&m, Some("upgrade"));
+    let exe = |id: &str| {
+        let pid = api.boot_ready(id)["vmmPid"].as_u64().unwrap();
+        std::fs::metadata(format!("/proc/{pid}/exe")).unwrap().ino()
+    };
+    // Its jail was ready before the replacement.
+    let first = api.create(tiny_request(1));
+    assert_eq!(exe(&first), old);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !m.log_text().contains("the VMM's files changed on the host") {
+        assert!(std::time::Instant::now() < deadline, "{}", m.log_text());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    m.wait_pools(2, 1);
+    let second = api.create(tiny_request(2));
+    assert_eq!(exe(&second), new, "{}", m.log_text());
+    assert_eq!(
+        m.metric("metald_jail_starts_total{kind=\"warm\"}"),
+        Some(2.0)
+    );
+    for id in [first, second] {
+        api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None)
+            .ok();
+    }
+    m.assert_clean();
 }
 
 /// UNKEY_METALD_WARM_DISKS: the first create of an image copies it, and the image then gets

@@ -82,6 +82,14 @@ fn jailed_vmm_checks(warm_jails: &str) {
     let vm = api.boot_ready(&id);
     let pid = vm["vmmPid"].as_u64().unwrap();
     let net = &vm["network"];
+    if warm_jails != "0" {
+        // Warm jails start from the prepared root (no pivot_root of their own).
+        assert!(
+            m.log_text().contains("warm jails' root prepared"),
+            "{}",
+            m.log_text()
+        );
+    }
     let warm_line = m
         .log_text()
         .lines()
