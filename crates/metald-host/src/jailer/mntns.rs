@@ -152,3 +152,35 @@ impl PreparedRoot {
         identity(mounts) == self.files
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_vmm_file_replaced_or_rewritten_on_the_host_is_another_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("vmm");
+        std::fs::write(&bin, b"one").unwrap();
+        let mounts = [JailMount {
+            path: bin.clone(),
+            writable: false,
+        }];
+        let first = identity(&mounts);
+        assert!(first.iter().all(Option::is_some));
+        assert_eq!(identity(&mounts), first, "nothing changed");
+        // Renamed over, as package managers install.
+        let new = dir.path().join("vmm.new");
+        std::fs::write(&new, b"two").unwrap();
+        std::fs::rename(&new, &bin).unwrap();
+        let second = identity(&mounts);
+        assert_ne!(second, first);
+        // Rewritten in place: same inode, new change time.
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        std::fs::write(&bin, b"three").unwrap();
+        assert_ne!(identity(&mounts), second);
+        // Gone is a change too.
+        std::fs::remove_file(&bin).unwrap();
+        assert_eq!(identity(&mounts), vec![None]);
+    }
+}
