@@ -508,8 +508,9 @@ fn fill(inner: &Inner) {
             }
             st.ready.is_empty()
         };
-        // Not beside a boot: its exec, mounts and pivot would slow that boot down.
+        // Not beside a boot: its exec and mounts would slow that boot down.
         inner.starts.before_refill(empty);
+        let t0 = std::time::Instant::now();
         match inner.start_one() {
             Ok(warm) => {
                 delay = Duration::ZERO;
@@ -519,7 +520,11 @@ fn fill(inner: &Inner) {
                     drop(warm);
                     return;
                 }
-                tracing::debug!(pid = warm.pid(), "warm jail ready");
+                tracing::debug!(
+                    pid = warm.pid(),
+                    ready_ms = t0.elapsed().as_secs_f64() * 1000.0,
+                    "warm jail ready"
+                );
                 st.ready.push_back(warm);
             }
             Err(e) => {

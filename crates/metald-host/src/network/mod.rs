@@ -385,9 +385,11 @@ impl Network {
             let path = path.to_path_buf();
             move |source| NetworkError::Io { op, path, source }
         };
+        let t0 = std::time::Instant::now();
         self.namespaces
             .create(&spare.netns)
             .map_err(io("create network namespace", &spare.netns))?;
+        let t1 = std::time::Instant::now();
         let made = async {
             self.links
                 .add_veth(&spare.host_if, PEER_IF, &spare.netns)
@@ -397,15 +399,21 @@ impl Network {
                 .index_of(&spare.host_if)
                 .await?
                 .ok_or_else(|| NetworkError::NoInterface(spare.host_if.clone()))?;
+            let t2 = std::time::Instant::now();
             self.add_gateways(host).await?;
             self.links.set_up(host).await?;
+            let t3 = std::time::Instant::now();
             self.namespaces
                 .wire(&spare.netns, TAP_NAME, BRIDGE_NAME, PEER_IF)
-                .map_err(io("make the TAP and bridge in", &spare.netns))
+                .map_err(io("make the TAP and bridge in", &spare.netns))?;
+            Ok((t2, t3))
         }
         .await;
         match made {
-            Ok(()) => Ok(spare),
+            Ok((t2, t3)) => {
+                tracing::debug!(host_if = %spare.host_if, netns_ms = ms(t1 - t0), veth_ms = ms(t2 - t1), gateways_up_ms = ms(t3 - t2), tap_bridge_ms = ms(t3.elapsed()), "spare made");
+                Ok(spare)
+            }
             Err(e) => {
                 self.remove_spare(&spare).await;
                 Err(e)
