@@ -121,8 +121,9 @@ fn identity(mounts: &[JailMount]) -> Vec<Option<FileId>> {
 /// A warm jail copies it, mounts its own tmpfs on `JAIL_DIR`, binds the VMM's files into it
 /// from the copy, and moves that tmpfs over `/` and `chroot`s into it. It needs no
 /// `pivot_root`, whose `chroot_fs_refs` walks every thread on the host under the task list
-/// lock (2.3 ms near 1000 VMs here), which each new thread on the host (a vCPU of a booting VM)
-/// waits for. Beneath the jail's root lies only this namespace's: the VMM's own files.
+/// lock, which each new thread on the host (a vCPU of a booting VM) waits for: with it, a warm
+/// jail's making grew from 2.6 to 5.4 ms over 1000 boots here; without, 1.6 ms throughout.
+/// Beneath the jail's root lies only this namespace's: the VMM's own files.
 #[derive(Debug)]
 pub(super) struct PreparedRoot {
     ns: HeldMountNs,

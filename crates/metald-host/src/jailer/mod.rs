@@ -112,7 +112,7 @@ pub struct JailSpec {
     pub mounts: Vec<JailMount>,
     /// Device nodes.
     pub devices: Vec<JailDevice>,
-    /// A mount namespace to enter before making the jail's own ([`mntns::base`]): its mount
+    /// A mount namespace to enter before making the jail's own (`mntns::base`): its mount
     /// table is the host's without the network namespace pins, so what the jail copies does
     /// not grow with the VMs running. `None`: metald's own.
     #[serde(default)]

@@ -2,10 +2,10 @@
 //!
 //! Most of what `metald-jail` does before it execs a VMM is the same for every VM of a kind:
 //! its exec, the private mount namespace, the tmpfs root with the VMM's binary, libraries and
-//! device nodes, and the `pivot_root` into it, whose cost grows with the threads on the host
-//! (the kernel's `chroot_fs_refs` walks them all: 0.25 ms at the start, 2.3 ms near 1000 VMs
-//! here). A warm jail (`metald-jail warm SPEC`) does all of that ahead, says `ready` on its
-//! socket and waits, with every privilege it started with and no VM's anything yet. A boot
+//! device nodes, made over a copy of the prepared root (`mntns::PreparedRoot`)
+//! without a `pivot_root`. A warm jail (`metald-jail warm SPEC`) does all of that ahead, says
+//! `ready` on its socket and waits, with every privilege it started with and no VM's anything
+//! yet. A boot
 //! then sends it an [`Assignment`] with the VM's descriptors (SCM_RIGHTS): its console and log
 //! files, its network namespace, its cgroup files, and its files as detached mount trees
 //! (`open_tree(OPEN_TREE_CLONE)`, attached inside the jail with `move_mount`, since no host
@@ -53,7 +53,8 @@ const MAX_FAILURES: u32 = 3;
 /// What every warm jail of one jailer is made with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WarmSpec {
-    /// Host directory the jail's tmpfs root is mounted on (in the jail's own namespace).
+    /// Host directory the prepared root's tmpfs is mounted on (or, without one, each jail's;
+    /// either in a namespace of its own).
     pub root: PathBuf,
     /// RLIMIT_NOFILE.
     pub nofile: u64,
@@ -63,7 +64,7 @@ pub struct WarmSpec {
     pub devices: Vec<JailDevice>,
     /// The jails' base mount namespace to start from.
     pub mount_ns: Option<PathBuf>,
-    /// The prepared root to start from instead (see [`super::mntns::PreparedRoot`]): the jail's
+    /// The prepared root to start from instead (see `mntns::PreparedRoot`): the jail's
     /// root is then made on [`super::child::JAIL_DIR`] there and moved over `/`, with no
     /// `pivot_root`. Set by the pool for each jail.
     #[serde(default)]
