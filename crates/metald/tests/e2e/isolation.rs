@@ -786,7 +786,8 @@ fn jails_start_from_the_base_mount_namespace_whatever_namespace_metald_runs_in()
             inode("/proc/self/ns/mnt"),
             "metald runs in a mount namespace of its own"
         );
-        // A warm jail is built from the base namespace (entered before anything else).
+        // Both namespaces metald holds for its jails are made, on threads of its own: the base
+        // one (cold jails enter it) and the prepared root a warm jail is built from.
         let deadline = Instant::now() + Duration::from_secs(20);
         while !m.log_text().contains("warm jail ready") {
             assert!(Instant::now() < deadline, "{}", m.log_text());
@@ -794,13 +795,19 @@ fn jails_start_from_the_base_mount_namespace_whatever_namespace_metald_runs_in()
         }
         let log = m.log_text();
         let at = format!("/proc/{pid}/task/");
+        for made in [
+            "jails' base mount namespace made",
+            "warm jails' root prepared",
+        ] {
+            assert!(
+                log.lines().any(|l| l.contains(made) && l.contains(&at)),
+                "CPU {own_ns_cpu} then {metald_cpu}: {log}"
+            );
+        }
         assert!(
-            log.lines()
-                .any(|l| l.contains("jails' base mount namespace made") && l.contains(&at)),
-            "CPU {own_ns_cpu} then {metald_cpu}: {log}"
-        );
-        assert!(
-            !log.contains("base mount namespace failed") && !log.contains("warm jail failed"),
+            !log.contains("base mount namespace failed")
+                && !log.contains("warm jails' root failed")
+                && !log.contains("warm jail failed"),
             "CPU {own_ns_cpu} then {metald_cpu}: {log}"
         );
         m.stop();
