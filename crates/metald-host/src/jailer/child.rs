@@ -101,20 +101,18 @@ fn warm(spec: &WarmSpec, sock: &OwnedFd) -> Result<Infallible, StepError> {
     redirect(&null, 0, "stdin")?;
     drop(null);
     limits(spec.nofile)?;
-    match &spec.prepared {
-        Some(prepared) => {
-            let root = Path::new(JAIL_DIR);
-            new_root(root, Some(prepared))?;
-            bind_all(root, &spec.mounts)?;
-            make_devices(root, &spec.devices)?;
-            move_root(root)?;
-        }
-        None => {
-            new_root(&spec.root, spec.mount_ns.as_deref())?;
-            bind_all(&spec.root, &spec.mounts)?;
-            make_devices(&spec.root, &spec.devices)?;
-            pivot(&spec.root)?;
-        }
+    // From the prepared root: the jail's root is made on its JAIL_DIR and moved over it;
+    // otherwise made on `root` from the base namespace and pivoted into.
+    let (root, from) = match &spec.prepared {
+        Some(prepared) => (Path::new(JAIL_DIR), Some(prepared.as_path())),
+        None => (spec.root.as_path(), spec.mount_ns.as_deref()),
+    };
+    new_root(root, from)?;
+    bind_all(root, &spec.mounts)?;
+    make_devices(root, &spec.devices)?;
+    match spec.prepared {
+        Some(_) => move_root(root)?,
+        None => pivot(root)?,
     }
     step(
         "say ready",

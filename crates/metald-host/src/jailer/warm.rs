@@ -221,10 +221,8 @@ pub struct WarmJails {
 struct Inner {
     target: usize,
     spec: WarmSpec,
-    /// Whether jails start from a prepared root (until making one fails).
-    prepare: std::sync::atomic::AtomicBool,
-    /// The prepared root, once made; remade when the VMM's files change on the host.
-    prepared: Mutex<Option<PreparedRoot>>,
+    /// What jails start from.
+    prepared: Mutex<Prepared>,
     jail_exe: PathBuf,
     spawner: Arc<Spawner>,
     /// The VM starts in flight: a refill waits them out (see [`crate::starts`]).
@@ -235,6 +233,17 @@ struct Inner {
     warm_starts: AtomicU64,
     /// VMMs whose jail was built at their boot (none ready, or not one a warm jail can be).
     cold_starts: AtomicU64,
+}
+
+/// What the pool's jails start from.
+#[derive(Debug)]
+enum Prepared {
+    /// Each builds its root and pivots (not asked for, or preparing one failed).
+    Off,
+    /// The prepared root, to be made (again) before the next jail.
+    Unmade,
+    /// The prepared root; remade when the VMM's files change on the host.
+    Made(PreparedRoot),
 }
 
 #[derive(Debug, Default)]
@@ -261,8 +270,10 @@ impl WarmJails {
             inner: Arc::new(Inner {
                 target: target.min(MAX_WARM_JAILS),
                 spec: spec.clone(),
-                prepare: prepare.into(),
-                prepared: Mutex::new(None),
+                prepared: Mutex::new(match prepare {
+                    true => Prepared::Unmade,
+                    false => Prepared::Off,
+                }),
                 jail_exe,
                 spawner,
                 starts,
@@ -363,7 +374,10 @@ impl WarmJails {
         drop(st);
         drop(ready);
         // Its thread ends.
-        drop(self.inner.prepared_root().take());
+        let mut prepared = self.inner.prepared_root();
+        if matches!(*prepared, Prepared::Made(_)) {
+            *prepared = Prepared::Unmade;
+        }
     }
 }
 
@@ -388,7 +402,7 @@ impl Inner {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn prepared_root(&self) -> MutexGuard<'_, Option<PreparedRoot>> {
+    fn prepared_root(&self) -> MutexGuard<'_, Prepared> {
         self.prepared.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -396,32 +410,29 @@ impl Inner {
     /// jails, which hold the old files, ended) if the VMM's files changed on the host since.
     fn next_spec(&self) -> String {
         let mut spec = self.spec.clone();
-        if self.prepare.load(Ordering::Relaxed) {
-            let mut prepared = self.prepared_root();
-            if prepared
-                .as_ref()
-                .is_some_and(|p| !p.is_current(&spec.mounts))
-            {
-                tracing::info!(
-                    "the VMM's files changed on the host; the warm jails start again from them"
-                );
-                prepared.take();
-                let stale: Vec<Warm> = self.lock().ready.drain(..).collect();
-                drop(stale);
-            }
-            if prepared.is_none() {
-                match PreparedRoot::make(&spec.root, &spec.mounts) {
-                    Ok(p) => {
-                        tracing::debug!(path = %p.path().display(), "warm jails' root prepared");
-                        *prepared = Some(p);
-                    }
-                    Err(e) => {
-                        self.prepare.store(false, Ordering::Relaxed);
-                        tracing::warn!(error = %Chain(&e), "preparing the warm jails' root failed; each jail builds its own");
-                    }
+        let mut prepared = self.prepared_root();
+        if matches!(&*prepared, Prepared::Made(p) if !p.is_current(&spec.mounts)) {
+            tracing::info!(
+                "the VMM's files changed on the host; the warm jails start again from them"
+            );
+            *prepared = Prepared::Unmade;
+            let stale: Vec<Warm> = self.lock().ready.drain(..).collect();
+            drop(stale);
+        }
+        if matches!(*prepared, Prepared::Unmade) {
+            *prepared = match PreparedRoot::make(&spec.root, &spec.mounts) {
+                Ok(p) => {
+                    tracing::debug!(path = %p.path().display(), "warm jails' root prepared");
+                    Prepared::Made(p)
                 }
-            }
-            spec.prepared = prepared.as_ref().map(|p| p.path().to_path_buf());
+                Err(e) => {
+                    tracing::warn!(error = %Chain(&e), "preparing the warm jails' root failed; each jail builds its own");
+                    Prepared::Off
+                }
+            };
+        }
+        if let Prepared::Made(p) = &*prepared {
+            spec.prepared = Some(p.path().to_path_buf());
         }
         // Plain data built by metald: serializing it cannot fail.
         serde_json::to_string(&spec).unwrap_or_default()
