@@ -47,6 +47,12 @@ pub const PEER_IF_PREFIX: &str = "mp";
 /// Name of the veth end inside a VM's namespace: born there, so it needs no unique name.
 pub const PEER_IF: &str = "veth0";
 
+/// How long a removal waits for a veth to go with its unpinned namespace before deleting it.
+const LINK_GONE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How often a removal looks whether those veths are gone.
+const LINK_GONE_POLL: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// Network settings of the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetworkConfig {
@@ -421,16 +427,21 @@ impl Network {
         }
     }
 
-    /// Removes a spare (its veth end takes the other with it), logging what fails.
+    /// Removes a spare: its namespace, and with it its veth pair. Logs what fails.
     async fn remove_spare(&self, spare: &Spare) {
-        if let Ok(Some(index)) = self.links.index_of(&spare.host_if).await {
-            if let Err(e) = self.links.delete(index).await {
-                tracing::warn!(interface = %spare.host_if, error = %Chain(&e), "removing a spare veth failed");
+        self.remove_spares(std::slice::from_ref(spare)).await;
+    }
+
+    /// Removes spares: unpins all their namespaces, then waits for their veths to go with
+    /// them (see [`Network::remove_links`]). Logs what fails.
+    async fn remove_spares(&self, spares: &[Spare]) {
+        for spare in spares {
+            if let Err(e) = self.namespaces.remove(&spare.netns) {
+                tracing::warn!(path = %spare.netns.display(), error = %Chain(&e), "removing a spare network namespace failed");
             }
         }
-        if let Err(e) = self.namespaces.remove(&spare.netns) {
-            tracing::warn!(path = %spare.netns.display(), error = %Chain(&e), "removing a spare network namespace failed");
-        }
+        let names: Vec<String> = spares.iter().map(|s| s.host_if.clone()).collect();
+        self.remove_links(&names).await;
     }
 
     /// Makes spares until the pool holds its target (or is closed). Stops at the first
@@ -486,9 +497,7 @@ impl Network {
         let spares = self.pool.close();
         // A spare being made now is refused by the closed pool and removed by its maker.
         let _made = self.filling.lock().await;
-        for spare in spares {
-            self.remove_spare(&spare).await;
-        }
+        self.remove_spares(&spares).await;
     }
 
     /// How many spares the warm pool holds now.
@@ -563,6 +572,11 @@ impl Network {
 
     /// Removes the veth pair (its routes and addresses go with it) and the namespace file;
     /// a spare's veth the VM never finished taking too.
+    ///
+    /// One delete each, not [`Network::remove_links`]: the kernel's batch holds its network
+    /// lock for all the namespaces let go of together, and in a run of 1000 deletes, the
+    /// deletes whose last usage reading waited for it took 100 ms and more (all 1000: 8.3 s,
+    /// against 3.2-4.4 s deleting each veth).
     async fn remove_plumbing(&self, vm: &VmId) {
         let (host_if, peer_if) = interface_names(vm);
         let spare_if = self.unfinished_map().remove(vm);
@@ -576,6 +590,62 @@ impl Network {
         if let Err(e) = self.namespaces.remove(&ns) {
             tracing::warn!(path = %ns.display(), error = %Chain(&e), "removing network namespace failed");
         }
+    }
+
+    /// Waits until the interfaces `names` are gone, then removes any still there one by one.
+    ///
+    /// A veth whose peer is in an unpinned namespace goes when the kernel destroys that
+    /// namespace, which it does for all namespaces let go of at about the same time in one
+    /// batch. Deleting each veth instead waits for an RCU grace period under the kernel's
+    /// network lock: 21.7 ms a veth here beside 1000 others, against 207 ms for 100 unpinned
+    /// namespaces all together. What is still there after [`LINK_GONE_WAIT`] (a namespace a
+    /// process still holds, a name in metald's own namespace) is deleted as before.
+    async fn remove_links(&self, names: &[String]) {
+        let deadline = tokio::time::Instant::now() + LINK_GONE_WAIT;
+        let mut left: Vec<&str> = names.iter().map(String::as_str).collect();
+        loop {
+            left = self.still_there(left).await;
+            if left.is_empty() {
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(LINK_GONE_POLL).await;
+        }
+        for name in left {
+            self.remove_link(name).await;
+        }
+    }
+
+    /// Those of the interfaces `names` that are there (or could not be looked up).
+    async fn still_there<'a>(&self, names: Vec<&'a str>) -> Vec<&'a str> {
+        // Many at once (the pool at shutdown, the start-up sweep): one listing, not a request
+        // each.
+        if names.len() > 16 {
+            match self.links.list().await {
+                Ok(all) => {
+                    let there: HashSet<String> = all.into_iter().map(|(_, n)| n).collect();
+                    return names.into_iter().filter(|n| there.contains(*n)).collect();
+                }
+                Err(e) => {
+                    tracing::warn!(error = %Chain(&e), "listing interfaces failed");
+                    return names;
+                }
+            }
+        }
+        let mut there = Vec::with_capacity(names.len());
+        for name in names {
+            match self.links.index_of(name).await {
+                Ok(None) => {}
+                Ok(Some(_)) => there.push(name),
+                Err(e) => {
+                    tracing::warn!(interface = %name, error = %Chain(&e), "looking up veth failed");
+                    there.push(name);
+                }
+            }
+        }
+        there
     }
 
     /// Removes the interface `name` if it is there, logging what fails.
@@ -724,18 +794,19 @@ impl Network {
                 [h, p]
             })
             .collect();
-        let stale = self
+        let stale: Vec<String> = self
             .links
             .list()
             .await?
             .into_iter()
-            .filter(|(_, name)| is_vm_interface(name) && !keep_ifs.contains(name));
-        for (index, name) in stale {
+            .map(|(_, name)| name)
+            .filter(|name| is_vm_interface(name) && !keep_ifs.contains(name))
+            .collect();
+        for name in &stale {
             tracing::warn!(interface = %name, "removing leftover VM interface");
-            if let Err(e) = self.links.delete(index).await {
-                tracing::warn!(interface = %name, error = %Chain(&e), "removing leftover VM interface failed");
-            }
         }
+        // Most go with the namespaces unpinned above.
+        self.remove_links(&stale).await;
         let fw = self.firewall.lock().await;
         self.rules.load(&fw.render()).await?;
         Ok(())
@@ -772,6 +843,9 @@ mod tests {
     struct FakeKernel {
         calls: StdMutex<Vec<String>>,
         links: StdMutex<BTreeMap<String, u32>>,
+        /// The namespace pin each veth's peer is in, by the host end's index: a veth goes
+        /// with its namespace once that is unpinned, as in the kernel.
+        peer_ns: StdMutex<HashMap<u32, PathBuf>>,
         namespaces: StdMutex<Vec<PathBuf>>,
         fail_on: StdMutex<Option<String>>,
         next_index: StdMutex<u32>,
@@ -820,6 +894,11 @@ mod tests {
             let mut next = self.0.next_index.lock().unwrap();
             *next += 1;
             self.0.links.lock().unwrap().insert(host.to_string(), *next);
+            self.0
+                .peer_ns
+                .lock()
+                .unwrap()
+                .insert(*next, ns.to_path_buf());
             Ok(())
         }
         async fn index_of(&self, name: &str) -> Result<Option<u32>, NetworkError> {
@@ -905,6 +984,11 @@ mod tests {
             let mut ns = self.0.namespaces.lock().unwrap();
             ns.retain(|p| p != from);
             ns.push(to.to_path_buf());
+            for pin in self.0.peer_ns.lock().unwrap().values_mut() {
+                if pin == from {
+                    *pin = to.to_path_buf();
+                }
+            }
             Ok(())
         }
         fn wire(&self, path: &Path, tap: &str, bridge: &str, peer: &str) -> std::io::Result<()> {
@@ -920,6 +1004,21 @@ mod tests {
                 self.0
                     .record(format!("netns remove {}", path.display()))
                     .map_err(std::io::Error::other)?;
+                let gone: Vec<u32> = {
+                    let mut peers = self.0.peer_ns.lock().unwrap();
+                    let gone = peers
+                        .iter()
+                        .filter(|(_, pin)| *pin == path)
+                        .map(|(i, _)| *i)
+                        .collect();
+                    peers.retain(|_, pin| pin != path);
+                    gone
+                };
+                self.0
+                    .links
+                    .lock()
+                    .unwrap()
+                    .retain(|_, i| !gone.contains(i));
             }
             Ok(())
         }
@@ -1069,10 +1168,48 @@ mod tests {
             k.calls(),
             [
                 format!("netns remove /run/test-netns/{}", gone.id),
-                format!("delete {host_gone}"),
                 format!("nft table [{host_kept}]"),
             ]
         );
+        assert!(!k.links.lock().unwrap().contains_key(&host_gone));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_veth_that_does_not_go_with_its_namespace_is_deleted_after_a_wait() {
+        let k = Arc::new(FakeKernel::default());
+        let net = network(&k);
+        let spare = net.make_spare().await.unwrap();
+        // Its namespace held by a process that has not exited yet: the veth stays.
+        k.peer_ns.lock().unwrap().clear();
+        k.calls();
+        let t0 = tokio::time::Instant::now();
+        net.remove_spare(&spare).await;
+        assert!(t0.elapsed() >= LINK_GONE_WAIT, "{:?}", t0.elapsed());
+        assert_eq!(
+            k.calls(),
+            [
+                format!("netns remove {}", spare.netns.display()),
+                format!("delete {}", spare.host_if),
+            ]
+        );
+        assert!(k.links.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_spare_goes_with_its_namespace_and_a_veth_that_goes_at_once_is_not_waited_for() {
+        let k = Arc::new(FakeKernel::default());
+        let net = network(&k);
+        let spare = net.make_spare().await.unwrap();
+        assert!(k.links.lock().unwrap().contains_key(&spare.host_if));
+        k.calls();
+        let t0 = std::time::Instant::now();
+        net.remove_spare(&spare).await;
+        assert!(t0.elapsed() < LINK_GONE_WAIT, "{:?}", t0.elapsed());
+        assert_eq!(
+            k.calls(),
+            [format!("netns remove {}", spare.netns.display())]
+        );
+        assert!(k.links.lock().unwrap().is_empty());
     }
 
     fn vm_of(n: u8, customer: &str) -> VmRecord {
