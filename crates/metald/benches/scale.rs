@@ -244,6 +244,12 @@ fn main() {
         "| bare: spawn -> banner, median of each 100 starts | {} |",
         hundred_medians(&bare_total)
     );
+    // Beside the jailed boots' `InstanceStart` per hundred (the step table above): how much of
+    // its growth is the host's with as many VMMs running.
+    println!(
+        "| bare: of which InstanceStart, median of each 100 | {} |",
+        hundred_medians(&bare_steps_ref[3])
+    );
     println!();
     println!("host CPUs busy with {n} VMs running through metald, none starting: {idle_busy:.1} %");
     println!(
