@@ -576,7 +576,7 @@ impl Network {
     /// One delete each, not [`Network::remove_links`]: the kernel's batch holds its network
     /// lock for all the namespaces let go of together, and in a run of 1000 deletes, the
     /// deletes whose last usage reading waited for it took 100 ms and more (all 1000: 8.3 s,
-    /// against 3.2-4.4 s deleting each veth).
+    /// against 3.2-5.4 s deleting each veth).
     async fn remove_plumbing(&self, vm: &VmId) {
         let (host_if, peer_if) = interface_names(vm);
         let spare_if = self.unfinished_map().remove(vm);
