@@ -13,6 +13,7 @@
 //! `BENCH_WARM_JAILS=n` sets metald's `UNKEY_METALD_WARM_JAILS` (default 2; 0 builds every jail at its boot),
 //! `BENCH_WARM_POOL=n` its `UNKEY_METALD_WARM_POOL` (default 4; 0 makes every network at its boot),
 //! `BENCH_WARM_DISKS=n` its `UNKEY_METALD_WARM_DISKS` (default 2; 0 copies every disk at its create).
+//! `BENCH_METRICS_INTERVAL_MS=n` its `UNKEY_METALD_METRICS_INTERVAL` (default 100).
 //! `BENCH_SCALE_PAIRED=1` also starts a bare Firecracker right after each boot through metald
 //! and prints the two sums: both see the same host at the same moment, but the bare starts
 //! also carry metald's pool refills, which wait for the quiet moment after a start.
@@ -57,6 +58,12 @@ fn main() {
         .env(
             "UNKEY_METALD_WARM_JAILS",
             &env_num::<usize>("BENCH_WARM_JAILS", 2).to_string(),
+        )
+        // metald's default sampling; longer to see what the 100 ms samples of all running
+        // VMs cost the boots beside them.
+        .env(
+            "UNKEY_METALD_METRICS_INTERVAL",
+            &format!("{}ms", env_num::<u64>("BENCH_METRICS_INTERVAL_MS", 100)),
         )
         .env(
             "UNKEY_METALD_WARM_POOL",
