@@ -93,11 +93,9 @@ fn main() {
     // nested VM's, whose free pages are handed back to the hypervisor after a while) then
     // serves the bare starts first, from the same state metald's boots get otherwise.
     let bare_first = (env_num::<u8>("BENCH_BARE_FIRST", 0) == 1).then(|| {
-        let cpu = CpuMark::now(std::process::id());
-        let (all, steps) = bare_firecrackers(&fc, &m.data_dir, n, true);
-        let cpu = cpu.since();
+        let done = bare_fleet_run(&fc, &m.data_dir, n);
         wait_host_quiet("metald's boots, after the bare Firecrackers");
-        (all, steps, cpu)
+        done
     });
     let body = json!({"config": {"cpu": {"vcpu_count": 1}, "memory": {"size_bytes": 128 << 20},
         "kernel": {"image_id": "tiny-idle-elf"}, "rootfs": {"image_id": "tiny-disk"}}});
@@ -190,9 +188,7 @@ fn main() {
         Some(done) => done,
         None => {
             wait_host_quiet("the bare Firecrackers");
-            let cpu = CpuMark::now(std::process::id());
-            let (all, steps) = bare_firecrackers(&fc, &m.data_dir, n, true);
-            (all, steps, cpu.since())
+            bare_fleet_run(&fc, &m.data_dir, n)
         }
     };
 
@@ -630,6 +626,14 @@ fn bare_firecrackers(
         );
     }
     (took, fleet.stop())
+}
+
+/// The bare fleet of `n` beside which metald's boots are read: all its starts, each one's
+/// steps (see [`BareFleet`]), and what the host spent on them.
+fn bare_fleet_run(fc: &Path, assets: &Path, n: usize) -> (Duration, [Vec<Duration>; 4], CpuSpent) {
+    let cpu = CpuMark::now(std::process::id());
+    let (all, steps) = bare_firecrackers(fc, assets, n, true);
+    (all, steps, cpu.since())
 }
 
 /// Bare Firecrackers started one at a time, each the same way (spawn, four API calls, banner),
