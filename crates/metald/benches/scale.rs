@@ -6,7 +6,11 @@
 //! four API calls, banner). Prints the boot time around 1, 100, 500 and 1000 running VMs,
 //! the totals, the host's CPU time while each phase booted, and metald's memory per running
 //! VM. metald's run directory is a tmpfs, as `/run` is on a systemd host (in a mount namespace
-//! of the bench's own).
+//! of the bench's own). The boots begin once metald's pools are full and the host is quiet.
+//! At 1, 100, 500 and the last number of VMs running, `BENCH_SETTLED` boots (default 20; 0:
+//! none) are made one at a time, each with the pools full again and the host quiet, and
+//! deleted after: the boot time at that fleet size apart from the stream's back-to-back load
+//! (their time and CPU are not counted in the stream's).
 //!
 //! `cargo bench -p metald --bench scale` (root, a Firecracker binary, /dev/kvm). Not in
 //! `make bench`: it holds `BENCH_SCALE_VMS` VMs (about 4.3 MB each) at once.
@@ -46,16 +50,26 @@ fn main() {
     wait_host_quiet("metald's boots");
     let mut run_tmpfs = None;
     let mut builder = metald_with_backend("firecracker");
-    if env_num::<u8>("BENCH_UNISOLATED", 0) == 1 {
+    let unisolated = env_num::<u8>("BENCH_UNISOLATED", 0) == 1;
+    let settled_k = env_num::<usize>("BENCH_SETTLED", 20);
+    let (warm_jails, warm_pool) = (
+        env_num::<usize>("BENCH_WARM_JAILS", 2),
+        env_num::<usize>("BENCH_WARM_POOL", 4),
+    );
+    if unisolated {
         // No jail, cgroup or network: what of a boot's growth is the isolation's.
         builder = builder.unisolated();
     }
     let m = builder
         .env("UNKEY_METALD_RATE_LIMIT_PER_SECOND", "1000000")
         .env("UNKEY_METALD_RATE_LIMIT_BURST", "1000000")
-        .env("UNKEY_METALD_QUOTA_VMS", &(n + 10).to_string())
+        // The settled boots run beside the last fleet size.
+        .env("UNKEY_METALD_QUOTA_VMS", &(n + settled_k + 10).to_string())
         .env("UNKEY_METALD_IPV4_SUBNET", "10.208.0.0/16")
-        .env("UNKEY_METALD_JAILER_ID_COUNT", &(n + 100).to_string())
+        .env(
+            "UNKEY_METALD_JAILER_ID_COUNT",
+            &(n + settled_k + 100).to_string(),
+        )
         .env("UNKEY_METALD_HOST_MEMORY_OVERCOMMIT", "100")
         .env("UNKEY_METALD_HOST_CPU_OVERCOMMIT", "1000")
         // metald's default spare disk copies (the test harness turns them off).
@@ -65,7 +79,7 @@ fn main() {
         )
         .env(
             "UNKEY_METALD_WARM_JAILS",
-            &env_num::<usize>("BENCH_WARM_JAILS", 2).to_string(),
+            &warm_jails.to_string(),
         )
         // metald's default sampling; longer to see what the 100 ms samples of all running
         // VMs cost the boots beside them.
@@ -75,7 +89,7 @@ fn main() {
         )
         .env(
             "UNKEY_METALD_WARM_POOL",
-            &env_num::<usize>("BENCH_WARM_POOL", 4).to_string(),
+            &warm_pool.to_string(),
         )
         // The per-step lines of a start and a delete (see `steps` below).
         .env(
@@ -89,6 +103,17 @@ fn main() {
             Metald::import_tiny_guest(m)
         });
     let mut api = Rest::new(&m, Some("scale")).keep_alive();
+    if !unisolated {
+        // Full pools, as after any quiet while: a boot then finds them stocked, and a refill
+        // with stock to spare waits until no start runs.
+        let t0 = Instant::now();
+        m.wait_pools_within(warm_jails, warm_pool, Duration::from_secs(600));
+        println!(
+            "pools full ({warm_jails} warm jails, {warm_pool} spare networks) after {:.1} s",
+            t0.elapsed().as_secs_f64()
+        );
+        wait_host_quiet("metald's boots, with its pools full");
+    }
     // The bare fleet before metald's boots instead of after its deletes: the host's memory (a
     // nested VM's, whose free pages are handed back to the hypervisor after a while) then
     // serves the bare starts first, from the same state metald's boots get otherwise.
@@ -108,9 +133,21 @@ fn main() {
     let mut paired =
         (env_num::<u8>("BENCH_SCALE_PAIRED", 0) == 1).then(|| BareFleet::new(&fc, &m.data_dir, n));
     let mut paired_bare = Vec::with_capacity(n);
+    // Boots on a settled host at a few fleet sizes, between the stream's boots (their time
+    // and CPU are not the stream's).
+    let pools = (!unisolated).then_some((warm_jails, warm_pool));
+    let mut settled: Vec<(usize, Vec<Duration>)> = Vec::new();
+    let (mut settled_time, mut settled_cpu) = (Duration::ZERO, CpuSpent::default());
     let t_all = Instant::now();
     let cpu_all = CpuMark::now(m.pid().unwrap());
     for _ in 0..n {
+        if settled_k > 0 && [1usize, 100, 500, n].contains(&ids.len()) {
+            let (t0, cpu) = (Instant::now(), CpuMark::now(m.pid().unwrap()));
+            let times = settled_boots(&m, &mut api, &body, settled_k, pools);
+            settled.push((ids.len(), times));
+            settled_time += t0.elapsed();
+            settled_cpu = settled_cpu.plus(cpu.since());
+        }
         let t0 = Instant::now();
         let id = api.create(body.clone());
         api.call("POST", &format!("/v1/vms/{id}/boot"), None).ok();
@@ -126,9 +163,17 @@ fn main() {
             paired_bare.push(fleet.start_one());
         }
     }
-    // Paired, the bare starts between the boots are not metald's time.
-    let all_booted = t_all.elapsed() - paired_bare.iter().sum::<Duration>();
-    let cpu_booted = cpu_all.since();
+    if settled_k > 0 {
+        let (t0, cpu) = (Instant::now(), CpuMark::now(m.pid().unwrap()));
+        let times = settled_boots(&m, &mut api, &body, settled_k, pools);
+        settled.push((ids.len(), times));
+        settled_time += t0.elapsed();
+        settled_cpu = settled_cpu.plus(cpu.since());
+    }
+    // Paired, the bare starts between the boots are not metald's time; nor are the settled
+    // boots.
+    let all_booted = t_all.elapsed() - paired_bare.iter().sum::<Duration>() - settled_time;
+    let cpu_booted = cpu_all.since().minus(settled_cpu);
     if let Some(fleet) = paired {
         let _steps = fleet.stop();
         let through: Duration = boots.iter().sum();
@@ -211,6 +256,22 @@ fn main() {
         "| CreateVm + BootVm -> banner, median of each 100 boots | {} |",
         hundred_medians(&boots)
     );
+    if !settled.is_empty() {
+        println!();
+        println!("| CreateVm + BootVm -> banner, one at a time on a settled host (pools full, host quiet) | median ms | min ms | max ms |");
+        println!("|---|---|---|---|");
+        for (running, times) in &settled {
+            row(&format!("settled, {running} running"), times);
+        }
+        let medians: Vec<f64> = settled.iter().map(|(_, t)| median_ms(t)).collect();
+        let (lo, hi) = medians
+            .iter()
+            .fold((f64::MAX, 0.0f64), |(lo, hi), m| (lo.min(*m), hi.max(*m)));
+        println!(
+            "settled boots: the highest median {:.0} % above the lowest",
+            100.0 * (hi - lo) / lo
+        );
+    }
     for at in [1usize, 500, 1000].into_iter().filter(|at| *at <= n) {
         let (lo, hi) = around(at, n);
         row(
@@ -226,7 +287,10 @@ fn main() {
         .lines()
         .filter(|l| l.contains("VMM started in a warm jail"))
         .count();
-    println!("boots whose VMM started in a warm jail: {warm} of {n}");
+    let all_boots = n + settled.iter().map(|(_, t)| t.len()).sum::<usize>();
+    println!(
+        "boots whose VMM started in a warm jail: {warm} of {all_boots} (the settled ones too)"
+    );
     print_steps(&log, &ids);
     println!();
     println!("| bare Firecracker, same run (all {n}), step | median ms | min ms | max ms |");
@@ -290,10 +354,10 @@ fn main() {
     // counts: metering, pool refills, the kernel's); well below it, they wait on each other.
     println!(
         "host CPUs busy while booting: through metald {:.1} % ({:.1} CPU s, metald's own process {:.1} s); bare {:.1} % ({:.1} CPU s)",
-        cpu_booted.busy_percent,
+        cpu_booted.busy_percent(),
         cpu_booted.busy_secs,
         cpu_booted.process_secs,
-        cpu_bare.busy_percent,
+        cpu_bare.busy_percent(),
         cpu_bare.busy_secs,
     );
     println!(
@@ -513,7 +577,7 @@ const QUIET_BUSY: f64 = 6.0;
 fn host_busy(window: Duration) -> f64 {
     let mark = CpuMark::now(std::process::id());
     std::thread::sleep(window);
-    mark.since().busy_percent
+    mark.since().busy_percent()
 }
 
 /// The host's CPU counters and one process's at a moment (from /proc/stat and
@@ -526,10 +590,35 @@ struct CpuMark {
 }
 
 /// What the host and the process spent between a [`CpuMark`] and now.
+#[derive(Default, Clone, Copy)]
 struct CpuSpent {
-    busy_percent: f64,
+    /// All CPUs' time that passed, busy or not.
+    total_secs: f64,
     busy_secs: f64,
     process_secs: f64,
+}
+
+impl CpuSpent {
+    fn busy_percent(&self) -> f64 {
+        100.0 * self.busy_secs / self.total_secs.max(0.01)
+    }
+
+    /// This without `other`, a part of it.
+    fn minus(self, other: CpuSpent) -> CpuSpent {
+        CpuSpent {
+            total_secs: self.total_secs - other.total_secs,
+            busy_secs: self.busy_secs - other.busy_secs,
+            process_secs: self.process_secs - other.process_secs,
+        }
+    }
+
+    fn plus(self, other: CpuSpent) -> CpuSpent {
+        CpuSpent {
+            total_secs: self.total_secs + other.total_secs,
+            busy_secs: self.busy_secs + other.busy_secs,
+            process_secs: self.process_secs + other.process_secs,
+        }
+    }
 }
 
 impl CpuMark {
@@ -564,7 +653,7 @@ impl CpuMark {
         let busy = total - now.idle.saturating_sub(self.idle) as f64;
         // USER_HZ is 100 on every Linux this runs on.
         CpuSpent {
-            busy_percent: 100.0 * busy / total,
+            total_secs: total / 100.0,
             busy_secs: busy / 100.0,
             process_secs: now.process.saturating_sub(self.process) as f64 / 100.0,
         }
@@ -588,6 +677,65 @@ fn host_ticks() -> (u64, u64) {
 }
 
 /// The five starts around the one made with `at - 1` already running, of `n`: `lo..hi`.
+/// `k` boots one after another, each once metald's pools are full again (`pools`: warm jails
+/// and spare networks; `None` without isolation) and the host is quiet: the boot time at the
+/// fleet's present size, apart from the stream's back-to-back load. They are deleted after,
+/// and their leftovers awaited, so the fleet is as before.
+fn settled_boots(
+    m: &Metald,
+    api: &mut Rest,
+    body: &serde_json::Value,
+    k: usize,
+    pools: Option<(usize, usize)>,
+) -> Vec<Duration> {
+    let mut times = Vec::with_capacity(k);
+    let mut ids = Vec::with_capacity(k);
+    for _ in 0..k {
+        if let Some((jails, spares)) = pools {
+            m.wait_pools_within(jails, spares, Duration::from_secs(600));
+        }
+        settle_host();
+        let t0 = Instant::now();
+        let id = api.create(body.clone());
+        api.call("POST", &format!("/v1/vms/{id}/boot"), None).ok();
+        while !m.console(&id).contains(TINY_MARKER) {
+            assert!(t0.elapsed() < Duration::from_secs(60), "{id}: no banner");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        times.push(t0.elapsed());
+        ids.push(id);
+    }
+    for id in &ids {
+        api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None)
+            .ok();
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while ids
+        .iter()
+        .any(|id| m.data_dir.join("vms").join(id).exists())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "settled boots' leftovers still there"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if let Some((jails, spares)) = pools {
+        m.wait_pools_within(jails, spares, Duration::from_secs(600));
+    }
+    settle_host();
+    times
+}
+
+/// Waits (at most 60 s, silently) until the host's CPUs are less than [`QUIET_BUSY`] % busy
+/// over half a second.
+fn settle_host() {
+    let t0 = Instant::now();
+    while host_busy(Duration::from_millis(500)) >= QUIET_BUSY
+        && t0.elapsed() < Duration::from_secs(60)
+    {}
+}
+
 fn around(at: usize, n: usize) -> (usize, usize) {
     let lo = at.saturating_sub(3).min(n - 1);
     (lo, (lo + 5).min(n))

@@ -17,7 +17,7 @@ use crate::metering::sources::Sources;
 use crate::network::ipam::AllocationPlan;
 use crate::network::{Network, NetworkError, VmNetworkPlan};
 use crate::report::Chain;
-use crate::starts::{Starting, Starts};
+use crate::starts::{Starting, Starts, Stock};
 
 /// Errors setting up a sandbox.
 #[derive(Debug, thiserror::Error)]
@@ -86,9 +86,10 @@ pub trait Isolation: Send + Sync {
     }
 
     /// Before a refill of parts made ahead of creates (spare disk copies), on a blocking
-    /// thread: waits for a moment without starts, as the sandbox pools' refills do (even with
-    /// none left: a create's own copy costs it less than a refill beside its boot).
-    fn before_refill(&self) {}
+    /// thread: waits for a moment without starts as `stock()` says, as the sandbox pools'
+    /// refills do (even with none left: a create's own copy costs it less than a refill
+    /// beside its boot).
+    fn before_refill(&self, _stock: &dyn Fn() -> Stock) {}
 
     /// How the sandboxes made ahead of boots are doing (for `/metrics`); `None` without them.
     fn pools(&self) -> Option<Pools> {
@@ -404,8 +405,11 @@ impl Isolation for Sandboxes {
         Some(self.starts.begin())
     }
 
-    fn before_refill(&self) {
-        self.starts.before_refill(false);
+    fn before_refill(&self, stock: &dyn Fn() -> Stock) {
+        self.starts.before_refill(|| match stock() {
+            Stock::Empty => Stock::Low,
+            other => other,
+        });
     }
 
     fn pools(&self) -> Option<Pools> {

@@ -34,7 +34,7 @@ use super::mntns::PreparedRoot;
 use super::{JailDevice, JailMount, VmmRun};
 use crate::report::Chain;
 use crate::spawner::{SpawnRequest, Spawner};
-use crate::starts::Starts;
+use crate::starts::{Starts, Stock};
 
 /// Most descriptors one assignment carries (stdout, stderr, namespace, cgroup files, mounts).
 pub const MAX_FDS: usize = 64;
@@ -497,7 +497,7 @@ impl Inner {
 fn fill(inner: &Inner) {
     let mut delay = Duration::ZERO;
     loop {
-        let empty = {
+        {
             let mut st = inner.lock();
             if !delay.is_zero() && !st.closed {
                 st = inner
@@ -518,10 +518,11 @@ fn fill(inner: &Inner) {
             if st.closed {
                 return;
             }
-            st.ready.is_empty()
-        };
+        }
         // Not beside a boot: its exec and mounts would slow that boot down.
-        inner.starts.before_refill(empty);
+        inner
+            .starts
+            .before_refill(|| Stock::of(inner.lock().ready.len(), inner.target));
         let t0 = std::time::Instant::now();
         match inner.start_one() {
             Ok(warm) => {

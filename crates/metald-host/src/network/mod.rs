@@ -452,7 +452,9 @@ impl Network {
             // interface work and its VMM's TAP need too.
             self.cfg
                 .starts
-                .before_refill_async(self.pool.is_empty())
+                .before_refill_async(|| {
+                    crate::starts::Stock::of(self.pool.len(), self.pool.target())
+                })
                 .await;
             let _filling = self.filling.lock().await;
             match self.make_spare().await {

@@ -95,7 +95,7 @@ impl VmService {
             std::thread::sleep(BOOT_FOLLOWS);
             // A spare must leave the disk reserve free, as a create's copy must.
             let room = |size| capacity::check_disk_room(&*probe, &vms_dir, reserve, size).is_ok();
-            spares.refill(&image, || isolation.before_refill(), room);
+            spares.refill(&image, |stock| isolation.before_refill(stock), room);
         });
     }
 

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use crate::report::Chain;
+use crate::starts::Stock;
 
 /// The name of the spares' directory in the VMs' directory (no VM id starts with a dot).
 pub const SPARE_DIR: &str = ".spare";
@@ -167,13 +168,18 @@ impl SpareDisks {
         true
     }
 
-    /// Makes spares of `image` until it has its number, each once `quiet()` returns (it waits
-    /// for a moment without starts) and while
-    /// `room(size)` says the disk can hold one more. Blocking. Ends the refill
-    /// [`SpareDisks::begin_refill`] started.
-    pub fn refill(&self, image: &SpareImage, quiet: impl Fn(), room: impl Fn(u64) -> bool) {
+    /// Makes spares of `image` until it has its number, each once `quiet(stock)` returns (it
+    /// waits for a moment without starts, as the image's stock says) and while `room(size)`
+    /// says the disk can hold one more. Blocking. Ends the refill [`SpareDisks::begin_refill`]
+    /// started.
+    pub fn refill(
+        &self,
+        image: &SpareImage,
+        quiet: impl Fn(&dyn Fn() -> Stock),
+        room: impl Fn(u64) -> bool,
+    ) {
         while let Some(name) = self.next_spare(image) {
-            quiet();
+            quiet(&|| self.stock(image));
             if !room(image.size) {
                 tracing::debug!(sha256 = %image.sha256, "no disk room for a spare disk copy");
                 break;
@@ -198,6 +204,17 @@ impl SpareDisks {
         if let Some(s) = st.images.iter_mut().find(|s| s.image == *image) {
             s.refilling = false;
         }
+    }
+
+    /// How many spares of `image` are ready against their number.
+    fn stock(&self, image: &SpareImage) -> Stock {
+        let st = self.lock();
+        let left = st
+            .images
+            .iter()
+            .find(|s| s.image == *image)
+            .map_or(0, |s| s.ready.len());
+        Stock::of(left, self.per_image)
     }
 
     /// The next spare's name; `None` when the image has its number (or is gone, or the spares
@@ -292,15 +309,10 @@ mod tests {
         assert!(spares.begin_refill(&img));
         // One refill at a time.
         assert!(!spares.begin_refill(&img));
-        let quiet_calls = std::sync::atomic::AtomicUsize::new(0);
-        spares.refill(
-            &img,
-            || {
-                quiet_calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            },
-            |_| true,
-        );
-        assert_eq!(quiet_calls.into_inner(), 2);
+        let stocks = Mutex::new(Vec::new());
+        spares.refill(&img, |stock| stocks.lock().unwrap().push(stock()), |_| true);
+        // Each copy waited as its stock said: none ready of two, then one.
+        assert_eq!(stocks.into_inner().unwrap(), [Stock::Empty, Stock::Low]);
         assert_eq!(spares.ready(), 2);
         assert_eq!(spares_in(tmp.path()).len(), 2);
         let dst = vm.join("rootfs.img");
@@ -325,7 +337,7 @@ mod tests {
         spares.sweep().unwrap();
         let img = image(tmp.path(), "a", b"image a");
         assert!(spares.begin_refill(&img));
-        spares.refill(&img, || {}, |_| true);
+        spares.refill(&img, |_| {}, |_| true);
         // The same id imported again with other content is another image.
         let again = SpareImage {
             sha256: format!("{:0>64}", "b"),
@@ -338,7 +350,7 @@ mod tests {
         assert!(!spares.begin_refill(&big));
         let c = image(tmp.path(), "c", b"image c");
         assert!(spares.begin_refill(&c));
-        spares.refill(&c, || {}, |_| false);
+        spares.refill(&c, |_| {}, |_| false);
         assert!(spares.take(&c, &dst).is_none());
         assert_eq!(spares.ready(), 1);
         // Turned off: nothing at all, not even the directory.
@@ -365,7 +377,7 @@ mod tests {
             .collect();
         for img in &images {
             assert!(spares.begin_refill(img));
-            spares.refill(img, || {}, |_| true);
+            spares.refill(img, |_| {}, |_| true);
         }
         assert_eq!(spares.ready(), MAX_IMAGES);
         assert_eq!(spares_in(tmp.path()).len(), MAX_IMAGES);

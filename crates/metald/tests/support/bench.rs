@@ -12,21 +12,35 @@ pub fn env_num<T: std::str::FromStr>(name: &str, default: T) -> T {
 
 /// Prints one benchmark table row: median, min and max in milliseconds.
 pub fn row(name: &str, samples: &[Duration]) {
-    let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
-    ms.sort_by(f64::total_cmp);
+    let ms = sorted_ms(samples);
     if ms.is_empty() {
         // A row whose runs were turned off (e.g. `BENCH_QEMU_RUNS=0`).
         println!("| {name:<53} | {:>9} | {:>6} | {:>6} |", "-", "-", "-");
         return;
     }
-    let median = if ms.len() % 2 == 1 {
-        ms[ms.len() / 2]
-    } else {
-        (ms[ms.len() / 2 - 1] + ms[ms.len() / 2]) / 2.0
-    };
     println!(
-        "| {name:<53} | {median:>9.1} | {:>6.1} | {:>6.1} |",
+        "| {name:<53} | {:>9.1} | {:>6.1} | {:>6.1} |",
+        median_of(&ms),
         ms[0],
         ms[ms.len() - 1]
     );
+}
+
+/// The median of `samples` in milliseconds (0 for none).
+pub fn median_ms(samples: &[Duration]) -> f64 {
+    median_of(&sorted_ms(samples))
+}
+
+fn sorted_ms(samples: &[Duration]) -> Vec<f64> {
+    let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+    ms.sort_by(f64::total_cmp);
+    ms
+}
+
+fn median_of(sorted: &[f64]) -> f64 {
+    match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
 }

@@ -790,8 +790,13 @@ impl Metald {
     /// Waits until `/metrics` shows `warm_jails` warm jails and `spares` spare networks ready
     /// (panics with metald's log after 20 s).
     pub fn wait_pools(&self, warm_jails: usize, spares: usize) {
+        self.wait_pools_within(warm_jails, spares, Duration::from_secs(20));
+    }
+
+    /// [`Metald::wait_pools`], panicking after `limit`.
+    pub fn wait_pools_within(&self, warm_jails: usize, spares: usize, limit: Duration) {
         let want = (Some(warm_jails as f64), Some(spares as f64));
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + limit;
         while (
             self.metric("metald_warm_jails"),
             self.metric("metald_spare_networks"),
