@@ -126,14 +126,7 @@ impl Starting {
     /// Ends the start's [`Phase::Locks`] (once; later calls change nothing).
     fn leave_locks(&mut self) {
         if std::mem::take(&mut self.in_locks) {
-            let mut st = self.starts.lock();
-            st.in_flight = st.in_flight.saturating_sub(1);
-            st.last_end = Some(Instant::now());
-            let quiet = st.in_flight == 0;
-            drop(st);
-            if quiet {
-                self.starts.wake();
-            }
+            self.starts.end(Phase::Locks);
         }
     }
 }
@@ -166,9 +159,27 @@ impl Starts {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn wake(&self) {
-        self.quiet.notify_all();
-        self.quiet_async.notify_waiters();
+    /// One start's `phase` ended: wakes the refills when it was the last one in it.
+    fn end(&self, phase: Phase) {
+        let mut st = self.lock();
+        let now = Some(Instant::now());
+        let left = match phase {
+            Phase::Locks => {
+                st.last_end = now;
+                st.in_flight = st.in_flight.saturating_sub(1);
+                st.in_flight
+            }
+            Phase::Whole => {
+                st.last_done = now;
+                st.running = st.running.saturating_sub(1);
+                st.running
+            }
+        };
+        drop(st);
+        if left == 0 {
+            self.quiet.notify_all();
+            self.quiet_async.notify_waiters();
+        }
     }
 
     /// Before a pool's refill: waits as its [`Stock`] (`stock()`, looked at again while it
@@ -354,14 +365,7 @@ impl Eq for Starts {}
 impl Drop for Starting {
     fn drop(&mut self) {
         self.leave_locks();
-        let mut st = self.starts.lock();
-        st.running = st.running.saturating_sub(1);
-        st.last_done = Some(Instant::now());
-        let quiet = st.running == 0;
-        drop(st);
-        if quiet {
-            self.starts.wake();
-        }
+        self.starts.end(Phase::Whole);
     }
 }
 

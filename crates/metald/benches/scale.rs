@@ -140,7 +140,7 @@ fn main() {
     let (mut settled_time, mut settled_cpu) = (Duration::ZERO, CpuSpent::default());
     let t_all = Instant::now();
     let cpu_all = CpuMark::now(m.pid().unwrap());
-    for _ in 0..n {
+    loop {
         if settled_k > 0 && [1usize, 100, 500, n].contains(&ids.len()) {
             let (t0, cpu) = (Instant::now(), CpuMark::now(m.pid().unwrap()));
             let times = settled_boots(&m, &mut api, &body, settled_k, pools);
@@ -148,27 +148,15 @@ fn main() {
             settled_time += t0.elapsed();
             settled_cpu = settled_cpu.plus(cpu.since());
         }
-        let t0 = Instant::now();
-        let id = api.create(body.clone());
-        api.call("POST", &format!("/v1/vms/{id}/boot"), None).ok();
-        // The console file, read as the bare runs below read theirs: polling it through the
-        // API every millisecond would cost metald CPU the bare VMMs never pay.
-        while !m.console(&id).contains(TINY_MARKER) {
-            assert!(t0.elapsed() < Duration::from_secs(60), "{id}: no banner");
-            std::thread::sleep(Duration::from_millis(1));
+        if ids.len() == n {
+            break;
         }
-        boots.push(t0.elapsed());
+        let (id, took) = boot_to_banner(&m, &mut api, &body);
+        boots.push(took);
         ids.push(id);
         if let Some(fleet) = paired.as_mut() {
             paired_bare.push(fleet.start_one());
         }
-    }
-    if settled_k > 0 {
-        let (t0, cpu) = (Instant::now(), CpuMark::now(m.pid().unwrap()));
-        let times = settled_boots(&m, &mut api, &body, settled_k, pools);
-        settled.push((ids.len(), times));
-        settled_time += t0.elapsed();
-        settled_cpu = settled_cpu.plus(cpu.since());
     }
     // Paired, the bare starts between the boots are not metald's time; nor are the settled
     // boots.
@@ -677,6 +665,21 @@ fn host_ticks() -> (u64, u64) {
 }
 
 /// The five starts around the one made with `at - 1` already running, of `n`: `lo..hi`.
+/// Creates and boots a VM through metald and waits for its banner: its id and how long that
+/// took.
+fn boot_to_banner(m: &Metald, api: &mut Rest, body: &serde_json::Value) -> (String, Duration) {
+    let t0 = Instant::now();
+    let id = api.create(body.clone());
+    api.call("POST", &format!("/v1/vms/{id}/boot"), None).ok();
+    // The console file, read as the bare runs below read theirs: polling it through the API
+    // every millisecond would cost metald CPU the bare VMMs never pay.
+    while !m.console(&id).contains(TINY_MARKER) {
+        assert!(t0.elapsed() < Duration::from_secs(60), "{id}: no banner");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    (id, t0.elapsed())
+}
+
 /// `k` boots one after another, each once metald's pools are full again (`pools`: warm jails
 /// and spare networks; `None` without isolation) and the host is quiet: the boot time at the
 /// fleet's present size, apart from the stream's back-to-back load. They are deleted after,
@@ -695,14 +698,8 @@ fn settled_boots(
             m.wait_pools_within(jails, spares, Duration::from_secs(600));
         }
         settle_host();
-        let t0 = Instant::now();
-        let id = api.create(body.clone());
-        api.call("POST", &format!("/v1/vms/{id}/boot"), None).ok();
-        while !m.console(&id).contains(TINY_MARKER) {
-            assert!(t0.elapsed() < Duration::from_secs(60), "{id}: no banner");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        times.push(t0.elapsed());
+        let (id, took) = boot_to_banner(m, api, body);
+        times.push(took);
         ids.push(id);
     }
     for id in &ids {
