@@ -123,16 +123,7 @@ fn firecracker_rows(fc: &Path, runs: usize) {
         Rest::new(&cold, Some("bench")).keep_alive(),
     );
     let boot = |m: &Metald, api: &Rest, warm_jails: usize| {
-        let t0 = Instant::now();
-        let id = api.create(body.clone());
-        api.call("POST", &format!("/v1/vms/{id}/boot"), None).ok();
-        // The console file, read as the bare runs read theirs: polling GetVmConsole every
-        // millisecond would spend metald's CPU (on 2 cores) that the bare VMM never pays.
-        while !m.console(&id).contains(TINY_MARKER) {
-            assert!(t0.elapsed() < Duration::from_secs(30), "{id}: no banner");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let took = t0.elapsed();
+        let (id, took) = m.boot_to_banner(api, &body, Duration::from_secs(30));
         api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None)
             .ok();
         // Each boot on a host at rest, as a single start is: the pools' refills (a namespace,

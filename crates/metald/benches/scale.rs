@@ -143,7 +143,7 @@ fn main() {
     loop {
         if settled_k > 0 && [1usize, 100, 500, n].contains(&ids.len()) {
             let (t0, cpu) = (Instant::now(), CpuMark::now(m.pid().unwrap()));
-            let times = settled_boots(&m, &mut api, &body, settled_k, pools);
+            let times = settled_boots(&m, &api, &body, settled_k, pools);
             settled.push((ids.len(), times));
             settled_time += t0.elapsed();
             settled_cpu = settled_cpu.plus(cpu.since());
@@ -151,7 +151,7 @@ fn main() {
         if ids.len() == n {
             break;
         }
-        let (id, took) = boot_to_banner(&m, &mut api, &body);
+        let (id, took) = m.boot_to_banner(&api, &body, Duration::from_secs(60));
         boots.push(took);
         ids.push(id);
         if let Some(fleet) = paired.as_mut() {
@@ -664,29 +664,13 @@ fn host_ticks() -> (u64, u64) {
     (v.iter().take(8).sum(), idle)
 }
 
-/// The five starts around the one made with `at - 1` already running, of `n`: `lo..hi`.
-/// Creates and boots a VM through metald and waits for its banner: its id and how long that
-/// took.
-fn boot_to_banner(m: &Metald, api: &mut Rest, body: &serde_json::Value) -> (String, Duration) {
-    let t0 = Instant::now();
-    let id = api.create(body.clone());
-    api.call("POST", &format!("/v1/vms/{id}/boot"), None).ok();
-    // The console file, read as the bare runs below read theirs: polling it through the API
-    // every millisecond would cost metald CPU the bare VMMs never pay.
-    while !m.console(&id).contains(TINY_MARKER) {
-        assert!(t0.elapsed() < Duration::from_secs(60), "{id}: no banner");
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    (id, t0.elapsed())
-}
-
 /// `k` boots one after another, each once metald's pools are full again (`pools`: warm jails
 /// and spare networks; `None` without isolation) and the host is quiet: the boot time at the
 /// fleet's present size, apart from the stream's back-to-back load. They are deleted after,
 /// and their leftovers awaited, so the fleet is as before.
 fn settled_boots(
     m: &Metald,
-    api: &mut Rest,
+    api: &Rest,
     body: &serde_json::Value,
     k: usize,
     pools: Option<(usize, usize)>,
@@ -698,7 +682,7 @@ fn settled_boots(
             m.wait_pools_within(jails, spares, Duration::from_secs(600));
         }
         settle_host();
-        let (id, took) = boot_to_banner(m, api, body);
+        let (id, took) = m.boot_to_banner(api, body, Duration::from_secs(60));
         times.push(took);
         ids.push(id);
     }
@@ -733,6 +717,7 @@ fn settle_host() {
     {}
 }
 
+/// The five starts around the one made with `at - 1` already running, of `n`: `lo..hi`.
 fn around(at: usize, n: usize) -> (usize, usize) {
     let lo = at.saturating_sub(3).min(n - 1);
     (lo, (lo + 5).min(n))
