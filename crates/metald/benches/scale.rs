@@ -546,14 +546,21 @@ fn print_steps(log: &str, ids: &[String]) {
 /// phase started beside that measures the teardown too.
 fn wait_host_quiet(before: &str) {
     let t0 = Instant::now();
+    let busy = quiet_host(Duration::from_secs(1), Duration::from_secs(300));
+    println!(
+        "host {busy:.1} % busy after {:.0} s of waiting, before {before}",
+        t0.elapsed().as_secs_f64()
+    );
+}
+
+/// Measures the host's busy % over `window` until it is below [`QUIET_BUSY`] or `max` has
+/// passed; the last measure.
+fn quiet_host(window: Duration, max: Duration) -> f64 {
+    let t0 = Instant::now();
     loop {
-        let busy = host_busy(Duration::from_secs(1));
-        if busy < QUIET_BUSY || t0.elapsed() > Duration::from_secs(300) {
-            println!(
-                "host {busy:.1} % busy after {:.0} s of waiting, before {before}",
-                t0.elapsed().as_secs_f64()
-            );
-            return;
+        let busy = host_busy(window);
+        if busy < QUIET_BUSY || t0.elapsed() > max {
+            return busy;
         }
     }
 }
@@ -690,16 +697,8 @@ fn settled_boots(
         api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None)
             .ok();
     }
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while ids
-        .iter()
-        .any(|id| m.data_dir.join("vms").join(id).exists())
-    {
-        assert!(
-            Instant::now() < deadline,
-            "settled boots' leftovers still there"
-        );
-        std::thread::sleep(Duration::from_millis(50));
+    for id in &ids {
+        m.wait_vm_dir_gone(id);
     }
     if let Some((jails, spares)) = pools {
         m.wait_pools_within(jails, spares, Duration::from_secs(600));
@@ -711,10 +710,7 @@ fn settled_boots(
 /// Waits (at most 60 s, silently) until the host's CPUs are less than [`QUIET_BUSY`] % busy
 /// over half a second.
 fn settle_host() {
-    let t0 = Instant::now();
-    while host_busy(Duration::from_millis(500)) >= QUIET_BUSY
-        && t0.elapsed() < Duration::from_secs(60)
-    {}
+    quiet_host(Duration::from_millis(500), Duration::from_secs(60));
 }
 
 /// The five starts around the one made with `at - 1` already running, of `n`: `lo..hi`.
