@@ -7,10 +7,12 @@
 //! the totals, the host's CPU time while each phase booted, and metald's memory per running
 //! VM. metald's run directory is a tmpfs, as `/run` is on a systemd host (in a mount namespace
 //! of the bench's own). The boots begin once metald's pools are full and the host is quiet.
-//! At 1, 100, 500 and the last number of VMs running, `BENCH_SETTLED` boots (default 20; 0:
+//! At 1, 100, 500 and the last number of VMs running, `BENCH_SETTLED` boots (default 30; 0:
 //! none) are made one at a time, each with the pools full again and the host quiet, and
 //! deleted after: the boot time at that fleet size apart from the stream's back-to-back load
-//! (their time and CPU are not counted in the stream's).
+//! (their time and CPU are not counted in the stream's). Each is paired with a bare
+//! Firecracker started the same way beside the same fleet once the host is quiet again: the
+//! host's own growth with the VMs running shows in the bare ones, metald's in the difference.
 //!
 //! `cargo bench -p metald --bench scale` (root, a Firecracker binary, /dev/kvm). Not in
 //! `make bench`: it holds `BENCH_SCALE_VMS` VMs (about 4.3 MB each) at once.
@@ -51,7 +53,7 @@ fn main() {
     let mut run_tmpfs = None;
     let mut builder = metald_with_backend("firecracker");
     let unisolated = env_num::<u8>("BENCH_UNISOLATED", 0) == 1;
-    let settled_k = env_num::<usize>("BENCH_SETTLED", 20);
+    let settled_k = env_num::<usize>("BENCH_SETTLED", 30);
     let (warm_jails, warm_pool) = (
         env_num::<usize>("BENCH_WARM_JAILS", 2),
         env_num::<usize>("BENCH_WARM_POOL", 4),
@@ -136,15 +138,18 @@ fn main() {
     // Boots on a settled host at a few fleet sizes, between the stream's boots (their time
     // and CPU are not the stream's).
     let pools = (!unisolated).then_some((warm_jails, warm_pool));
-    let mut settled: Vec<(usize, Vec<Duration>)> = Vec::new();
+    let mut settled: Vec<Settled> = Vec::new();
     let (mut settled_time, mut settled_cpu) = (Duration::ZERO, CpuSpent::default());
     let t_all = Instant::now();
     let cpu_all = CpuMark::now(m.pid().unwrap());
     loop {
         if settled_k > 0 && [1usize, 100, 500, n].contains(&ids.len()) {
             let (t0, cpu) = (Instant::now(), CpuMark::now(m.pid().unwrap()));
-            let times = settled_boots(&m, &api, &body, settled_k, pools);
-            settled.push((ids.len(), times));
+            let at = settled_boots(&m, &api, &body, settled_k, pools, &fc);
+            settled.push(Settled {
+                running: ids.len(),
+                ..at
+            });
             settled_time += t0.elapsed();
             settled_cpu = settled_cpu.plus(cpu.since());
         }
@@ -244,22 +249,6 @@ fn main() {
         "| CreateVm + BootVm -> banner, median of each 100 boots | {} |",
         hundred_medians(&boots)
     );
-    if !settled.is_empty() {
-        println!();
-        println!("| CreateVm + BootVm -> banner, one at a time on a settled host (pools full, host quiet) | median ms | min ms | max ms |");
-        println!("|---|---|---|---|");
-        for (running, times) in &settled {
-            row(&format!("settled, {running} running"), times);
-        }
-        let medians: Vec<f64> = settled.iter().map(|(_, t)| median_ms(t)).collect();
-        let (lo, hi) = medians
-            .iter()
-            .fold((f64::MAX, 0.0f64), |(lo, hi), m| (lo.min(*m), hi.max(*m)));
-        println!(
-            "settled boots: the highest median {:.0} % above the lowest",
-            100.0 * (hi - lo) / lo
-        );
-    }
     for at in [1usize, 500, 1000].into_iter().filter(|at| *at <= n) {
         let (lo, hi) = around(at, n);
         row(
@@ -275,11 +264,13 @@ fn main() {
         .lines()
         .filter(|l| l.contains("VMM started in a warm jail"))
         .count();
-    let all_boots = n + settled.iter().map(|(_, t)| t.len()).sum::<usize>();
+    let all_boots = n + settled.iter().map(|s| s.jailed.len()).sum::<usize>();
     println!(
         "boots whose VMM started in a warm jail: {warm} of {all_boots} (the settled ones too)"
     );
-    print_steps(&log, &ids);
+    let steps = step_values(&log);
+    print_steps(&steps, &ids);
+    print_settled(&settled, &steps);
     println!();
     println!("| bare Firecracker, same run (all {n}), step | median ms | min ms | max ms |");
     println!("|---|---|---|---|");
@@ -485,12 +476,12 @@ const STEPS: &[(&str, &str, &str)] = &[
     ),
 ];
 
-/// Prints the median of each step of a start and a delete for each hundred VMs in the order
-/// they were booted, from metald's own log lines (the per-step profile of issue 14).
-fn print_steps(log: &str, ids: &[String]) {
-    use std::collections::HashMap;
-    // (vm id, message, field) -> ms
-    let mut seen: HashMap<(String, &str, &str), f64> = HashMap::new();
+/// Each step's value per VM from metald's own log lines: (vm id, message, field) -> ms.
+type StepValues<'a> = std::collections::HashMap<(String, &'a str, &'a str), f64>;
+
+/// Reads the [`STEPS`] of every VM from metald's log.
+fn step_values(log: &str) -> StepValues<'static> {
+    let mut seen = StepValues::new();
     for line in log.lines() {
         for (msg, field, _) in STEPS {
             if !line.contains(&format!(" {msg} ")) && !line.ends_with(msg) {
@@ -513,6 +504,12 @@ fn print_steps(log: &str, ids: &[String]) {
             }
         }
     }
+    seen
+}
+
+/// Prints the median of each step of a start and a delete for each hundred VMs in the order
+/// they were booted, from metald's own log lines (the per-step profile of issue 14).
+fn print_steps(seen: &StepValues, ids: &[String]) {
     // Medians of each hundred boots: the five around a count vary too much to show a trend
     // (a step flat at 8-9 ms per hundred read 8.4 → 10.9 ms from five).
     let chunks: Vec<&[String]> = ids.chunks(100).collect();
@@ -538,6 +535,69 @@ fn print_steps(log: &str, ids: &[String]) {
         }
         println!("|");
     }
+}
+
+/// Prints the settled boots beside their paired bare starts at each fleet size, and how far
+/// each measure's highest is above its lowest (the flatness target of issue 14).
+fn print_settled(settled: &[Settled], steps: &StepValues) {
+    if settled.is_empty() {
+        return;
+    }
+    let ms = |d: &Duration| d.as_secs_f64() * 1000.0;
+    let k = settled[0].jailed.len();
+    println!();
+    println!("| {k} at a time, settled host (pools full, host quiet), ms | metald median | mean | bare median | mean | metald - bare (median of pairs) | metald's InstanceStart | bare's |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let mut columns: [Vec<f64>; 5] = Default::default();
+    for s in settled {
+        let diffs: Vec<f64> = s
+            .jailed
+            .iter()
+            .zip(&s.bare)
+            .map(|(j, b)| ms(j) - ms(b))
+            .collect();
+        let instance_start: Vec<f64> = s
+            .ids
+            .iter()
+            .filter_map(|id| {
+                steps
+                    .get(&(id.clone(), "firecracker started", "instance_start_ms"))
+                    .copied()
+            })
+            .collect();
+        let row = [
+            median_ms(&s.jailed),
+            mean_ms(&s.jailed),
+            median_ms(&s.bare),
+            mean_ms(&s.bare),
+            median(&diffs),
+        ];
+        println!(
+            "| {} running | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            s.running,
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            row[4],
+            median(&instance_start),
+            median_ms(&s.bare_instance_start),
+        );
+        for (c, v) in columns.iter_mut().zip(row) {
+            c.push(v);
+        }
+    }
+    // The host's own growth shows in the bare columns; metald's in the difference.
+    let [jailed_median, jailed_mean, bare_median, bare_mean, diff] = &columns;
+    println!(
+        "settled, highest above lowest: metald median {:.0} %, mean {:.0} %; bare median {:.0} %, mean {:.0} %; metald - bare from {:.1} to {:.1} ms",
+        spread_percent(jailed_median),
+        spread_percent(jailed_mean),
+        spread_percent(bare_median),
+        spread_percent(bare_mean),
+        diff.iter().copied().fold(f64::MAX, f64::min),
+        diff.iter().copied().fold(f64::MIN, f64::max),
+    );
 }
 
 /// Waits (at most 5 min) until the host's CPUs are less than [`QUIET_BUSY`] % busy over a
@@ -671,18 +731,39 @@ fn host_ticks() -> (u64, u64) {
     (v.iter().take(8).sum(), idle)
 }
 
+/// Boots on a settled host at one fleet size, each paired with a bare Firecracker started
+/// the same way right after it.
+struct Settled {
+    /// VMs running through metald meanwhile.
+    running: usize,
+    /// The boots' VM ids.
+    ids: Vec<String>,
+    /// Each boot: CreateVm + BootVm -> banner.
+    jailed: Vec<Duration>,
+    /// Each bare start: spawn -> banner.
+    bare: Vec<Duration>,
+    /// Each bare start's `InstanceStart`.
+    bare_instance_start: Vec<Duration>,
+}
+
 /// `k` boots one after another, each once metald's pools are full again (`pools`: warm jails
 /// and spare networks; `None` without isolation) and the host is quiet: the boot time at the
-/// fleet's present size, apart from the stream's back-to-back load. They are deleted after,
-/// and their leftovers awaited, so the fleet is as before.
+/// fleet's present size, apart from the stream's back-to-back load. After each, once the host
+/// is quiet again, a bare Firecracker starts the same way beside the same fleet: whatever the
+/// host adds at this size (its kernel's work per running VM, the tick a wait lands on) it
+/// adds to both, and their difference is metald's own. All are ended after, and the boots'
+/// leftovers awaited, so the fleet is as before.
 fn settled_boots(
     m: &Metald,
     api: &Rest,
     body: &serde_json::Value,
     k: usize,
     pools: Option<(usize, usize)>,
-) -> Vec<Duration> {
-    let mut times = Vec::with_capacity(k);
+    fc: &Path,
+) -> Settled {
+    let mut bare = BareFleet::new(fc, &m.data_dir, k);
+    let mut jailed = Vec::with_capacity(k);
+    let mut bare_times = Vec::with_capacity(k);
     let mut ids = Vec::with_capacity(k);
     for _ in 0..k {
         if let Some((jails, spares)) = pools {
@@ -690,9 +771,12 @@ fn settled_boots(
         }
         settle_host();
         let (id, took) = m.boot_to_banner(api, body, Duration::from_secs(60));
-        times.push(took);
+        jailed.push(took);
         ids.push(id);
+        settle_host();
+        bare_times.push(bare.start_one());
     }
+    let [_, _, _, bare_instance_start] = bare.stop();
     for id in &ids {
         api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None)
             .ok();
@@ -704,7 +788,13 @@ fn settled_boots(
         m.wait_pools_within(jails, spares, Duration::from_secs(600));
     }
     settle_host();
-    times
+    Settled {
+        running: 0,
+        ids,
+        jailed,
+        bare: bare_times,
+        bare_instance_start,
+    }
 }
 
 /// Waits (at most 60 s, silently) until the host's CPUs are less than [`QUIET_BUSY`] % busy

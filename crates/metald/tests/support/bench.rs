@@ -31,6 +31,27 @@ pub fn median_ms(samples: &[Duration]) -> f64 {
     median_of(&sorted_ms(samples))
 }
 
+/// The mean of `samples` in milliseconds (0 for none).
+pub fn mean_ms(samples: &[Duration]) -> f64 {
+    let ms = sorted_ms(samples);
+    ms.iter().sum::<f64>() / (ms.len().max(1) as f64)
+}
+
+/// The median of `values` (0 for none).
+pub fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    median_of(&v)
+}
+
+/// How far the highest of `values` is above the lowest, in percent of the lowest.
+pub fn spread_percent(values: &[f64]) -> f64 {
+    let (lo, hi) = values
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
+    100.0 * (hi - lo) / lo
+}
+
 fn sorted_ms(samples: &[Duration]) -> Vec<f64> {
     let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
     ms.sort_by(f64::total_cmp);
