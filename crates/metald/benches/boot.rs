@@ -138,7 +138,7 @@ fn firecracker_rows(fc: &Path, runs: usize) {
     let (mut via_warm, mut via_cold, mut bare) = (vec![], vec![], vec![]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     for _ in 0..runs {
-        via_warm.push(boot(&warm, &warm_api, 2));
+        via_warm.push(boot(&warm, &warm_api, metald::config::DEFAULT_WARM_JAILS));
         via_cold.push(boot(&cold, &cold_api, 0));
         bare.push(rt.block_on(bare_firecracker(fc, &warm.data_dir)));
     }

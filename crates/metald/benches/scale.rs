@@ -16,7 +16,7 @@
 //!
 //! `cargo bench -p metald --bench scale` (root, a Firecracker binary, /dev/kvm). Not in
 //! `make bench`: it holds `BENCH_SCALE_VMS` VMs (about 4.3 MB each) at once.
-//! `BENCH_WARM_JAILS=n` sets metald's `UNKEY_METALD_WARM_JAILS` (default 2; 0 builds every jail at its boot),
+//! `BENCH_WARM_JAILS=n` sets metald's `UNKEY_METALD_WARM_JAILS` (default metald's, 3; 0 builds every jail at its boot),
 //! `BENCH_WARM_POOL=n` its `UNKEY_METALD_WARM_POOL` (default 4; 0 makes every network at its boot),
 //! `BENCH_WARM_DISKS=n` its `UNKEY_METALD_WARM_DISKS` (default 2; 0 copies every disk at its create).
 //! `BENCH_METRICS_INTERVAL_MS=n` its `UNKEY_METALD_METRICS_INTERVAL` (default 100).
@@ -55,7 +55,7 @@ fn main() {
     let unisolated = env_num::<u8>("BENCH_UNISOLATED", 0) == 1;
     let settled_k = env_num::<usize>("BENCH_SETTLED", 30);
     let (warm_jails, warm_pool) = (
-        env_num::<usize>("BENCH_WARM_JAILS", 2),
+        env_num::<usize>("BENCH_WARM_JAILS", metald::config::DEFAULT_WARM_JAILS),
         env_num::<usize>("BENCH_WARM_POOL", 4),
     );
     if unisolated {

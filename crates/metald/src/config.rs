@@ -306,6 +306,13 @@ pub struct ConfigError {
     pub allowed: String,
 }
 
+/// Warm jails kept by default (`UNKEY_METALD_WARM_JAILS`). Each is a waiting process of about
+/// 1 MB with its own small tmpfs root. Three, so that one boot leaves the pool more than half
+/// full: its refill then waits until no start runs, where with two it ran beside the boot's
+/// `InstanceStart` and made it about 1.3 ms longer than a bare Firecracker's (the scale bench's
+/// settled boots, `crates/metald-host/src/starts.rs`).
+pub const DEFAULT_WARM_JAILS: usize = 3;
+
 /// Longest data directory path: VM control sockets live at
 /// `<data dir>/vms/vm-<uuid>/control.sock` and a Unix socket path has at most 107 bytes.
 pub const MAX_DATA_DIR_LEN: usize = crate::backend::MAX_SOCKET_PATH
@@ -960,10 +967,9 @@ fn isolation_config(env: &Env<'_>) -> Result<IsolationConfig, ConfigError> {
         4,
         crate::network::pool::MAX_WARM_POOL,
     )?;
-    // Each is a waiting process of about 1 MB with its own small tmpfs root.
     let warm_jails = env.pool_size(
         "UNKEY_METALD_WARM_JAILS",
-        2,
+        DEFAULT_WARM_JAILS,
         metald_host::jailer::warm::MAX_WARM_JAILS,
     )?;
     for (n, base) in [

@@ -423,8 +423,8 @@ fn the_warm_pools_are_taken_by_boots_refilled_swept_after_a_kill_and_removed_at_
         .env("UNKEY_METALD_WARM_POOL", "3")
         .start_with(Metald::import_tiny_guest);
     let before = wait_spares(&m, 3);
-    // Both pools full (2 warm jails by default), as /metrics shows them.
-    m.wait_pools(2, 3);
+    // Both pools full (metald's default warm jails), as /metrics shows them.
+    m.wait_pools(metald::config::DEFAULT_WARM_JAILS, 3);
     let api = Rest::new(&m, Some("pool"));
     let id = api.create(tiny_request(1));
     api.boot_ready(&id);
@@ -437,7 +437,7 @@ fn the_warm_pools_are_taken_by_boots_refilled_swept_after_a_kill_and_removed_at_
         m.metric("metald_jail_starts_total{kind=\"at_boot\"}"),
         Some(0.0)
     );
-    m.wait_pools(2, 3);
+    m.wait_pools(metald::config::DEFAULT_WARM_JAILS, 3);
     let iso = m.iso.as_ref().unwrap();
     let pin = iso.run_dir.join("netns").join(&id);
     let ino = {
@@ -529,7 +529,7 @@ fn warm_jails_run_the_firecracker_on_disk_once_it_is_replaced() {
         .env("UNKEY_METALD_WARM_POOL", "1")
         .env("UNKEY_METALD_LOG", "info,metald_host::jailer=debug")
         .start_with(Metald::import_tiny_guest);
-    m.wait_pools(2, 1);
+    m.wait_pools(metald::config::DEFAULT_WARM_JAILS, 1);
     assert!(
         m.log_text().contains("warm jails' root prepared"),
         "{}",
@@ -555,7 +555,7 @@ fn warm_jails_run_the_firecracker_on_disk_once_it_is_replaced() {
         assert!(std::time::Instant::now() < deadline, "{}", m.log_text());
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    m.wait_pools(2, 1);
+    m.wait_pools(metald::config::DEFAULT_WARM_JAILS, 1);
     let second = api.create(tiny_request(2));
     assert_eq!(exe(&second), new, "{}", m.log_text());
     assert_eq!(
