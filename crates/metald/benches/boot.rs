@@ -171,7 +171,7 @@ async fn bare_firecracker(fc: &Path, assets: &Path) -> Duration {
     boot_bare_tiny(&api, &assets.join("tiny.elf"), &assets.join("tiny.img")).await;
     while !std::fs::read_to_string(&console).is_ok_and(|c| c.contains(TINY_MARKER)) {
         assert!(t0.elapsed() < Duration::from_secs(30));
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        std::thread::sleep(BANNER_POLL);
     }
     let took = t0.elapsed();
     let _ = child.kill();

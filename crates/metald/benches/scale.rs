@@ -901,7 +901,7 @@ impl BareFleet {
             steps[3].push(instance_start);
             let t = Instant::now();
             while !std::fs::read_to_string(&console).is_ok_and(|c| c.contains(TINY_MARKER)) {
-                tokio::time::sleep(Duration::from_millis(1)).await;
+                std::thread::sleep(BANNER_POLL);
             }
             steps[2].push(t.elapsed());
         });

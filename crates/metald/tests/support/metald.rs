@@ -832,7 +832,7 @@ impl Metald {
         api.call("POST", &format!("/v1/vms/{id}/boot"), None).ok();
         while !self.console(&id).contains(TINY_MARKER) {
             assert!(t0.elapsed() < limit, "{id}: no banner");
-            std::thread::sleep(Duration::from_millis(1));
+            std::thread::sleep(BANNER_POLL);
         }
         (id, t0.elapsed())
     }

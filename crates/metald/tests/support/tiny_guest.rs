@@ -8,6 +8,10 @@ use super::*;
 /// Banner the tiny guest prints on its serial port.
 pub const TINY_MARKER: &str = "METALD_TINY_GUEST_READY";
 
+/// How often a bench reads a console file for the banner: well under the steps it times (a
+/// thread's sleep; tokio's timer would round it up to whole milliseconds).
+pub const BANNER_POLL: Duration = Duration::from_micros(250);
+
 /// Where the ELF's single segment is loaded and run: Firecracker's loader wants the entry at or
 /// above 1 MiB and loads segments at their physical address.
 const LOAD_ADDR: u64 = 0x10_0000;
