@@ -751,8 +751,9 @@ struct Settled {
 /// fleet's present size, apart from the stream's back-to-back load. After each, once the host
 /// is quiet again, a bare Firecracker starts the same way beside the same fleet: whatever the
 /// host adds at this size (its kernel's work per running VM, the tick a wait lands on) it
-/// adds to both, and their difference is metald's own. All are ended after, and the boots'
-/// leftovers awaited, so the fleet is as before.
+/// adds to both, and their difference is metald's own. All run until the last of them is
+/// done (a size's 1 running is up to 2k VMMs by its end); then they are ended, and the
+/// boots' leftovers awaited, so the fleet is as before.
 fn settled_boots(
     m: &Metald,
     api: &Rest,
