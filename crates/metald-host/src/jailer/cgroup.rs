@@ -111,8 +111,9 @@ impl Cgroups {
         &self.hierarchy
     }
 
-    /// The parent directories, one per hierarchy in use.
-    fn parents(&self) -> Vec<PathBuf> {
+    /// The parent directories, one per hierarchy in use (on v1 the accounting ones too, where
+    /// mounted).
+    pub fn parents(&self) -> Vec<PathBuf> {
         match &self.hierarchy {
             Hierarchy::V2(root) => vec![root.join(&self.parent)],
             Hierarchy::V1(root) => V1_CONTROLLERS

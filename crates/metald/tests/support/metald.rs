@@ -604,17 +604,13 @@ pub fn is_metalds_own(at: &str) -> bool {
 }
 
 impl Isolated {
-    /// The parent cgroup directories of this metald's VMs.
+    /// The parent cgroup directories of this metald's VMs, in every hierarchy metald makes
+    /// them in (on v1 the accounting ones, `cpuacct` and `blkio`, too: leaving those out
+    /// left a parent in each of them after every test).
     pub fn cgroup_dirs(&self) -> Vec<PathBuf> {
-        let root = Path::new("/sys/fs/cgroup");
-        if root.join("cgroup.controllers").exists() {
-            vec![root.join(&self.cgroup_parent)]
-        } else {
-            ["cpu", "memory", "pids"]
-                .iter()
-                .map(|c| root.join(c).join(&self.cgroup_parent))
-                .collect()
-        }
+        ::metald::jailer::cgroup::Cgroups::detect(Path::new("/sys/fs/cgroup"), &self.cgroup_parent)
+            .map(|c| c.parents())
+            .unwrap_or_default()
     }
 
     /// Removes whatever a (failed) test left: namespace pins, cgroups, jail directories. The
