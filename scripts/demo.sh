@@ -39,7 +39,8 @@ teardown() {
 	fi
 	pkill -KILL -f -- "$data/" 2>/dev/null || true
 	for f in "$data"/run/netns/*; do [ -e "$f" ] && umount -l "$f" 2>/dev/null; done
-	for c in /sys/fs/cgroup/metald-demo /sys/fs/cgroup/{cpu,memory,pids}/metald-demo; do
+	# Every hierarchy metald makes its parent in (v2, or v1 with the accounting ones).
+	for c in /sys/fs/cgroup/metald-demo /sys/fs/cgroup/{cpu,memory,pids,cpuacct,blkio}/metald-demo; do
 		[ -d "$c" ] && find "$c" -mindepth 1 -depth -type d -exec rmdir {} + 2>/dev/null
 		[ -d "$c" ] && rmdir "$c" 2>/dev/null
 	done
