@@ -463,10 +463,10 @@ fn the_warm_pools_are_taken_by_boots_refilled_swept_after_a_kill_and_removed_at_
     let refilled = wait_spares(&m, 3);
     assert_ne!(refilled, before, "a new spare replaced the one taken");
 
-    // Its warm jails (2 by default) wait for VMs; killed, metald leaves none: each ends when
-    // its socket closes.
+    // Its warm jails wait for VMs; killed, metald leaves none: each ends when its socket
+    // closes.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while iso.warm_jails().len() < 2 {
+    while iso.warm_jails().len() < metald::config::DEFAULT_WARM_JAILS {
         assert!(std::time::Instant::now() < deadline, "{}", m.log_text());
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
@@ -494,12 +494,12 @@ fn the_warm_pools_are_taken_by_boots_refilled_swept_after_a_kill_and_removed_at_
         3,
         "{log}"
     );
-    // Each spare's veth end is named; one may be gone already with its namespace.
-    assert_eq!(
-        swept("removing leftover VM interface interface=mw"),
-        3,
-        "{log}"
-    );
+    // A veth end still there when the sweep lists the interfaces is removed by name; the
+    // kernel may have destroyed some already with their namespaces (it does so on a work
+    // queue of its own, so how many varies: 2 of 3 in one CI run). None of the old ends is
+    // left either way: `wait_spares` above counted exactly 3 ends, the new spares'.
+    let ends_removed = swept("removing leftover VM interface interface=mw");
+    assert!(ends_removed <= 3, "{ends_removed} ends removed: {log}");
     let api = Rest::new(&m, Some("pool"));
     assert_eq!(api.vm(&id)["state"], "VM_STATE_RUNNING");
     api.call("DELETE", &format!("/v1/vms/{id}?force=true"), None)
