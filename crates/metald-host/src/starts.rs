@@ -114,6 +114,39 @@ const PLENTY_RECHECK: Duration = Duration::from_millis(100);
 /// and the host end's rename then grew by 0.7 and 1.3 ms over 1000 back-to-back boots).
 const PLENTY_SETTLE: Duration = Duration::from_millis(20);
 
+/// What a refill waits for, by its pool's [`Stock`]: the policy both
+/// [`Starts::before_refill`] and [`Starts::before_refill_async`] follow.
+struct RefillWait {
+    phase: Phase,
+    settle: Duration,
+    max: Duration,
+    /// Gives up at the first wake-up that leaves `phase` busy (a start's phase ended) or at
+    /// `max`, so the stock is looked at again: a start that takes from the pool ends its
+    /// locks soon after.
+    look_again: bool,
+}
+
+impl RefillWait {
+    /// `None`: the refill goes at once.
+    fn of(stock: Stock) -> Option<Self> {
+        match stock {
+            Stock::Empty => None,
+            Stock::Low => Some(Self {
+                phase: Phase::Locks,
+                settle: SETTLE,
+                max: MAX_REFILL_WAIT,
+                look_again: false,
+            }),
+            Stock::Plenty => Some(Self {
+                phase: Phase::Whole,
+                settle: PLENTY_SETTLE,
+                max: PLENTY_RECHECK,
+                look_again: true,
+            }),
+        }
+    }
+}
+
 /// One start in flight; it ends when this is dropped (however the start ends). Its
 /// [`Phase::Locks`] may end earlier ([`Starting::leave_locks`]).
 #[derive(Debug)]
@@ -192,60 +225,35 @@ impl Starts {
     /// slowed the next start's network and jail instead. So a pool with stock to spare refills
     /// only between starts, and one running low, beside them.
     pub fn before_refill(&self, stock: impl Fn() -> Stock) {
-        loop {
-            match stock() {
-                Stock::Empty => return,
-                Stock::Low => {
-                    self.wait_quiet(Phase::Locks, SETTLE, MAX_REFILL_WAIT);
-                    return;
-                }
-                Stock::Plenty => {
-                    // Looked at again at each start's phase end: a start that takes from
-                    // the pool ends its locks soon after.
-                    if self.wait_quiet_or(Phase::Whole, PLENTY_SETTLE, PLENTY_RECHECK, true) {
-                        return;
-                    }
-                }
+        while let Some(w) = RefillWait::of(stock()) {
+            if self.wait_quiet(w.phase, w.settle, w.max, w.look_again) || !w.look_again {
+                return;
             }
         }
     }
 
     /// [`Starts::before_refill`] for a refill on the runtime.
     pub async fn before_refill_async(&self, stock: impl Fn() -> Stock) {
-        loop {
-            match stock() {
-                Stock::Empty => return,
-                Stock::Low => {
-                    self.wait_quiet_async(Phase::Locks, SETTLE, MAX_REFILL_WAIT)
-                        .await;
-                    return;
-                }
-                Stock::Plenty => {
-                    if self
-                        .wait_quiet_async_or(Phase::Whole, PLENTY_SETTLE, PLENTY_RECHECK, true)
-                        .await
-                    {
-                        return;
-                    }
-                }
+        while let Some(w) = RefillWait::of(stock()) {
+            let quiet = self
+                .wait_quiet_async(w.phase, w.settle, w.max, w.look_again)
+                .await;
+            if quiet || !w.look_again {
+                return;
             }
         }
     }
 
-    /// Blocks until `phase` has been quiet for `settle` (true), or `max` has passed (false).
-    fn wait_quiet(&self, phase: Phase, settle: Duration, max: Duration) -> bool {
-        self.wait_quiet_or(phase, settle, max, false)
-    }
-
-    /// [`Starts::wait_quiet`]; with `once`, it also gives up (false) at the first wake-up
-    /// (a start's phase ended) that leaves `phase` not quiet, so its caller looks again.
-    fn wait_quiet_or(&self, phase: Phase, settle: Duration, max: Duration, once: bool) -> bool {
+    /// Blocks until `phase` has been quiet for `settle` (true), or `max` has passed (false);
+    /// with `look_again`, it also gives up (false) at the first wake-up (a start's phase ended)
+    /// that leaves `phase` not quiet, so its caller looks again.
+    fn wait_quiet(&self, phase: Phase, settle: Duration, max: Duration, look_again: bool) -> bool {
         let deadline = Instant::now() + max;
         let mut st = self.lock();
         let mut waited = false;
         while let Some(wait) = st.wait_for(phase, settle) {
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() || (once && waited && wait.is_none()) {
+            if left.is_zero() || (look_again && waited && wait.is_none()) {
                 return false;
             }
             st = self
@@ -258,18 +266,13 @@ impl Starts {
         true
     }
 
-    /// Waits until `phase` has been quiet for `settle` (true), or `max` has passed (false).
-    async fn wait_quiet_async(&self, phase: Phase, settle: Duration, max: Duration) -> bool {
-        self.wait_quiet_async_or(phase, settle, max, false).await
-    }
-
-    /// [`Starts::wait_quiet_or`] on the runtime.
-    async fn wait_quiet_async_or(
+    /// [`Starts::wait_quiet`] on the runtime.
+    async fn wait_quiet_async(
         &self,
         phase: Phase,
         settle: Duration,
         max: Duration,
-        once: bool,
+        look_again: bool,
     ) -> bool {
         let deadline = tokio::time::Instant::now() + max;
         let mut waited = false;
@@ -279,7 +282,7 @@ impl Starts {
             let Some(wait) = self.lock().wait_for(phase, settle) else {
                 return true;
             };
-            if once && waited && wait.is_none() {
+            if look_again && waited && wait.is_none() {
                 return false;
             }
             let until = wait.map_or(deadline, |w| {
@@ -522,7 +525,7 @@ mod tests {
             let starts = Arc::clone(&starts);
             std::thread::spawn(move || {
                 let t0 = Instant::now();
-                starts.wait_quiet(Phase::Locks, Duration::ZERO, Duration::from_secs(30));
+                starts.wait_quiet(Phase::Locks, Duration::ZERO, Duration::from_secs(30), false);
                 (t0.elapsed(), starts.in_flight())
             })
         };
@@ -540,7 +543,12 @@ mod tests {
         let starts = Arc::new(Starts::default());
         let _held = starts.begin();
         let t0 = Instant::now();
-        starts.wait_quiet(Phase::Locks, Duration::ZERO, Duration::from_millis(30));
+        starts.wait_quiet(
+            Phase::Locks,
+            Duration::ZERO,
+            Duration::from_millis(30),
+            false,
+        );
         assert!(t0.elapsed() >= Duration::from_millis(30));
         assert_eq!(starts.in_flight(), 1);
         // Once the start is over, a quiet moment is `settle` after it.
@@ -550,6 +558,7 @@ mod tests {
             Phase::Locks,
             Duration::from_millis(40),
             Duration::from_secs(30),
+            false,
         );
         assert!(t0.elapsed() >= Duration::from_millis(35));
         // And no start at all is quiet at once.
@@ -558,6 +567,7 @@ mod tests {
             Phase::Locks,
             Duration::from_secs(30),
             Duration::from_secs(60),
+            false,
         );
         assert!(t0.elapsed() < Duration::from_secs(30));
     }
@@ -592,6 +602,7 @@ mod tests {
                         Phase::Locks,
                         Duration::from_millis(40),
                         Duration::from_secs(30),
+                        false,
                     )
                     .await
             }
@@ -611,7 +622,12 @@ mod tests {
         let _again = starts.begin();
         let t0 = Instant::now();
         starts
-            .wait_quiet_async(Phase::Locks, Duration::ZERO, Duration::from_millis(30))
+            .wait_quiet_async(
+                Phase::Locks,
+                Duration::ZERO,
+                Duration::from_millis(30),
+                false,
+            )
             .await;
         assert!(t0.elapsed() >= Duration::from_millis(30));
     }
