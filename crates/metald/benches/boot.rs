@@ -169,10 +169,7 @@ async fn bare_firecracker(fc: &Path, assets: &Path) -> Duration {
     let mut child = spawn_bare_firecracker(fc, &sock, &console);
     let api = metald::backend::firecracker::api::FirecrackerApi::new(&sock);
     boot_bare_tiny(&api, &assets.join("tiny.elf"), &assets.join("tiny.img")).await;
-    while !std::fs::read_to_string(&console).is_ok_and(|c| c.contains(TINY_MARKER)) {
-        assert!(t0.elapsed() < Duration::from_secs(30));
-        std::thread::sleep(BANNER_POLL);
-    }
+    wait_for_banner(&console, t0, Duration::from_secs(30));
     let took = t0.elapsed();
     let _ = child.kill();
     let _ = child.wait();

@@ -256,10 +256,10 @@ fn main() {
             &deletes[lo..hi],
         );
     }
-    if let Ok(p) = std::env::var("BENCH_SCALE_LOG") {
-        std::fs::write(p, m.log_text()).unwrap();
-    }
     let log = m.log_text();
+    if let Ok(p) = std::env::var("BENCH_SCALE_LOG") {
+        std::fs::write(p, &log).unwrap();
+    }
     let warm = log
         .lines()
         .filter(|l| l.contains("VMM started in a warm jail"))
@@ -901,9 +901,7 @@ impl BareFleet {
             steps[1].push(t.elapsed());
             steps[3].push(instance_start);
             let t = Instant::now();
-            while !std::fs::read_to_string(&console).is_ok_and(|c| c.contains(TINY_MARKER)) {
-                std::thread::sleep(BANNER_POLL);
-            }
+            wait_for_banner(&console, t, Duration::from_secs(60));
             steps[2].push(t.elapsed());
         });
         t.elapsed()

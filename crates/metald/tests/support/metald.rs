@@ -826,22 +826,23 @@ impl Metald {
         let t0 = Instant::now();
         let id = api.create(body.clone());
         api.call("POST", &format!("/v1/vms/{id}/boot"), None).ok();
-        while !self.console(&id).contains(TINY_MARKER) {
-            assert!(t0.elapsed() < limit, "{id}: no banner");
-            std::thread::sleep(BANNER_POLL);
-        }
+        wait_for_banner(&self.console_path(&id), t0, limit);
         (id, t0.elapsed())
+    }
+
+    /// Where the VM's console log is.
+    pub fn console_path(&self, id: &str) -> PathBuf {
+        self.data_dir.join("vms").join(id).join("console.log")
     }
 
     /// The VM's console log as written so far.
     pub fn console(&self, id: &str) -> String {
-        std::fs::read_to_string(self.data_dir.join("vms").join(id).join("console.log"))
-            .unwrap_or_default()
+        std::fs::read_to_string(self.console_path(id)).unwrap_or_default()
     }
 
     /// How many bytes the VM's console log holds (an offset for [`Metald::console_from`]).
     pub fn console_len(&self, id: &str) -> u64 {
-        let path = self.data_dir.join("vms").join(id).join("console.log");
+        let path = self.console_path(id);
         std::fs::metadata(&path)
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
             .len()
@@ -849,7 +850,7 @@ impl Metald {
 
     /// The VM's console output from byte `offset` on: what the guest printed since then.
     pub fn console_from(&self, id: &str, offset: u64) -> String {
-        let path = self.data_dir.join("vms").join(id).join("console.log");
+        let path = self.console_path(id);
         let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let from = usize::try_from(offset).unwrap();
         assert!(from <= bytes.len(), "console shrank below {offset}");

@@ -14,6 +14,15 @@ pub const TINY_MARKER: &str = "METALD_TINY_GUEST_READY";
 /// bench's run G3: metald's process 15.0 CPU s for the 1000 boots, against 10.4-12.5).
 pub const BANNER_POLL: Duration = Duration::from_millis(1);
 
+/// Waits until the console file `console` holds the tiny guest's banner, reading it every
+/// [`BANNER_POLL`]; panics once `limit` has passed since `t0`.
+pub fn wait_for_banner(console: &std::path::Path, t0: Instant, limit: Duration) {
+    while !std::fs::read_to_string(console).is_ok_and(|c| c.contains(TINY_MARKER)) {
+        assert!(t0.elapsed() < limit, "no banner in {}", console.display());
+        std::thread::sleep(BANNER_POLL);
+    }
+}
+
 /// Where the ELF's single segment is loaded and run: Firecracker's loader wants the entry at or
 /// above 1 MiB and loads segments at their physical address.
 const LOAD_ADDR: u64 = 0x10_0000;
