@@ -23,9 +23,13 @@
 //! `BENCH_BARE_FIRST=1` starts the bare Firecrackers before metald's boots, not after its deletes.
 //! `BENCH_UNISOLATED=1` runs metald's VMMs without jail, cgroups or network
 //! (`UNKEY_METALD_ISOLATION=none`).
-//! `BENCH_SCALE_PAIRED=1` also starts a bare Firecracker right after each boot through metald
-//! and prints the two sums: both see the same host at the same moment, but the bare starts
-//! also carry metald's pool refills, which wait for the quiet moment after a start.
+//! `BENCH_SCALE_PAIRED=k` also starts bare Firecrackers between metald's boots, `k` after each
+//! `k` boots, and prints the two sums: both fleets grow together and see the host in the same
+//! moments, which the two phases of the stream above do not (a host whose speed changes
+//! between them moves their ratio). With `k=1` the bare starts also carry metald's pool
+//! refills, which wait for the quiet moment after a start, so no ratio is printed; with
+//! blocks of 100 (`k=100`) only the first few starts of each bare block do. No settled boots
+//! are made then: the bare fleet keeps the host from the quiet they wait for.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 #[path = "../tests/support/mod.rs"]
@@ -53,7 +57,13 @@ fn main() {
     let mut run_tmpfs = None;
     let mut builder = metald_with_backend("firecracker");
     let unisolated = env_num::<u8>("BENCH_UNISOLATED", 0) == 1;
-    let settled_k = env_num::<usize>("BENCH_SETTLED", 30);
+    let pair_block = env_num::<usize>("BENCH_SCALE_PAIRED", 0);
+    // A settled boot waits for a quiet host, which a paired bare fleet idling beside metald's
+    // keeps from coming (it waited a minute before each boot and each bare start).
+    let settled_k = match pair_block {
+        0 => env_num::<usize>("BENCH_SETTLED", 30),
+        _ => 0,
+    };
     let (warm_jails, warm_pool) = (
         env_num::<usize>("BENCH_WARM_JAILS", metald::config::DEFAULT_WARM_JAILS),
         env_num::<usize>("BENCH_WARM_POOL", 4),
@@ -129,11 +139,11 @@ fn main() {
     let rss_before = rss_kib(m.pid().unwrap());
     let mut boots = Vec::with_capacity(n);
     let mut ids = Vec::with_capacity(n);
-    // Paired: a bare Firecracker started right after each boot through metald, so both see
-    // the same host (its speed drifts from run to run, and within one) and the same number of
-    // VMMs running. Every other figure then includes the bare VMMs running beside metald's.
-    let mut paired =
-        (env_num::<u8>("BENCH_SCALE_PAIRED", 0) == 1).then(|| BareFleet::new(&fc, &m.data_dir, n));
+    // Paired: bare Firecrackers started between the boots through metald (a block of
+    // `pair_block` after each as many boots), so both see the same host (its speed drifts from
+    // run to run, and within one) and the same number of VMMs running. Every other figure
+    // then includes the bare VMMs running beside metald's.
+    let mut paired = (pair_block > 0).then(|| BareFleet::new(&fc, &m.data_dir, n));
     let mut paired_bare = Vec::with_capacity(n);
     // Boots on a settled host at a few fleet sizes, between the stream's boots (their time
     // and CPU are not the stream's).
@@ -160,7 +170,12 @@ fn main() {
         boots.push(took);
         ids.push(id);
         if let Some(fleet) = paired.as_mut() {
-            paired_bare.push(fleet.start_one());
+            // A block of bare starts after each block of boots (and after the last boots).
+            if ids.len() % pair_block == 0 || ids.len() == n {
+                while paired_bare.len() < ids.len() {
+                    paired_bare.push(fleet.start_one());
+                }
+            }
         }
     }
     // Paired, the bare starts between the boots are not metald's time; nor are the settled
@@ -168,17 +183,30 @@ fn main() {
     let all_booted = t_all.elapsed() - paired_bare.iter().sum::<Duration>() - settled_time;
     let cpu_booted = cpu_all.since().minus(settled_cpu);
     if let Some(fleet) = paired {
-        let _steps = fleet.stop();
+        let bare_steps = fleet.stop();
         let through: Duration = boots.iter().sum();
         let bare: Duration = paired_bare.iter().sum();
-        // No ratio: metald refills its pools in the quiet moments between its starts, which
-        // are now the bare starts, so these carry metald's refills (and its boots get room
-        // for them). What it shows is a boot through metald whose refills had room.
-        println!(
-            "paired: {n} boots through metald {:.1} s; the {n} bare starts between them {:.1} s (these carry metald's pool refills)",
-            through.as_secs_f64(),
-            bare.as_secs_f64(),
-        );
+        if pair_block == 1 {
+            // No ratio: metald refills its pools in the quiet moments between its starts,
+            // which are now the bare starts, so these carry metald's refills (and its boots
+            // get room for them). What it shows is a boot through metald whose refills had
+            // room.
+            println!(
+                "paired: {n} boots through metald {:.1} s; the {n} bare starts between them {:.1} s (these carry metald's pool refills)",
+                through.as_secs_f64(),
+                bare.as_secs_f64(),
+            );
+        } else {
+            // A block of bare starts begins with metald's pools low (a stream's boots refill
+            // them beside the next start), so its first starts carry the last refills, and
+            // metald's next block begins with full pools.
+            println!(
+                "paired in blocks of {pair_block}: {n} boots through metald {:.1} s; the {n} bare starts in the blocks between them {:.1} s ({:.2}x)",
+                through.as_secs_f64(),
+                bare.as_secs_f64(),
+                through.as_secs_f64() / bare.as_secs_f64(),
+            );
+        }
         println!(
             "paired, median of each 100: metald {}",
             hundred_medians(&boots)
@@ -187,6 +215,20 @@ fn main() {
             "paired, median of each 100: bare   {}",
             hundred_medians(&paired_bare)
         );
+        for (i, name) in [
+            "spawn until its API answers",
+            "configured, guest started",
+            "start until the banner",
+            "InstanceStart",
+        ]
+        .iter()
+        .enumerate()
+        {
+            println!(
+                "paired, median of each 100: bare, {name}: {}",
+                hundred_medians(&bare_steps[i])
+            );
+        }
     }
     let rss_after = rss_kib(m.pid().unwrap());
     // What the host spends with the VMs running and nothing starting (metering, the VMMs'
