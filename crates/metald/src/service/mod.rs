@@ -708,10 +708,6 @@ impl VmService {
                 vm: vm.id.clone(),
                 source,
             })?;
-        if let Err(e) = self.map_clone_addresses(vm, &launch, how).await {
-            let _logged = self.release_sandbox(vm).await;
-            return Err(e);
-        }
         let sandbox_ms = t0.elapsed().as_secs_f64() * 1000.0;
         self.timings.observe(Step::Sandbox, sandbox_ms / 1000.0);
         let console_offset = file_len(&launch.console_log());
@@ -730,9 +726,22 @@ impl VmService {
                 ))
             }
         };
-        // The firewall opens while the VMM starts: the VM's traffic is dropped until it has,
-        // and the start waits for both.
-        let (started, opened) = tokio::join!(started, self.isolation.open(vm));
+        // The firewall opens while the VMM starts, and then a clone's address map loads (an
+        // `nft` run of 10-20 ms, about as long as the VMM's snapshot load): the VM's traffic
+        // is dropped until the firewall is open, and what a clone's guest sends before its
+        // map is there leaves with addresses that are not its VM's, which the firewall drops
+        // too. The start waits for both.
+        let opened = async {
+            self.isolation
+                .open(vm)
+                .await
+                .map_err(|source| ServiceError::Sandbox {
+                    vm: vm.id.clone(),
+                    source,
+                })?;
+            self.map_clone_addresses(vm, &launch, how).await
+        };
+        let (started, opened) = tokio::join!(started, opened);
         let process = match (started, opened) {
             (Ok(p), Ok(())) => p,
             (Err(source), _) => {
@@ -743,15 +752,12 @@ impl VmService {
                     source,
                 });
             }
-            (Ok(_), Err(source)) => {
+            (Ok(_), Err(e)) => {
                 if let Err(e) = self.backend.shutdown(&vm.id, StopMode::Force).await {
-                    tracing::error!(vm_id = %vm.id, error = %Chain(&e), "stopping a VMM whose firewall could not be opened failed");
+                    tracing::error!(vm_id = %vm.id, error = %Chain(&e), "stopping a VMM whose firewall or address map could not be set up failed");
                 }
                 let _logged = self.release_sandbox(vm).await;
-                return Err(ServiceError::Sandbox {
-                    vm: vm.id.clone(),
-                    source,
-                });
+                return Err(e);
             }
         };
         let (pid, start_ticks) = (process.pid, process.start_ticks);

@@ -382,9 +382,10 @@ impl VmService {
                 .is_ok()
     }
 
-    /// Before a VMM starts: a guest that starts from saved state while believing it has
-    /// other addresses than its VM's gets its address map in the VM's namespace; a cold
-    /// boot's guest learns its own addresses, and the inner ones are forgotten.
+    /// While a VMM starts, once the VM's firewall is open: a guest that starts from saved
+    /// state while believing it has other addresses than its VM's gets its address map in the
+    /// VM's namespace; a cold boot's guest learns its own addresses, and the inner ones are
+    /// forgotten.
     pub(super) async fn map_clone_addresses(
         &self,
         vm: &VmRecord,
