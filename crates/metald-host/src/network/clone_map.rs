@@ -64,6 +64,11 @@ impl AddressMap {
 
     /// The nft script (one transaction) that makes the namespace's rewrite table afresh;
     /// `gateway_mac` is the MAC of the host side of this run's veth.
+    ///
+    /// A table already there (a map loaded again into the same namespace) is flushed, not
+    /// deleted: a table's deletion unhooks its chain, and the commit then waits for an RCU
+    /// grace period, which made the whole `nft` run 12-24 ms instead of 5-8 ms here. The map
+    /// loads into a new namespace, with no table to flush, on the start of a clone's VMM.
     pub fn script(&self, gateway_mac: &str) -> String {
         let (tap, i6, o6) = (&self.tap, self.inner6, self.own6);
         let mut rules = vec![
@@ -84,7 +89,7 @@ impl AddressMap {
             ]);
         }
         let mut s = format!(
-            "table bridge {TABLE}\ndelete table bridge {TABLE}\ntable bridge {TABLE} {{\n\
+            "table bridge {TABLE}\nflush table bridge {TABLE}\ntable bridge {TABLE} {{\n\
              \tchain rewrite {{\n\t\ttype filter hook prerouting priority -300; policy accept;\n"
         );
         for r in rules {
@@ -323,7 +328,7 @@ mod tests {
         ] {
             assert!(s.contains(want), "{want} missing from\n{s}");
         }
-        assert!(s.starts_with("table bridge metald_clone\ndelete table bridge metald_clone\n"));
+        assert!(s.starts_with("table bridge metald_clone\nflush table bridge metald_clone\n"));
         assert_eq!(
             m.own_addresses(),
             vec![
