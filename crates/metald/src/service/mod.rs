@@ -727,7 +727,7 @@ impl VmService {
             }
         };
         // The firewall opens while the VMM starts, and then a clone's address map loads (an
-        // `nft` run of 10-20 ms, about as long as the VMM's snapshot load): the VM's traffic
+        // `nft` run of 5-8 ms here, beside a snapshot load of 10-15 ms): the VM's traffic
         // is dropped until the firewall is open, and what a clone's guest sends before its
         // map is there leaves with addresses that are not its VM's, which the firewall drops
         // too. The start waits for both.
@@ -753,8 +753,8 @@ impl VmService {
                 });
             }
             (Ok(_), Err(e)) => {
-                if let Err(e) = self.backend.shutdown(&vm.id, StopMode::Force).await {
-                    tracing::error!(vm_id = %vm.id, error = %Chain(&e), "stopping a VMM whose firewall or address map could not be set up failed");
+                if let Err(stop) = self.backend.shutdown(&vm.id, StopMode::Force).await {
+                    tracing::error!(vm_id = %vm.id, error = %Chain(&stop), "stopping a VMM whose firewall or address map could not be set up failed");
                 }
                 let _logged = self.release_sandbox(vm).await;
                 return Err(e);
