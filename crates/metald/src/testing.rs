@@ -121,6 +121,9 @@ pub(crate) struct FakeIsolation {
     pub(crate) fail_open: AtomicBool,
     /// The starts it was told of (see [`Isolation::starting`]).
     pub(crate) starts: Arc<crate::starts::Starts>,
+    /// While set, VMs get addresses and each start a network plan (whose host interface does
+    /// not exist on the host).
+    pub(crate) with_network: AtomicBool,
 }
 
 impl FakeIsolation {
@@ -135,12 +138,38 @@ impl FakeIsolation {
 #[async_trait::async_trait]
 impl Isolation for FakeIsolation {
     fn allocation(&self) -> Option<AllocationPlan> {
-        None
+        self.with_network
+            .load(Ordering::SeqCst)
+            .then(|| AllocationPlan {
+                slots: 16,
+                ipv6: "fd00:6d74::/64".parse().unwrap(),
+                ipv4: None,
+            })
     }
-    async fn setup(&self, vm: &VmRecord, _: &mut VmLaunch) -> Result<(), SandboxError> {
+    async fn setup(&self, vm: &VmRecord, launch: &mut VmLaunch) -> Result<(), SandboxError> {
         self.record("setup", &vm.id);
         if self.fail_setup.load(Ordering::SeqCst) {
             return Err(SandboxError::NotAllocated(vm.id.clone()));
+        }
+        if let Some(net) = vm
+            .net
+            .as_ref()
+            .filter(|_| self.with_network.load(Ordering::SeqCst))
+        {
+            launch.net = Some(crate::network::VmNetworkPlan {
+                netns: "/nonexistent/netns".into(),
+                tap: "tap0".into(),
+                bridge: "br0".into(),
+                peer_if: "veth0".into(),
+                host_if: "mvnotthere0".into(),
+                mac: net.mac.clone(),
+                ipv6: net.ipv6,
+                ipv4: net.ipv4,
+                gateway6: "fd00:6d74::1".parse().unwrap(),
+                gateway4: None,
+                rx_rate_limit: None,
+                tx_rate_limit: None,
+            });
         }
         Ok(())
     }
@@ -310,7 +339,32 @@ pub(crate) fn fixture_with_spares(warm_disks: usize) -> Fixture {
     fixture_with(Duration::from_secs(5), warm_disks)
 }
 
+/// A fixture whose VMs get addresses and network plans, and whose clones get address maps
+/// (which fail: the plans' host interface is not on the host).
+pub(crate) fn fixture_with_clone_maps() -> Fixture {
+    let isolation = FakeIsolation::default();
+    isolation.with_network.store(true, Ordering::SeqCst);
+    fixture_full(
+        Duration::from_secs(5),
+        0,
+        isolation,
+        Some(crate::service::CloneNet {
+            jail_exe: "/nonexistent/metald-jail".into(),
+            nft_bin: "/nonexistent/nft".into(),
+        }),
+    )
+}
+
 fn fixture_with(boot_timeout: Duration, warm_disks: usize) -> Fixture {
+    fixture_full(boot_timeout, warm_disks, FakeIsolation::default(), None)
+}
+
+fn fixture_full(
+    boot_timeout: Duration,
+    warm_disks: usize,
+    isolation: FakeIsolation,
+    clone_net: Option<crate::service::CloneNet>,
+) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(&dir.path().join("db")).unwrap());
     let assets = Arc::new(AssetStore::open(dir.path().join("assets"), store.clone()).unwrap());
@@ -359,14 +413,14 @@ fn fixture_with(boot_timeout: Duration, warm_disks: usize) -> Fixture {
         probe: probe.clone(),
         console_max_bytes: CONSOLE_MAX_BYTES,
         snapshots_dir: snapshots_dir.clone(),
-        clone_net: None,
+        clone_net,
         membership: crate::membership::Membership::join(store.clone(), &fleet_of_one())
             .unwrap()
             .0,
         warm_disks,
         warm_disk_max_bytes: 1 << 20,
     };
-    let isolation = Arc::new(FakeIsolation::default());
+    let isolation = Arc::new(isolation);
     let meter = Meter::start(MeterConfig {
         interval: Duration::from_millis(100),
         retained_samples: 100,

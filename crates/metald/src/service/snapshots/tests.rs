@@ -199,3 +199,54 @@ async fn a_suspended_vm_is_snapshotted_from_its_saved_state() {
         VmState::Suspended
     );
 }
+
+/// A clone's address map loads while its VMM restores: one that fails (here: the host end it
+/// pins neighbours on is not there) stops the VMM that started, releases the sandbox and the
+/// running reservation, and leaves the clone as it was, to be booted again or deleted.
+#[tokio::test]
+async fn a_clone_whose_address_map_fails_is_stopped_and_left_as_it_was() {
+    let f = crate::testing::fixture_with_clone_maps();
+    let id = f.svc.create(&f.who, config()).await.unwrap().id;
+    f.svc.boot(&f.who, &id).await.unwrap();
+    let snap = f.svc.create_snapshot(&f.who, &id).await.unwrap();
+    // The source runs on, holding its addresses: the clone's are others.
+    let clone = f
+        .svc
+        .create_from_snapshot(&f.who, &snap.id, Default::default())
+        .await
+        .unwrap();
+    assert_ne!(
+        clone.net.as_ref().unwrap().ipv6,
+        snap.inner.as_ref().unwrap().ipv6,
+        "the clone has addresses of its own to map"
+    );
+    let before = f.backend.calls().len();
+    let err = f.svc.boot(&f.who, &clone.id).await.unwrap_err();
+    assert!(matches!(err, ServiceError::CloneMap { .. }), "{err:?}");
+    assert_eq!(
+        f.backend.calls()[before..],
+        ["wake", "shutdown Force"].map(String::from),
+        "the VMM started beside the map, and was stopped"
+    );
+    let released = format!("release {}", clone.id);
+    assert!(f.isolation.calls().contains(&released));
+    let now = f.svc.get(&f.who, &clone.id).await.unwrap();
+    assert_eq!(now.state(), VmState::Created);
+    assert!(
+        f.vms_dir
+            .join(clone.id.as_str())
+            .join(files::SUSPEND_STATE)
+            .is_file(),
+        "its saved state stays for the next try"
+    );
+    // Nothing of the failed start holds it: a second try starts its VMM again (and fails
+    // the same way), and the clone goes like any VM that never ran.
+    let err = f.svc.boot(&f.who, &clone.id).await.unwrap_err();
+    assert!(matches!(err, ServiceError::CloneMap { .. }), "{err:?}");
+    assert_eq!(
+        f.backend.calls()[before..],
+        ["wake", "shutdown Force", "wake", "shutdown Force"].map(String::from)
+    );
+    f.svc.delete(&f.who, &clone.id, false).await.unwrap();
+    f.svc.delete(&f.who, &id, true).await.unwrap();
+}
