@@ -48,12 +48,6 @@ pub trait Isolation: Send + Sync {
     /// beside the VMM's start. On failure [`Isolation::release`] removes the rest.
     async fn open(&self, vm: &VmRecord) -> Result<(), SandboxError>;
 
-    /// Finishes now what [`Isolation::setup`] left to [`Isolation::open`] (the host end of
-    /// the VM's network), for a step that needs it before the VMM starts.
-    async fn finish_setup(&self, _vm: &VmRecord) -> Result<(), SandboxError> {
-        Ok(())
-    }
-
     /// For a VM whose network is already up (a reboot): fills `launch` with it and a new jail.
     fn attach(&self, vm: &VmRecord, launch: &mut VmLaunch) -> Result<(), SandboxError>;
 
@@ -334,10 +328,6 @@ impl Isolation for Sandboxes {
 
     async fn open(&self, vm: &VmRecord) -> Result<(), SandboxError> {
         Ok(self.network.open(vm).await?)
-    }
-
-    async fn finish_setup(&self, vm: &VmRecord) -> Result<(), SandboxError> {
-        Ok(self.network.finish(vm).await?)
     }
 
     /// For a VM whose network is already up (a reboot): fills `launch` with it and a new jail.

@@ -408,14 +408,8 @@ impl VmService {
             vm: vm.id.clone(),
             source: Box::new(source),
         };
-        // The neighbours are pinned on the VM's host end: it must be there now.
-        self.isolation
-            .finish_setup(vm)
-            .await
-            .map_err(|source| ServiceError::Sandbox {
-                vm: vm.id.clone(),
-                source,
-            })?;
+        // The neighbours are pinned on the VM's host end, which `Isolation::open` (the step
+        // before this one) finished.
         let gateway_mac = clone_map::pin_neighbours(&plan.host_if, &map, &plan.mac)
             .await
             .map_err(sandbox)?;
